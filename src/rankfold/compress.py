@@ -1,0 +1,250 @@
+"""compress(): every compressible layer -> its factorized replacement, with a per-layer record."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import COMPRESSIBLE, execution_order, paired_moments
+from rankfold.config import (
+    AutoConfig,
+    CPConfig,
+    MethodConfig,
+    SkipConfig,
+    SpatialSVDConfig,
+    SVDConfig,
+    Tucker2Config,
+    check_keep,
+    config_for_method,
+)
+from rankfold.decompose import sqrt_psd
+from rankfold.errors import RankfoldError
+from rankfold.layers import LayerSpec, layer_spec
+from rankfold.methods import FALLBACK, METHODS, Factorized, Method, rank_for_keep, weighted_relative_error
+
+# A factorization narrower than this many channels cuts a layer to a sliver (a 1->64 stem at rank
+# 2, a 10-class classifier at rank 2) for a negligible saving: such layers are left alone.
+DEFAULT_MIN_RANK = 8
+
+# CP's ALS is the slow method: "auto" tries it only where weight x rank stays below this.
+AUTO_CP_MAX_WORK = 2e7
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one compressible layer."""
+
+    name: str
+    layer: str  # e.g. "Conv 3x3 64->128"
+    method: str  # "none" when left alone
+    ranks: tuple[int, ...] = ()
+    params_before: int = 0
+    params_after: int = 0
+    rel_error: float | None = None  # data-weighted relative weight error of the approximation
+    note: str = ""  # why a layer was left alone, or why another method was used
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__, ranks=list(self.ranks))
+
+
+@dataclass
+class CompressionReport:
+    layers: list[LayerRecord] = field(default_factory=list)
+    data_aware: bool = False
+
+    @property
+    def left_alone(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.method == "none"]
+
+    def to_dict(self) -> dict:
+        return {"data_aware": self.data_aware, "layers": [r.to_dict() for r in self.layers]}
+
+
+def compress(
+    model: nn.Module,
+    *,
+    method: str = "tucker2",
+    keep: float = 0.5,
+    calib: Tensor | None = None,
+    layers: Mapping[str, MethodConfig] | None = None,
+    min_rank: int = DEFAULT_MIN_RANK,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """A compressed copy of `model`; the input model is not modified.
+
+    Parameters
+    ----------
+    method: "svd", "tucker2", "cp", "spatial-svd" or "auto" (the lowest-error method per layer).
+    keep: fraction of each compressible layer's parameters kept, in (0, 1].
+    calib: example inputs (N, ...); when given the data-aware decompositions are used.
+    layers: per-layer overrides, {fnmatch pattern on the module name: config}; first match wins.
+        Configs: SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig, AutoConfig, SkipConfig.
+    min_rank: a layer whose rank at `keep` would fall below this (or below its full rank, when
+        that is smaller) is left alone and reported; explicit ranks in `layers` are exempt.
+
+    The per-layer record is attached as `result.rankfold_report` (a CompressionReport).
+    """
+    compressed, report = compress_with_report(
+        model, method=method, keep=keep, calib=calib, layers=layers, min_rank=min_rank, progress=progress
+    )
+    compressed.rankfold_report = report
+    return compressed
+
+
+def compress_with_report(
+    model: nn.Module,
+    *,
+    method: str = "tucker2",
+    keep: float = 0.5,
+    calib: Tensor | None = None,
+    layers: Mapping[str, MethodConfig] | None = None,
+    min_rank: int = DEFAULT_MIN_RANK,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, CompressionReport]:
+    """compress(), returning the CompressionReport beside the module."""
+    if not isinstance(model, nn.Module):
+        raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        check_keep(keep)
+        default = config_for_method(method)
+    except ValueError as exc:
+        raise RankfoldError(str(exc)) from None
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise RankfoldError(f"min_rank must be a positive int, got {min_rank!r}")
+    if calib is not None and not isinstance(calib, Tensor):
+        raise RankfoldError(f"calib must be a torch.Tensor of example inputs, got {type(calib).__name__}")
+    say = progress or (lambda _msg: None)
+    result = copy.deepcopy(model)
+    was_training = result.training
+    result.eval()
+    targets = [(name, m) for name, m in result.named_modules() if isinstance(m, COMPRESSIBLE)]
+    plans = [(name, m, _config_for(name, layers, default)) for name, m in targets]
+
+    report = CompressionReport(data_aware=calib is not None)
+    if calib is not None:
+        calib = calib.to(torch.float32)
+        order = execution_order(result, calib[:2], [name for name, _m, _c in plans])
+        plans.sort(key=lambda p: order.index(p[0]))
+        original = copy.deepcopy(result)
+    for index, (name, module, cfg) in enumerate(plans, 1):
+        say(f"[{index}/{len(plans)}] {name}")
+        input_sqrt = None
+        layer = module
+        if calib is not None and not isinstance(cfg, SkipConfig) and layer_spec(module).groups == 1:
+            layer, input_sqrt = _compensated_layer(original, result, name, module, calib)
+        record, replacement = _compress_layer(name, layer, cfg, keep, input_sqrt, min_rank)
+        report.layers.append(record)
+        if replacement is not None:
+            _set_submodule(result, name, replacement.module)
+    result.train(was_training)
+    return result, report
+
+
+def _compensated_layer(
+    original: nn.Module, current: nn.Module, name: str, module: nn.Module, calib: Tensor
+) -> tuple[nn.Module, Tensor]:
+    """The layer to factorize and its input weighting, compensating earlier layers' errors.
+
+    With x the input the original layer saw and x^ the input it sees now (earlier layers already
+    factorized), ||W x - M x^||^2 = ||(W T - M) C^(1/2)||^2 + const, where C = E[x^ x^^T] and
+    T = E[x x^^T] C^-1 regresses x on x^. So factorizing W T under the weighting C^(1/2) targets the
+    original layer's output, not just its weights.
+    """
+    cross, auto = paired_moments(original, current, name, calib)
+    input_sqrt = sqrt_psd(auto)
+    regularized = input_sqrt @ input_sqrt
+    transfer = torch.linalg.solve(regularized, cross.T).T  # cross @ regularized^-1
+    target = copy.deepcopy(module)
+    with torch.no_grad():
+        w = module.weight.detach().to(torch.float64)
+        mapped = torch.movedim(torch.movedim(w, 1, -1) @ transfer, -1, 1)
+        target.weight.copy_(mapped.to(module.weight.dtype))
+    return target, input_sqrt
+
+
+def _config_for(name: str, layers: Mapping[str, MethodConfig] | None, default: MethodConfig) -> MethodConfig:
+    for pattern, cfg in (layers or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if not isinstance(cfg, (*METHODS, AutoConfig, SkipConfig)):
+                raise RankfoldError(f"layers[{pattern!r}] must be a method config, got {type(cfg).__name__}")
+            return cfg
+    return default
+
+
+def _compress_layer(
+    name: str, module: nn.Module, cfg: MethodConfig, keep: float, input_sqrt: Tensor | None, min_rank: int
+) -> tuple[LayerRecord, Factorized | None]:
+    spec = layer_spec(module)
+    record = LayerRecord(name, spec.describe(), "none", params_before=spec.params, params_after=spec.params)
+    if isinstance(cfg, SkipConfig):
+        record.note = cfg.reason
+        return record, None
+    if spec.groups > 1:
+        record.note = f"grouped convolution (groups={spec.groups}): not factorized"
+        return record, None
+    layer_keep = cfg.keep if cfg.keep is not None else keep
+    candidates = _candidate_configs(spec, cfg, module)
+    best: tuple[float, Method, Factorized, str] | None = None
+    reasons = []
+    for cand_cfg, note in candidates:
+        method = METHODS[type(cand_cfg)]
+        rank = method.config_rank(cand_cfg)
+        if rank is None:
+            rank = rank_for_keep(method, spec, layer_keep)
+            if rank is None:
+                reasons.append(f"{method.name}: no rank at keep={layer_keep:g} is smaller than the layer")
+                continue
+            floor = _rank_floor(method, spec, min_rank)
+            if any(r < f for r, f in zip(rank, floor)):
+                reasons.append(f"{method.name}: rank {rank} at keep={layer_keep:g} is below min_rank={min_rank}")
+                continue
+        try:
+            built = method.factorize(module, rank, input_sqrt, cand_cfg)
+        except ValueError as exc:
+            raise RankfoldError(f"layer {name!r}: {exc}") from None
+        err = weighted_relative_error(module.weight, built.approx_weight, input_sqrt)
+        if best is None or err < best[0]:
+            best = (err, method, built, note)
+    if best is None:
+        record.note = "; ".join(reasons)
+        return record, None
+    err, method, built, note = best
+    record.method, record.ranks, record.rel_error, record.note = method.name, tuple(built.module.ranks), err, note
+    record.params_after = sum(p.numel() for p in built.module.parameters())
+    return record, built
+
+
+def _rank_floor(method: Method, spec: LayerSpec, min_rank: int) -> tuple[int, ...]:
+    """Per rank component, the smaller of `min_rank` and the component's largest value."""
+    top = method.rank_ladder(spec)[-1]
+    return tuple(min(min_rank, t) for t in top)
+
+
+def _candidate_configs(spec: LayerSpec, cfg: MethodConfig, module: nn.Module) -> list[tuple[MethodConfig, str]]:
+    """The concrete method configs to try for one layer, each with a note for the report."""
+    if isinstance(cfg, AutoConfig):
+        options: list[MethodConfig] = [SVDConfig(), Tucker2Config(), SpatialSVDConfig()]
+        per_rank = spec.in_ch + sum(spec.kernel) + spec.out_ch
+        if spec.weight_params * spec.weight_params / max(per_rank, 1) < AUTO_CP_MAX_WORK:
+            options.append(CPConfig())
+        fitting = [(c, "auto") for c in options if METHODS[type(c)].unsupported(spec, module) is None]
+        return fitting
+    method = METHODS[type(cfg)]
+    reason = method.unsupported(spec, module)
+    if reason is None:
+        return [(cfg, "")]
+    keep = cfg.keep if isinstance(cfg, (SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig)) else None
+    return [(FALLBACK(keep=keep), f"{reason}: used svd")]
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,152 @@
+"""Measure an ONNX model: accuracy, parameters, MACs, bytes and onnxruntime latency."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rankfold.data import check_input_shape
+from rankfold.errors import RankfoldError
+
+SHAPE_DTYPES = {onnx.TensorProto.INT64}  # initializers of these types are shape constants
+
+
+@dataclass
+class OnnxSize:
+    params: int  # elements of the weight initializers
+    weight_bytes: int  # bytes of the weight initializers as stored
+    macs: int  # multiply-accumulates of Conv / Gemm / MatMul for one sample
+    file_bytes: int
+
+
+def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> OnnxSize:
+    """Count parameters, weight bytes and MACs of an ONNX file (one definition for all reports)."""
+    model = model if model is not None else onnx.load(os.fspath(path))
+    params = weight_bytes = 0
+    for init in model.graph.initializer:
+        if init.data_type in SHAPE_DTYPES:
+            continue
+        arr = numpy_helper.to_array(init)
+        params += arr.size
+        weight_bytes += arr.nbytes
+    return OnnxSize(params, weight_bytes, onnx_macs(model), os.path.getsize(os.fspath(path)))
+
+
+def onnx_macs(model: onnx.ModelProto) -> int:
+    """MACs for batch 1, from ONNX shape inference with the batch dimension fixed to 1."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    inits = {i.name for i in fixed.graph.initializer}
+    for inp in fixed.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = 1
+    inferred = onnx.shape_inference.infer_shapes(fixed)
+    shapes: dict[str, list[int]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = 0
+    for node in inferred.graph.node:
+        out = shapes.get(node.output[0])
+        if not out or 0 in out:
+            continue
+        out_elems = int(np.prod(out))
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+            w = shapes.get(node.input[3] if node.op_type == "QLinearConv" else node.input[1])
+            if w:
+                total += out_elems * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
+            a = shapes.get(node.input[0])
+            if a:
+                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+                total += out_elems * (a[0] if trans_a and node.op_type == "Gemm" else a[-1])
+    return total
+
+
+def _session(path: str, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RankfoldError(f"{path}: onnxruntime cannot load it: {first}") from None
+
+
+def input_dims(session) -> list:
+    return list(session.get_inputs()[0].shape)
+
+
+def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, threads: int = 0) -> float:
+    """Top-1 accuracy of the ONNX model on (x, y)."""
+    session = _session(path, threads)
+    check_input_shape(x, input_dims(session), path)
+    name = session.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        logits = session.run(None, {name: x[start : start + batch_size]})[0]
+        correct += int((logits.argmax(axis=1) == y[start : start + batch_size]).sum())
+    return correct / len(x)
+
+
+def latency_ms(path: str, sample: np.ndarray, *, batch: int, runs: int = 30, warmup: int = 5) -> float:
+    """Median onnxruntime latency (1 thread) over `runs` runs after `warmup`, in milliseconds."""
+    session = _session(path, 1)
+    name = session.get_inputs()[0].name
+    reps = int(np.ceil(batch / len(sample)))
+    feed = {name: np.concatenate([sample] * reps)[:batch]}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float | None
+    params: int
+    macs: int
+    weight_bytes: int
+    file_bytes: int
+    latency_ms_b1: float | None
+    latency_ms_b32: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    path: str | os.PathLike,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    *,
+    runs: int = 30,
+    measure_latency: bool = True,
+) -> EvalResult:
+    """Everything `rankfold eval` reports for one ONNX file."""
+    path = os.fspath(path)
+    size = onnx_size(path)
+    acc = accuracy(path, x, y) if y is not None else None
+    b1 = latency_ms(path, x[:1], batch=1, runs=runs) if measure_latency else None
+    b32 = latency_ms(path, x[:32], batch=32, runs=runs) if measure_latency else None
+    return EvalResult(acc, size.params, size.macs, size.weight_bytes, size.file_bytes, b1, b32)

@@ -1,0 +1,373 @@
+"""ONNX -> torch.nn.Module: Conv and Gemm/MatMul layers with constant weights become real
+nn.Conv1d / nn.Conv2d / nn.Linear submodules named after their ONNX nodes, so every later stage
+(calibration, compression, export) serves ONNX models and PyTorch models alike."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import Tensor, nn
+
+from rankfold.errors import RankfoldError
+from rankfold.frontends.onnx_ops import OPS, is_shape, same_pads, torch_pad_order
+
+MIN_OPSET, MAX_OPSET = 11, 23
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant"})
+
+
+@dataclass
+class Step:
+    """One graph node at run time: an op from OPS, or a layer submodule."""
+
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None  # attribute name of the layer submodule
+    baked: dict[int, Any] = field(default_factory=dict)  # constant inputs: Python ints / lists
+
+
+class OnnxModule(nn.Module):
+    """A torch module that runs an ONNX graph; its layers are ordinary submodules."""
+
+    def __init__(self, input_names: list[str], output_names: list[str]) -> None:
+        super().__init__()
+        self.input_names = input_names
+        self.output_names = output_names
+        self.steps: list[Step] = []
+        self.buffer_of: dict[str, str] = {}  # ONNX value name -> buffer attribute
+
+    def forward(self, *args: Tensor):
+        if len(args) != len(self.input_names):
+            raise RankfoldError(f"the model takes {len(self.input_names)} input(s), got {len(args)}")
+        env: dict[str, Any] = {"": None}
+        env.update(zip(self.input_names, args))
+        for value, buffer in self.buffer_of.items():
+            env[value] = getattr(self, buffer)
+        for step in self.steps:
+            vals = [step.baked[i] if i in step.baked else env[name] for i, name in enumerate(step.inputs)]
+            if step.module is not None:
+                outs = [_run_layer(getattr(self, step.module), vals[0], step.attrs)]
+            else:
+                outs = OPS[step.op](vals, step.attrs)
+            env.update(zip(step.outputs, outs))
+        results = tuple(env[name] for name in self.output_names)
+        return results[0] if len(results) == 1 else results
+
+
+def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:
+    if "same_pad" in attrs:  # auto_pad SAME_*: padding depends on the input size
+        conv = attrs["same_pad"]
+        pads = same_pads(list(x.shape[2:]), conv["kernel"], conv["strides"], conv["dilations"], upper=conv["upper"])
+        half = len(pads) // 2
+        x = F.pad(x, torch_pad_order(pads[:half], pads[half:]))
+    elif "pre_pad" in attrs:
+        x = F.pad(x, attrs["pre_pad"])
+    return layer(x)
+
+
+def load_onnx(path: str | os.PathLike) -> OnnxModule:
+    """Read an ONNX file into an OnnxModule (see the module docstring). Raises RankfoldError."""
+    model = read_onnx(path)
+    try:
+        return _Converter(model).convert()
+    except RankfoldError:
+        raise
+    except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
+        raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {exc}") from None
+
+
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an ONNX file, with one-line errors for every way it can be bad."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RankfoldError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise RankfoldError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception:
+        raise RankfoldError(f"{path}: not an ONNX model (the file does not parse)") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise RankfoldError(f"{path}: not an ONNX model (no graph nodes)")
+    try:
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as exc:
+        raise RankfoldError(f"{path}: external weight data cannot be read: {exc}") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RankfoldError(f"{path}: invalid ONNX model: {first}") from None
+    return model
+
+
+def _module_name(raw: str, taken: set[str]) -> str:
+    name = re.sub(r"\W+", "_", raw).strip("_") or "node"
+    if name[0].isdigit():
+        name = "n_" + name
+    base, i = name, 1
+    while name in taken or hasattr(nn.Module, name) or name in ("steps", "input_names", "output_names", "buffer_of"):
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    for a in node.attribute:
+        value = onnx.helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, onnx.TensorProto):
+            value = torch.from_numpy(numpy_helper.to_array(value).copy())
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        attrs[a.name] = value
+    return attrs
+
+
+def _check_tensor_size(t: onnx.TensorProto) -> None:
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    if any(d < 0 for d in t.dims) or count > 2**31:
+        raise RankfoldError(f"initializer {t.name!r} has impossible dims {list(t.dims)}")
+    if t.raw_data:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if len(t.raw_data) != count * itemsize:
+            raise RankfoldError(f"initializer {t.name!r}: {len(t.raw_data)} bytes for dims {list(t.dims)}")
+
+
+class _Converter:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise RankfoldError(f"ONNX opset {self.opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
+        self.consts: dict[str, Tensor] = {}
+        for t in self.graph.initializer:
+            _check_tensor_size(t)
+            self.consts[t.name] = torch.from_numpy(numpy_helper.to_array(t).copy())
+        inputs = [i.name for i in self.graph.input if i.name not in self.consts]
+        if not inputs:
+            raise RankfoldError("the ONNX graph has no inputs")
+        self.module = OnnxModule(inputs, [o.name for o in self.graph.output])
+        self.taken: set[str] = set()
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.graph_outputs = set(self.module.output_names)
+        self.alias: dict[str, str] = {}  # value name -> the name that carries it after a fold
+        self.absorbed: set[int] = set()  # ids of nodes folded into a layer
+
+    def convert(self) -> OnnxModule:
+        for node in self.graph.node:
+            if id(node) in self.absorbed:
+                continue
+            self._node(node)
+        known = set(self.module.input_names) | set(self.consts) | {o for s in self.module.steps for o in s.outputs}
+        for name in self.module.output_names:
+            if name in self.alias:
+                self._rename_output(name)
+            elif name not in known:
+                raise RankfoldError(f"graph output {name!r} is produced by no node")
+        for name in self.module.output_names:
+            if name in self.consts and not any(name in s.outputs for s in self.module.steps):
+                self.module.steps.append(Step("Identity", [name], [name]))
+                self._need_buffer(name)
+        return self.module.eval()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _name(self, value: str) -> str:
+        while value in self.alias:
+            value = self.alias[value]
+        return value
+
+    def _rename_output(self, name: str) -> None:
+        source = self._name(name)
+        self.module.steps.append(Step("Identity", [source], [name]))
+
+    def _need_buffer(self, value: str) -> None:
+        if value not in self.module.buffer_of:
+            buffer = _module_name("const_" + value, self.taken)
+            self.module.register_buffer(buffer, self.consts[value])
+            self.module.buffer_of[value] = buffer
+
+    def _sole_consumer(self, value: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(value, [])
+        if len(users) == 1 and value not in self.graph_outputs:
+            return users[0]
+        return None
+
+    def _node(self, node: onnx.NodeProto) -> None:
+        where = f"node {node.name or node.output[0]!r}"
+        if node.domain not in ("", "ai.onnx"):
+            raise RankfoldError(f"unsupported ONNX op {node.domain}.{node.op_type} ({where})")
+        if node.op_type not in SUPPORTED_OPS:
+            raise RankfoldError(
+                f"unsupported ONNX op {node.op_type!r} ({where}); supported: {', '.join(SUPPORTED_OPS)}"
+            )
+        attrs = _attributes(node)
+        attrs["_opset"], attrs["_op"], attrs["_outputs"] = self.opset, node.op_type, len(node.output)
+        inputs = [self._name(i) if i else "" for i in node.input]
+        if node.op_type == "Constant":
+            self.consts[node.output[0]] = _constant_value(attrs, where)
+            return
+        if node.op_type in LAYER_OPS and self._layer(node, inputs, attrs, where):
+            return
+        if inputs and all(i == "" or i in self.consts for i in inputs) and node.op_type != "Shape":
+            self._fold(node, inputs, attrs, where)
+            return
+        step = Step(node.op_type, inputs, list(node.output), attrs)
+        for index, name in enumerate(inputs):
+            if name in self.consts:
+                value = self.consts[name]
+                if value.dtype.is_floating_point:
+                    self._need_buffer(name)
+                else:  # integer constants feed shape arithmetic as Python values
+                    step.baked[index] = value.item() if value.ndim == 0 else value.tolist()
+        self.module.steps.append(step)
+
+    def _fold(self, node, inputs, attrs, where) -> None:
+        """A node whose inputs are all constants is computed once, here."""
+        vals = [None if i == "" else self.consts[i] for i in inputs]
+        try:
+            outs = OPS[node.op_type](vals, attrs)
+        except Exception as exc:
+            raise RankfoldError(f"{node.op_type} ({where}) on constant inputs failed: {exc}") from None
+        for name, value in zip(node.output, outs):
+            self.consts[name] = value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.int64)
+
+    # -- layers ---------------------------------------------------------------------------
+    def _layer(self, node, inputs, attrs, where) -> bool:
+        builder = {"Conv": self._conv, "Gemm": self._gemm, "MatMul": self._matmul}[node.op_type]
+        built = builder(node, inputs, attrs, where)
+        if built is None:
+            return False
+        layer, out_name, extra = built
+        name = _module_name(node.name or node.output[0], self.taken)
+        self.module.add_module(name, layer)
+        self.module.steps.append(Step(node.op_type, [inputs[0]], [out_name], extra, module=name))
+        return True
+
+    def _conv(self, node, inputs, attrs, where):
+        if len(inputs) < 2 or inputs[1] not in self.consts:
+            raise RankfoldError(f"Conv with a non-constant weight is not supported ({where})")
+        weight = self.consts[inputs[1]].float()
+        nd = weight.ndim - 2
+        if nd not in (1, 2):
+            raise RankfoldError(f"Conv{nd}d is not supported, only 1-D and 2-D convolutions ({where})")
+        bias = self.consts.get(inputs[2]) if len(inputs) > 2 and inputs[2] else None
+        if len(inputs) > 2 and inputs[2] and bias is None:
+            raise RankfoldError(f"Conv with a non-constant bias is not supported ({where})")
+        kernel = list(attrs.get("kernel_shape", weight.shape[2:]))
+        strides = list(attrs.get("strides", [1] * nd))
+        dilations = list(attrs.get("dilations", [1] * nd))
+        pads = list(attrs.get("pads", [0] * 2 * nd))
+        groups = attrs.get("group", 1)
+        extra: dict[str, Any] = {}
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        padding = pads[:nd]
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            extra["same_pad"] = {"kernel": kernel, "strides": strides, "dilations": dilations,
+                                 "upper": auto_pad == "SAME_UPPER"}
+            padding = [0] * nd
+        elif auto_pad == "VALID":
+            padding = [0] * nd
+        elif pads[:nd] != pads[nd:]:
+            extra["pre_pad"] = torch_pad_order(pads[:nd], pads[nd:])
+            padding = [0] * nd
+        out_name = node.output[0]
+        weight, bias, out_name = self._fold_batch_norm(out_name, weight, bias)
+        conv_cls = nn.Conv1d if nd == 1 else nn.Conv2d
+        layer = conv_cls(weight.shape[1] * groups, weight.shape[0], kernel, stride=strides, padding=padding,
+                         dilation=dilations, groups=groups, bias=bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias.float())
+        return layer, out_name, extra
+
+    def _fold_batch_norm(self, out_name: str, weight: Tensor, bias: Tensor | None):
+        """Fold a BatchNormalization that alone consumes the conv's output into the conv."""
+        bn = self._sole_consumer(out_name)
+        if bn is None or bn.op_type != "BatchNormalization" or len(bn.output) > 1:
+            return weight, bias, out_name
+        params = [self.consts.get(i) for i in bn.input[1:5]]
+        if any(p is None for p in params) or _attributes(bn).get("training_mode", 0):
+            return weight, bias, out_name
+        scale, shift, mean, var = (p.double() for p in params)
+        eps = _attributes(bn).get("epsilon", 1e-5)
+        factor = scale / torch.sqrt(var + eps)
+        new_weight = (weight.double() * factor.reshape(-1, *[1] * (weight.ndim - 1))).float()
+        base = bias.double() if bias is not None else torch.zeros_like(mean)
+        new_bias = ((base - mean) * factor + shift).float()
+        self.absorbed.add(id(bn))
+        return new_weight, new_bias, bn.output[0]
+
+    def _gemm(self, node, inputs, attrs, where):
+        if attrs.get("transA", 0) or len(inputs) < 2 or inputs[1] not in self.consts or inputs[0] in self.consts:
+            return None
+        b = self.consts[inputs[1]].float()
+        if b.ndim != 2:
+            return None
+        weight = attrs.get("alpha", 1.0) * (b if attrs.get("transB", 0) else b.T)
+        bias = None
+        if len(inputs) > 2 and inputs[2]:
+            c = self.consts.get(inputs[2])
+            if c is None or c.numel() not in (1, weight.shape[0]):
+                return None
+            bias = (attrs.get("beta", 1.0) * c.float()).reshape(-1).expand(weight.shape[0])
+        return _linear(weight, bias), node.output[0], {}
+
+    def _matmul(self, node, inputs, attrs, where):
+        if len(inputs) < 2 or inputs[1] not in self.consts or inputs[0] in self.consts:
+            return None
+        b = self.consts[inputs[1]].float()
+        if b.ndim != 2:
+            return None
+        out_name, bias = node.output[0], None
+        add = self._sole_consumer(out_name)
+        if add is not None and add.op_type == "Add":
+            other = [i for i in add.input if i != out_name]
+            c = self.consts.get(self._name(other[0])) if len(other) == 1 else None
+            if c is not None and c.numel() == b.shape[1] and c.shape[-1:] == (b.shape[1],) and c.ndim <= 1:
+                bias, out_name = c.float(), add.output[0]
+                self.absorbed.add(id(add))
+        return _linear(b.T, bias), out_name, {}
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _constant_value(attrs: dict, where: str) -> Tensor:
+    if "value" in attrs:
+        return attrs["value"]
+    for key, dtype in (("value_float", torch.float32), ("value_int", torch.int64),
+                       ("value_floats", torch.float32), ("value_ints", torch.int64)):
+        if key in attrs:
+            return torch.tensor(attrs[key], dtype=dtype)
+    raise RankfoldError(f"Constant without a supported value attribute ({where})")
+
+
+__all__ = ["OnnxModule", "load_onnx", "read_onnx", "SUPPORTED_OPS", "is_shape"]

@@ -1,0 +1,496 @@
+"""Torch implementations of the ONNX operators that rankfold's ONNX front-end understands.
+
+Each op takes the list of input values and the node's attributes (a dict) and returns the list of
+outputs. A value is a torch.Tensor, or a Python int / list of ints for shape arithmetic (the
+batch size stays symbolic that way through both of PyTorch's exporters), or None for an omitted
+optional input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Value = Any
+OpFn = Callable[[list[Value], dict[str, Any]], list[Value]]
+OPS: dict[str, OpFn] = {}
+
+# ONNX TensorProto data types -> torch dtypes
+DTYPES = {
+    1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+    9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
+}
+
+
+def op(*names: str) -> Callable[[OpFn], OpFn]:
+    def register(fn: OpFn) -> OpFn:
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return register
+
+
+def is_shape(v: Value) -> bool:
+    return isinstance(v, (int, list))
+
+
+def tensor(v: Value, like: Tensor | None = None) -> Tensor:
+    """A Python shape value as a tensor (int64, or `like`'s dtype when given)."""
+    if isinstance(v, Tensor):
+        return v
+    dtype = like.dtype if like is not None else torch.int64
+    return torch.tensor(v, dtype=dtype)
+
+
+def ints(v: Value) -> list[int]:
+    """A shape-like value as a list of Python ints."""
+    if isinstance(v, Tensor):
+        return [int(i) for i in v.reshape(-1).tolist()]
+    if isinstance(v, int):
+        return [v]
+    return list(v)
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# ---- elementwise -------------------------------------------------------------------------
+
+def _binary(tensor_fn: Callable[[Tensor, Tensor], Tensor], int_fn: Callable[[int, int], int]) -> OpFn:
+    def run(vals, attrs):
+        a, b = vals
+        if is_shape(a) and is_shape(b):
+            if isinstance(a, int) and isinstance(b, int):
+                return [int_fn(a, b)]
+            la, lb = ints(a), ints(b)
+            if len(la) == 1:
+                la = la * len(lb)
+            if len(lb) == 1:
+                lb = lb * len(la)
+            return [[int_fn(x, y) for x, y in zip(la, lb)]]
+        like = a if isinstance(a, Tensor) else b
+        return [tensor_fn(tensor(a, like), tensor(b, like))]
+
+    return run
+
+
+def _int_div(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype.is_floating_point:
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+OPS["Add"] = _binary(torch.add, lambda a, b: a + b)
+OPS["Sub"] = _binary(torch.sub, lambda a, b: a - b)
+OPS["Mul"] = _binary(torch.mul, lambda a, b: a * b)
+OPS["Div"] = _binary(_int_div, lambda a, b: int(a / b))
+OPS["Pow"] = _binary(torch.pow, lambda a, b: a**b)
+OPS["Equal"] = _binary(torch.eq, lambda a, b: int(a == b))
+
+
+def _unary(fn: Callable[[Tensor], Tensor]) -> OpFn:
+    return lambda vals, attrs: [fn(vals[0])]
+
+
+for _name, _fn in {
+    "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
+    "Sqrt": torch.sqrt, "Exp": torch.exp, "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs,
+    "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil, "Not": torch.logical_not,
+}.items():
+    OPS[_name] = _unary(_fn)
+
+
+@op("Identity", "Dropout")
+def _identity(vals, attrs):
+    return [vals[0]]
+
+
+@op("LeakyRelu")
+def _leaky_relu(vals, attrs):
+    return [F.leaky_relu(vals[0], attrs.get("alpha", 0.01))]
+
+
+@op("Elu")
+def _elu(vals, attrs):
+    return [F.elu(vals[0], attrs.get("alpha", 1.0))]
+
+
+@op("HardSigmoid")
+def _hard_sigmoid(vals, attrs):
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    return [torch.clamp(vals[0] * alpha + beta, 0.0, 1.0)]
+
+
+@op("HardSwish")
+def _hard_swish(vals, attrs):
+    return [F.hardswish(vals[0])]
+
+
+@op("Gelu")
+def _gelu(vals, attrs):
+    return [F.gelu(vals[0], approximate=attrs.get("approximate", "none"))]
+
+
+@op("Clip")
+def _clip(vals, attrs):
+    x = vals[0]
+    low = vals[1] if len(vals) > 1 and vals[1] is not None else attrs.get("min")
+    high = vals[2] if len(vals) > 2 and vals[2] is not None else attrs.get("max")
+    low = float(low) if low is not None else None
+    high = float(high) if high is not None else None
+    return [torch.clamp(x, low, high)]
+
+
+@op("Softmax", "LogSoftmax")
+def _softmax(vals, attrs, *, log: bool = False):
+    x = vals[0]
+    fn = F.log_softmax if attrs.get("_op") == "LogSoftmax" else F.softmax
+    if attrs.get("_opset", 13) < 13:  # old semantics: flatten to 2-D at `axis`
+        axis = _axis(attrs.get("axis", 1), x.ndim)
+        flat = x.reshape(*x.shape[:axis], -1) if axis > 0 else x.reshape(1, -1)
+        return [fn(flat.flatten(0, max(axis - 1, 0)) if axis > 1 else flat, dim=-1).reshape(x.shape)]
+    return [fn(x, dim=attrs.get("axis", -1))]
+
+
+@op("Where")
+def _where(vals, attrs):
+    cond, a, b = vals
+    like = a if isinstance(a, Tensor) else b if isinstance(b, Tensor) else None
+    return [torch.where(tensor(cond).bool(), tensor(a, like), tensor(b, like))]
+
+
+@op("Cast")
+def _cast(vals, attrs):
+    x = vals[0]
+    if is_shape(x):
+        return [x]
+    return [x.to(DTYPES[attrs["to"]])]
+
+
+# ---- linear algebra and normalisation ---------------------------------------------------
+
+@op("MatMul")
+def _matmul(vals, attrs):
+    return [torch.matmul(vals[0], vals[1])]
+
+
+@op("Gemm")
+def _gemm(vals, attrs):
+    a, b = vals[0], vals[1]
+    if attrs.get("transA", 0):
+        a = a.transpose(0, 1)
+    if attrs.get("transB", 0):
+        b = b.transpose(0, 1)
+    out = attrs.get("alpha", 1.0) * (a @ b)
+    if len(vals) > 2 and vals[2] is not None:
+        out = out + attrs.get("beta", 1.0) * vals[2]
+    return [out]
+
+
+@op("BatchNormalization")
+def _batch_norm(vals, attrs):
+    x, scale, bias, mean, var = vals[:5]
+    return [F.batch_norm(x, mean, var, scale, bias, training=False, eps=attrs.get("epsilon", 1e-5))]
+
+
+@op("LayerNormalization")
+def _layer_norm(vals, attrs):
+    x, scale = vals[0], vals[1]
+    bias = vals[2] if len(vals) > 2 else None
+    axis = _axis(attrs.get("axis", -1), x.ndim)
+    return [F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, eps=attrs.get("epsilon", 1e-5))]
+
+
+# ---- pooling -----------------------------------------------------------------------------
+
+def _pool_geometry(x: Tensor, attrs: dict) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    kernel = list(attrs["kernel_shape"])
+    nd = len(kernel)
+    strides = list(attrs.get("strides", [1] * nd))
+    dilations = list(attrs.get("dilations", [1] * nd))
+    pads = list(attrs.get("pads", [0] * (2 * nd)))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = same_pads(list(x.shape[2:]), kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * nd)
+    return kernel, strides, dilations, pads[:nd], pads[nd:]
+
+
+def same_pads(size: list[int], kernel, strides, dilations, *, upper: bool) -> list[int]:
+    """ONNX SAME_UPPER / SAME_LOWER padding as [begin..., end...]."""
+    begins, ends = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        out = math.ceil(n / s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if upper else large)
+        ends.append(large if upper else small)
+    return begins + ends
+
+
+def torch_pad_order(begins: list[int], ends: list[int]) -> list[int]:
+    """ONNX [b1, b2, .., e1, e2, ..] as F.pad's (last axis first) [b_last, e_last, ...]."""
+    out: list[int] = []
+    for b, e in zip(reversed(begins), reversed(ends)):
+        out += [b, e]
+    return out
+
+
+@op("MaxPool")
+def _max_pool(vals, attrs):
+    x = vals[0]
+    kernel, strides, dilations, begins, ends = _pool_geometry(x, attrs)
+    padding = begins
+    if begins != ends or any(b > k // 2 for b, k in zip(begins, kernel)):
+        x = F.pad(x, torch_pad_order(begins, ends), value=float("-inf"))
+        padding = [0] * len(kernel)
+    fn = F.max_pool1d if len(kernel) == 1 else F.max_pool2d
+    return [fn(x, kernel, strides, padding, dilations, ceil_mode=bool(attrs.get("ceil_mode", 0)))]
+
+
+@op("AveragePool")
+def _avg_pool(vals, attrs):
+    x = vals[0]
+    kernel, strides, _dil, begins, ends = _pool_geometry(x, attrs)
+    include = bool(attrs.get("count_include_pad", 0))
+    padding = begins
+    if begins != ends or any(b > k // 2 for b, k in zip(begins, kernel)):
+        if not include and any(begins + ends):
+            raise ValueError("AveragePool with asymmetric padding and count_include_pad=0 is not supported")
+        x = F.pad(x, torch_pad_order(begins, ends))
+        padding = [0] * len(kernel)
+    fn = F.avg_pool1d if len(kernel) == 1 else F.avg_pool2d
+    return [fn(x, kernel, strides, padding, ceil_mode=bool(attrs.get("ceil_mode", 0)), count_include_pad=include)]
+
+
+@op("GlobalAveragePool")
+def _global_avg_pool(vals, attrs):
+    x = vals[0]
+    return [x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)]
+
+
+@op("GlobalMaxPool")
+def _global_max_pool(vals, attrs):
+    x = vals[0]
+    return [x.amax(dim=tuple(range(2, x.ndim)), keepdim=True)]
+
+
+def _reduce(fn_name: str) -> OpFn:
+    def run(vals, attrs):
+        x = vals[0]
+        axes = ints(vals[1]) if len(vals) > 1 and vals[1] is not None else attrs.get("axes")
+        keep = bool(attrs.get("keepdims", 1))
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return [x]
+            axes = list(range(x.ndim))
+        dims = tuple(_axis(a, x.ndim) for a in axes)
+        if fn_name == "mean":
+            return [x.mean(dim=dims, keepdim=keep)]
+        if fn_name == "sum":
+            return [x.sum(dim=dims, keepdim=keep)]
+        return [x.amax(dim=dims, keepdim=keep)]
+
+    return run
+
+
+OPS["ReduceMean"] = _reduce("mean")
+OPS["ReduceSum"] = _reduce("sum")
+OPS["ReduceMax"] = _reduce("max")
+
+
+# ---- shapes ------------------------------------------------------------------------------
+
+@op("Shape")
+def _shape(vals, attrs):
+    x = vals[0]
+    dims = list(x.shape) if isinstance(x, Tensor) else [len(ints(x))]
+    start, end = attrs.get("start", 0), attrs.get("end", None)
+    return [dims[start:end]]
+
+
+@op("Flatten")
+def _flatten(vals, attrs):
+    x = vals[0]
+    axis = _axis(attrs.get("axis", 1), x.ndim)
+    if axis == 0:
+        return [x.reshape(1, -1)]
+    lead = x.flatten(0, axis - 1) if axis > 1 else x
+    return [lead.flatten(1) if lead.ndim > 1 else lead.unsqueeze(1)]
+
+
+@op("Reshape")
+def _reshape(vals, attrs):
+    x, shape = vals[0], ints(vals[1])
+    if not attrs.get("allowzero", 0):
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return [x.reshape(shape)]
+
+
+@op("Transpose")
+def _transpose(vals, attrs):
+    x = vals[0]
+    perm = attrs.get("perm", list(reversed(range(x.ndim))))
+    return [x.permute(*perm)]
+
+
+@op("Concat")
+def _concat(vals, attrs):
+    parts = [v for v in vals if v is not None]
+    if all(is_shape(v) for v in parts):
+        out: list = []
+        for v in parts:
+            out += ints(v) if not isinstance(v, list) else v
+        return [out]
+    like = next(v for v in parts if isinstance(v, Tensor))
+    tensors = [tensor(v, like) for v in parts]
+    tensors = [t for t in tensors if t.numel() or t.ndim > 1]
+    return [torch.cat(tensors, dim=attrs["axis"])]
+
+
+@op("Unsqueeze")
+def _unsqueeze(vals, attrs):
+    x = vals[0]
+    axes = ints(vals[1]) if len(vals) > 1 and vals[1] is not None else list(attrs["axes"])
+    if is_shape(x):
+        return [ints(x)] if isinstance(x, int) else [[x]]
+    rank = x.ndim + len(axes)
+    for a in sorted(_axis(a, rank) for a in axes):
+        x = x.unsqueeze(a)
+    return [x]
+
+
+@op("Squeeze")
+def _squeeze(vals, attrs):
+    x = vals[0]
+    axes = ints(vals[1]) if len(vals) > 1 and vals[1] is not None else attrs.get("axes")
+    if is_shape(x):
+        return [ints(x)[0]] if len(ints(x)) == 1 else [x]
+    if axes is None:
+        return [x.squeeze()]
+    for a in sorted((_axis(a, x.ndim) for a in axes), reverse=True):
+        x = x.squeeze(a)
+    return [x]
+
+
+@op("Gather")
+def _gather(vals, attrs):
+    data, idx = vals
+    axis = attrs.get("axis", 0)
+    if is_shape(data):
+        seq = ints(data)
+        if isinstance(idx, Tensor):
+            idx = idx.tolist()
+        return [seq[idx] if isinstance(idx, int) else [seq[i] for i in ints(idx)]]
+    if isinstance(idx, int) or (isinstance(idx, Tensor) and idx.ndim == 0):
+        return [data.select(axis, int(idx))]
+    index = tensor(idx)
+    flat = torch.index_select(data, _axis(axis, data.ndim), index.reshape(-1))
+    a = _axis(axis, data.ndim)
+    return [flat.reshape(*data.shape[:a], *index.shape, *data.shape[a + 1:])]
+
+
+@op("Slice")
+def _slice(vals, attrs):
+    x = vals[0]
+    if len(vals) > 1:
+        starts, ends = ints(vals[1]), ints(vals[2])
+        axes = ints(vals[3]) if len(vals) > 3 and vals[3] is not None else list(range(len(starts)))
+        steps = ints(vals[4]) if len(vals) > 4 and vals[4] is not None else [1] * len(starts)
+    else:  # opset < 10: attributes
+        starts, ends = list(attrs["starts"]), list(attrs["ends"])
+        axes = list(attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    if is_shape(x):
+        seq = ints(x)
+        return [seq[slice(_clamp_index(starts[0]), _clamp_index(ends[0]), steps[0])]]
+    index: list[slice] = [slice(None)] * x.ndim
+    flips = []
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        a = _axis(axis, x.ndim)
+        if step < 0:
+            raise ValueError("Slice with a negative step is not supported")
+        index[a] = slice(_clamp_index(start), _clamp_index(end), step)
+    out = x[tuple(index)]
+    return [out.flip(flips) if flips else out]
+
+
+def _clamp_index(i: int) -> int | None:
+    big = 2**62
+    if i >= big:
+        return None
+    return max(i, -big)
+
+
+@op("Split")
+def _split(vals, attrs):
+    x = vals[0]
+    axis = _axis(attrs.get("axis", 0), x.ndim)
+    sizes = ints(vals[1]) if len(vals) > 1 and vals[1] is not None else attrs.get("split")
+    if sizes is None:
+        parts = attrs.get("num_outputs") or attrs["_outputs"]
+        chunk = math.ceil(x.shape[axis] / parts)
+        sizes = [min(chunk, x.shape[axis] - chunk * i) for i in range(parts)]
+    return list(torch.split(x, list(sizes), dim=axis))
+
+
+@op("Pad")
+def _pad(vals, attrs):
+    x = vals[0]
+    pads = ints(vals[1]) if len(vals) > 1 else list(attrs["pads"])
+    value = vals[2] if len(vals) > 2 and vals[2] is not None else attrs.get("value", 0.0)
+    value = float(value.reshape(-1)[0]) if isinstance(value, Tensor) else float(value)
+    axes = ints(vals[3]) if len(vals) > 3 and vals[3] is not None else list(range(x.ndim))
+    half = len(pads) // 2
+    begins, ends = [0] * x.ndim, [0] * x.ndim
+    for i, a in enumerate(axes):
+        begins[_axis(a, x.ndim)], ends[_axis(a, x.ndim)] = pads[i], pads[half + i]
+    while begins and begins[0] == 0 and ends[0] == 0:  # F.pad only pads trailing axes
+        begins, ends = begins[1:], ends[1:]
+    mode = attrs.get("mode", "constant")
+    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    order = torch_pad_order(begins, ends)
+    if torch_mode == "constant":
+        return [F.pad(x, order, value=value)]
+    return [F.pad(x, order, mode=torch_mode)]
+
+
+@op("Resize", "Upsample")
+def _resize(vals, attrs):
+    x = vals[0]
+    mode = attrs.get("mode", "nearest")
+    if mode != "nearest":
+        raise ValueError(f"Resize mode {mode!r} is not supported (only 'nearest')")
+    sizes = ints(vals[3]) if len(vals) > 3 and vals[3] is not None and len(ints(vals[3])) else None
+    if sizes is not None:
+        return [F.interpolate(x, size=sizes[2:], mode="nearest")]
+    scales_val = vals[2] if len(vals) > 2 else vals[1]
+    scales = [float(s) for s in scales_val.reshape(-1).tolist()] if isinstance(scales_val, Tensor) else attrs["scales"]
+    return [F.interpolate(x, scale_factor=[float(s) for s in scales[2:]], mode="nearest")]
+
+
+@op("Expand")
+def _expand(vals, attrs):
+    x, shape = vals[0], ints(vals[1])
+    target = torch.broadcast_shapes(tuple(x.shape), tuple(1 if d == 1 else d for d in shape))
+    return [x.expand(target)]
+
+
+@op("ConstantOfShape")
+def _constant_of_shape(vals, attrs):
+    value = attrs.get("value")
+    fill = value.reshape(-1)[0] if isinstance(value, Tensor) else torch.tensor(0.0)
+    return [torch.full(ints(vals[0]), fill.item(), dtype=fill.dtype)]
+
+
+@op("Tile")
+def _tile(vals, attrs):
+    return [vals[0].repeat(*ints(vals[1]))]

@@ -1,0 +1,50 @@
+"""Human-readable tables for compression reports and before/after comparisons."""
+
+from __future__ import annotations
+
+from rankfold.compress import CompressionReport
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def layer_table(report: CompressionReport) -> str:
+    """One row per compressible layer: method, ranks, parameters before/after, error, note."""
+    rows = [("layer", "shape", "method", "ranks", "params", "kept", "rel.err", "note")]
+    for r in report.layers:
+        kept = r.params_after / r.params_before if r.params_before else 1.0
+        err = "" if r.rel_error is None else f"{r.rel_error:.3f}"
+        ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
+        rows.append((r.name, r.layer, r.method, ranks, f"{human(r.params_before)}->{human(r.params_after)}",
+                     f"{kept:.0%}", err, r.note))
+    before = sum(r.params_before for r in report.layers)
+    after = sum(r.params_after for r in report.layers)
+    rows.append(("total", "", "", "", f"{human(before)}->{human(after)}", f"{after / max(before, 1):.0%}", "", ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [str(c).ljust(w) for c, w in zip(row, widths)] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def comparison_table(before: dict, after: dict) -> str:
+    """Before/after rows of an EvalResult dict, with the ratio."""
+    fields = [("accuracy", "top-1"), ("params", "parameters"), ("macs", "MACs"),
+              ("weight_bytes", "weight bytes"), ("file_bytes", "file bytes"),
+              ("latency_ms_b1", "latency b1 (ms)"), ("latency_ms_b32", "latency b32 (ms)")]
+    lines = [f"{'':18}{'original':>14}{'compressed':>14}{'ratio':>9}"]
+    for key, label in fields:
+        a, b = before.get(key), after.get(key)
+        if a is None or b is None:
+            continue
+        fmt = (lambda v: f"{v:.4f}") if key == "accuracy" or key.startswith("latency") else human
+        ratio = f"{b / a:.1%}" if key != "accuracy" else f"{(b - a) * 100:+.2f}pt"
+        lines.append(f"{label:18}{fmt(a):>14}{fmt(b):>14}{ratio:>9}")
+    return "\n".join(lines)
