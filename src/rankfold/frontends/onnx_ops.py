@@ -205,7 +205,8 @@ def _layer_norm(vals, attrs):
     x, scale = vals[0], vals[1]
     bias = vals[2] if len(vals) > 2 else None
     axis = _axis(attrs.get("axis", -1), x.ndim)
-    return [F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, eps=attrs.get("epsilon", 1e-5))]
+    features = tuple(int(d) for d in x.shape[axis:])  # static: exporters need constant sizes here
+    return [F.layer_norm(x, features, scale, bias, eps=attrs.get("epsilon", 1e-5))]
 
 
 # ---- pooling -----------------------------------------------------------------------------
@@ -312,7 +313,9 @@ OPS["ReduceMax"] = _reduce("max")
 @op("Shape")
 def _shape(vals, attrs):
     x = vals[0]
-    dims = list(x.shape) if isinstance(x, Tensor) else [len(ints(x))]
+    # Only the batch dimension stays symbolic; the others are static for the networks rankfold
+    # takes, and exporters need them as constants (e.g. as LayerNorm or Resize sizes).
+    dims = [x.shape[0], *(int(d) for d in x.shape[1:])] if isinstance(x, Tensor) else [len(ints(x))]
     start, end = attrs.get("start", 0), attrs.get("end", None)
     return [dims[start:end]]
 
@@ -413,21 +416,25 @@ def _slice(vals, attrs):
         seq = ints(x)
         return [seq[slice(_clamp_index(starts[0]), _clamp_index(ends[0]), steps[0])]]
     index: list[slice] = [slice(None)] * x.ndim
-    flips = []
+    reversed_axes = []
     for start, end, axis, step in zip(starts, ends, axes, steps):
         a = _axis(axis, x.ndim)
-        if step < 0:
-            raise ValueError("Slice with a negative step is not supported")
-        index[a] = slice(_clamp_index(start), _clamp_index(end), step)
+        if step < 0:  # torch slicing has no negative steps: pick the indices explicitly
+            reversed_axes.append((a, list(range(x.shape[a]))[slice(_clamp_index(start), _clamp_index(end), step)]))
+        else:
+            index[a] = slice(_clamp_index(start), _clamp_index(end), step)
     out = x[tuple(index)]
-    return [out.flip(flips) if flips else out]
+    for a, picks in reversed_axes:
+        out = torch.index_select(out, a, torch.tensor(picks, dtype=torch.int64))
+    return [out]
 
 
 def _clamp_index(i: int) -> int | None:
+    """ONNX uses INT64_MAX / INT64_MIN for 'to the end'; Python slices use None."""
     big = 2**62
-    if i >= big:
+    if i >= big or i <= -big:
         return None
-    return max(i, -big)
+    return i
 
 
 @op("Split")

@@ -1,0 +1,19 @@
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def correlated_inputs(n: int, channels: int, *, dead: int = 0, seed: int = 0) -> torch.Tensor:
+    """Rows of channel vectors with strong correlation and `dead` all-zero channels (singular)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, generator=gen) @ torch.randn(channels, channels, generator=gen)
+    x = x * torch.linspace(0.1, 3.0, channels)
+    if dead:
+        x[:, :dead] = 0
+    return x

@@ -1,0 +1,153 @@
+import pytest
+import torch
+from torch import nn
+
+import rankfold
+from rankfold import CPConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
+from rankfold.layers import LowRank
+
+CONV_GEOMETRIES = [
+    dict(stride=1, padding=1),
+    dict(stride=2, padding=1),
+    dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    dict(stride=1, padding=2, dilation=2),
+    dict(stride=1, padding=1, padding_mode="reflect"),
+    dict(stride=2, padding=1, padding_mode="circular"),
+    dict(stride=1, padding=1, padding_mode="replicate"),
+    dict(stride=1, padding="same"),
+    dict(stride=3, padding=0, bias=False),
+]
+
+FULL_RANK_CONFIGS = {
+    "svd": SVDConfig(rank=10),
+    "tucker2": Tucker2Config(ranks=(6, 10)),
+    "spatial-svd": SpatialSVDConfig(rank=min(6 * 3, 10 * 3)),
+}
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+@pytest.mark.parametrize("method", list(FULL_RANK_CONFIGS))
+def test_full_rank_factorization_reproduces_conv_output(geometry, method):
+    layer = nn.Conv2d(6, 10, 3, **geometry)
+    model = nn.Sequential(layer)
+    x = torch.randn(4, 6, 11, 13)
+    out = rankfold.compress(model, layers={"*": FULL_RANK_CONFIGS[method]}, min_rank=1)
+    assert isinstance(out[0], LowRank) and out[0].method == method
+    assert rel_err(out(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES[:5])
+def test_cp_layers_keep_conv_geometry(geometry):
+    """CP is not exact at any small rank; an exactly rank-4 kernel must still be reproduced."""
+    layer = nn.Conv2d(6, 10, 3, **geometry)
+    gen = torch.Generator().manual_seed(1)
+    factors = [torch.randn(n, 4, generator=gen) for n in (10, 6, 3, 3)]
+    with torch.no_grad():
+        layer.weight.copy_(torch.einsum("ar,br,cr,dr->abcd", *factors))
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 6, 12, 12)
+    out = rankfold.compress(model, layers={"*": CPConfig(rank=4, max_iters=300)}, min_rank=1)
+    assert [type(m) for m in out[0]] == [nn.Conv2d] * 4
+    assert rel_err(out(x), model(x)) < 1e-3
+
+
+def test_conv1d_and_linear_full_rank():
+    model = nn.Sequential(nn.Conv1d(5, 8, 5, stride=2, padding=2, dilation=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8, 7))
+    x = torch.randn(3, 5, 16)
+    out = rankfold.compress(model, layers={"0": Tucker2Config(ranks=(5, 8)), "3": SVDConfig(rank=7)}, min_rank=1)
+    assert rel_err(out(x), model(x)) < 1e-5
+    assert isinstance(out[0][1], nn.Conv1d) and isinstance(out[3], LowRank)
+
+
+def test_grouped_and_depthwise_convs_are_left_alone_with_reason():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 3, groups=2), nn.Conv2d(16, 32, 3))
+    out, report = rankfold.compress_with_report(model, keep=0.5)
+    notes = {r.name: r for r in report.layers}
+    assert notes["0"].method == "none" and "groups=8" in notes["0"].note
+    assert notes["1"].method == "none" and "groups=2" in notes["1"].note
+    assert notes["2"].method == "tucker2"
+    assert out[0] is not model[0] and isinstance(out[0], nn.Conv2d)
+
+
+def test_every_layer_appears_in_the_report():
+    model = nn.Sequential(nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3), nn.Flatten(), nn.Linear(64, 10))
+    _, report = rankfold.compress_with_report(model, keep=0.3)
+    assert [r.name for r in report.layers] == ["0", "1", "3"]
+    small = [r for r in report.layers if r.method == "none"]
+    assert small and all("min_rank" in r.note for r in small)
+
+
+def test_input_model_is_not_modified():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rankfold.compress(model, keep=0.3, calib=torch.randn(16, 16, 10, 10))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model[0], nn.Conv2d)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "spatial-svd", "auto"])
+def test_keep_bounds_the_parameters(method):
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
+    out, report = rankfold.compress_with_report(model, method=method, keep=0.4)
+    for record in report.layers:
+        assert record.method != "none", record.note
+        assert record.params_after <= 0.4 * record.params_before + 64  # the bias is kept whole
+    assert sum(p.numel() for p in out.parameters()) <= 0.41 * sum(p.numel() for p in model.parameters())
+
+
+def test_data_aware_compression_tracks_the_output_better():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1))
+    # inputs live in a low-dimensional subspace, as real activations do
+    basis = torch.randn(3, 3)
+    calib = torch.einsum("nchw,cd->ndhw", torch.randn(64, 3, 12, 12) * torch.tensor([3.0, 0.3, 0.01])[None, :, None,
+                                                                                                         None], basis)
+    test = torch.einsum("nchw,cd->ndhw", torch.randn(32, 3, 12, 12) * torch.tensor([3.0, 0.3, 0.01])[None, :, None,
+                                                                                                        None], basis)
+    plain = rankfold.compress(model, keep=0.25)
+    aware = rankfold.compress(model, keep=0.25, calib=calib)
+    reference = model(test)
+    assert rel_err(aware(test), reference) < rel_err(plain(test), reference)
+
+
+def test_auto_picks_a_fitting_method_per_layer():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(32 * 36, 64))
+    _, report = rankfold.compress_with_report(model, method="auto", keep=0.5)
+    methods = {r.name: r.method for r in report.layers}
+    assert methods["0"] in {"svd", "tucker2", "cp", "spatial-svd"}
+    assert methods["1"] == "svd" and methods["3"] == "svd"
+
+
+def test_skip_config_and_patterns():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 3))
+    _, report = rankfold.compress_with_report(model, layers={"1": SkipConfig(reason="keep it")}, keep=0.5)
+    assert report.layers[1].method == "none" and report.layers[1].note == "keep it"
+    assert report.layers[0].method == "tucker2"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(keep=0.0), "keep must be a number in (0, 1]"),
+    (dict(keep=1.5), "keep must be a number in (0, 1]"),
+    (dict(method="magic"), "unknown method 'magic'"),
+    (dict(calib=torch.randn(4, 5, 8, 8)), "does not fit the model"),
+    (dict(calib=[1, 2]), "calib must be a torch.Tensor"),
+])
+def test_bad_arguments_raise_one_clear_error(kwargs, message):
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3))
+    with pytest.raises(rankfold.RankfoldError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rankfold.compress(model, **kwargs)
+
+
+def test_bad_config_values_name_the_parameter():
+    with pytest.raises(ValueError, match="Tucker2Config.ranks"):
+        Tucker2Config(ranks=(3,))
+    with pytest.raises(ValueError, match="SVDConfig.rank"):
+        SVDConfig(rank=-1)
+    with pytest.raises(ValueError, match="CPConfig.keep"):
+        CPConfig(keep=2.0)

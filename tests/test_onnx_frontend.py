@@ -1,0 +1,231 @@
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from torch import nn
+
+import rankfold
+from rankfold.frontends.onnx import OnnxModule
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "resnet18-fmnist.onnx")
+
+
+class OpZoo(nn.Module):
+    """Touches most ops of the front-end's list in one small network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=(1, 2))
+        self.fc = nn.Linear(8 * 2, 5)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.max_pool2d(x, 2, ceil_mode=True)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        a, b = torch.split(x, 4, dim=1)
+        x = torch.cat([F.hardswish(a), F.hardsigmoid(b) * torch.tanh(b)], dim=1)
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        x = F.leaky_relu(self.conv2(x), 0.1)
+        x = torch.clamp(x, -1.0, 6.0) + torch.sigmoid(x)
+        x = F.avg_pool2d(x, 2)
+        x = x[:, :, 1:, :]
+        x = x - x.mean(dim=(2, 3), keepdim=True) / torch.sqrt(x.pow(2).mean() + 1.0)
+        x = x.flatten(2).mean(dim=2, keepdim=True)
+        x = x.reshape(-1, 8)
+        x = torch.cat([x, x * 0.5], dim=1)
+        return torch.softmax(self.fc(x), dim=-1)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(-1, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(-1, t, d))
+        return x + self.mlp(x)
+
+
+def export(model, x, path, *, dynamo, opset=17, fold=True):
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (x,), path, dynamo=True, opset_version=max(opset, 18), input_names=["input"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "b"}, "output": {0: "b"}},
+                              do_constant_folding=fold)
+    return str(path)
+
+
+def ort_run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+CASES = {
+    "opzoo": (OpZoo, (2, 3, 16, 16)),
+    "attention": (AttentionBlock, (2, 5, 16)),
+    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4)),
+            (2, 3, 4, 4)),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(),
+                                     nn.Conv1d(8, 8, 5, stride=2, dilation=2)), (2, 4, 32)),
+}
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_load_then_export_reproduces_the_original(tmp_path, case, dynamo):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(*shape)
+    src = export(model, x, tmp_path / "src.onnx", dynamo=dynamo)
+    loaded = rankfold.load_onnx(src)
+    assert isinstance(loaded, OnnxModule)
+    assert any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in loaded.modules())
+    x_big = torch.randn(7, *shape[1:])  # a batch size never seen in export: the batch stays dynamic
+    expected = ort_run(src, x_big)
+    np.testing.assert_allclose(loaded(x_big).detach().numpy(), expected, atol=1e-5, rtol=0)
+    out = tmp_path / "again.onnx"
+    rankfold.export_onnx(loaded, out, example_input=x)
+    np.testing.assert_allclose(ort_run(out, x_big), expected, atol=1e-5, rtol=0)
+
+
+def test_unfolded_batchnorm_loads_and_folds(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[3]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    src = export(model, x, tmp_path / "bn.onnx", dynamo=False, fold=False)
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(src).graph.node) == 2
+    loaded = rankfold.load_onnx(src)
+    assert sum(s.op == "BatchNormalization" for s in loaded.steps) == 1  # the one after the conv was folded
+    np.testing.assert_allclose(loaded(x).detach().numpy(), ort_run(src, x), atol=1e-5)
+
+
+def test_layers_are_named_after_nodes_and_compress(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    loaded = rankfold.load_onnx(export(model, x, tmp_path / "m.onnx", dynamo=False))
+    names = [n for n, m in loaded.named_modules() if isinstance(m, nn.Conv2d)]
+    assert names == ["n_0_Conv", "n_2_Conv"]
+    compressed = rankfold.compress(loaded, keep=0.3, calib=torch.randn(16, 3, 8, 8))
+    out = tmp_path / "c.onnx"
+    rankfold.export_onnx(compressed, out, example_input=x)
+    assert ort_run(out, torch.randn(5, 3, 8, 8)).shape == (5, 32, 8, 8)
+
+
+def _graph(nodes, *, opset=17, inputs=None, inits=()):
+    inputs = inputs if inputs is not None else [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph(nodes, "g", inputs, [out], initializer=list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_unsupported_op_names_op_node_and_the_supported_list(tmp_path):
+    path = tmp_path / "u.onnx"
+    onnx.save(_graph([helper.make_node("Hardmax", ["x"], ["y"], name="mystery")]), path)
+    with pytest.raises(rankfold.RankfoldError, match=r"unsupported ONNX op 'Hardmax' \(node 'mystery'\); supported: .*Conv"):
+        rankfold.load_onnx(path)
+
+
+def test_graph_without_inputs_is_refused(tmp_path):
+    path = tmp_path / "n.onnx"
+    const = helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])
+    onnx.save(_graph([helper.make_node("Identity", ["c"], ["y"])], inputs=[], inits=[const]), path)
+    with pytest.raises(rankfold.RankfoldError, match="no inputs"):
+        rankfold.load_onnx(path)
+
+
+def test_missing_external_data_is_a_clear_error(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    path = tmp_path / "ext.onnx"
+    rankfold.export_onnx(model, path, example_input=torch.randn(1, 64))
+    proto = onnx.load(path)
+    onnx.save_model(proto, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    os.remove(tmp_path / "weights.bin")
+    with pytest.raises(rankfold.RankfoldError, match="external"):
+        rankfold.load_onnx(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx file at all", b"\x08\x07\x12\x00garbage"])
+def test_non_onnx_files_are_clear_errors(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(rankfold.RankfoldError):
+        rankfold.load_onnx(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(rankfold.RankfoldError, match="no such file"):
+        rankfold.load_onnx(tmp_path / "nope.onnx")
+
+
+def test_opset_out_of_range_is_refused(tmp_path):
+    path = tmp_path / "o.onnx"
+    onnx.save(_graph([helper.make_node("Relu", ["x"], ["y"])], opset=9), path)
+    with pytest.raises(rankfold.RankfoldError, match="opset 9"):
+        rankfold.load_onnx(path)
+
+
+def test_corrupted_variants_end_in_clean_errors_or_models(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    good = tmp_path / "good.onnx"
+    rankfold.export_onnx(model, good, example_input=torch.randn(1, 1, 8, 8))
+    data = good.read_bytes()
+    rng = np.random.default_rng(0)
+    variants = [data[: int(n)] for n in rng.integers(0, len(data), 150)]
+    for _ in range(250):
+        flipped = bytearray(data)
+        for pos in rng.integers(0, len(data), rng.integers(1, 8)):
+            flipped[pos] = int(rng.integers(0, 256))
+        variants.append(bytes(flipped))
+    outcomes = {"error": 0, "loaded": 0}
+    path = tmp_path / "v.onnx"
+    for blob in variants:
+        path.write_bytes(blob)
+        try:
+            loaded = rankfold.load_onnx(path)
+        except rankfold.RankfoldError as exc:
+            assert "\n" not in str(exc)
+            outcomes["error"] += 1
+            continue
+        with torch.no_grad():  # a model that loads runs, or fails with a RankfoldError
+            try:
+                loaded(torch.randn(1, 1, 8, 8))
+            except (rankfold.RankfoldError, RuntimeError):
+                pass
+        outcomes["loaded"] += 1
+    assert outcomes["error"] > 100 and sum(outcomes.values()) == 400
+
+
+@pytest.mark.skipif(not os.path.isfile(REFERENCE), reason="reference network ../shared/models not present")
+def test_reference_network_round_trip(tmp_path):
+    loaded = rankfold.load_onnx(REFERENCE)
+    x = torch.randn(3, 1, 32, 32)
+    out = tmp_path / "r.onnx"
+    rankfold.export_onnx(loaded, out, example_input=x[:1])
+    np.testing.assert_allclose(ort_run(out, x), ort_run(REFERENCE, x), atol=1e-5, rtol=0)
