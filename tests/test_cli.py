@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rankfold
+from rankfold.cli import main
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", *args], capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A tiny classifier as ONNX, with a dataset and calibration data."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((64, 1, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    rankfold.export_onnx(model, root / "m.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(root / "data.npz", x=x, y=y)
+    np.savez(root / "calib.npz", x=x[:32])
+    return root
+
+
+def test_every_command_has_help():
+    for command in ([], ["eval"], ["compress"], ["demo"]):
+        code, out, _ = run_cli(*command, "--help")
+        assert code == 0 and "usage: rankfold" in out
+
+
+def test_eval_json_has_the_contract_keys(small):
+    code, out, err = run_cli("eval", str(small / "m.onnx"), "--data", str(small / "data.npz"), "--json",
+                             "--runs", "3")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) >= {"accuracy", "params", "macs", "weight_bytes", "file_bytes", "latency_ms_b1",
+                           "latency_ms_b32"}
+    assert result["accuracy"] == 1.0  # labels are the model's own predictions
+    assert result["params"] == 16 * 9 + 16 + 32 * 16 * 9 + 32 + 330
+    assert result["latency_ms_b1"] > 0 and result["latency_ms_b32"] > 0
+
+
+def test_compress_writes_a_smaller_model_and_report(small, tmp_path):
+    out = tmp_path / "c.onnx"
+    report = tmp_path / "r.json"
+    code, stdout, err = run_cli("compress", str(small / "m.onnx"), "--calib", str(small / "calib.npz"),
+                                "--keep", "0.4", "--min-rank", "2", "-o", str(out), "--report", str(report))
+    assert code == 0, err
+    assert "total" in stdout and out.is_file()
+    data = json.loads(report.read_text())
+    assert data["after"]["params"] < data["before"]["params"]
+    assert any(layer["method"] == "tucker2" for layer in data["layers"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "missing.onnx", "--data", "D"], "missing.onnx: no such file"),
+    (["eval", "NOTONNX", "--data", "D"], "not an ONNX model"),
+    (["eval", "M", "--data", "missing.npz"], "missing.npz: no such file"),
+    (["eval", "M", "--data", "BADNPZ"], "not a readable .npz"),
+    (["eval", "M", "--data", "WRONGSHAPE"], "do not fit the model's input"),
+    (["compress", "M", "--keep", "1.5", "-o", "OUT"], "--keep must be a number in (0, 1]"),
+    (["compress", "M", "--method", "magic", "-o", "OUT"], "unknown method 'magic'"),
+    (["compress", "M", "--calib", "WRONGSHAPE", "-o", "OUT"], "do not fit the model's input"),
+    (["compress", "M", "-o", "/nonexistent/dir/out.onnx"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_output(small, tmp_path, args, message):
+    (tmp_path / "notonnx.onnx").write_text("hello")
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 12, 12), np.float32), y=np.zeros(4, np.int64))
+    subst = {"M": str(small / "m.onnx"), "D": str(small / "data.npz"), "NOTONNX": str(tmp_path / "notonnx.onnx"),
+             "BADNPZ": str(tmp_path / "bad.npz"), "WRONGSHAPE": str(tmp_path / "wrong.npz"),
+             "OUT": str(tmp_path / "out.onnx"), "missing.onnx": str(tmp_path / "missing.onnx"),
+             "missing.npz": str(tmp_path / "missing.npz")}
+    code, out, err = run_cli(*[subst.get(a, a) for a in args])
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert message in err
+    assert not (tmp_path / "out.onnx").exists()
+    assert not list(tmp_path.glob("*.onnx.tmp*")) and len(list(tmp_path.glob("tmp*"))) == 0
+
+
+def test_main_returns_exit_code_without_exiting(small, capsys):
+    assert main(["eval", str(small / "nope.onnx"), "--data", "x.npz"]) == 2
+    assert "no such file" in capsys.readouterr().err

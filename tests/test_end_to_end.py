@@ -1,0 +1,63 @@
+"""Train a real (small) CNN, compress it data-aware and check accuracy and size hold."""
+
+import numpy as np
+import pytest
+import torch
+
+import rankfold
+from rankfold.demo import run_demo, small_cnn, train
+from rankfold.demo_data import digits
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = digits()
+    torch.manual_seed(0)
+    model = small_cnn(classes=10)
+    train(model, data.x_train, data.y_train, epochs=6, log=lambda _m: None, batch_size=64)
+    return model, data
+
+
+def top1(model, x, y):
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def test_tucker2_keep_03_holds_accuracy_at_under_40_percent_params(trained, tmp_path):
+    model, data = trained
+    base = top1(model, data.x_test, data.y_test)
+    assert base > 0.9  # the network really learned
+    calib = torch.from_numpy(data.x_train[:512])
+    compressed = rankfold.compress(model, method="tucker2", keep=0.3, calib=calib)
+    params = sum(p.numel() for p in compressed.parameters()) / sum(p.numel() for p in model.parameters())
+    assert params <= 0.40
+    # 360 test images: one image is 0.28 points; the 1-point acceptance is measured on Fashion-MNIST
+    assert top1(compressed, data.x_test, data.y_test) >= base - 0.03
+    # and the compressed network exports and runs in onnxruntime with the same predictions
+    path = tmp_path / "c.onnx"
+    rankfold.export_onnx(compressed, path, example_input=calib[:2])
+    from rankfold.evaluate import accuracy
+
+    assert abs(accuracy(str(path), data.x_test, data.y_test) - top1(compressed, data.x_test, data.y_test)) < 0.003
+
+
+def test_data_aware_beats_data_free_on_a_trained_network(trained):
+    model, data = trained
+    calib = torch.from_numpy(data.x_train[:512])
+    x = torch.from_numpy(data.x_test)
+    with torch.no_grad():
+        reference = model(x)
+        errors = {}
+        for name, kwargs in (("free", {}), ("aware", {"calib": calib})):
+            out = rankfold.compress(model, method="tucker2", keep=0.15, **kwargs)(x)
+            errors[name] = float((out - reference).norm() / reference.norm())
+    assert errors["aware"] < errors["free"]
+
+
+@pytest.mark.slow
+def test_demo_runs_and_writes_its_files(tmp_path):
+    result = run_demo(str(tmp_path), epochs=1, train_limit=3000, log=lambda _m: None)
+    assert (tmp_path / "original.onnx").is_file() and (tmp_path / "compressed.onnx").is_file()
+    assert (tmp_path / "demo.json").is_file()
+    assert result["compressed"]["params"] < 0.4 * result["original"]["params"]
+    assert np.isfinite(result["compressed"]["accuracy"])
