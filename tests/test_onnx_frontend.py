@@ -230,3 +230,14 @@ def test_reference_network_round_trip(tmp_path):
     out = tmp_path / "r.onnx"
     rankfold.export_onnx(loaded, out, example_input=x[:1])
     np.testing.assert_allclose(ort_run(out, x), ort_run(REFERENCE, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 15, 18, 21])
+@pytest.mark.parametrize("case", ["opzoo", "attention"])
+def test_opsets_11_to_21_load(tmp_path, opset, case):
+    make, shape = CASES[case]
+    model = make().eval()
+    src = export(model, torch.randn(*shape), tmp_path / "m.onnx", dynamo=False, opset=opset)
+    assert onnx.load(src).opset_import[0].version == opset
+    x = torch.randn(5, *shape[1:])
+    np.testing.assert_allclose(rankfold.load_onnx(src)(x).detach().numpy(), ort_run(src, x), atol=1e-5, rtol=0)
