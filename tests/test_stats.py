@@ -36,3 +36,11 @@ def test_onnx_counts_agree_with_torch_counts(tmp_path):
     assert size.macs == cost.macs
     assert size.weight_bytes == cost.weight_bytes
     assert size.file_bytes == path.stat().st_size
+
+
+def test_counting_and_export_leave_the_training_mode_alone(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).train()
+    x = torch.randn(2, 3, 8, 8)
+    rankfold.model_cost(model, x)
+    rankfold.export_onnx(model, tmp_path / "m.onnx", example_input=x)
+    assert model.training and model[1].training

@@ -1,4 +1,4 @@
-"""Calibration statistics: the second moment of every compressible layer's input channels."""
+"""Calibration statistics: layer inputs of the original and the partly compressed network."""
 
 from __future__ import annotations
 
@@ -17,45 +17,6 @@ def channels_last_rows(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     return x.movedim(1, -1).reshape(-1, x.shape[1])
-
-
-def input_second_moments(
-    model: nn.Module,
-    calib: Tensor,
-    layer_names: Iterable[str],
-    *,
-    batch_size: int = 64,
-    max_rows_per_batch: int = 65536,
-) -> dict[str, Tensor]:
-    """E[x x^T] over the input channels of each named layer, float64, from one pass over `calib`.
-
-    The uncentred second moment (not the covariance) is used: a factorized layer has no free
-    bias to absorb the input mean, so the mean's contribution to the output error counts too.
-    """
-    modules = dict(model.named_modules())
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    gen = torch.Generator().manual_seed(0)
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-            rows = channels_last_rows(module, inputs[0].detach()).to(torch.float64)
-            if rows.shape[0] > max_rows_per_batch:  # subsample large maps: the moment is an average
-                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows_per_batch]]
-            sums[name] = sums.get(name, 0) + rows.T @ rows
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-
-        return hook
-
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layer_names]
-    try:
-        with torch.no_grad():
-            for start in range(0, calib.shape[0], batch_size):
-                run_checked(model, calib[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: sums[name] / counts[name] for name in sums}
 
 
 def run_checked(model: nn.Module, x: Tensor) -> Tensor:

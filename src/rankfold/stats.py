@@ -57,10 +57,12 @@ def model_cost(model: nn.Module, example_input: Tensor) -> ModelCost:
                 macs[name] = macs.get(name, 0) + layer_macs(mod, out)
 
             handles.append(module.register_forward_hook(hook))
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(example_input[:1])
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     cost = ModelCost()

@@ -31,9 +31,17 @@ def export_onnx(
     output differs from PyTorch's by more than 1e-4 relative (Frobenius) error.
     """
     path = os.fspath(path)
+    was_training = model.training
+    model.eval()
+    try:
+        _export_checked(model, path, example_input, verify=verify, opset=opset)
+    finally:
+        model.train(was_training)
+
+
+def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verify: bool, opset: int) -> None:
     input_names = list(getattr(model, "input_names", ["input"]))[:1]
     output_names = list(getattr(model, "output_names", ["output"]))
-    model = model.eval()
     with torch.no_grad():
         expected = model(example_input)
     if isinstance(expected, tuple):

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
-from rankfold.frontends.onnx_ops import OPS, is_shape, same_pads, torch_pad_order
+from rankfold.frontends.onnx_ops import OPS, same_pads, torch_pad_order
 
 MIN_OPSET, MAX_OPSET = 11, 23
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -370,4 +370,4 @@ def _constant_value(attrs: dict, where: str) -> Tensor:
     raise RankfoldError(f"Constant without a supported value attribute ({where})")
 
 
-__all__ = ["OnnxModule", "load_onnx", "read_onnx", "SUPPORTED_OPS", "is_shape"]
+__all__ = ["OnnxModule", "load_onnx", "read_onnx", "SUPPORTED_OPS"]

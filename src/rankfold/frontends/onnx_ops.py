@@ -149,7 +149,7 @@ def _clip(vals, attrs):
 
 
 @op("Softmax", "LogSoftmax")
-def _softmax(vals, attrs, *, log: bool = False):
+def _softmax(vals, attrs):
     x = vals[0]
     fn = F.log_softmax if attrs.get("_op") == "LogSoftmax" else F.softmax
     if attrs.get("_opset", 13) < 13:  # old semantics: flatten to 2-D at `axis`
