@@ -241,3 +241,50 @@ def test_opsets_11_to_21_load(tmp_path, opset, case):
     assert onnx.load(src).opset_import[0].version == opset
     x = torch.randn(5, *shape[1:])
     np.testing.assert_allclose(rankfold.load_onnx(src)(x).detach().numpy(), ort_run(src, x), atol=1e-5, rtol=0)
+
+
+def test_hand_built_graph_with_shape_arithmetic_matches_onnxruntime(tmp_path):
+    """Ops that exporters rarely emit, and the Shape -> Gather -> Concat -> Reshape idiom."""
+    f = TensorProto.FLOAT
+    i64 = TensorProto.INT64
+    inits = [
+        helper.make_tensor("w", f, [4, 3, 3, 3], np.random.default_rng(0).standard_normal(108).tolist()),
+        helper.make_tensor("zero", i64, [], [0]),
+        helper.make_tensor("minus1", i64, [1], [-1]),
+        helper.make_tensor("axes0", i64, [1], [0]),
+        helper.make_tensor("axes23", i64, [2], [2, 3]),
+        helper.make_tensor("split", i64, [2], [1, 3]),
+        helper.make_tensor("lo", f, [], [-0.5]),
+        helper.make_tensor("hi", f, [], [0.75]),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["clip"]),
+        helper.make_node("Split", ["clip", "split"], ["s1", "s2"], axis=1),
+        helper.make_node("Erf", ["s1"], ["e"]),
+        helper.make_node("Constant", [], ["two"], value=helper.make_tensor("v", f, [], [2.0])),
+        helper.make_node("Div", ["s2", "two"], ["d"]),
+        helper.make_node("Concat", ["e", "d"], ["cat"], axis=1),
+        helper.make_node("Transpose", ["cat"], ["t"], perm=[0, 1, 3, 2]),
+        helper.make_node("Identity", ["t"], ["ident"]),
+        helper.make_node("Dropout", ["ident"], ["drop"]),
+        helper.make_node("AveragePool", ["drop"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("ReduceMean", ["pool"], ["rm"], axes=[2, 3], keepdims=1),
+        helper.make_node("Squeeze", ["rm", "axes23"], ["sq"]),
+        helper.make_node("Unsqueeze", ["sq", "axes0"], ["unsq"]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "minus1"], ["newshape"], axis=0),
+        helper.make_node("Reshape", ["unsq", "newshape"], ["flat"]),
+        helper.make_node("Softmax", ["flat"], ["y"], axis=-1),
+    ]
+    graph = _graph(nodes, opset=13, inputs=[helper.make_tensor_value_info("x", f, ["N", 3, 8, 8])], inits=inits)
+    path = tmp_path / "h.onnx"
+    onnx.save(graph, path)
+    loaded = rankfold.load_onnx(path)
+    x = torch.randn(6, 3, 8, 8)
+    np.testing.assert_allclose(loaded(x).detach().numpy(), ort_run(path, x), atol=1e-6)
+    out = tmp_path / "h2.onnx"
+    rankfold.export_onnx(loaded, out, example_input=x[:2])
+    np.testing.assert_allclose(ort_run(out, x), ort_run(path, x), atol=1e-6)

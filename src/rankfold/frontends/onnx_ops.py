@@ -37,7 +37,11 @@ def op(*names: str) -> Callable[[OpFn], OpFn]:
 
 
 def is_shape(v: Value) -> bool:
-    return isinstance(v, (int, list))
+    """Shape arithmetic values: Python ints and lists, and (while the TorchScript exporter traces)
+    the 0-d integer tensors it hands out for sizes, which must stay symbolic, not become lists."""
+    if isinstance(v, (int, list)):
+        return True
+    return isinstance(v, Tensor) and v.ndim == 0 and not v.dtype.is_floating_point and torch.jit.is_tracing()
 
 
 def tensor(v: Value, like: Tensor | None = None) -> Tensor:
@@ -51,6 +55,8 @@ def tensor(v: Value, like: Tensor | None = None) -> Tensor:
 def ints(v: Value) -> list[int]:
     """A shape-like value as a list of Python ints."""
     if isinstance(v, Tensor):
+        if is_shape(v):  # a traced size: keep it symbolic
+            return [v]
         return [int(i) for i in v.reshape(-1).tolist()]
     if isinstance(v, int):
         return [v]
@@ -334,7 +340,7 @@ def _flatten(vals, attrs):
 def _reshape(vals, attrs):
     x, shape = vals[0], ints(vals[1])
     if not attrs.get("allowzero", 0):
-        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        shape = [x.shape[i] if isinstance(d, int) and d == 0 else d for i, d in enumerate(shape)]
     return [x.reshape(shape)]
 
 
@@ -364,7 +370,7 @@ def _unsqueeze(vals, attrs):
     x = vals[0]
     axes = ints(vals[1]) if len(vals) > 1 and vals[1] is not None else list(attrs["axes"])
     if is_shape(x):
-        return [ints(x)] if isinstance(x, int) else [[x]]
+        return [[x]]
     rank = x.ndim + len(axes)
     for a in sorted(_axis(a, rank) for a in axes):
         x = x.unsqueeze(a)
@@ -376,7 +382,7 @@ def _squeeze(vals, attrs):
     x = vals[0]
     axes = ints(vals[1]) if len(vals) > 1 and vals[1] is not None else attrs.get("axes")
     if is_shape(x):
-        return [ints(x)[0]] if len(ints(x)) == 1 else [x]
+        return [ints(x)[0]] if isinstance(x, list) and len(x) == 1 else [x]
     if axes is None:
         return [x.squeeze()]
     for a in sorted((_axis(a, x.ndim) for a in axes), reverse=True):
