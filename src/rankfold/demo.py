@@ -13,6 +13,7 @@ from rankfold.compress import compress_with_report
 from rankfold.demo_data import demo_dataset
 from rankfold.evaluate import evaluate
 from rankfold.export.onnx import export_onnx
+from rankfold.frontends.onnx import load_onnx
 from rankfold.io import write_json_atomic
 from rankfold.report import comparison_table, layer_table
 
@@ -69,9 +70,12 @@ def run_demo(out_dir: str, *, epochs: int = 3, train_limit: int = 30000, keep: f
     calib = torch.from_numpy(data.x_train[np.random.default_rng(0).choice(len(data.x_train), 512, replace=False)])
     original_path = os.path.join(out_dir, "original.onnx")
     export_onnx(model, original_path, example_input=calib[:2])
+    # Compress what the ONNX front-end reads back: the exporter has folded BatchNorm into the
+    # convolutions, so the data-aware criterion sees each layer's real output scale.
+    deployed = load_onnx(original_path)
     log(f"[2/4] compressing: method={method}, keep={keep}, data-aware on {len(calib)} calibration images")
     t0 = time.time()
-    compressed, report = compress_with_report(model, method=method, keep=keep, calib=calib,
+    compressed, report = compress_with_report(deployed, method=method, keep=keep, calib=calib,
                                               progress=lambda m: log("  " + m))
     seconds = time.time() - t0
     compressed_path = os.path.join(out_dir, "compressed.onnx")
