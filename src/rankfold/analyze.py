@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,10 @@ from torch import Tensor, nn
 from rankfold.errors import RankfoldError
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+# Channel rows kept per layer for the moments: beyond this the estimates do not change, but the
+# cost (and memory) of the moment products would keep growing with the data.
+MAX_ROWS = 131072
 
 
 def channels_last_rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -30,72 +34,72 @@ def run_checked(model: nn.Module, x: Tensor) -> Tensor:
         ) from None
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the wanted layer has been seen."""
+def sampled_rows(rows: int, limit: int, seed: int = 1) -> Tensor | None:
+    """A fixed random subset of row indices (None: keep all), so two passes pick the same rows."""
+    if rows <= limit:
+        return None
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:limit]
 
 
-def execution_order(model: nn.Module, example: Tensor, layer_names: Iterable[str]) -> list[str]:
-    """The named layers in the order the forward pass reaches them (layers not reached last)."""
-    wanted = list(layer_names)
+def capture_input_rows(
+    model: nn.Module, names: Iterable[str], calib: Tensor, *, max_rows: int = MAX_ROWS
+) -> dict[str, Tensor]:
+    """Each named layer's input on `calib` as channel rows (a fixed subset of at most `max_rows`);
+    layers the forward pass does not reach are absent."""
     modules = dict(model.named_modules())
-    seen: list[str] = []
-    handles = [
-        modules[name].register_forward_hook(lambda _m, _i, _o, name=name: seen.append(name))
-        for name in wanted
-    ]
+    captured: dict[str, Tensor] = {}
+
+    def hook(module, inputs, name):
+        if name not in captured:
+            rows = channels_last_rows(module, inputs[0].detach())
+            index = sampled_rows(rows.shape[0], max_rows)
+            captured[name] = rows if index is None else rows[index]
+
+    handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
     try:
         with torch.no_grad():
-            run_checked(model, example)
+            run_checked(model, calib)
     finally:
         for h in handles:
             h.remove()
-    order = list(dict.fromkeys(seen))
-    return order + [n for n in wanted if n not in order]
+    return captured
 
 
-def _layer_inputs(model: nn.Module, name: str, batch: Tensor) -> Tensor:
-    """The input of layer `name` for `batch`; the forward pass stops right after it."""
-    captured: list[Tensor] = []
+ReplaceFn = Callable[[str, nn.Module, Tensor], "nn.Module | None"]
 
-    def hook(module, inputs):
-        captured.append(channels_last_rows(module, inputs[0].detach()))
-        raise _StopForward
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+def replace_in_one_pass(model: nn.Module, names: Iterable[str], calib: Tensor, replace: ReplaceFn) -> list[str]:
+    """Run `model` once on `calib`; when a named layer is reached, `replace(name, layer, rows)` may
+    return its replacement (rows: the input it sees now, sampled as in capture_input_rows), which
+    is installed and produces the output that the rest of the pass sees. So each layer is replaced
+    knowing the inputs that the already-replaced layers before it produce: one forward pass in
+    all, not one per layer. Returns the names in the order they were reached."""
+    modules = dict(model.named_modules())
+    reached: list[str] = []
+
+    def hook(module, inputs, output, name):
+        if name in reached:
+            return None
+        reached.append(name)
+        rows = channels_last_rows(module, inputs[0].detach())
+        index = sampled_rows(rows.shape[0], MAX_ROWS)
+        new = replace(name, module, rows if index is None else rows[index])
+        if new is None:
+            return None
+        set_submodule(model, name, new)
+        return new(*inputs)
+
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
     try:
         with torch.no_grad():
-            model(batch)
-    except _StopForward:
-        pass
+            run_checked(model, calib)
     finally:
-        handle.remove()
-    if not captured:
-        raise RankfoldError(f"layer {name!r} is not reached by the forward pass")
-    return captured[0]
+        for h in handles:
+            h.remove()
+    return reached
 
 
-def paired_moments(
-    original: nn.Module,
-    current: nn.Module,
-    name: str,
-    calib: Tensor,
-    *,
-    batch_size: int = 64,
-    max_rows_per_batch: int = 16384,
-) -> tuple[Tensor, Tensor]:
-    """(E[x x^T_hat], E[x_hat x_hat^T]) for layer `name`: x from the original network, x_hat from
-    the partly compressed one, on the same calibration rows (float64)."""
-    cross = auto = None
-    count = 0
-    gen = torch.Generator().manual_seed(1)
-    for start in range(0, calib.shape[0], batch_size):
-        batch = calib[start : start + batch_size]
-        x = _layer_inputs(original, name, batch).to(torch.float64)
-        x_hat = _layer_inputs(current, name, batch).to(torch.float64)
-        if x.shape[0] > max_rows_per_batch:
-            keep = torch.randperm(x.shape[0], generator=gen)[:max_rows_per_batch]
-            x, x_hat = x[keep], x_hat[keep]
-        cross = x.T @ x_hat if cross is None else cross + x.T @ x_hat
-        auto = x_hat.T @ x_hat if auto is None else auto + x_hat.T @ x_hat
-        count += x.shape[0]
-    return cross / count, auto / count
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

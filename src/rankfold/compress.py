@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, execution_order, paired_moments
+from rankfold.analyze import COMPRESSIBLE, capture_input_rows, replace_in_one_pass, set_submodule
 from rankfold.config import (
     AutoConfig,
     CPConfig,
@@ -128,36 +128,52 @@ def compress_with_report(
     plans = [(name, m, _config_for(name, layers, default)) for name, m in targets]
 
     report = CompressionReport(data_aware=calib is not None)
-    if calib is not None:
-        calib = calib.to(torch.float32)
-        order = execution_order(result, calib[:2], [name for name, _m, _c in plans])
-        plans.sort(key=lambda p: order.index(p[0]))
-        original = copy.deepcopy(result)
-    for index, (name, module, cfg) in enumerate(plans, 1):
-        say(f"[{index}/{len(plans)}] {name}")
-        input_sqrt = None
-        layer = module
-        if calib is not None and not isinstance(cfg, SkipConfig) and layer_spec(module).groups == 1:
-            layer, input_sqrt = _compensated_layer(original, result, name, module, calib)
-        record, replacement = _compress_layer(name, layer, cfg, keep, input_sqrt, min_rank)
+    configs = {name: cfg for name, _m, cfg in plans}
+
+    def factorize(name: str, module: nn.Module, input_sqrt: Tensor | None, note: str = "") -> nn.Module | None:
+        say(f"[{len(report.layers) + 1}/{len(plans)}] {name}")
+        record, replacement = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank)
+        if note:
+            record.note = "; ".join(filter(None, [record.note, note]))
         report.layers.append(record)
-        if replacement is not None:
-            _set_submodule(result, name, replacement.module)
+        return None if replacement is None else replacement.module
+
+    if calib is None:
+        for name, module, _cfg in plans:
+            new = factorize(name, module, None)
+            if new is not None:
+                set_submodule(result, name, new)
+    else:
+        calib = calib.to(torch.float32)
+        names = [name for name, _m, _c in plans]
+        original_rows = capture_input_rows(result, names, calib)  # before any layer is replaced
+
+        def compensate(name: str, module: nn.Module, rows: Tensor) -> nn.Module | None:
+            if isinstance(configs[name], SkipConfig) or layer_spec(module).groups > 1:
+                return factorize(name, module, None)
+            layer, input_sqrt = _compensated_layer(module, original_rows[name], rows)
+            return factorize(name, layer, input_sqrt)
+
+        reached = replace_in_one_pass(result, names, calib, compensate)
+        for name, module, _cfg in plans:  # layers the calibration pass never reached
+            if name not in reached:
+                new = factorize(name, module, None, "not reached by the calibration data: data-free")
+                if new is not None:
+                    set_submodule(result, name, new)
     result.train(was_training)
     return result, report
 
 
-def _compensated_layer(
-    original: nn.Module, current: nn.Module, name: str, module: nn.Module, calib: Tensor
-) -> tuple[nn.Module, Tensor]:
+def _compensated_layer(module: nn.Module, x: Tensor, x_hat: Tensor) -> tuple[nn.Module, Tensor]:
     """The layer to factorize and its input weighting, compensating earlier layers' errors.
 
-    With x the input the original layer saw and x^ the input it sees now (earlier layers already
+    With x the input rows the original layer saw and x^ those it sees now (earlier layers already
     factorized), ||W x - M x^||^2 = ||(W T - M) C^(1/2)||^2 + const, where C = E[x^ x^^T] and
     T = E[x x^^T] C^-1 regresses x on x^. So factorizing W T under the weighting C^(1/2) targets the
     original layer's output, not just its weights.
     """
-    cross, auto = paired_moments(original, current, name, calib)
+    x, x_hat = x.to(torch.float64), x_hat.to(torch.float64)
+    cross, auto = x.T @ x_hat / x.shape[0], x_hat.T @ x_hat / x.shape[0]
     input_sqrt = sqrt_psd(auto)
     regularized = input_sqrt @ input_sqrt
     transfer = torch.linalg.solve(regularized, cross.T).T  # cross @ regularized^-1
@@ -242,9 +258,3 @@ def _candidate_configs(spec: LayerSpec, cfg: MethodConfig, module: nn.Module) ->
         return [(cfg, "")]
     keep = cfg.keep if isinstance(cfg, (SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig)) else None
     return [(FALLBACK(keep=keep), f"{reason}: used svd")]
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

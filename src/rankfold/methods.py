@@ -42,6 +42,7 @@ class Method(Protocol):
     def rank_ladder(self, spec: LayerSpec) -> list[Rank]: ...
     def factor_params(self, spec: LayerSpec, rank: Rank) -> int: ...
     def config_rank(self, config: object) -> Rank | None: ...
+    def skeleton(self, layer: nn.Module, rank: Rank) -> LowRank: ...
     def factorize(self, layer: nn.Module, rank: Rank, input_sqrt: Tensor | None, config: object) -> Factorized: ...
 
 
@@ -69,20 +70,24 @@ class SVDMethod:
     def config_rank(self, config: SVDConfig) -> Rank | None:
         return None if config.rank is None else (config.rank,)
 
-    def factorize(self, layer, rank, input_sqrt, config) -> Factorized:
-        factors = svd_decompose(layer.weight, rank=rank[0], input_sqrt=input_sqrt)
+    def skeleton(self, layer, rank) -> LowRank:
         if _is_conv(layer):
             ndim = len(layer.kernel_size)
             first = conv_like(layer, layer.in_channels, rank[0], kernel=tuple(layer.kernel_size))
             last = pointwise(layer, rank[0], layer.out_channels, bias=layer.bias is not None, ndim=ndim)
-            last.weight.data.copy_(factors.last.reshape(*factors.last.shape, *([1] * ndim)))
         else:
             first = nn.Linear(layer.in_features, rank[0], bias=False)
             last = nn.Linear(rank[0], layer.out_features, bias=layer.bias is not None)
-            last.weight.data.copy_(factors.last)
+        return LowRank(first, last, method=self.name, ranks=rank)
+
+    def factorize(self, layer, rank, input_sqrt, config) -> Factorized:
+        factors = svd_decompose(layer.weight, rank=rank[0], input_sqrt=input_sqrt)
+        built = self.skeleton(layer, rank)
+        first, last = built
+        last.weight.data.copy_(factors.last.reshape(last.weight.shape))
         first.weight.data.copy_(factors.first)
         _copy_bias(last, layer)
-        return Factorized(LowRank(first, last, method=self.name, ranks=rank), factors.rebuild())
+        return Factorized(built, factors.rebuild())
 
 
 class Tucker2Method:
@@ -108,20 +113,24 @@ class Tucker2Method:
     def config_rank(self, config: Tucker2Config) -> Rank | None:
         return config.ranks
 
-    def factorize(self, layer, rank, input_sqrt, config) -> Factorized:
-        als_iters = config.als_iters if isinstance(config, Tucker2Config) else Tucker2Config().als_iters
-        factors = tucker2_decompose(layer.weight, ranks=rank, input_sqrt=input_sqrt, als_iters=als_iters)
+    def skeleton(self, layer, rank) -> LowRank:
         r_in, r_out = rank
         ndim = len(layer.kernel_size)
         first = pointwise(layer, layer.in_channels, r_in, bias=False, ndim=ndim)
         core = conv_like(layer, r_in, r_out, kernel=tuple(layer.kernel_size))
         last = pointwise(layer, r_out, layer.out_channels, bias=layer.bias is not None, ndim=ndim)
-        ones = [1] * ndim
-        first.weight.data.copy_(factors.first.reshape(r_in, layer.in_channels, *ones))
+        return LowRank(first, core, last, method=self.name, ranks=rank)
+
+    def factorize(self, layer, rank, input_sqrt, config) -> Factorized:
+        als_iters = config.als_iters if isinstance(config, Tucker2Config) else Tucker2Config().als_iters
+        factors = tucker2_decompose(layer.weight, ranks=rank, input_sqrt=input_sqrt, als_iters=als_iters)
+        built = self.skeleton(layer, rank)
+        first, core, last = built
+        first.weight.data.copy_(factors.first.reshape(first.weight.shape))
         core.weight.data.copy_(factors.core)
-        last.weight.data.copy_(factors.last.reshape(layer.out_channels, r_out, *ones))
+        last.weight.data.copy_(factors.last.reshape(last.weight.shape))
         _copy_bias(last, layer)
-        return Factorized(LowRank(first, core, last, method=self.name, ranks=rank), factors.rebuild())
+        return Factorized(built, factors.rebuild())
 
 
 class SpatialSVDMethod:
@@ -144,15 +153,20 @@ class SpatialSVDMethod:
     def config_rank(self, config: SpatialSVDConfig) -> Rank | None:
         return None if config.rank is None else (config.rank,)
 
-    def factorize(self, layer, rank, input_sqrt, config) -> Factorized:
-        factors = spatial_svd_decompose(layer.weight, rank=rank[0], input_sqrt=input_sqrt)
+    def skeleton(self, layer, rank) -> LowRank:
         kh, kw = layer.kernel_size
         first = conv_like(layer, layer.in_channels, rank[0], kernel=(kh, 1), axes=(0,))
         second = conv_like(layer, rank[0], layer.out_channels, kernel=(1, kw), axes=(1,), bias=layer.bias is not None)
+        return LowRank(first, second, method=self.name, ranks=rank)
+
+    def factorize(self, layer, rank, input_sqrt, config) -> Factorized:
+        factors = spatial_svd_decompose(layer.weight, rank=rank[0], input_sqrt=input_sqrt)
+        built = self.skeleton(layer, rank)
+        first, second = built
         first.weight.data.copy_(factors.first)
         second.weight.data.copy_(factors.second)
         _copy_bias(second, layer)
-        return Factorized(LowRank(first, second, method=self.name, ranks=rank), factors.rebuild())
+        return Factorized(built, factors.rebuild())
 
 
 class CPMethod:
@@ -175,24 +189,28 @@ class CPMethod:
     def config_rank(self, config: CPConfig) -> Rank | None:
         return None if config.rank is None else (config.rank,)
 
+    def skeleton(self, layer, rank) -> LowRank:
+        r = rank[0]
+        ndim = len(layer.kernel_size)
+        first = pointwise(layer, layer.in_channels, r, bias=False, ndim=ndim)
+        depthwise = []
+        for axis in range(ndim):
+            kernel = tuple(layer.kernel_size[a] if a == axis else 1 for a in range(ndim))
+            depthwise.append(conv_like(layer, r, r, kernel=kernel, axes=(axis,), groups=r))
+        last = pointwise(layer, r, layer.out_channels, bias=layer.bias is not None, ndim=ndim)
+        return LowRank(first, *depthwise, last, method=self.name, ranks=rank)
+
     def factorize(self, layer, rank, input_sqrt, config) -> Factorized:
         max_iters = config.max_iters if isinstance(config, CPConfig) else CPConfig().max_iters
         factors = cp_decompose(layer.weight, rank=rank[0], input_sqrt=input_sqrt, max_iters=max_iters)
-        r = rank[0]
-        ndim = len(layer.kernel_size)
-        ones = [1] * ndim
-        first = pointwise(layer, layer.in_channels, r, bias=False, ndim=ndim)
-        first.weight.data.copy_(factors.first.reshape(r, layer.in_channels, *ones))
-        depthwise = []
-        for axis, taps in enumerate(factors.spatial):
-            kernel = tuple(layer.kernel_size[a] if a == axis else 1 for a in range(ndim))
-            conv = conv_like(layer, r, r, kernel=kernel, axes=(axis,), groups=r)
-            conv.weight.data.copy_(taps.reshape(r, 1, *kernel))
-            depthwise.append(conv)
-        last = pointwise(layer, r, layer.out_channels, bias=layer.bias is not None, ndim=ndim)
-        last.weight.data.copy_(factors.last.reshape(layer.out_channels, r, *ones))
+        built = self.skeleton(layer, rank)
+        first, *depthwise, last = built
+        first.weight.data.copy_(factors.first.reshape(first.weight.shape))
+        for conv, taps in zip(depthwise, factors.spatial):
+            conv.weight.data.copy_(taps.reshape(conv.weight.shape))
+        last.weight.data.copy_(factors.last.reshape(last.weight.shape))
         _copy_bias(last, layer)
-        return Factorized(LowRank(first, *depthwise, last, method=self.name, ranks=rank), factors.rebuild())
+        return Factorized(built, factors.rebuild())
 
 
 METHODS: dict[type, Method] = {
