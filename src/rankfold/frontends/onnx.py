@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,21 +48,28 @@ class OnnxModule(nn.Module):
         self.buffer_of: dict[str, str] = {}  # ONNX value name -> buffer attribute
 
     def forward(self, *args: Tensor):
+        env = self.run_graph(*args)
+        results = tuple(env[name] for name in self.output_names)
+        return results[0] if len(results) == 1 else results
+
+    def run_graph(self, *args: Tensor, observe: Callable[[int, Step, list], None] | None = None) -> dict[str, Any]:
+        """Every value of the graph on `args`; `observe(index, step, outputs)` sees each step run."""
         if len(args) != len(self.input_names):
             raise RankfoldError(f"the model takes {len(self.input_names)} input(s), got {len(args)}")
         env: dict[str, Any] = {"": None}
         env.update(zip(self.input_names, args))
         for value, buffer in self.buffer_of.items():
             env[value] = getattr(self, buffer)
-        for step in self.steps:
+        for index, step in enumerate(self.steps):
             vals = [step.baked[i] if i in step.baked else env[name] for i, name in enumerate(step.inputs)]
             if step.module is not None:
                 outs = [_run_layer(getattr(self, step.module), vals[0], step.attrs)]
             else:
                 outs = OPS[step.op](vals, step.attrs)
+            if observe is not None:
+                observe(index, step, outs)
             env.update(zip(step.outputs, outs))
-        results = tuple(env[name] for name in self.output_names)
-        return results[0] if len(results) == 1 else results
+        return env
 
 
 def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:

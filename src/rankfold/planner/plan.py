@@ -1,0 +1,403 @@
+"""The planner: measure the network once, price every (method, rank) option of every layer, pick
+one option per layer under the budgets, and write it down as an editable JSON plan."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import COMPRESSIBLE, set_submodule
+from rankfold.config import CPConfig, MethodConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
+from rankfold.errors import RankfoldError
+from rankfold.io import write_json_atomic
+from rankfold.layers import layer_spec
+from rankfold.methods import METHODS
+from rankfold.planner.candidates import LOSS_ESTIMATORS, candidate_ranks, input_weighting
+from rankfold.planner.costs import ChainProfile, LatencyCache, chain_profile, modelled_latency_ms, time_onnx_ms
+from rankfold.planner.memory import activation_profile
+from rankfold.planner.sensitivity import layer_statistics
+from rankfold.planner.solver import solve
+from rankfold.target import BUDGET_KINDS, Budget, Target, load_target, parse_budget
+
+PLAN_FORMAT = "rankfold-plan/1"
+METHOD_CONFIGS: dict[str, Callable[[list[int]], MethodConfig]] = {
+    "svd": lambda r: SVDConfig(rank=r[0]),
+    "tucker2": lambda r: Tucker2Config(ranks=(r[0], r[1])),
+    "spatial-svd": lambda r: SpatialSVDConfig(rank=r[0]),
+    "cp": lambda r: CPConfig(rank=r[0]),
+}
+QUANTITIES = tuple(BUDGET_KINDS)  # params, macs, weight_bytes, ram_bytes, latency_ms
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    layer: str  # e.g. "Conv 3x3 64->128"
+    method: str  # "none" when left alone
+    ranks: list[int] = field(default_factory=list)
+    est_loss: float = 0.0  # estimated KL divergence (nats) this layer's approximation adds
+    params: int = 0
+    weight_bytes: int = 0
+    macs: int = 0
+    latency_ms: float = 0.0
+    ram_bytes: int = 0  # activation memory in use while this layer runs
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """One choice per compressible layer, with estimated costs before and after."""
+
+    target: str
+    weight_bits: int
+    activation_bits: int
+    data_aware: bool
+    latency_source: str  # "onnxruntime (measured)" or "model (cycles per MAC)"
+    limits: dict[str, float]  # absolute limits the plan was solved for
+    before: dict[str, float]
+    after: dict[str, float]
+    est_loss: float
+    feasible: bool
+    layers: list[LayerPlan]
+    messages: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, **asdict(self)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    def layer_configs(self) -> dict[str, MethodConfig]:
+        configs: dict[str, MethodConfig] = {}
+        for layer in self.layers:
+            if layer.method == "none":
+                configs[layer.name] = SkipConfig(layer.note or "left alone by the plan")
+            else:
+                configs[layer.name] = METHOD_CONFIGS[layer.method](layer.ranks)
+        return configs
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan file written by rankfold (and perhaps edited by hand), checking every field."""
+    path = os.fspath(path)
+    try:
+        with open(path) as handle:
+            raw = json.load(handle)
+    except OSError as exc:
+        raise RankfoldError(f"{path}: cannot read the plan: {exc.strerror}") from None
+    except ValueError as exc:
+        raise RankfoldError(f"{path}: not a JSON plan: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
+        raise RankfoldError(f"{path}: not a rankfold plan (expected \"format\": \"{PLAN_FORMAT}\")")
+    try:
+        layers = [LayerPlan(**entry) for entry in raw["layers"]]
+        fields = {k: raw[k] for k in Plan.__dataclass_fields__ if k != "layers"}
+        plan = Plan(**fields, layers=layers)
+    except (KeyError, TypeError) as exc:
+        raise RankfoldError(f"{path}: malformed plan: {exc}") from None
+    for layer in plan.layers:
+        if layer.method != "none" and layer.method not in METHOD_CONFIGS:
+            raise RankfoldError(f"{path}: layer {layer.name!r}: unknown method {layer.method!r} "
+                                f"(choose from none, {', '.join(METHOD_CONFIGS)})")
+        try:
+            if layer.method != "none":
+                METHOD_CONFIGS[layer.method](list(layer.ranks))
+        except (ValueError, IndexError, TypeError):
+            raise RankfoldError(f"{path}: layer {layer.name!r}: bad ranks {layer.ranks!r} for {layer.method}") from None
+    return plan
+
+
+# -- planning ------------------------------------------------------------------------------
+@dataclass
+class _Option:
+    method: str
+    ranks: tuple[int, ...]
+    loss: float
+    profile: ChainProfile
+    latency_ms: float
+    ram_elements: int
+
+
+def _options_for_layer(name, module, stats, target, min_rank, base_elements, latency_of) -> tuple[list[_Option], str]:
+    spec = layer_spec(module)
+    input_shape = stats.input_shape
+    original = chain_profile([module], input_shape)
+    options = [_Option("none", (), 0.0, original, latency_of(original, input_shape),
+                       base_elements + original.working_elements)]
+    if spec.groups > 1:
+        return options, f"grouped convolution (groups={spec.groups}): not factorized"
+    weighting = input_weighting(stats.input_moment, spec.in_ch)
+    notes = []
+    for method_name in target.methods:
+        method = next(m for m in METHODS.values() if m.name == method_name)
+        if method.unsupported(spec, module) is not None or method_name not in LOSS_ESTIMATORS:
+            continue
+        ranks = candidate_ranks(method, spec, multiple=target.rank_multiple, min_rank=min_rank)
+        if not ranks:
+            continue
+        losses = LOSS_ESTIMATORS[method_name](module.weight, weighting, stats.sensitivity, ranks)
+        for rank, loss in zip(ranks, losses):
+            profile = chain_profile(list(method.skeleton(module, rank)), input_shape)
+            options.append(_Option(method_name, tuple(rank), loss, profile, latency_of(profile, input_shape),
+                                   base_elements + profile.working_elements))
+    if len(options) == 1:
+        notes.append(f"no rank of {', '.join(target.methods)} at or above min_rank={min_rank} saves parameters")
+    return options, "; ".join(notes)
+
+
+def _data_free_stats(model: nn.Module, names: list[str], example: Tensor):
+    """Shapes from one forward pass; identity input weighting; each layer's error relative to its
+    own weight norm (no data: no sensitivity)."""
+    from rankfold.planner.sensitivity import LayerStats
+
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple] = {}
+    handles = [modules[n].register_forward_hook(
+        lambda m, i, o, n=n: shapes.setdefault(n, (tuple(i[0].shape[1:]), tuple(o.shape[1:])))) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for n in names:
+        if n in shapes:
+            w = modules[n].weight.detach().to(torch.float64)
+            sens = torch.full((w.shape[0],), 1.0 / float((w * w).sum().clamp_min(1e-30)), dtype=torch.float64)
+            stats[n] = LayerStats(n, None, sens, *shapes[n])
+    return stats
+
+
+def _model_latency_ms(model: nn.Module, example: Tensor, onnx_path: str | None) -> float:
+    import onnx
+
+    from rankfold.export.onnx import export_onnx
+
+    if onnx_path is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path_tmp = os.path.join(tmp, "model.onnx")
+            export_onnx(model, onnx_path_tmp, example_input=example, verify=False)
+            proto = onnx.load(onnx_path_tmp)
+    else:
+        proto = onnx.load(onnx_path)
+    return time_onnx_ms(proto, tuple(example.shape[1:]), repeats=15)
+
+
+def _variant_latency_ms(model: nn.Module, modules: dict, choice: Mapping[str, _Option], example: Tensor) -> float:
+    """Latency of `model` with each layer replaced as `choice` says (random weights: timing only)."""
+    variant = copy.deepcopy(model)
+    for name, option in choice.items():
+        if option.method != "none":
+            method = next(m for m in METHODS.values() if m.name == option.method)
+            set_submodule(variant, name, method.skeleton(modules[name], option.ranks))
+    return _model_latency_ms(variant, example, None)
+
+
+def make_plan(
+    model: nn.Module,
+    *,
+    calib: Tensor | None = None,
+    example_input: Tensor | None = None,
+    target: str | Target = "host",
+    budgets: Mapping[str, str | float | Budget] | None = None,
+    min_rank: int = 8,
+    onnx_path: str | None = None,
+    progress: Progress | None = None,
+) -> Plan:
+    """Plan the compression of `model` for `target` under `budgets` ({quantity: "10%" | "2MB" | ...},
+    quantities: params, weight_bytes, macs, latency_ms, ram_bytes). `onnx_path`: the model's own
+    ONNX file, timed for the host's whole-network latency (else the model is exported to time it)."""
+    say = progress or (lambda _m: None)
+    target = load_target(target) if isinstance(target, str) else target
+    parsed = {q: b if isinstance(b, Budget) else parse_budget(q, b) for q, b in (budgets or {}).items()}
+    if calib is None and example_input is None:
+        raise RankfoldError("make_plan needs calibration data (calib) or an example_input")
+    example = (calib if calib is not None else example_input)[:1].to(torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        names = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)]
+        if not names:
+            raise RankfoldError("the model has no Linear / Conv1d / Conv2d layer to compress")
+        if calib is not None:
+            stats = layer_statistics(model, names, calib.to(torch.float32), progress=say)
+        else:
+            stats = _data_free_stats(model, names, example)
+        activations = activation_profile(model, example)
+        cache = LatencyCache() if target.latency == "measured" else None
+
+        def latency_of(profile: ChainProfile, input_shape) -> float:
+            return cache.latency_ms(profile, input_shape) if cache else modelled_latency_ms(profile, target)
+
+        modules = dict(model.named_modules())
+        layer_names = [n for n in names if n in stats]
+        options, notes = {}, {}
+        for i, name in enumerate(layer_names, 1):
+            say(f"pricing [{i}/{len(layer_names)}] {name}")
+            options[name], notes[name] = _options_for_layer(
+                name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0), latency_of)
+        if cache:
+            say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
+            cache.save()
+        return _solve_plan(model, example, target, parsed, options, notes, activations, calib is not None,
+                           onnx_path, layer_names, names, say)
+    finally:
+        model.train(was_training)
+
+
+def _solve_plan(model, example, target, parsed, options, notes, activations, data_aware, onnx_path,
+                layer_names, all_names, say) -> Plan:
+    weight_bytes_per = target.default_weight_bits / 8
+    act_bytes = target.activation_bytes
+    total_params = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers() if b.is_floating_point())
+    layer_params = sum(options[n][0].profile.params for n in layer_names)
+    latency_scale = 1.0
+    if target.latency == "measured":
+        # Layers timed alone run with their weights in cache; inside the network they do not, and
+        # Add/Relu/pooling cost extra. Whole networks timed at both ends of the range (every layer
+        # kept, every layer at its cheapest option) calibrate: whole = fixed + scale * sum(layers).
+        say("timing the whole network in onnxruntime, as it is and at its cheapest options")
+        modules = dict(model.named_modules())
+        kept_sum = sum(options[n][0].latency_ms for n in layer_names)
+        cheapest = {n: min(options[n], key=lambda o: o.latency_ms) for n in layer_names}
+        cheap_sum = sum(o.latency_ms for o in cheapest.values())
+        whole = _model_latency_ms(model, example, onnx_path)
+        cheap_whole = _variant_latency_ms(model, modules, cheapest, example)
+        if kept_sum - cheap_sum > 1e-3 * kept_sum:
+            latency_scale = max(0.1, (whole - cheap_whole) / (kept_sum - cheap_sum))
+        fixed_latency = whole - latency_scale * kept_sum
+        latency_source = "onnxruntime (measured)"
+    else:
+        fixed_latency = 1000.0 * activations.other_elements * target.cycles_per_element / target.clock_hz
+        latency_source = "model (cycles per MAC)"
+    fixed = {
+        "params": total_params - layer_params,
+        "weight_bytes": (total_params - layer_params) * weight_bytes_per,
+        "macs": 0,
+        "latency_ms": fixed_latency,
+    }
+
+    def quantity(opt: _Option, q: str) -> float:
+        return {"params": opt.profile.params, "weight_bytes": opt.profile.params * weight_bytes_per,
+                "macs": opt.profile.macs, "latency_ms": latency_scale * opt.latency_ms}[q]
+
+    def totals(choice: Mapping[str, _Option]) -> dict[str, float]:
+        out = {q: fixed[q] + sum(quantity(choice[n], q) for n in layer_names) for q in fixed}
+        peak = max([activations.fixed_peak] + [choice[n].ram_elements for n in layer_names])
+        out["ram_bytes"] = peak * act_bytes
+        return out
+
+    before = totals({n: options[n][0] for n in layer_names})
+    limits = {q: b.limit(before[q]) for q, b in parsed.items()}
+    messages = []
+    if target.flash_bytes is not None:
+        limits["weight_bytes"] = min(limits.get("weight_bytes", float("inf")), float(target.flash_bytes))
+    if target.ram_bytes is not None:
+        limits["ram_bytes"] = min(limits.get("ram_bytes", float("inf")), float(target.ram_bytes))
+    ram_limit = limits.get("ram_bytes")
+    losses, costs = [], {q: [] for q in fixed}
+    feasible_ram = True
+    for n in layer_names:
+        loss = np.array([o.loss for o in options[n]], dtype=float)
+        if ram_limit is not None:
+            too_big = np.array([o.ram_elements * act_bytes > ram_limit for o in options[n]])
+            if too_big.all():
+                feasible_ram = False
+            else:
+                loss[too_big] = np.inf
+        losses.append(loss)
+        for q in fixed:
+            costs[q].append(np.array([quantity(o, q) for o in options[n]], dtype=float))
+    layer_limits = {q: limits[q] - fixed[q] for q in limits if q in fixed}
+    solution = solve(losses, costs, layer_limits)
+    chosen = {n: options[n][j] for n, j in zip(layer_names, solution.choice)}
+    after = totals(chosen)
+    if target.latency == "measured":
+        # Closed loop: time the chosen network itself; while it misses a latency limit that the
+        # estimate said it meets, tighten the limit by the miss and solve again.
+        for attempt in range(4):
+            measured = _variant_latency_ms(model, modules, chosen, example)
+            say(f"plan timed in onnxruntime: {measured:.3f} ms (estimated {after['latency_ms']:.3f} ms)")
+            after["latency_ms_estimated"], after["latency_ms"] = after["latency_ms"], measured
+            limit = limits.get("latency_ms")
+            if limit is None or measured <= limit or not solution.feasible or attempt == 3:
+                break
+            layer_limits["latency_ms"] -= measured - limit
+            solution = solve(losses, costs, layer_limits)
+            chosen = {n: options[n][j] for n, j in zip(layer_names, solution.choice)}
+            after = totals(chosen)
+    feasible = solution.feasible and feasible_ram and (ram_limit is None or
+                                                       activations.fixed_peak * act_bytes <= ram_limit)
+    for q, limit in limits.items():
+        if after[q] > limit * (1 + 1e-9):
+            best = (solution.best_reachable.get(q, 0.0) + fixed.get(q, 0.0)) if q in fixed else None
+            if q == "ram_bytes":
+                best = max([activations.fixed_peak] + [min(o.ram_elements for o in options[n])
+                                                       for n in layer_names]) * act_bytes
+            messages.append(f"{q} cannot be met: limit {limit:,.6g}, the plan reaches {after[q]:,.6g}"
+                            f" (over by {after[q] - limit:,.6g}); the smallest reachable is {best:,.6g}")
+    if not activations.graph_wide:
+        messages.append("activation memory counts layer inputs and outputs only (residual branches are not "
+                        "tracked outside ONNX-loaded models)")
+    if target.default_weight_bits != 32:
+        messages.append(f"weight bytes are counted at {target.default_weight_bits} bits, the target's deployment "
+                        "width")
+    layers = []
+    for n in all_names:
+        if n not in chosen:
+            layers.append(LayerPlan(n, layer_spec(dict(model.named_modules())[n]).describe(), "none",
+                                    note="not reached by the forward pass"))
+            continue
+        opt = chosen[n]
+        note = notes[n] if opt.method == "none" else ""
+        if opt.method == "none" and not note:
+            note = "kept: no option's saving was worth its loss under the budgets"
+        layers.append(LayerPlan(
+            n, layer_spec(dict(model.named_modules())[n]).describe(), opt.method, list(opt.ranks), float(opt.loss),
+            int(opt.profile.params), int(round(opt.profile.params * weight_bytes_per)), int(opt.profile.macs),
+            round(float(opt.latency_ms), 5), int(round(opt.ram_elements * act_bytes)), note))
+    return Plan(target.name, target.default_weight_bits, target.activation_bits, data_aware, latency_source,
+                limits, before, after, float(sum(o.loss for o in chosen.values())), feasible, layers, messages)
+
+
+def escape_pattern(name: str) -> str:
+    """An fnmatch pattern that matches exactly `name`."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def check_plan_matches(plan: Plan, model: nn.Module) -> None:
+    """Every planned layer must exist in `model` with the shape the plan was made for."""
+    modules = dict(model.named_modules())
+    for layer in plan.layers:
+        module = modules.get(layer.name)
+        if module is None or not isinstance(module, COMPRESSIBLE):
+            raise RankfoldError(f"the plan does not match the model: no layer {layer.name!r} to compress")
+        found = layer_spec(module).describe()
+        if found != layer.layer:
+            raise RankfoldError(f"the plan does not match the model: layer {layer.name!r} is {found}, "
+                                f"the plan was made for {layer.layer}")
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, calib: Tensor | None = None, progress: Progress | None = None):
+    """The compressed copy of `model` that `plan` describes, and its CompressionReport.
+    Deterministic: the same model, plan and calibration data give the same weights."""
+    from rankfold.compress import compress_with_report
+
+    check_plan_matches(plan, model)
+    if plan.data_aware and calib is None:
+        raise RankfoldError("this plan was made with calibration data: give the same calibration data to apply it")
+    layers = {escape_pattern(n): cfg for n, cfg in plan.layer_configs().items()}
+    layers["*"] = SkipConfig("not in the plan")
+    return compress_with_report(model, calib=calib, layers=layers, min_rank=1, progress=progress)

@@ -1,0 +1,115 @@
+"""What the planner measures on calibration data: each layer's input second moment and how
+sensitive the network's output is to each of the layer's output channels.
+
+Sensitivity is the diagonal of the Fisher information of the network's predictive distribution
+with respect to the layer's output, G_c = sum over positions of E[g_c^2], with g the gradient of
+the log-likelihood of a label drawn from the network's own prediction. A change dy in the layer's
+output then raises the expected KL divergence between original and compressed predictions by
+about 1/2 sum_c G_c E[dy_c^2]: a per-layer loss that adds up across layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankfold.analyze import channels_last_rows, run_checked, sampled_rows
+
+
+@dataclass
+class LayerStats:
+    name: str
+    input_moment: Tensor  # (I, I) float64: E[x x^T] over input channel rows
+    sensitivity: Tensor  # (O,) float64: G_c, Fisher diagonal summed over output positions
+    input_shape: tuple[int, ...]  # one sample's input, as the layer sees it
+    output_shape: tuple[int, ...]
+
+
+def _output_tensor(out) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _likelihood_loss(output: Tensor, generator: torch.Generator) -> Tensor:
+    """-log p(y~ | x) summed over the batch, y~ drawn from the model's own prediction: its
+    gradient's second moment is the Fisher information. A 2-D output is read as class logits;
+    any other output as the mean of a unit Gaussian."""
+    if output.ndim == 2:
+        probs = F.softmax(output.detach().to(torch.float64), dim=1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return F.cross_entropy(output, labels, reduction="sum")
+    noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+    return 0.5 * ((output - (output.detach() + noise)) ** 2).sum()
+
+
+def layer_statistics(
+    model: nn.Module,
+    names: Iterable[str],
+    calib: Tensor,
+    *,
+    batch_size: int = 64,
+    max_rows_per_batch: int = 16384,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, LayerStats]:
+    """LayerStats for every named layer the forward pass reaches (one forward+backward per batch)."""
+    modules = dict(model.named_modules())
+    names = list(names)
+    moments: dict[str, Tensor] = {}
+    rows_seen: dict[str, int] = {}
+    grad_sq: dict[str, Tensor] = {}
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    generator = torch.Generator().manual_seed(seed)
+
+    def pre_hook(module, inputs, name):
+        x = inputs[0].detach()
+        rows = channels_last_rows(module, x).to(torch.float64)
+        index = sampled_rows(rows.shape[0], max_rows_per_batch, seed)
+        rows = rows if index is None else rows[index]
+        moments[name] = moments.get(name, 0) + rows.T @ rows
+        rows_seen[name] = rows_seen.get(name, 0) + rows.shape[0]
+
+    def post_hook(module, inputs, output, name):
+        shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+        if output.requires_grad:
+            channel_axis = -1 if isinstance(module, nn.Linear) else 1
+
+            def on_grad(grad, name=name, axis=channel_axis):
+                g = grad.detach().to(torch.float64).movedim(axis, -1)
+                per_channel = (g * g).reshape(-1, g.shape[-1]).sum(0)
+                grad_sq[name] = grad_sq.get(name, 0) + per_channel
+
+            output.register_hook(on_grad)
+
+    handles = []
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)))
+        handles.append(modules[name].register_forward_hook(lambda m, i, o, n=name: post_hook(m, i, o, n)))
+    was_training = model.training
+    model.eval()
+    total = calib.shape[0]
+    try:
+        for start in range(0, total, batch_size):
+            if progress:
+                progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
+            batch = calib[start : start + batch_size].to(torch.float32).requires_grad_(True)
+            with torch.enable_grad():
+                out = _output_tensor(run_checked(model, batch))
+                _likelihood_loss(out, generator).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    stats = {}
+    for name in names:
+        if name not in moments:
+            continue
+        sens = grad_sq.get(name)
+        out_ch = shapes[name][1][-1 if isinstance(modules[name], nn.Linear) else 0]
+        sens = torch.zeros(out_ch, dtype=torch.float64) if sens is None else sens / total
+        stats[name] = LayerStats(name, moments[name] / rows_seen[name], sens, *shapes[name])
+    return stats
