@@ -37,39 +37,69 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"latency b32     {result.latency_ms_b32:.3f} ms")
 
 
-def _cmd_compress(args: argparse.Namespace) -> None:
+BUDGET_FLAGS = {"max_params": "params", "max_weight_bytes": "weight_bytes", "max_macs": "macs",
+                "max_latency": "latency_ms", "max_ram": "ram_bytes"}
+
+
+def _load_inputs(args: argparse.Namespace):
+    """(graph, model, calib tensor or None, example tensor) from --model/--calib, checked."""
     import torch
 
-    from rankfold.compress import compress_with_report
-    from rankfold.config import check_keep, config_for_method
     from rankfold.data import check_input_shape, load_npz
-    from rankfold.evaluate import onnx_size
-    from rankfold.export.onnx import export_onnx
     from rankfold.frontends.onnx import load_onnx, read_onnx
-    from rankfold.io import write_json_atomic
-    from rankfold.report import layer_table
 
-    try:
-        check_keep(args.keep, "--keep")
-        config_for_method(args.method)
-    except ValueError as exc:
-        raise RankfoldError(str(exc)) from None
-    _check_output_dir(args.output)
     graph = read_onnx(args.model)
     model = load_onnx(args.model)
     calib = load_npz(args.calib, need_labels=False).x if args.calib else None
     if calib is not None:
         check_input_shape(calib, _input_dims(graph), args.calib)
-        calib = calib[: args.calib_limit]
-    example = torch.from_numpy(calib[:2]) if calib is not None else _example_input(graph)
+        calib = torch.from_numpy(calib[: args.calib_limit])
+    example = calib[:2] if calib is not None else _example_input(graph)
+    return graph, model, calib, example
+
+
+def _budgets(args: argparse.Namespace) -> dict[str, str]:
+    from rankfold.target import parse_budget
+
+    budgets = {q: getattr(args, flag) for flag, q in BUDGET_FLAGS.items() if getattr(args, flag) is not None}
+    for q, text in budgets.items():
+        parse_budget(q, text)  # a bad value fails here, before any work
+    return budgets
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    budgets = _budgets(args)
+    if budgets or args.target:
+        if args.keep is not None or args.method is not None:
+            raise RankfoldError("--keep/--method set a uniform compression; the planner (--target, --max-*) "
+                                "chooses per layer: use one or the other")
+        return _compress_planned(args, budgets)
+    return _compress_uniform(args)
+
+
+def _compress_uniform(args: argparse.Namespace) -> None:
+    from rankfold.compress import compress_with_report
+    from rankfold.config import check_keep, config_for_method
+    from rankfold.evaluate import onnx_size
+    from rankfold.export.onnx import export_onnx
+    from rankfold.io import write_json_atomic
+    from rankfold.report import layer_table
+
+    keep = 0.5 if args.keep is None else args.keep
+    method = args.method or "tucker2"
+    try:
+        check_keep(keep, "--keep")
+        config_for_method(method)
+    except ValueError as exc:
+        raise RankfoldError(str(exc)) from None
+    _check_output_dir(args.output)
+    _graph, model, calib, example = _load_inputs(args)
     log = _log(args.quiet)
-    log(f"compressing {args.model}: method={args.method} keep={args.keep} "
+    log(f"compressing {args.model}: method={method} keep={keep} "
         f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
     t0 = time.time()
-    compressed, report = compress_with_report(
-        model, method=args.method, keep=args.keep, calib=None if calib is None else torch.from_numpy(calib),
-        min_rank=args.min_rank, progress=lambda m: log("  " + m),
-    )
+    compressed, report = compress_with_report(model, method=method, keep=keep, calib=calib,
+                                              min_rank=args.min_rank, progress=lambda m: log("  " + m))
     export_onnx(compressed, args.output, example_input=example)
     seconds = time.time() - t0
     before, after = onnx_size(args.model), onnx_size(args.output)
@@ -78,9 +108,101 @@ def _cmd_compress(args: argparse.Namespace) -> None:
           f"MACs {before.macs:,} -> {after.macs:,} ({after.macs / max(before.macs, 1):.1%}), {seconds:.1f}s")
     print(f"wrote {args.output}")
     if args.report:
-        write_json_atomic(args.report, {"model": args.model, "output": args.output, "method": args.method,
-                                        "keep": args.keep, "seconds": seconds, "before": before.__dict__,
+        write_json_atomic(args.report, {"model": args.model, "output": args.output, "method": method,
+                                        "keep": keep, "seconds": seconds, "before": before.__dict__,
                                         "after": after.__dict__, **report.to_dict()})
+
+
+def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None:
+    from rankfold.planner.pipeline import compress_to_budget
+    from rankfold.target import load_target
+
+    target = load_target(args.target or "host")
+    _check_output_dir(args.output)
+    _graph, model, calib, example = _load_inputs(args)
+    log = _log(args.quiet)
+    log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
+    t0 = time.time()
+    result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
+                                min_rank=args.min_rank, min_agreement=args.min_agreement, onnx_path=args.model,
+                                progress=lambda m: log("  " + m))
+    _finish(args, result, example, t0, budgets)
+
+
+def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict | None) -> None:
+    """Export, then print and write the plan and the report (nothing is written on failure)."""
+    from rankfold.evaluate import onnx_size
+    from rankfold.export.onnx import export_onnx
+    from rankfold.io import write_json_atomic
+    from rankfold.report import plan_table
+
+    export_onnx(result.module, args.output, example_input=example)
+    seconds = time.time() - t0
+    before, after = onnx_size(args.model), onnx_size(args.output)
+    print(plan_table(result.plan))
+    print(f"parameters {before.params:,} -> {after.params:,} ({after.params / before.params:.1%}), "
+          f"MACs {before.macs:,} -> {after.macs:,} ({after.macs / max(before.macs, 1):.1%}), {seconds:.1f}s")
+    if result.check is not None:
+        print("self-check: " + result.check.describe())
+    print(f"wrote {args.output}")
+    if getattr(args, "plan_out", None):
+        result.plan.save(args.plan_out)
+        print(f"wrote {args.plan_out}")
+    if args.report:
+        write_json_atomic(args.report, {
+            "model": args.model, "output": args.output, "budgets": budgets, "seconds": seconds,
+            "before": before.__dict__, "after": after.__dict__, "plan": result.plan.to_dict(),
+            "self_check": None if result.check is None else result.check.to_dict(), **result.report.to_dict()})
+
+
+def _cmd_apply(args: argparse.Namespace) -> None:
+    from rankfold.planner.pipeline import apply_and_check
+    from rankfold.planner.plan import load_plan
+
+    plan = load_plan(args.plan)
+    _check_output_dir(args.output)
+    _graph, model, calib, example = _load_inputs(args)
+    log = _log(args.quiet)
+    log(f"applying {args.plan} to {args.model}")
+    t0 = time.time()
+    result = apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
+                             progress=lambda m: log("  " + m))
+    _finish(args, result, example, t0, None)
+
+
+def _cmd_pareto(args: argparse.Namespace) -> None:
+    from rankfold.planner.pareto import run_pareto
+
+    budgets = [float(v.rstrip("%")) / 100 for v in args.points.split(",")]
+    if any(not 0 < b <= 1 for b in budgets):
+        raise RankfoldError("--points are weight-byte percentages in (0, 100]")
+    _graph, model, calib, example = _load_inputs(args)
+    data = None
+    if args.data:
+        from rankfold.data import load_npz
+
+        loaded = load_npz(args.data)
+        data = (loaded.x[: args.limit or None], loaded.y[: args.limit or None])
+    if args.plot:
+        _check_output_dir(args.plot)
+    run_pareto(model, args.model, calib=calib, example=example, target=args.target, fractions=budgets,
+               data=data, measure_points=args.measure, plot=args.plot, json_out=args.json,
+               min_rank=args.min_rank, progress=_log(args.quiet))
+
+
+def _cmd_targets(args: argparse.Namespace) -> None:
+    from importlib import resources
+
+    from rankfold.target import builtin_targets, load_target
+
+    if args.show:
+        load_target(args.show)
+        print((resources.files("rankfold") / "targets" / f"{args.show}.toml").read_text()
+              if args.show in builtin_targets() else open(args.show).read(), end="")
+        return
+    for name in builtin_targets():
+        t = load_target(name)
+        print(f"{name:12} {t.description}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -119,6 +241,19 @@ def _log(quiet: bool):
     return (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from rankfold.selfcheck import DEFAULT_MIN_AGREEMENT
+
+    p.add_argument("model", help="model .onnx")
+    p.add_argument("--calib", help=".npz with x: calibration inputs (labels not needed)")
+    p.add_argument("--calib-limit", type=int, default=512, help="use at most N calibration samples (default 512)")
+    p.add_argument("--min-rank", type=int, default=8, help="never factorize a layer below this rank (default 8)")
+    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                   help="refuse a result whose top-1 agrees with the original on fewer held-back calibration "
+                        f"samples than this (default {DEFAULT_MIN_AGREEMENT})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankfold", description="Shrink trained networks for edge hardware.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -134,19 +269,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("compress", help="factorize every compressible layer of an ONNX model",
-                       description="Uniform low-rank compression: each compressible layer keeps --keep of its "
-                                   "parameters. With --calib the data-aware decompositions are used.")
-    p.add_argument("model", help="model .onnx")
+    p = sub.add_parser("compress", help="compress an ONNX model: planned under budgets, or uniformly",
+                       description="With --target and/or --max-* budgets the planner chooses every layer's "
+                                   "method and rank (global knapsack on measured costs), applies the plan, and "
+                                   "checks the result against the original on held-back calibration samples. "
+                                   "Without them every layer keeps --keep of its parameters. Budget values: "
+                                   "a percentage of the original (10%%) or absolute with a unit (300k, 2MB, "
+                                   "512KB, 1.5ms; KB = 1024 bytes).")
+    _model_args(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx")
-    p.add_argument("--calib", help=".npz with x: calibration inputs (labels not needed)")
-    p.add_argument("--calib-limit", type=int, default=512, help="use at most N calibration samples (default 512)")
-    p.add_argument("--method", default="tucker2", help="svd | tucker2 | cp | spatial-svd | auto (default tucker2)")
-    p.add_argument("--keep", type=float, default=0.5, help="fraction of each layer's parameters kept, in (0, 1]")
-    p.add_argument("--min-rank", type=int, default=8, help="leave alone layers whose rank would fall below this")
-    p.add_argument("--report", help="also write the per-layer report as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--target", help="target profile: host (default), cortex-m4, cortex-m7, cortex-m55 or a .toml")
+    p.add_argument("--max-params", help="parameter budget, e.g. 10%% or 1.2M")
+    p.add_argument("--max-weight-bytes", help="weight bytes at the target's bit-width, e.g. 3%% or 2MB")
+    p.add_argument("--max-macs", help="multiply-accumulates per sample, e.g. 25%% or 100M")
+    p.add_argument("--max-latency", help="batch-1 latency, e.g. 30%% or 4ms (measured on host, modelled on MCUs)")
+    p.add_argument("--max-ram", help="peak activation memory, e.g. 256KB")
+    p.add_argument("--plan-out", help="write the plan (editable JSON) here")
+    p.add_argument("--method", default=None, help="uniform mode: svd | tucker2 | cp | spatial-svd | auto "
+                                                  "(default tucker2)")
+    p.add_argument("--keep", type=float, default=None, help="uniform mode: fraction of each layer's parameters "
+                                                            "kept, in (0, 1] (default 0.5)")
+    p.add_argument("--report", help="also write the report as JSON")
     p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser("apply", help="apply a plan file to an ONNX model",
+                       description="Apply PLAN.json (from compress --plan-out, perhaps edited) deterministically: "
+                                   "the same model, plan and calibration data give the same output.")
+    p.add_argument("plan", help="plan .json")
+    _model_args(p)
+    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    p.add_argument("--report", help="also write the report as JSON")
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("pareto", help="accuracy-loss vs size/latency front; what fits a target",
+                       description="Solve the plan at several weight-byte budgets, print the estimated loss, "
+                                   "weight bytes and latency of each, plot them (--plot), measure accuracy at a "
+                                   "few points (--data), and say the least compression that fits the target.")
+    _model_args(p)
+    p.add_argument("--target", default="host", help="target profile (default host)")
+    p.add_argument("--points", default="2,3,5,7,10,15,20,30,50,75",
+                   help="weight-byte budgets in %% of the original (default 2,3,5,7,10,15,20,30,50,75)")
+    p.add_argument("--data", help=".npz with x and y: measure top-1 at --measure points of the front")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N samples of --data")
+    p.add_argument("--measure", type=int, default=3, help="how many points to apply and measure (default 3)")
+    p.add_argument("--plot", help="write the front as a PNG")
+    p.add_argument("--json", help="write the front as JSON")
+    p.set_defaults(func=_cmd_pareto)
+
+    p = sub.add_parser("targets", help="list the built-in target profiles, or print one (--show NAME)")
+    p.add_argument("--show", help="print this profile's TOML (copy it to make your own)")
+    p.set_defaults(func=_cmd_targets)
 
     p = sub.add_parser("demo", help="train a small CNN, compress it, compare before/after",
                        description="Trains a small CNN on Fashion-MNIST (Debian dataset-fashion-mnist) or "

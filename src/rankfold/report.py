@@ -13,6 +13,39 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _format_rows(rows: list[tuple]) -> str:
+    """Left-aligned columns; the last column (a free-text note) is not padded."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [str(c).ljust(w) for c, w in zip(row, widths)] + [str(row[-1])]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plan_table(plan) -> str:
+    """One row per layer of a Plan, then estimated totals before and after."""
+    rows = [("layer", "shape", "method", "ranks", "params", "MACs", "latency ms", "RAM B", "est.loss", "note")]
+    for r in plan.layers:
+        ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
+        rows.append((r.name, r.layer, r.method, ranks, human(r.params), human(r.macs), f"{r.latency_ms:.4f}",
+                     human(r.ram_bytes), f"{r.est_loss:.2e}", r.note))
+    table = _format_rows(rows)
+    lines = [table, "", f"{'':14}{'before':>14}{'after':>14}{'ratio':>9}   limit"]
+    for key, label in (("params", "parameters"), ("weight_bytes", "weight bytes"), ("macs", "MACs"),
+                       ("latency_ms", "latency ms"), ("ram_bytes", "peak RAM B")):
+        a, b = plan.before.get(key), plan.after.get(key)
+        limit = plan.limits.get(key)
+        fmt = (lambda v: f"{v:.3f}") if key == "latency_ms" else human
+        limit_text = "" if limit is None else fmt(limit)
+        lines.append(f"{label:14}{fmt(a):>14}{fmt(b):>14}{b / a if a else 1:>9.1%}   {limit_text}")
+    lines.append(f"target {plan.target} ({plan.weight_bits}-bit weights), latency: {plan.latency_source}; "
+                 f"estimated loss {plan.est_loss:.3e} nats (KL to the original)")
+    lines.extend(f"note: {m}" for m in plan.messages)
+    return "\n".join(lines)
+
+
 def layer_table(report: CompressionReport) -> str:
     """One row per compressible layer: method, ranks, parameters before/after, error, note."""
     rows = [("layer", "shape", "method", "ranks", "params", "kept", "rel.err", "note")]
@@ -25,13 +58,7 @@ def layer_table(report: CompressionReport) -> str:
     before = sum(r.params_before for r in report.layers)
     after = sum(r.params_after for r in report.layers)
     rows.append(("total", "", "", "", f"{human(before)}->{human(after)}", f"{after / max(before, 1):.0%}", "", ""))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for row in rows:
-        cells = [str(c).ljust(w) for c, w in zip(row, widths)] + [row[-1]]
-        lines.append("  ".join(cells).rstrip())
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return _format_rows(rows)
 
 
 def comparison_table(before: dict, after: dict) -> str:

@@ -218,11 +218,26 @@ def make_plan(
     """Plan the compression of `model` for `target` under `budgets` ({quantity: "10%" | "2MB" | ...},
     quantities: params, weight_bytes, macs, latency_ms, ram_bytes). `onnx_path`: the model's own
     ONNX file, timed for the host's whole-network latency (else the model is exported to time it)."""
+    pricing = price_model(model, calib=calib, example_input=example_input, target=target, min_rank=min_rank,
+                          onnx_path=onnx_path, progress=progress)
+    return pricing.solve(budgets or {}, progress=progress)
+
+
+def price_model(
+    model: nn.Module,
+    *,
+    calib: Tensor | None = None,
+    example_input: Tensor | None = None,
+    target: str | Target = "host",
+    min_rank: int = 8,
+    onnx_path: str | None = None,
+    progress: Progress | None = None,
+) -> Pricing:
+    """The expensive half of planning: statistics, every layer's options with loss and costs."""
     say = progress or (lambda _m: None)
     target = load_target(target) if isinstance(target, str) else target
-    parsed = {q: b if isinstance(b, Budget) else parse_budget(q, b) for q, b in (budgets or {}).items()}
     if calib is None and example_input is None:
-        raise RankfoldError("make_plan needs calibration data (calib) or an example_input")
+        raise RankfoldError("planning needs calibration data (calib) or an example_input")
     example = (calib if calib is not None else example_input)[:1].to(torch.float32)
     was_training = model.training
     model.eval()
@@ -250,126 +265,156 @@ def make_plan(
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()
-        return _solve_plan(model, example, target, parsed, options, notes, activations, calib is not None,
-                           onnx_path, layer_names, names, say)
     finally:
         model.train(was_training)
+    return Pricing(model, example, target, options, notes, activations, calib is not None, names, layer_names,
+                   onnx_path, say)
 
 
-def _solve_plan(model, example, target, parsed, options, notes, activations, data_aware, onnx_path,
-                layer_names, all_names, say) -> Plan:
-    weight_bytes_per = target.default_weight_bits / 8
-    act_bytes = target.activation_bytes
-    total_params = sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() for b in model.buffers() if b.is_floating_point())
-    layer_params = sum(options[n][0].profile.params for n in layer_names)
-    latency_scale = 1.0
-    if target.latency == "measured":
-        # Layers timed alone run with their weights in cache; inside the network they do not, and
-        # Add/Relu/pooling cost extra. Whole networks timed at both ends of the range (every layer
-        # kept, every layer at its cheapest option) calibrate: whole = fixed + scale * sum(layers).
-        say("timing the whole network in onnxruntime, as it is and at its cheapest options")
-        modules = dict(model.named_modules())
-        kept_sum = sum(options[n][0].latency_ms for n in layer_names)
-        cheapest = {n: min(options[n], key=lambda o: o.latency_ms) for n in layer_names}
-        cheap_sum = sum(o.latency_ms for o in cheapest.values())
-        whole = _model_latency_ms(model, example, onnx_path)
-        cheap_whole = _variant_latency_ms(model, modules, cheapest, example)
-        if kept_sum - cheap_sum > 1e-3 * kept_sum:
-            latency_scale = max(0.1, (whole - cheap_whole) / (kept_sum - cheap_sum))
-        fixed_latency = whole - latency_scale * kept_sum
-        latency_source = "onnxruntime (measured)"
-    else:
-        fixed_latency = 1000.0 * activations.other_elements * target.cycles_per_element / target.clock_hz
-        latency_source = "model (cycles per MAC)"
-    fixed = {
-        "params": total_params - layer_params,
-        "weight_bytes": (total_params - layer_params) * weight_bytes_per,
-        "macs": 0,
-        "latency_ms": fixed_latency,
-    }
+class Pricing:
+    """Every layer's options, priced; solve() turns budgets into a Plan (cheap, repeatable)."""
 
-    def quantity(opt: _Option, q: str) -> float:
-        return {"params": opt.profile.params, "weight_bytes": opt.profile.params * weight_bytes_per,
-                "macs": opt.profile.macs, "latency_ms": latency_scale * opt.latency_ms}[q]
+    def __init__(self, model, example, target, options, notes, activations, data_aware, names, layer_names,
+                 onnx_path, say) -> None:
+        self.model, self.example, self.target = model, example, target
+        self.options, self.notes, self.activations = options, notes, activations
+        self.data_aware, self.names, self.layer_names = data_aware, names, layer_names
+        self.modules = dict(model.named_modules())
+        self.weight_bytes_per = target.default_weight_bits / 8
+        self.act_bytes = target.activation_bytes
+        total_params = sum(p.numel() for p in model.parameters()) + sum(
+            b.numel() for b in model.buffers() if b.is_floating_point())
+        layer_params = sum(options[n][0].profile.params for n in layer_names)
+        self.latency_scale = 1.0
+        if target.latency == "measured":
+            # Layers timed alone run with their weights in cache; inside the network they do not,
+            # and Add/Relu/pooling cost extra. Whole networks timed at both ends of the range (every
+            # layer kept, every layer at its cheapest option) calibrate whole = fixed + scale * sum.
+            say("timing the whole network in onnxruntime, as it is and at its cheapest options")
+            kept_sum = sum(options[n][0].latency_ms for n in layer_names)
+            cheapest = {n: min(options[n], key=lambda o: o.latency_ms) for n in layer_names}
+            cheap_sum = sum(o.latency_ms for o in cheapest.values())
+            whole = _model_latency_ms(model, example, onnx_path)
+            cheap_whole = self.measured_latency_ms(cheapest)
+            if kept_sum - cheap_sum > 1e-3 * kept_sum:
+                self.latency_scale = max(0.1, (whole - cheap_whole) / (kept_sum - cheap_sum))
+            fixed_latency = whole - self.latency_scale * kept_sum
+            self.latency_source = "onnxruntime (measured)"
+        else:
+            fixed_latency = 1000.0 * activations.other_elements * target.cycles_per_element / target.clock_hz
+            self.latency_source = "model (cycles per MAC)"
+        self.fixed = {
+            "params": total_params - layer_params,
+            "weight_bytes": (total_params - layer_params) * self.weight_bytes_per,
+            "macs": 0,
+            "latency_ms": fixed_latency,
+        }
+        self.before = self.totals({n: options[n][0] for n in layer_names})
+        if target.latency == "measured":
+            self.before["latency_ms"] = whole
 
-    def totals(choice: Mapping[str, _Option]) -> dict[str, float]:
-        out = {q: fixed[q] + sum(quantity(choice[n], q) for n in layer_names) for q in fixed}
-        peak = max([activations.fixed_peak] + [choice[n].ram_elements for n in layer_names])
-        out["ram_bytes"] = peak * act_bytes
+    def quantity(self, opt: _Option, q: str) -> float:
+        return {"params": opt.profile.params, "weight_bytes": opt.profile.params * self.weight_bytes_per,
+                "macs": opt.profile.macs, "latency_ms": self.latency_scale * opt.latency_ms}[q]
+
+    def totals(self, choice: Mapping[str, _Option]) -> dict[str, float]:
+        out = {q: self.fixed[q] + sum(self.quantity(choice[n], q) for n in self.layer_names) for q in self.fixed}
+        peak = max([self.activations.fixed_peak] + [choice[n].ram_elements for n in self.layer_names])
+        out["ram_bytes"] = peak * self.act_bytes
         return out
 
-    before = totals({n: options[n][0] for n in layer_names})
-    limits = {q: b.limit(before[q]) for q, b in parsed.items()}
-    messages = []
-    if target.flash_bytes is not None:
-        limits["weight_bytes"] = min(limits.get("weight_bytes", float("inf")), float(target.flash_bytes))
-    if target.ram_bytes is not None:
-        limits["ram_bytes"] = min(limits.get("ram_bytes", float("inf")), float(target.ram_bytes))
-    ram_limit = limits.get("ram_bytes")
-    losses, costs = [], {q: [] for q in fixed}
-    feasible_ram = True
-    for n in layer_names:
-        loss = np.array([o.loss for o in options[n]], dtype=float)
-        if ram_limit is not None:
-            too_big = np.array([o.ram_elements * act_bytes > ram_limit for o in options[n]])
-            if too_big.all():
-                feasible_ram = False
-            else:
-                loss[too_big] = np.inf
-        losses.append(loss)
-        for q in fixed:
-            costs[q].append(np.array([quantity(o, q) for o in options[n]], dtype=float))
-    layer_limits = {q: limits[q] - fixed[q] for q in limits if q in fixed}
-    solution = solve(losses, costs, layer_limits)
-    chosen = {n: options[n][j] for n, j in zip(layer_names, solution.choice)}
-    after = totals(chosen)
-    if target.latency == "measured":
-        # Closed loop: time the chosen network itself; while it misses a latency limit that the
-        # estimate said it meets, tighten the limit by the miss and solve again.
-        for attempt in range(4):
-            measured = _variant_latency_ms(model, modules, chosen, example)
-            say(f"plan timed in onnxruntime: {measured:.3f} ms (estimated {after['latency_ms']:.3f} ms)")
-            after["latency_ms_estimated"], after["latency_ms"] = after["latency_ms"], measured
-            limit = limits.get("latency_ms")
-            if limit is None or measured <= limit or not solution.feasible or attempt == 3:
-                break
-            layer_limits["latency_ms"] -= measured - limit
-            solution = solve(losses, costs, layer_limits)
-            chosen = {n: options[n][j] for n, j in zip(layer_names, solution.choice)}
-            after = totals(chosen)
-    feasible = solution.feasible and feasible_ram and (ram_limit is None or
-                                                       activations.fixed_peak * act_bytes <= ram_limit)
-    for q, limit in limits.items():
-        if after[q] > limit * (1 + 1e-9):
-            best = (solution.best_reachable.get(q, 0.0) + fixed.get(q, 0.0)) if q in fixed else None
-            if q == "ram_bytes":
-                best = max([activations.fixed_peak] + [min(o.ram_elements for o in options[n])
-                                                       for n in layer_names]) * act_bytes
-            messages.append(f"{q} cannot be met: limit {limit:,.6g}, the plan reaches {after[q]:,.6g}"
-                            f" (over by {after[q] - limit:,.6g}); the smallest reachable is {best:,.6g}")
-    if not activations.graph_wide:
-        messages.append("activation memory counts layer inputs and outputs only (residual branches are not "
-                        "tracked outside ONNX-loaded models)")
-    if target.default_weight_bits != 32:
-        messages.append(f"weight bytes are counted at {target.default_weight_bits} bits, the target's deployment "
-                        "width")
-    layers = []
-    for n in all_names:
-        if n not in chosen:
-            layers.append(LayerPlan(n, layer_spec(dict(model.named_modules())[n]).describe(), "none",
-                                    note="not reached by the forward pass"))
-            continue
-        opt = chosen[n]
-        note = notes[n] if opt.method == "none" else ""
-        if opt.method == "none" and not note:
-            note = "kept: no option's saving was worth its loss under the budgets"
-        layers.append(LayerPlan(
-            n, layer_spec(dict(model.named_modules())[n]).describe(), opt.method, list(opt.ranks), float(opt.loss),
-            int(opt.profile.params), int(round(opt.profile.params * weight_bytes_per)), int(opt.profile.macs),
-            round(float(opt.latency_ms), 5), int(round(opt.ram_elements * act_bytes)), note))
-    return Plan(target.name, target.default_weight_bits, target.activation_bits, data_aware, latency_source,
-                limits, before, after, float(sum(o.loss for o in chosen.values())), feasible, layers, messages)
+    def measured_latency_ms(self, choice: Mapping[str, _Option]) -> float:
+        return _variant_latency_ms(self.model, self.modules, choice, self.example)
+
+    def limits(self, budgets: Mapping[str, str | float | Budget]) -> dict[str, float]:
+        parsed = {q: b if isinstance(b, Budget) else parse_budget(q, b) for q, b in budgets.items()}
+        limits = {q: b.limit(self.before[q]) for q, b in parsed.items()}
+        if self.target.flash_bytes is not None:
+            limits["weight_bytes"] = min(limits.get("weight_bytes", float("inf")), float(self.target.flash_bytes))
+        if self.target.ram_bytes is not None:
+            limits["ram_bytes"] = min(limits.get("ram_bytes", float("inf")), float(self.target.ram_bytes))
+        return limits
+
+    def solve(self, budgets: Mapping[str, str | float | Budget], *, progress: Progress | None = None,
+              measure: bool = True) -> Plan:
+        """The least-loss plan within `budgets` and the target's limits. `measure`: on a measured
+        target, time the chosen network itself (and re-solve while it misses a latency limit)."""
+        say = progress or (lambda _m: None)
+        limits = self.limits(budgets)
+        ram_limit = limits.get("ram_bytes")
+        losses, costs = [], {q: [] for q in self.fixed}
+        feasible_ram = ram_limit is None or self.activations.fixed_peak * self.act_bytes <= ram_limit
+        for n in self.layer_names:
+            loss = np.array([o.loss for o in self.options[n]], dtype=float)
+            if ram_limit is not None:
+                too_big = np.array([o.ram_elements * self.act_bytes > ram_limit for o in self.options[n]])
+                if too_big.all():
+                    feasible_ram = False
+                else:
+                    loss[too_big] = np.inf
+            losses.append(loss)
+            for q in self.fixed:
+                costs[q].append(np.array([self.quantity(o, q) for o in self.options[n]], dtype=float))
+        layer_limits = {q: limits[q] - self.fixed[q] for q in limits if q in self.fixed}
+        solution = solve(losses, costs, layer_limits)
+        chosen = {n: self.options[n][j] for n, j in zip(self.layer_names, solution.choice)}
+        after = self.totals(chosen)
+        if self.target.latency == "measured" and measure:
+            # Closed loop: time the chosen network itself; while it misses a latency limit that
+            # the estimate said it meets, tighten the limit by the miss and solve again.
+            for attempt in range(4):
+                measured = self.measured_latency_ms(chosen)
+                say(f"plan timed in onnxruntime: {measured:.3f} ms (estimated {after['latency_ms']:.3f} ms)")
+                after["latency_ms_estimated"], after["latency_ms"] = after["latency_ms"], measured
+                limit = limits.get("latency_ms")
+                if limit is None or measured <= limit or not solution.feasible or attempt == 3:
+                    break
+                layer_limits["latency_ms"] -= measured - limit
+                solution = solve(losses, costs, layer_limits)
+                chosen = {n: self.options[n][j] for n, j in zip(self.layer_names, solution.choice)}
+                after = self.totals(chosen)
+        feasible = solution.feasible and feasible_ram
+        messages = self._messages(limits, after, solution)
+        return Plan(self.target.name, self.target.default_weight_bits, self.target.activation_bits, self.data_aware,
+                    self.latency_source, limits, dict(self.before), after,
+                    float(sum(o.loss for o in chosen.values())), feasible, self._layer_plans(chosen), messages)
+
+    def _messages(self, limits, after, solution) -> list[str]:
+        messages = []
+        for q, limit in limits.items():
+            if after[q] > limit * (1 + 1e-9):
+                if q == "ram_bytes":
+                    best = max([self.activations.fixed_peak] + [min(o.ram_elements for o in self.options[n])
+                                                                for n in self.layer_names]) * self.act_bytes
+                else:
+                    best = solution.best_reachable.get(q, 0.0) + self.fixed.get(q, 0.0)
+                messages.append(f"{q} cannot be met: limit {limit:,.6g}, the plan reaches {after[q]:,.6g} "
+                                f"(over by {after[q] - limit:,.6g}); the smallest reachable is {best:,.6g}")
+        if not self.activations.graph_wide:
+            messages.append("activation memory counts layer inputs and outputs only (residual branches are not "
+                            "tracked outside ONNX-loaded models)")
+        if self.target.default_weight_bits != 32:
+            messages.append(f"weight bytes are counted at {self.target.default_weight_bits} bits, the target's "
+                            "deployment width")
+        return messages
+
+    def _layer_plans(self, chosen: Mapping[str, _Option]) -> list[LayerPlan]:
+        layers = []
+        for n in self.names:
+            described = layer_spec(self.modules[n]).describe()
+            if n not in chosen:
+                layers.append(LayerPlan(n, described, "none", note="not reached by the forward pass"))
+                continue
+            opt = chosen[n]
+            note = self.notes[n] if opt.method == "none" else ""
+            if opt.method == "none" and not note:
+                note = "kept: no option's saving was worth its loss under the budgets"
+            layers.append(LayerPlan(
+                n, described, opt.method, list(opt.ranks), float(opt.loss), int(opt.profile.params),
+                int(round(opt.profile.params * self.weight_bytes_per)), int(opt.profile.macs),
+                round(float(self.latency_scale * opt.latency_ms), 5), int(round(opt.ram_elements * self.act_bytes)),
+                note))
+        return layers
 
 
 def escape_pattern(name: str) -> str:

@@ -1,0 +1,63 @@
+"""Plan, apply, check: the whole budgeted compression, as the CLI and compress() run it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from rankfold.compress import CompressionReport
+from rankfold.errors import RankfoldError
+from rankfold.planner.plan import Plan, apply_plan, make_plan
+from rankfold.selfcheck import DEFAULT_MIN_AGREEMENT, Agreement, agreement, refuse_if_poor, split_holdout
+from rankfold.target import Target
+
+
+@dataclass
+class Budgeted:
+    module: nn.Module
+    plan: Plan
+    report: CompressionReport
+    check: Agreement | None
+
+
+def compress_to_budget(
+    model: nn.Module,
+    *,
+    calib: Tensor | None,
+    target: str | Target = "host",
+    budgets: Mapping[str, object] | None = None,
+    example_input: Tensor | None = None,
+    min_rank: int = 8,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    onnx_path: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Budgeted:
+    say = progress or (lambda _m: None)
+    fit, held = split_holdout(calib) if calib is not None else (None, None)
+    plan = make_plan(model, calib=fit, example_input=example_input, target=target, budgets=budgets or {},
+                     min_rank=min_rank, onnx_path=onnx_path, progress=say)
+    if not plan.feasible:
+        raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
+    module, report = apply_plan(model, plan, calib=fit, progress=say)
+    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say))
+
+
+def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
+                    progress: Callable[[str], None] | None = None) -> Budgeted:
+    """apply_plan with the calibration split exactly as planning split it, then the self-check."""
+    say = progress or (lambda _m: None)
+    fit, held = split_holdout(calib) if calib is not None else (None, None)
+    module, report = apply_plan(model, plan, calib=fit, progress=say)
+    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say))
+
+
+def check_result(model, module, held, min_agreement, say) -> Agreement | None:
+    if held is None:
+        say("self-check skipped: fewer than 64 calibration samples, none held back")
+        return None
+    check = agreement(model, module, held)
+    say("self-check: " + check.describe())
+    refuse_if_poor(check, min_agreement)
+    return check
