@@ -76,8 +76,23 @@ def compress(
     layers: Mapping[str, MethodConfig] | None = None,
     min_rank: int = DEFAULT_MIN_RANK,
     progress: Progress | None = None,
+    target: str | None = None,
+    max_params: str | float | None = None,
+    max_weight_bytes: str | float | None = None,
+    max_macs: str | float | None = None,
+    max_latency: str | float | None = None,
+    max_ram: str | float | None = None,
+    min_agreement: float = 0.8,
 ) -> nn.Module:
     """A compressed copy of `model`; the input model is not modified.
+
+    Planned mode (any of target / max_*): the planner chooses each layer's method and rank under
+    the budgets (values like "10%", "300k", "2MB", "1.5ms"; max_latency in ms) and the target's
+    limits, applies the plan, and checks the result on held-back calibration samples, raising
+    RankfoldError when top-1 agreement falls below `min_agreement`. The plan is attached as
+    `result.rankfold_plan`, the self-check as `result.rankfold_check`. `method`/`keep` are not used.
+
+    Uniform mode (otherwise):
 
     Parameters
     ----------
@@ -91,6 +106,19 @@ def compress(
 
     The per-layer record is attached as `result.rankfold_report` (a CompressionReport).
     """
+    budgets = {q: v for q, v in (("params", max_params), ("weight_bytes", max_weight_bytes), ("macs", max_macs),
+                                 ("latency_ms", max_latency), ("ram_bytes", max_ram)) if v is not None}
+    if target is not None or budgets:
+        from rankfold.planner.pipeline import compress_to_budget
+
+        if not isinstance(model, nn.Module):
+            raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        result = compress_to_budget(model, calib=calib, target=target or "host", budgets=budgets,
+                                    min_rank=min_rank, min_agreement=min_agreement, progress=progress)
+        compressed = result.module
+        compressed.rankfold_plan, compressed.rankfold_check = result.plan, result.check
+        compressed.rankfold_report = result.report
+        return compressed
     compressed, report = compress_with_report(
         model, method=method, keep=keep, calib=calib, layers=layers, min_rank=min_rank, progress=progress
     )

@@ -46,11 +46,12 @@ class ChainProfile:
     activations: tuple[int, ...]  # elements of the input, then of each sub-layer's output (one sample)
     sub_layers: tuple[SubLayer, ...]
 
-    @property
-    def working_elements(self) -> int:
-        """Most elements alive at once while the chain runs: a sub-layer's input and output."""
+    def working_elements(self, keep_input: bool = False) -> int:
+        """Most elements alive at once while the chain runs: a sub-layer's input and output, plus
+        the chain's input throughout when the graph still needs it afterwards (a residual)."""
         acts = self.activations
-        return max(a + b for a, b in zip(acts, acts[1:]))
+        held = acts[0] if keep_input else 0
+        return max(a + b + (held if k else 0) for k, (a, b) in enumerate(zip(acts, acts[1:])))
 
 
 def _kind(module: nn.Module) -> str:

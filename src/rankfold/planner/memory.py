@@ -19,6 +19,7 @@ from rankfold.analyze import COMPRESSIBLE, run_checked
 @dataclass
 class ActivationProfile:
     base: dict[str, int] = field(default_factory=dict)  # layer -> other elements alive while it runs
+    input_kept: dict[str, bool] = field(default_factory=dict)  # layer -> its input is needed after it
     fixed_peak: int = 0  # elements at the busiest non-layer step
     other_elements: int = 0  # elements written by non-layer steps (for the cycles-per-element model)
     graph_wide: bool = True  # False: residual branches not tracked (not an ONNX-loaded model)
@@ -59,6 +60,7 @@ def _graph_profile(model, example: Tensor) -> ActivationProfile:
         if step.module is not None and isinstance(getattr(model, step.module), COMPRESSIBLE):
             own = sizes.get(step.inputs[0], 0) + written
             profile.base[step.module] = alive + written - own
+            profile.input_kept[step.module] = last_use.get(step.inputs[0], index) > index
         else:
             profile.fixed_peak = max(profile.fixed_peak, alive + written)
             profile.other_elements += written

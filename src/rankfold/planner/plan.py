@@ -128,12 +128,14 @@ class _Option:
     ram_elements: int
 
 
-def _options_for_layer(name, module, stats, target, min_rank, base_elements, latency_of) -> tuple[list[_Option], str]:
+def _options_for_layer(
+    name, module, stats, target, min_rank, base_elements, keep_input, latency_of
+) -> tuple[list[_Option], str]:
     spec = layer_spec(module)
     input_shape = stats.input_shape
     original = chain_profile([module], input_shape)
     options = [_Option("none", (), 0.0, original, latency_of(original, input_shape),
-                       base_elements + original.working_elements)]
+                       base_elements + original.working_elements(keep_input))]
     if spec.groups > 1:
         return options, f"grouped convolution (groups={spec.groups}): not factorized"
     weighting = input_weighting(stats.input_moment, spec.in_ch)
@@ -149,7 +151,7 @@ def _options_for_layer(name, module, stats, target, min_rank, base_elements, lat
         for rank, loss in zip(ranks, losses):
             profile = chain_profile(list(method.skeleton(module, rank)), input_shape)
             options.append(_Option(method_name, tuple(rank), loss, profile, latency_of(profile, input_shape),
-                                   base_elements + profile.working_elements))
+                                   base_elements + profile.working_elements(keep_input)))
     if len(options) == 1:
         notes.append(f"no rank of {', '.join(target.methods)} at or above min_rank={min_rank} saves parameters")
     return options, "; ".join(notes)
@@ -261,7 +263,8 @@ def price_model(
         for i, name in enumerate(layer_names, 1):
             say(f"pricing [{i}/{len(layer_names)}] {name}")
             options[name], notes[name] = _options_for_layer(
-                name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0), latency_of)
+                name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0),
+                activations.input_kept.get(name, False), latency_of)
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()
