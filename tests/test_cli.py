@@ -33,7 +33,7 @@ def small(tmp_path_factory):
 
 
 def test_every_command_has_help():
-    for command in ([], ["eval"], ["compress"], ["demo"]):
+    for command in ([], ["eval"], ["compress"], ["apply"], ["pareto"], ["targets"], ["demo"]):
         code, out, _ = run_cli(*command, "--help")
         assert code == 0 and "usage: rankfold" in out
 
@@ -92,3 +92,71 @@ def test_bad_input_is_one_line_exit_2_and_no_output(small, tmp_path, args, messa
 def test_main_returns_exit_code_without_exiting(small, capsys):
     assert main(["eval", str(small / "nope.onnx"), "--data", "x.npz"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _onnx_outputs(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_planned_compress_then_apply_reproduces_it(small, tmp_path):
+    out, plan, report = tmp_path / "p.onnx", tmp_path / "plan.json", tmp_path / "r.json"
+    code, stdout, err = run_cli("compress", str(small / "m.onnx"), "--calib", str(small / "data.npz"),
+                                "--target", "cortex-m4", "--max-params", "50%", "--min-rank", "2",
+                                "-o", str(out), "--plan-out", str(plan), "--report", str(report))
+    assert code == 0, err
+    assert "self-check: top-1 agreement" in stdout and "before" in stdout
+    saved = json.loads(plan.read_text())
+    assert saved["after"]["params"] <= 0.5 * saved["before"]["params"]
+    assert json.loads(report.read_text())["self_check"]["samples"] == 16
+    again = tmp_path / "again.onnx"
+    code, _, err = run_cli("apply", str(plan), str(small / "m.onnx"), "--calib", str(small / "data.npz"),
+                           "-o", str(again))
+    assert code == 0, err
+    x = np.load(small / "data.npz")["x"][:8]
+    np.testing.assert_array_equal(_onnx_outputs(out, x), _onnx_outputs(again, x))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-params", "10 parsecs"], "max_params"),
+    (["--max-params", "50%", "--keep", "0.3"], "one or the other"),
+    (["--target", "cortex-m99"], "unknown target"),
+    (["--max-params", "0.1%"], "cannot be met"),
+    (["--max-params", "60%", "--min-agreement", "1.01", "--min-rank", "2"], "self-check failed"),
+])
+def test_planned_compress_bad_input_exits_2_and_writes_nothing(small, tmp_path, extra, message):
+    out = tmp_path / "never.onnx"
+    code, _, err = run_cli("compress", str(small / "m.onnx"), "--calib", str(small / "data.npz"), "-o", str(out),
+                           "--target", "cortex-m4", *extra) if "--target" not in extra else run_cli(
+        "compress", str(small / "m.onnx"), "--calib", str(small / "data.npz"), "-o", str(out), *extra)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_apply_refuses_a_bad_plan(small, tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    code, _, err = run_cli("apply", str(bad), str(small / "m.onnx"), "-o", str(tmp_path / "x.onnx"))
+    assert code == 2 and "not a JSON plan" in err
+
+
+def test_targets_lists_and_shows_profiles():
+    code, out, _ = run_cli("targets")
+    assert code == 0 and "cortex-m7" in out and "host" in out
+    code, out, _ = run_cli("targets", "--show", "cortex-m7")
+    assert code == 0 and "flash_bytes = 2_097_152" in out
+
+
+def test_pareto_prints_plots_and_says_what_fits(small, tmp_path):
+    plot, front = tmp_path / "front.png", tmp_path / "front.json"
+    code, out, err = run_cli("pareto", str(small / "m.onnx"), "--calib", str(small / "data.npz"), "--target",
+                             "cortex-m4", "--points", "30,60,90", "--data", str(small / "data.npz"),
+                             "--measure", "2", "--min-rank", "2", "--plot", str(plot), "--json", str(front))
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(front.read_text())
+    assert [p["budget"] for p in result["points"]] == [0.3, 0.6, 0.9]
+    assert sum(p["accuracy"] is not None for p in result["points"]) == 2
+    assert "target cortex-m4 holds this network" in out

@@ -215,10 +215,8 @@ def test_infeasible_budget_says_what_can_be_reached(net):
 def test_target_ram_limit_is_respected_or_reported(net, tmp_path):
     model, calib = net
     path = tmp_path / "tiny.toml"
-    text = (load_target("cortex-m4").__dict__)
     path.write_text('name = "tiny"\nram_bytes = 100\nclock_hz = 1e8\nlatency = "model"\nweight_bits = [8]\n'
                     "activation_bits = 8\n[cycles_per_mac]\nconv = 1\npointwise = 1\ndepthwise = 1\nlinear = 1\n")
-    assert text  # the built-in profile loads; the tiny one cannot hold any activation
     plan = make_plan(model, calib=calib, target=str(path))
     assert not plan.feasible and any("ram_bytes cannot be met" in m for m in plan.messages)
 
