@@ -122,13 +122,7 @@ def _chain_graph(profile: ChainProfile, input_shape: tuple[int, ...]) -> onnx.Mo
 
 def time_onnx_ms(model: onnx.ModelProto, input_shape: tuple[int, ...], *, repeats: int = 9) -> float:
     """Median time of one run, onnxruntime CPU, 1 thread; short runs are timed in loops."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _session(model)
     feed = {session.get_inputs()[0].name: np.random.default_rng(1).standard_normal((1, *input_shape), np.float32)}
     for _ in range(3):
         session.run(None, feed)
@@ -143,6 +137,34 @@ def time_onnx_ms(model: onnx.ModelProto, input_shape: tuple[int, ...], *, repeat
             session.run(None, feed)
         samples.append((time.perf_counter() - t0) / loops)
     return 1000.0 * statistics.median(samples)
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_onnx_pair_ms(reference: onnx.ModelProto, candidate: onnx.ModelProto, input_shape: tuple[int, ...],
+                      *, rounds: int = 41) -> tuple[float, float]:
+    """Median run times of two models, timed in turn so that machine drift hits both alike."""
+    sessions = [_session(reference), _session(candidate)]
+    sample = np.random.default_rng(1).standard_normal((1, *input_shape), np.float32)
+    feeds = [{s.get_inputs()[0].name: sample} for s in sessions]
+    for session, feed in zip(sessions, feeds):
+        for _ in range(3):
+            session.run(None, feed)
+    times: list[list[float]] = [[], []]
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            sessions[i].run(None, feeds[i])
+            times[i].append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
 
 
 def _machine_key() -> str:

@@ -22,7 +22,14 @@ from rankfold.io import write_json_atomic
 from rankfold.layers import layer_spec
 from rankfold.methods import METHODS
 from rankfold.planner.candidates import LOSS_ESTIMATORS, candidate_ranks, input_weighting
-from rankfold.planner.costs import ChainProfile, LatencyCache, chain_profile, modelled_latency_ms, time_onnx_ms
+from rankfold.planner.costs import (
+    ChainProfile,
+    LatencyCache,
+    chain_profile,
+    modelled_latency_ms,
+    time_onnx_ms,
+    time_onnx_pair_ms,
+)
 from rankfold.planner.memory import activation_profile
 from rankfold.planner.sensitivity import layer_statistics
 from rankfold.planner.solver import solve
@@ -35,7 +42,10 @@ METHOD_CONFIGS: dict[str, Callable[[list[int]], MethodConfig]] = {
     "spatial-svd": lambda r: SpatialSVDConfig(rank=r[0]),
     "cp": lambda r: CPConfig(rank=r[0]),
 }
-QUANTITIES = tuple(BUDGET_KINDS)  # params, macs, weight_bytes, ram_bytes, latency_ms
+QUANTITIES = tuple(BUDGET_KINDS)
+# Measured latency varies by a few percent from run to run: plans aim this much under a latency
+# limit so that a later measurement of the result still meets it.
+LATENCY_MARGIN = 0.95  # params, macs, weight_bytes, ram_bytes, latency_ms
 Progress = Callable[[str], None]
 
 
@@ -181,29 +191,28 @@ def _data_free_stats(model: nn.Module, names: list[str], example: Tensor):
     return stats
 
 
-def _model_latency_ms(model: nn.Module, example: Tensor, onnx_path: str | None) -> float:
+def _onnx_of(model: nn.Module, example: Tensor, onnx_path: str | None = None):
+    """The model as an ONNX proto: its own file when given, else exported (for timing only)."""
     import onnx
 
     from rankfold.export.onnx import export_onnx
 
-    if onnx_path is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx_path_tmp = os.path.join(tmp, "model.onnx")
-            export_onnx(model, onnx_path_tmp, example_input=example, verify=False)
-            proto = onnx.load(onnx_path_tmp)
-    else:
-        proto = onnx.load(onnx_path)
-    return time_onnx_ms(proto, tuple(example.shape[1:]), repeats=15)
+    if onnx_path is not None:
+        return onnx.load(onnx_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export_onnx(model, path, example_input=example, verify=False)
+        return onnx.load(path)
 
 
-def _variant_latency_ms(model: nn.Module, modules: dict, choice: Mapping[str, _Option], example: Tensor) -> float:
-    """Latency of `model` with each layer replaced as `choice` says (random weights: timing only)."""
+def _variant(model: nn.Module, modules: dict, choice: Mapping[str, _Option]) -> nn.Module:
+    """`model` with each layer replaced as `choice` says (random weights: for timing only)."""
     variant = copy.deepcopy(model)
     for name, option in choice.items():
         if option.method != "none":
             method = next(m for m in METHODS.values() if m.name == option.method)
             set_submodule(variant, name, method.skeleton(modules[name], option.ranks))
-    return _model_latency_ms(variant, example, None)
+    return variant
 
 
 def make_plan(
@@ -297,7 +306,9 @@ class Pricing:
             kept_sum = sum(options[n][0].latency_ms for n in layer_names)
             cheapest = {n: min(options[n], key=lambda o: o.latency_ms) for n in layer_names}
             cheap_sum = sum(o.latency_ms for o in cheapest.values())
-            whole = _model_latency_ms(model, example, onnx_path)
+            self.original_onnx = _onnx_of(model, example, onnx_path)
+            whole = time_onnx_ms(self.original_onnx, tuple(example.shape[1:]), repeats=15)
+            self.whole_ms = whole
             cheap_whole = self.measured_latency_ms(cheapest)
             if kept_sum - cheap_sum > 1e-3 * kept_sum:
                 self.latency_scale = max(0.1, (whole - cheap_whole) / (kept_sum - cheap_sum))
@@ -327,7 +338,11 @@ class Pricing:
         return out
 
     def measured_latency_ms(self, choice: Mapping[str, _Option]) -> float:
-        return _variant_latency_ms(self.model, self.modules, choice, self.example)
+        """The network built as `choice` says, timed in turn with the original (drift cancels in
+        the ratio) and scaled to the original's latency measured at the start."""
+        candidate = _onnx_of(_variant(self.model, self.modules, choice), self.example)
+        reference_ms, candidate_ms = time_onnx_pair_ms(self.original_onnx, candidate, tuple(self.example.shape[1:]))
+        return self.whole_ms * candidate_ms / reference_ms
 
     def limits(self, budgets: Mapping[str, str | float | Budget]) -> dict[str, float]:
         parsed = {q: b if isinstance(b, Budget) else parse_budget(q, b) for q, b in budgets.items()}
@@ -359,6 +374,8 @@ class Pricing:
             for q in self.fixed:
                 costs[q].append(np.array([self.quantity(o, q) for o in self.options[n]], dtype=float))
         layer_limits = {q: limits[q] - self.fixed[q] for q in limits if q in self.fixed}
+        if "latency_ms" in layer_limits and self.target.latency == "measured":
+            layer_limits["latency_ms"] -= (1 - LATENCY_MARGIN) * limits["latency_ms"]
         solution = solve(losses, costs, layer_limits)
         chosen = {n: self.options[n][j] for n, j in zip(self.layer_names, solution.choice)}
         after = self.totals(chosen)
@@ -370,9 +387,9 @@ class Pricing:
                 say(f"plan timed in onnxruntime: {measured:.3f} ms (estimated {after['latency_ms']:.3f} ms)")
                 after["latency_ms_estimated"], after["latency_ms"] = after["latency_ms"], measured
                 limit = limits.get("latency_ms")
-                if limit is None or measured <= limit or not solution.feasible or attempt == 3:
+                if limit is None or measured <= LATENCY_MARGIN * limit or not solution.feasible or attempt == 3:
                     break
-                layer_limits["latency_ms"] -= measured - limit
+                layer_limits["latency_ms"] -= measured - LATENCY_MARGIN * limit
                 solution = solve(losses, costs, layer_limits)
                 chosen = {n: self.options[n][j] for n, j in zip(self.layer_names, solution.choice)}
                 after = self.totals(chosen)
