@@ -20,3 +20,16 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(suffix=".part", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

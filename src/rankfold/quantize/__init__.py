@@ -1,0 +1,1 @@
+"""Post-training quantization: pure arithmetic (core), observers, weight preparation, QDQ ONNX."""

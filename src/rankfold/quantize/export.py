@@ -1,0 +1,64 @@
+"""A compressed float torch model + per-layer bit-widths -> QDQ ONNX file."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx
+from torch import Tensor, nn
+
+from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate, to_qdq
+from rankfold.quantize.weights import correct_bias, quantize_weights
+
+BIAS_CORRECTION_SAMPLES = 128
+
+
+def node_bits(model: onnx.ModelProto, leaf_bits: Mapping[str, int]) -> dict[str, int]:
+    """Weighted ONNX nodes -> bits. rankfold's exporter names a node '/scope/.../<module name>/Op',
+    the second-last part being the full name of the module that produced it."""
+    result = {}
+    for node in model.graph.node:
+        parts = node.name.split("/")
+        if node.op_type in WEIGHTED_OPS and len(parts) >= 3 and parts[-2] in leaf_bits:
+            result[node.name] = leaf_bits[parts[-2]]
+    return result
+
+
+def export_quantized(
+    model: nn.Module,
+    bits: Mapping[str, int],
+    path: str | os.PathLike,
+    *,
+    calib: Tensor,
+    example_input: Tensor,
+    observer: str = "percentile",
+    equalize: bool = True,
+    bias_correction: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, int]:
+    """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
+    Returns the bits of every quantized ONNX node."""
+    from rankfold.export.onnx import export_onnx
+    from rankfold.io import replace_atomically
+
+    say = progress or (lambda _m: None)
+    quantized = copy.deepcopy(model).eval()
+    say("quantizing weights" + (" (seams equalized)" if equalize else ""))
+    leaves = quantize_weights(quantized, bits, equalize=equalize)
+    if bias_correction:
+        say("bias correction")
+        names = [n for n, b in bits.items() if b < 32]
+        correct_bias(model.eval(), quantized, names, calib[:BIAS_CORRECTION_SAMPLES])
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = os.path.join(tmp, "float.onnx")
+        export_onnx(quantized, float_path, example_input=example_input)
+        proto = onnx.load(float_path)
+    activations = calibrate(proto, calib.numpy().astype(np.float32), observer=observer, progress=say)
+    nodes = node_bits(proto, leaves)
+    qdq = to_qdq(proto, nodes, activations)
+    replace_atomically(path, qdq.SerializeToString())
+    return nodes

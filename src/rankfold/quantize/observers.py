@@ -1,0 +1,74 @@
+"""Activation range observers: min-max, percentile and MSE, all from one running histogram per
+tensor, so calibration streams through batches in bounded memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from rankfold.quantize.core import ACT_QMAX, ACT_QMIN, ActivationParams, activation_params
+
+BINS = 2048
+
+
+class RangeObserver:
+    """Collects min, max and a histogram of one tensor over calibration batches. The histogram
+    range is fixed by the first batch and widened (re-binned) when later batches exceed it."""
+
+    def __init__(self) -> None:
+        self.low = np.inf
+        self.high = -np.inf
+        self.hist: np.ndarray | None = None
+        self.edges: np.ndarray | None = None
+
+    def update(self, values: np.ndarray) -> None:
+        v = np.asarray(values, dtype=np.float32).reshape(-1)
+        if v.size == 0:
+            return
+        lo, hi = float(v.min()), float(v.max())
+        self.low, self.high = min(self.low, lo), max(self.high, hi)
+        if self.hist is None or lo < self.edges[0] or hi > self.edges[-1]:
+            self._rebin(min(self.low, 0.0), max(self.high, 0.0) if self.high > self.low else self.low + 1e-6)
+        self.hist += np.histogram(v, bins=self.edges)[0]
+
+    def _rebin(self, lo: float, hi: float) -> None:
+        edges = np.linspace(lo, hi, BINS + 1)
+        hist = np.zeros(BINS, np.float64)
+        if self.hist is not None:  # move old counts to the bins holding their centres
+            centres = 0.5 * (self.edges[1:] + self.edges[:-1])
+            index = np.clip(np.searchsorted(edges, centres, side="right") - 1, 0, BINS - 1)
+            np.add.at(hist, index, self.hist)
+        self.hist, self.edges = hist, edges
+
+    # -- the three ways to turn what was seen into (scale, zero point) ------------------------
+    def minmax(self) -> ActivationParams:
+        return activation_params(self.low, self.high)
+
+    def percentile(self, pct: float = 99.99) -> ActivationParams:
+        cdf = np.cumsum(self.hist) / max(self.hist.sum(), 1)
+        lo = self.edges[int(np.searchsorted(cdf, (100 - pct) / 100))]
+        hi = self.edges[min(int(np.searchsorted(cdf, pct / 100)) + 1, BINS)]
+        return activation_params(lo, hi)
+
+    def mse(self, candidates: int = 64) -> ActivationParams:
+        """The clipping range, among shrunk min-max ranges, with the least expected squared error
+        (rounding noise inside the range, clipping error outside) over the histogram."""
+        centres = 0.5 * (self.edges[1:] + self.edges[:-1])
+        best, best_err = self.minmax(), np.inf
+        for fraction in np.linspace(1.0, 0.3, candidates):
+            params = activation_params(self.low * fraction, self.high * fraction)
+            lo = (ACT_QMIN - params.zero_point) * params.scale
+            hi = (ACT_QMAX - params.zero_point) * params.scale
+            clipped = np.clip(centres, lo, hi)
+            err = float(np.sum(self.hist * ((centres - clipped) ** 2 + params.scale**2 / 12)))
+            if err < best_err:
+                best, best_err = params, err
+        return best
+
+
+OBSERVERS: dict[str, Callable[[RangeObserver], ActivationParams]] = {
+    "minmax": RangeObserver.minmax,
+    "percentile": RangeObserver.percentile,
+    "mse": RangeObserver.mse,
+}

@@ -1,0 +1,180 @@
+"""Float ONNX -> QDQ ONNX: QuantizeLinear/DequantizeLinear around every activation, integer weight
+initializers (int8, or packed int4 at opset 21), int32 biases. onnxruntime fuses DQ -> Conv/Gemm
+-> Q into its integer kernels. Every scale and zero point is computed here, once, and lives in the
+written file; the C export reads them back from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from rankfold.errors import RankfoldError
+from rankfold.quantize.core import ActivationParams, quantize_weight
+from rankfold.quantize.observers import OBSERVERS, RangeObserver
+
+INT4_OPSET = 21
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def float_activations(model: onnx.ModelProto) -> list[str]:
+    """Names of the float tensors that nodes produce or take from the graph inputs (not weights,
+    not the graph outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    names += [o for n in model.graph.node for o in n.output if o]
+    return [n for n in dict.fromkeys(names) if n not in outputs and types.get(n) == TensorProto.FLOAT]
+
+
+def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "percentile", batch_size: int = 32,
+              progress: Callable[[str], None] | None = None) -> dict[str, ActivationParams]:
+    """int8 parameters for every float activation tensor, from onnxruntime runs over `calib`."""
+    import onnxruntime as ort
+
+    if observer not in OBSERVERS:
+        raise RankfoldError(f"unknown observer {observer!r}; choose from {', '.join(OBSERVERS)}")
+    names = float_activations(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+    observers = {n: RangeObserver() for n in wanted}
+    for start in range(0, len(calib), batch_size):
+        if progress:
+            progress(f"activation ranges: samples {start + 1}-{min(start + batch_size, len(calib))} of {len(calib)}")
+        values = session.run(wanted, {input_name: calib[start : start + batch_size].astype(np.float32)})
+        for name, value in zip(wanted, values):
+            observers[name].update(value)
+    pick = OBSERVERS[observer]
+    return {n: pick(o) for n, o in observers.items()}
+
+
+def _const(graph_inits: list, name: str, array: np.ndarray) -> str:
+    graph_inits.append(numpy_helper.from_array(array, name))
+    return name
+
+
+def _int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    return helper.make_tensor(name, TensorProto.INT4, list(values.shape), values.reshape(-1).tolist())
+
+
+def to_qdq(
+    model: onnx.ModelProto,
+    weight_bits: Mapping[str, int],
+    activations: Mapping[str, ActivationParams],
+    *,
+    group_size: int | None = None,
+) -> onnx.ModelProto:
+    """The QDQ model. `weight_bits`: node name -> 8 or 4 for the Conv/Gemm/MatMul nodes whose
+    constant weights are quantized (others keep float weights). `activations`: tensor -> params."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_inits: list[onnx.TensorProto] = []
+    new_nodes: list[onnx.NodeProto] = []
+    renamed: dict[str, str] = {}
+    uses_int4 = False
+
+    def qdq(tensor: str) -> None:
+        params = activations[tensor]
+        scale = _const(new_inits, f"{tensor}_scale", np.array(params.scale, np.float32))
+        zero = _const(new_inits, f"{tensor}_zero_point", np.array(params.zero_point, np.int8))
+        new_nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zero], [f"{tensor}_q"],
+                                          name=f"{tensor}_QuantizeLinear"))
+        new_nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}_q", scale, zero], [f"{tensor}_dq"],
+                                          name=f"{tensor}_DequantizeLinear"))
+        renamed[tensor] = f"{tensor}_dq"
+
+    graph_inputs = [i.name for i in graph.input if i.name in activations]
+    for name in graph_inputs:
+        qdq(name)
+    for node in graph.node:
+        original_inputs = list(node.input)
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        bits = weight_bits.get(node.name)
+        if node.op_type in WEIGHTED_OPS and bits is not None and bits < 32 and len(node.input) > 1 \
+                and node.input[1] in inits:
+            uses_int4 |= bits == 4
+            _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
+                                   group_size)
+        new_nodes.append(node)
+        for name in node.output:
+            if name in activations:
+                qdq(name)
+    used = {i for n in new_nodes for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [i for i in new_inits if i.name in used])
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if uses_int4:
+        for opset in out.opset_import:
+            if opset.domain in ("", "ai.onnx") and opset.version < INT4_OPSET:
+                opset.version = INT4_OPSET
+    onnx.checker.check_model(out)
+    return out
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of the node's weight."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1  # MatMul: (in, out)
+
+
+def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, activations, bits, group_size) -> None:
+    weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    axis = _weight_axis(node)
+    per_channel = np.moveaxis(weight, axis, 0)
+    # Grouped scales need DequantizeLinear's block_size (opset 21); per-channel otherwise.
+    group = group_size if group_size is not None and bits == 4 else None
+    qw = quantize_weight(per_channel, bits, group)
+    q = np.moveaxis(qw.q, 0, axis)
+    base = node.input[1]
+    if bits == 4:
+        new_inits.append(_int4_tensor(f"{base}_q", q))
+        zero = _int4_tensor(f"{base}_wzero", np.zeros(qw.scale.shape, np.int8))
+        new_inits.append(zero)
+    else:
+        new_inits.append(numpy_helper.from_array(q.astype(np.int8), f"{base}_q"))
+        new_inits.append(numpy_helper.from_array(np.zeros(qw.scale.shape, np.int8), f"{base}_wzero"))
+    scale = qw.scale if group is None else np.moveaxis(qw.scale, 0, axis)
+    new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
+    attrs = {"axis": axis}
+    if group is not None:
+        attrs["block_size"] = group
+    new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale", f"{base}_wzero"],
+                                      [f"{base}_dq"], name=f"{base}_DequantizeLinear", **attrs))
+    node.input[1] = f"{base}_dq"
+    # int32 bias at scale s_in * s_w[c] (per-channel weights only), so the integer kernels apply.
+    if len(node.input) > 2 and node.input[2] in inits and input_tensor in activations and group is None:
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        bias_scale = (activations[input_tensor].scale * qw.scale.astype(np.float64)).astype(np.float32)
+        q_bias = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+        b = node.input[2]
+        new_inits.append(numpy_helper.from_array(q_bias, f"{b}_q"))
+        new_inits.append(numpy_helper.from_array(bias_scale, f"{b}_bscale"))
+        new_inits.append(numpy_helper.from_array(np.zeros(q_bias.shape, np.int32), f"{b}_bzero"))
+        new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_q", f"{b}_bscale", f"{b}_bzero"], [f"{b}_dq"],
+                                          name=f"{b}_DequantizeLinear", axis=0))
+        node.input[2] = f"{b}_dq"

@@ -1,0 +1,112 @@
+"""Weight quantization of a torch model before export: seam equalization of factorized chains,
+fake-quantized weights (the exported floats lie exactly on the integer grid), bias correction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import COMPRESSIBLE, run_checked
+from rankfold.layers import LowRank
+from rankfold.quantize.core import fake_quantize_weight
+
+
+def _dense(module: nn.Module) -> bool:
+    return isinstance(module, COMPRESSIBLE) and getattr(module, "groups", 1) == 1
+
+
+def _out_ranges(weight: Tensor) -> Tensor:
+    return weight.detach().abs().reshape(weight.shape[0], -1).amax(1)
+
+
+def _in_ranges(weight: Tensor) -> Tensor:
+    return weight.detach().abs().transpose(0, 1).reshape(weight.shape[1], -1).amax(1)
+
+
+def equalize_seams(chain: nn.Sequential) -> int:
+    """Rescale each pair of consecutive dense factors so that the channels between them have the
+    same range in both: A[j] /= s_j, B[:, j] *= s_j with s_j = sqrt(range_A[j] / range_B[j]).
+    The chain computes the same function (no nonlinearity between factors); per-channel weight
+    quantization of both factors then loses less. Returns the number of seams equalized."""
+    layers = list(chain)
+    done = 0
+    for first, second in zip(layers, layers[1:]):
+        if not (_dense(first) and _dense(second)) or first.weight.shape[0] != second.weight.shape[1]:
+            continue
+        r1, r2 = _out_ranges(first.weight), _in_ranges(second.weight)
+        ok = (r1 > 0) & (r2 > 0)
+        s = torch.where(ok, torch.sqrt(r1 / r2.clamp_min(1e-30)), torch.ones_like(r1))
+        with torch.no_grad():
+            shape_first = (-1,) + (1,) * (first.weight.ndim - 1)
+            shape_second = (1, -1) + (1,) * (second.weight.ndim - 2)
+            first.weight.div_(s.reshape(shape_first))
+            if first.bias is not None:
+                first.bias.div_(s)
+            second.weight.mul_(s.reshape(shape_second))
+        done += 1
+    return done
+
+
+def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: bool = True,
+                     group_size: int | None = None) -> dict[str, int]:
+    """Fake-quantize, in place, the weights of every layer named in `bits` (value < 32); a
+    factorized layer (LowRank) has each factor quantized, after seam equalization. Returns the
+    bit-width of every quantized leaf module, by its full name (for the ONNX export)."""
+    modules = dict(model.named_modules())
+    leaves: dict[str, int] = {}
+    for name, b in bits.items():
+        if b >= 32:
+            continue
+        module = modules[name]
+        if isinstance(module, LowRank):
+            if equalize:
+                equalize_seams(module)
+            targets = [(f"{name}.{child}", m) for child, m in module.named_children()]
+        else:
+            targets = [(name, module)]
+        for leaf, layer in targets:
+            with torch.no_grad():
+                w = layer.weight.detach().numpy()
+                layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size)))
+            leaves[leaf] = b
+    return leaves
+
+
+def correct_bias(float_model: nn.Module, quant_model: nn.Module, names: list[str], calib: Tensor) -> None:
+    """Remove the mean output shift that weight quantization adds to each named layer, measured
+    on `calib` with the layer's float input: bias -= E[y_quant - y_float] per output channel."""
+    float_modules, quant_modules = dict(float_model.named_modules()), dict(quant_model.named_modules())
+    inputs: dict[str, Tensor] = {}
+    handles = [float_modules[n].register_forward_pre_hook(
+        lambda m, i, n=n: inputs.setdefault(n, i[0].detach())) for n in names]
+    try:
+        with torch.no_grad():
+            run_checked(float_model.eval(), calib)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        if name not in inputs:
+            continue
+        q_layer = quant_modules[name]
+        with torch.no_grad():
+            diff = q_layer(inputs[name]) - float_modules[name](inputs[name])
+            channel_axis = -1 if diff.ndim == 2 or isinstance(_last(q_layer), nn.Linear) else 1
+            shift = diff.movedim(channel_axis, -1).reshape(-1, diff.shape[channel_axis]).mean(0)
+            last = _last(q_layer)
+            if last.bias is None:
+                last.bias = nn.Parameter(torch.zeros(shift.shape[0], dtype=last.weight.dtype))
+            last.bias.sub_(shift.to(last.bias.dtype))
+
+
+def _last(module: nn.Module) -> nn.Module:
+    return list(module)[-1] if isinstance(module, nn.Sequential) else module
+
+
+def weight_quant_noise(weight: Tensor, bits: int) -> np.ndarray:
+    """Per output channel, the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12."""
+    qmax = 2 ** (bits - 1) - 1
+    return ((_out_ranges(weight).double() / qmax) ** 2 / 12).numpy()
