@@ -125,18 +125,20 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     t0 = time.time()
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement, onnx_path=args.model,
-                                progress=lambda m: log("  " + m))
-    _finish(args, result, example, t0, budgets)
+                                bits=args.bits, progress=lambda m: log("  " + m))
+    _finish(args, result, model, calib, example, t0, budgets)
 
 
-def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict | None) -> None:
+def _finish(args: argparse.Namespace, result, model, calib, example, t0: float, budgets: dict | None) -> None:
     """Export, then print and write the plan and the report (nothing is written on failure)."""
     from rankfold.evaluate import onnx_size
-    from rankfold.export.onnx import export_onnx
     from rankfold.io import write_json_atomic
+    from rankfold.planner.pipeline import write_result
     from rankfold.report import plan_table
 
-    export_onnx(result.module, args.output, example_input=example)
+    result.check = write_result(result, model, args.output, calib=calib, example_input=example,
+                                observer=args.observer, min_agreement=args.min_agreement,
+                                progress=_log(args.quiet))
     seconds = time.time() - t0
     before, after = onnx_size(args.model), onnx_size(args.output)
     print(plan_table(result.plan))
@@ -167,7 +169,7 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     t0 = time.time()
     result = apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
                              progress=lambda m: log("  " + m))
-    _finish(args, result, example, t0, None)
+    _finish(args, result, model, calib, example, t0, None)
 
 
 def _cmd_pareto(args: argparse.Namespace) -> None:
@@ -251,6 +253,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
                    help="refuse a result whose top-1 agrees with the original on fewer held-back calibration "
                         f"samples than this (default {DEFAULT_MIN_AGREEMENT})")
+    p.add_argument("--observer", default="percentile", choices=["percentile", "minmax", "mse"],
+                   help="activation range observer for quantized layers (default percentile)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -284,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-macs", help="multiply-accumulates per sample, e.g. 25%% or 100M")
     p.add_argument("--max-latency", help="batch-1 latency, e.g. 30%% or 4ms (measured on host, modelled on MCUs)")
     p.add_argument("--max-ram", help="peak activation memory, e.g. 256KB")
+    p.add_argument("--bits", default="auto", help="weight bit-width: auto (the planner picks per layer from the "
+                                                  "target's set; first and last layer stay float where the "
+                                                  "target runs float), 32, 8 or 4")
     p.add_argument("--plan-out", help="write the plan (editable JSON) here")
     p.add_argument("--method", default=None, help="uniform mode: svd | tucker2 | cp | spatial-svd | auto "
                                                   "(default tucker2)")

@@ -25,16 +25,25 @@ class OnnxSize:
     file_bytes: int
 
 
+# Types stored packed, several values per byte.
+PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+
+
 def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> OnnxSize:
     """Count parameters, weight bytes and MACs of an ONNX file (one definition for all reports)."""
     model = model if model is not None else onnx.load(os.fspath(path))
+    # Scales and zero points of Quantize/DequantizeLinear are bytes, not parameters.
+    qparams = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for name in node.input[1:]}
     params = weight_bytes = 0
     for init in model.graph.initializer:
         if init.data_type in SHAPE_DTYPES:
             continue
-        arr = numpy_helper.to_array(init)
-        params += arr.size
-        weight_bytes += arr.nbytes
+        count = int(np.prod(init.dims)) if len(init.dims) else 1
+        bits = PACKED_BITS.get(init.data_type)
+        weight_bytes += -(-count * bits // 8) if bits else numpy_helper.to_array(init).nbytes
+        if init.name not in qparams:
+            params += count
     return OnnxSize(params, weight_bytes, onnx_macs(model), os.path.getsize(os.fspath(path)))
 
 

@@ -7,6 +7,13 @@ import os
 import tempfile
 
 
+def _public(path: str) -> None:
+    """mkstemp makes owner-only files; give the result the permissions a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     """Write `obj` as JSON to a temporary file beside `path`, then rename it into place."""
     path = os.fspath(path)
@@ -16,6 +23,7 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(obj, handle, indent=2)
             handle.write("\n")
+        _public(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -29,6 +37,7 @@ def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        _public(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -26,11 +26,12 @@ def _format_rows(rows: list[tuple]) -> str:
 
 def plan_table(plan) -> str:
     """One row per layer of a Plan, then estimated totals before and after."""
-    rows = [("layer", "shape", "method", "ranks", "params", "MACs", "latency ms", "RAM B", "est.loss", "note")]
+    rows = [("layer", "shape", "method", "ranks", "bits", "params", "weight B", "MACs", "latency ms", "RAM B",
+             "est.loss", "note")]
     for r in plan.layers:
         ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
-        rows.append((r.name, r.layer, r.method, ranks, human(r.params), human(r.macs), f"{r.latency_ms:.4f}",
-                     human(r.ram_bytes), f"{r.est_loss:.2e}", r.note))
+        rows.append((r.name, r.layer, r.method, ranks, r.bits, human(r.params), human(r.weight_bytes), human(r.macs),
+                     f"{r.latency_ms:.4f}", human(r.ram_bytes), f"{r.est_loss:.2e}", r.note))
     table = _format_rows(rows)
     lines = [table, "", f"{'':14}{'before':>14}{'after':>14}{'ratio':>9}   limit"]
     for key, label in (("params", "parameters"), ("weight_bytes", "weight bytes"), ("macs", "MACs"),
@@ -40,7 +41,7 @@ def plan_table(plan) -> str:
         fmt = (lambda v: f"{v:.3f}") if key == "latency_ms" else human
         limit_text = "" if limit is None else fmt(limit)
         lines.append(f"{label:14}{fmt(a):>14}{fmt(b):>14}{b / a if a else 1:>9.1%}   {limit_text}")
-    lines.append(f"target {plan.target} ({plan.weight_bits}-bit weights), latency: {plan.latency_source}; "
+    lines.append(f"target {plan.target}, latency: {plan.latency_source}; "
                  f"estimated loss {plan.est_loss:.3e} nats (KL to the original)")
     lines.extend(f"note: {m}" for m in plan.messages)
     return "\n".join(lines)

@@ -60,3 +60,17 @@ def split_holdout(calib: Tensor) -> tuple[Tensor, Tensor | None]:
         return calib, None
     held = min(128, max(16, n // 8))
     return calib[: n - held], calib[n - held :]
+
+
+def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor) -> Agreement:
+    """agreement() with the candidate run from its ONNX file in onnxruntime (e.g. a QDQ model)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    class _Session(nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return agreement(original, _Session(), inputs)

@@ -32,12 +32,13 @@ def compress_to_budget(
     min_rank: int = 8,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     onnx_path: str | None = None,
+    bits: str | int = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> Budgeted:
     say = progress or (lambda _m: None)
     fit, held = split_holdout(calib) if calib is not None else (None, None)
     plan = make_plan(model, calib=fit, example_input=example_input, target=target, budgets=budgets or {},
-                     min_rank=min_rank, onnx_path=onnx_path, progress=say)
+                     min_rank=min_rank, onnx_path=onnx_path, bits=bits, progress=say)
     if not plan.feasible:
         raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
     module, report = apply_plan(model, plan, calib=fit, progress=say)
@@ -61,3 +62,45 @@ def check_result(model, module, held, min_agreement, say) -> Agreement | None:
     say("self-check: " + check.describe())
     refuse_if_poor(check, min_agreement)
     return check
+
+
+def write_result(
+    result: Budgeted,
+    original: nn.Module,
+    path: str,
+    *,
+    calib: Tensor | None,
+    example_input: Tensor,
+    observer: str = "percentile",
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    progress: Callable[[str], None] | None = None,
+) -> Agreement | None:
+    """Write the ONNX file: float, or QDQ when the plan quantizes any layer. A quantized file is
+    checked against the original on the held-back samples before it takes `path`."""
+    import os
+
+    from rankfold.export.onnx import export_onnx
+    from rankfold.quantize.export import export_quantized
+    from rankfold.selfcheck import onnx_agreement
+
+    say = progress or (lambda _m: None)
+    if not result.plan.quantized:
+        export_onnx(result.module, path, example_input=example_input)
+        return result.check
+    if calib is None:
+        raise RankfoldError("a quantized plan needs calibration data (activation ranges)")
+    fit, held = split_holdout(calib)
+    partial = f"{path}.part"
+    try:
+        export_quantized(result.module, result.plan.layer_bits(), partial, calib=fit, example_input=example_input,
+                         observer=observer, progress=say)
+        check = result.check
+        if held is not None:
+            check = onnx_agreement(original, partial, held)
+            say("self-check (quantized): " + check.describe())
+            refuse_if_poor(check, min_agreement)
+        os.replace(partial, path)
+        return check
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)

@@ -4,6 +4,7 @@ one option per layer under the budgets, and write it down as an editable JSON pl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -62,6 +63,7 @@ class LayerPlan:
     latency_ms: float = 0.0
     ram_bytes: int = 0  # activation memory in use while this layer runs
     note: str = ""
+    bits: int = 32  # weight bit-width: 32 (float), 8 or 4
 
 
 @dataclass
@@ -86,6 +88,13 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
+
+    def layer_bits(self) -> dict[str, int]:
+        return {layer.name: layer.bits for layer in self.layers}
+
+    @property
+    def quantized(self) -> bool:
+        return any(layer.bits < 32 for layer in self.layers)
 
     def layer_configs(self) -> dict[str, MethodConfig]:
         configs: dict[str, MethodConfig] = {}
@@ -116,6 +125,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
     except (KeyError, TypeError) as exc:
         raise RankfoldError(f"{path}: malformed plan: {exc}") from None
     for layer in plan.layers:
+        if layer.bits not in (32, 8, 4):
+            raise RankfoldError(f"{path}: layer {layer.name!r}: bits must be 32, 8 or 4, got {layer.bits!r}")
         if layer.method != "none" and layer.method not in METHOD_CONFIGS:
             raise RankfoldError(f"{path}: layer {layer.name!r}: unknown method {layer.method!r} "
                                 f"(choose from none, {', '.join(METHOD_CONFIGS)})")
@@ -136,6 +147,44 @@ class _Option:
     profile: ChainProfile
     latency_ms: float
     ram_elements: int
+    bits: int = 32
+    weight_bytes: float = 0.0
+
+
+def _stored_bytes(profile: ChainProfile, bits: int) -> float:
+    """Weight bytes of a chain at `bits`, as the QDQ export stores them: packed integers and a
+    float32 scale per output channel, int32 biases with a float32 scale each; float32 at 32 bits."""
+    if bits >= 32:
+        return 4.0 * profile.params
+    total = 0.0
+    for s in profile.sub_layers:
+        elements = s.out_ch * (s.in_ch // s.groups) * int(np.prod(s.kernel or (1,)))
+        total += -(-elements * bits // 8) + 4 * s.out_ch + (8 * s.out_ch if s.bias else 0)
+    return total
+
+
+def _with_bits(options: list[_Option], bits_choices: tuple[int, ...], noise_unit: float) -> list[_Option]:
+    """Every structural option at every allowed bit-width. Quantizing adds rounding noise to each
+    factor: its estimated loss is noise_unit (the layer's loss at int8) x factors x (127/qmax)^2."""
+    expanded = []
+    for opt in options:
+        for bits in bits_choices:
+            extra = 0.0 if bits >= 32 else noise_unit * len(opt.profile.sub_layers) * (127 / (2 ** (bits - 1) - 1)) ** 2
+            expanded.append(dataclasses.replace(opt, loss=opt.loss + extra, bits=bits,
+                                                weight_bytes=_stored_bytes(opt.profile, bits)))
+    return expanded
+
+
+def _int8_noise_loss(module: nn.Module, stats) -> float:
+    """1/2 sum_c G_c E[dy_c^2] for int8 rounding noise on the layer's weights (independent noise of
+    variance (max|w_c| / 127)^2 / 12 per weight; E[x^2] summed over the taps = taps * tr(Sigma))."""
+    from rankfold.quantize.weights import weight_quant_noise
+
+    noise = torch.from_numpy(weight_quant_noise(module.weight, 8))
+    spec = layer_spec(module)
+    trace = float(torch.trace(stats.input_moment)) if stats.input_moment is not None else float(spec.in_ch)
+    per_group = spec.in_ch // spec.groups
+    return 0.5 * float(stats.sensitivity @ noise) * spec.spatial * trace * per_group / spec.in_ch
 
 
 def _options_for_layer(
@@ -224,14 +273,29 @@ def make_plan(
     budgets: Mapping[str, str | float | Budget] | None = None,
     min_rank: int = 8,
     onnx_path: str | None = None,
+    bits: str | int = "auto",
     progress: Progress | None = None,
 ) -> Plan:
     """Plan the compression of `model` for `target` under `budgets` ({quantity: "10%" | "2MB" | ...},
     quantities: params, weight_bytes, macs, latency_ms, ram_bytes). `onnx_path`: the model's own
     ONNX file, timed for the host's whole-network latency (else the model is exported to time it)."""
     pricing = price_model(model, calib=calib, example_input=example_input, target=target, min_rank=min_rank,
-                          onnx_path=onnx_path, progress=progress)
+                          onnx_path=onnx_path, bits=bits, progress=progress)
     return pricing.solve(budgets or {}, progress=progress)
+
+
+def bit_choices(target: Target, bits: str | int) -> tuple[int, ...]:
+    """The weight bit-widths the planner may pick from: the target's set ("auto"), or one of them."""
+    if bits == "auto":
+        return tuple(target.weight_bits)
+    try:
+        value = int(bits)
+    except (TypeError, ValueError):
+        raise RankfoldError(f"bits must be auto, 32, 8 or 4, got {bits!r}") from None
+    if value not in target.weight_bits:
+        raise RankfoldError(f"target {target.name} runs weights at {', '.join(map(str, target.weight_bits))} "
+                            f"bits, not {value}")
+    return (value,)
 
 
 def price_model(
@@ -242,6 +306,7 @@ def price_model(
     target: str | Target = "host",
     min_rank: int = 8,
     onnx_path: str | None = None,
+    bits: str | int = "auto",
     progress: Progress | None = None,
 ) -> Pricing:
     """The expensive half of planning: statistics, every layer's options with loss and costs."""
@@ -269,11 +334,15 @@ def price_model(
         modules = dict(model.named_modules())
         layer_names = [n for n in names if n in stats]
         options, notes = {}, {}
+        choices = bit_choices(target, bits)
         for i, name in enumerate(layer_names, 1):
             say(f"pricing [{i}/{len(layer_names)}] {name}")
-            options[name], notes[name] = _options_for_layer(
+            structural, notes[name] = _options_for_layer(
                 name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0),
                 activations.input_kept.get(name, False), latency_of)
+            edge = i in (1, len(layer_names)) and 32 in target.weight_bits  # first and last layer stay float
+            options[name] = _with_bits(structural, (32,) if edge else choices,
+                                       _int8_noise_loss(modules[name], stats[name]))
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()
@@ -292,7 +361,7 @@ class Pricing:
         self.options, self.notes, self.activations = options, notes, activations
         self.data_aware, self.names, self.layer_names = data_aware, names, layer_names
         self.modules = dict(model.named_modules())
-        self.weight_bytes_per = target.default_weight_bits / 8
+        self.weight_bytes_per = 4 if 32 in target.weight_bits else 1  # bytes per parameter outside layers
         self.act_bytes = target.activation_bytes
         total_params = sum(p.numel() for p in model.parameters()) + sum(
             b.numel() for b in model.buffers() if b.is_floating_point())
@@ -317,9 +386,12 @@ class Pricing:
         else:
             fixed_latency = 1000.0 * activations.other_elements * target.cycles_per_element / target.clock_hz
             self.latency_source = "model (cycles per MAC)"
+        # A quantized export adds a float32 scale and an int8 zero point per activation tensor.
+        quantizable = any(o.bits < 32 for n in layer_names for o in options[n])
+        activation_params_bytes = 5 * (len(getattr(model, "steps", [])) or 3 * len(layer_names)) if quantizable else 0
         self.fixed = {
             "params": total_params - layer_params,
-            "weight_bytes": (total_params - layer_params) * self.weight_bytes_per,
+            "weight_bytes": (total_params - layer_params) * self.weight_bytes_per + activation_params_bytes,
             "macs": 0,
             "latency_ms": fixed_latency,
         }
@@ -328,7 +400,7 @@ class Pricing:
             self.before["latency_ms"] = whole
 
     def quantity(self, opt: _Option, q: str) -> float:
-        return {"params": opt.profile.params, "weight_bytes": opt.profile.params * self.weight_bytes_per,
+        return {"params": opt.profile.params, "weight_bytes": opt.weight_bytes,
                 "macs": opt.profile.macs, "latency_ms": self.latency_scale * opt.latency_ms}[q]
 
     def totals(self, choice: Mapping[str, _Option]) -> dict[str, float]:
@@ -413,9 +485,10 @@ class Pricing:
         if not self.activations.graph_wide:
             messages.append("activation memory counts layer inputs and outputs only (residual branches are not "
                             "tracked outside ONNX-loaded models)")
-        if self.target.default_weight_bits != 32:
-            messages.append(f"weight bytes are counted at {self.target.default_weight_bits} bits, the target's "
-                            "deployment width")
+        if any(o.bits < 32 for n in self.layer_names for o in self.options[n]) and \
+                self.target.latency == "measured":
+            messages.append("latency is measured on float layers; quantized layers run onnxruntime's int8 kernels "
+                            "(int4 weights are dequantized at run time)")
         return messages
 
     def _layer_plans(self, chosen: Mapping[str, _Option]) -> list[LayerPlan]:
@@ -431,9 +504,9 @@ class Pricing:
                 note = "kept: no option's saving was worth its loss under the budgets"
             layers.append(LayerPlan(
                 n, described, opt.method, list(opt.ranks), float(opt.loss), int(opt.profile.params),
-                int(round(opt.profile.params * self.weight_bytes_per)), int(opt.profile.macs),
+                int(round(opt.weight_bytes)), int(opt.profile.macs),
                 round(float(self.latency_scale * opt.latency_ms), 5), int(round(opt.ram_elements * self.act_bytes)),
-                note))
+                note, opt.bits))
         return layers
 
 

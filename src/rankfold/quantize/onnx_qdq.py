@@ -9,10 +9,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
 from rankfold.errors import RankfoldError
-from rankfold.quantize.core import ActivationParams, quantize_weight
+from rankfold.quantize.core import ActivationParams, pack_int4, quantize_weight
 from rankfold.quantize.observers import OBSERVERS, RangeObserver
 
 INT4_OPSET = 21
@@ -69,7 +70,10 @@ def _const(graph_inits: list, name: str, array: np.ndarray) -> str:
 
 
 def _int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
-    return helper.make_tensor(name, TensorProto.INT4, list(values.shape), values.reshape(-1).tolist())
+    """Packed two values per byte in raw_data (helper.make_tensor would store one int32 each)."""
+    tensor = TensorProto(name=name, data_type=TensorProto.INT4, dims=list(values.shape))
+    tensor.raw_data = pack_int4(values)
+    return tensor
 
 
 def to_qdq(
@@ -81,6 +85,9 @@ def to_qdq(
 ) -> onnx.ModelProto:
     """The QDQ model. `weight_bits`: node name -> 8 or 4 for the Conv/Gemm/MatMul nodes whose
     constant weights are quantized (others keep float weights). `activations`: tensor -> params."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if any(b == 4 for b in weight_bits.values()) and opset < INT4_OPSET:
+        model = onnx.version_converter.convert_version(model, INT4_OPSET)  # int4 tensors need opset 21
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -88,7 +95,6 @@ def to_qdq(
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     renamed: dict[str, str] = {}
-    uses_int4 = False
 
     def qdq(tensor: str) -> None:
         params = activations[tensor]
@@ -111,7 +117,6 @@ def to_qdq(
         bits = weight_bits.get(node.name)
         if node.op_type in WEIGHTED_OPS and bits is not None and bits < 32 and len(node.input) > 1 \
                 and node.input[1] in inits:
-            uses_int4 |= bits == 4
             _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
                                    group_size)
         new_nodes.append(node)
@@ -124,10 +129,6 @@ def to_qdq(
     graph.initializer.extend(kept + [i for i in new_inits if i.name in used])
     del graph.node[:]
     graph.node.extend(new_nodes)
-    if uses_int4:
-        for opset in out.opset_import:
-            if opset.domain in ("", "ai.onnx") and opset.version < INT4_OPSET:
-                opset.version = INT4_OPSET
     onnx.checker.check_model(out)
     return out
 
@@ -151,19 +152,17 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     qw = quantize_weight(per_channel, bits, group)
     q = np.moveaxis(qw.q, 0, axis)
     base = node.input[1]
+    # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.
     if bits == 4:
         new_inits.append(_int4_tensor(f"{base}_q", q))
-        zero = _int4_tensor(f"{base}_wzero", np.zeros(qw.scale.shape, np.int8))
-        new_inits.append(zero)
     else:
         new_inits.append(numpy_helper.from_array(q.astype(np.int8), f"{base}_q"))
-        new_inits.append(numpy_helper.from_array(np.zeros(qw.scale.shape, np.int8), f"{base}_wzero"))
     scale = qw.scale if group is None else np.moveaxis(qw.scale, 0, axis)
     new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
     attrs = {"axis": axis}
     if group is not None:
         attrs["block_size"] = group
-    new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale", f"{base}_wzero"],
+    new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale"],
                                       [f"{base}_dq"], name=f"{base}_DequantizeLinear", **attrs))
     node.input[1] = f"{base}_dq"
     # int32 bias at scale s_in * s_w[c] (per-channel weights only), so the integer kernels apply.
@@ -174,7 +173,6 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
         b = node.input[2]
         new_inits.append(numpy_helper.from_array(q_bias, f"{b}_q"))
         new_inits.append(numpy_helper.from_array(bias_scale, f"{b}_bscale"))
-        new_inits.append(numpy_helper.from_array(np.zeros(q_bias.shape, np.int32), f"{b}_bzero"))
-        new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_q", f"{b}_bscale", f"{b}_bzero"], [f"{b}_dq"],
+        new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_q", f"{b}_bscale"], [f"{b}_dq"],
                                           name=f"{b}_DequantizeLinear", axis=0))
         node.input[2] = f"{b}_dq"
