@@ -7,7 +7,7 @@ import os
 import tempfile
 
 
-def _public(path: str) -> None:
+def make_public(path: str) -> None:
     """mkstemp makes owner-only files; give the result the permissions a plain open() would."""
     umask = os.umask(0)
     os.umask(umask)
@@ -23,7 +23,7 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(obj, handle, indent=2)
             handle.write("\n")
-        _public(tmp)
+        make_public(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -37,7 +37,7 @@ def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        _public(tmp)
+        make_public(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
+from rankfold.io import make_public
 
 OPSET = 17
 RTOL = 1e-4
@@ -65,6 +66,7 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
             )
         if verify:
             _verify(tmp, example_input, expected)
+        make_public(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
-from rankfold.io import write_json_atomic
+from rankfold.io import make_public, write_json_atomic
 from rankfold.planner.plan import apply_plan, price_model
 from rankfold.selfcheck import split_holdout
 from rankfold.target import Budget
@@ -134,6 +134,7 @@ def _plot(result: dict, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        make_public(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -395,7 +395,11 @@ class Pricing:
             "macs": 0,
             "latency_ms": fixed_latency,
         }
-        self.before = self.totals({n: options[n][0] for n in layer_names})
+        # "before" is the float original, whatever bit-widths the options use (budgets in % are of it)
+        self.before = self.totals({n: dataclasses.replace(options[n][0], bits=32,
+                                                          weight_bytes=_stored_bytes(options[n][0].profile, 32))
+                                   for n in layer_names})
+        self.before["weight_bytes"] -= activation_params_bytes
         if target.latency == "measured":
             self.before["latency_ms"] = whole
 

@@ -1,0 +1,228 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import rankfold
+from rankfold.errors import RankfoldError
+from rankfold.evaluate import onnx_size
+from rankfold.layers import LowRank
+from rankfold.planner.plan import make_plan
+from rankfold.quantize.core import (
+    activation_params,
+    fake_quantize_weight,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+)
+from rankfold.quantize.export import export_quantized
+from rankfold.quantize.observers import RangeObserver
+from rankfold.quantize.weights import correct_bias, equalize_seams, quantize_weights
+
+
+# -- arithmetic -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, qmax", [(8, 127), (4, 7)])
+def test_per_channel_weights_stay_within_half_a_step(bits, qmax):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * rng.uniform(0.01, 10, (6, 1, 1, 1))
+    qw = quantize_weight(w, bits)
+    assert qw.q.dtype == np.int8 and np.abs(qw.q).max() == qmax
+    np.testing.assert_allclose(qw.scale, np.abs(w).reshape(6, -1).max(1) / qmax, rtol=1e-6)
+    err = np.abs(qw.dequantize() - w).reshape(6, -1).max(1)
+    assert np.all(err <= qw.scale / 2 + 1e-6)  # each channel: at most half of its own step
+
+
+def test_grouped_int4_scales_follow_each_group():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 40)).astype(np.float32)
+    w[:, 32:] *= 100  # one loud group must not coarsen the others
+    grouped = quantize_weight(w, 4, group_size=16)
+    assert grouped.scale.shape == (3, 3)
+    per_channel = quantize_weight(w, 4)
+    quiet = slice(0, 32)
+    assert np.abs(grouped.dequantize() - w)[:, quiet].max() < 0.2 * np.abs(per_channel.dequantize() - w)[:, quiet].max()
+
+
+def test_quantizing_a_fake_quantized_weight_is_exact():
+    w = np.random.default_rng(2).standard_normal((8, 5)).astype(np.float32)
+    once = fake_quantize_weight(w, 4)
+    np.testing.assert_array_equal(fake_quantize_weight(once, 4), once)
+
+
+def test_int4_packing_round_trips():
+    values = np.array([-7, 7, 0, -1, 3, -8, 5], np.int8)
+    packed = pack_int4(values)
+    assert len(packed) == 4 and packed[0] == ((-7 & 0xF) | (7 << 4))  # first value in the low nibble
+    np.testing.assert_array_equal(unpack_int4(packed, 7), values)
+    with pytest.raises(ValueError):
+        pack_int4(np.array([9], np.int8))
+
+
+def test_activation_params_keep_zero_exact_and_cover_the_range():
+    params = activation_params(-0.3, 6.0)
+    assert params.dequantize(params.quantize(np.zeros(1, np.float32)))[0] == 0.0
+    x = np.linspace(-0.3, 6.0, 1000, dtype=np.float32)
+    assert np.abs(params.dequantize(params.quantize(x)) - x).max() <= params.scale / 2 + 1e-6
+    relu = activation_params(0.0, 4.0)
+    assert relu.zero_point == -128
+
+
+def test_observers_minmax_percentile_mse():
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal(200_000).astype(np.float32)
+    data[:20] = rng.choice([-200.0, 200.0], 20)  # a few outliers: clipping them pays
+    obs = RangeObserver()
+    for chunk in np.array_split(data, 7):
+        obs.update(chunk)
+    assert obs.low == data.min() and obs.high == data.max()
+
+    def sq_error(params):
+        return float(np.mean((params.dequantize(params.quantize(data)) - data) ** 2))
+
+    pct, mse, mm = obs.percentile(99.9), obs.mse(), obs.minmax()
+    lo, hi = (-128 - mm.zero_point) * mm.scale, (127 - mm.zero_point) * mm.scale
+    assert lo <= data.min() + 1e-3 and hi >= data.max() - mm.scale  # min-max covers everything
+    p_lo, p_hi = (-128 - pct.zero_point) * pct.scale, (127 - pct.zero_point) * pct.scale
+    inside = np.mean((data >= p_lo) & (data <= p_hi))
+    assert 0.998 <= inside < 1.0  # the percentile range keeps ~99.9 % and clips the outliers
+    assert sq_error(mse) <= sq_error(mm) and sq_error(mse) <= sq_error(pct)  # mse: least squared error
+
+
+# -- seams, bias correction -----------------------------------------------------------------------
+def _imbalanced_chain():
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(16, 12, 3, padding=1, bias=False), nn.Conv2d(12, 20, 1)
+    s = torch.exp(2 * torch.randn(12))  # same function, badly balanced channel ranges
+    with torch.no_grad():
+        first.weight.mul_(s.reshape(-1, 1, 1, 1))
+        second.weight.div_(s.reshape(1, -1, 1, 1))
+    return LowRank(first, second, method="svd", ranks=(12,))
+
+
+def test_seam_equalization_keeps_the_function_and_lowers_quantization_error():
+    x = torch.randn(8, 16, 10, 10)
+    errors = {}
+    for equalize in (False, True):
+        chain = _imbalanced_chain()
+        with torch.no_grad():
+            reference = chain(x)
+        if equalize:
+            assert equalize_seams(chain) == 1
+            with torch.no_grad():
+                torch.testing.assert_close(chain(x), reference, rtol=1e-4, atol=1e-4)
+        for layer in chain:
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(fake_quantize_weight(layer.weight.numpy(), 4)))
+        with torch.no_grad():
+            errors[equalize] = float((chain(x) - reference).norm() / reference.norm())
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_bias_correction_removes_the_mean_shift():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU()).eval()
+    x = torch.rand(64, 4, 8, 8) + 0.5  # non-zero mean inputs: rounding error shifts the output
+    quantized = torch.nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU())
+    quantized.load_state_dict(model.state_dict())
+    quantize_weights(quantized, {"0": 4})
+
+    def shift(m):
+        with torch.no_grad():
+            return (m[0](x) - model[0](x)).mean((0, 2, 3)).abs().max()
+
+    before = shift(quantized)
+    correct_bias(model, quantized, ["0"], x)
+    assert shift(quantized) < 0.01 * before
+
+
+# -- QDQ export -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10)).eval()
+    calib = torch.randn(96, 1, 12, 12)
+    return model, calib
+
+
+def _run(path, x, optimize=True):
+    options = ort.SessionOptions()
+    if not optimize:  # every QuantizeLinear / DequantizeLinear runs as written: the fake-quant reference
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qdq_export_stores_integers_and_agrees_with_the_fake_quantized_model(trained, tmp_path, bits):
+    model, calib = trained
+    layers = {"0": 32, "2": bits, "4": bits, "8": 32}
+    path = tmp_path / f"q{bits}.onnx"
+    nodes = export_quantized(model, layers, path, calib=calib, example_input=calib[:2])
+    assert sorted(nodes.values()) == [bits, bits]
+    proto = onnx.load(path)
+    int_type = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4
+    weights = [i for i in proto.graph.initializer if i.data_type == int_type and len(i.dims) == 4]
+    assert len(weights) == 2
+    if bits == 4:
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    # the stored integers times their scales are exactly the fake-quantized torch weights
+    reference_model = _copy(model)
+    assert set(quantize_weights(reference_model, layers)) == {"2", "4"}
+    scales = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    modules = dict(reference_model.named_modules())
+    for w in weights:
+        dequantized = numpy_helper.to_array(w).astype(np.float32) * scales[w.name[:-2] + "_wscale"][:, None, None, None]
+        match = [n for n in ("2", "4") if modules[n].weight.shape == dequantized.shape]
+        np.testing.assert_allclose(dequantized, modules[match[0]].weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    x = calib[:64].numpy()
+    integer, fake = _run(path, x), _run(path, x, optimize=False)
+    assert np.abs(integer - fake).max() <= 0.05 * np.abs(fake).max()
+    assert (integer.argmax(1) == fake.argmax(1)).mean() >= 0.95
+    with torch.no_grad():
+        float_out = model(calib[:64]).numpy()
+    assert np.linalg.norm(fake - float_out) / np.linalg.norm(float_out) < (0.1 if bits == 8 else 0.5)
+    size = onnx_size(path)
+    float_weights = sum(p.numel() for p in model.parameters())
+    assert size.params == float_weights
+    assert size.weight_bytes < 4 * float_weights * (0.35 if bits == 8 else 0.25)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_planner_picks_bits_under_a_byte_budget(trained):
+    model, calib = trained
+    plan = make_plan(model, calib=calib, target="host", budgets={"weight_bytes": "20%"}, min_rank=4)
+    assert plan.feasible and plan.after["weight_bytes"] <= plan.limits["weight_bytes"]
+    assert plan.layers[0].bits == 32 and plan.layers[-1].bits == 32  # first and last stay float
+    assert any(layer.bits < 32 for layer in plan.layers)
+    assert plan.before["weight_bytes"] == pytest.approx(4 * sum(p.numel() for p in model.parameters()))
+    fixed = make_plan(model, calib=calib, target="host", budgets={"weight_bytes": "50%"}, bits=4, min_rank=4)
+    assert {layer.bits for layer in fixed.layers[1:-1]} == {4}
+    with pytest.raises(RankfoldError, match="runs weights at"):
+        make_plan(model, calib=calib, target="cortex-m7", bits=32)
+
+
+def test_quantized_compress_via_cli_writes_a_checked_qdq_file(trained, tmp_path):
+    import subprocess
+    import sys
+
+    model, calib = trained
+    rankfold.export_onnx(model, tmp_path / "m.onnx", example_input=calib[:1])
+    np.savez(tmp_path / "calib.npz", x=calib.numpy())
+    out = tmp_path / "q.onnx"
+    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", "compress", str(tmp_path / "m.onnx"), "--calib",
+                           str(tmp_path / "calib.npz"), "--max-weight-bytes", "30%", "--min-rank", "4", "-o",
+                           str(out), "--min-agreement", "0.5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "self-check (quantized)" in proc.stderr
+    assert onnx_size(out).weight_bytes <= 0.3 * onnx_size(tmp_path / "m.onnx").weight_bytes
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
