@@ -6,6 +6,7 @@ from rankfold.errors import RankfoldError
 from rankfold.export.onnx import export_onnx
 from rankfold.frontends.onnx import load_onnx
 from rankfold.planner.plan import Plan, apply_plan, load_plan, make_plan
+from rankfold.quantize.export import export_quantized
 from rankfold.stats import ModelCost, model_cost
 from rankfold.target import Target, load_target
 
@@ -26,6 +27,7 @@ __all__ = [
     "compress",
     "compress_with_report",
     "export_onnx",
+    "export_quantized",
     "load_onnx",
     "load_plan",
     "load_target",

@@ -82,6 +82,7 @@ def compress(
     max_macs: str | float | None = None,
     max_latency: str | float | None = None,
     max_ram: str | float | None = None,
+    bits: str | int = "auto",
     min_agreement: float = 0.8,
 ) -> nn.Module:
     """A compressed copy of `model`; the input model is not modified.
@@ -91,6 +92,8 @@ def compress(
     limits, applies the plan, and checks the result on held-back calibration samples, raising
     RankfoldError when top-1 agreement falls below `min_agreement`. The plan is attached as
     `result.rankfold_plan`, the self-check as `result.rankfold_check`. `method`/`keep` are not used.
+    `bits` ("auto", 32, 8, 4) lets the plan quantize weights; the module returned is float, and
+    rankfold.export_quantized(result, plan.layer_bits(), path, calib=...) writes the QDQ file.
 
     Uniform mode (otherwise):
 
@@ -114,7 +117,8 @@ def compress(
         if not isinstance(model, nn.Module):
             raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         result = compress_to_budget(model, calib=calib, target=target or "host", budgets=budgets,
-                                    min_rank=min_rank, min_agreement=min_agreement, progress=progress)
+                                    min_rank=min_rank, min_agreement=min_agreement, bits=bits,
+                                    progress=progress)
         compressed = result.module
         compressed.rankfold_plan, compressed.rankfold_check = result.plan, result.check
         compressed.rankfold_report = result.report

@@ -27,6 +27,16 @@ def _accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256)
     return correct / max(len(x), 1)
 
 
+def _quantized_accuracy(module, plan, calib, example, data) -> float:
+    from rankfold.evaluate import accuracy
+    from rankfold.quantize.export import export_quantized
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "q.onnx")
+        export_quantized(module, plan.layer_bits(), path, calib=calib, example_input=example)
+        return accuracy(path, *data)
+
+
 def run_pareto(
     model: nn.Module,
     model_path: str,
@@ -63,7 +73,10 @@ def run_pareto(
         original_accuracy = _accuracy(model, *data)
         for i in chosen:
             module, _ = apply_plan(model, plans[i], calib=fit)
-            points[i]["accuracy"] = _accuracy(module, *data)
+            if plans[i].quantized:  # measure what would be written: the QDQ file, in onnxruntime
+                points[i]["accuracy"] = _quantized_accuracy(module, plans[i], fit, example, data)
+            else:
+                points[i]["accuracy"] = _accuracy(module, *data)
     else:
         original_accuracy = None
     fits = pricing.solve({})  # the target's own limits only
