@@ -151,3 +151,20 @@ def test_bad_config_values_name_the_parameter():
         SVDConfig(rank=-1)
     with pytest.raises(ValueError, match="CPConfig.keep"):
         CPConfig(keep=2.0)
+
+
+def test_vbmf_ranks_follow_the_weights():
+    from rankfold.config import VBMF
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 48, 3, padding=1)
+    with torch.no_grad():  # a rank-6 (output) x rank-5 (input) weight plus a little noise
+        core = torch.randn(6, 5, 3, 3)
+        w = torch.einsum("or,rskl,si->oikl", torch.randn(48, 6), core, torch.randn(5, 32))
+        conv.weight.copy_(w + 0.01 * torch.randn_like(w))
+    model = nn.Sequential(conv)
+    out = rankfold.compress(model, layers={"*": Tucker2Config(ranks=VBMF)})
+    record = out.rankfold_report.layers[0]
+    assert record.method == "tucker2" and record.ranks == (5, 6) and "vbmf" in record.note
+    svd = rankfold.compress(model, layers={"*": SVDConfig(rank=VBMF)}).rankfold_report.layers[0]
+    assert svd.method == "svd" and svd.ranks[0] <= 30

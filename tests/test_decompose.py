@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,15 @@ def test_sqrt_psd_of_singular_matrix_is_finite_and_squares_back():
 def test_bad_ranks_raise_value_error(call):
     with pytest.raises(ValueError):
         call(torch.randn(8, 4, 3, 3))
+
+
+# -- VBMF -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [2, 9, 30])
+def test_evbmf_recovers_a_planted_rank(rank):
+    from rankfold.decompose.vbmf import evbmf_rank
+
+    rng = np.random.default_rng(rank)
+    signal = rng.standard_normal((90, rank)) @ rng.standard_normal((rank, 140))
+    noisy = signal + 0.3 * rng.standard_normal(signal.shape)
+    assert evbmf_rank(noisy) == rank and evbmf_rank(noisy.T) == rank
+    assert evbmf_rank(rng.standard_normal((60, 70))) <= 2  # noise alone: (almost) nothing to keep

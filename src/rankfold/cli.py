@@ -97,8 +97,19 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     log = _log(args.quiet)
     log(f"compressing {args.model}: method={method} keep={keep} "
         f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
+    layers = None
+    if args.ranks == "vbmf":
+        from rankfold.config import VBMF, SpatialSVDConfig, SVDConfig, Tucker2Config
+
+        by_method = {"svd": SVDConfig(rank=VBMF), "tucker2": Tucker2Config(ranks=VBMF),
+                     "spatial-svd": SpatialSVDConfig(rank=VBMF)}
+        if method not in by_method:
+            raise RankfoldError(f"--ranks vbmf works with {', '.join(by_method)}, not {method}")
+        layers = {"*": by_method[method]}
+    elif args.ranks is not None:
+        raise RankfoldError(f"--ranks must be vbmf, got {args.ranks!r}")
     t0 = time.time()
-    compressed, report = compress_with_report(model, method=method, keep=keep, calib=calib,
+    compressed, report = compress_with_report(model, method=method, keep=keep, calib=calib, layers=layers,
                                               min_rank=args.min_rank, progress=lambda m: log("  " + m))
     export_onnx(compressed, args.output, example_input=example)
     seconds = time.time() - t0
@@ -296,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default tucker2)")
     p.add_argument("--keep", type=float, default=None, help="uniform mode: fraction of each layer's parameters "
                                                             "kept, in (0, 1] (default 0.5)")
+    p.add_argument("--ranks", help="uniform mode: 'vbmf' chooses each layer's ranks from its weights alone "
+                                   "(EVBMF) instead of --keep")
     p.add_argument("--report", help="also write the report as JSON")
     p.set_defaults(func=_cmd_compress)
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE, capture_input_rows, replace_in_one_pass, set_submodule
 from rankfold.config import (
+    VBMF,
     AutoConfig,
     CPConfig,
     MethodConfig,
@@ -244,7 +245,13 @@ def _compress_layer(
     for cand_cfg, note in candidates:
         method = METHODS[type(cand_cfg)]
         rank = method.config_rank(cand_cfg)
-        if rank is None:
+        if rank == VBMF:
+            rank = _clamped(method, spec, method.vbmf_rank(module))
+            note = "; ".join(filter(None, [note, f"vbmf ranks {rank}"]))
+            if method.factor_params(spec, rank) >= spec.weight_params:
+                reasons.append(f"{method.name}: vbmf ranks {rank} save no parameters")
+                continue
+        elif rank is None:
             rank = rank_for_keep(method, spec, layer_keep)
             if rank is None:
                 reasons.append(f"{method.name}: no rank at keep={layer_keep:g} is smaller than the layer")
@@ -289,4 +296,11 @@ def _candidate_configs(spec: LayerSpec, cfg: MethodConfig, module: nn.Module) ->
     if reason is None:
         return [(cfg, "")]
     keep = cfg.keep if isinstance(cfg, (SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig)) else None
-    return [(FALLBACK(keep=keep), f"{reason}: used svd")]
+    vbmf = method.config_rank(cfg) == VBMF
+    return [(FALLBACK(rank=VBMF) if vbmf else FALLBACK(keep=keep), f"{reason}: used svd")]
+
+
+def _clamped(method: Method, spec: LayerSpec, rank: tuple[int, ...]) -> tuple[int, ...]:
+    """A rank within the method's largest for this layer."""
+    top = method.rank_ladder(spec)[-1]
+    return tuple(max(1, min(r, t)) for r, t in zip(rank, top))

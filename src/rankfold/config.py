@@ -13,8 +13,11 @@ def check_keep(keep: float | None, name: str = "keep") -> None:
         raise ValueError(f"{name} must be a number in (0, 1], got {keep!r}")
 
 
-def _check_positive_int(value: int | None, name: str) -> None:
-    if value is None:
+VBMF = "vbmf"  # in place of a rank: estimate it from the weight alone (decompose/vbmf.py)
+
+
+def _check_positive_int(value: int | None, name: str, *, vbmf: bool = False) -> None:
+    if value is None or (vbmf and value == VBMF):
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -24,14 +27,14 @@ def _check_positive_int(value: int | None, name: str) -> None:
 class SVDConfig:
     """Truncated SVD: a narrow layer (keeps the kernel) then a 1x1 / Linear.
 
-    Give `rank`, or `keep` (fraction of the layer's parameters), or neither (compress's keep).
+    Give `rank` (or "vbmf"), or `keep` (fraction of the layer's parameters), or neither (compress's keep).
     """
 
-    rank: int | None = None
+    rank: int | str | None = None
     keep: float | None = None
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.rank, "SVDConfig.rank")
+        _check_positive_int(self.rank, "SVDConfig.rank", vbmf=True)
         check_keep(self.keep, "SVDConfig.keep")
 
 
@@ -39,15 +42,16 @@ class SVDConfig:
 class Tucker2Config:
     """Tucker-2: 1x1 (I -> r_in), KxK core (r_in -> r_out), 1x1 (r_out -> O).
 
-    `ranks` is (r_in, r_out); `als_iters` HOOI sweeps refine the HOSVD start.
+    `ranks` is (r_in, r_out) or "vbmf" (each estimated from the weight's unfolding); `als_iters`
+    HOOI sweeps refine the HOSVD start.
     """
 
-    ranks: tuple[int, int] | None = None
+    ranks: tuple[int, int] | str | None = None
     keep: float | None = None
     als_iters: int = 2
 
     def __post_init__(self) -> None:
-        if self.ranks is not None:
+        if self.ranks is not None and self.ranks != VBMF:
             if not (isinstance(self.ranks, (tuple, list)) and len(self.ranks) == 2):
                 raise ValueError(f"Tucker2Config.ranks must be a pair (r_in, r_out), got {self.ranks!r}")
             for r in self.ranks:
@@ -74,13 +78,13 @@ class CPConfig:
 
 @dataclass(frozen=True)
 class SpatialSVDConfig:
-    """Spatial SVD: Kx1 convolution (I -> r) then 1xK (r -> O)."""
+    """Spatial SVD: Kx1 convolution (I -> r) then 1xK (r -> O); `rank` may be "vbmf"."""
 
-    rank: int | None = None
+    rank: int | str | None = None
     keep: float | None = None
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.rank, "SpatialSVDConfig.rank")
+        _check_positive_int(self.rank, "SpatialSVDConfig.rank", vbmf=True)
         check_keep(self.keep, "SpatialSVDConfig.keep")
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.config import CPConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
+from rankfold.config import VBMF, CPConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
 from rankfold.decompose import (
     cp_decompose,
     max_spatial_rank,
@@ -22,6 +23,7 @@ from rankfold.decompose import (
     svd_decompose,
     tucker2_decompose,
 )
+from rankfold.decompose.vbmf import evbmf_rank
 from rankfold.layers import LayerSpec, LowRank, conv_like, numeric_padding, pointwise
 
 Rank = tuple[int, ...]
@@ -41,7 +43,7 @@ class Method(Protocol):
     def unsupported(self, spec: LayerSpec, layer: nn.Module) -> str | None: ...
     def rank_ladder(self, spec: LayerSpec) -> list[Rank]: ...
     def factor_params(self, spec: LayerSpec, rank: Rank) -> int: ...
-    def config_rank(self, config: object) -> Rank | None: ...
+    def config_rank(self, config: object) -> Rank | str | None: ...
     def skeleton(self, layer: nn.Module, rank: Rank) -> LowRank: ...
     def factorize(self, layer: nn.Module, rank: Rank, input_sqrt: Tensor | None, config: object) -> Factorized: ...
 
@@ -67,8 +69,12 @@ class SVDMethod:
     def factor_params(self, spec: LayerSpec, rank: Rank) -> int:
         return rank[0] * (spec.in_ch * spec.spatial + spec.out_ch)
 
-    def config_rank(self, config: SVDConfig) -> Rank | None:
-        return None if config.rank is None else (config.rank,)
+    def config_rank(self, config: SVDConfig) -> Rank | str | None:
+        return config.rank if config.rank in (None, VBMF) else (config.rank,)
+
+    def vbmf_rank(self, layer: nn.Module) -> Rank:
+        w = layer.weight.detach().double().numpy()
+        return (evbmf_rank(w.reshape(w.shape[0], -1)),)
 
     def skeleton(self, layer, rank) -> LowRank:
         if _is_conv(layer):
@@ -110,8 +116,13 @@ class Tucker2Method:
         r_in, r_out = rank
         return spec.in_ch * r_in + r_in * r_out * spec.spatial + r_out * spec.out_ch
 
-    def config_rank(self, config: Tucker2Config) -> Rank | None:
+    def config_rank(self, config: Tucker2Config) -> Rank | str | None:
         return config.ranks
+
+    def vbmf_rank(self, layer: nn.Module) -> Rank:
+        w = layer.weight.detach().double().numpy()
+        input_mode = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+        return (evbmf_rank(input_mode), evbmf_rank(w.reshape(w.shape[0], -1)))
 
     def skeleton(self, layer, rank) -> LowRank:
         r_in, r_out = rank
@@ -150,8 +161,13 @@ class SpatialSVDMethod:
         kh, kw = spec.kernel
         return rank[0] * (spec.in_ch * kh + spec.out_ch * kw)
 
-    def config_rank(self, config: SpatialSVDConfig) -> Rank | None:
-        return None if config.rank is None else (config.rank,)
+    def config_rank(self, config: SpatialSVDConfig) -> Rank | str | None:
+        return config.rank if config.rank in (None, VBMF) else (config.rank,)
+
+    def vbmf_rank(self, layer: nn.Module) -> Rank:
+        w = layer.weight.detach().double().numpy()
+        out_ch, in_ch, kh, kw = w.shape
+        return (evbmf_rank(w.transpose(0, 3, 1, 2).reshape(out_ch * kw, in_ch * kh)),)
 
     def skeleton(self, layer, rank) -> LowRank:
         kh, kw = layer.kernel_size
