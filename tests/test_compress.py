@@ -168,3 +168,19 @@ def test_vbmf_ranks_follow_the_weights():
     assert record.method == "tucker2" and record.ranks == (5, 6) and "vbmf" in record.note
     svd = rankfold.compress(model, layers={"*": SVDConfig(rank=VBMF)}).rankfold_report.layers[0]
     assert svd.method == "svd" and svd.ranks[0] <= 30
+
+
+def test_vbmf_ranks_are_taken_from_the_original_weights_and_always_build():
+    from rankfold.config import VBMF
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 8, 1))
+    calib = torch.randn(16, 1, 8, 8)
+    out = rankfold.compress(model, layers={"*": Tucker2Config(ranks=VBMF)}, calib=calib)
+    for record in out.rankfold_report.layers:
+        assert "vbmf ranks" in record.note
+        if record.method == "tucker2":
+            r_in, r_out = record.ranks
+            assert r_out <= r_in * 9 and r_in <= r_out * 9
+    assert out(calib).shape == (16, 8, 8, 8)

@@ -23,7 +23,7 @@ from rankfold.config import (
     check_keep,
     config_for_method,
 )
-from rankfold.decompose import sqrt_psd
+from rankfold.decompose import max_tucker2_ranks, sqrt_psd
 from rankfold.errors import RankfoldError
 from rankfold.layers import LayerSpec, layer_spec
 from rankfold.methods import FALLBACK, METHODS, Factorized, Method, rank_for_keep, weighted_relative_error
@@ -158,7 +158,10 @@ def compress_with_report(
     was_training = result.training
     result.eval()
     targets = [(name, m) for name, m in result.named_modules() if isinstance(m, COMPRESSIBLE)]
-    plans = [(name, m, _config_for(name, layers, default)) for name, m in targets]
+    plans, vbmf_notes = [], {}
+    for name, m in targets:
+        cfg, vbmf_notes[name] = _resolve_vbmf(m, _config_for(name, layers, default))
+        plans.append((name, m, cfg))
 
     report = CompressionReport(data_aware=calib is not None)
     configs = {name: cfg for name, _m, cfg in plans}
@@ -166,6 +169,7 @@ def compress_with_report(
     def factorize(name: str, module: nn.Module, input_sqrt: Tensor | None, note: str = "") -> nn.Module | None:
         say(f"[{len(report.layers) + 1}/{len(plans)}] {name}")
         record, replacement = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank)
+        note = "; ".join(filter(None, [vbmf_notes.get(name, ""), note]))
         if note:
             record.note = "; ".join(filter(None, [record.note, note]))
         report.layers.append(record)
@@ -245,13 +249,7 @@ def _compress_layer(
     for cand_cfg, note in candidates:
         method = METHODS[type(cand_cfg)]
         rank = method.config_rank(cand_cfg)
-        if rank == VBMF:
-            rank = _clamped(method, spec, method.vbmf_rank(module))
-            note = "; ".join(filter(None, [note, f"vbmf ranks {rank}"]))
-            if method.factor_params(spec, rank) >= spec.weight_params:
-                reasons.append(f"{method.name}: vbmf ranks {rank} save no parameters")
-                continue
-        elif rank is None:
+        if rank is None:
             rank = rank_for_keep(method, spec, layer_keep)
             if rank is None:
                 reasons.append(f"{method.name}: no rank at keep={layer_keep:g} is smaller than the layer")
@@ -296,11 +294,29 @@ def _candidate_configs(spec: LayerSpec, cfg: MethodConfig, module: nn.Module) ->
     if reason is None:
         return [(cfg, "")]
     keep = cfg.keep if isinstance(cfg, (SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig)) else None
-    vbmf = method.config_rank(cfg) == VBMF
-    return [(FALLBACK(rank=VBMF) if vbmf else FALLBACK(keep=keep), f"{reason}: used svd")]
+    return [(FALLBACK(keep=keep), f"{reason}: used svd")]
 
 
-def _clamped(method: Method, spec: LayerSpec, rank: tuple[int, ...]) -> tuple[int, ...]:
-    """A rank within the method's largest for this layer."""
-    top = method.rank_ladder(spec)[-1]
-    return tuple(max(1, min(r, t)) for r, t in zip(rank, top))
+VBMF_CONFIGS = {SVDConfig: lambda r: SVDConfig(rank=r[0]), SpatialSVDConfig: lambda r: SpatialSVDConfig(rank=r[0]),
+                Tucker2Config: lambda r: Tucker2Config(ranks=r)}
+
+
+def _resolve_vbmf(module: nn.Module, cfg: MethodConfig) -> tuple[MethodConfig, str]:
+    """A config with ranks="vbmf" -> the same method (or its fallback) at the EVBMF ranks of the
+    layer's own weight (before any error compensation), kept within what the method can build."""
+    if not isinstance(cfg, tuple(VBMF_CONFIGS)) or METHODS[type(cfg)].config_rank(cfg) != VBMF:
+        return cfg, ""
+    spec = layer_spec(module)
+    if spec.groups > 1:
+        return cfg, ""
+    method = METHODS[type(cfg)]
+    if method.unsupported(spec, module) is not None:
+        method, cfg = METHODS[FALLBACK], FALLBACK(rank=VBMF)
+    rank = list(method.vbmf_rank(module))
+    top = method.rank_ladder(spec)[-1] if not isinstance(cfg, Tucker2Config) else max_tucker2_ranks(
+        (spec.out_ch, spec.in_ch, *spec.kernel))
+    rank = [max(1, min(r, t)) for r, t in zip(rank, top)]
+    if isinstance(cfg, Tucker2Config):  # the core must be able to carry the ranks: r_out <= r_in * taps
+        rank[1] = min(rank[1], rank[0] * spec.spatial)
+        rank[0] = min(rank[0], rank[1] * spec.spatial)
+    return VBMF_CONFIGS[type(cfg)](tuple(rank)), f"vbmf ranks {tuple(rank)}"

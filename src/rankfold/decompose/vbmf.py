@@ -24,7 +24,7 @@ def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
 def _free_energy(sigma2: float, rows: int, cols: int, s: np.ndarray, residual: float, x_bar: float) -> float:
     alpha = rows / cols
     x = s * s / (cols * sigma2)
-    big, small = x[x > x_bar], x[x <= x_bar]
+    big, small = x[x > x_bar], x[(x <= x_bar) & (x > 0)]
     tau_big = _tau(big, alpha)
     energy = np.sum(small - np.log(small)) + np.sum(big - tau_big) + np.sum(np.log((tau_big + 1) / big))
     energy += alpha * np.sum(np.log(tau_big / alpha + 1))
