@@ -203,6 +203,50 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
                min_rank=args.min_rank, progress=_log(args.quiet))
 
 
+def _cmd_export_c(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from rankfold.cexport.run import export_c, is_qdq, quantize_for_c
+    from rankfold.data import load_npz
+    from rankfold.frontends.onnx import read_onnx
+    from rankfold.target import load_target
+
+    model = read_onnx(args.model)
+    target = load_target(args.target) if args.target else None
+    log = _log(args.quiet)
+    if not is_qdq(model):
+        if not args.calib:
+            raise RankfoldError(f"{args.model} is a float model: give --calib data to quantize it to int8 first")
+        calib = load_npz(args.calib, need_labels=False).x[: args.calib_limit].astype(np.float32)
+        log(f"quantizing {args.model} to int8 with {len(calib)} calibration samples")
+        model = quantize_for_c(args.model, calib, lambda m: log("  " + m))
+    info = export_c(model, args.output, target=target)
+    print(f"wrote {args.output}: {info['ops']} ops, {info['macs']:,} MACs per sample")
+    print(f"flash (weights, biases, multipliers): {info['weight_bytes']:,} bytes"
+          + (f" of {target.flash_bytes:,} ({target.name})" if target and target.flash_bytes else ""))
+    print(f"RAM (arena): {info['arena_bytes']:,} bytes"
+          + (f" of {target.ram_bytes:,} ({target.name})" if target and target.ram_bytes else "")
+          + "; code and stack come on top: build and measure with run-c")
+
+
+def _cmd_run_c(args: argparse.Namespace) -> None:
+    from rankfold.cexport.run import run_c
+    from rankfold.data import load_npz
+
+    if args.qemu:
+        raise RankfoldError("--qemu is not implemented yet: run-c builds and runs the host program only")
+    data = load_npz(args.data)
+    x, y = data.x, data.y
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
+    result = run_c(args.dir, x, y, sanitize=args.sanitize, progress=_log(args.quiet))
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:26} {value}")
+
+
 def _cmd_targets(args: argparse.Namespace) -> None:
     from importlib import resources
 
@@ -335,6 +379,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the front as a PNG")
     p.add_argument("--json", help="write the front as JSON")
     p.set_defaults(func=_cmd_pareto)
+
+    p = sub.add_parser("export-c", help="write an int8 QDQ model as plain C99 source",
+                       description="Writes DIR with model.h/model.c (static const int8 weights, int32 biases and "
+                                   "per-channel multipliers and shifts, one static arena), the int8 kernels, a test "
+                                   "main.c and a Makefile (`make host`). A float model is quantized to int8 first "
+                                   "with --calib. Nothing is written when the model needs an op the C back-end "
+                                   "lacks or does not fit --target.")
+    p.add_argument("model", help="model .onnx (QDQ, or float with --calib)")
+    p.add_argument("-o", "--output", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("--target", help="check flash and RAM against this profile (e.g. cortex-m7)")
+    p.add_argument("--calib", help=".npz with x: calibration inputs, to quantize a float model")
+    p.add_argument("--calib-limit", type=int, default=512)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_export_c)
+
+    p = sub.add_parser("run-c", help="build the exported C on this machine, run it on data, compare",
+                       description="Builds DIR with the host compiler (-Wall -Wextra -std=c99 -pedantic -Werror), "
+                                   "runs it on --data and reports top-1 accuracy, mismatches against the NumPy "
+                                   "golden model of the same integer arithmetic, and top-1 agreement with "
+                                   "onnxruntime on the QDQ model.")
+    p.add_argument("dir", help="directory written by export-c")
+    p.add_argument("--data", required=True, help=".npz with x and y")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N samples")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sanitize", action="store_true", help="build with -fsanitize=address,undefined")
+    p.add_argument("--qemu", help="(not implemented yet) emulated board, e.g. mps2-an500")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_run_c)
 
     p = sub.add_parser("targets", help="list the built-in target profiles, or print one (--show NAME)")
     p.add_argument("--show", help="print this profile's TOML (copy it to make your own)")

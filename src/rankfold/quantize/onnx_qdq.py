@@ -21,16 +21,14 @@ WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def float_activations(model: onnx.ModelProto) -> list[str]:
-    """Names of the float tensors that nodes produce or take from the graph inputs (not weights,
-    not the graph outputs)."""
+    """Names of the float tensors that nodes produce or take from the graph inputs (not weights)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     inits = {i.name for i in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
     names = [i.name for i in model.graph.input if i.name not in inits]
     names += [o for n in model.graph.node for o in n.output if o]
-    return [n for n in dict.fromkeys(names) if n not in outputs and types.get(n) == TensorProto.FLOAT]
+    return [n for n in dict.fromkeys(names) if types.get(n) == TensorProto.FLOAT]
 
 
 def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "percentile", batch_size: int = 32,
@@ -96,15 +94,20 @@ def to_qdq(
     new_nodes: list[onnx.NodeProto] = []
     renamed: dict[str, str] = {}
 
-    def qdq(tensor: str) -> None:
+    graph_outputs = {o.name for o in graph.output}
+
+    def qdq(tensor: str, source: str | None = None) -> None:
+        """Q/DQ on `tensor`; a graph output keeps its name on the DQ, its producer writes `source`."""
         params = activations[tensor]
         scale = _const(new_inits, f"{tensor}_scale", np.array(params.scale, np.float32))
         zero = _const(new_inits, f"{tensor}_zero_point", np.array(params.zero_point, np.int8))
-        new_nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zero], [f"{tensor}_q"],
+        new_nodes.append(helper.make_node("QuantizeLinear", [source or tensor, scale, zero], [f"{tensor}_q"],
                                           name=f"{tensor}_QuantizeLinear"))
-        new_nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}_q", scale, zero], [f"{tensor}_dq"],
+        dequantized = tensor if source else f"{tensor}_dq"
+        new_nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}_q", scale, zero], [dequantized],
                                           name=f"{tensor}_DequantizeLinear"))
-        renamed[tensor] = f"{tensor}_dq"
+        if not source:
+            renamed[tensor] = dequantized
 
     graph_inputs = [i.name for i in graph.input if i.name in activations]
     for name in graph_inputs:
@@ -120,8 +123,11 @@ def to_qdq(
             _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
                                    group_size)
         new_nodes.append(node)
-        for name in node.output:
-            if name in activations:
+        for i, name in enumerate(node.output):
+            if name in activations and name in graph_outputs:
+                node.output[i] = f"{name}_float"
+                qdq(name, source=f"{name}_float")
+            elif name in activations:
                 qdq(name)
     used = {i for n in new_nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]

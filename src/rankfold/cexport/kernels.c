@@ -1,0 +1,109 @@
+/* rankfold int8 kernels: plain C99, no allocation, no floating point.
+ * Arithmetic: TFLite / CMSIS-NN requantization (see rankfold/cexport/arith.py, the golden model). */
+#include "rankfold_kernels.h"
+
+static int32_t srdhm(int32_t a, int32_t b)
+{
+    int64_t product = (int64_t)a * (int64_t)b;
+    int64_t nudge = product >= 0 ? (1LL << 30) : (1 - (1LL << 30));
+    if (a == INT32_MIN && b == INT32_MIN) {
+        return INT32_MAX;
+    }
+    return (int32_t)((product + nudge) / (1LL << 31));
+}
+
+static int32_t rounding_divide_by_pow2(int32_t x, int exponent)
+{
+    int32_t mask = (int32_t)((1LL << exponent) - 1);
+    int32_t remainder = x & mask;
+    int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+    return (x >> exponent) + (remainder > threshold ? 1 : 0);
+}
+
+int32_t rf_requantize(int32_t x, int32_t multiplier, int32_t shift)
+{
+    int left = shift > 0 ? shift : 0;
+    int right = shift > 0 ? 0 : -shift;
+    int64_t scaled = (int64_t)x * ((int64_t)1 << left);
+    if (scaled > INT32_MAX) {
+        scaled = INT32_MAX;
+    } else if (scaled < INT32_MIN) {
+        scaled = INT32_MIN;
+    }
+    return rounding_divide_by_pow2(srdhm((int32_t)scaled, multiplier), right);
+}
+
+static int8_t clamp8(int32_t v, int32_t lo, int32_t hi)
+{
+    return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
+}
+
+void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
+{
+    const int in_per_group = p->in_c / p->groups;
+    const int out_per_group = p->out_c / p->groups;
+    int oc, oy, ox, ic, ky, kx;
+    for (oc = 0; oc < p->out_c; ++oc) {
+        const int group = oc / out_per_group;
+        const int8_t *w_oc = p->weight + (size_t)oc * in_per_group * p->k_h * p->k_w;
+        for (oy = 0; oy < p->out_h; ++oy) {
+            for (ox = 0; ox < p->out_w; ++ox) {
+                int32_t acc = p->bias[oc];
+                for (ic = 0; ic < in_per_group; ++ic) {
+                    const int8_t *x_c = in + (size_t)(group * in_per_group + ic) * p->in_h * p->in_w;
+                    const int8_t *w_c = w_oc + (size_t)ic * p->k_h * p->k_w;
+                    for (ky = 0; ky < p->k_h; ++ky) {
+                        const int iy = oy * p->stride_h - p->pad_top + ky * p->dil_h;
+                        if (iy < 0 || iy >= p->in_h) {
+                            continue;
+                        }
+                        for (kx = 0; kx < p->k_w; ++kx) {
+                            const int ix = ox * p->stride_w - p->pad_left + kx * p->dil_w;
+                            if (ix < 0 || ix >= p->in_w) {
+                                continue;
+                            }
+                            acc += ((int32_t)x_c[iy * p->in_w + ix] - p->in_zp) * (int32_t)w_c[ky * p->k_w + kx];
+                        }
+                    }
+                }
+                out[((size_t)oc * p->out_h + oy) * p->out_w + ox] =
+                    clamp8(rf_requantize(acc, p->multiplier[oc], p->shift[oc]) + p->out_zp, p->act_min, p->act_max);
+            }
+        }
+    }
+}
+
+void rf_add_s8(const int8_t *a, int32_t a_zp, int32_t a_mult, int32_t a_shift,
+               const int8_t *b, int32_t b_zp, int32_t b_mult, int32_t b_shift,
+               int8_t *out, int32_t out_zp, int32_t out_mult, int32_t out_shift,
+               int32_t act_min, int32_t size)
+{
+    int32_t i;
+    for (i = 0; i < size; ++i) {
+        int32_t x = rf_requantize(((int32_t)a[i] - a_zp) * (1 << RF_ADD_LEFT_SHIFT), a_mult, a_shift);
+        int32_t y = rf_requantize(((int32_t)b[i] - b_zp) * (1 << RF_ADD_LEFT_SHIFT), b_mult, b_shift);
+        out[i] = clamp8(rf_requantize(x + y, out_mult, out_shift) + out_zp, act_min, 127);
+    }
+}
+
+void rf_avgpool_s8(const int8_t *in, int32_t in_zp, int32_t channels, int32_t count,
+                   int8_t *out, int32_t out_zp, int32_t mult, int32_t shift)
+{
+    int32_t c, i;
+    for (c = 0; c < channels; ++c) {
+        int32_t total = 0;
+        for (i = 0; i < count; ++i) {
+            total += (int32_t)in[c * count + i] - in_zp;
+        }
+        out[c] = clamp8(rf_requantize(total, mult, shift) + out_zp, -128, 127);
+    }
+}
+
+void rf_requant_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
+                   int32_t act_min, int32_t size)
+{
+    int32_t i;
+    for (i = 0; i < size; ++i) {
+        out[i] = clamp8(rf_requantize((int32_t)in[i] - in_zp, mult, shift) + out_zp, act_min, 127);
+    }
+}

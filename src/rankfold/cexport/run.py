@@ -1,0 +1,127 @@
+"""export-c and run-c: QDQ ONNX -> C directory; build it, run it on data, compare."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from rankfold.cexport.codegen import generate
+from rankfold.cexport.golden import run_golden
+from rankfold.cexport.ir import Program, read_program
+from rankfold.errors import RankfoldError
+from rankfold.target import Target
+
+QDQ_COPY = "model.onnx"  # the QDQ model the C was generated from: run-c's reference
+
+
+def is_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def quantize_for_c(model_path: str, calib: np.ndarray, progress: Callable[[str], None]) -> onnx.ModelProto:
+    """A float model -> QDQ with every layer at int8 (the C back-end runs integers only)."""
+    import torch
+
+    from rankfold.analyze import COMPRESSIBLE
+    from rankfold.frontends.onnx import load_onnx
+    from rankfold.quantize.export import export_quantized
+
+    module = load_onnx(model_path)
+    bits = {n: 8 for n, m in module.named_modules() if isinstance(m, COMPRESSIBLE)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "q.onnx")
+        x = torch.from_numpy(calib)
+        export_quantized(module, bits, path, calib=x, example_input=x[:2], progress=progress)
+        return onnx.load(path)
+
+
+def check_fits(program: Program, target: Target | None, arena: int) -> None:
+    if target is None:
+        return
+    problems = []
+    if target.flash_bytes is not None and program.weight_bytes > target.flash_bytes:
+        problems.append(f"weights need {program.weight_bytes:,} bytes of flash, {target.name} has "
+                        f"{target.flash_bytes:,} (over by {program.weight_bytes - target.flash_bytes:,})")
+    if target.ram_bytes is not None and arena > target.ram_bytes:
+        problems.append(f"the arena needs {arena:,} bytes of RAM, {target.name} has {target.ram_bytes:,} "
+                        f"(over by {arena - target.ram_bytes:,})")
+    if problems:
+        raise RankfoldError("the model does not fit the target: " + "; ".join(problems))
+
+
+def export_c(model: onnx.ModelProto, directory: str, *, target: Target | None = None) -> dict:
+    from rankfold.cexport.codegen import plan_arena
+
+    program = read_program(model)
+    check_fits(program, target, plan_arena(program).size)
+    info = generate(program, directory, extra={QDQ_COPY: model.SerializeToString()})
+    return {**info, "ops": len(program.ops)}
+
+
+def build_host(directory: str, *, sanitize: bool = False) -> str:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        raise RankfoldError("no C compiler (cc/gcc) found to build the host program")
+    flags = "-O2 -std=c99 -Wall -Wextra -pedantic -Werror"
+    if sanitize:
+        flags += " -g -fsanitize=address,undefined -fno-sanitize-recover=all"
+    proc = subprocess.run(["make", "-B", "-C", directory, "host", f"CFLAGS={flags}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RankfoldError(f"building {directory} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return os.path.join(directory, "model_test")
+
+
+def quantize_input(program: Program, x: np.ndarray) -> np.ndarray:
+    t = program.tensors[program.input]
+    return np.clip(np.round(x / t.scale) + t.zero_point, -128, 127).astype(np.int8)
+
+
+def run_host(binary: str, program: Program, x_q: np.ndarray) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, outputs = os.path.join(tmp, "in.bin"), os.path.join(tmp, "out.bin")
+        x_q.astype(np.int8).tofile(inputs)
+        proc = subprocess.run([binary, inputs, outputs], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RankfoldError(f"{binary} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        out = np.fromfile(outputs, np.int8)
+    return out.reshape(len(x_q), -1)
+
+
+def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool = False,
+          progress: Callable[[str], None] | None = None) -> dict:
+    """Build the host program, run it on `x`, and compare with the golden model and onnxruntime."""
+    import onnxruntime as ort
+
+    say = progress or (lambda _m: None)
+    reference = os.path.join(directory, QDQ_COPY)
+    if not os.path.isfile(reference):
+        raise RankfoldError(f"{directory}: no {QDQ_COPY}; not a directory written by rankfold export-c")
+    program = read_program(onnx.load(reference))
+    say("building the host program")
+    binary = build_host(directory, sanitize=sanitize)
+    x_q = quantize_input(program, x)
+    say(f"running {len(x)} samples in C")
+    c_out = run_host(binary, program, x_q)
+    say("running the golden model")
+    golden = run_golden(program, x_q).reshape(len(x), -1)
+    session = ort.InferenceSession(reference, providers=["CPUExecutionProvider"])
+    ort_out = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0].reshape(len(x), -1)
+    out_t = program.tensors[program.output]
+    ort_q = np.clip(np.round(ort_out / out_t.scale) + out_t.zero_point, -128, 127)
+    result = {
+        "samples": int(len(x)),
+        "accuracy": None if y is None else float((c_out.argmax(1) == y).mean()),
+        "onnx_accuracy": None if y is None else float((ort_out.argmax(1) == y).mean()),
+        "golden_mismatches": int((c_out != golden).sum()),
+        "onnx_agreement": float((c_out.argmax(1) == ort_out.argmax(1)).mean()),
+        "onnx_max_unit_difference": int(np.abs(c_out.astype(np.int64) - ort_q).max(initial=0)),
+        "flash_bytes": None,
+        "ram_bytes": None,
+        "instructions": None,
+    }
+    return result

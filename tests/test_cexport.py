@@ -1,0 +1,151 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from rankfold.cexport.arith import multiply_by_quantized_multiplier, quantize_multiplier
+from rankfold.cexport.codegen import plan_arena
+from rankfold.cexport.golden import run_golden
+from rankfold.cexport.ir import read_program
+from rankfold.cexport.run import build_host, export_c, quantize_input, run_c, run_host
+from rankfold.errors import RankfoldError
+from rankfold.quantize.export import export_quantized
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no host C compiler")
+
+
+def test_quantized_multiplier_reproduces_the_real_factor():
+    for real in (0.0003, 0.25, 0.7, 1.0, 3.7):
+        multiplier, shift = quantize_multiplier(real)
+        assert 2**30 <= multiplier < 2**31
+        x = np.arange(-5000, 5000, 7)
+        got = multiply_by_quantized_multiplier(x, multiplier, shift)
+        assert np.abs(got - x * real).max() <= 1.0  # two roundings (high mul, then shift): within one unit
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise
+        self.down = nn.Conv2d(8, 16, (3, 1), stride=2, padding=(1, 0))  # Kx1, strided
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.b(torch.relu(self.a(x))))
+        x = torch.relu(self.down(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Residual().eval()
+    calib = torch.randn(64, 1, 10, 10)
+    root = tmp_path_factory.mktemp("c")
+    bits = {"stem": 8, "a": 8, "b": 8, "down": 4, "fc": 8}
+    export_quantized(model, bits, root / "q.onnx", calib=calib, example_input=calib[:2])
+    return root, calib.numpy()
+
+
+def test_arena_reuses_memory_without_overlapping_live_tensors(qdq):
+    root, _ = qdq
+    program = read_program(onnx.load(root / "q.onnx"))
+    arena = plan_arena(program)
+    assert arena.size < sum(t.size for t in program.tensors.values())  # something is reused
+    live = {}
+    for i, op in enumerate(program.ops):
+        for name in ([op.a, op.b] if hasattr(op, "a") else [op.inp]) + [op.out]:
+            live.setdefault(name, [i, i])[1] = i
+    live[program.input][0] = -1
+    names = list(live)
+    for i, m in enumerate(names):
+        for n in names[i + 1 :]:
+            (f1, l1), (f2, l2) = live[m], live[n]
+            if f1 <= l2 and f2 <= l1:  # alive together: must not share bytes
+                a0, a1 = arena.offsets[m], arena.offsets[m] + program.tensors[m].size
+                b0, b1 = arena.offsets[n], arena.offsets[n] + program.tensors[n].size
+                assert a1 <= b0 or b1 <= a0, (m, n)
+
+
+def test_golden_model_follows_onnxruntime(qdq):
+    import onnxruntime as ort
+
+    root, calib = qdq
+    program = read_program(onnx.load(root / "q.onnx"))
+    golden = run_golden(program, quantize_input(program, calib)).astype(np.int64)
+    session = ort.InferenceSession(str(root / "q.onnx"), providers=["CPUExecutionProvider"])
+    ref = session.run(None, {session.get_inputs()[0].name: calib})[0]
+    out = program.tensors[program.output]
+    ref_q = np.clip(np.round(ref / out.scale) + out.zero_point, -128, 127)
+    assert np.abs(golden - ref_q).max() <= 3  # rounding differs per op (fused ReLU: one rounding, not two)
+    assert (golden.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+@needs_cc
+def test_generated_c_is_bit_exact_with_the_golden_model_under_sanitizers(qdq, tmp_path):
+    root, calib = qdq
+    info = export_c(onnx.load(root / "q.onnx"), str(tmp_path / "c"))
+    assert info["arena_bytes"] > 0 and (tmp_path / "c" / "model.h").is_file()
+    program = read_program(onnx.load(tmp_path / "c" / "model.onnx"))
+    binary = build_host(str(tmp_path / "c"), sanitize=True)  # -Wall -Wextra -pedantic -Werror as well
+    x_q = quantize_input(program, calib)
+    c_out = run_host(binary, program, x_q)
+    np.testing.assert_array_equal(c_out, run_golden(program, x_q).reshape(len(calib), -1))
+
+
+@needs_cc
+def test_run_c_cli_reports_the_contract_keys(qdq, tmp_path):
+    root, calib = qdq
+    labels = np.zeros(len(calib), np.int64)
+    np.savez(tmp_path / "data.npz", x=calib, y=labels)
+    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", "export-c", str(root / "q.onnx"), "-o",
+                           str(tmp_path / "c"), "--target", "cortex-m4"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", "run-c", str(tmp_path / "c"), "--data",
+                           str(tmp_path / "data.npz"), "--json", "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert {"accuracy", "golden_mismatches", "onnx_agreement", "flash_bytes", "ram_bytes", "instructions"} <= set(
+        result)
+    assert result["golden_mismatches"] == 0 and result["onnx_agreement"] >= 0.95
+
+
+def test_unsupported_op_is_named_and_nothing_is_written(tmp_path):
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zero = helper.make_tensor("z", TensorProto.INT8, [], [0])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Sigmoid", ["xd"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], [scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(RankfoldError, match="Sigmoid"):
+        export_c(model, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_does_not_fit_is_refused_with_the_excess(qdq, tmp_path):
+    from rankfold.target import target_from_dict
+
+    root, _ = qdq
+    tiny = target_from_dict({"name": "tiny", "flash_bytes": 100, "ram_bytes": 64})
+    with pytest.raises(RankfoldError, match="over by"):
+        export_c(onnx.load(root / "q.onnx"), str(tmp_path / "c"), target=tiny)
+    assert not (tmp_path / "c").exists()
+
+
+def test_run_c_on_a_directory_that_is_not_an_export(tmp_path):
+    with pytest.raises(RankfoldError, match="not a directory written by rankfold export-c"):
+        run_c(str(tmp_path), np.zeros((1, 1, 4, 4), np.float32), None)
