@@ -38,31 +38,48 @@ static int8_t clamp8(int32_t v, int32_t lo, int32_t hi)
     return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
 }
 
+/* First and one-past-last kernel tap whose input row/column lies inside [0, size). */
+static void tap_range(int origin, int dilation, int taps, int size, int *first, int *end)
+{
+    int lo = 0, hi = taps;
+    while (lo < taps && origin + lo * dilation < 0) {
+        ++lo;
+    }
+    while (hi > lo && origin + (hi - 1) * dilation >= size) {
+        --hi;
+    }
+    *first = lo;
+    *end = hi;
+}
+
 void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
 {
     const int in_per_group = p->in_c / p->groups;
     const int out_per_group = p->out_c / p->groups;
+    const int plane = p->in_h * p->in_w;
+    const int taps = p->k_h * p->k_w;
     int oc, oy, ox, ic, ky, kx;
     for (oc = 0; oc < p->out_c; ++oc) {
         const int group = oc / out_per_group;
-        const int8_t *w_oc = p->weight + (size_t)oc * in_per_group * p->k_h * p->k_w;
+        const int8_t *w_oc = p->weight + (size_t)oc * in_per_group * taps;
+        const int8_t *x_group = in + (size_t)group * in_per_group * plane;
         for (oy = 0; oy < p->out_h; ++oy) {
+            const int iy0 = oy * p->stride_h - p->pad_top;
+            int ky_first, ky_end;
+            tap_range(iy0, p->dil_h, p->k_h, p->in_h, &ky_first, &ky_end);
             for (ox = 0; ox < p->out_w; ++ox) {
+                const int ix0 = ox * p->stride_w - p->pad_left;
+                int kx_first, kx_end;
                 int32_t acc = p->bias[oc];
+                tap_range(ix0, p->dil_w, p->k_w, p->in_w, &kx_first, &kx_end);
                 for (ic = 0; ic < in_per_group; ++ic) {
-                    const int8_t *x_c = in + (size_t)(group * in_per_group + ic) * p->in_h * p->in_w;
-                    const int8_t *w_c = w_oc + (size_t)ic * p->k_h * p->k_w;
-                    for (ky = 0; ky < p->k_h; ++ky) {
-                        const int iy = oy * p->stride_h - p->pad_top + ky * p->dil_h;
-                        if (iy < 0 || iy >= p->in_h) {
-                            continue;
-                        }
-                        for (kx = 0; kx < p->k_w; ++kx) {
-                            const int ix = ox * p->stride_w - p->pad_left + kx * p->dil_w;
-                            if (ix < 0 || ix >= p->in_w) {
-                                continue;
-                            }
-                            acc += ((int32_t)x_c[iy * p->in_w + ix] - p->in_zp) * (int32_t)w_c[ky * p->k_w + kx];
+                    const int8_t *x_c = x_group + (size_t)ic * plane;
+                    const int8_t *w_c = w_oc + (size_t)ic * taps;
+                    for (ky = ky_first; ky < ky_end; ++ky) {
+                        const int8_t *x_row = x_c + (iy0 + ky * p->dil_h) * p->in_w;
+                        const int8_t *w_row = w_c + ky * p->k_w;
+                        for (kx = kx_first; kx < kx_end; ++kx) {
+                            acc += ((int32_t)x_row[ix0 + kx * p->dil_w] - p->in_zp) * (int32_t)w_row[kx];
                         }
                     }
                 }
