@@ -13,6 +13,7 @@ import numpy as np
 
 from rankfold.cexport.ir import Add, AvgPool, Conv, Program, Requant
 from rankfold.errors import RankfoldError
+from rankfold.quantize.core import pack_int4
 
 
 @dataclass
@@ -77,14 +78,15 @@ def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None
             x = t[op.inp]
             in_c, in_h, in_w = (x.shape + (1, 1))[:3] if len(x.shape) < 3 else x.shape
             out_c, out_h, out_w = (out.shape + (1, 1))[:3] if len(out.shape) < 3 else out.shape
-            decls += [_array("int8_t", f"{ident}_w", op.weight), _array("int32_t", f"{ident}_b", op.bias),
+            stored = op.weight if op.bits == 8 else np.frombuffer(pack_int4(op.weight), np.int8)
+            decls += [_array("int8_t", f"{ident}_w", stored), _array("int32_t", f"{ident}_b", op.bias),
                       _array("int32_t", f"{ident}_m", op.multiplier), _array("int32_t", f"{ident}_s", op.shift)]
             o_c, _i, k_h, k_w = op.weight.shape
             decls.append(
                 f"static const rf_conv_params {ident} = {{{in_c}, {in_h}, {in_w}, {x.zero_point}, {out_c}, {out_h}, "
                 f"{out_w}, {out.zero_point}, {k_h}, {k_w}, {op.stride[0]}, {op.stride[1]}, {op.pads[0]}, "
                 f"{op.pads[1]}, {op.dilation[0]}, {op.dilation[1]}, {op.groups}, {op.act_min}, {op.act_max}, "
-                f"{ident}_w, {ident}_b, {ident}_m, {ident}_s}};\n")
+                f"{op.bits}, {ident}_w, {ident}_b, {ident}_m, {ident}_s}};\n")
             calls.append(f"    rf_conv_s8(&{ident}, A({arena.offsets[op.inp]}), A({arena.offsets[op.out]}));"
                          f"  /* {op.name} */")
         elif isinstance(op, Add):

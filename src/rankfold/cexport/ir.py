@@ -44,6 +44,11 @@ class Conv:
     act_min: int = ACT_QMIN
     act_max: int = ACT_QMAX
     name: str = ""
+    bits: int = 8  # 4: stored two weights per byte
+
+    @property
+    def weight_bytes(self) -> int:
+        return -(-self.weight.size * self.bits // 8)
 
     @property
     def macs_per_output(self) -> int:
@@ -101,7 +106,7 @@ class Program:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(op.weight.size + 4 * op.bias.size + 8 * op.multiplier.size for op in self.ops
+        return sum(op.weight_bytes + 4 * op.bias.size + 8 * op.multiplier.size for op in self.ops
                    if isinstance(op, Conv))
 
 
@@ -140,6 +145,8 @@ def read_program(model: onnx.ModelProto) -> Program:
     quantized_of: dict[str, str] = {}  # Q output -> float tensor
     canonical: dict[str, str] = {}  # DQ output (activation) -> float tensor
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # DQ output (weight/bias) -> (ints, scales)
+    int4 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
+    bits_of: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":
             scale = float(inits[node.input[1]])
@@ -149,6 +156,7 @@ def read_program(model: onnx.ModelProto) -> Program:
         elif node.op_type == "DequantizeLinear":
             if node.input[0] in inits:
                 weights[node.output[0]] = (inits[node.input[0]], np.atleast_1d(inits[node.input[1]]))
+                bits_of[node.output[0]] = 4 if node.input[0] in int4 else 8
             elif node.input[0] in quantized_of:
                 canonical[node.output[0]] = quantized_of[node.input[0]]
     program = Program()
@@ -187,6 +195,7 @@ def read_program(model: onnx.ModelProto) -> Program:
                                 f"{', '.join(SUPPORTED)}")
         if op in ("Conv", "Gemm"):
             item = _conv(node, source(node.input[0]), tensor(node.output[0]), program, weights, inits)
+            item.bits = bits_of.get(node.input[1], 8)
         elif op == "Relu":
             inp, out = source(node.input[0]), tensor(node.output[0])
             prev = producer.get(inp)

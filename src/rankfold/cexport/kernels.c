@@ -38,6 +38,14 @@ static int8_t clamp8(int32_t v, int32_t lo, int32_t hi)
     return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
 }
 
+/* The i-th signed 4-bit weight of a packed array (two per byte, the first in the low nibble). */
+static int32_t weight4(const int8_t *packed, size_t i)
+{
+    const uint8_t byte = (uint8_t)packed[i >> 1];
+    const int32_t nibble = (i & 1) ? (byte >> 4) : (byte & 0x0F);
+    return nibble > 7 ? nibble - 16 : nibble;
+}
+
 /* First and one-past-last kernel tap whose input row/column lies inside [0, size). */
 static void tap_range(int origin, int dilation, int taps, int size, int *first, int *end)
 {
@@ -61,7 +69,7 @@ void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
     int oc, oy, ox, ic, ky, kx;
     for (oc = 0; oc < p->out_c; ++oc) {
         const int group = oc / out_per_group;
-        const int8_t *w_oc = p->weight + (size_t)oc * in_per_group * taps;
+        const int8_t *w_oc = p->weight + (p->weight_bits == 8 ? (size_t)oc * in_per_group * taps : 0);
         const int8_t *x_group = in + (size_t)group * in_per_group * plane;
         for (oy = 0; oy < p->out_h; ++oy) {
             const int iy0 = oy * p->stride_h - p->pad_top;
@@ -74,12 +82,23 @@ void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
                 tap_range(ix0, p->dil_w, p->k_w, p->in_w, &kx_first, &kx_end);
                 for (ic = 0; ic < in_per_group; ++ic) {
                     const int8_t *x_c = x_group + (size_t)ic * plane;
-                    const int8_t *w_c = w_oc + (size_t)ic * taps;
-                    for (ky = ky_first; ky < ky_end; ++ky) {
-                        const int8_t *x_row = x_c + (iy0 + ky * p->dil_h) * p->in_w;
-                        const int8_t *w_row = w_c + ky * p->k_w;
-                        for (kx = kx_first; kx < kx_end; ++kx) {
-                            acc += ((int32_t)x_row[ix0 + kx * p->dil_w] - p->in_zp) * (int32_t)w_row[kx];
+                    if (p->weight_bits == 8) {
+                        const int8_t *w_c = w_oc + (size_t)ic * taps;
+                        for (ky = ky_first; ky < ky_end; ++ky) {
+                            const int8_t *x_row = x_c + (iy0 + ky * p->dil_h) * p->in_w;
+                            const int8_t *w_row = w_c + ky * p->k_w;
+                            for (kx = kx_first; kx < kx_end; ++kx) {
+                                acc += ((int32_t)x_row[ix0 + kx * p->dil_w] - p->in_zp) * (int32_t)w_row[kx];
+                            }
+                        }
+                    } else {
+                        const size_t w_base = ((size_t)oc * in_per_group + ic) * taps;
+                        for (ky = ky_first; ky < ky_end; ++ky) {
+                            const int8_t *x_row = x_c + (iy0 + ky * p->dil_h) * p->in_w;
+                            for (kx = kx_first; kx < kx_end; ++kx) {
+                                acc += ((int32_t)x_row[ix0 + kx * p->dil_w] - p->in_zp) *
+                                       weight4(p->weight, w_base + (size_t)(ky * p->k_w + kx));
+                            }
                         }
                     }
                 }

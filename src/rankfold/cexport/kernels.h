@@ -12,6 +12,7 @@ typedef struct {
     int32_t out_c, out_h, out_w, out_zp;
     int32_t k_h, k_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, groups;
     int32_t act_min, act_max;
+    int32_t weight_bits;      /* 8, or 4: two weights per byte, the first in the low nibble */
     const int8_t *weight;     /* (out_c, in_c / groups, k_h, k_w) */
     const int32_t *bias;      /* (out_c) at scale s_in * s_w[c] */
     const int32_t *multiplier; /* (out_c) */
