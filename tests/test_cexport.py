@@ -149,3 +149,18 @@ def test_a_model_that_does_not_fit_is_refused_with_the_excess(qdq, tmp_path):
 def test_run_c_on_a_directory_that_is_not_an_export(tmp_path):
     with pytest.raises(RankfoldError, match="not a directory written by rankfold export-c"):
         run_c(str(tmp_path), np.zeros((1, 1, 4, 4), np.float32), None)
+
+
+@needs_cc
+@pytest.mark.skipif(__import__("rankfold.cexport.run", fromlist=["x"]).qemu_tools_missing() is not None,
+                    reason="Arm toolchain or qemu-system-arm missing (gcc-arm-none-eabi, libnewlib-arm-none-eabi, "
+                           "qemu-system-arm)")
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an500"])
+def test_cortex_m_build_under_qemu_matches_the_host(qdq, tmp_path, board):
+    root, calib = qdq
+    export_c(onnx.load(root / "q.onnx"), str(tmp_path / "c"))
+    result = run_c(str(tmp_path / "c"), calib[:6], None, qemu=board, qemu_samples=3)
+    assert result["golden_mismatches"] == 0
+    assert result["qemu_matches_host"] is True and result["qemu_samples"] == 3
+    assert result["flash_bytes"] > 0 and result["ram_bytes"] > 0
+    assert result["instructions"] > 0 and 1 < result["instructions_per_mac"] < 200

@@ -233,13 +233,12 @@ def _cmd_run_c(args: argparse.Namespace) -> None:
     from rankfold.cexport.run import run_c
     from rankfold.data import load_npz
 
-    if args.qemu:
-        raise RankfoldError("--qemu is not implemented yet: run-c builds and runs the host program only")
     data = load_npz(args.data)
     x, y = data.x, data.y
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
-    result = run_c(args.dir, x, y, sanitize=args.sanitize, progress=_log(args.quiet))
+    result = run_c(args.dir, x, y, sanitize=args.sanitize, qemu=args.qemu, qemu_samples=args.qemu_samples,
+                   progress=_log(args.quiet))
     if args.json:
         print(json.dumps(result))
         return
@@ -404,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="use only the first N samples")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sanitize", action="store_true", help="build with -fsanitize=address,undefined")
-    p.add_argument("--qemu", help="(not implemented yet) emulated board, e.g. mps2-an500")
+    p.add_argument("--qemu", help="also cross-compile and run under qemu on this board: mps2-an386 (Cortex-M4), "
+                                  "mps2-an500 (Cortex-M7), mps2-an385 (Cortex-M3)")
+    p.add_argument("--qemu-samples", type=int, default=5, help="samples to run under qemu (default 5)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_run_c)
 

@@ -143,7 +143,8 @@ int model_run(const int8_t *in, int8_t *out, uint8_t *arena);
               f"    memcpy(out, A({arena.offsets[program.output]}), MODEL_OUTPUT_SIZE);\n    return 0;\n}}\n"]
     files = {"model.h": header, "model.c": "".join(source),
              "rankfold_kernels.c": _resource("kernels.c"), "rankfold_kernels.h": _resource("kernels.h"),
-             "main.c": _resource("main.c"), "Makefile": _resource("Makefile"), **(extra or {})}
+             "main.c": _resource("main.c"), "Makefile": _resource("Makefile"), "startup.c": _resource("startup.c"),
+             "cortex_m.ld": _resource("cortex_m.ld"), **(extra or {})}
     _write_directory(directory, files)
     return {"arena_bytes": arena.size, "weight_bytes": program.weight_bytes, "macs": program.macs}
 

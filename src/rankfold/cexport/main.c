@@ -1,5 +1,8 @@
-/* rankfold test driver: reads N int8 input samples from a file, runs the model on each, writes the
- * int8 outputs to another file. Usage: model_test INPUTS.bin OUTPUTS.bin */
+/* rankfold test driver: reads int8 input samples from a file, runs the model on each, writes the
+ * int8 outputs to another file. Usage: model_test INPUTS.bin OUTPUTS.bin
+ * Built with -DRF_CORTEX_M (make cortex-m) it runs under qemu with semihosting and also prints,
+ * per sample, the instructions model_run took (SysTick under -icount shift=0, calibrated against
+ * a loop of known length). */
 #include <stdio.h>
 
 #include "model.h"
@@ -8,22 +11,62 @@ static uint8_t arena[MODEL_ARENA_SIZE + 4];
 static int8_t input[MODEL_INPUT_SIZE];
 static int8_t output[MODEL_OUTPUT_SIZE];
 
+#ifdef RF_CORTEX_M
+#define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
+#define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
+#define SYST_CVR (*(volatile uint32_t *)0xE000E018u)
+extern volatile uint32_t rf_systick_wraps;
+
+static uint64_t ticks(void)
+{
+    uint32_t before, value, after;
+    do {
+        before = rf_systick_wraps;
+        value = SYST_CVR;
+        after = rf_systick_wraps;
+    } while (before != after);
+    return (uint64_t)before * 0x1000000u + (0xFFFFFFu - value);
+}
+
+/* Ticks taken by 2 * loops instructions (subs + bne per iteration). */
+static uint64_t calibration_ticks(uint32_t loops)
+{
+    uint64_t start = ticks();
+    __asm volatile("1: subs %0, %0, #1\n bne 1b" : "+r"(loops));
+    return ticks() - start;
+}
+#endif
+
 int main(int argc, char **argv)
 {
     FILE *in_file, *out_file;
     long count = 0;
-    if (argc < 3) {
-        fprintf(stderr, "usage: %s INPUTS.bin OUTPUTS.bin\n", argv[0]);
-        return 2;
+    const char *in_path = argc > 1 ? argv[1] : "inputs.bin";
+    const char *out_path = argc > 2 ? argv[2] : "outputs.bin";
+#ifdef RF_CORTEX_M
+    uint64_t per_tick_x1000;
+    SYST_RVR = 0xFFFFFFu;
+    SYST_CVR = 0;
+    SYST_CSR = 7u; /* processor clock, interrupt on wrap, enabled */
+    while (SYST_CVR == 0) {
     }
-    in_file = fopen(argv[1], "rb");
-    out_file = fopen(argv[2], "wb");
+    per_tick_x1000 = (2000000ull * 1000ull) / calibration_ticks(1000000u);
+    printf("instructions_per_tick_x1000 %lu\n", (unsigned long)per_tick_x1000);
+#endif
+    in_file = fopen(in_path, "rb");
+    out_file = fopen(out_path, "wb");
     if (in_file == NULL || out_file == NULL) {
-        fprintf(stderr, "cannot open %s or %s\n", argv[1], argv[2]);
+        fprintf(stderr, "cannot open %s or %s\n", in_path, out_path);
         return 2;
     }
     while (fread(input, 1, MODEL_INPUT_SIZE, in_file) == MODEL_INPUT_SIZE) {
+#ifdef RF_CORTEX_M
+        uint64_t start = ticks();
         model_run(input, output, arena);
+        printf("sample %ld ticks %lu\n", count, (unsigned long)(ticks() - start));
+#else
+        model_run(input, output, arena);
+#endif
         if (fwrite(output, 1, MODEL_OUTPUT_SIZE, out_file) != MODEL_OUTPUT_SIZE) {
             fprintf(stderr, "write failed\n");
             return 1;

@@ -92,8 +92,63 @@ def run_host(binary: str, program: Program, x_q: np.ndarray) -> np.ndarray:
     return out.reshape(len(x_q), -1)
 
 
-def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool = False,
-          progress: Callable[[str], None] | None = None) -> dict:
+BOARDS = {"mps2-an385": "cortex-m3", "mps2-an386": "cortex-m4", "mps2-an500": "cortex-m7"}
+
+
+def qemu_tools_missing() -> str | None:
+    """Why the Cortex-M run cannot happen here, or None."""
+    for tool in ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm"):
+        if shutil.which(tool) is None:
+            return (f"{tool} not found: install gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm "
+                    "(apt-get install --no-install-recommends)")
+    return None
+
+
+def run_qemu(directory: str, board: str, x_q: np.ndarray, *, timeout: int = 3000) -> dict:
+    """Cross-compile for the board's CPU, run under qemu (semihosting, -icount shift=0) and return
+    its outputs, flash and RAM (arm-none-eabi-size) and instructions per inference."""
+    if board not in BOARDS:
+        raise RankfoldError(f"unknown board {board!r}; supported: {', '.join(BOARDS)}")
+    missing = qemu_tools_missing()
+    if missing:
+        raise RankfoldError(missing)
+    cpu = BOARDS[board]
+    proc = subprocess.run(["make", "-B", "-C", directory, "cortex-m", f"CPU={cpu}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RankfoldError(f"cross-compiling for {cpu} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    elf = os.path.join(directory, f"model_{cpu}.elf")
+    size = subprocess.run(["arm-none-eabi-size", "-A", elf], capture_output=True, text=True, check=True).stdout
+    sections = {parts[0]: int(parts[1]) for parts in (line.split() for line in size.splitlines())
+                if len(parts) >= 3 and parts[0].startswith(".") and parts[1].isdigit()}
+    flash = sum(sections.get(k, 0) for k in (".text", ".ARM.exidx", ".init_array", ".fini_array", ".data"))
+    ram = sum(sections.get(k, 0) for k in (".data", ".bss"))
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, outputs = os.path.join(tmp, "in.bin"), os.path.join(tmp, "out.bin")
+        x_q.astype(np.int8).tofile(inputs)
+        command = ["qemu-system-arm", "-M", board, "-nographic", "-monitor", "none", "-serial", "none",
+                   "-semihosting-config", f"enable=on,target=native,arg=model,arg={inputs},arg={outputs}",
+                   "-icount", "shift=0", "-kernel", elf]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RankfoldError(f"qemu did not finish within {timeout} s") from None
+        if proc.returncode != 0:
+            raise RankfoldError(f"qemu run failed ({proc.returncode}): {proc.stdout[-1000:]}{proc.stderr[-1000:]}")
+        out = np.fromfile(outputs, np.int8).reshape(len(x_q), -1)
+    per_tick = None
+    ticks = []
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["instructions_per_tick_x1000"]:
+            per_tick = int(parts[1]) / 1000
+        elif parts[:1] == ["sample"] and len(parts) == 4:
+            ticks.append(int(parts[3]))
+    instructions = int(np.median(ticks) * per_tick) if ticks and per_tick else None
+    return {"outputs": out, "flash_bytes": flash, "ram_bytes": ram, "instructions": instructions, "cpu": cpu}
+
+
+def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool = False, qemu: str | None = None,
+          qemu_samples: int = 5, progress: Callable[[str], None] | None = None) -> dict:
     """Build the host program, run it on `x`, and compare with the golden model and onnxruntime."""
     import onnxruntime as ort
 
@@ -124,4 +179,14 @@ def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool
         "ram_bytes": None,
         "instructions": None,
     }
+    if qemu:
+        count = min(qemu_samples, len(x))
+        say(f"cross-compiling and running {count} samples under qemu ({qemu})")
+        emulated = run_qemu(directory, qemu, x_q[:count])
+        result.update(
+            board=qemu, cpu=emulated["cpu"], qemu_samples=count,
+            qemu_matches_host=bool(np.array_equal(emulated["outputs"], c_out[:count])),
+            flash_bytes=emulated["flash_bytes"], ram_bytes=emulated["ram_bytes"],
+            instructions=emulated["instructions"],
+            instructions_per_mac=None if emulated["instructions"] is None else emulated["instructions"] / program.macs)
     return result
