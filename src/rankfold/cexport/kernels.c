@@ -2,6 +2,8 @@
  * Arithmetic: TFLite / CMSIS-NN requantization (see rankfold/cexport/arith.py, the golden model). */
 #include "rankfold_kernels.h"
 
+#include <string.h>
+
 static int32_t srdhm(int32_t a, int32_t b)
 {
     int64_t product = (int64_t)a * (int64_t)b;
@@ -103,6 +105,92 @@ void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
                     }
                 }
                 out[((size_t)oc * p->out_h + oy) * p->out_w + ox] =
+                    clamp8(rf_requantize(acc, p->multiplier[oc], p->shift[oc]) + p->out_zp, p->act_min, p->act_max);
+            }
+        }
+    }
+}
+
+/* Dense int8 convolution, zero point folded into the bias: bias_folded[c] = bias[c] - in_zp * sum(w[c]).
+ * A padded input is first copied into `scratch` with its borders at in_zp (the real value 0), so the
+ * inner loops have no bounds checks; sum((x - zp) * w) = sum(x * w) - zp * sum(w) exactly. */
+void rf_conv_dense_s8(const rf_conv_params *p, const int32_t *bias_folded, const int8_t *in, int8_t *out,
+                      int8_t *scratch)
+{
+    const int padded = p->pad_top || p->pad_left || p->pad_bottom || p->pad_right;
+    const int src_h = p->in_h + p->pad_top + p->pad_bottom;
+    const int src_w = p->in_w + p->pad_left + p->pad_right;
+    const int plane = src_h * src_w;
+    const int taps = p->k_h * p->k_w;
+    const int8_t *src = in;
+    int offsets[RF_MAX_TAPS];
+    int oc, oy, ox, ic, ky, kx;
+    if (padded) {
+        int c, y;
+        memset(scratch, p->in_zp, (size_t)p->in_c * plane);
+        for (c = 0; c < p->in_c; ++c) {
+            for (y = 0; y < p->in_h; ++y) {
+                memcpy(scratch + (size_t)c * plane + (size_t)(y + p->pad_top) * src_w + p->pad_left,
+                       in + ((size_t)c * p->in_h + y) * p->in_w, (size_t)p->in_w);
+            }
+        }
+        src = scratch;
+    }
+    {
+        int t = 0;
+        for (ky = 0; ky < p->k_h; ++ky) {
+            for (kx = 0; kx < p->k_w; ++kx) {
+                offsets[t++] = ky * p->dil_h * src_w + kx * p->dil_w;
+            }
+        }
+    }
+    for (oc = 0; oc < p->out_c; ++oc) {
+        const int8_t *w_oc = p->weight + (size_t)oc * p->in_c * taps;
+        int8_t *out_c = out + (size_t)oc * p->out_h * p->out_w;
+        if (p->weight_bits == 4) { /* unpack this channel's weights once */
+            int8_t *unpacked = scratch + (padded ? (size_t)p->in_c * plane : 0);
+            const size_t base = (size_t)oc * p->in_c * taps;
+            size_t i;
+            for (i = 0; i < (size_t)p->in_c * taps; ++i) {
+                unpacked[i] = (int8_t)weight4(p->weight, base + i);
+            }
+            w_oc = unpacked;
+        }
+        for (oy = 0; oy < p->out_h; ++oy) {
+            for (ox = 0; ox < p->out_w; ++ox) {
+                const int8_t *x_base = src + (size_t)oy * p->stride_h * src_w + (size_t)ox * p->stride_w;
+                int32_t acc = bias_folded[oc];
+                if (taps == 1) {
+                    for (ic = 0; ic < p->in_c; ++ic) {
+                        acc += (int32_t)x_base[(size_t)ic * plane] * w_oc[ic];
+                    }
+                } else if (p->k_h == 3 && p->k_w == 3 && p->dil_h == 1 && p->dil_w == 1) {
+                    for (ic = 0; ic < p->in_c; ++ic) {
+                        const int8_t *x0 = x_base + (size_t)ic * plane;
+                        const int8_t *x1 = x0 + src_w;
+                        const int8_t *x2 = x1 + src_w;
+                        const int8_t *w = w_oc + ic * 9;
+                        acc += x0[0] * w[0] + x0[1] * w[1] + x0[2] * w[2] + x1[0] * w[3] + x1[1] * w[4] +
+                               x1[2] * w[5] + x2[0] * w[6] + x2[1] * w[7] + x2[2] * w[8];
+                    }
+                } else if (taps == 3) { /* Kx1 / 1xK: the factors of spatial SVD */
+                    const int o1 = offsets[1], o2 = offsets[2];
+                    for (ic = 0; ic < p->in_c; ++ic) {
+                        const int8_t *x0 = x_base + (size_t)ic * plane;
+                        const int8_t *w = w_oc + ic * 3;
+                        acc += x0[0] * w[0] + x0[o1] * w[1] + x0[o2] * w[2];
+                    }
+                } else {
+                    for (ic = 0; ic < p->in_c; ++ic) {
+                        const int8_t *x_c = x_base + (size_t)ic * plane;
+                        const int8_t *w_c = w_oc + (size_t)ic * taps;
+                        int t;
+                        for (t = 0; t < taps; ++t) {
+                            acc += (int32_t)x_c[offsets[t]] * w_c[t];
+                        }
+                    }
+                }
+                out_c[oy * p->out_w + ox] =
                     clamp8(rf_requantize(acc, p->multiplier[oc], p->shift[oc]) + p->out_zp, p->act_min, p->act_max);
             }
         }
