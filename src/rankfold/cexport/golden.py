@@ -41,26 +41,31 @@ def _conv(op: Conv, x: np.ndarray, zp_in: int, out_shape: tuple[int, ...], zp_ou
     return np.clip(scaled, op.act_min, op.act_max).reshape(n, *out_shape).astype(np.int8)
 
 
+def run_op(program: Program, op, env: dict[str, np.ndarray]) -> np.ndarray:
+    """One op of the program on int8 tensors in `env` (each (N, *shape)); returns its output."""
+    t = program.tensors
+    out = t[op.out]
+    if isinstance(op, Conv):
+        return _conv(op, env[op.inp], t[op.inp].zero_point, out.shape, out.zero_point)
+    if isinstance(op, Add):
+        a = (env[op.a].astype(np.int64) - t[op.a].zero_point) << ADD_LEFT_SHIFT
+        b = (env[op.b].astype(np.int64) - t[op.b].zero_point) << ADD_LEFT_SHIFT
+        total = mbqm(a, *op.a_mult) + mbqm(b, *op.b_mult)
+        return np.clip(mbqm(total, *op.out_mult) + out.zero_point, op.act_min, ACT_QMAX).astype(np.int8)
+    x = env[op.inp].astype(np.int64) - t[op.inp].zero_point
+    if isinstance(op, AvgPool):
+        total = x.reshape(x.shape[0], x.shape[1], -1).sum(2)
+        return np.clip(mbqm(total, *op.mult) + out.zero_point, -128, ACT_QMAX).reshape(
+            x.shape[0], *out.shape).astype(np.int8)
+    if isinstance(op, Requant):
+        return np.clip(mbqm(x, *op.mult) + out.zero_point, op.act_min, ACT_QMAX).reshape(
+            x.shape[0], *out.shape).astype(np.int8)
+    raise TypeError(f"unknown op {type(op).__name__}")
+
+
 def run_golden(program: Program, x_q: np.ndarray) -> np.ndarray:
     """Run on int8 inputs (N, *input shape); returns the int8 output (N, *output shape)."""
-    t = program.tensors
     env = {program.input: np.asarray(x_q, np.int8)}
     for op in program.ops:
-        out = t[op.out]
-        if isinstance(op, Conv):
-            env[op.out] = _conv(op, env[op.inp], t[op.inp].zero_point, out.shape, out.zero_point)
-        elif isinstance(op, Add):
-            a = (env[op.a].astype(np.int64) - t[op.a].zero_point) << ADD_LEFT_SHIFT
-            b = (env[op.b].astype(np.int64) - t[op.b].zero_point) << ADD_LEFT_SHIFT
-            total = mbqm(a, *op.a_mult) + mbqm(b, *op.b_mult)
-            env[op.out] = np.clip(mbqm(total, *op.out_mult) + out.zero_point, op.act_min, ACT_QMAX).astype(np.int8)
-        elif isinstance(op, AvgPool):
-            x = env[op.inp].astype(np.int64) - t[op.inp].zero_point
-            total = x.reshape(x.shape[0], x.shape[1], -1).sum(2)
-            env[op.out] = np.clip(mbqm(total, *op.mult) + out.zero_point, -128, ACT_QMAX).reshape(
-                x.shape[0], *out.shape).astype(np.int8)
-        elif isinstance(op, Requant):
-            x = env[op.inp].astype(np.int64) - t[op.inp].zero_point
-            env[op.out] = np.clip(mbqm(x, *op.mult) + out.zero_point, op.act_min, ACT_QMAX).reshape(
-                x.shape[0], *out.shape).astype(np.int8)
+        env[op.out] = run_op(program, op, env)
     return env[program.output]

@@ -18,6 +18,7 @@ from rankfold.errors import RankfoldError
 from rankfold.target import Target
 
 QDQ_COPY = "model.onnx"  # the QDQ model the C was generated from: run-c's reference
+PER_OP_SAMPLES = 32  # samples for the op-by-op comparison with onnxruntime
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:
@@ -90,6 +91,36 @@ def run_host(binary: str, program: Program, x_q: np.ndarray) -> np.ndarray:
             raise RankfoldError(f"{binary} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         out = np.fromfile(outputs, np.int8)
     return out.reshape(len(x_q), -1)
+
+
+def per_op_unit_differences(model: onnx.ModelProto, program: Program, x: np.ndarray) -> dict:
+    """Each op of the golden model fed with onnxruntime's own int8 input tensors and compared with
+    onnxruntime's int8 output tensor: the rounding difference of that op alone, in units."""
+    import onnxruntime as ort
+
+    from rankfold.cexport.golden import run_op
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    q_of = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    wanted = [q_of[name] for name in program.tensors if name in q_of]
+    for name in wanted:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(wanted, {session.get_inputs()[0].name: x.astype(np.float32)})
+    by_tensor = {f: v for f, v in zip((n for n in program.tensors if n in q_of), values)}
+    worst, within, total = 0, 0, 0
+    for op in program.ops:
+        inputs = [op.a, op.b] if hasattr(op, "a") else [op.inp]
+        if op.out not in by_tensor or any(i not in by_tensor for i in inputs):
+            continue
+        env = {i: by_tensor[i].reshape(len(x), *program.tensors[i].shape) for i in inputs}
+        diff = np.abs(run_op(program, op, env).astype(np.int64).reshape(len(x), -1)
+                      - by_tensor[op.out].astype(np.int64).reshape(len(x), -1))
+        worst = max(worst, int(diff.max(initial=0)))
+        within += int((diff <= 1).sum())
+        total += diff.size
+    return {"onnx_op_max_unit_difference": worst, "onnx_op_within_one_unit": within / max(total, 1)}
 
 
 BOARDS = {"mps2-an385": "cortex-m3", "mps2-an386": "cortex-m4", "mps2-an500": "cortex-m7"}
@@ -175,6 +206,7 @@ def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool
         "golden_mismatches": int((c_out != golden).sum()),
         "onnx_agreement": float((c_out.argmax(1) == ort_out.argmax(1)).mean()),
         "onnx_max_unit_difference": int(np.abs(c_out.astype(np.int64) - ort_q).max(initial=0)),
+        **per_op_unit_differences(onnx.load(reference), program, x[:PER_OP_SAMPLES]),
         "flash_bytes": None,
         "ram_bytes": None,
         "instructions": None,
