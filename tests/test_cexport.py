@@ -165,3 +165,4 @@ def test_cortex_m_build_under_qemu_matches_the_host(qdq, tmp_path, board):
     assert result["qemu_matches_host"] is True and result["qemu_samples"] == 3
     assert result["flash_bytes"] > 0 and result["ram_bytes"] > 0
     assert result["instructions"] > 0 and 1 < result["instructions_per_mac"] < 200
+    assert 0 < result["stack_bytes"] < 16384 and result["ram_bytes"] > result["stack_bytes"]

@@ -225,8 +225,15 @@ def _cmd_export_c(args: argparse.Namespace) -> None:
     print(f"flash (weights, biases, multipliers): {info['weight_bytes']:,} bytes"
           + (f" of {target.flash_bytes:,} ({target.name})" if target and target.flash_bytes else ""))
     print(f"RAM (arena): {info['arena_bytes']:,} bytes"
-          + (f" of {target.ram_bytes:,} ({target.name})" if target and target.ram_bytes else "")
-          + "; code and stack come on top: build and measure with run-c")
+          + (f" of {target.ram_bytes:,} ({target.name})" if target and target.ram_bytes else ""))
+    if "flash_bytes" in info:
+        print(f"built for {info['cpu']}: flash (code + weights) {info['flash_bytes']:,} bytes"
+              + (f" of {target.flash_bytes:,}" if target.flash_bytes else "")
+              + f", static RAM (arena + buffers) {info['static_ram_bytes']:,} bytes"
+              + (f" of {target.ram_bytes:,}" if target.ram_bytes else "")
+              + "; the stack and instructions per MAC: rankfold run-c DIR --qemu BOARD")
+    elif target is not None and target.name.startswith("cortex-m"):
+        print("arm-none-eabi-gcc not found: code size not measured (install gcc-arm-none-eabi)")
 
 
 def _cmd_run_c(args: argparse.Namespace) -> None:

@@ -28,6 +28,35 @@ static uint64_t ticks(void)
     return (uint64_t)before * 0x1000000u + (0xFFFFFFu - value);
 }
 
+/* Stack high-water mark: the region below the stack pointer is painted before the runs and
+ * scanned after them. */
+#define RF_STACK_PAINT (64u * 1024u)
+#define RF_PAINT 0xA5A5A5A5u
+
+static uint32_t stack_pointer(void)
+{
+    uint32_t sp;
+    __asm volatile("mov %0, sp" : "=r"(sp));
+    return sp;
+}
+
+static void paint_stack(uint32_t top)
+{
+    volatile uint32_t *p = (volatile uint32_t *)(top - RF_STACK_PAINT);
+    while ((uint32_t)p < top - 256u) {
+        *p++ = RF_PAINT;
+    }
+}
+
+static uint32_t stack_used(uint32_t top)
+{
+    const volatile uint32_t *p = (const volatile uint32_t *)(top - RF_STACK_PAINT);
+    while ((uint32_t)p < top && *p == RF_PAINT) {
+        ++p;
+    }
+    return top - (uint32_t)p;
+}
+
 /* Ticks taken by 2 * loops instructions (subs + bne per iteration). */
 static uint64_t calibration_ticks(uint32_t loops)
 {
@@ -45,6 +74,8 @@ int main(int argc, char **argv)
     const char *out_path = argc > 2 ? argv[2] : "outputs.bin";
 #ifdef RF_CORTEX_M
     uint64_t per_tick_x1000;
+    const uint32_t stack_top = stack_pointer();
+    uint32_t stack_max = 0;
     SYST_RVR = 0xFFFFFFu;
     SYST_CVR = 0;
     SYST_CSR = 7u; /* processor clock, interrupt on wrap, enabled */
@@ -61,9 +92,15 @@ int main(int argc, char **argv)
     }
     while (fread(input, 1, MODEL_INPUT_SIZE, in_file) == MODEL_INPUT_SIZE) {
 #ifdef RF_CORTEX_M
-        uint64_t start = ticks();
+        uint64_t start, end;
+        uint32_t used;
+        paint_stack(stack_top);
+        start = ticks();
         model_run(input, output, arena);
-        printf("sample %ld ticks %lu\n", count, (unsigned long)(ticks() - start));
+        end = ticks();
+        used = stack_used(stack_top);
+        stack_max = used > stack_max ? used : stack_max;
+        printf("sample %ld ticks %lu\n", count, (unsigned long)(end - start));
 #else
         model_run(input, output, arena);
 #endif
@@ -75,6 +112,9 @@ int main(int argc, char **argv)
     }
     fclose(in_file);
     fclose(out_file);
+#ifdef RF_CORTEX_M
+    printf("stack_bytes %lu\n", (unsigned long)stack_max); /* below main's frame, during model_run */
+#endif
     printf("%ld samples\n", count);
     return 0;
 }

@@ -57,12 +57,30 @@ def check_fits(program: Program, target: Target | None, arena: int) -> None:
 
 
 def export_c(model: onnx.ModelProto, directory: str, *, target: Target | None = None) -> dict:
+    """Generate DIR; for a Cortex-M target with the Arm toolchain installed, also cross-compile it
+    and add its flash (text + data) and static RAM (data + bss) to the result."""
     from rankfold.cexport.codegen import plan_arena
 
     program = read_program(model)
     check_fits(program, target, plan_arena(program).size)
     info = generate(program, directory, extra={QDQ_COPY: model.SerializeToString()})
-    return {**info, "ops": len(program.ops)}
+    info["ops"] = len(program.ops)
+    if target is not None and target.name.startswith("cortex-m") and shutil.which("arm-none-eabi-gcc"):
+        info.update(cross_compile(directory, target.name))
+    return info
+
+
+def cross_compile(directory: str, cpu: str) -> dict:
+    proc = subprocess.run(["make", "-B", "-C", directory, "cortex-m", f"CPU={cpu}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RankfoldError(f"cross-compiling for {cpu} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    elf = os.path.join(directory, f"model_{cpu}.elf")
+    size = subprocess.run(["arm-none-eabi-size", "-A", elf], capture_output=True, text=True, check=True).stdout
+    sections = {parts[0]: int(parts[1]) for parts in (line.split() for line in size.splitlines())
+                if len(parts) >= 3 and parts[0].startswith(".") and parts[1].isdigit()}
+    flash = sum(sections.get(k, 0) for k in (".text", ".ARM.exidx", ".init_array", ".fini_array", ".data"))
+    return {"cpu": cpu, "elf": elf, "flash_bytes": flash,
+            "static_ram_bytes": sum(sections.get(k, 0) for k in (".data", ".bss"))}
 
 
 def build_host(directory: str, *, sanitize: bool = False) -> str:
@@ -144,15 +162,8 @@ def run_qemu(directory: str, board: str, x_q: np.ndarray, *, timeout: int = 3000
     if missing:
         raise RankfoldError(missing)
     cpu = BOARDS[board]
-    proc = subprocess.run(["make", "-B", "-C", directory, "cortex-m", f"CPU={cpu}"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RankfoldError(f"cross-compiling for {cpu} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    elf = os.path.join(directory, f"model_{cpu}.elf")
-    size = subprocess.run(["arm-none-eabi-size", "-A", elf], capture_output=True, text=True, check=True).stdout
-    sections = {parts[0]: int(parts[1]) for parts in (line.split() for line in size.splitlines())
-                if len(parts) >= 3 and parts[0].startswith(".") and parts[1].isdigit()}
-    flash = sum(sections.get(k, 0) for k in (".text", ".ARM.exidx", ".init_array", ".fini_array", ".data"))
-    ram = sum(sections.get(k, 0) for k in (".data", ".bss"))
+    built = cross_compile(directory, cpu)
+    elf, flash, ram = built["elf"], built["flash_bytes"], built["static_ram_bytes"]
     with tempfile.TemporaryDirectory() as tmp:
         inputs, outputs = os.path.join(tmp, "in.bin"), os.path.join(tmp, "out.bin")
         x_q.astype(np.int8).tofile(inputs)
@@ -168,14 +179,18 @@ def run_qemu(directory: str, board: str, x_q: np.ndarray, *, timeout: int = 3000
         out = np.fromfile(outputs, np.int8).reshape(len(x_q), -1)
     per_tick = None
     ticks = []
+    stack = 0
     for line in proc.stdout.splitlines():
         parts = line.split()
         if parts[:1] == ["instructions_per_tick_x1000"]:
             per_tick = int(parts[1]) / 1000
+        elif parts[:1] == ["stack_bytes"]:
+            stack = int(parts[1])
         elif parts[:1] == ["sample"] and len(parts) == 4:
             ticks.append(int(parts[3]))
     instructions = int(np.median(ticks) * per_tick) if ticks and per_tick else None
-    return {"outputs": out, "flash_bytes": flash, "ram_bytes": ram, "instructions": instructions, "cpu": cpu}
+    return {"outputs": out, "flash_bytes": flash, "ram_bytes": ram + stack, "stack_bytes": stack,
+            "instructions": instructions, "cpu": cpu}
 
 
 def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool = False, qemu: str | None = None,
@@ -218,7 +233,7 @@ def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool
         result.update(
             board=qemu, cpu=emulated["cpu"], qemu_samples=count,
             qemu_matches_host=bool(np.array_equal(emulated["outputs"], c_out[:count])),
-            flash_bytes=emulated["flash_bytes"], ram_bytes=emulated["ram_bytes"],
+            flash_bytes=emulated["flash_bytes"], ram_bytes=emulated["ram_bytes"], stack_bytes=emulated["stack_bytes"],
             instructions=emulated["instructions"],
             instructions_per_mac=None if emulated["instructions"] is None else emulated["instructions"] / program.macs)
     return result
