@@ -32,10 +32,7 @@ from rankfold.planner.costs import (
     time_onnx_pair_ms,
 )
 from rankfold.planner.memory import activation_profile
-from rankfold.planner.sensitivity import (
-    layer_statistics,
-    measured_quantization_kl,
-)
+from rankfold.planner.sensitivity import layer_statistics
 from rankfold.planner.solver import solve
 from rankfold.target import BUDGET_KINDS, Budget, Target, load_target, parse_budget
 
@@ -46,11 +43,10 @@ METHOD_CONFIGS: dict[str, Callable[[list[int]], MethodConfig]] = {
     "spatial-svd": lambda r: SpatialSVDConfig(rank=r[0]),
     "cp": lambda r: CPConfig(rank=r[0]),
 }
-QUANTITIES = tuple(BUDGET_KINDS)  # params, macs, weight_bytes, ram_bytes, latency_ms
+QUANTITIES = tuple(BUDGET_KINDS)
 # Measured latency varies by a few percent from run to run: plans aim this much under a latency
 # limit so that a later measurement of the result still meets it.
-LATENCY_MARGIN = 0.95
-QUANT_PROBE_SAMPLES = 64  # calibration samples for measuring each layer's quantization cost
+LATENCY_MARGIN = 0.95  # params, macs, weight_bytes, ram_bytes, latency_ms
 Progress = Callable[[str], None]
 
 
@@ -167,14 +163,13 @@ def _stored_bytes(profile: ChainProfile, bits: int) -> float:
     return total
 
 
-def _with_bits(options: list[_Option], bits_choices: tuple[int, ...], per_factor: Callable[[int], float]
-               ) -> list[_Option]:
+def _with_bits(options: list[_Option], bits_choices: tuple[int, ...], noise_unit: float) -> list[_Option]:
     """Every structural option at every allowed bit-width. Quantizing adds rounding noise to each
-    factor: its loss is per_factor(bits) (the loss of the layer itself at those bits) x factors."""
+    factor: its estimated loss is noise_unit (the layer's loss at int8) x factors x (127/qmax)^2."""
     expanded = []
     for opt in options:
         for bits in bits_choices:
-            extra = 0.0 if bits >= 32 else per_factor(bits) * len(opt.profile.sub_layers)
+            extra = 0.0 if bits >= 32 else noise_unit * len(opt.profile.sub_layers) * (127 / (2 ** (bits - 1) - 1)) ** 2
             expanded.append(dataclasses.replace(opt, loss=opt.loss + extra, bits=bits,
                                                 weight_bytes=_stored_bytes(opt.profile, bits)))
     return expanded
@@ -340,20 +335,14 @@ def price_model(
         layer_names = [n for n in names if n in stats]
         options, notes = {}, {}
         choices = bit_choices(target, bits)
-        measured: dict[tuple[str, int], float] = {}
-        if calib is not None and any(b < 32 for b in choices):
-            say("measuring each layer's quantization cost (KL with that layer rounded)")
-            measured = measured_quantization_kl(model, layer_names, calib[:QUANT_PROBE_SAMPLES], choices)
         for i, name in enumerate(layer_names, 1):
             say(f"pricing [{i}/{len(layer_names)}] {name}")
             structural, notes[name] = _options_for_layer(
                 name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0),
                 activations.input_kept.get(name, False), latency_of)
             edge = i in (1, len(layer_names)) and 32 in target.weight_bits  # first and last layer stay float
-            noise = _int8_noise_loss(modules[name], stats[name])
-            options[name] = _with_bits(
-                structural, (32,) if edge else choices,
-                lambda b, name=name, noise=noise: measured.get((name, b), noise * (127 / (2 ** (b - 1) - 1)) ** 2))
+            options[name] = _with_bits(structural, (32,) if edge else choices,
+                                       _int8_noise_loss(modules[name], stats[name]))
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()

@@ -113,33 +113,3 @@ def layer_statistics(
         sens = torch.zeros(out_ch, dtype=torch.float64) if sens is None else sens / total
         stats[name] = LayerStats(name, moments[name] / rows_seen[name], sens, *shapes[name])
     return stats
-
-
-def measured_quantization_kl(
-    model: nn.Module, names: Iterable[str], inputs: Tensor, bits: Iterable[int]
-) -> dict[tuple[str, int], float]:
-    """KL divergence (nats, mean over `inputs`) between the network's predictions and those with one
-    layer's weights rounded to `bits` (per-channel symmetric): each layer's quantization cost,
-    measured rather than modelled. Empty when the output is not (N, classes)."""
-    from rankfold.quantize.core import fake_quantize_weight
-
-    modules = dict(model.named_modules())
-    results: dict[tuple[str, int], float] = {}
-    with torch.no_grad():
-        base = _output_tensor(run_checked(model, inputs.to(torch.float32)))
-        if base.ndim != 2:
-            return results
-        log_p = F.log_softmax(base.double(), dim=1)
-        for name in names:
-            layer = modules[name]
-            original = layer.weight.detach().clone()
-            try:
-                for b in bits:
-                    if b >= 32:
-                        continue
-                    layer.weight.copy_(torch.from_numpy(fake_quantize_weight(original.numpy(), b)))
-                    log_q = F.log_softmax(_output_tensor(model(inputs.to(torch.float32))).double(), dim=1)
-                    results[(name, b)] = float((log_p.exp() * (log_p - log_q)).sum(1).mean())
-            finally:
-                layer.weight.copy_(original)
-    return results
