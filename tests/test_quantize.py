@@ -226,3 +226,13 @@ def test_quantized_compress_via_cli_writes_a_checked_qdq_file(trained, tmp_path)
     assert "self-check (quantized)" in proc.stderr
     assert onnx_size(out).weight_bytes <= 0.3 * onnx_size(tmp_path / "m.onnx").weight_bytes
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
+
+
+def test_a_quantized_layer_that_matches_no_onnx_node_is_an_error(trained, tmp_path, monkeypatch):
+    import rankfold.quantize.export as export
+
+    model, calib = trained
+    monkeypatch.setattr(export, "node_bits", lambda proto, leaves: {})  # as if the exporter renamed nodes
+    with pytest.raises(RankfoldError, match="could not be matched"):
+        export.export_quantized(model, {"2": 8}, tmp_path / "q.onnx", calib=calib, example_input=calib[:2])
+    assert not (tmp_path / "q.onnx").exists()

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from torch import Tensor, nn
 
+from rankfold.errors import RankfoldError
 from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate, to_qdq
 from rankfold.quantize.weights import correct_bias, quantize_weights
 
@@ -59,6 +60,11 @@ def export_quantized(
         proto = onnx.load(float_path)
     activations = calibrate(proto, calib.numpy().astype(np.float32), observer=observer, progress=say)
     nodes = node_bits(proto, leaves)
+    mapped = {node.split("/")[-2] for node in nodes}
+    unmapped = sorted(set(leaves) - mapped)
+    if unmapped:  # never let a planned quantized layer silently stay float
+        raise RankfoldError(f"quantized layer(s) {', '.join(unmapped)} could not be matched to an ONNX node "
+                            "of the export")
     qdq = to_qdq(proto, nodes, activations)
     replace_atomically(path, qdq.SerializeToString())
     return nodes
