@@ -34,6 +34,16 @@ def run_checked(model: nn.Module, x: Tensor) -> Tensor:
         ) from None
 
 
+def run_hooked(model: nn.Module, x: Tensor, handles: list) -> None:
+    """One forward pass without gradients for the hooks in `handles`, which are removed afterwards."""
+    try:
+        with torch.no_grad():
+            run_checked(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def sampled_rows(rows: int, limit: int, seed: int = 1) -> Tensor | None:
     """A fixed random subset of row indices (None: keep all), so two passes pick the same rows."""
     if rows <= limit:
@@ -55,13 +65,7 @@ def capture_input_rows(
             index = sampled_rows(rows.shape[0], max_rows)
             captured[name] = rows if index is None else rows[index]
 
-    handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
-    try:
-        with torch.no_grad():
-            run_checked(model, calib)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, calib, [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names])
     return captured
 
 
@@ -89,13 +93,7 @@ def replace_in_one_pass(model: nn.Module, names: Iterable[str], calib: Tensor, r
         set_submodule(model, name, new)
         return new(*inputs)
 
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
-    try:
-        with torch.no_grad():
-            run_checked(model, calib)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, calib, [modules[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names])
     return reached
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, run_checked
+from rankfold.analyze import COMPRESSIBLE, run_hooked
 
 
 @dataclass
@@ -81,10 +81,5 @@ def _layer_only_profile(model: nn.Module, example: Tensor) -> ActivationProfile:
 
     for name, module in model.named_modules():
         handles.append(module.register_forward_hook(lambda m, i, o, n=name: hook(m, i, o, n)))
-    try:
-        with torch.no_grad():
-            run_checked(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, handles)
     return profile

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, set_submodule
+from rankfold.analyze import COMPRESSIBLE, run_hooked, set_submodule
 from rankfold.config import CPConfig, MethodConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
 from rankfold.errors import RankfoldError
 from rankfold.io import write_json_atomic
@@ -34,7 +34,7 @@ from rankfold.planner.costs import (
 from rankfold.planner.memory import activation_profile
 from rankfold.planner.sensitivity import layer_statistics
 from rankfold.planner.solver import solve
-from rankfold.target import BUDGET_KINDS, Budget, Target, load_target, parse_budget
+from rankfold.target import Budget, Target, load_target, parse_budget
 
 PLAN_FORMAT = "rankfold-plan/1"
 METHOD_CONFIGS: dict[str, Callable[[list[int]], MethodConfig]] = {
@@ -43,7 +43,6 @@ METHOD_CONFIGS: dict[str, Callable[[list[int]], MethodConfig]] = {
     "spatial-svd": lambda r: SpatialSVDConfig(rank=r[0]),
     "cp": lambda r: CPConfig(rank=r[0]),
 }
-QUANTITIES = tuple(BUDGET_KINDS)
 # Measured latency varies by a few percent from run to run: plans aim this much under a latency
 # limit so that a later measurement of the result still meets it.
 LATENCY_MARGIN = 0.95  # params, macs, weight_bytes, ram_bytes, latency_ms
@@ -223,14 +222,8 @@ def _data_free_stats(model: nn.Module, names: list[str], example: Tensor):
 
     modules = dict(model.named_modules())
     shapes: dict[str, tuple] = {}
-    handles = [modules[n].register_forward_hook(
-        lambda m, i, o, n=n: shapes.setdefault(n, (tuple(i[0].shape[1:]), tuple(o.shape[1:])))) for n in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, [modules[n].register_forward_hook(
+        lambda m, i, o, n=n: shapes.setdefault(n, (tuple(i[0].shape[1:]), tuple(o.shape[1:])))) for n in names])
     stats = {}
     for n in names:
         if n in shapes:

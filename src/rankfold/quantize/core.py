@@ -102,12 +102,3 @@ def unpack_int4(data: bytes, count: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8)
     nibbles = np.stack([raw & 0x0F, raw >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
     return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
-
-
-def weight_storage_bytes(elements: int, out_channels: int, bits: int, group_size: int | None = None,
-                         inner: int | None = None) -> int:
-    """Bytes of a quantized weight as stored: packed values plus float32 scales."""
-    if bits >= 16:
-        return elements * bits // 8
-    groups = 1 if group_size is None else -(-(inner or elements // max(out_channels, 1)) // group_size)
-    return -(-elements * bits // 8) + 4 * out_channels * groups
