@@ -1,8 +1,12 @@
+import numpy as np
+import onnx
+import pytest
 import torch
 from torch import nn
 
 import rankfold
-from rankfold.evaluate import onnx_size
+from rankfold.errors import RankfoldError
+from rankfold.evaluate import accuracy, onnx_peak_activation_bytes, onnx_size
 
 
 def test_known_layer_counts_are_exact():
@@ -44,3 +48,50 @@ def test_counting_and_export_leave_the_training_mode_alone(tmp_path):
     rankfold.model_cost(model, x)
     rankfold.export_onnx(model, tmp_path / "m.onnx", example_input=x)
     assert model.training and model[1].training
+
+
+def _graph(nodes, inits, shape_in, shape_out, path, elem=onnx.TensorProto.FLOAT):
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", elem, shape_in)],
+                                   [onnx.helper.make_tensor_value_info("y", elem, shape_out)], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return model
+
+
+def test_peak_activation_counts_the_live_residual_branch(tmp_path):
+    w = onnx.numpy_helper.from_array(np.ones((8, 8, 1, 1), np.float32), "w")
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["a"]), onnx.helper.make_node("Relu", ["a"], ["b"]),
+             onnx.helper.make_node("Add", ["x", "b"], ["y"])]
+    model = _graph(nodes, [w], ["N", 8, 4, 4], ["N", 8, 4, 4], tmp_path / "res.onnx")
+    one = 8 * 4 * 4 * 4  # bytes of one float tensor of this shape
+    # while Relu runs, x (kept for the Add), a and b are alive
+    assert onnx_peak_activation_bytes(model) == 3 * one
+
+
+def test_peak_activation_of_a_qdq_graph_counts_the_fused_int8_tensors(tmp_path):
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(0, np.int8), "z"),
+             onnx.numpy_helper.from_array(np.ones((8, 8, 1, 1), np.int8), "wq"),
+             onnx.numpy_helper.from_array(np.ones(8, np.float32), "ws")]
+    nodes = [onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             onnx.helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             onnx.helper.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], axis=0),
+             onnx.helper.make_node("Conv", ["xd", "wd"], ["c"]),
+             onnx.helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
+             onnx.helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
+    model = _graph(nodes, inits, ["N", 8, 4, 4], ["N", 8, 4, 4], tmp_path / "qdq.onnx")
+    elems = 8 * 4 * 4
+    # the float input, then the int8 input and the int8 output of the fused conv, then the float output
+    assert onnx_peak_activation_bytes(model) == max(4 * elems + elems, 2 * elems, elems + 4 * elems)
+
+
+def test_accuracy_runs_a_model_exported_for_a_fixed_batch(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(model, (torch.randn(5, 3, 4),), str(path), dynamo=False)  # batch fixed at 5
+    x = torch.randn(20, 3, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    assert accuracy(str(path), x.numpy(), y) == 1.0
+    with pytest.raises(RankfoldError, match="fixed at 5"):
+        accuracy(str(path), x[:7].numpy(), y[:7])

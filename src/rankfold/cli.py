@@ -32,6 +32,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"MACs            {result.macs:,} ({human(result.macs)}) per sample")
     print(f"weight bytes    {result.weight_bytes:,}")
     print(f"file bytes      {result.file_bytes:,}")
+    print(f"activations     {result.peak_activation_bytes:,} B at the peak (batch 1, graph liveness)")
     if result.latency_ms_b1 is not None:
         print(f"latency b1      {result.latency_ms_b1:.3f} ms   (onnxruntime, 1 thread, median of {args.runs})")
         print(f"latency b32     {result.latency_ms_b32:.3f} ms")

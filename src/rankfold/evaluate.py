@@ -47,8 +47,8 @@ def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> 
     return OnnxSize(params, weight_bytes, onnx_macs(model), os.path.getsize(os.fspath(path)))
 
 
-def onnx_macs(model: onnx.ModelProto) -> int:
-    """MACs for batch 1, from ONNX shape inference with the batch dimension fixed to 1."""
+def _batch1_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """The model shape-inferred with the batch dimension fixed to 1, and every value's shape."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     inits = {i.name for i in fixed.graph.initializer}
@@ -66,6 +66,12 @@ def onnx_macs(model: onnx.ModelProto) -> int:
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
     for init in inferred.graph.initializer:
         shapes[init.name] = list(init.dims)
+    return inferred, shapes
+
+
+def onnx_macs(model: onnx.ModelProto) -> int:
+    """MACs for batch 1, from ONNX shape inference with the batch dimension fixed to 1."""
+    inferred, shapes = _batch1_shapes(model)
     total = 0
     for node in inferred.graph.node:
         out = shapes.get(node.output[0])
@@ -82,6 +88,59 @@ def onnx_macs(model: onnx.ModelProto) -> int:
                 trans_a = any(at.name == "transA" and at.i for at in node.attribute)
                 total += out_elems * (a[0] if trans_a and node.op_type == "Gemm" else a[-1])
     return total
+
+
+def onnx_peak_activation_bytes(model: onnx.ModelProto) -> int:
+    """Peak bytes of activations alive at once for one sample, running the nodes in file order.
+
+    A value is alive from the node that writes it to the last node that reads it; weights, and
+    values computed from weights alone (e.g. dequantized weights), are not activations. In a QDQ
+    graph the runtime fuses DequantizeLinear -> op -> QuantizeLinear into an integer kernel, so
+    the float values inside such a group (made by DequantizeLinear, or read only by
+    QuantizeLinear) take no memory; the int8 values between the groups do.
+    """
+    inferred, shapes = _batch1_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    constant = {i.name for i in inferred.graph.initializer}
+    for node in inferred.graph.node:
+        if all(not name or name in constant for name in node.input):
+            constant.update(node.output)
+
+    def nbytes(name: str) -> int:
+        dims, elem = shapes.get(name), types.get(name)
+        if not dims or 0 in dims or not elem:
+            return 0
+        return int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize
+
+    nodes = [n for n in inferred.graph.node if not all(o in constant for o in n.output)]
+    readers: dict[str, set[str]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    outputs = {o.name for o in inferred.graph.output}
+    fused = {name for node in nodes if node.op_type == "DequantizeLinear" for name in node.output}
+    fused |= {name for name, ops in readers.items() if ops == {"QuantizeLinear"}}
+    fused -= outputs | {i.name for i in inferred.graph.input}
+    last_use = {o.name: len(nodes) for o in inferred.graph.output}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            if name and name not in constant:
+                last_use[name] = max(last_use.get(name, index), index)
+    for node in reversed(nodes):  # a fused group's inputs live until the group's int8 output exists
+        outs = [name for name in node.output if name]
+        if outs and all(name in fused for name in outs):
+            end = max(last_use.get(name, 0) for name in outs)
+            for name in node.input:
+                if name in last_use:
+                    last_use[name] = max(last_use[name], end)
+    alive = {i.name: nbytes(i.name) for i in inferred.graph.input if i.name not in constant}
+    peak = sum(alive.values())
+    for index, node in enumerate(nodes):
+        alive.update({name: 0 if name in fused else nbytes(name) for name in node.output if name})
+        peak = max(peak, sum(alive.values()))
+        alive = {name: size for name, size in alive.items() if last_use.get(name, -1) > index}
+    return peak
 
 
 def _session(path: str, threads: int = 1):
@@ -107,6 +166,12 @@ def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, 
     session = _session(path, threads)
     check_input_shape(x, input_dims(session), path)
     name = session.get_inputs()[0].name
+    fixed_batch = input_dims(session)[0]
+    if isinstance(fixed_batch, int) and fixed_batch > 0:  # a model exported for one batch size
+        batch_size = fixed_batch
+        if len(x) % batch_size:
+            raise RankfoldError(f"{path}: its batch size is fixed at {batch_size}, which does not divide "
+                                f"the {len(x)} samples")
     correct = 0
     for start in range(0, len(x), batch_size):
         logits = session.run(None, {name: x[start : start + batch_size]})[0]
@@ -139,6 +204,7 @@ class EvalResult:
     file_bytes: int
     latency_ms_b1: float | None
     latency_ms_b32: float | None
+    peak_activation_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,4 +224,5 @@ def evaluate(
     acc = accuracy(path, x, y) if y is not None else None
     b1 = latency_ms(path, x[:1], batch=1, runs=runs) if measure_latency else None
     b32 = latency_ms(path, x[:32], batch=32, runs=runs) if measure_latency else None
-    return EvalResult(acc, size.params, size.macs, size.weight_bytes, size.file_bytes, b1, b32)
+    peak = onnx_peak_activation_bytes(onnx.load(path))
+    return EvalResult(acc, size.params, size.macs, size.weight_bytes, size.file_bytes, b1, b32, peak)
