@@ -183,6 +183,9 @@ def read_program(model: onnx.ModelProto) -> Program:
             raise RankfoldError(f"input {name!r} of the graph is used without DequantizeLinear: not a QDQ model")
         return tensor(canonical[name])
 
+    # Conv/Gemm -> Relu with no quantization between them: one kernel, clamped at the Relu's zero point
+    relu_of = {node.input[0]: node for node in model.graph.node if node.op_type == "Relu"
+               and node.input[0] not in qparams and node.input[0] not in canonical}
     graph_input = next(i.name for i in model.graph.input if i.name not in inits)
     program.input = tensor(graph_input)
     producer: dict[str, object] = {}
@@ -194,8 +197,14 @@ def read_program(model: onnx.ModelProto) -> Program:
             raise RankfoldError(f"op {op} (node {node.name!r}) is not supported by the C back-end; supported: "
                                 f"{', '.join(SUPPORTED)}")
         if op in ("Conv", "Gemm"):
-            item = _conv(node, source(node.input[0]), tensor(node.output[0]), program, weights, inits)
+            relu = relu_of.get(node.output[0])
+            out = tensor(relu.output[0] if relu is not None else node.output[0])
+            item = _conv(node, source(node.input[0]), out, program, weights, inits)
             item.bits = bits_of.get(node.input[1], 8)
+            if relu is not None:
+                item.act_min = program.tensors[out].zero_point
+        elif op == "Relu" and node.input[0] in relu_of:
+            continue  # fused into the Conv above
         elif op == "Relu":
             inp, out = source(node.input[0]), tensor(node.output[0])
             prev = producer.get(inp)

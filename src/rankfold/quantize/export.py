@@ -16,6 +16,7 @@ from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate, to_qdq
 from rankfold.quantize.weights import correct_bias, quantize_weights
 
 BIAS_CORRECTION_SAMPLES = 128
+ROUNDING_SAMPLES = 256  # calibration inputs for the data-aware rounding's input moments
 
 
 def node_bits(model: onnx.ModelProto, leaf_bits: Mapping[str, int]) -> dict[str, int]:
@@ -39,6 +40,7 @@ def export_quantized(
     observer: str = "percentile",
     equalize: bool = True,
     bias_correction: bool = True,
+    data_aware_rounding: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
@@ -48,8 +50,10 @@ def export_quantized(
 
     say = progress or (lambda _m: None)
     quantized = copy.deepcopy(model).eval()
-    say("quantizing weights" + (" (seams equalized)" if equalize else ""))
-    leaves = quantize_weights(quantized, bits, equalize=equalize)
+    say("quantizing weights" + (" (seams equalized)" if equalize else "")
+        + (", data-aware rounding" if data_aware_rounding else ""))
+    leaves = quantize_weights(quantized, bits, equalize=equalize,
+                              calib=calib[:ROUNDING_SAMPLES] if data_aware_rounding else None)
     if bias_correction:
         say("bias correction")
         names = [n for n, b in bits.items() if b < 32]

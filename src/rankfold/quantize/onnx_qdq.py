@@ -31,6 +31,20 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
     return [n for n in dict.fromkeys(names) if types.get(n) == TensorProto.FLOAT]
 
 
+def relu_fused_outputs(model: onnx.ModelProto) -> set[str]:
+    """Outputs of Conv/Gemm/MatMul read by nothing but one Relu: they are not quantized, so that
+    the runtime fuses DQ -> Conv -> Relu -> Q into one integer kernel that rounds once, and the
+    quantization range (after the Relu) does not spend half its levels on negative values."""
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    outputs = {o.name for o in model.graph.output}
+    return {node.output[0] for node in model.graph.node
+            if node.op_type in WEIGHTED_OPS and readers.get(node.output[0]) == ["Relu"]
+            and node.output[0] not in outputs}
+
+
 def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "percentile", batch_size: int = 32,
               progress: Callable[[str], None] | None = None) -> dict[str, ActivationParams]:
     """int8 parameters for every float activation tensor, from onnxruntime runs over `calib`."""
@@ -38,7 +52,7 @@ def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "per
 
     if observer not in OBSERVERS:
         raise RankfoldError(f"unknown observer {observer!r}; choose from {', '.join(OBSERVERS)}")
-    names = float_activations(model)
+    names = [n for n in float_activations(model) if n not in relu_fused_outputs(model)]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}

@@ -51,10 +51,12 @@ def equalize_seams(chain: nn.Sequential) -> int:
 
 
 def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: bool = True,
-                     group_size: int | None = None) -> dict[str, int]:
+                     group_size: int | None = None, calib: Tensor | None = None) -> dict[str, int]:
     """Fake-quantize, in place, the weights of every layer named in `bits` (value < 32); a
-    factorized layer (LowRank) has each factor quantized, after seam equalization. Returns the
-    bit-width of every quantized leaf module, by its full name (for the ONNX export)."""
+    factorized layer (LowRank) has each factor quantized, after seam equalization. With `calib`
+    (and per-channel scales), weights are rounded data-aware (quantize/gptq.py) instead of to the
+    nearest grid point. Returns the bit-width of every quantized leaf module, by its full name
+    (for the ONNX export)."""
     modules = dict(model.named_modules())
     leaves: dict[str, int] = {}
     for name, b in bits.items():
@@ -64,14 +66,21 @@ def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: boo
         if isinstance(module, LowRank):
             if equalize:
                 equalize_seams(module)
-            targets = [(f"{name}.{child}", m) for child, m in module.named_children()]
+            leaves.update({f"{name}.{child}": b for child, _m in module.named_children()})
         else:
-            targets = [(name, module)]
-        for leaf, layer in targets:
-            with torch.no_grad():
-                w = layer.weight.detach().numpy()
-                layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size)))
-            leaves[leaf] = b
+            leaves[name] = b
+    done: list[str] = []
+    if calib is not None and group_size is None:
+        from rankfold.quantize.gptq import quantize_all
+
+        done = quantize_all(model, leaves, calib)
+    for leaf, b in leaves.items():
+        if leaf in done:
+            continue
+        layer = modules[leaf]
+        with torch.no_grad():
+            w = layer.weight.detach().numpy()
+            layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size)))
     return leaves
 
 

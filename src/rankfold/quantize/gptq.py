@@ -1,0 +1,116 @@
+"""Data-aware rounding of weights (the optimal-brain-quantization update, as in GPTQ).
+
+Rounding each weight to its nearest grid point ignores that the layer's inputs are correlated.
+Given H = E[x x^T] over the layer's input rows (im2col rows for a convolution), the columns of W
+are rounded one at a time and each rounding error is pushed onto the columns not yet rounded,
+weighted by the inverse of H, so that the *output* error ||(W - Q) x|| stays small. The grid
+(one scale per output channel) is the plain quantizer's, so the result is exported unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankfold.analyze import run_checked
+from rankfold.layers import numeric_padding
+from rankfold.quantize.core import weight_qmax
+
+DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse stable
+BLOCK = 128  # columns rounded together before the lazy update of the rest
+
+
+def supports(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
+    return isinstance(layer, nn.Conv2d) and layer.groups == 1 and numeric_padding(layer) is not None
+
+
+def _input_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """The rows the layer multiplies by its flattened weight: (rows, in_features or C*kh*kw)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=numeric_padding(layer),
+                    stride=layer.stride)  # (N, C*kh*kw, L), the weight's flattening order
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def input_second_moments(model: nn.Module, names: list[str], calib: Tensor, batch_size: int = 32) -> dict[str, Tensor]:
+    """E[x x^T] of each named layer's input rows over `calib` (float64)."""
+    modules = dict(model.named_modules())
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(module, inputs, name):
+        rows = _input_rows(module, inputs[0].detach()).double()
+        sums[name] = sums.get(name, 0) + rows.T @ rows
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+
+    handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(calib), batch_size):
+                run_checked(model, calib[start : start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments: Tensor) -> Tensor:
+    """Integer codes (same shape as `weight`, flattened to (out, in)) on the grid q * scale[:, None],
+    chosen column by column with the rounding error spread onto later columns through H^-1."""
+    w = weight.double().clone()
+    h = moments.double().clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMPING * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    # Upper Cholesky factor of H^-1: row i holds the update weights for column i's error.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    s = scale.double()[:, None]
+    codes = torch.zeros_like(w)
+    for start in range(0, w.shape[1], BLOCK):
+        end = min(start + BLOCK, w.shape[1])
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            col = block[:, i : i + 1]
+            q = torch.clamp(torch.round(col / s), -qmax, qmax)
+            codes[:, start + i] = q[:, 0]
+            err = (col - q * s) / u[start + i, start + i]
+            block[:, i:] -= err @ u[start + i : start + i + 1, start:end][:, i:]
+            errors[:, i : i + 1] = err
+        w[:, end:] -= errors @ u[start:end, end:]
+    return codes
+
+
+def quantize_layer(layer: nn.Module, bits: int, moments: Tensor) -> None:
+    """Replace the layer's weight, in place, by its data-aware rounding (dequantized). Channels
+    whose largest code falls short of qmax keep plain rounding, so the exporter, which derives
+    each channel's scale from its largest weight, finds exactly the same grid."""
+    qmax = weight_qmax(bits)
+    flat = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    scale = flat.abs().amax(1).double() / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = round_with_error_feedback(flat, scale, qmax, moments)
+    plain = torch.clamp(torch.round(flat.double() / scale[:, None]), -qmax, qmax)
+    keep_plain = codes.abs().amax(1) < qmax
+    codes[keep_plain] = plain[keep_plain]
+    with torch.no_grad():
+        layer.weight.copy_((codes * scale[:, None]).reshape(layer.weight.shape).to(layer.weight.dtype))
+
+
+def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor) -> list[str]:
+    """Data-aware rounding of every supported leaf in `leaf_bits`; returns the names done. The
+    input moments come from one pass over `calib` with the weights as they are now (float)."""
+    modules = dict(model.named_modules())
+    names = [n for n, b in leaf_bits.items() if b < 32 and supports(modules[n])]
+    moments = input_second_moments(model, names, calib)
+    for name in names:
+        if name in moments:
+            quantize_layer(modules[name], leaf_bits[name], moments[name])
+    return [n for n in names if n in moments]
