@@ -184,3 +184,20 @@ def test_vbmf_ranks_are_taken_from_the_original_weights_and_always_build():
             r_in, r_out = record.ranks
             assert r_out <= r_in * 9 and r_in <= r_out * 9
     assert out(calib).shape == (16, 8, 8, 8)
+
+
+def test_fewer_calibration_rows_than_inputs_do_not_erase_unseen_directions():
+    # 24 calibration samples for 96 inputs: the rows span a quarter of the input space. The
+    # compensation must leave the unseen directions alone (it once mapped them to zero).
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(96, 40), nn.ReLU(), nn.Linear(40, 10))
+    calib, fresh = torch.randn(24, 96), torch.randn(500, 96)
+    aware = rankfold.compress(model, method="svd", keep=1.0, calib=calib,
+                              layers={"0": rankfold.SVDConfig(rank=36), "*": rankfold.SkipConfig()})
+    free = rankfold.compress(model, method="svd", keep=1.0, calib=None,
+                             layers={"0": rankfold.SVDConfig(rank=36), "*": rankfold.SkipConfig()})
+    with torch.no_grad():
+        ref = model(fresh)
+        err_aware = torch.linalg.norm(aware(fresh) - ref) / torch.linalg.norm(ref)
+        err_free = torch.linalg.norm(free(fresh) - ref) / torch.linalg.norm(ref)
+    assert err_aware < 2 * err_free + 0.05

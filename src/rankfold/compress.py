@@ -213,7 +213,10 @@ def _compensated_layer(module: nn.Module, x: Tensor, x_hat: Tensor) -> tuple[nn.
     cross, auto = x.T @ x_hat / x.shape[0], x_hat.T @ x_hat / x.shape[0]
     input_sqrt = sqrt_psd(auto)
     regularized = input_sqrt @ input_sqrt
-    transfer = torch.linalg.solve(regularized, cross.T).T  # cross @ regularized^-1
+    # T = I + E[(x - x^) x^^T] C^-1: only the earlier layers' error is regressed, so that directions
+    # the calibration rows never visit (more inputs than rows) keep T = I instead of T = 0.
+    correction = torch.linalg.solve(regularized, (cross - auto).T).T
+    transfer = torch.eye(auto.shape[0], dtype=auto.dtype) + correction
     target = copy.deepcopy(module)
     with torch.no_grad():
         w = module.weight.detach().to(torch.float64)
