@@ -18,11 +18,11 @@ demo: setup
 	$(BIN)/rankfold demo --out out/demo
 
 test: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

@@ -1,0 +1,63 @@
+"""The benchmark's own pieces: the classic baselines and the verdicts (bench/, not the package)."""
+
+import torch
+from torch import nn
+
+from bench.baselines import factorize_all, fraction_for_budget, params_at, uniform_rank, vbmf_rank
+from bench.report import verdicts
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 1), nn.Flatten(), nn.Linear(64 * 4 * 4, 32))
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_uniform_hosvd_meets_the_parameter_budget_and_is_exact_on_a_low_rank_weight():
+    model = _net()
+    budget = int(0.3 * _params(model))
+    fraction = fraction_for_budget(model, budget)
+    assert params_at(model, uniform_rank(fraction)) <= budget
+    compressed = _net()
+    replaced = factorize_all(compressed, uniform_rank(fraction), hooi_iters=0)
+    assert replaced and _params(compressed) == params_at(model, uniform_rank(fraction)) <= budget
+    # Tucker-2 at full ranks reproduces the layer exactly (HOSVD with complete factors)
+    layer = nn.Conv2d(16, 12, 3, padding=1)
+    with torch.no_grad():  # a weight of multilinear rank (r_out, r_in) = (3, 4): HOSVD at (4, 3) is exact
+        layer.weight.copy_(torch.einsum("ab,bckl,dc->adkl", torch.randn(12, 3), torch.randn(3, 4, 3, 3),
+                                        torch.randn(16, 4)))
+    exact = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1))
+    exact[0].load_state_dict(layer.state_dict())
+    full = nn.Sequential(layer)
+    assert factorize_all(full, lambda m: (4, 3), hooi_iters=0) == ["0"]
+    y = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(full(y), exact(y), rtol=1e-4, atol=1e-4)
+
+
+def test_vbmf_ranks_find_a_planted_low_rank():
+    torch.manual_seed(1)
+    layer = nn.Linear(60, 40)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(40, 5) @ torch.randn(5, 60) + 0.01 * torch.randn(40, 60))
+    assert vbmf_rank(layer) == (5,)
+
+
+def _row(contender, setting, accuracy, weight_bytes):
+    return {"network": "n", "contender": contender, "setting": setting, "error": None,
+            "metrics": {"accuracy": accuracy, "weight_bytes": weight_bytes}}
+
+
+def test_verdicts_compare_at_equal_or_fewer_weight_bytes_and_say_when_rankfold_loses():
+    rows = [_row("original", "float", 0.95, 1000), _row("ort-int8", "int8", 0.94, 250),
+            _row("aidge", "50%", 0.93, 500), _row("hosvd-tucker2", "10%", 0.5, 50),
+            _row("rankfold-float", "50%", 0.945, 480), _row("rankfold-joint", "3%", 0.93, 30)]
+    lines = verdicts(rows)
+    assert len(lines) == 3
+    ort, aidge, hosvd = lines
+    assert "rankfold loses" in ort and "-1.00 pt" in ort  # only the 30-byte row fits under 250
+    assert "rankfold wins" in aidge and "0.9450" in aidge
+    assert "rankfold wins" in hosvd
