@@ -26,7 +26,9 @@ def verdicts(rows: list[dict]) -> list[str]:
         fits = [r for r in ours if r["metrics"]["weight_bytes"] <= m["weight_bytes"]]
         name = f"{LABELS[row['contender']]} ({row['setting']})"
         if not fits:
-            lines.append(f"- {name}: no rankfold row at {_mb(m['weight_bytes'])} or less")
+            chance = " (that contender is at chance level)" if m["accuracy"] <= 0.11 else ""
+            lines.append(f"- {name}: {m['accuracy']:.4f} at {_mb(m['weight_bytes'])}; no rankfold row at that size "
+                         f"or less{chance}")
             continue
         best = max(fits, key=lambda r: r["metrics"]["accuracy"])
         gap = 100 * (best["metrics"]["accuracy"] - m["accuracy"])
@@ -98,9 +100,10 @@ def plots(rows: list[dict], network: str, mode: str, out: str) -> list[str]:
 
 def markdown(results: dict, out: str, image_prefix: str) -> str:
     m = results["machine"]
+    per_network = ", ".join(f"{n} {s / 60:.0f} min" for n, s in results.get("network_seconds", {}).items())
     parts = [f"Measured by `python -m bench.run --{results['mode']}` on {m['date']}: {m['cores']} CPU cores "
              f"({m['cpu']}), Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
-             f"{results['seconds'] / 60:.0f} min in all. Latency: onnxruntime CPU, 1 thread, median of "
+             f"{results['seconds'] / 60:.0f} min in all ({per_network}). Latency: onnxruntime CPU, 1 thread, median of "
              f"{results['mode_settings']['rounds']} runs after warm-up, contenders interleaved; ratios are to the "
              f"original. Peak activation: bytes alive at once for one sample (graph liveness; QDQ groups "
              f"counted as the fused int8 kernels run them). Tool s: wall time of the compression tool."]

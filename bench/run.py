@@ -155,6 +155,20 @@ def measure(rows: list[Row], test: str, mode: Mode, log) -> None:
         row.metrics["test_samples"] = len(x)
 
 
+def merge_results(path: str, new: dict) -> dict:
+    """The results at `path` with the networks of `new` replaced by `new`'s rows (same mode)."""
+    with open(path) as handle:
+        old = json.load(handle)
+    if old.get("mode") != new["mode"]:
+        return new
+    redone = set(new["network_seconds"])
+    order = list(dict.fromkeys([r["network"] for r in old["rows"]] + list(redone)))
+    by_network = {n: [r for r in old["rows"] if r["network"] == n] for n in order if n not in redone}
+    by_network.update({n: [r for r in new["rows"] if r["network"] == n] for n in redone})
+    seconds = {**old.get("network_seconds", {}), **new["network_seconds"]}
+    return {**new, "network_seconds": seconds, "rows": [r for n in order for r in by_network.get(n, [])]}
+
+
 def machine() -> dict:
     import onnxruntime
     import torch
@@ -186,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"--quick: top-1 on the first {mode.test_limit:,} test images only; --full uses all 10,000")
     test, calib = prepare_data(os.path.join(args.work, "data"), log)
     rows: list[Row] = []
+    network_seconds: dict[str, float] = {}
     for network in networks:
+        t_network = time.perf_counter()
         try:
             model = network_file(network, log)
         except FileNotFoundError as exc:
@@ -197,10 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         network_rows = build_all(ctx, mode)
         measure(network_rows, test, mode, log)
         rows += network_rows
-    results = {"mode": mode_name, "machine": machine(), "seconds": time.perf_counter() - t_start,
-               "mode_settings": asdict(mode), "rows": [asdict(r) for r in rows]}
-    os.makedirs(args.out, exist_ok=True)
+        network_seconds[network] = time.perf_counter() - t_network
     json_path = os.path.join(args.out, f"{mode_name}.json")
+    results = {"mode": mode_name, "machine": machine(), "mode_settings": asdict(mode),
+               "network_seconds": network_seconds, "rows": [asdict(r) for r in rows]}
+    if args.networks and os.path.isfile(json_path):  # a partial re-run replaces only its networks
+        results = merge_results(json_path, results)
+    results["seconds"] = sum(results["network_seconds"].values())
+    os.makedirs(args.out, exist_ok=True)
     with open(json_path + ".tmp", "w") as handle:
         json.dump(results, handle, indent=1)
     os.replace(json_path + ".tmp", json_path)

@@ -261,3 +261,16 @@ def test_a_quantized_layer_that_matches_no_onnx_node_is_an_error(trained, tmp_pa
     with pytest.raises(RankfoldError, match="could not be matched"):
         export.export_quantized(model, {"2": 8}, tmp_path / "q.onnx", calib=calib, example_input=calib[:2])
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_conv_outputs_read_only_by_relu_or_clip_are_left_unquantized():
+    from rankfold.quantize.onnx_qdq import relu_fused_outputs
+
+    w = onnx.numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["a"]), onnx.helper.make_node("Relu", ["a"], ["b"]),
+             onnx.helper.make_node("Conv", ["b", "w"], ["c"]), onnx.helper.make_node("Clip", ["c"], ["d"]),
+             onnx.helper.make_node("Conv", ["d", "w"], ["e"]), onnx.helper.make_node("Relu", ["e"], ["f"]),
+             onnx.helper.make_node("Add", ["e", "f"], ["y"])]
+    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4, 2, 2]) for n in ("x", "y")]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", vi[:1], vi[1:], [w]))
+    assert relu_fused_outputs(model) == {"a", "c"}  # "e" is also read by the Add: it must be quantized

@@ -32,16 +32,17 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
 
 
 def relu_fused_outputs(model: onnx.ModelProto) -> set[str]:
-    """Outputs of Conv/Gemm/MatMul read by nothing but one Relu: they are not quantized, so that
-    the runtime fuses DQ -> Conv -> Relu -> Q into one integer kernel that rounds once, and the
-    quantization range (after the Relu) does not spend half its levels on negative values."""
+    """Outputs of Conv/Gemm/MatMul read by nothing but one Relu or Clip (ReLU6): they are not
+    quantized, so that the runtime fuses DQ -> Conv -> Relu -> Q into one integer kernel that
+    rounds once, and the quantization range (after the activation) does not spend levels on
+    values the activation removes."""
     readers: dict[str, list[str]] = {}
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node.op_type)
     outputs = {o.name for o in model.graph.output}
     return {node.output[0] for node in model.graph.node
-            if node.op_type in WEIGHTED_OPS and readers.get(node.output[0]) == ["Relu"]
+            if node.op_type in WEIGHTED_OPS and readers.get(node.output[0]) in (["Relu"], ["Clip"])
             and node.output[0] not in outputs}
 
 
