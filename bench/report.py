@@ -71,24 +71,28 @@ def plots(rows: list[dict], network: str, mode: str, out: str) -> list[str]:
     files = []
     for key, xlabel, name in (("weight_bytes", "weight bytes (log scale)", "acc-bytes"),
                               ("latency_ms_b1", "onnxruntime latency, batch 1, ratio to the original", "acc-latency")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for contender in LABELS:
-            pts = [r["metrics"] for r in measured if r["contender"] == contender]
-            if not pts:
-                continue
-            xs = [p[key] / (base[key] if key.startswith("latency") else 1) for p in pts]
-            marker = "*" if contender in RANKFOLD else "o"
-            ax.scatter(xs, [p["accuracy"] for p in pts], label=LABELS[contender], marker=marker,
-                       s=110 if marker == "*" else 45)
-        if key == "weight_bytes":
-            ax.set_xscale("log")
+        # top: every point; bottom: the band within 3 points of the original, where the winners differ
+        fig, axes = plt.subplots(2, 1, figsize=(7, 7.5), sharex=True)
         low = max(0.0, min(r["metrics"]["accuracy"] for r in measured) - 0.02)
-        ax.set_ylim(low, base["accuracy"] + 0.01)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"top-1 ({base['test_samples']:,} test images)")
-        ax.set_title(f"{network}: accuracy vs {'size' if name == 'acc-bytes' else 'latency'}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        top = base["accuracy"]
+        for ax, ylim in zip(axes, ((low, top + 0.01), (top - 0.03, top + 0.005))):
+            for contender in LABELS:
+                pts = [r["metrics"] for r in measured if r["contender"] == contender]
+                if not pts:
+                    continue
+                xs = [p[key] / (base[key] if key.startswith("latency") else 1) for p in pts]
+                marker = "*" if contender in RANKFOLD else "o"
+                ax.scatter(xs, [p["accuracy"] for p in pts], label=LABELS[contender], marker=marker,
+                           s=110 if marker == "*" else 45)
+            if key == "weight_bytes":
+                ax.set_xscale("log")
+            ax.set_ylim(*ylim)
+            ax.set_ylabel(f"top-1 ({base['test_samples']:,} test images)")
+            ax.grid(alpha=0.3)
+        axes[0].set_title(f"{network}: accuracy vs {'size' if name == 'acc-bytes' else 'latency'} "
+                          "(bottom: within 3 points of the original)")
+        axes[1].set_xlabel(xlabel)
+        axes[1].legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         path = os.path.join(out, f"{network}-{mode}-{name}.png")
         fig.savefig(path + ".tmp.png", dpi=110)
@@ -142,3 +146,25 @@ def update_readme(readme: str, results: dict, out: str) -> None:
     with open(readme + ".tmp", "w") as handle:
         handle.write(text)
     os.replace(readme + ".tmp", readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Redraw the tables and plots of a results file (and the README block) without measuring."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", help="bench/results/<mode>.json")
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args(argv)
+    with open(args.results) as handle:
+        results = json.load(handle)
+    out = os.path.dirname(os.path.abspath(args.results))
+    print(write_all(results, out))
+    if args.update_readme:
+        update_readme(os.path.join(os.path.dirname(os.path.dirname(out)), "README.md"), results, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
