@@ -61,3 +61,21 @@ def test_verdicts_compare_at_equal_or_fewer_weight_bytes_and_say_when_rankfold_l
     assert "rankfold loses" in ort and "-1.00 pt" in ort  # only the 30-byte row fits under 250
     assert "rankfold wins" in aidge and "0.9450" in aidge
     assert "rankfold wins" in hosvd
+
+
+def test_a_partial_rerun_replaces_only_its_own_networks(tmp_path):
+    import json
+
+    from bench.run import merge_results
+
+    old = {"mode": "full", "network_seconds": {"a": 10.0, "b": 20.0},
+           "rows": [_row("original", "float", 0.9, 100) | {"network": "a"},
+                    _row("original", "float", 0.8, 100) | {"network": "b"}]}
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps(old))
+    new = {"mode": "full", "network_seconds": {"b": 5.0},
+           "rows": [_row("original", "float", 0.85, 100) | {"network": "b"}]}
+    merged = merge_results(str(path), new)
+    assert [(r["network"], r["metrics"]["accuracy"]) for r in merged["rows"]] == [("a", 0.9), ("b", 0.85)]
+    assert merged["network_seconds"] == {"a": 10.0, "b": 5.0}
+    assert merge_results(str(path), new | {"mode": "quick"})["rows"] == new["rows"]  # another mode: no merge
