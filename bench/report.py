@@ -157,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", help="bench/results/<mode>.json")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
-    with open(args.results) as handle:
-        results = json.load(handle)
+    try:
+        with open(args.results) as handle:
+            results = json.load(handle)
+        missing = {"rows", "mode", "machine"} - set(results)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parser.error(f"{args.results}: not a bench results file ({type(exc).__name__}: {exc})")
     out = os.path.dirname(os.path.abspath(args.results))
     print(write_all(results, out))
     if args.update_readme:

@@ -25,8 +25,9 @@ import onnx
 
 from bench import report
 from bench.contenders import CONTENDERS, Built, ContenderFailed, Context
+from bench.nets import NETWORKS
 from bench.side_by_side import interleaved_latency_ms
-from bench.train import model_path, train_network
+from bench.train import train_network
 from rankfold.demo_data import fashion_mnist
 from rankfold.evaluate import accuracy, onnx_peak_activation_bytes, onnx_size
 
@@ -86,7 +87,7 @@ def network_file(name: str, log) -> str:
         if not os.path.isfile(RESNET):
             raise FileNotFoundError(f"{RESNET} not found: the ResNet-18 reference lies in ../shared/models")
         return os.path.abspath(RESNET)
-    return train_network(name, log=log) if not os.path.isfile(model_path(name)) else model_path(name)
+    return train_network(name, log=log)  # trains only when its file is missing
 
 
 def attempt(rows: list[Row], ctx: Context, contender: str, setting: str, *args) -> Row:
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
     networks = args.networks.split(",") if args.networks else list(mode.networks)
+    unknown = sorted(set(networks) - {"resnet18", *NETWORKS})
+    if unknown:
+        parser.error(f"unknown network(s) {', '.join(unknown)}; choose from resnet18, {', '.join(NETWORKS)}")
     t_start = time.perf_counter()
 
     def log(message: str) -> None:
