@@ -274,3 +274,34 @@ def test_conv_outputs_read_only_by_relu_or_clip_are_left_unquantized():
     vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4, 2, 2]) for n in ("x", "y")]
     model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", vi[:1], vi[1:], [w]))
     assert relu_fused_outputs(model) == {"a", "c"}  # "e" is also read by the Add: it must be quantized
+
+
+def test_constants_are_not_activations():
+    from rankfold.quantize.onnx_qdq import float_activations
+
+    bound = onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [], [6.0])
+    nodes = [onnx.helper.make_node("Constant", [], ["six"], value=bound),
+             onnx.helper.make_node("Clip", ["x", "", "six"], ["y"])]
+    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4]) for n in ("x", "y")]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", vi[:1], vi[1:]))
+    assert float_activations(model) == ["x", "y"]
+
+
+def test_a_layer_kept_float_is_not_quantized_by_the_runtime(tmp_path):
+    """Between quantized activations, onnxruntime would quantize a float Conv's weights itself (per
+    tensor): here that rounds every channel but the first to zero. A float layer must stay float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].weight[0] *= -1000  # always negative on positive inputs: Relu removes it
+    calib = torch.randn(64, 1, 8, 8).abs()
+    path = tmp_path / "q.onnx"
+    export_quantized(model, {"0": 32, "2": 8}, path, calib=calib, example_input=calib[:1])
+    proto = onnx.load(path)
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    first_conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    assert producers.get(first_conv.input[0]) != "DequantizeLinear"
+    x = calib[:16].numpy()
+    integer, fake = _run(path, x), _run(path, x, optimize=False)
+    assert np.abs(integer - fake).max() <= 0.02 * np.abs(fake).max()

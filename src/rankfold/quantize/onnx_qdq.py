@@ -21,14 +21,21 @@ WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def float_activations(model: onnx.ModelProto) -> list[str]:
-    """Names of the float tensors that nodes produce or take from the graph inputs (not weights)."""
+    """Names of the float tensors that depend on a graph input: the graph inputs and what nodes
+    compute from them. Constants (a Clip's bounds, a Reshape's shape) are not activations:
+    quantizing them wastes nodes, mangles the values and keeps the runtime from fusing Conv+Clip."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     inits = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    names += [o for n in model.graph.node for o in n.output if o]
-    return [n for n in dict.fromkeys(names) if types.get(n) == TensorProto.FLOAT]
+    live = [i.name for i in model.graph.input if i.name not in inits]
+    reached = set(live)
+    for node in model.graph.node:  # topological order
+        if any(name in reached for name in node.input):
+            outputs = [o for o in node.output if o]
+            reached.update(outputs)
+            live += outputs
+    return [n for n in dict.fromkeys(live) if types.get(n) == TensorProto.FLOAT]
 
 
 def relu_fused_outputs(model: onnx.ModelProto) -> set[str]:
@@ -129,10 +136,13 @@ def to_qdq(
         qdq(name)
     for node in graph.node:
         original_inputs = list(node.input)
-        for i, name in enumerate(node.input):
-            if name in renamed:
-                node.input[i] = renamed[name]
         bits = weight_bits.get(node.name)
+        # A layer kept float reads its input unquantized: fed by a DequantizeLinear, onnxruntime
+        # would quantize its float weights itself (per tensor, nearest rounding).
+        float_layer = node.op_type in WEIGHTED_OPS and (bits is None or bits >= 32)
+        for i, name in enumerate(node.input):
+            if name in renamed and not (float_layer and i == 0):
+                node.input[i] = renamed[name]
         if node.op_type in WEIGHTED_OPS and bits is not None and bits < 32 and len(node.input) > 1 \
                 and node.input[1] in inits:
             _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
@@ -144,6 +154,7 @@ def to_qdq(
                 qdq(name, source=f"{name}_float")
             elif name in activations:
                 qdq(name)
+    new_nodes = _without_dead_qdq(new_nodes, graph_outputs)
     used = {i for n in new_nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -152,6 +163,17 @@ def to_qdq(
     graph.node.extend(new_nodes)
     onnx.checker.check_model(out)
     return out
+
+
+def _without_dead_qdq(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    """Drop Q/DQ pairs that nothing reads (a tensor read only by layers kept float)."""
+    while True:
+        read = {i for n in nodes for i in n.input} | graph_outputs
+        alive = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                 or any(o in read for o in n.output)]
+        if len(alive) == len(nodes):
+            return nodes
+        nodes = alive
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
