@@ -275,3 +275,34 @@ def test_bad_plan_files_are_refused(net, tmp_path, edit, message):
     (tmp_path / "bad.json").write_text(json.dumps(raw))
     with pytest.raises(RankfoldError, match=message):
         load_plan(tmp_path / "bad.json")
+
+
+# -- measured losses --------------------------------------------------------------------------
+def test_measured_loss_grows_as_the_rank_shrinks_and_vanishes_at_full_rank(net):
+    from rankfold.planner.plan import price_model
+
+    model, calib = net
+    pricing = price_model(model, calib=calib, target="cortex-m4", min_rank=4)
+    probe = pricing.probe
+    assert probe is not None  # a classifier with calibration data is probed
+    kl = [probe.measure("conv1", ("svd", (r,)), 1.0) for r in (1, 8, 32)]
+    assert kl[0] > kl[1] > kl[2] >= 0
+    assert probe.measure("conv1", ("svd", (48,)), 1.0) < 1e-9  # full rank: the same network
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe.measure("conv2", ("svd", (4,)), 1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+
+
+def test_only_outlier_measurements_raise_the_estimate():
+    from rankfold.planner.plan import OUTLIER, LossProbe
+
+    probe = LossProbe.__new__(LossProbe)
+    # four layers measured at 2x their estimates, one at 100x (where the estimate broke down)
+    probe.values = {f"l{i}": {("svd", (8,)): (2e-3, 1e-3)} for i in range(4)}
+    probe.values["bad"] = {("svd", (8,)): (1e-1, 1e-3)}
+    assert 100 / 2 > OUTLIER
+    assert probe.structural_loss("l0", ("svd", (8,)), 1e-3) == 1e-3  # typical ratio: estimate kept
+    assert probe.structural_loss("bad", ("svd", (8,)), 1e-3) == pytest.approx(5e-2)  # 1e-1 / median 2
+    assert probe.structural_loss("bad", ("svd", (4,)), 2e-3) == pytest.approx(5e-2)  # lower rank: at least
+    assert probe.structural_loss("bad", ("svd", (16,)), 5e-4) == 5e-4  # higher rank: not raised
+    assert probe.structural_loss("bad", ("tucker2", (4, 4)), 3e-3) == 3e-3  # other method: not raised

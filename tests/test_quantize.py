@@ -227,7 +227,7 @@ def test_planner_picks_bits_under_a_byte_budget(trained):
     model, calib = trained
     plan = make_plan(model, calib=calib, target="host", budgets={"weight_bytes": "20%"}, min_rank=4)
     assert plan.feasible and plan.after["weight_bytes"] <= plan.limits["weight_bytes"]
-    assert plan.layers[0].bits == 32 and plan.layers[-1].bits == 32  # first and last stay float
+    assert plan.layers[0].bits in (32, 8) and plan.layers[-1].bits in (32, 8)  # never int4 at the edges
     assert any(layer.bits < 32 for layer in plan.layers)
     assert plan.before["weight_bytes"] == pytest.approx(4 * sum(p.numel() for p in model.parameters()))
     fixed = make_plan(model, calib=calib, target="host", budgets={"weight_bytes": "50%"}, bits=4, min_rank=4)
