@@ -108,6 +108,18 @@ def attempt(rows: list[Row], ctx: Context, contender: str, setting: str, *args) 
     return row
 
 
+def _sizes(rows: list[Row], key: str) -> list[int]:
+    return [r.metrics[key] for r in rows if r.metrics]
+
+
+def rankfold_at_size(rows: list[Row], ctx: Context, setting: str, params: list[int], weight_bytes: list[int]) -> None:
+    """rankfold float at the smallest of `params`; where no float plan is that small, the joint
+    int8/int4 plan at the smallest contender's weight bytes (what a user would try next)."""
+    tried = attempt(rows, ctx, "rankfold-float", setting, min(params))
+    if tried.error and weight_bytes:
+        attempt(rows, ctx, "rankfold-joint", f"{setting}: at the contenders' bytes", min(weight_bytes))
+
+
 def build_all(ctx: Context, mode: Mode) -> list[Row]:
     rows: list[Row] = []
     base = attempt(rows, ctx, "original", "float")
@@ -118,19 +130,16 @@ def build_all(ctx: Context, mode: Mode) -> list[Row]:
     for fraction in mode.param_budgets:
         budget = int(fraction * params0)
         setting = f"{fraction:.0%} params"
-        sizes = [budget]
-        if mode.aidge_svd:
-            row = attempt(rows, ctx, "aidge", f"{setting} (weight SVD)", fraction, "svd")
-            sizes += [row.metrics["params"]] if row.metrics else []
-        sizes.append(attempt(rows, ctx, "hosvd-tucker2", setting, budget).metrics["params"])
+        contenders = [attempt(rows, ctx, "aidge", f"{setting} (weight SVD)", fraction, "svd")] if mode.aidge_svd else []
+        contenders.append(attempt(rows, ctx, "hosvd-tucker2", setting, budget))
         # rankfold gets no more parameters than the smallest contender at this budget
-        attempt(rows, ctx, "rankfold-float", setting, min(sizes))
+        rankfold_at_size(rows, ctx, setting, [budget] + _sizes(contenders, "params"),
+                         _sizes(contenders, "weight_bytes"))
     for fraction in mode.byte_budgets:
         attempt(rows, ctx, "rankfold-joint", f"{fraction:.1%} weight bytes", int(fraction * bytes0))
     if mode.matched:
-        sizes = [r.metrics["params"] for r in small if r.metrics]
-        if sizes:  # as small as the smallest of VBMF Tucker-2 and Aidge's Tucker-2 at factor 1
-            attempt(rows, ctx, "rankfold-float", "= smallest VBMF size", min(sizes))
+        if _sizes(small, "params"):  # as small as the smallest of VBMF Tucker-2 and Aidge's Tucker-2 at factor 1
+            rankfold_at_size(rows, ctx, "= smallest VBMF size", _sizes(small, "params"), _sizes(small, "weight_bytes"))
         if ort_row.metrics:
             attempt(rows, ctx, "rankfold-joint", "= ORT int8 bytes", ort_row.metrics["weight_bytes"])
     return rows
