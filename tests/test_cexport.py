@@ -91,6 +91,23 @@ def test_golden_model_follows_onnxruntime(qdq):
     assert (golden.argmax(1) == ref.argmax(1)).mean() >= 0.95
 
 
+def test_layers_kept_float_run_in_int8_from_their_inputs_parameters(tmp_path):
+    """A plan may keep the first and last layer float; in the QDQ file they read unquantized inputs
+    (for onnxruntime), and the C back-end, which has no float layers, runs them in int8."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    calib = torch.randn(64, 1, 10, 10)
+    export_quantized(model, {"stem": 32, "a": 8, "b": 8, "down": 8, "fc": 32}, tmp_path / "q.onnx", calib=calib,
+                     example_input=calib[:2])
+    program = read_program(onnx.load(tmp_path / "q.onnx"))
+    golden = run_golden(program, quantize_input(program, calib.numpy()))
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    ref = session.run(None, {session.get_inputs()[0].name: calib.numpy()})[0]
+    assert (golden.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
 @needs_cc
 def test_generated_c_is_bit_exact_with_the_golden_model_under_sanitizers(qdq, tmp_path):
     root, calib = qdq

@@ -179,9 +179,11 @@ def read_program(model: onnx.ModelProto) -> Program:
         return float_name
 
     def source(name: str) -> str:
-        if name not in canonical:
-            raise RankfoldError(f"input {name!r} of the graph is used without DequantizeLinear: not a QDQ model")
-        return tensor(canonical[name])
+        if name in canonical:
+            return tensor(canonical[name])
+        if name in qparams:  # read unquantized by a layer kept float: here it runs in int8 like the rest
+            return tensor(name)
+        raise RankfoldError(f"input {name!r} of the graph is used without DequantizeLinear: not a QDQ model")
 
     # Conv/Gemm -> Relu with no quantization between them: one kernel, clamped at the Relu's zero point
     relu_of = {node.input[0]: node for node in model.graph.node if node.op_type == "Relu"

@@ -138,7 +138,9 @@ def to_qdq(
         original_inputs = list(node.input)
         bits = weight_bits.get(node.name)
         # A layer kept float reads its input unquantized: fed by a DequantizeLinear, onnxruntime
-        # would quantize its float weights itself (per tensor, nearest rounding).
+        # would quantize its float weights itself (per tensor, nearest rounding). The input's Q/DQ
+        # stays in the file (onnxruntime drops it when nothing reads it): the C back-end, which has
+        # no float layers, runs the layer in int8 from those parameters.
         float_layer = node.op_type in WEIGHTED_OPS and (bits is None or bits >= 32)
         for i, name in enumerate(node.input):
             if name in renamed and not (float_layer and i == 0):
@@ -154,7 +156,6 @@ def to_qdq(
                 qdq(name, source=f"{name}_float")
             elif name in activations:
                 qdq(name)
-    new_nodes = _without_dead_qdq(new_nodes, graph_outputs)
     used = {i for n in new_nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -163,17 +164,6 @@ def to_qdq(
     graph.node.extend(new_nodes)
     onnx.checker.check_model(out)
     return out
-
-
-def _without_dead_qdq(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop Q/DQ pairs that nothing reads (a tensor read only by layers kept float)."""
-    while True:
-        read = {i for n in nodes for i in n.input} | graph_outputs
-        alive = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                 or any(o in read for o in n.output)]
-        if len(alive) == len(nodes):
-            return nodes
-        nodes = alive
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
