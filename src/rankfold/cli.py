@@ -351,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency", help="batch-1 latency, e.g. 30%% or 4ms (measured on host, modelled on MCUs)")
     p.add_argument("--max-ram", help="peak activation memory, e.g. 256KB")
     p.add_argument("--bits", default="auto", help="weight bit-width: auto (the planner picks per layer from the "
-                                                  "target's set; first and last layer stay float where the "
-                                                  "target runs float), 32, 8 or 4")
+                                                  "target's set; first and last layer float or int8, never "
+                                                  "int4, where the target runs float), 32, 8 or 4")
     p.add_argument("--plan-out", help="write the plan (editable JSON) here")
     p.add_argument("--method", default=None, help="uniform mode: svd | tucker2 | cp | spatial-svd | auto "
                                                   "(default tucker2)")
