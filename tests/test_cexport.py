@@ -154,6 +154,66 @@ def test_unsupported_op_is_named_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, ReLU6, depthwise 3x3, ReLU6, 1x1 project, residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 24, 1)
+        self.depthwise = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.project = nn.Conv2d(24, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        y = self.project(nn.functional.relu6(self.depthwise(nn.functional.relu6(self.expand(x)))))
+        return self.fc((x + y).mean((2, 3)))
+
+
+def test_relu6_is_fused_into_the_layer_before_it(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = InvertedResidual().eval()
+    calib = torch.randn(64, 1, 10, 10) * 3  # wide enough that ReLU6 saturates
+    export_quantized(model, dict.fromkeys(("stem", "expand", "depthwise", "project", "fc"), 8), tmp_path / "q.onnx",
+                     calib=calib, example_input=calib[:2])
+    proto = onnx.load(tmp_path / "q.onnx")
+    assert sum(n.op_type == "Clip" for n in proto.graph.node) == 3
+    program = read_program(proto)
+    clip_outputs = {n.output[0] for n in proto.graph.node if n.op_type == "Clip"}
+    fused = [op for op in program.ops if op.out in clip_outputs]
+    assert len(fused) == 3 and all(hasattr(op, "act_max") for op in fused)  # each Clip is its Conv's clamp
+    for op in fused:
+        out = program.tensors[op.out]
+        assert op.act_min == max(-128, out.zero_point)
+        assert op.act_max == min(127, int(np.round(6.0 / out.scale)) + out.zero_point)
+    golden = run_golden(program, quantize_input(program, calib.numpy())).astype(np.int64)
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    ref = session.run(None, {session.get_inputs()[0].name: calib.numpy()})[0]
+    out = program.tensors[program.output]
+    ref_q = np.clip(np.round(ref / out.scale) + out.zero_point, -128, 127)
+    assert np.abs(golden - ref_q).max() <= 3
+    assert (golden.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+def test_a_clip_that_follows_no_layer_is_refused():
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zero = helper.make_tensor("z", TensorProto.INT8, [], [0])
+    six = helper.make_tensor("six", TensorProto.FLOAT, [], [6.0])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Clip", ["xd", "", "six"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], [scale, zero, six])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(RankfoldError, match="does not directly follow"):
+        read_program(model)
+
+
 def test_a_model_that_does_not_fit_is_refused_with_the_excess(qdq, tmp_path):
     from rankfold.target import target_from_dict
 

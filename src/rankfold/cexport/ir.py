@@ -14,7 +14,7 @@ from rankfold.errors import RankfoldError
 from rankfold.quantize.core import ACT_QMAX, ACT_QMIN, quantize_weight
 
 PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")
-SUPPORTED = ("Conv", "Gemm", "Relu", "Add", "GlobalAveragePool", "ReduceMean", *PASS_THROUGH)
+SUPPORTED = ("Conv", "Gemm", "Relu", "Clip", "Add", "GlobalAveragePool", "ReduceMean", *PASS_THROUGH)
 
 
 @dataclass
@@ -185,8 +185,9 @@ def read_program(model: onnx.ModelProto) -> Program:
             return tensor(name)
         raise RankfoldError(f"input {name!r} of the graph is used without DequantizeLinear: not a QDQ model")
 
-    # Conv/Gemm -> Relu with no quantization between them: one kernel, clamped at the Relu's zero point
-    relu_of = {node.input[0]: node for node in model.graph.node if node.op_type == "Relu"
+    # Conv/Gemm -> Relu or Clip (ReLU6) with no quantization between them: one kernel, its output
+    # clamped to the activation's range on the output's integer grid
+    relu_of = {node.input[0]: node for node in model.graph.node if node.op_type in ("Relu", "Clip")
                and node.input[0] not in qparams and node.input[0] not in canonical}
     graph_input = next(i.name for i in model.graph.input if i.name not in inits)
     program.input = tensor(graph_input)
@@ -204,9 +205,12 @@ def read_program(model: onnx.ModelProto) -> Program:
             item = _conv(node, source(node.input[0]), out, program, weights, inits)
             item.bits = bits_of.get(node.input[1], 8)
             if relu is not None:
-                item.act_min = program.tensors[out].zero_point
-        elif op == "Relu" and node.input[0] in relu_of:
+                item.act_min, item.act_max = _activation_clamp(relu, program.tensors[out], inits)
+        elif op in ("Relu", "Clip") and node.input[0] in relu_of:
             continue  # fused into the Conv above
+        elif op == "Clip":
+            raise RankfoldError(f"Clip {node.name!r} does not directly follow a Conv or Gemm: the C back-end "
+                                "fuses Clip into the layer before it only")
         elif op == "Relu":
             inp, out = source(node.input[0]), tensor(node.output[0])
             prev = producer.get(inp)
@@ -235,6 +239,20 @@ def read_program(model: onnx.ModelProto) -> Program:
     output = model.graph.output[0].name
     program.output = source(output) if output in canonical else tensor(output)
     return program
+
+
+def _activation_clamp(node: onnx.NodeProto, out: QTensor, inits) -> tuple[int, int]:
+    """The integer range [act_min, act_max] a fused Relu or Clip leaves on the output's grid."""
+    if node.op_type == "Relu":
+        return out.zero_point, ACT_QMAX
+    bounds = []
+    for index, attr, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        name = node.input[index] if len(node.input) > index else ""
+        if name and name not in inits:
+            raise RankfoldError(f"Clip {node.name!r}: its bounds must be constants")
+        bounds.append(float(inits[name]) if name else float(_attr(node, attr, default)))
+    low, high = (np.clip(np.round(b / out.scale) + out.zero_point, ACT_QMIN, ACT_QMAX) for b in bounds)
+    return int(low), int(high)
 
 
 def _mult(real: float) -> tuple[int, int]:
