@@ -128,6 +128,23 @@ def aidge(ctx: Context, factor: float, method: str) -> Built:
                  f"{result['replaced']} layers replaced; batch dimension made dynamic after export")
 
 
+def aidge_ptq(ctx: Context) -> Built:
+    """aidge-quantization's int8 post-training quantization of the original, where it runs."""
+    python, error = aidge_env.ensure_aidge(log=ctx.log)
+    if python is None:
+        raise ContenderFailed(error)
+    out = _out(ctx, "aidge-ptq")
+    runner = os.path.join(os.path.dirname(__file__), "aidge_runner.py")
+    shape = ",".join(map(str, ctx.input_shape))
+    done = subprocess.run([python, runner, ctx.model, out, "--method", "ptq", "--calib", ctx.calib,
+                           "--input-shape", shape], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    if "error" in result:
+        raise ContenderFailed(f"aidge-quantization: {result['error']}")
+    return Built(out, result["seconds"], "quantize_network(MAX clipping, single shift), set_to_qdq")
+
+
 def rankfold_cli(ctx: Context, name: str, budget_flags: list[str], bits: str) -> Built:
     """`rankfold compress` as a user runs it, in a subprocess, timed from start to finish."""
     out = _out(ctx, name)
@@ -158,6 +175,7 @@ CONTENDERS: dict[str, Callable[..., Built]] = {
     "hosvd-tucker2": hosvd_tucker2,
     "vbmf-tucker2": vbmf_tucker2,
     "aidge": aidge,
+    "aidge-ptq": aidge_ptq,
     "rankfold-float": rankfold_float,
     "rankfold-joint": rankfold_joint,
 }

@@ -7,7 +7,8 @@ import os
 BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 RANKFOLD = ("rankfold-float", "rankfold-joint")
 LABELS = {"original": "original (float)", "ort-int8": "onnxruntime static int8", "hosvd-tucker2": "Tucker-2, HOSVD",
-          "vbmf-tucker2": "Tucker-2, VBMF ranks", "aidge": "Aidge compression", "rankfold-float": "rankfold, float",
+          "vbmf-tucker2": "Tucker-2, VBMF ranks", "aidge": "Aidge compression",
+          "aidge-ptq": "Aidge PTQ (aidge-quantization)", "rankfold-float": "rankfold, float",
           "rankfold-joint": "rankfold, joint int8/int4"}
 
 

@@ -125,6 +125,7 @@ def build_all(ctx: Context, mode: Mode) -> list[Row]:
     base = attempt(rows, ctx, "original", "float")
     params0, bytes0 = base.metrics["params"], base.metrics["weight_bytes"]
     ort_row = attempt(rows, ctx, "ort-int8", "int8")
+    attempt(rows, ctx, "aidge-ptq", "int8")
     small = [attempt(rows, ctx, "vbmf-tucker2", "EVBMF ranks")]
     small += [attempt(rows, ctx, "aidge", f"Tucker-2, factor {f:g}", f, "tucker2") for f in mode.aidge_tucker2_factors]
     for fraction in mode.param_budgets:
