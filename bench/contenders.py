@@ -110,38 +110,35 @@ def vbmf_tucker2(ctx: Context) -> Built:
     return _factorized(ctx, "vbmf-tucker2", lambda model: vbmf_rank, 100, "EVBMF ranks, TensorLy HOOI")
 
 
-def aidge(ctx: Context, factor: float, method: str) -> Built:
-    """Eclipse Aidge's compression module in its own environment (bench/aidge_env.py)."""
+def _run_aidge(ctx: Context, name: str, flags: list[str], library: str) -> tuple[str, dict]:
+    """bench/aidge_runner.py in Aidge's own environment (bench/aidge_env.py): the output path and
+    the runner's JSON result; its reported failure becomes ContenderFailed."""
     python, error = aidge_env.ensure_aidge(log=ctx.log)
     if python is None:
         raise ContenderFailed(error)
-    out = _out(ctx, f"aidge-{method}-{factor:g}")
+    out = _out(ctx, name)
     runner = os.path.join(os.path.dirname(__file__), "aidge_runner.py")
     shape = ",".join(map(str, ctx.input_shape))
-    done = subprocess.run([python, runner, ctx.model, out, "--factor", str(factor), "--method", method,
-                           "--input-shape", shape], capture_output=True, text=True)
+    done = subprocess.run([python, runner, ctx.model, out, *flags, "--input-shape", shape],
+                          capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     if "error" in result:
-        raise ContenderFailed(f"aidge-compression: {result['error']}")
+        raise ContenderFailed(f"{library}: {result['error']}")
+    return out, result
+
+
+def aidge(ctx: Context, factor: float, method: str) -> Built:
+    """Eclipse Aidge's compression module."""
+    out, result = _run_aidge(ctx, f"aidge-{method}-{factor:g}", ["--factor", str(factor), "--method", method],
+                             "aidge-compression")
     return Built(out, result["seconds"], f"Compressor({factor:g}).compress(graph, {method}), "
                  f"{result['replaced']} layers replaced; batch dimension made dynamic after export")
 
 
 def aidge_ptq(ctx: Context) -> Built:
     """aidge-quantization's int8 post-training quantization of the original, where it runs."""
-    python, error = aidge_env.ensure_aidge(log=ctx.log)
-    if python is None:
-        raise ContenderFailed(error)
-    out = _out(ctx, "aidge-ptq")
-    runner = os.path.join(os.path.dirname(__file__), "aidge_runner.py")
-    shape = ",".join(map(str, ctx.input_shape))
-    done = subprocess.run([python, runner, ctx.model, out, "--method", "ptq", "--calib", ctx.calib,
-                           "--input-shape", shape], capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    result = json.loads(lines[-1]) if lines else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    if "error" in result:
-        raise ContenderFailed(f"aidge-quantization: {result['error']}")
+    out, result = _run_aidge(ctx, "aidge-ptq", ["--method", "ptq", "--calib", ctx.calib], "aidge-quantization")
     return Built(out, result["seconds"], "quantize_network(MAX clipping, single shift), set_to_qdq")
 
 

@@ -297,9 +297,11 @@ def test_only_outlier_measurements_raise_the_estimate():
     from rankfold.planner.plan import OUTLIER, LossProbe
 
     probe = LossProbe.__new__(LossProbe)
+    probe.values, probe.typical = {}, None
     # four layers measured at 2x their estimates, one at 100x (where the estimate broke down)
-    probe.values = {f"l{i}": {("svd", (8,)): (2e-3, 1e-3)} for i in range(4)}
-    probe.values["bad"] = {("svd", (8,)): (1e-1, 1e-3)}
+    for i in range(4):
+        probe.record(f"l{i}", ("svd", (8,)), 2e-3, 1e-3)
+    probe.record("bad", ("svd", (8,)), 1e-1, 1e-3)
     assert 100 / 2 > OUTLIER
     assert probe.structural_loss("l0", ("svd", (8,)), 1e-3) == 1e-3  # typical ratio: estimate kept
     assert probe.structural_loss("bad", ("svd", (8,)), 1e-3) == pytest.approx(5e-2)  # 1e-1 / median 2

@@ -32,7 +32,7 @@ from rankfold.planner.costs import (
     time_onnx_pair_ms,
 )
 from rankfold.planner.memory import activation_profile
-from rankfold.planner.sensitivity import layer_statistics
+from rankfold.planner.sensitivity import _output_tensor, layer_statistics
 from rankfold.planner.solver import solve
 from rankfold.target import Budget, Target, load_target, parse_budget
 
@@ -155,6 +155,10 @@ class _Option:
         return self.method, self.ranks
 
 
+def _method_named(name: str):
+    return next(m for m in METHODS.values() if m.name == name)
+
+
 def _stored_bytes(profile: ChainProfile, bits: int) -> float:
     """Weight bytes of a chain at `bits`, as the QDQ export stores them: packed integers and a
     float32 scale per output channel, int32 biases with a float32 scale each; float32 at 32 bits."""
@@ -204,7 +208,7 @@ def _options_for_layer(
     weighting = input_weighting(stats.input_moment, spec.in_ch)
     notes = []
     for method_name in target.methods:
-        method = next(m for m in METHODS.values() if m.name == method_name)
+        method = _method_named(method_name)
         if method.unsupported(spec, module) is not None or method_name not in LOSS_ESTIMATORS:
             continue
         ranks = candidate_ranks(method, spec, multiple=target.rank_multiple, min_rank=min_rank)
@@ -257,7 +261,7 @@ def _variant(model: nn.Module, modules: dict, choice: Mapping[str, _Option]) -> 
     variant = copy.deepcopy(model)
     for name, option in choice.items():
         if option.method != "none":
-            method = next(m for m in METHODS.values() if m.name == option.method)
+            method = _method_named(option.method)
             set_submodule(variant, name, method.skeleton(modules[name], option.ranks))
     return variant
 
@@ -380,13 +384,13 @@ class LossProbe:
         self.modules = dict(model.named_modules())
         self.reference = self._log_probs()
         self.values: dict[str, dict[tuple[str, tuple[int, ...]], tuple[float, float]]] = {}
+        self.typical: float | None = None  # median measured/estimated ratio so far
 
     @staticmethod
     def applies(model: nn.Module, example: Tensor) -> bool:
         """Measured as KL between class predictions: for classifiers (2-D logits) only."""
         with torch.no_grad():
-            out = run_checked(model, example)
-        return (out[0] if isinstance(out, (tuple, list)) else out).ndim == 2
+            return _output_tensor(run_checked(model, example)).ndim == 2
 
     def _log_probs(self) -> Tensor:
         was_training = self.model.training
@@ -395,8 +399,7 @@ class LossProbe:
                 out = run_checked(self.model.eval(), self.probe)
         finally:
             self.model.train(was_training)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return torch.log_softmax(out.double(), 1)
+        return torch.log_softmax(_output_tensor(out).double(), 1)
 
     def measured(self, name: str, key) -> bool:
         return key in self.values.get(name, {})
@@ -404,7 +407,7 @@ class LossProbe:
     def measure(self, name: str, key: tuple[str, tuple[int, ...]], estimate: float) -> float:
         method_name, ranks = key
         layer = self.modules[name]
-        method = next(m for m in METHODS.values() if m.name == method_name)
+        method = _method_named(method_name)
         weighting = input_weighting(self.stats[name].input_moment, layer_spec(layer).in_ch)
         approx = method.factorize(layer, ranks, weighting, METHOD_CONFIGS[method_name](list(ranks))).approx_weight
         original = layer.weight.detach().clone()
@@ -416,16 +419,21 @@ class LossProbe:
             with torch.no_grad():
                 layer.weight.copy_(original)
         kl = float((self.reference.exp() * (self.reference - log_q)).sum(1).mean().clamp_min(0))
-        self.values.setdefault(name, {})[key] = (kl, estimate)
+        self.record(name, key, kl, estimate)
         return kl
+
+    def record(self, name: str, key: tuple[str, tuple[int, ...]], kl: float, estimate: float) -> None:
+        """Keep a measurement and the network's median measured/estimated ratio."""
+        self.values.setdefault(name, {})[key] = (kl, estimate)
+        ratios = [k / e for layer in self.values.values() for k, e in layer.values() if e > 0]
+        self.typical = float(np.median(ratios)) if ratios else None
 
     def structural_loss(self, name: str, key, estimate: float) -> float:
         """The estimate, or, where this rank or a higher one of the same method measured as an
         outlier, the measurement brought to the estimates' scale (never lowered)."""
-        ratios = [kl / est for layer in self.values.values() for kl, est in layer.values() if est > 0]
-        if not ratios:
+        typical = self.typical
+        if typical is None:
             return estimate
-        typical = float(np.median(ratios))
         method, ranks = key
         bounds = [kl / typical for (m, r), (kl, est) in self.values.get(name, {}).items()
                   if m == method and all(a <= b for a, b in zip(ranks, r)) and kl > OUTLIER * typical * est]
