@@ -248,7 +248,8 @@ def test_quantized_compress_via_cli_writes_a_checked_qdq_file(trained, tmp_path)
                            str(tmp_path / "calib.npz"), "--max-weight-bytes", "30%", "--min-rank", "4", "-o",
                            str(out), "--min-agreement", "0.5"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "self-check (quantized)" in proc.stderr
+    assert "self-check (quantized, onnxruntime default session)" in proc.stderr
+    assert "self-check (int8 kernels)" in proc.stderr
     assert onnx_size(out).weight_bytes <= 0.3 * onnx_size(tmp_path / "m.onnx").weight_bytes
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
 

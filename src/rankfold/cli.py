@@ -33,6 +33,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"weight bytes    {result.weight_bytes:,}")
     print(f"file bytes      {result.file_bytes:,}")
     print(f"activations     {result.peak_activation_bytes:,} B at the peak (batch 1, graph liveness)")
+    if result.int8_kernel_max_units is not None:
+        verdict = "ok" if result.int8_kernel_max_units <= 1 else \
+            "WRONG on this CPU: the accuracy above is what onnxruntime computes here, not what the file means"
+        print(f"int8 kernels    {result.int8_kernel_max_units} unit(s) at most from the reference arithmetic, "
+              f"layer by layer ({verdict}; {result.cpu})")
     if result.latency_ms_b1 is not None:
         print(f"latency b1      {result.latency_ms_b1:.3f} ms   (onnxruntime, 1 thread, median of {args.runs})")
         print(f"latency b32     {result.latency_ms_b32:.3f} ms")
@@ -125,6 +130,15 @@ def _compress_uniform(args: argparse.Namespace) -> None:
                                         "after": after.__dict__, **report.to_dict()})
 
 
+def int8_choice(target) -> str:
+    """What the target makes of int8 weights, in words."""
+    if target.int8_note:
+        return f"{target.name}: {target.int8_note}"
+    if target.runtime == "c":
+        return f"{target.name}: runs the C export (int32 accumulation); int8 weights use the full 8 bits"
+    return f"{target.name}: int8 weights use {'7 bits (reduce_range)' if target.reduce_range else 'the full 8 bits'}"
+
+
 def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     from rankfold.planner.pipeline import compress_to_budget
     from rankfold.target import load_target
@@ -134,6 +148,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     _graph, model, calib, example = _load_inputs(args)
     log = _log(args.quiet)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
+    log("  " + int8_choice(target))
     t0 = time.time()
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement, onnx_path=args.model,
@@ -251,7 +266,7 @@ def _cmd_run_c(args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     for key, value in result.items():
-        print(f"{key:26} {value}")
+        print(f"{key:34} {value}")
 
 
 def _cmd_targets(args: argparse.Namespace) -> None:
@@ -267,6 +282,7 @@ def _cmd_targets(args: argparse.Namespace) -> None:
     for name in builtin_targets():
         t = load_target(name)
         print(f"{name:12} {t.description}")
+    print(int8_choice(load_target("host")))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

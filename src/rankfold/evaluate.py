@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from rankfold.data import check_input_shape
 from rankfold.errors import RankfoldError
+from rankfold.runtime import cpu_summary
 
 SHAPE_DTYPES = {onnx.TensorProto.INT64}  # initializers of these types are shape constants
 
@@ -195,6 +196,9 @@ def latency_ms(path: str, sample: np.ndarray, *, batch: int, runs: int = 30, war
     return statistics.median(times)
 
 
+KERNEL_CHECK_SAMPLES = 16
+
+
 @dataclass
 class EvalResult:
     accuracy: float | None
@@ -205,6 +209,8 @@ class EvalResult:
     latency_ms_b1: float | None
     latency_ms_b32: float | None
     peak_activation_bytes: int = 0
+    int8_kernel_max_units: int | None = None  # QDQ models: optimized kernels vs reference, layer by layer
+    cpu: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,5 +230,12 @@ def evaluate(
     acc = accuracy(path, x, y) if y is not None else None
     b1 = latency_ms(path, x[:1], batch=1, runs=runs) if measure_latency else None
     b32 = latency_ms(path, x[:32], batch=32, runs=runs) if measure_latency else None
-    peak = onnx_peak_activation_bytes(onnx.load(path))
-    return EvalResult(acc, size.params, size.macs, size.weight_bytes, size.file_bytes, b1, b32, peak)
+    proto = onnx.load(path)
+    peak = onnx_peak_activation_bytes(proto)
+    kernels = None
+    if any(node.op_type == "QuantizeLinear" for node in proto.graph.node):
+        from rankfold.runtime import int8_kernel_check
+
+        kernels = int8_kernel_check(proto, x[:KERNEL_CHECK_SAMPLES])
+    return EvalResult(acc, size.params, size.macs, size.weight_bytes, size.file_bytes, b1, b32, peak,
+                      None if kernels is None else kernels.worst_units, cpu_summary())

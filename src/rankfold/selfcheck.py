@@ -52,6 +52,24 @@ def refuse_if_poor(check: Agreement, min_agreement: float) -> None:
             "nothing was written. Loosen the budgets, or lower --min-agreement to accept it")
 
 
+KERNEL_CHECK_SAMPLES = 16
+
+
+def refuse_if_kernels_disagree(onnx_path: str, inputs: Tensor, say) -> None:
+    """A QDQ file that onnxruntime's optimized kernels compute differently from its own reference
+    arithmetic on this CPU (int8 weights too wide for its u8s8 kernels) is an error."""
+    from rankfold.runtime import int8_kernel_check
+
+    kernels = int8_kernel_check(onnx_path, inputs[:KERNEL_CHECK_SAMPLES].numpy())
+    say("self-check (int8 kernels): " + kernels.describe())
+    if not kernels.ok:
+        raise RankfoldError(
+            f"self-check failed: on this CPU onnxruntime's optimized int8 kernels compute layer {kernels.worst_layer} "
+            f"{kernels.worst_units} units away from the reference arithmetic (at most "
+            f"{kernels.TOLERANCE_UNITS} expected; {kernels.cpu}); nothing was written. This CPU needs int8 weights "
+            "on 7 bits: plan with --target host (which detects it) or --target x86-avx2")
+
+
 def split_holdout(calib: Tensor) -> tuple[Tensor, Tensor | None]:
     """(samples to plan and factorize with, samples held back for the self-check): one eighth,
     16 to 128 of them, held back when there are at least 64."""
@@ -62,11 +80,13 @@ def split_holdout(calib: Tensor) -> tuple[Tensor, Tensor | None]:
     return calib[: n - held], calib[n - held :]
 
 
-def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor) -> Agreement:
-    """agreement() with the candidate run from its ONNX file in onnxruntime (e.g. a QDQ model)."""
-    import onnxruntime as ort
+def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optimized: bool = True) -> Agreement:
+    """agreement() with the candidate run from its ONNX file in onnxruntime (e.g. a QDQ model):
+    in its default session as users run it, or (`optimized=False`) in its reference arithmetic,
+    each node as written, which is what the C back-end computes."""
+    from rankfold.runtime import session as ort_session
 
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, optimized=optimized)
     name = session.get_inputs()[0].name
 
     class _Session(nn.Module):

@@ -11,6 +11,7 @@ from importlib import resources
 from rankfold.errors import RankfoldError
 
 LATENCY_MODES = ("measured", "model")
+RUNTIMES = ("onnxruntime", "c")  # what runs the result: the QDQ file itself, or the C export
 SUB_LAYER_KINDS = ("conv", "pointwise", "depthwise", "linear")
 
 
@@ -31,6 +32,9 @@ class Target:
     layer_overhead_cycles: float = 0.0
     cycles_per_element: float = 0.0
     cycles_per_mac: dict[str, float] = field(default_factory=dict)
+    runtime: str = "onnxruntime"
+    reduce_range: bool = False  # int8 weights on 7 bits (TOML: true, false or "auto": what this CPU needs)
+    int8_note: str = ""  # what "auto" found (not a TOML field)
 
     @property
     def default_weight_bits(self) -> int:
@@ -71,7 +75,7 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
     """Validate a parsed profile; every problem is reported with the field's name."""
     from rankfold.config import METHOD_NAMES
 
-    known = set(Target.__dataclass_fields__)
+    known = set(Target.__dataclass_fields__) - {"int8_note"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise RankfoldError(f"{origin}: unknown field(s) {', '.join(unknown)}")
@@ -112,7 +116,19 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
         value = raw.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise RankfoldError(f"{origin}: {key} must be a number >= 0, got {value!r}")
-    return Target(**{**raw, "weight_bits": tuple(bits), "methods": tuple(methods), "cycles_per_mac": dict(cpm)})
+    runtime = raw.get("runtime", "onnxruntime")
+    if runtime not in RUNTIMES:
+        raise RankfoldError(f"{origin}: runtime must be one of {RUNTIMES}, got {runtime!r}")
+    reduce_range, note = raw.get("reduce_range", False), ""
+    if reduce_range == "auto":
+        from rankfold.runtime import int8_kernels
+
+        kernels = int8_kernels()
+        reduce_range, note = kernels.reduce_range, kernels.describe()
+    elif not isinstance(reduce_range, bool):
+        raise RankfoldError(f"{origin}: reduce_range must be true, false or \"auto\", got {reduce_range!r}")
+    return Target(**{**raw, "weight_bits": tuple(bits), "methods": tuple(methods), "cycles_per_mac": dict(cpm),
+                     "runtime": runtime, "reduce_range": reduce_range, "int8_note": note})
 
 
 # -- budget values -------------------------------------------------------------------------

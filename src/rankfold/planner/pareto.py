@@ -33,7 +33,8 @@ def _quantized_accuracy(module, plan, calib, example, data) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "q.onnx")
-        export_quantized(module, plan.layer_bits(), path, calib=calib, example_input=example)
+        export_quantized(module, plan.layer_bits(), path, calib=calib, example_input=example,
+                         reduce_range=plan.reduce_range)
         return accuracy(path, *data)
 
 

@@ -81,7 +81,7 @@ def write_result(
 
     from rankfold.export.onnx import export_onnx
     from rankfold.quantize.export import export_quantized
-    from rankfold.selfcheck import onnx_agreement
+    from rankfold.selfcheck import onnx_agreement, refuse_if_kernels_disagree
 
     say = progress or (lambda _m: None)
     if not result.plan.quantized:
@@ -91,13 +91,19 @@ def write_result(
         raise RankfoldError("a quantized plan needs calibration data (activation ranges)")
     fit, held = split_holdout(calib)
     partial = f"{path}.part"
+    # A result that onnxruntime runs is checked as users run it (default session); one for the C
+    # back-end in onnxruntime's reference arithmetic, which the C computes (within a unit per op).
+    in_onnxruntime = result.plan.runtime == "onnxruntime"
     try:
         export_quantized(result.module, result.plan.layer_bits(), partial, calib=fit, example_input=example_input,
-                         observer=observer, progress=say)
+                         observer=observer, reduce_range=result.plan.reduce_range, progress=say)
         check = result.check
+        if in_onnxruntime:
+            refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
         if held is not None:
-            check = onnx_agreement(original, partial, held)
-            say("self-check (quantized): " + check.describe())
+            check = onnx_agreement(original, partial, held, optimized=in_onnxruntime)
+            path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
+            say(f"self-check (quantized, {path_used}): " + check.describe())
             refuse_if_poor(check, min_agreement)
         os.replace(partial, path)
         return check

@@ -34,7 +34,7 @@ from rankfold.planner.costs import (
 from rankfold.planner.memory import activation_profile
 from rankfold.planner.sensitivity import _output_tensor, layer_statistics
 from rankfold.planner.solver import solve
-from rankfold.target import Budget, Target, load_target, parse_budget
+from rankfold.target import RUNTIMES, Budget, Target, load_target, parse_budget
 
 PLAN_FORMAT = "rankfold-plan/1"
 METHOD_CONFIGS: dict[str, Callable[[list[int]], MethodConfig]] = {
@@ -81,6 +81,8 @@ class Plan:
     feasible: bool
     layers: list[LayerPlan]
     messages: list[str] = field(default_factory=list)
+    reduce_range: bool = False  # int8 weights on 7 bits (the target's onnxruntime needs it)
+    runtime: str = "onnxruntime"  # what runs the result: "onnxruntime" or "c"
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **asdict(self)}
@@ -119,10 +121,14 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise RankfoldError(f"{path}: not a rankfold plan (expected \"format\": \"{PLAN_FORMAT}\")")
     try:
         layers = [LayerPlan(**entry) for entry in raw["layers"]]
-        fields = {k: raw[k] for k in Plan.__dataclass_fields__ if k != "layers"}
+        fields = {k: raw[k] for k in Plan.__dataclass_fields__ if k != "layers" and k in raw}
         plan = Plan(**fields, layers=layers)
     except (KeyError, TypeError) as exc:
         raise RankfoldError(f"{path}: malformed plan: {exc}") from None
+    if not isinstance(plan.reduce_range, bool):
+        raise RankfoldError(f"{path}: reduce_range must be true or false, got {plan.reduce_range!r}")
+    if plan.runtime not in RUNTIMES:
+        raise RankfoldError(f"{path}: runtime must be one of {', '.join(RUNTIMES)}, got {plan.runtime!r}")
     for layer in plan.layers:
         if layer.bits not in (32, 8, 4):
             raise RankfoldError(f"{path}: layer {layer.name!r}: bits must be 32, 8 or 4, got {layer.bits!r}")
@@ -171,13 +177,18 @@ def _stored_bytes(profile: ChainProfile, bits: int) -> float:
     return total
 
 
-def _with_bits(options: list[_Option], bits_choices: tuple[int, ...], noise_unit: float) -> list[_Option]:
+def _with_bits(options: list[_Option], bits_choices: tuple[int, ...], noise_unit: float,
+               reduce_range: bool = False) -> list[_Option]:
     """Every structural option at every allowed bit-width. Quantizing adds rounding noise to each
-    factor: its estimated loss is noise_unit (the layer's loss at int8) x factors x (127/qmax)^2."""
+    factor: its estimated loss is noise_unit (the layer's loss at int8) x factors x (127/qmax)^2,
+    qmax 63 for int8 on a target that needs 7-bit weights (four times the int8 noise, same bytes)."""
+    from rankfold.quantize.core import weight_qmax
+
     expanded = []
     for opt in options:
         for bits in bits_choices:
-            extra = 0.0 if bits >= 32 else noise_unit * len(opt.profile.sub_layers) * (127 / (2 ** (bits - 1) - 1)) ** 2
+            extra = 0.0 if bits >= 32 else \
+                noise_unit * len(opt.profile.sub_layers) * (127 / weight_qmax(bits, reduce_range)) ** 2
             expanded.append(dataclasses.replace(opt, loss=opt.loss + extra, bits=bits, quant_loss=extra,
                                                 weight_bytes=_stored_bytes(opt.profile, bits)))
     return expanded
@@ -354,7 +365,7 @@ def price_model(
                 activations.input_kept.get(name, False), latency_of)
             edge = i in (1, len(layer_names))
             options[name] = _with_bits(structural, edge_bits(target, bits) if edge else choices,
-                                       _int8_noise_loss(modules[name], stats[name]))
+                                       _int8_noise_loss(modules[name], stats[name]), target.reduce_range)
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()
@@ -562,7 +573,7 @@ class Pricing:
         return Plan(self.target.name, self.target.default_weight_bits, self.target.activation_bits, self.data_aware,
                     self.latency_source, limits, dict(self.before), after,
                     float(sum(self._loss(n, o) for n, o in chosen.items())), feasible, self._layer_plans(chosen),
-                    messages)
+                    messages, self.target.reduce_range, self.target.runtime)
 
     def _loss(self, name: str, option: _Option) -> float:
         if self.probe is None or option.method == "none":

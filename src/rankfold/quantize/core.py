@@ -2,7 +2,9 @@
 
 Convention (TFLite / CMSIS-NN, see DESIGN.md): real = scale * (q - zero_point).
 Weights: symmetric, zero point 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1] (int8: +-127, int4: +-7),
-one scale per output channel (or per group of input elements along the channel).
+one scale per output channel (or per group of input elements along the channel). With
+`reduce_range`, int8 codes stay within +-63: onnxruntime on x86 without VNNI computes only those
+exactly (rankfold/runtime.py); int4 is exact everywhere.
 Activations: asymmetric int8, q in [-128, 127], one scale and zero point per tensor.
 Rounding is half to even, as ONNX QuantizeLinear does.
 """
@@ -17,9 +19,14 @@ ACT_QMIN, ACT_QMAX = -128, 127
 WEIGHT_BITS = (4, 8)
 
 
-def weight_qmax(bits: int) -> int:
+REDUCED_INT8_QMAX = 63
+
+
+def weight_qmax(bits: int, reduce_range: bool = False) -> int:
     if bits not in WEIGHT_BITS:
         raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits!r}")
+    if reduce_range and bits == 8:
+        return REDUCED_INT8_QMAX
     return 2 ** (bits - 1) - 1
 
 
@@ -38,10 +45,11 @@ class QuantizedWeight(NamedTuple):
         return (flat * scales).reshape(self.q.shape)
 
 
-def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None) -> QuantizedWeight:
+def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None, *,
+                    reduce_range: bool = False) -> QuantizedWeight:
     """Symmetric quantization with one scale per output channel (axis 0), or per `group_size`
     consecutive elements of each channel's flattened weights."""
-    qmax = weight_qmax(bits)
+    qmax = weight_qmax(bits, reduce_range)
     w = np.asarray(weight, dtype=np.float32)
     flat = w.reshape(w.shape[0], -1)
     if group_size is None:
@@ -61,8 +69,9 @@ def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None
     return QuantizedWeight(q.astype(np.int8).reshape(w.shape), scale, bits, group_size)
 
 
-def fake_quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None) -> np.ndarray:
-    return quantize_weight(weight, bits, group_size).dequantize()
+def fake_quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None, *,
+                         reduce_range: bool = False) -> np.ndarray:
+    return quantize_weight(weight, bits, group_size, reduce_range=reduce_range).dequantize()
 
 
 class ActivationParams(NamedTuple):

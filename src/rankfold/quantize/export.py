@@ -41,19 +41,28 @@ def export_quantized(
     equalize: bool = True,
     bias_correction: bool = True,
     data_aware_rounding: bool = True,
+    reduce_range: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
+    `reduce_range`: int8 weights on 7 bits, which onnxruntime on x86 without VNNI needs to compute
+    exactly; None: whatever onnxruntime on this CPU needs (rankfold.runtime.int8_kernels()).
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
 
     say = progress or (lambda _m: None)
+    if reduce_range is None:
+        from rankfold.runtime import int8_kernels
+
+        reduce_range = int8_kernels().reduce_range
     quantized = copy.deepcopy(model).eval()
     say("quantizing weights" + (" (seams equalized)" if equalize else "")
-        + (", data-aware rounding" if data_aware_rounding else ""))
+        + (", data-aware rounding" if data_aware_rounding else "")
+        + (", int8 on 7 bits (reduce_range)" if reduce_range else ""))
     leaves = quantize_weights(quantized, bits, equalize=equalize,
-                              calib=calib[:ROUNDING_SAMPLES] if data_aware_rounding else None)
+                              calib=calib[:ROUNDING_SAMPLES] if data_aware_rounding else None,
+                              reduce_range=reduce_range)
     if bias_correction:
         say("bias correction")
         names = [n for n, b in bits.items() if b < 32]
@@ -69,6 +78,6 @@ def export_quantized(
     if unmapped:  # never let a planned quantized layer silently stay float
         raise RankfoldError(f"quantized layer(s) {', '.join(unmapped)} could not be matched to an ONNX node "
                             "of the export")
-    qdq = to_qdq(proto, nodes, activations)
+    qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range)
     replace_atomically(path, qdq.SerializeToString())
     return nodes

@@ -88,11 +88,11 @@ def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments:
     return codes
 
 
-def quantize_layer(layer: nn.Module, bits: int, moments: Tensor) -> None:
+def quantize_layer(layer: nn.Module, bits: int, moments: Tensor, *, reduce_range: bool = False) -> None:
     """Replace the layer's weight, in place, by its data-aware rounding (dequantized). Channels
     whose largest code falls short of qmax keep plain rounding, so the exporter, which derives
     each channel's scale from its largest weight, finds exactly the same grid."""
-    qmax = weight_qmax(bits)
+    qmax = weight_qmax(bits, reduce_range)
     flat = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     scale = flat.abs().amax(1).double() / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -104,7 +104,8 @@ def quantize_layer(layer: nn.Module, bits: int, moments: Tensor) -> None:
         layer.weight.copy_((codes * scale[:, None]).reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
-def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor) -> list[str]:
+def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor, *,
+                 reduce_range: bool = False) -> list[str]:
     """Data-aware rounding of every supported leaf in `leaf_bits`; returns the names done. The
     input moments come from one pass over `calib` with the weights as they are now (float)."""
     modules = dict(model.named_modules())
@@ -112,5 +113,5 @@ def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor) 
     moments = input_second_moments(model, names, calib)
     for name in names:
         if name in moments:
-            quantize_layer(modules[name], leaf_bits[name], moments[name])
+            quantize_layer(modules[name], leaf_bits[name], moments[name], reduce_range=reduce_range)
     return [n for n in names if n in moments]

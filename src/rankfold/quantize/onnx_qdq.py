@@ -18,6 +18,7 @@ from rankfold.quantize.observers import OBSERVERS, RangeObserver
 
 INT4_OPSET = 21
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+INT8_RANGE_KEY = "rankfold.int8_weight_bits"  # metadata: "8" (codes within +-127) or "7" (+-63)
 
 
 def float_activations(model: onnx.ModelProto) -> list[str]:
@@ -102,9 +103,11 @@ def to_qdq(
     activations: Mapping[str, ActivationParams],
     *,
     group_size: int | None = None,
+    reduce_range: bool = False,
 ) -> onnx.ModelProto:
     """The QDQ model. `weight_bits`: node name -> 8 or 4 for the Conv/Gemm/MatMul nodes whose
-    constant weights are quantized (others keep float weights). `activations`: tensor -> params."""
+    constant weights are quantized (others keep float weights). `activations`: tensor -> params.
+    `reduce_range`: int8 weight codes within +-63 (what the fake-quantized weights were rounded to)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if any(b == 4 for b in weight_bits.values()) and opset < INT4_OPSET:
         model = onnx.version_converter.convert_version(model, INT4_OPSET)  # int4 tensors need opset 21
@@ -148,7 +151,7 @@ def to_qdq(
         if node.op_type in WEIGHTED_OPS and bits is not None and bits < 32 and len(node.input) > 1 \
                 and node.input[1] in inits:
             _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
-                                   group_size)
+                                   group_size, reduce_range)
         new_nodes.append(node)
         for i, name in enumerate(node.output):
             if name in activations and name in graph_outputs:
@@ -162,6 +165,9 @@ def to_qdq(
     graph.initializer.extend(kept + [i for i in new_inits if i.name in used])
     del graph.node[:]
     graph.node.extend(new_nodes)
+    if weight_bits:
+        onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props},
+                                          INT8_RANGE_KEY: "7" if reduce_range else "8"})
     onnx.checker.check_model(out)
     return out
 
@@ -176,13 +182,14 @@ def _weight_axis(node: onnx.NodeProto) -> int:
     return 1  # MatMul: (in, out)
 
 
-def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, activations, bits, group_size) -> None:
+def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, activations, bits, group_size,
+                           reduce_range) -> None:
     weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     axis = _weight_axis(node)
     per_channel = np.moveaxis(weight, axis, 0)
     # Grouped scales need DequantizeLinear's block_size (opset 21); per-channel otherwise.
     group = group_size if group_size is not None and bits == 4 else None
-    qw = quantize_weight(per_channel, bits, group)
+    qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range)
     q = np.moveaxis(qw.q, 0, axis)
     base = node.input[1]
     # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE, run_checked
 from rankfold.layers import LowRank
-from rankfold.quantize.core import fake_quantize_weight
+from rankfold.quantize.core import fake_quantize_weight, weight_qmax
 
 
 def _dense(module: nn.Module) -> bool:
@@ -51,12 +51,13 @@ def equalize_seams(chain: nn.Sequential) -> int:
 
 
 def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: bool = True,
-                     group_size: int | None = None, calib: Tensor | None = None) -> dict[str, int]:
+                     group_size: int | None = None, calib: Tensor | None = None,
+                     reduce_range: bool = False) -> dict[str, int]:
     """Fake-quantize, in place, the weights of every layer named in `bits` (value < 32); a
     factorized layer (LowRank) has each factor quantized, after seam equalization. With `calib`
     (and per-channel scales), weights are rounded data-aware (quantize/gptq.py) instead of to the
-    nearest grid point. Returns the bit-width of every quantized leaf module, by its full name
-    (for the ONNX export)."""
+    nearest grid point. `reduce_range`: int8 codes within +-63 (see quantize/core.py). Returns the
+    bit-width of every quantized leaf module, by its full name (for the ONNX export)."""
     modules = dict(model.named_modules())
     leaves: dict[str, int] = {}
     for name, b in bits.items():
@@ -73,14 +74,15 @@ def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: boo
     if calib is not None and group_size is None:
         from rankfold.quantize.gptq import quantize_all
 
-        done = quantize_all(model, leaves, calib)
+        done = quantize_all(model, leaves, calib, reduce_range=reduce_range)
     for leaf, b in leaves.items():
         if leaf in done:
             continue
         layer = modules[leaf]
         with torch.no_grad():
             w = layer.weight.detach().numpy()
-            layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size)))
+            layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size,
+                                                                        reduce_range=reduce_range)))
     return leaves
 
 
@@ -115,7 +117,7 @@ def _last(module: nn.Module) -> nn.Module:
     return list(module)[-1] if isinstance(module, nn.Sequential) else module
 
 
-def weight_quant_noise(weight: Tensor, bits: int) -> np.ndarray:
+def weight_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False) -> np.ndarray:
     """Per output channel, the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = weight_qmax(bits, reduce_range)
     return ((_out_ranges(weight).double() / qmax) ** 2 / 12).numpy()
