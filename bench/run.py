@@ -184,7 +184,9 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    from rankfold.runtime import cpu_summary, int8_kernels
+
+    return {"cpu": cpu_summary(), "int8_kernels": int8_kernels().describe(), "cores": os.cpu_count(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 from rankfold.errors import RankfoldError
+from rankfold.io import check_output_directory, check_outputs
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -98,7 +98,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
         config_for_method(method)
     except ValueError as exc:
         raise RankfoldError(str(exc)) from None
-    _check_output_dir(args.output)
+    _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
     log = _log(args.quiet)
     log(f"compressing {args.model}: method={method} keep={keep} "
@@ -144,7 +144,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     from rankfold.target import load_target
 
     target = load_target(args.target or "host")
-    _check_output_dir(args.output)
+    _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
     log = _log(args.quiet)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
@@ -189,7 +189,7 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     from rankfold.planner.plan import load_plan
 
     plan = load_plan(args.plan)
-    _check_output_dir(args.output)
+    _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
     log = _log(args.quiet)
     log(f"applying {args.plan} to {args.model}")
@@ -205,6 +205,8 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
     budgets = [float(v.rstrip("%")) / 100 for v in args.points.split(",")]
     if any(not 0 < b <= 1 for b in budgets):
         raise RankfoldError("--points are weight-byte percentages in (0, 100]")
+    check_outputs({"model": args.model, "--calib": args.calib, "--data": args.data},
+                  {"--plot": args.plot, "--json": args.json}, force=args.force)
     _graph, model, calib, example = _load_inputs(args)
     data = None
     if args.data:
@@ -212,8 +214,6 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
 
         loaded = load_npz(args.data)
         data = (loaded.x[: args.limit or None], loaded.y[: args.limit or None])
-    if args.plot:
-        _check_output_dir(args.plot)
     run_pareto(model, args.model, calib=calib, example=example, target=args.target, fractions=budgets,
                data=data, measure_points=args.measure, plot=args.plot, json_out=args.json,
                min_rank=args.min_rank, progress=_log(args.quiet))
@@ -227,6 +227,7 @@ def _cmd_export_c(args: argparse.Namespace) -> None:
     from rankfold.frontends.onnx import read_onnx
     from rankfold.target import load_target
 
+    check_output_directory(args.output, {"model": args.model, "--calib": args.calib}, force=args.force)
     model = read_onnx(args.model)
     target = load_target(args.target) if args.target else None
     log = _log(args.quiet)
@@ -311,10 +312,11 @@ def _example_input(graph):
     return torch.zeros(2, *dims[1:])
 
 
-def _check_output_dir(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise RankfoldError(f"{path}: the output directory {directory} does not exist")
+def _check_outputs(args: argparse.Namespace) -> None:
+    """compress / apply: every output checked against every input and each other, before any work."""
+    check_outputs({"model": args.model, "--calib": args.calib, "plan": getattr(args, "plan", None)},
+                  {"-o": args.output, "--plan-out": getattr(args, "plan_out", None), "--report": args.report},
+                  force=args.force)
 
 
 def _log(quiet: bool):
@@ -377,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", help="uniform mode: 'vbmf' chooses each layer's ranks from its weights alone "
                                    "(EVBMF) instead of --keep")
     p.add_argument("--report", help="also write the report as JSON")
+    p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser("apply", help="apply a plan file to an ONNX model",
@@ -386,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--report", help="also write the report as JSON")
+    p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("pareto", help="accuracy-loss vs size/latency front; what fits a target",
@@ -401,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", type=int, default=3, help="how many points to apply and measure (default 3)")
     p.add_argument("--plot", help="write the front as a PNG")
     p.add_argument("--json", help="write the front as JSON")
+    p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_pareto)
 
     p = sub.add_parser("export-c", help="write an int8 QDQ model as plain C99 source",
@@ -410,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --calib. Nothing is written when the model needs an op the C back-end "
                                    "lacks or does not fit --target.")
     p.add_argument("model", help="model .onnx (QDQ, or float with --calib)")
-    p.add_argument("-o", "--output", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("-o", "--output", required=True, help="output directory: new or empty; --force replaces one "
+                                                         "that export-c wrote")
+    p.add_argument("--force", action="store_true", help="replace an output directory that export-c wrote "
+                                                        "(never one holding other files)")
     p.add_argument("--target", help="check flash and RAM against this profile (e.g. cortex-m7)")
     p.add_argument("--calib", help=".npz with x: calibration inputs, to quantize a float model")
     p.add_argument("--calib-limit", type=int, default=512)

@@ -104,10 +104,12 @@ def cpu_summary() -> str:
     machine = platform.machine() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith(("flags", "Features"))),
-                         [])
+            lines = handle.read().splitlines()
     except OSError:
         return machine
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), [])
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    machine = f"{model}, {machine}" if model else machine
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "asimddp", "i8mm") if f in flags]
     return f"{machine} ({', '.join(shown) if shown else 'no int8 dot-product flags'})"
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
-from rankfold.io import make_public
+from rankfold.io import replace_atomically
 
 OPSET = 17
 RTOL = 1e-4
@@ -54,9 +54,10 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise RankfoldError(f"{path}: the directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=directory)
-    os.close(fd)
-    try:
+    # Exported and verified in the system's temporary directory; only the checked bytes are written
+    # beside `path` (unique name, then an atomic rename), so a kill leaves nothing of it there.
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        tmp = os.path.join(scratch, "model.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -66,11 +67,8 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
             )
         if verify:
             _verify(tmp, example_input, expected)
-        make_public(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with open(tmp, "rb") as handle:
+            replace_atomically(path, handle.read())
 
 
 def _verify(path: str, example_input: Tensor, expected) -> None:

@@ -78,8 +78,10 @@ def write_result(
     """Write the ONNX file: float, or QDQ when the plan quantizes any layer. A quantized file is
     checked against the original on the held-back samples before it takes `path`."""
     import os
+    import tempfile
 
     from rankfold.export.onnx import export_onnx
+    from rankfold.io import replace_atomically
     from rankfold.quantize.export import export_quantized
     from rankfold.selfcheck import onnx_agreement, refuse_if_kernels_disagree
 
@@ -90,11 +92,13 @@ def write_result(
     if calib is None:
         raise RankfoldError("a quantized plan needs calibration data (activation ranges)")
     fit, held = split_holdout(calib)
-    partial = f"{path}.part"
     # A result that onnxruntime runs is checked as users run it (default session); one for the C
     # back-end in onnxruntime's reference arithmetic, which the C computes (within a unit per op).
     in_onnxruntime = result.plan.runtime == "onnxruntime"
-    try:
+    # Built and checked in the system's temporary directory: only a checked model is written beside
+    # `path`, under a unique name renamed into place.
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        partial = os.path.join(scratch, "quantized.onnx")
         export_quantized(result.module, result.plan.layer_bits(), partial, calib=fit, example_input=example_input,
                          observer=observer, reduce_range=result.plan.reduce_range, progress=say)
         check = result.check
@@ -105,8 +109,6 @@ def write_result(
             path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
             say(f"self-check (quantized, {path_used}): " + check.describe())
             refuse_if_poor(check, min_agreement)
-        os.replace(partial, path)
+        with open(partial, "rb") as handle:
+            replace_atomically(path, handle.read())
         return check
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)

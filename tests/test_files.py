@@ -1,0 +1,177 @@
+"""A user's files are sacred: no command deletes or overwrites what rankfold did not create, every
+output is checked against every input and every other output before work starts, and a run that
+dies leaves nothing half-written beside its output (issue 20, cases 1-4)."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import rankfold
+from rankfold.io import C_EXPORT_MARKER
+
+
+def run_cli(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def digest(directory) -> dict[str, str]:
+    """Every file under `directory` with its content hash: what must not change."""
+    out = {}
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(handle.read()).hexdigest()
+    return out
+
+
+@pytest.fixture()
+def user_dir(tmp_path):
+    """A user's directory: a model, its calibration data, and a file of their own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32)
+    rankfold.export_onnx(model, tmp_path / "model.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(tmp_path / "calib.npz", x=x)
+    (tmp_path / "notes.txt").write_text("the user's own notes\n")
+    return tmp_path
+
+
+def refused(code: int, err: str, *words: str) -> bool:
+    return code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and \
+        all(w in err for w in words)
+
+
+def test_export_c_into_the_current_directory_deletes_nothing(user_dir):
+    before = digest(user_dir)
+    code, _out, err = run_cli("export-c", "model.onnx", "-o", ".", "--calib", "calib.npz", cwd=user_dir)
+    assert refused(code, err, "current directory")
+    assert digest(user_dir) == before
+    code, _out, err = run_cli("export-c", "model.onnx", "-o", ".", "--calib", "calib.npz", "--force", cwd=user_dir)
+    assert refused(code, err, "current directory") and digest(user_dir) == before
+
+
+def test_export_c_never_replaces_a_directory_it_did_not_write(user_dir):
+    target = user_dir / "existing"
+    target.mkdir()
+    (target / "mine.c").write_text("int main(void) { return 0; }\n")
+    before = digest(user_dir)
+    for extra in ([], ["--force"]):
+        code, _out, err = run_cli("export-c", user_dir / "model.onnx", "-o", target, "--calib",
+                                  user_dir / "calib.npz", *extra)
+        assert code == 2 and "Traceback" not in err, err
+        assert digest(user_dir) == before
+
+
+def test_export_c_replaces_its_own_directory_only_with_force(user_dir):
+    out = user_dir / "c_model"
+    args = ["export-c", user_dir / "model.onnx", "-o", out, "--calib", user_dir / "calib.npz"]
+    code, _out, err = run_cli(*args)
+    assert code == 0, err
+    assert (out / C_EXPORT_MARKER).is_file() and (out / "model.c").is_file()
+    code, _out, err = run_cli(*args)
+    assert refused(code, err, "--force")
+    code, _out, err = run_cli(*args, "--force")
+    assert code == 0, err
+    (out / "added_by_user.txt").write_text("keep me\n")
+    code, _out, err = run_cli(*args, "--force")
+    assert refused(code, err, "added_by_user.txt")
+    assert (out / "added_by_user.txt").read_text() == "keep me\n"
+    assert not [p for p in os.listdir(user_dir) if p.startswith(".rankfold")]  # no staging left behind
+
+
+def test_export_c_refuses_a_directory_holding_its_input(user_dir):
+    before = digest(user_dir)
+    code, _out, err = run_cli("export-c", user_dir / "model.onnx", "-o", user_dir, "--calib",
+                              user_dir / "calib.npz", "--force")
+    assert code == 2 and "Traceback" not in err
+    assert digest(user_dir) == before
+
+
+@pytest.mark.parametrize("outputs", [
+    ("-o", "out.onnx", "--plan-out", "out.onnx"),
+    ("-o", "out.onnx", "--report", "out.onnx"),
+    ("-o", "out.onnx", "--report", "model.onnx"),
+    ("-o", "out.onnx", "--plan-out", "calib.npz"),
+    ("-o", "model.onnx"),
+    ("-o", "./sub/../model.onnx"),
+])
+def test_compress_refuses_outputs_that_collide_before_any_work(user_dir, outputs):
+    (user_dir / "sub").mkdir()
+    before = digest(user_dir)
+    started = time.perf_counter()
+    code, _out, err = run_cli("compress", "model.onnx", "--calib", "calib.npz", "--max-params", "50%",
+                              "--min-rank", "2", *outputs, "--force", cwd=user_dir)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - started < 60  # refused up front, not after planning
+    assert digest(user_dir) == before
+
+
+def test_compress_never_overwrites_an_existing_file_without_force(user_dir):
+    (user_dir / "out.onnx").write_bytes(b"the user's earlier result")
+    before = digest(user_dir)
+    args = ["compress", "model.onnx", "--calib", "calib.npz", "--keep", "0.5", "--min-rank", "2", "-o", "out.onnx"]
+    code, _out, err = run_cli(*args, cwd=user_dir)
+    assert refused(code, err, "--force")
+    assert digest(user_dir) == before
+    code, _out, err = run_cli(*args, "--force", cwd=user_dir)
+    assert code == 0, err
+    onnx.checker.check_model(onnx.load(user_dir / "out.onnx"))
+
+
+def test_hard_links_count_as_the_same_file(user_dir):
+    os.link(user_dir / "model.onnx", user_dir / "alias.onnx")
+    before = digest(user_dir)
+    code, _out, err = run_cli("compress", "model.onnx", "--keep", "0.5", "-o", "alias.onnx", "--force", cwd=user_dir)
+    assert code == 2 and "input" in err
+    assert digest(user_dir) == before
+
+
+def _leftovers(directory, allowed):
+    return sorted(set(os.listdir(directory)) - set(allowed))
+
+
+def test_two_quantized_runs_on_one_output_never_mix(user_dir):
+    """Each run writes under its own temporary name: both finish, and the output is one complete,
+    checked model (they are deterministic, so either run's file is the same bytes)."""
+    args = [sys.executable, "-m", "rankfold.cli", "compress", "model.onnx", "--calib", "calib.npz",
+            "--max-weight-bytes", "30%", "--min-rank", "2", "--min-agreement", "0.3", "-o", "out.onnx", "--force",
+            "-q"]
+    procs = [subprocess.Popen(args, cwd=user_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
+    model = onnx.load(user_dir / "out.onnx")
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert _leftovers(user_dir, ["model.onnx", "calib.npz", "notes.txt", "out.onnx"]) == []
+
+
+@pytest.mark.parametrize("delay", [1.0, 3.0, 6.0, 10.0])
+def test_a_killed_compress_leaves_nothing_partial(user_dir, delay):
+    """SIGKILL at several points of a quantized compress: afterwards the directory holds the inputs
+    and, at most, a complete output; no temporary file, no half-written model."""
+    before = digest(user_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "rankfold.cli", "compress", "model.onnx", "--calib", "calib.npz",
+                             "--max-weight-bytes", "30%", "--min-rank", "2", "--min-agreement", "0.3", "-o",
+                             "out.onnx", "--report", "r.json", "-q"], cwd=user_dir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {k: v for k, v in digest(user_dir).items() if k in before} == before
+    extra = _leftovers(user_dir, ["model.onnx", "calib.npz", "notes.txt"])
+    assert set(extra) <= {"out.onnx", "r.json"}, extra
+    if "out.onnx" in extra:
+        onnx.checker.check_model(onnx.load(user_dir / "out.onnx"))
