@@ -151,7 +151,7 @@ def rankfold_cli(ctx: Context, name: str, budget_flags: list[str], bits: str) ->
     """`rankfold compress` as a user runs it, in a subprocess, timed from start to finish."""
     out = _out(ctx, name)
     command = [sys.executable, "-m", "rankfold.cli", "compress", ctx.model, "--calib", ctx.calib, "-o", out,
-               *budget_flags, "--bits", bits]
+               *budget_flags, "--bits", bits, "--force"]  # the bench owns its work directory
     t0 = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

@@ -175,3 +175,23 @@ def test_a_killed_compress_leaves_nothing_partial(user_dir, delay):
     assert set(extra) <= {"out.onnx", "r.json"}, extra
     if "out.onnx" in extra:
         onnx.checker.check_model(onnx.load(user_dir / "out.onnx"))
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "m.onnx", "--data", "d.npz", "--runs", "0"],
+    ["eval", "m.onnx", "--data", "d.npz", "--limit", "-10"],
+    ["compress", "m.onnx", "-o", "o.onnx", "--min-agreement", "-1"],
+    ["compress", "m.onnx", "-o", "o.onnx", "--min-agreement", "nan"],
+    ["compress", "m.onnx", "-o", "o.onnx", "--min-agreement", "2"],
+    ["compress", "m.onnx", "-o", "o.onnx", "--calib-limit", "-1"],
+    ["compress", "m.onnx", "-o", "o.onnx", "--calib-limit", "0"],
+    ["compress", "m.onnx", "-o", "o.onnx", "--min-rank", "x"],
+    ["demo", "--epochs", "0"],
+    ["pareto", "m.onnx", "--measure", "-2"],
+    ["no-such-command"],
+])
+def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path, args):
+    """Found before any file is read (none of these exist) and before any work: one line, exit 2."""
+    code, _out, err = run_cli(*args, cwd=tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []

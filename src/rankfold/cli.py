@@ -328,9 +328,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="model .onnx")
     p.add_argument("--calib", help=".npz with x: calibration inputs (labels not needed)")
-    p.add_argument("--calib-limit", type=int, default=512, help="use at most N calibration samples (default 512)")
-    p.add_argument("--min-rank", type=int, default=8, help="never factorize a layer below this rank (default 8)")
-    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+    p.add_argument("--calib-limit", type=_positive_int, default=512,
+                   help="use at most N calibration samples (default 512)")
+    p.add_argument("--min-rank", type=_positive_int, default=8,
+                   help="never factorize a layer below this rank (default 8)")
+    p.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_AGREEMENT,
                    help="refuse a result whose top-1 agrees with the original on fewer held-back calibration "
                         f"samples than this (default {DEFAULT_MIN_AGREEMENT})")
     p.add_argument("--observer", default="percentile", choices=["percentile", "minmax", "mse"],
@@ -338,9 +340,49 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option ending in one line on stderr (and exit code 2), like every error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (all) or a positive integer, got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankfold", description="Shrink trained networks for edge hardware.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="rankfold", description="Shrink trained networks for edge hardware.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("eval", help="measure an ONNX model: accuracy, size, MACs, latency",
                        description="Top-1 accuracy, parameters, MACs, weight/file bytes and onnxruntime latency "
@@ -348,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model .onnx")
     p.add_argument("--data", required=True, help=".npz with x (N, ...) float32 and y (N,) int labels")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N samples")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per latency (default 30)")
+    p.add_argument("--limit", type=_count, default=0, help="use only the first N samples")
+    p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per latency (default 30)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.set_defaults(func=_cmd_eval)
 
@@ -401,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", default="2,3,5,7,10,15,20,30,50,75",
                    help="weight-byte budgets in %% of the original (default 2,3,5,7,10,15,20,30,50,75)")
     p.add_argument("--data", help=".npz with x and y: measure top-1 at --measure points of the front")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N samples of --data")
-    p.add_argument("--measure", type=int, default=3, help="how many points to apply and measure (default 3)")
+    p.add_argument("--limit", type=_count, default=0, help="use only the first N samples of --data")
+    p.add_argument("--measure", type=_count, default=3, help="how many points to apply and measure (default 3)")
     p.add_argument("--plot", help="write the front as a PNG")
     p.add_argument("--json", help="write the front as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
@@ -421,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(never one holding other files)")
     p.add_argument("--target", help="check flash and RAM against this profile (e.g. cortex-m7)")
     p.add_argument("--calib", help=".npz with x: calibration inputs, to quantize a float model")
-    p.add_argument("--calib-limit", type=int, default=512)
+    p.add_argument("--calib-limit", type=_positive_int, default=512)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_export_c)
 
@@ -432,12 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "onnxruntime on the QDQ model.")
     p.add_argument("dir", help="directory written by export-c")
     p.add_argument("--data", required=True, help=".npz with x and y")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N samples")
+    p.add_argument("--limit", type=_count, default=0, help="use only the first N samples")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sanitize", action="store_true", help="build with -fsanitize=address,undefined")
     p.add_argument("--qemu", help="also cross-compile and run under qemu on this board: mps2-an386 (Cortex-M4), "
                                   "mps2-an500 (Cortex-M7), mps2-an385 (Cortex-M3)")
-    p.add_argument("--qemu-samples", type=int, default=5, help="samples to run under qemu (default 5)")
+    p.add_argument("--qemu-samples", type=_positive_int, default=5, help="samples to run under qemu (default 5)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_run_c)
 
@@ -449,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trains a small CNN on Fashion-MNIST (Debian dataset-fashion-mnist) or "
                                    "scikit-learn's digits, compresses it data-aware and measures both ONNX files.")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=_positive_int, default=3)
     p.add_argument("--keep", type=float, default=0.3)
     p.add_argument("--method", default="tucker2")
     p.set_defaults(func=_cmd_demo)
