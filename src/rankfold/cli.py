@@ -100,6 +100,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
         raise RankfoldError(str(exc)) from None
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
+    _require_check_data(args, calib, UNIFORM_CHECK_SAMPLES, "uniform mode checks on the calibration samples")
     log = _log(args.quiet)
     log(f"compressing {args.model}: method={method} keep={keep} "
         f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
@@ -117,17 +118,38 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     t0 = time.time()
     compressed, report = compress_with_report(model, method=method, keep=keep, calib=calib, layers=layers,
                                               min_rank=args.min_rank, progress=lambda m: log("  " + m))
+    check = None
+    if not args.no_check:  # checked before anything is written
+        from rankfold.selfcheck import agreement, refuse_if_poor
+
+        check = agreement(model, compressed, calib, where="calibration samples (fitting used them too)")
+        refuse_if_poor(check, args.min_agreement, args.max_output_error)
     export_onnx(compressed, args.output, example_input=example)
     seconds = time.time() - t0
     before, after = onnx_size(args.model), onnx_size(args.output)
     print(layer_table(report))
     print(f"parameters {before.params:,} -> {after.params:,} ({after.params / before.params:.1%}), "
           f"MACs {before.macs:,} -> {after.macs:,} ({after.macs / max(before.macs, 1):.1%}), {seconds:.1f}s")
+    print("self-check: " + (check.describe() if check else "not run (--no-check): the result is unchecked"))
     print(f"wrote {args.output}")
     if args.report:
         write_json_atomic(args.report, {"model": args.model, "output": args.output, "method": method,
                                         "keep": keep, "seconds": seconds, "before": before.__dict__,
-                                        "after": after.__dict__, **report.to_dict()})
+                                        "after": after.__dict__,
+                                        "self_check": None if check is None else check.to_dict(), **report.to_dict()})
+
+
+UNIFORM_CHECK_SAMPLES = 16
+PLANNED_CHECK_SAMPLES = 64  # an eighth (16 to 128) is held back for the self-check
+
+
+def _require_check_data(args: argparse.Namespace, calib, needed: int, why: str) -> None:
+    """A self-check that cannot run is an error, found before any work, unless --no-check."""
+    have = 0 if calib is None else len(calib)
+    if have < needed and not args.no_check:
+        raise RankfoldError(f"the self-check needs at least {needed} calibration samples ({why}); got {have}"
+                            f"{'' if calib is not None else ' (no --calib)'}. Give more with --calib, or pass "
+                            "--no-check to write an unchecked result")
 
 
 def int8_choice(target) -> str:
@@ -146,12 +168,14 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     target = load_target(args.target or "host")
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
+    _require_check_data(args, calib, PLANNED_CHECK_SAMPLES, "an eighth, 16 to 128, is held back from planning")
     log = _log(args.quiet)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
     log("  " + int8_choice(target))
     t0 = time.time()
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
-                                min_rank=args.min_rank, min_agreement=args.min_agreement, onnx_path=args.model,
+                                min_rank=args.min_rank, min_agreement=args.min_agreement,
+                                max_output_error=args.max_output_error, onnx_path=args.model,
                                 bits=args.bits, progress=lambda m: log("  " + m))
     _finish(args, result, model, calib, example, t0, budgets)
 
@@ -165,14 +189,15 @@ def _finish(args: argparse.Namespace, result, model, calib, example, t0: float, 
 
     result.check = write_result(result, model, args.output, calib=calib, example_input=example,
                                 observer=args.observer, min_agreement=args.min_agreement,
+                                max_output_error=args.max_output_error,
                                 progress=_log(args.quiet))
     seconds = time.time() - t0
     before, after = onnx_size(args.model), onnx_size(args.output)
     print(plan_table(result.plan))
     print(f"parameters {before.params:,} -> {after.params:,} ({after.params / before.params:.1%}), "
           f"MACs {before.macs:,} -> {after.macs:,} ({after.macs / max(before.macs, 1):.1%}), {seconds:.1f}s")
-    if result.check is not None:
-        print("self-check: " + result.check.describe())
+    print("self-check: " + (result.check.describe() if result.check is not None
+                            else "not run (--no-check): the result is unchecked"))
     print(f"wrote {args.output}")
     if getattr(args, "plan_out", None):
         result.plan.save(args.plan_out)
@@ -191,10 +216,12 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     plan = load_plan(args.plan)
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
+    _require_check_data(args, calib, PLANNED_CHECK_SAMPLES, "an eighth, 16 to 128, is held back as in planning")
     log = _log(args.quiet)
     log(f"applying {args.plan} to {args.model}")
     t0 = time.time()
     result = apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
+                             max_output_error=args.max_output_error,
                              progress=lambda m: log("  " + m))
     _finish(args, result, model, calib, example, t0, None)
 
@@ -380,6 +407,28 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _nonnegative(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    from rankfold.selfcheck import DEFAULT_MAX_OUTPUT_ERROR
+
+    p.add_argument("--max-output-error", type=_nonnegative, default=DEFAULT_MAX_OUTPUT_ERROR,
+                   help="refuse a result whose outputs that are not class scores differ from the original's by "
+                        f"more than this relative error (default {DEFAULT_MAX_OUTPUT_ERROR})")
+    p.add_argument("--no-check", action="store_true",
+                   help="write the result even though the self-check cannot run (too few calibration samples)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rankfold", description="Shrink trained networks for edge hardware.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -403,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a percentage of the original (10%%) or absolute with a unit (300k, 2MB, "
                                    "512KB, 1.5ms; KB = 1024 bytes).")
     _model_args(p)
+    _check_args(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--target", help="target profile: host (default), cortex-m4, cortex-m7, cortex-m55 or a .toml")
     p.add_argument("--max-params", help="parameter budget, e.g. 10%% or 1.2M")
@@ -429,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same model, plan and calibration data give the same output.")
     p.add_argument("plan", help="plan .json")
     _model_args(p)
+    _check_args(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--report", help="also write the report as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -10,46 +10,88 @@ from torch import Tensor, nn
 from rankfold.errors import RankfoldError
 
 DEFAULT_MIN_AGREEMENT = 0.8
+DEFAULT_MAX_OUTPUT_ERROR = 0.2  # relative error allowed on an output that is not (N, classes)
+
+
+@dataclass
+class OutputAgreement:
+    index: int
+    top1_agreement: float | None  # None when the output is not (N, classes)
+    rel_output_error: float  # ||y~ - y|| / ||y||
 
 
 @dataclass
 class Agreement:
+    """The compressed network against the original on every output; the summary fields are the
+    worst output's (least top-1 agreement, largest relative error)."""
+
     samples: int
-    top1_agreement: float | None  # None when the output is not (N, classes)
-    rel_output_error: float  # ||y~ - y|| / ||y||
+    top1_agreement: float | None  # None when no output is (N, classes)
+    rel_output_error: float
+    outputs: list[OutputAgreement] = field(default_factory=list)
+    where: str = "held-back samples"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         top1 = "" if self.top1_agreement is None else f"top-1 agreement {self.top1_agreement:.1%}, "
-        return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} held-back samples"
+        heads = f" ({len(self.outputs)} outputs, worst shown)" if len(self.outputs) > 1 else ""
+        return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+def _outputs(out) -> list[Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, batch_size: int = 128) -> Agreement:
-    ys, ys_hat = [], []
+def _is_classes(y: Tensor) -> bool:
+    return y.ndim == 2 and y.shape[1] > 1
+
+
+def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, batch_size: int = 128,
+              where: str = "held-back samples") -> Agreement:
+    ys: list[list[Tensor]] = []
+    ys_hat: list[list[Tensor]] = []
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
             batch = inputs[start : start + batch_size].to(torch.float32)
-            ys.append(_first(original.eval()(batch)))
-            ys_hat.append(_first(compressed.eval()(batch)))
-    y, y_hat = torch.cat(ys), torch.cat(ys_hat)
-    top1 = float((y.argmax(1) == y_hat.argmax(1)).float().mean()) if y.ndim == 2 else None
-    rel = float((y_hat - y).norm() / y.norm().clamp_min(1e-30))
-    return Agreement(int(inputs.shape[0]), top1, rel)
+            ys.append(_outputs(original.eval()(batch)))
+            ys_hat.append(_outputs(compressed.eval()(batch)))
+    if len(ys[0]) != len(ys_hat[0]):
+        raise RankfoldError(f"self-check: the compressed network has {len(ys_hat[0])} outputs, the original "
+                            f"{len(ys[0])}")
+    per_output = []
+    for index in range(len(ys[0])):
+        y = torch.cat([b[index] for b in ys]).to(torch.float64)
+        y_hat = torch.cat([b[index] for b in ys_hat]).to(torch.float64)
+        if y.shape != y_hat.shape:
+            raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's is "
+                                f"{tuple(y.shape)}")
+        top1 = float((y.argmax(1) == y_hat.argmax(1)).float().mean()) if _is_classes(y) else None
+        rel = float((y_hat - y).norm() / y.norm().clamp_min(1e-30))
+        if not torch.isfinite(y_hat).all():
+            rel = float("inf")
+        per_output.append(OutputAgreement(index, top1, rel))
+    tops = [o.top1_agreement for o in per_output if o.top1_agreement is not None]
+    return Agreement(int(inputs.shape[0]), min(tops) if tops else None,
+                     max(o.rel_output_error for o in per_output), per_output, where)
 
 
-def refuse_if_poor(check: Agreement, min_agreement: float) -> None:
-    """A result that disagrees badly with the original is an error, never a silent output."""
-    if check.top1_agreement is not None and check.top1_agreement < min_agreement:
-        raise RankfoldError(
-            f"self-check failed: the compressed network agrees with the original on only "
-            f"{check.top1_agreement:.1%} of {check.samples} held-back samples (minimum {min_agreement:.0%}); "
-            "nothing was written. Loosen the budgets, or lower --min-agreement to accept it")
+def refuse_if_poor(check: Agreement, min_agreement: float,
+                   max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> None:
+    """A result that disagrees badly with the original, on any output, is an error, never a silent output."""
+    for out in check.outputs or [OutputAgreement(0, check.top1_agreement, check.rel_output_error)]:
+        name = f"output {out.index}" if len(check.outputs) > 1 else "the compressed network"
+        if out.top1_agreement is not None and out.top1_agreement < min_agreement:
+            raise RankfoldError(
+                f"self-check failed: {name} agrees with the original's top-1 on only {out.top1_agreement:.1%} of "
+                f"{check.samples} {check.where} (minimum {min_agreement:.0%}); nothing was written. Loosen the "
+                "budgets, or lower --min-agreement to accept it")
+        if out.top1_agreement is None and not out.rel_output_error <= max_output_error:
+            raise RankfoldError(
+                f"self-check failed: {name} is {out.rel_output_error:.3g} away from the original's (relative error "
+                f"on {check.samples} {check.where}; at most {max_output_error:g} allowed); nothing was written. "
+                "Loosen the budgets, or raise --max-output-error to accept it")
 
 
 KERNEL_CHECK_SAMPLES = 16
@@ -91,6 +133,7 @@ def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optim
 
     class _Session(nn.Module):
         def forward(self, x):
-            return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+            outs = [torch.from_numpy(v) for v in session.run(None, {name: x.numpy()})]
+            return tuple(outs) if len(outs) > 1 else outs[0]
 
     return agreement(original, _Session(), inputs)

@@ -10,7 +10,14 @@ from torch import Tensor, nn
 from rankfold.compress import CompressionReport
 from rankfold.errors import RankfoldError
 from rankfold.planner.plan import Plan, apply_plan, make_plan
-from rankfold.selfcheck import DEFAULT_MIN_AGREEMENT, Agreement, agreement, refuse_if_poor, split_holdout
+from rankfold.selfcheck import (
+    DEFAULT_MAX_OUTPUT_ERROR,
+    DEFAULT_MIN_AGREEMENT,
+    Agreement,
+    agreement,
+    refuse_if_poor,
+    split_holdout,
+)
 from rankfold.target import Target
 
 
@@ -31,6 +38,7 @@ def compress_to_budget(
     example_input: Tensor | None = None,
     min_rank: int = 8,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
     onnx_path: str | None = None,
     bits: str | int = "auto",
     progress: Callable[[str], None] | None = None,
@@ -42,25 +50,27 @@ def compress_to_budget(
     if not plan.feasible:
         raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
     module, report = apply_plan(model, plan, calib=fit, progress=say)
-    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say))
+    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error))
 
 
 def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
+                    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
                     progress: Callable[[str], None] | None = None) -> Budgeted:
     """apply_plan with the calibration split exactly as planning split it, then the self-check."""
     say = progress or (lambda _m: None)
     fit, held = split_holdout(calib) if calib is not None else (None, None)
     module, report = apply_plan(model, plan, calib=fit, progress=say)
-    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say))
+    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error))
 
 
-def check_result(model, module, held, min_agreement, say) -> Agreement | None:
+def check_result(model, module, held, min_agreement, say,
+                 max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> Agreement | None:
     if held is None:
         say("self-check skipped: fewer than 64 calibration samples, none held back")
         return None
     check = agreement(model, module, held)
     say("self-check: " + check.describe())
-    refuse_if_poor(check, min_agreement)
+    refuse_if_poor(check, min_agreement, max_output_error)
     return check
 
 
@@ -73,6 +83,7 @@ def write_result(
     example_input: Tensor,
     observer: str = "percentile",
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
     progress: Callable[[str], None] | None = None,
 ) -> Agreement | None:
     """Write the ONNX file: float, or QDQ when the plan quantizes any layer. A quantized file is
@@ -108,7 +119,7 @@ def write_result(
             check = onnx_agreement(original, partial, held, optimized=in_onnxruntime)
             path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
             say(f"self-check (quantized, {path_used}): " + check.describe())
-            refuse_if_poor(check, min_agreement)
+            refuse_if_poor(check, min_agreement, max_output_error)
         with open(partial, "rb") as handle:
             replace_atomically(path, handle.read())
         return check

@@ -1,0 +1,120 @@
+"""The self-check covers every output of the model, refuses outputs that are not class scores when
+they drift, and a check that cannot run is an error unless the user says --no-check (issue 20, case 6)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rankfold
+from rankfold.errors import RankfoldError
+from rankfold.selfcheck import agreement, refuse_if_poor
+
+
+class TwoHeads(nn.Module):
+    def __init__(self, second_scale: float = 1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(8, 16)
+        self.classes = nn.Linear(16, 5)
+        self.dense = nn.Linear(16, 12)
+        self.second_scale = second_scale
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.classes(h), self.dense(h) * self.second_scale
+
+
+def test_a_wrecked_second_output_is_found():
+    x = torch.randn(64, 8)
+    check = agreement(TwoHeads(), TwoHeads(second_scale=-1.0), x)
+    assert len(check.outputs) == 2
+    assert check.outputs[0].top1_agreement == 1.0 and check.outputs[0].rel_output_error == 0.0
+    assert check.outputs[1].top1_agreement is not None  # (N, 12) counts as class scores
+    assert check.top1_agreement < 0.8  # the summary is the worst output's
+    with pytest.raises(RankfoldError, match="output 1"):
+        refuse_if_poor(check, 0.8)
+
+
+class DenseMap(nn.Module):
+    def __init__(self, noise: float = 0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.noise = noise
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + self.noise * torch.sin(37.0 * y)
+
+
+def test_a_dense_output_is_refused_beyond_the_error_limit():
+    x = torch.randn(32, 3, 8, 8)
+    good = agreement(DenseMap(), DenseMap(noise=0.01), x)
+    assert good.top1_agreement is None and good.rel_output_error < 0.05
+    refuse_if_poor(good, 0.8, 0.2)
+    bad = agreement(DenseMap(), DenseMap(noise=1.0), x)
+    assert bad.rel_output_error > 0.2
+    with pytest.raises(RankfoldError, match="--max-output-error"):
+        refuse_if_poor(bad, 0.8, 0.2)
+    refuse_if_poor(bad, 0.8, 10.0)  # the user's own limit
+
+
+def test_non_finite_outputs_always_fail():
+    x = torch.randn(16, 3, 8, 8)
+    check = agreement(DenseMap(), DenseMap(noise=float("nan")), x)
+    with pytest.raises(RankfoldError):
+        refuse_if_poor(check, 0.0, 1e9)
+
+
+def run_cli(*args, cwd):
+    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((32, 1, 12, 12)).astype(np.float32)
+    rankfold.export_onnx(model, root / "m.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(root / "few.npz", x=x)  # 32 samples: too few to hold 16 back from planning
+    return root
+
+
+def test_a_planned_check_that_cannot_run_is_an_error_unless_no_check(model_dir, tmp_path):
+    args = ["compress", model_dir / "m.onnx", "--calib", model_dir / "few.npz", "--max-params", "60%",
+            "--min-rank", "2", "-q"]
+    code, _out, err = run_cli(*args, "-o", tmp_path / "a.onnx", cwd=tmp_path)
+    assert code == 2 and "at least 64" in err and "--no-check" in err and "Traceback" not in err
+    assert not (tmp_path / "a.onnx").exists()
+    code, out, err = run_cli(*args, "-o", tmp_path / "b.onnx", "--no-check", cwd=tmp_path)
+    assert code == 0, err
+    assert "self-check: not run (--no-check)" in out  # said on stdout, even with -q
+    assert (tmp_path / "b.onnx").is_file()
+
+
+def test_uniform_mode_is_checked_and_data_free_needs_no_check(model_dir, tmp_path):
+    code, out, err = run_cli("compress", model_dir / "m.onnx", "--calib", model_dir / "few.npz", "--keep", "0.5",
+                             "--min-rank", "2", "-q", "-o", tmp_path / "u.onnx", cwd=tmp_path)
+    assert code == 0, err
+    assert "self-check: top-1 agreement" in out and "calibration samples" in out
+    code, _out, err = run_cli("compress", model_dir / "m.onnx", "--keep", "0.5", "--min-rank", "2", "-q", "-o",
+                              tmp_path / "free.onnx", cwd=tmp_path)
+    assert code == 2 and "--no-check" in err and not (tmp_path / "free.onnx").exists()
+    code, out, err = run_cli("compress", model_dir / "m.onnx", "--keep", "0.5", "--min-rank", "2", "-q", "-o",
+                             tmp_path / "free.onnx", "--no-check", cwd=tmp_path)
+    assert code == 0 and "not run (--no-check)" in out, err
+
+
+def test_uniform_mode_refuses_a_wrecked_result(model_dir, tmp_path):
+    code, _out, err = run_cli("compress", model_dir / "m.onnx", "--calib", model_dir / "few.npz", "--keep", "0.02",
+                              "--min-rank", "1", "--min-agreement", "1", "-q", "-o", tmp_path / "w.onnx", cwd=tmp_path)
+    assert code == 2 and "self-check failed" in err, err
+    assert not (tmp_path / "w.onnx").exists()
