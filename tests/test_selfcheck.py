@@ -118,3 +118,41 @@ def test_uniform_mode_refuses_a_wrecked_result(model_dir, tmp_path):
                               "--min-rank", "1", "--min-agreement", "1", "-q", "-o", tmp_path / "w.onnx", cwd=tmp_path)
     assert code == 2 and "self-check failed" in err, err
     assert not (tmp_path / "w.onnx").exists()
+
+
+class Branches(nn.Module):
+    """A shared stem and two heads; the second head's layers feed only the second output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.a_conv, self.a_fc = nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 10)
+        self.b_conv, self.b_fc = nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        a = torch.relu(self.a_conv(h)).mean((2, 3))
+        b = torch.relu(self.b_conv(h)).mean((2, 3))
+        return self.a_fc(a), self.b_fc(b)
+
+
+def test_the_planner_prices_layers_that_feed_only_the_second_output():
+    from rankfold.planner.sensitivity import layer_statistics
+
+    model = Branches().eval()
+    calib = torch.randn(64, 1, 8, 8)
+    stats = layer_statistics(model, ["a_conv", "b_conv", "b_fc"], calib)
+    for name in ("b_conv", "b_fc"):
+        assert float(stats[name].sensitivity.sum()) > 0, name  # was 0: only the first output was read
+    ratio = float(stats["b_conv"].sensitivity.sum() / stats["a_conv"].sensitivity.sum())
+    assert 0.01 < ratio < 100  # the heads are symmetric: comparable sensitivities
+
+
+def test_a_planned_two_headed_model_is_checked_on_both_heads():
+    model = Branches().eval()
+    calib = torch.randn(128, 1, 8, 8)
+    out = rankfold.compress(model, calib=calib, max_params="40%", min_rank=2, min_agreement=0.0)
+    assert len(out.rankfold_check.outputs) == 2
+    layers = {layer.name: layer for layer in out.rankfold_plan.layers}
+    assert layers["b_conv"].method == "none" or layers["b_conv"].est_loss > 0

@@ -32,7 +32,7 @@ from rankfold.planner.costs import (
     time_onnx_pair_ms,
 )
 from rankfold.planner.memory import activation_profile
-from rankfold.planner.sensitivity import _output_tensor, layer_statistics
+from rankfold.planner.sensitivity import layer_statistics, model_outputs
 from rankfold.planner.solver import solve
 from rankfold.target import RUNTIMES, Budget, Target, load_target, parse_budget
 
@@ -399,18 +399,18 @@ class LossProbe:
 
     @staticmethod
     def applies(model: nn.Module, example: Tensor) -> bool:
-        """Measured as KL between class predictions: for classifiers (2-D logits) only."""
+        """Measured as KL between class predictions: for classifiers (every output 2-D logits) only."""
         with torch.no_grad():
-            return _output_tensor(run_checked(model, example)).ndim == 2
+            return all(out.ndim == 2 for out in model_outputs(run_checked(model, example)))
 
-    def _log_probs(self) -> Tensor:
+    def _log_probs(self) -> list[Tensor]:
         was_training = self.model.training
         try:
             with torch.no_grad():
                 out = run_checked(self.model.eval(), self.probe)
         finally:
             self.model.train(was_training)
-        return torch.log_softmax(_output_tensor(out).double(), 1)
+        return [torch.log_softmax(head.double(), 1) for head in model_outputs(out)]
 
     def measured(self, name: str, key) -> bool:
         return key in self.values.get(name, {})
@@ -429,7 +429,7 @@ class LossProbe:
         finally:
             with torch.no_grad():
                 layer.weight.copy_(original)
-        kl = float((self.reference.exp() * (self.reference - log_q)).sum(1).mean().clamp_min(0))
+        kl = sum(float((p.exp() * (p - q)).sum(1).mean().clamp_min(0)) for p, q in zip(self.reference, log_q))
         self.record(name, key, kl, estimate)
         return kl
 

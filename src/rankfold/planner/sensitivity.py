@@ -2,7 +2,7 @@
 sensitive the network's output is to each of the layer's output channels.
 
 Sensitivity is the diagonal of the Fisher information of the network's predictive distribution
-with respect to the layer's output, G_c = sum over positions of E[g_c^2], with g the gradient of
+(over every output) with respect to the layer's output, G_c = sum over positions of E[g_c^2], with g the gradient of
 the log-likelihood of a label drawn from the network's own prediction. A change dy in the layer's
 output then raises the expected KL divergence between original and compressed predictions by
 about 1/2 sum_c G_c E[dy_c^2]: a per-layer loss that adds up across layers.
@@ -29,8 +29,9 @@ class LayerStats:
     output_shape: tuple[int, ...]
 
 
-def _output_tensor(out) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+def model_outputs(out) -> list[Tensor]:
+    """Every output of a forward pass: the planner prices a layer by what it does to all of them."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _likelihood_loss(output: Tensor, generator: torch.Generator) -> Tensor:
@@ -97,8 +98,9 @@ def layer_statistics(
                 progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
             batch = calib[start : start + batch_size].to(torch.float32).requires_grad_(True)
             with torch.enable_grad():
-                out = _output_tensor(run_checked(model, batch))
-                _likelihood_loss(out, generator).backward()
+                # Heads are independent given the input: the joint Fisher is the sum of theirs.
+                outs = model_outputs(run_checked(model, batch))
+                sum(_likelihood_loss(out, generator) for out in outs).backward()
     finally:
         for h in handles:
             h.remove()
