@@ -195,3 +195,43 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
     code, _out, err = run_cli(*args, cwd=tmp_path)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+def _huge_header_npz(path, x):
+    """A valid .npz whose 'x' header claims 10^12 samples."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, x)
+    raw = buffer.getvalue()
+    header = np.lib.format.header_data_from_array_1_0(x)
+    header["shape"] = (10**12, *x.shape[1:])
+    fixed = io.BytesIO()
+    np.lib.format.write_array_header_1_0(fixed, header)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", fixed.getvalue() + raw[len(fixed.getvalue()):])
+
+
+@pytest.mark.parametrize("case", ["labels_out_of_range", "negative_labels", "nan_sample", "uint8", "complex",
+                                  "huge_header"])
+def test_eval_refuses_bad_data_in_one_line(user_dir, case):
+    x = np.random.default_rng(1).standard_normal((20, 1, 12, 12)).astype(np.float32)
+    y = np.arange(20) % 10
+    path = user_dir / f"{case}.npz"
+    if case == "labels_out_of_range":
+        np.savez(path, x=x, y=y + 10)
+    elif case == "negative_labels":
+        np.savez(path, x=x, y=y - 5)
+    elif case == "nan_sample":
+        x[7, 0, 3, 3] = np.nan
+        np.savez(path, x=x, y=y)
+    elif case == "uint8":
+        np.savez(path, x=(x * 40 + 128).clip(0, 255).astype(np.uint8), y=y)
+    elif case == "complex":
+        np.savez(path, x=x.astype(np.complex64), y=y)
+    else:
+        _huge_header_npz(path, x)
+    code, _out, err = run_cli("eval", user_dir / "model.onnx", "--data", path, "--no-latency")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(path) in err or (case == "labels_out_of_range" and "scores 10 classes" in err)

@@ -176,6 +176,12 @@ def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, 
     correct = 0
     for start in range(0, len(x), batch_size):
         logits = session.run(None, {name: x[start : start + batch_size]})[0]
+        if logits.ndim != 2:
+            raise RankfoldError(f"{path}: top-1 accuracy needs (N, classes) scores as the first output, "
+                                f"got shape {logits.shape}")
+        if start == 0 and int(y.max()) >= logits.shape[1]:
+            raise RankfoldError(f"{path}: labels go up to {int(y.max())} but the model scores "
+                                f"{logits.shape[1]} classes")
         correct += int((logits.argmax(axis=1) == y[start : start + batch_size]).sum())
     return correct / len(x)
 
