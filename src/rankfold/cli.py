@@ -100,6 +100,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
         raise RankfoldError(str(exc)) from None
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
+    _require_compressible(model)
     _require_check_data(args, calib, UNIFORM_CHECK_SAMPLES, "uniform mode checks on the calibration samples")
     log = _log(args.quiet)
     log(f"compressing {args.model}: method={method} keep={keep} "
@@ -141,6 +142,13 @@ def _compress_uniform(args: argparse.Namespace) -> None:
 
 UNIFORM_CHECK_SAMPLES = 16
 PLANNED_CHECK_SAMPLES = 64  # an eighth (16 to 128) is held back for the self-check
+
+
+def _require_compressible(model) -> None:
+    from rankfold.analyze import COMPRESSIBLE
+
+    if not any(isinstance(m, COMPRESSIBLE) for m in model.modules()):
+        raise RankfoldError("the model has no Linear / Conv1d / Conv2d layer to compress")
 
 
 def _require_check_data(args: argparse.Namespace, calib, needed: int, why: str) -> None:
@@ -229,8 +237,12 @@ def _cmd_apply(args: argparse.Namespace) -> None:
 def _cmd_pareto(args: argparse.Namespace) -> None:
     from rankfold.planner.pareto import run_pareto
 
-    budgets = [float(v.rstrip("%")) / 100 for v in args.points.split(",")]
-    if any(not 0 < b <= 1 for b in budgets):
+    try:
+        budgets = [float(v.strip().rstrip("%")) / 100 for v in args.points.split(",")]
+    except ValueError:
+        raise RankfoldError(f"--points: expected comma-separated percentages such as 2,5,10, got {args.points!r}") \
+            from None
+    if any(not 0 < b <= 1 for b in budgets):  # NaN fails this too
         raise RankfoldError("--points are weight-byte percentages in (0, 100]")
     check_outputs({"model": args.model, "--calib": args.calib, "--data": args.data},
                   {"--plot": args.plot, "--json": args.json}, force=args.force)
@@ -250,7 +262,7 @@ def _cmd_export_c(args: argparse.Namespace) -> None:
     import numpy as np
 
     from rankfold.cexport.run import export_c, is_qdq, quantize_for_c
-    from rankfold.data import load_npz
+    from rankfold.data import check_input_shape, load_npz
     from rankfold.frontends.onnx import read_onnx
     from rankfold.target import load_target
 
@@ -262,6 +274,7 @@ def _cmd_export_c(args: argparse.Namespace) -> None:
         if not args.calib:
             raise RankfoldError(f"{args.model} is a float model: give --calib data to quantize it to int8 first")
         calib = load_npz(args.calib, need_labels=False).x[: args.calib_limit].astype(np.float32)
+        check_input_shape(calib, _input_dims(model), args.calib)
         log(f"quantizing {args.model} to int8 with {len(calib)} calibration samples")
         model = quantize_for_c(args.model, calib, lambda m: log("  " + m))
     info = export_c(model, args.output, target=target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -87,7 +88,7 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
         if value is None:
             return
         kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
             raise RankfoldError(f"{origin}: {key} must be a positive {'integer' if integer else 'number'}, "
                                 f"got {value!r}")
 
@@ -95,26 +96,33 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
         positive(key, integer=True)
     positive("clock_hz")
     bits = raw.get("weight_bits", [32])
-    if not isinstance(bits, list) or not bits or any(b not in (4, 8, 16, 32) for b in bits):
-        raise RankfoldError(f"{origin}: weight_bits must be a non-empty list of 4, 8, 16, 32; got {bits!r}")
+    if not isinstance(bits, list) or not bits or any(isinstance(b, bool) or b not in (4, 8, 32) for b in bits):
+        raise RankfoldError(f"{origin}: weight_bits must be a non-empty list of 4, 8 and 32 (float); got {bits!r}")
     methods = raw.get("methods", list(Target.methods))
-    bad = [m for m in methods if m not in METHOD_NAMES or m in ("auto", "none")]
-    if not isinstance(methods, list) or bad:
+    if not isinstance(methods, list) or not methods:
+        raise RankfoldError(f"{origin}: methods must be a non-empty list such as [\"svd\", \"tucker2\"]; "
+                            f"got {methods!r}")
+    bad = [m for m in methods if not isinstance(m, str) or m not in METHOD_NAMES or m in ("auto", "none")]
+    if bad:
         raise RankfoldError(f"{origin}: methods must list factorization methods (svd, tucker2, spatial-svd, cp); "
                             f"bad: {bad or methods!r}")
     latency = raw.get("latency", "measured")
     if latency not in LATENCY_MODES:
         raise RankfoldError(f"{origin}: latency must be one of {LATENCY_MODES}, got {latency!r}")
     cpm = raw.get("cycles_per_mac", {})
+    if not isinstance(cpm, dict):
+        raise RankfoldError(f"{origin}: cycles_per_mac must be a table ([cycles_per_mac] with "
+                            f"{', '.join(SUB_LAYER_KINDS)}), got {cpm!r}")
     if latency == "model":
         if not raw.get("clock_hz"):
             raise RankfoldError(f"{origin}: latency = \"model\" needs clock_hz")
-        missing = [k for k in SUB_LAYER_KINDS if not isinstance(cpm.get(k), (int, float)) or cpm[k] <= 0]
+        missing = [k for k in SUB_LAYER_KINDS if isinstance(cpm.get(k), bool)
+                   or not isinstance(cpm.get(k), (int, float)) or not math.isfinite(cpm[k]) or cpm[k] <= 0]
         if missing:
             raise RankfoldError(f"{origin}: [cycles_per_mac] needs positive values for {', '.join(missing)}")
     for key in ("layer_overhead_cycles", "cycles_per_element"):
         value = raw.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise RankfoldError(f"{origin}: {key} must be a number >= 0, got {value!r}")
     runtime = raw.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:

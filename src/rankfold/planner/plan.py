@@ -242,8 +242,11 @@ def _data_free_stats(model: nn.Module, names: list[str], example: Tensor):
 
     modules = dict(model.named_modules())
     shapes: dict[str, tuple] = {}
-    run_hooked(model, example, [modules[n].register_forward_hook(
-        lambda m, i, o, n=n: shapes.setdefault(n, (tuple(i[0].shape[1:]), tuple(o.shape[1:])))) for n in names])
+    def record(name: str, inputs, output) -> None:  # a forward hook that returned a value would replace the output
+        shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+
+    run_hooked(model, example, [modules[n].register_forward_hook(lambda m, i, o, n=n: record(n, i, o))
+                                for n in names])
     stats = {}
     for n in names:
         if n in shapes:
