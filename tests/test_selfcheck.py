@@ -156,3 +156,23 @@ def test_a_planned_two_headed_model_is_checked_on_both_heads():
     assert len(out.rankfold_check.outputs) == 2
     layers = {layer.name: layer for layer in out.rankfold_plan.layers}
     assert layers["b_conv"].method == "none" or layers["b_conv"].est_loss > 0
+
+
+@pytest.mark.parametrize("mode", ["planned", "uniform"])
+def test_the_input_module_is_never_modified(mode):
+    """State, buffers (BatchNorm running statistics) and train/eval mode stay as the caller left them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.randn(128, 1, 8, 8) * 3 + 1
+    if mode == "planned":
+        rankfold.compress(model, calib=calib, max_params="60%", min_rank=2, min_agreement=0.0)
+    else:
+        rankfold.compress(model, calib=calib, method="svd", keep=0.5, min_rank=2)
+    assert model.training
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key

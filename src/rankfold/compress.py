@@ -117,6 +117,9 @@ def compress(
 
         if not isinstance(model, nn.Module):
             raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        # Planning runs the network many times; a copy in eval mode keeps the caller's module, its
+        # mode and its buffers (BatchNorm running statistics) exactly as they were.
+        model = copy.deepcopy(model).eval()
         result = compress_to_budget(model, calib=calib, target=target or "host", budgets=budgets,
                                     min_rank=min_rank, min_agreement=min_agreement, bits=bits,
                                     progress=progress)
