@@ -176,3 +176,29 @@ def test_the_input_module_is_never_modified(mode):
     assert set(after) == set(before)
     for key, value in before.items():
         assert torch.equal(after[key], value), key
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.ff = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x)
+        return self.head(torch.relu(self.ff(h)).mean(1))
+
+
+def test_a_layer_read_through_weight_by_its_parent_is_left_alone_with_the_reason():
+    model = Attention().eval()
+    x = torch.randn(64, 6, 32)
+    for kwargs in ({"method": "svd", "keep": 0.3, "min_rank": 2}, {"max_params": "95%", "min_rank": 2,
+                                                                   "min_agreement": 0.0}):
+        small = rankfold.compress(model, calib=x, **kwargs)
+        assert small(x).shape == (64, 10)  # it runs: out_proj was not replaced
+        assert isinstance(small.attn.out_proj, nn.Linear)
+    uniform = rankfold.compress(model, calib=x, method="svd", keep=0.3, min_rank=2)
+    record = next(r for r in uniform.rankfold_report.layers if r.name == "attn.out_proj")
+    assert "MultiheadAttention" in (record.note or "")

@@ -10,6 +10,21 @@ from torch import Tensor, nn
 from rankfold.errors import RankfoldError
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Modules that read a child layer's weight directly instead of calling it: replacing that child
+# would break them (nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward).
+WEIGHT_READERS = (nn.MultiheadAttention,)
+
+
+def untouchable_layers(model: nn.Module) -> dict[str, str]:
+    """Compressible layers that must stay as they are, by name, with the reason."""
+    found = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, WEIGHT_READERS):
+            for child_name, child in parent.named_children():
+                if isinstance(child, COMPRESSIBLE):
+                    name = f"{parent_name}.{child_name}" if parent_name else child_name
+                    found[name] = f"its {type(parent).__name__} reads .weight directly: not replaceable"
+    return found
 
 # Channel rows kept per layer for the moments: beyond this the estimates do not change, but the
 # cost (and memory) of the moment products would keep growing with the data.

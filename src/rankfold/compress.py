@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, capture_input_rows, replace_in_one_pass, set_submodule
+from rankfold.analyze import (
+    COMPRESSIBLE,
+    capture_input_rows,
+    replace_in_one_pass,
+    set_submodule,
+    untouchable_layers,
+)
 from rankfold.config import (
     VBMF,
     AutoConfig,
@@ -161,8 +167,12 @@ def compress_with_report(
     was_training = result.training
     result.eval()
     targets = [(name, m) for name, m in result.named_modules() if isinstance(m, COMPRESSIBLE)]
+    untouchable = untouchable_layers(result)
     plans, vbmf_notes = [], {}
     for name, m in targets:
+        if name in untouchable:
+            plans.append((name, m, SkipConfig(untouchable[name])))
+            continue
         cfg, vbmf_notes[name] = _resolve_vbmf(m, _config_for(name, layers, default))
         plans.append((name, m, cfg))
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, run_checked, run_hooked, set_submodule
+from rankfold.analyze import COMPRESSIBLE, run_checked, run_hooked, set_submodule, untouchable_layers
 from rankfold.config import CPConfig, MethodConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
 from rankfold.errors import RankfoldError
 from rankfold.io import write_json_atomic
@@ -344,7 +344,10 @@ def price_model(
     was_training = model.training
     model.eval()
     try:
-        names = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)]
+        untouchable = untouchable_layers(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE) and n not in untouchable]
+        for name, reason in untouchable.items():
+            say(f"left alone: {name} ({reason})")
         if not names:
             raise RankfoldError("the model has no Linear / Conv1d / Conv2d layer to compress")
         if calib is not None:
