@@ -202,3 +202,14 @@ def test_a_layer_read_through_weight_by_its_parent_is_left_alone_with_the_reason
     uniform = rankfold.compress(model, calib=x, method="svd", keep=0.3, min_rank=2)
     record = next(r for r in uniform.rankfold_report.layers if r.name == "attn.out_proj")
     assert "MultiheadAttention" in (record.note or "")
+
+
+def test_export_c_refuses_a_model_with_two_outputs(tmp_path):
+    model = TwoHeads().eval()
+    x = torch.randn(64, 8)
+    rankfold.export_onnx(model, tmp_path / "two.onnx", example_input=x[:1])
+    np.savez(tmp_path / "c.npz", x=x.numpy())
+    code, _out, err = run_cli("export-c", tmp_path / "two.onnx", "-o", tmp_path / "c", "--calib", tmp_path / "c.npz",
+                              cwd=tmp_path)
+    assert code == 2 and "one output" in err and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()

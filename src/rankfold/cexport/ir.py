@@ -136,6 +136,10 @@ def _attr(node, name, default):
 
 def read_program(model: onnx.ModelProto) -> Program:
     """The integer program of a QDQ model as rankfold writes it (every activation quantized)."""
+    if len(model.graph.output) != 1:
+        names = ", ".join(o.name for o in model.graph.output)
+        raise RankfoldError(f"the C back-end runs models with one output; this one has {len(model.graph.output)} "
+                            f"({names})")
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:  # Constant nodes (e.g. ReduceMean axes at opset 18+) are initializers too
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
