@@ -136,6 +136,8 @@ def test_run_c_cli_reports_the_contract_keys(qdq, tmp_path):
         result)
     assert result["golden_mismatches"] == 0 and result["onnx_agreement"] >= 0.95
     assert result["onnx_op_within_one_unit"] >= 0.97  # op by op, on onnxruntime's own inputs
+    assert "reference arithmetic" in result["onnx_compared_with"]  # the same on every CPU
+    assert result["onnx_default_int8_kernel_max_units"] <= 1 and result["host_cpu"]
 
 
 def test_unsupported_op_is_named_and_nothing_is_written(tmp_path):

@@ -138,3 +138,17 @@ def test_the_planner_prices_the_coarser_grid():
     assert reduced[8].loss == pytest.approx(full[8].loss * (127 / 63) ** 2)
     assert reduced[8].weight_bytes == full[8].weight_bytes  # still stored as int8
     assert reduced[4].loss == full[4].loss and reduced[32].loss == 0.0
+
+
+def test_eval_reports_the_int8_kernel_check_and_the_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path, x = _int8_layer(tmp_path, "fc_512_10")
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(len(x), np.int64))
+    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", "eval", str(path), "--data", str(tmp_path / "d.npz"),
+                           "--json", "--no-latency"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["int8_kernel_max_units"] <= 1 and result["cpu"]
