@@ -277,3 +277,48 @@ def test_no_traceback_for_cases_that_used_to_crash(user_dir):
     code, out, err = run_cli("compress", "model.onnx", "--max-params", "50%", "--min-rank", "2", "-o", "x.onnx",
                              "--no-check", cwd=user_dir)  # data-free planning (a forward hook broke it)
     assert code == 0 and "not run (--no-check)" in out, err
+
+
+NUMERIC_OPTIONS = {
+    "compress": ["--keep", "--min-rank", "--min-agreement", "--max-output-error", "--calib-limit", "--max-params",
+                 "--max-weight-bytes", "--max-latency", "--max-ram", "--max-macs", "--bits", "--target", "--method",
+                 "--observer"],
+    "eval": ["--limit", "--runs"],
+    "pareto": ["--points", "--measure", "--limit", "--target"],
+    "run-c": ["--limit", "--qemu-samples", "--qemu"],
+}
+
+
+def test_no_option_value_makes_a_traceback(tmp_path):
+    """Generated values for every option of every command (the files named do not exist): the CLI
+    answers with exit code 2 or a usage error, never with an exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from rankfold.cli import main
+
+    values = st.one_of(st.text(max_size=12), st.floats(allow_nan=True, allow_infinity=True).map(str),
+                       st.integers(-10**12, 10**12).map(str), st.sampled_from(["0", "-1", "nan", "inf", "1e400",
+                                                                               "10%", "-5%", "3MB", "", " "]))
+    positional = {"compress": ["missing.onnx", "-o", str(tmp_path / "o.onnx")], "eval": ["missing.onnx", "--data",
+                  "missing.npz"], "pareto": ["missing.onnx"], "run-c": ["missing_dir", "--data", "missing.npz"]}
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(command=st.sampled_from(sorted(NUMERIC_OPTIONS)), data=st.data())
+    def check(command, data):
+        option = data.draw(st.sampled_from(NUMERIC_OPTIONS[command]))
+        value = data.draw(values)
+        argv = [command, *positional[command], f"{option}={value}"]
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: a usage error, one line
+            code = exc.code
+        assert code == 2, (argv, code)
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        check()
+    assert not (tmp_path / "o.onnx").exists()
