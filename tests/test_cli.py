@@ -1,28 +1,19 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import rankfold
 from rankfold.cli import main
-
-
-def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", *args], capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stdout, proc.stderr
+from tests.helpers import run_cli, tiny_classifier
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A tiny classifier as ONNX, with a dataset and calibration data."""
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    model = tiny_classifier()
     x = np.random.default_rng(0).standard_normal((64, 1, 12, 12)).astype(np.float32)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).argmax(1).numpy()

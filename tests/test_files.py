@@ -17,12 +17,7 @@ from torch import nn
 
 import rankfold
 from rankfold.io import C_EXPORT_MARKER
-
-
-def run_cli(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
-    return proc.returncode, proc.stdout, proc.stderr
+from tests.helpers import run_cli, tiny_classifier
 
 
 def digest(directory) -> dict[str, str]:
@@ -39,9 +34,7 @@ def digest(directory) -> dict[str, str]:
 @pytest.fixture()
 def user_dir(tmp_path):
     """A user's directory: a model, its calibration data, and a file of their own."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    model = tiny_classifier()
     x = np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32)
     rankfold.export_onnx(model, tmp_path / "model.onnx", example_input=torch.from_numpy(x[:1]))
     np.savez(tmp_path / "calib.npz", x=x)

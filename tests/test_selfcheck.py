@@ -1,8 +1,6 @@
 """The self-check covers every output of the model, refuses outputs that are not class scores when
 they drift, and a check that cannot run is an error unless the user says --no-check (issue 20, case 6)."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from torch import nn
 import rankfold
 from rankfold.errors import RankfoldError
 from rankfold.selfcheck import agreement, refuse_if_poor
+from tests.helpers import run_cli, tiny_classifier
 
 
 class TwoHeads(nn.Module):
@@ -70,18 +69,10 @@ def test_non_finite_outputs_always_fail():
         refuse_if_poor(check, 0.0, 1e9)
 
 
-def run_cli(*args, cwd):
-    proc = subprocess.run([sys.executable, "-m", "rankfold.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("check")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    model = tiny_classifier()
     x = np.random.default_rng(0).standard_normal((32, 1, 12, 12)).astype(np.float32)
     rankfold.export_onnx(model, root / "m.onnx", example_input=torch.from_numpy(x[:1]))
     np.savez(root / "few.npz", x=x)  # 32 samples: too few to hold 16 back from planning

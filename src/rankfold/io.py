@@ -75,7 +75,7 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None],
     seen: dict[str, str] = {}
     for option, path in given_out.items():
         for in_option, source in given_in.items():
-            if _same(path, source) or os.path.realpath(path) == os.path.realpath(source):
+            if _same(path, source):
                 raise RankfoldError(f"{option} {path} is the {in_option} input: rankfold never writes over its inputs; "
                                     "choose another output path")
         for other, earlier in seen.items():
@@ -157,10 +157,3 @@ def replace_directory(staging: str, directory: str) -> None:
         raise
     shutil.rmtree(aside, ignore_errors=True)
 
-
-def unique_temp_beside(path: str, suffix: str = ".part") -> str:
-    """A new empty file with a unique name in `path`'s directory (same filesystem: renames are atomic)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
-    os.close(fd)
-    return tmp
