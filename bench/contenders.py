@@ -20,6 +20,7 @@ import torch
 
 from bench import aidge_env
 from bench.baselines import factorize_all, fraction_for_budget, uniform_rank, vbmf_rank
+from bench.peak import parse_peak
 from rankfold.export.onnx import export_onnx
 from rankfold.frontends.onnx import load_onnx
 
@@ -38,11 +39,15 @@ class Context:
     log: Callable[[str], None] = print
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m bench.peak` resolves
+
+
 @dataclass
 class Built:
     path: str
     seconds: float
     note: str = ""
+    peak_rss_bytes: int | None = None  # the tool's peak resident memory, where it ran in its own process
 
 
 def _out(ctx: Context, name: str) -> str:
@@ -150,16 +155,18 @@ def aidge_ptq(ctx: Context) -> Built:
 def rankfold_cli(ctx: Context, name: str, budget_flags: list[str], bits: str) -> Built:
     """`rankfold compress` as a user runs it, in a subprocess, timed from start to finish."""
     out = _out(ctx, name)
-    command = [sys.executable, "-m", "rankfold.cli", "compress", ctx.model, "--calib", ctx.calib, "-o", out,
+    model, calib, out = (os.path.abspath(p) for p in (ctx.model, ctx.calib, out))  # run from REPO
+    command = [sys.executable, "-m", "bench.peak", "compress", model, "--calib", calib, "-o", out,
                *budget_flags, "--bits", bits, "--force"]  # the bench owns its work directory
     t0 = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - t0
     with open(os.path.join(ctx.work, f"{name}.log"), "w") as handle:
         handle.write(" ".join(command) + "\n" + done.stdout + done.stderr)
     if done.returncode != 0:
-        raise ContenderFailed("rankfold: " + (done.stderr.strip().splitlines() or ["failed"])[-1])
-    return Built(out, seconds, " ".join(budget_flags + ["--bits", bits]))
+        said = [line for line in done.stderr.strip().splitlines() if parse_peak(line) is None]
+        raise ContenderFailed("rankfold: " + (said or ["failed"])[-1])
+    return Built(out, seconds, " ".join(budget_flags + ["--bits", bits]), parse_peak(done.stderr))
 
 
 def rankfold_float(ctx: Context, max_params: int) -> Built:

@@ -40,16 +40,22 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _peak(metrics: dict) -> str:
+    """The tool's peak resident memory, measured where it ran in a process of its own."""
+    peak = metrics.get("peak_rss_bytes")
+    return "" if peak is None else f"{peak / 2**20:,.0f} MB"
+
+
 def table(rows: list[dict]) -> str:
     base = next((r["metrics"] for r in rows if r["contender"] == "original"), None)
     head = ("| contender | setting | top-1 | Δ pt | params | weight bytes | file | MACs | peak act. | "
-            "b1 ms | b1 | b32 ms | b32 | tool s |")
+            "b1 ms | b1 | b32 ms | b32 | tool s | tool peak RSS |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for row in rows:
         m = row["metrics"]
         name = LABELS[row["contender"]]
         if row["error"]:
-            lines.append(f"| {name} | {row['setting']} | failed: {row['error'][:160]} |" + " |" * 11)
+            lines.append(f"| {name} | {row['setting']} | failed: {row['error'][:160]} |" + " |" * 12)
             continue
         ratio = (lambda key: f"{m[key] / base[key]:.1%}") if base else (lambda key: "")
         lines.append(
@@ -57,7 +63,7 @@ def table(rows: list[dict]) -> str:
             f"{m['params']:,} ({ratio('params')}) | {m['weight_bytes']:,} ({ratio('weight_bytes')}) | "
             f"{ratio('file_bytes')} | {ratio('macs')} | {m['peak_activation_bytes'] / 1024:,.0f} KB | "
             f"{m['latency_ms_b1']:.2f} | {ratio('latency_ms_b1')} | {m['latency_ms_b32']:.1f} | "
-            f"{ratio('latency_ms_b32')} | {row['tool_seconds']:.0f} |")
+            f"{ratio('latency_ms_b32')} | {row['tool_seconds']:.0f} | {_peak(m)} |")
     return "\n".join(lines)
 
 

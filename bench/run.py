@@ -100,6 +100,8 @@ def attempt(rows: list[Row], ctx: Context, contender: str, setting: str, *args) 
         size = onnx_size(built.path)
         row.metrics.update(params=size.params, weight_bytes=size.weight_bytes, file_bytes=size.file_bytes,
                            macs=size.macs)
+        if built.peak_rss_bytes is not None:
+            row.metrics["peak_rss_bytes"] = built.peak_rss_bytes
         ctx.log(f"  {size.params:,} parameters, {size.weight_bytes:,} weight bytes, {built.seconds:.1f} s")
     except ContenderFailed as exc:
         row.error = str(exc)

@@ -79,3 +79,25 @@ def test_a_partial_rerun_replaces_only_its_own_networks(tmp_path):
     assert [(r["network"], r["metrics"]["accuracy"]) for r in merged["rows"]] == [("a", 0.9), ("b", 0.85)]
     assert merged["network_seconds"] == {"a": 10.0, "b": 5.0}
     assert merge_results(str(path), new | {"mode": "quick"})["rows"] == new["rows"]  # another mode: no merge
+
+
+def test_the_bench_records_the_peak_memory_of_a_rankfold_run(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    import rankfold
+    from bench.peak import parse_peak
+    from tests.helpers import tiny_classifier
+
+    x = np.random.default_rng(0).standard_normal((64, 1, 12, 12)).astype(np.float32)
+    rankfold.export_onnx(tiny_classifier(), tmp_path / "m.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(tmp_path / "c.npz", x=x)
+    done = subprocess.run([sys.executable, "-m", "bench.peak", "compress", str(tmp_path / "m.onnx"), "--calib",
+                           str(tmp_path / "c.npz"), "--keep", "0.5", "--min-rank", "2", "-o", str(tmp_path / "o.onnx"),
+                           "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    peak = parse_peak(done.stderr)
+    assert peak is not None and 50 * 2**20 < peak < 8 * 2**30  # torch alone takes tens of MB

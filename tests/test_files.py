@@ -275,9 +275,10 @@ def test_no_traceback_for_cases_that_used_to_crash(user_dir):
 NUMERIC_OPTIONS = {
     "compress": ["--keep", "--min-rank", "--min-agreement", "--max-output-error", "--calib-limit", "--max-params",
                  "--max-weight-bytes", "--max-latency", "--max-ram", "--max-macs", "--bits", "--target", "--method",
+                 "--max-memory",
                  "--observer"],
     "eval": ["--limit", "--runs"],
-    "pareto": ["--points", "--measure", "--limit", "--target"],
+    "pareto": ["--points", "--measure", "--limit", "--target", "--max-memory"],
     "run-c": ["--limit", "--qemu-samples", "--qemu"],
 }
 
@@ -315,3 +316,64 @@ def test_no_option_value_makes_a_traceback(tmp_path):
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         check()
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.fixture()
+def small_mount(tmp_path):
+    """A 4 kB tmpfs (a full disk for anything rankfold writes) and a read-only one; root only."""
+    full, read_only = tmp_path / "full", tmp_path / "ro"
+    full.mkdir(), read_only.mkdir()
+    mounted = []
+    try:
+        for where, options in ((full, "size=4k"), (read_only, "ro,size=4k")):
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                              capture_output=True).returncode != 0:
+                pytest.skip("cannot mount a tmpfs here (needs root)")
+            mounted.append(where)
+        yield full, read_only
+    finally:
+        for where in mounted:
+            subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_full_disk_or_a_read_only_directory_is_one_line_and_leaves_nothing(user_dir, small_mount):
+    full, read_only = small_mount
+    cases = [
+        (["compress", "model.onnx", "--calib", "calib.npz", "--keep", "0.5", "--min-rank", "2",
+          "-o", full / "out.onnx"], "No space left"),
+        (["compress", "model.onnx", "--calib", "calib.npz", "--max-weight-bytes", "40%", "--min-rank", "2",
+          "-o", full / "out.onnx"], "No space left"),
+        (["export-c", "model.onnx", "--calib", "calib.npz", "-o", full / "cdir"], "No space left"),
+        (["compress", "model.onnx", "--calib", "calib.npz", "--keep", "0.5", "-o", read_only / "out.onnx"],
+         "not writable"),
+        (["export-c", "model.onnx", "--calib", "calib.npz", "-o", read_only / "cdir"], "not writable"),
+        (["compress", "model.onnx", "--calib", "calib.npz", "--keep", "0.5", "-o", user_dir], "is a directory"),
+        (["export-c", "model.onnx", "--calib", "calib.npz", "-o", user_dir / "notes.txt"], "notes.txt"),
+    ]
+    before = digest(user_dir)
+    for args, message in cases:
+        code, _out, err = run_cli(*args, "-q", cwd=user_dir)
+        assert refused(code, err, message), (args, err)
+        assert os.listdir(full) == [] and os.listdir(read_only) == [], args
+    assert digest(user_dir) == before
+
+
+def test_open_height_and_width_stay_open_through_compression(tmp_path):
+    """A model exported with symbolic H and W: the compressed file (float or QDQ) accepts other
+    sizes, as the original does (it used to come out fixed at the calibration size)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    torch.onnx.export(model, (torch.randn(1, 1, 12, 12),), str(tmp_path / "m.onnx"), dynamo=False,
+                      input_names=["image"], output_names=["scores"],
+                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "scores": {0: "n"}})
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32))
+    for extra in (["--keep", "0.5"], ["--max-weight-bytes", "40%"]):
+        code, _out, err = run_cli("compress", "m.onnx", "--calib", "c.npz", "--min-rank", "2", "-o", "o.onnx",
+                                  "--force", "-q", *extra, cwd=tmp_path)
+        assert code == 0, err
+        session = ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape[2:] == ["h", "w"]
+        assert session.run(None, {"image": np.zeros((2, 1, 20, 16), np.float32)})[0].shape == (2, 10)

@@ -263,7 +263,7 @@ def test_plan_json_is_readable_and_complete(net, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["layers"][1].update(method="magic"), "unknown method"),
-    (lambda p: p["layers"][1].update(method="tucker2", ranks=[3]), "bad ranks"),
+    (lambda p: p["layers"][1].update(method="tucker2", ranks=[3]), "takes 2 positive integer ranks"),
     (lambda p: p.update(format="other"), "not a rankfold plan"),
     (lambda p: p.pop("layers"), "malformed"),
 ])

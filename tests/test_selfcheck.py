@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import rankfold
+from rankfold.compress import compress_with_report
 from rankfold.errors import RankfoldError
 from rankfold.selfcheck import agreement, refuse_if_poor
 from tests.helpers import run_cli, tiny_classifier
@@ -204,3 +205,34 @@ def test_export_c_refuses_a_model_with_two_outputs(tmp_path):
                               cwd=tmp_path)
     assert code == 2 and "one output" in err and "Traceback" not in err, err
     assert not (tmp_path / "c").exists()
+
+
+def test_layers_rankfold_does_not_factorize_are_listed_with_the_reason():
+    class WithUnhandled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(1, 8, 2, stride=2)
+            self.conv = nn.Conv2d(8, 16, 3)
+            self.lstm = nn.LSTM(16, 16, batch_first=True)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            y, _ = self.lstm(self.conv(self.up(x)).mean((2, 3)).unsqueeze(1))
+            return self.fc(y[:, 0])
+
+    torch.manual_seed(0)
+    _module, report = compress_with_report(WithUnhandled(), method="svd", keep=0.5, calib=torch.randn(20, 1, 6, 6),
+                                           min_rank=2)
+    listed = {r.name: r for r in report.layers}
+    assert set(listed) == {"up", "conv", "lstm", "fc"}
+    for name, kind in (("up", "ConvTranspose2d"), ("lstm", "LSTM")):
+        assert listed[name].method == "none" and kind in listed[name].note
+        assert listed[name].params_before == listed[name].params_after > 0
+
+
+def test_the_api_refuses_a_planned_check_that_cannot_run_unless_check_is_false():
+    model, calib = Branches().eval(), torch.randn(40, 1, 8, 8)
+    with pytest.raises(RankfoldError, match="check=False"):
+        rankfold.compress(model, calib=calib, max_params="60%", min_rank=2)
+    out = rankfold.compress(model, calib=calib, max_params="60%", min_rank=2, check=False)
+    assert out.rankfold_check is None

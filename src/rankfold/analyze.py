@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -66,50 +69,111 @@ def sampled_rows(rows: int, limit: int, seed: int = 1) -> Tensor | None:
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:limit]
 
 
-def capture_input_rows(
-    model: nn.Module, names: Iterable[str], calib: Tensor, *, max_rows: int = MAX_ROWS
-) -> dict[str, Tensor]:
-    """Each named layer's input on `calib` as channel rows (a fixed subset of at most `max_rows`);
-    layers the forward pass does not reach are absent."""
-    modules = dict(model.named_modules())
-    captured: dict[str, Tensor] = {}
+# Calibration samples per pass; peak memory grows with this, never with the number of samples.
+DEFAULT_BATCH = 64  # samples per pass when memory allows; the memory budget may lower it
 
-    def hook(module, inputs, name):
-        if name not in captured:
-            rows = channels_last_rows(module, inputs[0].detach())
-            index = sampled_rows(rows.shape[0], max_rows)
-            captured[name] = rows if index is None else rows[index]
-
-    run_hooked(model, calib, [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names])
-    return captured
+_batch = contextvars.ContextVar("rankfold_calibration_batch", default=DEFAULT_BATCH)
 
 
-ReplaceFn = Callable[[str, nn.Module, Tensor], "nn.Module | None"]
+def calibration_batch() -> int:
+    """Samples per pass over calibration data in the current run."""
+    return _batch.get()
 
 
-def replace_in_one_pass(model: nn.Module, names: Iterable[str], calib: Tensor, replace: ReplaceFn) -> list[str]:
-    """Run `model` once on `calib`; when a named layer is reached, `replace(name, layer, rows)` may
-    return its replacement (rows: the input it sees now, sampled as in capture_input_rows), which
-    is installed and produces the output that the rest of the pass sees. So each layer is replaced
-    knowing the inputs that the already-replaced layers before it produce: one forward pass in
-    all, not one per layer. Returns the names in the order they were reached."""
+def use_batch(samples: int) -> None:
+    """Calibration passes run `samples` at a time until the enclosing batches_of() block ends."""
+    _batch.set(samples)
+
+
+@contextlib.contextmanager
+def batches_of(samples: int) -> Iterator[None]:
+    """Every calibration pass inside the block runs `samples` at a time."""
+    token = _batch.set(samples)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+
+
+
+class _Reached(Exception):
+    """Raised by a pre-hook to end a forward pass as soon as the layer of interest has its input."""
+
+
+def reach_order(model: nn.Module, names: Iterable[str], example: Tensor) -> list[str]:
+    """The named layers in the order a forward pass on `example` first calls them (layers it never
+    calls are absent)."""
     modules = dict(model.named_modules())
     reached: list[str] = []
 
-    def hook(module, inputs, output, name):
-        if name in reached:
-            return None
-        reached.append(name)
-        rows = channels_last_rows(module, inputs[0].detach())
-        index = sampled_rows(rows.shape[0], MAX_ROWS)
-        new = replace(name, module, rows if index is None else rows[index])
-        if new is None:
-            return None
-        set_submodule(model, name, new)
-        return new(*inputs)
+    def hook(name: str) -> None:
+        if name not in reached:
+            reached.append(name)
 
-    run_hooked(model, calib, [modules[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names])
+    run_hooked(model, example, [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(n)) for n in names])
     return reached
+
+
+def layer_input(model: nn.Module, name: str, batch: Tensor) -> Tensor | None:
+    """The input the layer `name` first sees on `batch`, the forward pass stopped there (None: the
+    pass never calls it). Nothing after the layer runs, so nothing after it is held in memory."""
+    seen: list[Tensor] = []
+
+    def hook(_module, inputs):
+        seen.append(inputs[0].detach())
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            run_checked(model, batch)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
+@dataclass
+class InputMoments:
+    """A layer's input moments over the calibration set, the original network against the partly
+    compressed one (x: the rows the original layer saw, x^: those it sees now)."""
+
+    cross: Tensor  # E[x x^^T], float64
+    auto: Tensor  # E[x^ x^^T], float64
+    rows: int
+
+
+def streamed_input_moments(
+    original: nn.Module | None, current: nn.Module, name: str, calib: Tensor, *,
+    batch_size: int | None = None, max_rows: int = MAX_ROWS,
+) -> InputMoments | None:
+    """InputMoments of layer `name` over `calib`, one batch at a time: memory is that of one batch
+    up to the layer, whatever the number of samples. At most `max_rows` channel rows in all, a fixed
+    subset of each batch's (the same rows of x and x^). None when a pass never reaches the layer.
+    `original` None: nothing has changed yet, x = x^ (one pass instead of two)."""
+    module = current.get_submodule(name)
+    total = calib.shape[0]
+    batch_size = batch_size or calibration_batch()
+    cross = auto = None
+    rows_used = 0
+    for start in range(0, total, batch_size):
+        batch = calib[start : start + batch_size]
+        x_hat = layer_input(current, name, batch)
+        x = x_hat if original is None else layer_input(original, name, batch)
+        if x is None or x_hat is None:
+            return None
+        r, r_hat = channels_last_rows(module, x), channels_last_rows(module, x_hat)
+        index = sampled_rows(r.shape[0], max(1, max_rows * batch.shape[0] // total), seed=start + 1)
+        if index is not None:
+            r, r_hat = r[index], r_hat[index]
+        r, r_hat = r.to(torch.float64), r_hat.to(torch.float64)
+        cross = r.T @ r_hat if cross is None else cross + r.T @ r_hat
+        auto = r_hat.T @ r_hat if auto is None else auto + r_hat.T @ r_hat
+        rows_used += r.shape[0]
+    if cross is None:
+        return None
+    return InputMoments(cross / rows_used, auto / rows_used, rows_used)
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

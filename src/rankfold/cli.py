@@ -61,7 +61,19 @@ def _load_inputs(args: argparse.Namespace):
         check_input_shape(calib, _input_dims(graph), args.calib)
         calib = torch.from_numpy(calib[: args.calib_limit])
     example = calib[:2] if calib is not None else _example_input(graph)
+    _use_memory_budget(args, model, example)
     return graph, model, calib, example
+
+
+def _use_memory_budget(args: argparse.Namespace, model, example) -> None:
+    """The batch that keeps this run under --max-memory, for every calibration pass that follows;
+    a budget too small for one sample is refused here, before any work."""
+    from rankfold.analyze import use_batch
+    from rankfold.host_memory import plan_memory
+
+    memory = plan_memory(model, example, args.max_memory)
+    use_batch(memory.batch)
+    args.memory_line = "  " + memory.describe()  # said when the work starts, after every check
 
 
 def _budgets(args: argparse.Namespace) -> dict[str, str]:
@@ -105,6 +117,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     log = _log(args.quiet)
     log(f"compressing {args.model}: method={method} keep={keep} "
         f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
+    log(args.memory_line)
     layers = None
     if args.ranks == "vbmf":
         from rankfold.config import VBMF, SpatialSVDConfig, SVDConfig, Tucker2Config
@@ -141,7 +154,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
 
 
 UNIFORM_CHECK_SAMPLES = 16
-PLANNED_CHECK_SAMPLES = 64  # an eighth (16 to 128) is held back for the self-check
+PLANNED_CHECK_SAMPLES = 64  # planner.pipeline.CHECK_SAMPLES: an eighth (16 to 128) is held back
 
 
 def _require_compressible(model) -> None:
@@ -180,11 +193,12 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     log = _log(args.quiet)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
     log("  " + int8_choice(target))
+    log(args.memory_line)
     t0 = time.time()
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement,
                                 max_output_error=args.max_output_error, onnx_path=args.model,
-                                bits=args.bits, progress=lambda m: log("  " + m))
+                                bits=args.bits, check=not args.no_check, progress=lambda m: log("  " + m))
     _finish(args, result, model, calib, example, t0, budgets)
 
 
@@ -227,9 +241,10 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     _require_check_data(args, calib, PLANNED_CHECK_SAMPLES, "an eighth, 16 to 128, is held back as in planning")
     log = _log(args.quiet)
     log(f"applying {args.plan} to {args.model}")
+    log(args.memory_line)
     t0 = time.time()
     result = apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
-                             max_output_error=args.max_output_error,
+                             max_output_error=args.max_output_error, example_input=example, check=not args.no_check,
                              progress=lambda m: log("  " + m))
     _finish(args, result, model, calib, example, t0, None)
 
@@ -253,6 +268,7 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
 
         loaded = load_npz(args.data)
         data = (loaded.x[: args.limit or None], loaded.y[: args.limit or None])
+    _log(args.quiet)(args.memory_line)
     run_pareto(model, args.model, calib=calib, example=example, target=args.target, fractions=budgets,
                data=data, measure_points=args.measure, plot=args.plot, json_out=args.json,
                min_rank=args.min_rank, progress=_log(args.quiet))
@@ -377,7 +393,26 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         f"samples than this (default {DEFAULT_MIN_AGREEMENT})")
     p.add_argument("--observer", default="percentile", choices=["percentile", "minmax", "mse"],
                    help="activation range observer for quantized layers (default percentile)")
+    p.add_argument("--max-memory", type=_memory_size, default=None,
+                   help="peak memory to stay under, e.g. 2GB or 800MB: calibration passes run in batches small "
+                        "enough for it (default half of the memory available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+def _memory_size(text: str) -> int:
+    """'2GB', '800MB', '1.5G', '512k' or a number of bytes."""
+    import math
+    import re
+
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    try:
+        value = float(match.group(1)) * units[match.group(2).lower()] if match else float("nan")
+    except (ValueError, KeyError):
+        value = float("nan")
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a memory size such as 2GB or 800MB, got {text!r}")
+    return int(value)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -559,11 +594,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rankfold.analyze import DEFAULT_BATCH, batches_of
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with batches_of(DEFAULT_BATCH):  # a batch chosen for this command's budget ends with it
+            args.func(args)
     except RankfoldError as exc:
         print(f"rankfold: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine, not the input: a full disk, a vanished file, no permission
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"rankfold: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rankfold: interrupted", file=sys.stderr)

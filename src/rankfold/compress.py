@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 from collections.abc import Callable, Mapping
@@ -12,9 +13,11 @@ from torch import Tensor, nn
 
 from rankfold.analyze import (
     COMPRESSIBLE,
-    capture_input_rows,
-    replace_in_one_pass,
+    InputMoments,
+    batches_of,
+    reach_order,
     set_submodule,
+    streamed_input_moments,
     untouchable_layers,
 )
 from rankfold.config import (
@@ -31,6 +34,7 @@ from rankfold.config import (
 )
 from rankfold.decompose import max_tucker2_ranks, sqrt_psd
 from rankfold.errors import RankfoldError
+from rankfold.host_memory import plan_memory
 from rankfold.layers import LayerSpec, layer_spec
 from rankfold.methods import FALLBACK, METHODS, Factorized, Method, rank_for_keep, weighted_relative_error
 
@@ -91,6 +95,8 @@ def compress(
     max_ram: str | float | None = None,
     bits: str | int = "auto",
     min_agreement: float = 0.8,
+    max_memory: int | None = None,
+    check: bool = True,
 ) -> nn.Module:
     """A compressed copy of `model`; the input model is not modified.
 
@@ -99,6 +105,7 @@ def compress(
     limits, applies the plan, and checks the result on held-back calibration samples, raising
     RankfoldError when top-1 agreement falls below `min_agreement`. The plan is attached as
     `result.rankfold_plan`, the self-check as `result.rankfold_check`. `method`/`keep` are not used.
+    The check needs 64 calibration samples; with fewer it is an error unless check=False.
     `bits` ("auto", 32, 8, 4) lets the plan quantize weights; the module returned is float, and
     rankfold.export_quantized(result, plan.layer_bits(), path, calib=...) writes the QDQ file.
 
@@ -115,29 +122,42 @@ def compress(
         that is smaller) is left alone and reported; explicit ranks in `layers` are exempt.
 
     The per-layer record is attached as `result.rankfold_report` (a CompressionReport).
-    """
-    budgets = {q: v for q, v in (("params", max_params), ("weight_bytes", max_weight_bytes), ("macs", max_macs),
-                                 ("latency_ms", max_latency), ("ram_bytes", max_ram)) if v is not None}
-    if target is not None or budgets:
-        from rankfold.planner.pipeline import compress_to_budget
 
-        if not isinstance(model, nn.Module):
-            raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        # Planning runs the network many times; a copy in eval mode keeps the caller's module, its
-        # mode and its buffers (BatchNorm running statistics) exactly as they were.
-        model = copy.deepcopy(model).eval()
-        result = compress_to_budget(model, calib=calib, target=target or "host", budgets=budgets,
-                                    min_rank=min_rank, min_agreement=min_agreement, bits=bits,
-                                    progress=progress)
-        compressed = result.module
-        compressed.rankfold_plan, compressed.rankfold_check = result.plan, result.check
-        compressed.rankfold_report = result.report
+    max_memory: bytes of peak memory to stay under (default half the memory available): passes
+    over `calib` run in batches small enough for it; RankfoldError before any work when even one
+    sample would not fit.
+    """
+    with _memory_scope(model, calib, max_memory):
+        budgets = {q: v for q, v in (("params", max_params), ("weight_bytes", max_weight_bytes), ("macs", max_macs),
+                                     ("latency_ms", max_latency), ("ram_bytes", max_ram)) if v is not None}
+        if target is not None or budgets:
+            from rankfold.planner.pipeline import compress_to_budget
+
+            if not isinstance(model, nn.Module):
+                raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            # Planning runs the network many times; a copy in eval mode keeps the caller's module, its
+            # mode and its buffers (BatchNorm running statistics) exactly as they were.
+            model = copy.deepcopy(model).eval()
+            result = compress_to_budget(model, calib=calib, target=target or "host", budgets=budgets,
+                                        min_rank=min_rank, min_agreement=min_agreement, bits=bits,
+                                        check=check, progress=progress)
+            compressed = result.module
+            compressed.rankfold_plan, compressed.rankfold_check = result.plan, result.check
+            compressed.rankfold_report = result.report
+            return compressed
+        compressed, report = compress_with_report(
+            model, method=method, keep=keep, calib=calib, layers=layers, min_rank=min_rank, progress=progress
+        )
+        compressed.rankfold_report = report
         return compressed
-    compressed, report = compress_with_report(
-        model, method=method, keep=keep, calib=calib, layers=layers, min_rank=min_rank, progress=progress
-    )
-    compressed.rankfold_report = report
-    return compressed
+
+
+
+def _memory_scope(model, calib, max_memory: int | None):
+    """Calibration passes in batches that keep the run under `max_memory` (data-free: nothing to do)."""
+    if not isinstance(calib, Tensor) or not isinstance(model, nn.Module):
+        return contextlib.nullcontext()  # compress_with_report / compress_to_budget say what is wrong
+    return batches_of(plan_memory(model, calib[:2], max_memory).batch)
 
 
 def compress_with_report(
@@ -196,25 +216,51 @@ def compress_with_report(
     else:
         calib = calib.to(torch.float32)
         names = [name for name, _m, _c in plans]
-        original_rows = capture_input_rows(result, names, calib)  # before any layer is replaced
-
-        def compensate(name: str, module: nn.Module, rows: Tensor) -> nn.Module | None:
-            if isinstance(configs[name], SkipConfig) or layer_spec(module).groups > 1:
-                return factorize(name, module, None)
-            layer, input_sqrt = _compensated_layer(module, original_rows[name], rows)
-            return factorize(name, layer, input_sqrt)
-
-        reached = replace_in_one_pass(result, names, calib, compensate)
+        reference = copy.deepcopy(result)  # the original, for the inputs each layer saw before compression
+        reached = reach_order(result, names, calib[:1])
+        changed = False  # until a layer is replaced, every layer sees its original input
+        for name in reached:  # in the order the network calls them: each knows the layers before it
+            module = result.get_submodule(name)
+            moments = None
+            if not (isinstance(configs[name], SkipConfig) or layer_spec(module).groups > 1):
+                moments = streamed_input_moments(reference if changed else None, result, name, calib)
+            if moments is None:
+                new = factorize(name, module, None)
+            else:
+                layer, input_sqrt = _compensated_layer(module, moments)
+                new = factorize(name, layer, input_sqrt)
+            if new is not None:
+                set_submodule(result, name, new)
+                changed = True
         for name, module, _cfg in plans:  # layers the calibration pass never reached
             if name not in reached:
                 new = factorize(name, module, None, "not reached by the calibration data: data-free")
                 if new is not None:
                     set_submodule(result, name, new)
+    report.layers.extend(_unhandled_layers(result))
     result.train(was_training)
     return result, report
 
 
-def _compensated_layer(module: nn.Module, x: Tensor, x_hat: Tensor) -> tuple[nn.Module, Tensor]:
+# Layers with weights that rankfold does not factorize but that need no mention: they are small
+# (normalization scales and shifts) and travel with the layers around them.
+QUIETLY_KEPT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
+
+
+def _unhandled_layers(model: nn.Module) -> list[LayerRecord]:
+    """Every other module with weights of its own (ConvTranspose2d, LSTM, Embedding, ...), listed
+    as left alone with the reason, so the report accounts for every weight of the network."""
+    records = []
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own and not isinstance(module, COMPRESSIBLE + QUIETLY_KEPT):
+            kind = type(module).__name__
+            records.append(LayerRecord(name, kind, "none", (), own, own, None,
+                                       f"{kind} is not a layer rankfold factorizes: left as it is"))
+    return records
+
+
+def _compensated_layer(module: nn.Module, moments: InputMoments) -> tuple[nn.Module, Tensor]:
     """The layer to factorize and its input weighting, compensating earlier layers' errors.
 
     With x the input rows the original layer saw and x^ those it sees now (earlier layers already
@@ -222,8 +268,7 @@ def _compensated_layer(module: nn.Module, x: Tensor, x_hat: Tensor) -> tuple[nn.
     T = E[x x^^T] C^-1 regresses x on x^. So factorizing W T under the weighting C^(1/2) targets the
     original layer's output, not just its weights.
     """
-    x, x_hat = x.to(torch.float64), x_hat.to(torch.float64)
-    cross, auto = x.T @ x_hat / x.shape[0], x_hat.T @ x_hat / x.shape[0]
+    cross, auto = moments.cross, moments.auto
     input_sqrt = sqrt_psd(auto)
     regularized = input_sqrt @ input_sqrt
     # T = I + E[(x - x^) x^^T] C^-1: only the earlier layers' error is regressed, so that directions

@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 
+from rankfold.errors import RankfoldError
+
 
 def make_public(path: str) -> None:
     """mkstemp makes owner-only files; give the result the permissions a plain open() would."""
@@ -16,33 +18,30 @@ def make_public(path: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     """Write `obj` as JSON to a temporary file beside `path`, then rename it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-        make_public(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    """Write `data` to a temporary file beside `path`, then rename it into place. A full disk or
+    a read-only directory is a RankfoldError, and `path` is then as it was."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part",
-                               dir=os.path.dirname(os.path.abspath(path)))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part",
+                                   dir=os.path.dirname(os.path.abspath(path)))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         make_public(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def cannot_write(path: str, exc: OSError) -> RankfoldError:
+    return RankfoldError(f"{path}: cannot write it ({exc.strerror or exc}); it was left as it was")
 
 
 # -- output paths, checked before any work ----------------------------------------------------

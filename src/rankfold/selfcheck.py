@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from rankfold.analyze import calibration_batch
 from rankfold.errors import RankfoldError
 
 DEFAULT_MIN_AGREEMENT = 0.8
@@ -48,32 +49,51 @@ def _is_classes(y: Tensor) -> bool:
     return y.ndim == 2 and y.shape[1] > 1
 
 
-def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, batch_size: int = 128,
+@dataclass
+class _Tally:
+    """One output's running sums over batches: agreement streams, so memory never grows with N."""
+
+    error_sq: float = 0.0
+    norm_sq: float = 0.0
+    top1_hits: int = 0
+    classes: bool = False
+    finite: bool = True
+
+    def add(self, y: Tensor, y_hat: Tensor) -> None:
+        y, y_hat = y.to(torch.float64), y_hat.to(torch.float64)
+        self.error_sq += float(((y_hat - y) ** 2).sum())
+        self.norm_sq += float((y * y).sum())
+        self.finite = self.finite and bool(torch.isfinite(y_hat).all())
+        self.classes = _is_classes(y)
+        if self.classes:
+            self.top1_hits += int((y.argmax(1) == y_hat.argmax(1)).sum())
+
+    def result(self, index: int, samples: int) -> OutputAgreement:
+        rel = (self.error_sq ** 0.5) / max(self.norm_sq ** 0.5, 1e-30) if self.finite else float("inf")
+        return OutputAgreement(index, self.top1_hits / samples if self.classes else None, rel)
+
+
+def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, batch_size: int | None = None,
               where: str = "held-back samples") -> Agreement:
-    ys: list[list[Tensor]] = []
-    ys_hat: list[list[Tensor]] = []
+    tallies: list[_Tally] = []
+    batch_size = batch_size or calibration_batch()
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
             batch = inputs[start : start + batch_size].to(torch.float32)
-            ys.append(_outputs(original.eval()(batch)))
-            ys_hat.append(_outputs(compressed.eval()(batch)))
-    if len(ys[0]) != len(ys_hat[0]):
-        raise RankfoldError(f"self-check: the compressed network has {len(ys_hat[0])} outputs, the original "
-                            f"{len(ys[0])}")
-    per_output = []
-    for index in range(len(ys[0])):
-        y = torch.cat([b[index] for b in ys]).to(torch.float64)
-        y_hat = torch.cat([b[index] for b in ys_hat]).to(torch.float64)
-        if y.shape != y_hat.shape:
-            raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's is "
-                                f"{tuple(y.shape)}")
-        top1 = float((y.argmax(1) == y_hat.argmax(1)).float().mean()) if _is_classes(y) else None
-        rel = float((y_hat - y).norm() / y.norm().clamp_min(1e-30))
-        if not torch.isfinite(y_hat).all():
-            rel = float("inf")
-        per_output.append(OutputAgreement(index, top1, rel))
+            ys, ys_hat = _outputs(original.eval()(batch)), _outputs(compressed.eval()(batch))
+            if len(ys) != len(ys_hat):
+                raise RankfoldError(f"self-check: the compressed network has {len(ys_hat)} outputs, the original "
+                                    f"{len(ys)}")
+            tallies = tallies or [_Tally() for _ in ys]
+            for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
+                if y.shape != y_hat.shape:
+                    raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
+                                        f"is {tuple(y.shape)}")
+                tally.add(y, y_hat)
+    samples = int(inputs.shape[0])
+    per_output = [tally.result(index, samples) for index, tally in enumerate(tallies)]
     tops = [o.top1_agreement for o in per_output if o.top1_agreement is not None]
-    return Agreement(int(inputs.shape[0]), min(tops) if tops else None,
+    return Agreement(samples, min(tops) if tops else None,
                      max(o.rel_output_error for o in per_output), per_output, where)
 
 

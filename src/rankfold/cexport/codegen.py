@@ -13,7 +13,7 @@ import numpy as np
 
 from rankfold.cexport.ir import Add, AvgPool, Conv, Program, Requant
 from rankfold.errors import RankfoldError
-from rankfold.io import C_EXPORT_MARKER, replace_directory
+from rankfold.io import C_EXPORT_MARKER, cannot_write, replace_directory
 from rankfold.quantize.core import pack_int4
 
 MAX_TAPS = 64  # RF_MAX_TAPS in kernels.h
@@ -177,14 +177,17 @@ def _write_directory(directory: str, files: dict[str, str | bytes]) -> None:
     parent = os.path.dirname(os.path.abspath(directory))
     if not os.path.isdir(parent):
         raise RankfoldError(f"{directory}: the parent directory {parent} does not exist")
-    staging = tempfile.mkdtemp(prefix=".rankfold-c-", dir=parent)
+    staging = None
     try:
+        staging = tempfile.mkdtemp(prefix=".rankfold-c-", dir=parent)
         marker = "# written by rankfold export-c; `export-c --force` replaces this directory\n" + "\n".join(files)
         for name, content in {**files, C_EXPORT_MARKER: marker + "\n"}.items():
             with open(os.path.join(staging, name), "wb") as handle:
                 handle.write(content.encode() if isinstance(content, str) else content)
         os.chmod(staging, 0o755)
         replace_directory(staging, directory)
+    except OSError as exc:
+        raise cannot_write(directory, exc) from None
     finally:
-        if os.path.exists(staging):
+        if staging is not None and os.path.exists(staging):
             shutil.rmtree(staging)

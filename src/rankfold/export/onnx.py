@@ -51,6 +51,9 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
     else:
         output_names = output_names[:1]
     dynamic = {name: {0: "batch"} for name in input_names + output_names}
+    for name, axes in getattr(model, "dynamic_axes", {}).items():  # what the original left open stays open
+        if name in dynamic:
+            dynamic[name].update(axes)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise RankfoldError(f"{path}: the directory {directory} does not exist")

@@ -37,6 +37,23 @@ class Step:
     baked: dict[int, Any] = field(default_factory=dict)  # constant inputs: Python ints / lists
 
 
+# OnnxModule's own attributes: a layer named like one of them is renamed.
+OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes")
+
+
+def symbolic_axes(values) -> dict[str, dict[int, str]]:
+    """The axes after the batch that an ONNX graph leaves open (a name, or no size), by value:
+    exported again, the compressed model accepts the same shapes as the original."""
+    axes: dict[str, dict[int, str]] = {}
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        open_axes = {i: d.dim_param or f"{value.name}_dim{i}" for i, d in enumerate(dims)
+                     if i > 0 and not d.HasField("dim_value")}
+        if open_axes:
+            axes[value.name] = open_axes
+    return axes
+
+
 class OnnxModule(nn.Module):
     """A torch module that runs an ONNX graph; its layers are ordinary submodules."""
 
@@ -46,6 +63,7 @@ class OnnxModule(nn.Module):
         self.output_names = output_names
         self.steps: list[Step] = []
         self.buffer_of: dict[str, str] = {}  # ONNX value name -> buffer attribute
+        self.dynamic_axes: dict[str, dict[int, str]] = {}  # open axes after the batch, kept on export
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -127,7 +145,7 @@ def _module_name(raw: str, taken: set[str]) -> str:
     if name[0].isdigit():
         name = "n_" + name
     base, i = name, 1
-    while name in taken or hasattr(nn.Module, name) or name in ("steps", "input_names", "output_names", "buffer_of"):
+    while name in taken or hasattr(nn.Module, name) or name in OWN_ATTRIBUTES:
         i += 1
         name = f"{base}_{i}"
     taken.add(name)
@@ -173,6 +191,8 @@ class _Converter:
         if not inputs:
             raise RankfoldError("the ONNX graph has no inputs")
         self.module = OnnxModule(inputs, [o.name for o in self.graph.output])
+        self.module.dynamic_axes = symbolic_axes([i for i in self.graph.input if i.name in inputs] +
+                                                 list(self.graph.output))
         self.taken: set[str] = set()
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.graph.node:

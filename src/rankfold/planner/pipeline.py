@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from rankfold.analyze import COMPRESSIBLE
 from rankfold.compress import CompressionReport
 from rankfold.errors import RankfoldError
 from rankfold.planner.plan import Plan, apply_plan, make_plan
@@ -41,9 +43,13 @@ def compress_to_budget(
     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
     onnx_path: str | None = None,
     bits: str | int = "auto",
+    check: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Budgeted:
+    """Plan, apply and check. With `check` (the default) a self-check that cannot run (fewer than
+    64 calibration samples) is an error before any work; check=False is the CLI's --no-check."""
     say = progress or (lambda _m: None)
+    require_check_data(calib, check)
     fit, held = split_holdout(calib) if calib is not None else (None, None)
     plan = make_plan(model, calib=fit, example_input=example_input, target=target, budgets=budgets or {},
                      min_rank=min_rank, onnx_path=onnx_path, bits=bits, progress=say)
@@ -54,13 +60,75 @@ def compress_to_budget(
 
 
 def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
-                    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
-                    progress: Callable[[str], None] | None = None) -> Budgeted:
-    """apply_plan with the calibration split exactly as planning split it, then the self-check."""
+                    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR, example_input: Tensor | None = None,
+                    check: bool = True, progress: Callable[[str], None] | None = None) -> Budgeted:
+    """apply_plan with the calibration split exactly as planning split it, then the self-check.
+    Layers edited by hand since planning have their sizes recounted on the result."""
     say = progress or (lambda _m: None)
+    require_check_data(calib, check)
     fit, held = split_holdout(calib) if calib is not None else (None, None)
     module, report = apply_plan(model, plan, calib=fit, progress=say)
+    example = calib[:1] if calib is not None else example_input
+    if example is not None:
+        plan = recount_edited(plan, report, module, example)
     return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error))
+
+
+def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, example: Tensor) -> Plan:
+    """The plan with each layer whose applied size differs from the planned one (edited by hand:
+    another rank or method) recounted on `module`: parameters, weight bytes and MACs, and the
+    totals after. Its estimated loss, latency and RAM were the planner's for another choice: the
+    layer's note says so, and so does a message."""
+    from rankfold.stats import model_cost
+
+    applied = {r.name: r.params_after for r in report.layers}
+    edited = [layer.name for layer in plan.layers if applied.get(layer.name, layer.params) != layer.params]
+    if not edited:
+        return plan
+    cost = model_cost(module, example[:1])
+    after = dict(plan.after)
+    layers = []
+    for layer in plan.layers:
+        if layer.name in edited:
+            parts = [c for c in cost.layers if c.name == layer.name or c.name.startswith(layer.name + ".")]
+            counted = {"params": sum(c.params for c in parts), "macs": sum(c.macs for c in parts),
+                       "weight_bytes": stored_weight_bytes(module.get_submodule(layer.name), layer.bits)}
+            for key, value in counted.items():
+                if key in after:
+                    after[key] += value - getattr(layer, key)
+            note = "edited after planning: sizes recounted; est.loss, latency and RAM are for the planned choice"
+            layer = dataclasses.replace(layer, **counted, note="; ".join(filter(None, [layer.note, note])))
+        layers.append(layer)
+    message = (f"{len(edited)} layer(s) edited after planning ({', '.join(edited)}): parameters, weight bytes and "
+               "MACs recounted; estimated loss, latency and RAM not re-estimated")
+    return dataclasses.replace(plan, layers=layers, after=after, messages=[*plan.messages, message])
+
+
+def stored_weight_bytes(module: nn.Module, bits: int) -> int:
+    """Bytes of a layer's (or factor chain's) weights as exported: float32, or packed integers
+    with a float32 scale per output channel and int32 biases."""
+    total = 0
+    for leaf in module.modules():
+        weight = getattr(leaf, "weight", None)
+        if not isinstance(leaf, COMPRESSIBLE) or weight is None:
+            continue
+        bias = 0 if leaf.bias is None else leaf.bias.numel()
+        if bits >= 32:
+            total += 4 * (weight.numel() + bias)
+        else:
+            total += -(-weight.numel() * bits // 8) + 4 * weight.shape[0] + 8 * bias
+    return total
+
+
+CHECK_SAMPLES = 64  # an eighth of them (16 to 128) is held back for the self-check
+
+
+def require_check_data(calib: Tensor | None, check: bool) -> None:
+    have = 0 if calib is None else int(calib.shape[0])
+    if check and have < CHECK_SAMPLES:
+        raise RankfoldError(f"the self-check needs at least {CHECK_SAMPLES} calibration samples (an eighth, 16 to "
+                            f"128, is held back from planning); got {have}. Give more, or pass check=False "
+                            "(--no-check) to accept an unchecked result")
 
 
 def check_result(model, module, held, min_agreement, say,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import tempfile
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, run_checked, run_hooked, set_submodule, untouchable_layers
+from rankfold.analyze import COMPRESSIBLE, calibration_batch, run_checked, run_hooked, set_submodule, untouchable_layers
 from rankfold.config import CPConfig, MethodConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
 from rankfold.errors import RankfoldError
 from rankfold.io import write_json_atomic
@@ -120,27 +121,78 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
         raise RankfoldError(f"{path}: not a rankfold plan (expected \"format\": \"{PLAN_FORMAT}\")")
     try:
+        if not isinstance(raw["layers"], list) or not all(isinstance(e, dict) for e in raw["layers"]):
+            raise TypeError("layers must be a list of objects")
         layers = [LayerPlan(**entry) for entry in raw["layers"]]
         fields = {k: raw[k] for k in Plan.__dataclass_fields__ if k != "layers" and k in raw}
         plan = Plan(**fields, layers=layers)
     except (KeyError, TypeError) as exc:
         raise RankfoldError(f"{path}: malformed plan: {exc}") from None
-    if not isinstance(plan.reduce_range, bool):
-        raise RankfoldError(f"{path}: reduce_range must be true or false, got {plan.reduce_range!r}")
-    if plan.runtime not in RUNTIMES:
-        raise RankfoldError(f"{path}: runtime must be one of {', '.join(RUNTIMES)}, got {plan.runtime!r}")
-    for layer in plan.layers:
-        if layer.bits not in (32, 8, 4):
-            raise RankfoldError(f"{path}: layer {layer.name!r}: bits must be 32, 8 or 4, got {layer.bits!r}")
-        if layer.method != "none" and layer.method not in METHOD_CONFIGS:
-            raise RankfoldError(f"{path}: layer {layer.name!r}: unknown method {layer.method!r} "
-                                f"(choose from none, {', '.join(METHOD_CONFIGS)})")
-        try:
-            if layer.method != "none":
-                METHOD_CONFIGS[layer.method](list(layer.ranks))
-        except (ValueError, IndexError, TypeError):
-            raise RankfoldError(f"{path}: layer {layer.name!r}: bad ranks {layer.ranks!r} for {layer.method}") from None
+    problem = plan_problem(plan)
+    if problem:
+        raise RankfoldError(f"{path}: {problem}")
     return plan
+
+
+# The type each field of a plan file must have (JSON numbers: int, or int and float).
+_NUMBER = (int, float)
+_PLAN_TYPES = {"target": str, "weight_bits": int, "activation_bits": int, "data_aware": bool,
+               "latency_source": str, "limits": dict, "before": dict, "after": dict, "est_loss": _NUMBER,
+               "feasible": bool, "messages": list, "reduce_range": bool, "runtime": str}
+_LAYER_TYPES = {"name": str, "layer": str, "method": str, "ranks": list, "est_loss": _NUMBER, "params": int,
+                "weight_bytes": int, "macs": int, "latency_ms": _NUMBER, "ram_bytes": int, "note": str, "bits": int}
+RANK_COUNTS = {"svd": 1, "spatial-svd": 1, "cp": 1, "tucker2": 2}  # ranks each method takes
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list",
+               _NUMBER: "a number"}
+
+
+def _type_problem(where: str, obj, types: Mapping[str, type | tuple]) -> str | None:
+    for name, expected in types.items():
+        value = getattr(obj, name)
+        # JSON true/false are Python bools, which are ints too: a count or a number is never a bool.
+        wrong = not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool)
+        if wrong:
+            return f"{where}{name} must be {_TYPE_WORDS[expected]}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{where}{name} must be finite, got {value!r}"
+    return None
+
+
+def plan_problem(plan: Plan) -> str | None:
+    """What is wrong with a plan's fields (a hand-edited file), in one line; None when nothing is."""
+    problem = _type_problem("", plan, _PLAN_TYPES)
+    if problem:
+        return problem
+    if plan.runtime not in RUNTIMES:
+        return f"runtime must be one of {', '.join(RUNTIMES)}, got {plan.runtime!r}"
+    for key, value in plan.limits.items():
+        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value) or value <= 0:
+            return f"limit {key!r} must be a positive number, got {value!r}"
+    seen: set[str] = set()
+    for layer in plan.layers:
+        where = f"layer {getattr(layer, 'name', '?')!r}: "
+        problem = _type_problem(where, layer, _LAYER_TYPES)
+        if problem:
+            return problem
+        if layer.name in seen:
+            return f"{where}listed twice (each layer once)"
+        seen.add(layer.name)
+        if layer.bits not in (32, 8, 4):
+            return f"{where}bits must be 32, 8 or 4, got {layer.bits!r}"
+        if layer.method == "none":
+            if layer.ranks:
+                return f"{where}method none takes no ranks, got {layer.ranks!r}"
+            continue
+        if layer.method not in METHOD_CONFIGS:
+            return f"{where}unknown method {layer.method!r} (choose from none, {', '.join(METHOD_CONFIGS)})"
+        count = RANK_COUNTS[layer.method]
+        if len(layer.ranks) != count or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                                                for r in layer.ranks):
+            return (f"{where}{layer.method} takes {count} positive integer rank{'s' if count > 1 else ''}, "
+                    f"got {layer.ranks!r}")
+    return None
 
 
 # -- planning ------------------------------------------------------------------------------
@@ -412,11 +464,13 @@ class LossProbe:
     def _log_probs(self) -> list[Tensor]:
         was_training = self.model.training
         try:
+            step = calibration_batch()
             with torch.no_grad():
-                out = run_checked(self.model.eval(), self.probe)
+                batches = [model_outputs(run_checked(self.model.eval(), self.probe[start : start + step]))
+                           for start in range(0, self.probe.shape[0], step)]
         finally:
             self.model.train(was_training)
-        return [torch.log_softmax(head.double(), 1) for head in model_outputs(out)]
+        return [torch.log_softmax(torch.cat(heads).double(), 1) for heads in zip(*batches)]
 
     def measured(self, name: str, key) -> bool:
         return key in self.values.get(name, {})

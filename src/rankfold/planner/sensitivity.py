@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import channels_last_rows, run_checked, sampled_rows
+from rankfold.analyze import calibration_batch, channels_last_rows, run_checked, sampled_rows
 
 
 @dataclass
@@ -51,7 +51,7 @@ def layer_statistics(
     names: Iterable[str],
     calib: Tensor,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_rows_per_batch: int = 16384,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -92,6 +92,7 @@ def layer_statistics(
     was_training = model.training
     model.eval()
     total = calib.shape[0]
+    batch_size = batch_size or calibration_batch()
     try:
         for start in range(0, total, batch_size):
             if progress:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import run_checked
+from rankfold.analyze import calibration_batch, run_checked
 from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
 
@@ -38,8 +38,10 @@ def _input_rows(layer: nn.Module, x: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def input_second_moments(model: nn.Module, names: list[str], calib: Tensor, batch_size: int = 32) -> dict[str, Tensor]:
+def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
+                         batch_size: int | None = None) -> dict[str, Tensor]:
     """E[x x^T] of each named layer's input rows over `calib` (float64)."""
+    batch_size = batch_size or min(32, calibration_batch())
     modules = dict(model.named_modules())
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}

@@ -12,6 +12,7 @@ import onnx
 import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
+from rankfold.analyze import calibration_batch
 from rankfold.errors import RankfoldError
 from rankfold.quantize.core import ActivationParams, pack_int4, quantize_weight
 from rankfold.quantize.observers import OBSERVERS, RangeObserver
@@ -54,9 +55,11 @@ def relu_fused_outputs(model: onnx.ModelProto) -> set[str]:
             and node.output[0] not in outputs}
 
 
-def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "percentile", batch_size: int = 32,
+def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "percentile",
+              batch_size: int | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, ActivationParams]:
     """int8 parameters for every float activation tensor, from onnxruntime runs over `calib`."""
+    batch_size = batch_size or min(32, calibration_batch())
     import onnxruntime as ort
 
     if observer not in OBSERVERS:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, run_checked
+from rankfold.analyze import COMPRESSIBLE, calibration_batch, run_checked
 from rankfold.layers import LowRank
 from rankfold.quantize.core import fake_quantize_weight, weight_qmax
 
@@ -90,24 +90,35 @@ def correct_bias(float_model: nn.Module, quant_model: nn.Module, names: list[str
     """Remove the mean output shift that weight quantization adds to each named layer, measured
     on `calib` with the layer's float input: bias -= E[y_quant - y_float] per output channel."""
     float_modules, quant_modules = dict(float_model.named_modules()), dict(quant_model.named_modules())
-    inputs: dict[str, Tensor] = {}
-    handles = [float_modules[n].register_forward_pre_hook(
-        lambda m, i, n=n: inputs.setdefault(n, i[0].detach())) for n in names]
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    seen: set[str] = set()  # layers already met in this batch (a layer called twice counts once)
+
+    def hook(module, inputs, name):  # the shift on this batch, at the layer's float input
+        if name in seen:
+            return
+        seen.add(name)
+        x = inputs[0].detach()
+        diff = (quant_modules[name](x) - module(x)).to(torch.float64)
+        channel_axis = -1 if diff.ndim == 2 or isinstance(_last(quant_modules[name]), nn.Linear) else 1
+        rows = diff.movedim(channel_axis, -1).reshape(-1, diff.shape[channel_axis])
+        sums[name] = sums.get(name, 0) + rows.sum(0)
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+
+    handles = [float_modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
+    batch_size = calibration_batch()
     try:
         with torch.no_grad():
-            run_checked(float_model.eval(), calib)
+            for start in range(0, len(calib), batch_size):
+                seen.clear()
+                run_checked(float_model.eval(), calib[start : start + batch_size])
     finally:
         for h in handles:
             h.remove()
-    for name in names:
-        if name not in inputs:
-            continue
-        q_layer = quant_modules[name]
+    for name in sums:
+        shift = sums[name] / counts[name]
         with torch.no_grad():
-            diff = q_layer(inputs[name]) - float_modules[name](inputs[name])
-            channel_axis = -1 if diff.ndim == 2 or isinstance(_last(q_layer), nn.Linear) else 1
-            shift = diff.movedim(channel_axis, -1).reshape(-1, diff.shape[channel_axis]).mean(0)
-            last = _last(q_layer)
+            last = _last(quant_modules[name])
             if last.bias is None:
                 last.bias = nn.Parameter(torch.zeros(shift.shape[0], dtype=last.weight.dtype))
             last.bias.sub_(shift.to(last.bias.dtype))

@@ -1,0 +1,121 @@
+"""How much of this machine's memory a run may use, and the batch size that keeps it there.
+
+Every pass over calibration data (statistics, sensitivity, the compensated apply, quantization,
+the self-check) streams in batches, so a run's peak memory is what it holds whatever the data
+(the process, the model's copies, the samples themselves) plus one batch's activations. The batch
+is chosen before any work from a budget (`--max-memory`, by default half the memory available);
+a budget that cannot hold one sample is refused then, not found out by the kernel's OOM killer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import DEFAULT_BATCH, run_checked
+from rankfold.errors import RankfoldError
+
+DEFAULT_FRACTION = 0.5  # of the memory available when the run starts
+# Bytes one sample of a batch costs, as a multiple of what autograd saves for it in a forward pass:
+# the saved tensors, their gradients and the float64 statistics taken from them (3.6x measured on
+# the bench's MobileNetV2-style network, sensitivity at batch 64).
+PER_SAMPLE_FACTOR = 4
+MODEL_COPIES = 4  # the original, the reference, the result, a variant being timed or probed
+RUNTIME_RESERVE = 160 * 2**20  # onnxruntime sessions, the planner's timing variants (~80 MB measured on bench/)
+
+def available_bytes() -> int:
+    """Memory the system could give this process now (MemAvailable), else its physical memory."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def default_limit() -> int:
+    return int(DEFAULT_FRACTION * (available_bytes() + resident_bytes()))
+
+
+def saved_bytes_per_sample(model: nn.Module, example: Tensor) -> int:
+    """Bytes autograd saves for one more sample in a forward pass (from batches of 1 and 2)."""
+
+    def saved(batch: Tensor) -> int:
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        x = batch.detach().to(torch.float32).requires_grad_(True)
+        was_training = model.training
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                run_checked(model.eval(), x)
+        finally:
+            model.train(was_training)
+        return total
+
+    one = example[:1]
+    two = torch.cat([one, one])
+    return max(saved(two) - saved(one), one.numel() * 4)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    limit: int
+    fixed: int  # held whatever the batch: the process now, copies of the model, the runtime
+    per_sample: int  # one more sample in a batch
+    batch: int
+
+    @property
+    def estimate(self) -> int:
+        return self.fixed + self.batch * self.per_sample
+
+    def describe(self) -> str:
+        return (f"memory: batches of {self.batch} samples, about {format_bytes(self.estimate)} at peak "
+                f"(limit {format_bytes(self.limit)})")
+
+
+def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
+                max_batch: int = DEFAULT_BATCH) -> MemoryPlan:
+    """The largest batch (at most `max_batch`) whose estimated peak stays under `limit` bytes;
+    RankfoldError when not even one sample does."""
+    limit = default_limit() if limit is None else int(limit)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    fixed = resident_bytes() + MODEL_COPIES * weights + RUNTIME_RESERVE
+    per_sample = PER_SAMPLE_FACTOR * saved_bytes_per_sample(model, example)
+    batch = min(max_batch, (limit - fixed) // per_sample)
+    if batch < 1:
+        raise RankfoldError(
+            f"--max-memory {format_bytes(limit)} is too little: this run needs about "
+            f"{format_bytes(fixed + per_sample)} (the process and data now {format_bytes(resident_bytes())}, "
+            f"{MODEL_COPIES} copies of the model's {format_bytes(weights)}, the runtime, and "
+            f"{format_bytes(per_sample)} per sample of a batch). Raise --max-memory, or pass fewer samples "
+            "with --calib-limit")
+    return MemoryPlan(limit, fixed, per_sample, int(batch))

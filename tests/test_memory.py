@@ -1,0 +1,114 @@
+"""Bounded memory (issue 20): every calibration pass streams in batches, so peak memory does not
+grow with the number of samples, a --max-memory budget is kept, and one that cannot hold a single
+sample is refused before any work."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rankfold
+from bench.peak import parse_peak
+from rankfold.analyze import batches_of, calibration_batch, streamed_input_moments
+from rankfold.compress import compress_with_report
+from rankfold.host_memory import RUNTIME_RESERVE, plan_memory
+
+
+def wide_net() -> nn.Module:
+    """Activations of about 0.7 MB a sample (32 channels at 32 x 32): a whole calibration set's
+    worth of them is hundreds of MB, one batch's a few."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10)).eval()
+
+
+def test_streamed_moments_are_the_whole_set_moments():
+    original = wide_net()
+    current = wide_net()
+    with torch.no_grad():
+        current[0].weight.mul_(1.1)  # a layer before the one measured has changed
+    calib = torch.randn(23, 1, 32, 32)
+    streamed = streamed_input_moments(original, current, "4", calib, batch_size=5, max_rows=10**9)
+    with torch.no_grad():
+        x = original[:4](calib).movedim(1, -1).reshape(-1, 32).double()
+        x_hat = current[:4](calib).movedim(1, -1).reshape(-1, 32).double()
+    assert streamed.rows == x.shape[0]
+    torch.testing.assert_close(streamed.cross, x.T @ x_hat / x.shape[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(streamed.auto, x_hat.T @ x_hat / x.shape[0], rtol=1e-9, atol=1e-9)
+
+
+def test_the_result_does_not_depend_on_the_batch_size():
+    calib = torch.randn(40, 1, 32, 32)
+    results = []
+    for batch in (7, 64):
+        with batches_of(batch):
+            assert calibration_batch() == batch
+            module, _report = compress_with_report(wide_net(), method="svd", keep=0.4, calib=calib,
+                                                   min_rank=2)
+        results.append(module)
+    assert calibration_batch() == 64  # the block's batch ends with it
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        a, b = results[0](x), results[1](x)
+    assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+def test_a_budget_below_one_sample_is_refused_and_a_generous_one_keeps_the_batch():
+    model, example = wide_net(), torch.randn(2, 1, 32, 32)
+    with pytest.raises(rankfold.RankfoldError, match="--max-memory"):
+        plan_memory(model, example, limit=10 * 2**20)
+    assert plan_memory(model, example, limit=64 * 2**30).batch == 64
+    tight = plan_memory(model, example, limit=plan_memory(model, example, limit=64 * 2**30).fixed + 9 * 2**20)
+    assert 1 <= tight.batch < 64
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_run(*args, cwd):
+    """The CLI under bench/peak.py, which reports the process's own high-water resident memory."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "bench.peak", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=env)
+    return proc.returncode, proc.stdout, proc.stderr, parse_peak(proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def wide_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("memory")
+    x = np.random.default_rng(0).standard_normal((2048, 1, 32, 32)).astype(np.float32)
+    rankfold.export_onnx(wide_net(), d / "wide.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(d / "calib.npz", x=x)
+    return d
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_samples(wide_files):
+    """Planned and applied with 256 and with 2,048 samples: a whole-set pass would hold about 1.4 GB
+    more at 2,048; streamed, the two peaks are within 10 %."""
+    peaks = {}
+    for n in (256, 2048):
+        code, _out, err, peaks[n] = peak_run("compress", "wide.onnx", "--calib", "calib.npz", "--calib-limit", n,
+                                             "--max-params", "60%", "--min-rank", "2", "-o", f"out{n}.onnx",
+                                             "-q", cwd=wide_files)
+        assert code == 0, err
+    assert peaks[2048] <= 1.10 * peaks[256], peaks
+
+
+def test_max_memory_is_kept_and_one_too_small_is_refused_before_work(wide_files):
+    code, _out, err, peak = peak_run("compress", "wide.onnx", "--calib", "calib.npz", "--calib-limit", 1024,
+                                     "--keep", "0.5", "--min-rank", "2", "-o", "small.onnx", "--max-memory", "40MB",
+                                     cwd=wide_files)
+    assert code == 2 and "--max-memory 40.0 MB is too little" in err and "Traceback" not in err, err
+    assert not os.path.exists(wide_files / "small.onnx")
+    limit = peak + RUNTIME_RESERVE + 96 * 2**20  # the process as it starts, the runtime, a few batches' worth
+    code, _out, err, peak = peak_run("compress", "wide.onnx", "--calib", "calib.npz", "--calib-limit", 1024,
+                                     "--keep", "0.5", "--min-rank", "2", "-o", "small.onnx", "--max-memory", limit,
+                                     cwd=wide_files)
+    assert code == 0, err
+    batch = int(err.split("memory: batches of ")[1].split()[0])
+    assert batch < 64 and peak <= limit, (batch, peak, limit)
