@@ -26,27 +26,40 @@ PER_SAMPLE_FACTOR = 4
 MODEL_COPIES = 4  # the original, the reference, the result, a variant being timed or probed
 RUNTIME_RESERVE = 160 * 2**20  # onnxruntime sessions, the planner's timing variants (~80 MB measured on bench/)
 
-def available_bytes() -> int:
-    """Memory the system could give this process now (MemAvailable), else its physical memory."""
+
+def _proc_field(path: str, key: str) -> int | None:
+    """A "Key:   123 kB" line of a /proc file, in bytes (None where /proc is not there)."""
     try:
-        with open("/proc/meminfo") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def available_bytes() -> int:
+    """Memory the system could give this process now (MemAvailable), else its physical memory."""
+    found = _proc_field("/proc/meminfo", "MemAvailable")
+    return found if found is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resident_bytes() -> int:
     """This process's resident memory now."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
+    found = _proc_field("/proc/self/status", "VmRSS")
+    return found if found is not None else peak_resident_bytes()
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def peak_resident_bytes() -> int:
+    """This process's high-water resident memory. Not getrusage's ru_maxrss alone: Linux carries
+    that across exec from the parent, so a child of a large process would report the parent's."""
+    found = _proc_field("/proc/self/status", "VmHWM")
+    if found is not None:
+        return found
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def default_limit() -> int:
