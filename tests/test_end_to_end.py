@@ -1,6 +1,5 @@
 """Train a real (small) CNN, compress it data-aware and check accuracy and size hold."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -55,9 +54,27 @@ def test_data_aware_beats_data_free_on_a_trained_network(trained):
 
 
 @pytest.mark.slow
-def test_demo_runs_and_writes_its_files(tmp_path):
-    result = run_demo(str(tmp_path), epochs=1, train_limit=3000, log=lambda _m: None)
-    assert (tmp_path / "original.onnx").is_file() and (tmp_path / "compressed.onnx").is_file()
-    assert (tmp_path / "demo.json").is_file()
-    assert result["compressed"]["params"] < 0.4 * result["original"]["params"]
-    assert np.isfinite(result["compressed"]["accuracy"])
+def test_demo_plans_exports_c_and_reuses_its_training(tmp_path):
+    logs = []
+    result = run_demo(str(tmp_path), epochs=1, train_limit=3000, c_samples=50, log=logs.append)
+    for name in ("original.onnx", "planned.onnx", "uniform.onnx", "front.png", "demo.json", "c/model.c"):
+        assert (tmp_path / name).is_file(), name
+    models = result["models"]
+    original, planned = models["original (float)"], models["planned for cortex-m4 (int8/int4)"]
+    assert planned["weight_bytes"] <= 0.08 * original["weight_bytes"] * 1.02  # the budget, as written
+    assert result["plan"]["feasible"] and result["plan"]["target"] == "cortex-m4"
+    assert any(layer["bits"] < 32 for layer in result["plan"]["layers"])  # quantized in tandem
+    assert result["c"]["golden_mismatches"] == 0 and result["c"]["samples"] == 50
+    assert not result["reused_training"]
+    again = run_demo(str(tmp_path), epochs=1, train_limit=3000, c_samples=50, log=logs.append)
+    assert again["reused_training"] and again["models"]["original (float)"]["accuracy"] == original["accuracy"]
+    assert any("reusing" in line for line in logs)
+
+
+def test_demo_refuses_bad_settings_before_training(tmp_path):
+    from rankfold.errors import RankfoldError
+
+    for kwargs in ({"target": "cortex-m99"}, {"max_weight_bytes": "8 parsecs"}):
+        with pytest.raises(RankfoldError):
+            run_demo(str(tmp_path / "d"), epochs=1, train_limit=100, log=lambda _m: None, **kwargs)
+    assert not (tmp_path / "d").exists()

@@ -78,6 +78,10 @@ def test_export_c_replaces_its_own_directory_only_with_force(user_dir):
     assert refused(code, err, "--force")
     code, _out, err = run_cli(*args, "--force")
     assert code == 0, err
+    for built in ("model_test", "model_cortex-m4.elf"):  # what its own Makefile builds there
+        (out / built).write_bytes(b"\x7fELF")
+    code, _out, err = run_cli(*args, "--force")
+    assert code == 0, err
     (out / "added_by_user.txt").write_text("keep me\n")
     code, _out, err = run_cli(*args, "--force")
     assert refused(code, err, "added_by_user.txt")

@@ -345,7 +345,7 @@ def _cmd_targets(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from rankfold.demo import run_demo
 
-    run_demo(args.out, epochs=args.epochs, keep=args.keep, method=args.method)
+    run_demo(args.out, epochs=args.epochs, target=args.target, max_weight_bytes=args.max_weight_bytes)
 
 
 def _first_input(graph):
@@ -582,13 +582,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", help="print this profile's TOML (copy it to make your own)")
     p.set_defaults(func=_cmd_targets)
 
-    p = sub.add_parser("demo", help="train a small CNN, compress it, compare before/after",
-                       description="Trains a small CNN on Fashion-MNIST (Debian dataset-fashion-mnist) or "
-                                   "scikit-learn's digits, compresses it data-aware and measures both ONNX files.")
+    p = sub.add_parser("demo", help="the product in three minutes: plan a CNN for a microcontroller, export C, run it",
+                       description="Trains (or reuses) a small CNN on Fashion-MNIST (Debian dataset-fashion-mnist) "
+                                   "or scikit-learn's digits, plans it for a microcontroller with rank and bit-width "
+                                   "chosen together, compares with uniform Tucker-2 at the same size, draws the "
+                                   "front, exports C and runs it against the golden model (and under qemu when the "
+                                   "Arm toolchain is installed).")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
-    p.add_argument("--epochs", type=_positive_int, default=3)
-    p.add_argument("--keep", type=float, default=0.3)
-    p.add_argument("--method", default="tucker2")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
+    p.add_argument("--target", default="cortex-m4", help="target profile (default cortex-m4)")
+    p.add_argument("--max-weight-bytes", default="8%", help="weight-byte budget (default 8%% of the float network)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
@@ -47,6 +48,11 @@ def cannot_write(path: str, exc: OSError) -> RankfoldError:
 # -- output paths, checked before any work ----------------------------------------------------
 C_EXPORT_MARKER = ".rankfold-export-c"  # lists the files `export-c` wrote into its directory
 C_BUILD_OUTPUTS = ("model_test", "model_test.exe")  # what `make host` / run-c add beside them
+
+
+def is_c_build_output(name: str) -> bool:
+    """A file the export's own Makefile builds (`make host`, `make cortex-m CPU=...`)."""
+    return name in C_BUILD_OUTPUTS or fnmatch.fnmatchcase(name, "model_*.elf")
 
 
 def _same(a: str, b: str) -> bool:
@@ -123,7 +129,7 @@ def check_output_directory(path: str, inputs: dict[str, str | None], *, force: b
     if ours is None:
         raise RankfoldError(f"{path} was not written by rankfold export-c (no {C_EXPORT_MARKER}): not replaced, "
                             "even with --force")
-    foreign = sorted(entries - ours - {C_EXPORT_MARKER, *C_BUILD_OUTPUTS})
+    foreign = sorted(e for e in entries - ours - {C_EXPORT_MARKER} if not is_c_build_output(e))
     if foreign:
         raise RankfoldError(f"{path} holds files rankfold did not write ({', '.join(foreign[:5])}"
                             f"{', ...' if len(foreign) > 5 else ''}): not replaced, even with --force")

@@ -27,7 +27,7 @@ def _accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256)
     return correct / max(len(x), 1)
 
 
-def _quantized_accuracy(module, plan, calib, example, data) -> float:
+def quantized_accuracy(module, plan, calib, example, data) -> float:
     from rankfold.evaluate import accuracy
     from rankfold.quantize.export import export_quantized
 
@@ -57,15 +57,7 @@ def run_pareto(
     fit = split_holdout(calib)[0] if calib is not None else None
     pricing = price_model(model, calib=fit, example_input=example, target=target, min_rank=min_rank,
                           onnx_path=model_path, progress=lambda m: say("  " + m))
-    points, plans = [], []
-    for fraction in sorted(fractions):
-        say(f"solving at {fraction:.0%} of the weight bytes")
-        plan = pricing.solve({"weight_bytes": Budget("weight_bytes", fraction, relative=True)})
-        plans.append(plan)
-        points.append({"budget": fraction, "feasible": plan.feasible, "est_loss": plan.est_loss,
-                       "params": plan.after["params"], "weight_bytes": plan.after["weight_bytes"],
-                       "latency_ms": plan.after["latency_ms"], "ram_bytes": plan.after["ram_bytes"],
-                       "accuracy": None})
+    points, plans = front(pricing, fractions, say)
     if data is not None:
         feasible = [i for i, p in enumerate(points) if p["feasible"]]
         chosen = sorted({feasible[int(round(k))] for k in np.linspace(0, len(feasible) - 1, max(1, measure_points))}
@@ -75,50 +67,80 @@ def run_pareto(
         for i in chosen:
             module, _ = apply_plan(model, plans[i], calib=fit)
             if plans[i].quantized:  # measure what would be written: the QDQ file, in onnxruntime
-                points[i]["accuracy"] = _quantized_accuracy(module, plans[i], fit, example, data)
+                points[i]["accuracy"] = quantized_accuracy(module, plans[i], fit, example, data)
             else:
                 points[i]["accuracy"] = _accuracy(module, *data)
     else:
         original_accuracy = None
-    fits = pricing.solve({})  # the target's own limits only
     result = {"model": model_path, "target": pricing.target.name, "before": pricing.before,
-              "original_accuracy": original_accuracy, "points": points,
-              "target_fit": {"feasible": fits.feasible, "after": fits.after, "est_loss": fits.est_loss,
-                             "messages": fits.messages}}
-    _print(result, pricing)
+              "original_accuracy": original_accuracy, "points": points, "target_fit": target_fit(pricing)}
+    print("\n".join(front_lines(result, pricing.target)))
     if json_out:
         write_json_atomic(json_out, result)
     if plot:
-        _plot(result, plot)
+        plot_front(result, plot)
     return result
 
 
-def _print(result: dict, pricing) -> None:
+def front(pricing, fractions: list[float], say: Callable[[str], None] = lambda _m: None) -> tuple[list, list]:
+    """One plan per weight-byte fraction, solved on one pricing (cheap: no new measurement), and
+    its point on the front: (points, plans)."""
+    points, plans = [], []
+    for fraction in sorted(fractions):
+        say(f"solving at {fraction:.0%} of the weight bytes")
+        plan = pricing.solve({"weight_bytes": Budget("weight_bytes", fraction, relative=True)})
+        plans.append(plan)
+        points.append({"budget": fraction, "feasible": plan.feasible, "est_loss": plan.est_loss,
+                       "params": plan.after["params"], "weight_bytes": plan.after["weight_bytes"],
+                       "latency_ms": plan.after["latency_ms"], "ram_bytes": plan.after["ram_bytes"],
+                       "accuracy": None})
+    return points, plans
+
+
+def target_fit(pricing) -> dict:
+    """The least-loss plan under the target's own limits only: how it holds this network."""
+    fits = pricing.solve({})
+    return {"feasible": fits.feasible, "after": fits.after, "est_loss": fits.est_loss, "messages": fits.messages}
+
+
+def front_lines(result: dict, target) -> list[str]:
+    """The front as a table, then what the target holds."""
     before = result["before"]
-    print(f"{'budget':>7} {'est.loss':>10} {'params':>11} {'weight B':>12} {'latency ms':>11} {'RAM B':>9} "
-          f"{'top-1':>7}")
+    lines = [f"{'budget':>7} {'est.loss':>10} {'params':>11} {'weight B':>12} {'latency ms':>11} {'RAM B':>9} "
+             f"{'top-1':>7}"]
     if result["original_accuracy"] is not None:
-        print(f"{'orig.':>7} {0:>10.2e} {before['params']:>11,.0f} {before['weight_bytes']:>12,.0f} "
-              f"{before['latency_ms']:>11.3f} {before['ram_bytes']:>9,.0f} {result['original_accuracy']:>7.4f}")
+        lines.append(f"{'orig.':>7} {0:>10.2e} {before['params']:>11,.0f} {before['weight_bytes']:>12,.0f} "
+                     f"{before['latency_ms']:>11.3f} {before['ram_bytes']:>9,.0f} {result['original_accuracy']:>7.4f}")
     for p in result["points"]:
         acc = "" if p["accuracy"] is None else f"{p['accuracy']:.4f}"
         flag = "" if p["feasible"] else "  (budget not reachable)"
-        print(f"{p['budget']:>7.0%} {p['est_loss']:>10.2e} {p['params']:>11,.0f} {p['weight_bytes']:>12,.0f} "
-              f"{p['latency_ms']:>11.3f} {p['ram_bytes']:>9,.0f} {acc:>7}{flag}")
+        lines.append(f"{p['budget']:>7.0%} {p['est_loss']:>10.2e} {p['params']:>11,.0f} {p['weight_bytes']:>12,.0f} "
+                     f"{p['latency_ms']:>11.3f} {p['ram_bytes']:>9,.0f} {acc:>7}{flag}")
     fit = result["target_fit"]
-    target = pricing.target
     if target.flash_bytes is None and target.ram_bytes is None:
-        print(f"target {target.name} sets no memory limits: the whole network fits")
+        lines.append(f"target {target.name} sets no memory limits: the whole network fits")
     elif fit["feasible"]:
         after = fit["after"]
-        print(f"target {target.name} holds this network at {after['weight_bytes']:,.0f} weight bytes "
-              f"({after['params'] / before['params']:.1%} of its parameters, flash {target.flash_bytes:,}) and "
-              f"{after['ram_bytes']:,.0f} B peak RAM (of {target.ram_bytes:,}); estimated loss {fit['est_loss']:.2e}")
+        lines.append(f"target {target.name} holds this network at {after['weight_bytes']:,.0f} weight bytes "
+                     f"({after['params'] / before['params']:.1%} of its parameters, flash {target.flash_bytes:,}) "
+                     f"and {after['ram_bytes']:,.0f} B peak RAM (of {target.ram_bytes:,}); estimated loss "
+                     f"{fit['est_loss']:.2e}")
     else:
-        print(f"target {target.name} cannot hold this network: " + "; ".join(fit["messages"]))
+        lines.append(f"target {target.name} cannot hold this network: " + "; ".join(fit["messages"]))
+    if target.flash_bytes:
+        lines.append(f"its {target.flash_bytes:,} B of flash hold at most {capacity_params(target.flash_bytes, 8):,} "
+                     f"int8 parameters ({capacity_params(target.flash_bytes, 8) / before['params']:.1f}x this "
+                     f"network's) or {capacity_params(target.flash_bytes, 4):,} at int4")
+    return lines
 
 
-def _plot(result: dict, path: str) -> None:
+def capacity_params(flash_bytes: int, bits: int) -> int:
+    """Weights a flash of `flash_bytes` holds at `bits` per weight: an upper bound, before the
+    per-channel scales and int32 biases that come with them (a few bytes per output channel)."""
+    return flash_bytes * 8 // bits
+
+
+def plot_front(result: dict, path: str) -> None:
     try:
         import matplotlib
 
