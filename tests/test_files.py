@@ -381,3 +381,17 @@ def test_open_height_and_width_stay_open_through_compression(tmp_path):
         session = ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"])
         assert session.get_inputs()[0].shape[2:] == ["h", "w"]
         assert session.run(None, {"image": np.zeros((2, 1, 20, 16), np.float32)})[0].shape == (2, 10)
+
+
+def test_a_model_whose_output_is_named_by_a_number_compresses(tmp_path):
+    """torch.onnx.export without output_names names the output "13", which TorchScript refuses as
+    a name when rankfold exports the result: it used to end in `RuntimeError: Invalid name: '13'`."""
+    torch.onnx.export(tiny_classifier(), (torch.randn(1, 1, 12, 12),), str(tmp_path / "m.onnx"), dynamo=False)
+    output = onnx.load(tmp_path / "m.onnx").graph.output[0].name
+    assert output.isdigit()
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32))
+    for extra in (["--keep", "0.5"], ["--max-weight-bytes", "40%"]):
+        code, _out, err = run_cli("compress", "m.onnx", "--calib", "c.npz", "--min-rank", "2", "-o", "o.onnx",
+                                  "--force", "-q", *extra, cwd=tmp_path)
+        assert code == 0, err
+        assert [o.name for o in onnx.load(tmp_path / "o.onnx").graph.output] == [output]

@@ -54,6 +54,12 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
     for name, axes in getattr(model, "dynamic_axes", {}).items():  # what the original left open stays open
         if name in dynamic:
             dynamic[name].update(axes)
+    # TorchScript refuses some names ONNX allows (an exporter's numbered outputs such as "13"): the
+    # graph is exported under stand-ins and given its own names back.
+    stand_in = {name: f"rankfold_value_{i}" for i, name in enumerate(input_names + output_names)
+                if not _torchscript_name(name)}
+    input_names, output_names = ([stand_in.get(n, n) for n in names] for names in (input_names, output_names))
+    dynamic = {stand_in.get(n, n): axes for n, axes in dynamic.items()}
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise RankfoldError(f"{path}: the directory {directory} does not exist")
@@ -68,10 +74,34 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
                 input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
                 do_constant_folding=True,
             )
+        if stand_in:
+            _rename_values(tmp, {new: old for old, new in stand_in.items()})
         if verify:
             _verify(tmp, example_input, expected)
         with open(tmp, "rb") as handle:
             replace_atomically(path, handle.read())
+
+
+def _torchscript_name(name: str) -> bool:
+    """Whether TorchScript takes `name` as a value's debug name (it refuses ones made of digits)."""
+    return bool(name) and not name.isdigit()
+
+
+def _rename_values(path: str, names: dict[str, str]) -> None:
+    """Rename graph values (inputs, outputs and every reference to them) in the ONNX file."""
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    taken = {n for node in graph.node for n in node.output} | {v.name for v in graph.input}
+    clashing = {n: f"{n}_rankfold_inner" for n in names.values() if n in taken}  # the new graph's own "13"
+    names = {**clashing, **names}
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = names.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    onnx.save(model, path)
 
 
 def _verify(path: str, example_input: Tensor, expected) -> None:
