@@ -151,3 +151,17 @@ def test_pareto_prints_plots_and_says_what_fits(small, tmp_path):
     assert [p["budget"] for p in result["points"]] == [0.3, 0.6, 0.9]
     assert sum(p["accuracy"] is not None for p in result["points"]) == 2
     assert "target cortex-m4 holds this network" in out
+
+
+def test_help_starts_without_importing_torch():
+    """`rankfold --help` must answer at once: nothing that imports torch or onnxruntime runs for it."""
+    import subprocess
+    import sys
+
+    check = ("import sys\nfrom rankfold.cli import main\nfor argv in (['--help'], ['compress', '--help'], "
+             "['demo', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "heavy = sorted(m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\nimport rankfold\nassert callable(rankfold.compress)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout

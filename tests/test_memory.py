@@ -13,9 +13,10 @@ from torch import nn
 
 import rankfold
 from bench.peak import parse_peak
-from rankfold.analyze import batches_of, calibration_batch, streamed_input_moments
-from rankfold.compress import compress_with_report
+from rankfold.analyze import streamed_input_moments
+from rankfold.apply import compress_with_report
 from rankfold.host_memory import RUNTIME_RESERVE, plan_memory
+from rankfold.settings import batches_of, calibration_batch
 
 
 def wide_net() -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import rankfold
-from rankfold.compress import compress_with_report
+from rankfold.apply import compress_with_report
 from rankfold.errors import RankfoldError
 from rankfold.selfcheck import agreement, refuse_if_poor
 from tests.helpers import run_cli, tiny_classifier

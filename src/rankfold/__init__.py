@@ -1,37 +1,48 @@
-"""rankfold: shrink trained neural networks for edge hardware."""
+"""rankfold: shrink trained neural networks for edge hardware.
 
-from rankfold.compress import CompressionReport, LayerRecord, compress, compress_with_report
-from rankfold.config import AutoConfig, CPConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
-from rankfold.errors import RankfoldError
-from rankfold.export.onnx import export_onnx
-from rankfold.frontends.onnx import load_onnx
-from rankfold.planner.plan import Plan, apply_plan, load_plan, make_plan
-from rankfold.quantize.export import export_quantized
-from rankfold.stats import ModelCost, model_cost
-from rankfold.target import Target, load_target
+The public names load on first use (PEP 562), so `import rankfold.errors` or the CLI's `--help`
+does not pay for importing torch and onnxruntime.
+"""
 
-__all__ = [
-    "AutoConfig",
-    "CPConfig",
-    "CompressionReport",
-    "LayerRecord",
-    "ModelCost",
-    "Plan",
-    "RankfoldError",
-    "SVDConfig",
-    "SkipConfig",
-    "SpatialSVDConfig",
-    "Target",
-    "Tucker2Config",
-    "apply_plan",
-    "compress",
-    "compress_with_report",
-    "export_onnx",
-    "export_quantized",
-    "load_onnx",
-    "load_plan",
-    "load_target",
-    "make_plan",
-    "model_cost",
-]
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "AutoConfig": "rankfold.config",
+    "CPConfig": "rankfold.config",
+    "CompressionReport": "rankfold.apply",
+    "LayerRecord": "rankfold.apply",
+    "ModelCost": "rankfold.stats",
+    "Plan": "rankfold.planner.plan",
+    "RankfoldError": "rankfold.errors",
+    "SVDConfig": "rankfold.config",
+    "SkipConfig": "rankfold.config",
+    "SpatialSVDConfig": "rankfold.config",
+    "Target": "rankfold.target",
+    "Tucker2Config": "rankfold.config",
+    "apply_plan": "rankfold.planner.plan",
+    "compress": "rankfold.compress",
+    "compress_with_report": "rankfold.apply",
+    "export_onnx": "rankfold.export.onnx",
+    "export_quantized": "rankfold.quantize.export",
+    "load_onnx": "rankfold.frontends.onnx",
+    "load_plan": "rankfold.planner.plan",
+    "load_target": "rankfold.target",
+    "make_plan": "rankfold.planner.plan",
+    "model_cost": "rankfold.stats",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'rankfold' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

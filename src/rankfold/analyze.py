@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
+from rankfold.settings import calibration_batch
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Modules that read a child layer's weight directly instead of calling it: replacing that child
@@ -67,33 +66,6 @@ def sampled_rows(rows: int, limit: int, seed: int = 1) -> Tensor | None:
     if rows <= limit:
         return None
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:limit]
-
-
-# Calibration samples per pass; peak memory grows with this, never with the number of samples.
-DEFAULT_BATCH = 64  # samples per pass when memory allows; the memory budget may lower it
-
-_batch = contextvars.ContextVar("rankfold_calibration_batch", default=DEFAULT_BATCH)
-
-
-def calibration_batch() -> int:
-    """Samples per pass over calibration data in the current run."""
-    return _batch.get()
-
-
-def use_batch(samples: int) -> None:
-    """Calibration passes run `samples` at a time until the enclosing batches_of() block ends."""
-    _batch.set(samples)
-
-
-@contextlib.contextmanager
-def batches_of(samples: int) -> Iterator[None]:
-    """Every calibration pass inside the block runs `samples` at a time."""
-    token = _batch.set(samples)
-    try:
-        yield
-    finally:
-        _batch.reset(token)
-
 
 
 class _Reached(Exception):

@@ -68,8 +68,8 @@ def _load_inputs(args: argparse.Namespace):
 def _use_memory_budget(args: argparse.Namespace, model, example) -> None:
     """The batch that keeps this run under --max-memory, for every calibration pass that follows;
     a budget too small for one sample is refused here, before any work."""
-    from rankfold.analyze import use_batch
     from rankfold.host_memory import plan_memory
+    from rankfold.settings import use_batch
 
     memory = plan_memory(model, example, args.max_memory)
     use_batch(memory.batch)
@@ -96,7 +96,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 
 
 def _compress_uniform(args: argparse.Namespace) -> None:
-    from rankfold.compress import compress_with_report
+    from rankfold.apply import compress_with_report
     from rankfold.config import check_keep, config_for_method
     from rankfold.evaluate import onnx_size
     from rankfold.export.onnx import export_onnx
@@ -380,13 +380,13 @@ def _log(quiet: bool):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from rankfold.selfcheck import DEFAULT_MIN_AGREEMENT
+    from rankfold.settings import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_RANK
 
     p.add_argument("model", help="model .onnx")
     p.add_argument("--calib", help=".npz with x: calibration inputs (labels not needed)")
     p.add_argument("--calib-limit", type=_positive_int, default=512,
                    help="use at most N calibration samples (default 512)")
-    p.add_argument("--min-rank", type=_positive_int, default=8,
+    p.add_argument("--min-rank", type=_positive_int, default=DEFAULT_MIN_RANK,
                    help="never factorize a layer below this rank (default 8)")
     p.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_AGREEMENT,
                    help="refuse a result whose top-1 agrees with the original on fewer held-back calibration "
@@ -464,7 +464,7 @@ def _nonnegative(text: str) -> float:
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
-    from rankfold.selfcheck import DEFAULT_MAX_OUTPUT_ERROR
+    from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR
 
     p.add_argument("--max-output-error", type=_nonnegative, default=DEFAULT_MAX_OUTPUT_ERROR,
                    help="refuse a result whose outputs that are not class scores differ from the original's by "
@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rankfold.analyze import DEFAULT_BATCH, batches_of
+    from rankfold.settings import DEFAULT_BATCH, batches_of
 
     args = build_parser().parse_args(argv)
     try:

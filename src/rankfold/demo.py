@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankfold.compress import compress_with_report
+from rankfold.apply import compress_with_report
 from rankfold.demo_data import demo_dataset
 from rankfold.evaluate import evaluate
 from rankfold.export.onnx import export_onnx
@@ -98,7 +98,6 @@ def comparison(rows: list[tuple[str, dict]]) -> str:
 def run_demo(out_dir: str, *, epochs: int = 3, train_limit: int = 24000, target: str = "cortex-m4",
              max_weight_bytes: str = "8%", method: str = "tucker2", c_samples: int = 1000, log=print) -> dict:
     """The whole story; returns what it measured (also written to DIR/demo.json)."""
-    from rankfold.analyze import batches_of
     from rankfold.cexport.run import BOARDS, export_c, qemu_tools_missing, run_c
     from rankfold.frontends.onnx import read_onnx
     from rankfold.io import check_output_directory
@@ -106,6 +105,7 @@ def run_demo(out_dir: str, *, epochs: int = 3, train_limit: int = 24000, target:
     from rankfold.planner.pipeline import apply_and_check, write_result
     from rankfold.planner.plan import apply_plan, price_model
     from rankfold.selfcheck import split_holdout
+    from rankfold.settings import batches_of
     from rankfold.target import load_target, parse_budget
 
     t_start = time.time()

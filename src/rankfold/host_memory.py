@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import DEFAULT_BATCH, run_checked
+from rankfold.analyze import run_checked
 from rankfold.errors import RankfoldError
+from rankfold.settings import DEFAULT_BATCH
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the run starts
 # Bytes one sample of a batch costs, as a multiple of what autograd saves for it in a forward pass:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rankfold.compress import CompressionReport
+from rankfold.apply import CompressionReport
 
 
 def human(n: float) -> str:

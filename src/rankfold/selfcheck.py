@@ -7,11 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import calibration_batch
 from rankfold.errors import RankfoldError
-
-DEFAULT_MIN_AGREEMENT = 0.8
-DEFAULT_MAX_OUTPUT_ERROR = 0.2  # relative error allowed on an output that is not (N, classes)
+from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, calibration_batch
 
 
 @dataclass

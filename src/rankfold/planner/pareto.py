@@ -14,6 +14,7 @@ from rankfold.errors import RankfoldError
 from rankfold.io import make_public, write_json_atomic
 from rankfold.planner.plan import apply_plan, price_model
 from rankfold.selfcheck import split_holdout
+from rankfold.settings import DEFAULT_MIN_RANK
 from rankfold.target import Budget
 
 
@@ -50,7 +51,7 @@ def run_pareto(
     measure_points: int = 3,
     plot: str | None = None,
     json_out: str | None = None,
-    min_rank: int = 8,
+    min_rank: int = DEFAULT_MIN_RANK,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     say = progress or (lambda _m: None)

@@ -9,17 +9,16 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE
-from rankfold.compress import CompressionReport
+from rankfold.apply import CompressionReport
 from rankfold.errors import RankfoldError
 from rankfold.planner.plan import Plan, apply_plan, make_plan
 from rankfold.selfcheck import (
-    DEFAULT_MAX_OUTPUT_ERROR,
-    DEFAULT_MIN_AGREEMENT,
     Agreement,
     agreement,
     refuse_if_poor,
     split_holdout,
 )
+from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_RANK
 from rankfold.target import Target
 
 
@@ -38,7 +37,7 @@ def compress_to_budget(
     target: str | Target = "host",
     budgets: Mapping[str, object] | None = None,
     example_input: Tensor | None = None,
-    min_rank: int = 8,
+    min_rank: int = DEFAULT_MIN_RANK,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
     onnx_path: str | None = None,

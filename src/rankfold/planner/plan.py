@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, calibration_batch, run_checked, run_hooked, set_submodule, untouchable_layers
+from rankfold.analyze import COMPRESSIBLE, run_checked, run_hooked, set_submodule, untouchable_layers
+from rankfold.apply import compress_with_report
 from rankfold.config import CPConfig, MethodConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
 from rankfold.errors import RankfoldError
 from rankfold.io import write_json_atomic
@@ -35,6 +36,7 @@ from rankfold.planner.costs import (
 from rankfold.planner.memory import activation_profile
 from rankfold.planner.sensitivity import layer_statistics, model_outputs
 from rankfold.planner.solver import solve
+from rankfold.settings import DEFAULT_MIN_RANK, calibration_batch
 from rankfold.target import RUNTIMES, Budget, Target, load_target, parse_budget
 
 PLAN_FORMAT = "rankfold-plan/1"
@@ -339,7 +341,7 @@ def make_plan(
     example_input: Tensor | None = None,
     target: str | Target = "host",
     budgets: Mapping[str, str | float | Budget] | None = None,
-    min_rank: int = 8,
+    min_rank: int = DEFAULT_MIN_RANK,
     onnx_path: str | None = None,
     bits: str | int = "auto",
     progress: Progress | None = None,
@@ -382,7 +384,7 @@ def price_model(
     calib: Tensor | None = None,
     example_input: Tensor | None = None,
     target: str | Target = "host",
-    min_rank: int = 8,
+    min_rank: int = DEFAULT_MIN_RANK,
     onnx_path: str | None = None,
     bits: str | int = "auto",
     progress: Progress | None = None,
@@ -720,8 +722,6 @@ def check_plan_matches(plan: Plan, model: nn.Module) -> None:
 def apply_plan(model: nn.Module, plan: Plan, *, calib: Tensor | None = None, progress: Progress | None = None):
     """The compressed copy of `model` that `plan` describes, and its CompressionReport.
     Deterministic: the same model, plan and calibration data give the same weights."""
-    from rankfold.compress import compress_with_report
-
     check_plan_matches(plan, model)
     if plan.data_aware and calib is None:
         raise RankfoldError("this plan was made with calibration data: give the same calibration data to apply it")

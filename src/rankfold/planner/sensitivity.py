@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import calibration_batch, channels_last_rows, run_checked, sampled_rows
+from rankfold.analyze import channels_last_rows, run_checked, sampled_rows
+from rankfold.settings import calibration_batch
 
 
 @dataclass

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import calibration_batch, run_checked
+from rankfold.analyze import run_checked
 from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
+from rankfold.settings import calibration_batch
 
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse stable
 BLOCK = 128  # columns rounded together before the lazy update of the rest

@@ -12,10 +12,10 @@ import onnx
 import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
-from rankfold.analyze import calibration_batch
 from rankfold.errors import RankfoldError
 from rankfold.quantize.core import ActivationParams, pack_int4, quantize_weight
 from rankfold.quantize.observers import OBSERVERS, RangeObserver
+from rankfold.settings import calibration_batch
 
 INT4_OPSET = 21
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")

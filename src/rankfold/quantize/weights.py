@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, calibration_batch, run_checked
+from rankfold.analyze import COMPRESSIBLE, run_checked
 from rankfold.layers import LowRank
 from rankfold.quantize.core import fake_quantize_weight, weight_qmax
+from rankfold.settings import calibration_batch
 
 
 def _dense(module: nn.Module) -> bool:

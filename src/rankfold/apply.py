@@ -1,0 +1,298 @@
+"""The apply stage: every compressible layer -> its factorized replacement, data-aware and with
+error compensation when calibration inputs are given, with a per-layer record. Keyed by layer
+names (fnmatch patterns, first match wins); the planner's plans and uniform compression both
+come through here."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import (
+    COMPRESSIBLE,
+    InputMoments,
+    reach_order,
+    set_submodule,
+    streamed_input_moments,
+    untouchable_layers,
+)
+from rankfold.config import (
+    VBMF,
+    AutoConfig,
+    CPConfig,
+    MethodConfig,
+    SkipConfig,
+    SpatialSVDConfig,
+    SVDConfig,
+    Tucker2Config,
+    check_keep,
+    config_for_method,
+)
+from rankfold.decompose import max_tucker2_ranks, sqrt_psd
+from rankfold.errors import RankfoldError
+from rankfold.layers import LayerSpec, layer_spec
+from rankfold.methods import FALLBACK, METHODS, Factorized, Method, rank_for_keep, weighted_relative_error
+from rankfold.settings import DEFAULT_MIN_RANK
+
+# CP's ALS is the slow method: "auto" tries it only where weight x rank stays below this.
+AUTO_CP_MAX_WORK = 2e7
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one compressible layer."""
+
+    name: str
+    layer: str  # e.g. "Conv 3x3 64->128"
+    method: str  # "none" when left alone
+    ranks: tuple[int, ...] = ()
+    params_before: int = 0
+    params_after: int = 0
+    rel_error: float | None = None  # data-weighted relative weight error of the approximation
+    note: str = ""  # why a layer was left alone, or why another method was used
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__, ranks=list(self.ranks))
+
+
+@dataclass
+class CompressionReport:
+    layers: list[LayerRecord] = field(default_factory=list)
+    data_aware: bool = False
+
+    @property
+    def left_alone(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.method == "none"]
+
+    def to_dict(self) -> dict:
+        return {"data_aware": self.data_aware, "layers": [r.to_dict() for r in self.layers]}
+
+
+def compress_with_report(
+    model: nn.Module,
+    *,
+    method: str = "tucker2",
+    keep: float = 0.5,
+    calib: Tensor | None = None,
+    layers: Mapping[str, MethodConfig] | None = None,
+    min_rank: int = DEFAULT_MIN_RANK,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, CompressionReport]:
+    """compress(), returning the CompressionReport beside the module."""
+    if not isinstance(model, nn.Module):
+        raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        check_keep(keep)
+        default = config_for_method(method)
+    except ValueError as exc:
+        raise RankfoldError(str(exc)) from None
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise RankfoldError(f"min_rank must be a positive int, got {min_rank!r}")
+    if calib is not None and not isinstance(calib, Tensor):
+        raise RankfoldError(f"calib must be a torch.Tensor of example inputs, got {type(calib).__name__}")
+    say = progress or (lambda _msg: None)
+    result = copy.deepcopy(model)
+    was_training = result.training
+    result.eval()
+    targets = [(name, m) for name, m in result.named_modules() if isinstance(m, COMPRESSIBLE)]
+    untouchable = untouchable_layers(result)
+    plans, vbmf_notes = [], {}
+    for name, m in targets:
+        if name in untouchable:
+            plans.append((name, m, SkipConfig(untouchable[name])))
+            continue
+        cfg, vbmf_notes[name] = _resolve_vbmf(m, _config_for(name, layers, default))
+        plans.append((name, m, cfg))
+
+    report = CompressionReport(data_aware=calib is not None)
+    configs = {name: cfg for name, _m, cfg in plans}
+
+    def factorize(name: str, module: nn.Module, input_sqrt: Tensor | None, note: str = "") -> nn.Module | None:
+        say(f"[{len(report.layers) + 1}/{len(plans)}] {name}")
+        record, replacement = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank)
+        note = "; ".join(filter(None, [vbmf_notes.get(name, ""), note]))
+        if note:
+            record.note = "; ".join(filter(None, [record.note, note]))
+        report.layers.append(record)
+        return None if replacement is None else replacement.module
+
+    if calib is None:
+        for name, module, _cfg in plans:
+            new = factorize(name, module, None)
+            if new is not None:
+                set_submodule(result, name, new)
+    else:
+        calib = calib.to(torch.float32)
+        names = [name for name, _m, _c in plans]
+        reference = copy.deepcopy(result)  # the original, for the inputs each layer saw before compression
+        reached = reach_order(result, names, calib[:1])
+        changed = False  # until a layer is replaced, every layer sees its original input
+        for name in reached:  # in the order the network calls them: each knows the layers before it
+            module = result.get_submodule(name)
+            moments = None
+            if not (isinstance(configs[name], SkipConfig) or layer_spec(module).groups > 1):
+                moments = streamed_input_moments(reference if changed else None, result, name, calib)
+            if moments is None:
+                new = factorize(name, module, None)
+            else:
+                layer, input_sqrt = _compensated_layer(module, moments)
+                new = factorize(name, layer, input_sqrt)
+            if new is not None:
+                set_submodule(result, name, new)
+                changed = True
+        for name, module, _cfg in plans:  # layers the calibration pass never reached
+            if name not in reached:
+                new = factorize(name, module, None, "not reached by the calibration data: data-free")
+                if new is not None:
+                    set_submodule(result, name, new)
+    report.layers.extend(_unhandled_layers(result))
+    result.train(was_training)
+    return result, report
+
+
+# Layers with weights that rankfold does not factorize but that need no mention: they are small
+# (normalization scales and shifts) and travel with the layers around them.
+QUIETLY_KEPT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
+
+
+def _unhandled_layers(model: nn.Module) -> list[LayerRecord]:
+    """Every other module with weights of its own (ConvTranspose2d, LSTM, Embedding, ...), listed
+    as left alone with the reason, so the report accounts for every weight of the network."""
+    records = []
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own and not isinstance(module, COMPRESSIBLE + QUIETLY_KEPT):
+            kind = type(module).__name__
+            records.append(LayerRecord(name, kind, "none", (), own, own, None,
+                                       f"{kind} is not a layer rankfold factorizes: left as it is"))
+    return records
+
+
+def _compensated_layer(module: nn.Module, moments: InputMoments) -> tuple[nn.Module, Tensor]:
+    """The layer to factorize and its input weighting, compensating earlier layers' errors.
+
+    With x the input rows the original layer saw and x^ those it sees now (earlier layers already
+    factorized), ||W x - M x^||^2 = ||(W T - M) C^(1/2)||^2 + const, where C = E[x^ x^^T] and
+    T = E[x x^^T] C^-1 regresses x on x^. So factorizing W T under the weighting C^(1/2) targets the
+    original layer's output, not just its weights.
+    """
+    cross, auto = moments.cross, moments.auto
+    input_sqrt = sqrt_psd(auto)
+    regularized = input_sqrt @ input_sqrt
+    # T = I + E[(x - x^) x^^T] C^-1: only the earlier layers' error is regressed, so that directions
+    # the calibration rows never visit (more inputs than rows) keep T = I instead of T = 0.
+    correction = torch.linalg.solve(regularized, (cross - auto).T).T
+    transfer = torch.eye(auto.shape[0], dtype=auto.dtype) + correction
+    target = copy.deepcopy(module)
+    with torch.no_grad():
+        w = module.weight.detach().to(torch.float64)
+        mapped = torch.movedim(torch.movedim(w, 1, -1) @ transfer, -1, 1)
+        target.weight.copy_(mapped.to(module.weight.dtype))
+    return target, input_sqrt
+
+
+def _config_for(name: str, layers: Mapping[str, MethodConfig] | None, default: MethodConfig) -> MethodConfig:
+    for pattern, cfg in (layers or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if not isinstance(cfg, (*METHODS, AutoConfig, SkipConfig)):
+                raise RankfoldError(f"layers[{pattern!r}] must be a method config, got {type(cfg).__name__}")
+            return cfg
+    return default
+
+
+def _compress_layer(
+    name: str, module: nn.Module, cfg: MethodConfig, keep: float, input_sqrt: Tensor | None, min_rank: int
+) -> tuple[LayerRecord, Factorized | None]:
+    spec = layer_spec(module)
+    record = LayerRecord(name, spec.describe(), "none", params_before=spec.params, params_after=spec.params)
+    if isinstance(cfg, SkipConfig):
+        record.note = cfg.reason
+        return record, None
+    if spec.groups > 1:
+        record.note = f"grouped convolution (groups={spec.groups}): not factorized"
+        return record, None
+    layer_keep = cfg.keep if cfg.keep is not None else keep
+    candidates = _candidate_configs(spec, cfg, module)
+    best: tuple[float, Method, Factorized, str] | None = None
+    reasons = []
+    for cand_cfg, note in candidates:
+        method = METHODS[type(cand_cfg)]
+        rank = method.config_rank(cand_cfg)
+        if rank is None:
+            rank = rank_for_keep(method, spec, layer_keep)
+            if rank is None:
+                reasons.append(f"{method.name}: no rank at keep={layer_keep:g} is smaller than the layer")
+                continue
+            floor = _rank_floor(method, spec, min_rank)
+            if any(r < f for r, f in zip(rank, floor)):
+                reasons.append(f"{method.name}: rank {rank} at keep={layer_keep:g} is below min_rank={min_rank}")
+                continue
+        try:
+            built = method.factorize(module, rank, input_sqrt, cand_cfg)
+        except ValueError as exc:
+            raise RankfoldError(f"layer {name!r}: {exc}") from None
+        err = weighted_relative_error(module.weight, built.approx_weight, input_sqrt)
+        if best is None or err < best[0]:
+            best = (err, method, built, note)
+    if best is None:
+        record.note = "; ".join(reasons)
+        return record, None
+    err, method, built, note = best
+    record.method, record.ranks, record.rel_error, record.note = method.name, tuple(built.module.ranks), err, note
+    record.params_after = sum(p.numel() for p in built.module.parameters())
+    return record, built
+
+
+def _rank_floor(method: Method, spec: LayerSpec, min_rank: int) -> tuple[int, ...]:
+    """Per rank component, the smaller of `min_rank` and the component's largest value."""
+    top = method.rank_ladder(spec)[-1]
+    return tuple(min(min_rank, t) for t in top)
+
+
+def _candidate_configs(spec: LayerSpec, cfg: MethodConfig, module: nn.Module) -> list[tuple[MethodConfig, str]]:
+    """The concrete method configs to try for one layer, each with a note for the report."""
+    if isinstance(cfg, AutoConfig):
+        options: list[MethodConfig] = [SVDConfig(), Tucker2Config(), SpatialSVDConfig()]
+        per_rank = spec.in_ch + sum(spec.kernel) + spec.out_ch
+        if spec.weight_params * spec.weight_params / max(per_rank, 1) < AUTO_CP_MAX_WORK:
+            options.append(CPConfig())
+        fitting = [(c, "auto") for c in options if METHODS[type(c)].unsupported(spec, module) is None]
+        return fitting
+    method = METHODS[type(cfg)]
+    reason = method.unsupported(spec, module)
+    if reason is None:
+        return [(cfg, "")]
+    keep = cfg.keep if isinstance(cfg, (SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig)) else None
+    return [(FALLBACK(keep=keep), f"{reason}: used svd")]
+
+
+VBMF_CONFIGS = {SVDConfig: lambda r: SVDConfig(rank=r[0]), SpatialSVDConfig: lambda r: SpatialSVDConfig(rank=r[0]),
+                Tucker2Config: lambda r: Tucker2Config(ranks=r)}
+
+
+def _resolve_vbmf(module: nn.Module, cfg: MethodConfig) -> tuple[MethodConfig, str]:
+    """A config with ranks="vbmf" -> the same method (or its fallback) at the EVBMF ranks of the
+    layer's own weight (before any error compensation), kept within what the method can build."""
+    if not isinstance(cfg, tuple(VBMF_CONFIGS)) or METHODS[type(cfg)].config_rank(cfg) != VBMF:
+        return cfg, ""
+    spec = layer_spec(module)
+    if spec.groups > 1:
+        return cfg, ""
+    method = METHODS[type(cfg)]
+    if method.unsupported(spec, module) is not None:
+        method, cfg = METHODS[FALLBACK], FALLBACK(rank=VBMF)
+    rank = list(method.vbmf_rank(module))
+    top = method.rank_ladder(spec)[-1] if not isinstance(cfg, Tucker2Config) else max_tucker2_ranks(
+        (spec.out_ch, spec.in_ch, *spec.kernel))
+    rank = [max(1, min(r, t)) for r, t in zip(rank, top)]
+    if isinstance(cfg, Tucker2Config):  # the core must be able to carry the ranks: r_out <= r_in * taps
+        rank[1] = min(rank[1], rank[0] * spec.spatial)
+        rank[0] = min(rank[0], rank[1] * spec.spatial)
+    return VBMF_CONFIGS[type(cfg)](tuple(rank)), f"vbmf ranks {tuple(rank)}"

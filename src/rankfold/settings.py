@@ -1,0 +1,42 @@
+"""Defaults and run settings shared by the CLI and the API, importable without torch (so that
+`rankfold --help` starts at once)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+# A factorization narrower than this many channels cuts a layer to a sliver (a 1->64 stem at rank
+# 2, a 10-class classifier at rank 2) for a negligible saving: such layers are left alone.
+DEFAULT_MIN_RANK = 8
+DEFAULT_MIN_AGREEMENT = 0.8  # top-1 agreement with the original the self-check requires
+DEFAULT_MAX_OUTPUT_ERROR = 0.2  # relative error allowed on an output that is not (N, classes)
+
+# Calibration samples per pass: peak memory grows with this, never with the number of samples.
+DEFAULT_BATCH = 64  # samples per pass when memory allows; the memory budget may lower it
+
+_batch = contextvars.ContextVar("rankfold_calibration_batch", default=DEFAULT_BATCH)
+
+
+def calibration_batch() -> int:
+    """Samples per pass over calibration data in the current run."""
+    return _batch.get()
+
+
+def use_batch(samples: int) -> None:
+    """Calibration passes run `samples` at a time until the enclosing batches_of() block ends."""
+    _batch.set(samples)
+
+
+@contextlib.contextmanager
+def batches_of(samples: int) -> Iterator[None]:
+    """Every calibration pass inside the block runs `samples` at a time."""
+    token = _batch.set(samples)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+
+
+
