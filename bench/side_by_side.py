@@ -18,13 +18,11 @@ import onnxruntime as ort
 
 from rankfold.data import load_npz
 from rankfold.evaluate import accuracy, onnx_size
+from rankfold.runtime import session
 
 
 def _session(path: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session(path, threads=1)
 
 
 def interleaved_latency_ms(paths: list[str], sample: np.ndarray, rounds: int) -> list[float]:

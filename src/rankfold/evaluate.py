@@ -145,17 +145,9 @@ def onnx_peak_activation_bytes(model: onnx.ModelProto) -> int:
 
 
 def _session(path: str, threads: int = 1):
-    import onnxruntime as ort
+    from rankfold.runtime import session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RankfoldError(f"{path}: onnxruntime cannot load it: {first}") from None
+    return session(path, threads=threads)
 
 
 def input_dims(session) -> list:

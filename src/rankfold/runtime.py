@@ -26,9 +26,14 @@ PROBE_CHANNELS = 64
 
 
 def session(model, *, optimized: bool = True, threads: int = 0):
-    """An onnxruntime CPU session: `optimized` is onnxruntime's default (every graph optimization,
-    hence its fused integer kernels); False runs each node as written (reference arithmetic)."""
+    """The one way rankfold opens an onnxruntime CPU session. `model`: a path, serialized bytes or
+    an onnx.ModelProto. `optimized` is onnxruntime's default (every graph optimization, hence its
+    fused integer kernels); False runs each node as written (reference arithmetic). `threads`: 0
+    for onnxruntime's own choice, else that many (and one inter-op thread: timing runs use 1).
+    A file onnxruntime cannot load is a RankfoldError naming it."""
     import onnxruntime as ort
+
+    from rankfold.errors import RankfoldError
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -37,7 +42,13 @@ def session(model, *, optimized: bool = True, threads: int = 0):
         options.inter_op_num_threads = 1
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = model if isinstance(model, str) else "the model"
+        raise RankfoldError(f"{where}: onnxruntime cannot load it: {first}") from None
 
 
 def _probe_model(op: str, weight_code: int) -> tuple[bytes, list[int]]:

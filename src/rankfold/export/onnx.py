@@ -105,9 +105,9 @@ def _rename_values(path: str, names: dict[str, str]) -> None:
 
 
 def _verify(path: str, example_input: Tensor, expected) -> None:
-    import onnxruntime as ort
+    from rankfold.runtime import session as ort_session
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
     got = session.run(None, feed)
     wanted = expected if isinstance(expected, tuple) else (expected,)

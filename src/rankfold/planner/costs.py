@@ -140,13 +140,9 @@ def time_onnx_ms(model: onnx.ModelProto, input_shape: tuple[int, ...], *, repeat
 
 
 def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
+    from rankfold.runtime import session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session(model, threads=1)  # timed on one thread, as the target's latency is modelled
 
 
 def time_onnx_pair_ms(reference: onnx.ModelProto, candidate: onnx.ModelProto, input_shape: tuple[int, ...],

@@ -60,7 +60,7 @@ def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "per
               progress: Callable[[str], None] | None = None) -> dict[str, ActivationParams]:
     """int8 parameters for every float activation tensor, from onnxruntime runs over `calib`."""
     batch_size = batch_size or min(32, calibration_batch())
-    import onnxruntime as ort
+    from rankfold.runtime import session as ort_session
 
     if observer not in OBSERVERS:
         raise RankfoldError(f"unknown observer {observer!r}; choose from {', '.join(OBSERVERS)}")
@@ -71,10 +71,7 @@ def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "per
     for name in names:
         if name not in existing:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(probe, optimized=False)  # unoptimized: every tensor is still there to observe
     input_name = session.get_inputs()[0].name
     wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
     observers = {n: RangeObserver() for n in wanted}
