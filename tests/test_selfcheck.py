@@ -236,3 +236,10 @@ def test_the_api_refuses_a_planned_check_that_cannot_run_unless_check_is_false()
         rankfold.compress(model, calib=calib, max_params="60%", min_rank=2)
     out = rankfold.compress(model, calib=calib, max_params="60%", min_rank=2, check=False)
     assert out.rankfold_check is None
+
+
+def test_the_api_refuses_uniform_settings_in_planned_mode_as_the_cli_does():
+    model, calib = Branches().eval(), torch.randn(96, 1, 8, 8)
+    for extra in ({"method": "svd"}, {"keep": 0.3}, {"layers": {"*": rankfold.SVDConfig(rank=2)}}):
+        with pytest.raises(RankfoldError, match="one or the other"):
+            rankfold.compress(model, calib=calib, max_params="60%", min_rank=2, **extra)

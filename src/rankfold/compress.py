@@ -20,8 +20,8 @@ from rankfold.settings import DEFAULT_MIN_RANK, batches_of
 def compress(
     model: nn.Module,
     *,
-    method: str = "tucker2",
-    keep: float = 0.5,
+    method: str | None = None,
+    keep: float | None = None,
     calib: Tensor | None = None,
     layers: Mapping[str, MethodConfig] | None = None,
     min_rank: int = DEFAULT_MIN_RANK,
@@ -43,7 +43,8 @@ def compress(
     the budgets (values like "10%", "300k", "2MB", "1.5ms"; max_latency in ms) and the target's
     limits, applies the plan, and checks the result on held-back calibration samples, raising
     RankfoldError when top-1 agreement falls below `min_agreement`. The plan is attached as
-    `result.rankfold_plan`, the self-check as `result.rankfold_check`. `method`/`keep` are not used.
+    `result.rankfold_plan`, the self-check as `result.rankfold_check`. `method`, `keep` and `layers`
+    set a uniform compression: given with a target or budget they are refused, as on the CLI.
     The check needs 64 calibration samples; with fewer it is an error unless check=False.
     `bits` ("auto", 32, 8, 4) lets the plan quantize weights; the module returned is float, and
     rankfold.export_quantized(result, plan.layer_bits(), path, calib=...) writes the QDQ file.
@@ -52,8 +53,8 @@ def compress(
 
     Parameters
     ----------
-    method: "svd", "tucker2", "cp", "spatial-svd" or "auto" (the lowest-error method per layer).
-    keep: fraction of each compressible layer's parameters kept, in (0, 1].
+    method: "svd", "tucker2" (default), "cp", "spatial-svd" or "auto" (the lowest-error method per layer).
+    keep: fraction of each compressible layer's parameters kept, in (0, 1] (default 0.5).
     calib: example inputs (N, ...); when given the data-aware decompositions are used.
     layers: per-layer overrides, {fnmatch pattern on the module name: config}; first match wins.
         Configs: SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig, AutoConfig, SkipConfig.
@@ -70,6 +71,11 @@ def compress(
         budgets = {q: v for q, v in (("params", max_params), ("weight_bytes", max_weight_bytes), ("macs", max_macs),
                                      ("latency_ms", max_latency), ("ram_bytes", max_ram)) if v is not None}
         if target is not None or budgets:
+            mixed = [name for name, value in (("method", method), ("keep", keep), ("layers", layers))
+                     if value is not None]
+            if mixed:
+                raise RankfoldError(f"{', '.join(mixed)} set a uniform compression; target and max_* let the planner "
+                                    "choose per layer: use one or the other")
             if not isinstance(model, nn.Module):
                 raise RankfoldError(f"model must be a torch.nn.Module, got {type(model).__name__}")
             # Planning runs the network many times; a copy in eval mode keeps the caller's module, its
@@ -83,8 +89,8 @@ def compress(
             compressed.rankfold_report = result.report
             return compressed
         compressed, report = compress_with_report(
-            model, method=method, keep=keep, calib=calib, layers=layers, min_rank=min_rank, progress=progress
-        )
+            model, method=method or "tucker2", keep=0.5 if keep is None else keep, calib=calib, layers=layers,
+            min_rank=min_rank, progress=progress)
         compressed.rankfold_report = report
         return compressed
 
