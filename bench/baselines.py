@@ -24,7 +24,8 @@ from torch import nn
 from rankfold.analyze import set_submodule
 from rankfold.decompose.vbmf import evbmf_rank
 from rankfold.layers import layer_spec
-from rankfold.methods import SVDMethod, Tucker2Method
+from rankfold.methods.svd import SVDMethod
+from rankfold.methods.tucker2 import Tucker2Method
 
 RankFn = Callable[[nn.Module], tuple[int, ...]]
 

@@ -10,7 +10,7 @@ import rankfold
 from rankfold.decompose import spatial_svd_decompose, sqrt_psd, svd_decompose, tucker2_decompose
 from rankfold.errors import RankfoldError
 from rankfold.frontends.onnx import load_onnx
-from rankfold.planner.candidates import spatial_svd_losses, svd_losses, tucker2_losses
+from rankfold.methods import method_named
 from rankfold.planner.memory import activation_profile
 from rankfold.planner.plan import apply_plan, load_plan, make_plan
 from rankfold.planner.solver import solve
@@ -141,7 +141,7 @@ def layer_data():
 def test_svd_loss_is_exactly_the_factorization_error(layer_data):
     w, s, g = layer_data
     ranks = [(4,), (12,), (24,)]
-    for (r,), loss in zip(ranks, svd_losses(w, s, g, ranks)):
+    for (r,), loss in zip(ranks, method_named("svd").estimate_losses(w, s, g, ranks)):
         approx = svd_decompose(w, rank=r, input_sqrt=s).rebuild()
         assert loss == pytest.approx(_estimated(w, approx, s, g), rel=1e-6, abs=1e-9)
 
@@ -149,7 +149,7 @@ def test_svd_loss_is_exactly_the_factorization_error(layer_data):
 def test_spatial_svd_loss_is_exactly_the_factorization_error(layer_data):
     w, s, g = layer_data
     ranks = [(5,), (20,)]
-    for (r,), loss in zip(ranks, spatial_svd_losses(w, s, g, ranks)):
+    for (r,), loss in zip(ranks, method_named("spatial-svd").estimate_losses(w, s, g, ranks)):
         approx = spatial_svd_decompose(w, rank=r, input_sqrt=s).rebuild()
         assert loss == pytest.approx(_estimated(w, approx, s, g), rel=1e-6)
 
@@ -157,7 +157,7 @@ def test_spatial_svd_loss_is_exactly_the_factorization_error(layer_data):
 def test_tucker2_loss_bounds_the_refined_factorization(layer_data):
     w, s, g = layer_data
     ranks = [(4, 6), (8, 12), (16, 24)]
-    losses = tucker2_losses(w, s, g, ranks)
+    losses = method_named("tucker2").estimate_losses(w, s, g, ranks)
     assert losses[0] > losses[1] > losses[2] == pytest.approx(0, abs=1e-9)
     for rank, loss in zip(ranks[:2], losses[:2]):
         approx = tucker2_decompose(w, ranks=rank, input_sqrt=s, als_iters=2).rebuild()

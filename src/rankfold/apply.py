@@ -21,26 +21,23 @@ from rankfold.analyze import (
     streamed_input_moments,
     untouchable_layers,
 )
-from rankfold.config import (
-    VBMF,
-    AutoConfig,
-    CPConfig,
-    MethodConfig,
-    SkipConfig,
-    SpatialSVDConfig,
-    SVDConfig,
-    Tucker2Config,
-    check_keep,
-    config_for_method,
-)
+from rankfold.config import VBMF, AutoConfig, MethodConfig, SkipConfig, check_keep
 from rankfold.decompose import max_tucker2_ranks, sqrt_psd
 from rankfold.errors import RankfoldError
 from rankfold.layers import LayerSpec, layer_spec
-from rankfold.methods import FALLBACK, METHODS, Factorized, Method, rank_for_keep, weighted_relative_error
+from rankfold.methods import (
+    FALLBACK,
+    Factorized,
+    Method,
+    config_for_method,
+    config_types,
+    method_for_config,
+    method_named,
+    rank_for_keep,
+    registered,
+    weighted_relative_error,
+)
 from rankfold.settings import DEFAULT_MIN_RANK
-
-# CP's ALS is the slow method: "auto" tries it only where weight x rank stays below this.
-AUTO_CP_MAX_WORK = 2e7
 
 Progress = Callable[[str], None]
 
@@ -201,7 +198,7 @@ def _compensated_layer(module: nn.Module, moments: InputMoments) -> tuple[nn.Mod
 def _config_for(name: str, layers: Mapping[str, MethodConfig] | None, default: MethodConfig) -> MethodConfig:
     for pattern, cfg in (layers or {}).items():
         if fnmatch.fnmatchcase(name, pattern):
-            if not isinstance(cfg, (*METHODS, AutoConfig, SkipConfig)):
+            if not isinstance(cfg, (*config_types(), AutoConfig, SkipConfig)):
                 raise RankfoldError(f"layers[{pattern!r}] must be a method config, got {type(cfg).__name__}")
             return cfg
     return default
@@ -223,7 +220,7 @@ def _compress_layer(
     best: tuple[float, Method, Factorized, str] | None = None
     reasons = []
     for cand_cfg, note in candidates:
-        method = METHODS[type(cand_cfg)]
+        method = method_for_config(cand_cfg)
         rank = method.config_rank(cand_cfg)
         if rank is None:
             rank = rank_for_keep(method, spec, layer_keep)
@@ -259,40 +256,39 @@ def _rank_floor(method: Method, spec: LayerSpec, min_rank: int) -> tuple[int, ..
 def _candidate_configs(spec: LayerSpec, cfg: MethodConfig, module: nn.Module) -> list[tuple[MethodConfig, str]]:
     """The concrete method configs to try for one layer, each with a note for the report."""
     if isinstance(cfg, AutoConfig):
-        options: list[MethodConfig] = [SVDConfig(), Tucker2Config(), SpatialSVDConfig()]
-        per_rank = spec.in_ch + sum(spec.kernel) + spec.out_ch
-        if spec.weight_params * spec.weight_params / max(per_rank, 1) < AUTO_CP_MAX_WORK:
-            options.append(CPConfig())
-        fitting = [(c, "auto") for c in options if METHODS[type(c)].unsupported(spec, module) is None]
-        return fitting
-    method = METHODS[type(cfg)]
+        return [(m.config_type(), "auto") for m in registered()
+                if m.unsupported(spec, module) is None and _auto_may_try(m, spec)]
+    method = method_for_config(cfg)
     reason = method.unsupported(spec, module)
     if reason is None:
         return [(cfg, "")]
-    keep = cfg.keep if isinstance(cfg, (SVDConfig, Tucker2Config, CPConfig, SpatialSVDConfig)) else None
-    return [(FALLBACK(keep=keep), f"{reason}: used svd")]
+    fallback = method_named(FALLBACK)
+    return [(fallback.config_type(keep=getattr(cfg, "keep", None)), f"{reason}: used {fallback.name}")]
 
 
-VBMF_CONFIGS = {SVDConfig: lambda r: SVDConfig(rank=r[0]), SpatialSVDConfig: lambda r: SpatialSVDConfig(rank=r[0]),
-                Tucker2Config: lambda r: Tucker2Config(ranks=r)}
+def _auto_may_try(method: Method, spec: LayerSpec) -> bool:
+    """`auto` skips a slow method on a layer where weight params x its largest rank is too much work."""
+    if method.auto_max_work is None:
+        return True
+    return spec.weight_params * max(method.rank_ladder(spec)[-1]) < method.auto_max_work
 
 
 def _resolve_vbmf(module: nn.Module, cfg: MethodConfig) -> tuple[MethodConfig, str]:
     """A config with ranks="vbmf" -> the same method (or its fallback) at the EVBMF ranks of the
     layer's own weight (before any error compensation), kept within what the method can build."""
-    if not isinstance(cfg, tuple(VBMF_CONFIGS)) or METHODS[type(cfg)].config_rank(cfg) != VBMF:
+    method = method_for_config(cfg)
+    if method is None or not hasattr(method, "vbmf_rank") or method.config_rank(cfg) != VBMF:
         return cfg, ""
     spec = layer_spec(module)
     if spec.groups > 1:
         return cfg, ""
-    method = METHODS[type(cfg)]
     if method.unsupported(spec, module) is not None:
-        method, cfg = METHODS[FALLBACK], FALLBACK(rank=VBMF)
+        method = method_named(FALLBACK)
     rank = list(method.vbmf_rank(module))
-    top = method.rank_ladder(spec)[-1] if not isinstance(cfg, Tucker2Config) else max_tucker2_ranks(
+    top = method.rank_ladder(spec)[-1] if method.rank_count == 1 else max_tucker2_ranks(
         (spec.out_ch, spec.in_ch, *spec.kernel))
     rank = [max(1, min(r, t)) for r, t in zip(rank, top)]
-    if isinstance(cfg, Tucker2Config):  # the core must be able to carry the ranks: r_out <= r_in * taps
+    if method.rank_count == 2:  # Tucker-2's core must be able to carry the ranks: r_out <= r_in * taps
         rank[1] = min(rank[1], rank[0] * spec.spatial)
         rank[0] = min(rank[0], rank[1] * spec.spatial)
-    return VBMF_CONFIGS[type(cfg)](tuple(rank)), f"vbmf ranks {tuple(rank)}"
+    return method.config(tuple(rank)), f"vbmf ranks {tuple(rank)}"

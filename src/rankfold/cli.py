@@ -97,10 +97,11 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 
 def _compress_uniform(args: argparse.Namespace) -> None:
     from rankfold.apply import compress_with_report
-    from rankfold.config import check_keep, config_for_method
+    from rankfold.config import check_keep
     from rankfold.evaluate import onnx_size
     from rankfold.export.onnx import export_onnx
     from rankfold.io import write_json_atomic
+    from rankfold.methods import config_for_method, method_named, registered
     from rankfold.report import layer_table
 
     keep = 0.5 if args.keep is None else args.keep
@@ -120,13 +121,10 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     log(args.memory_line)
     layers = None
     if args.ranks == "vbmf":
-        from rankfold.config import VBMF, SpatialSVDConfig, SVDConfig, Tucker2Config
-
-        by_method = {"svd": SVDConfig(rank=VBMF), "tucker2": Tucker2Config(ranks=VBMF),
-                     "spatial-svd": SpatialSVDConfig(rank=VBMF)}
-        if method not in by_method:
-            raise RankfoldError(f"--ranks vbmf works with {', '.join(by_method)}, not {method}")
-        layers = {"*": by_method[method]}
+        with_vbmf = [m.name for m in registered() if hasattr(m, "vbmf_config")]
+        if method not in with_vbmf:
+            raise RankfoldError(f"--ranks vbmf works with {', '.join(with_vbmf)}, not {method}")
+        layers = {"*": method_named(method).vbmf_config()}
     elif args.ranks is not None:
         raise RankfoldError(f"--ranks must be vbmf, got {args.ranks!r}")
     t0 = time.time()

@@ -106,19 +106,3 @@ class SkipConfig:
 
 
 MethodConfig = SVDConfig | Tucker2Config | CPConfig | SpatialSVDConfig | AutoConfig | SkipConfig
-
-METHOD_NAMES: dict[str, type] = {
-    "svd": SVDConfig,
-    "tucker2": Tucker2Config,
-    "cp": CPConfig,
-    "spatial-svd": SpatialSVDConfig,
-    "auto": AutoConfig,
-    "none": SkipConfig,
-}
-
-
-def config_for_method(method: str) -> MethodConfig:
-    """The default config of a method named as on the command line."""
-    if method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_NAMES)}")
-    return METHOD_NAMES[method]()

@@ -74,7 +74,7 @@ def load_target(name_or_path: str) -> Target:
 
 def target_from_dict(raw: dict, origin: str = "target") -> Target:
     """Validate a parsed profile; every problem is reported with the field's name."""
-    from rankfold.config import METHOD_NAMES
+    from rankfold.methods import method_names  # lazily: `rankfold targets` needs no torch
 
     known = set(Target.__dataclass_fields__) - {"int8_note"}
     unknown = sorted(set(raw) - known)
@@ -102,9 +102,9 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
     if not isinstance(methods, list) or not methods:
         raise RankfoldError(f"{origin}: methods must be a non-empty list such as [\"svd\", \"tucker2\"]; "
                             f"got {methods!r}")
-    bad = [m for m in methods if not isinstance(m, str) or m not in METHOD_NAMES or m in ("auto", "none")]
+    bad = [m for m in methods if not isinstance(m, str) or m not in method_names()]
     if bad:
-        raise RankfoldError(f"{origin}: methods must list factorization methods (svd, tucker2, spatial-svd, cp); "
+        raise RankfoldError(f"{origin}: methods must list factorization methods ({', '.join(method_names())}); "
                             f"bad: {bad or methods!r}")
     latency = raw.get("latency", "measured")
     if latency not in LATENCY_MODES:

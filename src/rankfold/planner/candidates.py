@@ -1,80 +1,37 @@
-"""Candidate ranks per layer and their estimated loss, in closed form (no factorization run).
+"""Candidate ranks per layer and the price of their loss.
 
 Loss of a candidate = 1/2 sum_c G_c ||E_c||^2, where E = (W - W~) S is the data-weighted error
 of the approximation (S = Sigma^(1/2) over input channels, as the data-aware decompositions
-use) and G the layer's output sensitivity (see sensitivity.py). One SVD per layer and method
-gives the loss of every rank at once.
+use) and G the layer's output sensitivity (see sensitivity.py). A method with a closed form
+(its estimate_losses) gets every rank from one SVD; any other is factorized per candidate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rankfold.decompose import sqrt_psd
-from rankfold.decompose._weighting import mode_product
 from rankfold.layers import LayerSpec
-from rankfold.methods import Rank
+from rankfold.methods import Method, Rank
+from rankfold.methods.base import weighted_weight
 
-LossFn = Callable[[Tensor, Tensor, Tensor, list[Rank]], list[float]]
-
-
-def _weighted(weight: Tensor, input_sqrt: Tensor) -> Tensor:
-    w = weight.detach().to(torch.float64)
-    w3 = w.reshape(w.shape[0], w.shape[1], -1)
-    return mode_product(w3, input_sqrt, 1)
+# Candidates priced by factorizing them (a method without a closed-form estimate): fewer of them.
+FACTORIZED_POINTS = 8
 
 
-def _tail_losses(matrix: Tensor, row_weights: Tensor, ranks: list[int]) -> list[float]:
-    """1/2 sum_{j >= r} s_j^2 (row_weights . u_j^2) for each r: the row-weighted error of keeping
-    the leading r left singular directions of `matrix`."""
-    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
-    per_direction = (s * s) * (row_weights @ (u * u))
-    tails = torch.flip(torch.cumsum(torch.flip(per_direction, [0]), 0), [0])
-    tails = torch.cat([tails, tails.new_zeros(1)])
-    return [0.5 * float(tails[min(r, len(s))]) for r in ranks]
-
-
-def svd_losses(weight: Tensor, input_sqrt: Tensor, sensitivity: Tensor, ranks: list[Rank]) -> list[float]:
-    weighted = _weighted(weight, input_sqrt)
-    return _tail_losses(weighted.reshape(weighted.shape[0], -1), sensitivity, [r[0] for r in ranks])
-
-
-def spatial_svd_losses(weight: Tensor, input_sqrt: Tensor, sensitivity: Tensor, ranks: list[Rank]) -> list[float]:
-    out_ch, in_ch, kh, kw = weight.shape
-    rows = weight.detach().to(torch.float64).permute(0, 3, 1, 2).reshape(out_ch * kw, in_ch, kh)
-    weighted = mode_product(rows, input_sqrt, 1).reshape(out_ch * kw, -1)
-    return _tail_losses(weighted, sensitivity.repeat_interleave(kw), [r[0] for r in ranks])
-
-
-def tucker2_losses(weight: Tensor, input_sqrt: Tensor, sensitivity: Tensor, ranks: list[Rank]) -> list[float]:
-    """HOSVD estimate (the HOOI sweeps that follow only lower it): with U the output-mode and V the
-    input-mode singular vectors of W S, the error of row c is ||(W S)_c||^2 - ||(U U^T Z)_c||^2,
-    Z = W S projected on V; both bases are nested, so every rank pair reuses one SVD each."""
-    weighted = _weighted(weight, input_sqrt)  # (O, I, k)
-    out_ch, in_ch, taps = weighted.shape
-    u_out = torch.linalg.svd(weighted.reshape(out_ch, -1), full_matrices=False)[0]
-    v_in = torch.linalg.svd(weighted.permute(1, 0, 2).reshape(in_ch, -1), full_matrices=False)[0]
-    coords = mode_product(weighted, v_in, 1)  # (O, I', k): coordinates in the ordered V basis
-    row_norms = (weighted * weighted).sum((1, 2))
+def factorized_losses(method: Method, layer: nn.Module, input_sqrt: Tensor, sensitivity: Tensor,
+                      ranks: list[Rank]) -> list[float]:
+    """The same loss, 1/2 sum_c G_c ||((W - W~) S)_c||^2, for a method with no closed form: each
+    rank is factorized (data-aware, as it would be applied) and its error measured."""
+    weight = layer.weight.detach().to(torch.float64)
     losses = []
-    for r_in, r_out in ranks:
-        z = coords[:, :r_in].reshape(out_ch, -1)
-        basis = u_out[:, :r_out]
-        kept = basis @ (basis.T @ z)
-        err = (row_norms - (kept * kept).sum(1)).clamp_min(0)
-        losses.append(0.5 * float(sensitivity @ err))
+    for rank in ranks:
+        approx = method.factorize(layer, rank, input_sqrt, method.config(list(rank))).approx_weight
+        error = weighted_weight(weight - approx.detach().to(torch.float64).reshape(weight.shape), input_sqrt)
+        losses.append(0.5 * float(sensitivity @ (error * error).sum((1, 2))))
     return losses
-
-
-LOSS_ESTIMATORS: dict[str, LossFn] = {
-    "svd": svd_losses,
-    "tucker2": tucker2_losses,
-    "spatial-svd": spatial_svd_losses,
-}
 
 
 def input_weighting(moment: Tensor | None, in_ch: int) -> Tensor:

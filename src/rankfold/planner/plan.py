@@ -19,12 +19,12 @@ from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE, run_checked, run_hooked, set_submodule, untouchable_layers
 from rankfold.apply import compress_with_report
-from rankfold.config import CPConfig, MethodConfig, SkipConfig, SpatialSVDConfig, SVDConfig, Tucker2Config
+from rankfold.config import MethodConfig, SkipConfig
 from rankfold.errors import RankfoldError
 from rankfold.io import write_json_atomic
 from rankfold.layers import layer_spec
-from rankfold.methods import METHODS
-from rankfold.planner.candidates import LOSS_ESTIMATORS, candidate_ranks, input_weighting
+from rankfold.methods import method_named, method_names
+from rankfold.planner.candidates import FACTORIZED_POINTS, candidate_ranks, factorized_losses, input_weighting
 from rankfold.planner.costs import (
     ChainProfile,
     LatencyCache,
@@ -40,12 +40,6 @@ from rankfold.settings import DEFAULT_MIN_RANK, calibration_batch
 from rankfold.target import RUNTIMES, Budget, Target, load_target, parse_budget
 
 PLAN_FORMAT = "rankfold-plan/1"
-METHOD_CONFIGS: dict[str, Callable[[list[int]], MethodConfig]] = {
-    "svd": lambda r: SVDConfig(rank=r[0]),
-    "tucker2": lambda r: Tucker2Config(ranks=(r[0], r[1])),
-    "spatial-svd": lambda r: SpatialSVDConfig(rank=r[0]),
-    "cp": lambda r: CPConfig(rank=r[0]),
-}
 # Measured latency varies by a few percent from run to run: plans aim this much under a latency
 # limit so that a later measurement of the result still meets it.
 LATENCY_MARGIN = 0.95  # params, macs, weight_bytes, ram_bytes, latency_ms
@@ -106,7 +100,7 @@ class Plan:
             if layer.method == "none":
                 configs[layer.name] = SkipConfig(layer.note or "left alone by the plan")
             else:
-                configs[layer.name] = METHOD_CONFIGS[layer.method](layer.ranks)
+                configs[layer.name] = method_named(layer.method).config(layer.ranks)
         return configs
 
 
@@ -143,7 +137,6 @@ _PLAN_TYPES = {"target": str, "weight_bits": int, "activation_bits": int, "data_
                "feasible": bool, "messages": list, "reduce_range": bool, "runtime": str}
 _LAYER_TYPES = {"name": str, "layer": str, "method": str, "ranks": list, "est_loss": _NUMBER, "params": int,
                 "weight_bytes": int, "macs": int, "latency_ms": _NUMBER, "ram_bytes": int, "note": str, "bits": int}
-RANK_COUNTS = {"svd": 1, "spatial-svd": 1, "cp": 1, "tucker2": 2}  # ranks each method takes
 
 
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list",
@@ -187,9 +180,9 @@ def plan_problem(plan: Plan) -> str | None:
             if layer.ranks:
                 return f"{where}method none takes no ranks, got {layer.ranks!r}"
             continue
-        if layer.method not in METHOD_CONFIGS:
-            return f"{where}unknown method {layer.method!r} (choose from none, {', '.join(METHOD_CONFIGS)})"
-        count = RANK_COUNTS[layer.method]
+        if layer.method not in method_names():
+            return f"{where}unknown method {layer.method!r} (choose from none, {', '.join(method_names())})"
+        count = method_named(layer.method).rank_count
         if len(layer.ranks) != count or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
                                                 for r in layer.ranks):
             return (f"{where}{layer.method} takes {count} positive integer rank{'s' if count > 1 else ''}, "
@@ -213,10 +206,6 @@ class _Option:
     @property
     def key(self) -> tuple[str, tuple[int, ...]]:
         return self.method, self.ranks
-
-
-def _method_named(name: str):
-    return next(m for m in METHODS.values() if m.name == name)
 
 
 def _stored_bytes(profile: ChainProfile, bits: int) -> float:
@@ -273,13 +262,18 @@ def _options_for_layer(
     weighting = input_weighting(stats.input_moment, spec.in_ch)
     notes = []
     for method_name in target.methods:
-        method = _method_named(method_name)
-        if method.unsupported(spec, module) is not None or method_name not in LOSS_ESTIMATORS:
+        method = method_named(method_name)
+        if method.unsupported(spec, module) is not None:
             continue
-        ranks = candidate_ranks(method, spec, multiple=target.rank_multiple, min_rank=min_rank)
+        # Without a closed form each candidate is factorized to price it: fewer candidates.
+        points = 16 if method.estimate_losses is not None else FACTORIZED_POINTS
+        ranks = candidate_ranks(method, spec, multiple=target.rank_multiple, min_rank=min_rank, points=points)
         if not ranks:
             continue
-        losses = LOSS_ESTIMATORS[method_name](module.weight, weighting, stats.sensitivity, ranks)
+        if method.estimate_losses is not None:
+            losses = method.estimate_losses(module.weight, weighting, stats.sensitivity, ranks)
+        else:
+            losses = factorized_losses(method, module, weighting, stats.sensitivity, ranks)
         for rank, loss in zip(ranks, losses):
             profile = chain_profile(list(method.skeleton(module, rank)), input_shape)
             options.append(_Option(method_name, tuple(rank), loss, profile, latency_of(profile, input_shape),
@@ -329,7 +323,7 @@ def _variant(model: nn.Module, modules: dict, choice: Mapping[str, _Option]) -> 
     variant = copy.deepcopy(model)
     for name, option in choice.items():
         if option.method != "none":
-            method = _method_named(option.method)
+            method = method_named(option.method)
             set_submodule(variant, name, method.skeleton(modules[name], option.ranks))
     return variant
 
@@ -480,9 +474,9 @@ class LossProbe:
     def measure(self, name: str, key: tuple[str, tuple[int, ...]], estimate: float) -> float:
         method_name, ranks = key
         layer = self.modules[name]
-        method = _method_named(method_name)
+        method = method_named(method_name)
         weighting = input_weighting(self.stats[name].input_moment, layer_spec(layer).in_ch)
-        approx = method.factorize(layer, ranks, weighting, METHOD_CONFIGS[method_name](list(ranks))).approx_weight
+        approx = method.factorize(layer, ranks, weighting, method.config(list(ranks))).approx_weight
         original = layer.weight.detach().clone()
         try:
             with torch.no_grad():
