@@ -165,3 +165,35 @@ def test_help_starts_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+def _initializers(path) -> list[tuple]:
+    import onnx
+    from onnx import numpy_helper
+
+    return sorted((tuple(a.shape), a.tobytes()) for a in map(numpy_helper.to_array, onnx.load(path).graph.initializer))
+
+
+def test_plan_then_apply_gives_the_same_weights_through_the_cli_and_the_api(tmp_path):
+    """The plan records how many calibration samples its planning held back; applying it holds
+    back as many whichever door it goes through (the API's apply_plan used to fit on all of them)."""
+    x = np.random.default_rng(1).standard_normal((96, 1, 12, 12)).astype(np.float32)
+    rankfold.export_onnx(tiny_classifier(), tmp_path / "m.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(tmp_path / "c.npz", x=x)
+    code, _out, err = run_cli("compress", "m.onnx", "--calib", "c.npz", "--max-params", "60%", "--bits", "32",
+                              "--min-rank", "2", "-o", "cli.onnx", "--plan-out", "plan.json", "-q", cwd=tmp_path)
+    assert code == 0, err
+    plan = rankfold.load_plan(tmp_path / "plan.json")
+    assert plan.held_back == 16 and not plan.quantized
+    calib = torch.from_numpy(x)
+    module, _report = rankfold.apply_plan(rankfold.load_onnx(tmp_path / "m.onnx"), plan, calib=calib)
+    rankfold.export_onnx(module, tmp_path / "api.onnx", example_input=calib[:1])
+    assert _initializers(tmp_path / "cli.onnx") == _initializers(tmp_path / "api.onnx")
+    # and the API's own planned compress, applied again from its plan
+    model = rankfold.load_onnx(tmp_path / "m.onnx")
+    planned = rankfold.compress(model, calib=calib, max_params="60%", bits=32, min_rank=2)
+    again, _report = rankfold.apply_plan(model, planned.rankfold_plan, calib=calib)
+    for (name, a), (_, b) in zip(planned.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(rankfold.RankfoldError, match="holding back the last 16"):
+        rankfold.apply_plan(model, plan, calib=calib[:40])

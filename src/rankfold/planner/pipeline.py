@@ -52,9 +52,10 @@ def compress_to_budget(
     fit, held = split_holdout(calib) if calib is not None else (None, None)
     plan = make_plan(model, calib=fit, example_input=example_input, target=target, budgets=budgets or {},
                      min_rank=min_rank, onnx_path=onnx_path, bits=bits, progress=say)
+    plan.held_back = 0 if held is None else len(held)
     if not plan.feasible:
         raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
-    module, report = apply_plan(model, plan, calib=fit, progress=say)
+    module, report = apply_plan(model, plan, calib=calib, progress=say)
     return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error))
 
 
@@ -65,8 +66,14 @@ def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_a
     Layers edited by hand since planning have their sizes recounted on the result."""
     say = progress or (lambda _m: None)
     require_check_data(calib, check)
-    fit, held = split_holdout(calib) if calib is not None else (None, None)
-    module, report = apply_plan(model, plan, calib=fit, progress=say)
+    held = split_holdout(calib)[1] if calib is not None else None
+    if plan.held_back is None:  # a plan file from before held_back was recorded: the CLI always held back
+        plan = dataclasses.replace(plan, held_back=0 if held is None else len(held))
+    elif plan.held_back == 0 and check:
+        raise RankfoldError("this plan was made without held-back samples (planned with --no-check): its self-check "
+                            "cannot run on unseen data; apply it with --no-check (check=False), or plan again")
+    module, report = apply_plan(model, plan, calib=calib, progress=say)
+    held = None if calib is None or not plan.held_back else calib[len(calib) - plan.held_back:]
     example = calib[:1] if calib is not None else example_input
     if example is not None:
         plan = recount_edited(plan, report, module, example)

@@ -36,6 +36,7 @@ from rankfold.planner.costs import (
 from rankfold.planner.memory import activation_profile
 from rankfold.planner.sensitivity import layer_statistics, model_outputs
 from rankfold.planner.solver import solve
+from rankfold.selfcheck import split_holdout
 from rankfold.settings import DEFAULT_MIN_RANK, calibration_batch
 from rankfold.target import RUNTIMES, Budget, Target, load_target, parse_budget
 
@@ -80,6 +81,10 @@ class Plan:
     messages: list[str] = field(default_factory=list)
     reduce_range: bool = False  # int8 weights on 7 bits (the target's onnxruntime needs it)
     runtime: str = "onnxruntime"  # what runs the result: "onnxruntime" or "c"
+    # Calibration samples (the last ones) the plan was made without, for the self-check: applying
+    # it holds back as many, so plan -> apply gives the same weights through the CLI and the API.
+    # None: a plan file from before this was recorded.
+    held_back: int | None = None
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **asdict(self)}
@@ -162,6 +167,9 @@ def plan_problem(plan: Plan) -> str | None:
         return problem
     if plan.runtime not in RUNTIMES:
         return f"runtime must be one of {', '.join(RUNTIMES)}, got {plan.runtime!r}"
+    if plan.held_back is not None and (isinstance(plan.held_back, bool) or not isinstance(plan.held_back, int)
+                                       or plan.held_back < 0):
+        return f"held_back must be a count of samples (an integer >= 0), got {plan.held_back!r}"
     for key, value in plan.limits.items():
         if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value) or value <= 0:
             return f"limit {key!r} must be a positive number, got {value!r}"
@@ -721,4 +729,18 @@ def apply_plan(model: nn.Module, plan: Plan, *, calib: Tensor | None = None, pro
         raise RankfoldError("this plan was made with calibration data: give the same calibration data to apply it")
     layers = {escape_pattern(n): cfg for n, cfg in plan.layer_configs().items()}
     layers["*"] = SkipConfig("not in the plan")
-    return compress_with_report(model, calib=calib, layers=layers, min_rank=1, progress=progress)
+    return compress_with_report(model, calib=fitting_samples(plan, calib), layers=layers, min_rank=1,
+                                progress=progress)
+
+
+def fitting_samples(plan: Plan, calib: Tensor | None) -> Tensor | None:
+    """The calibration samples a plan is applied with: all but the `held_back` last ones, which
+    its planning never saw (checked: the same data must hold back as many)."""
+    if calib is None or not plan.held_back:
+        return calib
+    _fit, held = split_holdout(calib)
+    if held is None or len(held) != plan.held_back:
+        raise RankfoldError(f"this plan was made holding back the last {plan.held_back} calibration samples for "
+                            f"its self-check; {len(calib)} samples here would hold back "
+                            f"{0 if held is None else len(held)}: give the calibration data it was made with")
+    return calib[: len(calib) - plan.held_back]
