@@ -284,6 +284,9 @@ NUMERIC_OPTIONS = {
     "eval": ["--limit", "--runs"],
     "pareto": ["--points", "--measure", "--limit", "--target", "--max-memory"],
     "run-c": ["--limit", "--qemu-samples", "--qemu"],
+    "apply": ["--calib-limit", "--min-rank", "--min-agreement", "--max-output-error", "--observer", "--max-memory"],
+    "export-c": ["--target", "--calib-limit"],
+    "demo": ["--epochs", "--target", "--max-weight-bytes"],
 }
 
 
@@ -299,7 +302,11 @@ def test_no_option_value_makes_a_traceback(tmp_path):
                        st.integers(-10**12, 10**12).map(str), st.sampled_from(["0", "-1", "nan", "inf", "1e400",
                                                                                "10%", "-5%", "3MB", "", " "]))
     positional = {"compress": ["missing.onnx", "-o", str(tmp_path / "o.onnx")], "eval": ["missing.onnx", "--data",
-                  "missing.npz"], "pareto": ["missing.onnx"], "run-c": ["missing_dir", "--data", "missing.npz"]}
+                  "missing.npz"], "pareto": ["missing.onnx"], "run-c": ["missing_dir", "--data", "missing.npz"],
+                  "apply": ["missing.json", "missing.onnx", "-o", str(tmp_path / "o.onnx")],
+                  "export-c": ["missing.onnx", "-o", str(tmp_path / "cdir")],
+                  # a directory that cannot be made: any good value still ends before the training
+                  "demo": ["--out", "/proc/rankfold-cannot-be-here"]}
 
     @settings(max_examples=150, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])

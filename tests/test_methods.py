@@ -13,7 +13,8 @@ from rankfold.apply import compress_with_report
 from rankfold.errors import RankfoldError
 from rankfold.methods import method_names, register, unregister
 from rankfold.methods.svd import SVDMethod
-from rankfold.planner.plan import apply_plan, load_plan, make_plan
+from rankfold.planner.plan import apply_plan, load_plan
+from rankfold.planner.pricing import make_plan
 from rankfold.target import load_target
 
 

@@ -12,7 +12,8 @@ from rankfold.errors import RankfoldError
 from rankfold.frontends.onnx import load_onnx
 from rankfold.methods import method_named
 from rankfold.planner.memory import activation_profile
-from rankfold.planner.plan import apply_plan, load_plan, make_plan
+from rankfold.planner.plan import apply_plan, load_plan
+from rankfold.planner.pricing import make_plan
 from rankfold.planner.solver import solve
 from rankfold.selfcheck import agreement
 from rankfold.target import builtin_targets, load_target, parse_budget
@@ -198,7 +199,7 @@ def test_plan_meets_a_parameter_budget_and_apply_matches_it(net, tmp_path):
 
 def test_tighter_budget_never_lowers_the_estimated_loss(net):
     model, calib = net
-    from rankfold.planner.plan import price_model
+    from rankfold.planner.pricing import price_model
 
     pricing = price_model(model, calib=calib, target="cortex-m4", min_rank=4)
     losses = [pricing.solve({"params": f"{p}%"}).est_loss for p in (90, 60, 40, 25)]
@@ -279,7 +280,7 @@ def test_bad_plan_files_are_refused(net, tmp_path, edit, message):
 
 # -- measured losses --------------------------------------------------------------------------
 def test_measured_loss_grows_as_the_rank_shrinks_and_vanishes_at_full_rank(net):
-    from rankfold.planner.plan import price_model
+    from rankfold.planner.pricing import price_model
 
     model, calib = net
     pricing = price_model(model, calib=calib, target="cortex-m4", min_rank=4)
@@ -294,7 +295,7 @@ def test_measured_loss_grows_as_the_rank_shrinks_and_vanishes_at_full_rank(net):
 
 
 def test_only_outlier_measurements_raise_the_estimate():
-    from rankfold.planner.plan import OUTLIER, LossProbe
+    from rankfold.planner.probe import OUTLIER, LossProbe
 
     probe = LossProbe.__new__(LossProbe)
     probe.values, probe.typical = {}, None

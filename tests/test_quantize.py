@@ -12,7 +12,7 @@ import rankfold
 from rankfold.errors import RankfoldError
 from rankfold.evaluate import onnx_size
 from rankfold.layers import LowRank
-from rankfold.planner.plan import make_plan
+from rankfold.planner.pricing import make_plan
 from rankfold.quantize.core import (
     activation_params,
     fake_quantize_weight,

@@ -29,7 +29,7 @@ _PUBLIC = {
     "load_onnx": "rankfold.frontends.onnx",
     "load_plan": "rankfold.planner.plan",
     "load_target": "rankfold.target",
-    "make_plan": "rankfold.planner.plan",
+    "make_plan": "rankfold.planner.pricing",
     "model_cost": "rankfold.stats",
 }
 __all__ = sorted(_PUBLIC)

@@ -103,7 +103,8 @@ def run_demo(out_dir: str, *, epochs: int = 3, train_limit: int = 24000, target:
     from rankfold.io import check_output_directory
     from rankfold.planner.pareto import front, front_lines, plot_front, quantized_accuracy, target_fit
     from rankfold.planner.pipeline import apply_and_check, write_result
-    from rankfold.planner.plan import apply_plan, price_model
+    from rankfold.planner.plan import apply_plan
+    from rankfold.planner.pricing import price_model
     from rankfold.selfcheck import split_holdout
     from rankfold.settings import batches_of
     from rankfold.target import load_target, parse_budget

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
 from rankfold.io import make_public, write_json_atomic
-from rankfold.planner.plan import apply_plan, price_model
+from rankfold.planner.plan import apply_plan
+from rankfold.planner.pricing import price_model
 from rankfold.selfcheck import split_holdout
 from rankfold.settings import DEFAULT_MIN_RANK
 from rankfold.target import Budget

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from rankfold.analyze import COMPRESSIBLE
 from rankfold.apply import CompressionReport
 from rankfold.errors import RankfoldError
-from rankfold.planner.plan import Plan, apply_plan, make_plan
+from rankfold.planner.plan import Plan, apply_plan
+from rankfold.planner.pricing import make_plan
 from rankfold.selfcheck import (
     Agreement,
     agreement,

@@ -1,0 +1,160 @@
+"""A layer's options for the planner: every (method, ranks) of the target's methods with its
+estimated loss, latency and memory, each at every weight bit-width the target allows, and the
+rules that pick those bit-widths."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import run_hooked
+from rankfold.errors import RankfoldError
+from rankfold.layers import layer_spec
+from rankfold.methods import method_named
+from rankfold.planner.candidates import FACTORIZED_POINTS, candidate_ranks, factorized_losses, input_weighting
+from rankfold.planner.costs import (
+    ChainProfile,
+    chain_profile,
+)
+from rankfold.target import Target
+
+
+@dataclass
+class Option:
+    method: str
+    ranks: tuple[int, ...]
+    loss: float
+    profile: ChainProfile
+    latency_ms: float
+    ram_elements: int
+    bits: int = 32
+    weight_bytes: float = 0.0
+    quant_loss: float = 0.0  # the share of `loss` that weight rounding adds
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...]]:
+        return self.method, self.ranks
+
+
+def stored_bytes(profile: ChainProfile, bits: int) -> float:
+    """Weight bytes of a chain at `bits`, as the QDQ export stores them: packed integers and a
+    float32 scale per output channel, int32 biases with a float32 scale each; float32 at 32 bits."""
+    if bits >= 32:
+        return 4.0 * profile.params
+    total = 0.0
+    for s in profile.sub_layers:
+        elements = s.out_ch * (s.in_ch // s.groups) * int(np.prod(s.kernel or (1,)))
+        total += -(-elements * bits // 8) + 4 * s.out_ch + (8 * s.out_ch if s.bias else 0)
+    return total
+
+
+def with_bits(options: list[Option], bits_choices: tuple[int, ...], noise_unit: float,
+               reduce_range: bool = False) -> list[Option]:
+    """Every structural option at every allowed bit-width. Quantizing adds rounding noise to each
+    factor: its estimated loss is noise_unit (the layer's loss at int8) x factors x (127/qmax)^2,
+    qmax 63 for int8 on a target that needs 7-bit weights (four times the int8 noise, same bytes)."""
+    from rankfold.quantize.core import weight_qmax
+
+    expanded = []
+    for opt in options:
+        for bits in bits_choices:
+            extra = 0.0 if bits >= 32 else \
+                noise_unit * len(opt.profile.sub_layers) * (127 / weight_qmax(bits, reduce_range)) ** 2
+            expanded.append(dataclasses.replace(opt, loss=opt.loss + extra, bits=bits, quant_loss=extra,
+                                                weight_bytes=stored_bytes(opt.profile, bits)))
+    return expanded
+
+
+def int8_noise_loss(module: nn.Module, stats) -> float:
+    """1/2 sum_c G_c E[dy_c^2] for int8 rounding noise on the layer's weights (independent noise of
+    variance (max|w_c| / 127)^2 / 12 per weight; E[x^2] summed over the taps = taps * tr(Sigma))."""
+    from rankfold.quantize.weights import weight_quant_noise
+
+    noise = torch.from_numpy(weight_quant_noise(module.weight, 8))
+    spec = layer_spec(module)
+    trace = float(torch.trace(stats.input_moment)) if stats.input_moment is not None else float(spec.in_ch)
+    per_group = spec.in_ch // spec.groups
+    return 0.5 * float(stats.sensitivity @ noise) * spec.spatial * trace * per_group / spec.in_ch
+
+
+def options_for_layer(
+    name, module, stats, target, min_rank, base_elements, keep_input, latency_of
+) -> tuple[list[Option], str]:
+    spec = layer_spec(module)
+    input_shape = stats.input_shape
+    original = chain_profile([module], input_shape)
+    options = [Option("none", (), 0.0, original, latency_of(original, input_shape),
+                       base_elements + original.working_elements(keep_input))]
+    if spec.groups > 1:
+        return options, f"grouped convolution (groups={spec.groups}): not factorized"
+    weighting = input_weighting(stats.input_moment, spec.in_ch)
+    notes = []
+    for method_name in target.methods:
+        method = method_named(method_name)
+        if method.unsupported(spec, module) is not None:
+            continue
+        # Without a closed form each candidate is factorized to price it: fewer candidates.
+        points = 16 if method.estimate_losses is not None else FACTORIZED_POINTS
+        ranks = candidate_ranks(method, spec, multiple=target.rank_multiple, min_rank=min_rank, points=points)
+        if not ranks:
+            continue
+        if method.estimate_losses is not None:
+            losses = method.estimate_losses(module.weight, weighting, stats.sensitivity, ranks)
+        else:
+            losses = factorized_losses(method, module, weighting, stats.sensitivity, ranks)
+        for rank, loss in zip(ranks, losses):
+            profile = chain_profile(list(method.skeleton(module, rank)), input_shape)
+            options.append(Option(method_name, tuple(rank), loss, profile, latency_of(profile, input_shape),
+                                   base_elements + profile.working_elements(keep_input)))
+    if len(options) == 1:
+        notes.append(f"no rank of {', '.join(target.methods)} at or above min_rank={min_rank} saves parameters")
+    return options, "; ".join(notes)
+
+
+def data_free_stats(model: nn.Module, names: list[str], example: Tensor):
+    """Shapes from one forward pass; identity input weighting; each layer's error relative to its
+    own weight norm (no data: no sensitivity)."""
+    from rankfold.planner.sensitivity import LayerStats
+
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple] = {}
+    def record(name: str, inputs, output) -> None:  # a forward hook that returned a value would replace the output
+        shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+
+    run_hooked(model, example, [modules[n].register_forward_hook(lambda m, i, o, n=n: record(n, i, o))
+                                for n in names])
+    stats = {}
+    for n in names:
+        if n in shapes:
+            w = modules[n].weight.detach().to(torch.float64)
+            sens = torch.full((w.shape[0],), 1.0 / float((w * w).sum().clamp_min(1e-30)), dtype=torch.float64)
+            stats[n] = LayerStats(n, None, sens, *shapes[n])
+    return stats
+
+
+def bit_choices(target: Target, bits: str | int) -> tuple[int, ...]:
+    """The weight bit-widths the planner may pick from: the target's set ("auto"), or one of them."""
+    if bits == "auto":
+        return tuple(target.weight_bits)
+    try:
+        value = int(bits)
+    except (TypeError, ValueError):
+        raise RankfoldError(f"bits must be auto, 32, 8 or 4, got {bits!r}") from None
+    if value not in target.weight_bits:
+        raise RankfoldError(f"target {target.name} runs weights at {', '.join(map(str, target.weight_bits))} "
+                            f"bits, not {value}")
+    return (value,)
+
+
+def edge_bits(target: Target, bits: str | int) -> tuple[int, ...]:
+    """Bit-widths for the first and last layer, the most sensitive to rounding and the cheapest in
+    bytes: never int4 where the target runs float. With "auto" the planner weighs float against
+    int8 (int8 saves bytes a tight budget needs); a fixed --bits keeps them float."""
+    choices = bit_choices(target, bits)
+    if 32 not in target.weight_bits:
+        return choices
+    return (32, 8) if bits == "auto" and 8 in choices else (32,)
