@@ -197,3 +197,16 @@ def test_plan_then_apply_gives_the_same_weights_through_the_cli_and_the_api(tmp_
         assert torch.equal(a, b), name
     with pytest.raises(rankfold.RankfoldError, match="holding back the last 16"):
         rankfold.apply_plan(model, plan, calib=calib[:40])
+
+
+def test_the_commands_are_python_functions_that_return_data(small, capsys):
+    """eval, pareto, export-c and run-c have functions behind them that return what the CLI prints."""
+    x = np.load(small / "data.npz")["x"]
+    y = np.load(small / "data.npz")["y"]
+    result = rankfold.evaluate_onnx(small / "m.onnx", x, y, measure_latency=False)
+    assert result.params > 0 and 0 <= result.accuracy <= 1
+    model, calib = rankfold.load_onnx(small / "m.onnx"), torch.from_numpy(x)
+    front = rankfold.run_pareto(model, str(small / "m.onnx"), calib=calib, example=calib[:1], target="cortex-m4",
+                                fractions=[0.5, 0.2], min_rank=2)
+    assert [p["budget"] for p in front["points"]] == [0.2, 0.5] and front["lines"]
+    assert capsys.readouterr().out == ""  # nothing printed: the CLI prints front["lines"]

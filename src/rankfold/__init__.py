@@ -22,6 +22,10 @@ _PUBLIC = {
     "Target": "rankfold.target",
     "Tucker2Config": "rankfold.config",
     "apply_plan": "rankfold.planner.plan",
+    "evaluate_onnx": ("rankfold.evaluate", "evaluate"),  # not "evaluate": that is a submodule's name
+    "export_c": "rankfold.cexport.run",
+    "run_c": "rankfold.cexport.run",
+    "run_pareto": "rankfold.planner.pareto",
     "compress": "rankfold.compress",
     "compress_with_report": "rankfold.apply",
     "export_onnx": "rankfold.export.onnx",
@@ -39,7 +43,9 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'rankfold' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    where = _PUBLIC[name]
+    module, attribute = where if isinstance(where, tuple) else (where, name)
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value  # later lookups skip this function
     return value
 

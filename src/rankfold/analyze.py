@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rankfold.errors import RankfoldError
+from rankfold.errors import RankfoldError, first_line
 from rankfold.settings import calibration_batch
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -40,14 +40,18 @@ def channels_last_rows(module: nn.Module, x: Tensor) -> Tensor:
     return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
+def model_outputs(out) -> list[Tensor]:
+    """Every output of a forward pass as a list (a model may return one tensor or a tuple)."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def run_checked(model: nn.Module, x: Tensor) -> Tensor:
     """Run `model` on `x`, turning a shape mismatch into a RankfoldError that says so."""
     try:
         return model(x)
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RankfoldError(
-            f"calibration/example data of shape {tuple(x.shape)} does not fit the model: {first_line}"
+            f"calibration/example data of shape {tuple(x.shape)} does not fit the model: {first_line(exc)}"
         ) from None
 
 

@@ -267,9 +267,10 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
         loaded = load_npz(args.data)
         data = (loaded.x[: args.limit or None], loaded.y[: args.limit or None])
     _log(args.quiet)(args.memory_line)
-    run_pareto(model, args.model, calib=calib, example=example, target=args.target, fractions=budgets,
-               data=data, measure_points=args.measure, plot=args.plot, json_out=args.json,
-               min_rank=args.min_rank, progress=_log(args.quiet))
+    result = run_pareto(model, args.model, calib=calib, example=example, target=args.target, fractions=budgets,
+                        data=data, measure_points=args.measure, plot=args.plot, json_out=args.json,
+                        min_rank=args.min_rank, progress=_log(args.quiet))
+    print("\n".join(result["lines"]))
 
 
 def _cmd_export_c(args: argparse.Namespace) -> None:

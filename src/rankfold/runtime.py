@@ -33,7 +33,7 @@ def session(model, *, optimized: bool = True, threads: int = 0):
     A file onnxruntime cannot load is a RankfoldError naming it."""
     import onnxruntime as ort
 
-    from rankfold.errors import RankfoldError
+    from rankfold.errors import RankfoldError, first_line
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -46,9 +46,8 @@ def session(model, *, optimized: bool = True, threads: int = 0):
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = model if isinstance(model, str) else "the model"
-        raise RankfoldError(f"{where}: onnxruntime cannot load it: {first}") from None
+        raise RankfoldError(f"{where}: onnxruntime cannot load it: {first_line(exc)}") from None
 
 
 def _probe_model(op: str, weight_code: int) -> tuple[bytes, list[int]]:

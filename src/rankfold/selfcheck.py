@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from rankfold.analyze import model_outputs
 from rankfold.errors import RankfoldError
 from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, calibration_batch
 
@@ -36,10 +37,6 @@ class Agreement:
         top1 = "" if self.top1_agreement is None else f"top-1 agreement {self.top1_agreement:.1%}, "
         heads = f" ({len(self.outputs)} outputs, worst shown)" if len(self.outputs) > 1 else ""
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
-
-
-def _outputs(out) -> list[Tensor]:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _is_classes(y: Tensor) -> bool:
@@ -77,7 +74,7 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
             batch = inputs[start : start + batch_size].to(torch.float32)
-            ys, ys_hat = _outputs(original.eval()(batch)), _outputs(compressed.eval()(batch))
+            ys, ys_hat = model_outputs(original.eval()(batch)), model_outputs(compressed.eval()(batch))
             if len(ys) != len(ys_hat):
                 raise RankfoldError(f"self-check: the compressed network has {len(ys_hat)} outputs, the original "
                                     f"{len(ys)}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from rankfold.errors import RankfoldError
+from rankfold.errors import RankfoldError, first_line
 from rankfold.frontends.onnx_ops import OPS, same_pads, torch_pad_order
 
 MIN_OPSET, MAX_OPSET = 11, 23
@@ -135,8 +135,7 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RankfoldError(f"{path}: invalid ONNX model: {first}") from None
+        raise RankfoldError(f"{path}: invalid ONNX model: {first_line(exc)}") from None
     return model
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rankfold.analyze import model_outputs
 from rankfold.errors import RankfoldError
 from rankfold.io import make_public, write_json_atomic
 from rankfold.planner.plan import apply_plan
@@ -23,8 +24,7 @@ def _accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256)
     correct = 0
     with torch.no_grad():
         for start in range(0, len(x), batch):
-            out = module(torch.from_numpy(x[start : start + batch]))
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = model_outputs(module(torch.from_numpy(x[start : start + batch])))[0]
             correct += int((out.argmax(1).numpy() == y[start : start + batch]).sum())
     return correct / max(len(x), 1)
 
@@ -76,7 +76,7 @@ def run_pareto(
         original_accuracy = None
     result = {"model": model_path, "target": pricing.target.name, "before": pricing.before,
               "original_accuracy": original_accuracy, "points": points, "target_fit": target_fit(pricing)}
-    print("\n".join(front_lines(result, pricing.target)))
+    result["lines"] = front_lines(result, pricing.target)  # the CLI prints them; the API returns them
     if json_out:
         write_json_atomic(json_out, result)
     if plot:

@@ -9,11 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import run_checked
+from rankfold.analyze import model_outputs, run_checked
 from rankfold.layers import layer_spec
 from rankfold.methods import method_named
 from rankfold.planner.candidates import input_weighting
-from rankfold.planner.sensitivity import model_outputs
 from rankfold.settings import calibration_batch
 
 PROBE_SAMPLES = 128  # calibration samples the measured losses are taken on

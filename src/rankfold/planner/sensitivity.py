@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import channels_last_rows, run_checked, sampled_rows
+from rankfold.analyze import channels_last_rows, model_outputs, run_checked, sampled_rows
 from rankfold.settings import calibration_batch
 
 
@@ -28,11 +28,6 @@ class LayerStats:
     sensitivity: Tensor  # (O,) float64: G_c, Fisher diagonal summed over output positions
     input_shape: tuple[int, ...]  # one sample's input, as the layer sees it
     output_shape: tuple[int, ...]
-
-
-def model_outputs(out) -> list[Tensor]:
-    """Every output of a forward pass: the planner prices a layer by what it does to all of them."""
-    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _likelihood_loss(output: Tensor, generator: torch.Generator) -> Tensor:
