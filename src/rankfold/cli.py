@@ -588,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "front, exports C and runs it against the golden model (and under qemu when the "
                                    "Arm toolchain is installed).")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
-    p.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
+    p.add_argument("--epochs", type=_positive_int, default=2, help="training epochs (default 2)")
     p.add_argument("--target", default="cortex-m4", help="target profile (default cortex-m4)")
     p.add_argument("--max-weight-bytes", default="8%", help="weight-byte budget (default 8%% of the float network)")
     p.set_defaults(func=_cmd_demo)

@@ -95,7 +95,7 @@ def comparison(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str, *, epochs: int = 3, train_limit: int = 24000, target: str = "cortex-m4",
+def run_demo(out_dir: str, *, epochs: int = 2, train_limit: int = 24000, target: str = "cortex-m4",
              max_weight_bytes: str = "8%", method: str = "tucker2", c_samples: int = 300, log=print) -> dict:
     """The whole story; returns what it measured (also written to DIR/demo.json)."""
     from rankfold.cexport.run import BOARDS, export_c, qemu_tools_missing, run_c
