@@ -143,12 +143,15 @@ def streamed_input_moments(
         index = sampled_rows(r.shape[0], max(1, max_rows * batch.shape[0] // total), seed=start + 1)
         if index is not None:
             r, r_hat = r[index], r_hat[index]
-        r, r_hat = r.to(torch.float64), r_hat.to(torch.float64)
-        cross = r.T @ r_hat if cross is None else cross + r.T @ r_hat
+        r_hat = r_hat.to(torch.float64)
         auto = r_hat.T @ r_hat if auto is None else auto + r_hat.T @ r_hat
-        rows_used += r.shape[0]
-    if cross is None:
+        if original is not None:  # else x = x^ and the cross moment is the auto moment
+            r = r.to(torch.float64)
+            cross = r.T @ r_hat if cross is None else cross + r.T @ r_hat
+        rows_used += r_hat.shape[0]
+    if auto is None:
         return None
+    cross = auto if cross is None else cross
     return InputMoments(cross / rows_used, auto / rows_used, rows_used)
 
 

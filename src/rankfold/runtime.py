@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rankfold.errors import RankfoldError, first_line
 from rankfold.quantize.core import REDUCED_INT8_QMAX
 
 PROBE_CHANNELS = 64
@@ -32,8 +33,6 @@ def session(model, *, optimized: bool = True, threads: int = 0):
     for onnxruntime's own choice, else that many (and one inter-op thread: timing runs use 1).
     A file onnxruntime cannot load is a RankfoldError naming it."""
     import onnxruntime as ort
-
-    from rankfold.errors import RankfoldError, first_line
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -40,16 +40,18 @@ class Option:
         return self.method, self.ranks
 
 
+def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int) -> int:
+    """One (sub-)layer's bytes as the QDQ export stores it below 32 bits: packed integers, a
+    float32 scale per output channel, and int32 biases with a float32 scale each."""
+    return -(-weights * bits // 8) + 4 * out_ch + (8 * out_ch if bias else 0)
+
+
 def stored_bytes(profile: ChainProfile, bits: int) -> float:
-    """Weight bytes of a chain at `bits`, as the QDQ export stores them: packed integers and a
-    float32 scale per output channel, int32 biases with a float32 scale each; float32 at 32 bits."""
+    """Weight bytes of a chain at `bits` as exported (float32 at 32 bits)."""
     if bits >= 32:
         return 4.0 * profile.params
-    total = 0.0
-    for s in profile.sub_layers:
-        elements = s.out_ch * (s.in_ch // s.groups) * int(np.prod(s.kernel or (1,)))
-        total += -(-elements * bits // 8) + 4 * s.out_ch + (8 * s.out_ch if s.bias else 0)
-    return total
+    return float(sum(quantized_layer_bytes(s.out_ch * (s.in_ch // s.groups) * int(np.prod(s.kernel or (1,))),
+                                           s.out_ch, s.bias, bits) for s in profile.sub_layers))
 
 
 def with_bits(options: list[Option], bits_choices: tuple[int, ...], noise_unit: float,

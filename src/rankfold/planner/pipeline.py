@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from rankfold.analyze import COMPRESSIBLE
 from rankfold.apply import CompressionReport
 from rankfold.errors import RankfoldError
+from rankfold.planner.options import quantized_layer_bytes
 from rankfold.planner.plan import Plan, apply_plan
 from rankfold.planner.pricing import make_plan
 from rankfold.selfcheck import (
@@ -112,19 +113,12 @@ def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, exa
 
 
 def stored_weight_bytes(module: nn.Module, bits: int) -> int:
-    """Bytes of a layer's (or factor chain's) weights as exported: float32, or packed integers
-    with a float32 scale per output channel and int32 biases."""
-    total = 0
-    for leaf in module.modules():
-        weight = getattr(leaf, "weight", None)
-        if not isinstance(leaf, COMPRESSIBLE) or weight is None:
-            continue
-        bias = 0 if leaf.bias is None else leaf.bias.numel()
-        if bits >= 32:
-            total += 4 * (weight.numel() + bias)
-        else:
-            total += -(-weight.numel() * bits // 8) + 4 * weight.shape[0] + 8 * bias
-    return total
+    """Bytes of a layer's (or factor chain's) weights as exported, counted on the module itself."""
+    leaves = [leaf for leaf in module.modules() if isinstance(leaf, COMPRESSIBLE)]
+    if bits >= 32:
+        return sum(4 * p.numel() for leaf in leaves for p in leaf.parameters(recurse=False))
+    return sum(quantized_layer_bytes(leaf.weight.numel(), leaf.weight.shape[0], leaf.bias is not None, bits)
+               for leaf in leaves)
 
 
 CHECK_SAMPLES = 64  # an eighth of them (16 to 128) is held back for the self-check
