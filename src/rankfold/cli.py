@@ -61,8 +61,17 @@ def _load_inputs(args: argparse.Namespace):
         check_input_shape(calib, _input_dims(graph), args.calib)
         calib = torch.from_numpy(calib[: args.calib_limit])
     example = calib[:2] if calib is not None else _example_input(graph)
+    _check_rules_known(args, model)
     _use_memory_budget(args, model, example)
     return graph, model, calib, example
+
+
+def _check_rules_known(args: argparse.Namespace, model) -> None:
+    from rankfold.selfcheck import check_rules_problem
+
+    problem = check_rules_problem(tuple(getattr(args, "check", None) or ()), list(model.output_names))
+    if problem:
+        raise RankfoldError(problem)
 
 
 def _use_memory_budget(args: argparse.Namespace, model, example) -> None:
@@ -134,8 +143,9 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     if not args.no_check:  # checked before anything is written
         from rankfold.selfcheck import agreement, refuse_if_poor
 
-        check = agreement(model, compressed, calib, where="calibration samples (fitting used them too)")
-        refuse_if_poor(check, args.min_agreement, args.max_output_error)
+        check = agreement(model, compressed, calib, where="calibration samples (fitting used them too)",
+                          rules=tuple(args.check))
+        refuse_if_poor(check, args.min_agreement, args.max_output_error, tuple(args.check))
     export_onnx(compressed, args.output, example_input=example)
     seconds = time.time() - t0
     before, after = onnx_size(args.model), onnx_size(args.output)
@@ -196,7 +206,8 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement,
                                 max_output_error=args.max_output_error, onnx_path=args.model,
-                                bits=args.bits, check=not args.no_check, progress=lambda m: log("  " + m))
+                                bits=args.bits, check=not args.no_check, rules=tuple(args.check),
+                                progress=lambda m: log("  " + m))
     _finish(args, result, model, calib, example, t0, budgets)
 
 
@@ -209,7 +220,7 @@ def _finish(args: argparse.Namespace, result, model, calib, example, t0: float, 
 
     result.check = write_result(result, model, args.output, calib=calib, example_input=example,
                                 observer=args.observer, min_agreement=args.min_agreement,
-                                max_output_error=args.max_output_error,
+                                max_output_error=args.max_output_error, rules=tuple(args.check),
                                 progress=_log(args.quiet))
     seconds = time.time() - t0
     before, after = onnx_size(args.model), onnx_size(args.output)
@@ -243,7 +254,7 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     t0 = time.time()
     result = apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
                              max_output_error=args.max_output_error, example_input=example, check=not args.no_check,
-                             progress=lambda m: log("  " + m))
+                             rules=tuple(args.check), progress=lambda m: log("  " + m))
     _finish(args, result, model, calib, example, t0, None)
 
 
@@ -458,6 +469,15 @@ def _fraction(text: str) -> float:
     return _float_in(text, 0.0, 1.0, "a number in [0, 1]")
 
 
+def _check_rule(text: str):
+    from rankfold.check_rules import parse_check_rule
+
+    try:
+        return parse_check_rule(text)
+    except RankfoldError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--check {text!r}: ")) from None
+
+
 def _nonnegative(text: str) -> float:
     return _float_in(text, 0.0, float("inf"), "a number >= 0")
 
@@ -468,6 +488,12 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-error", type=_nonnegative, default=DEFAULT_MAX_OUTPUT_ERROR,
                    help="refuse a result whose outputs that are not class scores differ from the original's by "
                         f"more than this relative error (default {DEFAULT_MAX_OUTPUT_ERROR})")
+    p.add_argument("--check", type=_check_rule, action="append", default=[], metavar="[OUTPUT=]METRIC:THRESHOLD",
+                   help="what the self-check requires, replacing the default for the outputs it names (all when "
+                        "no OUTPUT= is given); repeatable. METRIC: top1 (argmax agreement, per position for "
+                        "sequences), sequence (every position agrees), cosine, relerr, iou@LEVEL (maps "
+                        "thresholded at LEVEL, default 0.5). Defaults: top1 >= --min-agreement for class scores "
+                        "and softmax sequences, relerr <= --max-output-error for every other output")
     p.add_argument("--no-check", action="store_true",
                    help="write the result even though the self-check cannot run (too few calibration samples)")
 

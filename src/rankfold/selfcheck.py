@@ -8,15 +8,38 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.analyze import model_outputs
+from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
 from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, calibration_batch
+
+
+def output_kind(y: Tensor) -> str:
+    """'classes' for (N, classes) scores; 'distribution' for a softmax over the last axis of a
+    longer output (a sequence of tokens or CTC frames, a per-pixel class map); 'dense' otherwise
+    (feature maps, regressions, detector heads, probability maps)."""
+    if y.ndim == 2 and y.shape[1] > 1:
+        return "classes"
+    if y.ndim >= 3 and y.shape[-1] > 1 and y.numel() and bool(((y >= 0) & (y <= 1)).all()):
+        if bool(((y.sum(-1) - 1).abs() < 1e-3).all()):
+            return "distribution"
+    return "dense"
+
+
+def default_rule(kind: str, min_agreement: float, max_output_error: float) -> CheckRule:
+    """The documented default per output kind: argmax agreement for class scores (per position for
+    a distribution), relative error for everything else."""
+    return CheckRule("top1", min_agreement) if kind in ("classes", "distribution") else \
+        CheckRule("relerr", max_output_error)
 
 
 @dataclass
 class OutputAgreement:
     index: int
-    top1_agreement: float | None  # None when the output is not (N, classes)
+    top1_agreement: float | None  # None when the output holds no class scores
     rel_output_error: float  # ||y~ - y|| / ||y||
+    kind: str = "dense"
+    name: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric, by CheckRule.key
 
 
 @dataclass
@@ -25,7 +48,7 @@ class Agreement:
     worst output's (least top-1 agreement, largest relative error)."""
 
     samples: int
-    top1_agreement: float | None  # None when no output is (N, classes)
+    top1_agreement: float | None  # None when no output holds class scores
     rel_output_error: float
     outputs: list[OutputAgreement] = field(default_factory=list)
     where: str = "held-back samples"
@@ -39,36 +62,61 @@ class Agreement:
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
 
 
-def _is_classes(y: Tensor) -> bool:
-    return y.ndim == 2 and y.shape[1] > 1
-
-
 @dataclass
 class _Tally:
     """One output's running sums over batches: agreement streams, so memory never grows with N."""
 
+    iou_levels: tuple[float, ...] = (DEFAULT_IOU_AT,)
     error_sq: float = 0.0
     norm_sq: float = 0.0
     top1_hits: int = 0
-    classes: bool = False
+    positions: int = 0
+    sequence_hits: int = 0
+    cosine_sum: float = 0.0
+    samples: int = 0
+    both: dict[float, int] = field(default_factory=dict)
+    either: dict[float, int] = field(default_factory=dict)
+    kind: str | None = None
     finite: bool = True
 
     def add(self, y: Tensor, y_hat: Tensor) -> None:
+        self.kind = self.kind or output_kind(y)
         y, y_hat = y.to(torch.float64), y_hat.to(torch.float64)
         self.error_sq += float(((y_hat - y) ** 2).sum())
         self.norm_sq += float((y * y).sum())
         self.finite = self.finite and bool(torch.isfinite(y_hat).all())
-        self.classes = _is_classes(y)
-        if self.classes:
-            self.top1_hits += int((y.argmax(1) == y_hat.argmax(1)).sum())
+        n = y.shape[0]
+        flat, flat_hat = y.reshape(n, -1), y_hat.reshape(n, -1)
+        self.cosine_sum += float(torch.nn.functional.cosine_similarity(flat, flat_hat, dim=1, eps=1e-30).sum())
+        self.samples += n
+        if y.ndim >= 2 and y.shape[-1] > 1:  # argmax over the last axis, at every position
+            same = (y.argmax(-1) == y_hat.argmax(-1)).reshape(n, -1)
+            self.top1_hits += int(same.sum())
+            self.positions += same.numel()
+            self.sequence_hits += int(same.all(1).sum())
+        for level in self.iou_levels:
+            on, on_hat = y > level, y_hat > level
+            self.both[level] = self.both.get(level, 0) + int((on & on_hat).sum())
+            self.either[level] = self.either.get(level, 0) + int((on | on_hat).sum())
 
-    def result(self, index: int, samples: int) -> OutputAgreement:
+    def result(self, index: int, name: str | None) -> OutputAgreement:
         rel = (self.error_sq ** 0.5) / max(self.norm_sq ** 0.5, 1e-30) if self.finite else float("inf")
-        return OutputAgreement(index, self.top1_hits / samples if self.classes else None, rel)
+        metrics = {"relerr": rel, "cosine": self.cosine_sum / max(self.samples, 1) if self.finite else 0.0}
+        if self.positions:
+            metrics["top1"] = self.top1_hits / self.positions
+            metrics["sequence"] = self.sequence_hits / self.samples
+        for level in self.iou_levels:  # two empty maps agree
+            metrics[f"iou@{level:g}"] = self.both[level] / self.either[level] if self.either[level] else 1.0
+        classes = self.kind in ("classes", "distribution")
+        return OutputAgreement(index, metrics["top1"] if classes else None, rel, self.kind or "dense", name,
+                               metrics)
 
 
 def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, batch_size: int | None = None,
-              where: str = "held-back samples") -> Agreement:
+              where: str = "held-back samples", rules: tuple[CheckRule, ...] = ()) -> Agreement:
+    """Every metric on every output of `compressed` against `original`, batch by batch."""
+    levels = tuple(sorted({DEFAULT_IOU_AT} | {r.at for r in rules if r.metric == "iou"}))
+    names = list(getattr(original, "output_names", []) or [])
     tallies: list[_Tally] = []
     batch_size = batch_size or calibration_batch()
     with torch.no_grad():
@@ -78,34 +126,70 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
             if len(ys) != len(ys_hat):
                 raise RankfoldError(f"self-check: the compressed network has {len(ys_hat)} outputs, the original "
                                     f"{len(ys)}")
-            tallies = tallies or [_Tally() for _ in ys]
+            tallies = tallies or [_Tally(levels) for _ in ys]
             for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
                 if y.shape != y_hat.shape:
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
                                         f"is {tuple(y.shape)}")
                 tally.add(y, y_hat)
     samples = int(inputs.shape[0])
-    per_output = [tally.result(index, samples) for index, tally in enumerate(tallies)]
+    names = names if len(names) == len(tallies) else [None] * len(tallies)
+    per_output = [tally.result(index, name) for index, (tally, name) in enumerate(zip(tallies, names))]
     tops = [o.top1_agreement for o in per_output if o.top1_agreement is not None]
     return Agreement(samples, min(tops) if tops else None,
                      max(o.rel_output_error for o in per_output), per_output, where)
 
 
+def rules_for(out: OutputAgreement, rules: tuple[CheckRule, ...], min_agreement: float,
+              max_output_error: float) -> list[CheckRule]:
+    """The rules that judge `out`: those naming it, else those for every output, else its kind's default."""
+    named = [r for r in rules if r.output is not None and r.output in (out.name, str(out.index))]
+    general = [r for r in rules if r.output is None]
+    return named or general or [default_rule(out.kind, min_agreement, max_output_error)]
+
+
+def check_rules_problem(rules: tuple[CheckRule, ...], output_names: list[str]) -> str | None:
+    """A rule naming an output the model does not have, said before any work."""
+    known = set(output_names) | {str(i) for i in range(len(output_names))}
+    for rule in rules:
+        if rule.output is not None and rule.output not in known:
+            return (f"--check {rule.output}=...: the model has no output {rule.output!r} (outputs: "
+                    f"{', '.join(output_names)}, or their indexes 0 to {len(output_names) - 1})")
+    return None
+
+
 def refuse_if_poor(check: Agreement, min_agreement: float,
-                   max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> None:
+                   max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR, rules: tuple[CheckRule, ...] = ()) -> None:
     """A result that disagrees badly with the original, on any output, is an error, never a silent output."""
-    for out in check.outputs or [OutputAgreement(0, check.top1_agreement, check.rel_output_error)]:
-        name = f"output {out.index}" if len(check.outputs) > 1 else "the compressed network"
-        if out.top1_agreement is not None and out.top1_agreement < min_agreement:
+    outputs = check.outputs or [OutputAgreement(0, check.top1_agreement, check.rel_output_error,
+                                                "classes" if check.top1_agreement is not None else "dense",
+                                                metrics={"top1": check.top1_agreement or 0.0,
+                                                         "relerr": check.rel_output_error})]
+    for out in outputs:
+        name = (f"output {out.name or out.index}" if len(outputs) > 1 else "the compressed network")
+        for rule in rules_for(out, rules, min_agreement, max_output_error):
+            value = out.metrics.get(rule.key)
+            if value is None:
+                raise RankfoldError(f"self-check: {rule.key} cannot be measured on {name} ({out.kind}, no class "
+                                    "axis); choose another --check metric for it")
+            higher = HIGHER_IS_BETTER[rule.metric]
+            if (value >= rule.threshold) if higher else (value <= rule.threshold):
+                continue
+            if rule.metric == "top1" and not rules:
+                what = "agrees with the original's top-1 on only " + (
+                    f"{value:.1%} of {check.samples} {check.where}" if out.kind == "classes" else
+                    f"{value:.1%} of its positions over {check.samples} {check.where}")
+                raise RankfoldError(
+                    f"self-check failed: {name} {what} (minimum {min_agreement:.0%}); nothing was written. Loosen "
+                    "the budgets, or lower --min-agreement to accept it")
+            if rule.metric == "relerr" and not rules:
+                raise RankfoldError(
+                    f"self-check failed: {name} is {value:.3g} away from the original's (relative error on "
+                    f"{check.samples} {check.where}; at most {max_output_error:g} allowed); nothing was written. "
+                    "Loosen the budgets, or raise --max-output-error to accept it")
             raise RankfoldError(
-                f"self-check failed: {name} agrees with the original's top-1 on only {out.top1_agreement:.1%} of "
-                f"{check.samples} {check.where} (minimum {min_agreement:.0%}); nothing was written. Loosen the "
-                "budgets, or lower --min-agreement to accept it")
-        if out.top1_agreement is None and not out.rel_output_error <= max_output_error:
-            raise RankfoldError(
-                f"self-check failed: {name} is {out.rel_output_error:.3g} away from the original's (relative error "
-                f"on {check.samples} {check.where}; at most {max_output_error:g} allowed); nothing was written. "
-                "Loosen the budgets, or raise --max-output-error to accept it")
+                f"self-check failed: {name} has {rule.key} {value:.4g} on {check.samples} {check.where} (required: "
+                f"{rule.describe()}); nothing was written. Loosen the budgets, or relax --check to accept it")
 
 
 KERNEL_CHECK_SAMPLES = 16
@@ -136,7 +220,8 @@ def split_holdout(calib: Tensor) -> tuple[Tensor, Tensor | None]:
     return calib[: n - held], calib[n - held :]
 
 
-def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optimized: bool = True) -> Agreement:
+def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optimized: bool = True,
+                   rules: tuple[CheckRule, ...] = ()) -> Agreement:
     """agreement() with the candidate run from its ONNX file in onnxruntime (e.g. a QDQ model):
     in its default session as users run it, or (`optimized=False`) in its reference arithmetic,
     each node as written, which is what the C back-end computes."""
@@ -150,4 +235,4 @@ def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optim
             outs = [torch.from_numpy(v) for v in session.run(None, {name: x.numpy()})]
             return tuple(outs) if len(outs) > 1 else outs[0]
 
-    return agreement(original, _Session(), inputs)
+    return agreement(original, _Session(), inputs, rules=rules)

@@ -21,7 +21,7 @@ from rankfold.errors import RankfoldError, first_line
 from rankfold.frontends.onnx_ops import OPS, same_pads, torch_pad_order
 
 MIN_OPSET, MAX_OPSET = 11, 23
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant"})
 
 
@@ -202,6 +202,7 @@ class _Converter:
         self.absorbed: set[int] = set()  # ids of nodes folded into a layer
 
     def convert(self) -> OnnxModule:
+        _refuse_unsupported(self.graph.node)
         for node in self.graph.node:
             if id(node) in self.absorbed:
                 continue
@@ -242,12 +243,6 @@ class _Converter:
 
     def _node(self, node: onnx.NodeProto) -> None:
         where = f"node {node.name or node.output[0]!r}"
-        if node.domain not in ("", "ai.onnx"):
-            raise RankfoldError(f"unsupported ONNX op {node.domain}.{node.op_type} ({where})")
-        if node.op_type not in SUPPORTED_OPS:
-            raise RankfoldError(
-                f"unsupported ONNX op {node.op_type!r} ({where}); supported: {', '.join(SUPPORTED_OPS)}"
-            )
         attrs = _attributes(node)
         attrs["_opset"], attrs["_op"], attrs["_outputs"] = self.opset, node.op_type, len(node.output)
         inputs = [self._name(i) if i else "" for i in node.input]
@@ -281,7 +276,8 @@ class _Converter:
 
     # -- layers ---------------------------------------------------------------------------
     def _layer(self, node, inputs, attrs, where) -> bool:
-        builder = {"Conv": self._conv, "Gemm": self._gemm, "MatMul": self._matmul}[node.op_type]
+        builder = {"Conv": self._conv, "ConvTranspose": self._conv_transpose, "Gemm": self._gemm,
+                   "MatMul": self._matmul}[node.op_type]
         built = builder(node, inputs, attrs, where)
         if built is None:
             return False
@@ -328,6 +324,33 @@ class _Converter:
             if bias is not None:
                 layer.bias.copy_(bias.float())
         return layer, out_name, extra
+
+    def _conv_transpose(self, node, inputs, attrs, where):
+        """A 1-D or 2-D ConvTranspose with constant weights: an nn.ConvTranspose submodule, so its
+        weights are counted, quantized and reported like every other layer's."""
+        if len(inputs) < 2 or inputs[1] not in self.consts:
+            return None  # run as an op on whatever feeds it
+        weight = self.consts[inputs[1]].float()
+        nd = weight.ndim - 2
+        bias = self.consts.get(inputs[2]) if len(inputs) > 2 and inputs[2] else None
+        if nd not in (1, 2) or (len(inputs) > 2 and inputs[2] and bias is None):
+            return None
+        if "output_shape" in attrs or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return None
+        pads = list(attrs.get("pads", [0] * 2 * nd))
+        if pads[:nd] != pads[nd:]:
+            return None
+        groups = attrs.get("group", 1)
+        cls = nn.ConvTranspose1d if nd == 1 else nn.ConvTranspose2d
+        layer = cls(weight.shape[0], weight.shape[1] * groups, list(weight.shape[2:]),
+                    stride=list(attrs.get("strides", [1] * nd)), padding=pads[:nd],
+                    output_padding=list(attrs.get("output_padding", [0] * nd)), groups=groups,
+                    dilation=list(attrs.get("dilations", [1] * nd)), bias=bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias.float())
+        return layer, node.output[0], {}
 
     def _fold_batch_norm(self, out_name: str, weight: Tensor, bias: Tensor | None):
         """Fold a BatchNormalization that alone consumes the conv's output into the conv."""
@@ -376,6 +399,32 @@ class _Converter:
                 bias, out_name = c.float(), add.output[0]
                 self.absorbed.add(id(add))
         return _linear(b.T, bias), out_name, {}
+
+
+def unsupported_ops(nodes) -> dict[str, int]:
+    """Every op of `nodes` that the converter cannot run, with how often it occurs."""
+    counts: dict[str, int] = {}
+    for node in nodes:
+        standard = node.domain in ("", "ai.onnx")
+        if not standard or node.op_type not in SUPPORTED_OPS:
+            name = node.op_type if standard else f"{node.domain}.{node.op_type}"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _refuse_unsupported(nodes) -> None:
+    """One error naming every unsupported op of the graph and its count, before any work, so a
+    user sees at once how far the graph is from loading."""
+    counts = unsupported_ops(nodes)
+    if not counts:
+        return
+    first = next(n for n in nodes if (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
+                 in counts)
+    listed = ", ".join(f"{op} x{count}" for op, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    plural = "s" if len(counts) > 1 else ""
+    raise RankfoldError(
+        f"unsupported ONNX op{plural}: {listed} (first at node {first.name or first.output[0]!r}); "
+        f"supported: {', '.join(SUPPORTED_OPS)}")
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:

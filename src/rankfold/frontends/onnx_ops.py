@@ -507,3 +507,37 @@ def _constant_of_shape(vals, attrs):
 @op("Tile")
 def _tile(vals, attrs):
     return [vals[0].repeat(*ints(vals[1]))]
+
+
+@op("PRelu")
+def _prelu(vals, attrs):
+    x, slope = vals[0], vals[1]
+    return [torch.where(x >= 0, x, x * slope)]
+
+
+@op("Range")
+def _range(vals, attrs):
+    start, limit, delta = vals
+    if all(not isinstance(v, Tensor) or not v.dtype.is_floating_point for v in vals) and not torch.jit.is_tracing():
+        return [torch.arange(ints(start)[0], ints(limit)[0], ints(delta)[0], dtype=torch.int64)]
+    like = next(v for v in vals if isinstance(v, Tensor))
+    return [torch.arange(tensor(start, like).item(), tensor(limit, like).item(), tensor(delta, like).item(),
+                         dtype=like.dtype)]
+
+
+@op("ConvTranspose")
+def _conv_transpose(vals, attrs):
+    x, weight = vals[0], vals[1]
+    bias = vals[2] if len(vals) > 2 else None
+    nd = weight.ndim - 2
+    if nd not in (1, 2) or "output_shape" in attrs or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ValueError("only 1-D and 2-D ConvTranspose with explicit pads is supported")
+    pads = list(attrs.get("pads", [0] * 2 * nd))
+    fn = F.conv_transpose1d if nd == 1 else F.conv_transpose2d
+    y = fn(x, weight, bias, stride=attrs.get("strides", [1] * nd),
+           output_padding=attrs.get("output_padding", [0] * nd), groups=attrs.get("group", 1),
+           dilation=attrs.get("dilations", [1] * nd))
+    # ONNX pads crop the full output, begin and end separately
+    index = [slice(None), slice(None)] + [slice(b, y.shape[2 + i] - e) for i, (b, e) in
+                                          enumerate(zip(pads[:nd], pads[nd:]))]
+    return [y[tuple(index)]]

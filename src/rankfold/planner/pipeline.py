@@ -16,6 +16,7 @@ from rankfold.planner.plan import Plan, apply_plan
 from rankfold.planner.pricing import make_plan
 from rankfold.selfcheck import (
     Agreement,
+    CheckRule,
     agreement,
     refuse_if_poor,
     split_holdout,
@@ -45,6 +46,7 @@ def compress_to_budget(
     onnx_path: str | None = None,
     bits: str | int = "auto",
     check: bool = True,
+    rules: tuple[CheckRule, ...] = (),
     progress: Callable[[str], None] | None = None,
 ) -> Budgeted:
     """Plan, apply and check. With `check` (the default) a self-check that cannot run (fewer than
@@ -58,12 +60,14 @@ def compress_to_budget(
     if not plan.feasible:
         raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
     module, report = apply_plan(model, plan, calib=calib, progress=say)
-    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error))
+    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error,
+                                                          rules))
 
 
 def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
                     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR, example_input: Tensor | None = None,
-                    check: bool = True, progress: Callable[[str], None] | None = None) -> Budgeted:
+                    check: bool = True, rules: tuple[CheckRule, ...] = (),
+                    progress: Callable[[str], None] | None = None) -> Budgeted:
     """apply_plan with the calibration split exactly as planning split it, then the self-check.
     Layers edited by hand since planning have their sizes recounted on the result."""
     say = progress or (lambda _m: None)
@@ -79,7 +83,8 @@ def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_a
     example = calib[:1] if calib is not None else example_input
     if example is not None:
         plan = recount_edited(plan, report, module, example)
-    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error))
+    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error,
+                                                          rules))
 
 
 def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, example: Tensor) -> Plan:
@@ -132,14 +137,14 @@ def require_check_data(calib: Tensor | None, check: bool) -> None:
                             "(--no-check) to accept an unchecked result")
 
 
-def check_result(model, module, held, min_agreement, say,
-                 max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR) -> Agreement | None:
+def check_result(model, module, held, min_agreement, say, max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
+                 rules: tuple[CheckRule, ...] = ()) -> Agreement | None:
     if held is None:
         say("self-check skipped: fewer than 64 calibration samples, none held back")
         return None
-    check = agreement(model, module, held)
+    check = agreement(model, module, held, rules=rules)
     say("self-check: " + check.describe())
-    refuse_if_poor(check, min_agreement, max_output_error)
+    refuse_if_poor(check, min_agreement, max_output_error, rules)
     return check
 
 
@@ -153,6 +158,7 @@ def write_result(
     observer: str = "percentile",
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
+    rules: tuple[CheckRule, ...] = (),
     progress: Callable[[str], None] | None = None,
 ) -> Agreement | None:
     """Write the ONNX file: float, or QDQ when the plan quantizes any layer. A quantized file is
@@ -185,10 +191,10 @@ def write_result(
         if in_onnxruntime:
             refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
         if held is not None:
-            check = onnx_agreement(original, partial, held, optimized=in_onnxruntime)
+            check = onnx_agreement(original, partial, held, optimized=in_onnxruntime, rules=rules)
             path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
             say(f"self-check (quantized, {path_used}): " + check.describe())
-            refuse_if_poor(check, min_agreement, max_output_error)
+            refuse_if_poor(check, min_agreement, max_output_error, rules)
         with open(partial, "rb") as handle:
             replace_atomically(path, handle.read())
         return check

@@ -1,0 +1,139 @@
+"""Inputs for the pretrained networks of bench/realworld.py, made here (nothing is downloaded):
+text lines rendered with the DejaVu fonts, pages of them, synthetic scenes and face-like crops.
+
+Every maker takes a NumPy generator and a count and returns float32 inputs preprocessed as the
+network's own package does (PaddleOCR: RGB, (x/255 - 0.5)/0.5 for text lines, ImageNet mean/std
+for pages; YOLOv8: x/255; MTCNN: NHWC, (x - 127.5)/128).
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import re
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+FONT_GLOBS = ("/usr/share/fonts/truetype/dejavu/*.ttf", "/usr/share/fonts/**/*.ttf")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def fonts() -> list[str]:
+    for pattern in FONT_GLOBS:
+        found = sorted(glob.glob(pattern, recursive=True))
+        if found:
+            return found
+    raise SystemExit("no TrueType fonts found: apt-get install -y fonts-dejavu-core")
+
+
+def english_words() -> list[str]:
+    """Words from the Python standard library's own docstrings: English text that every Python
+    install carries, so the bench needs no corpus download."""
+    import collections
+    import json
+    import os
+    import textwrap
+    import urllib.parse
+
+    text = " ".join(inspect.getdoc(m) or "" for m in (os, json, textwrap, collections, urllib.parse, inspect))
+    text += " ".join(inspect.getdoc(getattr(os, n)) or "" for n in dir(os) if not n.startswith("_"))
+    return [w for w in re.findall(r"[A-Za-z0-9][A-Za-z0-9'.,:-]*", text) if len(w) < 16]
+
+
+def _text_line(rng, words, font_files, height: int) -> Image.Image:
+    count = int(rng.integers(2, 6))
+    text = " ".join(words[int(i)] for i in rng.integers(0, len(words), count))
+    if rng.random() < 0.3:
+        text += f" {int(rng.integers(0, 100000))}"
+    font = ImageFont.truetype(font_files[int(rng.integers(len(font_files)))], int(rng.integers(22, 34)))
+    left, top, right, bottom = font.getbbox(text)
+    back = tuple(int(v) for v in rng.integers(170, 256, 3))
+    ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+    image = Image.new("RGB", (right - left + 16, max(bottom - top + 12, 20)), back)
+    ImageDraw.Draw(image).text((8 - left, 6 - top), text, font=font, fill=ink)
+    width = max(int(image.width * height / image.height), 8)
+    return image.resize((width, height), Image.BILINEAR)
+
+
+def _pad_to(image: Image.Image, width: int, fill) -> np.ndarray:
+    """PaddleOCR's resize-norm for text lines: keep the aspect ratio, pad on the right."""
+    if image.width > width:
+        image = image.resize((width, image.height), Image.BILINEAR)
+    canvas = Image.new("RGB", (width, image.height), fill)
+    canvas.paste(image, (0, 0))
+    return np.asarray(canvas, np.float32)
+
+
+def _chw_half(pixels: np.ndarray) -> np.ndarray:
+    return ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def text_lines(rng, n: int, *, height: int = 48, width: int = 320, rotate_half: bool = False) -> np.ndarray:
+    """PP-OCR recogniser / orientation-classifier inputs; with rotate_half, half are upside down."""
+    words, font_files = english_words(), fonts()
+    out = np.empty((n, 3, height, width), np.float32)
+    for i in range(n):
+        line = _text_line(rng, words, font_files, height)
+        if rotate_half and rng.random() < 0.5:
+            line = line.rotate(180)
+        out[i] = _chw_half(_pad_to(line, width, (0, 0, 0)))
+    return out
+
+
+def text_pages(rng, n: int, *, height: int = 320, width: int = 480) -> np.ndarray:
+    """PP-OCR detector inputs: several text lines at random places on a light background."""
+    words, font_files = english_words(), fonts()
+    out = np.empty((n, 3, height, width), np.float32)
+    for i in range(n):
+        page = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        for _ in range(int(rng.integers(3, 8))):
+            line = _text_line(rng, words, font_files, int(rng.integers(16, 40)))
+            page.paste(line, (int(rng.integers(0, width // 2)), int(rng.integers(0, height - line.height))))
+        pixels = np.asarray(page, np.float32) / 255.0
+        out[i] = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
+def _scene(rng, size: int) -> Image.Image:
+    """Random rectangles, ellipses and skin-toned figures on a gradient: a stand-in photo."""
+    base = rng.integers(40, 220, 3)
+    ramp = np.linspace(0.7, 1.3, size)[:, None, None]
+    pixels = np.clip(np.broadcast_to(base, (size, size, 3)) * ramp, 0, 255).astype(np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(4, 12))):
+        x0, y0 = (int(v) for v in rng.integers(0, size - 20, 2))
+        w, h = (int(v) for v in rng.integers(16, size // 2, 2))
+        skin = rng.random() < 0.5
+        colour = (int(rng.integers(170, 240)), int(rng.integers(120, 180)), int(rng.integers(90, 150))) if skin \
+            else tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.6 else draw.rectangle)((x0, y0, x0 + w, y0 + h), fill=colour)
+    return image
+
+
+def scenes(rng, n: int, *, size: int = 320) -> np.ndarray:
+    """YOLOv8 inputs: RGB / 255, NCHW."""
+    return np.stack([np.asarray(_scene(rng, size), np.float32).transpose(2, 0, 1) / 255.0 for _ in range(n)])
+
+
+def _face(rng, size: int) -> Image.Image:
+    """A face-like crop (skin ellipse, eyes, mouth) half the time, else a piece of a scene."""
+    if rng.random() < 0.5:
+        return _scene(rng, size * 3).crop((0, 0, size * 3, size * 3)).resize((size, size))
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    m = size * float(rng.uniform(0.05, 0.2))
+    skin = (int(rng.integers(150, 240)), int(rng.integers(100, 180)), int(rng.integers(70, 150)))
+    draw.ellipse((m, m * 0.6, size - m, size - m * 0.6), fill=skin)
+    eye = size * 0.08
+    for cx in (0.35, 0.65):
+        draw.ellipse((size * cx - eye, size * 0.4 - eye, size * cx + eye, size * 0.4 + eye), fill=(30, 30, 30))
+    draw.line((size * 0.38, size * 0.72, size * 0.62, size * 0.72), fill=(120, 40, 40), width=max(1, size // 16))
+    return image
+
+
+def faces(rng, n: int, *, size: int) -> np.ndarray:
+    """MTCNN inputs: NHWC, (x - 127.5) / 128."""
+    return np.stack([(np.asarray(_face(rng, size), np.float32) - 127.5) / 128.0 for _ in range(n)])
