@@ -60,7 +60,11 @@ def _load_inputs(args: argparse.Namespace):
     if calib is not None:
         check_input_shape(calib, _input_dims(graph), args.calib)
         calib = torch.from_numpy(calib[: args.calib_limit])
+    if model.fixed_batch is not None and model.fixed_batch != 1:
+        raise RankfoldError(f"{args.model}: the graph's batch is fixed at {model.fixed_batch}; rankfold takes a "
+                            "dynamic batch or a batch fixed at 1 (export the model again with either)")
     example = calib[:2] if calib is not None else _example_input(graph)
+    example = example[: model.fixed_batch or len(example)]
     _check_rules_known(args, model)
     _use_memory_budget(args, model, example)
     return graph, model, calib, example
@@ -81,8 +85,13 @@ def _use_memory_budget(args: argparse.Namespace, model, example) -> None:
     from rankfold.settings import use_batch
 
     memory = plan_memory(model, example, args.max_memory)
-    use_batch(memory.batch)
+    use_batch(min(memory.batch, model.fixed_batch or memory.batch))  # a fixed batch runs one at a time
     args.memory_line = "  " + memory.describe()  # said when the work starts, after every check
+    if model.fixed_batch:
+        args.memory_line += "\n  the graph's batch is fixed at 1: calibration runs one sample at a time, and " \
+                            "the result keeps the fixed batch"
+    if model.size_note:
+        args.memory_line += "\n  " + model.size_note
 
 
 def _budgets(args: argparse.Namespace) -> dict[str, str]:
@@ -148,10 +157,9 @@ def _compress_uniform(args: argparse.Namespace) -> None:
         refuse_if_poor(check, args.min_agreement, args.max_output_error, tuple(args.check))
     export_onnx(compressed, args.output, example_input=example)
     seconds = time.time() - t0
-    before, after = onnx_size(args.model), onnx_size(args.output)
+    before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
     print(layer_table(report))
-    print(f"parameters {before.params:,} -> {after.params:,} ({after.params / before.params:.1%}), "
-          f"MACs {before.macs:,} -> {after.macs:,} ({after.macs / max(before.macs, 1):.1%}), {seconds:.1f}s")
+    print(_size_line(before, after, seconds))
     print("self-check: " + (check.describe() if check else "not run (--no-check): the result is unchecked"))
     print(f"wrote {args.output}")
     if args.report:
@@ -223,10 +231,9 @@ def _finish(args: argparse.Namespace, result, model, calib, example, t0: float, 
                                 max_output_error=args.max_output_error, rules=tuple(args.check),
                                 progress=_log(args.quiet))
     seconds = time.time() - t0
-    before, after = onnx_size(args.model), onnx_size(args.output)
+    before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
     print(plan_table(result.plan))
-    print(f"parameters {before.params:,} -> {after.params:,} ({after.params / before.params:.1%}), "
-          f"MACs {before.macs:,} -> {after.macs:,} ({after.macs / max(before.macs, 1):.1%}), {seconds:.1f}s")
+    print(_size_line(before, after, seconds))
     print("self-check: " + (result.check.describe() if result.check is not None
                             else "not run (--no-check): the result is unchecked"))
     print(f"wrote {args.output}")
@@ -238,6 +245,14 @@ def _finish(args: argparse.Namespace, result, model, calib, example, t0: float, 
             "model": args.model, "output": args.output, "budgets": budgets, "seconds": seconds,
             "before": before.__dict__, "after": after.__dict__, "plan": result.plan.to_dict(),
             "self_check": None if result.check is None else result.check.to_dict(), **result.report.to_dict()})
+
+
+def _size_line(before, after, seconds: float) -> str:
+    def ratio(new: int, old: int) -> str:
+        return f"{new / old:.1%}" if old else "n/a"
+
+    return (f"parameters {before.params:,} -> {after.params:,} ({ratio(after.params, before.params)}), "
+            f"MACs {before.macs:,} -> {after.macs:,} ({ratio(after.macs, before.macs)}), {seconds:.1f}s")
 
 
 def _cmd_apply(args: argparse.Namespace) -> None:

@@ -30,26 +30,34 @@ class OnnxSize:
 PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
 
 
-def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> OnnxSize:
-    """Count parameters, weight bytes and MACs of an ONNX file (one definition for all reports)."""
+def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None,
+              sample_shape: tuple[int, ...] | None = None) -> OnnxSize:
+    """Count parameters, weight bytes and MACs of an ONNX file (one definition for all reports).
+    MACs are for one sample; `sample_shape` sizes the input's open dimensions (a graph that
+    leaves its height and width open has no MAC count without it)."""
     model = model if model is not None else onnx.load(os.fspath(path))
     # Scales and zero points of Quantize/DequantizeLinear are bytes, not parameters.
     qparams = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
                for name in node.input[1:]}
     params = weight_bytes = 0
-    for init in model.graph.initializer:
+    # Exporters such as Paddle2ONNX keep the weights in Constant nodes instead of initializers.
+    held = [(node.output[0], a.t) for node in model.graph.node if node.op_type == "Constant"
+            for a in node.attribute if a.name == "value"]
+    for name, init in [*((i.name, i) for i in model.graph.initializer), *held]:
         if init.data_type in SHAPE_DTYPES:
             continue
         count = int(np.prod(init.dims)) if len(init.dims) else 1
         bits = PACKED_BITS.get(init.data_type)
         weight_bytes += -(-count * bits // 8) if bits else numpy_helper.to_array(init).nbytes
-        if init.name not in qparams:
+        if name not in qparams:
             params += count
-    return OnnxSize(params, weight_bytes, onnx_macs(model), os.path.getsize(os.fspath(path)))
+    return OnnxSize(params, weight_bytes, onnx_macs(model, sample_shape), os.path.getsize(os.fspath(path)))
 
 
-def _batch1_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
-    """The model shape-inferred with the batch dimension fixed to 1, and every value's shape."""
+def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None
+                   ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """The model shape-inferred with the batch dimension fixed to 1 (and the other open
+    dimensions of a single input to `sample_shape`), and every value's shape."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     inits = {i.name for i in fixed.graph.initializer}
@@ -57,9 +65,12 @@ def _batch1_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, l
         if inp.name in inits:
             continue
         dims = inp.type.tensor_type.shape.dim
-        if dims:
-            dims[0].ClearField("dim_param")
-            dims[0].dim_value = 1
+        fill = list(sample_shape) if sample_shape is not None and len(sample_shape) == len(dims) - 1 else None
+        for i, dim in enumerate(dims):
+            is_open = not dim.HasField("dim_value") or dim.dim_value < 1
+            if i == 0 or (fill is not None and is_open):
+                dim.ClearField("dim_param")
+                dim.dim_value = 1 if i == 0 else fill[i - 1]
     inferred = onnx.shape_inference.infer_shapes(fixed)
     shapes: dict[str, list[int]] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
@@ -70,9 +81,9 @@ def _batch1_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, l
     return inferred, shapes
 
 
-def onnx_macs(model: onnx.ModelProto) -> int:
+def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None) -> int:
     """MACs for batch 1, from ONNX shape inference with the batch dimension fixed to 1."""
-    inferred, shapes = _batch1_shapes(model)
+    inferred, shapes = _batch1_shapes(model, sample_shape)
     total = 0
     for node in inferred.graph.node:
         out = shapes.get(node.output[0])

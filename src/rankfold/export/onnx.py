@@ -50,7 +50,8 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
             f"output_{i}" for i in range(len(expected))]
     else:
         output_names = output_names[:1]
-    dynamic = {name: {0: "batch"} for name in input_names + output_names}
+    batch_axis = {} if getattr(model, "fixed_batch", None) is not None else {0: "batch"}
+    dynamic = {name: dict(batch_axis) for name in input_names + output_names}
     for name, axes in getattr(model, "dynamic_axes", {}).items():  # what the original left open stays open
         if name in dynamic:
             dynamic[name].update(axes)
@@ -71,13 +72,17 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (example_input,), tmp, dynamo=False, opset_version=opset,
-                input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
+                input_names=input_names, output_names=output_names,
+                dynamic_axes={n: axes for n, axes in dynamic.items() if axes} or None,
                 do_constant_folding=True,
             )
         if stand_in:
             _rename_values(tmp, {new: old for old, new in stand_in.items()})
         if verify:
             _verify(tmp, example_input, expected)
+            if batch_axis and example_input.shape[0] > 1:  # a dynamic batch computes each sample alone too
+                with torch.no_grad():
+                    _verify(tmp, example_input[:1], model(example_input[:1]))
         with open(tmp, "rb") as handle:
             replace_atomically(path, handle.read())
 

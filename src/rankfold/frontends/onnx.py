@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError, first_line
-from rankfold.frontends.onnx_ops import OPS, same_pads, torch_pad_order
+from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_order
 
 MIN_OPSET, MAX_OPSET = 11, 23
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -38,7 +38,7 @@ class Step:
 
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
-OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes")
+OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -64,6 +64,8 @@ class OnnxModule(nn.Module):
         self.steps: list[Step] = []
         self.buffer_of: dict[str, str] = {}  # ONNX value name -> buffer attribute
         self.dynamic_axes: dict[str, dict[int, str]] = {}  # open axes after the batch, kept on export
+        self.fixed_batch: int | None = None  # the batch size the graph was exported with, when it is fixed
+        self.size_note: str | None = None  # why open axes after the batch are fixed on export
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -93,7 +95,7 @@ class OnnxModule(nn.Module):
 def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:
     if "same_pad" in attrs:  # auto_pad SAME_*: padding depends on the input size
         conv = attrs["same_pad"]
-        pads = same_pads(list(x.shape[2:]), conv["kernel"], conv["strides"], conv["dilations"], upper=conv["upper"])
+        pads = same_pads(static_sizes(x), conv["kernel"], conv["strides"], conv["dilations"], upper=conv["upper"])
         half = len(pads) // 2
         x = F.pad(x, torch_pad_order(pads[:half], pads[half:]))
     elif "pre_pad" in attrs:
@@ -190,8 +192,14 @@ class _Converter:
         if not inputs:
             raise RankfoldError("the ONNX graph has no inputs")
         self.module = OnnxModule(inputs, [o.name for o in self.graph.output])
-        self.module.dynamic_axes = symbolic_axes([i for i in self.graph.input if i.name in inputs] +
-                                                 list(self.graph.output))
+        graph_inputs = [i for i in self.graph.input if i.name in inputs]
+        self.module.dynamic_axes = symbolic_axes(graph_inputs + list(self.graph.output))
+        self.module.fixed_batch = _fixed_batch(graph_inputs)
+        reason = _size_dependence(self.graph.node) if self.module.dynamic_axes else None
+        if reason:  # sizes computed from the calibration inputs would be baked in: declare them fixed
+            self.module.dynamic_axes = {}
+            self.module.size_note = (f"the graph computes from its input's size ({reason}): the result takes "
+                                     "inputs of the calibration samples' size only")
         self.taken: set[str] = set()
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.graph.node:
@@ -399,6 +407,29 @@ class _Converter:
                 bias, out_name = c.float(), add.output[0]
                 self.absorbed.add(id(add))
         return _linear(b.T, bias), out_name, {}
+
+
+def _fixed_batch(inputs) -> int | None:
+    """The batch size every input declares as a number (an export at batch 1), else None."""
+    sizes = set()
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value < 1:  # Paddle writes -1
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _size_dependence(nodes) -> str | None:
+    """Why the graph's results depend on its input's size beyond the batch, when they do: a Shape
+    read, or padding that follows the input size (auto_pad SAME)."""
+    for node in nodes:
+        if node.op_type == "Shape":
+            return f"Shape node {node.name or node.output[0]!r}"
+        for a in node.attribute:
+            if a.name == "auto_pad" and onnx.helper.get_attribute_value(a) in (b"SAME_UPPER", b"SAME_LOWER"):
+                return f"{node.op_type} node {node.name or node.output[0]!r} pads by the input size (auto_pad SAME)"
+    return None
 
 
 def unsupported_ops(nodes) -> dict[str, int]:

@@ -225,10 +225,16 @@ def _pool_geometry(x: Tensor, attrs: dict) -> tuple[list[int], list[int], list[i
     pads = list(attrs.get("pads", [0] * (2 * nd)))
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = same_pads(list(x.shape[2:]), kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
+        pads = same_pads(static_sizes(x), kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
     elif auto_pad == "VALID":
         pads = [0] * (2 * nd)
     return kernel, strides, dilations, pads[:nd], pads[nd:]
+
+
+def static_sizes(x: Tensor) -> list[int]:
+    """The sizes after batch and channels as Python ints: while an exporter traces, a size read
+    from a tensor is a traced value that padding and kernel arguments cannot take."""
+    return [int(d) for d in x.shape[2:]]
 
 
 def same_pads(size: list[int], kernel, strides, dilations, *, upper: bool) -> list[int]:
