@@ -128,24 +128,35 @@ def streamed_input_moments(
     up to the layer, whatever the number of samples. At most `max_rows` channel rows in all, a fixed
     subset of each batch's (the same rows of x and x^). None when a pass never reaches the layer.
     `original` None: nothing has changed yet, x = x^ (one pass instead of two)."""
-    module = current.get_submodule(name)
-    total = calib.shape[0]
     batch_size = batch_size or calibration_batch()
+
+    def pairs():
+        for start in range(0, calib.shape[0], batch_size):
+            batch = calib[start : start + batch_size]
+            x_hat = layer_input(current, name, batch)
+            yield (x_hat if original is None else layer_input(original, name, batch)), x_hat
+
+    return moments_of(current.get_submodule(name), pairs(), calib.shape[0], same=original is None,
+                      max_rows=max_rows)
+
+
+def moments_of(module: nn.Module, pairs: Iterable[tuple[Tensor | None, Tensor | None]], total: int, *,
+               same: bool, max_rows: int = MAX_ROWS) -> InputMoments | None:
+    """InputMoments from (x, x^) per batch (`same`: x is x^, so the cross moment is the auto one)."""
     cross = auto = None
-    rows_used = 0
-    for start in range(0, total, batch_size):
-        batch = calib[start : start + batch_size]
-        x_hat = layer_input(current, name, batch)
-        x = x_hat if original is None else layer_input(original, name, batch)
+    rows_used = start = 0
+    for x, x_hat in pairs:
         if x is None or x_hat is None:
             return None
+        samples = x_hat.shape[0]
         r, r_hat = channels_last_rows(module, x), channels_last_rows(module, x_hat)
-        index = sampled_rows(r.shape[0], max(1, max_rows * batch.shape[0] // total), seed=start + 1)
+        index = sampled_rows(r.shape[0], max(1, max_rows * samples // total), seed=start + 1)
+        start += samples
         if index is not None:
             r, r_hat = r[index], r_hat[index]
         r_hat = r_hat.to(torch.float64)
         auto = r_hat.T @ r_hat if auto is None else auto + r_hat.T @ r_hat
-        if original is not None:  # else x = x^ and the cross moment is the auto moment
+        if not same:
             r = r.to(torch.float64)
             cross = r.T @ r_hat if cross is None else cross + r.T @ r_hat
         rows_used += r_hat.shape[0]
@@ -153,6 +164,60 @@ def streamed_input_moments(
         return None
     cross = auto if cross is None else cross
     return InputMoments(cross / rows_used, auto / rows_used, rows_used)
+
+
+class GraphCursor:
+    """An ONNX graph's values part-way through its steps, for every batch of the calibration data:
+    the layers' inputs in the order the graph calls them cost one forward pass in all, instead of
+    one pass up to each layer. Holds the values still to be read (see `held_bytes`)."""
+
+    def __init__(self, model, calib: Tensor, batch_size: int) -> None:
+        self.model = model
+        self.envs = [model.start(calib[i : i + batch_size]) for i in range(0, calib.shape[0], batch_size)]
+        self.at = 0
+        self.last_reads = model.last_reads()
+
+    def step_of(self, name: str) -> int | None:
+        return next((i for i, s in enumerate(self.model.steps) if s.module == name and i >= self.at), None)
+
+    def inputs_of(self, name: str) -> list[Tensor] | None:
+        """Advance to layer `name`'s step and give its input in every batch (None: not ahead)."""
+        index = self.step_of(name)
+        if index is None:
+            return None
+        with torch.no_grad():
+            for env in self.envs:
+                self.model.advance(env, self.at, index)
+        self.at = index
+        return [self.model.layer_argument(env, index).detach() for env in self.envs]
+
+    def held_bytes(self) -> int:
+        seen, total = set(), 0
+        for env in self.envs:
+            for value in env.values():
+                if isinstance(value, Tensor) and value.requires_grad is False and id(value) not in seen:
+                    seen.add(id(value))
+                    total += value.numel() * value.element_size()
+        return total
+
+
+def peak_state_bytes(model, example: Tensor) -> int:
+    """The most bytes of graph values alive at once between two steps, for the samples of `example`
+    (what a GraphCursor holds per batch of that size), buffers excluded."""
+    env = model.start(example)
+    constants = {id(getattr(model, b)) for b in model.buffer_of.values()}
+    peak = 0
+
+    def measure(_index, _step, outs) -> None:
+        nonlocal peak
+        live = sum(v.numel() * v.element_size() for v in [*env.values(), *outs]
+                   if isinstance(v, Tensor) and id(v) not in constants)
+        peak = max(peak, live)
+
+    with torch.no_grad():
+        for index in range(len(model.steps)):
+            model.advance(env, index, index + 1, observe=measure)
+    return peak
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -15,7 +15,10 @@ from torch import Tensor, nn
 
 from rankfold.analyze import (
     COMPRESSIBLE,
+    GraphCursor,
     InputMoments,
+    moments_of,
+    peak_state_bytes,
     reach_order,
     set_submodule,
     streamed_input_moments,
@@ -24,6 +27,7 @@ from rankfold.analyze import (
 from rankfold.config import VBMF, AutoConfig, MethodConfig, SkipConfig, check_keep
 from rankfold.decompose import max_tucker2_ranks, sqrt_psd
 from rankfold.errors import RankfoldError
+from rankfold.host_memory import available_bytes, format_bytes
 from rankfold.layers import LayerSpec, layer_spec
 from rankfold.methods import (
     FALLBACK,
@@ -37,7 +41,7 @@ from rankfold.methods import (
     registered,
     weighted_relative_error,
 )
-from rankfold.settings import DEFAULT_MIN_RANK
+from rankfold.settings import DEFAULT_MIN_RANK, calibration_batch, memory_headroom
 
 Progress = Callable[[str], None]
 
@@ -131,11 +135,15 @@ def compress_with_report(
         reference = copy.deepcopy(result)  # the original, for the inputs each layer saw before compression
         reached = reach_order(result, names, calib[:1])
         changed = False  # until a layer is replaced, every layer sees its original input
+        cursors = _LayerInputs.for_graph(result, reference, calib, say)
         for name in reached:  # in the order the network calls them: each knows the layers before it
             module = result.get_submodule(name)
             moments = None
             if not (isinstance(configs[name], SkipConfig) or layer_spec(module).groups > 1):
-                moments = streamed_input_moments(reference if changed else None, result, name, calib)
+                if cursors is not None:
+                    moments = cursors.moments(name, module, changed)
+                else:
+                    moments = streamed_input_moments(reference if changed else None, result, name, calib)
             if moments is None:
                 new = factorize(name, module, None)
             else:
@@ -152,6 +160,41 @@ def compress_with_report(
     report.layers.extend(_unhandled_layers(result))
     result.train(was_training)
     return result, report
+
+
+class _LayerInputs:
+    """The layers' inputs of an ONNX graph, original and partly compressed, from two GraphCursors
+    moving forward layer by layer: one forward pass in all, where prefix passes cost one pass up to
+    every layer. Used when the graph state of every calibration sample fits the memory headroom."""
+
+    def __init__(self, current: GraphCursor, reference_model, calib: Tensor, batch: int) -> None:
+        self.current, self.reference_model, self.calib, self.batch = current, reference_model, calib, batch
+        self.reference: GraphCursor | None = None  # made at the first change: till then x = x^
+
+    @classmethod
+    def for_graph(cls, model, reference_model, calib: Tensor, say) -> _LayerInputs | None:
+        if not hasattr(model, "advance"):
+            return None
+        headroom = memory_headroom()
+        headroom = available_bytes() // 4 if headroom is None else headroom
+        needed = 2 * peak_state_bytes(model, calib[:1]) * calib.shape[0]
+        if needed > headroom:
+            say(f"layer inputs by prefix passes: the graph state of {calib.shape[0]} samples would take "
+                f"{format_bytes(needed)} (headroom {format_bytes(headroom)})")
+            return None
+        batch = calibration_batch()
+        return cls(GraphCursor(model, calib, batch), reference_model, calib, batch)
+
+    def moments(self, name: str, module: nn.Module, changed: bool) -> InputMoments | None:
+        x_hat = self.current.inputs_of(name)
+        if x_hat is None:
+            return None
+        if changed and self.reference is None:
+            self.reference = GraphCursor(self.reference_model, self.calib, self.batch)
+        x = self.reference.inputs_of(name) if changed else x_hat
+        if x is None:
+            return None
+        return moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed)
 
 
 # Layers with weights that rankfold does not factorize but that need no mention: they are small

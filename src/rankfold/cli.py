@@ -66,7 +66,7 @@ def _load_inputs(args: argparse.Namespace):
     example = calib[:2] if calib is not None else _example_input(graph)
     example = example[: model.fixed_batch or len(example)]
     _check_rules_known(args, model)
-    _use_memory_budget(args, model, example)
+    _use_memory_budget(args, model, example, calib)
     return graph, model, calib, example
 
 
@@ -78,15 +78,27 @@ def _check_rules_known(args: argparse.Namespace, model) -> None:
         raise RankfoldError(problem)
 
 
-def _use_memory_budget(args: argparse.Namespace, model, example) -> None:
+def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> None:
     """The batch that keeps this run under --max-memory, for every calibration pass that follows;
-    a budget too small for one sample is refused here, before any work."""
-    from rankfold.host_memory import plan_memory
-    from rankfold.settings import use_batch
+    a budget too small for one sample is refused here, before any work. Room for the graph state
+    of every calibration sample (one forward pass for all layers' inputs, instead of one per
+    layer) is set aside first when the budget holds it with a batch of at least 8 beside."""
+    from rankfold.analyze import peak_state_bytes
+    from rankfold.host_memory import format_bytes, plan_memory
+    from rankfold.settings import use_batch, use_memory_headroom
 
-    memory = plan_memory(model, example, args.max_memory)
+    state = 2 * peak_state_bytes(model, example[:1]) * len(calib) if calib is not None else 0
+    try:
+        memory = plan_memory(model, example, args.max_memory, reserved=state) if state else None
+    except RankfoldError:  # no room for the state beside one sample: layer inputs by prefix passes
+        memory = None
+    if memory is None or memory.batch < min(8, len(calib)):
+        memory, state = plan_memory(model, example, args.max_memory), 0
     use_batch(min(memory.batch, model.fixed_batch or memory.batch))  # a fixed batch runs one at a time
+    use_memory_headroom(state)
     args.memory_line = "  " + memory.describe()  # said when the work starts, after every check
+    if state:
+        args.memory_line += f", {format_bytes(state)} of it for the graph state between layers"
     if model.fixed_batch:
         args.memory_line += "\n  the graph's batch is fixed at 1: calibration runs one sample at a time, and " \
                             "the result keeps the fixed batch"

@@ -88,6 +88,8 @@ def saved_bytes_per_sample(model: nn.Module, example: Tensor) -> int:
         return total
 
     one = example[:1]
+    if getattr(model, "fixed_batch", None) == 1:  # the graph runs one sample at a time
+        return max(saved(one), one.numel() * 4)
     two = torch.cat([one, one])
     return max(saved(two) - saved(one), one.numel() * 4)
 
@@ -116,13 +118,13 @@ class MemoryPlan:
 
 
 def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
-                max_batch: int = DEFAULT_BATCH) -> MemoryPlan:
-    """The largest batch (at most `max_batch`) whose estimated peak stays under `limit` bytes;
-    RankfoldError when not even one sample does."""
+                max_batch: int = DEFAULT_BATCH, reserved: int = 0) -> MemoryPlan:
+    """The largest batch (at most `max_batch`) whose estimated peak stays under `limit` bytes, with
+    `reserved` bytes set aside first; RankfoldError when not even one sample does."""
     limit = default_limit() if limit is None else int(limit)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    fixed = resident_bytes() + MODEL_COPIES * weights + RUNTIME_RESERVE
+    fixed = resident_bytes() + MODEL_COPIES * weights + RUNTIME_RESERVE + reserved
     per_sample = PER_SAMPLE_FACTOR * saved_bytes_per_sample(model, example)
     batch = min(max_batch, (limit - fixed) // per_sample)
     if batch < 1:

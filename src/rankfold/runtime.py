@@ -49,6 +49,15 @@ def session(model, *, optimized: bool = True, threads: int = 0):
         raise RankfoldError(f"{where}: onnxruntime cannot load it: {first_line(exc)}") from None
 
 
+def run_batched(sess, outputs: list[str] | None, feed_name: str, x: np.ndarray) -> list[np.ndarray]:
+    """`sess.run` on all of `x`, in pieces of the batch the graph declares when it fixes one (an
+    export at batch 1), else at once."""
+    dims = next(i.shape for i in sess.get_inputs() if i.name == feed_name)
+    batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else len(x)
+    parts = [sess.run(outputs, {feed_name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
 def _probe_model(op: str, weight_code: int) -> tuple[bytes, list[int]]:
     """x quantized to 127 with zero point -128 (u8 255 inside onnxruntime) times weights all equal
     to `weight_code`, scaled so that the exact output is PROBE_CHANNELS (in units of 1.0)."""
@@ -251,12 +260,12 @@ def int8_kernel_check(model, x: np.ndarray) -> KernelCheck:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     reference = session(probe.SerializeToString(), optimized=False)
-    values = dict(zip(wanted, reference.run(wanted, {reference.get_inputs()[0].name: x.astype(np.float32)})))
+    values = dict(zip(wanted, run_batched(reference, wanted, reference.get_inputs()[0].name, x.astype(np.float32))))
     scales = {i.name: i for i in proto.graph.initializer}
     worst, worst_layer = 0, None
     for span in spans:
         single = _single_layer(proto, span.source, span.output)
-        outs = [session(single, optimized=opt).run(None, {span.source: values[span.source]})[0]
+        outs = [run_batched(session(single, optimized=opt), None, span.source, values[span.source])[0]
                 for opt in (True, False)]
         scale = float(onnx.numpy_helper.to_array(scales[span.scale]).reshape(-1)[0])
         diff = int(np.round(np.abs(outs[0] - outs[1]).max(initial=0) / scale))

@@ -175,14 +175,15 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
             higher = HIGHER_IS_BETTER[rule.metric]
             if (value >= rule.threshold) if higher else (value <= rule.threshold):
                 continue
-            if rule.metric == "top1" and not rules:
+            default = rule not in rules  # its kind's default: say which option moves it
+            if rule.metric == "top1" and default:
                 what = "agrees with the original's top-1 on only " + (
                     f"{value:.1%} of {check.samples} {check.where}" if out.kind == "classes" else
                     f"{value:.1%} of its positions over {check.samples} {check.where}")
                 raise RankfoldError(
                     f"self-check failed: {name} {what} (minimum {min_agreement:.0%}); nothing was written. Loosen "
                     "the budgets, or lower --min-agreement to accept it")
-            if rule.metric == "relerr" and not rules:
+            if rule.metric == "relerr" and default:
                 raise RankfoldError(
                     f"self-check failed: {name} is {value:.3g} away from the original's (relative error on "
                     f"{check.samples} {check.where}; at most {max_output_error:g} allowed); nothing was written. "
@@ -225,6 +226,7 @@ def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optim
     """agreement() with the candidate run from its ONNX file in onnxruntime (e.g. a QDQ model):
     in its default session as users run it, or (`optimized=False`) in its reference arithmetic,
     each node as written, which is what the C back-end computes."""
+    from rankfold.runtime import run_batched
     from rankfold.runtime import session as ort_session
 
     session = ort_session(onnx_path, optimized=optimized)
@@ -232,7 +234,7 @@ def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optim
 
     class _Session(nn.Module):
         def forward(self, x):
-            outs = [torch.from_numpy(v) for v in session.run(None, {name: x.numpy()})]
+            outs = [torch.from_numpy(v) for v in run_batched(session, None, name, x.numpy())]
             return tuple(outs) if len(outs) > 1 else outs[0]
 
     return agreement(original, _Session(), inputs, rules=rules)

@@ -40,3 +40,16 @@ def batches_of(samples: int) -> Iterator[None]:
 
 
 
+
+
+# Bytes a run may spend beyond its calibration batches on holding graph state between layers
+# (GraphCursor): set from the memory plan; None means a quarter of the memory available.
+_headroom = contextvars.ContextVar("rankfold_memory_headroom", default=None)
+
+
+def memory_headroom() -> int | None:
+    return _headroom.get()
+
+
+def use_memory_headroom(bytes_: int | None) -> None:
+    _headroom.set(bytes_)

@@ -74,13 +74,27 @@ class OnnxModule(nn.Module):
 
     def run_graph(self, *args: Tensor, observe: Callable[[int, Step, list], None] | None = None) -> dict[str, Any]:
         """Every value of the graph on `args`; `observe(index, step, outputs)` sees each step run."""
+        env = self.start(*args)
+        self.advance(env, 0, len(self.steps), observe=observe, keep_all=True)
+        return env
+
+    def start(self, *args: Tensor) -> dict[str, Any]:
+        """The graph's values before its first step: the inputs and the constants."""
         if len(args) != len(self.input_names):
             raise RankfoldError(f"the model takes {len(self.input_names)} input(s), got {len(args)}")
         env: dict[str, Any] = {"": None}
         env.update(zip(self.input_names, args))
         for value, buffer in self.buffer_of.items():
             env[value] = getattr(self, buffer)
-        for index, step in enumerate(self.steps):
+        return env
+
+    def advance(self, env: dict[str, Any], start: int, stop: int, *,
+                observe: Callable[[int, Step, list], None] | None = None, keep_all: bool = False) -> None:
+        """Run steps [start, stop) on `env`. Unless `keep_all`, a value no later step or output reads
+        is dropped once read, so that `env` holds only what the rest of the graph needs."""
+        last_read = {} if keep_all else self.last_reads()
+        for index in range(start, stop):
+            step = self.steps[index]
             vals = [step.baked[i] if i in step.baked else env[name] for i, name in enumerate(step.inputs)]
             if step.module is not None:
                 outs = [_run_layer(getattr(self, step.module), vals[0], step.attrs)]
@@ -89,18 +103,36 @@ class OnnxModule(nn.Module):
             if observe is not None:
                 observe(index, step, outs)
             env.update(zip(step.outputs, outs))
-        return env
+            for name in step.inputs:
+                if last_read.get(name, len(self.steps)) <= index and name in env:
+                    del env[name]
+
+    def last_reads(self) -> dict[str, int]:
+        """Each value's last reading step; graph outputs and constants are read 'at the end'."""
+        last = {name: index for index, step in enumerate(self.steps) for name in step.inputs}
+        for name in [*self.output_names, *self.buffer_of, ""]:
+            last[name] = len(self.steps)
+        return last
+
+    def layer_argument(self, env: dict[str, Any], index: int) -> Tensor:
+        """What the layer of step `index` is called with (its input, padded as the step pads it)."""
+        step = self.steps[index]
+        return _layer_argument(env[step.inputs[0]], step.attrs)
 
 
-def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:
+def _layer_argument(x: Tensor, attrs: dict) -> Tensor:
     if "same_pad" in attrs:  # auto_pad SAME_*: padding depends on the input size
         conv = attrs["same_pad"]
         pads = same_pads(static_sizes(x), conv["kernel"], conv["strides"], conv["dilations"], upper=conv["upper"])
         half = len(pads) // 2
-        x = F.pad(x, torch_pad_order(pads[:half], pads[half:]))
-    elif "pre_pad" in attrs:
-        x = F.pad(x, attrs["pre_pad"])
-    return layer(x)
+        return F.pad(x, torch_pad_order(pads[:half], pads[half:]))
+    if "pre_pad" in attrs:
+        return F.pad(x, attrs["pre_pad"])
+    return x
+
+
+def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:
+    return layer(_layer_argument(x, attrs))
 
 
 def load_onnx(path: str | os.PathLike) -> OnnxModule:

@@ -1,0 +1,210 @@
+"""Graphs as real exporters write them: sequence and dense-map outputs checked on their own terms,
+a batch fixed at 1, sizes computed from the input, weights held in Constant nodes."""
+
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from rankfold.check_rules import CheckRule
+from rankfold.errors import RankfoldError
+from rankfold.evaluate import onnx_size
+from rankfold.selfcheck import Agreement, agreement, output_kind, refuse_if_poor
+from tests.helpers import run_cli
+
+
+class Recogniser(nn.Module):
+    """A CTC-style text recogniser: (N, 3, 8, 32) -> (N, 16 frames, 12 classes), softmax."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 12)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        y = y.mean(2).reshape(-1, 32, 16, 2).mean(3).transpose(1, 2)  # (N, 16, 32)
+        return torch.softmax(self.head(y), dim=-1)
+
+
+class DenseMap(nn.Module):
+    """A text-detector-like probability map: (N, 3, 16, 16) -> (N, 1, 16, 16), sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(32, 1, 1))
+
+    def forward(self, x):
+        return torch.sigmoid(self.body(x) * 4)
+
+
+def _export(model, x, path, *, dynamic_batch=True, extra_axes=None):
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    if extra_axes:
+        axes = {k: {**(axes or {}).get(k, {}), **v} for k, v in extra_axes.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["output"], dynamic_axes=axes)
+    return str(path)
+
+
+def _dims(path, which="input"):
+    values = onnx.load(str(path)).graph.input if which == "input" else onnx.load(str(path)).graph.output
+    return [d.dim_value or d.dim_param for d in values[0].type.tensor_type.shape.dim]
+
+
+def test_output_kinds_follow_the_output_shape():
+    assert output_kind(torch.randn(4, 10)) == "classes"
+    assert output_kind(torch.softmax(torch.randn(4, 7, 12), -1)) == "distribution"
+    assert output_kind(torch.sigmoid(torch.randn(4, 1, 8, 8))) == "dense"
+    assert output_kind(torch.randn(4, 22, 50)) == "dense"  # a detector head: boxes and scores
+
+
+def test_a_sequence_is_judged_per_position_and_by_whole_sequences():
+    model = Recogniser().eval()
+    x = torch.randn(64, 3, 8, 32)
+    same = agreement(model, model, x)
+    assert same.outputs[0].kind == "distribution" and same.outputs[0].metrics["sequence"] == 1.0
+    noisy = Recogniser().eval()
+    with torch.no_grad():
+        noisy.head.weight.add_(torch.randn_like(noisy.head.weight) * 0.5)
+    check = agreement(model, noisy, x)
+    per_position, whole = check.outputs[0].metrics["top1"], check.outputs[0].metrics["sequence"]
+    assert whole < per_position < 1.0  # one wrong frame spoils a whole line
+    with pytest.raises(RankfoldError, match="of its positions"):
+        refuse_if_poor(check, min_agreement=0.999)
+    with pytest.raises(RankfoldError, match=r"sequence .* \(required: sequence >= 0.99\)"):
+        refuse_if_poor(check, 0.0, rules=(CheckRule("sequence", 0.99),))
+
+
+def test_a_rule_for_one_output_replaces_only_its_default():
+    check = Agreement(10, 0.5, 0.01, [])
+    from rankfold.selfcheck import OutputAgreement
+
+    check.outputs = [OutputAgreement(0, 0.5, 0.01, "classes", "scores", {"top1": 0.5, "relerr": 0.01}),
+                     OutputAgreement(1, None, 0.3, "dense", "boxes", {"relerr": 0.3, "cosine": 0.99})]
+    rules = (CheckRule("top1", 0.4, output="scores"),)
+    with pytest.raises(RankfoldError, match="output boxes is 0.3 away"):  # boxes keep their default
+        refuse_if_poor(check, 0.8, 0.2, rules)
+    refuse_if_poor(check, 0.8, 0.2, rules + (CheckRule("cosine", 0.95, output="1"),))
+
+
+@pytest.mark.parametrize("case", ["sequence", "dense-map"])
+def test_a_result_failing_its_check_is_never_written(tmp_path, case):
+    if case == "sequence":
+        model, x, rule = Recogniser(), torch.randn(96, 3, 8, 32), ["--min-agreement", "0.999"]
+    else:
+        model, x, rule = DenseMap(), torch.randn(96, 3, 16, 16), ["--check", "output=iou@0.5:0.999"]
+    src = _export(model, x[:2], tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    out = tmp_path / "out.onnx"
+    for mode in (["--keep", "0.1", "--min-rank", "1"], ["--max-params", "30%", "--min-rank", "1"]):
+        code, _out, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, *mode, *rule)
+        assert code == 2 and "self-check failed" in err and "Traceback" not in err, err
+        assert not out.exists() and sorted(os.listdir(tmp_path)) == ["calib.npz", "m.onnx"]
+    # and the same model passes with its default check at a gentle budget
+    code, _out, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--keep", "0.9")
+    assert code == 0, err
+
+
+def test_an_unknown_output_in_a_check_rule_is_refused_before_work(tmp_path):
+    src = _export(DenseMap(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(64, 3, 16, 16)).astype(np.float32))
+    code, _out, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", tmp_path / "o.onnx",
+                              "--check", "boxes=relerr:0.1")
+    assert code == 2 and "no output 'boxes'" in err and "output" in err
+    code, _out, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", tmp_path / "o.onnx",
+                              "--check", "relerr:lots")
+    assert code == 2 and "--check" in err and "Traceback" not in err
+
+
+class FlattensWithBatchOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).reshape(1, -1))  # an exporter's baked batch of 1
+
+
+def test_a_batch_fixed_at_one_stays_fixed(tmp_path):
+    x = torch.randn(80, 3, 8, 8)
+    src = _export(FlattensWithBatchOne(), x[:1], tmp_path / "b1.onnx", dynamic_batch=False)
+    assert _dims(src)[0] == 1
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    original = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    want = original.run(None, {"input": x[:1].numpy()})[0]
+    for mode in (["--keep", "0.8"], ["--max-weight-bytes", "30%"]):  # float, and QDQ through onnxruntime
+        out = tmp_path / "out.onnx"
+        code, _stdout, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--force", *mode)
+        assert code == 0, err
+        assert "fixed at 1" in err
+        assert _dims(out)[0] == 1 and _dims(out, "output")[0] == 1
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x[:1].numpy()})[0]
+        assert got.shape == (1, 10) and np.linalg.norm(got - want) / np.linalg.norm(want) < 0.5
+
+
+class ReadsItsSize(nn.Module):
+    """A head that builds a grid from its input's width, as detector heads do (Shape -> Range)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + torch.arange(y.shape[3], dtype=torch.float32)
+
+
+def test_a_graph_computing_from_its_input_size_is_exported_at_the_calibration_size(tmp_path):
+    x = torch.randn(64, 3, 8, 12)
+    axes = {"input": {2: "h", 3: "w"}, "output": {2: "h", 3: "w"}}
+    src = _export(ReadsItsSize(), x[:2], tmp_path / "s.onnx", extra_axes=axes)
+    assert _dims(src)[2:] == ["h", "w"]
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    out = tmp_path / "out.onnx"
+    code, _stdout, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--keep", "0.9",
+                                 "--min-rank", "1")
+    assert code == 0, err
+    assert "calibration samples' size only" in err
+    assert _dims(out)[1:] == [3, 8, 12] and _dims(out, "output")[0] == "batch"
+
+
+def _weights_to_constant_nodes(path, new_path):
+    """Rewrite every initializer as a Constant node, as Paddle2ONNX writes its graphs."""
+    model = onnx.load(path)
+    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(consts + nodes)
+    onnx.save(model, new_path)
+    return str(new_path)
+
+
+def test_weights_in_constant_nodes_are_counted_and_compressed(tmp_path):
+    x = torch.randn(64, 3, 16, 16)
+    src = _export(DenseMap(), x[:2], tmp_path / "init.onnx")
+    const = _weights_to_constant_nodes(src, tmp_path / "const.onnx")
+    assert not onnx.load(const).graph.initializer
+    assert onnx_size(const).params == onnx_size(src).params > 9000
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    for mode in (["--keep", "0.6"], ["--max-params", "70%"]):
+        out = tmp_path / "out.onnx"
+        code, stdout, err = run_cli("compress", const, "--calib", tmp_path / "calib.npz", "-o", out, "--force", *mode)
+        assert code == 0 and "Traceback" not in err, err
+        assert onnx_size(out).params < 0.75 * onnx_size(const).params
+        assert "(n/a)" not in stdout
