@@ -161,12 +161,20 @@ def conversion_error(path: str, x: np.ndarray) -> float:
     return max(float(np.linalg.norm(o.numpy() - t) / max(np.linalg.norm(t), 1e-30)) for o, t in zip(ours, theirs))
 
 
+def reachable(error: str | None) -> str | None:
+    """The smallest reachable weight bytes a refused budget names, as a budget value."""
+    import re
+
+    found = re.search(r"weight_bytes cannot be met: .* the smallest reachable is ([\d,]+)", error or "")
+    return f"{found.group(1).replace(',', '')}B" if found else None
+
+
 def compress_run(model: FieldModel, path: str, work: str, run: str, calib: str, fresh: np.ndarray,
-                 reference: list[np.ndarray], log) -> Result:
+                 reference: list[np.ndarray], log, options: list[str] | None = None) -> Result:
     out = os.path.join(work, f"{model.name}-{run}.onnx")
     report = os.path.join(work, f"{model.name}-{run}.json")
     command = [sys.executable, "-m", "bench.peak", "compress", path, "--calib", calib, "-o", out, "--report",
-               report, "--force", *RUNS[run]]
+               report, "--force", *(options or RUNS[run])]
     log(f"[{model.name}] {run}: rankfold {' '.join(command[3:])}")
     t0 = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(BENCH_DIR))
@@ -192,6 +200,7 @@ def compress_run(model: FieldModel, path: str, work: str, run: str, calib: str, 
 
 
 def markdown(results: list[Result], cpu: str) -> str:
+    """The README's table: one row per run."""
     lines = [f"rankfold on pretrained field networks ({cpu}); fidelity on fresh inputs never used for calibration, "
              "both files in onnxruntime.", "",
              "| model | run | params | weight bytes | fidelity | goal | time | peak RSS | note |",
@@ -210,6 +219,19 @@ def markdown(results: list[Result], cpu: str) -> str:
         lines.append(f"| {r.model} | {r.run} | {params} | {wbytes} | {fid} | {m.goal:g} | {r.seconds:.0f} s | "
                      f"{peak} | {(r.error or '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+def _merged(results: list[Result], rerun: set[str]) -> list[Result]:
+    """This run's results, with the earlier results file's rows for the models not rerun."""
+    path = os.path.join(RESULTS, "realworld.json")
+    if not os.path.isfile(path):
+        return results
+    with open(path) as handle:
+        earlier = [Result(**{**r, "params": tuple(r["params"]) if r.get("params") else None,
+                             "weight_bytes": tuple(r["weight_bytes"]) if r.get("weight_bytes") else None})
+                   for r in json.load(handle)["results"] if r["model"] not in rerun]
+    order = [m.name for m in MODELS]
+    return sorted(earlier + results, key=lambda r: order.index(r.model) if r.model in order else len(order))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         reference = ort_outputs(path, fresh)
         for run in args.runs.split(","):
             results.append(compress_run(model, path, args.work, run, calib, fresh, reference, log))
+            smallest = reachable(results[-1].error) if run == "max-weight-bytes" else None
+            if smallest:  # refused with the reachable size: measure what that size keeps
+                results.append(compress_run(model, path, args.work, "smallest-reachable", calib, fresh, reference,
+                                            log, ["--max-weight-bytes", smallest]))
     cpu = cpu_summary()
+    results = _merged(results, {m.name for m in chosen})
     with open(os.path.join(RESULTS, "realworld.json"), "w") as handle:
         json.dump({"cpu": cpu, "results": [asdict(r) for r in results]}, handle, indent=1)
     table = markdown(results, cpu)

@@ -162,6 +162,11 @@ def compress_with_report(
     return result, report
 
 
+# Fewer samples than this held in cursors would make the layers' input moments noisy: prefix
+# passes over every sample instead.
+MIN_CURSOR_SAMPLES = 32
+
+
 class _LayerInputs:
     """The layers' inputs of an ONNX graph, original and partly compressed, from two GraphCursors
     moving forward layer by layer: one forward pass in all, where prefix passes cost one pass up to
@@ -173,15 +178,22 @@ class _LayerInputs:
 
     @classmethod
     def for_graph(cls, model, reference_model, calib: Tensor, say) -> _LayerInputs | None:
+        """Cursors over as many calibration samples as the headroom holds the graph state of (all
+        of them when it can; at least MIN_CURSOR_SAMPLES), else None: prefix passes."""
         if not hasattr(model, "advance"):
             return None
         headroom = memory_headroom()
         headroom = available_bytes() // 4 if headroom is None else headroom
-        needed = 2 * peak_state_bytes(model, calib[:1]) * calib.shape[0]
-        if needed > headroom:
-            say(f"layer inputs by prefix passes: the graph state of {calib.shape[0]} samples would take "
-                f"{format_bytes(needed)} (headroom {format_bytes(headroom)})")
+        per_sample = 2 * peak_state_bytes(model, calib[:1])  # the original's and the compressed one's
+        fits = int(headroom // max(per_sample, 1))
+        if fits < min(MIN_CURSOR_SAMPLES, calib.shape[0]):
+            say(f"layer inputs by prefix passes: the graph state of {MIN_CURSOR_SAMPLES} samples would take "
+                f"{format_bytes(per_sample * MIN_CURSOR_SAMPLES)} (headroom {format_bytes(headroom)})")
             return None
+        if fits < calib.shape[0]:
+            say(f"layer inputs from {fits} of the {calib.shape[0]} calibration samples: the graph state of more "
+                f"would exceed {format_bytes(headroom)}")
+            calib = calib[:fits]
         batch = calibration_batch()
         return cls(GraphCursor(model, calib, batch), reference_model, calib, batch)
 

@@ -7,22 +7,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import model_outputs
+from rankfold.analyze import model_outputs, output_kind
 from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
 from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, calibration_batch
-
-
-def output_kind(y: Tensor) -> str:
-    """'classes' for (N, classes) scores; 'distribution' for a softmax over the last axis of a
-    longer output (a sequence of tokens or CTC frames, a per-pixel class map); 'dense' otherwise
-    (feature maps, regressions, detector heads, probability maps)."""
-    if y.ndim == 2 and y.shape[1] > 1:
-        return "classes"
-    if y.ndim >= 3 and y.shape[-1] > 1 and y.numel() and bool(((y >= 0) & (y <= 1)).all()):
-        if bool(((y.sum(-1) - 1).abs() < 1e-3).all()):
-            return "distribution"
-    return "dense"
 
 
 def default_rule(kind: str, min_agreement: float, max_output_error: float) -> CheckRule:

@@ -22,7 +22,7 @@ from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_
 
 MIN_OPSET, MAX_OPSET = 11, 23
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant"})
+SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant", "If"})
 
 
 @dataclass
@@ -289,6 +289,9 @@ class _Converter:
         if node.op_type == "Constant":
             self.consts[node.output[0]] = _constant_value(attrs, where)
             return
+        if node.op_type == "If":
+            self._inline_branch(node, inputs, where)
+            return
         if node.op_type in LAYER_OPS and self._layer(node, inputs, attrs, where):
             return
         if inputs and all(i == "" or i in self.consts for i in inputs) and node.op_type != "Shape":
@@ -298,11 +301,33 @@ class _Converter:
         for index, name in enumerate(inputs):
             if name in self.consts:
                 value = self.consts[name]
-                if value.dtype.is_floating_point:
-                    self._need_buffer(name)
-                else:  # integer constants feed shape arithmetic as Python values
+                if value.dtype == torch.int64 and value.ndim <= 1:
+                    # small integer constants feed shape arithmetic as Python values
                     step.baked[index] = value.item() if value.ndim == 0 else value.tolist()
+                else:  # weights, and the integer tensors of already-quantized graphs
+                    self._need_buffer(name)
         self.module.steps.append(step)
+
+    def _inline_branch(self, node, inputs, where) -> None:
+        """An If whose condition folds to a constant is the branch it takes, inlined."""
+        if inputs[0] not in self.consts:
+            raise RankfoldError(f"If whose condition depends on the input is not supported ({where}); only "
+                                "conditions that fold to a constant")
+        taken = "then_branch" if bool(self.consts[inputs[0]].reshape(-1)[0]) else "else_branch"
+        branch = next(a.g for a in node.attribute if a.name == taken)
+        _refuse_unsupported(branch.node)
+        for t in branch.initializer:
+            _check_tensor_size(t)
+            self.consts[t.name] = torch.from_numpy(numpy_helper.to_array(t).copy())
+        for sub in branch.node:
+            for name in sub.input:
+                self.consumers.setdefault(name, []).append(sub)
+            self._node(sub)
+        for outer, inner in zip(node.output, branch.output):
+            if inner.name in self.consts:
+                self.consts[outer] = self.consts[self._name(inner.name)]
+            else:
+                self.alias[outer] = inner.name
 
     def _fold(self, node, inputs, attrs, where) -> None:
         """A node whose inputs are all constants is computed once, here."""

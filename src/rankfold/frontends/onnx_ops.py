@@ -547,3 +547,183 @@ def _conv_transpose(vals, attrs):
     index = [slice(None), slice(None)] + [slice(b, y.shape[2 + i] - e) for i, (b, e) in
                                           enumerate(zip(pads[:nd], pads[nd:]))]
     return [y[tuple(index)]]
+
+
+# ---- recurrent layers (ONNX gate orders: LSTM i, o, f, c; GRU z, r, h) ------------------------
+
+def _recurrent_inputs(vals, attrs, gates: int):
+    """(X as (seq, batch, in), W, R, Wb, Rb, initial states, directions) for LSTM / GRU."""
+    if attrs.get("activations") is not None or attrs.get("clip") is not None:
+        raise ValueError("only the default activations and no clip are supported")
+    x = vals[0]
+    if attrs.get("layout", 0):
+        x = x.transpose(0, 1)
+    w, r = vals[1], vals[2]
+    hidden = r.shape[-1]
+    bias = vals[3] if len(vals) > 3 and vals[3] is not None else torch.zeros(w.shape[0], 2 * gates * hidden)
+    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[
+        attrs.get("direction", "forward")]
+    return x, w, r, bias[:, : gates * hidden], bias[:, gates * hidden :], hidden, directions
+
+
+def _initial(vals, index: int, d: int, batch: int, hidden: int, like: Tensor) -> Tensor:
+    state = vals[index] if len(vals) > index and vals[index] is not None else None
+    return state[d] if state is not None else like.new_zeros(batch, hidden)
+
+
+def _recurrent_outputs(ys: list[Tensor], finals: list[list[Tensor]], attrs) -> list[Tensor]:
+    y = torch.stack(ys, 1)  # (seq, directions, batch, hidden)
+    states = [torch.stack(s, 0) for s in zip(*finals)]  # each (directions, batch, hidden)
+    if attrs.get("layout", 0):
+        y = y.permute(2, 0, 1, 3)
+        states = [s.transpose(0, 1) for s in states]
+    return [y, *states]
+
+
+@op("LSTM")
+def _lstm(vals, attrs):
+    if len(vals) > 7 and vals[7] is not None:
+        raise ValueError("LSTM peepholes are not supported")
+    x, w, r, wb, rb, hidden, directions = _recurrent_inputs(vals, attrs, 4)
+    ys, finals = [], []
+    for d, backward in enumerate(directions):
+        h = _initial(vals, 5, d, x.shape[1], hidden, x)
+        c = _initial(vals, 6, d, x.shape[1], hidden, x)
+        inputs = x @ w[d].T + wb[d] + rb[d]  # every step's input part at once
+        out = [None] * x.shape[0]
+        for t in (reversed(range(x.shape[0])) if backward else range(x.shape[0])):
+            i, o, f, g = (inputs[t] + h @ r[d].T).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out[t] = h
+        ys.append(torch.stack(out))
+        finals.append([h, c])
+    return _recurrent_outputs(ys, finals, attrs)
+
+
+@op("GRU")
+def _gru(vals, attrs):
+    x, w, r, wb, rb, hidden, directions = _recurrent_inputs(vals, attrs, 3)
+    before_reset = bool(attrs.get("linear_before_reset", 0))
+    ys, finals = [], []
+    for d, backward in enumerate(directions):
+        h = _initial(vals, 5, d, x.shape[1], hidden, x)
+        inputs = x @ w[d].T + wb[d]
+        rz, rr, rh = r[d].chunk(3, 0)
+        bz, br, bh = rb[d].chunk(3, -1)
+        out = [None] * x.shape[0]
+        for t in (reversed(range(x.shape[0])) if backward else range(x.shape[0])):
+            xz, xr, xh = inputs[t].chunk(3, -1)
+            z = torch.sigmoid(xz + h @ rz.T + bz)
+            reset = torch.sigmoid(xr + h @ rr.T + br)
+            candidate = torch.tanh(xh + reset * (h @ rh.T + bh) if before_reset else xh + (reset * h) @ rh.T + bh)
+            h = (1 - z) * candidate + z * h
+            out[t] = h
+        ys.append(torch.stack(out))
+        finals.append([h])
+    return _recurrent_outputs(ys, finals, attrs)
+
+
+# ---- already-quantized graphs: computed in float, exactly where float32 holds the integers ---------
+
+def _per_axis(v: Tensor, x: Tensor, axis: int) -> Tensor:
+    """A scale or zero point (scalar or 1-D along `axis`) shaped to broadcast against `x`."""
+    if v.ndim == 0 or v.numel() == 1:
+        return v.reshape(())
+    shape = [1] * x.ndim
+    shape[_axis(axis, x.ndim)] = -1
+    return v.reshape(shape)
+
+
+def _zero_point(vals, index: int, like: Tensor) -> Tensor:
+    return vals[index] if len(vals) > index and vals[index] is not None else torch.zeros((), dtype=like.dtype)
+
+
+@op("DequantizeLinear")
+def _dequantize(vals, attrs):
+    x, scale = vals[0], vals[1]
+    axis = attrs.get("axis", 1)
+    zero = _zero_point(vals, 2, x)
+    return [(x.to(torch.float32) - _per_axis(zero, x, axis).to(torch.float32)) * _per_axis(scale, x, axis)]
+
+
+_INT_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
+
+
+@op("QuantizeLinear")
+def _quantize(vals, attrs):
+    x, scale = vals[0], vals[1]
+    axis = attrs.get("axis", 1)
+    zero = _zero_point(vals, 2, torch.zeros((), dtype=torch.uint8))
+    low, high = _INT_RANGE[zero.dtype]
+    q = torch.round(x / _per_axis(scale, x, axis)) + _per_axis(zero, x, axis).to(torch.float32)
+    return [q.clamp(low, high).to(zero.dtype)]
+
+
+@op("DynamicQuantizeLinear")
+def _dynamic_quantize(vals, attrs):
+    x = vals[0]
+    low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = (high - low) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-low / scale), 0, 255)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+    return [q.to(torch.uint8), scale.to(torch.float32), zero.to(torch.uint8)]
+
+
+def _centred(vals, index: int, zero_index: int, axis: int | None = None) -> Tensor:
+    """An integer tensor minus its zero point, in float64 (exact for 8-bit products' sums)."""
+    x = vals[index]
+    zero = _zero_point(vals, zero_index, x).to(torch.float64)
+    if axis is not None and zero.numel() > 1:
+        zero = _per_axis(zero, x, axis)
+    return x.to(torch.float64) - zero
+
+
+def _conv_geometry_call(x: Tensor, w: Tensor, attrs) -> Tensor:
+    nd = w.ndim - 2
+    kernel = list(attrs.get("kernel_shape", w.shape[2:]))
+    strides = list(attrs.get("strides", [1] * nd))
+    dilations = list(attrs.get("dilations", [1] * nd))
+    pads = list(attrs.get("pads", [0] * 2 * nd))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = same_pads(static_sizes(x), kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
+    elif auto_pad == "VALID":
+        pads = [0] * 2 * nd
+    x = F.pad(x, torch_pad_order(pads[:nd], pads[nd:]))
+    fn = F.conv1d if nd == 1 else F.conv2d
+    return fn(x, w, None, strides, 0, dilations, attrs.get("group", 1))
+
+
+@op("ConvInteger")
+def _conv_integer(vals, attrs):
+    x, w = _centred(vals, 0, 2), _centred(vals, 1, 3, axis=0)
+    return [torch.round(_conv_geometry_call(x, w, attrs)).to(torch.int32)]
+
+
+@op("MatMulInteger")
+def _matmul_integer(vals, attrs):
+    a = _centred(vals, 0, 2)
+    b = _centred(vals, 1, 3, axis=-1)
+    return [torch.round(a @ b).to(torch.int32)]
+
+
+@op("QLinearConv")
+def _qlinear_conv(vals, attrs):
+    x_scale, w_scale, y_scale = vals[1], vals[4], vals[6]
+    x = (vals[0].to(torch.float64) - vals[2].to(torch.float64)) * x_scale.to(torch.float64)
+    w = (vals[3].to(torch.float64) - _per_axis(vals[5].to(torch.float64), vals[3], 0)) * \
+        _per_axis(w_scale.to(torch.float64), vals[3], 0)
+    y = _conv_geometry_call(x, w, attrs)
+    if len(vals) > 8 and vals[8] is not None:  # int32 bias at x_scale * w_scale
+        bias = vals[8].to(torch.float64) * (x_scale.to(torch.float64) * w_scale.to(torch.float64)).reshape(-1)
+        y = y + bias.reshape(1, -1, *[1] * (y.ndim - 2))
+    return _quantize([y.to(torch.float32), y_scale, vals[7]], {"axis": 1})
+
+
+@op("QLinearMatMul")
+def _qlinear_matmul(vals, attrs):
+    a = (vals[0].to(torch.float64) - vals[2].to(torch.float64)) * vals[1].to(torch.float64)
+    b = (vals[3].to(torch.float64) - vals[5].to(torch.float64).reshape(-1)) * vals[4].to(torch.float64).reshape(-1)
+    return _quantize([(a @ b).to(torch.float32), vals[6], vals[7]], {})

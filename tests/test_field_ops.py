@@ -1,0 +1,136 @@
+"""ONNX ops of networks from the field, each against onnxruntime: recurrent layers, an If on a
+constant, and graphs that are already quantized (dynamic, QDQ and QOperator formats)."""
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+import rankfold
+from rankfold.errors import RankfoldError
+
+
+def _ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def _ours(path, x):
+    out = rankfold.load_onnx(path)(torch.from_numpy(x))
+    return [t.detach().numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind: str, bidirectional: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(6, 8, 3, padding=1)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](8, 12, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(24 if bidirectional else 12, 5)
+
+    def forward(self, x):  # (N, 6, T)
+        y, _state = self.rnn(self.conv(x).transpose(1, 2))
+        return self.head(y)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_layers_match_onnxruntime(tmp_path, kind, bidirectional):
+    model = Recurrent(kind, bidirectional).eval()
+    x = torch.randn(3, 6, 10)
+    path = tmp_path / "r.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    assert kind.upper() in {n.op_type for n in onnx.load(str(path)).graph.node}
+    fresh = np.random.default_rng(1).normal(size=(4, 6, 10)).astype(np.float32)
+    np.testing.assert_allclose(_ours(path, fresh)[0], _ort(path, fresh)[0], atol=1e-5)
+
+
+def test_an_if_on_a_constant_is_the_branch_it_takes(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    then_out = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])
+    else_out = helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4])
+    then_graph = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [], [then_out])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [else_out])
+    cond = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("cv", TensorProto.BOOL, [], [False]))
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    graph = helper.make_graph([cond, branch], "g", [x], [y])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    v = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_allclose(_ours(path, v)[0], -v)
+    np.testing.assert_allclose(_ort(path, v)[0], -v)
+
+
+def test_an_if_on_the_input_is_refused_by_name(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    out = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])
+    body = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "b", [], [out])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Cast", ["s"], ["c"], to=TensorProto.BOOL),
+             helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)]
+    path = tmp_path / "if2.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(RankfoldError, match="If whose condition depends on the input"):
+        rankfold.load_onnx(path)
+
+
+def _float_model(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+    path = tmp_path / "float.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    return str(path)
+
+
+class _Reader:
+    def __init__(self, x):
+        self.items = iter([{"x": x[i : i + 1]} for i in range(len(x))])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq", "qoperator"])
+def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
+    from onnxruntime import quantization as q
+
+    src = _float_model(tmp_path)
+    out = str(tmp_path / f"{form}.onnx")
+    x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if form == "dynamic":
+            q.quantize_dynamic(src, out, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        else:
+            fmt = q.QuantFormat.QDQ if form == "qdq" else q.QuantFormat.QOperator
+            # QOperator Gemm is Microsoft's own QGemm: only the standard QLinearConv here
+            ops = ["Conv", "MatMul", "Gemm"] if form == "qdq" else ["Conv"]
+            q.quantize_static(src, out, _Reader(x), quant_format=fmt, op_types_to_quantize=ops)
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    expected = {"dynamic": "DynamicQuantizeLinear", "qdq": "DequantizeLinear", "qoperator": "QLinearConv"}[form]
+    assert expected in ops, ops
+    ours, theirs = _ours(out, x)[0], _ort(out, x)[0]
+    reference = _ort(src, x)[0]
+    scale = np.abs(reference).max()
+    # float arithmetic vs onnxruntime's integer kernels: a rounding unit here and there
+    assert np.abs(ours - theirs).max() < 0.05 * scale, (np.abs(ours - theirs).max(), scale)
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
+    loaded = rankfold.load_onnx(out)
+    if form == "qdq":  # weights dequantized at load: ordinary layers, compressible like any other
+        assert sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in loaded.modules()) == 3
+
