@@ -65,7 +65,8 @@ def _dims(path, which="input"):
 
 def test_output_kinds_follow_the_output_shape():
     assert output_kind(torch.randn(4, 10)) == "classes"
-    assert output_kind(torch.softmax(torch.randn(4, 7, 12), -1)) == "distribution"
+    assert output_kind(torch.softmax(torch.randn(4, 7, 12), -1)) == "sequence"
+    assert output_kind(torch.softmax(torch.randn(4, 5, 5, 2), -1)) == "distribution"  # a class map
     assert output_kind(torch.sigmoid(torch.randn(4, 1, 8, 8))) == "dense"
     assert output_kind(torch.randn(4, 22, 50)) == "dense"  # a detector head: boxes and scores
 
@@ -74,15 +75,18 @@ def test_a_sequence_is_judged_per_position_and_by_whole_sequences():
     model = Recogniser().eval()
     x = torch.randn(64, 3, 8, 32)
     same = agreement(model, model, x)
-    assert same.outputs[0].kind == "distribution" and same.outputs[0].metrics["sequence"] == 1.0
+    assert same.outputs[0].kind == "sequence" and same.outputs[0].metrics["sequence"] == 1.0
     noisy = Recogniser().eval()
     with torch.no_grad():
         noisy.head.weight.add_(torch.randn_like(noisy.head.weight) * 0.5)
     check = agreement(model, noisy, x)
     per_position, whole = check.outputs[0].metrics["top1"], check.outputs[0].metrics["sequence"]
     assert whole < per_position < 1.0  # one wrong frame spoils a whole line
-    with pytest.raises(RankfoldError, match="of its positions"):
-        refuse_if_poor(check, min_agreement=0.999)
+    with pytest.raises(RankfoldError, match="exactly as the original does"):  # the default: whole sequences
+        refuse_if_poor(check, min_agreement=whole + 0.01)
+    refuse_if_poor(check, min_agreement=whole - 0.01)
+    with pytest.raises(RankfoldError, match=r"has top1 .* \(required: top1 >= "):
+        refuse_if_poor(check, 0.0, rules=(CheckRule("top1", per_position + 0.01),))
     with pytest.raises(RankfoldError, match=r"sequence .* \(required: sequence >= 0.99\)"):
         refuse_if_poor(check, 0.0, rules=(CheckRule("sequence", 0.99),))
 

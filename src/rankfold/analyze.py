@@ -46,14 +46,15 @@ def model_outputs(out) -> list[Tensor]:
 
 
 def output_kind(y: Tensor) -> str:
-    """'classes' for (N, classes) scores; 'distribution' for a softmax over the last axis of a
-    longer output (a sequence of tokens or CTC frames, a per-pixel class map); 'dense' otherwise
-    (feature maps, regressions, detector heads, probability maps)."""
+    """'classes' for (N, classes) scores; for a softmax over the last axis of a longer output,
+    'sequence' when it is (N, T, classes) (tokens, CTC frames) and 'distribution' otherwise (a
+    per-pixel class map); 'dense' for everything else (feature maps, regressions, detector heads,
+    probability maps)."""
     if y.ndim == 2 and y.shape[1] > 1:
         return "classes"
     if y.ndim >= 3 and y.shape[-1] > 1 and y.numel() and bool(((y >= 0) & (y <= 1)).all()):
         if bool(((y.sum(-1) - 1).abs() < 1e-3).all()):
-            return "distribution"
+            return "sequence" if y.ndim == 3 else "distribution"
     return "dense"
 
 

@@ -12,12 +12,16 @@ from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
 from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, calibration_batch
 
+CLASS_KINDS = ("classes", "sequence", "distribution")
+
 
 def default_rule(kind: str, min_agreement: float, max_output_error: float) -> CheckRule:
-    """The documented default per output kind: argmax agreement for class scores (per position for
-    a distribution), relative error for everything else."""
-    return CheckRule("top1", min_agreement) if kind in ("classes", "distribution") else \
-        CheckRule("relerr", max_output_error)
+    """The documented default per output kind: top-1 agreement for class scores, whole sequences
+    read alike (every position's argmax) for sequences, argmax agreement per position for other
+    distributions (class maps), relative error for everything else."""
+    if kind == "sequence":
+        return CheckRule("sequence", min_agreement)
+    return CheckRule("top1", min_agreement) if kind in CLASS_KINDS else CheckRule("relerr", max_output_error)
 
 
 @dataclass
@@ -95,7 +99,7 @@ class _Tally:
             metrics["sequence"] = self.sequence_hits / self.samples
         for level in self.iou_levels:  # two empty maps agree
             metrics[f"iou@{level:g}"] = self.both[level] / self.either[level] if self.either[level] else 1.0
-        classes = self.kind in ("classes", "distribution")
+        classes = self.kind in CLASS_KINDS
         return OutputAgreement(index, metrics["top1"] if classes else None, rel, self.kind or "dense", name,
                                metrics)
 
@@ -171,6 +175,11 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
                 raise RankfoldError(
                     f"self-check failed: {name} {what} (minimum {min_agreement:.0%}); nothing was written. Loosen "
                     "the budgets, or lower --min-agreement to accept it")
+            if rule.metric == "sequence" and default:
+                raise RankfoldError(
+                    f"self-check failed: {name} reads only {value:.1%} of {check.samples} {check.where} exactly as "
+                    f"the original does (every position's argmax; minimum {min_agreement:.0%}); nothing was "
+                    "written. Loosen the budgets, or lower --min-agreement to accept it")
             if rule.metric == "relerr" and default:
                 raise RankfoldError(
                     f"self-check failed: {name} is {value:.3g} away from the original's (relative error on "
