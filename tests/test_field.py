@@ -212,3 +212,28 @@ def test_weights_in_constant_nodes_are_counted_and_compressed(tmp_path):
         assert code == 0 and "Traceback" not in err, err
         assert onnx_size(out).params < 0.75 * onnx_size(const).params
         assert "(n/a)" not in stdout
+
+
+def test_one_pass_layer_inputs_give_the_weights_of_prefix_passes(tmp_path):
+    """GraphCursor (every layer's inputs in one forward pass) against a prefix pass per layer."""
+    from rankfold.apply import compress_with_report
+    from rankfold.frontends.onnx import load_onnx
+    from rankfold.settings import memory_headroom, use_memory_headroom
+
+    x = torch.randn(48, 3, 16, 16)
+    model = load_onnx(_export(DenseMap(), x[:2], tmp_path / "m.onnx"))
+    said, weights = {}, {}
+    before = memory_headroom()
+    try:
+        for headroom in (0, 2**30):
+            use_memory_headroom(headroom)
+            lines = []
+            result, _report = compress_with_report(model, method="tucker2", keep=0.5, calib=x, min_rank=2,
+                                                   progress=lines.append)
+            said[headroom] = any("prefix passes" in line for line in lines)
+            weights[headroom] = {k: v.detach().clone() for k, v in result.state_dict().items()}
+    finally:
+        use_memory_headroom(before)
+    assert said == {0: True, 2**30: False}
+    assert weights[0].keys() == weights[2**30].keys()
+    assert all(torch.equal(weights[0][k], weights[2**30][k]) for k in weights[0])
