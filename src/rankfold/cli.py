@@ -525,9 +525,10 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", type=_check_rule, action="append", default=[], metavar="[OUTPUT=]METRIC:THRESHOLD",
                    help="what the self-check requires, replacing the default for the outputs it names (all when "
                         "no OUTPUT= is given); repeatable. METRIC: top1 (argmax agreement, per position for "
-                        "sequences), sequence (every position agrees), cosine, relerr, iou@LEVEL (maps "
-                        "thresholded at LEVEL, default 0.5). Defaults: top1 >= --min-agreement for class scores "
-                        "and softmax sequences, relerr <= --max-output-error for every other output")
+                        "sequences), sequence (read alike: equal after greedy CTC decoding of the argmaxes), "
+                        "cosine, relerr, iou@LEVEL (maps thresholded at LEVEL, default 0.5). Defaults: top1 >= "
+                        "--min-agreement for class scores and class maps, sequence >= --min-agreement for (N, T, "
+                        "classes) softmax sequences, relerr <= --max-output-error for every other output")
     p.add_argument("--no-check", action="store_true",
                    help="write the result even though the self-check cannot run (too few calibration samples)")
 
