@@ -182,7 +182,7 @@ def moments_of(module: nn.Module, pairs: Iterable[tuple[Tensor | None, Tensor | 
 class GraphCursor:
     """An ONNX graph's values part-way through its steps, for every batch of the calibration data:
     the layers' inputs in the order the graph calls them cost one forward pass in all, instead of
-    one pass up to each layer. Holds the values still to be read (see `held_bytes`)."""
+    one pass up to each layer. Holds only the values still to be read."""
 
     def __init__(self, model, calib: Tensor, batch_size: int) -> None:
         self.model = model
@@ -203,15 +203,6 @@ class GraphCursor:
                 self.model.advance(env, self.at, index)
         self.at = index
         return [self.model.layer_argument(env, index).detach() for env in self.envs]
-
-    def held_bytes(self) -> int:
-        seen, total = set(), 0
-        for env in self.envs:
-            for value in env.values():
-                if isinstance(value, Tensor) and value.requires_grad is False and id(value) not in seen:
-                    seen.add(id(value))
-                    total += value.numel() * value.element_size()
-        return total
 
 
 def peak_state_bytes(model, example: Tensor) -> int:

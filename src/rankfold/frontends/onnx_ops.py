@@ -681,18 +681,10 @@ def _centred(vals, index: int, zero_index: int, axis: int | None = None) -> Tens
 
 
 def _conv_geometry_call(x: Tensor, w: Tensor, attrs) -> Tensor:
-    nd = w.ndim - 2
-    kernel = list(attrs.get("kernel_shape", w.shape[2:]))
-    strides = list(attrs.get("strides", [1] * nd))
-    dilations = list(attrs.get("dilations", [1] * nd))
-    pads = list(attrs.get("pads", [0] * 2 * nd))
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = same_pads(static_sizes(x), kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
-    elif auto_pad == "VALID":
-        pads = [0] * 2 * nd
-    x = F.pad(x, torch_pad_order(pads[:nd], pads[nd:]))
-    fn = F.conv1d if nd == 1 else F.conv2d
+    """A convolution with a node's geometry attributes (pads as _pool_geometry reads them)."""
+    kernel, strides, dilations, begins, ends = _pool_geometry(x, {"kernel_shape": list(w.shape[2:]), **attrs})
+    x = F.pad(x, torch_pad_order(begins, ends))
+    fn = F.conv1d if len(kernel) == 1 else F.conv2d
     return fn(x, w, None, strides, 0, dilations, attrs.get("group", 1))
 
 
