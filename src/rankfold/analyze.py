@@ -45,6 +45,13 @@ def model_outputs(out) -> list[Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+def is_probability(y: Tensor) -> bool:
+    """Whether `y` holds probabilities over its last axis (a softmax's output)."""
+    if y.ndim < 2 or y.shape[-1] < 2 or not y.numel() or not bool(((y >= 0) & (y <= 1)).all()):
+        return False
+    return bool(((y.sum(-1) - 1).abs() < 1e-3).all())
+
+
 def output_kind(y: Tensor) -> str:
     """'classes' for (N, classes) scores; for a softmax over the last axis of a longer output,
     'sequence' when it is (N, T, classes) (tokens, CTC frames) and 'distribution' otherwise (a
@@ -52,9 +59,8 @@ def output_kind(y: Tensor) -> str:
     probability maps)."""
     if y.ndim == 2 and y.shape[1] > 1:
         return "classes"
-    if y.ndim >= 3 and y.shape[-1] > 1 and y.numel() and bool(((y >= 0) & (y <= 1)).all()):
-        if bool(((y.sum(-1) - 1).abs() < 1e-3).all()):
-            return "sequence" if y.ndim == 3 else "distribution"
+    if y.ndim >= 3 and is_probability(y):
+        return "sequence" if y.ndim == 3 else "distribution"
     return "dense"
 
 

@@ -41,6 +41,7 @@ from rankfold.methods import (
     registered,
     weighted_relative_error,
 )
+from rankfold.output_metric import OutputMetric, factorize_weighted, softmax_head_metrics
 from rankfold.settings import DEFAULT_MIN_RANK, calibration_batch, memory_headroom
 
 Progress = Callable[[str], None]
@@ -115,9 +116,12 @@ def compress_with_report(
     report = CompressionReport(data_aware=calib is not None)
     configs = {name: cfg for name, _m, cfg in plans}
 
+    metrics: dict[str, OutputMetric] = {}
+
     def factorize(name: str, module: nn.Module, input_sqrt: Tensor | None, note: str = "") -> nn.Module | None:
         say(f"[{len(report.layers) + 1}/{len(plans)}] {name}")
-        record, replacement = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank)
+        record, replacement = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank,
+                                              metrics.get(name) if input_sqrt is not None else None)
         note = "; ".join(filter(None, [vbmf_notes.get(name, ""), note]))
         if note:
             record.note = "; ".join(filter(None, [record.note, note]))
@@ -136,6 +140,7 @@ def compress_with_report(
         reached = reach_order(result, names, calib[:1])
         changed = False  # until a layer is replaced, every layer sees its original input
         cursors = _LayerInputs.for_graph(result, reference, calib, say)
+        metrics.update(softmax_head_metrics(reference, names, calib))
         for name in reached:  # in the order the network calls them: each knows the layers before it
             module = result.get_submodule(name)
             moments = None
@@ -260,8 +265,11 @@ def _config_for(name: str, layers: Mapping[str, MethodConfig] | None, default: M
 
 
 def _compress_layer(
-    name: str, module: nn.Module, cfg: MethodConfig, keep: float, input_sqrt: Tensor | None, min_rank: int
+    name: str, module: nn.Module, cfg: MethodConfig, keep: float, input_sqrt: Tensor | None, min_rank: int,
+    metric: OutputMetric | None = None,
 ) -> tuple[LayerRecord, Factorized | None]:
+    """The layer's best candidate factorization and its record; with a metric (its softmax is an
+    output of the network) factorized and judged under it."""
     spec = layer_spec(module)
     record = LayerRecord(name, spec.describe(), "none", params_before=spec.params, params_after=spec.params)
     if isinstance(cfg, SkipConfig):
@@ -287,10 +295,13 @@ def _compress_layer(
                 reasons.append(f"{method.name}: rank {rank} at keep={layer_keep:g} is below min_rank={min_rank}")
                 continue
         try:
-            built = method.factorize(module, rank, input_sqrt, cand_cfg)
+            built = factorize_weighted(method, module, rank, input_sqrt, cand_cfg, metric)
         except ValueError as exc:
             raise RankfoldError(f"layer {name!r}: {exc}") from None
-        err = weighted_relative_error(module.weight, built.approx_weight, input_sqrt)
+        if metric is None:
+            err = weighted_relative_error(module.weight, built.approx_weight, input_sqrt)
+        else:
+            err = weighted_relative_error(metric.weigh(module.weight), metric.weigh(built.approx_weight), input_sqrt)
         if best is None or err < best[0]:
             best = (err, method, built, note)
     if best is None:
@@ -299,6 +310,10 @@ def _compress_layer(
     err, method, built, note = best
     record.method, record.ranks, record.rel_error, record.note = method.name, tuple(built.module.ranks), err, note
     record.params_after = sum(p.numel() for p in built.module.parameters())
+    if metric is not None:
+        note = "; ".join(filter(None, [note, f"weighted by its softmax output ({len(metric.active)} classes "
+                                             "active in the calibration data)"]))
+        record.note = note
     return record, built
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from rankfold.analyze import model_outputs, run_checked
 from rankfold.layers import layer_spec
 from rankfold.methods import method_named
+from rankfold.output_metric import factorize_weighted
 from rankfold.planner.candidates import input_weighting
 from rankfold.settings import calibration_batch
 
@@ -58,7 +59,8 @@ class LossProbe:
         layer = self.modules[name]
         method = method_named(method_name)
         weighting = input_weighting(self.stats[name].input_moment, layer_spec(layer).in_ch)
-        approx = method.factorize(layer, ranks, weighting, method.config(list(ranks))).approx_weight
+        approx = factorize_weighted(method, layer, ranks, weighting, method.config(list(ranks)),
+                                    getattr(self.stats[name], "output_metric", None)).approx_weight
         original = layer.weight.detach().clone()
         try:
             with torch.no_grad():

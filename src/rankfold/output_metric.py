@@ -1,0 +1,189 @@
+"""How much each direction of a layer's output matters, where a softmax of that output is an
+output of the network (a classifier's or a recogniser's last Linear).
+
+Through a softmax, a change dz of the logits raises the KL divergence from the original
+prediction p by about 1/2 dz^T (diag(p) - p p^T) dz. Averaged over the calibration positions that
+metric, G, is concentrated on the few classes the data ever predicts: a text recogniser over 6,625
+characters reads about 70 of them in English lines. Factorizing M W (M = G^(1/2)) instead of W
+spends the rank on those classes' logits and their competition, where plain (input-weighted)
+SVD spends it equally on 6,625 rows. Measured on PP-OCRv4's recogniser, its last Linear alone
+at rank 32 of 120: lines read alike 37.5 % -> 84.4 % on fresh lines.
+
+Classes the calibration never gives a probability above ACTIVE_PROBABILITY keep a small uniform
+weight (FLOOR times the mean weight of the others), so their logits stay roughly where they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import model_outputs, run_hooked
+from rankfold.settings import calibration_batch
+
+# A class is active when some calibration position predicts it, or its mean probability exceeds
+# this; probabilities below SPARSE_PROBABILITY are dropped from the products (negligible in p p^T).
+ACTIVE_PROBABILITY = 1e-4
+SPARSE_PROBABILITY = 1e-5
+FLOOR = 1e-4
+# A layer's softmax "is" an output when they agree this closely (probabilities).
+MATCH_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputMetric:
+    """M with M^T M = G over a layer's output channels: a dense block on the active ones, a
+    uniform floor on the rest."""
+
+    active: Tensor  # (k,) int64 output channels
+    root: Tensor  # (k, k) float64, G_active^(1/2)
+    inverse_root: Tensor  # (k, k) float64
+    floor: float  # G's weight on every other channel
+    positions: float  # output positions per sample (CTC frames), so losses are per sample
+
+    def _map(self, weight: Tensor, block: Tensor, scale: float) -> Tensor:
+        w = weight.detach().to(torch.float64)
+        flat = w.reshape(w.shape[0], -1)
+        out = flat * scale
+        out[self.active] = block @ flat[self.active]
+        return out.reshape(w.shape)
+
+    def weigh(self, weight: Tensor) -> Tensor:
+        """M W, along the weight's first (output) axis."""
+        return self._map(weight, self.root, self.floor ** 0.5)
+
+    def unweigh(self, weight: Tensor) -> Tensor:
+        """M^-1 W."""
+        return self._map(weight, self.inverse_root, self.floor ** -0.5)
+
+
+def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> dict[str, int]:
+    """The Linear layers (by name) whose softmax over the last axis is an output, with its index."""
+    modules = dict(model.named_modules())
+    seen: dict[str, Tensor] = {}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o.detach()))
+               for n in names if isinstance(modules.get(n), nn.Linear)]
+    if not handles:
+        return {}
+    outputs: list[Tensor] = []
+    handles.append(model.register_forward_hook(lambda m, i, o: outputs.extend(model_outputs(o))))
+    run_hooked(model, probe, handles)
+    found = {}
+    for name, z in seen.items():
+        for index, y in enumerate(outputs):
+            if y.numel() != z.numel() or y.shape[-1] != z.shape[-1] or y.shape[-1] < 2:
+                continue
+            p = torch.softmax(z.to(torch.float64), -1).reshape(y.shape)
+            if float((p - y.to(torch.float64)).abs().max()) < MATCH_TOLERANCE:
+                found[name] = index
+                break
+    return found
+
+
+@dataclasses.dataclass
+class _Tally:
+    classes: int
+    rows: int = 0
+    total: Tensor | None = None  # sum of p over positions
+    predicted: Tensor | None = None  # classes some position predicts
+    entries: list[tuple[Tensor, Tensor, Tensor]] | None = None  # sparse (row, class, p)
+
+    def add(self, y: Tensor) -> None:
+        p = y.detach().to(torch.float64).reshape(-1, self.classes)
+        if self.total is None:
+            self.total, self.predicted, self.entries = torch.zeros(self.classes, dtype=torch.float64), \
+                torch.zeros(self.classes, dtype=torch.bool), []
+        self.total += p.sum(0)
+        self.predicted[p.argmax(-1)] = True
+        rows, cols = torch.nonzero(p > SPARSE_PROBABILITY, as_tuple=True)
+        self.entries.append((rows + self.rows, cols, p[rows, cols]))
+        self.rows += p.shape[0]
+
+    def metric(self, samples: int) -> OutputMetric:
+        mean = self.total / self.rows
+        active = torch.nonzero(self.predicted | (mean > ACTIVE_PROBABILITY)).flatten()
+        column = torch.full((self.classes,), -1, dtype=torch.int64)
+        column[active] = torch.arange(len(active))
+        dense = torch.zeros(self.rows, len(active), dtype=torch.float64)
+        for rows, cols, values in self.entries:
+            keep = column[cols] >= 0
+            dense[rows[keep], column[cols[keep]]] = values[keep]
+        g = torch.diag(mean[active]) - dense.T @ dense / self.rows
+        floor = FLOOR * float(torch.diagonal(g).mean().clamp_min(1e-30))
+        eigval, eigvec = torch.linalg.eigh(0.5 * (g + g.T))
+        eigval = eigval.clamp_min(0.0) + floor
+        return OutputMetric(active, (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec / eigval.sqrt()) @ eigvec.T,
+                            floor, self.rows / samples)
+
+
+class HeadMetrics:
+    """The OutputMetric of every named Linear layer whose softmax is an output of `model` (found on
+    `probe`), gathered from the original's outputs batch by batch (add), so a pass over the
+    calibration data that runs anyway gives them."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], probe: Tensor) -> None:
+        self.heads = _softmax_outputs(model, names, probe.to(torch.float32))
+        modules = dict(model.named_modules())
+        self.tallies = {name: _Tally(modules[name].out_features) for name in self.heads}
+
+    def add(self, outputs: list[Tensor]) -> None:
+        for name, index in self.heads.items():
+            self.tallies[name].add(outputs[index])
+
+    def result(self, samples: int) -> dict[str, OutputMetric]:
+        return {name: tally.metric(samples) for name, tally in self.tallies.items() if tally.rows}
+
+
+def softmax_head_metrics(model: nn.Module, names: Iterable[str], calib: Tensor,
+                         batch_size: int | None = None) -> dict[str, OutputMetric]:
+    """HeadMetrics over `calib` in a forward pass of its own; {} (and no pass) when there is no head."""
+    was_training = model.training
+    model.eval()
+    try:
+        heads = HeadMetrics(model, names, calib[:1])
+        if not heads.heads:
+            return {}
+        batch_size = batch_size or calibration_batch()
+        with torch.no_grad():
+            for start in range(0, calib.shape[0], batch_size):
+                heads.add(model_outputs(model(calib[start : start + batch_size].to(torch.float32))))
+    finally:
+        model.train(was_training)
+    return heads.result(int(calib.shape[0]))
+
+
+def ends_pointwise(built: nn.Module, out_channels: int) -> bool:
+    """Whether a factorization's last layer maps its ranks straight to the output channels."""
+    last = built[-1]
+    if isinstance(last, nn.Linear):
+        return last.out_features == out_channels
+    return (isinstance(last, (nn.Conv1d, nn.Conv2d)) and last.groups == 1 and last.out_channels == out_channels
+            and all(k == 1 for k in last.kernel_size))
+
+
+def weighted_copy(layer: nn.Module, metric: OutputMetric) -> nn.Module:
+    """The layer with weight M W (bias as it is)."""
+    weighted = copy.deepcopy(layer)
+    with torch.no_grad():
+        weighted.weight.copy_(metric.weigh(layer.weight).to(layer.weight.dtype))
+    return weighted
+
+
+def factorize_weighted(method, layer: nn.Module, rank, input_sqrt: Tensor | None, config,
+                       metric: OutputMetric | None):
+    """method.factorize under the output metric: M W factorized, M^-1 folded into the last factor
+    (approx_weight is in W's space). Without a metric, or for a method whose last factor is not
+    pointwise, plain method.factorize."""
+    if metric is None:
+        return method.factorize(layer, rank, input_sqrt, config)
+    built = method.factorize(weighted_copy(layer, metric), rank, input_sqrt, config)
+    if not ends_pointwise(built.module, layer.weight.shape[0]):
+        return method.factorize(layer, rank, input_sqrt, config)
+    last = built.module[-1]
+    with torch.no_grad():
+        last.weight.copy_(metric.unweigh(last.weight).to(last.weight.dtype))
+    return dataclasses.replace(built, approx_weight=metric.unweigh(built.approx_weight).to(layer.weight.dtype))
