@@ -140,7 +140,9 @@ def compress_with_report(
         reached = reach_order(result, names, calib[:1])
         changed = False  # until a layer is replaced, every layer sees its original input
         cursors = _LayerInputs.for_graph(result, reference, calib, say)
-        metrics.update(softmax_head_metrics(reference, names, calib))
+        # Only for layers that will be factorized: the metric costs a forward pass over calib.
+        metrics.update(softmax_head_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)],
+                                            calib))
         for name in reached:  # in the order the network calls them: each knows the layers before it
             module = result.get_submodule(name)
             moments = None
@@ -311,9 +313,8 @@ def _compress_layer(
     record.method, record.ranks, record.rel_error, record.note = method.name, tuple(built.module.ranks), err, note
     record.params_after = sum(p.numel() for p in built.module.parameters())
     if metric is not None:
-        note = "; ".join(filter(None, [note, f"weighted by its softmax output ({len(metric.active)} classes "
-                                             "active in the calibration data)"]))
-        record.note = note
+        record.note = "; ".join(filter(None, [note, f"weighted by its softmax output ({len(metric.active)} "
+                                                    "classes active in the calibration data)"]))
     return record, built
 
 

@@ -119,7 +119,7 @@ def layer_statistics(
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     stats = {}
-    metrics = heads.result(total)
+    metrics = heads.result()
     for name in names:
         if name not in moments:
             continue
