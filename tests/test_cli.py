@@ -210,3 +210,41 @@ def test_the_commands_are_python_functions_that_return_data(small, capsys):
                                 fractions=[0.5, 0.2], min_rank=2)
     assert [p["budget"] for p in front["points"]] == [0.2, 0.5] and front["lines"]
     assert capsys.readouterr().out == ""  # nothing printed: the CLI prints front["lines"]
+
+
+def test_the_result_object_saves_what_the_cli_writes(tmp_path):
+    """compress_to_budget(...).save() is the CLI's writer: the same QDQ file (int8 weights, checked
+    again on the held-back samples) through either door; an existing file is kept unless forced."""
+    x = np.random.default_rng(3).standard_normal((96, 1, 12, 12)).astype(np.float32)
+    rankfold.export_onnx(tiny_classifier(), tmp_path / "m.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(tmp_path / "c.npz", x=x)
+    code, _out, err = run_cli("compress", "m.onnx", "--calib", "c.npz", "--target", "cortex-m4", "--max-params",
+                              "60%", "--bits", "8", "--min-rank", "2", "-o", "cli.onnx", "-q", cwd=tmp_path)
+    assert code == 0, err
+    result = rankfold.compress_to_budget(rankfold.load_onnx(tmp_path / "m.onnx"), calib=torch.from_numpy(x),
+                                         target="cortex-m4", budgets={"params": "60%"}, bits=8, min_rank=2)
+    assert isinstance(result, rankfold.Compressed) and result.quantized and result.check is not None
+    check = result.save(tmp_path / "api.onnx")
+    assert check is result.check and check.samples == 16  # the QDQ file's own check
+    assert _initializers(tmp_path / "cli.onnx") == _initializers(tmp_path / "api.onnx")
+    assert any(n.op_type == "DequantizeLinear" for n in __import__("onnx").load(tmp_path / "api.onnx").graph.node)
+    (tmp_path / "kept.onnx").write_bytes(b"a user's file")
+    with pytest.raises(rankfold.RankfoldError, match="exists"):
+        result.save(tmp_path / "kept.onnx")
+    assert (tmp_path / "kept.onnx").read_bytes() == b"a user's file"
+    with pytest.raises(rankfold.RankfoldError, match="observer"):
+        result.save(tmp_path / "other.onnx", observer="median")
+    assert not (tmp_path / "other.onnx").exists()
+
+
+def test_uniform_mode_through_the_api_is_the_cli_path(small, tmp_path):
+    calib = torch.from_numpy(np.load(small / "calib.npz")["x"])
+    code, _out, err = run_cli("compress", str(small / "m.onnx"), "--calib", str(small / "calib.npz"), "--keep", "0.4",
+                              "--min-rank", "2", "-o", str(tmp_path / "cli.onnx"), "-q")
+    assert code == 0, err
+    result = rankfold.compress_uniform(rankfold.load_onnx(small / "m.onnx"), keep=0.4, calib=calib, min_rank=2)
+    assert result.plan is None and result.check.samples == len(calib)
+    result.save(tmp_path / "api.onnx")
+    assert _initializers(tmp_path / "cli.onnx") == _initializers(tmp_path / "api.onnx")
+    with pytest.raises(rankfold.RankfoldError, match="at least 16 calibration samples"):
+        rankfold.compress_uniform(rankfold.load_onnx(small / "m.onnx"), keep=0.4, calib=calib[:8])

@@ -284,7 +284,7 @@ NUMERIC_OPTIONS = {
     "eval": ["--limit", "--runs"],
     "pareto": ["--points", "--measure", "--limit", "--target", "--max-memory"],
     "run-c": ["--limit", "--qemu-samples", "--qemu"],
-    "apply": ["--calib-limit", "--min-rank", "--min-agreement", "--max-output-error", "--observer", "--max-memory"],
+    "apply": ["--calib-limit", "--min-agreement", "--max-output-error", "--observer", "--max-memory"],
     "export-c": ["--target", "--calib-limit"],
     "demo": ["--epochs", "--target", "--max-weight-bytes"],
 }

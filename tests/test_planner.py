@@ -202,7 +202,7 @@ def test_tighter_budget_never_lowers_the_estimated_loss(net):
     from rankfold.planner.pricing import price_model
 
     pricing = price_model(model, calib=calib, target="cortex-m4", min_rank=4)
-    losses = [pricing.solve({"params": f"{p}%"}).est_loss for p in (90, 60, 40, 25)]
+    losses = [pricing.plan({"params": f"{p}%"}).est_loss for p in (90, 60, 40, 25)]
     assert losses == sorted(losses)
 
 

@@ -11,6 +11,7 @@ import importlib
 _PUBLIC = {
     "AutoConfig": "rankfold.config",
     "CPConfig": "rankfold.config",
+    "Compressed": "rankfold.result",
     "CompressionReport": "rankfold.apply",
     "LayerRecord": "rankfold.apply",
     "ModelCost": "rankfold.stats",
@@ -21,12 +22,15 @@ _PUBLIC = {
     "SpatialSVDConfig": "rankfold.config",
     "Target": "rankfold.target",
     "Tucker2Config": "rankfold.config",
+    "apply_and_check": "rankfold.planner.pipeline",
     "apply_plan": "rankfold.planner.plan",
     "evaluate_onnx": ("rankfold.evaluate", "evaluate"),  # not "evaluate": that is a submodule's name
     "export_c": "rankfold.cexport.run",
     "run_c": "rankfold.cexport.run",
     "run_pareto": "rankfold.planner.pareto",
     "compress": "rankfold.compress",
+    "compress_to_budget": "rankfold.planner.pipeline",
+    "compress_uniform": "rankfold.uniform",
     "compress_with_report": "rankfold.apply",
     "export_onnx": "rankfold.export.onnx",
     "export_quantized": "rankfold.quantize.export",

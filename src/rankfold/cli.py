@@ -43,6 +43,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"latency b32     {result.latency_ms_b32:.3f} ms")
 
 
+OBSERVER_NAMES = ("minmax", "mse", "percentile")  # quantize.observers.OBSERVERS (a test keeps them equal)
+
 BUDGET_FLAGS = {"max_params": "params", "max_weight_bytes": "weight_bytes", "max_macs": "macs",
                 "max_latency": "latency_ms", "max_ram": "ram_bytes"}
 
@@ -125,21 +127,27 @@ def _budgets(args: argparse.Namespace) -> dict[str, str]:
 def _cmd_compress(args: argparse.Namespace) -> None:
     budgets = _budgets(args)
     if budgets or args.target:
-        if args.keep is not None or args.method is not None:
-            raise RankfoldError("--keep/--method set a uniform compression; the planner (--target, --max-*) "
+        uniform = [flag for flag, value in (("--keep", args.keep), ("--method", args.method), ("--ranks", args.ranks))
+                   if value is not None]
+        if uniform:
+            raise RankfoldError(f"{'/'.join(uniform)} set a uniform compression; the planner (--target, --max-*) "
                                 "chooses per layer: use one or the other")
         return _compress_planned(args, budgets)
+    planned_only = [flag for flag, value in (("--bits", args.bits), ("--plan-out", args.plan_out),
+                                              ("--observer", args.observer)) if value is not None]
+    if planned_only:
+        raise RankfoldError(f"{'/'.join(planned_only)} only work with the planner (--target or a --max-* budget); "
+                            "uniform mode (--keep, --method) writes a float model and no plan")
     return _compress_uniform(args)
 
 
 def _compress_uniform(args: argparse.Namespace) -> None:
-    from rankfold.apply import compress_with_report
     from rankfold.config import check_keep
     from rankfold.evaluate import onnx_size
-    from rankfold.export.onnx import export_onnx
     from rankfold.io import write_json_atomic
     from rankfold.methods import config_for_method, method_named, registered
     from rankfold.report import layer_table
+    from rankfold.uniform import compress_uniform
 
     keep = 0.5 if args.keep is None else args.keep
     method = args.method or "tucker2"
@@ -148,14 +156,6 @@ def _compress_uniform(args: argparse.Namespace) -> None:
         config_for_method(method)
     except ValueError as exc:
         raise RankfoldError(str(exc)) from None
-    _check_outputs(args)
-    _graph, model, calib, example = _load_inputs(args)
-    _require_compressible(model)
-    _require_check_data(args, calib, UNIFORM_CHECK_SAMPLES, "uniform mode checks on the calibration samples")
-    log = _log(args.quiet)
-    log(f"compressing {args.model}: method={method} keep={keep} "
-        f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
-    log(args.memory_line)
     layers = None
     if args.ranks == "vbmf":
         with_vbmf = [m.name for m in registered() if hasattr(m, "vbmf_config")]
@@ -164,17 +164,21 @@ def _compress_uniform(args: argparse.Namespace) -> None:
         layers = {"*": method_named(method).vbmf_config()}
     elif args.ranks is not None:
         raise RankfoldError(f"--ranks must be vbmf, got {args.ranks!r}")
+    _check_outputs(args)
+    _graph, model, calib, example = _load_inputs(args)
+    _require_compressible(model)
+    _require_check_data(args, calib, UNIFORM_CHECK_SAMPLES, "uniform mode checks on the calibration samples")
+    log = _log(args.quiet)
+    log(f"compressing {args.model}: method={method} keep={keep} "
+        f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
+    log(args.memory_line)
     t0 = time.time()
-    compressed, report = compress_with_report(model, method=method, keep=keep, calib=calib, layers=layers,
-                                              min_rank=args.min_rank, progress=lambda m: log("  " + m))
-    check = None
-    if not args.no_check:  # checked before anything is written
-        from rankfold.selfcheck import agreement, refuse_if_poor
-
-        check = agreement(model, compressed, calib, where="calibration samples (fitting used them too)",
-                          rules=tuple(args.check))
-        refuse_if_poor(check, args.min_agreement, args.max_output_error, tuple(args.check))
-    export_onnx(compressed, args.output, example_input=example)
+    result = compress_uniform(model, method=method, keep=keep, calib=calib, layers=layers, min_rank=args.min_rank,
+                              check=not args.no_check, rules=tuple(args.check), min_agreement=args.min_agreement,
+                              max_output_error=args.max_output_error, example_input=example,
+                              progress=lambda m: log("  " + m))
+    result.save(args.output, force=args.force)  # checked before anything is written
+    report, check = result.report, result.check
     seconds = time.time() - t0
     before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
     print(layer_table(report))
@@ -188,7 +192,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
                                         "self_check": None if check is None else check.to_dict(), **report.to_dict()})
 
 
-UNIFORM_CHECK_SAMPLES = 16
+UNIFORM_CHECK_SAMPLES = 16  # uniform.CHECK_SAMPLES
 PLANNED_CHECK_SAMPLES = 64  # planner.pipeline.CHECK_SAMPLES: an eighth (16 to 128) is held back
 
 
@@ -218,10 +222,12 @@ def int8_choice(target) -> str:
 
 
 def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None:
+    from rankfold.planner.options import bit_choices
     from rankfold.planner.pipeline import compress_to_budget
     from rankfold.target import load_target
 
     target = load_target(args.target or "host")
+    bit_choices(target, args.bits or "auto")  # a bad --bits fails before the model is read
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
     _require_check_data(args, calib, PLANNED_CHECK_SAMPLES, "an eighth, 16 to 128, is held back from planning")
@@ -233,22 +239,18 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement,
                                 max_output_error=args.max_output_error, onnx_path=args.model,
-                                bits=args.bits, check=not args.no_check, rules=tuple(args.check),
+                                bits=args.bits or "auto", check=not args.no_check, rules=tuple(args.check),
                                 progress=lambda m: log("  " + m))
-    _finish(args, result, model, calib, example, t0, budgets)
+    _finish(args, result, example, t0, budgets)
 
 
-def _finish(args: argparse.Namespace, result, model, calib, example, t0: float, budgets: dict | None) -> None:
+def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict | None) -> None:
     """Export, then print and write the plan and the report (nothing is written on failure)."""
     from rankfold.evaluate import onnx_size
     from rankfold.io import write_json_atomic
-    from rankfold.planner.pipeline import write_result
     from rankfold.report import plan_table
 
-    result.check = write_result(result, model, args.output, calib=calib, example_input=example,
-                                observer=args.observer, min_agreement=args.min_agreement,
-                                max_output_error=args.max_output_error, rules=tuple(args.check),
-                                progress=_log(args.quiet))
+    result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=_log(args.quiet))
     seconds = time.time() - t0
     before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
     print(plan_table(result.plan))
@@ -289,7 +291,7 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     result = apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
                              max_output_error=args.max_output_error, example_input=example, check=not args.no_check,
                              rules=tuple(args.check), progress=lambda m: log("  " + m))
-    _finish(args, result, model, calib, example, t0, None)
+    _finish(args, result, example, t0, None)
 
 
 def _cmd_pareto(args: argparse.Namespace) -> None:
@@ -302,6 +304,9 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
             from None
     if any(not 0 < b <= 1 for b in budgets):  # NaN fails this too
         raise RankfoldError("--points are weight-byte percentages in (0, 100]")
+    from rankfold.target import load_target
+
+    load_target(args.target)  # a bad profile fails before the model is read
     check_outputs({"model": args.model, "--calib": args.calib, "--data": args.data},
                   {"--plot": args.plot, "--json": args.json}, force=args.force)
     _graph, model, calib, example = _load_inputs(args)
@@ -423,20 +428,24 @@ def _log(quiet: bool):
     return (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, *, plans: bool = True, writes: bool = True) -> None:
+    """The model and calibration options; `plans`: --min-rank (apply takes its ranks from the plan),
+    `writes`: --min-agreement and --observer (pareto writes no model)."""
     from rankfold.settings import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_RANK
 
     p.add_argument("model", help="model .onnx")
     p.add_argument("--calib", help=".npz with x: calibration inputs (labels not needed)")
     p.add_argument("--calib-limit", type=_positive_int, default=512,
                    help="use at most N calibration samples (default 512)")
-    p.add_argument("--min-rank", type=_positive_int, default=DEFAULT_MIN_RANK,
-                   help="never factorize a layer below this rank (default 8)")
-    p.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_AGREEMENT,
-                   help="refuse a result whose top-1 agrees with the original on fewer held-back calibration "
-                        f"samples than this (default {DEFAULT_MIN_AGREEMENT})")
-    p.add_argument("--observer", default="percentile", choices=["percentile", "minmax", "mse"],
-                   help="activation range observer for quantized layers (default percentile)")
+    if plans:
+        p.add_argument("--min-rank", type=_positive_int, default=DEFAULT_MIN_RANK,
+                       help="never factorize a layer below this rank (default 8)")
+    if writes:
+        p.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_AGREEMENT,
+                       help="refuse a result whose top-1 agrees with the original on fewer held-back calibration "
+                            f"samples than this (default {DEFAULT_MIN_AGREEMENT})")
+        p.add_argument("--observer", default=None, choices=sorted(OBSERVER_NAMES),
+                       help="activation range observer for quantized layers (default percentile)")
     p.add_argument("--max-memory", type=_memory_size, default=None,
                    help="peak memory to stay under, e.g. 2GB or 800MB: calibration passes run in batches small "
                         "enough for it (default half of the memory available)")
@@ -509,7 +518,7 @@ def _check_rule(text: str):
     try:
         return parse_check_rule(text)
     except RankfoldError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--check {text!r}: ")) from None
+        raise argparse.ArgumentTypeError(f"{text!r}: " + str(exc).removeprefix(f"--check {text!r}: ")) from None
 
 
 def _nonnegative(text: str) -> float:
@@ -564,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-macs", help="multiply-accumulates per sample, e.g. 25%% or 100M")
     p.add_argument("--max-latency", help="batch-1 latency, e.g. 30%% or 4ms (measured on host, modelled on MCUs)")
     p.add_argument("--max-ram", help="peak activation memory, e.g. 256KB")
-    p.add_argument("--bits", default="auto", help="weight bit-width: auto (the planner picks per layer from the "
+    p.add_argument("--bits", default=None, help="weight bit-width: auto (the planner picks per layer from the "
                                                   "target's set; first and last layer float or int8, never "
                                                   "int4, where the target runs float), 32, 8 or 4")
     p.add_argument("--plan-out", help="write the plan (editable JSON) here")
@@ -582,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Apply PLAN.json (from compress --plan-out, perhaps edited) deterministically: "
                                    "the same model, plan and calibration data give the same output.")
     p.add_argument("plan", help="plan .json")
-    _model_args(p)
+    _model_args(p, plans=False)
     _check_args(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--report", help="also write the report as JSON")
@@ -593,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Solve the plan at several weight-byte budgets, print the estimated loss, "
                                    "weight bytes and latency of each, plot them (--plot), measure accuracy at a "
                                    "few points (--data), and say the least compression that fits the target.")
-    _model_args(p)
+    _model_args(p, writes=False)
     p.add_argument("--target", default="host", help="target profile (default host)")
     p.add_argument("--points", default="2,3,5,7,10,15,20,30,50,75",
                    help="weight-byte budgets in %% of the original (default 2,3,5,7,10,15,20,30,50,75)")

@@ -9,12 +9,13 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from rankfold.apply import Progress, compress_with_report
+from rankfold.apply import Progress
 from rankfold.config import MethodConfig
 from rankfold.errors import RankfoldError
 from rankfold.host_memory import plan_memory
 from rankfold.planner.pipeline import compress_to_budget
 from rankfold.settings import DEFAULT_MIN_RANK, batches_of
+from rankfold.uniform import compress_uniform
 
 
 def compress(
@@ -46,8 +47,10 @@ def compress(
     `result.rankfold_plan`, the self-check as `result.rankfold_check`. `method`, `keep` and `layers`
     set a uniform compression: given with a target or budget they are refused, as on the CLI.
     The check needs 64 calibration samples; with fewer it is an error unless check=False.
-    `bits` ("auto", 32, 8, 4) lets the plan quantize weights; the module returned is float, and
-    rankfold.export_quantized(result, plan.layer_bits(), path, calib=...) writes the QDQ file.
+    `bits` ("auto", 32, 8, 4) lets the plan quantize weights; the module returned is float.
+    rankfold.compress_to_budget (planned) and rankfold.compress_uniform (checked uniform mode) run
+    the same path and return a Compressed (module, plan, report, check) whose save(path) writes the
+    float or QDQ file exactly as the CLI does, the QDQ file checked again on the held-back samples.
 
     Uniform mode (otherwise):
 
@@ -88,11 +91,10 @@ def compress(
             compressed.rankfold_plan, compressed.rankfold_check = result.plan, result.check
             compressed.rankfold_report = result.report
             return compressed
-        compressed, report = compress_with_report(
-            model, method=method or "tucker2", keep=0.5 if keep is None else keep, calib=calib, layers=layers,
-            min_rank=min_rank, progress=progress)
-        compressed.rankfold_report = report
-        return compressed
+        result = compress_uniform(model, method=method or "tucker2", keep=0.5 if keep is None else keep,
+                                  calib=calib, layers=layers, min_rank=min_rank, check=False, progress=progress)
+        result.module.rankfold_report = result.report
+        return result.module
 
 
 

@@ -102,7 +102,7 @@ def run_demo(out_dir: str, *, epochs: int = 2, train_limit: int = 24000, target:
     from rankfold.frontends.onnx import read_onnx
     from rankfold.io import check_output_directory
     from rankfold.planner.pareto import front, front_lines, plot_front, quantized_accuracy, target_fit
-    from rankfold.planner.pipeline import apply_and_check, write_result
+    from rankfold.planner.pipeline import apply_and_check
     from rankfold.planner.plan import apply_plan
     from rankfold.planner.pricing import price_model
     from rankfold.selfcheck import split_holdout
@@ -131,15 +131,14 @@ def run_demo(out_dir: str, *, epochs: int = 2, train_limit: int = 24000, target:
         f"together, under {max_weight_bytes} of the float weight bytes")
     pricing = price_model(model, calib=split_holdout(calib)[0], target=profile, onnx_path=original_path,
                           progress=lambda m: log("  " + m))
-    plan = pricing.solve({"weight_bytes": max_weight_bytes}, progress=lambda m: log("  " + m))
+    plan = pricing.plan({"weight_bytes": max_weight_bytes}, progress=lambda m: log("  " + m))
     log(plan_table(plan))
 
     log(f"[3/{STEPS}] applying the plan and writing the int8/int4 QDQ file, checked on held-back samples")
     planned_path = os.path.join(out_dir, "planned.onnx")
     with batches_of(64):
         result = apply_and_check(model, plan, calib=calib, min_agreement=0.8, progress=lambda m: log("  " + m))
-        write_result(result, model, planned_path, calib=calib, example_input=calib[:2],
-                     progress=lambda m: log("  " + m))
+        result.save(planned_path, force=True, progress=lambda m: log("  " + m))  # the demo's own file
 
     planned_bytes = plan.after["weight_bytes"]
     keep = planned_bytes / plan.before["weight_bytes"]

@@ -205,6 +205,8 @@ def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool
     from rankfold.runtime import session as ort_session
 
     say = progress or (lambda _m: None)
+    if qemu is not None and qemu not in BOARDS:  # before any build
+        raise RankfoldError(f"unknown board {qemu!r}; supported: {', '.join(BOARDS)}")
     reference = os.path.join(directory, QDQ_COPY)
     if not os.path.isfile(reference):
         raise RankfoldError(f"{directory}: no {QDQ_COPY}; not a directory written by rankfold export-c")

@@ -90,7 +90,7 @@ def front(pricing, fractions: list[float], say: Callable[[str], None] = lambda _
     points, plans = [], []
     for fraction in sorted(fractions):
         say(f"solving at {fraction:.0%} of the weight bytes")
-        plan = pricing.solve({"weight_bytes": Budget("weight_bytes", fraction, relative=True)})
+        plan = pricing.plan({"weight_bytes": Budget("weight_bytes", fraction, relative=True)})
         plans.append(plan)
         points.append({"budget": fraction, "feasible": plan.feasible, "est_loss": plan.est_loss,
                        "params": plan.after["params"], "weight_bytes": plan.after["weight_bytes"],
@@ -101,7 +101,7 @@ def front(pricing, fractions: list[float], say: Callable[[str], None] = lambda _
 
 def target_fit(pricing) -> dict:
     """The least-loss plan under the target's own limits only: how it holds this network."""
-    fits = pricing.solve({})
+    fits = pricing.plan({})
     return {"feasible": fits.feasible, "after": fits.after, "est_loss": fits.est_loss, "messages": fits.messages}
 
 

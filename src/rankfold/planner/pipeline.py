@@ -1,10 +1,10 @@
-"""Plan, apply, check: the whole budgeted compression, as the CLI and compress() run it."""
+"""Plan, apply, check: the whole budgeted compression, as the CLI and compress() run it. Both
+return a Compressed, whose save() writes the float or QDQ file."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -14,6 +14,7 @@ from rankfold.errors import RankfoldError
 from rankfold.planner.options import quantized_layer_bytes
 from rankfold.planner.plan import Plan, apply_plan
 from rankfold.planner.pricing import make_plan
+from rankfold.result import Compressed
 from rankfold.selfcheck import (
     Agreement,
     CheckRule,
@@ -23,14 +24,6 @@ from rankfold.selfcheck import (
 )
 from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_RANK
 from rankfold.target import Target
-
-
-@dataclass
-class Budgeted:
-    module: nn.Module
-    plan: Plan
-    report: CompressionReport
-    check: Agreement | None
 
 
 def compress_to_budget(
@@ -48,7 +41,7 @@ def compress_to_budget(
     check: bool = True,
     rules: tuple[CheckRule, ...] = (),
     progress: Callable[[str], None] | None = None,
-) -> Budgeted:
+) -> Compressed:
     """Plan, apply and check. With `check` (the default) a self-check that cannot run (fewer than
     64 calibration samples) is an error before any work; check=False is the CLI's --no-check."""
     say = progress or (lambda _m: None)
@@ -60,14 +53,14 @@ def compress_to_budget(
     if not plan.feasible:
         raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
     module, report = apply_plan(model, plan, calib=calib, progress=say)
-    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error,
-                                                          rules))
+    return Compressed(module, report, check_result(model, module, held, min_agreement, say, max_output_error, rules),
+                      model, calib, plan, example_input, min_agreement, max_output_error, rules)
 
 
 def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
                     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR, example_input: Tensor | None = None,
                     check: bool = True, rules: tuple[CheckRule, ...] = (),
-                    progress: Callable[[str], None] | None = None) -> Budgeted:
+                    progress: Callable[[str], None] | None = None) -> Compressed:
     """apply_plan with the calibration split exactly as planning split it, then the self-check.
     Layers edited by hand since planning have their sizes recounted on the result."""
     say = progress or (lambda _m: None)
@@ -83,8 +76,8 @@ def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_a
     example = calib[:1] if calib is not None else example_input
     if example is not None:
         plan = recount_edited(plan, report, module, example)
-    return Budgeted(module, plan, report, check_result(model, module, held, min_agreement, say, max_output_error,
-                                                          rules))
+    return Compressed(module, report, check_result(model, module, held, min_agreement, say, max_output_error, rules),
+                      model, calib, plan, example_input, min_agreement, max_output_error, rules)
 
 
 def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, example: Tensor) -> Plan:
@@ -146,55 +139,3 @@ def check_result(model, module, held, min_agreement, say, max_output_error: floa
     say("self-check: " + check.describe())
     refuse_if_poor(check, min_agreement, max_output_error, rules)
     return check
-
-
-def write_result(
-    result: Budgeted,
-    original: nn.Module,
-    path: str,
-    *,
-    calib: Tensor | None,
-    example_input: Tensor,
-    observer: str = "percentile",
-    min_agreement: float = DEFAULT_MIN_AGREEMENT,
-    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR,
-    rules: tuple[CheckRule, ...] = (),
-    progress: Callable[[str], None] | None = None,
-) -> Agreement | None:
-    """Write the ONNX file: float, or QDQ when the plan quantizes any layer. A quantized file is
-    checked against the original on the held-back samples before it takes `path`."""
-    import os
-    import tempfile
-
-    from rankfold.export.onnx import export_onnx
-    from rankfold.io import replace_atomically
-    from rankfold.quantize.export import export_quantized
-    from rankfold.selfcheck import onnx_agreement, refuse_if_kernels_disagree
-
-    say = progress or (lambda _m: None)
-    if not result.plan.quantized:
-        export_onnx(result.module, path, example_input=example_input)
-        return result.check
-    if calib is None:
-        raise RankfoldError("a quantized plan needs calibration data (activation ranges)")
-    fit, held = split_holdout(calib)
-    # A result that onnxruntime runs is checked as users run it (default session); one for the C
-    # back-end in onnxruntime's reference arithmetic, which the C computes (within a unit per op).
-    in_onnxruntime = result.plan.runtime == "onnxruntime"
-    # Built and checked in the system's temporary directory: only a checked model is written beside
-    # `path`, under a unique name renamed into place.
-    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
-        partial = os.path.join(scratch, "quantized.onnx")
-        export_quantized(result.module, result.plan.layer_bits(), partial, calib=fit, example_input=example_input,
-                         observer=observer, reduce_range=result.plan.reduce_range, progress=say)
-        check = result.check
-        if in_onnxruntime:
-            refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
-        if held is not None:
-            check = onnx_agreement(original, partial, held, optimized=in_onnxruntime, rules=rules)
-            path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
-            say(f"self-check (quantized, {path_used}): " + check.describe())
-            refuse_if_poor(check, min_agreement, max_output_error, rules)
-        with open(partial, "rb") as handle:
-            replace_atomically(path, handle.read())
-        return check

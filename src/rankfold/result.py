@@ -1,0 +1,95 @@
+"""What a compression returns: the module, its plan (planned mode), its report and its self-check,
+with the one save() that writes it as the CLI does (float ONNX, or QDQ checked again)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from rankfold.apply import CompressionReport
+from rankfold.errors import RankfoldError
+from rankfold.planner.plan import fitting_samples
+from rankfold.quantize.observers import OBSERVERS
+from rankfold.selfcheck import Agreement, CheckRule
+from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, DEFAULT_MIN_AGREEMENT
+
+
+@dataclass
+class Compressed:
+    """A checked compression of `original`. `plan` is None in uniform mode; `check` is None when
+    the self-check was turned off (check=False, --no-check)."""
+
+    module: nn.Module
+    report: CompressionReport
+    check: Agreement | None
+    original: nn.Module
+    calib: Tensor | None
+    plan: object | None = None  # a rankfold.Plan
+    example_input: Tensor | None = None
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR
+    rules: tuple[CheckRule, ...] = field(default_factory=tuple)
+
+    @property
+    def quantized(self) -> bool:
+        return self.plan is not None and self.plan.quantized
+
+    def save(self, path: str | os.PathLike, *, observer: str = "percentile", force: bool = False,
+             progress: Callable[[str], None] | None = None) -> Agreement | None:
+        """Write the ONNX file: float, or QDQ when the plan quantizes a layer. A QDQ file is checked
+        against the original on the held-back samples (and onnxruntime's int8 kernels against its
+        reference arithmetic) before it takes `path`; a file already at `path` is refused unless
+        `force`. Returns the check of what was written (also kept as `self.check`)."""
+        path = os.fspath(path)
+        if observer not in OBSERVERS:
+            raise RankfoldError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+        if os.path.exists(path) and not force:
+            raise RankfoldError(f"{path} exists: pass force=True (--force) to replace it")
+        example = self.example_input if self.example_input is not None else self._first_samples()
+        if not self.quantized:
+            from rankfold.export.onnx import export_onnx
+
+            export_onnx(self.module, path, example_input=example)
+            return self.check
+        self.check = self._save_quantized(path, example, observer, progress or (lambda _m: None))
+        return self.check
+
+    def _first_samples(self) -> Tensor:
+        if self.calib is None:
+            raise RankfoldError("saving needs an example input: give example_input or calibration data")
+        return self.calib[:2]
+
+    def _save_quantized(self, path: str, example: Tensor, observer: str, say) -> Agreement | None:
+        from rankfold.io import replace_atomically
+        from rankfold.quantize.export import export_quantized
+        from rankfold.selfcheck import onnx_agreement, refuse_if_kernels_disagree, refuse_if_poor
+
+        plan = self.plan
+        if self.calib is None:
+            raise RankfoldError("a quantized plan needs calibration data (activation ranges)")
+        fit = fitting_samples(plan, self.calib)
+        held = self.calib[len(fit):] if len(fit) < len(self.calib) else None
+        # A result that onnxruntime runs is checked as users run it (default session); one for the C
+        # back-end in onnxruntime's reference arithmetic, which the C computes (within a unit per op).
+        in_onnxruntime = plan.runtime == "onnxruntime"
+        # Built and checked in the system's temporary directory: only a checked model is written
+        # beside `path`, under a unique name renamed into place.
+        with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+            partial = os.path.join(scratch, "quantized.onnx")
+            export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
+                             observer=observer, reduce_range=plan.reduce_range, progress=say)
+            check = self.check
+            if in_onnxruntime:
+                refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
+            if held is not None:
+                check = onnx_agreement(self.original, partial, held, optimized=in_onnxruntime, rules=self.rules)
+                path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
+                say(f"self-check (quantized, {path_used}): " + check.describe())
+                refuse_if_poor(check, self.min_agreement, self.max_output_error, self.rules)
+            with open(partial, "rb") as handle:
+                replace_atomically(path, handle.read())
+            return check
