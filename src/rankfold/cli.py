@@ -81,28 +81,13 @@ def _check_rules_known(args: argparse.Namespace, model) -> None:
 
 
 def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> None:
-    """The batch that keeps this run under --max-memory, for every calibration pass that follows;
-    a budget too small for one sample is refused here, before any work. Room for the graph state
-    of the calibration samples (one forward pass for all layers' inputs, instead of one per layer)
-    is set aside first: for all of them, else for 128, 64 or 32, when a batch of 8 still fits."""
-    from rankfold.analyze import peak_state_bytes
-    from rankfold.host_memory import format_bytes, plan_memory
+    """The batch and graph-state headroom that keep this run under --max-memory (as compress()
+    chooses them: host_memory.calibration_memory), for every calibration pass that follows; a
+    budget too small for one sample is refused here, before any work."""
+    from rankfold.host_memory import calibration_memory, format_bytes
     from rankfold.settings import use_batch, use_memory_headroom
 
-    memory, state = None, 0
-    if calib is not None:
-        per_sample = 2 * peak_state_bytes(model, example[:1])  # the original's and the compressed one's
-        for samples in sorted({min(n, len(calib)) for n in (len(calib), 128, 64, 32)}, reverse=True):
-            state = per_sample * samples
-            try:
-                memory = plan_memory(model, example, args.max_memory, reserved=state)
-            except RankfoldError:  # no room for that state beside one sample
-                memory = None
-            if memory is not None and memory.batch >= min(8, len(calib)):
-                break
-            memory = None
-    if memory is None:  # layer inputs by prefix passes
-        memory, state = plan_memory(model, example, args.max_memory), 0
+    memory, state = calibration_memory(model, example, calib, args.max_memory)
     use_batch(min(memory.batch, model.fixed_batch or memory.batch))  # a fixed batch runs one at a time
     use_memory_headroom(state)
     args.memory_line = "  " + memory.describe()  # said when the work starts, after every check

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from rankfold.apply import Progress
 from rankfold.config import MethodConfig
 from rankfold.errors import RankfoldError
-from rankfold.host_memory import plan_memory
+from rankfold.host_memory import memory_scope
 from rankfold.planner.pipeline import compress_to_budget
-from rankfold.settings import DEFAULT_MIN_RANK, batches_of
+from rankfold.settings import DEFAULT_MIN_RANK
 from rankfold.uniform import compress_uniform
 
 
@@ -99,7 +99,8 @@ def compress(
 
 
 def _memory_scope(model, calib, max_memory: int | None):
-    """Calibration passes in batches that keep the run under `max_memory` (data-free: nothing to do)."""
+    """Calibration passes in the batches, and with the graph-state headroom, that keep the run under
+    `max_memory`, chosen as the CLI chooses them (data-free: nothing to do)."""
     if not isinstance(calib, Tensor) or not isinstance(model, nn.Module):
-        return contextlib.nullcontext()  # compress_with_report / compress_to_budget say what is wrong
-    return batches_of(plan_memory(model, calib[:2], max_memory).batch)
+        return contextlib.nullcontext()  # compress_uniform / compress_to_budget say what is wrong
+    return memory_scope(model, calib[:2], calib, max_memory)

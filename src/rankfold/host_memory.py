@@ -9,15 +9,17 @@ a budget that cannot hold one sample is refused then, not found out by the kerne
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import run_checked
+from rankfold.analyze import peak_state_bytes, run_checked
 from rankfold.errors import RankfoldError
-from rankfold.settings import DEFAULT_BATCH
+from rankfold.settings import DEFAULT_BATCH, batches_of, memory_headroom_of
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the run starts
 # Bytes one sample of a batch costs, as a multiple of what autograd saves for it in a forward pass:
@@ -135,3 +137,34 @@ def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
             f"{format_bytes(per_sample)} per sample of a batch). Raise --max-memory, or pass fewer samples "
             "with --calib-limit")
     return MemoryPlan(limit, fixed, per_sample, int(batch))
+
+
+def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
+                       limit: int | None = None) -> tuple[MemoryPlan, int]:
+    """The memory plan of a run over `calib` under `limit` bytes, and the bytes of it set aside for
+    the graph state of the calibration samples (one forward pass for all layers' inputs, instead of
+    one per layer): for all of them, else for 128, 64 or 32, when a batch of 8 still fits beside
+    it; 0 when none does (layer inputs then come from prefix passes). A budget too small for one
+    sample is a RankfoldError, before any work. The CLI and compress() both run under it."""
+    if calib is not None and hasattr(model, "advance"):  # graph state: ONNX-loaded graphs (GraphCursor)
+        per_sample = 2 * peak_state_bytes(model, example[:1])  # the original's and the compressed one's
+        for samples in sorted({min(n, len(calib)) for n in (len(calib), 128, 64, 32)}, reverse=True):
+            state = per_sample * samples
+            try:
+                memory = plan_memory(model, example, limit, reserved=state)
+            except RankfoldError:  # no room for that state beside one sample
+                continue
+            if memory.batch >= min(8, len(calib)):
+                return memory, state
+    return plan_memory(model, example, limit), 0
+
+
+@contextlib.contextmanager
+def memory_scope(model: nn.Module, example: Tensor, calib: Tensor | None,
+                 limit: int | None = None) -> Iterator[tuple[MemoryPlan, int]]:
+    """Every calibration pass inside the block in the batches calibration_memory() chooses (one
+    sample at a time for a graph whose batch is fixed at 1), with its graph-state headroom."""
+    memory, state = calibration_memory(model, example, calib, limit)
+    fixed = getattr(model, "fixed_batch", None)
+    with batches_of(min(memory.batch, fixed or memory.batch)), memory_headroom_of(state):
+        yield memory, state

@@ -53,3 +53,13 @@ def memory_headroom() -> int | None:
 
 def use_memory_headroom(bytes_: int | None) -> None:
     _headroom.set(bytes_)
+
+
+@contextlib.contextmanager
+def memory_headroom_of(bytes_: int | None) -> Iterator[None]:
+    """Graph state inside the block may take `bytes_` beyond the calibration batches."""
+    token = _headroom.set(bytes_)
+    try:
+        yield
+    finally:
+        _headroom.reset(token)
