@@ -201,3 +201,19 @@ def test_fewer_calibration_rows_than_inputs_do_not_erase_unseen_directions():
         err_aware = torch.linalg.norm(aware(fresh) - ref) / torch.linalg.norm(ref)
         err_free = torch.linalg.norm(free(fresh) - ref) / torch.linalg.norm(ref)
     assert err_aware < 2 * err_free + 0.05
+
+
+def test_uniform_mode_refuses_what_only_the_planner_uses_and_checks_on_request():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    calib = torch.randn(32, 32)
+    with pytest.raises(rankfold.RankfoldError, match="bits is the planner's"):
+        rankfold.compress(model, keep=0.5, calib=calib, bits=8)
+    with pytest.raises(rankfold.RankfoldError, match="min_agreement is the self-check's"):
+        rankfold.compress(model, keep=0.5, calib=calib, min_agreement=0.9)
+    with pytest.raises(rankfold.RankfoldError, match="self-check failed"):  # rank 4 and 1 of a random net: refused
+        rankfold.compress(model, method="svd", keep=0.2, calib=calib, min_rank=1, check=True, min_agreement=1.0)
+    with pytest.raises(rankfold.RankfoldError, match="at least 16 calibration samples"):
+        rankfold.compress(model, keep=0.5, calib=calib[:8], check=True)
+    small = rankfold.compress(model, method="svd", keep=0.9, calib=calib, min_rank=1, check=True, min_agreement=0.5)
+    assert small.rankfold_report.layers

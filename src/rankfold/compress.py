@@ -14,7 +14,7 @@ from rankfold.config import MethodConfig
 from rankfold.errors import RankfoldError
 from rankfold.host_memory import memory_scope
 from rankfold.planner.pipeline import compress_to_budget
-from rankfold.settings import DEFAULT_MIN_RANK
+from rankfold.settings import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_RANK
 from rankfold.uniform import compress_uniform
 
 
@@ -33,10 +33,10 @@ def compress(
     max_macs: str | float | None = None,
     max_latency: str | float | None = None,
     max_ram: str | float | None = None,
-    bits: str | int = "auto",
-    min_agreement: float = 0.8,
+    bits: str | int | None = None,
+    min_agreement: float | None = None,
     max_memory: int | None = None,
-    check: bool = True,
+    check: bool | None = None,
 ) -> nn.Module:
     """A compressed copy of `model`; the input model is not modified.
 
@@ -52,7 +52,10 @@ def compress(
     the same path and return a Compressed (module, plan, report, check) whose save(path) writes the
     float or QDQ file exactly as the CLI does, the QDQ file checked again on the held-back samples.
 
-    Uniform mode (otherwise):
+    Uniform mode (otherwise): float weights (`bits` is refused); check=True compares the result
+    with the original on the calibration samples (16 at least) and refuses it below
+    `min_agreement`, as the CLI does; by default (check=None) planned mode checks and uniform
+    mode does not.
 
     Parameters
     ----------
@@ -85,14 +88,22 @@ def compress(
             # mode and its buffers (BatchNorm running statistics) exactly as they were.
             model = copy.deepcopy(model).eval()
             result = compress_to_budget(model, calib=calib, target=target or "host", budgets=budgets,
-                                        min_rank=min_rank, min_agreement=min_agreement, bits=bits,
-                                        check=check, progress=progress)
+                                        min_rank=min_rank, bits="auto" if bits is None else bits,
+                                        min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement,
+                                        check=True if check is None else check, progress=progress)
             compressed = result.module
             compressed.rankfold_plan, compressed.rankfold_check = result.plan, result.check
             compressed.rankfold_report = result.report
             return compressed
+        if bits is not None:
+            raise RankfoldError("bits is the planner's (give a target or a max_* budget); uniform mode keeps float "
+                                "weights")
+        if min_agreement is not None and not check:
+            raise RankfoldError("min_agreement is the self-check's: uniform mode checks only with check=True")
         result = compress_uniform(model, method=method or "tucker2", keep=0.5 if keep is None else keep,
-                                  calib=calib, layers=layers, min_rank=min_rank, check=False, progress=progress)
+                                  calib=calib, layers=layers, min_rank=min_rank, check=bool(check),
+                                  min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement,
+                                  progress=progress)
         result.module.rankfold_report = result.report
         return result.module
 
