@@ -52,6 +52,12 @@ def is_probability(y: Tensor) -> bool:
     return bool(((y.sum(-1) - 1).abs() < 1e-3).all())
 
 
+def as_input(x: Tensor) -> Tensor:
+    """Calibration data as a model takes it: float32 for real-valued inputs; integer inputs (token
+    ids) keep their dtype."""
+    return x.to(torch.float32) if x.is_floating_point() else x
+
+
 def output_kind(y: Tensor) -> str:
     """'classes' for (N, classes) scores; for a softmax over the last axis of a longer output,
     'sequence' when it is (N, T, classes) (tokens, CTC frames) and 'distribution' otherwise (a

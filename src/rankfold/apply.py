@@ -17,6 +17,7 @@ from rankfold.analyze import (
     COMPRESSIBLE,
     GraphCursor,
     InputMoments,
+    as_input,
     moments_of,
     peak_state_bytes,
     reach_order,
@@ -134,7 +135,7 @@ def compress_with_report(
             if new is not None:
                 set_submodule(result, name, new)
     else:
-        calib = calib.to(torch.float32)
+        calib = as_input(calib)
         names = [name for name, _m, _c in plans]
         reference = copy.deepcopy(result)  # the original, for the inputs each layer saw before compression
         reached = reach_order(result, names, calib[:1])

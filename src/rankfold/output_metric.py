@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import model_outputs, run_hooked
+from rankfold.analyze import as_input, model_outputs, run_hooked
 from rankfold.settings import calibration_batch
 
 # A class is active when some calibration position predicts it, or its mean probability exceeds
@@ -125,7 +125,7 @@ class HeadMetrics:
     calibration data that runs anyway gives them."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], probe: Tensor) -> None:
-        self.heads = _softmax_outputs(model, names, probe.to(torch.float32))
+        self.heads = _softmax_outputs(model, names, as_input(probe))
         modules = dict(model.named_modules())
         self.tallies = {name: _Tally(modules[name].out_features) for name in self.heads}
 
@@ -149,7 +149,7 @@ def softmax_head_metrics(model: nn.Module, names: Iterable[str], calib: Tensor,
         batch_size = batch_size or calibration_batch()
         with torch.no_grad():
             for start in range(0, calib.shape[0], batch_size):
-                heads.add(model_outputs(model(calib[start : start + batch_size].to(torch.float32))))
+                heads.add(model_outputs(model(as_input(calib[start : start + batch_size]))))
     finally:
         model.train(was_training)
     return heads.result()

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import model_outputs, output_kind
+from rankfold.analyze import as_input, model_outputs, output_kind
 from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
-from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, calibration_batch
+from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, DEFAULT_MIN_COSINE, calibration_batch
 
 CLASS_KINDS = ("classes", "sequence", "distribution")
 
@@ -18,9 +18,12 @@ CLASS_KINDS = ("classes", "sequence", "distribution")
 def default_rule(kind: str, min_agreement: float, max_output_error: float) -> CheckRule:
     """The documented default per output kind: top-1 agreement for class scores, whole sequences
     read alike (every position's argmax) for sequences, argmax agreement per position for other
-    distributions (class maps), relative error for everything else."""
+    distributions (class maps), mean cosine similarity for embeddings (a kind the model declares),
+    relative error for everything else."""
     if kind == "sequence":
         return CheckRule("sequence", min_agreement)
+    if kind == "embedding":  # declared by the model (output_kinds): sentence encoders
+        return CheckRule("cosine", DEFAULT_MIN_COSINE)
     return CheckRule("top1", min_agreement) if kind in CLASS_KINDS else CheckRule("relerr", max_output_error)
 
 
@@ -50,6 +53,9 @@ class Agreement:
 
     def describe(self) -> str:
         top1 = "" if self.top1_agreement is None else f"top-1 agreement {self.top1_agreement:.1%}, "
+        embeddings = [o.metrics.get("cosine", 0.0) for o in self.outputs if o.kind == "embedding"]
+        if embeddings:
+            top1 += f"embedding cosine {min(embeddings):.4f}, "
         heads = f" ({len(self.outputs)} outputs, worst shown)" if len(self.outputs) > 1 else ""
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
 
@@ -122,16 +128,18 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
     """Every metric on every output of `compressed` against `original`, batch by batch."""
     levels = tuple(sorted({DEFAULT_IOU_AT} | {r.at for r in rules if r.metric == "iou"}))
     names = list(getattr(original, "output_names", []) or [])
+    declared = tuple(getattr(original, "output_kinds", ()) or ())  # kinds the data cannot tell (embeddings)
     tallies: list[_Tally] = []
     batch_size = batch_size or calibration_batch()
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
-            batch = inputs[start : start + batch_size].to(torch.float32)
+            batch = as_input(inputs[start : start + batch_size])
             ys, ys_hat = model_outputs(original.eval()(batch)), model_outputs(compressed.eval()(batch))
             if len(ys) != len(ys_hat):
                 raise RankfoldError(f"self-check: the compressed network has {len(ys_hat)} outputs, the original "
                                     f"{len(ys)}")
-            tallies = tallies or [_Tally(levels) for _ in ys]
+            tallies = tallies or [_Tally(levels, kind=declared[i] if i < len(declared) else None)
+                                  for i in range(len(ys))]
             for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
                 if y.shape != y_hat.shape:
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "

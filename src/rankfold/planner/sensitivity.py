@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import channels_last_rows, is_probability, model_outputs, run_checked, sampled_rows
+from rankfold.analyze import as_input, channels_last_rows, is_probability, model_outputs, run_checked, sampled_rows
 from rankfold.output_metric import HeadMetrics, OutputMetric
 from rankfold.settings import calibration_batch
 
@@ -34,20 +34,22 @@ class LayerStats:
     output_metric: OutputMetric | None = None
 
 
-def _likelihood_loss(output: Tensor, generator: torch.Generator) -> Tensor:
+def _likelihood_loss(output: Tensor, generator: torch.Generator, kind: str | None = None) -> Tensor:
     """-log p(y~ | x) summed over the batch, y~ drawn from the model's own prediction: its
     gradient's second moment is the Fisher information. A 2-D output is a categorical: of its
     probabilities where it holds a softmax's output, else read as class logits. Any other output
     is the mean of a unit Gaussian, softmax sequences included: a categorical per CTC frame was
     measured worse for planning (PP-OCRv4 lines read alike 0.586 -> 0.258; with the last Linear
     also priced and factorized under its output metric, 0.695 -> 0.016): its second-order losses
-    fall about 20x below the measured ones for that Linear, but not for the layers before it."""
-    if output.ndim == 2 and is_probability(output.detach()):
+    fall about 20x below the measured ones for that Linear, but not for the layers before it.
+    `kind`: what the model declares the output to be (output_kinds): an embedding is a Gaussian."""
+    categorical = output.ndim == 2 and kind != "embedding"
+    if categorical and is_probability(output.detach()):
         probs = output.detach().to(torch.float64).reshape(-1, output.shape[-1])
         labels = torch.multinomial(probs.clamp_min(0), 1, generator=generator).squeeze(1)
         log_p = torch.log(output.reshape(-1, output.shape[-1]).clamp_min(1e-30))
         return F.nll_loss(log_p, labels, reduction="sum")
-    if output.ndim == 2:
+    if categorical:
         probs = F.softmax(output.detach().to(torch.float64), dim=1)
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return F.cross_entropy(output, labels, reduction="sum")
@@ -103,16 +105,20 @@ def layer_statistics(
     total = calib.shape[0]
     batch_size = batch_size or calibration_batch()
     heads = HeadMetrics(model, names, calib[:1])
+    kinds = tuple(getattr(model, "output_kinds", ()) or ())  # what the data cannot tell (embeddings)
     try:
         for start in range(0, total, batch_size):
             if progress:
                 progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
-            batch = calib[start : start + batch_size].to(torch.float32).requires_grad_(True)
+            batch = as_input(calib[start : start + batch_size])
+            if batch.is_floating_point():  # token ids take no gradient; the weights' keep the graph
+                batch.requires_grad_(True)
             with torch.enable_grad():
                 # Heads are independent given the input: the joint Fisher is the sum of theirs.
                 outs = model_outputs(run_checked(model, batch))
                 heads.add([out.detach() for out in outs])
-                sum(_likelihood_loss(out, generator) for out in outs).backward()
+                sum(_likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
+                    for i, out in enumerate(outs)).backward()
     finally:
         for h in handles:
             h.remove()

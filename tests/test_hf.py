@@ -1,0 +1,102 @@
+"""Hugging Face sentence encoders (issue 16, first step): a tiny BERT made here (random weights,
+nothing downloaded) loads as a module taking token ids; its Linear layers compress data-aware
+under int64 calibration ids, and the self-check compares its embeddings by cosine."""
+
+import json
+
+import pytest
+import torch
+
+import rankfold
+from rankfold.check_rules import CheckRule
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ("the cat sat on a mat while dogs ran far away from home and we all saw it happen slowly "
+         "under bright red sky near old green trees by cold blue water").split()
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minibert")
+    torch.manual_seed(0)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted(set(WORDS))]
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=64, pad_token_id=0,
+                                     initializer_range=0.1)  # the Linear layers weigh in the embedding
+    transformers.BertModel(config).save_pretrained(root)
+    words = tokenizers.models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]")
+    tokenizer = tokenizers.Tokenizer(words)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(root / "tokenizer.json"))
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (root / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Transformer"},
+                                                   {"type": "sentence_transformers.models.Pooling"},
+                                                   {"type": "sentence_transformers.models.Normalize"}]))
+    return root
+
+
+def _sentences(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(4, 14, (1,), generator=g)),),
+                                                           generator=g)) for _ in range(n)]
+
+
+def test_a_sentence_encoder_takes_token_ids_and_gives_unit_embeddings(encoder_dir):
+    from rankfold.frontends.hf import load_hf, tokenize
+
+    model = load_hf(encoder_dir)
+    ids = tokenize(encoder_dir, ["the cat sat", "dogs ran far away from home"], 8)
+    assert ids.dtype == torch.int64 and ids.shape == (2, 8) and int(ids[0, 3:].abs().sum()) == 0  # padded
+    with torch.no_grad():
+        e = model(ids)
+        assert e.shape == (2, 48) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
+        assert torch.allclose(model(ids.float()), e)  # float ids, as calibration passes may hand them over
+        alone = model(tokenize(encoder_dir, ["the cat sat"], 3))
+    assert torch.allclose(alone[0], e[0], atol=1e-5)  # padding does not change a sentence's embedding
+
+
+def test_a_directory_that_is_not_a_sentence_encoder_is_refused(tmp_path, encoder_dir):
+    from rankfold.frontends.hf import load_hf
+
+    with pytest.raises(rankfold.RankfoldError, match="no config.json"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text((encoder_dir / "config.json").read_text())
+    with pytest.raises(rankfold.RankfoldError, match="sentence-transformers pooling"):
+        load_hf(tmp_path)
+
+
+def test_data_aware_svd_of_every_linear_with_token_id_calibration(encoder_dir):
+    from rankfold.frontends.hf import load_hf, tokenize
+
+    model = load_hf(encoder_dir)
+    calib, held = tokenize(encoder_dir, _sentences(96, 1), 16), tokenize(encoder_dir, _sentences(64, 2), 16)
+    plain = rankfold.compress(model, method="svd", keep=0.5, min_rank=2)
+    aware = rankfold.compress_uniform(model, method="svd", keep=0.5, calib=calib, min_rank=2,
+                                      rules=(CheckRule("cosine", 0.0),))
+    linears = [r for r in aware.report.layers if r.method == "svd"]
+    assert len(linears) >= 12  # q, k, v, o, up, down of both blocks (and the pooler)
+    assert aware.check.outputs[0].kind == "embedding" and "embedding cosine" in aware.check.describe()
+
+    def cosine(a, b):
+        with torch.no_grad():
+            return float(torch.nn.functional.cosine_similarity(a(held), b(held), dim=-1).mean())
+
+    assert cosine(model, aware.module) > cosine(model, plain)
+    # the default check of an embedding is its cosine (0.98): a too-small rank is refused
+    with pytest.raises(rankfold.RankfoldError, match="cosine"):
+        rankfold.compress_uniform(model, method="svd", keep=0.1, calib=calib, min_rank=1)
+
+
+def test_a_planned_compression_of_a_sentence_encoder(encoder_dir):
+    from rankfold.frontends.hf import load_hf, tokenize
+
+    model = load_hf(encoder_dir)
+    calib = tokenize(encoder_dir, _sentences(128, 3), 16)
+    result = rankfold.compress_to_budget(model, calib=calib, target="cortex-m7", budgets={"params": "85%"}, bits=8,
+                                         min_rank=2, rules=(CheckRule("cosine", 0.5),))
+    assert result.plan.after["params"] <= 0.85 * result.plan.before["params"]
+    assert any(layer.method == "svd" for layer in result.plan.layers)
+    assert result.check.outputs[0].metrics["cosine"] >= 0.5
