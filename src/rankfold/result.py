@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from rankfold.apply import CompressionReport
 from rankfold.errors import RankfoldError
-from rankfold.planner.plan import fitting_samples
+from rankfold.planner.plan import Plan, fitting_samples
 from rankfold.quantize.observers import OBSERVERS
 from rankfold.selfcheck import Agreement, CheckRule
 from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, DEFAULT_MIN_AGREEMENT
@@ -28,7 +28,7 @@ class Compressed:
     check: Agreement | None
     original: nn.Module
     calib: Tensor | None
-    plan: object | None = None  # a rankfold.Plan
+    plan: Plan | None = None
     example_input: Tensor | None = None
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR
