@@ -132,7 +132,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     from rankfold.io import write_json_atomic
     from rankfold.methods import config_for_method, method_named, registered
     from rankfold.report import layer_table
-    from rankfold.uniform import compress_uniform
+    from rankfold.uniform import CHECK_SAMPLES, compress_uniform
 
     keep = 0.5 if args.keep is None else args.keep
     method = args.method or "tucker2"
@@ -152,7 +152,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
     _require_compressible(model)
-    _require_check_data(args, calib, UNIFORM_CHECK_SAMPLES, "uniform mode checks on the calibration samples")
+    _require_check_data(args, calib, CHECK_SAMPLES, "uniform mode checks on the calibration samples")
     log = _log(args.quiet)
     log(f"compressing {args.model}: method={method} keep={keep} "
         f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
@@ -175,10 +175,6 @@ def _compress_uniform(args: argparse.Namespace) -> None:
                                         "keep": keep, "seconds": seconds, "before": before.__dict__,
                                         "after": after.__dict__,
                                         "self_check": None if check is None else check.to_dict(), **report.to_dict()})
-
-
-UNIFORM_CHECK_SAMPLES = 16  # uniform.CHECK_SAMPLES
-PLANNED_CHECK_SAMPLES = 64  # planner.pipeline.CHECK_SAMPLES: an eighth (16 to 128) is held back
 
 
 def _require_compressible(model) -> None:
@@ -208,14 +204,14 @@ def int8_choice(target) -> str:
 
 def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     from rankfold.planner.options import bit_choices
-    from rankfold.planner.pipeline import compress_to_budget
+    from rankfold.planner.pipeline import CHECK_SAMPLES, compress_to_budget
     from rankfold.target import load_target
 
     target = load_target(args.target or "host")
     bit_choices(target, args.bits or "auto")  # a bad --bits fails before the model is read
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
-    _require_check_data(args, calib, PLANNED_CHECK_SAMPLES, "an eighth, 16 to 128, is held back from planning")
+    _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back from planning")
     log = _log(args.quiet)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
     log("  " + int8_choice(target))
@@ -262,13 +258,13 @@ def _size_line(before, after, seconds: float) -> str:
 
 
 def _cmd_apply(args: argparse.Namespace) -> None:
-    from rankfold.planner.pipeline import apply_and_check
+    from rankfold.planner.pipeline import CHECK_SAMPLES, apply_and_check
     from rankfold.planner.plan import load_plan
 
     plan = load_plan(args.plan)
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
-    _require_check_data(args, calib, PLANNED_CHECK_SAMPLES, "an eighth, 16 to 128, is held back as in planning")
+    _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back as in planning")
     log = _log(args.quiet)
     log(f"applying {args.plan} to {args.model}")
     log(args.memory_line)
