@@ -25,7 +25,10 @@ _PUBLIC = {
     "apply_and_check": "rankfold.planner.pipeline",
     "apply_plan": "rankfold.planner.plan",
     "evaluate_onnx": ("rankfold.evaluate", "evaluate"),  # not "evaluate": that is a submodule's name
+    "FinetuneConfig": "rankfold.training.config",
     "export_c": "rankfold.cexport.run",
+    "finetune": ("rankfold.training.loop", "finetune"),  # the package is rankfold.training: no name clash
+    "finetune_result": "rankfold.training",
     "run_c": "rankfold.cexport.run",
     "run_pareto": "rankfold.planner.pareto",
     "compress": "rankfold.compress",

@@ -275,6 +275,132 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     _finish(args, result, example, t0, None)
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    """Distil the original into its compression (from --plan, or a float --student file), check,
+    write. Under torchrun every process trains its share; only rank 0 prints and writes."""
+    import torch
+
+    from rankfold.data import check_input_shape, load_npz
+    from rankfold.training import finetune_result
+    from rankfold.training.distributed import join_world, leave_world
+    from rankfold.training.loop import check_training_data
+
+    config = _finetune_config(args)
+    if (args.plan is None) == (args.student is None):
+        raise RankfoldError("give the compressed network: --plan PLAN.json (applied to MODEL) or --student FILE.onnx "
+                            "(a float compression of MODEL), one of them")
+    plan = _plan_or_student(args)
+    _check_outputs(args)
+    graph, model, calib, example = _load_inputs(args)
+    _require_check_data(args, calib, 64, "an eighth, 16 to 128, is held back for the self-check")
+    train = load_npz(args.train, need_labels=args.label_weight > 0)
+    check_input_shape(train.x, _input_dims(graph), args.train)
+    limit = args.train_limit or len(train.x)
+    train_x = torch.from_numpy(train.x[:limit])
+    labels = torch.from_numpy(train.y[:limit]).long() if args.label_weight > 0 else None
+    world = join_world()
+    check_training_data(train_x, labels, config, world)
+    if args.checkpoint:  # made last: nothing is made when an input is wrong
+        _checkpoint_directory(args.checkpoint, [args.model, args.train, args.calib, args.plan, args.student])
+    log = _log(args.quiet or not world.is_main)
+    try:
+        t0 = time.time()
+        result = _student_result(args, plan, model, calib, example, log)
+        log(f"fine-tuning on {len(train_x)} samples of {args.train} ({world.size} process"
+            f"{'es' if world.size > 1 else ''}, global batch {config.batch_size})")
+        result, ft_log = finetune_result(result, train_x, config=config, labels=labels, check=not args.no_check,
+                                         checkpoint_dir=args.checkpoint, qat=not args.no_qat,
+                                         progress=lambda m: log("  " + m))
+        if world.is_main:
+            _finish_finetune(args, result, ft_log, example, t0)
+        world.barrier()
+    finally:
+        leave_world()
+
+
+def _checkpoint_directory(path: str, inputs: list) -> None:
+    """A directory for the checkpoint: new (made now) or existing; rankfold writes only its
+    checkpoint file in it, and a file of that name it did not write is refused on resume."""
+    import os
+
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise RankfoldError(f"--checkpoint {path} exists and is not a directory")
+    if any(source and os.path.abspath(source) == os.path.abspath(path) for source in inputs):
+        raise RankfoldError(f"--checkpoint {path} is an input")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise RankfoldError(f"--checkpoint {path}: cannot make the directory ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise RankfoldError(f"--checkpoint {path} is not writable")
+
+
+def _finetune_config(args: argparse.Namespace):
+    from rankfold.training import FinetuneConfig
+
+    if args.steps is None and args.minutes is None:
+        raise RankfoldError("say how long to fine-tune: --steps N and/or --minutes M")
+    try:
+        return FinetuneConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+                              optimizer=args.optimizer, temperature=args.temperature,
+                              label_weight=args.label_weight, seed=args.seed, log_every=args.log_every,
+                              checkpoint_every=args.checkpoint_every, weight_decay=args.weight_decay)
+    except (ValueError, TypeError) as exc:
+        raise RankfoldError(str(exc)) from None
+
+
+def _plan_or_student(args: argparse.Namespace):
+    """The plan (read and validated now), or None for a --student file, which must be a float model."""
+    from rankfold.frontends.onnx import read_onnx
+    from rankfold.planner.plan import load_plan
+
+    if args.plan is not None:
+        return load_plan(args.plan)
+    graph = read_onnx(args.student)
+    quantized = sorted({n.op_type for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear",
+                                                                            "QLinearConv", "ConvInteger")})
+    if quantized:
+        raise RankfoldError(f"{args.student} is quantized ({', '.join(quantized)}): give the plan it was made with "
+                            "(--plan), so the fine-tuned result is quantized again at the plan's bit-widths")
+    return None
+
+
+def _student_result(args: argparse.Namespace, plan, model, calib, example, log):
+    from rankfold.apply import CompressionReport
+    from rankfold.frontends.onnx import load_onnx
+    from rankfold.planner.pipeline import apply_and_check
+    from rankfold.result import Compressed
+
+    if plan is not None:
+        log(f"applying {args.plan} to {args.model}")
+        return apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
+                               max_output_error=args.max_output_error, example_input=example, check=False,
+                               rules=tuple(args.check), progress=lambda m: log("  " + m))
+    student = load_onnx(args.student)
+    return Compressed(student, CompressionReport(), None, model, calib, None, example, args.min_agreement,
+                      args.max_output_error, tuple(args.check))
+
+
+def _finish_finetune(args: argparse.Namespace, result, ft_log, example, t0: float) -> None:
+    from rankfold.evaluate import onnx_size
+    from rankfold.io import write_json_atomic
+
+    result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=_log(args.quiet))
+    seconds = time.time() - t0
+    before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
+    print(f"fine-tuned {ft_log.steps} steps ({ft_log.samples_seen:,} samples seen, {ft_log.processes} process(es), "
+          f"{ft_log.seconds:.0f} s of training)")
+    print(_size_line(before, after, seconds))
+    print("self-check: " + (result.check.describe() if result.check is not None
+                            else "not run (--no-check): the result is unchecked"))
+    print(f"wrote {args.output}")
+    if args.report:
+        write_json_atomic(args.report, {
+            "model": args.model, "output": args.output, "plan": args.plan, "student": args.student,
+            "seconds": seconds, "finetune": ft_log.to_dict(), "before": before.__dict__, "after": after.__dict__,
+            "self_check": None if result.check is None else result.check.to_dict()})
+
+
 def _cmd_pareto(args: argparse.Namespace) -> None:
     from rankfold.planner.pareto import run_pareto
 
@@ -502,6 +628,13 @@ def _check_rule(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: " + str(exc).removeprefix(f"--check {text!r}: ")) from None
 
 
+def _positive_float(text: str) -> float:
+    value = _float_in(text, 0.0, float("inf"), "a number > 0")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _nonnegative(text: str) -> float:
     return _float_in(text, 0.0, float("inf"), "a number >= 0")
 
@@ -578,6 +711,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write the report as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("finetune", help="distil the original into its compression (and run under torchrun)",
+                       description="Trains the compressed network (a plan applied to MODEL, or a float --student "
+                                   "file) to reproduce MODEL's outputs on --train inputs (distillation: KL at a "
+                                   "temperature on class scores, relative squared error on other outputs; labels "
+                                   "optional), then runs compress's self-check and writes the result (QDQ when the "
+                                   "plan quantizes). The same command runs under `torchrun --nproc_per_node N` "
+                                   "(DistributedDataParallel, gloo on CPU, nccl on GPU): each process trains its "
+                                   "share of the global batch and rank 0 writes.")
+    _model_args(p, plans=False)
+    _check_args(p)
+    p.add_argument("--plan", help="plan .json (from compress --plan-out) to apply to MODEL")
+    p.add_argument("--student", help="a float compressed .onnx of MODEL to train instead of --plan")
+    p.add_argument("--train", required=True, help=".npz with x (and y for --label-weight): training inputs")
+    p.add_argument("--train-limit", type=_count, default=0, help="use only the first N training samples")
+    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps of --batch-size samples")
+    p.add_argument("--minutes", type=_positive_float, help="time budget: the steps are set from the speed of the "
+                                                          "first ones (with --steps: the smaller)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (default 64)")
+    p.add_argument("--lr", type=_positive_float, default=3e-4, help="peak learning rate (default 3e-4; warm-up, "
+                                                                    "then cosine)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="adamw (default) or sgd (Nesterov momentum 0.9; factorized networks diverge with SGD above "
+                        "about 1e-3)")
+    p.add_argument("--weight-decay", type=_nonnegative, default=0.0, help="default 0")
+    p.add_argument("--temperature", type=_positive_float, default=4.0, help="distillation temperature (default 4)")
+    p.add_argument("--label-weight", type=_fraction, default=0.0,
+                   help="weight of cross-entropy on --train's labels y, against distillation (default 0: no labels)")
+    p.add_argument("--seed", type=_integer, default=0, help="data order (default 0)")
+    p.add_argument("--log-every", type=_positive_int, default=50, help="progress every N steps (default 50)")
+    p.add_argument("--checkpoint", help="directory for a checkpoint every --checkpoint-every steps; a run "
+                                        "started again with it resumes where it stopped")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=100, help="default 100")
+    p.add_argument("--no-qat", action="store_true",
+                   help="train a quantizing plan in float and quantize afterwards as compress does (default: its "
+                        "quantized layers train through their weights' quantization, and the QDQ file holds exactly "
+                        "the trained weights)")
+    p.add_argument("--report", help="also write the report as JSON (training history included)")
+    p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("pareto", help="accuracy-loss vs size/latency front; what fits a target",
                        description="Solve the plan at several weight-byte budgets, print the estimated loss, "

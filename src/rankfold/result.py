@@ -33,6 +33,9 @@ class Compressed:
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR
     rules: tuple[CheckRule, ...] = field(default_factory=tuple)
+    # Weights already on the export's grid (quantization-aware training): save() quantizes them by
+    # the same rule and nothing else, so the file holds the trained weights.
+    weights_on_grid: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -80,8 +83,10 @@ class Compressed:
         # beside `path`, under a unique name renamed into place.
         with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
             partial = os.path.join(scratch, "quantized.onnx")
+            trained = {"equalize": False, "data_aware_rounding": False, "bias_correction": False} \
+                if self.weights_on_grid else {}
             export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
-                             observer=observer, reduce_range=plan.reduce_range, progress=say)
+                             observer=observer, reduce_range=plan.reduce_range, progress=say, **trained)
             check = self.check
             if in_onnxruntime:
                 refuse_if_kernels_disagree(partial, held if held is not None else fit, say)

@@ -43,7 +43,9 @@ def compress_to_budget(
     progress: Callable[[str], None] | None = None,
 ) -> Compressed:
     """Plan, apply and check. With `check` (the default) a self-check that cannot run (fewer than
-    64 calibration samples) is an error before any work; check=False is the CLI's --no-check."""
+    64 calibration samples) is an error before any work; check=False (the CLI's --no-check) runs no
+    check: the result is unchecked (samples are still held back from planning, as with a check, so
+    the plan applies the same way either way)."""
     say = progress or (lambda _m: None)
     require_check_data(calib, check)
     fit, held = split_holdout(calib) if calib is not None else (None, None)
@@ -53,8 +55,9 @@ def compress_to_budget(
     if not plan.feasible:
         raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
     module, report = apply_plan(model, plan, calib=calib, progress=say)
-    return Compressed(module, report, check_result(model, module, held, min_agreement, say, max_output_error, rules),
-                      model, calib, plan, example_input, min_agreement, max_output_error, rules)
+    checked = check_result(model, module, held, min_agreement, say, max_output_error, rules) if check else None
+    return Compressed(module, report, checked, model, calib, plan, example_input, min_agreement, max_output_error,
+                      rules)
 
 
 def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
@@ -76,8 +79,9 @@ def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_a
     example = calib[:1] if calib is not None else example_input
     if example is not None:
         plan = recount_edited(plan, report, module, example)
-    return Compressed(module, report, check_result(model, module, held, min_agreement, say, max_output_error, rules),
-                      model, calib, plan, example_input, min_agreement, max_output_error, rules)
+    checked = check_result(model, module, held, min_agreement, say, max_output_error, rules) if check else None
+    return Compressed(module, report, checked, model, calib, plan, example_input, min_agreement, max_output_error,
+                      rules)
 
 
 def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, example: Tensor) -> Plan:

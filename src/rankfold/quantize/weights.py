@@ -51,6 +51,21 @@ def equalize_seams(chain: nn.Sequential) -> int:
     return done
 
 
+def quantized_leaves(model: nn.Module, bits: Mapping[str, int]) -> dict[str, int]:
+    """The bit-width of every leaf layer whose weights `bits` quantizes (value < 32), by full name:
+    a factorized layer (LowRank) stands for each of its factors."""
+    modules = dict(model.named_modules())
+    leaves: dict[str, int] = {}
+    for name, b in bits.items():
+        if b >= 32:
+            continue
+        if isinstance(modules[name], LowRank):
+            leaves.update({f"{name}.{child}": b for child, _m in modules[name].named_children()})
+        else:
+            leaves[name] = b
+    return leaves
+
+
 def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: bool = True,
                      group_size: int | None = None, calib: Tensor | None = None,
                      reduce_range: bool = False) -> dict[str, int]:
@@ -60,17 +75,11 @@ def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: boo
     nearest grid point. `reduce_range`: int8 codes within +-63 (see quantize/core.py). Returns the
     bit-width of every quantized leaf module, by its full name (for the ONNX export)."""
     modules = dict(model.named_modules())
-    leaves: dict[str, int] = {}
-    for name, b in bits.items():
-        if b >= 32:
-            continue
-        module = modules[name]
-        if isinstance(module, LowRank):
-            if equalize:
-                equalize_seams(module)
-            leaves.update({f"{name}.{child}": b for child, _m in module.named_children()})
-        else:
-            leaves[name] = b
+    if equalize:
+        for name, b in bits.items():
+            if b < 32 and isinstance(modules[name], LowRank):
+                equalize_seams(modules[name])
+    leaves = quantized_leaves(model, bits)
     done: list[str] = []
     if calib is not None and group_size is None:
         from rankfold.quantize.gptq import quantize_all

@@ -1,0 +1,233 @@
+"""The distillation loop: the student learns the teacher's outputs on training inputs, on one
+process or on many under torchrun (DistributedDataParallel), the same global batch giving the
+same step whatever the number of processes."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rankfold.analyze import as_input, model_outputs, output_kind
+from rankfold.errors import RankfoldError
+from rankfold.training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from rankfold.training.config import FinetuneConfig
+from rankfold.training.distributed import World, join_world
+from rankfold.training.losses import distillation_loss
+from rankfold.training.qat import attach_fake_quant, detach_fake_quant
+
+TEACHER_CACHE_BYTES = 1 << 30  # teacher outputs kept per sample up to this; above it, recomputed
+TIMED_STEPS = 5  # a time budget sets the number of steps from the speed of these
+
+
+@dataclass
+class FinetuneLog:
+    """What the run did, for the report: steps, time, samples seen, the loss and held-back top-1
+    agreement as they went."""
+
+    steps: int
+    seconds: float
+    processes: int
+    samples_seen: int
+    resumed_from: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels: Tensor | None = None,
+             config: FinetuneConfig, held: Tensor | None = None, checkpoint_dir: str | None = None,
+             progress: Callable[[str], None] | None = None, world: World | None = None,
+             fake_quant: Mapping[str, int] | None = None, reduce_range: bool = False) -> tuple[nn.Module, FinetuneLog]:
+    """A trained copy of `student` (`student` and `teacher` are left as they are) and the log.
+
+    Every output of the teacher is distilled (losses.LOSS_OF_KIND by output kind). Batch
+    normalization and dropout stay in inference mode: statistics are those the network was
+    compressed with, and a step does not depend on how the batch is split across processes.
+    With `checkpoint_dir` the run saves there every `config.checkpoint_every` steps and resumes
+    from what it finds there (when it is this run's). `fake_quant` ({layer: bits}, as a plan's
+    layer_bits()): those layers train through their weights' quantization (training/qat.py) and
+    come out with weights on the grid the QDQ export uses (int8 on 7 bits with `reduce_range`)."""
+    world = world or join_world()
+    say = progress if (progress and world.is_main) else (lambda _m: None)
+    check_training_data(train_x, labels, config, world)
+    student = copy.deepcopy(student).to(world.device).eval()
+    quantized = attach_fake_quant(student, fake_quant, reduce_range=reduce_range) if fake_quant else []
+    if quantized:
+        say(f"quantization-aware: {len(quantized)} layer(s) train through their weights' quantization")
+    teacher = teacher.eval()
+    kinds = _output_kinds(teacher, train_x[:2])
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    if not trainable:
+        raise RankfoldError("the compressed network has no trainable parameters")
+    optimizer = _optimizer(trainable, config)
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("log_every", "checkpoint_every", "minutes")}
+    stamp = fingerprint(student, train_x, {**settings, "labels": labels is not None})
+    state = load_checkpoint(checkpoint_dir, stamp) if checkpoint_dir else None
+    start, total = 0, config.steps
+    history: list[dict] = []
+    if state is not None:
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, total, history = state["step"], state["total_steps"], state["history"]
+        say(f"resumed from {os.path.join(checkpoint_dir, 'finetune-checkpoint.pt')} at step {start} of {total}")
+    if held is not None and start == 0:
+        history.append({"step": 0, "held_top1": _held_agreement(teacher, student, held), "seconds": 0.0})
+        say(f"before fine-tuning: held-back top-1 agreement {history[0]['held_top1']:.1%}")
+    trained = _wrapped(student, world)
+    cache = _TeacherCache(teacher, train_x, world.device)
+    per_epoch = len(train_x) // config.batch_size
+    t0 = time.time()
+    step = start
+    # A time budget sets the number of steps once, from the first steps' speed; a resumed run keeps
+    # the number its checkpoint recorded, so its schedule is the one it started with.
+    timed_total = state is None and config.minutes is not None
+    while step < (total or math.inf):
+        if timed_total and step == start + TIMED_STEPS:
+            total = _steps_in_time(config, start, step, time.time() - t0, world)
+            say(f"{config.minutes:g} min allow {total} steps in all ({(time.time() - t0) / TIMED_STEPS:.2f} s a step)")
+            timed_total = False
+            if step >= total:
+                break
+        epoch, index_in_epoch = divmod(step, per_epoch)
+        batch = world.shard(_epoch_order(len(train_x), config.seed, epoch)
+                            [index_in_epoch * config.batch_size : (index_in_epoch + 1) * config.batch_size])
+        _set_lr(optimizer, config, step, total or (start + 10 * TIMED_STEPS))
+        x = as_input(train_x[batch]).to(world.device)
+        loss = distillation_loss(model_outputs(trained(x)), cache.outputs(batch), kinds,
+                                 temperature=config.temperature,
+                                 labels=None if labels is None else labels[batch].to(world.device),
+                                 label_weight=config.label_weight)
+        if not torch.isfinite(loss):
+            raise RankfoldError(f"fine-tuning diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
+                                f"learning rate (now {config.lr:g}) or use the adamw optimizer")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % config.log_every == 0 or step == total:
+            entry = {"step": step, "loss": world.mean(float(loss.detach())), "seconds": round(time.time() - t0, 1)}
+            if held is not None:
+                entry["held_top1"] = _held_agreement(teacher, student, held)
+            history.append(entry)
+            say(_progress_line(entry, total))
+        if checkpoint_dir and (step % config.checkpoint_every == 0 or step == total):
+            if world.is_main:
+                save_checkpoint(checkpoint_dir, {"fingerprint": stamp, "step": step, "total_steps": total,
+                                                 "student": student.state_dict(), "history": history,
+                                                 "optimizer": optimizer.state_dict()})
+            world.barrier()
+    seconds = time.time() - t0
+    detach_fake_quant(student)
+    return student.cpu(), FinetuneLog(step, round(seconds, 1), world.size, (step - start) * config.batch_size,
+                                      start, history)
+
+
+def check_training_data(train_x: Tensor, labels: Tensor | None, config: FinetuneConfig, world: World) -> None:
+    """Before any work: enough samples for one batch, a batch the processes share evenly."""
+    if not isinstance(train_x, Tensor) or train_x.ndim < 2:
+        raise RankfoldError("training inputs must be a tensor (N, ...)")
+    if len(train_x) < config.batch_size:
+        raise RankfoldError(f"the batch size ({config.batch_size}) is larger than the training set "
+                            f"({len(train_x)} samples)")
+    if config.batch_size % world.size:
+        raise RankfoldError(f"the batch size ({config.batch_size}) must divide evenly among the {world.size} "
+                            "processes")
+    if labels is not None and labels.shape[:1] != train_x.shape[:1]:
+        raise RankfoldError(f"{len(labels)} labels for {len(train_x)} training inputs")
+    if labels is not None and labels.dtype not in (torch.int64, torch.int32):
+        raise RankfoldError(f"labels must be integer class indices, got {labels.dtype}")
+
+
+def _output_kinds(teacher: nn.Module, probe: Tensor) -> list[str]:
+    declared = tuple(getattr(teacher, "output_kinds", ()) or ())
+    with torch.no_grad():
+        outputs = model_outputs(teacher(as_input(probe)))
+    return [declared[i] if i < len(declared) else output_kind(y) for i, y in enumerate(outputs)]
+
+
+def _optimizer(params: list, config: FinetuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                           weight_decay=config.weight_decay)
+
+
+def _wrapped(student: nn.Module, world: World) -> nn.Module:
+    """DDP under torchrun: rank 0's weights are broadcast at wrapping and gradients averaged."""
+    if world.size == 1:
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.local_rank] if world.device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The sample order of an epoch: the same on every process and on resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, config: FinetuneConfig, step: int, total: int) -> None:
+    warmup = max(1, total // 20)
+    scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
+                                                                         max(1, total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+
+
+def _steps_in_time(config: FinetuneConfig, start: int, step: int, elapsed: float, world: World) -> int:
+    per_step = elapsed / max(1, step - start)
+    allowed = start + int(config.minutes * 60 / per_step)
+    total = min(allowed, config.steps) if config.steps else allowed
+    return world.minimum(max(total, step))  # every process stops at the same step
+
+
+def _held_agreement(teacher: nn.Module, student: nn.Module, held: Tensor) -> float:
+    from rankfold.selfcheck import agreement
+
+    check = agreement(teacher, student, held)
+    return check.top1_agreement if check.top1_agreement is not None else 1.0 - check.rel_output_error
+
+
+def _progress_line(entry: dict, total: int | None) -> str:
+    held = f", held-back top-1 agreement {entry['held_top1']:.1%}" if "held_top1" in entry else ""
+    return f"step {entry['step']}/{total or '?'}: loss {entry['loss']:.4f}{held} ({entry['seconds']:.0f} s)"
+
+
+class _TeacherCache:
+    """The teacher's outputs per training sample, computed when first needed and kept when they fit
+    in TEACHER_CACHE_BYTES (class scores always do), so each epoch after the first costs only the
+    student."""
+
+    def __init__(self, teacher: nn.Module, train_x: Tensor, device: torch.device):
+        self.teacher, self.train_x, self.device = teacher, train_x, device
+        self.kept: list[Tensor] | None = None
+        self.have: Tensor | None = None
+
+    def outputs(self, batch: Tensor) -> list[Tensor]:
+        if self.have is not None and bool(self.have[batch].all()):
+            return [k[batch].to(self.device) for k in self.kept]
+        with torch.no_grad():
+            outs = [y.detach() for y in model_outputs(self.teacher(as_input(self.train_x[batch])))]
+        self._keep(batch, outs)
+        return [y.to(self.device) for y in outs]
+
+    def _keep(self, batch: Tensor, outs: list[Tensor]) -> None:
+        n = len(self.train_x)
+        if self.kept is None:
+            per_sample = sum(y[0].numel() * y.element_size() for y in outs)
+            if per_sample * n > TEACHER_CACHE_BYTES:
+                return
+            self.kept = [torch.empty((n, *y.shape[1:]), dtype=y.dtype) for y in outs]
+            self.have = torch.zeros(n, dtype=torch.bool)
+        for keep, y in zip(self.kept, outs):
+            keep[batch] = y.cpu()
+        self.have[batch] = True

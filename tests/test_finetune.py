@@ -1,0 +1,229 @@
+"""Fine-tuning by distillation (issue 17): the student moves toward the teacher, a run resumed
+from its checkpoint ends where an unbroken one does, two torchrun processes give one process's
+weights, and the CLI checks the result before writing it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import rankfold
+from rankfold.errors import RankfoldError
+from rankfold.training import FinetuneConfig, finetune
+from rankfold.training.losses import distillation_loss
+from tests.helpers import run_cli, tiny_classifier
+
+
+def _inputs(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 1, 12, 12)).astype(np.float32))
+
+
+def _teacher():
+    """tiny_classifier trained briefly on a task its inputs decide (a fresh one says one class)."""
+    teacher = tiny_classifier().train()
+    x = _inputs(512, seed=7)
+    y = (x.flatten(1) @ torch.randn(144, 10, generator=torch.Generator().manual_seed(7))).argmax(1)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(teacher(x), y).backward()
+        optimizer.step()
+    return teacher.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    teacher = _teacher()
+    student = rankfold.compress(teacher, method="svd", keep=0.3, min_rank=1)
+    return teacher, student
+
+
+def _weights(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_distillation_brings_the_student_toward_the_teacher(pair):
+    teacher, student = pair
+    before = _weights(student)
+    config = FinetuneConfig(steps=60, batch_size=32, lr=3e-3, log_every=20)
+    tuned, log = finetune(student, teacher, _inputs(512), config=config, held=_inputs(64, seed=1))
+    held = _inputs(64, seed=1)
+    with torch.no_grad():
+        loss_of = {name: float(distillation_loss([m(held)], [teacher(held)], ["classes"], temperature=4.0))
+                   for name, m in (("before", student), ("after", tuned))}
+    assert loss_of["after"] < 0.75 * loss_of["before"], loss_of
+    assert log.steps == 60 and log.samples_seen == 60 * 32 and [h["step"] for h in log.history] == [0, 20, 40, 60]
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # the input is left alone
+
+
+def test_a_resumed_run_ends_where_an_unbroken_one_does(pair, tmp_path):
+    teacher, student = pair
+    config = FinetuneConfig(steps=20, batch_size=16, lr=3e-3, log_every=10, checkpoint_every=5)
+    whole, _ = finetune(student, teacher, _inputs(128), config=config)
+
+    def crash(message: str) -> None:  # called at step 10, after the checkpoint of step 5
+        raise KeyboardInterrupt(message)
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(student, teacher, _inputs(128), config=config, checkpoint_dir=str(tmp_path), progress=crash)
+    lines = []
+    resumed, log = finetune(student, teacher, _inputs(128), config=config, checkpoint_dir=str(tmp_path),
+                            progress=lines.append)
+    assert log.resumed_from == 5 and "resumed from" in lines[0] and "step 5 of 20" in lines[0]
+    for key, value in _weights(whole).items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+    other = FinetuneConfig(steps=20, batch_size=16, lr=1e-3)  # another run's settings: refused, not mixed
+    with pytest.raises(RankfoldError, match="belongs to another run"):
+        finetune(student, teacher, _inputs(128), config=other, checkpoint_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps must be a positive integer"), ("lr", float("nan"), "lr must be"),
+    ("temperature", -1.0, "temperature must be"), ("optimizer", "rmsprop", "optimizer must be one of"),
+    ("label_weight", 1.5, "label_weight must be"), ("batch_size", 2.5, "batch_size must be a positive integer"),
+])
+def test_the_config_refuses_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(**{"steps": 10, field: value})
+    with pytest.raises(ValueError, match="give steps or minutes"):
+        FinetuneConfig()
+
+
+class _Overflowing(torch.nn.Module):
+    """A teacher whose outputs are not finite: the loss is NaN from the first step."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) * float("inf")
+
+
+def test_a_diverging_run_stops_with_the_reason(pair):
+    teacher, student = pair
+    with pytest.raises(RankfoldError, match="diverged at step 1 .*lower the learning rate"):
+        finetune(student, _Overflowing(teacher), _inputs(64), config=FinetuneConfig(steps=5, batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    x = _inputs(256).numpy()
+    teacher = _teacher()
+    rankfold.export_onnx(teacher, root / "m.onnx", example_input=torch.from_numpy(x[:1]))
+    np.savez(root / "calib.npz", x=x[:128])
+    with torch.no_grad():
+        y = teacher(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(root / "train.npz", x=x, y=y)
+    student = rankfold.compress(teacher, method="svd", keep=0.6, min_rank=1)
+    rankfold.export_onnx(student, root / "student.onnx", example_input=torch.from_numpy(x[:1]))
+    return root
+
+
+def _initializers(path) -> dict:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_the_cli_checks_the_tuned_result_and_writes_it(files, tmp_path):
+    args = [files / "m.onnx", "--student", files / "student.onnx", "--calib", files / "calib.npz", "--train",
+            files / "train.npz", "--steps", "80", "--batch-size", "32", "--lr", "3e-3", "--log-every", "40"]
+    code, out, err = run_cli("finetune", *args, "--min-agreement", "0", "-o", tmp_path / "tuned.onnx", "--report",
+                             tmp_path / "r.json")
+    assert code == 0, err
+    history = json.loads((tmp_path / "r.json").read_text())["finetune"]["history"]
+    assert history[0]["step"] == 0 and history[-1]["step"] == 80
+    assert history[-1]["held_top1"] > history[0]["held_top1"], history  # closer to the teacher than before
+    assert "before fine-tuning: held-back top-1 agreement" in err and "step 80/80" in err
+    assert "self-check: top-1 agreement" in out and "fine-tuned 80 steps" in out
+    assert (tmp_path / "tuned.onnx").exists() and (tmp_path / "r.json").exists()
+    code, out, err = run_cli("finetune", *args, "--check", "relerr:0", "-o", tmp_path / "refused.onnx")
+    assert code == 2 and "self-check failed" in err and "Traceback" not in err
+    assert not (tmp_path / "refused.onnx").exists()
+
+
+def test_the_cli_resumes_from_its_checkpoint(files, tmp_path):
+    args = [files / "m.onnx", "--student", files / "student.onnx", "--calib", files / "calib.npz", "--train",
+            files / "train.npz", "--steps", "10", "--batch-size", "32", "--checkpoint", tmp_path / "ck",
+            "--checkpoint-every", "5", "--min-agreement", "0"]
+    assert run_cli("finetune", *args, "-o", tmp_path / "a.onnx")[0] == 0
+    code, _out, err = run_cli("finetune", *args, "-o", tmp_path / "b.onnx")
+    assert code == 0 and "resumed from" in err and "step 10 of 10" in err, err
+    a, b = _initializers(tmp_path / "a.onnx"), _initializers(tmp_path / "b.onnx")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _torchrun_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.mark.skipif(not _torchrun_available(), reason="torch.distributed with gloo is not available")
+def test_two_torchrun_processes_give_one_process_weights(files, tmp_path):
+    args = ["finetune", str(files / "m.onnx"), "--student", str(files / "student.onnx"), "--calib",
+            str(files / "calib.npz"), "--train", str(files / "train.npz"), "--steps", "12", "--batch-size", "32",
+            "--lr", "3e-3", "--min-agreement", "0"]
+    assert run_cli(*args, "-o", tmp_path / "one.onnx")[0] == 0
+    assert run_cli(*args, "--seed", "1", "-o", tmp_path / "other-order.onnx")[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "rankfold.cli", *args, "-o", str(tmp_path / "two.onnx")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes, global batch 32" in done.stderr
+    assert done.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+    one, two, other = (_initializers(tmp_path / f"{n}.onnx") for n in ("one", "two", "other-order"))
+    assert one.keys() == two.keys() == other.keys()
+    worst = max(float(np.abs(one[k] - two[k]).max()) for k in one)
+    apart = max(float(np.abs(one[k] - other[k]).max()) for k in one)  # what another data order changes
+    assert worst < 0.01 * apart, (worst, apart)
+
+
+def test_the_public_names():
+    from rankfold.training import finetune_result
+
+    assert rankfold.finetune is finetune and rankfold.FinetuneConfig is FinetuneConfig
+    assert rankfold.finetune_result is finetune_result
+
+
+def _dequantized_weights(path) -> list[np.ndarray]:
+    """Every weight a QDQ file dequantizes (q * scale along its axis)."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0].endswith("_q"):
+            q, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            found.append(q * scale.reshape(shape))
+    return found
+
+
+def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_path):
+    from rankfold.training import finetune_result
+    from rankfold.training.qat import PerChannelFakeQuant
+
+    teacher, x = _teacher(), _inputs(256)
+    plan = rankfold.make_plan(teacher, calib=x[:112], budgets={"weight_bytes": "20%"}, bits=8, min_rank=2)
+    assert plan.quantized
+    result = rankfold.apply_and_check(teacher, plan, calib=x[:128], min_agreement=0.0, check=False)
+    tuned, _log = finetune_result(result, x, config=FinetuneConfig(steps=20, batch_size=32, lr=3e-3), check=False)
+    assert tuned.weights_on_grid
+    tuned.save(tmp_path / "qat.onnx")
+    exported = _dequantized_weights(tmp_path / "qat.onnx")
+    leaves = [m for m in tuned.module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    quantized = [m.weight.detach().numpy() for m in leaves
+                 if torch.equal(PerChannelFakeQuant(127)(m.weight.detach()), m.weight.detach())]
+    assert len(quantized) >= len(plan.layer_bits()) - 1 and exported
+    for w in quantized:  # each trained weight is in the file as it was trained (to float rounding)
+        assert any(e.shape == w.shape and np.allclose(e, w, rtol=1e-6, atol=1e-7) or
+                   e.T.shape == w.shape and np.allclose(e.T, w, rtol=1e-6, atol=1e-7) for e in exported), w.shape
