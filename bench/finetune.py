@@ -40,6 +40,14 @@ def rankfold(*args: str, nproc: int = 1) -> str:
     return done.stdout
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def accuracy(model: str, test: str) -> float:
     return json.loads(rankfold("eval", model, "--data", test, "--no-latency", "--json"))["accuracy"]
 
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", default="max-params=3%", help="FLAG=VALUE of compress, e.g. max-weight-bytes=0.75%%")
     ap.add_argument("--target", default="host")
     ap.add_argument("--minutes", type=float, default=25.0)
+    ap.add_argument("--steps", type=int, help="exactly this many steps instead of --minutes (to compare runs)")
     ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", default="3e-4")
@@ -70,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     compress_s = time.time() - t0
     t0 = time.time()
     out = rankfold("finetune", args.model, "--plan", plan, "--calib", data["calib"], "--train", data["train"],
-                   "--train-limit", str(args.train_images), "--minutes", str(args.minutes), "--batch-size",
+                   "--train-limit", str(args.train_images),
+                   *(["--steps", str(args.steps)] if args.steps else ["--minutes", str(args.minutes)]), "--batch-size",
                    str(args.batch_size), "--lr", args.lr, "-o", tuned, "--force", "--report", tuned + ".json",
                    nproc=args.nproc)
     finetune_s = time.time() - t0
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
            "steps": report["finetune"]["steps"], "samples_seen": report["finetune"]["samples_seen"],
            "processes": args.nproc, "train_seconds": report["finetune"]["seconds"],
            "finetune_command_seconds": round(finetune_s, 1), "compress_seconds": round(compress_s, 1),
-           "lr": args.lr, "batch_size": args.batch_size, "cpu": platform.processor() or platform.machine(),
+           "lr": args.lr, "batch_size": args.batch_size, "cpu": cpu_name(),
            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "stdout": out.strip().splitlines()}
     print(json.dumps({k: v for k, v in row.items() if k != "stdout"}, indent=1))
     rows = json.load(open(RESULTS)) if os.path.exists(RESULTS) else []

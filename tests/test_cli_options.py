@@ -52,6 +52,12 @@ CASES = {
     ("compress", "--keep"): (["M", "--calib", "C", "--keep", "X", "-o", "O"], "1.5",
                            "--keep must be a number in (0, 1]"),
     ("compress", "--ranks"): (["M", "--calib", "C", "--ranks", "X", "-o", "O"], "random", "--ranks must be vbmf"),
+    ("compress", "--train"): (["M", "--calib", "C", "--max-params", "50%", "--finetune-steps", "2", "--train", "X",
+                              "-o", "O"], "@wrong.npz", "do not fit the model's input"),
+    ("compress", "--finetune-steps"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D",
+                                       "--finetune-steps", "X", "-o", "O"], "0", "positive integer"),
+    ("compress", "--finetune-minutes"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D",
+                                         "--finetune-minutes", "X", "-o", "O"], "-1", "a number > 0"),
     ("compress", "--report"): (["M", "--calib", "C", "--report", "X", "-o", "O"], "M", "never writes over its inputs"),
     ("apply", "plan"): (["X", "M", "--calib", "C", "-o", "O"], "@bad.json", "bad.json"),
     ("apply", "model"): (["P", "X", "--calib", "C", "-o", "O"], "@missing.onnx", "no such file"),
@@ -199,6 +205,9 @@ def test_every_option_refuses_a_bad_value(files, tmp_path, command, option, caps
     (["--keep", "0.3", "--bits", "8"], "--bits only work with the planner"),
     (["--keep", "0.3", "--plan-out", "@plan-out.json"], "--plan-out only work with the planner"),
     (["--observer", "minmax"], "--observer only work with the planner"),
+    (["--keep", "0.3", "--train", "@t.npz", "--finetune-steps", "5"], "--train/--finetune-steps only work with"),
+    (["--max-params", "50%", "--finetune-steps", "5"], "--finetune-steps need --train"),
+    (["--max-params", "50%", "--train", "@t.npz"], "say how long with --finetune-steps"),
 ])
 def test_options_the_mode_does_not_use_are_refused(files, tmp_path, extra, message, capsys):
     extra = [str(tmp_path / e[1:]) if e.startswith("@") else e for e in extra]

@@ -227,3 +227,12 @@ def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_pat
     for w in quantized:  # each trained weight is in the file as it was trained (to float rounding)
         assert any(e.shape == w.shape and np.allclose(e, w, rtol=1e-6, atol=1e-7) or
                    e.T.shape == w.shape and np.allclose(e.T, w, rtol=1e-6, atol=1e-7) for e in exported), w.shape
+
+
+def test_compress_plans_fine_tunes_and_checks_in_one_go(files, tmp_path):
+    code, out, err = run_cli("compress", files / "m.onnx", "--calib", files / "calib.npz", "--max-params", "60%",
+                             "--min-rank", "2", "--train", files / "train.npz", "--finetune-steps", "10",
+                             "--min-agreement", "0", "-o", tmp_path / "out.onnx")
+    assert code == 0, err
+    assert "fine-tuning on 256 samples" in err and "step 10/10" in err and "self-check:" in out
+    assert (tmp_path / "out.onnx").exists()

@@ -119,7 +119,9 @@ def _cmd_compress(args: argparse.Namespace) -> None:
                                 "chooses per layer: use one or the other")
         return _compress_planned(args, budgets)
     planned_only = [flag for flag, value in (("--bits", args.bits), ("--plan-out", args.plan_out),
-                                              ("--observer", args.observer)) if value is not None]
+                                              ("--observer", args.observer), ("--train", args.train),
+                                              ("--finetune-steps", args.finetune_steps),
+                                              ("--finetune-minutes", args.finetune_minutes)) if value is not None]
     if planned_only:
         raise RankfoldError(f"{'/'.join(planned_only)} only work with the planner (--target or a --max-* budget); "
                             "uniform mode (--keep, --method) writes a float model and no plan")
@@ -210,8 +212,9 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     target = load_target(args.target or "host")
     bit_choices(target, args.bits or "auto")  # a bad --bits fails before the model is read
     _check_outputs(args)
-    _graph, model, calib, example = _load_inputs(args)
+    graph, model, calib, example = _load_inputs(args)
     _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back from planning")
+    train = _compress_training(args, graph)
     log = _log(args.quiet)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
     log("  " + int8_choice(target))
@@ -220,9 +223,45 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement,
                                 max_output_error=args.max_output_error, onnx_path=args.model,
-                                bits=args.bits or "auto", check=not args.no_check, rules=tuple(args.check),
-                                progress=lambda m: log("  " + m))
+                                bits=args.bits or "auto", check=not args.no_check and train is None,
+                                rules=tuple(args.check), progress=lambda m: log("  " + m))
+    if train is not None:  # checked after training instead, on the same held-back samples
+        from rankfold.training import finetune_result
+
+        log(f"fine-tuning on {len(train[0])} samples of {args.train}")
+        result, _ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
+                                          progress=lambda m: log("  " + m))
     _finish(args, result, example, t0, budgets)
+
+
+def _compress_training(args: argparse.Namespace, graph):
+    """(training inputs, FinetuneConfig) for compress --train, or None; checked before any work."""
+    import torch
+
+    from rankfold.data import check_input_shape, load_npz
+    from rankfold.training import FinetuneConfig
+    from rankfold.training.distributed import launched_by_torchrun
+
+    asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes))
+             if v is not None]
+    if args.train is None:
+        if asked:
+            raise RankfoldError(f"{'/'.join(asked)} need --train TRAIN.npz (the inputs to fine-tune on)")
+        return None
+    if not asked:
+        raise RankfoldError("--train fine-tunes the plan: say how long with --finetune-steps N or --finetune-minutes M")
+    if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
+        raise RankfoldError("under torchrun, plan first (compress --plan-out PLAN.json), then run "
+                            "`torchrun ... rankfold.cli finetune MODEL --plan PLAN.json`")
+    data = load_npz(args.train, need_labels=False)
+    check_input_shape(data.x, _input_dims(graph), args.train)
+    try:
+        config = FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes)
+    except ValueError as exc:
+        raise RankfoldError(str(exc)) from None
+    if len(data.x) < config.batch_size:
+        raise RankfoldError(f"--train {args.train}: {len(data.x)} samples, fewer than one batch ({config.batch_size})")
+    return torch.from_numpy(data.x), config
 
 
 def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict | None) -> None:
@@ -526,7 +565,8 @@ def _example_input(graph):
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """compress / apply: every output checked against every input and each other, before any work."""
-    check_outputs({"model": args.model, "--calib": args.calib, "plan": getattr(args, "plan", None)},
+    check_outputs({"model": args.model, "--calib": args.calib, "plan": getattr(args, "plan", None),
+                   "--train": getattr(args, "train", None), "--student": getattr(args, "student", None)},
                   {"-o": args.output, "--plan-out": getattr(args, "plan_out", None), "--report": args.report},
                   force=args.force)
 
@@ -697,6 +737,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "kept, in (0, 1] (default 0.5)")
     p.add_argument("--ranks", help="uniform mode: 'vbmf' chooses each layer's ranks from its weights alone "
                                    "(EVBMF) instead of --keep")
+    p.add_argument("--train", help="planned mode: also fine-tune the result on these inputs (.npz with x) before "
+                                   "the self-check (rankfold finetune with its defaults)")
+    p.add_argument("--finetune-steps", type=_positive_int, help="with --train: optimizer steps of 64 samples")
+    p.add_argument("--finetune-minutes", type=_positive_float, help="with --train: a time budget for fine-tuning")
     p.add_argument("--report", help="also write the report as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_compress)
