@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", default="3e-4")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--work", default="/tmp/rankfold-bench-finetune")
+    ap.add_argument("--reuse", action="store_true", help="keep the post-training result and plan of an earlier run")
     args = ap.parse_args(argv)
     if not os.path.exists(os.path.join(args.data, "fmnist-train.npz")):
         subprocess.run([sys.executable, os.path.join(SHARED, "data", "fmnist_npz.py"), args.data], check=True)
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     tag = f"{flag}-{value.rstrip('%')}-{args.target}-p{args.nproc}"
     post, plan, tuned = (os.path.join(args.work, f"{tag}-{name}") for name in ("post.onnx", "plan.json", "ft.onnx"))
     t0 = time.time()
-    rankfold("compress", args.model, "--calib", data["calib"], f"--{flag}", value, "--target", args.target,
-             "-o", post, "--plan-out", plan, "--force", "-q")
+    if not (args.reuse and os.path.exists(post) and os.path.exists(plan)):
+        rankfold("compress", args.model, "--calib", data["calib"], f"--{flag}", value, "--target", args.target,
+                 "-o", post, "--plan-out", plan, "--force", "-q")
     compress_s = time.time() - t0
     t0 = time.time()
     out = rankfold("finetune", args.model, "--plan", plan, "--calib", data["calib"], "--train", data["train"],

@@ -236,3 +236,11 @@ def test_compress_plans_fine_tunes_and_checks_in_one_go(files, tmp_path):
     assert code == 0, err
     assert "fine-tuning on 256 samples" in err and "step 10/10" in err and "self-check:" in out
     assert (tmp_path / "out.onnx").exists()
+
+
+def test_a_time_budget_sets_the_steps_from_the_first_ones(pair):
+    teacher, student = pair
+    lines = []
+    _tuned, log = finetune(student, teacher, _inputs(128), config=FinetuneConfig(minutes=1e-4, batch_size=16),
+                           progress=lines.append)
+    assert log.steps == 5 and any("min allow 5 steps" in line for line in lines), lines  # the 5 timed steps

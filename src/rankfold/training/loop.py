@@ -88,7 +88,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     step = start
     # A time budget sets the number of steps once, from the first steps' speed; a resumed run keeps
     # the number its checkpoint recorded, so its schedule is the one it started with.
-    timed_total = state is None and config.minutes is not None
+    timed_total = config.minutes is not None and (state is None or total is None)
     while step < (total or math.inf):
         if timed_total and step == start + TIMED_STEPS:
             total = _steps_in_time(config, start, step, time.time() - t0, world)
