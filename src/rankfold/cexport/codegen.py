@@ -68,6 +68,28 @@ def _ident(i: int) -> str:
     return f"L{i}"
 
 
+def dense_scratch_bytes(input_shape: tuple, op: Conv) -> int:
+    """Scratch the dense kernel needs for `op`: a padded copy of its input (when it pads) and one
+    output channel's unpacked int4 weights."""
+    in_c, in_h, in_w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) < 3 else input_shape
+    _o, _i, k_h, k_w = op.weight.shape
+    padded = in_c * (in_h + op.pads[0] + op.pads[2]) * (in_w + op.pads[1] + op.pads[3])
+    unpacked = in_c * k_h * k_w if op.bits == 4 else 0
+    return (padded if any(op.pads) else 0) + unpacked
+
+
+def uses_dense_kernel(op) -> bool:
+    return isinstance(op, Conv) and op.groups == 1 and op.weight.shape[2] * op.weight.shape[3] <= MAX_TAPS
+
+
+def arena_bytes(program: Program) -> int:
+    """The whole arena the generated code declares: the tensors (4-byte aligned), then the
+    largest scratch any dense convolution needs."""
+    scratch = max((dense_scratch_bytes(program.tensors[op.inp].shape, op) for op in program.ops
+                   if uses_dense_kernel(op)), default=0)
+    return (plan_arena(program).size + 3) // 4 * 4 + scratch
+
+
 def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None = None) -> dict:
     """Write the C sources into `directory` (created; replaced atomically if it exists).
     Returns the numbers the report states: arena bytes, weight bytes, MACs."""
@@ -92,14 +114,12 @@ def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None
                 f"{op.pads[1]}, {op.pads[2]}, {op.pads[3]}, {op.dilation[0]}, {op.dilation[1]}, {op.groups}, "
                 f"{op.act_min}, {op.act_max}, "
                 f"{op.bits}, {ident}_w, {ident}_b, {ident}_m, {ident}_s}};\n")
-            if op.groups == 1 and k_h * k_w <= MAX_TAPS:  # the fast path: zero point folded into the bias
+            if uses_dense_kernel(op):  # the fast path: zero point folded into the bias
                 folded = op.bias.astype(np.int64) - x.zero_point * op.weight.reshape(o_c, -1).astype(np.int64).sum(1)
                 if np.abs(folded).max(initial=0) >= 2**31:
                     raise RankfoldError(f"{op.name}: folded bias overflows int32")
                 decls.append(_array("int32_t", f"{ident}_bf", folded))
-                padded = in_c * (in_h + op.pads[0] + op.pads[2]) * (in_w + op.pads[1] + op.pads[3])
-                unpacked = in_c * k_h * k_w if op.bits == 4 else 0  # one output channel's int4 weights
-                scratch = max(scratch, (padded if any(op.pads) else 0) + unpacked)
+                scratch = max(scratch, dense_scratch_bytes(x.shape, op))
                 calls.append(f"    rf_conv_dense_s8(&{ident}, {ident}_bf, A({arena.offsets[op.inp]}), "
                              f"A({arena.offsets[op.out]}), A(SCRATCH));  /* {op.name} */")
             else:
