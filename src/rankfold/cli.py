@@ -240,7 +240,8 @@ def _compress_training(args: argparse.Namespace, graph):
 
     from rankfold.data import check_input_shape, load_npz
     from rankfold.training import FinetuneConfig
-    from rankfold.training.distributed import launched_by_torchrun
+    from rankfold.training.distributed import World, launched_by_torchrun
+    from rankfold.training.loop import check_training_data
 
     asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes))
              if v is not None]
@@ -259,9 +260,9 @@ def _compress_training(args: argparse.Namespace, graph):
         config = FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes)
     except ValueError as exc:
         raise RankfoldError(str(exc)) from None
-    if len(data.x) < config.batch_size:
-        raise RankfoldError(f"--train {args.train}: {len(data.x)} samples, fewer than one batch ({config.batch_size})")
-    return torch.from_numpy(data.x), config
+    train_x = torch.from_numpy(data.x)
+    check_training_data(train_x, None, config, World())
+    return train_x, config
 
 
 def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict | None) -> None:
@@ -320,6 +321,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     import torch
 
     from rankfold.data import check_input_shape, load_npz
+    from rankfold.planner.pipeline import CHECK_SAMPLES
     from rankfold.training import finetune_result
     from rankfold.training.distributed import join_world, leave_world
     from rankfold.training.loop import check_training_data
@@ -331,7 +333,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     plan = _plan_or_student(args)
     _check_outputs(args)
     graph, model, calib, example = _load_inputs(args)
-    _require_check_data(args, calib, 64, "an eighth, 16 to 128, is held back for the self-check")
+    _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back for the self-check")
     train = load_npz(args.train, need_labels=args.label_weight > 0)
     check_input_shape(train.x, _input_dims(graph), args.train)
     limit = args.train_limit or len(train.x)
