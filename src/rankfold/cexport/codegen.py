@@ -68,25 +68,63 @@ def _ident(i: int) -> str:
     return f"L{i}"
 
 
-def dense_scratch_bytes(input_shape: tuple, op: Conv) -> int:
-    """Scratch the dense kernel needs for `op`: a padded copy of its input (when it pads) and one
-    output channel's unpacked int4 weights."""
-    in_c, in_h, in_w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) < 3 else input_shape
-    _o, _i, k_h, k_w = op.weight.shape
-    padded = in_c * (in_h + op.pads[0] + op.pads[2]) * (in_w + op.pads[1] + op.pads[3])
-    unpacked = in_c * k_h * k_w if op.bits == 4 else 0
-    return (padded if any(op.pads) else 0) + unpacked
+def kernel_of(program: Program, op) -> str:
+    """Which C kernel runs a convolution: fully connected layers with 8-bit weights on the input in
+    place, other dense ones by im2col columns and dual multiply-accumulates, depthwise ones channel
+    by channel, anything else generically."""
+    if not isinstance(op, Conv):
+        return ""
+    out_c, per_group, k_h, k_w = op.weight.shape
+    one_pixel = int(np.prod(program.tensors[op.inp].shape[1:])) == 1
+    if op.groups == 1 and k_h * k_w == 1 and one_pixel and op.bits == 8 and per_group % 4 == 0:
+        return "fully_connected"
+    if op.groups == 1:
+        return "im2col"
+    if per_group == 1 and out_c == op.groups and k_h * k_w <= MAX_TAPS:
+        return "depthwise"
+    return "generic"
 
 
-def uses_dense_kernel(op) -> bool:
-    return isinstance(op, Conv) and op.groups == 1 and op.weight.shape[2] * op.weight.shape[3] <= MAX_TAPS
+def row_length(op: Conv) -> int:
+    """One output channel's weights rounded up to whole words (4 int8 or 8 int4): RF_ROW_LEN."""
+    step = 8 if op.bits == 4 else 4
+    return -(-int(np.prod(op.weight.shape[1:])) // step) * step
+
+
+# Within each word of weights, the order that sign-extending bytes 0,2 then 1,3 (SXTB16) turns into
+# consecutive pairs; for 4-bit words, low nibbles then high nibbles first (kernels.c, dot4_*).
+_INTERLEAVE = {8: [0, 2, 1, 3], 4: [0, 4, 2, 6, 1, 5, 3, 7]}
+
+
+def interleaved_weights(op: Conv) -> np.ndarray:
+    """The im2col kernel's weights: each output channel's row zero-padded to row_length() and
+    interleaved word by word; 4-bit rows packed two weights per byte."""
+    rows = op.weight.reshape(op.weight.shape[0], -1)
+    length, step = row_length(op), len(_INTERLEAVE[op.bits])
+    padded = np.zeros((rows.shape[0], length), np.int8)
+    padded[:, : rows.shape[1]] = rows
+    flat = padded.reshape(rows.shape[0], length // step, step)[:, :, _INTERLEAVE[op.bits]].reshape(-1)
+    return flat if op.bits == 8 else np.frombuffer(pack_int4(flat), np.int8)
+
+
+def scratch_bytes(program: Program, op) -> int:
+    """Scratch a layer's kernel needs beside the tensors: the im2col kernel's int16 columns, two
+    (one where the output has a single pixel): RF_IM2COL_BYTES; the depthwise kernel's padded input
+    rows of one output row: RF_DEPTHWISE_BYTES."""
+    kernel = kernel_of(program, op)
+    if kernel == "im2col":
+        pixels = int(np.prod(program.tensors[op.out].shape[1:]))
+        return row_length(op) * 2 * (2 if pixels > 1 else 1)
+    if kernel == "depthwise":
+        in_w = program.tensors[op.inp].shape[2] if len(program.tensors[op.inp].shape) > 2 else 1
+        return op.weight.shape[2] * (op.pads[1] + in_w + op.pads[3])
+    return 0
 
 
 def arena_bytes(program: Program) -> int:
     """The whole arena the generated code declares: the tensors (4-byte aligned), then the
-    largest scratch any dense convolution needs."""
-    scratch = max((dense_scratch_bytes(program.tensors[op.inp].shape, op) for op in program.ops
-                   if uses_dense_kernel(op)), default=0)
+    largest scratch any layer needs."""
+    scratch = max((scratch_bytes(program, op) for op in program.ops), default=0)
     return (plan_arena(program).size + 3) // 4 * 4 + scratch
 
 
@@ -96,7 +134,7 @@ def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None
     arena = plan_arena(program)
     t = program.tensors
     decls, calls = [], []
-    scratch = 0  # bytes of padded input the dense kernel needs, placed after the tensors
+    scratch = 0  # bytes of im2col columns, placed after the tensors
     for i, op in enumerate(program.ops):
         ident = _ident(i)
         out = t[op.out]
@@ -104,7 +142,11 @@ def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None
             x = t[op.inp]
             in_c, in_h, in_w = (x.shape + (1, 1))[:3] if len(x.shape) < 3 else x.shape
             out_c, out_h, out_w = (out.shape + (1, 1))[:3] if len(out.shape) < 3 else out.shape
-            stored = op.weight if op.bits == 8 else np.frombuffer(pack_int4(op.weight), np.int8)
+            kernel = kernel_of(program, op)
+            if kernel == "im2col":
+                stored = interleaved_weights(op)
+            else:
+                stored = op.weight if op.bits == 8 else np.frombuffer(pack_int4(op.weight), np.int8)
             decls += [_array("int8_t", f"{ident}_w", stored), _array("int32_t", f"{ident}_b", op.bias),
                       _array("int32_t", f"{ident}_m", op.multiplier), _array("int32_t", f"{ident}_s", op.shift)]
             o_c, _i, k_h, k_w = op.weight.shape
@@ -114,17 +156,22 @@ def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None
                 f"{op.pads[1]}, {op.pads[2]}, {op.pads[3]}, {op.dilation[0]}, {op.dilation[1]}, {op.groups}, "
                 f"{op.act_min}, {op.act_max}, "
                 f"{op.bits}, {ident}_w, {ident}_b, {ident}_m, {ident}_s}};\n")
-            if uses_dense_kernel(op):  # the fast path: zero point folded into the bias
+            where = f"A({arena.offsets[op.inp]}), A({arena.offsets[op.out]})"
+            if kernel == "im2col":
+                scratch = max(scratch, scratch_bytes(program, op))
+                calls.append(f"    rf_conv_im2col_s8(&{ident}, {where}, (int16_t *)A(SCRATCH));  /* {op.name} */")
+            elif kernel in ("depthwise", "fully_connected"):  # the zero point folded into the bias
                 folded = op.bias.astype(np.int64) - x.zero_point * op.weight.reshape(o_c, -1).astype(np.int64).sum(1)
                 if np.abs(folded).max(initial=0) >= 2**31:
                     raise RankfoldError(f"{op.name}: folded bias overflows int32")
                 decls.append(_array("int32_t", f"{ident}_bf", folded))
-                scratch = max(scratch, dense_scratch_bytes(x.shape, op))
-                calls.append(f"    rf_conv_dense_s8(&{ident}, {ident}_bf, A({arena.offsets[op.inp]}), "
-                             f"A({arena.offsets[op.out]}), A(SCRATCH));  /* {op.name} */")
+                if kernel == "depthwise":
+                    scratch = max(scratch, scratch_bytes(program, op))
+                    calls.append(f"    rf_depthwise_s8(&{ident}, {ident}_bf, {where}, A(SCRATCH));  /* {op.name} */")
+                else:
+                    calls.append(f"    rf_fully_connected_s8(&{ident}, {ident}_bf, {where});  /* {op.name} */")
             else:
-                calls.append(f"    rf_conv_s8(&{ident}, A({arena.offsets[op.inp]}), A({arena.offsets[op.out]}));"
-                             f"  /* {op.name} */")
+                calls.append(f"    rf_conv_s8(&{ident}, {where});  /* {op.name} */")
         elif isinstance(op, Add):
             a, b = t[op.a], t[op.b]
             calls.append(

@@ -1,41 +1,64 @@
-/* rankfold int8 kernels: plain C99, no allocation, no floating point.
- * Arithmetic: TFLite / CMSIS-NN requantization (see rankfold/cexport/arith.py, the golden model). */
+/* rankfold int8 kernels. Arithmetic: TFLite / CMSIS-NN requantization (rankfold/cexport/arith.py,
+ * the golden model). Activations are NCHW, one sample.
+ *
+ * Dense convolutions and fully connected layers (rf_conv_im2col_s8): two output pixels at a time,
+ * their receptive fields are copied as int16 (x - zero point, 0 in the padding: no padded copy of
+ * the input) into two columns, then every output channel pair takes the dot products with both
+ * columns, two multiply-accumulates per instruction (SMLAD). The weights were interleaved by the
+ * code generator so that sign-extending a word of them (SXTB16) gives pairs in column order.
+ * Depthwise convolutions (rf_depthwise_s8): one channel at a time, the zero point folded into the
+ * bias inside the image and the taps clipped at its borders. */
 #include "rankfold_kernels.h"
 
 #include <string.h>
 
-static int32_t srdhm(int32_t a, int32_t b)
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#include <arm_acle.h>
+#define RF_SXTB16(x) ((uint32_t)__sxtb16(x))
+/* gcc 12 emits the rotation as an instruction of its own; SXTB16 rotates for free */
+static inline uint32_t rf_sxtb16_ror8(uint32_t x)
 {
-    int64_t product = (int64_t)a * (int64_t)b;
-    int64_t nudge = product >= 0 ? (1LL << 30) : (1 - (1LL << 30));
-    if (a == INT32_MIN && b == INT32_MIN) {
-        return INT32_MAX;
-    }
-    return (int32_t)((product + nudge) / (1LL << 31));
+    uint32_t r;
+    __asm("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+    return r;
+}
+#define RF_SXTB16_ROR8(x) rf_sxtb16_ror8(x)
+#define RF_SMLAD(a, b, acc) __smlad((a), (b), (acc))
+#define RF_SMLABB(a, b, acc) __smlabb((int32_t)(a), (int32_t)(b), (acc))
+#define rf_sub16(a, b) ((uint32_t)__ssub16((a), (b))) /* two halfword subtractions, no saturation */
+#define RF_SMLATB(a, b, acc) __smlatb((int32_t)(a), (int32_t)(b), (acc))
+#else
+/* Bytes 0 and 2 sign-extended into the low and high halfwords. */
+static inline uint32_t rf_sxtb16(uint32_t x)
+{
+    return (uint32_t)(uint16_t)(int16_t)(int8_t)(x & 0xFFu) |
+           ((uint32_t)(uint16_t)(int16_t)(int8_t)((x >> 16) & 0xFFu) << 16);
+}
+static inline int32_t rf_smlad(uint32_t a, uint32_t b, int32_t acc)
+{
+    return acc + (int32_t)(int16_t)(a & 0xFFFFu) * (int16_t)(b & 0xFFFFu) +
+           (int32_t)(int16_t)(a >> 16) * (int16_t)(b >> 16);
+}
+static inline uint32_t rf_sub16(uint32_t a, uint32_t b)
+{
+    return ((a - b) & 0xFFFFu) | (((a >> 16) - (b >> 16)) << 16);
+}
+#define RF_SXTB16(x) rf_sxtb16(x)
+#define RF_SXTB16_ROR8(x) rf_sxtb16(((x) >> 8) | ((x) << 24))
+#define RF_SMLAD(a, b, acc) rf_smlad((a), (b), (acc))
+/* Bottom (low) or top (high) halfword of a, times the bottom halfword of b, added to acc. */
+#define RF_SMLABB(a, b, acc) ((acc) + (int32_t)(int16_t)((a) & 0xFFFFu) * (int16_t)((b) & 0xFFFFu))
+#define RF_SMLATB(a, b, acc) ((acc) + (int32_t)(int16_t)((uint32_t)(a) >> 16) * (int16_t)((b) & 0xFFFFu))
+#endif
+
+static inline uint32_t read32(const void *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-static int32_t rounding_divide_by_pow2(int32_t x, int exponent)
-{
-    int32_t mask = (int32_t)((1LL << exponent) - 1);
-    int32_t remainder = x & mask;
-    int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
-    return (x >> exponent) + (remainder > threshold ? 1 : 0);
-}
-
-int32_t rf_requantize(int32_t x, int32_t multiplier, int32_t shift)
-{
-    int left = shift > 0 ? shift : 0;
-    int right = shift > 0 ? 0 : -shift;
-    int64_t scaled = (int64_t)x * ((int64_t)1 << left);
-    if (scaled > INT32_MAX) {
-        scaled = INT32_MAX;
-    } else if (scaled < INT32_MIN) {
-        scaled = INT32_MIN;
-    }
-    return rounding_divide_by_pow2(srdhm((int32_t)scaled, multiplier), right);
-}
-
-static int8_t clamp8(int32_t v, int32_t lo, int32_t hi)
+static inline int8_t clamp8(int32_t v, int32_t lo, int32_t hi)
 {
     return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
 }
@@ -46,6 +69,26 @@ static int32_t weight4(const int8_t *packed, size_t i)
     const uint8_t byte = (uint8_t)packed[i >> 1];
     const int32_t nibble = (i & 1) ? (byte >> 4) : (byte & 0x0F);
     return nibble > 7 ? nibble - 16 : nibble;
+}
+
+/* Eight packed 4-bit weights -> two words of four int8 each: the low nibbles, then the high ones,
+ * each nibble sign-extended within its byte ((n ^ 8) + 0x78, top bit flipped: no carry between
+ * bytes). */
+static inline void unpack4(uint32_t packed, uint32_t *low, uint32_t *high)
+{
+    *low = (((packed & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
+    *high = ((((packed >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
+}
+
+/* The left shift saturates: x scaled to INT32_MAX or INT32_MIN, then the high multiply. */
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+int32_t rf_requantize_saturated(int32_t x, int32_t multiplier, int32_t left)
+{
+    const int32_t scaled = x > 0 ? INT32_MAX : INT32_MIN;
+    (void)left;
+    return (int32_t)(((int64_t)scaled * multiplier + ((int64_t)1 << 30)) >> 31);
 }
 
 /* First and one-past-last kernel tap whose input row/column lies inside [0, size). */
@@ -62,6 +105,7 @@ static void tap_range(int origin, int dilation, int taps, int size, int *first, 
     *end = hi;
 }
 
+/* Generic convolution (any groups, any kernel): the reference the fast kernels are measured by. */
 void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
 {
     const int in_per_group = p->in_c / p->groups;
@@ -71,7 +115,6 @@ void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
     int oc, oy, ox, ic, ky, kx;
     for (oc = 0; oc < p->out_c; ++oc) {
         const int group = oc / out_per_group;
-        const int8_t *w_oc = p->weight + (p->weight_bits == 8 ? (size_t)oc * in_per_group * taps : 0);
         const int8_t *x_group = in + (size_t)group * in_per_group * plane;
         for (oy = 0; oy < p->out_h; ++oy) {
             const int iy0 = oy * p->stride_h - p->pad_top;
@@ -84,23 +127,13 @@ void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
                 tap_range(ix0, p->dil_w, p->k_w, p->in_w, &kx_first, &kx_end);
                 for (ic = 0; ic < in_per_group; ++ic) {
                     const int8_t *x_c = x_group + (size_t)ic * plane;
-                    if (p->weight_bits == 8) {
-                        const int8_t *w_c = w_oc + (size_t)ic * taps;
-                        for (ky = ky_first; ky < ky_end; ++ky) {
-                            const int8_t *x_row = x_c + (iy0 + ky * p->dil_h) * p->in_w;
-                            const int8_t *w_row = w_c + ky * p->k_w;
-                            for (kx = kx_first; kx < kx_end; ++kx) {
-                                acc += ((int32_t)x_row[ix0 + kx * p->dil_w] - p->in_zp) * (int32_t)w_row[kx];
-                            }
-                        }
-                    } else {
-                        const size_t w_base = ((size_t)oc * in_per_group + ic) * taps;
-                        for (ky = ky_first; ky < ky_end; ++ky) {
-                            const int8_t *x_row = x_c + (iy0 + ky * p->dil_h) * p->in_w;
-                            for (kx = kx_first; kx < kx_end; ++kx) {
-                                acc += ((int32_t)x_row[ix0 + kx * p->dil_w] - p->in_zp) *
-                                       weight4(p->weight, w_base + (size_t)(ky * p->k_w + kx));
-                            }
+                    const size_t w_base = ((size_t)oc * in_per_group + ic) * taps;
+                    for (ky = ky_first; ky < ky_end; ++ky) {
+                        const int8_t *x_row = x_c + (iy0 + ky * p->dil_h) * p->in_w;
+                        for (kx = kx_first; kx < kx_end; ++kx) {
+                            const size_t w_i = w_base + (size_t)(ky * p->k_w + kx);
+                            const int32_t w = p->weight_bits == 8 ? p->weight[w_i] : weight4(p->weight, w_i);
+                            acc += ((int32_t)x_row[ix0 + kx * p->dil_w] - p->in_zp) * w;
                         }
                     }
                 }
@@ -111,87 +144,466 @@ void rf_conv_s8(const rf_conv_params *p, const int8_t *in, int8_t *out)
     }
 }
 
-/* Dense int8 convolution, zero point folded into the bias: bias_folded[c] = bias[c] - in_zp * sum(w[c]).
- * A padded input is first copied into `scratch` with its borders at in_zp (the real value 0), so the
- * inner loops have no bounds checks; sum((x - zp) * w) = sum(x * w) - zp * sum(w) exactly. */
-void rf_conv_dense_s8(const rf_conv_params *p, const int32_t *bias_folded, const int8_t *in, int8_t *out,
-                      int8_t *scratch)
+/* Output pixel `pixel`'s receptive field as int16 (x - zero point; 0 where it falls in the padding),
+ * followed by zeros up to the row length. */
+static void im2col(const rf_conv_params *p, const int8_t *in, int pixel, int16_t *col, int row_len)
 {
-    const int padded = p->pad_top || p->pad_left || p->pad_bottom || p->pad_right;
-    const int src_h = p->in_h + p->pad_top + p->pad_bottom;
-    const int src_w = p->in_w + p->pad_left + p->pad_right;
-    const int plane = src_h * src_w;
-    const int taps = p->k_h * p->k_w;
-    const int8_t *src = in;
-    int offsets[RF_MAX_TAPS];
-    int oc, oy, ox, ic, ky, kx;
-    if (padded) {
-        int c, y;
-        memset(scratch, p->in_zp, (size_t)p->in_c * plane);
-        for (c = 0; c < p->in_c; ++c) {
-            for (y = 0; y < p->in_h; ++y) {
-                memcpy(scratch + (size_t)c * plane + (size_t)(y + p->pad_top) * src_w + p->pad_left,
-                       in + ((size_t)c * p->in_h + y) * p->in_w, (size_t)p->in_w);
-            }
+    const int plane = p->in_h * p->in_w;
+    const int zp = p->in_zp;
+    int16_t *c = col;
+    int ic;
+    if (plane == 1 && p->k_h == 1 && p->k_w == 1) { /* a fully connected layer: four values a word */
+        const uint32_t zp2 = ((uint32_t)(uint16_t)zp << 16) | (uint16_t)zp;
+        for (ic = 0; ic + 3 < p->in_c; ic += 4) {
+            const uint32_t x = read32(in + ic);
+            const uint32_t even = RF_SXTB16(x), odd = RF_SXTB16_ROR8(x); /* (x0, x2), (x1, x3) */
+            const uint32_t lo = (even & 0xFFFFu) | (odd << 16), hi = (odd & 0xFFFF0000u) | (even >> 16);
+            const uint32_t out[2] = {rf_sub16(lo, zp2), rf_sub16(hi, zp2)};
+            memcpy(c, out, 8);
+            c += 4;
         }
-        src = scratch;
-    }
-    {
-        int t = 0;
-        for (ky = 0; ky < p->k_h; ++ky) {
-            for (kx = 0; kx < p->k_w; ++kx) {
-                offsets[t++] = ky * p->dil_h * src_w + kx * p->dil_w;
-            }
+        for (; ic < p->in_c; ++ic) {
+            *c++ = (int16_t)(in[ic] - zp);
         }
-    }
-    for (oc = 0; oc < p->out_c; ++oc) {
-        const int8_t *w_oc = p->weight + (size_t)oc * p->in_c * taps;
-        int8_t *out_c = out + (size_t)oc * p->out_h * p->out_w;
-        if (p->weight_bits == 4) { /* unpack this channel's weights once */
-            int8_t *unpacked = scratch + (padded ? (size_t)p->in_c * plane : 0);
-            const size_t base = (size_t)oc * p->in_c * taps;
-            size_t i;
-            for (i = 0; i < (size_t)p->in_c * taps; ++i) {
-                unpacked[i] = (int8_t)weight4(p->weight, base + i);
-            }
-            w_oc = unpacked;
+    } else if (p->k_h == 1 && p->k_w == 1 && p->pad_top == 0 && p->pad_left == 0) {
+        const int oy = pixel / p->out_w, ox = pixel - oy * p->out_w;
+        const int8_t *x = in + (size_t)oy * p->stride_h * p->in_w + (size_t)ox * p->stride_w;
+        for (ic = 0; ic < p->in_c; ++ic) {
+            *c++ = (int16_t)(x[(size_t)ic * plane] - zp);
         }
-        for (oy = 0; oy < p->out_h; ++oy) {
-            for (ox = 0; ox < p->out_w; ++ox) {
-                const int8_t *x_base = src + (size_t)oy * p->stride_h * src_w + (size_t)ox * p->stride_w;
-                int32_t acc = bias_folded[oc];
-                if (taps == 1) {
-                    for (ic = 0; ic < p->in_c; ++ic) {
-                        acc += (int32_t)x_base[(size_t)ic * plane] * w_oc[ic];
+    } else {
+        const int oy = pixel / p->out_w, ox = pixel - oy * p->out_w;
+        const int iy0 = oy * p->stride_h - p->pad_top, ix0 = ox * p->stride_w - p->pad_left;
+        const int row_inside = ix0 >= 0 && ix0 + (p->k_w - 1) * p->dil_w < p->in_w;
+        int ky, kx;
+        for (ic = 0; ic < p->in_c; ++ic) {
+            const int8_t *x_c = in + (size_t)ic * plane;
+            for (ky = 0; ky < p->k_h; ++ky) {
+                const int iy = iy0 + ky * p->dil_h;
+                if (iy < 0 || iy >= p->in_h) {
+                    for (kx = 0; kx < p->k_w; ++kx) {
+                        *c++ = 0;
                     }
-                } else if (p->k_h == 3 && p->k_w == 3 && p->dil_h == 1 && p->dil_w == 1) {
-                    for (ic = 0; ic < p->in_c; ++ic) {
-                        const int8_t *x0 = x_base + (size_t)ic * plane;
-                        const int8_t *x1 = x0 + src_w;
-                        const int8_t *x2 = x1 + src_w;
-                        const int8_t *w = w_oc + ic * 9;
-                        acc += x0[0] * w[0] + x0[1] * w[1] + x0[2] * w[2] + x1[0] * w[3] + x1[1] * w[4] +
-                               x1[2] * w[5] + x2[0] * w[6] + x2[1] * w[7] + x2[2] * w[8];
-                    }
-                } else if (taps == 3) { /* Kx1 / 1xK: the factors of spatial SVD */
-                    const int o1 = offsets[1], o2 = offsets[2];
-                    for (ic = 0; ic < p->in_c; ++ic) {
-                        const int8_t *x0 = x_base + (size_t)ic * plane;
-                        const int8_t *w = w_oc + ic * 3;
-                        acc += x0[0] * w[0] + x0[o1] * w[1] + x0[o2] * w[2];
+                } else if (row_inside) {
+                    const int8_t *x = x_c + (size_t)iy * p->in_w + ix0;
+                    for (kx = 0; kx < p->k_w; ++kx) {
+                        *c++ = (int16_t)(x[kx * p->dil_w] - zp);
                     }
                 } else {
-                    for (ic = 0; ic < p->in_c; ++ic) {
-                        const int8_t *x_c = x_base + (size_t)ic * plane;
-                        const int8_t *w_c = w_oc + (size_t)ic * taps;
-                        int t;
-                        for (t = 0; t < taps; ++t) {
-                            acc += (int32_t)x_c[offsets[t]] * w_c[t];
-                        }
+                    const int8_t *x = x_c + (size_t)iy * p->in_w;
+                    for (kx = 0; kx < p->k_w; ++kx) {
+                        const int ix = ix0 + kx * p->dil_w;
+                        *c++ = (int16_t)(ix >= 0 && ix < p->in_w ? x[ix] - zp : 0);
                     }
                 }
-                out_c[oy * p->out_w + ox] =
-                    clamp8(rf_requantize(acc, p->multiplier[oc], p->shift[oc]) + p->out_zp, p->act_min, p->act_max);
+            }
+        }
+    }
+    while (c < col + row_len) {
+        *c++ = 0;
+    }
+}
+
+/* Dot products of two weight rows (w0, w1) with two columns (c0, c1): acc[0..3] = w0.c0, w0.c1,
+ * w1.c0, w1.c1 added to their start values. 8-bit rows: each word holds weights k, k+2, k+1, k+3.
+ * The loops run two words a step (fewer loop instructions per multiply-accumulate). */
+#define RF_DOT8_2x2_STEP(j)                                                                               \
+    do {                                                                                                  \
+        const uint32_t wa = read32(w0 + (j)), wb = read32(w1 + (j));                                      \
+        const uint32_t x0 = read32(c0 + (j)), x1 = read32(c0 + (j) + 2);                                  \
+        const uint32_t y0 = read32(c1 + (j)), y1 = read32(c1 + (j) + 2);                                  \
+        const uint32_t a_lo = RF_SXTB16(wa), a_hi = RF_SXTB16_ROR8(wa);                                   \
+        const uint32_t b_lo = RF_SXTB16(wb), b_hi = RF_SXTB16_ROR8(wb);                                   \
+        a00 = RF_SMLAD(a_lo, x0, a00);                                                                    \
+        a00 = RF_SMLAD(a_hi, x1, a00);                                                                    \
+        a01 = RF_SMLAD(a_lo, y0, a01);                                                                    \
+        a01 = RF_SMLAD(a_hi, y1, a01);                                                                    \
+        a10 = RF_SMLAD(b_lo, x0, a10);                                                                    \
+        a10 = RF_SMLAD(b_hi, x1, a10);                                                                    \
+        a11 = RF_SMLAD(b_lo, y0, a11);                                                                    \
+        a11 = RF_SMLAD(b_hi, y1, a11);                                                                    \
+    } while (0)
+
+static inline void dot8_2x2(const int8_t *w0, const int8_t *w1, const int16_t *c0, const int16_t *c1, int len,
+                            int32_t *acc)
+{
+    int32_t a00 = acc[0], a01 = acc[1], a10 = acc[2], a11 = acc[3];
+    int k;
+    for (k = 0; k + 8 <= len; k += 8) {
+        RF_DOT8_2x2_STEP(k);
+        RF_DOT8_2x2_STEP(k + 4);
+    }
+    if (k < len) {
+        RF_DOT8_2x2_STEP(k);
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+}
+
+/* Four rows, one column (fully connected layers). */
+#define RF_DOT8_4x1_STEP(j)                                                                               \
+    do {                                                                                                  \
+        const uint32_t x0 = read32(c0 + (j)), x1 = read32(c0 + (j) + 2);                                  \
+        const uint32_t wa = read32(w0 + (j)), wb = read32(w1 + (j));                                      \
+        const uint32_t wc = read32(w2 + (j)), wd = read32(w3 + (j));                                      \
+        a0 = RF_SMLAD(RF_SXTB16(wa), x0, a0);                                                             \
+        a0 = RF_SMLAD(RF_SXTB16_ROR8(wa), x1, a0);                                                        \
+        a1 = RF_SMLAD(RF_SXTB16(wb), x0, a1);                                                             \
+        a1 = RF_SMLAD(RF_SXTB16_ROR8(wb), x1, a1);                                                        \
+        a2 = RF_SMLAD(RF_SXTB16(wc), x0, a2);                                                             \
+        a2 = RF_SMLAD(RF_SXTB16_ROR8(wc), x1, a2);                                                        \
+        a3 = RF_SMLAD(RF_SXTB16(wd), x0, a3);                                                             \
+        a3 = RF_SMLAD(RF_SXTB16_ROR8(wd), x1, a3);                                                        \
+    } while (0)
+
+static inline void dot8_4x1(const int8_t *w0, int row_bytes, const int16_t *c0, int len, int32_t *acc)
+{
+    const int8_t *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    int k;
+    for (k = 0; k < len; k += 4) {
+        RF_DOT8_4x1_STEP(k);
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+/* Two rows, one column. */
+static inline void dot8_2x1(const int8_t *w0, const int8_t *w1, const int16_t *c0, int len, int32_t *acc)
+{
+    int32_t a0 = acc[0], a1 = acc[1];
+    int k;
+    for (k = 0; k < len; k += 4) {
+        const uint32_t wa = read32(w0 + k), wb = read32(w1 + k);
+        const uint32_t x0 = read32(c0 + k), x1 = read32(c0 + k + 2);
+        a0 = RF_SMLAD(RF_SXTB16(wa), x0, a0);
+        a0 = RF_SMLAD(RF_SXTB16_ROR8(wa), x1, a0);
+        a1 = RF_SMLAD(RF_SXTB16(wb), x0, a1);
+        a1 = RF_SMLAD(RF_SXTB16_ROR8(wb), x1, a1);
+    }
+    acc[0] = a0, acc[1] = a1;
+}
+
+static inline int32_t dot8_1x1(const int8_t *w, const int16_t *c, int len, int32_t acc)
+{
+    int k;
+    for (k = 0; k < len; k += 4) {
+        const uint32_t wa = read32(w + k);
+        acc = RF_SMLAD(RF_SXTB16(wa), read32(c + k), acc);
+        acc = RF_SMLAD(RF_SXTB16_ROR8(wa), read32(c + k + 2), acc);
+    }
+    return acc;
+}
+
+/* 4-bit rows: each word holds eight weights; unpacked, the low nibbles give k..k+3 and the high
+ * ones k+4..k+7, in the 8-bit order above. `len` counts weights. */
+static inline void dot4_2x2(const int8_t *w0, const int8_t *w1, const int16_t *c0, const int16_t *c1, int len,
+                            int32_t *acc)
+{
+    int32_t a00 = acc[0], a01 = acc[1], a10 = acc[2], a11 = acc[3];
+    int k;
+    for (k = 0; k < len; k += 8) {
+        uint32_t wa[2], wb[2];
+        int half;
+        unpack4(read32(w0 + k / 2), &wa[0], &wa[1]);
+        unpack4(read32(w1 + k / 2), &wb[0], &wb[1]);
+        for (half = 0; half < 2; ++half) {
+            const int j = k + 4 * half;
+            const uint32_t x0 = read32(c0 + j), x1 = read32(c0 + j + 2);
+            const uint32_t y0 = read32(c1 + j), y1 = read32(c1 + j + 2);
+            const uint32_t a_lo = RF_SXTB16(wa[half]), a_hi = RF_SXTB16_ROR8(wa[half]);
+            const uint32_t b_lo = RF_SXTB16(wb[half]), b_hi = RF_SXTB16_ROR8(wb[half]);
+            a00 = RF_SMLAD(a_lo, x0, a00);
+            a00 = RF_SMLAD(a_hi, x1, a00);
+            a01 = RF_SMLAD(a_lo, y0, a01);
+            a01 = RF_SMLAD(a_hi, y1, a01);
+            a10 = RF_SMLAD(b_lo, x0, a10);
+            a10 = RF_SMLAD(b_hi, x1, a10);
+            a11 = RF_SMLAD(b_lo, y0, a11);
+            a11 = RF_SMLAD(b_hi, y1, a11);
+        }
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+}
+
+static inline void dot4_2x1(const int8_t *w0, const int8_t *w1, const int16_t *c0, int len, int32_t *acc)
+{
+    int32_t a0 = acc[0], a1 = acc[1];
+    int k;
+    for (k = 0; k < len; k += 8) {
+        uint32_t wa[2], wb[2];
+        int half;
+        unpack4(read32(w0 + k / 2), &wa[0], &wa[1]);
+        unpack4(read32(w1 + k / 2), &wb[0], &wb[1]);
+        for (half = 0; half < 2; ++half) {
+            const int j = k + 4 * half;
+            const uint32_t x0 = read32(c0 + j), x1 = read32(c0 + j + 2);
+            a0 = RF_SMLAD(RF_SXTB16(wa[half]), x0, a0);
+            a0 = RF_SMLAD(RF_SXTB16_ROR8(wa[half]), x1, a0);
+            a1 = RF_SMLAD(RF_SXTB16(wb[half]), x0, a1);
+            a1 = RF_SMLAD(RF_SXTB16_ROR8(wb[half]), x1, a1);
+        }
+    }
+    acc[0] = a0, acc[1] = a1;
+}
+
+static inline int32_t dot4_1x1(const int8_t *w, const int16_t *c, int len, int32_t acc)
+{
+    int k;
+    for (k = 0; k < len; k += 8) {
+        uint32_t lo, hi;
+        unpack4(read32(w + k / 2), &lo, &hi);
+        acc = RF_SMLAD(RF_SXTB16(lo), read32(c + k), acc);
+        acc = RF_SMLAD(RF_SXTB16_ROR8(lo), read32(c + k + 2), acc);
+        acc = RF_SMLAD(RF_SXTB16(hi), read32(c + k + 4), acc);
+        acc = RF_SMLAD(RF_SXTB16_ROR8(hi), read32(c + k + 6), acc);
+    }
+    return acc;
+}
+
+static inline int8_t requantized(const rf_conv_params *p, int oc, int32_t acc)
+{
+    return clamp8(rf_requantize(acc, p->multiplier[oc], p->shift[oc]) + p->out_zp, p->act_min, p->act_max);
+}
+
+/* Dense convolution (groups 1, any kernel, stride, padding, dilation) and fully connected layers. */
+void rf_conv_im2col_s8(const rf_conv_params *p, const int8_t *in, int8_t *out, int16_t *scratch)
+{
+    const int len = RF_ROW_LEN(p);
+    const int row_bytes = p->weight_bits == 4 ? len / 2 : len;
+    const int pixels = p->out_h * p->out_w;
+    const int four = p->weight_bits == 4;
+    int16_t *c0 = scratch, *c1 = scratch + len;
+    int px, oc;
+    for (px = 0; px + 1 < pixels; px += 2) {
+        im2col(p, in, px, c0, len);
+        im2col(p, in, px + 1, c1, len);
+        for (oc = 0; oc + 1 < p->out_c; oc += 2) {
+            const int8_t *w0 = p->weight + (size_t)oc * row_bytes, *w1 = w0 + row_bytes;
+            int32_t acc[4];
+            acc[0] = acc[1] = p->bias[oc];
+            acc[2] = acc[3] = p->bias[oc + 1];
+            if (four) {
+                dot4_2x2(w0, w1, c0, c1, len, acc);
+            } else {
+                dot8_2x2(w0, w1, c0, c1, len, acc);
+            }
+            out[(size_t)oc * pixels + px] = requantized(p, oc, acc[0]);
+            out[(size_t)oc * pixels + px + 1] = requantized(p, oc, acc[1]);
+            out[(size_t)(oc + 1) * pixels + px] = requantized(p, oc + 1, acc[2]);
+            out[(size_t)(oc + 1) * pixels + px + 1] = requantized(p, oc + 1, acc[3]);
+        }
+        if (oc < p->out_c) { /* an odd channel count: the last channel alone */
+            const int8_t *w = p->weight + (size_t)oc * row_bytes;
+            out[(size_t)oc * pixels + px] = requantized(
+                p, oc, four ? dot4_1x1(w, c0, len, p->bias[oc]) : dot8_1x1(w, c0, len, p->bias[oc]));
+            out[(size_t)oc * pixels + px + 1] = requantized(
+                p, oc, four ? dot4_1x1(w, c1, len, p->bias[oc]) : dot8_1x1(w, c1, len, p->bias[oc]));
+        }
+    }
+    if (px < pixels) { /* an odd pixel count (a fully connected layer: one pixel) */
+        im2col(p, in, px, c0, len);
+        oc = 0;
+        if (!four) {
+            for (; oc + 3 < p->out_c; oc += 4) {
+                int32_t acc[4];
+                int j;
+                for (j = 0; j < 4; ++j) {
+                    acc[j] = p->bias[oc + j];
+                }
+                dot8_4x1(p->weight + (size_t)oc * row_bytes, row_bytes, c0, len, acc);
+                for (j = 0; j < 4; ++j) {
+                    out[(size_t)(oc + j) * pixels + px] = requantized(p, oc + j, acc[j]);
+                }
+            }
+        }
+        for (; oc + 1 < p->out_c; oc += 2) {
+            const int8_t *w0 = p->weight + (size_t)oc * row_bytes, *w1 = w0 + row_bytes;
+            int32_t acc[2];
+            acc[0] = p->bias[oc];
+            acc[1] = p->bias[oc + 1];
+            if (four) {
+                dot4_2x1(w0, w1, c0, len, acc);
+            } else {
+                dot8_2x1(w0, w1, c0, len, acc);
+            }
+            out[(size_t)oc * pixels + px] = requantized(p, oc, acc[0]);
+            out[(size_t)(oc + 1) * pixels + px] = requantized(p, oc + 1, acc[1]);
+        }
+        if (oc < p->out_c) {
+            const int8_t *w = p->weight + (size_t)oc * row_bytes;
+            out[(size_t)oc * pixels + px] = requantized(
+                p, oc, four ? dot4_1x1(w, c0, len, p->bias[oc]) : dot8_1x1(w, c0, len, p->bias[oc]));
+        }
+    }
+}
+
+typedef struct {
+    int32_t mult, shift, zp, lo, hi;
+} rf_requant_params;
+
+static inline int8_t requant_out(const rf_requant_params *q, int32_t acc)
+{
+    return clamp8(rf_requantize(acc, q->mult, q->shift) + q->zp, q->lo, q->hi);
+}
+
+/* Two int16 halfwords in one word: (low, high). */
+static inline uint32_t pair16(int32_t low, int32_t high)
+{
+    return (uint32_t)(uint16_t)(int16_t)low | ((uint32_t)(uint16_t)(int16_t)high << 16);
+}
+
+/* `count` outputs of a 3x3, stride-1 depthwise row whose taps all lie inside the image: rows
+ * x0, x1, x2 start at the first output's first tap. Two outputs at a time: a word of each row holds
+ * x[i..i+3]; sign-extending bytes 0,2 and 1,3 gives (x[i], x[i+2]) and (x[i+1], x[i+3]), so one
+ * dual multiply-accumulate with (w0, w2) and one single one with w1 cover a row of each output. */
+static void depthwise3x3_row(const int8_t *x0, const int8_t *x1, const int8_t *x2, const int8_t *w,
+                             int32_t bias, const rf_requant_params *q, int8_t *out, int count)
+{
+    const uint32_t w02_0 = pair16(w[0], w[2]), w02_1 = pair16(w[3], w[5]), w02_2 = pair16(w[6], w[8]);
+    const uint32_t w1_0 = pair16(w[1], 0), w1_1 = pair16(w[4], 0), w1_2 = pair16(w[7], 0);
+    int i = 0;
+    for (; i + 1 < count; i += 2) {
+        const uint32_t r0 = read32(x0 + i), r1 = read32(x1 + i), r2 = read32(x2 + i);
+        const uint32_t e0 = RF_SXTB16(r0), o0 = RF_SXTB16_ROR8(r0);
+        const uint32_t e1 = RF_SXTB16(r1), o1 = RF_SXTB16_ROR8(r1);
+        const uint32_t e2 = RF_SXTB16(r2), o2 = RF_SXTB16_ROR8(r2);
+        int32_t a = RF_SMLAD(w02_0, e0, bias), b = RF_SMLAD(w02_0, o0, bias);
+        a = RF_SMLABB(o0, w1_0, a);
+        b = RF_SMLATB(e0, w1_0, b);
+        a = RF_SMLAD(w02_1, e1, a);
+        b = RF_SMLAD(w02_1, o1, b);
+        a = RF_SMLABB(o1, w1_1, a);
+        b = RF_SMLATB(e1, w1_1, b);
+        a = RF_SMLAD(w02_2, e2, a);
+        b = RF_SMLAD(w02_2, o2, b);
+        a = RF_SMLABB(o2, w1_2, a);
+        b = RF_SMLATB(e2, w1_2, b);
+        out[i] = requant_out(q, a);
+        out[i + 1] = requant_out(q, b);
+    }
+    if (i < count) { /* the last one alone: a word would read past its last tap */
+        const int32_t acc = bias + x0[i] * w[0] + x0[i + 1] * w[1] + x0[i + 2] * w[2] + x1[i] * w[3] +
+                            x1[i + 1] * w[4] + x1[i + 2] * w[5] + x2[i] * w[6] + x2[i + 1] * w[7] +
+                            x2[i + 2] * w[8];
+        out[i] = requant_out(q, acc);
+    }
+}
+
+/* `count` outputs of a depthwise row, any kernel: row ky of the taps starts at x + ky * row_step. */
+static void depthwise_row(const rf_conv_params *p, const int8_t *x, int row_step, const int8_t *w, int32_t bias,
+                          const rf_requant_params *q, int8_t *out, int count)
+{
+    int ox, ky, kx;
+    for (ox = 0; ox < count; ++ox) {
+        const int8_t *xs = x + ox * p->stride_w;
+        int32_t acc = bias;
+        for (ky = 0; ky < p->k_h; ++ky) {
+            const int8_t *x_row = xs + ky * row_step;
+            const int8_t *w_row = w + ky * p->k_w;
+            for (kx = 0; kx < p->k_w; ++kx) {
+                acc += x_row[kx * p->dil_w] * w_row[kx];
+            }
+        }
+        out[ox] = requant_out(q, acc);
+    }
+}
+
+/* The k_h input rows an output row reads, each widened by the padding, which holds the zero point
+ * (the real value 0): afterwards every output of the row is computed as if inside the image. */
+static void padded_rows(const rf_conv_params *p, const int8_t *x_c, int iy0, int8_t *rows, int width)
+{
+    int ky;
+    for (ky = 0; ky < p->k_h; ++ky) {
+        const int iy = iy0 + ky * p->dil_h;
+        int8_t *row = rows + (size_t)ky * width;
+        if (iy < 0 || iy >= p->in_h) {
+            memset(row, p->in_zp, (size_t)width);
+        } else {
+            memset(row, p->in_zp, (size_t)p->pad_left);
+            memcpy(row + p->pad_left, x_c + (size_t)iy * p->in_w, (size_t)p->in_w);
+            memset(row + p->pad_left + p->in_w, p->in_zp, (size_t)p->pad_right);
+        }
+    }
+}
+
+/* Fully connected, 8-bit weights in their natural order, in_c a multiple of 4: the zero point folded
+ * into the bias, the input read a word at a time and sign-extended in registers (bytes 0,2 and
+ * 1,3 of input and weights pair up alike), four output channels at a time. */
+void rf_fully_connected_s8(const rf_conv_params *p, const int32_t *bias_folded, const int8_t *in, int8_t *out)
+{
+    const int len = p->in_c;
+    int oc = 0, k, j;
+    for (; oc + 3 < p->out_c; oc += 4) {
+        const int8_t *w0 = p->weight + (size_t)oc * len, *w1 = w0 + len, *w2 = w1 + len, *w3 = w2 + len;
+        int32_t a0 = bias_folded[oc], a1 = bias_folded[oc + 1], a2 = bias_folded[oc + 2], a3 = bias_folded[oc + 3];
+        for (k = 0; k < len; k += 4) {
+            const uint32_t x = read32(in + k);
+            const uint32_t x_even = RF_SXTB16(x), x_odd = RF_SXTB16_ROR8(x);
+            const uint32_t wa = read32(w0 + k), wb = read32(w1 + k), wc = read32(w2 + k), wd = read32(w3 + k);
+            a0 = RF_SMLAD(RF_SXTB16(wa), x_even, a0);
+            a0 = RF_SMLAD(RF_SXTB16_ROR8(wa), x_odd, a0);
+            a1 = RF_SMLAD(RF_SXTB16(wb), x_even, a1);
+            a1 = RF_SMLAD(RF_SXTB16_ROR8(wb), x_odd, a1);
+            a2 = RF_SMLAD(RF_SXTB16(wc), x_even, a2);
+            a2 = RF_SMLAD(RF_SXTB16_ROR8(wc), x_odd, a2);
+            a3 = RF_SMLAD(RF_SXTB16(wd), x_even, a3);
+            a3 = RF_SMLAD(RF_SXTB16_ROR8(wd), x_odd, a3);
+        }
+        out[oc] = requantized(p, oc, a0);
+        out[oc + 1] = requantized(p, oc + 1, a1);
+        out[oc + 2] = requantized(p, oc + 2, a2);
+        out[oc + 3] = requantized(p, oc + 3, a3);
+    }
+    for (; oc < p->out_c; ++oc) {
+        const int8_t *w = p->weight + (size_t)oc * len;
+        int32_t acc = bias_folded[oc];
+        for (j = 0; j < len; j += 4) {
+            const uint32_t x = read32(in + j), wa = read32(w + j);
+            acc = RF_SMLAD(RF_SXTB16(wa), RF_SXTB16(x), acc);
+            acc = RF_SMLAD(RF_SXTB16_ROR8(wa), RF_SXTB16_ROR8(x), acc);
+        }
+        out[oc] = requantized(p, oc, acc);
+    }
+}
+
+/* Depthwise convolution (groups = in_c = out_c, taps <= RF_MAX_TAPS), one channel and one output
+ * row at a time, the zero point folded into the bias: sum((x - zp) * w) = sum(x * w) - zp * sum(w).
+ * A row whose taps reach into the padding reads a copy of its k_h input rows, padded (`scratch`,
+ * RF_DEPTHWISE_BYTES); the others read the input in place. */
+void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const int8_t *in, int8_t *out,
+                     int8_t *scratch)
+{
+    const int plane = p->in_h * p->in_w;
+    const int taps = p->k_h * p->k_w;
+    const int width = p->pad_left + p->in_w + p->pad_right;
+    const int fast3x3 = p->k_h == 3 && p->k_w == 3 && p->dil_h == 1 && p->dil_w == 1 && p->stride_w == 1;
+    int8_t w[RF_MAX_TAPS];
+    int c, oy, t;
+    for (c = 0; c < p->out_c; ++c) {
+        const int8_t *x_c = in + (size_t)c * plane;
+        int8_t *out_c = out + (size_t)c * p->out_h * p->out_w;
+        rf_requant_params q;
+        q.mult = p->multiplier[c], q.shift = p->shift[c], q.zp = p->out_zp, q.lo = p->act_min, q.hi = p->act_max;
+        for (t = 0; t < taps; ++t) {
+            w[t] = (int8_t)(p->weight_bits == 8 ? p->weight[(size_t)c * taps + t]
+                                                : weight4(p->weight, (size_t)c * taps + t));
+        }
+        for (oy = 0; oy < p->out_h; ++oy) {
+            const int iy0 = oy * p->stride_h - p->pad_top;
+            const int8_t *x;
+            int row_step;
+            if (p->pad_left == 0 && p->pad_right == 0 && iy0 >= 0 && iy0 + (p->k_h - 1) * p->dil_h < p->in_h) {
+                x = x_c + (size_t)iy0 * p->in_w;
+                row_step = p->dil_h * p->in_w;
+            } else {
+                padded_rows(p, x_c, iy0, scratch, width);
+                x = scratch;
+                row_step = width;
+            }
+            if (fast3x3) {
+                depthwise3x3_row(x, x + row_step, x + 2 * row_step, w, bias_folded[c], &q, out_c + oy * p->out_w,
+                                 p->out_w);
+            } else {
+                depthwise_row(p, x, row_step, w, bias_folded[c], &q, out_c + oy * p->out_w, p->out_w);
             }
         }
     }

@@ -7,7 +7,7 @@
 
 #include "model.h"
 
-static uint8_t arena[MODEL_ARENA_SIZE + 4];
+static uint32_t arena[(MODEL_ARENA_SIZE + 7) / 4]; /* word-aligned, as model_run requires */
 static int8_t input[MODEL_INPUT_SIZE];
 static int8_t output[MODEL_OUTPUT_SIZE];
 
@@ -96,13 +96,13 @@ int main(int argc, char **argv)
         uint32_t used;
         paint_stack(stack_top);
         start = ticks();
-        model_run(input, output, arena);
+        model_run(input, output, (uint8_t *)arena);
         end = ticks();
         used = stack_used(stack_top);
         stack_max = used > stack_max ? used : stack_max;
         printf("sample %ld ticks %lu\n", count, (unsigned long)(end - start));
 #else
-        model_run(input, output, arena);
+        model_run(input, output, (uint8_t *)arena);
 #endif
         if (fwrite(output, 1, MODEL_OUTPUT_SIZE, out_file) != MODEL_OUTPUT_SIZE) {
             fprintf(stderr, "write failed\n");

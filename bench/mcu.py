@@ -1,0 +1,145 @@
+"""Microcontroller kernels measured under qemu: instructions per multiply-accumulate, flash, RAM.
+
+    python -m bench.mcu                         # the five reference layers (A-E) on Cortex-M7
+    python -m bench.mcu --board mps2-an386      # the same on Cortex-M4
+    python -m bench.mcu --networks              # also the bench networks (ResNet-18 3 %, ...)
+
+Each layer is a one-layer model quantized to int8 (QDQ, as rankfold writes it), exported with
+`export_c`, built with arm-none-eabi-gcc -O2 and run under qemu with `-icount shift=0`: the count is
+instructions, not cycles, the measure of issue 18's CMSIS-NN reference figures (quoted beside
+ours; CMSIS-NN cannot be downloaded here). Every run is checked against the golden model (0
+mismatches, or the bench fails). Writes bench/results/mcu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(BENCH_DIR, "results", "mcu.json")
+
+# Issue 18: CMSIS-NN (arm-none-eabi-gcc 12.2 -O2, qemu mps2-an500, -icount shift=0), per MAC.
+CMSIS_NN_REFERENCE = {"A": 1.76, "B": 1.76, "C": 7.93, "D": 2.02, "E": 8.77}
+GOALS = {"A": 2.2, "B": 2.2, "C": 9.9, "D": 2.5, "E": 11.0}
+
+
+@dataclass(frozen=True)
+class Layer:
+    key: str
+    title: str
+    in_shape: tuple[int, ...]
+    kind: str  # conv | linear
+    out_c: int
+    kernel: int = 1
+    padding: int = 0
+    groups: int = 1
+    activation: str = ""  # "", relu, relu6
+
+
+LAYERS = (
+    Layer("A", "Conv 3x3, 64->64, 16x16, pad 1, ReLU", (64, 16, 16), "conv", 64, 3, 1, 1, "relu"),
+    Layer("B", "Conv 1x1, 128->32, 8x8", (128, 8, 8), "conv", 32, 1, 0, 1, ""),
+    Layer("C", "Depthwise 3x3, 96 ch, 16x16, pad 1, ReLU6", (96, 16, 16), "conv", 96, 3, 1, 96, "relu6"),
+    Layer("D", "Fully connected 512->10", (512,), "linear", 10),
+    Layer("E", "Conv 3x3, 1->32, 32x32, pad 1 (stem)", (1, 32, 32), "conv", 32, 3, 1, 1, ""),
+)
+
+
+def layer_module(layer: Layer):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if layer.kind == "linear":
+        core = nn.Linear(layer.in_shape[0], layer.out_c)
+    else:
+        core = nn.Conv2d(layer.in_shape[0], layer.out_c, layer.kernel, padding=layer.padding, groups=layer.groups)
+    parts = [core] + {"relu": [nn.ReLU()], "relu6": [nn.ReLU6()], "": []}[layer.activation]
+    return nn.Sequential(*parts).eval()
+
+
+def quantized_file(module, in_shape: tuple[int, ...], path: str, samples: int = 32) -> np.ndarray:
+    """Write `module` as an int8 QDQ file (every layer int8); returns its calibration inputs."""
+    import torch
+
+    from rankfold.analyze import COMPRESSIBLE
+    from rankfold.quantize.export import export_quantized
+
+    torch.manual_seed(1)
+    calib = torch.randn(samples, *in_shape)
+    bits = {n: 8 for n, m in module.named_modules() if isinstance(m, COMPRESSIBLE)}
+    export_quantized(module, bits, path, calib=calib, example_input=calib[:2], reduce_range=False)
+    return calib.numpy()
+
+
+def measure(path: str, x: np.ndarray, board: str, work: str, samples: int = 2) -> dict:
+    """Export, run on the host and under qemu; instructions per MAC, flash, RAM, golden check."""
+    import onnx
+
+    from rankfold.cexport.run import export_c, run_c
+
+    directory = os.path.join(work, "c")
+    info = export_c(onnx.load(path), directory)
+    result = run_c(directory, x, None, qemu=board, qemu_samples=samples)
+    if result["golden_mismatches"] or not result["qemu_matches_host"]:
+        raise SystemExit(f"{path}: {result['golden_mismatches']} golden mismatches, qemu matches host: "
+                         f"{result['qemu_matches_host']}")
+    return {"macs": info["macs"], "arena_bytes": info["arena_bytes"],
+            "instructions": result["instructions"], "instructions_per_mac": result["instructions_per_mac"],
+            "flash_bytes": result["flash_bytes"], "ram_bytes": result["ram_bytes"],
+            "stack_bytes": result["stack_bytes"], "golden_mismatches": result["golden_mismatches"],
+            "samples": int(len(x))}
+
+
+def run_layers(board: str, keys: str) -> list[dict]:
+    rows = []
+    for layer in LAYERS:
+        if layer.key not in keys:
+            continue
+        with tempfile.TemporaryDirectory() as work:
+            path = os.path.join(work, "layer.onnx")
+            x = quantized_file(layer_module(layer), layer.in_shape, path)
+            row = {"layer": layer.key, "title": layer.title, "board": board, **measure(path, x[:8], board, work)}
+        row["cmsis_nn_reference"] = CMSIS_NN_REFERENCE[layer.key]
+        row["ratio_to_cmsis_nn"] = row["instructions_per_mac"] / CMSIS_NN_REFERENCE[layer.key]
+        row["goal"] = GOALS[layer.key]
+        rows.append(row)
+        print(f"{layer.key} {layer.title:45s} {row['instructions_per_mac']:6.2f} instr/MAC "
+              f"(CMSIS-NN {CMSIS_NN_REFERENCE[layer.key]:.2f}, x{row['ratio_to_cmsis_nn']:.2f}; goal "
+              f"{GOALS[layer.key]}), arena {row['arena_bytes']:,} B", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--board", default="mps2-an500", help="qemu board (mps2-an385 M3, -an386 M4, -an500 M7)")
+    ap.add_argument("--layers", default="ABCDE", help="which of the layers A-E to run")
+    ap.add_argument("--no-save", action="store_true", help="print only; leave bench/results/mcu.json")
+    args = ap.parse_args(argv)
+    from rankfold.cexport.run import qemu_tools_missing
+
+    missing = qemu_tools_missing()
+    if missing:
+        raise SystemExit(missing)
+    rows = run_layers(args.board, args.layers)
+    if not args.no_save:
+        existing = []
+        if os.path.exists(RESULTS):
+            with open(RESULTS) as handle:
+                existing = json.load(handle)
+        kept = [r for r in existing if not (r.get("board") == args.board and r.get("layer") in args.layers)]
+        with open(RESULTS, "w") as handle:
+            json.dump(kept + rows, handle, indent=1)
+            handle.write("\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
