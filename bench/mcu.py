@@ -98,6 +98,49 @@ def measure(path: str, x: np.ndarray, board: str, work: str, samples: int = 2) -
             "samples": int(len(x))}
 
 
+def profile_model(path: str, x: np.ndarray, board: str, samples: int = 1) -> dict:
+    """A whole QDQ model: export, host run against the golden model, then each op's instructions
+    under qemu (RF_PROFILE), with its MACs, kernel and the scratch it needs."""
+    import onnx
+
+    from rankfold.cexport.codegen import kernel_of, scratch_bytes
+    from rankfold.cexport.ir import Conv, read_program
+    from rankfold.cexport.run import export_c, quantize_input, run_c, run_qemu
+
+    with tempfile.TemporaryDirectory() as work:
+        directory = os.path.join(work, "c")
+        info = export_c(onnx.load(path), directory)
+        checked = run_c(directory, x, None, qemu=board, qemu_samples=samples)
+        if checked["golden_mismatches"] or not checked["qemu_matches_host"]:
+            raise SystemExit(f"{path}: {checked['golden_mismatches']} golden mismatches, qemu matches host: "
+                             f"{checked['qemu_matches_host']}")
+        program = read_program(onnx.load(os.path.join(directory, "model.onnx")))
+        profiled = run_qemu(directory, board, quantize_input(program, x[:samples]), profile=True)
+    ops = []
+    for op, instructions in zip(program.ops, profiled["instructions_per_op"] or []):
+        macs = program.tensors[op.out].size * op.macs_per_output if isinstance(op, Conv) else 0
+        ops.append({"name": op.name, "op": type(op).__name__, "kernel": kernel_of(program, op),
+                    "bits": getattr(op, "bits", None), "macs": macs, "instructions": instructions,
+                    "instructions_per_mac": instructions / macs if macs else None,
+                    "scratch_bytes": scratch_bytes(program, op),
+                    "output_shape": list(program.tensors[op.out].shape)})
+    return {"model": os.path.basename(path), "board": board, "macs": info["macs"],
+            "arena_bytes": info["arena_bytes"], "instructions": checked["instructions"],
+            "instructions_per_mac": checked["instructions_per_mac"], "flash_bytes": checked["flash_bytes"],
+            "ram_bytes": checked["ram_bytes"], "stack_bytes": checked["stack_bytes"],
+            "golden_mismatches": checked["golden_mismatches"], "samples": checked["samples"], "ops": ops}
+
+
+def print_profile(row: dict) -> None:
+    print(f"{row['model']} on {row['board']}: {row['instructions_per_mac']:.2f} instructions per MAC "
+          f"({row['instructions']:,} for {row['macs']:,} MACs), flash {row['flash_bytes']:,} B, RAM "
+          f"{row['ram_bytes']:,} B (arena {row['arena_bytes']:,}, stack {row['stack_bytes']:,})")
+    for op in row["ops"]:
+        ipm = f"{op['instructions_per_mac']:6.2f}" if op["instructions_per_mac"] else "     -"
+        print(f"  {op['op']:9s} {op['kernel']:15s} {str(op['bits'] or ''):2s} {op['macs']:>11,} MACs "
+              f"{op['instructions']:>12,} instr {ipm}/MAC  {str(op['output_shape']):16s} {op['name']}")
+
+
 def run_layers(board: str, keys: str) -> list[dict]:
     rows = []
     for layer in LAYERS:
@@ -122,12 +165,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--board", default="mps2-an500", help="qemu board (mps2-an385 M3, -an386 M4, -an500 M7)")
     ap.add_argument("--layers", default="ABCDE", help="which of the layers A-E to run")
     ap.add_argument("--no-save", action="store_true", help="print only; leave bench/results/mcu.json")
+    ap.add_argument("--model", action="append", default=[],
+                    help="a QDQ model to profile op by op (repeatable); its inputs from --data")
+    ap.add_argument("--data", help=".npz whose x feeds --model (the first 8 samples)")
     args = ap.parse_args(argv)
     from rankfold.cexport.run import qemu_tools_missing
 
     missing = qemu_tools_missing()
     if missing:
         raise SystemExit(missing)
+    if args.model:
+        x = np.load(args.data)["x"][:8]
+        for path in args.model:
+            print_profile(profile_model(path, x, args.board))
+        return
     rows = run_layers(args.board, args.layers)
     if not args.no_save:
         existing = []

@@ -11,7 +11,21 @@ from importlib import resources
 
 import numpy as np
 
-from rankfold.cexport.ir import Add, AvgPool, Conv, Program, Requant
+from rankfold.cexport.ir import (
+    Add,
+    AvgPool,
+    Concat,
+    Conv,
+    Lookup,
+    Mul,
+    Pad,
+    Pool,
+    Program,
+    Requant,
+    Softmax,
+    Transpose,
+    mul_broadcast,
+)
 from rankfold.errors import RankfoldError
 from rankfold.io import C_EXPORT_MARKER, cannot_write, replace_directory
 from rankfold.quantize.core import pack_int4
@@ -32,8 +46,7 @@ def plan_arena(program: Program) -> ArenaPlan:
     first: dict[str, int] = {program.input: -1}
     last: dict[str, int] = {program.input: -1}
     for i, op in enumerate(program.ops):
-        inputs = [op.a, op.b] if isinstance(op, Add) else [op.inp]
-        for name in inputs:
+        for name in op.inputs:
             last[name] = max(last.get(name, i), i)
         first.setdefault(op.out, i)
         last[op.out] = max(last.get(op.out, i), i)
@@ -91,20 +104,26 @@ def row_length(op: Conv) -> int:
     return -(-int(np.prod(op.weight.shape[1:])) // step) * step
 
 
-# Within each word of weights, the order that sign-extending bytes 0,2 then 1,3 (SXTB16) turns into
-# consecutive pairs; for 4-bit words, low nibbles then high nibbles first (kernels.c, dot4_*).
-_INTERLEAVE = {8: [0, 2, 1, 3], 4: [0, 4, 2, 6, 1, 5, 3, 7]}
+# Within each word of 8-bit weights, the order that sign-extending bytes 0,2 then 1,3 (SXTB16)
+# turns into consecutive pairs; within each word of 4-bit weights, the nibble order that masking the
+# word shifted by 0, 4, 8, 12 bits with 0x000F000F turns into consecutive pairs (kernels.c, dot4_*).
+_INTERLEAVE = {8: [0, 2, 1, 3], 4: [0, 2, 4, 6, 1, 3, 5, 7]}
 
 
 def interleaved_weights(op: Conv) -> np.ndarray:
     """The im2col kernel's weights: each output channel's row zero-padded to row_length() and
-    interleaved word by word; 4-bit rows packed two weights per byte."""
-    rows = op.weight.reshape(op.weight.shape[0], -1)
+    interleaved word by word; 4-bit rows hold w + 8 (0..15; the kernel subtracts 8 * the column
+    sum), two to a byte, the first in the low nibble."""
+    rows = op.weight.reshape(op.weight.shape[0], -1).astype(np.int16)
     length, step = row_length(op), len(_INTERLEAVE[op.bits])
-    padded = np.zeros((rows.shape[0], length), np.int8)
-    padded[:, : rows.shape[1]] = rows
+    offset = 8 if op.bits == 4 else 0
+    padded = np.full((rows.shape[0], length), offset, np.int16)  # padding: weight 0
+    padded[:, : rows.shape[1]] = rows + offset
     flat = padded.reshape(rows.shape[0], length // step, step)[:, :, _INTERLEAVE[op.bits]].reshape(-1)
-    return flat if op.bits == 8 else np.frombuffer(pack_int4(flat), np.int8)
+    if op.bits == 8:
+        return flat.astype(np.int8)
+    nibbles = flat.astype(np.uint8).reshape(-1, 2)
+    return (nibbles[:, 0] | (nibbles[:, 1] << 4)).astype(np.uint8).view(np.int8)
 
 
 def scratch_bytes(program: Program, op) -> int:
@@ -128,70 +147,164 @@ def arena_bytes(program: Program) -> int:
     return (plan_arena(program).size + 3) // 4 * 4 + scratch
 
 
+@dataclass
+class _Emit:
+    """What one op adds to model.c: declarations (weights, parameters) and its call."""
+
+    decls: list[str]
+    call: str
+
+
+def _spatial(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    return (tuple(shape) + (1, 1))[:3] if len(shape) < 3 else tuple(shape)
+
+
+def _emit_conv(program: Program, op: Conv, ident: str, at) -> _Emit:
+    t = program.tensors
+    x, out = t[op.inp], t[op.out]
+    in_c, in_h, in_w = _spatial(x.shape)
+    out_c, out_h, out_w = _spatial(out.shape)
+    kernel = kernel_of(program, op)
+    if kernel == "im2col":
+        stored = interleaved_weights(op)
+    else:
+        stored = op.weight if op.bits == 8 else np.frombuffer(pack_int4(op.weight), np.int8)
+    decls = [_array("int8_t", f"{ident}_w", stored), _array("int32_t", f"{ident}_b", op.bias),
+             _array("int32_t", f"{ident}_m", op.multiplier), _array("int32_t", f"{ident}_s", op.shift)]
+    o_c, _i, k_h, k_w = op.weight.shape
+    decls.append(
+        f"static const rf_conv_params {ident} = {{{in_c}, {in_h}, {in_w}, {x.zero_point}, {out_c}, {out_h}, "
+        f"{out_w}, {out.zero_point}, {k_h}, {k_w}, {op.stride[0]}, {op.stride[1]}, {op.pads[0]}, "
+        f"{op.pads[1]}, {op.pads[2]}, {op.pads[3]}, {op.dilation[0]}, {op.dilation[1]}, {op.groups}, "
+        f"{op.act_min}, {op.act_max}, "
+        f"{op.bits}, {ident}_w, {ident}_b, {ident}_m, {ident}_s}};\n")
+    where = f"{at(op.inp)}, {at(op.out)}"
+    if kernel == "im2col":
+        return _Emit(decls, f"rf_conv_im2col_s8(&{ident}, {where}, (int16_t *)A(SCRATCH))")
+    if kernel in ("depthwise", "fully_connected"):  # the zero point folded into the bias
+        folded = op.bias.astype(np.int64) - x.zero_point * op.weight.reshape(o_c, -1).astype(np.int64).sum(1)
+        if np.abs(folded).max(initial=0) >= 2**31:
+            raise RankfoldError(f"{op.name}: folded bias overflows int32")
+        decls.append(_array("int32_t", f"{ident}_bf", folded))
+        if kernel == "depthwise":
+            return _Emit(decls, f"rf_depthwise_s8(&{ident}, {ident}_bf, {where}, A(SCRATCH))")
+        return _Emit(decls, f"rf_fully_connected_s8(&{ident}, {ident}_bf, {where})")
+    return _Emit(decls, f"rf_conv_s8(&{ident}, {where})")
+
+
+def _emit_add(program: Program, op: Add, ident: str, at) -> _Emit:
+    a, b, out = program.tensors[op.a], program.tensors[op.b], program.tensors[op.out]
+    return _Emit([], f"rf_add_s8({at(op.a)}, {a.zero_point}, {op.a_mult[0]}, {op.a_mult[1]}, {at(op.b)}, "
+                     f"{b.zero_point}, {op.b_mult[0]}, {op.b_mult[1]}, {at(op.out)}, {out.zero_point}, "
+                     f"{op.out_mult[0]}, {op.out_mult[1]}, {op.act_min}, {out.size})")
+
+
+def _emit_avgpool(program: Program, op: AvgPool, ident: str, at) -> _Emit:
+    x, out = program.tensors[op.inp], program.tensors[op.out]
+    return _Emit([], f"rf_avgpool_s8({at(op.inp)}, {x.zero_point}, {x.shape[0]}, {x.size // x.shape[0]}, "
+                     f"{at(op.out)}, {out.zero_point}, {op.mult[0]}, {op.mult[1]})")
+
+
+def _emit_requant(program: Program, op: Requant, ident: str, at) -> _Emit:
+    x, out = program.tensors[op.inp], program.tensors[op.out]
+    return _Emit([], f"rf_requant_s8({at(op.inp)}, {x.zero_point}, {at(op.out)}, {out.zero_point}, {op.mult[0]}, "
+                     f"{op.mult[1]}, {op.act_min}, {out.size})")
+
+
+def _emit_pool(program: Program, op: Pool, ident: str, at) -> _Emit:
+    x, out = program.tensors[op.inp], program.tensors[op.out]
+    (c, in_h, in_w), (_c, out_h, out_w) = _spatial(x.shape), _spatial(out.shape)
+    decls = [_array("int32_t", f"{ident}_m", np.array(op.mults, np.int64).reshape(-1)),
+             f"static const rf_pool_params {ident} = {{{c}, {in_h}, {in_w}, {x.zero_point}, {out_h}, {out_w}, "
+             f"{out.zero_point}, {op.kernel[0]}, {op.kernel[1]}, {op.stride[0]}, {op.stride[1]}, "
+             f"{', '.join(map(str, op.pads))}, {op.dilation[0]}, {op.dilation[1]}, {int(op.kind == 'max')}, "
+             f"{int(op.count_include_pad)}}};\n"]
+    return _Emit(decls, f"rf_pool_s8(&{ident}, {ident}_m, {at(op.inp)}, {at(op.out)})")
+
+
+def _emit_concat(program: Program, op: Concat, ident: str, at) -> _Emit:
+    out = program.tensors[op.out]
+    outer = int(np.prod(out.shape[: op.axis]))
+    inner = int(np.prod(out.shape[op.axis + 1 :]))
+    calls, offset = [], 0
+    for part, (mult, shift) in zip(op.parts, op.mults):
+        x = program.tensors[part]
+        block = x.shape[op.axis] * inner
+        calls.append(f"rf_copy_blocks_s8({at(part)}, {x.zero_point}, {at(op.out)} + {offset}, {out.zero_point}, "
+                     f"{mult}, {shift}, {outer}, {block}, {out.shape[op.axis] * inner})")
+        offset += block
+    return _Emit([], ";\n    ".join(calls))
+
+
+def _emit_mul(program: Program, op: Mul, ident: str, at) -> _Emit:
+    a, b, out = program.tensors[op.a], program.tensors[op.b], program.tensors[op.out]
+    count, inner = mul_broadcast(a.shape, b.shape)
+    return _Emit([], f"rf_mul_s8({at(op.a)}, {a.zero_point}, {at(op.b)}, {b.zero_point}, {at(op.out)}, "
+                     f"{out.zero_point}, {op.mult[0]}, {op.mult[1]}, {op.act_min}, {out.size}, {count}, {inner})")
+
+
+def _emit_lookup(program: Program, op: Lookup, ident: str, at) -> _Emit:
+    out = program.tensors[op.out]
+    rows = op.table.shape[0]
+    return _Emit([_array("int8_t", f"{ident}_t", op.table)],
+                 f"rf_lookup_s8({at(op.inp)}, {at(op.out)}, {ident}_t, {rows}, {out.size // rows})")
+
+
+def _dims4(shape) -> list[int]:
+    return [1] * (4 - len(shape)) + list(shape)
+
+
+def _emit_pad(program: Program, op: Pad, ident: str, at) -> _Emit:
+    x, out = program.tensors[op.inp], program.tensors[op.out]
+    before = [0] * (4 - len(op.pads)) + [b for b, _e in op.pads]
+    decls = [_array("int32_t", f"{ident}_in", np.array(_dims4(x.shape))),
+             _array("int32_t", f"{ident}_out", np.array(_dims4(out.shape))),
+             _array("int32_t", f"{ident}_before", np.array(before))]
+    return _Emit(decls, f"rf_pad_s8({at(op.inp)}, {x.zero_point}, {at(op.out)}, {out.zero_point}, {op.mult[0]}, "
+                        f"{op.mult[1]}, {op.value}, {ident}_in, {ident}_out, {ident}_before)")
+
+
+def _emit_transpose(program: Program, op: Transpose, ident: str, at) -> _Emit:
+    x, out = program.tensors[op.inp], program.tensors[op.out]
+    in_strides = [int(np.prod(x.shape[k + 1 :])) for k in range(len(x.shape))]
+    strides = [0] * (4 - len(op.perm)) + [in_strides[p] for p in op.perm]
+    decls = [_array("int32_t", f"{ident}_dims", np.array(_dims4(out.shape))),
+             _array("int32_t", f"{ident}_strides", np.array(strides))]
+    return _Emit(decls, f"rf_transpose_s8({at(op.inp)}, {x.zero_point}, {at(op.out)}, {out.zero_point}, "
+                        f"{op.mult[0]}, {op.mult[1]}, {ident}_dims, {ident}_strides)")
+
+
+def _emit_softmax(program: Program, op: Softmax, ident: str, at) -> _Emit:
+    x, out = program.tensors[op.inp], program.tensors[op.out]
+    length = x.shape[-1]
+    return _Emit([_array("int32_t", f"{ident}_exp", op.exp_table)],
+                 f"rf_softmax_s8({at(op.inp)}, {at(op.out)}, {x.size // length}, {length}, {ident}_exp, "
+                 f"{op.inv_out_scale}, {out.zero_point})")
+
+
+EMITTERS = {Conv: _emit_conv, Add: _emit_add, AvgPool: _emit_avgpool, Requant: _emit_requant, Pool: _emit_pool,
+            Concat: _emit_concat, Mul: _emit_mul, Lookup: _emit_lookup, Pad: _emit_pad, Transpose: _emit_transpose,
+            Softmax: _emit_softmax}
+
+
 def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None = None) -> dict:
     """Write the C sources into `directory` (created; replaced atomically if it exists).
     Returns the numbers the report states: arena bytes, weight bytes, MACs."""
     arena = plan_arena(program)
     t = program.tensors
     decls, calls = [], []
-    scratch = 0  # bytes of im2col columns, placed after the tensors
+
+    def at(name: str) -> str:
+        return f"A({arena.offsets[name]})"
+
     for i, op in enumerate(program.ops):
-        ident = _ident(i)
-        out = t[op.out]
-        if isinstance(op, Conv):
-            x = t[op.inp]
-            in_c, in_h, in_w = (x.shape + (1, 1))[:3] if len(x.shape) < 3 else x.shape
-            out_c, out_h, out_w = (out.shape + (1, 1))[:3] if len(out.shape) < 3 else out.shape
-            kernel = kernel_of(program, op)
-            if kernel == "im2col":
-                stored = interleaved_weights(op)
-            else:
-                stored = op.weight if op.bits == 8 else np.frombuffer(pack_int4(op.weight), np.int8)
-            decls += [_array("int8_t", f"{ident}_w", stored), _array("int32_t", f"{ident}_b", op.bias),
-                      _array("int32_t", f"{ident}_m", op.multiplier), _array("int32_t", f"{ident}_s", op.shift)]
-            o_c, _i, k_h, k_w = op.weight.shape
-            decls.append(
-                f"static const rf_conv_params {ident} = {{{in_c}, {in_h}, {in_w}, {x.zero_point}, {out_c}, {out_h}, "
-                f"{out_w}, {out.zero_point}, {k_h}, {k_w}, {op.stride[0]}, {op.stride[1]}, {op.pads[0]}, "
-                f"{op.pads[1]}, {op.pads[2]}, {op.pads[3]}, {op.dilation[0]}, {op.dilation[1]}, {op.groups}, "
-                f"{op.act_min}, {op.act_max}, "
-                f"{op.bits}, {ident}_w, {ident}_b, {ident}_m, {ident}_s}};\n")
-            where = f"A({arena.offsets[op.inp]}), A({arena.offsets[op.out]})"
-            if kernel == "im2col":
-                scratch = max(scratch, scratch_bytes(program, op))
-                calls.append(f"    rf_conv_im2col_s8(&{ident}, {where}, (int16_t *)A(SCRATCH));  /* {op.name} */")
-            elif kernel in ("depthwise", "fully_connected"):  # the zero point folded into the bias
-                folded = op.bias.astype(np.int64) - x.zero_point * op.weight.reshape(o_c, -1).astype(np.int64).sum(1)
-                if np.abs(folded).max(initial=0) >= 2**31:
-                    raise RankfoldError(f"{op.name}: folded bias overflows int32")
-                decls.append(_array("int32_t", f"{ident}_bf", folded))
-                if kernel == "depthwise":
-                    scratch = max(scratch, scratch_bytes(program, op))
-                    calls.append(f"    rf_depthwise_s8(&{ident}, {ident}_bf, {where}, A(SCRATCH));  /* {op.name} */")
-                else:
-                    calls.append(f"    rf_fully_connected_s8(&{ident}, {ident}_bf, {where});  /* {op.name} */")
-            else:
-                calls.append(f"    rf_conv_s8(&{ident}, {where});  /* {op.name} */")
-        elif isinstance(op, Add):
-            a, b = t[op.a], t[op.b]
-            calls.append(
-                f"    rf_add_s8(A({arena.offsets[op.a]}), {a.zero_point}, {op.a_mult[0]}, {op.a_mult[1]}, "
-                f"A({arena.offsets[op.b]}), {b.zero_point}, {op.b_mult[0]}, {op.b_mult[1]}, "
-                f"A({arena.offsets[op.out]}), {out.zero_point}, {op.out_mult[0]}, {op.out_mult[1]}, {op.act_min}, "
-                f"{out.size});  /* {op.name} */")
-        elif isinstance(op, AvgPool):
-            x = t[op.inp]
-            calls.append(
-                f"    rf_avgpool_s8(A({arena.offsets[op.inp]}), {x.zero_point}, {x.shape[0]}, "
-                f"{x.size // x.shape[0]}, A({arena.offsets[op.out]}), {out.zero_point}, {op.mult[0]}, "
-                f"{op.mult[1]});  /* {op.name} */")
-        elif isinstance(op, Requant):
-            x = t[op.inp]
-            calls.append(
-                f"    rf_requant_s8(A({arena.offsets[op.inp]}), {x.zero_point}, A({arena.offsets[op.out]}), "
-                f"{out.zero_point}, {op.mult[0]}, {op.mult[1]}, {op.act_min}, {out.size});  /* {op.name} */")
-        else:
+        emitter = EMITTERS.get(type(op))
+        if emitter is None:
             raise RankfoldError(f"no C code for {type(op).__name__}")
+        emitted = emitter(program, op, _ident(i), at)
+        decls += emitted.decls
+        calls.append(f"    {emitted.call};  /* {op.name} */\n    RF_MARK({i});")
+    scratch = max((scratch_bytes(program, op) for op in program.ops), default=0)  # placed after the tensors
     x_in, x_out = t[program.input], t[program.output]
     scratch_offset = (arena.size + 3) // 4 * 4
     arena = ArenaPlan(arena.offsets, scratch_offset + scratch)
@@ -211,6 +324,7 @@ def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None
 #define MODEL_OUTPUT_SCALE {x_out.scale!r}f
 #define MODEL_OUTPUT_ZERO_POINT {x_out.zero_point}
 #define MODEL_MACS {program.macs}
+#define MODEL_OPS {len(program.ops)}
 #define MODEL_WEIGHT_BYTES {program.weight_bytes}
 
 /* in: MODEL_INPUT_SIZE int8 values (NCHW, one sample); out: MODEL_OUTPUT_SIZE int8 values;
@@ -221,6 +335,8 @@ int model_run(const int8_t *in, int8_t *out, uint8_t *arena);
 """
     source = ["/* Generated by rankfold. */\n#include <string.h>\n\n#include \"model.h\"\n"
               "#include \"rankfold_kernels.h\"\n\n#define A(offset) ((int8_t *)(arena + (offset)))\n"
+              "#ifdef RF_PROFILE /* main.c times each op */\nvoid rf_profile_mark(int op);\n"
+              "#define RF_MARK(op) rf_profile_mark(op)\n#else\n#define RF_MARK(op) ((void)0)\n#endif\n"
               f"#define SCRATCH {scratch_offset}\n\n",
               *decls,
               "\nint model_run(const int8_t *in, int8_t *out, uint8_t *arena)\n{\n",

@@ -5,7 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 from rankfold.cexport.arith import multiply_by_quantized_multiplier as mbqm
-from rankfold.cexport.ir import ADD_LEFT_SHIFT, Add, AvgPool, Conv, Program, Requant
+from rankfold.cexport.ir import (
+    ADD_LEFT_SHIFT,
+    SOFTMAX_SCALE_BITS,
+    Add,
+    AvgPool,
+    Concat,
+    Conv,
+    Lookup,
+    Mul,
+    Pad,
+    Pool,
+    Program,
+    Requant,
+    Softmax,
+    Transpose,
+    mul_broadcast,
+)
 from rankfold.quantize.core import ACT_QMAX
 
 _MAX_EXACT = 2**53  # integer dot products are exact in float64 (and fast, through BLAS) below this
@@ -41,10 +57,74 @@ def _conv(op: Conv, x: np.ndarray, zp_in: int, out_shape: tuple[int, ...], zp_ou
     return np.clip(scaled, op.act_min, op.act_max).reshape(n, *out_shape).astype(np.int8)
 
 
+def _requant(x: np.ndarray, mult: tuple[int, int], zp_out: int, act_min: int = -128) -> np.ndarray:
+    return np.clip(mbqm(x, *mult) + zp_out, act_min, ACT_QMAX)
+
+
+def _windows(x: np.ndarray, op: Pool, out_hw: tuple[int, int], fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every output's window of taps (N, C, out_h, out_w, taps) from x padded with `fill`, and which
+    taps lie inside the input (taps,) per output position (out_h, out_w, taps)."""
+    top, left, bottom, right = op.pads
+    (kh, kw), (sh, sw), (dh, dw) = op.kernel, op.stride, op.dilation
+    out_h, out_w = out_hw
+    h, w = x.shape[2], x.shape[3]
+    extra_h = max((out_h - 1) * sh + (kh - 1) * dh + 1 - (h + top + bottom), 0)  # ceil_mode windows
+    extra_w = max((out_w - 1) * sw + (kw - 1) * dw + 1 - (w + left + right), 0)
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom + extra_h), (left, right + extra_w)), constant_values=fill)
+    inside = np.zeros((h + top + bottom + extra_h, w + left + right + extra_w), np.int64)
+    inside[top : top + h, left : left + w] = 1  # 1: the input
+    inside[: h + top + bottom, : w + left + right] += 1  # 2: the input, 1: padding, 0: beyond (ceil_mode)
+    taps, where = [], []
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
+            cols = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
+            taps.append(padded[:, :, rows, cols])
+            where.append(inside[rows, cols])
+    return np.stack(taps, -1), np.stack(where, -1)
+
+
+def _pool(op: Pool, x: np.ndarray, zp_in: int, out_shape: tuple[int, ...], zp_out: int) -> np.ndarray:
+    if op.kind == "max":
+        window, where = _windows(x.astype(np.int64), op, out_shape[1:], -(2**31))
+        best = np.where(where == 2, window, -(2**31)).max(-1)
+        return _requant(best - zp_in, op.mults[0], zp_out)
+    window, where = _windows(x.astype(np.int64) - zp_in, op, out_shape[1:], 0)
+    counted = where >= (1 if op.count_include_pad else 2)
+    total = np.where(where == 2, window, 0).sum(-1)
+    count = counted.sum(-1)
+    mult = np.array([m for m, _ in op.mults])[count]
+    shift = np.array([s for _, s in op.mults])[count]
+    return _requant(total, (mult, shift), zp_out)
+
+
+def _pad(op: Pad, x: np.ndarray, zp_in: int, zp_out: int) -> np.ndarray:
+    moved = _requant(x.astype(np.int64) - zp_in, op.mult, zp_out)
+    return np.pad(moved, ((0, 0), *op.pads), constant_values=op.value)
+
+
+def _softmax(op: Softmax, x: np.ndarray, zp_out: int) -> np.ndarray:
+    x = x.astype(np.int64)
+    e = op.exp_table.astype(np.int64)[x.max(-1, keepdims=True) - x]
+    total = e.sum(-1, keepdims=True) << SOFTMAX_SCALE_BITS
+    return np.clip((e * op.inv_out_scale + total // 2) // total + zp_out, -128, ACT_QMAX)
+
+
+def _mul(program: Program, op: Mul, env) -> np.ndarray:
+    t = program.tensors
+    a = env[op.a].astype(np.int64).reshape(len(env[op.a]), -1) - t[op.a].zero_point
+    b = env[op.b].astype(np.int64).reshape(len(env[op.b]), -1) - t[op.b].zero_point
+    count, inner = mul_broadcast(t[op.a].shape, t[op.b].shape)
+    b_full = np.repeat(b, inner, axis=1) if b.shape[1] == count else b
+    b_full = np.tile(b_full, (1, a.shape[1] // b_full.shape[1]))
+    return _requant(a * b_full, op.mult, t[op.out].zero_point, op.act_min)
+
+
 def run_op(program: Program, op, env: dict[str, np.ndarray]) -> np.ndarray:
     """One op of the program on int8 tensors in `env` (each (N, *shape)); returns its output."""
     t = program.tensors
     out = t[op.out]
+    n = len(env[op.inputs[0]])
     if isinstance(op, Conv):
         return _conv(op, env[op.inp], t[op.inp].zero_point, out.shape, out.zero_point)
     if isinstance(op, Add):
@@ -52,14 +132,32 @@ def run_op(program: Program, op, env: dict[str, np.ndarray]) -> np.ndarray:
         b = (env[op.b].astype(np.int64) - t[op.b].zero_point) << ADD_LEFT_SHIFT
         total = mbqm(a, *op.a_mult) + mbqm(b, *op.b_mult)
         return np.clip(mbqm(total, *op.out_mult) + out.zero_point, op.act_min, ACT_QMAX).astype(np.int8)
-    x = env[op.inp].astype(np.int64) - t[op.inp].zero_point
+    if isinstance(op, Mul):
+        return _mul(program, op, env).reshape(n, *out.shape).astype(np.int8)
+    if isinstance(op, Concat):
+        parts = [_requant(env[p].astype(np.int64).reshape(n, *t[p].shape) - t[p].zero_point, m, out.zero_point)
+                 for p, m in zip(op.parts, op.mults)]
+        return np.concatenate(parts, axis=op.axis + 1).astype(np.int8)
+    x = env[op.inp].astype(np.int64).reshape(n, *t[op.inp].shape)
+    zp_in = t[op.inp].zero_point
     if isinstance(op, AvgPool):
-        total = x.reshape(x.shape[0], x.shape[1], -1).sum(2)
-        return np.clip(mbqm(total, *op.mult) + out.zero_point, -128, ACT_QMAX).reshape(
-            x.shape[0], *out.shape).astype(np.int8)
+        total = (x - zp_in).reshape(n, x.shape[1], -1).sum(2)
+        return _requant(total, op.mult, out.zero_point).reshape(n, *out.shape).astype(np.int8)
     if isinstance(op, Requant):
-        return np.clip(mbqm(x, *op.mult) + out.zero_point, op.act_min, ACT_QMAX).reshape(
-            x.shape[0], *out.shape).astype(np.int8)
+        return _requant(x - zp_in, op.mult, out.zero_point, op.act_min).reshape(n, *out.shape).astype(np.int8)
+    if isinstance(op, Pool):
+        return _pool(op, x, zp_in, out.shape, out.zero_point).astype(np.int8)
+    if isinstance(op, Lookup):
+        rows = op.table.shape[0]
+        flat = x.reshape(n, rows, -1) + 128
+        return op.table[np.arange(rows)[None, :, None], flat].reshape(n, *out.shape).astype(np.int8)
+    if isinstance(op, Pad):
+        return _pad(op, x, zp_in, out.zero_point).astype(np.int8)
+    if isinstance(op, Transpose):
+        moved = _requant(x - zp_in, op.mult, out.zero_point)
+        return moved.transpose(0, *(p + 1 for p in op.perm)).astype(np.int8)
+    if isinstance(op, Softmax):
+        return _softmax(op, x, out.zero_point).astype(np.int8)
     raise TypeError(f"unknown op {type(op).__name__}")
 
 

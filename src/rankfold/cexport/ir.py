@@ -14,7 +14,6 @@ from rankfold.errors import RankfoldError
 from rankfold.quantize.core import ACT_QMAX, ACT_QMIN, quantize_weight
 
 PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")
-SUPPORTED = ("Conv", "Gemm", "Relu", "Clip", "Add", "GlobalAveragePool", "ReduceMean", *PASS_THROUGH)
 
 
 @dataclass
@@ -47,6 +46,10 @@ class Conv:
     bits: int = 8  # 4: stored two weights per byte
 
     @property
+    def inputs(self) -> list[str]:
+        return [self.inp]
+
+    @property
     def weight_bytes(self) -> int:
         return -(-self.weight.size * self.bits // 8)
 
@@ -66,9 +69,23 @@ class Add:
     act_min: int = ACT_QMIN
     name: str = ""
 
+    @property
+    def inputs(self) -> list[str]:
+        return [self.a, self.b]
+
+
+class OneInput:
+    """An op that reads one tensor, `inp`."""
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.inp]
+
 
 @dataclass
-class AvgPool:
+class AvgPool(OneInput):
+    """The mean over each channel's whole plane (GlobalAveragePool, ReduceMean)."""
+
     inp: str
     out: str
     mult: tuple[int, int]
@@ -76,7 +93,7 @@ class AvgPool:
 
 
 @dataclass
-class Requant:
+class Requant(OneInput):
     """Copy with new (scale, zero point); a ReLU raises act_min to the output zero point."""
 
     inp: str
@@ -86,6 +103,107 @@ class Requant:
     name: str = ""
 
 
+@dataclass
+class Pool(OneInput):
+    """MaxPool or AveragePool over windows. Max: the largest value of the window's taps inside the
+    input, then requantized (`mults[0]`). Average: the sum of x - zero point over the taps that
+    count, requantized by `mults[count]` = s_in / (s_out * count) (count_include_pad: every tap
+    inside the padded input counts, padding as the real value 0)."""
+
+    inp: str
+    out: str
+    kind: str  # "max" | "avg"
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+    count_include_pad: bool
+    mults: list[tuple[int, int]]
+    name: str = ""
+
+
+@dataclass
+class Concat:
+    """Inputs joined along a per-sample axis, each requantized to the output's parameters."""
+
+    parts: list[str]
+    out: str
+    axis: int  # per-sample axis (0: channels)
+    mults: list[tuple[int, int]]
+    name: str = ""
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.parts)
+
+
+@dataclass
+class Mul:
+    """a * b (b broadcast over a: same shape, one value per channel, or one value):
+    (a - za) * (b - zb) requantized by s_a * s_b / s_out."""
+
+    a: str
+    b: str
+    out: str
+    mult: tuple[int, int]
+    act_min: int = ACT_QMIN
+    name: str = ""
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.a, self.b]
+
+
+@dataclass
+class Lookup(OneInput):
+    """An element-wise function as a table of the 256 int8 inputs: (channels, 256), one row for all
+    values or one per channel (PRelu). Built from the function in float32, quantized as
+    QuantizeLinear does (round half to even): what onnxruntime's DQ -> op -> Q computes."""
+
+    inp: str
+    out: str
+    table: np.ndarray
+    function: str = ""
+    name: str = ""
+
+
+@dataclass
+class Pad(OneInput):
+    """Constant padding of the per-sample dimensions with `value` (already quantized)."""
+
+    inp: str
+    out: str
+    pads: tuple[tuple[int, int], ...]  # per per-sample dimension: (before, after)
+    value: int
+    mult: tuple[int, int]
+    name: str = ""
+
+
+@dataclass
+class Transpose(OneInput):
+    """A permutation of the per-sample dimensions (the batch stays first)."""
+
+    inp: str
+    out: str
+    perm: tuple[int, ...]  # per-sample
+    mult: tuple[int, int]
+    name: str = ""
+
+
+@dataclass
+class Softmax(OneInput):
+    """Softmax along the last axis in integers: e = EXP[max - x] (exp(-d * s_in) * 2^16, rounded),
+    then out = (e * K + S / 2) // S + zp_out with S = sum(e) * 2^8 and K = round(2^8 / s_out)."""
+
+    inp: str
+    out: str
+    exp_table: np.ndarray  # int32 (256,)
+    inv_out_scale: int  # K
+    name: str = ""
+
+
+SOFTMAX_EXP_BITS = 16
+SOFTMAX_SCALE_BITS = 8
 ADD_LEFT_SHIFT = 20  # inputs are scaled up before their multipliers so the sum keeps precision
 
 
@@ -140,109 +258,358 @@ def read_program(model: onnx.ModelProto) -> Program:
         names = ", ".join(o.name for o in model.graph.output)
         raise RankfoldError(f"the C back-end runs models with one output; this one has {len(model.graph.output)} "
                             f"({names})")
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:  # Constant nodes (e.g. ReduceMean axes at opset 18+) are initializers too
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    shapes = _shapes(model)
-    qparams: dict[str, tuple[float, int]] = {}  # float tensor -> (scale, zero point)
-    quantized_of: dict[str, str] = {}  # Q output -> float tensor
-    canonical: dict[str, str] = {}  # DQ output (activation) -> float tensor
-    weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # DQ output (weight/bias) -> (ints, scales)
-    int4 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
-    bits_of: dict[str, int] = {}
+    unsupported: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear":
-            scale = float(inits[node.input[1]])
-            zero = int(inits[node.input[2]]) if len(node.input) > 2 else 0
-            qparams[node.input[0]] = (scale, zero)
-            quantized_of[node.output[0]] = node.input[0]
-        elif node.op_type == "DequantizeLinear":
-            if node.input[0] in inits:
-                weights[node.output[0]] = (inits[node.input[0]], np.atleast_1d(inits[node.input[1]]))
-                bits_of[node.output[0]] = 4 if node.input[0] in int4 else 8
-            elif node.input[0] in quantized_of:
-                canonical[node.output[0]] = quantized_of[node.input[0]]
-    program = Program()
-    consumers: dict[str, int] = {}
+        if node.op_type not in READERS and node.op_type not in QDQ_OPS:
+            unsupported[node.op_type] = unsupported.get(node.op_type, 0) + 1
+    if unsupported:
+        first = next(n for n in model.graph.node if n.op_type in unsupported)
+        listed = ", ".join(f"{op} x{count}" for op, count in unsupported.items())
+        raise RankfoldError(f"ops not supported by the C back-end: {listed} (first: op {first.op_type}, node "
+                            f"{first.name!r}); supported: {', '.join(SUPPORTED)}")
+    reader = _Reader(model)
     for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    for name in [o.name for o in model.graph.output]:
-        consumers[name] = consumers.get(name, 0) + 1
+        if node.op_type in QDQ_OPS:
+            continue
+        item = READERS[node.op_type](reader, node)
+        if item is None:  # fused into the op before it
+            continue
+        reader.program.ops.append(item)
+        reader.producer[item.out] = item
+    output = model.graph.output[0].name
+    reader.program.output = reader.source(output) if output in reader.canonical else reader.tensor(output)
+    return reader.program
 
-    def tensor(float_name: str) -> str:
-        if float_name not in qparams:
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "Constant")
+
+
+class _Reader:
+    """The QDQ graph's quantization parameters and weights, and the program being built."""
+
+    def __init__(self, model: onnx.ModelProto):
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        for node in model.graph.node:  # Constant nodes (e.g. ReduceMean axes at opset 18+) are initializers too
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.inits = inits
+        self.shapes = _shapes(model)
+        self.qparams: dict[str, tuple[float, int]] = {}  # float tensor -> (scale, zero point)
+        quantized_of: dict[str, str] = {}  # Q output -> float tensor
+        self.canonical: dict[str, str] = {}  # DQ output (activation) -> float tensor
+        self.weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # DQ output (weight/bias) -> (ints, scales)
+        int4 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
+        self.bits_of: dict[str, int] = {}
+        for node in model.graph.node:
+            if node.op_type == "QuantizeLinear":
+                scale = float(inits[node.input[1]])
+                zero = int(inits[node.input[2]]) if len(node.input) > 2 else 0
+                self.qparams[node.input[0]] = (scale, zero)
+                quantized_of[node.output[0]] = node.input[0]
+            elif node.op_type == "DequantizeLinear":
+                if node.input[0] in inits:
+                    self.weights[node.output[0]] = (inits[node.input[0]], np.atleast_1d(inits[node.input[1]]))
+                    self.bits_of[node.output[0]] = 4 if node.input[0] in int4 else 8
+                elif node.input[0] in quantized_of:
+                    self.canonical[node.output[0]] = quantized_of[node.input[0]]
+        self.program = Program()
+        self.consumers: dict[str, int] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.consumers[name] = self.consumers.get(name, 0) + 1
+        for name in [o.name for o in model.graph.output]:
+            self.consumers[name] = self.consumers.get(name, 0) + 1
+        # Conv/Gemm -> Relu or Clip (ReLU6) with no quantization between them: one kernel, its output
+        # clamped to the activation's range on the output's integer grid
+        self.relu_of = {node.input[0]: node for node in model.graph.node if node.op_type in ("Relu", "Clip")
+                        and node.input[0] not in self.qparams and node.input[0] not in self.canonical}
+        graph_input = next(i.name for i in model.graph.input if i.name not in inits)
+        self.program.input = self.tensor(graph_input)
+        self.producer: dict[str, object] = {}
+
+    def tensor(self, float_name: str) -> str:
+        if float_name not in self.qparams:
             raise RankfoldError(f"tensor {float_name!r} is not quantized: the C back-end needs a QDQ model "
                                 "with every activation quantized (rankfold compress with a quantized plan)")
-        if float_name not in program.tensors:
-            if float_name not in shapes:
+        if float_name not in self.program.tensors:
+            if float_name not in self.shapes:
                 raise RankfoldError(f"tensor {float_name!r} has no static shape")
-            scale, zero = qparams[float_name]
-            program.tensors[float_name] = QTensor(float_name, shapes[float_name], scale, zero)
+            scale, zero = self.qparams[float_name]
+            self.program.tensors[float_name] = QTensor(float_name, self.shapes[float_name], scale, zero)
         return float_name
 
-    def source(name: str) -> str:
-        if name in canonical:
-            return tensor(canonical[name])
-        if name in qparams:  # read unquantized by a layer kept float: here it runs in int8 like the rest
-            return tensor(name)
+    def source(self, name: str) -> str:
+        if name in self.canonical:
+            return self.tensor(self.canonical[name])
+        if name in self.qparams:  # read unquantized by a layer kept float: here it runs in int8 like the rest
+            return self.tensor(name)
         raise RankfoldError(f"input {name!r} of the graph is used without DequantizeLinear: not a QDQ model")
 
-    # Conv/Gemm -> Relu or Clip (ReLU6) with no quantization between them: one kernel, its output
-    # clamped to the activation's range on the output's integer grid
-    relu_of = {node.input[0]: node for node in model.graph.node if node.op_type in ("Relu", "Clip")
-               and node.input[0] not in qparams and node.input[0] not in canonical}
-    graph_input = next(i.name for i in model.graph.input if i.name not in inits)
-    program.input = tensor(graph_input)
-    producer: dict[str, object] = {}
-    for node in model.graph.node:
-        op = node.op_type
-        if op in ("QuantizeLinear", "DequantizeLinear", "Constant"):
-            continue
-        if op not in SUPPORTED:
-            raise RankfoldError(f"op {op} (node {node.name!r}) is not supported by the C back-end; supported: "
-                                f"{', '.join(SUPPORTED)}")
-        if op in ("Conv", "Gemm"):
-            relu = relu_of.get(node.output[0])
-            out = tensor(relu.output[0] if relu is not None else node.output[0])
-            item = _conv(node, source(node.input[0]), out, program, weights, inits)
-            item.bits = bits_of.get(node.input[1], 8)
-            if relu is not None:
-                item.act_min, item.act_max = _activation_clamp(relu, program.tensors[out], inits)
-        elif op in ("Relu", "Clip") and node.input[0] in relu_of:
-            continue  # fused into the Conv above
-        elif op == "Clip":
-            raise RankfoldError(f"Clip {node.name!r} does not directly follow a Conv or Gemm: the C back-end "
-                                "fuses Clip into the layer before it only")
-        elif op == "Relu":
-            inp, out = source(node.input[0]), tensor(node.output[0])
-            prev = producer.get(inp)
-            dq_name = next(n for n, f in canonical.items() if f == inp)
-            if isinstance(prev, Conv) and consumers.get(dq_name, 0) == 1 and consumers.get(inp, 0) == 1:
-                _refit_output(prev, program.tensors[prev.inp], program.tensors[out])  # fuse: one rounding
-                prev.out, prev.act_min = out, program.tensors[out].zero_point
-                producer[out] = prev
-                continue
-            item = Requant(inp, out, _mult(program.tensors[inp].scale / program.tensors[out].scale),
-                           program.tensors[out].zero_point, node.name)
-        elif op == "Add":
-            a, b, out = source(node.input[0]), source(node.input[1]), tensor(node.output[0])
-            item = _add(a, b, out, program, node.name)
-        elif op in ("GlobalAveragePool", "ReduceMean"):
-            inp, out = source(node.input[0]), tensor(node.output[0])
-            count = int(np.prod(program.tensors[inp].shape[1:]))
-            item = AvgPool(inp, out, _mult(program.tensors[inp].scale / (program.tensors[out].scale * count)),
-                           node.name)
-        else:  # layout-only ops: NCHW is contiguous, so a requantizing copy
-            inp, out = source(node.input[0]), tensor(node.output[0])
-            item = Requant(inp, out, _mult(program.tensors[inp].scale / program.tensors[out].scale), ACT_QMIN,
-                           node.name)
-        program.ops.append(item)
-        producer[item.out] = item
-    output = model.graph.output[0].name
-    program.output = source(output) if output in canonical else tensor(output)
-    return program
+    def constant(self, node: onnx.NodeProto, index: int, what: str):
+        name = node.input[index] if len(node.input) > index else ""
+        if not name:
+            return None
+        if name in self.weights:
+            ints, scales = self.weights[name]
+            return ints.astype(np.float64) * scales.reshape(-1)[0] if scales.size == 1 else ints * scales
+        if name not in self.inits:
+            raise RankfoldError(f"{node.op_type} {node.name!r}: its {what} must be a constant")
+        return self.inits[name]
+
+    def io(self, node: onnx.NodeProto) -> tuple[QTensor, QTensor]:
+        inp, out = self.source(node.input[0]), self.tensor(node.output[0])
+        return self.program.tensors[inp], self.program.tensors[out]
+
+    def rescale(self, x: QTensor, y: QTensor) -> tuple[int, int]:
+        return _mult(x.scale / y.scale)
+
+
+def _read_conv(r: _Reader, node: onnx.NodeProto):
+    relu = r.relu_of.get(node.output[0])
+    out = r.tensor(relu.output[0] if relu is not None else node.output[0])
+    item = _conv(node, r.source(node.input[0]), out, r.program, r.weights, r.inits)
+    item.bits = r.bits_of.get(node.input[1], 8)
+    if relu is not None:
+        item.act_min, item.act_max = _activation_clamp(relu, r.program.tensors[out], r.inits)
+    return item
+
+
+def _read_relu(r: _Reader, node: onnx.NodeProto):
+    if node.input[0] in r.relu_of:
+        return None  # fused into the Conv before it
+    inp, out = r.source(node.input[0]), r.tensor(node.output[0])
+    prev = r.producer.get(inp)
+    dq_name = next(n for n, f in r.canonical.items() if f == inp)
+    if isinstance(prev, Conv) and r.consumers.get(dq_name, 0) == 1 and r.consumers.get(inp, 0) == 1:
+        _refit_output(prev, r.program.tensors[prev.inp], r.program.tensors[out])  # fuse: one rounding
+        prev.out, prev.act_min = out, r.program.tensors[out].zero_point
+        r.producer[out] = prev
+        return None
+    return Requant(inp, out, _mult(r.program.tensors[inp].scale / r.program.tensors[out].scale),
+                   r.program.tensors[out].zero_point, node.name)
+
+
+def _read_clip(r: _Reader, node: onnx.NodeProto):
+    if node.input[0] in r.relu_of:
+        return None  # fused into the Conv before it
+    return _read_lookup(r, node)
+
+
+def _read_add(r: _Reader, node: onnx.NodeProto):
+    a, b, out = r.source(node.input[0]), r.source(node.input[1]), r.tensor(node.output[0])
+    if r.program.tensors[a].shape != r.program.tensors[b].shape:
+        raise RankfoldError(f"Add {node.name!r}: the C back-end adds tensors of one shape; these are "
+                            f"{r.program.tensors[a].shape} and {r.program.tensors[b].shape}")
+    return _add(a, b, out, r.program, node.name)
+
+
+def _read_global_average(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)
+    if node.op_type == "ReduceMean":
+        axes = _attr(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = [int(a) for a in r.inits[node.input[1]]]
+        rank = len(x.shape) + 1
+        if axes is None or sorted(a % rank for a in axes) != list(range(2, rank)):
+            raise RankfoldError(f"ReduceMean {node.name!r}: the C back-end averages over the spatial axes only "
+                                f"(axes {axes})")
+    count = int(np.prod(x.shape[1:]))
+    return AvgPool(x.name, y.name, _mult(x.scale / (y.scale * count)), node.name)
+
+
+def _read_pass_through(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)  # NCHW is contiguous: a requantizing copy
+    return Requant(x.name, y.name, r.rescale(x, y), ACT_QMIN, node.name)
+
+
+def _read_pool(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)
+    if len(x.shape) != 3:
+        raise RankfoldError(f"{node.op_type} {node.name!r}: the C back-end pools 2-D inputs (N, C, H, W)")
+    kernel = tuple(int(k) for k in _attr(node, "kernel_shape", [1, 1]))
+    stride = tuple(int(v) for v in _attr(node, "strides", [1, 1]))
+    dilation = tuple(int(v) for v in _attr(node, "dilations", [1, 1]))
+    pads = _explicit_pads(node, x.shape[1:], y.shape[1:], kernel, stride, dilation)
+    kind = "max" if node.op_type == "MaxPool" else "avg"
+    if kind == "avg" and dilation != (1, 1):
+        raise RankfoldError(f"AveragePool {node.name!r}: dilations are not supported by the C back-end")
+    if len(node.output) > 1 and node.output[1]:
+        raise RankfoldError(f"MaxPool {node.name!r}: its indices output is not supported by the C back-end")
+    taps = kernel[0] * kernel[1]
+    mults = ([r.rescale(x, y)] if kind == "max" else
+             [(0, 0)] + [_mult(x.scale / (y.scale * count)) for count in range(1, taps + 1)])
+    return Pool(x.name, y.name, kind, kernel, stride, pads, dilation, bool(_attr(node, "count_include_pad", 0)),
+                mults, node.name)
+
+
+def _read_global_max(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)
+    if len(x.shape) != 3:
+        raise RankfoldError(f"GlobalMaxPool {node.name!r}: the C back-end pools 2-D inputs (N, C, H, W)")
+    kernel = (x.shape[1], x.shape[2])
+    return Pool(x.name, y.name, "max", kernel, (1, 1), (0, 0, 0, 0), (1, 1), False, [r.rescale(x, y)], node.name)
+
+
+def _read_concat(r: _Reader, node: onnx.NodeProto):
+    parts = [r.source(name) for name in node.input]
+    out = r.program.tensors[r.tensor(node.output[0])]
+    axis = int(_attr(node, "axis", 1))
+    rank = len(out.shape) + 1
+    axis = axis % rank
+    if axis == 0:
+        raise RankfoldError(f"Concat {node.name!r}: joining along the batch axis is not supported by the C back-end")
+    return Concat(parts, out.name, axis - 1, [r.rescale(r.program.tensors[p], out) for p in parts], node.name)
+
+
+def _read_mul(r: _Reader, node: onnx.NodeProto):
+    a, b, out = r.source(node.input[0]), r.source(node.input[1]), r.tensor(node.output[0])
+    ta, tb, to = r.program.tensors[a], r.program.tensors[b], r.program.tensors[out]
+    if tb.size > ta.size:
+        a, b, ta, tb = b, a, tb, ta
+    if ta.shape != to.shape or mul_broadcast(ta.shape, tb.shape) is None:
+        raise RankfoldError(f"Mul {node.name!r}: the C back-end multiplies by a tensor of the same shape, one value "
+                            f"per channel or one value; these are {ta.shape} and {tb.shape}")
+    return Mul(a, b, out, _mult(ta.scale * tb.scale / to.scale), ACT_QMIN, node.name)
+
+
+def mul_broadcast(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """How b repeats over a, as (count, inner): b[(i // inner) % count] goes with a[i]; None when b
+    is neither a's shape, one value per channel (dimension 0 of a sample), nor one value."""
+    size = int(np.prod(a_shape))
+    b_size = int(np.prod(b_shape)) if b_shape else 1
+    if tuple(b_shape) == tuple(a_shape):
+        return size, 1
+    if b_size == 1:
+        return 1, size
+    squeezed = tuple(b_shape)[-len(a_shape):] if len(b_shape) >= len(a_shape) else \
+        (1,) * (len(a_shape) - len(b_shape)) + tuple(b_shape)
+    if int(np.prod(b_shape)) == int(np.prod(squeezed)) and squeezed[0] == a_shape[0] and \
+            all(d == 1 for d in squeezed[1:]):
+        return a_shape[0], size // a_shape[0]
+    return None
+
+
+# Element-wise functions as onnxruntime's DQ -> op -> Q computes them, in float32.
+def _hard_sigmoid(node):
+    alpha, beta = np.float32(_attr(node, "alpha", 0.2)), np.float32(_attr(node, "beta", 0.5))
+    return lambda x: np.clip(alpha * x + beta, np.float32(0), np.float32(1))
+
+
+def _leaky(node):
+    alpha = np.float32(_attr(node, "alpha", 0.01))
+    return lambda x: np.where(x >= 0, x, alpha * x)
+
+
+def _elu(node):
+    alpha = np.float32(_attr(node, "alpha", 1.0))
+    return lambda x: np.where(x >= 0, x, alpha * (np.exp(x) - np.float32(1)))
+
+
+FUNCTIONS = {
+    "Sigmoid": lambda node: lambda x: np.float32(1) / (np.float32(1) + np.exp(-x)),
+    "Tanh": lambda node: np.tanh,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": lambda node: lambda x: x * np.clip(x / np.float32(6) + np.float32(0.5), np.float32(0), np.float32(1)),
+    "LeakyRelu": _leaky,
+    "Elu": _elu,
+}
+
+
+def lookup_table(x: QTensor, y: QTensor, function) -> np.ndarray:
+    """int8 outputs for the 256 int8 inputs: QuantizeLinear(function(DequantizeLinear(q)))."""
+    q = np.arange(-128, 128, dtype=np.int32)
+    real = (q - np.int32(x.zero_point)).astype(np.float32) * np.float32(x.scale)
+    with np.errstate(over="ignore"):
+        value = np.asarray(function(real), np.float32)
+    return np.clip(np.round(value / np.float32(y.scale)) + y.zero_point, ACT_QMIN, ACT_QMAX).astype(np.int8)
+
+
+def _read_lookup(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)
+    op = node.op_type
+    if op == "Clip":
+        low, high = r.constant(node, 1, "min"), r.constant(node, 2, "max")
+        low = np.float32(_attr(node, "min", -np.inf) if low is None else low)
+        high = np.float32(_attr(node, "max", np.inf) if high is None else high)
+        tables = [lookup_table(x, y, lambda v: np.clip(v, low, high))]
+    elif op == "PRelu":
+        slope = np.asarray(r.constant(node, 1, "slope"), np.float32)
+        count = mul_broadcast(x.shape, slope.shape)
+        if count is None or count[1] == 1 and count[0] > 1 and len(x.shape) > 1:
+            raise RankfoldError(f"PRelu {node.name!r}: the C back-end takes one slope or one per channel; this one "
+                                f"has shape {slope.shape}")
+        per_channel = slope.reshape(-1)
+        tables = [lookup_table(x, y, lambda v, a=a: np.where(v >= 0, v, np.float32(a) * v)) for a in per_channel]
+    else:
+        tables = [lookup_table(x, y, FUNCTIONS[op](node))]
+    return Lookup(x.name, y.name, np.stack(tables), op, node.name)
+
+
+def _read_pad(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)
+    mode = _attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise RankfoldError(f"Pad {node.name!r}: mode {mode!r} is not supported by the C back-end (constant only)")
+    pads = _attr(node, "pads", None)
+    if pads is None:
+        pads = [int(v) for v in r.constant(node, 1, "pads")]
+    if len(node.input) > 3 and node.input[3]:
+        raise RankfoldError(f"Pad {node.name!r}: padding only some axes is not supported by the C back-end")
+    value = r.constant(node, 2, "value")
+    value = 0.0 if value is None else float(np.asarray(value).reshape(-1)[0])
+    rank = len(x.shape) + 1
+    begins, ends = pads[:rank], pads[rank:]
+    if begins[0] or ends[0] or min(pads) < 0:
+        raise RankfoldError(f"Pad {node.name!r}: the C back-end pads the per-sample axes by >= 0 only; pads {pads}")
+    value_q = int(np.clip(np.round(value / y.scale) + y.zero_point, ACT_QMIN, ACT_QMAX))
+    return Pad(x.name, y.name, tuple(zip(begins[1:], ends[1:])), value_q, r.rescale(x, y), node.name)
+
+
+def _read_transpose(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)
+    perm = [int(p) for p in _attr(node, "perm", list(range(len(x.shape), -1, -1)))]
+    if perm[0] != 0:
+        raise RankfoldError(f"Transpose {node.name!r}: the C back-end keeps the batch axis first; perm {perm}")
+    if len(perm) - 1 > 4:
+        raise RankfoldError(f"Transpose {node.name!r}: at most 4 per-sample axes in the C back-end")
+    return Transpose(x.name, y.name, tuple(p - 1 for p in perm[1:]), r.rescale(x, y), node.name)
+
+
+def _read_softmax(r: _Reader, node: onnx.NodeProto):
+    x, y = r.io(node)
+    axis = int(_attr(node, "axis", -1))
+    if axis % (len(x.shape) + 1) != len(x.shape):
+        raise RankfoldError(f"Softmax {node.name!r}: the C back-end takes the softmax along the last axis")
+    d = np.arange(256, dtype=np.float64)
+    table = np.round(np.exp(-d * x.scale) * 2**SOFTMAX_EXP_BITS).astype(np.int64)
+    inv = int(round(2**SOFTMAX_SCALE_BITS / y.scale))
+    if inv * 2**SOFTMAX_EXP_BITS >= 2**62 or x.shape[-1] * 2**(SOFTMAX_EXP_BITS + SOFTMAX_SCALE_BITS) >= 2**62:
+        raise RankfoldError(f"Softmax {node.name!r}: its output scale {y.scale} is too small for the C back-end")
+    return Softmax(x.name, y.name, table.astype(np.int32), inv, node.name)
+
+
+def _explicit_pads(node, in_hw, out_hw, kernel, stride, dilation) -> tuple[int, int, int, int]:
+    auto = _attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", "VALID"):
+        p = list(_attr(node, "pads", [0, 0, 0, 0])) if auto == "NOTSET" else [0, 0, 0, 0]
+        return (int(p[0]), int(p[1]), int(p[2]), int(p[3]))
+    totals = [max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+              for i, o, k, s, d in zip(in_hw, out_hw, kernel, stride, dilation)]
+    first = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in totals]
+    return (first[0], first[1], totals[0] - first[0], totals[1] - first[1])
+
+
+READERS = {
+    "Conv": _read_conv, "Gemm": _read_conv, "Relu": _read_relu, "Clip": _read_clip, "Add": _read_add,
+    "GlobalAveragePool": _read_global_average, "ReduceMean": _read_global_average,
+    **{op: _read_pass_through for op in PASS_THROUGH},
+    "MaxPool": _read_pool, "AveragePool": _read_pool, "GlobalMaxPool": _read_global_max, "Concat": _read_concat,
+    "Mul": _read_mul, "PRelu": _read_lookup, **{op: _read_lookup for op in FUNCTIONS}, "Pad": _read_pad,
+    "Transpose": _read_transpose, "Softmax": _read_softmax,
+}
+SUPPORTED = tuple(READERS)
 
 
 def _activation_clamp(node: onnx.NodeProto, out: QTensor, inits) -> tuple[int, int]:

@@ -71,15 +71,6 @@ static int32_t weight4(const int8_t *packed, size_t i)
     return nibble > 7 ? nibble - 16 : nibble;
 }
 
-/* Eight packed 4-bit weights -> two words of four int8 each: the low nibbles, then the high ones,
- * each nibble sign-extended within its byte ((n ^ 8) + 0x78, top bit flipped: no carry between
- * bytes). */
-static inline void unpack4(uint32_t packed, uint32_t *low, uint32_t *high)
-{
-    *low = (((packed & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
-    *high = ((((packed >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
-}
-
 /* The left shift saturates: x scaled to INT32_MAX or INT32_MIN, then the high multiply. */
 #if defined(__GNUC__)
 __attribute__((noinline))
@@ -293,33 +284,34 @@ static inline int32_t dot8_1x1(const int8_t *w, const int16_t *c, int len, int32
     return acc;
 }
 
-/* 4-bit rows: each word holds eight weights; unpacked, the low nibbles give k..k+3 and the high
- * ones k+4..k+7, in the 8-bit order above. `len` counts weights. */
+/* 4-bit rows hold u = w + 8 (0..15), eight to a word; masking a word (shifted by 0, 4, 8, 12 bits)
+ * with 0x000F000F gives four pairs (u[k], u[k+1]) .. (u[k+6], u[k+7]) directly as halfwords (the
+ * code generator ordered the nibbles so). sum(w * x) = sum(u * x) - 8 * sum(x): the accumulators
+ * start at bias - 8 * column sum. `len` counts weights. */
+#define RF_NIBBLES 0x000F000Fu
+
+/* A quarter of a 4-bit word: the pair (shift) of both rows times one column word of each column. */
+#define RF_DOT4_2x2_QUARTER(shift, j)                                                                     \
+    do {                                                                                                  \
+        const uint32_t x = read32(c0 + (j)), y = read32(c1 + (j));                                        \
+        const uint32_t pa = (wa >> (shift)) & RF_NIBBLES, pb = (wb >> (shift)) & RF_NIBBLES;              \
+        a00 = RF_SMLAD(pa, x, a00);                                                                       \
+        a01 = RF_SMLAD(pa, y, a01);                                                                       \
+        a10 = RF_SMLAD(pb, x, a10);                                                                       \
+        a11 = RF_SMLAD(pb, y, a11);                                                                       \
+    } while (0)
+
 static inline void dot4_2x2(const int8_t *w0, const int8_t *w1, const int16_t *c0, const int16_t *c1, int len,
                             int32_t *acc)
 {
     int32_t a00 = acc[0], a01 = acc[1], a10 = acc[2], a11 = acc[3];
     int k;
     for (k = 0; k < len; k += 8) {
-        uint32_t wa[2], wb[2];
-        int half;
-        unpack4(read32(w0 + k / 2), &wa[0], &wa[1]);
-        unpack4(read32(w1 + k / 2), &wb[0], &wb[1]);
-        for (half = 0; half < 2; ++half) {
-            const int j = k + 4 * half;
-            const uint32_t x0 = read32(c0 + j), x1 = read32(c0 + j + 2);
-            const uint32_t y0 = read32(c1 + j), y1 = read32(c1 + j + 2);
-            const uint32_t a_lo = RF_SXTB16(wa[half]), a_hi = RF_SXTB16_ROR8(wa[half]);
-            const uint32_t b_lo = RF_SXTB16(wb[half]), b_hi = RF_SXTB16_ROR8(wb[half]);
-            a00 = RF_SMLAD(a_lo, x0, a00);
-            a00 = RF_SMLAD(a_hi, x1, a00);
-            a01 = RF_SMLAD(a_lo, y0, a01);
-            a01 = RF_SMLAD(a_hi, y1, a01);
-            a10 = RF_SMLAD(b_lo, x0, a10);
-            a10 = RF_SMLAD(b_hi, x1, a10);
-            a11 = RF_SMLAD(b_lo, y0, a11);
-            a11 = RF_SMLAD(b_hi, y1, a11);
-        }
+        const uint32_t wa = read32(w0 + k / 2), wb = read32(w1 + k / 2);
+        RF_DOT4_2x2_QUARTER(0, k);
+        RF_DOT4_2x2_QUARTER(4, k + 2);
+        RF_DOT4_2x2_QUARTER(8, k + 4);
+        RF_DOT4_2x2_QUARTER(12, k + 6);
     }
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 }
@@ -329,17 +321,12 @@ static inline void dot4_2x1(const int8_t *w0, const int8_t *w1, const int16_t *c
     int32_t a0 = acc[0], a1 = acc[1];
     int k;
     for (k = 0; k < len; k += 8) {
-        uint32_t wa[2], wb[2];
-        int half;
-        unpack4(read32(w0 + k / 2), &wa[0], &wa[1]);
-        unpack4(read32(w1 + k / 2), &wb[0], &wb[1]);
-        for (half = 0; half < 2; ++half) {
-            const int j = k + 4 * half;
-            const uint32_t x0 = read32(c0 + j), x1 = read32(c0 + j + 2);
-            a0 = RF_SMLAD(RF_SXTB16(wa[half]), x0, a0);
-            a0 = RF_SMLAD(RF_SXTB16_ROR8(wa[half]), x1, a0);
-            a1 = RF_SMLAD(RF_SXTB16(wb[half]), x0, a1);
-            a1 = RF_SMLAD(RF_SXTB16_ROR8(wb[half]), x1, a1);
+        const uint32_t wa = read32(w0 + k / 2), wb = read32(w1 + k / 2);
+        int q;
+        for (q = 0; q < 4; ++q) {
+            const uint32_t x = read32(c0 + k + 2 * q);
+            a0 = RF_SMLAD((wa >> (4 * q)) & RF_NIBBLES, x, a0);
+            a1 = RF_SMLAD((wb >> (4 * q)) & RF_NIBBLES, x, a1);
         }
     }
     acc[0] = a0, acc[1] = a1;
@@ -347,16 +334,25 @@ static inline void dot4_2x1(const int8_t *w0, const int8_t *w1, const int16_t *c
 
 static inline int32_t dot4_1x1(const int8_t *w, const int16_t *c, int len, int32_t acc)
 {
-    int k;
+    int k, q;
     for (k = 0; k < len; k += 8) {
-        uint32_t lo, hi;
-        unpack4(read32(w + k / 2), &lo, &hi);
-        acc = RF_SMLAD(RF_SXTB16(lo), read32(c + k), acc);
-        acc = RF_SMLAD(RF_SXTB16_ROR8(lo), read32(c + k + 2), acc);
-        acc = RF_SMLAD(RF_SXTB16(hi), read32(c + k + 4), acc);
-        acc = RF_SMLAD(RF_SXTB16_ROR8(hi), read32(c + k + 6), acc);
+        const uint32_t wa = read32(w + k / 2);
+        for (q = 0; q < 4; ++q) {
+            acc = RF_SMLAD((wa >> (4 * q)) & RF_NIBBLES, read32(c + k + 2 * q), acc);
+        }
     }
     return acc;
+}
+
+/* 8 * the sum of a column: what the 4-bit rows' offset of 8 added to every dot product. */
+static int32_t offset_of_column(const int16_t *c, int len)
+{
+    int32_t total = 0;
+    int k;
+    for (k = 0; k < len; k += 2) {
+        total = RF_SMLAD(read32(c + k), 0x00010001u, total);
+    }
+    return 8 * total;
 }
 
 static inline int8_t requantized(const rf_conv_params *p, int oc, int32_t acc)
@@ -374,13 +370,20 @@ void rf_conv_im2col_s8(const rf_conv_params *p, const int8_t *in, int8_t *out, i
     int16_t *c0 = scratch, *c1 = scratch + len;
     int px, oc;
     for (px = 0; px + 1 < pixels; px += 2) {
+        int32_t off0 = 0, off1 = 0;
         im2col(p, in, px, c0, len);
         im2col(p, in, px + 1, c1, len);
+        if (four) {
+            off0 = offset_of_column(c0, len);
+            off1 = offset_of_column(c1, len);
+        }
         for (oc = 0; oc + 1 < p->out_c; oc += 2) {
             const int8_t *w0 = p->weight + (size_t)oc * row_bytes, *w1 = w0 + row_bytes;
             int32_t acc[4];
-            acc[0] = acc[1] = p->bias[oc];
-            acc[2] = acc[3] = p->bias[oc + 1];
+            acc[0] = p->bias[oc] - off0;
+            acc[1] = p->bias[oc] - off1;
+            acc[2] = p->bias[oc + 1] - off0;
+            acc[3] = p->bias[oc + 1] - off1;
             if (four) {
                 dot4_2x2(w0, w1, c0, c1, len, acc);
             } else {
@@ -394,15 +397,18 @@ void rf_conv_im2col_s8(const rf_conv_params *p, const int8_t *in, int8_t *out, i
         if (oc < p->out_c) { /* an odd channel count: the last channel alone */
             const int8_t *w = p->weight + (size_t)oc * row_bytes;
             out[(size_t)oc * pixels + px] = requantized(
-                p, oc, four ? dot4_1x1(w, c0, len, p->bias[oc]) : dot8_1x1(w, c0, len, p->bias[oc]));
+                p, oc, four ? dot4_1x1(w, c0, len, p->bias[oc] - off0) : dot8_1x1(w, c0, len, p->bias[oc]));
             out[(size_t)oc * pixels + px + 1] = requantized(
-                p, oc, four ? dot4_1x1(w, c1, len, p->bias[oc]) : dot8_1x1(w, c1, len, p->bias[oc]));
+                p, oc, four ? dot4_1x1(w, c1, len, p->bias[oc] - off1) : dot8_1x1(w, c1, len, p->bias[oc]));
         }
     }
     if (px < pixels) { /* an odd pixel count (a fully connected layer: one pixel) */
+        int32_t off0 = 0;
         im2col(p, in, px, c0, len);
         oc = 0;
-        if (!four) {
+        if (four) {
+            off0 = offset_of_column(c0, len);
+        } else {
             for (; oc + 3 < p->out_c; oc += 4) {
                 int32_t acc[4];
                 int j;
@@ -418,8 +424,8 @@ void rf_conv_im2col_s8(const rf_conv_params *p, const int8_t *in, int8_t *out, i
         for (; oc + 1 < p->out_c; oc += 2) {
             const int8_t *w0 = p->weight + (size_t)oc * row_bytes, *w1 = w0 + row_bytes;
             int32_t acc[2];
-            acc[0] = p->bias[oc];
-            acc[1] = p->bias[oc + 1];
+            acc[0] = p->bias[oc] - off0;
+            acc[1] = p->bias[oc + 1] - off0;
             if (four) {
                 dot4_2x1(w0, w1, c0, len, acc);
             } else {
@@ -431,7 +437,7 @@ void rf_conv_im2col_s8(const rf_conv_params *p, const int8_t *in, int8_t *out, i
         if (oc < p->out_c) {
             const int8_t *w = p->weight + (size_t)oc * row_bytes;
             out[(size_t)oc * pixels + px] = requantized(
-                p, oc, four ? dot4_1x1(w, c0, len, p->bias[oc]) : dot8_1x1(w, c0, len, p->bias[oc]));
+                p, oc, four ? dot4_1x1(w, c0, len, p->bias[oc] - off0) : dot8_1x1(w, c0, len, p->bias[oc]));
         }
     }
 }
@@ -641,5 +647,168 @@ void rf_requant_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp,
     int32_t i;
     for (i = 0; i < size; ++i) {
         out[i] = clamp8(rf_requantize((int32_t)in[i] - in_zp, mult, shift) + out_zp, act_min, 127);
+    }
+}
+
+/* MaxPool and AveragePool over windows (rankfold/cexport/ir.py, Pool): the taps inside the input;
+ * for the average, count_include_pad also counts the taps in the padding (as the real value 0), and
+ * the sum is requantized by the pair for its count, mults[2 * count], mults[2 * count + 1]. */
+void rf_pool_s8(const rf_pool_params *p, const int32_t *mults, const int8_t *in, int8_t *out)
+{
+    const int plane = p->in_h * p->in_w;
+    const int padded_h = p->in_h + p->pad_top + p->pad_bottom, padded_w = p->in_w + p->pad_left + p->pad_right;
+    int c, oy, ox, ky, kx;
+    for (c = 0; c < p->channels; ++c) {
+        const int8_t *x_c = in + (size_t)c * plane;
+        for (oy = 0; oy < p->out_h; ++oy) {
+            const int iy0 = oy * p->stride_h - p->pad_top;
+            int ky_first, ky_end;
+            tap_range(iy0, p->dil_h, p->k_h, p->in_h, &ky_first, &ky_end);
+            for (ox = 0; ox < p->out_w; ++ox) {
+                const int ix0 = ox * p->stride_w - p->pad_left;
+                int kx_first, kx_end;
+                int32_t value;
+                tap_range(ix0, p->dil_w, p->k_w, p->in_w, &kx_first, &kx_end);
+                if (p->is_max) {
+                    int32_t best = INT32_MIN;
+                    for (ky = ky_first; ky < ky_end; ++ky) {
+                        const int8_t *row = x_c + (size_t)(iy0 + ky * p->dil_h) * p->in_w + ix0;
+                        for (kx = kx_first; kx < kx_end; ++kx) {
+                            best = row[kx * p->dil_w] > best ? row[kx * p->dil_w] : best;
+                        }
+                    }
+                    value = rf_requantize(best - p->in_zp, mults[0], mults[1]);
+                } else {
+                    int32_t total = 0, count;
+                    for (ky = ky_first; ky < ky_end; ++ky) {
+                        const int8_t *row = x_c + (size_t)(iy0 + ky) * p->in_w + ix0;
+                        for (kx = kx_first; kx < kx_end; ++kx) {
+                            total += row[kx] - p->in_zp;
+                        }
+                    }
+                    count = (ky_end - ky_first) * (kx_end - kx_first);
+                    if (p->count_include_pad) {
+                        tap_range(iy0 + p->pad_top, 1, p->k_h, padded_h, &ky_first, &ky_end);
+                        tap_range(ix0 + p->pad_left, 1, p->k_w, padded_w, &kx_first, &kx_end);
+                        count = (ky_end - ky_first) * (kx_end - kx_first);
+                    }
+                    value = rf_requantize(total, mults[2 * count], mults[2 * count + 1]);
+                }
+                out[((size_t)c * p->out_h + oy) * p->out_w + ox] = clamp8(value + p->out_zp, -128, 127);
+            }
+        }
+    }
+}
+
+/* Requantizing copy of `outer` blocks of `in_block` values into blocks `out_block` apart (Concat:
+ * one call per input, `out` at that input's place in the first block). */
+void rf_copy_blocks_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
+                       int32_t outer, int32_t in_block, int32_t out_block)
+{
+    int32_t o, i;
+    for (o = 0; o < outer; ++o) {
+        const int8_t *src = in + (size_t)o * in_block;
+        int8_t *dst = out + (size_t)o * out_block;
+        for (i = 0; i < in_block; ++i) {
+            dst[i] = clamp8(rf_requantize((int32_t)src[i] - in_zp, mult, shift) + out_zp, -128, 127);
+        }
+    }
+}
+
+/* a * b, b[(i / inner) % count] with a[i]: (a - za) * (b - zb) requantized by s_a * s_b / s_out. */
+void rf_mul_s8(const int8_t *a, int32_t a_zp, const int8_t *b, int32_t b_zp, int8_t *out, int32_t out_zp,
+               int32_t mult, int32_t shift, int32_t act_min, int32_t size, int32_t count, int32_t inner)
+{
+    int32_t base, c, i;
+    for (base = 0; base < size; base += count * inner) {
+        for (c = 0; c < count; ++c) {
+            const int32_t bv = (int32_t)b[c] - b_zp;
+            const size_t start = (size_t)base + (size_t)c * inner;
+            for (i = 0; i < inner; ++i) {
+                const int32_t product = ((int32_t)a[start + i] - a_zp) * bv;
+                out[start + i] = clamp8(rf_requantize(product, mult, shift) + out_zp, act_min, 127);
+            }
+        }
+    }
+}
+
+/* An element-wise function by table: row r of `table` (256 outputs, indexed by input + 128) for the
+ * r-th block of `inner` values (one row for all, or one per channel). */
+void rf_lookup_s8(const int8_t *in, int8_t *out, const int8_t *table, int32_t rows, int32_t inner)
+{
+    int32_t r, i;
+    for (r = 0; r < rows; ++r) {
+        const int8_t *t = table + (size_t)r * 256 + 128;
+        const int8_t *src = in + (size_t)r * inner;
+        int8_t *dst = out + (size_t)r * inner;
+        for (i = 0; i < inner; ++i) {
+            dst[i] = t[src[i]];
+        }
+    }
+}
+
+/* Constant padding of up to four per-sample dimensions (leading ones filled with 1). */
+void rf_pad_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
+               int32_t value, const int32_t *in_dims, const int32_t *out_dims, const int32_t *before)
+{
+    const size_t out_size = (size_t)out_dims[0] * out_dims[1] * out_dims[2] * out_dims[3];
+    int32_t i0, i1, i2, i3;
+    memset(out, value, out_size);
+    for (i0 = 0; i0 < in_dims[0]; ++i0) {
+        for (i1 = 0; i1 < in_dims[1]; ++i1) {
+            for (i2 = 0; i2 < in_dims[2]; ++i2) {
+                const int8_t *src = in + (((size_t)i0 * in_dims[1] + i1) * in_dims[2] + i2) * in_dims[3];
+                int8_t *dst = out + ((((size_t)(i0 + before[0]) * out_dims[1] + i1 + before[1]) * out_dims[2] + i2 +
+                                      before[2]) * out_dims[3] + before[3]);
+                for (i3 = 0; i3 < in_dims[3]; ++i3) {
+                    dst[i3] = clamp8(rf_requantize((int32_t)src[i3] - in_zp, mult, shift) + out_zp, -128, 127);
+                }
+            }
+        }
+    }
+}
+
+/* A permutation of up to four per-sample dimensions: output index (o0..o3) reads the input at
+ * sum(o_k * in_strides[k]). */
+void rf_transpose_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
+                     const int32_t *out_dims, const int32_t *in_strides)
+{
+    int32_t o0, o1, o2, o3;
+    for (o0 = 0; o0 < out_dims[0]; ++o0) {
+        for (o1 = 0; o1 < out_dims[1]; ++o1) {
+            for (o2 = 0; o2 < out_dims[2]; ++o2) {
+                const int8_t *src = in + (size_t)o0 * in_strides[0] + (size_t)o1 * in_strides[1] +
+                                    (size_t)o2 * in_strides[2];
+                for (o3 = 0; o3 < out_dims[3]; ++o3) {
+                    *out++ = clamp8(rf_requantize((int32_t)src[(size_t)o3 * in_strides[3]] - in_zp, mult, shift) +
+                                    out_zp, -128, 127);
+                }
+            }
+        }
+    }
+}
+
+/* Softmax along rows of `length` values, in integers (ir.py, Softmax): e = exp_table[max - x],
+ * out = (e * inv + S / 2) / S + zp with S = sum(e) << RF_SOFTMAX_SCALE_BITS. */
+void rf_softmax_s8(const int8_t *in, int8_t *out, int32_t rows, int32_t length, const int32_t *exp_table,
+                   int32_t inv, int32_t out_zp)
+{
+    int32_t r, i;
+    for (r = 0; r < rows; ++r) {
+        const int8_t *x = in + (size_t)r * length;
+        int8_t *y = out + (size_t)r * length;
+        int32_t top = -128;
+        int64_t total = 0;
+        for (i = 0; i < length; ++i) {
+            top = x[i] > top ? x[i] : top;
+        }
+        for (i = 0; i < length; ++i) {
+            total += exp_table[top - x[i]];
+        }
+        total <<= RF_SOFTMAX_SCALE_BITS;
+        for (i = 0; i < length; ++i) {
+            const int64_t q = ((int64_t)exp_table[top - x[i]] * inv + total / 2) / total;
+            y[i] = clamp8((int32_t)(q > 255 ? 255 : q) + out_zp, -128, 127);
+        }
     }
 }

@@ -41,6 +41,14 @@ typedef struct {
  * shift), then a rounding right shift, halves away from zero. It runs once per output value, so it
  * is inline and almost branch-free: a right shift of 0 rounds nothing, and only a left shift that
  * would overflow (a huge accumulator) leaves the inline path. */
+typedef struct {
+    int32_t channels, in_h, in_w, in_zp, out_h, out_w, out_zp;
+    int32_t k_h, k_w, stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dil_h, dil_w;
+    int32_t is_max, count_include_pad;
+} rf_pool_params;
+
+#define RF_SOFTMAX_SCALE_BITS 8
+
 int32_t rf_requantize_saturated(int32_t x, int32_t multiplier, int32_t left);
 
 static inline int32_t rf_requantize(int32_t x, int32_t multiplier, int32_t shift)
@@ -70,5 +78,17 @@ void rf_avgpool_s8(const int8_t *in, int32_t in_zp, int32_t channels, int32_t co
                    int8_t *out, int32_t out_zp, int32_t mult, int32_t shift);
 void rf_requant_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
                    int32_t act_min, int32_t size);
+void rf_pool_s8(const rf_pool_params *p, const int32_t *mults, const int8_t *in, int8_t *out);
+void rf_copy_blocks_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
+                       int32_t outer, int32_t in_block, int32_t out_block);
+void rf_mul_s8(const int8_t *a, int32_t a_zp, const int8_t *b, int32_t b_zp, int8_t *out, int32_t out_zp,
+               int32_t mult, int32_t shift, int32_t act_min, int32_t size, int32_t count, int32_t inner);
+void rf_lookup_s8(const int8_t *in, int8_t *out, const int8_t *table, int32_t rows, int32_t inner);
+void rf_pad_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
+               int32_t value, const int32_t *in_dims, const int32_t *out_dims, const int32_t *before);
+void rf_transpose_s8(const int8_t *in, int32_t in_zp, int8_t *out, int32_t out_zp, int32_t mult, int32_t shift,
+                     const int32_t *out_dims, const int32_t *in_strides);
+void rf_softmax_s8(const int8_t *in, int8_t *out, int32_t rows, int32_t length, const int32_t *exp_table,
+                   int32_t inv, int32_t out_zp);
 
 #endif

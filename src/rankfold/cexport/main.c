@@ -57,6 +57,19 @@ static uint32_t stack_used(uint32_t top)
     return top - (uint32_t)p;
 }
 
+#ifdef RF_PROFILE
+/* Ticks from the start of model_run (or the previous op) to the end of each op. */
+static uint64_t rf_op_ticks[MODEL_OPS];
+static uint64_t rf_op_start;
+
+void rf_profile_mark(int op)
+{
+    const uint64_t now = ticks();
+    rf_op_ticks[op] += now - rf_op_start;
+    rf_op_start = ticks();
+}
+#endif
+
 /* Ticks taken by 2 * loops instructions (subs + bne per iteration). */
 static uint64_t calibration_ticks(uint32_t loops)
 {
@@ -96,6 +109,9 @@ int main(int argc, char **argv)
         uint32_t used;
         paint_stack(stack_top);
         start = ticks();
+#ifdef RF_PROFILE
+        rf_op_start = start;
+#endif
         model_run(input, output, (uint8_t *)arena);
         end = ticks();
         used = stack_used(stack_top);
@@ -114,6 +130,14 @@ int main(int argc, char **argv)
     fclose(out_file);
 #ifdef RF_CORTEX_M
     printf("stack_bytes %lu\n", (unsigned long)stack_max); /* below main's frame, during model_run */
+#ifdef RF_PROFILE
+    {
+        int op;
+        for (op = 0; op < MODEL_OPS; ++op) {
+            printf("op %d ticks %lu\n", op, (unsigned long)rf_op_ticks[op]);
+        }
+    }
+#endif
 #endif
     printf("%ld samples\n", count);
     return 0;

@@ -71,8 +71,9 @@ def export_c(model: onnx.ModelProto, directory: str, *, target: Target | None = 
     return info
 
 
-def cross_compile(directory: str, cpu: str) -> dict:
-    proc = subprocess.run(["make", "-B", "-C", directory, "cortex-m", f"CPU={cpu}"], capture_output=True, text=True)
+def cross_compile(directory: str, cpu: str, *, profile: bool = False) -> dict:
+    command = ["make", "-B", "-C", directory, "cortex-m", f"CPU={cpu}"] + (["EXTRA=-DRF_PROFILE"] if profile else [])
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RankfoldError(f"cross-compiling for {cpu} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     elf = os.path.join(directory, f"model_{cpu}.elf")
@@ -129,17 +130,22 @@ def per_op_unit_differences(model: onnx.ModelProto, program: Program, x: np.ndar
     values = session.run(wanted, {session.get_inputs()[0].name: x.astype(np.float32)})
     by_tensor = {f: v for f, v in zip((n for n in program.tensors if n in q_of), values)}
     worst, within, total = 0, 0, 0
+    by_kind: dict[str, int] = {}
     for op in program.ops:
-        inputs = [op.a, op.b] if hasattr(op, "a") else [op.inp]
+        inputs = op.inputs
         if op.out not in by_tensor or any(i not in by_tensor for i in inputs):
             continue
         env = {i: by_tensor[i].reshape(len(x), *program.tensors[i].shape) for i in inputs}
         diff = np.abs(run_op(program, op, env).astype(np.int64).reshape(len(x), -1)
                       - by_tensor[op.out].astype(np.int64).reshape(len(x), -1))
         worst = max(worst, int(diff.max(initial=0)))
+        kind = getattr(op, "function", "") or getattr(op, "kind", "") or type(op).__name__
+        kind = {"max": "MaxPool", "avg": "AveragePool"}.get(kind, kind)
+        by_kind[kind] = max(by_kind.get(kind, 0), int(diff.max(initial=0)))
         within += int((diff <= 1).sum())
         total += diff.size
-    return {"onnx_op_max_unit_difference": worst, "onnx_op_within_one_unit": within / max(total, 1)}
+    return {"onnx_op_max_unit_difference": worst, "onnx_op_within_one_unit": within / max(total, 1),
+            "onnx_op_max_unit_difference_by_op": by_kind}
 
 
 BOARDS = {"mps2-an385": "cortex-m3", "mps2-an386": "cortex-m4", "mps2-an500": "cortex-m7"}
@@ -154,16 +160,17 @@ def qemu_tools_missing() -> str | None:
     return None
 
 
-def run_qemu(directory: str, board: str, x_q: np.ndarray, *, timeout: int = 3000) -> dict:
+def run_qemu(directory: str, board: str, x_q: np.ndarray, *, timeout: int = 3000, profile: bool = False) -> dict:
     """Cross-compile for the board's CPU, run under qemu (semihosting, -icount shift=0) and return
-    its outputs, flash and RAM (arm-none-eabi-size) and instructions per inference."""
+    its outputs, flash and RAM (arm-none-eabi-size) and instructions per inference; with `profile`,
+    also each op's instructions (summed over the samples; the timing adds a little to each)."""
     if board not in BOARDS:
         raise RankfoldError(f"unknown board {board!r}; supported: {', '.join(BOARDS)}")
     missing = qemu_tools_missing()
     if missing:
         raise RankfoldError(missing)
     cpu = BOARDS[board]
-    built = cross_compile(directory, cpu)
+    built = cross_compile(directory, cpu, profile=profile)
     elf, flash, ram = built["elf"], built["flash_bytes"], built["static_ram_bytes"]
     with tempfile.TemporaryDirectory() as tmp:
         inputs, outputs = os.path.join(tmp, "in.bin"), os.path.join(tmp, "out.bin")
@@ -180,6 +187,7 @@ def run_qemu(directory: str, board: str, x_q: np.ndarray, *, timeout: int = 3000
         out = np.fromfile(outputs, np.int8).reshape(len(x_q), -1)
     per_tick = None
     ticks = []
+    op_ticks: dict[int, int] = {}
     stack = 0
     for line in proc.stdout.splitlines():
         parts = line.split()
@@ -189,9 +197,14 @@ def run_qemu(directory: str, board: str, x_q: np.ndarray, *, timeout: int = 3000
             stack = int(parts[1])
         elif parts[:1] == ["sample"] and len(parts) == 4:
             ticks.append(int(parts[3]))
+        elif parts[:1] == ["op"] and len(parts) == 4:
+            op_ticks[int(parts[1])] = int(parts[3])
     instructions = int(np.median(ticks) * per_tick) if ticks and per_tick else None
+    per_op = None
+    if op_ticks and per_tick:
+        per_op = [int(op_ticks[i] * per_tick / max(len(x_q), 1)) for i in sorted(op_ticks)]
     return {"outputs": out, "flash_bytes": flash, "ram_bytes": ram + stack, "stack_bytes": stack,
-            "instructions": instructions, "cpu": cpu}
+            "instructions": instructions, "cpu": cpu, "instructions_per_op": per_op}
 
 
 def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool = False, qemu: str | None = None,
