@@ -228,9 +228,19 @@ class Program:
                    if isinstance(op, Conv))
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def _shapes(model: onnx.ModelProto, inits: dict[str, np.ndarray] | None = None,
+            folded: set[int] = frozenset()) -> dict[str, tuple[int, ...]]:
+    """Each tensor's per-sample shape at batch 1; folded nodes' outputs given as constants, so that
+    shapes computed from them (a Pad's pads) are known."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    if folded:
+        known = {i.name for i in fixed.graph.initializer}
+        produced = [o for i in sorted(folded) for o in model.graph.node[i].output if o and o not in known]
+        kept = [n for i, n in enumerate(model.graph.node) if i not in folded]
+        del fixed.graph.node[:]
+        fixed.graph.node.extend(kept)
+        fixed.graph.initializer.extend(numpy_helper.from_array(np.asarray(inits[o]), o) for o in produced)
     for value in list(fixed.graph.input) + list(fixed.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims:
@@ -258,18 +268,20 @@ def read_program(model: onnx.ModelProto) -> Program:
         names = ", ".join(o.name for o in model.graph.output)
         raise RankfoldError(f"the C back-end runs models with one output; this one has {len(model.graph.output)} "
                             f"({names})")
+    inits = _constants(model)
+    folded = _fold_constants(model, inits)
     unsupported: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type not in READERS and node.op_type not in QDQ_OPS:
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in READERS and node.op_type not in QDQ_OPS and index not in folded:
             unsupported[node.op_type] = unsupported.get(node.op_type, 0) + 1
     if unsupported:
         first = next(n for n in model.graph.node if n.op_type in unsupported)
         listed = ", ".join(f"{op} x{count}" for op, count in unsupported.items())
         raise RankfoldError(f"ops not supported by the C back-end: {listed} (first: op {first.op_type}, node "
                             f"{first.name!r}); supported: {', '.join(SUPPORTED)}")
-    reader = _Reader(model)
-    for node in model.graph.node:
-        if node.op_type in QDQ_OPS:
+    reader = _Reader(model, inits, folded)
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in QDQ_OPS or index in folded:
             continue
         item = READERS[node.op_type](reader, node)
         if item is None:  # fused into the op before it
@@ -284,16 +296,44 @@ def read_program(model: onnx.ModelProto) -> Program:
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "Constant")
 
 
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant nodes' values (e.g. ReduceMean axes at opset 18+)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return inits
+
+
+def _fold_constants(model: onnx.ModelProto, inits: dict[str, np.ndarray]) -> set[int]:
+    """Nodes that compute from constants only (an exporter's shape arithmetic: the pads of F.pad
+    come out as ConstantOfShape, Slice, Cast, ...) evaluated once here with ONNX's reference
+    implementation; their outputs join `inits`. Returns the indices of the folded nodes."""
+    from onnx.reference import ReferenceEvaluator
+
+    folded = set()
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in QDQ_OPS or node.op_type in ("Conv", "Gemm"):
+            continue
+        names = [name for name in node.input if name]
+        if not all(name in inits for name in names):
+            continue
+        try:
+            values = ReferenceEvaluator(node).run(None, {name: inits[name] for name in names})
+        except Exception as exc:  # noqa: BLE001 - any failure of the reference op is reported as such
+            raise RankfoldError(f"{node.op_type} {node.name!r} computes from constants only, but evaluating it "
+                                f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        inits.update((name, np.asarray(value)) for name, value in zip(node.output, values) if name)
+        folded.add(index)
+    return folded
+
+
 class _Reader:
     """The QDQ graph's quantization parameters and weights, and the program being built."""
 
-    def __init__(self, model: onnx.ModelProto):
-        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        for node in model.graph.node:  # Constant nodes (e.g. ReduceMean axes at opset 18+) are initializers too
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    def __init__(self, model: onnx.ModelProto, inits: dict[str, np.ndarray], folded: set[int]):
         self.inits = inits
-        self.shapes = _shapes(model)
+        self.shapes = _shapes(model, inits, folded)
         self.qparams: dict[str, tuple[float, int]] = {}  # float tensor -> (scale, zero point)
         quantized_of: dict[str, str] = {}  # Q output -> float tensor
         self.canonical: dict[str, str] = {}  # DQ output (activation) -> float tensor

@@ -687,10 +687,11 @@ void rf_pool_s8(const rf_pool_params *p, const int32_t *mults, const int8_t *in,
                         }
                     }
                     count = (ky_end - ky_first) * (kx_end - kx_first);
-                    if (p->count_include_pad) {
-                        tap_range(iy0 + p->pad_top, 1, p->k_h, padded_h, &ky_first, &ky_end);
-                        tap_range(ix0 + p->pad_left, 1, p->k_w, padded_w, &kx_first, &kx_end);
-                        count = (ky_end - ky_first) * (kx_end - kx_first);
+                    if (p->count_include_pad) { /* the taps inside the padded input */
+                        int y_first, y_end, x_first, x_end;
+                        tap_range(iy0 + p->pad_top, 1, p->k_h, padded_h, &y_first, &y_end);
+                        tap_range(ix0 + p->pad_left, 1, p->k_w, padded_w, &x_first, &x_end);
+                        count = (y_end - y_first) * (x_end - x_first);
                     }
                     value = rf_requantize(total, mults[2 * count], mults[2 * count + 1]);
                 }
