@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +143,100 @@ def print_profile(row: dict) -> None:
               f"{op['instructions']:>12,} instr {ipm}/MAC  {str(op['output_shape']):16s} {op['name']}")
 
 
+def vgg16_bn_style(classes: int = 10):
+    """VGG-16 with batch normalization (13 convolutions, 5 max-pools, two-layer classifier), widths
+    quartered so that its int8 weights fit a Cortex-M7's 2 MB of flash with 32 x 32 inputs."""
+    from torch import nn
+
+    layers, cin = [], 1
+    for item in (16, 16, "M", 32, 32, "M", 64, 64, 64, "M", 128, 128, 128, "M", 128, 128, 128, "M"):
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(cin, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
+            cin = item
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, classes))
+
+
+def mobilenetv3_small_style(classes: int = 10):
+    """MobileNetV3-Small's bottlenecks (hard-swish, squeeze-and-excitation with a hard-sigmoid gate,
+    3x3 and 5x5 depthwise), scaled for 32 x 32 inputs."""
+    import torch
+    from torch import nn
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, channels: int):
+            super().__init__()
+            self.reduce, self.expand = nn.Conv2d(channels, channels // 4, 1), nn.Conv2d(channels // 4, channels, 1)
+
+        def forward(self, x):
+            gate = nn.functional.adaptive_avg_pool2d(x, 1)
+            return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(gate))))
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin, kernel, hidden, cout, se, act, stride):
+            super().__init__()
+            parts = [] if hidden == cin else [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act()]
+            parts += [nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
+                      nn.BatchNorm2d(hidden), act()]
+            parts += [SqueezeExcite(hidden)] if se else []
+            parts += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+            self.body, self.skip = nn.Sequential(*parts), stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.body(x) if self.skip else self.body(x)
+
+    hs, re = nn.Hardswish, nn.ReLU
+    config = ((3, 16, 16, True, re, 1), (3, 72, 24, False, re, 2), (3, 88, 24, False, re, 1),
+              (5, 96, 40, True, hs, 2), (5, 240, 40, True, hs, 1), (5, 120, 48, True, hs, 1),
+              (5, 144, 48, True, hs, 1), (5, 288, 96, True, hs, 2), (5, 576, 96, True, hs, 1))
+    layers, cin = [nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), hs()], 16
+    for kernel, hidden, cout, se, act, stride in config:
+        layers.append(Bottleneck(cin, kernel, hidden, cout, se, act, stride))
+        cin = cout
+    layers += [nn.Conv2d(cin, 288, 1, bias=False), nn.BatchNorm2d(288), hs(), nn.AdaptiveAvgPool2d(1),
+               nn.Flatten(), nn.Linear(288, 256), hs(), nn.Linear(256, classes)]
+    return nn.Sequential(*layers)
+
+
+def network_files(work: str, calib: np.ndarray) -> dict[str, str]:
+    """int8 QDQ files of the bench's trained networks (bench/models, `python -m bench.train`) and
+    of the VGG-16-BN and MobileNetV3 shapes above (random weights, batch-norm statistics from the
+    calibration images: instruction counts and bit-exactness do not depend on training)."""
+    import torch
+
+    from bench.train import model_path
+    from rankfold.analyze import COMPRESSIBLE
+    from rankfold.export.onnx import export_onnx
+    from rankfold.frontends.onnx import load_onnx
+    from rankfold.quantize.export import export_quantized
+
+    modules = {}
+    for name in ("vgg", "mobilenetv2"):
+        if os.path.isfile(model_path(name)):
+            modules[f"{name} (bench, trained)"] = load_onnx(model_path(name))
+        else:
+            print(f"{model_path(name)} missing: python -m bench.train --only {name}", flush=True)
+    torch.manual_seed(0)
+    for name, build in (("vgg16-bn-style", vgg16_bn_style), ("mobilenetv3-small-style", mobilenetv3_small_style)):
+        module = build()
+        module.train()
+        with torch.no_grad():  # batch-norm statistics from real images, as a trained network has
+            for start in range(0, len(calib), 64):
+                module(torch.from_numpy(calib[start : start + 64]))
+        folded = os.path.join(work, f"{name}-float.onnx")  # the exporter folds batch-norm into the convolutions
+        export_onnx(module.eval(), folded, example_input=torch.from_numpy(calib[:2]))
+        modules[f"{name} (random weights)"] = load_onnx(folded)
+    files = {}
+    x = torch.from_numpy(calib)
+    for label, module in modules.items():
+        path = os.path.join(work, label.split()[0] + ".onnx")
+        bits = {n: 8 for n, m in module.named_modules() if isinstance(m, COMPRESSIBLE)}
+        export_quantized(module, bits, path, calib=x, example_input=x[:2], reduce_range=False)
+        files[label] = path
+    return files
+
+
 def run_layers(board: str, keys: str) -> list[dict]:
     rows = []
     for layer in LAYERS:
@@ -168,28 +264,48 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", action="append", default=[],
                     help="a QDQ model to profile op by op (repeatable); its inputs from --data")
     ap.add_argument("--data", help=".npz whose x feeds --model (the first 8 samples)")
+    ap.add_argument("--networks", action="store_true",
+                    help="the bench networks and the VGG-16-BN / MobileNetV3 shapes, int8, with --calib")
+    ap.add_argument("--calib", default="/tmp/rankfold-fmnist/fmnist-calib.npz",
+                    help="calibration images for --networks (../shared/data/fmnist_npz.py)")
     args = ap.parse_args(argv)
     from rankfold.cexport.run import qemu_tools_missing
 
     missing = qemu_tools_missing()
     if missing:
         raise SystemExit(missing)
-    if args.model:
-        x = np.load(args.data)["x"][:8]
-        for path in args.model:
-            print_profile(profile_model(path, x, args.board))
+    if args.model or args.networks:
+        rows = []
+        with tempfile.TemporaryDirectory() as work:
+            models = {os.path.basename(p): p for p in args.model}
+            if args.networks:
+                calib = np.load(args.calib)["x"][:256]
+                models.update(network_files(work, calib))
+            x = np.load(args.data or args.calib)["x"][:8]
+            for label, path in models.items():
+                row = {"network": label, **profile_model(path, x, args.board)}
+                print_profile(row)
+                rows.append(row)
+        if not args.no_save:
+            save(rows, lambda r: r.get("network") is not None and r.get("board") == args.board
+                 and r["network"] in models)
         return
     rows = run_layers(args.board, args.layers)
     if not args.no_save:
-        existing = []
-        if os.path.exists(RESULTS):
-            with open(RESULTS) as handle:
-                existing = json.load(handle)
-        kept = [r for r in existing if not (r.get("board") == args.board and r.get("layer") in args.layers)]
-        with open(RESULTS, "w") as handle:
-            json.dump(kept + rows, handle, indent=1)
-            handle.write("\n")
+        save(rows, lambda r: r.get("board") == args.board and r.get("layer", "-") in args.layers)
     sys.stdout.flush()
+
+
+def save(rows: list[dict], replaces) -> None:
+    """Add `rows` to bench/results/mcu.json, dropping the earlier rows `replaces` picks."""
+    existing = []
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as handle:
+            existing = json.load(handle)
+    stamp = {"date": time.strftime("%Y-%m-%d"), "host_cpu": platform.processor() or platform.machine()}
+    with open(RESULTS, "w") as handle:
+        json.dump([r for r in existing if not replaces(r)] + [{**r, **stamp} for r in rows], handle, indent=1)
+        handle.write("\n")
 
 
 if __name__ == "__main__":

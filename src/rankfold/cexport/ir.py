@@ -396,6 +396,14 @@ class _Reader:
             raise RankfoldError(f"{node.op_type} {node.name!r}: its {what} must be a constant")
         return self.inits[name]
 
+    def constant_operand(self, node: onnx.NodeProto) -> int | None:
+        """Which input of a two-input node is a constant (not an activation), if exactly one is."""
+        if len(node.input) != 2:
+            return None
+        constant = [i for i, name in enumerate(node.input) if name not in self.canonical and name not in self.qparams
+                    and (name in self.inits or name in self.weights)]
+        return constant[0] if len(constant) == 1 else None
+
     def io(self, node: onnx.NodeProto) -> tuple[QTensor, QTensor]:
         inp, out = self.source(node.input[0]), self.tensor(node.output[0])
         return self.program.tensors[inp], self.program.tensors[out]
@@ -436,6 +444,8 @@ def _read_clip(r: _Reader, node: onnx.NodeProto):
 
 
 def _read_add(r: _Reader, node: onnx.NodeProto):
+    if r.constant_operand(node) is not None:
+        return _read_with_constant(r, node)
     a, b, out = r.source(node.input[0]), r.source(node.input[1]), r.tensor(node.output[0])
     if r.program.tensors[a].shape != r.program.tensors[b].shape:
         raise RankfoldError(f"Add {node.name!r}: the C back-end adds tensors of one shape; these are "
@@ -502,6 +512,8 @@ def _read_concat(r: _Reader, node: onnx.NodeProto):
 
 
 def _read_mul(r: _Reader, node: onnx.NodeProto):
+    if r.constant_operand(node) is not None:
+        return _read_with_constant(r, node)
     a, b, out = r.source(node.input[0]), r.source(node.input[1]), r.tensor(node.output[0])
     ta, tb, to = r.program.tensors[a], r.program.tensors[b], r.program.tensors[out]
     if tb.size > ta.size:
@@ -562,6 +574,28 @@ def lookup_table(x: QTensor, y: QTensor, function) -> np.ndarray:
     with np.errstate(over="ignore"):
         value = np.asarray(function(real), np.float32)
     return np.clip(np.round(value / np.float32(y.scale)) + y.zero_point, ACT_QMIN, ACT_QMAX).astype(np.int8)
+
+
+ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+
+
+def _read_with_constant(r: _Reader, node: onnx.NodeProto):
+    """Add, Sub, Mul or Div of an activation and a constant (one value or one per channel): an
+    element-wise function of the activation, so a table (one per channel)."""
+    index = r.constant_operand(node)
+    if index is None:
+        raise RankfoldError(f"{node.op_type} {node.name!r}: the C back-end computes {node.op_type} of an activation "
+                            "and a constant only")
+    value = np.asarray(r.constant(node, index, "operand"), np.float32)
+    x, y = r.program.tensors[r.source(node.input[1 - index])], r.program.tensors[r.tensor(node.output[0])]
+    repeat = mul_broadcast(x.shape, value.shape)
+    if repeat is None or (value.size > 1 and repeat[0] != x.shape[0]):
+        raise RankfoldError(f"{node.op_type} {node.name!r}: the C back-end takes a constant of one value or one per "
+                            f"channel; this one has shape {value.shape}")
+    function = ARITHMETIC[node.op_type]
+    tables = [lookup_table(x, y, (lambda v, c=c: function(v, c)) if index == 1 else (lambda v, c=c: function(c, v)))
+              for c in value.reshape(-1).astype(np.float32)]
+    return Lookup(x.name, y.name, np.stack(tables), node.op_type, node.name)
 
 
 def _read_lookup(r: _Reader, node: onnx.NodeProto):
@@ -646,7 +680,8 @@ READERS = {
     "GlobalAveragePool": _read_global_average, "ReduceMean": _read_global_average,
     **{op: _read_pass_through for op in PASS_THROUGH},
     "MaxPool": _read_pool, "AveragePool": _read_pool, "GlobalMaxPool": _read_global_max, "Concat": _read_concat,
-    "Mul": _read_mul, "PRelu": _read_lookup, **{op: _read_lookup for op in FUNCTIONS}, "Pad": _read_pad,
+    "Mul": _read_mul, "Sub": _read_with_constant, "Div": _read_with_constant, "PRelu": _read_lookup,
+    **{op: _read_lookup for op in FUNCTIONS}, "Pad": _read_pad,
     "Transpose": _read_transpose, "Softmax": _read_softmax,
 }
 SUPPORTED = tuple(READERS)
