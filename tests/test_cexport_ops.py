@@ -136,15 +136,16 @@ def test_cortex_m_builds_match_the_host_with_and_without_the_dsp_extension(mobil
 @needs_cc
 def test_kernels_agree_on_odd_shapes_and_four_bit_weights(tmp_path):
     """Odd channel and pixel counts (the 2x2 kernel's edges), rows that are not whole words, 4-bit
-    weights in every kernel, a fully connected layer on a spatial input."""
+    weights in every kernel, dilation, a stride-2 depthwise layer, a fully connected layer whose
+    input is not a whole number of words."""
 
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = nn.Conv2d(3, 7, (3, 2), stride=(2, 1), padding=(1, 0))
-            self.b = nn.Conv2d(7, 7, 3, padding=1, groups=7)
-            self.c = nn.Conv2d(7, 5, 3, dilation=2)
-            self.fc = nn.Linear(5 * 1 * 2, 3)
+            self.a = nn.Conv2d(3, 7, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+            self.b = nn.Conv2d(7, 7, 3, stride=2, padding=1, groups=7)  # the stride-2 3x3 depthwise rows
+            self.c = nn.Conv2d(7, 5, 3)
+            self.fc = nn.Linear(5, 3)
 
         def forward(self, x):
             return self.fc(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))).flatten(1))

@@ -129,14 +129,15 @@ def interleaved_weights(op: Conv) -> np.ndarray:
 def scratch_bytes(program: Program, op) -> int:
     """Scratch a layer's kernel needs beside the tensors: the im2col kernel's int16 columns, two
     (one where the output has a single pixel): RF_IM2COL_BYTES; the depthwise kernel's padded input
-    rows of one output row: RF_DEPTHWISE_BYTES."""
+    plane of one channel, padded: RF_DEPTHWISE_BYTES."""
     kernel = kernel_of(program, op)
     if kernel == "im2col":
         pixels = int(np.prod(program.tensors[op.out].shape[1:]))
         return row_length(op) * 2 * (2 if pixels > 1 else 1)
     if kernel == "depthwise":
-        in_w = program.tensors[op.inp].shape[2] if len(program.tensors[op.inp].shape) > 2 else 1
-        return op.weight.shape[2] * (op.pads[1] + in_w + op.pads[3])
+        _c, in_h, in_w = _spatial(program.tensors[op.inp].shape)
+        top, left, bottom, right = op.pads
+        return (top + in_h + bottom) * (left + in_w + right) if any(op.pads) else 0
     return 0
 
 

@@ -513,21 +513,46 @@ static void depthwise_row(const rf_conv_params *p, const int8_t *x, int row_step
     }
 }
 
-/* The k_h input rows an output row reads, each widened by the padding, which holds the zero point
- * (the real value 0): afterwards every output of the row is computed as if inside the image. */
-static void padded_rows(const rf_conv_params *p, const int8_t *x_c, int iy0, int8_t *rows, int width)
+/* A channel's input plane widened by the padding, which holds the zero point (the real value 0):
+ * afterwards every output is computed as if inside the image. */
+static void padded_plane(const rf_conv_params *p, const int8_t *x_c, int8_t *plane, int width)
 {
-    int ky;
-    for (ky = 0; ky < p->k_h; ++ky) {
-        const int iy = iy0 + ky * p->dil_h;
-        int8_t *row = rows + (size_t)ky * width;
-        if (iy < 0 || iy >= p->in_h) {
-            memset(row, p->in_zp, (size_t)width);
-        } else {
-            memset(row, p->in_zp, (size_t)p->pad_left);
-            memcpy(row + p->pad_left, x_c + (size_t)iy * p->in_w, (size_t)p->in_w);
-            memset(row + p->pad_left + p->in_w, p->in_zp, (size_t)p->pad_right);
-        }
+    const int height = p->pad_top + p->in_h + p->pad_bottom;
+    int y;
+    memset(plane, p->in_zp, (size_t)p->pad_top * width);
+    for (y = 0; y < p->in_h; ++y) {
+        int8_t *row = plane + (size_t)(p->pad_top + y) * width;
+        memset(row, p->in_zp, (size_t)p->pad_left);
+        memcpy(row + p->pad_left, x_c + (size_t)y * p->in_w, (size_t)p->in_w);
+        memset(row + p->pad_left + p->in_w, p->in_zp, (size_t)p->pad_right);
+    }
+    memset(plane + (size_t)(p->pad_top + p->in_h) * width, p->in_zp, (size_t)(height - p->pad_top - p->in_h) * width);
+}
+
+/* `count` outputs of a 3x3, stride-2 depthwise row: output i's taps are x[2i..2i+2] of each row;
+ * a word at x + 2i sign-extended gives (x[2i], x[2i+2]) and (x[2i+1], .): one dual and one single
+ * multiply-accumulate a row. The last output alone: its word would read a byte past its taps. */
+static void depthwise3x3_stride2_row(const int8_t *x0, const int8_t *x1, const int8_t *x2, const int8_t *w,
+                                     int32_t bias, const rf_requant_params *q, int8_t *out, int count)
+{
+    const uint32_t w02_0 = pair16(w[0], w[2]), w02_1 = pair16(w[3], w[5]), w02_2 = pair16(w[6], w[8]);
+    const uint32_t w1_0 = pair16(w[1], 0), w1_1 = pair16(w[4], 0), w1_2 = pair16(w[7], 0);
+    int i;
+    for (i = 0; i + 1 < count; ++i) {
+        const uint32_t r0 = read32(x0 + 2 * i), r1 = read32(x1 + 2 * i), r2 = read32(x2 + 2 * i);
+        int32_t acc = RF_SMLAD(w02_0, RF_SXTB16(r0), bias);
+        acc = RF_SMLABB(RF_SXTB16_ROR8(r0), w1_0, acc);
+        acc = RF_SMLAD(w02_1, RF_SXTB16(r1), acc);
+        acc = RF_SMLABB(RF_SXTB16_ROR8(r1), w1_1, acc);
+        acc = RF_SMLAD(w02_2, RF_SXTB16(r2), acc);
+        acc = RF_SMLABB(RF_SXTB16_ROR8(r2), w1_2, acc);
+        out[i] = requant_out(q, acc);
+    }
+    if (i < count) {
+        const int j = 2 * i;
+        const int32_t acc = bias + x0[j] * w[0] + x0[j + 1] * w[1] + x0[j + 2] * w[2] + x1[j] * w[3] +
+                            x1[j + 1] * w[4] + x1[j + 2] * w[5] + x2[j] * w[6] + x2[j + 1] * w[7] + x2[j + 2] * w[8];
+        out[i] = requant_out(q, acc);
     }
 }
 
@@ -573,15 +598,16 @@ void rf_fully_connected_s8(const rf_conv_params *p, const int32_t *bias_folded, 
 
 /* Depthwise convolution (groups = in_c = out_c, taps <= RF_MAX_TAPS), one channel and one output
  * row at a time, the zero point folded into the bias: sum((x - zp) * w) = sum(x * w) - zp * sum(w).
- * A row whose taps reach into the padding reads a copy of its k_h input rows, padded (`scratch`,
- * RF_DEPTHWISE_BYTES); the others read the input in place. */
+ * A padded layer reads a padded copy of one channel's plane (`scratch`, RF_DEPTHWISE_BYTES);
+ * an unpadded one reads its input in place. 3x3 kernels at stride 1 and 2 have their own rows. */
 void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const int8_t *in, int8_t *out,
                      int8_t *scratch)
 {
     const int plane = p->in_h * p->in_w;
     const int taps = p->k_h * p->k_w;
+    const int padded = p->pad_top || p->pad_left || p->pad_bottom || p->pad_right;
     const int width = p->pad_left + p->in_w + p->pad_right;
-    const int fast3x3 = p->k_h == 3 && p->k_w == 3 && p->dil_h == 1 && p->dil_w == 1 && p->stride_w == 1;
+    const int three = p->k_h == 3 && p->k_w == 3 && p->dil_h == 1 && p->dil_w == 1;
     int8_t w[RF_MAX_TAPS];
     int c, oy, t;
     for (c = 0; c < p->out_c; ++c) {
@@ -593,23 +619,20 @@ void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const 
             w[t] = (int8_t)(p->weight_bits == 8 ? p->weight[(size_t)c * taps + t]
                                                 : weight4(p->weight, (size_t)c * taps + t));
         }
+        if (padded) {
+            padded_plane(p, x_c, scratch, width);
+            x_c = scratch;
+        }
         for (oy = 0; oy < p->out_h; ++oy) {
-            const int iy0 = oy * p->stride_h - p->pad_top;
-            const int8_t *x;
-            int row_step;
-            if (p->pad_left == 0 && p->pad_right == 0 && iy0 >= 0 && iy0 + (p->k_h - 1) * p->dil_h < p->in_h) {
-                x = x_c + (size_t)iy0 * p->in_w;
-                row_step = p->dil_h * p->in_w;
+            const int8_t *x = x_c + (size_t)oy * p->stride_h * width;
+            const int row_step = p->dil_h * width;
+            int8_t *row = out_c + oy * p->out_w;
+            if (three && p->stride_w == 1) {
+                depthwise3x3_row(x, x + row_step, x + 2 * row_step, w, bias_folded[c], &q, row, p->out_w);
+            } else if (three && p->stride_w == 2) {
+                depthwise3x3_stride2_row(x, x + row_step, x + 2 * row_step, w, bias_folded[c], &q, row, p->out_w);
             } else {
-                padded_rows(p, x_c, iy0, scratch, width);
-                x = scratch;
-                row_step = width;
-            }
-            if (fast3x3) {
-                depthwise3x3_row(x, x + row_step, x + 2 * row_step, w, bias_folded[c], &q, out_c + oy * p->out_w,
-                                 p->out_w);
-            } else {
-                depthwise_row(p, x, row_step, w, bias_folded[c], &q, out_c + oy * p->out_w, p->out_w);
+                depthwise_row(p, x, row_step, w, bias_folded[c], &q, row, p->out_w);
             }
         }
     }

@@ -32,8 +32,9 @@ typedef struct {
 /* Scratch bytes rf_conv_im2col_s8 needs: two int16 columns (one when the output has one pixel). */
 #define RF_IM2COL_BYTES(p) ((size_t)RF_ROW_LEN(p) * 2u * ((p)->out_h * (p)->out_w > 1 ? 2u : 1u))
 
-/* Scratch bytes rf_depthwise_s8 needs: the k_h input rows of one output row, padded. */
-#define RF_DEPTHWISE_BYTES(p) ((size_t)(p)->k_h * (size_t)((p)->pad_left + (p)->in_w + (p)->pad_right))
+/* Scratch bytes rf_depthwise_s8 needs: one channel's input plane, padded (none without padding). */
+#define RF_DEPTHWISE_BYTES(p) ((p)->pad_top || (p)->pad_left || (p)->pad_bottom || (p)->pad_right ?             \
+    (size_t)((p)->pad_top + (p)->in_h + (p)->pad_bottom) * (size_t)((p)->pad_left + (p)->in_w + (p)->pad_right) : 0u)
 
 /* round(x * multiplier * 2^(shift - 31)) as TFLite / CMSIS-NN compute it (rankfold/cexport/arith.py):
  * x scaled up by the left shift with saturation, the doubling high multiply rounded half away from
