@@ -122,6 +122,8 @@ def profile_model(path: str, x: np.ndarray, board: str, samples: int = 1) -> dic
     for op, instructions in zip(program.ops, profiled["instructions_per_op"] or []):
         macs = program.tensors[op.out].size * op.macs_per_output if isinstance(op, Conv) else 0
         ops.append({"name": op.name, "op": type(op).__name__, "kernel": kernel_of(program, op),
+                    "kind": latency_kind(program, op) if isinstance(op, Conv) else None,
+                    "outputs": program.tensors[op.out].size,
                     "bits": getattr(op, "bits", None), "macs": macs, "instructions": instructions,
                     "instructions_per_mac": instructions / macs if macs else None,
                     "scratch_bytes": scratch_bytes(program, op),
@@ -131,6 +133,43 @@ def profile_model(path: str, x: np.ndarray, board: str, samples: int = 1) -> dic
             "instructions_per_mac": checked["instructions_per_mac"], "flash_bytes": checked["flash_bytes"],
             "ram_bytes": checked["ram_bytes"], "stack_bytes": checked["stack_bytes"],
             "golden_mismatches": checked["golden_mismatches"], "samples": checked["samples"], "ops": ops}
+
+
+def latency_kind(program, op) -> str:
+    """The planner's kind of a convolution (planner/costs.py): linear, pointwise, depthwise, conv."""
+    _o, _i, k_h, k_w = op.weight.shape
+    if op.groups > 1:
+        return "depthwise"
+    if k_h * k_w == 1:
+        return "linear" if int(np.prod(program.tensors[op.inp].shape[1:])) == 1 else "pointwise"
+    return "conv"
+
+
+KINDS = ("conv", "pointwise", "depthwise", "linear")
+
+
+def fit_latency_model(rows: list[dict]) -> dict:
+    """Least squares over every convolution of the profiled networks: instructions = MACs *
+    cycles_per_mac[kind] + outputs * cycles_per_output + layer_overhead_cycles (qemu counts
+    instructions: cycles at one instruction per cycle). The error of the fit per layer and per whole
+    network (the convolutions' sum)."""
+    layers = [(row["network"], op) for row in rows for op in row["ops"] if op.get("kind")]
+    design = np.array([[op["macs"] * (op["kind"] == kind) for kind in KINDS] + [op["outputs"], 1.0]
+                       for _n, op in layers], np.float64)
+    measured = np.array([op["instructions"] for _n, op in layers], np.float64)
+    weights = 1.0 / np.maximum(measured, 1.0)  # relative error: small layers count as much as big ones
+    solution, *_ = np.linalg.lstsq(design * weights[:, None], measured * weights, rcond=None)
+    solution = np.maximum(solution, 0.0)
+    predicted = design @ solution
+    per_layer = np.abs(predicted - measured) / measured
+    per_network = {}
+    for name in dict.fromkeys(n for n, _op in layers):
+        picked = np.array([n == name for n, _op in layers])
+        per_network[name] = float(abs(predicted[picked].sum() - measured[picked].sum()) / measured[picked].sum())
+    return {"cycles_per_mac": {k: round(float(v), 3) for k, v in zip(KINDS, solution[:4])},
+            "cycles_per_output": round(float(solution[4]), 2), "layer_overhead_cycles": round(float(solution[5])),
+            "layers": len(layers), "median_layer_error": float(np.median(per_layer)),
+            "p90_layer_error": float(np.quantile(per_layer, 0.9)), "network_error": per_network}
 
 
 def print_profile(row: dict) -> None:
@@ -286,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
                 row = {"network": label, **profile_model(path, x, args.board)}
                 print_profile(row)
                 rows.append(row)
+        fit = fit_latency_model(rows)
+        print("latency model fitted to these layers:", json.dumps(fit))
+        rows.append({"network": "latency model fit", "board": args.board, **fit})
         if not args.no_save:
             save(rows, lambda r: r.get("network") is not None and r.get("board") == args.board
                  and r["network"] in models)

@@ -32,6 +32,7 @@ class Target:
     latency: str = "measured"
     layer_overhead_cycles: float = 0.0
     cycles_per_element: float = 0.0
+    cycles_per_output: float = 0.0  # per output value of a layer: its requantization and store
     cycles_per_mac: dict[str, float] = field(default_factory=dict)
     runtime: str = "onnxruntime"
     reduce_range: bool = False  # int8 weights on 7 bits (TOML: true, false or "auto": what this CPU needs)
@@ -120,7 +121,7 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
                    or not isinstance(cpm.get(k), (int, float)) or not math.isfinite(cpm[k]) or cpm[k] <= 0]
         if missing:
             raise RankfoldError(f"{origin}: [cycles_per_mac] needs positive values for {', '.join(missing)}")
-    for key in ("layer_overhead_cycles", "cycles_per_element"):
+    for key in ("layer_overhead_cycles", "cycles_per_element", "cycles_per_output"):
         value = raw.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise RankfoldError(f"{origin}: {key} must be a number >= 0, got {value!r}")

@@ -86,7 +86,10 @@ def chain_profile(modules: list[nn.Module], input_shape: tuple[int, ...]) -> Cha
 
 
 def modelled_latency_ms(profile: ChainProfile, target: Target) -> float:
-    cycles = sum(s.macs * target.cycles_per_mac[s.kind] + target.layer_overhead_cycles for s in profile.sub_layers)
+    """cycles = sum over sub-layers of MACs * cycles_per_mac[kind] + outputs * cycles_per_output
+    + layer_overhead_cycles (the target profile's model, fitted to the C kernels: bench/mcu.py --fit)."""
+    cycles = sum(s.macs * target.cycles_per_mac[s.kind] + outputs * target.cycles_per_output
+                 + target.layer_overhead_cycles for s, outputs in zip(profile.sub_layers, profile.activations[1:]))
     return 1000.0 * cycles / target.clock_hz
 
 
