@@ -472,8 +472,11 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
 
 
 def _cmd_export_c(args: argparse.Namespace) -> None:
+    import os
+
     import numpy as np
 
+    from rankfold.cexport.codegen import RAM_TABLE
     from rankfold.cexport.run import export_c, is_qdq, quantize_for_c
     from rankfold.data import check_input_shape, load_npz
     from rankfold.frontends.onnx import read_onnx
@@ -495,7 +498,12 @@ def _cmd_export_c(args: argparse.Namespace) -> None:
     print(f"flash (weights, biases, multipliers): {info['weight_bytes']:,} bytes"
           + (f" of {target.flash_bytes:,} ({target.name})" if target and target.flash_bytes else ""))
     print(f"RAM (arena): {info['arena_bytes']:,} bytes"
-          + (f" of {target.ram_bytes:,} ({target.name})" if target and target.ram_bytes else ""))
+          + (f" of {target.ram_bytes:,} ({target.name})" if target and target.ram_bytes else "")
+          + f"; the layers that need the most (live tensors + scratch; every layer: "
+          f"{os.path.join(args.output, RAM_TABLE)}):")
+    for row in sorted(info["ram_per_op"], key=lambda r: -(r["tensor_bytes"] + r["scratch_bytes"]))[:3]:
+        print(f"  {row['op']}: {row['tensor_bytes'] + row['scratch_bytes']:,} bytes ({row['tensor_bytes']:,} + "
+              f"{row['scratch_bytes']:,})")
     if "flash_bytes" in info:
         print(f"built for {info['cpu']}: flash (code + weights) {info['flash_bytes']:,} bytes"
               + (f" of {target.flash_bytes:,}" if target.flash_bytes else "")

@@ -31,6 +31,7 @@ from rankfold.io import C_EXPORT_MARKER, cannot_write, replace_directory
 from rankfold.quantize.core import pack_int4
 
 MAX_TAPS = 64  # RF_MAX_TAPS in kernels.h
+RAM_TABLE = "ram.txt"  # every op's RAM, written beside the sources
 
 
 @dataclass
@@ -139,6 +140,25 @@ def scratch_bytes(program: Program, op) -> int:
         top, left, bottom, right = op.pads
         return (top + in_h + bottom) * (left + in_w + right) if any(op.pads) else 0
     return 0
+
+
+def ram_per_op(program: Program) -> list[dict]:
+    """What each op holds in RAM while it runs: the tensors alive then (its inputs and output and
+    whatever later ops still read) and its kernel's scratch."""
+    first: dict[str, int] = {program.input: -1}
+    last: dict[str, int] = {program.input: -1}
+    for i, op in enumerate(program.ops):
+        for name in op.inputs:
+            last[name] = max(last.get(name, i), i)
+        first.setdefault(op.out, i)
+        last[op.out] = max(last.get(op.out, i), i)
+    last[program.output] = len(program.ops)
+    rows = []
+    for i, op in enumerate(program.ops):
+        live = sum(program.tensors[n].size for n in first if first[n] <= i <= last[n])
+        rows.append({"op": op.name or type(op).__name__, "tensor_bytes": live,
+                     "scratch_bytes": scratch_bytes(program, op)})
+    return rows
 
 
 def arena_bytes(program: Program) -> int:
@@ -347,9 +367,19 @@ int model_run(const int8_t *in, int8_t *out, uint8_t *arena);
     files = {"model.h": header, "model.c": "".join(source),
              "rankfold_kernels.c": _resource("kernels.c"), "rankfold_kernels.h": _resource("kernels.h"),
              "main.c": _resource("main.c"), "Makefile": _resource("Makefile"), "startup.c": _resource("startup.c"),
-             "cortex_m.ld": _resource("cortex_m.ld"), **(extra or {})}
+             "cortex_m.ld": _resource("cortex_m.ld"), RAM_TABLE: _ram_table(program, arena.size),
+             **(extra or {})}
     _write_directory(directory, files)
-    return {"arena_bytes": arena.size, "weight_bytes": program.weight_bytes, "macs": program.macs}
+    return {"arena_bytes": arena.size, "weight_bytes": program.weight_bytes, "macs": program.macs,
+            "ram_per_op": ram_per_op(program)}
+
+
+def _ram_table(program: Program, arena: int) -> str:
+    lines = [f"# RAM each op needs while it runs (bytes): live tensors + its kernel's scratch; arena {arena}",
+             "op\ttensors\tscratch\ttotal"]
+    lines += [f"{r['op']}\t{r['tensor_bytes']}\t{r['scratch_bytes']}\t{r['tensor_bytes'] + r['scratch_bytes']}"
+              for r in ram_per_op(program)]
+    return "\n".join(lines) + "\n"
 
 
 def _resource(name: str) -> str:
