@@ -40,31 +40,40 @@ class ArenaPlan:
     size: int
 
 
+def scratch_name(index: int) -> str:
+    """The arena entry of op `index`'s scratch (its kernel's working memory, alive during that op)."""
+    return f"#scratch{index}"
+
+
 def plan_arena(program: Program) -> ArenaPlan:
-    """Offsets for every tensor in one arena: a tensor may reuse bytes only of tensors whose
-    lifetimes (first write .. last read) do not overlap its own; biggest tensors placed first,
-    each at the lowest offset that fits (greedy)."""
+    """Offsets for every tensor and every kernel's scratch in one arena: each may reuse bytes only
+    of those whose lifetimes (first write .. last read; a scratch: its op) do not overlap its own;
+    biggest placed first, each at the lowest word-aligned offset that fits (greedy)."""
     first: dict[str, int] = {program.input: -1}
     last: dict[str, int] = {program.input: -1}
+    sizes = {name: t.size for name, t in program.tensors.items()}
     for i, op in enumerate(program.ops):
         for name in op.inputs:
             last[name] = max(last.get(name, i), i)
         first.setdefault(op.out, i)
         last[op.out] = max(last.get(op.out, i), i)
+        scratch = scratch_bytes(program, op)
+        if scratch:
+            first[scratch_name(i)] = last[scratch_name(i)] = i
+            sizes[scratch_name(i)] = scratch
     last[program.output] = len(program.ops)
-    order = sorted(first, key=lambda n: -program.tensors[n].size)
+    order = sorted(first, key=lambda n: -sizes[n])
     placed: list[tuple[int, int, int, int]] = []  # offset, size, first, last
     offsets = {}
     for name in order:
-        size = program.tensors[name].size
+        size = sizes[name]
         lo, hi = first[name], last[name]
         clashes = sorted((o, s) for o, s, f, e in placed if not (e < lo or hi < f))
         offset = 0
         for o, s in clashes:
             if offset + size <= o:
                 break
-            offset = max(offset, o + s)
-        offset = (offset + 3) // 4 * 4  # word-aligned
+            offset = max(offset, (o + s + 3) // 4 * 4)  # word-aligned
         placed.append((offset, size, lo, hi))
         offsets[name] = offset
     return ArenaPlan(offsets, max((o + s for o, s, _f, _l in placed), default=0))
@@ -162,10 +171,8 @@ def ram_per_op(program: Program) -> list[dict]:
 
 
 def arena_bytes(program: Program) -> int:
-    """The whole arena the generated code declares: the tensors (4-byte aligned), then the
-    largest scratch any layer needs."""
-    scratch = max((scratch_bytes(program, op) for op in program.ops), default=0)
-    return (plan_arena(program).size + 3) // 4 * 4 + scratch
+    """The whole arena the generated code declares: tensors and scratch, as planned."""
+    return (plan_arena(program).size + 3) // 4 * 4
 
 
 @dataclass
@@ -180,7 +187,7 @@ def _spatial(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return (tuple(shape) + (1, 1))[:3] if len(shape) < 3 else tuple(shape)
 
 
-def _emit_conv(program: Program, op: Conv, ident: str, at) -> _Emit:
+def _emit_conv(program: Program, op: Conv, ident: str, at, scratch: str) -> _Emit:
     t = program.tensors
     x, out = t[op.inp], t[op.out]
     in_c, in_h, in_w = _spatial(x.shape)
@@ -201,38 +208,38 @@ def _emit_conv(program: Program, op: Conv, ident: str, at) -> _Emit:
         f"{op.bits}, {ident}_w, {ident}_b, {ident}_m, {ident}_s}};\n")
     where = f"{at(op.inp)}, {at(op.out)}"
     if kernel == "im2col":
-        return _Emit(decls, f"rf_conv_im2col_s8(&{ident}, {where}, (int16_t *)A(SCRATCH))")
+        return _Emit(decls, f"rf_conv_im2col_s8(&{ident}, {where}, (int16_t *){scratch})")
     if kernel in ("depthwise", "fully_connected"):  # the zero point folded into the bias
         folded = op.bias.astype(np.int64) - x.zero_point * op.weight.reshape(o_c, -1).astype(np.int64).sum(1)
         if np.abs(folded).max(initial=0) >= 2**31:
             raise RankfoldError(f"{op.name}: folded bias overflows int32")
         decls.append(_array("int32_t", f"{ident}_bf", folded))
         if kernel == "depthwise":
-            return _Emit(decls, f"rf_depthwise_s8(&{ident}, {ident}_bf, {where}, A(SCRATCH))")
+            return _Emit(decls, f"rf_depthwise_s8(&{ident}, {ident}_bf, {where}, {scratch})")
         return _Emit(decls, f"rf_fully_connected_s8(&{ident}, {ident}_bf, {where})")
     return _Emit(decls, f"rf_conv_s8(&{ident}, {where})")
 
 
-def _emit_add(program: Program, op: Add, ident: str, at) -> _Emit:
+def _emit_add(program: Program, op: Add, ident: str, at, scratch: str) -> _Emit:
     a, b, out = program.tensors[op.a], program.tensors[op.b], program.tensors[op.out]
     return _Emit([], f"rf_add_s8({at(op.a)}, {a.zero_point}, {op.a_mult[0]}, {op.a_mult[1]}, {at(op.b)}, "
                      f"{b.zero_point}, {op.b_mult[0]}, {op.b_mult[1]}, {at(op.out)}, {out.zero_point}, "
                      f"{op.out_mult[0]}, {op.out_mult[1]}, {op.act_min}, {out.size})")
 
 
-def _emit_avgpool(program: Program, op: AvgPool, ident: str, at) -> _Emit:
+def _emit_avgpool(program: Program, op: AvgPool, ident: str, at, scratch: str) -> _Emit:
     x, out = program.tensors[op.inp], program.tensors[op.out]
     return _Emit([], f"rf_avgpool_s8({at(op.inp)}, {x.zero_point}, {x.shape[0]}, {x.size // x.shape[0]}, "
                      f"{at(op.out)}, {out.zero_point}, {op.mult[0]}, {op.mult[1]})")
 
 
-def _emit_requant(program: Program, op: Requant, ident: str, at) -> _Emit:
+def _emit_requant(program: Program, op: Requant, ident: str, at, scratch: str) -> _Emit:
     x, out = program.tensors[op.inp], program.tensors[op.out]
     return _Emit([], f"rf_requant_s8({at(op.inp)}, {x.zero_point}, {at(op.out)}, {out.zero_point}, {op.mult[0]}, "
                      f"{op.mult[1]}, {op.act_min}, {out.size})")
 
 
-def _emit_pool(program: Program, op: Pool, ident: str, at) -> _Emit:
+def _emit_pool(program: Program, op: Pool, ident: str, at, scratch: str) -> _Emit:
     x, out = program.tensors[op.inp], program.tensors[op.out]
     (c, in_h, in_w), (_c, out_h, out_w) = _spatial(x.shape), _spatial(out.shape)
     decls = [_array("int32_t", f"{ident}_m", np.array(op.mults, np.int64).reshape(-1)),
@@ -243,7 +250,7 @@ def _emit_pool(program: Program, op: Pool, ident: str, at) -> _Emit:
     return _Emit(decls, f"rf_pool_s8(&{ident}, {ident}_m, {at(op.inp)}, {at(op.out)})")
 
 
-def _emit_concat(program: Program, op: Concat, ident: str, at) -> _Emit:
+def _emit_concat(program: Program, op: Concat, ident: str, at, scratch: str) -> _Emit:
     out = program.tensors[op.out]
     outer = int(np.prod(out.shape[: op.axis]))
     inner = int(np.prod(out.shape[op.axis + 1 :]))
@@ -257,14 +264,14 @@ def _emit_concat(program: Program, op: Concat, ident: str, at) -> _Emit:
     return _Emit([], ";\n    ".join(calls))
 
 
-def _emit_mul(program: Program, op: Mul, ident: str, at) -> _Emit:
+def _emit_mul(program: Program, op: Mul, ident: str, at, scratch: str) -> _Emit:
     a, b, out = program.tensors[op.a], program.tensors[op.b], program.tensors[op.out]
     count, inner = mul_broadcast(a.shape, b.shape)
     return _Emit([], f"rf_mul_s8({at(op.a)}, {a.zero_point}, {at(op.b)}, {b.zero_point}, {at(op.out)}, "
                      f"{out.zero_point}, {op.mult[0]}, {op.mult[1]}, {op.act_min}, {out.size}, {count}, {inner})")
 
 
-def _emit_lookup(program: Program, op: Lookup, ident: str, at) -> _Emit:
+def _emit_lookup(program: Program, op: Lookup, ident: str, at, scratch: str) -> _Emit:
     out = program.tensors[op.out]
     rows = op.table.shape[0]
     return _Emit([_array("int8_t", f"{ident}_t", op.table)],
@@ -275,7 +282,7 @@ def _dims4(shape) -> list[int]:
     return [1] * (4 - len(shape)) + list(shape)
 
 
-def _emit_pad(program: Program, op: Pad, ident: str, at) -> _Emit:
+def _emit_pad(program: Program, op: Pad, ident: str, at, scratch: str) -> _Emit:
     x, out = program.tensors[op.inp], program.tensors[op.out]
     before = [0] * (4 - len(op.pads)) + [b for b, _e in op.pads]
     decls = [_array("int32_t", f"{ident}_in", np.array(_dims4(x.shape))),
@@ -285,7 +292,7 @@ def _emit_pad(program: Program, op: Pad, ident: str, at) -> _Emit:
                         f"{op.mult[1]}, {op.value}, {ident}_in, {ident}_out, {ident}_before)")
 
 
-def _emit_transpose(program: Program, op: Transpose, ident: str, at) -> _Emit:
+def _emit_transpose(program: Program, op: Transpose, ident: str, at, scratch: str) -> _Emit:
     x, out = program.tensors[op.inp], program.tensors[op.out]
     in_strides = [int(np.prod(x.shape[k + 1 :])) for k in range(len(x.shape))]
     strides = [0] * (4 - len(op.perm)) + [in_strides[p] for p in op.perm]
@@ -295,7 +302,7 @@ def _emit_transpose(program: Program, op: Transpose, ident: str, at) -> _Emit:
                         f"{op.mult[0]}, {op.mult[1]}, {ident}_dims, {ident}_strides)")
 
 
-def _emit_softmax(program: Program, op: Softmax, ident: str, at) -> _Emit:
+def _emit_softmax(program: Program, op: Softmax, ident: str, at, scratch: str) -> _Emit:
     x, out = program.tensors[op.inp], program.tensors[op.out]
     length = x.shape[-1]
     return _Emit([_array("int32_t", f"{ident}_exp", op.exp_table)],
@@ -322,13 +329,12 @@ def generate(program: Program, directory: str, *, extra: dict[str, bytes] | None
         emitter = EMITTERS.get(type(op))
         if emitter is None:
             raise RankfoldError(f"no C code for {type(op).__name__}")
-        emitted = emitter(program, op, _ident(i), at)
+        scratch = at(scratch_name(i)) if scratch_name(i) in arena.offsets else "NULL"
+        emitted = emitter(program, op, _ident(i), at, scratch)
         decls += emitted.decls
         calls.append(f"    {emitted.call};  /* {op.name} */\n    RF_MARK({i});")
-    scratch = max((scratch_bytes(program, op) for op in program.ops), default=0)  # placed after the tensors
     x_in, x_out = t[program.input], t[program.output]
-    scratch_offset = (arena.size + 3) // 4 * 4
-    arena = ArenaPlan(arena.offsets, scratch_offset + scratch)
+    arena = ArenaPlan(arena.offsets, (arena.size + 3) // 4 * 4)
     header = f"""/* Generated by rankfold: int8 network, plain C99, no malloc. */
 #ifndef RANKFOLD_MODEL_H
 #define RANKFOLD_MODEL_H
@@ -358,7 +364,7 @@ int model_run(const int8_t *in, int8_t *out, uint8_t *arena);
               "#include \"rankfold_kernels.h\"\n\n#define A(offset) ((int8_t *)(arena + (offset)))\n"
               "#ifdef RF_PROFILE /* main.c times each op */\nvoid rf_profile_mark(int op);\n"
               "#define RF_MARK(op) rf_profile_mark(op)\n#else\n#define RF_MARK(op) ((void)0)\n#endif\n"
-              f"#define SCRATCH {scratch_offset}\n\n",
+              "\n",
               *decls,
               "\nint model_run(const int8_t *in, int8_t *out, uint8_t *arena)\n{\n",
               f"    memcpy(A({arena.offsets[program.input]}), in, MODEL_INPUT_SIZE);\n",
