@@ -83,21 +83,27 @@ def quantized_file(module, in_shape: tuple[int, ...], path: str, samples: int = 
 
 def measure(path: str, x: np.ndarray, board: str, work: str, samples: int = 2) -> dict:
     """Export, run on the host and under qemu; instructions per MAC, flash, RAM, golden check."""
-    import onnx
-
-    from rankfold.cexport.run import export_c, run_c
-
-    directory = os.path.join(work, "c")
-    info = export_c(onnx.load(path), directory)
-    result = run_c(directory, x, None, qemu=board, qemu_samples=samples)
-    if result["golden_mismatches"] or not result["qemu_matches_host"]:
-        raise SystemExit(f"{path}: {result['golden_mismatches']} golden mismatches, qemu matches host: "
-                         f"{result['qemu_matches_host']}")
+    info, result = exported_and_checked(path, x, board, os.path.join(work, "c"), samples)
     return {"macs": info["macs"], "arena_bytes": info["arena_bytes"],
             "instructions": result["instructions"], "instructions_per_mac": result["instructions_per_mac"],
             "flash_bytes": result["flash_bytes"], "ram_bytes": result["ram_bytes"],
             "stack_bytes": result["stack_bytes"], "golden_mismatches": result["golden_mismatches"],
             "samples": int(len(x))}
+
+
+def exported_and_checked(path: str, x: np.ndarray, board: str, directory: str, samples: int) -> tuple[dict, dict]:
+    """export_c, then run_c on the host and under qemu; the bench stops unless the C matches the
+    golden model everywhere and qemu matches the host."""
+    import onnx
+
+    from rankfold.cexport.run import export_c, run_c
+
+    info = export_c(onnx.load(path), directory)
+    result = run_c(directory, x, None, qemu=board, qemu_samples=samples)
+    if result["golden_mismatches"] or not result["qemu_matches_host"]:
+        raise SystemExit(f"{path}: {result['golden_mismatches']} golden mismatches, qemu matches host: "
+                         f"{result['qemu_matches_host']}")
+    return info, result
 
 
 def profile_model(path: str, x: np.ndarray, board: str, samples: int = 1) -> dict:
@@ -107,15 +113,11 @@ def profile_model(path: str, x: np.ndarray, board: str, samples: int = 1) -> dic
 
     from rankfold.cexport.codegen import kernel_of, scratch_bytes
     from rankfold.cexport.ir import Conv, read_program
-    from rankfold.cexport.run import export_c, quantize_input, run_c, run_qemu
+    from rankfold.cexport.run import quantize_input, run_qemu
 
     with tempfile.TemporaryDirectory() as work:
         directory = os.path.join(work, "c")
-        info = export_c(onnx.load(path), directory)
-        checked = run_c(directory, x, None, qemu=board, qemu_samples=samples)
-        if checked["golden_mismatches"] or not checked["qemu_matches_host"]:
-            raise SystemExit(f"{path}: {checked['golden_mismatches']} golden mismatches, qemu matches host: "
-                             f"{checked['qemu_matches_host']}")
+        info, checked = exported_and_checked(path, x, board, directory, samples)
         program = read_program(onnx.load(os.path.join(directory, "model.onnx")))
         profiled = run_qemu(directory, board, quantize_input(program, x[:samples]), profile=True)
     ops = []

@@ -120,45 +120,72 @@ def _mul(program: Program, op: Mul, env) -> np.ndarray:
     return _requant(a * b_full, op.mult, t[op.out].zero_point, op.act_min)
 
 
+def _golden_conv(program: Program, op: Conv, env, n: int) -> np.ndarray:
+    t = program.tensors
+    return _conv(op, env[op.inp], t[op.inp].zero_point, t[op.out].shape, t[op.out].zero_point)
+
+
+def _golden_add(program: Program, op: Add, env, n: int) -> np.ndarray:
+    t = program.tensors
+    a = (env[op.a].astype(np.int64) - t[op.a].zero_point) << ADD_LEFT_SHIFT
+    b = (env[op.b].astype(np.int64) - t[op.b].zero_point) << ADD_LEFT_SHIFT
+    total = mbqm(a, *op.a_mult) + mbqm(b, *op.b_mult)
+    return np.clip(mbqm(total, *op.out_mult) + t[op.out].zero_point, op.act_min, ACT_QMAX)
+
+
+def _golden_mul(program: Program, op: Mul, env, n: int) -> np.ndarray:
+    return _mul(program, op, env).reshape(n, *program.tensors[op.out].shape)
+
+
+def _golden_concat(program: Program, op: Concat, env, n: int) -> np.ndarray:
+    t = program.tensors
+    parts = [_requant(env[p].astype(np.int64).reshape(n, *t[p].shape) - t[p].zero_point, m, t[op.out].zero_point)
+             for p, m in zip(op.parts, op.mults)]
+    return np.concatenate(parts, axis=op.axis + 1)
+
+
+def _one_input(function):
+    """A golden op of one input: `function(op, x, zp_in, out)`, x the int8 values as int64 (N, *shape)."""
+
+    def run(program: Program, op, env, n: int) -> np.ndarray:
+        x = env[op.inp].astype(np.int64).reshape(n, *program.tensors[op.inp].shape)
+        out = program.tensors[op.out]
+        return function(op, x, program.tensors[op.inp].zero_point, out).reshape(n, *out.shape)
+
+    return run
+
+
+def _lookup(op: Lookup, x: np.ndarray, zp_in: int, out) -> np.ndarray:
+    rows = op.table.shape[0]
+    return op.table[np.arange(rows)[None, :, None], x.reshape(len(x), rows, -1) + 128]
+
+
+def _global_average(op: AvgPool, x: np.ndarray, zp_in: int, out) -> np.ndarray:
+    return _requant((x - zp_in).reshape(len(x), x.shape[1], -1).sum(2), op.mult, out.zero_point)
+
+
+GOLDEN = {
+    Conv: _golden_conv,
+    Add: _golden_add,
+    Mul: _golden_mul,
+    Concat: _golden_concat,
+    AvgPool: _one_input(_global_average),
+    Requant: _one_input(lambda op, x, zp, out: _requant(x - zp, op.mult, out.zero_point, op.act_min)),
+    Pool: _one_input(lambda op, x, zp, out: _pool(op, x, zp, out.shape, out.zero_point)),
+    Lookup: _one_input(_lookup),
+    Pad: _one_input(lambda op, x, zp, out: _pad(op, x, zp, out.zero_point)),
+    Transpose: _one_input(lambda op, x, zp, out: _requant(x - zp, op.mult, out.zero_point).transpose(
+        0, *(p + 1 for p in op.perm))),
+    Softmax: _one_input(lambda op, x, zp, out: _softmax(op, x, out.zero_point)),
+}
+
+
 def run_op(program: Program, op, env: dict[str, np.ndarray]) -> np.ndarray:
     """One op of the program on int8 tensors in `env` (each (N, *shape)); returns its output."""
-    t = program.tensors
-    out = t[op.out]
-    n = len(env[op.inputs[0]])
-    if isinstance(op, Conv):
-        return _conv(op, env[op.inp], t[op.inp].zero_point, out.shape, out.zero_point)
-    if isinstance(op, Add):
-        a = (env[op.a].astype(np.int64) - t[op.a].zero_point) << ADD_LEFT_SHIFT
-        b = (env[op.b].astype(np.int64) - t[op.b].zero_point) << ADD_LEFT_SHIFT
-        total = mbqm(a, *op.a_mult) + mbqm(b, *op.b_mult)
-        return np.clip(mbqm(total, *op.out_mult) + out.zero_point, op.act_min, ACT_QMAX).astype(np.int8)
-    if isinstance(op, Mul):
-        return _mul(program, op, env).reshape(n, *out.shape).astype(np.int8)
-    if isinstance(op, Concat):
-        parts = [_requant(env[p].astype(np.int64).reshape(n, *t[p].shape) - t[p].zero_point, m, out.zero_point)
-                 for p, m in zip(op.parts, op.mults)]
-        return np.concatenate(parts, axis=op.axis + 1).astype(np.int8)
-    x = env[op.inp].astype(np.int64).reshape(n, *t[op.inp].shape)
-    zp_in = t[op.inp].zero_point
-    if isinstance(op, AvgPool):
-        total = (x - zp_in).reshape(n, x.shape[1], -1).sum(2)
-        return _requant(total, op.mult, out.zero_point).reshape(n, *out.shape).astype(np.int8)
-    if isinstance(op, Requant):
-        return _requant(x - zp_in, op.mult, out.zero_point, op.act_min).reshape(n, *out.shape).astype(np.int8)
-    if isinstance(op, Pool):
-        return _pool(op, x, zp_in, out.shape, out.zero_point).astype(np.int8)
-    if isinstance(op, Lookup):
-        rows = op.table.shape[0]
-        flat = x.reshape(n, rows, -1) + 128
-        return op.table[np.arange(rows)[None, :, None], flat].reshape(n, *out.shape).astype(np.int8)
-    if isinstance(op, Pad):
-        return _pad(op, x, zp_in, out.zero_point).astype(np.int8)
-    if isinstance(op, Transpose):
-        moved = _requant(x - zp_in, op.mult, out.zero_point)
-        return moved.transpose(0, *(p + 1 for p in op.perm)).astype(np.int8)
-    if isinstance(op, Softmax):
-        return _softmax(op, x, out.zero_point).astype(np.int8)
-    raise TypeError(f"unknown op {type(op).__name__}")
+    golden = GOLDEN.get(type(op))
+    if golden is None:
+        raise TypeError(f"unknown op {type(op).__name__}")
+    return golden(program, op, env, len(env[op.inputs[0]])).astype(np.int8)
 
 
 def run_golden(program: Program, x_q: np.ndarray) -> np.ndarray:
