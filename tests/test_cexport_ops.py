@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from rankfold.cexport.golden import run_golden
 from rankfold.cexport.ir import read_program
 from rankfold.cexport.run import build_host, export_c, qemu_tools_missing, quantize_input, run_c, run_host
+from rankfold.errors import RankfoldError
 from rankfold.quantize.export import export_quantized
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no host C compiler")
@@ -175,3 +176,37 @@ def test_scratch_is_two_int16_columns_not_a_padded_copy_and_every_layers_ram_is_
     assert len(rows) == len(program.ops) == len(info["ram_per_op"])
     assert max(int(r.split("\t")[3]) for r in rows) <= info["arena_bytes"]  # the planner placed the scratch
     assert run_c(str(tmp_path / "c"), x, None)["golden_mismatches"] == 0
+
+
+class ShapeArithmetic(nn.Module):
+    """Reads its input's size at run time (Shape, Gather, Concat, Reshape in the ONNX graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = y.reshape(y.shape[0], y.shape[1], y.shape[2] * y.shape[3]).mean(2)
+        return self.fc(y)
+
+
+@needs_cc
+def test_shape_arithmetic_folds_and_an_open_input_size_is_fixed_by_the_data(tmp_path):
+    x = _qdq(ShapeArithmetic(), {"conv": 8, "fc": 8}, tmp_path / "q.onnx", (3, 12, 10), samples=16)
+    model = onnx.load(tmp_path / "q.onnx")
+    assert any(n.op_type == "Shape" for n in model.graph.node)
+    for dim, name in zip(list(model.graph.input[0].type.tensor_type.shape.dim)[2:], ("height", "width")):
+        dim.ClearField("dim_value")
+        dim.dim_param = name  # as an exporter leaves a detector's or recogniser's size open
+    with pytest.raises(RankfoldError, match="no static shape.*give --calib data of that size"):
+        export_c(model, str(tmp_path / "open"))
+    assert not (tmp_path / "open").exists()
+    export_c(model, str(tmp_path / "c"), sample_shape=(3, 12, 10))
+    saved = onnx.load(tmp_path / "c" / "model.onnx")
+    assert [d.dim_value for d in saved.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 12, 10]
+    result = run_c(str(tmp_path / "c"), x, None)
+    assert result["golden_mismatches"] == 0 and result["accuracy"] is None
+    with pytest.raises(RankfoldError, match=r"samples have shape \(3, 9, 9\)"):
+        export_c(saved, str(tmp_path / "c2"), sample_shape=(3, 9, 9))

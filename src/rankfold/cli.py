@@ -486,14 +486,17 @@ def _cmd_export_c(args: argparse.Namespace) -> None:
     model = read_onnx(args.model)
     target = load_target(args.target) if args.target else None
     log = _log(args.quiet)
+    sample_shape = None
+    if args.calib:  # its samples' size is the size the C program runs (a model may leave H and W open)
+        calib = load_npz(args.calib, need_labels=False).x[: args.calib_limit].astype(np.float32)
+        check_input_shape(calib, _input_dims(model), args.calib)
+        sample_shape = calib.shape[1:]
     if not is_qdq(model):
         if not args.calib:
             raise RankfoldError(f"{args.model} is a float model: give --calib data to quantize it to int8 first")
-        calib = load_npz(args.calib, need_labels=False).x[: args.calib_limit].astype(np.float32)
-        check_input_shape(calib, _input_dims(model), args.calib)
         log(f"quantizing {args.model} to int8 with {len(calib)} calibration samples")
         model = quantize_for_c(args.model, calib, lambda m: log("  " + m))
-    info = export_c(model, args.output, target=target)
+    info = export_c(model, args.output, target=target, sample_shape=sample_shape)
     print(f"wrote {args.output}: {info['ops']} ops, {info['macs']:,} MACs per sample")
     print(f"flash (weights, biases, multipliers): {info['weight_bytes']:,} bytes"
           + (f" of {target.flash_bytes:,} ({target.name})" if target and target.flash_bytes else ""))
@@ -518,10 +521,10 @@ def _cmd_run_c(args: argparse.Namespace) -> None:
     from rankfold.cexport.run import run_c
     from rankfold.data import load_npz
 
-    data = load_npz(args.data)
+    data = load_npz(args.data, need_labels=False)  # without labels: no accuracy, every other comparison
     x, y = data.x, data.y
     if args.limit:
-        x, y = x[: args.limit], y[: args.limit]
+        x, y = x[: args.limit], None if y is None else y[: args.limit]
     result = run_c(args.dir, x, y, sanitize=args.sanitize, qemu=args.qemu, qemu_samples=args.qemu_samples,
                    progress=_log(args.quiet))
     if args.json:
@@ -846,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "golden model of the same integer arithmetic, and top-1 agreement with "
                                    "onnxruntime on the QDQ model.")
     p.add_argument("dir", help="directory written by export-c")
-    p.add_argument("--data", required=True, help=".npz with x and y")
+    p.add_argument("--data", required=True, help=".npz with x (and y, for accuracy)")
     p.add_argument("--limit", type=_count, default=0, help="use only the first N samples")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sanitize", action="store_true", help="build with -fsanitize=address,undefined")

@@ -241,6 +241,7 @@ def _shapes(model: onnx.ModelProto, inits: dict[str, np.ndarray] | None = None,
         del fixed.graph.node[:]
         fixed.graph.node.extend(kept)
         fixed.graph.initializer.extend(numpy_helper.from_array(np.asarray(inits[o]), o) for o in produced)
+    del fixed.graph.value_info[:]  # inferred afresh: an exporter's symbolic dims would stay symbolic
     for value in list(fixed.graph.input) + list(fixed.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims:
@@ -269,7 +270,16 @@ def read_program(model: onnx.ModelProto) -> Program:
         raise RankfoldError(f"the C back-end runs models with one output; this one has {len(model.graph.output)} "
                             f"({names})")
     inits = _constants(model)
-    folded = _fold_constants(model, inits)
+    graph_input = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in graph_input.type.tensor_type.shape.dim]
+    if any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
+        raise RankfoldError(f"the input {graph_input.name!r} leaves its size open ({dims[1:]}): it has no static "
+                            "shape, and the C back-end runs one input size; give --calib data of that size")
+    folded: set[int] = set()
+    for _round in range(8):  # a known shape lets a Shape node fold; a folded Reshape target lets shapes follow
+        if not _fold_constants(model, inits, _shapes(model, inits, folded), folded):
+            break
     unsupported: dict[str, int] = {}
     for index, node in enumerate(model.graph.node):
         if node.op_type not in READERS and node.op_type not in QDQ_OPS and index not in folded:
@@ -305,15 +315,24 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return inits
 
 
-def _fold_constants(model: onnx.ModelProto, inits: dict[str, np.ndarray]) -> set[int]:
+def _fold_constants(model: onnx.ModelProto, inits: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                    folded: set[int]) -> bool:
     """Nodes that compute from constants only (an exporter's shape arithmetic: the pads of F.pad
-    come out as ConstantOfShape, Slice, Cast, ...) evaluated once here with ONNX's reference
-    implementation; their outputs join `inits`. Returns the indices of the folded nodes."""
+    come out as ConstantOfShape, Slice, Cast, ...), and Shape nodes of tensors whose shape is known
+    (the C program runs one sample of one size), evaluated here with ONNX's reference
+    implementation; their outputs join `inits`, their indices `folded`. Returns whether any did."""
     from onnx.reference import ReferenceEvaluator
 
-    folded = set()
+    grown = False
     for index, node in enumerate(model.graph.node):
-        if node.op_type in QDQ_OPS or node.op_type in ("Conv", "Gemm"):
+        if index in folded or node.op_type in QDQ_OPS or node.op_type in ("Conv", "Gemm"):
+            continue
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            full = np.array([1, *shapes[node.input[0]]], np.int64)
+            start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
+            inits[node.output[0]] = full[start : None if end is None else int(end)]
+            folded.add(index)
+            grown = True
             continue
         names = [name for name in node.input if name]
         if not all(name in inits for name in names):
@@ -325,7 +344,8 @@ def _fold_constants(model: onnx.ModelProto, inits: dict[str, np.ndarray]) -> set
                                 f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         inits.update((name, np.asarray(value)) for name, value in zip(node.output, values) if name)
         folded.add(index)
-    return folded
+        grown = True
+    return grown
 
 
 class _Reader:
@@ -373,7 +393,8 @@ class _Reader:
                                 "with every activation quantized (rankfold compress with a quantized plan)")
         if float_name not in self.program.tensors:
             if float_name not in self.shapes:
-                raise RankfoldError(f"tensor {float_name!r} has no static shape")
+                raise RankfoldError(f"tensor {float_name!r} has no static shape: the C back-end runs one input size; "
+                                    "give --calib data of that size (or a model whose input size is fixed)")
             scale, zero = self.qparams[float_name]
             self.program.tensors[float_name] = QTensor(float_name, self.shapes[float_name], scale, zero)
         return float_name

@@ -57,11 +57,35 @@ def check_fits(program: Program, target: Target | None, arena: int) -> None:
         raise RankfoldError("the model does not fit the target: " + "; ".join(problems))
 
 
-def export_c(model: onnx.ModelProto, directory: str, *, target: Target | None = None) -> dict:
+def with_input_size(model: onnx.ModelProto, sample_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """A copy whose graph input has this per-sample shape (open height and width fixed; the batch
+    stays as it was): the C program runs one input size, and run-c reads it back from the copy."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    inits = {i.name for i in fixed.graph.initializer}
+    graph_input = next(i for i in fixed.graph.input if i.name not in inits)
+    dims = graph_input.type.tensor_type.shape.dim
+    if len(dims) != len(sample_shape) + 1:
+        raise RankfoldError(f"the data's samples have shape {tuple(sample_shape)}; the model's input "
+                            f"{graph_input.name!r} has {len(dims) - 1} dimensions after the batch")
+    for dim, size in zip(list(dims)[1:], sample_shape):
+        if dim.HasField("dim_value") and dim.dim_value != size:
+            raise RankfoldError(f"the data's samples have shape {tuple(sample_shape)}; the model's input "
+                                f"{graph_input.name!r} is fixed at {[d.dim_value for d in list(dims)[1:]]}")
+        dim.ClearField("dim_param")
+        dim.dim_value = int(size)
+    return fixed
+
+
+def export_c(model: onnx.ModelProto, directory: str, *, target: Target | None = None,
+             sample_shape: tuple[int, ...] | None = None) -> dict:
     """Generate DIR; for a Cortex-M target with the Arm toolchain installed, also cross-compile it
-    and add its flash (text + data) and static RAM (data + bss) to the result."""
+    and add its flash (text + data) and static RAM (data + bss) to the result. `sample_shape` fixes
+    an input size the model leaves open (the C program runs one size)."""
     from rankfold.cexport.codegen import arena_bytes
 
+    if sample_shape is not None:
+        model = with_input_size(model, sample_shape)
     program = read_program(model)
     check_fits(program, target, arena_bytes(program))  # the scratch included: what the C declares
     info = generate(program, directory, extra={QDQ_COPY: model.SerializeToString()})
