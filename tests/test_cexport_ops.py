@@ -210,3 +210,36 @@ def test_shape_arithmetic_folds_and_an_open_input_size_is_fixed_by_the_data(tmp_
     assert result["golden_mismatches"] == 0 and result["accuracy"] is None
     with pytest.raises(RankfoldError, match=r"samples have shape \(3, 9, 9\)"):
         export_c(saved, str(tmp_path / "c2"), sample_shape=(3, 9, 9))
+
+
+@needs_cc
+def test_a_float_graph_with_prelu_and_two_outputs_exports_through_the_front_end(tmp_path):
+    """As MTCNN's nets come (keras2onnx): PRelu with one slope per channel, two heads. The ONNX
+    front-end keeps PRelu a PRelu (not Where) so that the C back-end runs it as a table per channel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rankfold.cexport.run import quantize_for_c
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(np.linspace(0.05, 0.4, 6, dtype=np.float32).reshape(6, 1, 1), "slope"),
+             numpy_helper.from_array(rng.standard_normal((6 * 8 * 8, 4)).astype(np.float32) * 0.1, "fc1"),
+             numpy_helper.from_array(rng.standard_normal((6 * 8 * 8, 2)).astype(np.float32) * 0.1, "fc2"),
+             numpy_helper.from_array(np.array([0, -1], np.int64), "flat")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["c", "slope"], ["p"]),
+             helper.make_node("Reshape", ["p", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc1"], ["box"]),
+             helper.make_node("MatMul", ["f", "fc2"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["face"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("box", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("face", TensorProto.FLOAT, ["N", 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    x = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    qdq = quantize_for_c(str(tmp_path / "f.onnx"), x, lambda _m: None)
+    assert any(n.op_type == "PRelu" for n in qdq.graph.node) and not any(n.op_type == "Where" for n in qdq.graph.node)
+    export_c(qdq, str(tmp_path / "c"))
+    result = run_c(str(tmp_path / "c"), x, None, sanitize=True)
+    assert result["outputs"] == 2 and result["golden_mismatches"] == 0
+    assert result["onnx_op_max_unit_difference_by_op"]["PRelu"] <= 1

@@ -189,8 +189,11 @@ def run_op(program: Program, op, env: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def run_golden(program: Program, x_q: np.ndarray) -> np.ndarray:
-    """Run on int8 inputs (N, *input shape); returns the int8 output (N, *output shape)."""
+    """Run on int8 inputs (N, *input shape); returns the int8 output (N, *output shape), or for a
+    model with several outputs all of them flattened one after another (N, total), as the C does."""
     env = {program.input: np.asarray(x_q, np.int8)}
     for op in program.ops:
         env[op.out] = run_op(program, op, env)
-    return env[program.output]
+    if len(program.outputs) == 1:
+        return env[program.output]
+    return np.concatenate([env[o].reshape(len(x_q), -1) for o in program.outputs], axis=1)

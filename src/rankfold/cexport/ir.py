@@ -212,7 +212,21 @@ class Program:
     tensors: dict[str, QTensor] = field(default_factory=dict)
     ops: list = field(default_factory=list)
     input: str = ""
-    output: str = ""
+    outputs: list[str] = field(default_factory=list)  # the graph's outputs, in its order
+
+    @property
+    def output(self) -> str:
+        """The first output (the only one of most models)."""
+        return self.outputs[0]
+
+    @property
+    def output_offsets(self) -> list[int]:
+        """Where each output starts in model_run's `out` buffer: the outputs one after another."""
+        return [int(v) for v in np.cumsum([0] + [self.tensors[o].size for o in self.outputs])[:-1]]
+
+    @property
+    def output_size(self) -> int:
+        return sum(self.tensors[o].size for o in self.outputs)
 
     @property
     def macs(self) -> int:
@@ -265,10 +279,6 @@ def _attr(node, name, default):
 
 def read_program(model: onnx.ModelProto) -> Program:
     """The integer program of a QDQ model as rankfold writes it (every activation quantized)."""
-    if len(model.graph.output) != 1:
-        names = ", ".join(o.name for o in model.graph.output)
-        raise RankfoldError(f"the C back-end runs models with one output; this one has {len(model.graph.output)} "
-                            f"({names})")
     inits = _constants(model)
     graph_input = next(i for i in model.graph.input if i.name not in inits)
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
@@ -298,8 +308,8 @@ def read_program(model: onnx.ModelProto) -> Program:
             continue
         reader.program.ops.append(item)
         reader.producer[item.out] = item
-    output = model.graph.output[0].name
-    reader.program.output = reader.source(output) if output in reader.canonical else reader.tensor(output)
+    reader.program.outputs = [reader.source(o.name) if o.name in reader.canonical else reader.tensor(o.name)
+                              for o in model.graph.output]
     return reader.program
 
 

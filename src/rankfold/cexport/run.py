@@ -255,22 +255,27 @@ def run_c(directory: str, x: np.ndarray, y: np.ndarray | None, *, sanitize: bool
     c_out = run_host(binary, program, x_q)
     say("running the golden model")
     golden = run_golden(program, x_q).reshape(len(x), -1)
-    def run_onnx(optimized: bool) -> np.ndarray:
+    def run_onnx(optimized: bool) -> list[np.ndarray]:
         session = ort_session(reference, optimized=optimized)
-        return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0].reshape(len(x), -1)
+        outputs = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})
+        return [o.reshape(len(x), -1) for o in outputs]
 
-    ort_out, ort_default = run_onnx(False), run_onnx(True)
-    out_t = program.tensors[program.output]
-    ort_q = np.clip(np.round(ort_out / out_t.scale) + out_t.zero_point, -128, 127)
+    ort_all, ort_default_all = run_onnx(False), run_onnx(True)
+    ort_q = np.concatenate([np.clip(np.round(o / program.tensors[name].scale) + program.tensors[name].zero_point,
+                                    -128, 127) for o, name in zip(ort_all, program.outputs)], axis=1)
+    # top-1 and agreement on the first output (a classifier's scores); every output is compared in units
+    ort_out, ort_default = ort_all[0], ort_default_all[0]
+    first = c_out[:, : program.tensors[program.output].size]
     result = {
         "samples": int(len(x)),
-        "accuracy": None if y is None else float((c_out.argmax(1) == y).mean()),
+        "outputs": len(program.outputs),
+        "accuracy": None if y is None else float((first.argmax(1) == y).mean()),
         "onnx_accuracy": None if y is None else float((ort_out.argmax(1) == y).mean()),
         "golden_mismatches": int((c_out != golden).sum()),
-        "onnx_agreement": float((c_out.argmax(1) == ort_out.argmax(1)).mean()),
+        "onnx_agreement": float((first.argmax(1) == ort_out.argmax(1)).mean()),
         "onnx_max_unit_difference": int(np.abs(c_out.astype(np.int64) - ort_q).max(initial=0)),
         "onnx_compared_with": "onnxruntime reference arithmetic (graph optimizations off)",
-        "onnx_default_session_agreement": float((c_out.argmax(1) == ort_default.argmax(1)).mean()),
+        "onnx_default_session_agreement": float((first.argmax(1) == ort_default.argmax(1)).mean()),
         "onnx_default_int8_kernel_max_units": int8_kernel_check(reference, x[:PER_OP_SAMPLES]).worst_units,
         "host_cpu": cpu_summary(),
         **per_op_unit_differences(onnx.load(reference), program, x[:PER_OP_SAMPLES]),

@@ -518,6 +518,10 @@ def _tile(vals, attrs):
 @op("PRelu")
 def _prelu(vals, attrs):
     x, slope = vals[0], vals[1]
+    shape = (1,) * (x.dim() - slope.dim()) + tuple(slope.shape)
+    per_channel = x.dim() >= 2 and all(d == 1 for i, d in enumerate(shape) if i != 1) and shape[1] in (1, x.shape[1])
+    if per_channel:  # exported as PRelu again (not Where): the int8 C back-end runs it as a table per channel
+        return [torch.nn.functional.prelu(x, slope.reshape(-1))]
     return [torch.where(x >= 0, x, x * slope)]
 
 
