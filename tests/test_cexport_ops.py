@@ -34,7 +34,7 @@ class Everyday(nn.Module):
         self.branch = nn.Conv2d(8, 4, 1)
         self.se_reduce = nn.Conv2d(12, 4, 1)
         self.se_expand = nn.Conv2d(4, 12, 1)
-        self.depthwise = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.depthwise = nn.Conv2d(12, 12, 5, padding=2, groups=12)  # the 5-tap rows at stride 1
         self.prelu = nn.PReLU(12, init=0.2)
         self.fc = nn.Linear(12 * 6 * 6, 5)
 

@@ -513,6 +513,27 @@ static void depthwise_row(const rf_conv_params *p, const int8_t *x, int row_step
     }
 }
 
+/* `count` outputs of a depthwise row with 5 taps a row (any stride; rows row_step apart): a word at
+ * the row's first tap sign-extended gives (x0, x2) and (x1, x3), two dual multiply-accumulates
+ * with (w0, w2) and (w1, w3), and x4 alone. `pairs` holds those weight pairs, two per kernel row. */
+static void depthwise5_row(const rf_conv_params *p, const int8_t *x, int row_step, const uint32_t *pairs,
+                           const int8_t *w, int32_t bias, const rf_requant_params *q, int8_t *out, int count)
+{
+    int ox, ky;
+    for (ox = 0; ox < count; ++ox) {
+        const int8_t *xs = x + ox * p->stride_w;
+        int32_t acc = bias;
+        for (ky = 0; ky < p->k_h; ++ky) {
+            const int8_t *row = xs + ky * row_step;
+            const uint32_t r = read32(row);
+            acc = RF_SMLAD(pairs[2 * ky], RF_SXTB16(r), acc);
+            acc = RF_SMLAD(pairs[2 * ky + 1], RF_SXTB16_ROR8(r), acc);
+            acc += row[4] * w[ky * 5 + 4];
+        }
+        out[ox] = requant_out(q, acc);
+    }
+}
+
 /* A channel's input plane widened by the padding, which holds the zero point (the real value 0):
  * afterwards every output is computed as if inside the image. */
 static void padded_plane(const rf_conv_params *p, const int8_t *x_c, int8_t *plane, int width)
@@ -599,7 +620,8 @@ void rf_fully_connected_s8(const rf_conv_params *p, const int32_t *bias_folded, 
 /* Depthwise convolution (groups = in_c = out_c, taps <= RF_MAX_TAPS), one channel and one output
  * row at a time, the zero point folded into the bias: sum((x - zp) * w) = sum(x * w) - zp * sum(w).
  * A padded layer reads a padded copy of one channel's plane (`scratch`, RF_DEPTHWISE_BYTES);
- * an unpadded one reads its input in place. 3x3 kernels at stride 1 and 2 have their own rows. */
+ * an unpadded one reads its input in place. 3x3 kernels at stride 1 and 2, and rows of 5 taps, have
+ * their own dual multiply-accumulate rows. */
 void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const int8_t *in, int8_t *out,
                      int8_t *scratch)
 {
@@ -608,7 +630,9 @@ void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const 
     const int padded = p->pad_top || p->pad_left || p->pad_bottom || p->pad_right;
     const int width = p->pad_left + p->in_w + p->pad_right;
     const int three = p->k_h == 3 && p->k_w == 3 && p->dil_h == 1 && p->dil_w == 1;
+    const int five = p->k_w == 5 && p->dil_w == 1 && p->k_h <= RF_MAX_TAPS / 5;
     int8_t w[RF_MAX_TAPS];
+    uint32_t pairs[2 * (RF_MAX_TAPS / 5)];
     int c, oy, t;
     for (c = 0; c < p->out_c; ++c) {
         const int8_t *x_c = in + (size_t)c * plane;
@@ -618,6 +642,10 @@ void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const 
         for (t = 0; t < taps; ++t) {
             w[t] = (int8_t)(p->weight_bits == 8 ? p->weight[(size_t)c * taps + t]
                                                 : weight4(p->weight, (size_t)c * taps + t));
+        }
+        for (t = 0; five && t < p->k_h; ++t) {
+            pairs[2 * t] = pair16(w[5 * t], w[5 * t + 2]);
+            pairs[2 * t + 1] = pair16(w[5 * t + 1], w[5 * t + 3]);
         }
         if (padded) {
             padded_plane(p, x_c, scratch, width);
@@ -631,6 +659,8 @@ void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const 
                 depthwise3x3_row(x, x + row_step, x + 2 * row_step, w, bias_folded[c], &q, row, p->out_w);
             } else if (three && p->stride_w == 2) {
                 depthwise3x3_stride2_row(x, x + row_step, x + 2 * row_step, w, bias_folded[c], &q, row, p->out_w);
+            } else if (five) {
+                depthwise5_row(p, x, row_step, pairs, w, bias_folded[c], &q, row, p->out_w);
             } else {
                 depthwise_row(p, x, row_step, w, bias_folded[c], &q, row, p->out_w);
             }
