@@ -829,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-c", help="write an int8 QDQ model as plain C99 source",
                        description="Writes DIR with model.h/model.c (static const int8 weights, int32 biases and "
                                    "per-channel multipliers and shifts, one static arena), the int8 kernels, a test "
-                                   "main.c and a Makefile (`make host`). A float model is quantized to int8 first "
+                                   "main.c, a Makefile (`make host`, `make cortex-m CPU=cortex-m7`) and ram.txt (each "
+                                   "layer's RAM). A float model is quantized to int8 first "
                                    "with --calib. Nothing is written when the model needs an op the C back-end "
                                    "lacks or does not fit --target.")
     p.add_argument("model", help="model .onnx (QDQ, or float with --calib)")
@@ -838,7 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an output directory that export-c wrote "
                                                         "(never one holding other files)")
     p.add_argument("--target", help="check flash and RAM against this profile (e.g. cortex-m7)")
-    p.add_argument("--calib", help=".npz with x: calibration inputs, to quantize a float model")
+    p.add_argument("--calib", help=".npz with x: calibration inputs, to quantize a float model; their size is the "
+                                   "input size the C program runs (a model may leave height and width open)")
     p.add_argument("--calib-limit", type=_positive_int, default=512)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_export_c)
