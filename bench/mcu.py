@@ -329,10 +329,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
         fit = fit_latency_model(rows)
         print("latency model fitted to these layers:", json.dumps(fit))
-        rows.append({"network": "latency model fit", "board": args.board, **fit})
+        rows.append({"network": "latency model fit", "board": args.board, "fitted_to": list(models), **fit})
         if not args.no_save:
             save(rows, lambda r: r.get("network") is not None and r.get("board") == args.board
-                 and r["network"] in models)
+                 and (r["network"] in models or r["network"] == "latency model fit"))
         return
     rows = run_layers(args.board, args.layers)
     if not args.no_save:
