@@ -309,3 +309,26 @@ def test_hand_built_graph_with_shape_arithmetic_matches_onnxruntime(tmp_path):
     out = tmp_path / "h2.onnx"
     rankfold.export_onnx(loaded, out, example_input=x[:2])
     np.testing.assert_allclose(ort_run(out, x), ort_run(path, x), atol=1e-6)
+
+
+def test_export_verification_tells_float_noise_on_a_near_zero_output_from_a_real_difference(tmp_path):
+    """An output that is ~1e-6 everywhere (a detector's sigmoid map on random input) and differs by
+    ~1e-7 (float noise) passes the export check; it used to read as a 10 % relative error. A real
+    difference is still refused."""
+    import rankfold
+    from rankfold.errors import RankfoldError
+    from rankfold.export import onnx as exporter
+
+    class NearZero(torch.nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x - 14)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    rankfold.export_onnx(NearZero(), tmp_path / "z.onnx", example_input=x)
+    ref = NearZero()(x)
+    noisy = ref + 1e-7 * torch.randn_like(ref)
+    assert float((noisy - ref).norm() / ref.norm()) > 1e-2  # what the relative error alone refused
+    exporter._verify(str(tmp_path / "z.onnx"), x, noisy)
+    with pytest.raises(RankfoldError, match="disagrees"):
+        exporter._verify(str(tmp_path / "z.onnx"), x, ref * 1.01 + 0.01)

@@ -15,6 +15,12 @@ from rankfold.io import replace_atomically
 
 OPSET = 17
 RTOL = 1e-4
+# An output whose root-mean-square is below this is compared on this scale instead of its own, so
+# that float noise (~1e-7, from intermediates of unit size) is not read as a relative error: a
+# detector's sigmoid map on random input is ~1e-6 everywhere and differed between PyTorch and
+# onnxruntime by 1e-7, which the relative error alone read as 19 % (PP-OCRv4's text detector at
+# 128 x 128). The tolerance there is RTOL * NOISE_RMS = 1e-6 in root-mean-square.
+NOISE_RMS = 1e-2
 
 
 def export_onnx(
@@ -118,6 +124,6 @@ def _verify(path: str, example_input: Tensor, expected) -> None:
     wanted = expected if isinstance(expected, tuple) else (expected,)
     for g, w in zip(got, wanted):
         w = w.detach().cpu().numpy()
-        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), NOISE_RMS * np.sqrt(max(w.size, 1)), 1e-30))
         if err > RTOL:
             raise RankfoldError(f"exported ONNX disagrees with PyTorch: relative error {err:.2e} > {RTOL:g}")
