@@ -45,24 +45,31 @@ def scratch_name(index: int) -> str:
     return f"#scratch{index}"
 
 
-def plan_arena(program: Program) -> ArenaPlan:
-    """Offsets for every tensor and every kernel's scratch in one arena: each may reuse bytes only
-    of those whose lifetimes (first write .. last read; a scratch: its op) do not overlap its own;
-    biggest placed first, each at the lowest word-aligned offset that fits (greedy)."""
+def tensor_lifetimes(program: Program) -> tuple[dict[str, int], dict[str, int]]:
+    """Each tensor's first write and last read, as op indices (the input: -1; outputs: past the end)."""
     first: dict[str, int] = {program.input: -1}
     last: dict[str, int] = {program.input: -1}
-    sizes = {name: t.size for name, t in program.tensors.items()}
     for i, op in enumerate(program.ops):
         for name in op.inputs:
             last[name] = max(last.get(name, i), i)
         first.setdefault(op.out, i)
         last[op.out] = max(last.get(op.out, i), i)
+    for name in program.outputs:
+        last[name] = len(program.ops)
+    return first, last
+
+
+def plan_arena(program: Program) -> ArenaPlan:
+    """Offsets for every tensor and every kernel's scratch in one arena: each may reuse bytes only
+    of those whose lifetimes (first write .. last read; a scratch: its op) do not overlap its own;
+    biggest placed first, each at the lowest word-aligned offset that fits (greedy)."""
+    first, last = tensor_lifetimes(program)
+    sizes = {name: t.size for name, t in program.tensors.items()}
+    for i, op in enumerate(program.ops):
         scratch = scratch_bytes(program, op)
         if scratch:
             first[scratch_name(i)] = last[scratch_name(i)] = i
             sizes[scratch_name(i)] = scratch
-    for name in program.outputs:
-        last[name] = len(program.ops)
     order = sorted(first, key=lambda n: -sizes[n])
     placed: list[tuple[int, int, int, int]] = []  # offset, size, first, last
     offsets = {}
@@ -139,8 +146,8 @@ def interleaved_weights(op: Conv) -> np.ndarray:
 
 def scratch_bytes(program: Program, op) -> int:
     """Scratch a layer's kernel needs beside the tensors: the im2col kernel's int16 columns, two
-    (one where the output has a single pixel): RF_IM2COL_BYTES; the depthwise kernel's padded input
-    plane of one channel, padded: RF_DEPTHWISE_BYTES."""
+    (one where the output has a single pixel); the depthwise kernel's input plane of one channel,
+    padded (none without padding)."""
     kernel = kernel_of(program, op)
     if kernel == "im2col":
         pixels = int(np.prod(program.tensors[op.out].shape[1:]))
@@ -155,15 +162,7 @@ def scratch_bytes(program: Program, op) -> int:
 def ram_per_op(program: Program) -> list[dict]:
     """What each op holds in RAM while it runs: the tensors alive then (its inputs and output and
     whatever later ops still read) and its kernel's scratch."""
-    first: dict[str, int] = {program.input: -1}
-    last: dict[str, int] = {program.input: -1}
-    for i, op in enumerate(program.ops):
-        for name in op.inputs:
-            last[name] = max(last.get(name, i), i)
-        first.setdefault(op.out, i)
-        last[op.out] = max(last.get(op.out, i), i)
-    for name in program.outputs:
-        last[name] = len(program.ops)
+    first, last = tensor_lifetimes(program)
     rows = []
     for i, op in enumerate(program.ops):
         live = sum(program.tensors[n].size for n in first if first[n] <= i <= last[n])

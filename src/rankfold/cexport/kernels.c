@@ -619,7 +619,7 @@ void rf_fully_connected_s8(const rf_conv_params *p, const int32_t *bias_folded, 
 
 /* Depthwise convolution (groups = in_c = out_c, taps <= RF_MAX_TAPS), one channel and one output
  * row at a time, the zero point folded into the bias: sum((x - zp) * w) = sum(x * w) - zp * sum(w).
- * A padded layer reads a padded copy of one channel's plane (`scratch`, RF_DEPTHWISE_BYTES);
+ * A padded layer reads a padded copy of one channel's plane (`scratch`, sized by codegen.scratch_bytes);
  * an unpadded one reads its input in place. 3x3 kernels at stride 1 and 2, and rows of 5 taps, have
  * their own dual multiply-accumulate rows. */
 void rf_depthwise_s8(const rf_conv_params *p, const int32_t *bias_folded, const int8_t *in, int8_t *out,

@@ -29,13 +29,6 @@ typedef struct {
  * channels, rounded up to whole 32-bit words of weights (4 int8 or 8 int4 weights). */
 #define RF_ROW_LEN(p) ((((p)->in_c * (p)->k_h * (p)->k_w) + ((p)->weight_bits == 4 ? 7 : 3)) & \
                        ~((p)->weight_bits == 4 ? 7 : 3))
-/* Scratch bytes rf_conv_im2col_s8 needs: two int16 columns (one when the output has one pixel). */
-#define RF_IM2COL_BYTES(p) ((size_t)RF_ROW_LEN(p) * 2u * ((p)->out_h * (p)->out_w > 1 ? 2u : 1u))
-
-/* Scratch bytes rf_depthwise_s8 needs: one channel's input plane, padded (none without padding). */
-#define RF_DEPTHWISE_BYTES(p) ((p)->pad_top || (p)->pad_left || (p)->pad_bottom || (p)->pad_right ?             \
-    (size_t)((p)->pad_top + (p)->in_h + (p)->pad_bottom) * (size_t)((p)->pad_left + (p)->in_w + (p)->pad_right) : 0u)
-
 /* round(x * multiplier * 2^(shift - 31)) as TFLite / CMSIS-NN compute it (rankfold/cexport/arith.py):
  * x scaled up by the left shift with saturation, the doubling high multiply rounded half away from
  * zero (for the non-negative multipliers used here that is (x * m + 2^30) >> 31, an arithmetic
