@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
+    "AttackConfig": "rankfold.robustness",
     "AutoConfig": "rankfold.config",
     "CPConfig": "rankfold.config",
     "Compressed": "rankfold.result",
@@ -29,6 +30,7 @@ _PUBLIC = {
     "export_c": "rankfold.cexport.run",
     "finetune": ("rankfold.training.loop", "finetune"),  # the package is rankfold.training: no name clash
     "finetune_result": "rankfold.training",
+    "robust_accuracy": "rankfold.robustness",
     "run_c": "rankfold.cexport.run",
     "run_pareto": "rankfold.planner.pareto",
     "compress": "rankfold.compress",

@@ -22,9 +22,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     x, y = data.x, data.y
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
+    attack = _attack_config(args, x)
+    if args.original:
+        if attack is None or attack.kind != "transfer":
+            raise RankfoldError("--original is the model a transfer attack crafts on: it needs --attack transfer")
+        read_onnx(args.original)
+    elif attack is not None and attack.kind == "transfer":
+        raise RankfoldError("--attack transfer crafts its inputs on another model: give it with --original")
     result = evaluate(args.model, x, y, runs=args.runs, measure_latency=not args.no_latency)
+    robust = _robustness(args, args.model, x, y, attack) if attack is not None else []
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "robustness": [r.to_dict() for r in robust]}))
         return
     print(f"model           {args.model}")
     print(f"accuracy        {result.accuracy:.4f}  ({len(x)} samples)")
@@ -41,6 +49,119 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if result.latency_ms_b1 is not None:
         print(f"latency b1      {result.latency_ms_b1:.3f} ms   (onnxruntime, 1 thread, median of {args.runs})")
         print(f"latency b32     {result.latency_ms_b32:.3f} ms")
+    for r in robust:
+        print(f"{r.attack} eps={r.eps:<6g} adversarial top-1 {r.adversarial_accuracy:.4f} "
+              f"(clean {r.clean_accuracy:.4f}, {r.samples} samples; {r.twin_agreement:.1%} of them judged alike "
+              "by the gradient twin)")
+    if robust:
+        print(f"attack          eps in {robust[0].eps_units}; gradients: {robust[0].gradients}")
+
+
+ATTACK_NAMES = ("fgsm", "pgd", "transfer")  # robustness.ATTACKS (a test keeps them equal)
+
+
+def _attack_args(p: argparse.ArgumentParser, *, compress: bool) -> None:
+    """The attack options of eval and compress (rankfold.robustness)."""
+    what = ("also measure clean and adversarial top-1 of the original and of the result, side by side, on "
+            "--attack-data" if compress else "also measure adversarial top-1: white-box fgsm/pgd on the model as it "
+            "runs (a QDQ model through a float twin with straight-through rounding, judged in onnxruntime), or "
+            "transfer: crafted by pgd on --original")
+    p.add_argument("--attack", choices=ATTACK_NAMES, help=what)
+    p.add_argument("--eps", type=_eps_list, default=None,
+                   help="attack size(s), comma-separated (default 0.03): in pixel units [0, 1] with --pixel-mean/"
+                        "--pixel-std, else in the model's input units")
+    p.add_argument("--steps", type=_positive_int, default=10, help="pgd/transfer steps (default 10)")
+    p.add_argument("--step-size", type=_float_between_0_1, default=0.25,
+                   help="pgd step as a fraction of eps (default 0.25)")
+    p.add_argument("--pixel-mean", type=_float_list, help="the input normalization (x = (pixel - mean) / std), one "
+                   "value or one per channel: eps is then in pixels and attacks keep pixels in [0, 1]")
+    p.add_argument("--pixel-std", type=_float_list, help="see --pixel-mean")
+    p.add_argument("--attack-samples", type=_positive_int, default=1000,
+                   help="attack the first N samples (default 1000; an attack runs the model steps+1 times)")
+    p.add_argument("--attack-seed", type=_integer, default=0, help="pgd's random start (default 0)")
+    if compress:
+        p.add_argument("--attack-data", help=".npz with x and y: the samples --attack measures")
+        p.add_argument("--preserve-robustness", action="store_true",
+                       help="calibrate on pgd inputs (crafted on the original at the largest --eps) as well as "
+                            "clean ones: the factorization and the self-check then cover where an attacker "
+                            "takes the inputs; doubles the calibration samples")
+    else:
+        p.add_argument("--original", help="transfer: the model the attack is crafted on")
+
+
+ATTACK_OPTIONS = {"eps": "--eps", "pixel_mean": "--pixel-mean", "pixel_std": "--pixel-std"}
+
+
+def _attack_config(args: argparse.Namespace, x, *, needed: bool = False):
+    """The AttackConfig the options ask for (None without --attack, unless `needed`), checked
+    against the data's channels before any work."""
+    from rankfold.robustness import DEFAULT_EPS, AttackConfig
+
+    if not args.attack and not needed:
+        stray = [flag for key, flag in ATTACK_OPTIONS.items() if getattr(args, key) is not None]
+        if stray:
+            raise RankfoldError(f"{'/'.join(stray)} set an attack: give --attack too")
+        return None
+    try:
+        config = AttackConfig(args.attack or "pgd", args.eps or (DEFAULT_EPS,), args.steps, args.step_size,
+                              args.attack_seed, args.pixel_mean, args.pixel_std)
+    except ValueError as exc:
+        raise RankfoldError(str(exc).replace("pixel_mean and pixel_std", "--pixel-mean and --pixel-std")) from None
+    config.check_channels(x, "--pixel-mean/--pixel-std")
+    return config
+
+
+def _robustness_inputs(args: argparse.Namespace, model, calib, example, log):
+    """compress: the attack options checked before any work (the measured samples loaded into
+    args.attack_samples_xy); with --preserve-robustness, the calibration inputs plus pgd inputs."""
+    from rankfold.data import check_input_shape, load_npz
+
+    args.attack_config = _attack_config(args, example.numpy(), needed=args.preserve_robustness)
+    if args.attack and not args.attack_data:
+        raise RankfoldError("--attack measures the original and the result on labelled samples: give --attack-data")
+    if args.attack_data and not args.attack:
+        raise RankfoldError("--attack-data is what --attack measures on: give --attack too")
+    if args.attack_data:
+        data = load_npz(args.attack_data)
+        check_input_shape(data.x, [None, *example.shape[1:]], args.attack_data)
+        args.attack_samples_xy = (data.x[: args.attack_samples], data.y[: args.attack_samples])
+    if not args.preserve_robustness:
+        return calib
+    if calib is None:
+        raise RankfoldError("--preserve-robustness crafts pgd inputs from the calibration samples: give --calib")
+    from rankfold.robustness import adversarial_calibration
+
+    config = args.attack_config
+    log(f"--preserve-robustness: crafting pgd inputs (eps {max(config.eps):g} in {config.units}) on the original "
+        f"from the {len(calib)} calibration samples")
+    return adversarial_calibration(model, calib, config, progress=log)
+
+
+def _robustness_side_by_side(args: argparse.Namespace) -> dict | None:
+    """compress --attack: clean and adversarial top-1 of the original and of the result (printed)."""
+    import dataclasses
+
+    from rankfold.robustness import robustness_table
+
+    if not args.attack:
+        return None
+    x, y = args.attack_samples_xy
+    config = args.attack_config
+    # The original is attacked white-box; a transfer attack judges those same inputs on the result.
+    original = _robustness(args, args.model, x, y, dataclasses.replace(config, kind="pgd")
+                           if config.kind == "transfer" else config)
+    compressed = _robustness(args, args.output, x, y, config, source=args.model)
+    print(robustness_table([*(("original", r) for r in original), *(("compressed", r) for r in compressed)]))
+    print(f"attack: eps in {config.units}; gradients of the result: {compressed[0].gradients}")
+    return {"original": [r.to_dict() for r in original], "compressed": [r.to_dict() for r in compressed]}
+
+
+def _robustness(args: argparse.Namespace, path: str, x, y, attack, source: str | None = None) -> list:
+    from rankfold.robustness import robust_accuracy
+
+    n = min(args.attack_samples, len(x))
+    return robust_accuracy(path, x[:n], y[:n], attack, source=source or getattr(args, "original", None),
+                           progress=_log(getattr(args, "quiet", False)))
 
 
 OBSERVER_NAMES = ("minmax", "mse", "percentile")  # quantize.observers.OBSERVERS (a test keeps them equal)
@@ -156,6 +277,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     _require_compressible(model)
     _require_check_data(args, calib, CHECK_SAMPLES, "uniform mode checks on the calibration samples")
     log = _log(args.quiet)
+    calib = _robustness_inputs(args, model, calib, example, log)
     log(f"compressing {args.model}: method={method} keep={keep} "
         f"{'data-aware, ' + str(len(calib)) + ' calibration samples' if calib is not None else 'data-free'}")
     log(args.memory_line)
@@ -172,10 +294,11 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     print(_size_line(before, after, seconds))
     print("self-check: " + (check.describe() if check else "not run (--no-check): the result is unchecked"))
     print(f"wrote {args.output}")
+    robustness = _robustness_side_by_side(args)
     if args.report:
         write_json_atomic(args.report, {"model": args.model, "output": args.output, "method": method,
                                         "keep": keep, "seconds": seconds, "before": before.__dict__,
-                                        "after": after.__dict__,
+                                        "after": after.__dict__, "robustness": robustness,
                                         "self_check": None if check is None else check.to_dict(), **report.to_dict()})
 
 
@@ -216,6 +339,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back from planning")
     train = _compress_training(args, graph)
     log = _log(args.quiet)
+    calib = _robustness_inputs(args, model, calib, example, log)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
     log("  " + int8_choice(target))
     log(args.memory_line)
@@ -282,10 +406,12 @@ def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict 
     if getattr(args, "plan_out", None):
         result.plan.save(args.plan_out)
         print(f"wrote {args.plan_out}")
+    robustness = _robustness_side_by_side(args) if hasattr(args, "attack") else None
     if args.report:
         write_json_atomic(args.report, {
             "model": args.model, "output": args.output, "budgets": budgets, "seconds": seconds,
             "before": before.__dict__, "after": after.__dict__, "plan": result.plan.to_dict(),
+            "robustness": robustness,
             "self_check": None if result.check is None else result.check.to_dict(), **result.report.to_dict()})
 
 
@@ -579,7 +705,8 @@ def _example_input(graph):
 def _check_outputs(args: argparse.Namespace) -> None:
     """compress / apply: every output checked against every input and each other, before any work."""
     check_outputs({"model": args.model, "--calib": args.calib, "plan": getattr(args, "plan", None),
-                   "--train": getattr(args, "train", None), "--student": getattr(args, "student", None)},
+                   "--train": getattr(args, "train", None), "--student": getattr(args, "student", None),
+                   "--attack-data": getattr(args, "attack_data", None)},
                   {"-o": args.output, "--plan-out": getattr(args, "plan_out", None), "--report": args.report},
                   force=args.force)
 
@@ -668,6 +795,21 @@ def _float_in(text: str, low: float, high: float, expected: str) -> float:
     return value
 
 
+def _float_between_0_1(text: str) -> float:
+    value = _float_in(text, 0.0, 1.0, "a number in (0, 1]")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(_float_in(t, -float("inf"), float("inf"), "comma-separated numbers") for t in text.split(","))
+
+
+def _eps_list(text: str) -> tuple[float, ...]:
+    return tuple(_float_in(t, 0.0, float("inf"), "comma-separated numbers >= 0") for t in text.split(","))
+
+
 def _fraction(text: str) -> float:
     return _float_in(text, 0.0, 1.0, "a number in [0, 1]")
 
@@ -722,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count, default=0, help="use only the first N samples")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per latency (default 30)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _attack_args(p, compress=False)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("compress", help="compress an ONNX model: planned under budgets, or uniformly",
@@ -733,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "512KB, 1.5ms; KB = 1024 bytes).")
     _model_args(p)
     _check_args(p)
+    _attack_args(p, compress=True)
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--target", help="target profile: host (default), cortex-m4, cortex-m7, cortex-m55 or a .toml")
     p.add_argument("--max-params", help="parameter budget, e.g. 10%% or 1.2M")

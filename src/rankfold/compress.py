@@ -14,6 +14,7 @@ from rankfold.config import MethodConfig
 from rankfold.errors import RankfoldError
 from rankfold.host_memory import memory_scope
 from rankfold.planner.pipeline import compress_to_budget
+from rankfold.robustness import AttackConfig, adversarial_calibration
 from rankfold.settings import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_RANK
 from rankfold.uniform import compress_uniform
 
@@ -37,6 +38,7 @@ def compress(
     min_agreement: float | None = None,
     max_memory: int | None = None,
     check: bool | None = None,
+    preserve_robustness: AttackConfig | None = None,
 ) -> nn.Module:
     """A compressed copy of `model`; the input model is not modified.
 
@@ -72,7 +74,14 @@ def compress(
     max_memory: bytes of peak memory to stay under (default half the memory available): passes
     over `calib` run in batches small enough for it; RankfoldError before any work when even one
     sample would not fit.
+
+    preserve_robustness: calibrate on PGD inputs crafted on the original (at the config's largest
+    eps, against its own top-1) as well as on `calib` (rankfold.robustness.adversarial_calibration).
     """
+    if preserve_robustness is not None:
+        if calib is None:
+            raise RankfoldError("preserve_robustness crafts PGD inputs from the calibration samples: give calib")
+        calib = adversarial_calibration(model, calib, preserve_robustness)
     with _memory_scope(model, calib, max_memory):
         budgets = {q: v for q, v in (("params", max_params), ("weight_bytes", max_weight_bytes), ("macs", max_macs),
                                      ("latency_ms", max_latency), ("ram_bytes", max_ram)) if v is not None}

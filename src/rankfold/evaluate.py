@@ -165,8 +165,8 @@ def input_dims(session) -> list:
     return list(session.get_inputs()[0].shape)
 
 
-def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, threads: int = 0) -> float:
-    """Top-1 accuracy of the ONNX model on (x, y)."""
+def class_scores(path: str, x: np.ndarray, *, batch_size: int = 250, threads: int = 0) -> np.ndarray:
+    """The ONNX model's first output, (N, classes) scores, on x (in batches)."""
     session = _session(path, threads)
     check_input_shape(x, input_dims(session), path)
     name = session.get_inputs()[0].name
@@ -176,17 +176,23 @@ def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, 
         if len(x) % batch_size:
             raise RankfoldError(f"{path}: its batch size is fixed at {batch_size}, which does not divide "
                                 f"the {len(x)} samples")
-    correct = 0
+    scores = []
     for start in range(0, len(x), batch_size):
         logits = session.run(None, {name: x[start : start + batch_size]})[0]
         if logits.ndim != 2:
             raise RankfoldError(f"{path}: top-1 accuracy needs (N, classes) scores as the first output, "
                                 f"got shape {logits.shape}")
-        if start == 0 and int(y.max()) >= logits.shape[1]:
-            raise RankfoldError(f"{path}: labels go up to {int(y.max())} but the model scores "
-                                f"{logits.shape[1]} classes")
-        correct += int((logits.argmax(axis=1) == y[start : start + batch_size]).sum())
-    return correct / len(x)
+        scores.append(logits)
+    return np.concatenate(scores)
+
+
+def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, threads: int = 0) -> float:
+    """Top-1 accuracy of the ONNX model on (x, y)."""
+    scores = class_scores(path, x, batch_size=batch_size, threads=threads)
+    if int(y.max()) >= scores.shape[1]:
+        raise RankfoldError(f"{path}: labels go up to {int(y.max())} but the model scores "
+                            f"{scores.shape[1]} classes")
+    return float((scores.argmax(axis=1) == y).mean())
 
 
 def latency_ms(path: str, sample: np.ndarray, *, batch: int, runs: int = 30, warmup: int = 5) -> float:

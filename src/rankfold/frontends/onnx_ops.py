@@ -664,6 +664,20 @@ def _quantize(vals, attrs):
     return [q.clamp(low, high).to(zero.dtype)]
 
 
+@op("QuantizeLinear:straight-through")
+def _quantize_straight_through(vals, attrs):
+    """QuantizeLinear for attack twins (rankfold.robustness): the same rounding and clipping
+    forward, kept in float; the gradient passes straight through the rounding (and is zero where
+    the value clips), so an attacker sees the quantized model's slopes instead of zeros."""
+    x, scale = vals[0], vals[1]
+    axis = attrs.get("axis", 1)
+    zero = _zero_point(vals, 2, torch.zeros((), dtype=torch.uint8))
+    low, high = _INT_RANGE[zero.dtype]
+    scaled = x / _per_axis(scale, x, axis)
+    q = scaled + (torch.round(scaled) - scaled).detach() + _per_axis(zero, x, axis).to(torch.float32)
+    return [q.clamp(low, high)]
+
+
 @op("DynamicQuantizeLinear")
 def _dynamic_quantize(vals, attrs):
     x = vals[0]
