@@ -219,3 +219,34 @@ def test_compress_attack_mistakes_are_found_before_any_work(trained, tmp_path, e
                               "-o", tmp_path / "c.onnx", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adversarial_batch_stays_in_the_ball_and_moves_the_student_away_from_the_teacher(trained):
+    from rankfold.robustness import adversarial_batch
+    from rankfold.training.losses import distillation_loss
+
+    _root, model, x, _y = trained
+    student = rankfold.compress(model, method="svd", keep=0.3, calib=torch.from_numpy(x[:200]), min_rank=2)
+    xb = torch.from_numpy(x[:64])
+    with torch.no_grad():
+        teacher_out = [model(xb)]
+    eps, low, high = AttackConfig("pgd", (0.1,), **PIXELS).bounds(x, 0.1)
+    moved = adversarial_batch(student, xb, teacher_out, ["classes"], 4.0, eps, low, high,
+                              torch.Generator().manual_seed(0))
+    assert (moved - xb).abs().max() <= 0.1 / STD + 1e-5 and moved.min() >= low.min() - 1e-6
+    with torch.no_grad():
+        before, after = (float(distillation_loss([student(v)], teacher_out, ["classes"], temperature=4.0))
+                         for v in (xb, moved))
+    assert after > before
+
+
+def test_compress_train_with_preserve_distils_adversarially(trained, tmp_path):
+    root, _model, x, _y = trained
+    np.savez(tmp_path / "train.npz", x=x[:256])
+    code, _out, err = run_cli("compress", root / "m.onnx", "--calib", root / "calib.npz", "--max-params", "60%",
+                              "--min-rank", "2", "--train", tmp_path / "train.npz", "--finetune-steps", "10",
+                              "--preserve-robustness", "--eps", "0.05", "--pixel-mean", str(MEAN), "--pixel-std",
+                              str(STD), "-o", tmp_path / "c.onnx")
+    assert code == 0, err
+    assert "crafting pgd inputs" in err and "adversarial distillation: eps 0.05" in err
+    assert (tmp_path / "c.onnx").exists()

@@ -84,7 +84,8 @@ def _attack_args(p: argparse.ArgumentParser, *, compress: bool) -> None:
         p.add_argument("--preserve-robustness", action="store_true",
                        help="calibrate on pgd inputs (crafted on the original at the largest --eps) as well as "
                             "clean ones: the factorization and the self-check then cover where an attacker "
-                            "takes the inputs; doubles the calibration samples")
+                            "takes the inputs (doubles the calibration samples); with --train, the fine-tuning "
+                            "is adversarial distillation within --eps")
     else:
         p.add_argument("--original", help="transfer: the model the attack is crafted on")
 
@@ -161,7 +162,7 @@ def _robustness(args: argparse.Namespace, path: str, x, y, attack, source: str |
 
     n = min(args.attack_samples, len(x))
     return robust_accuracy(path, x[:n], y[:n], attack, source=source or getattr(args, "original", None),
-                           progress=_log(getattr(args, "quiet", False)))
+                           progress=_log(args.quiet))
 
 
 OBSERVER_NAMES = ("minmax", "mse", "percentile")  # quantize.observers.OBSERVERS (a test keeps them equal)
@@ -354,7 +355,8 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
 
         log(f"fine-tuning on {len(train[0])} samples of {args.train}")
         result, _ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
-                                          progress=lambda m: log("  " + m))
+                                          progress=lambda m: log("  " + m),
+                                          attack=args.attack_config if args.preserve_robustness else None)
     _finish(args, result, example, t0, budgets)
 
 
@@ -864,6 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count, default=0, help="use only the first N samples")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per latency (default 30)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("-q", "--quiet", action="store_true", help="no attack progress on stderr")
     _attack_args(p, compress=False)
     p.set_defaults(func=_cmd_eval)
 

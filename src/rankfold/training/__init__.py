@@ -10,6 +10,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from rankfold.result import Compressed
+from rankfold.robustness import AttackConfig
 from rankfold.training.config import FinetuneConfig
 from rankfold.training.loop import FinetuneLog, finetune
 
@@ -18,12 +19,14 @@ __all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "finetune_result"]
 
 def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConfig, labels: Tensor | None = None,
                     checkpoint_dir: str | None = None, check: bool = True, qat: bool = True,
-                    progress: Callable[[str], None] | None = None) -> tuple[Compressed, FinetuneLog]:
+                    progress: Callable[[str], None] | None = None,
+                    attack: AttackConfig | None = None) -> tuple[Compressed, FinetuneLog]:
     """`result` with its module distilled from `result.original` on `train_x`, then the self-check
     of compress on the same held-back calibration samples (refusing a result below its rules);
     progress shows the loss and the held-back agreement as training goes. With `qat` (default) a
     plan's quantized layers train through their weights' quantization and save() writes exactly
-    those weights; qat=False trains in float and save() quantizes after training as compress does."""
+    those weights; qat=False trains in float and save() quantizes after training as compress does.
+    `attack`: adversarial distillation within its eps (see training.loop.finetune)."""
     from rankfold.planner.pipeline import check_result
 
     say = progress or (lambda _m: None)
@@ -31,7 +34,7 @@ def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConf
     fake_quant = result.plan.layer_bits() if qat and result.quantized else None
     module, log = finetune(result.module, result.original, train_x, labels=labels, config=config, held=held,
                            checkpoint_dir=checkpoint_dir, progress=progress, fake_quant=fake_quant,
-                           reduce_range=bool(result.plan and result.plan.reduce_range))
+                           reduce_range=bool(result.plan and result.plan.reduce_range), attack=attack)
     checked = check_result(result.original, module, held, result.min_agreement, say, result.max_output_error,
                            result.rules) if check else None
     return dataclasses.replace(result, module=module, check=checked, weights_on_grid=fake_quant is not None), log

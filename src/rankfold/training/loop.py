@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import as_input, model_outputs, output_kind
 from rankfold.errors import RankfoldError
+from rankfold.robustness import AttackConfig, adversarial_batch
 from rankfold.training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from rankfold.training.config import FinetuneConfig
 from rankfold.training.distributed import World, join_world
@@ -45,7 +46,8 @@ class FinetuneLog:
 def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels: Tensor | None = None,
              config: FinetuneConfig, held: Tensor | None = None, checkpoint_dir: str | None = None,
              progress: Callable[[str], None] | None = None, world: World | None = None,
-             fake_quant: Mapping[str, int] | None = None, reduce_range: bool = False) -> tuple[nn.Module, FinetuneLog]:
+             fake_quant: Mapping[str, int] | None = None, reduce_range: bool = False,
+             attack: AttackConfig | None = None) -> tuple[nn.Module, FinetuneLog]:
     """A trained copy of `student` (`student` and `teacher` are left as they are) and the log.
 
     Every output of the teacher is distilled (losses.LOSS_OF_KIND by output kind). Batch
@@ -54,7 +56,11 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     With `checkpoint_dir` the run saves there every `config.checkpoint_every` steps and resumes
     from what it finds there (when it is this run's). `fake_quant` ({layer: bits}, as a plan's
     layer_bits()): those layers train through their weights' quantization (training/qat.py) and
-    come out with weights on the grid the QDQ export uses (int8 on 7 bits with `reduce_range`)."""
+    come out with weights on the grid the QDQ export uses (int8 on 7 bits with `reduce_range`).
+    With `attack` (robustness.AttackConfig) the distillation is adversarial: each batch also
+    trains on inputs moved, within the config's largest eps, to where the student departs most
+    from the teacher's outputs on the clean batch (one signed step from a random start), so the
+    student keeps the teacher's answers inside the eps-ball (robustness.adversarial_batch)."""
     world = world or join_world()
     say = progress if (progress and world.is_main) else (lambda _m: None)
     check_training_data(train_x, labels, config, world)
@@ -69,7 +75,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
         raise RankfoldError("the compressed network has no trainable parameters")
     optimizer = _optimizer(trainable, config)
     settings = {k: v for k, v in config.to_dict().items() if k not in ("log_every", "checkpoint_every", "minutes")}
-    stamp = fingerprint(student, train_x, {**settings, "labels": labels is not None})
+    stamp = fingerprint(student, train_x, {**settings, "labels": labels is not None,
+                                           "attack": None if attack is None else repr(attack)})
     state = load_checkpoint(checkpoint_dir, stamp) if checkpoint_dir else None
     start, total = 0, config.steps
     history: list[dict] = []
@@ -84,6 +91,10 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     trained = _wrapped(student, world)
     cache = _TeacherCache(teacher, train_x, world.device)
     per_epoch = len(train_x) // config.batch_size
+    ball = attack.bounds(train_x.numpy(), max(attack.eps)) if attack is not None else None
+    if ball is not None:
+        say(f"adversarial distillation: eps {max(attack.eps):g} in {attack.units}, one signed step from a random "
+            "start per batch")
     t0 = time.time()
     step = start
     # A time budget sets the number of steps once, from the first steps' speed; a resumed run keeps
@@ -101,10 +112,15 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
                             [index_in_epoch * config.batch_size : (index_in_epoch + 1) * config.batch_size])
         _set_lr(optimizer, config, step, total or (start + 10 * TIMED_STEPS))
         x = as_input(train_x[batch]).to(world.device)
-        loss = distillation_loss(model_outputs(trained(x)), cache.outputs(batch), kinds,
-                                 temperature=config.temperature,
-                                 labels=None if labels is None else labels[batch].to(world.device),
-                                 label_weight=config.label_weight)
+        targets = cache.outputs(batch)
+        y = None if labels is None else labels[batch].to(world.device)
+        if ball is not None:  # one forward over the clean and the moved inputs (DDP: one pass per step)
+            moved = adversarial_batch(student, x, targets, kinds, config.temperature, *ball,
+                                      torch.Generator().manual_seed(config.seed * 1_000_003 + step * 97 + world.rank))
+            x, targets = torch.cat([x, moved]), [torch.cat([t, t]) for t in targets]
+            y = None if y is None else torch.cat([y, y])
+        loss = distillation_loss(model_outputs(trained(x)), targets, kinds, temperature=config.temperature,
+                                 labels=y, label_weight=config.label_weight)
         if not torch.isfinite(loss):
             raise RankfoldError(f"fine-tuning diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
                                 f"learning rate (now {config.lr:g}) or use the adamw optimizer")
