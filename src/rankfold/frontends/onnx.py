@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError, first_line
+from rankfold.evaluate import PACKED_BITS
 from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_order
 
 MIN_OPSET, MAX_OPSET = 11, 23
@@ -192,11 +193,19 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
         if isinstance(value, bytes):
             value = value.decode()
         elif isinstance(value, onnx.TensorProto):
-            value = torch.from_numpy(numpy_helper.to_array(value).copy())
+            value = _tensor_of(value)
         elif isinstance(value, list) and value and isinstance(value[0], bytes):
             value = [v.decode() for v in value]
         attrs[a.name] = value
     return attrs
+
+
+def _tensor_of(t: onnx.TensorProto) -> Tensor:
+    """An ONNX tensor as torch; int4 / uint4 (numpy's ml_dtypes, which torch does not take) as int8 / uint8."""
+    array = numpy_helper.to_array(t)
+    if t.data_type in PACKED_BITS:
+        array = array.astype(np.int8 if t.data_type == onnx.TensorProto.INT4 else np.uint8)
+    return torch.from_numpy(array.copy())
 
 
 def _check_tensor_size(t: onnx.TensorProto) -> None:
@@ -204,8 +213,11 @@ def _check_tensor_size(t: onnx.TensorProto) -> None:
     if any(d < 0 for d in t.dims) or count > 2**31:
         raise RankfoldError(f"initializer {t.name!r} has impossible dims {list(t.dims)}")
     if t.raw_data:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if len(t.raw_data) != count * itemsize:
+        if t.data_type in PACKED_BITS:  # int4 / uint4: two values a byte
+            expected = -(-count * PACKED_BITS[t.data_type] // 8)
+        else:
+            expected = count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if len(t.raw_data) != expected:
             raise RankfoldError(f"initializer {t.name!r}: {len(t.raw_data)} bytes for dims {list(t.dims)}")
 
 
@@ -219,7 +231,7 @@ class _Converter:
         self.consts: dict[str, Tensor] = {}
         for t in self.graph.initializer:
             _check_tensor_size(t)
-            self.consts[t.name] = torch.from_numpy(numpy_helper.to_array(t).copy())
+            self.consts[t.name] = _tensor_of(t)
         inputs = [i.name for i in self.graph.input if i.name not in self.consts]
         if not inputs:
             raise RankfoldError("the ONNX graph has no inputs")
@@ -318,7 +330,7 @@ class _Converter:
         _refuse_unsupported(branch.node)
         for t in branch.initializer:
             _check_tensor_size(t)
-            self.consts[t.name] = torch.from_numpy(numpy_helper.to_array(t).copy())
+            self.consts[t.name] = _tensor_of(t)
         for sub in branch.node:
             for name in sub.input:
                 self.consumers.setdefault(name, []).append(sub)

@@ -114,11 +114,15 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
         x = as_input(train_x[batch]).to(world.device)
         targets = cache.outputs(batch)
         y = None if labels is None else labels[batch].to(world.device)
-        if ball is not None:  # one forward over the clean and the moved inputs (DDP: one pass per step)
-            moved = adversarial_batch(student, x, targets, kinds, config.temperature, *ball,
-                                      torch.Generator().manual_seed(config.seed * 1_000_003 + step * 97 + world.rank))
-            x, targets = torch.cat([x, moved]), [torch.cat([t, t]) for t in targets]
-            y = None if y is None else torch.cat([y, y])
+        if ball is not None:
+            # Half the batch is moved: a third of the loss, so the clean answers keep most of the weight.
+            # One forward over clean and moved inputs together (DDP: one pass per step).
+            half = (len(x) + 1) // 2
+            moved = adversarial_batch(student, x[:half], [t[:half] for t in targets], kinds, config.temperature,
+                                      *ball, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 97
+                                                                          + world.rank))
+            x, targets = torch.cat([x, moved]), [torch.cat([t, t[:half]]) for t in targets]
+            y = None if y is None else torch.cat([y, y[:half]])
         loss = distillation_loss(model_outputs(trained(x)), targets, kinds, temperature=config.temperature,
                                  labels=y, label_weight=config.label_weight)
         if not torch.isfinite(loss):
