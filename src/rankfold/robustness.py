@@ -16,6 +16,7 @@ staying within the data's own range. Random starts use a fixed seed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -243,8 +244,7 @@ def adversarial_calibration(model: nn.Module, calib: Tensor, config: AttackConfi
     x = calib.numpy()
     y = _twin_predictions(model, x)
     eps = max(config.eps)
-    pgd_config = AttackConfig("pgd", (eps,), config.steps, config.step_size, config.seed, config.pixel_mean,
-                              config.pixel_std)
+    pgd_config = dataclasses.replace(config, kind="pgd", eps=(eps,))
     adversarial = torch.from_numpy(craft(model, x, y, pgd_config, eps, progress))
     # Interleaved, so that the samples the self-check holds back (the last eighth) are both kinds.
     return torch.stack([calib, adversarial], dim=1).reshape(2 * len(calib), *calib.shape[1:])
