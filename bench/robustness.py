@@ -69,13 +69,17 @@ def compress(model: str, calib: str, budget: str, out: str, mode: str, eps: floa
 
 
 def measure(path: str, test: dict, attack_x: np.ndarray, attack_y: np.ndarray, transfer_x: np.ndarray | None,
-            eps: float) -> dict:
-    """Clean top-1 (all test images), white-box PGD and FGSM, transfer (inputs crafted on the original)."""
+            eps: float, original: bool = False) -> dict:
+    """Clean top-1 (all test images), white-box PGD and FGSM, transfer (inputs crafted on the original).
+    For the original itself, white-box PGD is the transfer set (same model, same seed: the same inputs)."""
     from rankfold.evaluate import accuracy, class_scores
     from rankfold.robustness import AttackConfig, robust_accuracy
 
     row = {"clean": accuracy(path, test["x"], test["y"])}
-    for kind in ("pgd", "fgsm"):
+    if original:
+        row["pgd"] = float((class_scores(path, transfer_x).argmax(1) == attack_y).mean())
+        row["pgd_twin_agreement"] = 1.0
+    for kind in ("fgsm",) if original else ("pgd", "fgsm"):
         config = AttackConfig(kind, (eps,), pixel_mean=(PIXEL_MEAN,), pixel_std=(PIXEL_STD,))
         [result] = robust_accuracy(path, attack_x, attack_y, config)
         row[kind] = result.adversarial_accuracy
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default="/tmp/rankfold-fmnist", help="directory of fmnist-{test,calib}.npz")
     ap.add_argument("--work", default="/tmp/rankfold-bench-robustness")
     ap.add_argument("--out", default=os.path.join(RESULTS, "robustness"))
+    ap.add_argument("--keep", default=None,
+                    help="an earlier results .json: its rows (same eps and samples) are kept, not measured again")
     args = ap.parse_args(argv)
     from rankfold.robustness import AttackConfig, attack_twin, craft
 
@@ -109,32 +115,55 @@ def main(argv: list[str] | None = None) -> None:
     calib, train = (os.path.join(args.data, f"fmnist-{k}.npz") for k in ("calib", "train"))
     attack_x, attack_y = test["x"][: args.samples], test["y"][: args.samples]
     os.makedirs(args.work, exist_ok=True)
+    kept = kept_rows(args.keep, args.eps, args.samples)
     rows = []
     for name in args.networks.split(","):
         model = NETWORKS[name]
         t0 = time.time()
         pgd = AttackConfig("pgd", (args.eps,), pixel_mean=(PIXEL_MEAN,), pixel_std=(PIXEL_STD,))
-        transfer_x = craft(attack_twin(model)[0], attack_x, attack_y, pgd, args.eps)
-        original = {"network": name, "budget": "original", "mode": "original",
-                    **measure(model, test, attack_x, attack_y, transfer_x, args.eps)}
-        original["seconds"] = round(time.time() - t0, 1)
+        cached = os.path.join(args.work, f"{name}-pgd-eps{args.eps:g}-n{args.samples}.npy")
+        if os.path.exists(cached):
+            transfer_x = np.load(cached)
+        else:
+            transfer_x = craft(attack_twin(model)[0], attack_x, attack_y, pgd, args.eps)
+            np.save(cached + ".part.npy", transfer_x)
+            os.replace(cached + ".part.npy", cached)
+        original = kept.get((name, "original", "original")) or \
+            {"network": name, "budget": "original", "mode": "original",
+             **measure(model, test, attack_x, attack_y, transfer_x, args.eps, original=True),
+             "seconds": round(time.time() - t0, 1)}
         rows.append(original)
         print(json.dumps(original), flush=True)
         distilled = args.distil_budgets.split(",") if name in args.distil_networks.split(",") else []
         for budget in args.budgets.split(","):
             for mode in [m for m in MODES if m != "preserve+distil" or budget in distilled]:
-                out = os.path.join(args.work, f"{name}-{budget.replace('=', '-').rstrip('%')}-{mode}.onnx")
-                row = {"network": name, "budget": budget, "mode": mode,
-                       **compress(model, calib, budget, out, mode, args.eps, train, args.finetune_steps,
-                                  args.reuse)}
-                if "error" not in row:
-                    row.update(measure(out, test, attack_x, attack_y, transfer_x, args.eps))
+                row = kept.get((name, budget, mode))
+                if row is None:
+                    out = os.path.join(args.work, f"{name}-{budget.replace('=', '-').rstrip('%')}-{mode}.onnx")
+                    row = {"network": name, "budget": budget, "mode": mode,
+                           **compress(model, calib, budget, out, mode, args.eps, train, args.finetune_steps,
+                                      args.reuse)}
+                    if "error" not in row:
+                        row.update(measure(out, test, attack_x, attack_y, transfer_x, args.eps))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = {"eps": args.eps, "eps_units": "pixels in [0, 1]", "samples": args.samples, "steps": 10,
             "finetune_steps": args.finetune_steps,
             "cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     write(args.out, meta, rows)
+
+
+def kept_rows(path: str | None, eps: float, samples: int) -> dict:
+    """Rows of an earlier run, by (network, budget, mode), when it attacked the same way."""
+    if path is None:
+        return {}
+    with open(path) as handle:
+        earlier = json.load(handle)
+    if (earlier["meta"]["eps"], earlier["meta"]["samples"]) != (eps, samples):
+        raise SystemExit(f"--keep {path}: measured at eps {earlier['meta']['eps']} on {earlier['meta']['samples']} "
+                         f"samples, this run uses eps {eps} on {samples}")
+    return {(r["network"], r["budget"], r["mode"]): {**r, "kept_from": os.path.basename(path)}
+            for r in earlier["rows"]}
 
 
 def write(out: str, meta: dict, rows: list[dict]) -> None:

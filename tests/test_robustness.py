@@ -12,7 +12,15 @@ from torch import nn
 
 import rankfold
 from rankfold.errors import RankfoldError
-from rankfold.robustness import ATTACKS, AttackConfig, adversarial_calibration, attack_twin, craft, robust_accuracy
+from rankfold.robustness import (
+    ATTACKS,
+    AttackConfig,
+    adversarial_calibration,
+    attack_twin,
+    clean_calibration_samples,
+    craft,
+    robust_accuracy,
+)
 from tests.helpers import run_cli
 
 MEAN, STD = 0.3, 0.4  # the inputs are (pixel - MEAN) / STD, pixels in [0, 1]
@@ -161,6 +169,9 @@ def test_adversarial_calibration_interleaves_clean_and_pgd_samples(trained):
     assert both.shape == (80, *calib.shape[1:])
     assert torch.equal(both[0::2], calib) and not torch.equal(both[1::2], calib)
     assert (both[1::2] - calib).abs().max() <= 0.1 / STD + 1e-5
+    for start in (60, 61):  # the held-back tail may begin on either kind
+        clean = clean_calibration_samples(both, start)
+        assert torch.equal(clean, calib[(start + 1) // 2:])
 
 
 def test_eval_attack_cli(trained):
@@ -249,4 +260,31 @@ def test_compress_train_with_preserve_distils_adversarially(trained, tmp_path):
                               str(STD), "-o", tmp_path / "c.onnx")
     assert code == 0, err
     assert "crafting pgd inputs" in err and "adversarial distillation: eps 0.05" in err
+    # 256 clean + 256 adversarial samples, 64 held back: the check after training judges the 32 clean ones
+    assert "judges the 32 clean held-back samples" in err
     assert (tmp_path / "c.onnx").exists()
+
+
+def test_a_transfer_source_of_another_input_shape_is_refused_before_any_work(trained, tmp_path):
+    root, _model, _x, _y = trained
+    other = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4, 10)).eval()
+    rankfold.export_onnx(other, tmp_path / "other.onnx", example_input=torch.zeros(1, 1, 4, 4))
+    code, _out, err = run_cli("eval", root / "m.onnx", "--data", root / "test.npz", "--no-latency", "--attack",
+                              "transfer", "--original", tmp_path / "other.onnx")
+    assert code == 2 and "(for --original)" in err and "do not fit" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_finetune_adversarial_eps_distils_adversarially_and_checks_every_held_back_sample(trained, tmp_path):
+    root, _model, x, _y = trained
+    np.savez(tmp_path / "train.npz", x=x[:256])
+    code, _out, err = run_cli("compress", root / "m.onnx", "--calib", root / "calib.npz", "--max-params", "60%",
+                              "--min-rank", "2", "--plan-out", tmp_path / "plan.json", "-o", tmp_path / "c.onnx")
+    assert code == 0, err
+    code, _out, err = run_cli("finetune", root / "m.onnx", "--plan", tmp_path / "plan.json", "--calib",
+                              root / "calib.npz", "--train", tmp_path / "train.npz", "--steps", "5",
+                              "--adversarial-eps", "0.05", "--pixel-mean", str(MEAN), "--pixel-std", str(STD),
+                              "-o", tmp_path / "f.onnx")
+    assert code == 0, err
+    # its calibration holds no adversarial samples: all 32 held back are judged
+    assert "adversarial distillation: eps 0.05 in pixels" in err and "on 32 held-back samples" in err
+    assert (tmp_path / "f.onnx").exists()

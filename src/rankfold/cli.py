@@ -12,7 +12,7 @@ from rankfold.io import check_output_directory, check_outputs
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from rankfold.data import load_npz
+    from rankfold.data import check_input_shape, load_npz
     from rankfold.evaluate import evaluate
     from rankfold.frontends.onnx import read_onnx
     from rankfold.report import human
@@ -26,7 +26,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.original:
         if attack is None or attack.kind != "transfer":
             raise RankfoldError("--original is the model a transfer attack crafts on: it needs --attack transfer")
-        read_onnx(args.original)
+        check_input_shape(x, _input_dims(read_onnx(args.original)), f"{args.data} (for --original)")
     elif attack is not None and attack.kind == "transfer":
         raise RankfoldError("--attack transfer crafts its inputs on another model: give it with --original")
     result = evaluate(args.model, x, y, runs=args.runs, measure_latency=not args.no_latency)
@@ -353,11 +353,28 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     if train is not None:  # checked after training instead, on the same held-back samples
         from rankfold.training import finetune_result
 
+        if args.preserve_robustness:
+            result = _clean_check_samples(result, calib, log)
+
         log(f"fine-tuning on {len(train[0])} samples of {args.train}")
         result, _ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
                                           progress=lambda m: log("  " + m),
                                           attack=args.attack_config if args.preserve_robustness else None)
     _finish(args, result, example, t0, budgets)
+
+
+def _clean_check_samples(result, calib, log):
+    """Adversarial distillation teaches the student the teacher's clean answers where the teacher's
+    own adversarial inputs fool it: its self-check judges the clean held-back samples only."""
+    import dataclasses
+
+    from rankfold.robustness import clean_calibration_samples
+
+    if not result.plan.held_back:  # --no-check with few samples: nothing is held back
+        return result
+    clean = clean_calibration_samples(calib, len(calib) - result.plan.held_back)
+    log(f"  the self-check after adversarial distillation judges the {len(clean)} clean held-back samples")
+    return dataclasses.replace(result, check_samples=clean)
 
 
 def _compress_training(args: argparse.Namespace, graph):
@@ -467,6 +484,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     limit = args.train_limit or len(train.x)
     train_x = torch.from_numpy(train.x[:limit])
     labels = torch.from_numpy(train.y[:limit]).long() if args.label_weight > 0 else None
+    attack = _adversarial_distillation(args, train.x)
     world = join_world()
     check_training_data(train_x, labels, config, world)
     if args.checkpoint:  # made last: nothing is made when an input is wrong
@@ -479,12 +497,30 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
             f"{'es' if world.size > 1 else ''}, global batch {config.batch_size})")
         result, ft_log = finetune_result(result, train_x, config=config, labels=labels, check=not args.no_check,
                                          checkpoint_dir=args.checkpoint, qat=not args.no_qat,
-                                         progress=lambda m: log("  " + m))
+                                         progress=lambda m: log("  " + m), attack=attack)
         if world.is_main:
             _finish_finetune(args, result, ft_log, example, t0)
         world.barrier()
     finally:
         leave_world()
+
+
+def _adversarial_distillation(args: argparse.Namespace, x):
+    """finetune --adversarial-eps: the AttackConfig of adversarial distillation, checked against the
+    training data's channels (None without it)."""
+    from rankfold.robustness import AttackConfig
+
+    if args.adversarial_eps is None:
+        stray = [flag for flag, value in (("--pixel-mean", args.pixel_mean), ("--pixel-std", args.pixel_std)) if value]
+        if stray:
+            raise RankfoldError(f"{'/'.join(stray)} give the units of --adversarial-eps: give it too")
+        return None
+    try:
+        config = AttackConfig("pgd", (args.adversarial_eps,), pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
+    except ValueError as exc:
+        raise RankfoldError(str(exc).replace("pixel_mean and pixel_std", "--pixel-mean and --pixel-std")) from None
+    config.check_channels(x, "--pixel-mean/--pixel-std")
+    return config
 
 
 def _checkpoint_directory(path: str, inputs: list) -> None:
@@ -953,6 +989,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a quantizing plan in float and quantize afterwards as compress does (default: its "
                         "quantized layers train through their weights' quantization, and the QDQ file holds exactly "
                         "the trained weights)")
+    p.add_argument("--adversarial-eps", type=_positive_float,
+                   help="adversarial distillation: each batch is also trained on inputs moved within this eps to "
+                        "where the student departs most from the teacher (pixel units with --pixel-mean/"
+                        "--pixel-std, else input units); the self-check then judges the clean held-back samples")
+    p.add_argument("--pixel-mean", type=_float_list, help="the input normalization (x = (pixel - mean) / std), one "
+                   "value or one per channel: --adversarial-eps is then in pixels and moved inputs stay in [0, 1]")
+    p.add_argument("--pixel-std", type=_float_list, help="see --pixel-mean")
     p.add_argument("--report", help="also write the report as JSON (training history included)")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_finetune)

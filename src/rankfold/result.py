@@ -36,6 +36,9 @@ class Compressed:
     # Weights already on the export's grid (quantization-aware training): save() quantizes them by
     # the same rule and nothing else, so the file holds the trained weights.
     weights_on_grid: bool = False
+    # The held-back samples the self-check judges, when not the tail of `calib` that planning left
+    # unfitted (adversarial distillation: only the clean ones).
+    check_samples: Tensor | None = None
 
     @property
     def quantized(self) -> bool:
@@ -76,6 +79,8 @@ class Compressed:
             raise RankfoldError("a quantized plan needs calibration data (activation ranges)")
         fit = fitting_samples(plan, self.calib)
         held = self.calib[len(fit):] if len(fit) < len(self.calib) else None
+        if self.check_samples is not None:
+            held = self.check_samples
         # A result that onnxruntime runs is checked as users run it (default session); one for the C
         # back-end in onnxruntime's reference arithmetic, which the C computes (within a unit per op).
         in_onnxruntime = plan.runtime == "onnxruntime"

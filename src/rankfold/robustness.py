@@ -250,6 +250,12 @@ def adversarial_calibration(model: nn.Module, calib: Tensor, config: AttackConfi
     return torch.stack([calib, adversarial], dim=1).reshape(2 * len(calib), *calib.shape[1:])
 
 
+def clean_calibration_samples(calib: Tensor, start: int) -> Tensor:
+    """The clean samples at positions `start` and after of what adversarial_calibration returned
+    (even positions; for plain calibration data, a clean subset all the same)."""
+    return calib[start + start % 2 :: 2]
+
+
 def adversarial_batch(student: nn.Module, x: Tensor, teacher_outputs: Sequence[Tensor], kinds: Sequence[str],
                       temperature: float, eps: Tensor, low: Tensor, high: Tensor,
                       generator: torch.Generator) -> Tensor:

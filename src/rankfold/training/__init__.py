@@ -26,7 +26,10 @@ def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConf
     progress shows the loss and the held-back agreement as training goes. With `qat` (default) a
     plan's quantized layers train through their weights' quantization and save() writes exactly
     those weights; qat=False trains in float and save() quantizes after training as compress does.
-    `attack`: adversarial distillation within its eps (see training.loop.finetune)."""
+    `attack`: adversarial distillation within its eps (see training.loop.finetune). The self-check
+    judges `result.check_samples` when set (with adversarial distillation after adversarial
+    calibration, the clean held-back ones: the student is taught the teacher's clean answers where
+    the teacher's own adversarial inputs fool it)."""
     from rankfold.planner.pipeline import check_result
 
     say = progress or (lambda _m: None)
@@ -44,6 +47,8 @@ def _held_back(result: Compressed) -> Tensor | None:
     """The calibration samples the result's self-check used (never fitted on)."""
     from rankfold.selfcheck import split_holdout
 
+    if result.check_samples is not None:
+        return result.check_samples
     if result.calib is None:
         return None
     if result.plan is not None and result.plan.held_back is not None:
