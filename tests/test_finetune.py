@@ -208,7 +208,8 @@ def _dequantized_weights(path) -> list[np.ndarray]:
     return found
 
 
-def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_path):
+@pytest.mark.parametrize("weight_steps", ["max-abs", "lsq"])
+def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_path, weight_steps):
     from rankfold.training import finetune_result
     from rankfold.training.qat import PerChannelFakeQuant
 
@@ -216,7 +217,8 @@ def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_pat
     plan = rankfold.make_plan(teacher, calib=x[:112], budgets={"weight_bytes": "20%"}, bits=8, min_rank=2)
     assert plan.quantized
     result = rankfold.apply_and_check(teacher, plan, calib=x[:128], min_agreement=0.0, check=False)
-    tuned, _log = finetune_result(result, x, config=FinetuneConfig(steps=20, batch_size=32, lr=3e-3), check=False)
+    tuned, _log = finetune_result(result, x, config=FinetuneConfig(steps=20, batch_size=32, lr=3e-3,
+                                                                   weight_steps=weight_steps), check=False)
     assert tuned.weights_on_grid
     tuned.save(tmp_path / "qat.onnx")
     exported = _dequantized_weights(tmp_path / "qat.onnx")
@@ -244,3 +246,42 @@ def test_a_time_budget_sets_the_steps_from_the_first_ones(pair):
     _tuned, log = finetune(student, teacher, _inputs(128), config=FinetuneConfig(minutes=1e-4, batch_size=16),
                            progress=lines.append)
     assert log.steps == 5 and any("min allow 5 steps" in line for line in lines), lines  # the 5 timed steps
+
+
+def test_lsq_starts_at_the_least_error_clipping_and_learns_its_step():
+    from rankfold.training.qat import LearnedStepFakeQuant, PerChannelFakeQuant, best_clipping_ratio
+
+    torch.manual_seed(0)
+    weight = torch.distributions.Laplace(0.0, 1.0).sample((8, 2048))  # long tails: clipping them pays at 4 bits
+    ratio = best_clipping_ratio(weight, 7)
+    assert (ratio < 0.9).all()
+    learned = LearnedStepFakeQuant(7, weight)
+    max_abs_error = ((PerChannelFakeQuant(7)(weight) - weight) ** 2).sum()
+    assert ((learned(weight) - weight) ** 2).sum() < max_abs_error
+    on_grid = torch.arange(-7, 8, dtype=torch.float32).repeat(2, 1) * 0.1  # already on a max-abs grid
+    assert torch.equal(best_clipping_ratio(on_grid, 7), torch.ones(2, 1))
+    # the step is trained: the loss reaches it through LSQ's gradient
+    loss = ((learned(weight) - weight) ** 2).sum()
+    loss.backward()
+    assert learned.ratio.grad is not None and learned.ratio.grad.abs().sum() > 0
+    # every channel's largest weight is on the top code: the exporter's max-abs rule finds the learned step
+    with torch.no_grad():
+        out = learned(weight)
+        assert torch.allclose(PerChannelFakeQuant(7)(out), out, rtol=1e-6, atol=1e-7)
+        step = learned.step(weight)
+        assert torch.allclose(out.abs().amax(1, keepdim=True), 7 * step, rtol=1e-6)
+
+
+def test_the_cli_qat_steps_are_the_registry():
+    from rankfold.cli import QAT_STEP_NAMES
+    from rankfold.training.qat import WEIGHT_STEPS
+
+    assert set(QAT_STEP_NAMES) == set(WEIGHT_STEPS)
+
+
+def test_qat_steps_and_no_qat_are_refused_together(files, tmp_path):
+    code, _out, err = run_cli("finetune", files / "m.onnx", "--student", files / "student.onnx", "--calib",
+                              files / "calib.npz", "--train", files / "train.npz", "--steps", "1", "--no-qat",
+                              "--qat-steps", "lsq", "-o", tmp_path / "o.onnx")
+    assert code == 2 and "--no-qat" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

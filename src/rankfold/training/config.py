@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from rankfold.training.qat import WEIGHT_STEPS
+
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -19,6 +21,8 @@ class FinetuneConfig:
     lr: peak learning rate (linear warm-up over the first 5 % of the steps, then cosine to 0).
     temperature: softening of class scores in the distillation loss (KL, scaled by T^2).
     label_weight: with labels, the loss is (1 - w) * distillation + w * cross-entropy.
+    weight_steps: how quantization-aware training sets each quantized channel's step (qat.WEIGHT_STEPS):
+        "max-abs" (the exporter's rule) or "lsq" (learned, started at the least-error clipping).
     """
 
     steps: int | None = None
@@ -33,6 +37,7 @@ class FinetuneConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 100
+    weight_steps: str = "max-abs"
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -48,6 +53,8 @@ class FinetuneConfig:
         _in_range("weight_decay", self.weight_decay, 0.0, 1.0, "a number in [0, 1]")
         _in_range("temperature", self.temperature, 0.0, 100.0, "a temperature in (0, 100]", open_low=True)
         _in_range("label_weight", self.label_weight, 0.0, 1.0, "a number in [0, 1]")
+        if self.weight_steps not in WEIGHT_STEPS:
+            raise ValueError(f"weight_steps must be one of {', '.join(WEIGHT_STEPS)}, got {self.weight_steps!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

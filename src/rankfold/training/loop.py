@@ -65,9 +65,11 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     say = progress if (progress and world.is_main) else (lambda _m: None)
     check_training_data(train_x, labels, config, world)
     student = copy.deepcopy(student).to(world.device).eval()
-    quantized = attach_fake_quant(student, fake_quant, reduce_range=reduce_range) if fake_quant else []
+    quantized = attach_fake_quant(student, fake_quant, reduce_range=reduce_range,
+                                  steps=config.weight_steps) if fake_quant else []
     if quantized:
-        say(f"quantization-aware: {len(quantized)} layer(s) train through their weights' quantization")
+        say(f"quantization-aware: {len(quantized)} layer(s) train through their weights' quantization "
+            f"({config.weight_steps} steps)")
     teacher = teacher.eval()
     kinds = _output_kinds(teacher, train_x[:2])
     trainable = [p for p in student.parameters() if p.requires_grad]
