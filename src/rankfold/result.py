@@ -71,7 +71,7 @@ class Compressed:
 
     def _save_quantized(self, path: str, example: Tensor, observer: str, say) -> Agreement | None:
         from rankfold.io import replace_atomically
-        from rankfold.quantize.export import export_quantized
+        from rankfold.quantize.export import export_quantized, weight_only_export
         from rankfold.selfcheck import onnx_agreement, refuse_if_kernels_disagree, refuse_if_poor
 
         plan = self.plan
@@ -91,7 +91,8 @@ class Compressed:
             trained = {"equalize": False, "data_aware_rounding": False, "bias_correction": False} \
                 if self.weights_on_grid else {}
             export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
-                             observer=observer, reduce_range=plan.reduce_range, progress=say, **trained)
+                             observer=observer, reduce_range=plan.reduce_range, progress=say,
+                             weight_only=weight_only_export(example), **trained)
             check = self.check
             if in_onnxruntime:
                 refuse_if_kernels_disagree(partial, held if held is not None else fit, say)

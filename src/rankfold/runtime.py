@@ -49,6 +49,11 @@ def session(model, *, optimized: bool = True, threads: int = 0):
         raise RankfoldError(f"{where}: onnxruntime cannot load it: {first_line(exc)}") from None
 
 
+def model_input(x: np.ndarray) -> np.ndarray:
+    """`x` as a graph input takes it: integer arrays (token ids) as int64, the rest as float32."""
+    return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+
+
 def run_batched(sess, outputs: list[str] | None, feed_name: str, x: np.ndarray) -> list[np.ndarray]:
     """`sess.run` on all of `x`, in pieces of the batch the graph declares when it fixes one (an
     export at batch 1), else at once."""
@@ -260,7 +265,7 @@ def int8_kernel_check(model, x: np.ndarray) -> KernelCheck:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     reference = session(probe.SerializeToString(), optimized=False)
-    values = dict(zip(wanted, run_batched(reference, wanted, reference.get_inputs()[0].name, x.astype(np.float32))))
+    values = dict(zip(wanted, run_batched(reference, wanted, reference.get_inputs()[0].name, model_input(x))))
     scales = {i.name: i for i in proto.graph.initializer}
     worst, worst_layer = 0, None
     for span in spans:

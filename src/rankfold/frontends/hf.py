@@ -82,6 +82,10 @@ def load_hf(directory: str | os.PathLike) -> nn.Module:
         with open(os.path.join(directory, MODULES)) as handle:
             normalize = any(m.get("type", "").endswith("Normalize") for m in json.load(handle))
     encoder = _transformers().AutoModel.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    if getattr(encoder, "pooler", None) is not None:
+        # Mean pooling never reads the [CLS] pooler: dropped, so that it is neither priced, planned,
+        # nor run (an ONNX export would drop it anyway, leaving its plan nothing to act on).
+        encoder.pooler = None
     return SentenceEncoder(encoder.eval(), config.get("pad_token_id", 0) or 0, normalize).eval()
 
 

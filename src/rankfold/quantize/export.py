@@ -7,7 +7,6 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import onnx
 from torch import Tensor, nn
 
@@ -19,15 +18,35 @@ BIAS_CORRECTION_SAMPLES = 128
 ROUNDING_SAMPLES = 256  # calibration inputs for the data-aware rounding's input moments
 
 
+def module_of_node(node_name: str, modules: Mapping[str, int]) -> str | None:
+    """The module (a key of `modules`) that produced an exported node, or None. torch's exporter
+    names a node '/scope/.../<module name>/Op' with the second-last part the module's full name,
+    or, for modules nested in scopes (a Hugging Face encoder), '/a/b/c/Op' for module 'a.b.c'."""
+    parts = node_name.split("/")
+    if len(parts) < 3:
+        return None
+    for candidate in (parts[-2], ".".join(parts[1:-1])):
+        if candidate in modules:
+            return candidate
+    return None
+
+
 def node_bits(model: onnx.ModelProto, leaf_bits: Mapping[str, int]) -> dict[str, int]:
-    """Weighted ONNX nodes -> bits. rankfold's exporter names a node '/scope/.../<module name>/Op',
-    the second-last part being the full name of the module that produced it."""
+    """Weighted ONNX nodes -> bits, by the module that produced each (module_of_node)."""
     result = {}
     for node in model.graph.node:
-        parts = node.name.split("/")
-        if node.op_type in WEIGHTED_OPS and len(parts) >= 3 and parts[-2] in leaf_bits:
-            result[node.name] = leaf_bits[parts[-2]]
+        leaf = module_of_node(node.name, leaf_bits) if node.op_type in WEIGHTED_OPS else None
+        if leaf is not None:
+            result[node.name] = leaf_bits[leaf]
     return result
+
+
+def weight_only_export(example_input: Tensor) -> bool:
+    """Whether a quantized plan of this model is written with float activations: a model fed
+    token ids (integer inputs) is a transformer, whose activations carry a few outlier channels
+    that one int8 scale per tensor cannot hold (MiniLM, int8 everywhere: embedding cosine 0.83
+    with int8 activations, 0.9996 weight-only)."""
+    return not example_input.is_floating_point()
 
 
 def export_quantized(
@@ -42,14 +61,17 @@ def export_quantized(
     bias_correction: bool = True,
     data_aware_rounding: bool = True,
     reduce_range: bool | None = None,
+    weight_only: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
     `reduce_range`: int8 weights on 7 bits, which onnxruntime on x86 without VNNI needs to compute
     exactly; None: whatever onnxruntime on this CPU needs (rankfold.runtime.int8_kernels()).
+    `weight_only`: no activation is quantized (float activations, integer weights).
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
+    from rankfold.runtime import model_input
 
     say = progress or (lambda _m: None)
     if reduce_range is None:
@@ -71,9 +93,11 @@ def export_quantized(
         float_path = os.path.join(tmp, "float.onnx")
         export_onnx(quantized, float_path, example_input=example_input)
         proto = onnx.load(float_path)
-    activations = calibrate(proto, calib.numpy().astype(np.float32), observer=observer, progress=say)
+    # Weight-only: activations stay float (DequantizeLinear on the weights alone), as transformers
+    # need: per-tensor int8 of their activations (outlier channels) loses most of the signal.
+    activations = {} if weight_only else calibrate(proto, model_input(calib.numpy()), observer=observer, progress=say)
     nodes = node_bits(proto, leaves)
-    mapped = {node.split("/")[-2] for node in nodes}
+    mapped = {module_of_node(node, leaves) for node in nodes}
     unmapped = sorted(set(leaves) - mapped)
     if unmapped:  # never let a planned quantized layer silently stay float
         raise RankfoldError(f"quantized layer(s) {', '.join(unmapped)} could not be matched to an ONNX node "

@@ -60,7 +60,7 @@ def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "per
               progress: Callable[[str], None] | None = None) -> dict[str, ActivationParams]:
     """int8 parameters for every float activation tensor, from onnxruntime runs over `calib`."""
     batch_size = batch_size or min(32, calibration_batch())
-    from rankfold.runtime import run_batched
+    from rankfold.runtime import model_input, run_batched
     from rankfold.runtime import session as ort_session
 
     if observer not in OBSERVERS:
@@ -79,7 +79,7 @@ def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "per
     for start in range(0, len(calib), batch_size):
         if progress:
             progress(f"activation ranges: samples {start + 1}-{min(start + batch_size, len(calib))} of {len(calib)}")
-        values = run_batched(session, wanted, input_name, calib[start : start + batch_size].astype(np.float32))
+        values = run_batched(session, wanted, input_name, model_input(calib[start : start + batch_size]))
         for name, value in zip(wanted, values):
             observers[name].update(value)
     pick = OBSERVERS[observer]
