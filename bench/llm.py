@@ -3,11 +3,14 @@ with fewer parameters in its 37 Linear layers, each row measured as the mean cos
 its sentence embeddings to the original's on 500 held-back sentences of the Python documentation.
 
     PYTHONPATH=. python -m bench.llm [--cuts 0.2,0.3,0.5] [--calib 512]
+    PYTHONPATH=. python -m bench.llm --cuts '' --bits 8,4 --out bench/results/llm-weight-only.json
 
 Rows: plain SVD (every Linear, uniform keep), rankfold's data-aware SVD at the same uniform keep,
 and rankfold's planner (rank per matrix under one parameter budget, bits=32). Calibration: 512
 windows of 32 tokens from the "calib" split (bench/text.py), windows the sentence fills (no
 padding in the statistics); held back: the first 500 sentences of the "held" split, 64 tokens.
+With --bits, every Linear is quantized at each bit-width (data-aware rounding on 64 calibration
+windows) and written as a weight-only QDQ file (float activations), measured in onnxruntime.
 """
 
 from __future__ import annotations
@@ -43,11 +46,42 @@ def calibration_windows(directory: str, count: int, seq_len: int = 32) -> torch.
     return full[torch.from_numpy(np.random.default_rng(0).choice(len(full), min(count, len(full)), replace=False))]
 
 
+def weight_only_row(model: torch.nn.Module, directory: str, calib: torch.Tensor, held: torch.Tensor, bits: int,
+                    total: int, linear: int) -> dict:
+    """Every Linear at `bits`, written as weight-only QDQ; cosine of onnxruntime's embeddings to
+    the float model's, and the file's weight bytes."""
+    import tempfile
+
+    from rankfold.evaluate import onnx_size
+    from rankfold.quantize.export import export_quantized
+    from rankfold.runtime import run_batched, session
+
+    layers = {n: bits for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "q.onnx")
+        t0 = time.time()
+        export_quantized(model, layers, path, calib=calib[:64], example_input=held[:2], weight_only=True)
+        seconds = time.time() - t0
+        sess = session(path)
+        out = torch.from_numpy(run_batched(sess, None, sess.get_inputs()[0].name, held.numpy())[0])
+        size = onnx_size(path)
+    with torch.no_grad():
+        cosine = float(torch.nn.functional.cosine_similarity(out, model(held), dim=-1).mean())
+    row = {"cut": 0.0, "contender": f"int{bits} weights (every Linear), weight-only QDQ in onnxruntime",
+           "cosine": cosine, "params": total, "linear_params_removed": 0.0, "weight_bytes": size.weight_bytes,
+           "weight_bytes_ratio": size.weight_bytes / (4 * total), "seconds": seconds}
+    print(f"int{bits} weight-only QDQ: cosine {cosine:.4f}, weight bytes {size.weight_bytes:,} "
+          f"({row['weight_bytes_ratio']:.1%} of float)", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.llm", description=__doc__.splitlines()[0])
     parser.add_argument("--cuts", default="0.2,0.3,0.5", help="fractions of the Linear parameters removed")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
+    parser.add_argument("--out", default=RESULTS, help=f"results file (default {RESULTS})")
+    parser.add_argument("--bits", default="", help="also write weight-only QDQ files at these bit-widths (8,4)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     directory = os.path.dirname(fetch(MINILM, args.cache))
@@ -57,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     rows = []
-    for cut in (float(c) for c in args.cuts.split(",")):
+    for b in (int(v) for v in args.bits.split(",") if v):
+        rows.append(weight_only_row(model, directory, calib, held, b, total, linear))
+    for cut in (float(c) for c in args.cuts.split(",") if c):
         keep = 1.0 - cut
         for name, run in (
             ("plain SVD, uniform", lambda: rankfold.compress(model, method="svd", keep=keep, min_rank=1)),
@@ -75,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                          "params": params, "linear_params_removed": (total - params) / linear, "seconds": seconds})
             print(f"cut {cut:.0%} {name:34} cosine {rows[-1]['cosine']:.4f}  "
                   f"Linear params removed {rows[-1]['linear_params_removed']:.1%}  {seconds:.0f} s", flush=True)
-    with open(RESULTS, "w") as handle:
+    with open(args.out, "w") as handle:
         json.dump({"model": MINILM.package, "params": total, "linear_params": linear, "held_sentences": len(held),
                    "calib_windows": len(calib), "rows": rows}, handle, indent=1)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
     return 0
 
 
