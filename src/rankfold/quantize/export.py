@@ -71,7 +71,6 @@ def export_quantized(
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
-    from rankfold.runtime import model_input
 
     say = progress or (lambda _m: None)
     if reduce_range is None:
@@ -95,7 +94,7 @@ def export_quantized(
         proto = onnx.load(float_path)
     # Weight-only: activations stay float (DequantizeLinear on the weights alone), as transformers
     # need: per-tensor int8 of their activations (outlier channels) loses most of the signal.
-    activations = {} if weight_only else calibrate(proto, model_input(calib.numpy()), observer=observer, progress=say)
+    activations = {} if weight_only else calibrate(proto, calib.numpy(), observer=observer, progress=say)
     nodes = node_bits(proto, leaves)
     mapped = {module_of_node(node, leaves) for node in nodes}
     unmapped = sorted(set(leaves) - mapped)
