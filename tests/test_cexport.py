@@ -121,6 +121,32 @@ def test_generated_c_is_bit_exact_with_the_golden_model_under_sanitizers(qdq, tm
 
 
 @needs_cc
+def test_one_weight_scale_per_tensor_runs_in_c_bit_exact_and_as_onnxruntime_does(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    calib = torch.randn(64, 1, 10, 10)
+    bits = {"stem": 8, "a": 8, "b": 8, "down": 4, "fc": 8}
+    export_quantized(model, bits, tmp_path / "q.onnx", calib=calib, example_input=calib[:2],
+                     per_tensor=["a", "b", "down", "fc"])
+    proto = onnx.load(tmp_path / "q.onnx")
+    scalar_scales = [i for i in proto.graph.initializer if i.name.endswith("_wscale") and not i.dims]
+    assert len(scalar_scales) == 4
+    program = read_program(proto)
+    x = calib.numpy()
+    golden = run_golden(program, quantize_input(program, x)).astype(np.int64)
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    ref = session.run(None, {session.get_inputs()[0].name: x})[0]
+    out = program.tensors[program.output]
+    assert np.abs(golden - np.clip(np.round(ref / out.scale) + out.zero_point, -128, 127)).max() <= 3
+    export_c(proto, str(tmp_path / "c"))
+    binary = build_host(str(tmp_path / "c"))
+    x_q = quantize_input(program, x)
+    np.testing.assert_array_equal(run_host(binary, program, x_q), golden.reshape(len(x), -1))
+
+
+@needs_cc
 def test_run_c_cli_reports_the_contract_keys(qdq, tmp_path):
     root, calib = qdq
     labels = np.zeros(len(calib), np.int64)

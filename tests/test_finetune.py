@@ -201,6 +201,9 @@ def _dequantized_weights(path) -> list[np.ndarray]:
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0].endswith("_q"):
             q, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
+            if scale.ndim == 0:  # one scale for the tensor
+                found.append(q * scale)
+                continue
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             shape = [1] * q.ndim
             shape[axis] = -1
@@ -208,14 +211,19 @@ def _dequantized_weights(path) -> list[np.ndarray]:
     return found
 
 
-@pytest.mark.parametrize("weight_steps", ["max-abs", "lsq"])
-def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_path, weight_steps):
+@pytest.mark.parametrize("weight_steps, scales", [("max-abs", "channel"), ("lsq", "channel"),
+                                                  ("max-abs", "tensor"), ("lsq", "tensor")])
+def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_path, weight_steps, scales):
+    import dataclasses
+
     from rankfold.training import finetune_result
     from rankfold.training.qat import PerChannelFakeQuant
 
     teacher, x = _teacher(), _inputs(256)
     plan = rankfold.make_plan(teacher, calib=x[:112], budgets={"weight_bytes": "20%"}, bits=8, min_rank=2)
     assert plan.quantized
+    plan = dataclasses.replace(plan, layers=[dataclasses.replace(layer, weight_scales=scales) for layer in plan.layers])
+    assert bool(plan.per_tensor_layers()) == (scales == "tensor")
     result = rankfold.apply_and_check(teacher, plan, calib=x[:128], min_agreement=0.0, check=False)
     tuned, _log = finetune_result(result, x, config=FinetuneConfig(steps=20, batch_size=32, lr=3e-3,
                                                                    weight_steps=weight_steps), check=False)
@@ -223,8 +231,9 @@ def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_pat
     tuned.save(tmp_path / "qat.onnx")
     exported = _dequantized_weights(tmp_path / "qat.onnx")
     leaves = [m for m in tuned.module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    on_grid = PerChannelFakeQuant(127, per_tensor=scales == "tensor")
     quantized = [m.weight.detach().numpy() for m in leaves
-                 if torch.equal(PerChannelFakeQuant(127)(m.weight.detach()), m.weight.detach())]
+                 if torch.equal(on_grid(m.weight.detach()), m.weight.detach())]
     assert len(quantized) >= len(plan.layer_bits()) - 1 and exported
     for w in quantized:  # each trained weight is in the file as it was trained (to float rounding)
         assert any(e.shape == w.shape and np.allclose(e, w, rtol=1e-6, atol=1e-7) or

@@ -61,6 +61,8 @@ def first_factorized(plan) -> dict:
     (lambda p: p.update(limits={"params": -1}), "limit 'params'"),
     (lambda p: p.update(layers={"a": 1}), "layers must be a list"),
     (lambda p: p["layers"][0].update(method="none", ranks=[4]), "takes no ranks"),
+    (lambda p: p["layers"][0].update(weight_scales="row"), "weight_scales must be one of channel, tensor"),
+    (lambda p: p["layers"][0].update(weight_scales=1), "weight_scales must be a string"),
 ])
 def test_an_edited_plan_with_a_bad_field_is_refused_in_one_line(planned, tmp_path, edit, message):
     path = edited(planned, tmp_path, edit)

@@ -220,6 +220,57 @@ def test_qdq_export_stores_integers_and_agrees_with_the_fake_quantized_model(tra
     assert size.weight_bytes < 4 * float_weights * (0.35 if bits == 8 else 0.25)
 
 
+def test_one_scale_per_tensor_stays_within_half_a_step_and_reaches_the_top_code():
+    w = np.random.default_rng(1).standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w[2] *= 10  # one channel far wider than the rest
+    qw = quantize_weight(w, 4, per_tensor=True)
+    assert np.all(qw.scale == qw.scale[0]) and np.abs(qw.q).max() == 7
+    assert np.abs(qw.dequantize() - w).max() <= qw.scale[0] / 2 + 1e-6
+    # the narrow channels lose: per channel they would have a step ten times finer
+    per_channel = quantize_weight(w, 4)
+    assert np.abs(qw.dequantize() - w)[0].max() > np.abs(per_channel.dequantize() - w)[0].max()
+
+
+def test_per_tensor_layers_store_one_scale_and_eight_bytes_less_per_channel(trained, tmp_path):
+    model, calib = trained
+    layers = {"0": 32, "2": 8, "4": 4, "8": 32}
+    channel, tensor = tmp_path / "channel.onnx", tmp_path / "tensor.onnx"
+    export_quantized(model, layers, channel, calib=calib, example_input=calib[:2])
+    export_quantized(model, layers, tensor, calib=calib, example_input=calib[:2], per_tensor=["2", "4"])
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tensor).graph.initializer}
+    scales = [v for k, v in inits.items() if k.endswith("_wscale") or k.endswith("_bscale")]
+    assert len(scales) == 4 and all(v.shape == () for v in scales)
+    # conv 2 and conv 4 have 32 output channels and a bias each: 8 B per channel become 8 B per layer
+    assert onnx_size(channel).weight_bytes - onnx_size(tensor).weight_bytes == 2 * (8 * 32 - 8)
+    x = calib[:64].numpy()
+    integer, fake = _run(tensor, x), _run(tensor, x, optimize=False)
+    assert np.abs(integer - fake).max() <= 0.05 * np.abs(fake).max()
+    with torch.no_grad():
+        float_out = model(calib[:64]).numpy()
+    assert np.linalg.norm(fake - float_out) / np.linalg.norm(float_out) < 0.5
+
+
+def test_the_planner_takes_one_scale_per_tensor_only_where_per_channel_cannot_meet_the_budget(trained):
+    from rankfold.planner.pricing import price_model
+
+    model, calib = trained
+    pricing = price_model(model, calib=calib, target="host", min_rank=4)
+    for name in pricing.layer_names:  # each quantized option also comes with one scale per tensor
+        options = pricing.options[name]
+        assert {o.per_tensor for o in options if o.bits < 32} == {False, True}
+        assert not any(o.per_tensor for o in options if o.bits == 32)
+        pair = [o for o in options if o.bits == 8 and o.method == "none"]
+        assert pair[0].weight_bytes - pair[1].weight_bytes == 8 * (pair[0].profile.sub_layers[0].out_ch - 1)
+    roomy = pricing.plan({"weight_bytes": "20%"})
+    assert roomy.feasible and not roomy.per_tensor_layers()
+    smallest_per_channel = pricing.fixed["weight_bytes"] + sum(
+        min(o.weight_bytes for o in pricing.options[n] if not o.per_tensor) for n in pricing.layer_names)
+    tight = pricing.plan({"weight_bytes": f"{smallest_per_channel - 200:.0f}B"})
+    assert tight.feasible and tight.per_tensor_layers()
+    assert tight.after["weight_bytes"] <= smallest_per_channel - 200
+    assert {layer.weight_scales for layer in tight.layers} <= {"channel", "tensor"}
+
+
 def _copy(model):
     import copy
 

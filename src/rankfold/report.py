@@ -30,9 +30,12 @@ def plan_table(plan) -> str:
              "est.loss", "note")]
     for r in plan.layers:
         ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
-        rows.append((r.name, r.layer, r.method, ranks, r.bits, human(r.params), human(r.weight_bytes), human(r.macs),
+        bits = f"{r.bits}/t" if r.bits < 32 and r.weight_scales == "tensor" else r.bits  # /t: one scale per tensor
+        rows.append((r.name, r.layer, r.method, ranks, bits, human(r.params), human(r.weight_bytes), human(r.macs),
                      f"{r.latency_ms:.4f}", human(r.ram_bytes), f"{r.est_loss:.2e}", r.note))
     table = _format_rows(rows)
+    if any(r.bits < 32 and r.weight_scales == "tensor" for r in plan.layers):
+        table += "\nbits n/t: one weight scale for the tensor (not one per output channel)"
     lines = [table, "", f"{'':14}{'before':>14}{'after':>14}{'ratio':>9}   limit"]
     for key, label in (("params", "parameters"), ("weight_bytes", "weight bytes"), ("macs", "MACs"),
                        ("latency_ms", "latency ms"), ("ram_bytes", "peak RAM B")):

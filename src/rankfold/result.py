@@ -92,7 +92,8 @@ class Compressed:
                 if self.weights_on_grid else {}
             export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
                              observer=observer, reduce_range=plan.reduce_range, progress=say,
-                             weight_only=weight_only_export(example), **trained)
+                             weight_only=weight_only_export(example), per_tensor=plan.per_tensor_layers(),
+                             **trained)
             check = self.check
             if in_onnxruntime:
                 refuse_if_kernels_disagree(partial, held if held is not None else fit, say)

@@ -46,7 +46,17 @@ def choose_plan(pricing, budgets: Mapping[str, str | float | Budget], *, progres
     measured_target = pricing.timing is not None
     if "latency_ms" in layer_limits and measured_target:
         layer_limits["latency_ms"] -= (1 - LATENCY_MARGIN) * limits["latency_ms"]
-    solution = _solve_measured(pricing, losses, costs, layer_limits, say)
+    # One weight scale per tensor saves 8 bytes per output channel and rounds coarser: it is
+    # offered only when the budgets cannot be met with a scale per channel.
+    per_channel = [np.where([o.per_tensor for o in pricing.options[n]], np.inf, loss)
+                   for n, loss in zip(pricing.layer_names, losses)]
+    solution = _solve_measured(pricing, per_channel, costs, layer_limits, say)
+    if not solution.feasible and any(o.per_tensor for n in pricing.layer_names for o in pricing.options[n]):
+        say("the budgets cannot be met with a weight scale per output channel: planning again with one scale "
+            "per tensor allowed")
+        solution = _solve_measured(pricing, losses, costs, layer_limits, say)
+    else:
+        losses = per_channel
     chosen = _chosen(pricing, solution)
     after = pricing.totals(chosen)
     if measured_target and measure:
@@ -133,5 +143,5 @@ def _layer_plans(pricing, chosen: Mapping[str, Option]) -> list[LayerPlan]:
             n, described, opt.method, list(opt.ranks), float(pricing.loss(n, opt)), int(opt.profile.params),
             int(round(opt.weight_bytes)), int(opt.profile.macs),
             round(float(pricing.latency_scale * opt.latency_ms), 5), int(round(opt.ram_elements * pricing.act_bytes)),
-            note, opt.bits))
+            note, opt.bits, "tensor" if opt.per_tensor else "channel"))
     return layers

@@ -36,7 +36,7 @@ def quantized_accuracy(module, plan, calib, example, data) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "q.onnx")
         export_quantized(module, plan.layer_bits(), path, calib=calib, example_input=example,
-                         reduce_range=plan.reduce_range)
+                         reduce_range=plan.reduce_range, per_tensor=plan.per_tensor_layers())
         return accuracy(path, *data)
 
 

@@ -23,6 +23,7 @@ from rankfold.selfcheck import split_holdout
 from rankfold.target import RUNTIMES
 
 PLAN_FORMAT = "rankfold-plan/1"
+WEIGHT_SCALES = ("channel", "tensor")  # one weight scale per output channel, or one per tensor
 Progress = Callable[[str], None]
 
 
@@ -40,6 +41,7 @@ class LayerPlan:
     ram_bytes: int = 0  # activation memory in use while this layer runs
     note: str = ""
     bits: int = 32  # weight bit-width: 32 (float), 8 or 4
+    weight_scales: str = "channel"  # below 32 bits: one scale per output "channel", or one per "tensor"
 
 
 @dataclass
@@ -73,6 +75,10 @@ class Plan:
 
     def layer_bits(self) -> dict[str, int]:
         return {layer.name: layer.bits for layer in self.layers}
+
+    def per_tensor_layers(self) -> list[str]:
+        """The quantized layers whose weights have one scale per tensor (factors: one each)."""
+        return [layer.name for layer in self.layers if layer.bits < 32 and layer.weight_scales == "tensor"]
 
     @property
     def quantized(self) -> bool:
@@ -120,7 +126,8 @@ _PLAN_TYPES = {"target": str, "weight_bits": int, "activation_bits": int, "data_
                "latency_source": str, "limits": dict, "before": dict, "after": dict, "est_loss": _NUMBER,
                "feasible": bool, "messages": list, "reduce_range": bool, "runtime": str}
 _LAYER_TYPES = {"name": str, "layer": str, "method": str, "ranks": list, "est_loss": _NUMBER, "params": int,
-                "weight_bytes": int, "macs": int, "latency_ms": _NUMBER, "ram_bytes": int, "note": str, "bits": int}
+                "weight_bytes": int, "macs": int, "latency_ms": _NUMBER, "ram_bytes": int, "note": str, "bits": int,
+                "weight_scales": str}
 
 
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list",
@@ -163,6 +170,8 @@ def plan_problem(plan: Plan) -> str | None:
         seen.add(layer.name)
         if layer.bits not in (32, 8, 4):
             return f"{where}bits must be 32, 8 or 4, got {layer.bits!r}"
+        if layer.weight_scales not in WEIGHT_SCALES:
+            return f"{where}weight_scales must be one of {', '.join(WEIGHT_SCALES)}, got {layer.weight_scales!r}"
         if layer.method == "none":
             if layer.ranks:
                 return f"{where}method none takes no ranks, got {layer.ranks!r}"

@@ -99,7 +99,8 @@ def price_model(
                 activations.input_kept.get(name, False), latency_of)
             edge = i in (1, len(layer_names))
             options[name] = with_bits(structural, edge_bits(target, bits) if edge else choices,
-                                       int8_noise_loss(modules[name], stats[name]), target.reduce_range)
+                                      int8_noise_loss(modules[name], stats[name]), target.reduce_range,
+                                      int8_noise_loss(modules[name], stats[name], per_tensor=True))
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()

@@ -2,7 +2,9 @@
 
 Convention (TFLite / CMSIS-NN, see DESIGN.md): real = scale * (q - zero_point).
 Weights: symmetric, zero point 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1] (int8: +-127, int4: +-7),
-one scale per output channel (or per group of input elements along the channel). With
+one scale per output channel (or per group of input elements along the channel), or one for the
+whole tensor (`per_tensor`: the file stores a single scale, and an int32 bias needs no scale per
+channel either, 8 bytes fewer per channel). With
 `reduce_range`, int8 codes stay within +-63: onnxruntime on x86 without VNNI computes only those
 exactly (rankfold/runtime.py); int4 is exact everywhere.
 Activations: asymmetric int8, q in [-128, 127], one scale and zero point per tensor.
@@ -46,14 +48,18 @@ class QuantizedWeight(NamedTuple):
 
 
 def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None, *,
-                    reduce_range: bool = False) -> QuantizedWeight:
+                    reduce_range: bool = False, per_tensor: bool = False) -> QuantizedWeight:
     """Symmetric quantization with one scale per output channel (axis 0), or per `group_size`
-    consecutive elements of each channel's flattened weights."""
+    consecutive elements of each channel's flattened weights, or (`per_tensor`) one scale for
+    all, repeated per channel in the result."""
     qmax = weight_qmax(bits, reduce_range)
     w = np.asarray(weight, dtype=np.float32)
     flat = w.reshape(w.shape[0], -1)
+    if per_tensor and group_size is not None:
+        raise ValueError("per_tensor and group_size exclude each other")
     if group_size is None:
-        scale = np.abs(flat).max(axis=1) / qmax
+        ranges = np.abs(flat).max(axis=1)
+        scale = (np.full_like(ranges, ranges.max(initial=0.0)) if per_tensor else ranges) / qmax
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = np.clip(np.round(flat / scale[:, None]), -qmax, qmax)
     else:
@@ -70,8 +76,8 @@ def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None
 
 
 def fake_quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None, *,
-                         reduce_range: bool = False) -> np.ndarray:
-    return quantize_weight(weight, bits, group_size, reduce_range=reduce_range).dequantize()
+                         reduce_range: bool = False, per_tensor: bool = False) -> np.ndarray:
+    return quantize_weight(weight, bits, group_size, reduce_range=reduce_range, per_tensor=per_tensor).dequantize()
 
 
 class ActivationParams(NamedTuple):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import onnx
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
 from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate, to_qdq
-from rankfold.quantize.weights import correct_bias, quantize_weights
+from rankfold.quantize.weights import correct_bias, per_tensor_leaves, quantize_weights
 
 BIAS_CORRECTION_SAMPLES = 128
 ROUNDING_SAMPLES = 256  # calibration inputs for the data-aware rounding's input moments
@@ -29,6 +29,13 @@ def module_of_node(node_name: str, modules: Mapping[str, int]) -> str | None:
         if candidate in modules:
             return candidate
     return None
+
+
+def nodes_of_leaves(model: onnx.ModelProto, leaves: Collection[str]) -> set[str]:
+    """The weighted ONNX nodes that the named leaf modules produced (module_of_node)."""
+    names = dict.fromkeys(leaves, 0)
+    return {node.name for node in model.graph.node
+            if node.op_type in WEIGHTED_OPS and module_of_node(node.name, names) is not None}
 
 
 def node_bits(model: onnx.ModelProto, leaf_bits: Mapping[str, int]) -> dict[str, int]:
@@ -62,12 +69,14 @@ def export_quantized(
     data_aware_rounding: bool = True,
     reduce_range: bool | None = None,
     weight_only: bool = False,
+    per_tensor: Collection[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
     `reduce_range`: int8 weights on 7 bits, which onnxruntime on x86 without VNNI needs to compute
     exactly; None: whatever onnxruntime on this CPU needs (rankfold.runtime.int8_kernels()).
     `weight_only`: no activation is quantized (float activations, integer weights).
+    `per_tensor`: layers (of `bits`) stored with one weight scale for the tensor, not per channel.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
@@ -83,7 +92,7 @@ def export_quantized(
         + (", int8 on 7 bits (reduce_range)" if reduce_range else ""))
     leaves = quantize_weights(quantized, bits, equalize=equalize,
                               calib=calib[:ROUNDING_SAMPLES] if data_aware_rounding else None,
-                              reduce_range=reduce_range)
+                              reduce_range=reduce_range, per_tensor=per_tensor)
     if bias_correction:
         say("bias correction")
         names = [n for n, b in bits.items() if b < 32]
@@ -101,6 +110,7 @@ def export_quantized(
     if unmapped:  # never let a planned quantized layer silently stay float
         raise RankfoldError(f"quantized layer(s) {', '.join(unmapped)} could not be matched to an ONNX node "
                             "of the export")
-    qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range)
+    whole = nodes_of_leaves(proto, per_tensor_leaves(quantized, per_tensor)) & set(nodes)
+    qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole)
     replace_atomically(path, qdq.SerializeToString())
     return nodes

@@ -9,7 +9,7 @@ weighted by the inverse of H, so that the *output* error ||(W - Q) x|| stays sma
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -91,24 +91,30 @@ def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments:
     return codes
 
 
-def quantize_layer(layer: nn.Module, bits: int, moments: Tensor, *, reduce_range: bool = False) -> None:
+def quantize_layer(layer: nn.Module, bits: int, moments: Tensor, *, reduce_range: bool = False,
+                   per_tensor: bool = False) -> None:
     """Replace the layer's weight, in place, by its data-aware rounding (dequantized). Channels
     whose largest code falls short of qmax keep plain rounding, so the exporter, which derives
-    each channel's scale from its largest weight, finds exactly the same grid."""
+    each channel's scale from its largest weight, finds exactly the same grid; with one scale for
+    the tensor (`per_tensor`), all keep plain rounding unless some code still reaches qmax."""
     qmax = weight_qmax(bits, reduce_range)
     flat = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     scale = flat.abs().amax(1).double() / qmax
+    if per_tensor:
+        scale = torch.full_like(scale, float(scale.max()))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = round_with_error_feedback(flat, scale, qmax, moments)
     plain = torch.clamp(torch.round(flat.double() / scale[:, None]), -qmax, qmax)
     keep_plain = codes.abs().amax(1) < qmax
+    if per_tensor:
+        keep_plain[:] = bool(keep_plain.all())
     codes[keep_plain] = plain[keep_plain]
     with torch.no_grad():
         layer.weight.copy_((codes * scale[:, None]).reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
 def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor, *,
-                 reduce_range: bool = False) -> list[str]:
+                 reduce_range: bool = False, per_tensor: Collection[str] = ()) -> list[str]:
     """Data-aware rounding of every supported leaf in `leaf_bits`; returns the names done. The
     input moments come from one pass over `calib` with the weights as they are now (float)."""
     modules = dict(model.named_modules())
@@ -116,5 +122,6 @@ def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor, 
     moments = input_second_moments(model, names, calib)
     for name in names:
         if name in moments:
-            quantize_layer(modules[name], leaf_bits[name], moments[name], reduce_range=reduce_range)
+            quantize_layer(modules[name], leaf_bits[name], moments[name], reduce_range=reduce_range,
+                           per_tensor=name in per_tensor)
     return [n for n in names if n in moments]

@@ -5,7 +5,7 @@ written file; the C export reads them back from it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import onnx
@@ -105,10 +105,13 @@ def to_qdq(
     *,
     group_size: int | None = None,
     reduce_range: bool = False,
+    per_tensor: Collection[str] = (),
 ) -> onnx.ModelProto:
     """The QDQ model. `weight_bits`: node name -> 8 or 4 for the Conv/Gemm/MatMul nodes whose
     constant weights are quantized (others keep float weights). `activations`: tensor -> params.
-    `reduce_range`: int8 weight codes within +-63 (what the fake-quantized weights were rounded to)."""
+    `reduce_range`: int8 weight codes within +-63 (what the fake-quantized weights were rounded to).
+    `per_tensor`: nodes whose weights get one scale (and their int32 bias one) instead of one per
+    output channel."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if any(b == 4 for b in weight_bits.values()) and opset < INT4_OPSET:
         model = onnx.version_converter.convert_version(model, INT4_OPSET)  # int4 tensors need opset 21
@@ -152,7 +155,7 @@ def to_qdq(
         if node.op_type in WEIGHTED_OPS and bits is not None and bits < 32 and len(node.input) > 1 \
                 and node.input[1] in inits:
             _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
-                                   group_size, reduce_range)
+                                   group_size, reduce_range, node.name in per_tensor)
         new_nodes.append(node)
         for i, name in enumerate(node.output):
             if name in activations and name in graph_outputs:
@@ -184,13 +187,13 @@ def _weight_axis(node: onnx.NodeProto) -> int:
 
 
 def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, activations, bits, group_size,
-                           reduce_range) -> None:
+                           reduce_range, per_tensor: bool = False) -> None:
     weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     axis = _weight_axis(node)
     per_channel = np.moveaxis(weight, axis, 0)
     # Grouped scales need DequantizeLinear's block_size (opset 21); per-channel otherwise.
-    group = group_size if group_size is not None and bits == 4 else None
-    qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range)
+    group = group_size if group_size is not None and bits == 4 and not per_tensor else None
+    qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range, per_tensor=per_tensor)
     q = np.moveaxis(qw.q, 0, axis)
     base = node.input[1]
     # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.
@@ -199,8 +202,10 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     else:
         new_inits.append(numpy_helper.from_array(q.astype(np.int8), f"{base}_q"))
     scale = qw.scale if group is None else np.moveaxis(qw.scale, 0, axis)
+    if per_tensor:  # one scalar: DequantizeLinear without an axis
+        scale = np.array(qw.scale[0] if qw.scale.size else 1.0)
     new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
-    attrs = {"axis": axis}
+    attrs = {} if per_tensor else {"axis": axis}
     if group is not None:
         attrs["block_size"] = group
     new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale"],
@@ -209,11 +214,11 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     # int32 bias at scale s_in * s_w[c] (per-channel weights only), so the integer kernels apply.
     if len(node.input) > 2 and node.input[2] in inits and input_tensor in activations and group is None:
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-        bias_scale = (activations[input_tensor].scale * qw.scale.astype(np.float64)).astype(np.float32)
+        bias_scale = (activations[input_tensor].scale * scale.astype(np.float64)).astype(np.float32)
         q_bias = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
         b = node.input[2]
         new_inits.append(numpy_helper.from_array(q_bias, f"{b}_q"))
         new_inits.append(numpy_helper.from_array(bias_scale, f"{b}_bscale"))
         new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_q", f"{b}_bscale"], [f"{b}_dq"],
-                                          name=f"{b}_DequantizeLinear", axis=0))
+                                          name=f"{b}_DequantizeLinear", **({} if per_tensor else {"axis": 0})))
         node.input[2] = f"{b}_dq"

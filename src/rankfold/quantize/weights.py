@@ -3,7 +3,7 @@ fake-quantized weights (the exported floats lie exactly on the integer grid), bi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -66,13 +66,26 @@ def quantized_leaves(model: nn.Module, bits: Mapping[str, int]) -> dict[str, int
     return leaves
 
 
+def per_tensor_leaves(model: nn.Module, per_tensor: Collection[str]) -> set[str]:
+    """The leaf layers of the layers named in `per_tensor` (each factor of a LowRank), by full name."""
+    modules = dict(model.named_modules())
+    leaves: set[str] = set()
+    for name in per_tensor:
+        if isinstance(modules[name], LowRank):
+            leaves.update(f"{name}.{child}" for child, _m in modules[name].named_children())
+        else:
+            leaves.add(name)
+    return leaves
+
+
 def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: bool = True,
                      group_size: int | None = None, calib: Tensor | None = None,
-                     reduce_range: bool = False) -> dict[str, int]:
+                     reduce_range: bool = False, per_tensor: Collection[str] = ()) -> dict[str, int]:
     """Fake-quantize, in place, the weights of every layer named in `bits` (value < 32); a
     factorized layer (LowRank) has each factor quantized, after seam equalization. With `calib`
-    (and per-channel scales), weights are rounded data-aware (quantize/gptq.py) instead of to the
-    nearest grid point. `reduce_range`: int8 codes within +-63 (see quantize/core.py). Returns the
+    (and no groups), weights are rounded data-aware (quantize/gptq.py) instead of to the nearest
+    grid point. `reduce_range`: int8 codes within +-63 (see quantize/core.py). `per_tensor`: layers
+    with one weight scale for the whole tensor instead of one per output channel. Returns the
     bit-width of every quantized leaf module, by its full name (for the ONNX export)."""
     modules = dict(model.named_modules())
     if equalize:
@@ -80,19 +93,20 @@ def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: boo
             if b < 32 and isinstance(modules[name], LowRank):
                 equalize_seams(modules[name])
     leaves = quantized_leaves(model, bits)
+    whole = per_tensor_leaves(model, per_tensor)
     done: list[str] = []
     if calib is not None and group_size is None:
         from rankfold.quantize.gptq import quantize_all
 
-        done = quantize_all(model, leaves, calib, reduce_range=reduce_range)
+        done = quantize_all(model, leaves, calib, reduce_range=reduce_range, per_tensor=whole)
     for leaf, b in leaves.items():
         if leaf in done:
             continue
         layer = modules[leaf]
         with torch.no_grad():
             w = layer.weight.detach().numpy()
-            layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size,
-                                                                        reduce_range=reduce_range)))
+            layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size, reduce_range=reduce_range,
+                                                                        per_tensor=leaf in whole)))
     return leaves
 
 
@@ -138,7 +152,11 @@ def _last(module: nn.Module) -> nn.Module:
     return list(module)[-1] if isinstance(module, nn.Sequential) else module
 
 
-def weight_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False) -> np.ndarray:
-    """Per output channel, the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12."""
+def weight_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False, per_tensor: bool = False) -> np.ndarray:
+    """Per output channel, the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12, or
+    with one scale for the tensor (max|w| / qmax)^2 / 12 for every channel."""
     qmax = weight_qmax(bits, reduce_range)
-    return ((_out_ranges(weight).double() / qmax) ** 2 / 12).numpy()
+    ranges = _out_ranges(weight).double()
+    if per_tensor:
+        ranges = torch.full_like(ranges, float(ranges.max()))
+    return ((ranges / qmax) ** 2 / 12).numpy()

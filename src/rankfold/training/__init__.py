@@ -37,7 +37,8 @@ def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConf
     fake_quant = result.plan.layer_bits() if qat and result.quantized else None
     module, log = finetune(result.module, result.original, train_x, labels=labels, config=config, held=held,
                            checkpoint_dir=checkpoint_dir, progress=progress, fake_quant=fake_quant,
-                           reduce_range=bool(result.plan and result.plan.reduce_range), attack=attack)
+                           reduce_range=bool(result.plan and result.plan.reduce_range), attack=attack,
+                           per_tensor=result.plan.per_tensor_layers() if fake_quant else ())
     checked = check_result(result.original, module, held, result.min_agreement, say, result.max_output_error,
                            result.rules) if check else None
     return dataclasses.replace(result, module=module, check=checked, weights_on_grid=fake_quant is not None), log

@@ -8,7 +8,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +47,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
              config: FinetuneConfig, held: Tensor | None = None, checkpoint_dir: str | None = None,
              progress: Callable[[str], None] | None = None, world: World | None = None,
              fake_quant: Mapping[str, int] | None = None, reduce_range: bool = False,
-             attack: AttackConfig | None = None) -> tuple[nn.Module, FinetuneLog]:
+             attack: AttackConfig | None = None, per_tensor: Collection[str] = ()) -> tuple[nn.Module, FinetuneLog]:
     """A trained copy of `student` (`student` and `teacher` are left as they are) and the log.
 
     Every output of the teacher is distilled (losses.LOSS_OF_KIND by output kind). Batch
@@ -56,7 +56,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     With `checkpoint_dir` the run saves there every `config.checkpoint_every` steps and resumes
     from what it finds there (when it is this run's). `fake_quant` ({layer: bits}, as a plan's
     layer_bits()): those layers train through their weights' quantization (training/qat.py) and
-    come out with weights on the grid the QDQ export uses (int8 on 7 bits with `reduce_range`).
+    come out with weights on the grid the QDQ export uses (int8 on 7 bits with `reduce_range`; one
+    scale per tensor for the layers in `per_tensor`, as a plan's per_tensor_layers()).
     With `attack` (robustness.AttackConfig) the distillation is adversarial: each batch also
     trains on inputs moved, within the config's largest eps, to where the student departs most
     from the teacher's outputs on the clean batch (one signed step from a random start), so the
@@ -66,7 +67,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     check_training_data(train_x, labels, config, world)
     student = copy.deepcopy(student).to(world.device).eval()
     quantized = attach_fake_quant(student, fake_quant, reduce_range=reduce_range,
-                                  steps=config.weight_steps) if fake_quant else []
+                                  steps=config.weight_steps, per_tensor=per_tensor) if fake_quant else []
     if quantized:
         say(f"quantization-aware: {len(quantized)} layer(s) train through their weights' quantization "
             f"({config.weight_steps} steps)")

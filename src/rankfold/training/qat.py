@@ -14,25 +14,31 @@ the trained steps and holds exactly the trained weights (to float rounding)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from rankfold.quantize.core import weight_qmax
-from rankfold.quantize.weights import quantized_leaves
+from rankfold.quantize.weights import per_tensor_leaves, quantized_leaves
+
+
+def _rows(weight: Tensor, per_tensor: bool) -> Tensor:
+    """The weight as (scales, elements per scale): one row per output channel, or one row."""
+    return weight.reshape(1 if per_tensor else weight.shape[0], -1)
 
 
 class PerChannelFakeQuant(nn.Module):
-    """w -> its per-output-channel symmetric quantization (values), gradients passed straight through."""
+    """w -> its per-output-channel (or `per_tensor`) symmetric quantization (values), gradients
+    passed straight through."""
 
-    def __init__(self, qmax: int):
+    def __init__(self, qmax: int, per_tensor: bool = False):
         super().__init__()
-        self.qmax = qmax
+        self.qmax, self.per_tensor = qmax, per_tensor
 
     def forward(self, weight: Tensor) -> Tensor:
-        flat = weight.reshape(weight.shape[0], -1)
+        flat = _rows(weight, self.per_tensor)
         scale = flat.detach().abs().amax(dim=1, keepdim=True) / self.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         on_grid = (torch.clamp(torch.round(flat / scale), -self.qmax, self.qmax) * scale).reshape(weight.shape)
@@ -61,10 +67,10 @@ class LearnedStepFakeQuant(nn.Module):
     passes gradients straight through, clipped weights get none, and the step gets LSQ's gradient
     (round(w/s) - w/s inside the range, the top code outside)."""
 
-    def __init__(self, qmax: int, weight: Tensor):
+    def __init__(self, qmax: int, weight: Tensor, per_tensor: bool = False):
         super().__init__()
-        self.qmax = qmax
-        self.ratio = nn.Parameter(best_clipping_ratio(weight.detach().reshape(weight.shape[0], -1), qmax))
+        self.qmax, self.per_tensor = qmax, per_tensor
+        self.ratio = nn.Parameter(best_clipping_ratio(_rows(weight.detach(), per_tensor), qmax))
 
     def step(self, flat: Tensor) -> Tensor:
         top = flat.detach().abs().amax(dim=1, keepdim=True) / self.qmax
@@ -72,26 +78,29 @@ class LearnedStepFakeQuant(nn.Module):
         return self.ratio.clamp(MIN_STEP_RATIO, 1.0) * top
 
     def forward(self, weight: Tensor) -> Tensor:
-        flat = weight.reshape(weight.shape[0], -1)
+        flat = _rows(weight, self.per_tensor)
         step = self.step(flat)
         clipped = torch.clamp(flat / step, -self.qmax, self.qmax)
         codes = clipped + (torch.round(clipped) - clipped).detach()
         return (codes * step).reshape(weight.shape)
 
 
-WEIGHT_STEPS = {"max-abs": lambda qmax, _weight: PerChannelFakeQuant(qmax), "lsq": LearnedStepFakeQuant}
+WEIGHT_STEPS = {"max-abs": lambda qmax, _weight, per_tensor: PerChannelFakeQuant(qmax, per_tensor),
+                "lsq": LearnedStepFakeQuant}
 
 
 def attach_fake_quant(module: nn.Module, bits: Mapping[str, int], *, reduce_range: bool,
-                      steps: str = "max-abs") -> list[str]:
-    """Parametrize, in place, every quantized leaf's weight through WEIGHT_STEPS[steps]; returns
-    their names."""
+                      steps: str = "max-abs", per_tensor: Collection[str] = ()) -> list[str]:
+    """Parametrize, in place, every quantized leaf's weight through WEIGHT_STEPS[steps] (one step
+    per tensor for the leaves of the layers in `per_tensor`); returns their names."""
     make = WEIGHT_STEPS[steps]
     leaves = quantized_leaves(module, bits)
+    whole = per_tensor_leaves(module, per_tensor)
     modules = dict(module.named_modules())
     for name, b in leaves.items():
         leaf = modules[name]
-        parametrize.register_parametrization(leaf, "weight", make(weight_qmax(b, reduce_range), leaf.weight))
+        parametrize.register_parametrization(leaf, "weight",
+                                             make(weight_qmax(b, reduce_range), leaf.weight, name in whole))
     return list(leaves)
 
 
