@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="/tmp/rankfold-bench-finetune")
     ap.add_argument("--qat-steps", choices=("max-abs", "lsq"), default="max-abs",
                     help="finetune --qat-steps: the quantized layers' weight steps, the exporter's or learned")
+    ap.add_argument("--qat-activations", choices=("calibrated", "lsq"), default="calibrated",
+                    help="finetune --qat-activations: the quantized layers' input steps, calibrated or learned")
     ap.add_argument("--reuse", action="store_true", help="keep the post-training result and plan of an earlier run")
     args = ap.parse_args(argv)
     if not os.path.exists(os.path.join(args.data, "fmnist-train.npz")):
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     flag, value = args.budget.split("=", 1)
     tag = f"{flag}-{value.rstrip('%')}-{args.target}-p{args.nproc}"
     post, plan = (os.path.join(args.work, f"{tag}-{name}") for name in ("post.onnx", "plan.json"))
-    tuned = os.path.join(args.work, f"{tag}-{args.qat_steps}-ft.onnx")
+    variant = args.qat_steps + ("" if args.qat_activations == "calibrated" else "-act-lsq")
+    tuned = os.path.join(args.work, f"{tag}-{variant}-ft.onnx")
     t0 = time.time()
     if not (args.reuse and os.path.exists(post) and os.path.exists(plan)):
         rankfold("compress", args.model, "--calib", data["calib"], f"--{flag}", value, "--target", args.target,
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     out = rankfold("finetune", args.model, "--plan", plan, "--calib", data["calib"], "--train", data["train"],
                    "--train-limit", str(args.train_images),
                    *(["--steps", str(args.steps)] if args.steps else ["--minutes", str(args.minutes)]), "--batch-size",
-                   str(args.batch_size), "--lr", args.lr, "--qat-steps", args.qat_steps, "-o", tuned, "--force",
+                   str(args.batch_size), "--lr", args.lr, "--qat-steps", args.qat_steps,
+                   "--qat-activations", args.qat_activations, "-o", tuned, "--force",
                    "--report", tuned + ".json",
                    nproc=args.nproc)
     finetune_s = time.time() - t0
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
            "steps": report["finetune"]["steps"], "samples_seen": report["finetune"]["samples_seen"],
            "processes": args.nproc, "train_seconds": report["finetune"]["seconds"],
            "finetune_command_seconds": round(finetune_s, 1), "compress_seconds": round(compress_s, 1),
-           "lr": args.lr, "batch_size": args.batch_size, "qat_steps": args.qat_steps, "cpu": cpu_name(),
+           "lr": args.lr, "batch_size": args.batch_size, "qat_steps": args.qat_steps,
+           "qat_activations": args.qat_activations, "cpu": cpu_name(),
            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "stdout": out.strip().splitlines()}
     print(json.dumps({k: v for k, v in row.items() if k != "stdout"}, indent=1))
     rows = json.load(open(RESULTS)) if os.path.exists(RESULTS) else []

@@ -1,12 +1,14 @@
-"""Quantization-aware training with the exporter's max-abs weight steps against learned steps
-(finetune --qat-steps lsq), side by side on one network and plan.
+"""Quantization-aware training with the exporter's max-abs weight steps against learned weight
+steps (finetune --qat-steps lsq) and learned activation steps (--qat-activations lsq), side by
+side on one network and plan.
 
     python -m bench.qat_steps [--budgets 6%,3%] [--steps 300]
 
 The network is a small CNN (three 3x3 convolutions, two Linear layers) trained here for 2 epochs
 on the first 30,000 Fashion-MNIST training images (fmnist_npz.py's .npz); each budget is a plan
 of int4 weights (bits=4) under that share of the float weight bytes, applied post-training, then
-fine-tuned for --steps on the first 20,000 training images by distillation, once per rule.
+fine-tuned for --steps on the first 20,000 training images by distillation, once per variant
+(VARIANTS: weight steps, activation steps).
 Accuracy: the written QDQ files in onnxruntime on the 10,000 test images. Writes
 bench/results/qat-steps.json.
 """
@@ -27,6 +29,8 @@ from torch import nn
 from bench.finetune import cpu_name
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "qat-steps.json")
+VARIANTS = {"max-abs": ("max-abs", "calibrated"), "lsq": ("lsq", "calibrated"),
+            "lsq-activations": ("max-abs", "lsq")}
 
 
 def small_cnn(x: torch.Tensor, y: torch.Tensor) -> nn.Module:
@@ -71,12 +75,13 @@ def main(argv: list[str] | None = None) -> None:
             result = rankfold.apply_and_check(model, plan, calib=x[:512], min_agreement=0.0, check=False)
             row = {"budget": budget, "weight_bytes": plan.after.get("weight_bytes"), "original": original,
                    "post_training": measured(result)}
-            for rule in ("max-abs", "lsq"):
+            for label, (weight_steps, activation_steps) in VARIANTS.items():
                 t0 = time.time()
-                config = FinetuneConfig(steps=args.steps, batch_size=64, lr=1e-3, weight_steps=rule)
+                config = FinetuneConfig(steps=args.steps, batch_size=64, lr=1e-3, weight_steps=weight_steps,
+                                        activation_steps=activation_steps)
                 tuned, _log = finetune_result(result, x[:20000], config=config, check=False)
-                row[rule] = measured(tuned)
-                row[f"{rule}_seconds"] = round(time.time() - t0, 1)
+                row[label] = measured(tuned)
+                row[f"{label}_seconds"] = round(time.time() - t0, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"steps": args.steps, "cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}

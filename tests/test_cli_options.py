@@ -132,6 +132,7 @@ CASES = {
     ("finetune", "--checkpoint"): ([*FT, "--checkpoint", "X", "-o", "O"], "M", "exists and is not a directory"),
     ("finetune", "--checkpoint-every"): ([*FT, "--checkpoint-every", "X", "-o", "O"], "-3", "positive integer"),
     ("finetune", "--qat-steps"): ([*FT, "--qat-steps", "X", "-o", "O"], "minmax", "invalid choice"),
+    ("finetune", "--qat-activations"): ([*FT, "--qat-activations", "X", "-o", "O"], "minmax", "invalid choice"),
     ("finetune", "--adversarial-eps"): ([*FT, "--adversarial-eps", "X", "-o", "O"], "-0.1", "a number > 0"),
     ("finetune", "--pixel-mean"): ([*FT, "--adversarial-eps", "0.1", "--pixel-std", "1,1", "--pixel-mean", "X",
                                     "-o", "O"], "0,0", "1 channels"),

@@ -286,6 +286,10 @@ def test_the_cli_qat_steps_are_the_registry():
     from rankfold.training.qat import WEIGHT_STEPS
 
     assert set(QAT_STEP_NAMES) == set(WEIGHT_STEPS)
+    from rankfold.cli import QAT_ACTIVATION_NAMES
+    from rankfold.training.qat import ACTIVATION_STEPS
+
+    assert set(QAT_ACTIVATION_NAMES) == set(ACTIVATION_STEPS)
 
 
 def test_qat_steps_and_no_qat_are_refused_together(files, tmp_path):
@@ -294,3 +298,58 @@ def test_qat_steps_and_no_qat_are_refused_together(files, tmp_path):
                               "--qat-steps", "lsq", "-o", tmp_path / "o.onnx")
     assert code == 2 and "--no-qat" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_learned_activation_steps_train_and_are_the_steps_in_the_file(tmp_path):
+    from rankfold.training import finetune_result
+
+    teacher, x = _teacher(), _inputs(256)
+    plan = rankfold.make_plan(teacher, calib=x[:112], budgets={"weight_bytes": "20%"}, bits=8, min_rank=2)
+    result = rankfold.apply_and_check(teacher, plan, calib=x[:128], min_agreement=0.0, check=False)
+    config = FinetuneConfig(steps=30, batch_size=32, lr=3e-2, activation_steps="lsq")
+    tuned, log = finetune_result(result, x, config=config, check=False)
+    assert log.input_steps and set(log.input_steps) <= {n for n, _m in tuned.module.named_modules()}
+    assert not any("rankfold_input_steps" in k for k in tuned.module.state_dict())  # removed after training
+    # the steps moved from the calibrated ones (LSQ's gradient), within the kept range
+    import copy
+
+    from rankfold.training.qat import attach_activation_quant, detach_activation_quant
+
+    start = copy.deepcopy(result.module)
+    calibrated = detach_activation_quant(start, attach_activation_quant(start, list(log.input_steps), x[:256]))
+    assert set(calibrated) == set(log.input_steps)
+    ratios = [log.input_steps[n].scale / calibrated[n].scale for n in calibrated]
+    assert all(0.25 - 1e-6 <= r <= 4 + 1e-6 for r in ratios) and any(abs(r - 1) > 1e-3 for r in ratios), ratios
+    assert all(log.input_steps[n].zero_point == calibrated[n].zero_point for n in calibrated)
+    tuned.save(tmp_path / "qat.onnx")
+    model = onnx.load(str(tmp_path / "qat.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {n.output[0]: n for n in model.graph.node}
+    file_steps = {}
+    for node in model.graph.node:  # each quantized layer's input: DequantizeLinear <- QuantizeLinear(scale, zero)
+        if node.op_type in ("Conv", "Gemm") and node.input[0] in producer \
+                and producer[node.input[0]].op_type == "DequantizeLinear":
+            dq = producer[node.input[0]]
+            file_steps[node.name] = (float(inits[dq.input[1]]), int(inits[dq.input[2]]))
+    learned = sorted((round(p.scale, 7), p.zero_point) for p in log.input_steps.values())
+    found = sorted((round(s, 7), z) for s, z in file_steps.values())
+    assert all(step in found for step in learned), (learned, found)
+    json.dumps(log.to_dict())  # the report can hold them
+
+
+def test_learned_activation_steps_move_by_lsq_gradient():
+    from rankfold.quantize.core import ActivationParams
+    from rankfold.training.qat import LearnedActivationQuant
+
+    quant = LearnedActivationQuant(ActivationParams(0.01, -128))  # covers [0, 2.55]: far too narrow
+    x = torch.rand(4096) * 10
+    optimizer = torch.optim.Adam(quant.parameters(), lr=0.05)
+    first = None
+    for _ in range(100):
+        loss = ((quant(x) - x) ** 2).mean()
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert quant.params().scale > 0.02 and loss.item() < 0.2 * first  # the step grew to cover the inputs
+    assert quant.params().zero_point == -128

@@ -59,6 +59,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 ATTACK_NAMES = ("fgsm", "pgd", "transfer")  # robustness.ATTACKS (a test keeps them equal)
 QAT_STEP_NAMES = ("max-abs", "lsq")  # training.qat.WEIGHT_STEPS (a test keeps them equal)
+QAT_ACTIVATION_NAMES = ("calibrated", "lsq")  # training.qat.ACTIVATION_STEPS (a test keeps them equal)
 
 
 def _attack_args(p: argparse.ArgumentParser, *, compress: bool) -> None:
@@ -546,14 +547,16 @@ def _finetune_config(args: argparse.Namespace):
 
     if args.steps is None and args.minutes is None:
         raise RankfoldError("say how long to fine-tune: --steps N and/or --minutes M")
-    if args.no_qat and args.qat_steps:
-        raise RankfoldError("--qat-steps sets quantization-aware training, which --no-qat turns off: give one")
+    for flag, value in (("--qat-steps", args.qat_steps), ("--qat-activations", args.qat_activations)):
+        if args.no_qat and value:
+            raise RankfoldError(f"{flag} sets quantization-aware training, which --no-qat turns off: give one")
     try:
         return FinetuneConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                               optimizer=args.optimizer, temperature=args.temperature,
                               label_weight=args.label_weight, seed=args.seed, log_every=args.log_every,
                               checkpoint_every=args.checkpoint_every, weight_decay=args.weight_decay,
-                              weight_steps=args.qat_steps or "max-abs")
+                              weight_steps=args.qat_steps or "max-abs",
+                              activation_steps=args.qat_activations or "calibrated")
     except (ValueError, TypeError) as exc:
         raise RankfoldError(str(exc)) from None
 
@@ -997,6 +1000,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how quantized layers set each channel's step while training: max-abs (default; the "
                         "exporter's rule) or lsq (learned, started at the least-error clipping; the file holds the "
                         "learned steps)")
+    p.add_argument("--qat-activations", choices=QAT_ACTIVATION_NAMES,
+                   help="the int8 steps of quantized layers' inputs: calibrated (default; from the calibration data "
+                        "after training, as compress does) or lsq (learned while training, started at the calibrated "
+                        "ones; the file holds the learned steps)")
     p.add_argument("--adversarial-eps", type=_positive_float,
                    help="adversarial distillation: each batch is also trained on inputs moved within this eps to "
                         "where the student departs most from the teacher (pixel units with --pixel-mean/"

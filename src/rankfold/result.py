@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from rankfold.apply import CompressionReport
 from rankfold.errors import RankfoldError
 from rankfold.planner.plan import Plan, fitting_samples
+from rankfold.quantize.core import ActivationParams
 from rankfold.quantize.observers import OBSERVERS
 from rankfold.selfcheck import Agreement, CheckRule
 from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, DEFAULT_MIN_AGREEMENT
@@ -39,6 +40,9 @@ class Compressed:
     # The held-back samples the self-check judges, when not the tail of `calib` that planning left
     # unfitted (adversarial distillation: only the clean ones).
     check_samples: Tensor | None = None
+    # Learned int8 parameters (scale, zero point) of quantized layers' inputs, by layer (leaf) name
+    # (quantization-aware training with learned activation steps): save() writes them, not calibrated ones.
+    input_steps: Mapping[str, ActivationParams] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -93,7 +97,7 @@ class Compressed:
             export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
                              observer=observer, reduce_range=plan.reduce_range, progress=say,
                              weight_only=weight_only_export(example), per_tensor=plan.per_tensor_layers(),
-                             **trained)
+                             input_steps=self.input_steps, **trained)
             check = self.check
             if in_onnxruntime:
                 refuse_if_kernels_disagree(partial, held if held is not None else fit, say)

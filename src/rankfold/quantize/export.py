@@ -11,6 +11,7 @@ import onnx
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
+from rankfold.quantize.core import ActivationParams
 from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate, to_qdq
 from rankfold.quantize.weights import correct_bias, per_tensor_leaves, quantize_weights
 
@@ -70,6 +71,7 @@ def export_quantized(
     reduce_range: bool | None = None,
     weight_only: bool = False,
     per_tensor: Collection[str] = (),
+    input_steps: Mapping[str, ActivationParams] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
@@ -77,6 +79,8 @@ def export_quantized(
     exactly; None: whatever onnxruntime on this CPU needs (rankfold.runtime.int8_kernels()).
     `weight_only`: no activation is quantized (float activations, integer weights).
     `per_tensor`: layers (of `bits`) stored with one weight scale for the tensor, not per channel.
+    `input_steps`: int8 parameters of some quantized leaf layers' inputs (learned in training),
+    written for those tensors instead of the calibrated ones.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
@@ -105,6 +109,10 @@ def export_quantized(
     # need: per-tensor int8 of their activations (outlier channels) loses most of the signal.
     activations = {} if weight_only else calibrate(proto, calib.numpy(), observer=observer, progress=say)
     nodes = node_bits(proto, leaves)
+    for node in proto.graph.node:  # learned steps replace the calibrated ones for those inputs
+        leaf = module_of_node(node.name, input_steps) if node.name in nodes and input_steps else None
+        if leaf is not None and node.input[0] in activations:
+            activations[node.input[0]] = input_steps[leaf]
     mapped = {module_of_node(node, leaves) for node in nodes}
     unmapped = sorted(set(leaves) - mapped)
     if unmapped:  # never let a planned quantized layer silently stay float

@@ -41,7 +41,8 @@ def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConf
                            per_tensor=result.plan.per_tensor_layers() if fake_quant else ())
     checked = check_result(result.original, module, held, result.min_agreement, say, result.max_output_error,
                            result.rules) if check else None
-    return dataclasses.replace(result, module=module, check=checked, weights_on_grid=fake_quant is not None), log
+    return dataclasses.replace(result, module=module, check=checked, weights_on_grid=fake_quant is not None,
+                               input_steps=log.input_steps), log
 
 
 def _held_back(result: Compressed) -> Tensor | None:

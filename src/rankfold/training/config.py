@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from rankfold.training.qat import WEIGHT_STEPS
+from rankfold.training.qat import ACTIVATION_STEPS, WEIGHT_STEPS
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -23,6 +23,10 @@ class FinetuneConfig:
     label_weight: with labels, the loss is (1 - w) * distillation + w * cross-entropy.
     weight_steps: how quantization-aware training sets each quantized channel's step (qat.WEIGHT_STEPS):
         "max-abs" (the exporter's rule) or "lsq" (learned, started at the least-error clipping).
+    activation_steps: "calibrated" (the int8 activation steps come from the calibration data after
+        training, as in compress) or "lsq" (each quantized layer's input trains through its int8
+        quantization with a learned step, started at the calibrated one; the file holds the learned
+        steps for those tensors).
     """
 
     steps: int | None = None
@@ -38,6 +42,7 @@ class FinetuneConfig:
     log_every: int = 50
     checkpoint_every: int = 100
     weight_steps: str = "max-abs"
+    activation_steps: str = "calibrated"
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -55,6 +60,9 @@ class FinetuneConfig:
         _in_range("label_weight", self.label_weight, 0.0, 1.0, "a number in [0, 1]")
         if self.weight_steps not in WEIGHT_STEPS:
             raise ValueError(f"weight_steps must be one of {', '.join(WEIGHT_STEPS)}, got {self.weight_steps!r}")
+        if self.activation_steps not in ACTIVATION_STEPS:
+            raise ValueError(f"activation_steps must be one of {', '.join(ACTIVATION_STEPS)}, "
+                             f"got {self.activation_steps!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -16,15 +16,23 @@ from torch import Tensor, nn
 
 from rankfold.analyze import as_input, model_outputs, output_kind
 from rankfold.errors import RankfoldError
+from rankfold.quantize.core import ActivationParams
+from rankfold.quantize.weights import quantized_leaves
 from rankfold.robustness import AttackConfig, adversarial_batch
 from rankfold.training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from rankfold.training.config import FinetuneConfig
 from rankfold.training.distributed import World, join_world
 from rankfold.training.losses import distillation_loss
-from rankfold.training.qat import attach_fake_quant, detach_fake_quant
+from rankfold.training.qat import (
+    attach_activation_quant,
+    attach_fake_quant,
+    detach_activation_quant,
+    detach_fake_quant,
+)
 
 TEACHER_CACHE_BYTES = 1 << 30  # teacher outputs kept per sample up to this; above it, recomputed
 TIMED_STEPS = 5  # a time budget sets the number of steps from the speed of these
+ACTIVATION_CALIBRATION_SAMPLES = 256  # training samples that start the learned activation steps
 
 
 @dataclass
@@ -38,9 +46,11 @@ class FinetuneLog:
     samples_seen: int
     resumed_from: int = 0
     history: list[dict] = field(default_factory=list)
+    # with learned activation steps: each quantized layer's input (scale, zero point), by layer
+    input_steps: dict[str, ActivationParams] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "input_steps": {n: p._asdict() for n, p in self.input_steps.items()}}
 
 
 def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels: Tensor | None = None,
@@ -66,11 +76,17 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     say = progress if (progress and world.is_main) else (lambda _m: None)
     check_training_data(train_x, labels, config, world)
     student = copy.deepcopy(student).to(world.device).eval()
+    input_hooks = []
+    if fake_quant and config.activation_steps == "lsq":  # before the weights' parametrization: the
+        # student is exported to find each layer's input tensor, and exported as the file will be
+        input_hooks = attach_activation_quant(student, quantized_leaves(student, fake_quant),
+                                              as_input(train_x[:ACTIVATION_CALIBRATION_SAMPLES]))
     quantized = attach_fake_quant(student, fake_quant, reduce_range=reduce_range,
                                   steps=config.weight_steps, per_tensor=per_tensor) if fake_quant else []
     if quantized:
         say(f"quantization-aware: {len(quantized)} layer(s) train through their weights' quantization "
-            f"({config.weight_steps} steps)")
+            f"({config.weight_steps} steps)" + (f" and {len(input_hooks)} through their inputs' int8 quantization "
+                                                "(learned steps)" if input_hooks else ""))
     teacher = teacher.eval()
     kinds = _output_kinds(teacher, train_x[:2])
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -149,8 +165,9 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
             world.barrier()
     seconds = time.time() - t0
     detach_fake_quant(student)
+    learned = detach_activation_quant(student, input_hooks) if input_hooks else {}
     return student.cpu(), FinetuneLog(step, round(seconds, 1), world.size, (step - start) * config.batch_size,
-                                      start, history)
+                                      start, history, learned)
 
 
 def check_training_data(train_x: Tensor, labels: Tensor | None, config: FinetuneConfig, world: World) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from rankfold.quantize.core import weight_qmax
+from rankfold.quantize.core import ACT_QMAX, ACT_QMIN, ActivationParams, weight_qmax
 from rankfold.quantize.weights import per_tensor_leaves, quantized_leaves
 
 
@@ -109,3 +109,87 @@ def detach_fake_quant(module: nn.Module) -> None:
     for leaf in module.modules():
         if parametrize.is_parametrized(leaf, "weight"):
             parametrize.remove_parametrizations(leaf, "weight", leave_parametrized=True)
+
+
+# Learned activation steps: the int8 step of each quantized layer's input, as a multiple of the
+# calibrated step, kept within these bounds (a step 4x off the calibrated range clips or wastes
+# most of the 256 levels; nothing useful lies beyond).
+ACTIVATION_RATIO_RANGE = (0.25, 4.0)
+
+
+class LearnedActivationQuant(nn.Module):
+    """x -> its asymmetric int8 quantization (values) with a learned step (LSQ) and the calibrated
+    zero point: step = ratio * calibrated step, the ratio learned from 1. Rounding passes gradients
+    straight through, clipped inputs get none, the step gets LSQ's gradient."""
+
+    def __init__(self, calibrated: ActivationParams):
+        super().__init__()
+        self.calibrated_step, self.zero_point = float(calibrated.scale), int(calibrated.zero_point)
+        self.ratio = nn.Parameter(torch.ones(()))
+
+    def step(self) -> Tensor:
+        return self.calibrated_step * self.ratio.clamp(*ACTIVATION_RATIO_RANGE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        step = self.step()
+        level = torch.clamp(x / step + self.zero_point, ACT_QMIN, ACT_QMAX)
+        codes = level + (torch.round(level) - level).detach()
+        return (codes - self.zero_point) * step
+
+    def params(self) -> ActivationParams:
+        return ActivationParams(float(self.step().detach()), self.zero_point)
+
+
+ACTIVATION_STEPS = ("calibrated", "lsq")  # how QAT treats activation steps (FinetuneConfig.activation_steps)
+# The submodule of each reading layer that holds its input's quantizer while training (on the layer,
+# not the network: a Sequential network would run an added child as a step).
+_INPUT_QUANT = "rankfold_input_step"
+
+
+def attach_activation_quant(module: nn.Module, leaves: Collection[str], calib: Tensor) -> list:
+    """Put a LearnedActivationQuant, started from the exporter's own calibration on `calib`, on the
+    input of every named leaf layer (one per ONNX tensor: layers that read the same tensor share
+    it, as the file has one scale for it). Returns the hook handles (detach_activation_quant)."""
+    import os
+    import tempfile
+
+    import onnx
+
+    from rankfold.export.onnx import export_onnx
+    from rankfold.quantize.export import module_of_node
+    from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate
+
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        path = os.path.join(scratch, "student.onnx")
+        export_onnx(module, path, example_input=calib[:1])
+        proto = onnx.load(path)
+    wanted = dict.fromkeys(leaves, 0)
+    reader_of: dict[str, list[str]] = {}  # input tensor -> the leaves that read it
+    for node in proto.graph.node:
+        leaf = module_of_node(node.name, wanted) if node.op_type in WEIGHTED_OPS else None
+        if leaf is not None:
+            reader_of.setdefault(node.input[0], []).append(leaf)
+    calibrated = calibrate(proto, calib.numpy())
+    modules = dict(module.named_modules())
+    handles = []
+    for tensor, readers in reader_of.items():
+        if tensor not in calibrated:
+            continue
+        quant = LearnedActivationQuant(calibrated[tensor])  # shared: its parameter counts once
+        for leaf in readers:
+            modules[leaf].add_module(_INPUT_QUANT, quant)
+            handles.append(modules[leaf].register_forward_pre_hook(
+                lambda _m, args, q=quant: (q(args[0]), *args[1:])))
+    return handles
+
+
+def detach_activation_quant(module: nn.Module, handles: list) -> dict[str, ActivationParams]:
+    """Remove the input quantizers; returns each leaf's learned input parameters, by full name."""
+    for handle in handles:
+        handle.remove()
+    learned = {}
+    for name, leaf in list(module.named_modules(remove_duplicate=False)):
+        quant = leaf._modules.pop(_INPUT_QUANT, None)
+        if quant is not None:
+            learned[name] = quant.params()
+    return learned
