@@ -335,6 +335,18 @@ def test_learned_activation_steps_train_and_are_the_steps_in_the_file(tmp_path):
     found = sorted((round(s, 7), z) for s, z in file_steps.values())
     assert all(step in found for step in learned), (learned, found)
     json.dumps(log.to_dict())  # the report can hold them
+    import shutil
+
+    if shutil.which("cc"):  # the C export runs the learned steps bit-exact against the golden model
+        from rankfold.cexport.golden import run_golden
+        from rankfold.cexport.ir import read_program
+        from rankfold.cexport.run import build_host, export_c, quantize_input, run_host
+
+        export_c(model, str(tmp_path / "c"))
+        program = read_program(onnx.load(str(tmp_path / "c" / "model.onnx")))
+        x_q = quantize_input(program, x[:32].numpy())
+        np.testing.assert_array_equal(run_host(build_host(str(tmp_path / "c")), program, x_q),
+                                      run_golden(program, x_q).reshape(32, -1))
 
 
 def test_learned_activation_steps_move_by_lsq_gradient():
