@@ -127,6 +127,7 @@ CASES = {
                                      "weight_decay must be a number in [0, 1]"),
     ("finetune", "--temperature"): ([*FT, "--temperature", "X", "-o", "O"], "nan", "a number > 0"),
     ("finetune", "--label-weight"): ([*FT, "--label-weight", "X", "-o", "O"], "2", "a number in [0, 1]"),
+    ("finetune", "--feature-weight"): ([*FT, "--feature-weight", "X", "-o", "O"], "-1", "--feature-weight"),
     ("finetune", "--seed"): ([*FT, "--seed", "X", "-o", "O"], "x", "integer"),
     ("finetune", "--log-every"): ([*FT, "--log-every", "X", "-o", "O"], "0", "positive integer"),
     ("finetune", "--checkpoint"): ([*FT, "--checkpoint", "X", "-o", "O"], "M", "exists and is not a directory"),

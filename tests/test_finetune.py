@@ -365,3 +365,31 @@ def test_learned_activation_steps_move_by_lsq_gradient():
         optimizer.step()
     assert quant.params().scale > 0.02 and loss.item() < 0.2 * first  # the step grew to cover the inputs
     assert quant.params().zero_point == -128
+
+
+def test_feature_matching_pulls_each_changed_layer_toward_the_original(pair):
+    from rankfold.training.loop import changed_layers
+    from rankfold.training.losses import feature_matching_loss
+
+    teacher, student = pair
+    names = changed_layers(student, teacher, None)
+    assert names and all(isinstance(dict(student.named_modules())[n], rankfold.layers.LowRank) for n in names)
+    x = _inputs(256, seed=3)
+
+    def layer_error(module) -> float:
+        outs: dict = {}
+        handles = [dict(net.named_modules())[n].register_forward_hook(
+            lambda _m, _i, o, n=n, key=key: outs.setdefault(key, {}).__setitem__(n, o))
+            for key, net in (("s", module), ("t", teacher)) for n in names]
+        with torch.no_grad():
+            module(x), teacher(x)
+        for h in handles:
+            h.remove()
+        return float(feature_matching_loss(outs["s"], outs["t"]))
+
+    config = dict(steps=40, batch_size=32, lr=3e-3)
+    plain, _ = finetune(student, teacher, x, config=FinetuneConfig(**config))
+    matched, _ = finetune(student, teacher, x, config=FinetuneConfig(**config, feature_weight=10.0))
+    assert layer_error(matched) < layer_error(plain) < layer_error(student) * 1.5
+    with pytest.raises(ValueError, match="feature_weight"):
+        FinetuneConfig(steps=1, feature_weight=-1.0)

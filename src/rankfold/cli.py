@@ -554,6 +554,7 @@ def _finetune_config(args: argparse.Namespace):
         return FinetuneConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                               optimizer=args.optimizer, temperature=args.temperature,
                               label_weight=args.label_weight, seed=args.seed, log_every=args.log_every,
+                              feature_weight=args.feature_weight,
                               checkpoint_every=args.checkpoint_every, weight_decay=args.weight_decay,
                               weight_steps=args.qat_steps or "max-abs",
                               activation_steps=args.qat_activations or "calibrated")
@@ -987,6 +988,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_positive_float, default=4.0, help="distillation temperature (default 4)")
     p.add_argument("--label-weight", type=_fraction, default=0.0,
                    help="weight of cross-entropy on --train's labels y, against distillation (default 0: no labels)")
+    p.add_argument("--feature-weight", type=_nonnegative, default=0.0,
+                   help="add feature matching with this weight: the relative squared error of each factorized or "
+                        "quantized layer's output to the original layer's on the same batch (one more pass of the "
+                        "original per step; default 0: off)")
     p.add_argument("--seed", type=_integer, default=0, help="data order (default 0)")
     p.add_argument("--log-every", type=_positive_int, default=50, help="progress every N steps (default 50)")
     p.add_argument("--checkpoint", help="directory for a checkpoint every --checkpoint-every steps; a run "

@@ -21,6 +21,9 @@ class FinetuneConfig:
     lr: peak learning rate (linear warm-up over the first 5 % of the steps, then cosine to 0).
     temperature: softening of class scores in the distillation loss (KL, scaled by T^2).
     label_weight: with labels, the loss is (1 - w) * distillation + w * cross-entropy.
+    feature_weight: adds w times feature matching: the relative squared error of the student's
+        output of each layer the compression changed (factorized or quantized) to the teacher's
+        output of that layer on the same batch (costs one teacher pass per step; 0: off).
     weight_steps: how quantization-aware training sets each quantized channel's step (qat.WEIGHT_STEPS):
         "max-abs" (the exporter's rule) or "lsq" (learned, started at the least-error clipping).
     activation_steps: "calibrated" (the int8 activation steps come from the calibration data after
@@ -38,6 +41,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     temperature: float = 4.0
     label_weight: float = 0.0
+    feature_weight: float = 0.0
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 100
@@ -58,6 +62,7 @@ class FinetuneConfig:
         _in_range("weight_decay", self.weight_decay, 0.0, 1.0, "a number in [0, 1]")
         _in_range("temperature", self.temperature, 0.0, 100.0, "a temperature in (0, 100]", open_low=True)
         _in_range("label_weight", self.label_weight, 0.0, 1.0, "a number in [0, 1]")
+        _in_range("feature_weight", self.feature_weight, 0.0, 100.0, "a number in [0, 100]")
         if self.weight_steps not in WEIGHT_STEPS:
             raise ValueError(f"weight_steps must be one of {', '.join(WEIGHT_STEPS)}, got {self.weight_steps!r}")
         if self.activation_steps not in ACTIVATION_STEPS:

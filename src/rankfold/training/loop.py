@@ -22,7 +22,7 @@ from rankfold.robustness import AttackConfig, adversarial_batch
 from rankfold.training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from rankfold.training.config import FinetuneConfig
 from rankfold.training.distributed import World, join_world
-from rankfold.training.losses import distillation_loss
+from rankfold.training.losses import distillation_loss, feature_matching_loss
 from rankfold.training.qat import (
     attach_activation_quant,
     attach_fake_quant,
@@ -114,6 +114,10 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     if ball is not None:
         say(f"adversarial distillation: eps {max(attack.eps):g} in {attack.units}, one signed step from a random "
             "start per batch")
+    features = _FeatureTaps(student, teacher, changed_layers(student, teacher, fake_quant)) \
+        if config.feature_weight > 0 else None
+    if features is not None:
+        say(f"feature matching at {len(features.names)} changed layer(s), weight {config.feature_weight:g}")
     t0 = time.time()
     step = start
     # A time budget sets the number of steps once, from the first steps' speed; a resumed run keeps
@@ -144,6 +148,10 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
             y = None if y is None else torch.cat([y, y[:half]])
         loss = distillation_loss(model_outputs(trained(x)), targets, kinds, temperature=config.temperature,
                                  labels=y, label_weight=config.label_weight)
+        if features is not None:
+            with torch.no_grad():
+                teacher(x)  # the teacher's layer outputs on this very batch (moved inputs included)
+            loss = loss + config.feature_weight * feature_matching_loss(features.student, features.teacher)
         if not torch.isfinite(loss):
             raise RankfoldError(f"fine-tuning diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
                                 f"learning rate (now {config.lr:g}) or use the adamw optimizer")
@@ -164,6 +172,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
                                                  "optimizer": optimizer.state_dict()})
             world.barrier()
     seconds = time.time() - t0
+    if features is not None:
+        features.remove()
     detach_fake_quant(student)
     learned = detach_activation_quant(student, input_hooks) if input_hooks else {}
     return student.cpu(), FinetuneLog(step, round(seconds, 1), world.size, (step - start) * config.batch_size,
@@ -271,3 +281,36 @@ class _TeacherCache:
         for keep, y in zip(self.kept, outs):
             keep[batch] = y.cpu()
         self.have[batch] = True
+
+
+def changed_layers(student: nn.Module, teacher: nn.Module, fake_quant: Mapping[str, int] | None) -> list[str]:
+    """The layers the compression changed that the teacher also has, by name: factorized ones
+    (LowRank in place of the original layer) and quantized ones."""
+    from rankfold.layers import LowRank
+
+    in_teacher = dict(teacher.named_modules())
+    quantized = {n for n, b in (fake_quant or {}).items() if b < 32}
+    return [n for n, m in student.named_modules() if n in in_teacher and not isinstance(in_teacher[n], LowRank)
+            and (isinstance(m, LowRank) or n in quantized)]
+
+
+class _FeatureTaps:
+    """The outputs of the same named layers of student and teacher, as their last forward left them."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: list[str]):
+        if not names:
+            raise RankfoldError("feature matching: the compressed network has no factorized or quantized layer "
+                                "that the original also has")
+        self.names = names
+        self.student: dict[str, Tensor] = {}
+        self.teacher: dict[str, Tensor] = {}
+        self.handles = []
+        for network, store in ((student, self.student), (teacher, self.teacher)):
+            modules = dict(network.named_modules())
+            for name in names:
+                self.handles.append(modules[name].register_forward_hook(
+                    lambda _m, _i, out, name=name, store=store: store.__setitem__(name, out)))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

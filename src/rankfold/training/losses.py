@@ -3,7 +3,7 @@ the teacher. Pure functions of tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,3 +56,9 @@ def distillation_loss(students: Sequence[Tensor], teachers: Sequence[Tensor], ki
         scores = next(s for s, kind in zip(students, kinds) if kind == "classes")
         loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(scores, labels)
     return loss
+
+
+def feature_matching_loss(students: Mapping[str, Tensor], teachers: Mapping[str, Tensor]) -> Tensor:
+    """The mean over layers of the relative squared error of the student's output of each layer to
+    the teacher's output of the same layer (keys: layer names)."""
+    return torch.stack([_relative_squared_error(students[n], teachers[n].detach(), 1.0) for n in teachers]).mean()
