@@ -125,3 +125,49 @@ def test_a_quantized_plan_of_a_sentence_encoder_saves_weight_only_qdq_that_onnxr
     cosine = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
     # int8 weights with float activations keep the embeddings (0.99999 measured)
     assert cosine.mean() > 0.99 and result.check.outputs[0].metrics["cosine"] > 0.99
+
+
+def test_a_compressed_encoder_saves_as_a_directory_that_loads_again_alone(encoder_dir, tmp_path):
+    import os
+
+    from rankfold.frontends.hf import load_hf, tokenize
+    from rankfold.quantize.export import quantized_copy
+
+    model = load_hf(encoder_dir)
+    calib, held = tokenize(encoder_dir, _sentences(128, 3), 16), tokenize(encoder_dir, _sentences(64, 4), 16)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"params": "70%", "weight_bytes": "25%"},
+                                         bits="auto", min_rank=2, rules=(CheckRule("cosine", 0.5),))
+    assert result.plan.quantized and any(layer.method != "none" for layer in result.plan.layers)
+    out = tmp_path / "saved"
+    rankfold.save_compressed(result, out, hf_source=encoder_dir)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    with pytest.raises(rankfold.RankfoldError, match="not empty"):
+        rankfold.save_compressed(result, out, hf_source=encoder_dir)
+    loaded = rankfold.load_compressed(out)  # rebuilt from the directory alone
+    # the same weights the QDQ export stores: the same rounding, codes times scales
+    reference, _bits = quantized_copy(result.module, result.plan.layer_bits(),
+                                      calib=calib[: len(calib) - result.plan.held_back],
+                                      per_tensor=result.plan.per_tensor_layers())
+    with torch.no_grad():
+        got, want = loaded(held), reference(held)
+    assert torch.allclose(got, want, atol=1e-5)
+    # integers on disk: far smaller than the float compressed model
+    float_bytes = 4 * sum(p.numel() for p in result.module.parameters())
+    assert os.path.getsize(out / "model.safetensors") < 0.6 * float_bytes
+    assert os.path.getsize(out / "model.safetensors") < 1.5 * result.plan.after["weight_bytes"]
+
+
+def test_a_saved_torch_model_loads_on_its_original_architecture(tmp_path):
+    from tests.helpers import tiny_classifier
+
+    torch.manual_seed(0)
+    model = tiny_classifier().eval()
+    calib = torch.randn(96, 1, 12, 12)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"params": "50%"}, min_rank=2,
+                                         min_agreement=0.0)
+    rankfold.save_compressed(result, tmp_path / "m")
+    with pytest.raises(rankfold.RankfoldError, match="base=module"):
+        rankfold.load_compressed(tmp_path / "m")
+    loaded = rankfold.load_compressed(tmp_path / "m", base=tiny_classifier())
+    with torch.no_grad():
+        assert torch.equal(loaded(calib), result.module(calib))

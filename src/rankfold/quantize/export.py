@@ -57,6 +57,29 @@ def weight_only_export(example_input: Tensor) -> bool:
     return not example_input.is_floating_point()
 
 
+def quantized_copy(model: nn.Module, bits: Mapping[str, int], *, calib: Tensor, equalize: bool = True,
+                   bias_correction: bool = True, data_aware_rounding: bool = True, reduce_range: bool = False,
+                   per_tensor: Collection[str] = (),
+                   progress: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of `model` whose quantized layers' weights lie on their integer grid, as every
+    quantized output (QDQ file, saved directory) stores them: seams equalized, data-aware
+    rounding, bias correction (each optional). Returns the copy and the bits of each quantized
+    leaf layer, by full name."""
+    say = progress or (lambda _m: None)
+    quantized = copy.deepcopy(model).eval()
+    say("quantizing weights" + (" (seams equalized)" if equalize else "")
+        + (", data-aware rounding" if data_aware_rounding else "")
+        + (", int8 on 7 bits (reduce_range)" if reduce_range else ""))
+    leaves = quantize_weights(quantized, bits, equalize=equalize,
+                              calib=calib[:ROUNDING_SAMPLES] if data_aware_rounding else None,
+                              reduce_range=reduce_range, per_tensor=per_tensor)
+    if bias_correction:
+        say("bias correction")
+        names = [n for n, b in bits.items() if b < 32]
+        correct_bias(model.eval(), quantized, names, calib[:BIAS_CORRECTION_SAMPLES])
+    return quantized, leaves
+
+
 def export_quantized(
     model: nn.Module,
     bits: Mapping[str, int],
@@ -90,17 +113,9 @@ def export_quantized(
         from rankfold.runtime import int8_kernels
 
         reduce_range = int8_kernels().reduce_range
-    quantized = copy.deepcopy(model).eval()
-    say("quantizing weights" + (" (seams equalized)" if equalize else "")
-        + (", data-aware rounding" if data_aware_rounding else "")
-        + (", int8 on 7 bits (reduce_range)" if reduce_range else ""))
-    leaves = quantize_weights(quantized, bits, equalize=equalize,
-                              calib=calib[:ROUNDING_SAMPLES] if data_aware_rounding else None,
-                              reduce_range=reduce_range, per_tensor=per_tensor)
-    if bias_correction:
-        say("bias correction")
-        names = [n for n, b in bits.items() if b < 32]
-        correct_bias(model.eval(), quantized, names, calib[:BIAS_CORRECTION_SAMPLES])
+    quantized, leaves = quantized_copy(model, bits, calib=calib, equalize=equalize, bias_correction=bias_correction,
+                                       data_aware_rounding=data_aware_rounding, reduce_range=reduce_range,
+                                       per_tensor=per_tensor, progress=say)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = os.path.join(tmp, "float.onnx")
         export_onnx(quantized, float_path, example_input=example_input)

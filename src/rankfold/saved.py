@@ -1,0 +1,179 @@
+"""A compressed model as a directory that loads again: `model.safetensors` (float tensors, and the
+quantized layers' weights as int8 or packed int4 codes with their scales) and `rankfold.json`
+(which layers are factorized, with what method and ranks, and how each weight is stored). A model
+read from a Hugging Face directory keeps its config.json and tokenizer files beside them, so
+load_compressed(DIR) rebuilds it with `transformers` alone; any other model is rebuilt on the
+original architecture the caller hands over (`base=`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rankfold.errors import RankfoldError
+from rankfold.layers import LowRank
+
+SAVED_FORMAT = "rankfold-compressed/1"
+CONFIG_NAME = "rankfold.json"
+WEIGHTS_NAME = "model.safetensors"
+SCALE_SUFFIX = ":scale"  # the tensor beside a quantized weight's codes that holds its scales
+HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+            "modules.json", os.path.join("1_Pooling", "config.json"))
+
+
+def _safetensors():
+    try:
+        from safetensors.numpy import load_file, save_file
+    except ImportError:
+        raise RankfoldError("saving a model directory needs safetensors: pip install 'rankfold[llm]'") from None
+    return load_file, save_file
+
+
+def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tensor: set[str],
+                   reduce_range: bool) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """The module's state as safetensors arrays: each quantized leaf's weight (already on its
+    grid) as integer codes (int4 packed two per byte) plus its scales, everything else float.
+    Returns the arrays and, per quantized weight, how it is stored."""
+    from rankfold.quantize.core import pack_int4, quantize_weight
+
+    arrays, quantized = {}, {}
+    for name, value in module.state_dict().items():
+        leaf = name.rsplit(".", 1)[0]
+        array = value.detach().cpu().numpy()
+        if name.endswith(".weight") and leaf in leaf_bits:
+            bits = leaf_bits[leaf]
+            qw = quantize_weight(array, bits, reduce_range=reduce_range, per_tensor=leaf in per_tensor)
+            codes = np.frombuffer(pack_int4(qw.q), np.uint8) if bits == 4 else qw.q.astype(np.int8)
+            arrays[name] = np.ascontiguousarray(codes)
+            arrays[name + SCALE_SUFFIX] = np.ascontiguousarray(qw.scale[:1] if leaf in per_tensor else qw.scale)
+            quantized[name] = {"bits": bits, "shape": list(array.shape)}
+        else:
+            arrays[name] = np.ascontiguousarray(array)
+    return arrays, quantized
+
+
+def loaded_weights(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, dict]) -> dict[str, Tensor]:
+    """The state dict that stored_weights' arrays stand for (codes times scales for quantized weights)."""
+    from rankfold.quantize.core import unpack_int4
+
+    state = {}
+    for name, array in arrays.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if name in quantized:
+            shape, bits = quantized[name]["shape"], quantized[name]["bits"]
+            count = int(np.prod(shape))
+            codes = unpack_int4(array.tobytes(), count) if bits == 4 else array
+            scale = arrays[name + SCALE_SUFFIX].astype(np.float32)
+            flat = codes.reshape(shape[0], -1).astype(np.float32) * scale.reshape(-1, 1)
+            array = flat.reshape(shape)
+        state[name] = torch.from_numpy(np.array(array))
+    return state
+
+
+def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os.PathLike | None = None,
+                    force: bool = False) -> str:
+    """Write `result` (a Compressed) into `directory` (created; an existing one is refused unless
+    `force`, and then only rankfold's own files in it are replaced). Quantized layers are stored
+    as the QDQ export stores them (the same rounding); `hf_source`: the Hugging Face directory the
+    model came from, whose config and tokenizer files are copied so that the directory loads alone."""
+    from rankfold.io import write_json_atomic
+    from rankfold.planner.plan import fitting_samples
+    from rankfold.quantize.export import quantized_copy
+    from rankfold.quantize.weights import per_tensor_leaves
+
+    _load, save_file = _safetensors()
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise RankfoldError(f"{directory} exists and is not a directory")
+    if os.path.isdir(directory) and os.listdir(directory) and not force:
+        raise RankfoldError(f"{directory} is not empty (force=True replaces rankfold's files in it)")
+    module, leaf_bits, whole, reduce_range = result.module, {}, set(), False
+    if result.quantized:
+        plan = result.plan
+        per_tensor = plan.per_tensor_layers()
+        if result.weights_on_grid:  # trained on its grid: kept exactly
+            from rankfold.quantize.weights import quantized_leaves
+
+            leaf_bits, reduce_range = quantized_leaves(module, plan.layer_bits()), plan.reduce_range
+        else:
+            module, leaf_bits = quantized_copy(module, plan.layer_bits(), calib=fitting_samples(plan, result.calib),
+                                               per_tensor=per_tensor)
+        whole = per_tensor_leaves(module, per_tensor)
+    arrays, quantized = stored_weights(module, leaf_bits, per_tensor=whole, reduce_range=reduce_range)
+    factorized = [{"name": n, "method": m.method, "ranks": list(m.ranks)}
+                  for n, m in module.named_modules() if isinstance(m, LowRank)]
+    base = None
+    if hf_source is not None:
+        base = {"kind": "sentence-encoder", "pad_id": int(module.pad_id), "normalize": bool(module.normalize)}
+    config = {"format": SAVED_FORMAT, "base": base, "factorized": factorized, "quantized": quantized}
+    os.makedirs(directory, exist_ok=True)
+    part = os.path.join(directory, f".{WEIGHTS_NAME}.{os.getpid()}.part")
+    save_file(arrays, part)
+    os.replace(part, os.path.join(directory, WEIGHTS_NAME))
+    if hf_source is not None:
+        for name in HF_FILES:
+            source = os.path.join(os.fspath(hf_source), name)
+            if os.path.isfile(source):
+                os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
+                shutil.copyfile(source, os.path.join(directory, name))
+    write_json_atomic(os.path.join(directory, CONFIG_NAME), config)
+    return directory
+
+
+def load_compressed(directory: str | os.PathLike, base: nn.Module | None = None) -> nn.Module:
+    """The compressed model saved in `directory` (save_compressed), in eval mode. `base`: a module
+    of the original architecture (its weights are not used), needed unless the directory holds a
+    Hugging Face model."""
+    load_file, _save = _safetensors()
+    directory = os.fspath(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except OSError as exc:
+        raise RankfoldError(f"{directory}: no {CONFIG_NAME} ({exc.strerror}); not a model saved by rankfold") from None
+    if not isinstance(config, dict) or config.get("format") != SAVED_FORMAT:
+        raise RankfoldError(f"{path}: not a rankfold model (expected \"format\": \"{SAVED_FORMAT}\")")
+    if base is None:
+        base = _hf_base(directory, config.get("base"))
+    import copy
+
+    from rankfold.methods import method_named
+
+    model = copy.deepcopy(base).eval()
+    for entry in config["factorized"]:
+        layer = model.get_submodule(entry["name"])
+        model.set_submodule(entry["name"], method_named(entry["method"]).skeleton(layer, tuple(entry["ranks"])))
+    state = loaded_weights(load_file(os.path.join(directory, WEIGHTS_NAME)), config["quantized"])
+    for name in state:  # bias correction may have given a factor a bias it was built without
+        owner, _dot, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if attr == "bias" and getattr(module, "bias", 0) is None:
+            module.bias = nn.Parameter(torch.zeros_like(state[name]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RankfoldError(f"{directory}: the saved weights do not fit the model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}): was `base` the original architecture?")
+    return model.eval()
+
+
+def _hf_base(directory: str, base: dict | None) -> nn.Module:
+    if not base or base.get("kind") != "sentence-encoder":
+        raise RankfoldError(f"{directory}: the model was not saved from a Hugging Face directory; give its "
+                            "original architecture: load_compressed(DIR, base=module)")
+    from rankfold.frontends.hf import SentenceEncoder, _transformers
+
+    transformers = _transformers()
+    hf_config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    encoder = transformers.AutoModel.from_config(hf_config)
+    if getattr(encoder, "pooler", None) is not None:  # dropped at load (frontends.hf.load_hf): never saved
+        encoder.pooler = None
+    return SentenceEncoder(encoder.float().eval(), base["pad_id"], base["normalize"])
