@@ -309,3 +309,21 @@ def test_only_outlier_measurements_raise_the_estimate():
     assert probe.structural_loss("bad", ("svd", (4,)), 2e-3) == pytest.approx(5e-2)  # lower rank: at least
     assert probe.structural_loss("bad", ("svd", (16,)), 5e-4) == 5e-4  # higher rank: not raised
     assert probe.structural_loss("bad", ("tucker2", (4, 4)), 3e-3) == 3e-3  # other method: not raised
+
+
+def test_a_map_output_weighs_each_channel_in_its_own_units():
+    """A detector head: 4 box coordinates in pixels beside 80 class scores in [0, 1]. The Fisher
+    of each channel is 1 / its spread^2, so a score channel counts as much as a coordinate one."""
+    from rankfold.planner.sensitivity import _likelihood_loss, channel_spread
+
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(16, 4, 64, generator=g) * 320
+    scores = torch.rand(16, 80, 64, generator=g) * 0.05
+    out = torch.cat([boxes, scores], 1).requires_grad_(True)
+    _likelihood_loss(out, torch.Generator().manual_seed(1)).backward()
+    fisher = (out.grad.double() ** 2).mean((0, 2))
+    normalized = fisher * channel_spread(out.detach()).reshape(-1).double() ** 2
+    assert torch.allclose(normalized, torch.ones(84, dtype=torch.float64), rtol=0.2)
+    assert fisher[4:].min() > 1e6 * fisher[:4].max()  # a score unit weighs far more than a pixel
+    constant = torch.cat([boxes, torch.full((16, 1, 64), 5.0)], 1)  # a constant channel is not made decisive
+    assert channel_spread(constant).reshape(-1)[4] >= 0.5 - 1e-6

@@ -98,9 +98,12 @@ def price_model(
                 name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0),
                 activations.input_kept.get(name, False), latency_of)
             edge = i in (1, len(layer_names))
+            # One scale per tensor saves bytes in the QDQ file only: the C export keeps a
+            # multiplier and shift per output channel whatever the scales.
+            tensor_unit = int8_noise_loss(modules[name], stats[name], per_tensor=True) \
+                if target.runtime == "onnxruntime" else None
             options[name] = with_bits(structural, edge_bits(target, bits) if edge else choices,
-                                      int8_noise_loss(modules[name], stats[name]), target.reduce_range,
-                                      int8_noise_loss(modules[name], stats[name], per_tensor=True))
+                                      int8_noise_loss(modules[name], stats[name]), target.reduce_range, tensor_unit)
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()
