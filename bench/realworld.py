@@ -221,17 +221,22 @@ def markdown(results: list[Result], cpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _merged(results: list[Result], rerun: set[str]) -> list[Result]:
-    """This run's results, with the earlier results file's rows for the models not rerun."""
+def _merged(results: list[Result], rerun: set[tuple[str, str]]) -> list[Result]:
+    """This run's results, with the earlier results file's rows for the (model, run) pairs not rerun."""
     path = os.path.join(RESULTS, "realworld.json")
     if not os.path.isfile(path):
         return results
     with open(path) as handle:
         earlier = [Result(**{**r, "params": tuple(r["params"]) if r.get("params") else None,
                              "weight_bytes": tuple(r["weight_bytes"]) if r.get("weight_bytes") else None})
-                   for r in json.load(handle)["results"] if r["model"] not in rerun]
+                   for r in json.load(handle)["results"] if (r["model"], r["run"]) not in rerun]
     order = [m.name for m in MODELS]
-    return sorted(earlier + results, key=lambda r: order.index(r.model) if r.model in order else len(order))
+    runs = ["load", *RUNS, "smallest-reachable"]
+
+    def place(r: Result) -> tuple[int, int]:
+        return (order.index(r.model) if r.model in order else len(order), runs.index(r.run) if r.run in runs else 0)
+
+    return sorted(earlier + results, key=place)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(compress_run(model, path, args.work, "smallest-reachable", calib, fresh, reference,
                                             log, ["--max-weight-bytes", smallest]))
     cpu = cpu_summary()
-    results = _merged(results, {m.name for m in chosen})
+    rerun = {(r.model, r.run) for r in results}  # a rerun byte budget replaces its smallest-reachable row too
+    rerun |= {(model, "smallest-reachable") for model, run in rerun if run == "max-weight-bytes"}
+    results = _merged(results, rerun)
     with open(os.path.join(RESULTS, "realworld.json"), "w") as handle:
         json.dump({"cpu": cpu, "results": [asdict(r) for r in results]}, handle, indent=1)
     table = markdown(results, cpu)
