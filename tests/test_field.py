@@ -248,3 +248,23 @@ def test_one_pass_layer_inputs_give_the_weights_of_prefix_passes(tmp_path):
     assert said == {0: True, 2**30: False}
     assert weights[0].keys() == weights[2**30].keys()
     assert all(torch.equal(weights[0][k], weights[2**30][k]) for k in weights[0])
+
+
+def test_eval_counts_the_macs_of_a_graph_with_open_dimensions_at_the_datas_size(tmp_path):
+    """A graph that leaves its height and width open has MACs only at a given size: eval takes
+    the data's (before: 0 MACs reported)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rankfold.evaluate import evaluate
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "open",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, None, None])],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "open.onnx")
+    x = np.zeros((2, 3, 10, 12), np.float32)
+    result = evaluate(tmp_path / "open.onnx", x, None, measure_latency=False)
+    assert result.macs == 4 * 3 * 3 * 3 * 8 * 10

@@ -241,7 +241,7 @@ def evaluate(
 ) -> EvalResult:
     """Everything `rankfold eval` reports for one ONNX file."""
     path = os.fspath(path)
-    size = onnx_size(path)
+    size = onnx_size(path, sample_shape=tuple(x.shape[1:]))  # open dimensions sized by the data
     acc = accuracy(path, x, y) if y is not None else None
     b1 = latency_ms(path, x[:1], batch=1, runs=runs) if measure_latency else None
     b32 = latency_ms(path, x[:32], batch=32, runs=runs) if measure_latency else None
