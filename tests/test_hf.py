@@ -143,6 +143,10 @@ def test_a_compressed_encoder_saves_as_a_directory_that_loads_again_alone(encode
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     with pytest.raises(rankfold.RankfoldError, match="not empty"):
         rankfold.save_compressed(result, out, hf_source=encoder_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in encoder_dir.iterdir()}
+    with pytest.raises(rankfold.RankfoldError, match="own directory"):  # never over the user's model, even forced
+        rankfold.save_compressed(result, encoder_dir, hf_source=encoder_dir, force=True)
+    assert {p.name: p.stat().st_mtime_ns for p in encoder_dir.iterdir()} == before
     loaded = rankfold.load_compressed(out)  # rebuilt from the directory alone
     # the same weights the QDQ export stores: the same rounding, codes times scales
     reference, _bits = quantized_copy(result.module, result.plan.layer_bits(),

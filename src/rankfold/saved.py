@@ -93,6 +93,9 @@ def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise RankfoldError(f"{directory} exists and is not a directory")
+    if hf_source is not None and os.path.realpath(directory) == os.path.realpath(os.fspath(hf_source)):
+        raise RankfoldError(f"{directory} is the model's own directory (hf_source): its files would be overwritten; "
+                            "save into another directory")
     if os.path.isdir(directory) and os.listdir(directory) and not force:
         raise RankfoldError(f"{directory} is not empty (force=True replaces rankfold's files in it)")
     module, leaf_bits, whole, reduce_range = result.module, {}, set(), False
