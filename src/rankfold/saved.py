@@ -98,6 +98,9 @@ def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os
                             "save into another directory")
     if os.path.isdir(directory) and os.listdir(directory) and not force:
         raise RankfoldError(f"{directory} is not empty (force=True replaces rankfold's files in it)")
+    if hf_source is not None and not hasattr(result.module, "pad_id"):
+        raise RankfoldError("hf_source is for sentence encoders read from a Hugging Face directory "
+                            "(frontends.hf.load_hf); save other models without it")
     module, leaf_bits, whole, reduce_range = result.module, {}, set(), False
     if result.quantized:
         plan = result.plan

@@ -32,13 +32,6 @@ def module_of_node(node_name: str, modules: Mapping[str, int]) -> str | None:
     return None
 
 
-def nodes_of_leaves(model: onnx.ModelProto, leaves: Collection[str]) -> set[str]:
-    """The weighted ONNX nodes that the named leaf modules produced (module_of_node)."""
-    names = dict.fromkeys(leaves, 0)
-    return {node.name for node in model.graph.node
-            if node.op_type in WEIGHTED_OPS and module_of_node(node.name, names) is not None}
-
-
 def node_bits(model: onnx.ModelProto, leaf_bits: Mapping[str, int]) -> dict[str, int]:
     """Weighted ONNX nodes -> bits, by the module that produced each (module_of_node)."""
     result = {}
@@ -133,7 +126,7 @@ def export_quantized(
     if unmapped:  # never let a planned quantized layer silently stay float
         raise RankfoldError(f"quantized layer(s) {', '.join(unmapped)} could not be matched to an ONNX node "
                             "of the export")
-    whole = nodes_of_leaves(proto, per_tensor_leaves(quantized, per_tensor)) & set(nodes)
+    whole = set(node_bits(proto, dict.fromkeys(per_tensor_leaves(quantized, per_tensor), 8))) & set(nodes)
     qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole)
     replace_atomically(path, qdq.SerializeToString())
     return nodes

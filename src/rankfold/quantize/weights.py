@@ -68,14 +68,7 @@ def quantized_leaves(model: nn.Module, bits: Mapping[str, int]) -> dict[str, int
 
 def per_tensor_leaves(model: nn.Module, per_tensor: Collection[str]) -> set[str]:
     """The leaf layers of the layers named in `per_tensor` (each factor of a LowRank), by full name."""
-    modules = dict(model.named_modules())
-    leaves: set[str] = set()
-    for name in per_tensor:
-        if isinstance(modules[name], LowRank):
-            leaves.update(f"{name}.{child}" for child, _m in modules[name].named_children())
-        else:
-            leaves.add(name)
-    return leaves
+    return set(quantized_leaves(model, dict.fromkeys(per_tensor, 8)))
 
 
 def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: bool = True,
