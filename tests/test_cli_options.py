@@ -56,6 +56,10 @@ CASES = {
                                     "@wrong.npz", "do not fit the model's input"),
     ("compress", "--calib"): (["M", "--calib", "X", "-o", "O"], "@bad.npz", "not a readable .npz"),
     ("compress", "--calib-limit"): (["M", "--calib", "C", "--calib-limit", "X", "-o", "O"], "0", "positive integer"),
+    ("compress", "--calib-text"): (["M", "--calib-text", "X", "-o", "O"], "@missing.txt", "--calib-text calibrates a "
+                                   "Hugging Face model directory"),
+    ("compress", "--seq-len"): (["M", "--calib", "C", "--seq-len", "X", "-o", "O"], "1", "at least 2 tokens"),
+    ("compress", "--samples"): (["M", "--calib", "C", "--samples", "X", "-o", "O"], "0", "positive integer"),
     ("compress", "--min-rank"): (["M", "--calib", "C", "--min-rank", "X", "-o", "O"], "0", "positive integer"),
     ("compress", "--min-agreement"): (["M", "--calib", "C", "--min-agreement", "X", "-o", "O"], "7",
                                       "a number in [0, 1]"),

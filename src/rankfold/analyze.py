@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +18,20 @@ WEIGHT_READERS = (nn.MultiheadAttention,)
 
 
 def untouchable_layers(model: nn.Module) -> dict[str, str]:
-    """Compressible layers that must stay as they are, by name, with the reason."""
+    """Compressible layers that must stay as they are, by name, with the reason: those a parent
+    reads the weight of directly, and those whose weight is tied to another module's (a language
+    model's head and its token embedding): replacing one would untie them and store the matrix twice."""
     found = {}
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if pname == "weight":
+                owners.setdefault(id(param), []).append(name)
+    for names in owners.values():
+        for name in names:
+            others = [n for n in names if n != name]
+            if others and isinstance(model.get_submodule(name), COMPRESSIBLE):
+                found[name] = f"its weight is tied to {others[0]}'s: kept, so that the tie (one stored matrix) holds"
     for parent_name, parent in model.named_modules():
         if isinstance(parent, WEIGHT_READERS):
             for child_name, child in parent.named_children():
@@ -118,16 +130,21 @@ def reach_order(model: nn.Module, names: Iterable[str], example: Tensor) -> list
 def layer_input(model: nn.Module, name: str, batch: Tensor) -> Tensor | None:
     """The input the layer `name` first sees on `batch`, the forward pass stopped there (None: the
     pass never calls it). Nothing after the layer runs, so nothing after it is held in memory."""
+    return first_input(model.get_submodule(name), lambda: run_checked(model, batch))
+
+
+def first_input(layer: nn.Module, run: Callable[[], object]) -> Tensor | None:
+    """The input `layer` first sees while `run()` runs (without gradients), stopped there."""
     seen: list[Tensor] = []
 
     def hook(_module, inputs):
         seen.append(inputs[0].detach())
         raise _Reached
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    handle = layer.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            run_checked(model, batch)
+            run()
     except _Reached:
         pass
     finally:

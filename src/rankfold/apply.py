@@ -25,6 +25,7 @@ from rankfold.analyze import (
     streamed_input_moments,
     untouchable_layers,
 )
+from rankfold.block_inputs import BlockInputs
 from rankfold.config import VBMF, AutoConfig, MethodConfig, SkipConfig, check_keep
 from rankfold.decompose import max_tucker2_ranks, sqrt_psd
 from rankfold.errors import RankfoldError
@@ -140,7 +141,8 @@ def compress_with_report(
         reference = copy.deepcopy(result)  # the original, for the inputs each layer saw before compression
         reached = reach_order(result, names, calib[:1])
         changed = False  # until a layer is replaced, every layer sees its original input
-        cursors = _LayerInputs.for_graph(result, reference, calib, say)
+        cursors = _LayerInputs.for_graph(result, reference, calib, say) or \
+            BlockInputs.for_model(result, reference, calib, say)
         # Only for layers that will be factorized: the metric costs a forward pass over calib.
         metrics.update(softmax_head_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)],
                                             calib))

@@ -10,7 +10,8 @@ from rankfold.errors import RankfoldError
 
 # What the self-check measures on each output, and which way is better. Every metric is computed on
 # every output; the check compares one per output (its kind's default, or a --check rule).
-HIGHER_IS_BETTER = {"top1": True, "sequence": True, "cosine": True, "iou": True, "relerr": False}
+HIGHER_IS_BETTER = {"top1": True, "sequence": True, "cosine": True, "iou": True, "relerr": False,
+                    "perplexity": False, "kl": False}
 METRICS = tuple(HIGHER_IS_BETTER)
 DEFAULT_IOU_AT = 0.5
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -212,15 +213,16 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
     from rankfold.settings import use_batch, use_memory_headroom
 
     memory, state = calibration_memory(model, example, calib, args.max_memory)
-    use_batch(min(memory.batch, model.fixed_batch or memory.batch))  # a fixed batch runs one at a time
+    fixed_batch = getattr(model, "fixed_batch", None)  # ONNX graphs say; modules from a directory never fix it
+    use_batch(min(memory.batch, fixed_batch or memory.batch))  # a fixed batch runs one at a time
     use_memory_headroom(state)
     args.memory_line = "  " + memory.describe()  # said when the work starts, after every check
     if state:
         args.memory_line += f", {format_bytes(state)} of it for the graph state between layers"
-    if model.fixed_batch:
+    if fixed_batch:
         args.memory_line += "\n  the graph's batch is fixed at 1: calibration runs one sample at a time, and " \
                             "the result keeps the fixed batch"
-    if model.size_note:
+    if getattr(model, "size_note", None):
         args.memory_line += "\n  " + model.size_note
 
 
@@ -235,6 +237,11 @@ def _budgets(args: argparse.Namespace) -> dict[str, str]:
 
 def _cmd_compress(args: argparse.Namespace) -> None:
     budgets = _budgets(args)
+    if os.path.isdir(args.model):
+        return _compress_hf(args, budgets)
+    if args.calib_text is not None:
+        raise RankfoldError("--calib-text calibrates a Hugging Face model directory; an ONNX model takes --calib "
+                            "CALIB.npz")
     if budgets or args.target:
         uniform = [flag for flag, value in (("--keep", args.keep), ("--method", args.method), ("--ranks", args.ranks))
                    if value is not None]
@@ -250,6 +257,84 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         raise RankfoldError(f"{'/'.join(planned_only)} only work with the planner (--target or a --max-* budget); "
                             "uniform mode (--keep, --method) writes a float model and no plan")
     return _compress_uniform(args)
+
+
+HF_REFUSED = ("calib", "train", "plan_out", "attack", "ranks")  # options an ONNX model has and a directory not
+
+
+def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
+    """compress on a Hugging Face directory (a sentence encoder or a causal language model),
+    calibrated on text; written as a directory that rankfold.load_compressed reads (or, for an
+    encoder, -o OUT.onnx: the ONNX file, QDQ where quantized)."""
+    from rankfold.frontends.hf import calibration_ids, is_hf_directory, load_hf, read_texts
+    from rankfold.planner.pipeline import compress_to_budget
+    from rankfold.report import layer_table, plan_table
+    from rankfold.saved import check_save_directory, save_compressed
+    from rankfold.target import load_target
+    from rankfold.uniform import compress_uniform
+
+    if not is_hf_directory(args.model):
+        raise RankfoldError(f"{args.model} is a directory without config.json: give an ONNX file or a Hugging Face "
+                            "model directory")
+    refused = [f"--{n.replace('_', '-')}" for n in HF_REFUSED if getattr(args, n, None)]
+    if refused:
+        raise RankfoldError(f"{'/'.join(refused)}: not available for a model directory (it calibrates on "
+                            "--calib-text and is written with rankfold.save_compressed)")
+    if args.calib_text is None and not args.no_check:
+        raise RankfoldError(f"{args.model}: a model directory calibrates on text: give --calib-text FILE|DIR (or "
+                            "--no-check for a data-free, unchecked result)")
+    planned = bool(budgets or args.target)
+    target = load_target(args.target or "host") if planned else None
+    to_onnx = args.output.endswith(".onnx")
+    if to_onnx:
+        check_outputs({"model": args.model}, {"-o": args.output, "--report": args.report}, force=args.force)
+    else:
+        check_save_directory(args.output, args.model, force=args.force)
+        check_outputs({"model": args.model}, {"--report": args.report}, force=args.force)
+    texts = read_texts(args.calib_text) if args.calib_text is not None else None
+    log = _log(args.quiet)
+    log(f"loading {args.model}")
+    model = load_hf(args.model)
+    if to_onnx and not getattr(model, "exports_to_onnx", True):
+        raise RankfoldError(f"-o {args.output}: this model does not export to ONNX; give a directory to save it in")
+    calib = calibration_ids(args.model, model, texts, args.seq_len, args.samples) if texts is not None else None
+    example = calib[:2] if calib is not None else None
+    _check_rules_known(args, model)
+    if calib is not None:
+        _use_memory_budget(args, model, example, calib)
+        log(args.memory_line)
+    log(f"{'planning' if planned else 'compressing'} {args.model} ({type(model).__name__}) on "
+        f"{'no data' if calib is None else f'{len(calib)} windows of {calib.shape[1]} tokens'}"
+        f"{f' under {budgets}' if budgets else ''}")
+    t0 = time.time()
+    common = dict(calib=calib, min_rank=args.min_rank, min_agreement=args.min_agreement,
+                  max_output_error=args.max_output_error, rules=tuple(args.check), progress=lambda m: log("  " + m))
+    if planned:
+        result = compress_to_budget(model, target=target, budgets=budgets, example_input=example,
+                                    bits=args.bits or "auto", check=not args.no_check, **common)
+    else:
+        result = compress_uniform(model, method=args.method or "svd", keep=0.5 if args.keep is None else args.keep,
+                                  check=not args.no_check, example_input=example, **common)
+    if to_onnx:
+        result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=log)
+    else:
+        save_compressed(result, args.output, hf_source=args.model, force=args.force)
+    seconds = time.time() - t0
+    print(plan_table(result.plan) if planned else layer_table(result.report))
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in result.module.parameters())
+    print(f"parameters {before:,} -> {after:,} ({after / before:.1%}) in {seconds:.0f} s")
+    print("self-check: " + (result.check.describe() if result.check is not None
+                            else "not run (--no-check): the result is unchecked"))
+    print(f"wrote {args.output}")
+    if args.report:
+        from rankfold.io import write_json_atomic
+
+        write_json_atomic(args.report, {
+            "model": args.model, "output": args.output, "budgets": budgets, "seconds": seconds,
+            "params_before": before, "params_after": after,
+            "plan": result.plan.to_dict() if planned else None,
+            "self_check": None if result.check is None else result.check.to_dict(), **result.report.to_dict()})
 
 
 def _compress_uniform(args: argparse.Namespace) -> None:
@@ -761,12 +846,14 @@ def _log(quiet: bool):
     return (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
 
-def _model_args(p: argparse.ArgumentParser, *, plans: bool = True, writes: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, *, plans: bool = True, writes: bool = True,
+                directories: bool = False) -> None:
     """The model and calibration options; `plans`: --min-rank (apply takes its ranks from the plan),
-    `writes`: --min-agreement and --observer (pareto writes no model)."""
+    `writes`: --min-agreement and --observer (pareto writes no model), `directories`: MODEL may be
+    a Hugging Face model directory (compress)."""
     from rankfold.settings import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_RANK
 
-    p.add_argument("model", help="model .onnx")
+    p.add_argument("model", help="model .onnx" + (" or a Hugging Face model directory" if directories else ""))
     p.add_argument("--calib", help=".npz with x: calibration inputs (labels not needed)")
     p.add_argument("--calib-limit", type=_positive_int, default=512,
                    help="use at most N calibration samples (default 512)")
@@ -783,6 +870,22 @@ def _model_args(p: argparse.ArgumentParser, *, plans: bool = True, writes: bool 
                    help="peak memory to stay under, e.g. 2GB or 800MB: calibration passes run in batches small "
                         "enough for it (default half of the memory available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+def _text_args(p: argparse.ArgumentParser) -> None:
+    """Calibration text for a Hugging Face model directory (MODEL is then that directory)."""
+    p.add_argument("--calib-text", help="model directory: calibration text, a .txt file or a directory of them")
+    p.add_argument("--seq-len", type=_seq_len, default=256,
+                   help="model directory: tokens per calibration window (default 256)")
+    p.add_argument("--samples", type=_positive_int, default=128,
+                   help="model directory: calibration windows (causal LMs) or sentences (encoders) (default 128)")
+
+
+def _seq_len(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 tokens, got {text!r}")
+    return value
 
 
 def _memory_size(text: str) -> int:
@@ -921,10 +1024,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Without them every layer keeps --keep of its parameters. Budget values: "
                                    "a percentage of the original (10%%) or absolute with a unit (300k, 2MB, "
                                    "512KB, 1.5ms; KB = 1024 bytes).")
-    _model_args(p)
+    _model_args(p, directories=True)
     _check_args(p)
     _attack_args(p, compress=True)
-    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    _text_args(p)
+    p.add_argument("-o", "--output", required=True, help="output .onnx (for a model directory: a new directory "
+                                                         "that rankfold.load_compressed reads)")
     p.add_argument("--target", help="target profile: host (default), cortex-m4, cortex-m7, cortex-m55 or a .toml")
     p.add_argument("--max-params", help="parameter budget, e.g. 10%% or 1.2M")
     p.add_argument("--max-weight-bytes", help="weight bytes at the target's bit-width, e.g. 3%% or 2MB")

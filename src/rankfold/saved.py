@@ -25,7 +25,7 @@ CONFIG_NAME = "rankfold.json"
 WEIGHTS_NAME = "model.safetensors"
 SCALE_SUFFIX = ":scale"  # the tensor beside a quantized weight's codes that holds its scales
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-            "modules.json", os.path.join("1_Pooling", "config.json"))
+            "modules.json", os.path.join("1_Pooling", "config.json"), "generation_config.json")
 
 
 def _safetensors():
@@ -43,8 +43,10 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
     Returns the arrays and, per quantized weight, how it is stored."""
     from rankfold.quantize.core import pack_int4, quantize_weight
 
-    arrays, quantized = {}, {}
+    arrays, quantized, tied = {}, {}, tied_names(module)
     for name, value in module.state_dict().items():
+        if name in tied:  # stored once, under the first name
+            continue
         leaf = name.rsplit(".", 1)[0]
         array = value.detach().cpu().numpy()
         if name.endswith(".weight") and leaf in leaf_bits:
@@ -57,6 +59,19 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
         else:
             arrays[name] = np.ascontiguousarray(array)
     return arrays, quantized
+
+
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """State-dict names whose tensor is another, earlier name's (a language model's head tied to its
+    token embedding), each mapped to that first name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if id(value) in first:
+            tied[name] = first[id(value)]
+        else:
+            first[id(value)] = name
+    return tied
 
 
 def loaded_weights(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, dict]) -> dict[str, Tensor]:
@@ -78,6 +93,23 @@ def loaded_weights(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, dic
     return state
 
 
+def check_save_directory(directory: str, hf_source: str | os.PathLike | None, *, force: bool) -> None:
+    """Before any work: `directory` can take a saved model (not a file, not the source model's own
+    directory nor inside it, empty unless `force`)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise RankfoldError(f"{directory} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.isdir(parent):
+        raise RankfoldError(f"{directory}: the parent directory {parent} does not exist")
+    if hf_source is not None:
+        source = os.path.realpath(os.fspath(hf_source))
+        if os.path.commonpath([os.path.realpath(directory), source]) == source:
+            raise RankfoldError(f"{directory} is the model's own directory (or inside it): its files would be "
+                                "overwritten; save into another directory")
+    if os.path.isdir(directory) and os.listdir(directory) and not force:
+        raise RankfoldError(f"{directory} is not empty (force replaces rankfold's files in it)")
+
+
 def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os.PathLike | None = None,
                     force: bool = False) -> str:
     """Write `result` (a Compressed) into `directory` (created; an existing one is refused unless
@@ -91,16 +123,11 @@ def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os
 
     _load, save_file = _safetensors()
     directory = os.fspath(directory)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise RankfoldError(f"{directory} exists and is not a directory")
-    if hf_source is not None and os.path.realpath(directory) == os.path.realpath(os.fspath(hf_source)):
-        raise RankfoldError(f"{directory} is the model's own directory (hf_source): its files would be overwritten; "
-                            "save into another directory")
-    if os.path.isdir(directory) and os.listdir(directory) and not force:
-        raise RankfoldError(f"{directory} is not empty (force=True replaces rankfold's files in it)")
-    if hf_source is not None and not hasattr(result.module, "pad_id"):
-        raise RankfoldError("hf_source is for sentence encoders read from a Hugging Face directory "
-                            "(frontends.hf.load_hf); save other models without it")
+    check_save_directory(directory, hf_source, force=force)
+    if hf_source is not None:
+        from rankfold.frontends.hf import saved_base
+
+        base = saved_base(result.module)  # refuses a model that load_hf did not make, before any work
     module, leaf_bits, whole, reduce_range = result.module, {}, set(), False
     if result.quantized:
         plan = result.plan
@@ -116,10 +143,8 @@ def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os
     arrays, quantized = stored_weights(module, leaf_bits, per_tensor=whole, reduce_range=reduce_range)
     factorized = [{"name": n, "method": m.method, "ranks": list(m.ranks)}
                   for n, m in module.named_modules() if isinstance(m, LowRank)]
-    base = None
-    if hf_source is not None:
-        base = {"kind": "sentence-encoder", "pad_id": int(module.pad_id), "normalize": bool(module.normalize)}
-    config = {"format": SAVED_FORMAT, "base": base, "factorized": factorized, "quantized": quantized}
+    config = {"format": SAVED_FORMAT, "base": base if hf_source is not None else None, "factorized": factorized,
+              "quantized": quantized, "tied": tied_names(module)}
     os.makedirs(directory, exist_ok=True)
     part = os.path.join(directory, f".{WEIGHTS_NAME}.{os.getpid()}.part")
     save_file(arrays, part)
@@ -159,6 +184,8 @@ def load_compressed(directory: str | os.PathLike, base: nn.Module | None = None)
         layer = model.get_submodule(entry["name"])
         model.set_submodule(entry["name"], method_named(entry["method"]).skeleton(layer, tuple(entry["ranks"])))
     state = loaded_weights(load_file(os.path.join(directory, WEIGHTS_NAME)), config["quantized"])
+    for name, first in (config.get("tied") or {}).items():  # the architecture ties them again
+        state[name] = state[first]
     for name in state:  # bias correction may have given a factor a bias it was built without
         owner, _dot, attr = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
@@ -172,14 +199,9 @@ def load_compressed(directory: str | os.PathLike, base: nn.Module | None = None)
 
 
 def _hf_base(directory: str, base: dict | None) -> nn.Module:
-    if not base or base.get("kind") != "sentence-encoder":
+    if not base:
         raise RankfoldError(f"{directory}: the model was not saved from a Hugging Face directory; give its "
                             "original architecture: load_compressed(DIR, base=module)")
-    from rankfold.frontends.hf import SentenceEncoder, _transformers
+    from rankfold.frontends.hf import rebuilt_base
 
-    transformers = _transformers()
-    hf_config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    encoder = transformers.AutoModel.from_config(hf_config)
-    if getattr(encoder, "pooler", None) is not None:  # dropped at load (frontends.hf.load_hf): never saved
-        encoder.pooler = None
-    return SentenceEncoder(encoder.float().eval(), base["pad_id"], base["normalize"])
+    return rebuilt_base(directory, base)

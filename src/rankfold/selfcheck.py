@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -10,7 +11,12 @@ from torch import Tensor, nn
 from rankfold.analyze import as_input, model_outputs, output_kind
 from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
-from rankfold.settings import DEFAULT_MAX_OUTPUT_ERROR, DEFAULT_MIN_COSINE, calibration_batch
+from rankfold.settings import (
+    DEFAULT_MAX_OUTPUT_ERROR,
+    DEFAULT_MAX_PERPLEXITY_RATIO,
+    DEFAULT_MIN_COSINE,
+    calibration_batch,
+)
 
 CLASS_KINDS = ("classes", "sequence", "distribution")
 
@@ -19,11 +25,14 @@ def default_rule(kind: str, min_agreement: float, max_output_error: float) -> Ch
     """The documented default per output kind: top-1 agreement for class scores, whole sequences
     read alike (every position's argmax) for sequences, argmax agreement per position for other
     distributions (class maps), mean cosine similarity for embeddings (a kind the model declares),
+    the perplexity ratio to the original's for next-token logits (a kind the model declares),
     relative error for everything else."""
     if kind == "sequence":
         return CheckRule("sequence", min_agreement)
     if kind == "embedding":  # declared by the model (output_kinds): sentence encoders
         return CheckRule("cosine", DEFAULT_MIN_COSINE)
+    if kind == "next_token":  # declared by causal language models: perplexity on held-back windows
+        return CheckRule("perplexity", DEFAULT_MAX_PERPLEXITY_RATIO)
     return CheckRule("top1", min_agreement) if kind in CLASS_KINDS else CheckRule("relerr", max_output_error)
 
 
@@ -56,6 +65,11 @@ class Agreement:
         embeddings = [o.metrics.get("cosine", 0.0) for o in self.outputs if o.kind == "embedding"]
         if embeddings:
             top1 += f"embedding cosine {min(embeddings):.4f}, "
+        for o in self.outputs:
+            if o.kind == "next_token":
+                top1 += (f"perplexity {o.metrics['perplexity_candidate']:.3f} against the original's "
+                         f"{o.metrics['perplexity_original']:.3f} (x{o.metrics['perplexity']:.3f}), "
+                         f"KL {o.metrics['kl']:.4f} per token, ")
         heads = f" ({len(self.outputs)} outputs, worst shown)" if len(self.outputs) > 1 else ""
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
 
@@ -89,9 +103,16 @@ class _Tally:
     either: dict[float, int] = field(default_factory=dict)
     kind: str | None = None
     finite: bool = True
+    nll: float = 0.0  # next-token outputs: the original's and the candidate's summed -log p(next id)
+    nll_hat: float = 0.0
+    kl_sum: float = 0.0  # and KL(original || candidate) summed over positions
+    predicted: int = 0  # positions with a next id to predict
 
-    def add(self, y: Tensor, y_hat: Tensor) -> None:
+    def add(self, y: Tensor, y_hat: Tensor, ids: Tensor | None = None) -> None:
         self.kind = self.kind or output_kind(y)
+        if self.kind == "next_token":
+            self._add_next_token(y, y_hat, ids)
+            return
         y, y_hat = y.to(torch.float64), y_hat.to(torch.float64)
         self.error_sq += float(((y_hat - y) ** 2).sum())
         self.norm_sq += float((y * y).sum())
@@ -110,7 +131,30 @@ class _Tally:
             self.both[level] = self.both.get(level, 0) + int((on & on_hat).sum())
             self.either[level] = self.either.get(level, 0) + int((on | on_hat).sum())
 
+    def _add_next_token(self, y: Tensor, y_hat: Tensor, ids: Tensor | None) -> None:
+        """Logits (N, T, vocabulary) of a causal language model on full windows of `ids`: position t
+        predicts id t+1. Streams per sample in float32 (a batch's float64 logits would take GBs)."""
+        if ids is None:
+            raise RankfoldError("self-check: next-token logits need the token ids they predict")
+        for logits, logits_hat, row in zip(y, y_hat, ids.long()):
+            log_p, log_q = logits[:-1].float().log_softmax(-1), logits_hat[:-1].float().log_softmax(-1)
+            labels = row[1:].unsqueeze(-1)
+            self.nll -= float(log_p.gather(-1, labels).sum())
+            self.nll_hat -= float(log_q.gather(-1, labels).sum())
+            self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+            self.finite = self.finite and bool(torch.isfinite(logits_hat).all())
+            self.error_sq += float(((logits_hat - logits).double() ** 2).sum())
+            self.norm_sq += float((logits.double() ** 2).sum())
+            same = logits.argmax(-1) == logits_hat.argmax(-1)
+            self.top1_hits += int(same.sum())
+            self.positions += same.numel()
+            self.sequence_hits += int(same.all())
+            self.samples += 1
+            self.predicted += labels.shape[0]
+
     def result(self, index: int, name: str | None) -> OutputAgreement:
+        if self.kind == "next_token":
+            return self._next_token_result(index, name)
         rel = (self.error_sq ** 0.5) / max(self.norm_sq ** 0.5, 1e-30) if self.finite else float("inf")
         metrics = {"relerr": rel, "cosine": self.cosine_sum / max(self.samples, 1) if self.finite else 0.0}
         if self.positions:
@@ -121,6 +165,18 @@ class _Tally:
         classes = self.kind in CLASS_KINDS
         return OutputAgreement(index, metrics["top1"] if classes else None, rel, self.kind or "dense", name,
                                metrics)
+
+    def _next_token_result(self, index: int, name: str | None) -> OutputAgreement:
+        """Perplexity ratio (the candidate's over the original's), KL per token, and top-1 per position."""
+        count = max(self.predicted, 1)
+        rel = (self.error_sq ** 0.5) / max(self.norm_sq ** 0.5, 1e-30) if self.finite else float("inf")
+        ratio = math.exp(min((self.nll_hat - self.nll) / count, 700.0)) if self.finite else float("inf")
+        metrics = {"relerr": rel, "perplexity": ratio, "kl": self.kl_sum / count if self.finite else float("inf"),
+                   "top1": self.top1_hits / max(self.positions, 1),
+                   "sequence": self.sequence_hits / max(self.samples, 1),
+                   "perplexity_original": math.exp(min(self.nll / count, 700.0)),
+                   "perplexity_candidate": ratio * math.exp(min(self.nll / count, 700.0))}
+        return OutputAgreement(index, None, rel, "next_token", name, metrics)
 
 
 def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, batch_size: int | None = None,
@@ -144,7 +200,7 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
                 if y.shape != y_hat.shape:
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
                                         f"is {tuple(y.shape)}")
-                tally.add(y, y_hat)
+                tally.add(y, y_hat, batch)
     samples = int(inputs.shape[0])
     names = names if len(names) == len(tallies) else [None] * len(tallies)
     per_output = [tally.result(index, name) for index, (tally, name) in enumerate(zip(tallies, names))]

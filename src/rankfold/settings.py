@@ -13,6 +13,9 @@ DEFAULT_MIN_RANK = 8
 DEFAULT_MIN_AGREEMENT = 0.8  # top-1 agreement with the original the self-check requires
 DEFAULT_MAX_OUTPUT_ERROR = 0.2  # relative error allowed on an output that is not (N, classes)
 DEFAULT_MIN_COSINE = 0.98  # mean cosine similarity to the original an embedding output must keep
+# A causal language model's held-back perplexity may rise at most this many times (SVD-LLM's
+# best published 20 % cut of LLaMA-7B rises 1.40 times; rankfold's goal at 20 % is 1.25).
+DEFAULT_MAX_PERPLEXITY_RATIO = 1.25
 
 # Calibration samples per pass: peak memory grows with this, never with the number of samples.
 DEFAULT_BATCH = 64  # samples per pass when memory allows; the memory budget may lower it

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE, untouchable_layers
-from rankfold.errors import RankfoldError
+from rankfold.errors import RankfoldError, first_line
 from rankfold.planner.choose import choose_plan
 from rankfold.planner.costs import ChainProfile, LatencyCache, modelled_latency_ms
 from rankfold.planner.latency import WholeNetworkTiming
@@ -119,6 +119,23 @@ def price_model(
 class Pricing:
     """Every layer's options, priced; solve() turns budgets into a Plan (cheap, repeatable)."""
 
+    def _whole_network_timing(self, layer_names, onnx_path, say) -> WholeNetworkTiming | None:
+        """The measured latency model; None, said, where the model does not export to ONNX (a
+        language model with ops the exporter lacks): its latency is then modelled from its MACs."""
+        if onnx_path is None and not getattr(self.model, "exports_to_onnx", True):
+            say("latency not measured: the model does not export to ONNX (it says so: exports_to_onnx); it is "
+                "the sum of its layers' own measured latencies")
+            return None
+        try:
+            return WholeNetworkTiming(self.model, self.example, {n: self.options[n] for n in layer_names},
+                                      onnx_path, say)
+        except Exception as exc:  # the exporter raises many kinds; none of them ends the planning
+            if onnx_path is not None:
+                raise
+            say(f"latency not measured: the model does not export to ONNX here ({first_line(exc)}); it is "
+                "modelled from MACs and activation traffic instead")
+            return None
+
     def __init__(self, model, example, target, options, notes, activations, data_aware, names, layer_names,
                  onnx_path, say, probe: LossProbe | None = None) -> None:
         self.model, self.example, self.target, self.probe = model, example, target, probe
@@ -130,15 +147,17 @@ class Pricing:
         total_params = sum(p.numel() for p in model.parameters()) + sum(
             b.numel() for b in model.buffers() if b.is_floating_point())
         layer_params = sum(options[n][0].profile.params for n in layer_names)
-        self.timing = WholeNetworkTiming(model, example, {n: options[n] for n in layer_names}, onnx_path, say) \
-            if target.latency == "measured" else None
+        self.timing = self._whole_network_timing(layer_names, onnx_path, say) if target.latency == "measured" else None
         if self.timing is not None:
             self.latency_scale, fixed_latency = self.timing.scale, self.timing.fixed_ms
             self.latency_source = "onnxruntime (measured)"
         else:
             self.latency_scale = 1.0
-            fixed_latency = 1000.0 * activations.other_elements * target.cycles_per_element / target.clock_hz
             self.latency_source = "model (cycles per MAC)"
+            if target.clock_hz:
+                fixed_latency = 1000.0 * activations.other_elements * target.cycles_per_element / target.clock_hz
+            else:  # a measured target whose whole-network timing could not run: the layers' own sum
+                fixed_latency, self.latency_source = 0.0, "sum of the layers' measured latencies"
         # A quantized export adds a float32 scale and an int8 zero point per activation tensor.
         quantizable = any(o.bits < 32 for n in layer_names for o in options[n])
         activation_params_bytes = 5 * (len(getattr(model, "steps", [])) or 3 * len(layer_names)) if quantizable else 0

@@ -42,7 +42,16 @@ def _likelihood_loss(output: Tensor, generator: torch.Generator, kind: str | Non
     measured worse for planning (PP-OCRv4 lines read alike 0.586 -> 0.258; with the last Linear
     also priced and factorized under its output metric, 0.695 -> 0.016): its second-order losses
     fall about 20x below the measured ones for that Linear, but not for the layers before it.
-    `kind`: what the model declares the output to be (output_kinds): an embedding is a Gaussian."""
+    `kind`: what the model declares the output to be (output_kinds): an embedding is a Gaussian;
+    next-token logits (N, T, vocabulary) a categorical at every position, so the loss is the KL
+    per token between the original's and the compressed model's next-token distributions."""
+    if kind == "next_token":
+        logits = output.reshape(-1, output.shape[-1])
+        # Inverse-CDF sampling in float32: multinomial over a 50k vocabulary is several times slower.
+        cdf = F.softmax(logits.detach(), dim=-1).cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
+        labels = torch.searchsorted(cdf, u).squeeze(1).clamp_max(cdf.shape[1] - 1)
+        return F.cross_entropy(logits, labels, reduction="sum")
     categorical = output.ndim == 2 and kind != "embedding"
     if categorical and is_probability(output.detach()):
         probs = output.detach().to(torch.float64).reshape(-1, output.shape[-1])
@@ -92,13 +101,21 @@ def layer_statistics(
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     generator = torch.Generator().manual_seed(seed)
 
+    shared: dict[tuple, tuple[Tensor, int]] = {}  # this batch's moment of each input tensor, by identity
+
     def pre_hook(module, inputs, name):
         x = inputs[0].detach()
-        rows = channels_last_rows(module, x).to(torch.float64)
-        index = sampled_rows(rows.shape[0], max_rows_per_batch, seed)
-        rows = rows if index is None else rows[index]
-        moments[name] = moments.get(name, 0) + rows.T @ rows
-        rows_seen[name] = rows_seen.get(name, 0) + rows.shape[0]
+        # Layers that read one tensor (a transformer's q, k and v; gate and up) share its moment.
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), type(module) is nn.Linear)
+        if key not in shared:
+            rows = channels_last_rows(module, x)
+            index = sampled_rows(rows.shape[0], max_rows_per_batch, seed)
+            rows = rows if index is None else rows[index]
+            # The product in float32 (half the time of float64), summed over batches in float64.
+            shared[key] = ((rows.T @ rows).to(torch.float64), rows.shape[0])
+        moment, count = shared[key]
+        moments[name] = moments.get(name, 0) + moment
+        rows_seen[name] = rows_seen.get(name, 0) + count
 
     def post_hook(module, inputs, output, name):
         shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
@@ -106,28 +123,37 @@ def layer_statistics(
             channel_axis = -1 if isinstance(module, nn.Linear) else 1
 
             def on_grad(grad, name=name, axis=channel_axis):
-                g = grad.detach().to(torch.float64).movedim(axis, -1)
-                per_channel = (g * g).reshape(-1, g.shape[-1]).sum(0)
+                g = grad.detach().movedim(axis, -1)
+                per_channel = (g * g).reshape(-1, g.shape[-1]).sum(0).to(torch.float64)
                 grad_sq[name] = grad_sq.get(name, 0) + per_channel
 
             output.register_hook(on_grad)
 
-    handles = []
-    for name in names:
-        handles.append(modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)))
-        handles.append(modules[name].register_forward_hook(lambda m, i, o, n=name: post_hook(m, i, o, n)))
     was_training = model.training
     model.eval()
     total = calib.shape[0]
     batch_size = batch_size or calibration_batch()
-    heads = HeadMetrics(model, names, calib[:1])
+    heads = HeadMetrics(model, names, calib[:1])  # before the hooks: its probe pass adds no statistics
     kinds = tuple(getattr(model, "output_kinds", ()) or ())  # what the data cannot tell (embeddings)
+    handles = []
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)))
+        handles.append(modules[name].register_forward_hook(lambda m, i, o, n=name: post_hook(m, i, o, n)))
+    # Gradients with respect to activations only: the weights' own gradients (half the backward's
+    # work, all of it for a language model's head) are never read. Token ids take no gradient, so
+    # there the embeddings' outputs start the graph.
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    handles += [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+                for m in model.modules() if isinstance(m, nn.Embedding)]
     try:
         for start in range(0, total, batch_size):
             if progress:
                 progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
             batch = as_input(calib[start : start + batch_size])
-            if batch.is_floating_point():  # token ids take no gradient; the weights' keep the graph
+            shared.clear()
+            if batch.is_floating_point():
                 batch.requires_grad_(True)
             with torch.enable_grad():
                 # Heads are independent given the input: the joint Fisher is the sum of theirs.
@@ -138,6 +164,9 @@ def layer_statistics(
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        shared.clear()
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     stats = {}

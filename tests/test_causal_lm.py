@@ -1,0 +1,206 @@
+"""Causal language models (issue 16): a tiny Llama made and briefly trained here (nothing
+downloaded) loads from its directory as a module from token ids to next-token logits; the planner
+weighs layers by the token KL, the self-check measures held-back perplexity, the head tied to the
+embedding stays tied, and the result saves as a directory that loads again; the CLI takes the
+directory and calibration text."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import rankfold
+from rankfold.check_rules import CheckRule
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("safetensors")
+
+WORDS = ("the cat sat on a mat while dogs ran far away from home and we all saw it happen slowly "
+         "under bright red sky near old green trees by cold blue water").split()
+
+
+def _lines(n: int, seed: int) -> list[str]:
+    """Sentences with some order to learn: each word is often followed by the next in WORDS."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        i, words = int(torch.randint(len(WORDS), (1,), generator=g)), []
+        for _ in range(int(torch.randint(5, 12, (1,), generator=g))):
+            words.append(WORDS[i])
+            step = 1 if float(torch.rand(1, generator=g)) < 0.8 else int(torch.randint(len(WORDS), (1,), generator=g))
+            i = (i + step) % len(WORDS)
+        out.append(" ".join(words))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minillama")
+    vocab = ["<unk>", "<s>", "</s>", "\n", *sorted(set(WORDS))]
+    words = tokenizers.models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>")
+    tokenizer = tokenizers.Tokenizer(words)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([  # words, and "\n" as a token of its own
+        tokenizers.pre_tokenizers.Split("\n", "isolated"), tokenizers.pre_tokenizers.Split(" ", "removed")])
+    tokenizer.save(str(root / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=2)
+    lm = transformers.LlamaForCausalLM(config)
+    ids = torch.tensor(sum((e.ids for e in tokenizer.encode_batch([line + "\n" for line in _lines(400, 0)])), []))
+    windows = ids[: len(ids) // 16 * 16].reshape(-1, 16)
+    optimizer = torch.optim.Adam(lm.parameters(), lr=3e-3)
+    for step in range(120):  # a language model with something to lose: perplexity far below the vocabulary's
+        batch = windows[torch.randint(len(windows), (32,), generator=torch.Generator().manual_seed(step))]
+        loss = lm(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    lm.save_pretrained(root)
+    (root / "calib.txt").write_text("\n".join(_lines(300, 1)) + "\n")
+    (root / "held.txt").write_text("\n".join(_lines(100, 2)) + "\n")
+    return root
+
+
+def _windows(lm_dir, name: str, count: int):
+    from rankfold.frontends.hf import read_texts, text_windows
+
+    return text_windows(lm_dir, read_texts(lm_dir / name), 16, count)
+
+
+def test_a_causal_lm_loads_from_its_directory_and_predicts_the_next_ids(lm_dir):
+    from rankfold.analyze import untouchable_layers
+    from rankfold.frontends.hf import CausalLM, load_hf
+
+    model = load_hf(lm_dir)
+    assert isinstance(model, CausalLM)
+    ids = _windows(lm_dir, "held.txt", 8)
+    assert ids.shape == (8, 16) and ids.dtype == torch.int64
+    with torch.no_grad():
+        logits = model(ids)
+    assert logits.shape == (8, 16, model.lm.config.vocab_size)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert math.exp(float(nll)) < model.lm.config.vocab_size / 3  # trained: far better than a uniform guess
+    assert "lm.lm_head" in untouchable_layers(model)  # tied to the token embedding
+    assert "tied" in untouchable_layers(model)["lm.lm_head"]
+
+
+def test_the_self_check_measures_held_back_perplexity_and_refuses_a_rise(lm_dir):
+    from rankfold.frontends.hf import load_hf
+    from rankfold.selfcheck import agreement
+
+    model = load_hf(lm_dir)
+    calib, held = _windows(lm_dir, "calib.txt", 96), _windows(lm_dir, "held.txt", 32)
+    same = agreement(model, model, held)
+    assert same.outputs[0].kind == "next_token"
+    assert same.outputs[0].metrics["perplexity"] == pytest.approx(1.0) and same.outputs[0].metrics["kl"] < 1e-9
+    small = rankfold.compress_uniform(model, method="svd", keep=0.3, calib=calib, min_rank=2,
+                                      rules=(CheckRule("perplexity", 100.0),))
+    check = agreement(model, small.module, held).outputs[0].metrics
+    with torch.no_grad():  # the ratio, computed here independently
+        def nll(m):
+            logits = m(held)[:, :-1]
+            return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           held[:, 1:].reshape(-1)))
+        expected = math.exp(nll(small.module) - nll(model))
+    assert expected > 1.0 and check["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert check["kl"] > 0
+    with pytest.raises(rankfold.RankfoldError, match="perplexity"):
+        rankfold.compress_uniform(model, method="svd", keep=0.3, calib=calib, min_rank=2,
+                                  rules=(CheckRule("perplexity", 1.0 + (expected - 1) / 10),))
+
+
+def test_the_default_check_of_a_causal_lm_is_its_perplexity_ratio():
+    from rankfold.selfcheck import default_rule
+    from rankfold.settings import DEFAULT_MAX_PERPLEXITY_RATIO
+
+    assert default_rule("next_token", 0.8, 0.2) == CheckRule("perplexity", DEFAULT_MAX_PERPLEXITY_RATIO)
+
+
+def test_a_planned_causal_lm_saves_and_loads_again_with_its_head_tied(lm_dir, tmp_path):
+    from safetensors import safe_open
+
+    from rankfold.frontends.hf import load_hf
+
+    model = load_hf(lm_dir)
+    calib = _windows(lm_dir, "calib.txt", 96)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"params": "90%"}, bits="auto", min_rank=2,
+                                         rules=(CheckRule("perplexity", 100.0),))
+    assert result.plan.feasible and "lm.lm_head" not in {x.name for x in result.plan.layers if x.method != "none"}
+    out = tmp_path / "saved"
+    rankfold.save_compressed(result, out, hf_source=lm_dir)
+    again = rankfold.load_compressed(out)
+    assert again.lm.lm_head.weight is again.lm.model.embed_tokens.weight  # the tie holds
+    with safe_open(str(out / "model.safetensors"), "np") as handle:
+        names = set(handle.keys())
+    assert "lm.model.embed_tokens.weight" in names and "lm.lm_head.weight" not in names  # stored once
+    ids = _windows(lm_dir, "held.txt", 4)
+    with torch.no_grad():
+        want = result.module(ids) if not result.quantized else None
+        got = again(ids)
+    if want is not None:
+        torch.testing.assert_close(got, want)
+    assert got.shape == (4, 16, model.lm.config.vocab_size) and bool(torch.isfinite(got).all())
+
+
+def test_the_cli_compresses_a_model_directory_on_calibration_text(lm_dir, tmp_path, capsys):
+    from rankfold.cli import main
+
+    out = tmp_path / "small"
+    code = main(["compress", str(lm_dir), "--calib-text", str(lm_dir / "calib.txt"), "--seq-len", "16",
+                 "--samples", "96", "--max-params", "90%", "--bits", "32", "--min-rank", "2",
+                 "--check", "perplexity:100", "-o", str(out), "-q"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "perplexity" in printed and f"wrote {out}" in printed
+    loaded = rankfold.load_compressed(out)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(
+        p.numel() for p in rankfold.frontends.hf.load_hf(lm_dir).parameters())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("inside", "the model's own directory"),
+    ("npz", "--calib: not available for a model directory"),
+    ("notext", "calibrates on text"),
+])
+def test_the_cli_refuses_a_model_directory_run_that_cannot_work_before_any_work(lm_dir, tmp_path, capsys, case,
+                                                                              message):
+    from rankfold.cli import main
+
+    before = sorted(os.listdir(lm_dir))
+    args = {"inside": ["--calib-text", str(lm_dir / "calib.txt"), "-o", str(lm_dir / "out")],
+            "npz": ["--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o")],
+            "notext": ["-o", str(tmp_path / "o")]}[case]
+    code = main(["compress", str(lm_dir), "--max-params", "90%", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert sorted(os.listdir(lm_dir)) == before and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("keep", [0.4])
+def test_layer_inputs_block_by_block_equal_those_of_prefix_passes(lm_dir, monkeypatch, keep):
+    """The compensated apply reads each layer's inputs from the block stack (one pass through its
+    block) exactly as from passes from the model's input (one pass up to every layer)."""
+    from rankfold import block_inputs
+    from rankfold.frontends.hf import load_hf
+
+    model = load_hf(lm_dir)
+    calib, held = _windows(lm_dir, "calib.txt", 48), _windows(lm_dir, "held.txt", 8)
+    assert block_inputs.block_stack(model) == "lm.model.layers"
+    used = []
+    real = block_inputs.BlockInputs.for_model
+
+    def spy(*args, **kwargs):
+        found = real(*args, **kwargs)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(block_inputs.BlockInputs, "for_model", spy)
+    by_block = rankfold.compress(model, method="svd", keep=keep, calib=calib, min_rank=2)
+    monkeypatch.setattr(block_inputs.BlockInputs, "for_model", lambda *a, **k: None)
+    by_prefix = rankfold.compress(model, method="svd", keep=keep, calib=calib, min_rank=2)
+    assert used == [True]
+    with torch.no_grad():
+        torch.testing.assert_close(by_block(held), by_prefix(held), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(by_block(held), model(held), atol=1e-3)  # it did compress
