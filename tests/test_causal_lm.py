@@ -204,3 +204,28 @@ def test_layer_inputs_block_by_block_equal_those_of_prefix_passes(lm_dir, monkey
     with torch.no_grad():
         torch.testing.assert_close(by_block(held), by_prefix(held), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(by_block(held), model(held), atol=1e-3)  # it did compress
+
+
+def test_eval_reports_the_perplexity_of_a_model_directory_and_of_its_compression(lm_dir, tmp_path, capsys):
+    import json
+
+    from rankfold.cli import main
+    from rankfold.frontends.hf import load_hf, perplexity
+
+    held = _windows(lm_dir, "held.txt", 12)
+    assert main(["eval", str(lm_dir), "--text", str(lm_dir / "held.txt"), "--seq-len", "16", "--samples", "12",
+                 "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["perplexity"] == pytest.approx(perplexity(load_hf(lm_dir), held), rel=1e-5)
+    out = tmp_path / "small"
+    assert main(["compress", str(lm_dir), "--calib-text", str(lm_dir / "calib.txt"), "--seq-len", "16",
+                 "--samples", "96", "--keep", "0.5", "--min-rank", "2", "--check", "perplexity:100", "-o", str(out),
+                 "-q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(lm_dir / "held.txt"), "--seq-len", "16", "--samples", "12",
+                 "--json"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert small["params"] < measured["params"]
+    assert small["perplexity"] == pytest.approx(perplexity(rankfold.load_compressed(out), held), rel=1e-5)
+    assert main(["eval", str(lm_dir), "--data", str(tmp_path / "x.npz"), "--text", str(lm_dir / "held.txt")]) == 2
+    assert "not available for a model directory" in capsys.readouterr().err

@@ -22,6 +22,9 @@ FT = ["M", "--plan", "P", "--calib", "C", "--train", "D", "--steps", "1"]  # fin
 CASES = {
     ("eval", "model"): (["X", "--data", "D"], "@missing.onnx", "no such file"),
     ("eval", "--data"): (["M", "--data", "X"], "@bad.npz", "not a readable .npz"),
+    ("eval", "--text"): (["M", "--data", "D", "--text", "X"], "@missing.txt", "--text measures a model directory"),
+    ("eval", "--seq-len"): (["M", "--data", "D", "--seq-len", "X"], "0", "positive integer"),
+    ("eval", "--samples"): (["M", "--data", "D", "--samples", "X"], "-3", "positive integer"),
     ("eval", "--limit"): (["M", "--data", "D", "--limit", "X"], "-1", "expected 0 (all) or a positive integer"),
     ("eval", "--runs"): (["M", "--data", "D", "--runs", "X"], "0", "expected a positive integer"),
     ("eval", "--attack"): (["M", "--data", "D", "--attack", "X"], "cw", "invalid choice"),

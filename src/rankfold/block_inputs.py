@@ -97,6 +97,7 @@ class BlockInputs:
         self.current = [c.hidden for c in calls]
         self.original = self.current  # the same tensors until a layer before the block has changed
         self.diverged = False
+        self.last: tuple[list, list, InputMoments | None] | None = None  # the last layer's inputs and moments
 
     @classmethod
     def for_model(cls, model: nn.Module, reference: nn.Module, calib: Tensor,
@@ -162,4 +163,13 @@ class BlockInputs:
             original_block = self.reference.get_submodule(self.stack)[index]
             original_layer = self.reference.get_submodule(name)
             x = [_input_inside(original_block, original_layer, call, h) for call, h in zip(self.calls, self.original)]
-        return moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed)
+        if self.last is not None and _same_tensors(self.last[0], x) and _same_tensors(self.last[1], x_hat):
+            return self.last[2]  # layers reading one input (q, k and v; gate and up) share its moments
+        found = moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed)
+        self.last = (x, x_hat, found)
+        return found
+
+
+def _same_tensors(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(p is not None and q is not None and p.shape == q.shape and torch.equal(p, q)
+                                    for p, q in zip(a, b))

@@ -13,6 +13,13 @@ from rankfold.io import check_output_directory, check_outputs
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    if os.path.isdir(args.model):
+        return _eval_directory(args)
+    if args.data is None:
+        raise RankfoldError(f"{args.model}: an ONNX model is measured on --data DATA.npz (x and labels y)")
+    if args.text is not None:
+        raise RankfoldError("--text measures a model directory (a language model or a sentence encoder); an ONNX "
+                            "model takes --data")
     from rankfold.data import check_input_shape, load_npz
     from rankfold.evaluate import evaluate
     from rankfold.frontends.onnx import read_onnx
@@ -56,6 +63,54 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               "by the gradient twin)")
     if robust:
         print(f"attack          eps in {robust[0].eps_units}; gradients: {robust[0].gradients}")
+
+
+def _load_directory(path: str):
+    """A model directory as a module: a rankfold-compressed one (rankfold.json) or a Hugging Face one."""
+    from rankfold.frontends.hf import is_hf_directory, load_hf
+    from rankfold.saved import CONFIG_NAME, load_compressed
+
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return load_compressed(path)
+    if not is_hf_directory(path):
+        raise RankfoldError(f"{path} is a directory without config.json or {CONFIG_NAME}: give an ONNX file, a "
+                            "Hugging Face model directory or one that rankfold compress wrote")
+    return load_hf(path)
+
+
+def _eval_directory(args: argparse.Namespace) -> None:
+    """eval on a model directory: perplexity of a causal language model on text, or a sentence
+    encoder's embedding cosine to --original's."""
+    from rankfold.frontends.hf import CausalLM, calibration_ids, embedding_cosine, perplexity, read_texts
+
+    given = [f for f, v in (("--data", args.data), ("--attack", args.attack)) if v]
+    if given:
+        raise RankfoldError(f"{'/'.join(given)}: not available for a model directory (measured on --text)")
+    if args.text is None:
+        raise RankfoldError(f"{args.model}: a model directory is measured on text: give --text FILE|DIR")
+    model = _load_directory(args.model)
+    texts = read_texts(args.text)
+    ids = calibration_ids(args.model, model, texts, args.seq_len, args.samples)
+    out = {"model": args.model, "kind": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+           "samples": len(ids), "seq_len": int(ids.shape[1])}
+    if isinstance(model, CausalLM):
+        if args.original:
+            raise RankfoldError("--original compares sentence encoders; a language model is measured by perplexity")
+        out["perplexity"] = perplexity(model, ids)
+    else:
+        if not args.original:
+            raise RankfoldError("a sentence encoder is measured against the model it came from: give --original DIR")
+        out["embedding_cosine"] = embedding_cosine(model, _load_directory(args.original), ids)
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"model           {args.model} ({out['kind']})")
+    print(f"parameters      {out['params']:,}")
+    if "perplexity" in out:
+        print(f"perplexity      {out['perplexity']:.3f} on {len(ids)} windows of {ids.shape[1]} tokens of {args.text}")
+    else:
+        print(f"embedding cos.  {out['embedding_cosine']:.4f} to {args.original} on {len(ids)} sentences of "
+              f"{args.text}")
 
 
 ATTACK_NAMES = ("fgsm", "pgd", "transfer")  # robustness.ATTACKS (a test keeps them equal)
@@ -1007,8 +1062,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure an ONNX model: accuracy, size, MACs, latency",
                        description="Top-1 accuracy, parameters, MACs, weight/file bytes and onnxruntime latency "
                                    "(1 thread, median of --runs after warm-up) at batch 1 and 32.")
-    p.add_argument("model", help="model .onnx")
-    p.add_argument("--data", required=True, help=".npz with x (N, ...) float32 and y (N,) int labels")
+    p.add_argument("model", help="model .onnx, or a model directory (Hugging Face, or written by compress)")
+    p.add_argument("--data", help=".npz with x (N, ...) float32 and y (N,) int labels (ONNX models)")
+    p.add_argument("--text", help="model directory: text to measure on, a .txt file or a directory of them "
+                                  "(perplexity for a language model; embedding cosine to --original for an encoder)")
+    p.add_argument("--seq-len", type=_seq_len, default=256, help="model directory: tokens per window (default 256)")
+    p.add_argument("--samples", type=_positive_int, default=128,
+                   help="model directory: windows (language models) or sentences (encoders) (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--limit", type=_count, default=0, help="use only the first N samples")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per latency (default 30)")

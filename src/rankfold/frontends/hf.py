@@ -8,6 +8,7 @@ downloads anything: a directory is read as it lies on disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -210,3 +211,25 @@ def calibration_ids(directory: str | os.PathLike, model: nn.Module, texts: Seque
     if isinstance(model, CausalLM):
         return text_windows(directory, texts, seq_len, samples)
     return tokenize(directory, list(texts)[:samples], seq_len)
+
+
+def perplexity(model: nn.Module, windows: Tensor, batch: int = 8) -> float:
+    """exp of the mean next-token negative log-likelihood over every position of full `windows`
+    (N, T) of a causal language model, streamed `batch` windows at a time."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(windows), batch):
+            ids = windows[start : start + batch]
+            logits = model(ids)[:, :-1]
+            nll += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                     reduction="sum"))
+            count += ids[:, 1:].numel()
+    return math.exp(nll / max(count, 1))
+
+
+def embedding_cosine(model: nn.Module, original: nn.Module, ids: Tensor, batch: int = 50) -> float:
+    """Mean cosine similarity of two sentence encoders' embeddings of `ids`."""
+    with torch.no_grad():
+        return float(torch.cat([nn.functional.cosine_similarity(model(ids[i : i + batch]),
+                                                                original(ids[i : i + batch]), dim=-1)
+                                for i in range(0, len(ids), batch)]).mean())
