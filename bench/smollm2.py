@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held", type=int, default=64, help="held-back windows for perplexity")
     parser.add_argument("--contenders", default="planned,uniform,plain",
                         help="in this order (the first row's peak RSS is its own; later rows report the run's)")
-    parser.add_argument("--max-memory", type=float, default=6.0, help="GB the planned row must stay under")
+    parser.add_argument("--max-memory", type=float, default=6.0,
+                        help="GiB the first row's calibration passes are sized for (later rows: the default, as "
+                             "the process then holds earlier results)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     parser.add_argument("--out", default=RESULTS, help=f"results file (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = text_windows(directory, sentences("calib"), args.seq_len, args.calib)
     held = text_windows(directory, sentences("held"), args.seq_len, args.held)
     total, blocks = sum(p.numel() for p in model.parameters()), block_linear_params(model)
-    original = perplexity(model, held)
+    original = perplexity(model, held, batch=2)  # small batches: 49k-way logits are 50 MB per window
     print(f"original: perplexity {original:.3f} on {len(held)} held-back windows of {args.seq_len} tokens", flush=True)
     rows = [{"cut": 0.0, "contender": "original", "perplexity": original, "ratio": 1.0, "params": total,
              "block_params_removed": 0.0, "seconds": 0.0}]
@@ -127,24 +129,25 @@ def main(argv: list[str] | None = None) -> int:
             "plain": ("plain SVD, uniform", lambda: rankfold.compress(model, method="svd", keep=keep, min_rank=1)),
             "uniform": ("rankfold data-aware SVD, uniform", lambda: rankfold.compress(
                 model, method="svd", keep=keep, calib=calib, min_rank=1, check=False,
-                max_memory=int(args.max_memory * 2**30))),
+                max_memory=int(args.max_memory * 2**30) if not rows[1:] else None)),
             "svd-llm": ("SVD-LLM-style whitened truncation, uniform",
                         lambda: weighted_svd_baseline(model, calib, keep, "svd-llm", stats)),
             "asvd": ("ASVD-style activation-scaled SVD, uniform",
                      lambda: weighted_svd_baseline(model, calib, keep, "asvd", stats)),
-            "planned": ("rankfold planned, bits=32", lambda: _planned(model, calib, total - int(cut * blocks),
-                                                                      int(args.max_memory * 2**30))),
+            "planned": ("rankfold planned, bits=32", lambda: _planned(
+                model, calib, total - int(cut * blocks), int(args.max_memory * 2**30) if not rows[1:] else None)),
         }
         for key in wanted:
             name, run = runs[key]
             t0 = time.time()
             small = run()
             seconds = time.time() - t0
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before measuring it
             params = sum(p.numel() for p in small.parameters())
-            ppl = perplexity(small, held)
+            ppl = perplexity(small, held, batch=2)
             rows.append({"cut": cut, "contender": name, "perplexity": ppl, "ratio": ppl / original, "params": params,
                          "block_params_removed": (total - params) / blocks, "seconds": seconds,
-                         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+                         "peak_rss_gib": peak})
             print(f"cut {cut:.0%} {name:34} perplexity {ppl:.3f} (x{ppl / original:.3f})  block params removed "
                   f"{rows[-1]['block_params_removed']:.1%}  {seconds:.0f} s", flush=True)
             with open(args.out, "w") as handle:  # after every row: a long run keeps what it measured

@@ -138,7 +138,9 @@ def compress_with_report(
     else:
         calib = as_input(calib)
         names = [name for name, _m, _c in plans]
-        reference = copy.deepcopy(result)  # the original, for the inputs each layer saw before compression
+        # The original, for the inputs each layer saw before compression: the caller's module where it
+        # is already in eval mode (never changed here; a language model's copy is half a GB).
+        reference = model if not model.training else copy.deepcopy(result)
         reached = reach_order(result, names, calib[:1])
         changed = False  # until a layer is replaced, every layer sees its original input
         cursors = _LayerInputs.for_graph(result, reference, calib, say) or \
