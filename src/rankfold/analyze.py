@@ -22,16 +22,13 @@ def untouchable_layers(model: nn.Module) -> dict[str, str]:
     reads the weight of directly, and those whose weight is tied to another module's (a language
     model's head and its token embedding): replacing one would untie them and store the matrix twice."""
     found = {}
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            if pname == "weight":
-                owners.setdefault(id(param), []).append(name)
-    for names in owners.values():
-        for name in names:
-            others = [n for n in names if n != name]
-            if others and isinstance(model.get_submodule(name), COMPRESSIBLE):
-                found[name] = f"its weight is tied to {others[0]}'s: kept, so that the tie (one stored matrix) holds"
+    for name, first in tied_names(model).items():
+        if not (name.endswith(".weight") and first.endswith(".weight")):
+            continue
+        for layer, other in ((name[: -len(".weight")], first), (first[: -len(".weight")], name)):
+            if isinstance(model.get_submodule(layer), COMPRESSIBLE):
+                found[layer] = (f"its weight is tied to {other[: -len('.weight')]}'s: kept, so that the tie (one "
+                                "stored matrix) holds")
     for parent_name, parent in model.named_modules():
         if isinstance(parent, WEIGHT_READERS):
             for child_name, child in parent.named_children():
@@ -39,6 +36,19 @@ def untouchable_layers(model: nn.Module) -> dict[str, str]:
                     name = f"{parent_name}.{child_name}" if parent_name else child_name
                     found[name] = f"its {type(parent).__name__} reads .weight directly: not replaceable"
     return found
+
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """State-dict names whose tensor is another, earlier name's (a language model's head tied to its
+    token embedding), each mapped to that first name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if id(value) in first:
+            tied[name] = first[id(value)]
+        else:
+            first[id(value)] = name
+    return tied
+
 
 # Channel rows kept per layer for the moments: beyond this the estimates do not change, but the
 # cost (and memory) of the moment products would keep growing with the data.

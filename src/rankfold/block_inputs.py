@@ -89,10 +89,8 @@ class BlockInputs:
     """InputMoments of each layer inside a block stack, the blocks visited in order; layers outside
     the stack (an embedding projection, a head) by prefix passes."""
 
-    def __init__(self, model: nn.Module, reference: nn.Module, stack: str, calib: Tensor, batches: list[Tensor],
-                 calls: list[_Call]) -> None:
-        self.model, self.reference, self.stack, self.calib = model, reference, stack, calib
-        self.batches, self.calls = batches, calls
+    def __init__(self, model: nn.Module, reference: nn.Module, stack: str, calib: Tensor, calls: list[_Call]) -> None:
+        self.model, self.reference, self.stack, self.calib, self.calls = model, reference, stack, calib, calls
         self.at = 0  # the block whose inputs are held
         self.current = [c.hidden for c in calls]
         self.original = self.current  # the same tensors until a layer before the block has changed
@@ -128,7 +126,7 @@ class BlockInputs:
             return None  # the blocks are not a chain (block 1 does not read block 0's output)
         say(f"layer inputs block by block through {stack} ({len(blocks)} blocks; {format_bytes(held)} of hidden "
             "states held)")
-        return cls(model, reference, stack, calib, batches, calls)
+        return cls(model, reference, stack, calib, calls)
 
     def _block_of(self, name: str) -> int | None:
         prefix = self.stack + "."

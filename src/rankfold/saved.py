@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rankfold.analyze import tied_names
 from rankfold.errors import RankfoldError
 from rankfold.layers import LowRank
 
@@ -59,19 +60,6 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
         else:
             arrays[name] = np.ascontiguousarray(array)
     return arrays, quantized
-
-
-def tied_names(module: nn.Module) -> dict[str, str]:
-    """State-dict names whose tensor is another, earlier name's (a language model's head tied to its
-    token embedding), each mapped to that first name."""
-    first: dict[int, str] = {}
-    tied = {}
-    for name, value in module.state_dict(keep_vars=True).items():
-        if id(value) in first:
-            tied[name] = first[id(value)]
-        else:
-            first[id(value)] = name
-    return tied
 
 
 def loaded_weights(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, dict]) -> dict[str, Tensor]:

@@ -121,7 +121,7 @@ class Pricing:
 
     def _whole_network_timing(self, layer_names, onnx_path, say) -> WholeNetworkTiming | None:
         """The measured latency model; None, said, where the model does not export to ONNX (a
-        language model with ops the exporter lacks): its latency is then modelled from its MACs."""
+        language model with ops the exporter lacks): its latency is then its layers' own, summed."""
         if onnx_path is None and not getattr(self.model, "exports_to_onnx", True):
             say("latency not measured: the model does not export to ONNX (it says so: exports_to_onnx); it is "
                 "the sum of its layers' own measured latencies")
@@ -133,7 +133,7 @@ class Pricing:
             if onnx_path is not None:
                 raise
             say(f"latency not measured: the model does not export to ONNX here ({first_line(exc)}); it is "
-                "modelled from MACs and activation traffic instead")
+                "estimated from its layers' own latencies instead")
             return None
 
     def __init__(self, model, example, target, options, notes, activations, data_aware, names, layer_names,
