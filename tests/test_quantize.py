@@ -360,3 +360,98 @@ def test_a_layer_kept_float_is_not_quantized_by_the_runtime(tmp_path):
     x = calib[:16].numpy()
     integer, fake = _run(path, x), _run(path, x, optimize=False)
     assert np.abs(integer - fake).max() <= 0.02 * np.abs(fake).max()
+
+
+# -- int4 with one scale per group of input elements ---------------------------------------------
+@pytest.fixture(scope="module")
+def mlp_with_loud_inputs():
+    """Linear layers whose inputs have a few loud columns: one scale per channel must cover them,
+    one per group of 16 covers them only in their own group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10)).eval()
+    with torch.no_grad():
+        model[2].weight[:, :4] *= 20
+    return model, torch.randn(256, 64)
+
+
+def test_grouped_data_aware_rounding_keeps_the_exporters_grid_and_beats_per_channel(mlp_with_loud_inputs):
+    model, calib = mlp_with_loud_inputs
+    moments = input_second_moments(model, ["2"], calib)["2"]
+    errors = {}
+    for group in (None, 16):
+        layer = copy.deepcopy(model[2])
+        quantize_layer(layer, 4, moments, group_size=group)
+        regrid = quantize_weight(layer.weight.detach().numpy(), 4, group)  # what the exporter finds
+        np.testing.assert_allclose(regrid.dequantize(), layer.weight.detach().numpy(), rtol=1e-6, atol=1e-8)
+        delta = layer.weight.detach().double() - model[2].weight.detach().double()
+        errors[group] = float(torch.trace(delta @ moments @ delta.T))
+    assert errors[16] < 0.5 * errors[None]
+
+
+def test_grouped_int4_export_runs_in_onnxruntime_as_the_torch_copy_computes(mlp_with_loud_inputs, tmp_path):
+    from rankfold.quantize.export import quantized_copy
+
+    model, calib = mlp_with_loud_inputs
+    bits, groups = {"0": 4, "2": 4, "4": 8}, {"0": 16, "2": 16}
+    reference, _leaves = quantized_copy(model, bits, calib=calib, groups=groups)
+    path = tmp_path / "g.onnx"
+    export_quantized(model, bits, path, calib=calib, example_input=calib[:2], weight_only=True, groups=groups,
+                     reduce_range=False)
+    blocked = [{a.name: a.i for a in n.attribute} for n in onnx.load(path).graph.node
+               if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)]
+    assert len(blocked) == 2 and all(b["block_size"] == 16 for b in blocked)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(path, calib[:32].numpy()), reference(calib[:32]).numpy(), atol=1e-5)
+    # bytes as the planner prices them: packed codes, a float32 scale per group, float biases (the
+    # int8 layer's too: weight-only, no activation scale for an int32 bias)
+    from rankfold.planner.options import quantized_layer_bytes
+
+    expected = quantized_layer_bytes(96 * 64, 96, True, 4, group_size=16) + \
+        quantized_layer_bytes(96 * 96, 96, True, 4, group_size=16) + quantized_layer_bytes(10 * 96, 10, False, 8) + 40
+    assert onnx_size(path).weight_bytes == expected
+
+
+def test_the_planner_offers_grouped_int4_where_the_target_has_groups(mlp_with_loud_inputs, tmp_path):
+    import dataclasses
+
+    from rankfold.planner.plan import load_plan, plan_problem
+    from rankfold.planner.pricing import price_model
+    from rankfold.target import load_target, target_from_dict
+
+    model, calib = mlp_with_loud_inputs
+    target = dataclasses.replace(load_target("host"), weight_group_size=16, reduce_range=False)
+    pricing = price_model(model, calib=calib, target=target, min_rank=4)
+    assert not any(o.group_size for n in ("0", "4") for o in pricing.options[n])  # edges: never int4
+    grouped = [o for o in pricing.options["2"] if o.group_size]
+    assert grouped and {o.bits for o in grouped} == {4} and {o.group_size for o in grouped} == {16}
+    plain = {o.key: o for o in pricing.options["2"] if o.bits == 4 and not o.group_size and not o.per_tensor}
+    for o in grouped:  # far less lossy on the loud layer; unfactorized, dearer than a scale per channel
+        assert o.quant_loss < 0.5 * plain[o.key].quant_loss
+        assert o.method != "none" or o.weight_bytes > plain[o.key].weight_bytes
+    plan = pricing.plan({"weight_bytes": "15%"})
+    assert plan.feasible and plan.grouped_layers() == {"2": 16}
+    layer = next(x for x in plan.layers if x.name == "2")
+    assert layer.weight_scales == "group16" and layer.bits == 4
+    assert plan_problem(dataclasses.replace(plan, layers=[dataclasses.replace(layer, bits=8)])) \
+        == "layer '2': weight_scales group16 (groups) needs bits 4, got 8"
+    assert "weight_scales must be one of" in plan_problem(
+        dataclasses.replace(plan, layers=[dataclasses.replace(layer, weight_scales="group0")]))
+    plan.save(tmp_path / "plan.json")
+    assert load_plan(tmp_path / "plan.json").grouped_layers() == {"2": 16}
+    with pytest.raises(RankfoldError, match="weight_group_size needs int4"):
+        target_from_dict({"name": "t", "weight_bits": [8], "weight_group_size": 32})
+    with pytest.raises(RankfoldError, match="weight_group_size must be a positive integer"):
+        target_from_dict({"name": "t", "weight_bits": [4], "weight_group_size": 0})
+
+
+def test_saved_weights_keep_their_groups(mlp_with_loud_inputs):
+    from rankfold.saved import loaded_weights, stored_weights
+
+    model, _calib = mlp_with_loud_inputs
+    grid = copy.deepcopy(model)
+    quantize_weights(grid, {"2": 4}, groups={"2": 16})
+    arrays, quantized = stored_weights(grid, {"2": 4}, per_tensor=set(), reduce_range=False, groups={"2": 16})
+    assert quantized["2.weight"] == {"bits": 4, "shape": [96, 96], "group_size": 16}
+    assert arrays["2.weight:scale"].shape == (96, 6) and arrays["2.weight"].nbytes == 96 * 96 // 2
+    state = loaded_weights(arrays, quantized)
+    np.testing.assert_allclose(state["2.weight"].numpy(), grid[2].weight.detach().numpy(), rtol=1e-6, atol=1e-8)

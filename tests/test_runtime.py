@@ -129,12 +129,12 @@ def test_target_profiles_say_which_int8_range_they_need():
 
 def test_the_planner_prices_the_coarser_grid():
     from rankfold.planner.costs import chain_profile
-    from rankfold.planner.options import Option, with_bits
+    from rankfold.planner.options import NoiseUnits, Option, with_bits
 
     layer = nn.Conv2d(8, 8, 3)
     option = Option("none", (), 0.0, chain_profile([layer], (8, 6, 6)), 0.0, 0)
-    full = {o.bits: o for o in with_bits([option], (32, 8, 4), 1.0)}
-    reduced = {o.bits: o for o in with_bits([option], (32, 8, 4), 1.0, reduce_range=True)}
+    full = {o.bits: o for o in with_bits([option], (32, 8, 4), NoiseUnits(1.0))}
+    reduced = {o.bits: o for o in with_bits([option], (32, 8, 4), NoiseUnits(1.0), reduce_range=True)}
     assert reduced[8].loss == pytest.approx(full[8].loss * (127 / 63) ** 2)
     assert reduced[8].weight_bytes == full[8].weight_bytes  # still stored as int8
     assert reduced[4].loss == full[4].loss and reduced[32].loss == 0.0

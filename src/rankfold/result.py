@@ -97,6 +97,7 @@ class Compressed:
             export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
                              observer=observer, reduce_range=plan.reduce_range, progress=say,
                              weight_only=weight_only_export(example), per_tensor=plan.per_tensor_layers(),
+                             groups=plan.grouped_layers(),
                              input_steps=self.input_steps, **trained)
             check = self.check
             if in_onnxruntime:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -38,10 +38,13 @@ def _safetensors():
 
 
 def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tensor: set[str],
-                   reduce_range: bool) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+                   reduce_range: bool, groups: Mapping[str, int] | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """The module's state as safetensors arrays: each quantized leaf's weight (already on its
-    grid) as integer codes (int4 packed two per byte) plus its scales, everything else float.
-    Returns the arrays and, per quantized weight, how it is stored."""
+    grid) as integer codes (int4 packed two per byte) plus its scales (per channel, per tensor,
+    or per group of `groups[leaf]` input elements), everything else float. Returns the arrays
+    and, per quantized weight, how it is stored."""
+    groups = groups or {}
     from rankfold.quantize.core import pack_int4, quantize_weight
 
     arrays, quantized, tied = {}, {}, tied_names(module)
@@ -52,11 +55,13 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
         array = value.detach().cpu().numpy()
         if name.endswith(".weight") and leaf in leaf_bits:
             bits = leaf_bits[leaf]
-            qw = quantize_weight(array, bits, reduce_range=reduce_range, per_tensor=leaf in per_tensor)
+            qw = quantize_weight(array, bits, groups.get(leaf), reduce_range=reduce_range,
+                                 per_tensor=leaf in per_tensor)
             codes = np.frombuffer(pack_int4(qw.q), np.uint8) if bits == 4 else qw.q.astype(np.int8)
             arrays[name] = np.ascontiguousarray(codes)
             arrays[name + SCALE_SUFFIX] = np.ascontiguousarray(qw.scale[:1] if leaf in per_tensor else qw.scale)
-            quantized[name] = {"bits": bits, "shape": list(array.shape)}
+            quantized[name] = {"bits": bits, "shape": list(array.shape),
+                               **({"group_size": groups[leaf]} if leaf in groups else {})}
         else:
             arrays[name] = np.ascontiguousarray(array)
     return arrays, quantized
@@ -64,7 +69,7 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
 
 def loaded_weights(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, dict]) -> dict[str, Tensor]:
     """The state dict that stored_weights' arrays stand for (codes times scales for quantized weights)."""
-    from rankfold.quantize.core import unpack_int4
+    from rankfold.quantize.core import QuantizedWeight, unpack_int4
 
     state = {}
     for name, array in arrays.items():
@@ -75,8 +80,11 @@ def loaded_weights(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, dic
             count = int(np.prod(shape))
             codes = unpack_int4(array.tobytes(), count) if bits == 4 else array
             scale = arrays[name + SCALE_SUFFIX].astype(np.float32)
-            flat = codes.reshape(shape[0], -1).astype(np.float32) * scale.reshape(-1, 1)
-            array = flat.reshape(shape)
+            group = quantized[name].get("group_size")
+            if group:
+                array = QuantizedWeight(codes.reshape(shape), scale.reshape(shape[0], -1), bits, group).dequantize()
+            else:
+                array = (codes.reshape(shape[0], -1).astype(np.float32) * scale.reshape(-1, 1)).reshape(shape)
         state[name] = torch.from_numpy(np.array(array))
     return state
 
@@ -98,8 +106,23 @@ def check_save_directory(directory: str, hf_source: str | os.PathLike | None, *,
         raise RankfoldError(f"{directory} is not empty (force replaces rankfold's files in it)")
 
 
+def check_quantized(result, quantized: nn.Module, say) -> None:
+    """The self-check again, on the quantized weights that are about to be written (the plan's
+    check measured the float module): refused, and nothing written, when it fails."""
+    from rankfold.planner.pipeline import check_result
+
+    plan = result.plan
+    if result.check is None or result.calib is None or not plan.held_back:
+        return  # unchecked results stay unchecked (--no-check); said when they were made
+    held = result.check_samples if result.check_samples is not None else \
+        result.calib[len(result.calib) - plan.held_back:]
+    say("self-check of the quantized weights")
+    result.check = check_result(result.original, quantized, held, result.min_agreement, say,
+                                result.max_output_error, result.rules)
+
+
 def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os.PathLike | None = None,
-                    force: bool = False) -> str:
+                    force: bool = False, progress: Callable[[str], None] | None = None) -> str:
     """Write `result` (a Compressed) into `directory` (created; an existing one is refused unless
     `force`, and then only rankfold's own files in it are replaced). Quantized layers are stored
     as the QDQ export stores them (the same rounding); `hf_source`: the Hugging Face directory the
@@ -107,8 +130,9 @@ def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os
     from rankfold.io import write_json_atomic
     from rankfold.planner.plan import fitting_samples
     from rankfold.quantize.export import quantized_copy
-    from rankfold.quantize.weights import per_tensor_leaves
+    from rankfold.quantize.weights import grouped_leaves, per_tensor_leaves
 
+    say = progress or (lambda _m: None)
     _load, save_file = _safetensors()
     directory = os.fspath(directory)
     check_save_directory(directory, hf_source, force=force)
@@ -126,9 +150,11 @@ def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os
             leaf_bits, reduce_range = quantized_leaves(module, plan.layer_bits()), plan.reduce_range
         else:
             module, leaf_bits = quantized_copy(module, plan.layer_bits(), calib=fitting_samples(plan, result.calib),
-                                               per_tensor=per_tensor)
+                                               per_tensor=per_tensor, groups=plan.grouped_layers(), progress=say)
+            check_quantized(result, module, say)
         whole = per_tensor_leaves(module, per_tensor)
-    arrays, quantized = stored_weights(module, leaf_bits, per_tensor=whole, reduce_range=reduce_range)
+    arrays, quantized = stored_weights(module, leaf_bits, per_tensor=whole, reduce_range=reduce_range,
+                                       groups=grouped_leaves(module, plan.grouped_layers()) if result.quantized else {})
     factorized = [{"name": n, "method": m.method, "ranks": list(m.ranks)}
                   for n, m in module.named_modules() if isinstance(m, LowRank)]
     config = {"format": SAVED_FORMAT, "base": base if hf_source is not None else None, "factorized": factorized,

@@ -36,6 +36,9 @@ class Target:
     cycles_per_mac: dict[str, float] = field(default_factory=dict)
     runtime: str = "onnxruntime"
     reduce_range: bool = False  # int8 weights on 7 bits (TOML: true, false or "auto": what this CPU needs)
+    # int4 weights may also take one scale per this many consecutive input elements of each output
+    # channel (DequantizeLinear's block_size; onnxruntime targets): None offers per-channel int4 only.
+    weight_group_size: int | None = None
     int8_note: str = ""  # what "auto" found (not a TOML field)
 
     @property
@@ -93,7 +96,7 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
             raise RankfoldError(f"{origin}: {key} must be a positive {'integer' if integer else 'number'}, "
                                 f"got {value!r}")
 
-    for key in ("flash_bytes", "ram_bytes", "rank_multiple", "activation_bits"):
+    for key in ("flash_bytes", "ram_bytes", "rank_multiple", "activation_bits", "weight_group_size"):
         positive(key, integer=True)
     positive("clock_hz")
     bits = raw.get("weight_bits", [32])
@@ -128,6 +131,10 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
     runtime = raw.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:
         raise RankfoldError(f"{origin}: runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if raw.get("weight_group_size") is not None and (runtime != "onnxruntime" or 4 not in raw.get("weight_bits", [32])):
+        raise RankfoldError(f"{origin}: weight_group_size needs int4 weights (weight_bits with 4) and runtime "
+                            f"\"onnxruntime\" (DequantizeLinear's blocks); got weight_bits {raw.get('weight_bits')!r}, "
+                            f"runtime {runtime!r}")
     reduce_range, note = raw.get("reduce_range", False), ""
     if reduce_range == "auto":
         from rankfold.runtime import int8_kernels

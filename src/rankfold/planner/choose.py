@@ -10,7 +10,7 @@ import numpy as np
 
 from rankfold.layers import layer_spec
 from rankfold.planner.options import Option
-from rankfold.planner.plan import LayerPlan, Plan, Progress
+from rankfold.planner.plan import LayerPlan, Plan, Progress, scales_name
 from rankfold.planner.solver import Solution, solve
 from rankfold.target import Budget
 
@@ -143,5 +143,5 @@ def _layer_plans(pricing, chosen: Mapping[str, Option]) -> list[LayerPlan]:
             n, described, opt.method, list(opt.ranks), float(pricing.loss(n, opt)), int(opt.profile.params),
             int(round(opt.weight_bytes)), int(opt.profile.macs),
             round(float(pricing.latency_scale * opt.latency_ms), 5), int(round(opt.ram_elements * pricing.act_bytes)),
-            note, opt.bits, "tensor" if opt.per_tensor else "channel"))
+            note, opt.bits, scales_name(opt.per_tensor, opt.group_size)))
     return layers

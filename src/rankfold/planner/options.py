@@ -35,61 +35,97 @@ class Option:
     weight_bytes: float = 0.0
     quant_loss: float = 0.0  # the share of `loss` that weight rounding adds
     per_tensor: bool = False  # one weight scale for each (sub-)layer instead of one per output channel
+    group_size: int | None = None  # int4 with one scale per this many input elements of each channel
 
     @property
     def key(self) -> tuple[str, tuple[int, ...]]:
         return self.method, self.ranks
 
 
-def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int, per_tensor: bool = False) -> int:
+def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int, per_tensor: bool = False,
+                          group_size: int | None = None) -> int:
     """One (sub-)layer's bytes as the QDQ export stores it below 32 bits: packed integers, a
     float32 scale per output channel, and int32 biases with a float32 scale each; `per_tensor`:
-    one float32 scale for the weights and one for the biases."""
+    one float32 scale for the weights and one for the biases; `group_size`: a float32 scale per
+    group of that many input elements of each channel, and float32 biases (a bias scale per
+    group does not exist)."""
+    if group_size is not None:
+        groups = out_ch * -(-(weights // max(out_ch, 1)) // group_size)
+        return -(-weights * bits // 8) + 4 * groups + (4 * out_ch if bias else 0)
     scales = 1 if per_tensor else out_ch
     return -(-weights * bits // 8) + 4 * scales + (4 * out_ch + 4 * scales if bias else 0)
 
 
-def stored_bytes(profile: ChainProfile, bits: int, per_tensor: bool = False) -> float:
+def stored_bytes(profile: ChainProfile, bits: int, per_tensor: bool = False, group_size: int | None = None) -> float:
     """Weight bytes of a chain at `bits` as exported (float32 at 32 bits)."""
     if bits >= 32:
         return 4.0 * profile.params
     return float(sum(quantized_layer_bytes(s.out_ch * (s.in_ch // s.groups) * int(np.prod(s.kernel or (1,))),
-                                           s.out_ch, s.bias, bits, per_tensor) for s in profile.sub_layers))
+                                           s.out_ch, s.bias, bits, per_tensor, group_size)
+                     for s in profile.sub_layers))
 
 
-def with_bits(options: list[Option], bits_choices: tuple[int, ...], noise_unit: float,
-              reduce_range: bool = False, tensor_noise_unit: float | None = None) -> list[Option]:
+@dataclass(frozen=True)
+class NoiseUnits:
+    """A layer's estimated loss from int8 rounding noise on its weights, per scale layout: one
+    scale per output channel, one per tensor (None: not offered), one per group (int4 only)."""
+
+    channel: float
+    tensor: float | None = None
+    group: float | None = None
+    group_size: int | None = None
+
+
+def with_bits(options: list[Option], bits_choices: tuple[int, ...], units: NoiseUnits,
+              reduce_range: bool = False) -> list[Option]:
     """Every structural option at every allowed bit-width. Quantizing adds rounding noise to each
-    factor: its estimated loss is noise_unit (the layer's loss at int8) x factors x (127/qmax)^2,
+    factor: its estimated loss is the unit (the layer's loss at int8) x factors x (127/qmax)^2,
     qmax 63 for int8 on a target that needs 7-bit weights (four times the int8 noise, same bytes).
-    With `tensor_noise_unit` (the loss at int8 with one scale per tensor), every quantized option
-    comes also with one weight scale per (sub-)layer: 8 bytes fewer per output channel."""
+    With a tensor unit, every quantized option comes also with one weight scale per (sub-)layer
+    (8 bytes fewer per output channel); with a group unit, int4 comes also with one scale per
+    `group_size` input elements of each channel (the factors priced with the layer's own groups)."""
     from rankfold.quantize.core import weight_qmax
 
-    units = [(False, noise_unit)] + ([(True, tensor_noise_unit)] if tensor_noise_unit is not None else [])
+    layouts = [(False, None, units.channel)] + ([(True, None, units.tensor)] if units.tensor is not None else [])
+    grouped = [(False, units.group_size, units.group)] if units.group is not None else []
     expanded = []
     for opt in options:
         for bits in bits_choices:
-            for per_tensor, unit in (units if bits < 32 else units[:1]):
-                extra = 0.0 if bits >= 32 else \
-                    unit * len(opt.profile.sub_layers) * (127 / weight_qmax(bits, reduce_range)) ** 2
+            if bits >= 32:
+                expanded.append(dataclasses.replace(opt, bits=bits, weight_bytes=stored_bytes(opt.profile, 32)))
+                continue
+            for per_tensor, group, unit in layouts + (grouped if bits == 4 else []):
+                extra = unit * len(opt.profile.sub_layers) * (127 / weight_qmax(bits, reduce_range)) ** 2
                 expanded.append(dataclasses.replace(opt, loss=opt.loss + extra, bits=bits, quant_loss=extra,
-                                                    weight_bytes=stored_bytes(opt.profile, bits, per_tensor),
-                                                    per_tensor=per_tensor))
+                                                    weight_bytes=stored_bytes(opt.profile, bits, per_tensor, group),
+                                                    per_tensor=per_tensor, group_size=group))
     return expanded
 
 
-def int8_noise_loss(module: nn.Module, stats, per_tensor: bool = False) -> float:
+def int8_noise_loss(module: nn.Module, stats, per_tensor: bool = False, group_size: int | None = None) -> float:
     """1/2 sum_c G_c E[dy_c^2] for int8 rounding noise on the layer's weights (independent noise of
-    variance (max|w_c| / 127)^2 / 12 per weight, or (max|w| / 127)^2 / 12 with one scale per
-    tensor; E[x^2] summed over the taps = taps * tr(Sigma))."""
+    variance (max|w_c| / 127)^2 / 12 per weight, or with the range of the whole tensor, or of each
+    group; E[x^2] summed over the taps = taps * tr(Sigma))."""
     from rankfold.quantize.weights import weight_quant_noise
 
-    noise = torch.from_numpy(weight_quant_noise(module.weight, 8, per_tensor=per_tensor))
+    noise = torch.from_numpy(weight_quant_noise(module.weight, 8, per_tensor=per_tensor, group_size=group_size))
     spec = layer_spec(module)
     trace = float(torch.trace(stats.input_moment)) if stats.input_moment is not None else float(spec.in_ch)
     per_group = spec.in_ch // spec.groups
     return 0.5 * float(stats.sensitivity @ noise) * spec.spatial * trace * per_group / spec.in_ch
+
+
+def noise_units(module: nn.Module, stats, target: Target) -> NoiseUnits:
+    """The layouts the target's runtime offers: one scale per tensor saves bytes in the QDQ file
+    only (the C export keeps a multiplier and shift per output channel whatever the scales), and
+    so do int4 groups (DequantizeLinear's block_size), offered for Linear layers."""
+    onnx_runtime = target.runtime == "onnxruntime"
+    # Groups along one input axis (DequantizeLinear's blocks): Linear layers and their factors.
+    linear = isinstance(module, nn.Linear)
+    group = target.weight_group_size if onnx_runtime and linear and 4 in target.weight_bits else None
+    return NoiseUnits(int8_noise_loss(module, stats),
+                      int8_noise_loss(module, stats, per_tensor=True) if onnx_runtime else None,
+                      int8_noise_loss(module, stats, group_size=group) if group else None, group)
 
 
 def options_for_layer(

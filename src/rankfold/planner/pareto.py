@@ -36,7 +36,8 @@ def quantized_accuracy(module, plan, calib, example, data) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "q.onnx")
         export_quantized(module, plan.layer_bits(), path, calib=calib, example_input=example,
-                         reduce_range=plan.reduce_range, per_tensor=plan.per_tensor_layers())
+                         reduce_range=plan.reduce_range, per_tensor=plan.per_tensor_layers(),
+                         groups=plan.grouped_layers())
         return accuracy(path, *data)
 
 

@@ -12,7 +12,7 @@ from rankfold.analyze import COMPRESSIBLE
 from rankfold.apply import CompressionReport
 from rankfold.errors import RankfoldError
 from rankfold.planner.options import quantized_layer_bytes
-from rankfold.planner.plan import Plan, apply_plan
+from rankfold.planner.plan import Plan, apply_plan, scale_group
 from rankfold.planner.pricing import make_plan
 from rankfold.result import Compressed
 from rankfold.selfcheck import (
@@ -103,7 +103,8 @@ def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, exa
             parts = [c for c in cost.layers if c.name == layer.name or c.name.startswith(layer.name + ".")]
             counted = {"params": sum(c.params for c in parts), "macs": sum(c.macs for c in parts),
                        "weight_bytes": stored_weight_bytes(module.get_submodule(layer.name), layer.bits,
-                                                         layer.weight_scales == "tensor")}
+                                                         layer.weight_scales == "tensor",
+                                                         scale_group(layer.weight_scales))}
             for key, value in counted.items():
                 if key in after:
                     after[key] += value - getattr(layer, key)
@@ -115,13 +116,13 @@ def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, exa
     return dataclasses.replace(plan, layers=layers, after=after, messages=[*plan.messages, message])
 
 
-def stored_weight_bytes(module: nn.Module, bits: int, per_tensor: bool = False) -> int:
+def stored_weight_bytes(module: nn.Module, bits: int, per_tensor: bool = False, group_size: int | None = None) -> int:
     """Bytes of a layer's (or factor chain's) weights as exported, counted on the module itself."""
     leaves = [leaf for leaf in module.modules() if isinstance(leaf, COMPRESSIBLE)]
     if bits >= 32:
         return sum(4 * p.numel() for leaf in leaves for p in leaf.parameters(recurse=False))
     return sum(quantized_layer_bytes(leaf.weight.numel(), leaf.weight.shape[0], leaf.bias is not None, bits,
-                                     per_tensor) for leaf in leaves)
+                                     per_tensor, group_size) for leaf in leaves)
 
 
 CHECK_SAMPLES = 64  # an eighth of them (16 to 128) is held back for the self-check

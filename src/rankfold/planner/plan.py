@@ -23,7 +23,9 @@ from rankfold.selfcheck import split_holdout
 from rankfold.target import RUNTIMES
 
 PLAN_FORMAT = "rankfold-plan/1"
-WEIGHT_SCALES = ("channel", "tensor")  # one weight scale per output channel, or one per tensor
+# One weight scale per output channel, one per tensor, or (int4) one per group of N consecutive
+# input elements of each channel: "group32".
+WEIGHT_SCALES = ("channel", "tensor", "groupN")
 Progress = Callable[[str], None]
 
 
@@ -41,7 +43,7 @@ class LayerPlan:
     ram_bytes: int = 0  # activation memory in use while this layer runs
     note: str = ""
     bits: int = 32  # weight bit-width: 32 (float), 8 or 4
-    weight_scales: str = "channel"  # below 32 bits: one scale per output "channel", or one per "tensor"
+    weight_scales: str = "channel"  # below 32 bits: one scale per output "channel", per "tensor", or "group32"
 
 
 @dataclass
@@ -79,6 +81,11 @@ class Plan:
     def per_tensor_layers(self) -> list[str]:
         """The quantized layers whose weights have one scale per tensor (factors: one each)."""
         return [layer.name for layer in self.layers if layer.bits < 32 and layer.weight_scales == "tensor"]
+
+    def grouped_layers(self) -> dict[str, int]:
+        """The quantized layers whose weights have one scale per group, with the group's size."""
+        return {layer.name: scale_group(layer.weight_scales) for layer in self.layers
+                if layer.bits < 32 and scale_group(layer.weight_scales)}
 
     @property
     def quantized(self) -> bool:
@@ -118,6 +125,17 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if problem:
         raise RankfoldError(f"{path}: {problem}")
     return plan
+
+
+def scales_name(per_tensor: bool, group_size: int | None) -> str:
+    """A layer's weight_scales value: "tensor", "group<N>" or "channel"."""
+    return "tensor" if per_tensor else f"group{group_size}" if group_size else "channel"
+
+
+def scale_group(weight_scales: str) -> int | None:
+    """The group size a weight_scales value names ("group32" -> 32); None for channel and tensor."""
+    match = re.fullmatch(r"group([1-9][0-9]*)", weight_scales)
+    return int(match.group(1)) if match else None
 
 
 # The type each field of a plan file must have (JSON numbers: int, or int and float).
@@ -170,8 +188,10 @@ def plan_problem(plan: Plan) -> str | None:
         seen.add(layer.name)
         if layer.bits not in (32, 8, 4):
             return f"{where}bits must be 32, 8 or 4, got {layer.bits!r}"
-        if layer.weight_scales not in WEIGHT_SCALES:
+        if layer.weight_scales not in WEIGHT_SCALES[:2] and scale_group(layer.weight_scales) is None:
             return f"{where}weight_scales must be one of {', '.join(WEIGHT_SCALES)}, got {layer.weight_scales!r}"
+        if scale_group(layer.weight_scales) and layer.bits != 4:
+            return f"{where}weight_scales {layer.weight_scales} (groups) needs bits 4, got {layer.bits!r}"
         if layer.method == "none":
             if layer.ranks:
                 return f"{where}method none takes no ranks, got {layer.ranks!r}"

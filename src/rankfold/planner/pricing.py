@@ -20,7 +20,7 @@ from rankfold.planner.options import (
     bit_choices,
     data_free_stats,
     edge_bits,
-    int8_noise_loss,
+    noise_units,
     options_for_layer,
     stored_bytes,
     with_bits,
@@ -98,12 +98,8 @@ def price_model(
                 name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0),
                 activations.input_kept.get(name, False), latency_of)
             edge = i in (1, len(layer_names))
-            # One scale per tensor saves bytes in the QDQ file only: the C export keeps a
-            # multiplier and shift per output channel whatever the scales.
-            tensor_unit = int8_noise_loss(modules[name], stats[name], per_tensor=True) \
-                if target.runtime == "onnxruntime" else None
             options[name] = with_bits(structural, edge_bits(target, bits) if edge else choices,
-                                      int8_noise_loss(modules[name], stats[name]), target.reduce_range, tensor_unit)
+                                      noise_units(modules[name], stats[name], target), target.reduce_range)
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()

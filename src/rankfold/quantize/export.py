@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from rankfold.errors import RankfoldError
 from rankfold.quantize.core import ActivationParams
 from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate, to_qdq
-from rankfold.quantize.weights import correct_bias, per_tensor_leaves, quantize_weights
+from rankfold.quantize.weights import correct_bias, grouped_leaves, per_tensor_leaves, quantize_weights
 
 BIAS_CORRECTION_SAMPLES = 128
 ROUNDING_SAMPLES = 256  # calibration inputs for the data-aware rounding's input moments
@@ -52,7 +52,7 @@ def weight_only_export(example_input: Tensor) -> bool:
 
 def quantized_copy(model: nn.Module, bits: Mapping[str, int], *, calib: Tensor, equalize: bool = True,
                    bias_correction: bool = True, data_aware_rounding: bool = True, reduce_range: bool = False,
-                   per_tensor: Collection[str] = (),
+                   per_tensor: Collection[str] = (), groups: Mapping[str, int] | None = None,
                    progress: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, int]]:
     """A copy of `model` whose quantized layers' weights lie on their integer grid, as every
     quantized output (QDQ file, saved directory) stores them: seams equalized, data-aware
@@ -65,7 +65,7 @@ def quantized_copy(model: nn.Module, bits: Mapping[str, int], *, calib: Tensor, 
         + (", int8 on 7 bits (reduce_range)" if reduce_range else ""))
     leaves = quantize_weights(quantized, bits, equalize=equalize,
                               calib=calib[:ROUNDING_SAMPLES] if data_aware_rounding else None,
-                              reduce_range=reduce_range, per_tensor=per_tensor)
+                              reduce_range=reduce_range, per_tensor=per_tensor, groups=groups)
     if bias_correction:
         say("bias correction")
         names = [n for n, b in bits.items() if b < 32]
@@ -87,6 +87,7 @@ def export_quantized(
     reduce_range: bool | None = None,
     weight_only: bool = False,
     per_tensor: Collection[str] = (),
+    groups: Mapping[str, int] | None = None,
     input_steps: Mapping[str, ActivationParams] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
@@ -95,6 +96,7 @@ def export_quantized(
     exactly; None: whatever onnxruntime on this CPU needs (rankfold.runtime.int8_kernels()).
     `weight_only`: no activation is quantized (float activations, integer weights).
     `per_tensor`: layers (of `bits`) stored with one weight scale for the tensor, not per channel.
+    `groups`: int4 layers (of `bits`) with one scale per that many input elements of each channel.
     `input_steps`: int8 parameters of some quantized leaf layers' inputs (learned in training),
     written for those tensors instead of the calibrated ones.
     Returns the bits of every quantized ONNX node."""
@@ -108,7 +110,7 @@ def export_quantized(
         reduce_range = int8_kernels().reduce_range
     quantized, leaves = quantized_copy(model, bits, calib=calib, equalize=equalize, bias_correction=bias_correction,
                                        data_aware_rounding=data_aware_rounding, reduce_range=reduce_range,
-                                       per_tensor=per_tensor, progress=say)
+                                       per_tensor=per_tensor, groups=groups, progress=say)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = os.path.join(tmp, "float.onnx")
         export_onnx(quantized, float_path, example_input=example_input)
@@ -127,6 +129,8 @@ def export_quantized(
         raise RankfoldError(f"quantized layer(s) {', '.join(unmapped)} could not be matched to an ONNX node "
                             "of the export")
     whole = set(node_bits(proto, dict.fromkeys(per_tensor_leaves(quantized, per_tensor), 8))) & set(nodes)
-    qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole)
+    grouped = {node: size for leaf, size in grouped_leaves(quantized, groups or {}).items()
+               for node in node_bits(proto, {leaf: 4})}
+    qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole, groups=grouped)
     replace_atomically(path, qdq.SerializeToString())
     return nodes

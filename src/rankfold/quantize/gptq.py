@@ -64,8 +64,9 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
 
 
 def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments: Tensor) -> Tensor:
-    """Integer codes (same shape as `weight`, flattened to (out, in)) on the grid q * scale[:, None],
-    chosen column by column with the rounding error spread onto later columns through H^-1."""
+    """Integer codes (same shape as `weight`, flattened to (out, in)) on the grid q * scale, scale
+    (out, 1) per channel or (out, in) per element (groups repeated), chosen column by column with
+    the rounding error spread onto later columns through H^-1."""
     w = weight.double().clone()
     h = moments.double().clone()
     dead = torch.diag(h) <= 0
@@ -74,17 +75,17 @@ def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments:
     h += DAMPING * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     # Upper Cholesky factor of H^-1: row i holds the update weights for column i's error.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    s = scale.double()[:, None]
+    s = scale.double().expand(w.shape[0], w.shape[1])
     codes = torch.zeros_like(w)
     for start in range(0, w.shape[1], BLOCK):
         end = min(start + BLOCK, w.shape[1])
         block = w[:, start:end].clone()
         errors = torch.zeros_like(block)
         for i in range(end - start):
-            col = block[:, i : i + 1]
-            q = torch.clamp(torch.round(col / s), -qmax, qmax)
+            col, step = block[:, i : i + 1], s[:, start + i : start + i + 1]
+            q = torch.clamp(torch.round(col / step), -qmax, qmax)
             codes[:, start + i] = q[:, 0]
-            err = (col - q * s) / u[start + i, start + i]
+            err = (col - q * step) / u[start + i, start + i]
             block[:, i:] -= err @ u[start + i : start + i + 1, start:end][:, i:]
             errors[:, i : i + 1] = err
         w[:, end:] -= errors @ u[start:end, end:]
@@ -92,36 +93,48 @@ def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments:
 
 
 def quantize_layer(layer: nn.Module, bits: int, moments: Tensor, *, reduce_range: bool = False,
-                   per_tensor: bool = False) -> None:
+                   per_tensor: bool = False, group_size: int | None = None) -> None:
     """Replace the layer's weight, in place, by its data-aware rounding (dequantized). Channels
-    whose largest code falls short of qmax keep plain rounding, so the exporter, which derives
-    each channel's scale from its largest weight, finds exactly the same grid; with one scale for
-    the tensor (`per_tensor`), all keep plain rounding unless some code still reaches qmax."""
+    (groups, with `group_size`) whose largest code falls short of qmax keep plain rounding, so the
+    exporter, which derives each scale from its largest weight, finds exactly the same grid; with
+    one scale for the tensor (`per_tensor`), all keep plain rounding unless some code still
+    reaches qmax."""
     qmax = weight_qmax(bits, reduce_range)
-    flat = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-    scale = flat.abs().amax(1).double() / qmax
+    flat = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    size = group_size or flat.shape[1]
+    groups = -(-flat.shape[1] // size)
+    padded = F.pad(flat, (0, groups * size - flat.shape[1])).reshape(flat.shape[0], groups, size)
+    scale = padded.abs().amax(2) / qmax  # (out, groups)
     if per_tensor:
         scale = torch.full_like(scale, float(scale.max()))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = round_with_error_feedback(flat, scale, qmax, moments)
-    plain = torch.clamp(torch.round(flat.double() / scale[:, None]), -qmax, qmax)
-    keep_plain = codes.abs().amax(1) < qmax
+    per_element = scale.repeat_interleave(size, dim=1)[:, : flat.shape[1]]
+    codes = round_with_error_feedback(flat, per_element, qmax, moments)
+    plain = torch.clamp(torch.round(flat / per_element), -qmax, qmax)
+    # Per group: does some code reach qmax (the exporter's scale then is this one)?
+    reaches = F.pad(codes.abs(), (0, groups * size - flat.shape[1])).reshape(flat.shape[0], groups, size).amax(2) \
+        >= qmax
+    keep_plain = ~reaches
     if per_tensor:
         keep_plain[:] = bool(keep_plain.all())
-    codes[keep_plain] = plain[keep_plain]
+    keep = keep_plain.repeat_interleave(size, dim=1)[:, : flat.shape[1]]
+    codes = torch.where(keep, plain, codes)
     with torch.no_grad():
-        layer.weight.copy_((codes * scale[:, None]).reshape(layer.weight.shape).to(layer.weight.dtype))
+        layer.weight.copy_((codes * per_element).reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
 def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor, *,
-                 reduce_range: bool = False, per_tensor: Collection[str] = ()) -> list[str]:
+                 reduce_range: bool = False, per_tensor: Collection[str] = (),
+                 groups: Mapping[str, int] | None = None) -> list[str]:
     """Data-aware rounding of every supported leaf in `leaf_bits`; returns the names done. The
-    input moments come from one pass over `calib` with the weights as they are now (float)."""
+    input moments come from one pass over `calib` with the weights as they are now (float).
+    `groups`: leaves with one scale per that many input elements of each channel."""
     modules = dict(model.named_modules())
     names = [n for n, b in leaf_bits.items() if b < 32 and supports(modules[n])]
     moments = input_second_moments(model, names, calib)
+    groups = groups or {}
     for name in names:
         if name in moments:
             quantize_layer(modules[name], leaf_bits[name], moments[name], reduce_range=reduce_range,
-                           per_tensor=name in per_tensor)
+                           per_tensor=name in per_tensor, group_size=groups.get(name))
     return [n for n in names if n in moments]

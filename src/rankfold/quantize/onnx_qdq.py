@@ -103,15 +103,17 @@ def to_qdq(
     weight_bits: Mapping[str, int],
     activations: Mapping[str, ActivationParams],
     *,
-    group_size: int | None = None,
     reduce_range: bool = False,
     per_tensor: Collection[str] = (),
+    groups: Mapping[str, int] | None = None,
 ) -> onnx.ModelProto:
     """The QDQ model. `weight_bits`: node name -> 8 or 4 for the Conv/Gemm/MatMul nodes whose
     constant weights are quantized (others keep float weights). `activations`: tensor -> params.
     `reduce_range`: int8 weight codes within +-63 (what the fake-quantized weights were rounded to).
     `per_tensor`: nodes whose weights get one scale (and their int32 bias one) instead of one per
-    output channel."""
+    output channel. `groups`: int4 nodes whose weights get one scale per that many input elements
+    of each output channel (DequantizeLinear's block_size; their biases stay float)."""
+    groups = groups or {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if any(b == 4 for b in weight_bits.values()) and opset < INT4_OPSET:
         model = onnx.version_converter.convert_version(model, INT4_OPSET)  # int4 tensors need opset 21
@@ -155,7 +157,7 @@ def to_qdq(
         if node.op_type in WEIGHTED_OPS and bits is not None and bits < 32 and len(node.input) > 1 \
                 and node.input[1] in inits:
             _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
-                                   group_size, reduce_range, node.name in per_tensor)
+                                   groups.get(node.name), reduce_range, node.name in per_tensor)
         new_nodes.append(node)
         for i, name in enumerate(node.output):
             if name in activations and name in graph_outputs:
@@ -206,8 +208,10 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
         scale = np.array(qw.scale[0] if qw.scale.size else 1.0)
     new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
     attrs = {} if per_tensor else {"axis": axis}
-    if group is not None:
-        attrs["block_size"] = group
+    if group is not None:  # blocks run along the input axis: that is DequantizeLinear's axis then
+        if weight.ndim != 2:
+            raise RankfoldError(f"{node.name}: int4 groups are for 2-D (Linear) weights, got shape {weight.shape}")
+        attrs = {"axis": 1 - axis, "block_size": group}
     new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale"],
                                       [f"{base}_dq"], name=f"{base}_DequantizeLinear", **attrs))
     node.input[1] = f"{base}_dq"

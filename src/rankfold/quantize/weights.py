@@ -71,15 +71,27 @@ def per_tensor_leaves(model: nn.Module, per_tensor: Collection[str]) -> set[str]
     return set(quantized_leaves(model, dict.fromkeys(per_tensor, 8)))
 
 
+def grouped_leaves(model: nn.Module, groups: Mapping[str, int]) -> dict[str, int]:
+    """The group size of every leaf layer of the layers named in `groups` (each factor of a LowRank)."""
+    modules = dict(model.named_modules())
+    leaves: dict[str, int] = {}
+    for name, size in groups.items():
+        children = [f"{name}.{child}" for child, _m in modules[name].named_children()] \
+            if isinstance(modules[name], LowRank) else [name]
+        leaves.update(dict.fromkeys(children, size))
+    return leaves
+
+
 def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: bool = True,
-                     group_size: int | None = None, calib: Tensor | None = None,
-                     reduce_range: bool = False, per_tensor: Collection[str] = ()) -> dict[str, int]:
+                     calib: Tensor | None = None, reduce_range: bool = False, per_tensor: Collection[str] = (),
+                     groups: Mapping[str, int] | None = None) -> dict[str, int]:
     """Fake-quantize, in place, the weights of every layer named in `bits` (value < 32); a
-    factorized layer (LowRank) has each factor quantized, after seam equalization. With `calib`
-    (and no groups), weights are rounded data-aware (quantize/gptq.py) instead of to the nearest
-    grid point. `reduce_range`: int8 codes within +-63 (see quantize/core.py). `per_tensor`: layers
-    with one weight scale for the whole tensor instead of one per output channel. Returns the
-    bit-width of every quantized leaf module, by its full name (for the ONNX export)."""
+    factorized layer (LowRank) has each factor quantized, after seam equalization. With `calib`,
+    weights are rounded data-aware (quantize/gptq.py) instead of to the nearest grid point.
+    `reduce_range`: int8 codes within +-63 (see quantize/core.py). `per_tensor`: layers with one
+    weight scale for the whole tensor instead of one per output channel; `groups`: int4 layers
+    with one scale per that many input elements of each channel. Returns the bit-width of every
+    quantized leaf module, by its full name (for the ONNX export)."""
     modules = dict(model.named_modules())
     if equalize:
         for name, b in bits.items():
@@ -87,18 +99,19 @@ def quantize_weights(model: nn.Module, bits: Mapping[str, int], *, equalize: boo
                 equalize_seams(modules[name])
     leaves = quantized_leaves(model, bits)
     whole = per_tensor_leaves(model, per_tensor)
+    grouped = grouped_leaves(model, groups or {})
     done: list[str] = []
-    if calib is not None and group_size is None:
+    if calib is not None:
         from rankfold.quantize.gptq import quantize_all
 
-        done = quantize_all(model, leaves, calib, reduce_range=reduce_range, per_tensor=whole)
+        done = quantize_all(model, leaves, calib, reduce_range=reduce_range, per_tensor=whole, groups=grouped)
     for leaf, b in leaves.items():
         if leaf in done:
             continue
         layer = modules[leaf]
         with torch.no_grad():
             w = layer.weight.detach().numpy()
-            layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, group_size, reduce_range=reduce_range,
+            layer.weight.copy_(torch.from_numpy(fake_quantize_weight(w, b, grouped.get(leaf), reduce_range=reduce_range,
                                                                         per_tensor=leaf in whole)))
     return leaves
 
@@ -145,10 +158,18 @@ def _last(module: nn.Module) -> nn.Module:
     return list(module)[-1] if isinstance(module, nn.Sequential) else module
 
 
-def weight_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False, per_tensor: bool = False) -> np.ndarray:
-    """Per output channel, the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12, or
-    with one scale for the tensor (max|w| / qmax)^2 / 12 for every channel."""
+def weight_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False, per_tensor: bool = False,
+                       group_size: int | None = None) -> np.ndarray:
+    """Per output channel (row), the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12;
+    with one scale for the tensor (max|w| / qmax)^2 / 12 for every channel; with `group_size`, the
+    mean over the channel's groups of (max|w_group| / qmax)^2 / 12."""
     qmax = weight_qmax(bits, reduce_range)
+    if group_size is not None:
+        rows = weight.detach().reshape(weight.shape[0], -1).double()
+        groups = -(-rows.shape[1] // group_size)
+        padded = torch.nn.functional.pad(rows, (0, groups * group_size - rows.shape[1]))
+        ranges = padded.abs().reshape(rows.shape[0], groups, group_size).amax(2)
+        return ((ranges / qmax) ** 2 / 12).mean(1).numpy()
     ranges = _out_ranges(weight).double()
     if per_tensor:
         ranges = torch.full_like(ranges, float(ranges.max()))
