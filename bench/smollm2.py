@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-memory", type=float, default=6.0,
                         help="GiB the first row's calibration passes are sized for (later rows: the default, as "
                              "the process then holds earlier results)")
+    parser.add_argument("--bytes", type=float, default=1 / 6,
+                        help="the joint contender's weight bytes, a fraction of the float32 model's (default 1/6)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     parser.add_argument("--out", default=RESULTS, help=f"results file (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                      lambda: weighted_svd_baseline(model, calib, keep, "asvd", stats)),
             "planned": ("rankfold planned, bits=32", lambda: _planned(
                 model, calib, total - int(cut * blocks), int(args.max_memory * 2**30) if not rows[1:] else None)),
+            "joint": (f"rankfold joint plan at {args.bytes:.4f} of the float32 bytes (int4 groups of 32)",
+                      lambda: _joint(model, calib, args.bytes, int(args.max_memory * 2**30) if not rows[1:] else None)),
         }
         for key in wanted:
             name, run = runs[key]
@@ -147,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             ppl = perplexity(small, held, batch=2)
             rows.append({"cut": cut, "contender": name, "perplexity": ppl, "ratio": ppl / original, "params": params,
                          "block_params_removed": (total - params) / blocks, "seconds": seconds,
-                         "peak_rss_gib": peak})
+                         "peak_rss_gib": peak,
+                         **({"weight_bytes": small.rankfold_plan.after["weight_bytes"],
+                             "weight_bytes_ratio": small.rankfold_plan.after["weight_bytes"] / (4 * total)}
+                            if key == "joint" else {})})
             print(f"cut {cut:.0%} {name:34} perplexity {ppl:.3f} (x{ppl / original:.3f})  block params removed "
                   f"{rows[-1]['block_params_removed']:.1%}  {seconds:.0f} s", flush=True)
             with open(args.out, "w") as handle:  # after every row: a long run keeps what it measured
@@ -156,6 +163,34 @@ def main(argv: list[str] | None = None) -> int:
                            "text": "python3.11-doc _sources, bench/text.py splits", "rows": rows}, handle, indent=1)
     print(f"wrote {args.out}")
     return 0
+
+
+def _joint(model, calib, fraction: float, max_memory: int | None, group: int = 32):
+    """Rank and bit-width (float, int8, int4 per channel or per group of `group`) of every block
+    Linear and of the tied embedding, planned together under `fraction` of the float32 weight
+    bytes; the module returned holds the quantized weights as save_compressed stores them."""
+    import dataclasses
+
+    from rankfold.planner.plan import fitting_samples
+    from rankfold.quantize.export import quantized_copy
+    from rankfold.target import load_target
+
+    target = dataclasses.replace(load_target("host"), weight_group_size=group)
+    say = lambda m: print("  " + m, flush=True) if not m.startswith(("pricing [", "[")) else None  # noqa: E731
+    with memory_scope(model, calib[:2], calib, max_memory):
+        result = rankfold.compress_to_budget(model, calib=calib, target=target, bits="auto", min_rank=4,
+                                             budgets={"weight_bytes": f"{100 * fraction:.4f}%"},
+                                             rules=(CheckRule("perplexity", 100.0),), progress=say)
+        plan = result.plan
+        quantized, _leaves = quantized_copy(result.module, plan.layer_bits(), calib=fitting_samples(plan, calib),
+                                            per_tensor=plan.per_tensor_layers(), groups=plan.grouped_layers(),
+                                            progress=say)
+    from collections import Counter
+
+    print("  plan:", dict(Counter((layer.bits, layer.weight_scales, layer.method) for layer in plan.layers)),
+          f"weight bytes {plan.after['weight_bytes']:.0f} of {plan.before['weight_bytes']:.0f}", flush=True)
+    quantized.rankfold_plan = plan
+    return quantized
 
 
 def _planned(model, calib, params: int, max_memory: int):

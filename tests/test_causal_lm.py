@@ -4,9 +4,11 @@ weighs layers by the token KL, the self-check measures held-back perplexity, the
 embedding stays tied, and the result saves as a directory that loads again; the CLI takes the
 directory and calibration text."""
 
+import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +231,50 @@ def test_eval_reports_the_perplexity_of_a_model_directory_and_of_its_compression
     assert small["perplexity"] == pytest.approx(perplexity(rankfold.load_compressed(out), held), rel=1e-5)
     assert main(["eval", str(lm_dir), "--data", str(tmp_path / "x.npz"), "--text", str(lm_dir / "held.txt")]) == 2
     assert "not available for a model directory" in capsys.readouterr().err
+
+
+def test_a_byte_budget_quantizes_the_tied_embedding_with_its_head_and_the_tie_survives_saving(lm_dir, tmp_path):
+    """The embedding table is priced like any matrix (its reads and its tied head's outputs take
+    the rounding noise); the plan quantizes it under a byte budget; the saved directory stores it
+    once, quantized, and the reloaded head is the same quantized matrix."""
+    import dataclasses
+
+    from rankfold.frontends.hf import load_hf
+    from rankfold.planner.options import quantized_layer_bytes
+    from rankfold.planner.pricing import price_model
+    from rankfold.target import load_target
+
+    model = load_hf(lm_dir)
+    calib = _windows(lm_dir, "calib.txt", 96)
+    target = dataclasses.replace(load_target("host"), weight_group_size=16, reduce_range=False)
+    table = "lm.model.embed_tokens"
+    pricing = price_model(model, calib=calib[:80], target=target, min_rank=4)
+    options = pricing.options[table]
+    assert {(o.bits, o.group_size) for o in options} == {(32, None), (8, None), (4, None), (4, 16)}
+    assert all(o.method == "none" for o in options)
+    by = {(o.bits, o.group_size): o for o in options}
+    vocab, dim = model.lm.model.embed_tokens.weight.shape
+    assert by[(8, None)].weight_bytes == quantized_layer_bytes(vocab * dim, vocab, False, 8)
+    # the head shares the noise: the table's estimate is larger than its reads alone would give
+    from rankfold.planner.options import table_noise_loss
+    from rankfold.planner.sensitivity import layer_statistics
+
+    reads = layer_statistics(model, [table], calib[:80])[table]
+    assert by[(8, None)].quant_loss > table_noise_loss(model.lm.model.embed_tokens, reads) > 0
+    assert by[(4, 16)].quant_loss < by[(4, None)].quant_loss
+
+    result = rankfold.compress_to_budget(model, calib=calib, target=target, budgets={"weight_bytes": "15%"},
+                                         min_rank=4, rules=(CheckRule("perplexity", 3.0),))
+    layer = next(x for x in result.plan.layers if x.name == table)
+    assert layer.bits < 32 and layer.layer == f"Embedding {vocab}x{dim}"
+    rankfold.save_compressed(result, tmp_path / "out", hf_source=lm_dir)
+    config = json.loads((tmp_path / "out" / "rankfold.json").read_text())
+    assert [name for name in config["quantized"] if name.endswith("embed_tokens.weight")]
+    again = rankfold.load_compressed(tmp_path / "out")
+    embedding, head_weight = again.lm.model.embed_tokens.weight, again.lm.lm_head.weight
+    assert embedding.data_ptr() == head_weight.data_ptr()  # tied again
+    codes = embedding.detach().numpy() / np.abs(embedding.detach().numpy()).max(1, keepdims=True)
+    levels = 2 ** (layer.bits - 1) - 1
+    if layer.weight_scales == "channel":  # every row on its own grid of +-levels steps
+        np.testing.assert_allclose(codes * levels, np.round(codes * levels), atol=1e-4)
+

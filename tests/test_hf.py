@@ -175,3 +175,42 @@ def test_a_saved_torch_model_loads_on_its_original_architecture(tmp_path):
     loaded = rankfold.load_compressed(tmp_path / "m", base=tiny_classifier())
     with torch.no_grad():
         assert torch.equal(loaded(calib), result.module(calib))
+
+
+def test_a_byte_budget_quantizes_the_word_embeddings_into_the_qdq_file(encoder_dir, tmp_path):
+    """The word-embedding table is planned like any matrix: under a tight byte budget it is
+    quantized, and the QDQ file dequantizes it (one scale per row) before its Gather."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from rankfold.frontends.hf import load_hf, tokenize
+    from rankfold.quantize.export import module_of_node
+    from rankfold.runtime import session
+
+    model = load_hf(encoder_dir)
+    calib, held = tokenize(encoder_dir, _sentences(128, 3), 16), tokenize(encoder_dir, _sentences(64, 4), 16)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"weight_bytes": "20%"}, bits="auto",
+                                         min_rank=2, rules=(CheckRule("cosine", 0.5),))
+    tables = {layer.name: layer for layer in result.plan.layers if layer.layer.startswith("Embedding")}
+    assert set(tables) == {f"encoder.embeddings.{t}_embeddings" for t in ("word", "position", "token_type")}
+    word = tables["encoder.embeddings.word_embeddings"]
+    assert word.bits in (8, 4) and word.method == "none"
+    result.save(tmp_path / "q.onnx")
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    gather = next(n for n in graph.node if n.op_type == "Gather" and "word_embeddings" in n.name)
+    producer = next(n for n in graph.node if gather.input[0] in n.output)
+    assert producer.op_type == "DequantizeLinear"
+    inits = {i.name: i for i in graph.initializer}
+    codes = inits[producer.input[0]]
+    assert codes.data_type == (onnx.TensorProto.INT8 if word.bits == 8 else onnx.TensorProto.INT4)
+    rows = model.encoder.embeddings.word_embeddings.num_embeddings
+    assert numpy_helper.to_array(inits[producer.input[1]]).shape == (rows,)
+    out = session(str(tmp_path / "q.onnx")).run(None, {graph.input[0].name: held.numpy()})[0]
+    with torch.no_grad():
+        ref = model(held).numpy()
+    cosine = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.mean() == pytest.approx(result.check.outputs[0].metrics["cosine"], abs=0.02)
+    # a factor of a nested module's chain maps back to it
+    assert module_of_node("/encoder/layer.0/query/query.1/MatMul", {"encoder.layer.0.query.1": 4}) \
+        == "encoder.layer.0.query.1"

@@ -12,6 +12,8 @@ from rankfold.errors import RankfoldError, first_line
 from rankfold.settings import calibration_batch
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Tables the planner may quantize (never factorize): their rows are read by index, not multiplied.
+TABLES = (nn.Embedding,)
 # Modules that read a child layer's weight directly instead of calling it: replacing that child
 # would break them (nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward).
 WEIGHT_READERS = (nn.MultiheadAttention,)

@@ -12,9 +12,10 @@ CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Shape facts of a Linear / Conv1d / Conv2d layer."""
+    """Shape facts of a Linear / Conv1d / Conv2d layer, or of an Embedding table (one "output
+    channel" per row: each row has its own weight scale)."""
 
-    kind: str  # "linear", "conv1d" or "conv2d"
+    kind: str  # "linear", "conv1d", "conv2d" or "embedding"
     out_ch: int
     in_ch: int
     kernel: tuple[int, ...]  # () for Linear
@@ -40,13 +41,17 @@ class LayerSpec:
     def describe(self) -> str:
         if self.kind == "linear":
             return f"Linear {self.in_ch}->{self.out_ch}"
+        if self.kind == "embedding":
+            return f"Embedding {self.out_ch}x{self.in_ch}"
         kernel = "x".join(map(str, self.kernel))
         groups = f" g{self.groups}" if self.groups > 1 else ""
         return f"Conv {kernel} {self.in_ch}->{self.out_ch}{groups}"
 
 
 def layer_spec(module: nn.Module) -> LayerSpec:
-    """The LayerSpec of a Linear, Conv1d or Conv2d module."""
+    """The LayerSpec of a Linear, Conv1d, Conv2d or Embedding module."""
+    if isinstance(module, nn.Embedding):
+        return LayerSpec("embedding", module.num_embeddings, module.embedding_dim, (), 1, False)
     if isinstance(module, nn.Linear):
         return LayerSpec("linear", module.out_features, module.in_features, (), 1, module.bias is not None)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):

@@ -11,15 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import run_hooked
+from rankfold.analyze import TABLES, run_hooked
 from rankfold.errors import RankfoldError
 from rankfold.layers import layer_spec
 from rankfold.methods import method_named
 from rankfold.planner.candidates import FACTORIZED_POINTS, candidate_ranks, factorized_losses, input_weighting
-from rankfold.planner.costs import (
-    ChainProfile,
-    chain_profile,
-)
+from rankfold.planner.costs import ChainProfile, SubLayer, chain_profile
 from rankfold.target import Target
 
 
@@ -115,14 +112,43 @@ def int8_noise_loss(module: nn.Module, stats, per_tensor: bool = False, group_si
     return 0.5 * float(stats.sensitivity @ noise) * spec.spatial * trace * per_group / spec.in_ch
 
 
-def noise_units(module: nn.Module, stats, target: Target) -> NoiseUnits:
+def table_noise_loss(table: nn.Module, stats, group_size: int | None = None,
+                     head: tuple[nn.Module, object] | None = None) -> float:
+    """int8 rounding noise on an embedding table: a position reading row v gets that row's noise,
+    so the loss is 1/2 sum_d G_d sum_v p_v var_v (p_v: how often row v is read; var_v per row, or
+    per group). `head`: a Linear whose weight is this table (tied) and its statistics; its outputs
+    take the same noise."""
+    from rankfold.quantize.weights import weight_quant_noise
+
+    variance = torch.from_numpy(weight_quant_noise(table.weight, 8, group_size=group_size))
+    frequency = stats.input_moment / stats.input_moment.sum().clamp_min(1e-30)
+    loss = 0.5 * float(stats.sensitivity.sum()) * float(frequency @ variance)
+    if head is not None:
+        loss += int8_noise_loss(head[0], head[1], group_size=group_size)
+    return loss
+
+
+def table_options(module: nn.Module, stats, base_elements: int) -> list[Option]:
+    """An embedding table's one structure: kept as it is (its bit-widths come from with_bits)."""
+    spec = layer_spec(module)
+    inputs, outputs = int(np.prod(stats.input_shape or (1,))), int(np.prod(stats.output_shape))
+    table = SubLayer("embedding", spec.in_ch, spec.out_ch, (), (), (), (), 1, False, 0)
+    profile = ChainProfile(spec.weight_params, 0, (inputs, outputs), (table,))
+    return [Option("none", (), 0.0, profile, 0.0, base_elements + inputs + outputs)]
+
+
+def noise_units(module: nn.Module, stats, target: Target, head: tuple[nn.Module, object] | None = None
+                ) -> NoiseUnits:
     """The layouts the target's runtime offers: one scale per tensor saves bytes in the QDQ file
     only (the C export keeps a multiplier and shift per output channel whatever the scales), and
     so do int4 groups (DequantizeLinear's block_size), offered for Linear layers."""
     onnx_runtime = target.runtime == "onnxruntime"
-    # Groups along one input axis (DequantizeLinear's blocks): Linear layers and their factors.
-    linear = isinstance(module, nn.Linear)
-    group = target.weight_group_size if onnx_runtime and linear and 4 in target.weight_bits else None
+    # Groups along one input axis (DequantizeLinear's blocks): Linear layers, their factors, tables.
+    two_dimensional = isinstance(module, (nn.Linear, *TABLES))
+    group = target.weight_group_size if onnx_runtime and two_dimensional and 4 in target.weight_bits else None
+    if isinstance(module, TABLES):
+        return NoiseUnits(table_noise_loss(module, stats, head=head), None,
+                          table_noise_loss(module, stats, group, head) if group else None, group)
     return NoiseUnits(int8_noise_loss(module, stats),
                       int8_noise_loss(module, stats, per_tensor=True) if onnx_runtime else None,
                       int8_noise_loss(module, stats, group_size=group) if group else None, group)

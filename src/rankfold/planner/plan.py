@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE
+from rankfold.analyze import COMPRESSIBLE, TABLES
 from rankfold.apply import compress_with_report
 from rankfold.config import MethodConfig, SkipConfig
 from rankfold.errors import RankfoldError
@@ -216,7 +216,7 @@ def check_plan_matches(plan: Plan, model: nn.Module) -> None:
     modules = dict(model.named_modules())
     for layer in plan.layers:
         module = modules.get(layer.name)
-        if module is None or not isinstance(module, COMPRESSIBLE):
+        if module is None or not isinstance(module, COMPRESSIBLE + TABLES):
             raise RankfoldError(f"the plan does not match the model: no layer {layer.name!r} to compress")
         found = layer_spec(module).describe()
         if found != layer.layer:

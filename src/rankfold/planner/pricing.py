@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, untouchable_layers
+from rankfold.analyze import COMPRESSIBLE, TABLES, tied_names, untouchable_layers
 from rankfold.errors import RankfoldError, first_line
 from rankfold.planner.choose import choose_plan
 from rankfold.planner.costs import ChainProfile, LatencyCache, modelled_latency_ms
@@ -23,6 +23,7 @@ from rankfold.planner.options import (
     noise_units,
     options_for_layer,
     stored_bytes,
+    table_options,
     with_bits,
 )
 from rankfold.planner.plan import Plan, Progress
@@ -75,12 +76,17 @@ def price_model(
     try:
         untouchable = untouchable_layers(model)
         names = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE) and n not in untouchable]
+        # Embedding tables are quantized, never factorized; a head tied to one is measured with it.
+        tables = [n for n, m in model.named_modules() if isinstance(m, TABLES)] if len(choices) > 1 or \
+            choices[0] < 32 else []
+        heads = tied_heads(model, tables)
         for name, reason in untouchable.items():
             say(f"left alone: {name} ({reason})")
         if not names:
             raise RankfoldError("the model has no Linear / Conv1d / Conv2d layer to compress")
         if calib is not None:
-            stats = layer_statistics(model, names, calib.to(torch.float32), progress=say)
+            stats = layer_statistics(model, tables + names + list(heads.values()), calib.to(torch.float32),
+                                     progress=say)
         else:
             stats = data_free_stats(model, names, example)
         activations = activation_profile(model, example)
@@ -90,14 +96,20 @@ def price_model(
             return cache.latency_ms(profile, input_shape) if cache else modelled_latency_ms(profile, target)
 
         modules = dict(model.named_modules())
-        layer_names = [n for n in names if n in stats]
+        compressible = [n for n in names if n in stats]
         options, notes = {}, {}
-        for i, name in enumerate(layer_names, 1):
-            say(f"pricing [{i}/{len(layer_names)}] {name}")
+        for name in tables:
+            if name in stats:
+                options[name] = with_bits(table_options(modules[name], stats[name], activations.base.get(name, 0)),
+                                          choices, noise_units(modules[name], stats[name], target,
+                                                               _head(modules, stats, heads.get(name))))
+                notes[name] = "embedding table: quantized where that pays, never factorized"
+        for i, name in enumerate(compressible, 1):
+            say(f"pricing [{i}/{len(compressible)}] {name}")
             structural, notes[name] = options_for_layer(
                 name, modules[name], stats[name], target, min_rank, activations.base.get(name, 0),
                 activations.input_kept.get(name, False), latency_of)
-            edge = i in (1, len(layer_names))
+            edge = i in (1, len(compressible))
             options[name] = with_bits(structural, edge_bits(target, bits) if edge else choices,
                                       noise_units(modules[name], stats[name], target), target.reduce_range)
         if cache:
@@ -108,8 +120,26 @@ def price_model(
     probe = None
     if calib is not None and LossProbe.applies(model, example):
         probe = LossProbe(model, calib[:PROBE_SAMPLES], stats)
-    return Pricing(model, example, target, options, notes, activations, calib is not None, names, layer_names,
+    layer_names = [n for n in tables if n in options] + compressible
+    return Pricing(model, example, target, options, notes, activations, calib is not None,
+                   [n for n in tables if n in options] + names, layer_names,
                    onnx_path, say, probe)
+
+
+def tied_heads(model: nn.Module, tables: list[str]) -> dict[str, str]:
+    """Each table's Linear partner whose weight is the table itself (a language model's head)."""
+    modules = dict(model.named_modules())
+    heads = {}
+    for name, first in tied_names(model).items():
+        for layer, other in ((name, first), (first, name)):
+            owner, partner = layer.rpartition(".")[0], other.rpartition(".")[0]
+            if owner in tables and isinstance(modules.get(partner), nn.Linear):
+                heads[owner] = partner
+    return heads
+
+
+def _head(modules, stats, name: str | None):
+    return (modules[name], stats[name]) if name is not None and name in stats else None
 
 
 class Pricing:
@@ -123,7 +153,8 @@ class Pricing:
                 "the sum of its layers' own measured latencies")
             return None
         try:
-            return WholeNetworkTiming(self.model, self.example, {n: self.options[n] for n in layer_names},
+            timed = [n for n in layer_names if not isinstance(self.modules[n], TABLES)]  # a table's read: not timed
+            return WholeNetworkTiming(self.model, self.example, {n: self.options[n] for n in timed},
                                       onnx_path, say)
         except Exception as exc:  # the exporter raises many kinds; none of them ends the planning
             if onnx_path is not None:

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, channels_last_rows, is_probability, model_outputs, run_checked, sampled_rows
+from rankfold.analyze import (
+    TABLES,
+    as_input,
+    channels_last_rows,
+    is_probability,
+    model_outputs,
+    run_checked,
+    sampled_rows,
+)
 from rankfold.output_metric import HeadMetrics, OutputMetric
 from rankfold.settings import calibration_batch
 
@@ -25,7 +33,7 @@ from rankfold.settings import calibration_batch
 @dataclass
 class LayerStats:
     name: str
-    input_moment: Tensor  # (I, I) float64: E[x x^T] over input channel rows
+    input_moment: Tensor  # (I, I) float64: E[x x^T] over input channel rows; a table: (rows,) frequencies
     sensitivity: Tensor  # (O,) float64: G_c, Fisher diagonal summed over output positions
     input_shape: tuple[int, ...]  # one sample's input, as the layer sees it
     output_shape: tuple[int, ...]
@@ -105,6 +113,11 @@ def layer_statistics(
 
     def pre_hook(module, inputs, name):
         x = inputs[0].detach()
+        if isinstance(module, TABLES):  # how often each row is read
+            counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings).to(torch.float64)
+            moments[name] = moments.get(name, 0) + counts
+            rows_seen[name] = rows_seen.get(name, 0) + x.numel()
+            return
         # Layers that read one tensor (a transformer's q, k and v; gate and up) share its moment.
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), type(module) is nn.Linear)
         if key not in shared:
@@ -120,7 +133,7 @@ def layer_statistics(
     def post_hook(module, inputs, output, name):
         shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
         if output.requires_grad:
-            channel_axis = -1 if isinstance(module, nn.Linear) else 1
+            channel_axis = -1 if isinstance(module, (nn.Linear, *TABLES)) else 1
 
             def on_grad(grad, name=name, axis=channel_axis):
                 g = grad.detach().movedim(axis, -1)
@@ -135,18 +148,18 @@ def layer_statistics(
     batch_size = batch_size or calibration_batch()
     heads = HeadMetrics(model, names, calib[:1])  # before the hooks: its probe pass adds no statistics
     kinds = tuple(getattr(model, "output_kinds", ()) or ())  # what the data cannot tell (embeddings)
-    handles = []
+    # Token ids take no gradient, so there the embeddings' outputs start the graph (registered
+    # first: a table's own statistics hook must find its output already in the graph).
+    handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+               for m in model.modules() if isinstance(m, nn.Embedding)]
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)))
         handles.append(modules[name].register_forward_hook(lambda m, i, o, n=name: post_hook(m, i, o, n)))
     # Gradients with respect to activations only: the weights' own gradients (half the backward's
-    # work, all of it for a language model's head) are never read. Token ids take no gradient, so
-    # there the embeddings' outputs start the graph.
+    # work, all of it for a language model's head) are never read.
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    handles += [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-                for m in model.modules() if isinstance(m, nn.Embedding)]
     try:
         for start in range(0, total, batch_size):
             if progress:
@@ -175,7 +188,7 @@ def layer_statistics(
         if name not in moments:
             continue
         sens = grad_sq.get(name)
-        out_ch = shapes[name][1][-1 if isinstance(modules[name], nn.Linear) else 0]
+        out_ch = shapes[name][1][-1 if isinstance(modules[name], (nn.Linear, *TABLES)) else 0]
         sens = torch.zeros(out_ch, dtype=torch.float64) if sens is None else sens / total
         stats[name] = LayerStats(name, moments[name] / rows_seen[name], sens, *shapes[name], metrics.get(name))
     return stats

@@ -10,9 +10,10 @@ from collections.abc import Callable, Collection, Mapping
 import onnx
 from torch import Tensor, nn
 
+from rankfold.analyze import TABLES
 from rankfold.errors import RankfoldError
 from rankfold.quantize.core import ActivationParams
-from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate, to_qdq
+from rankfold.quantize.onnx_qdq import TABLE_OPS, WEIGHTED_OPS, calibrate, to_qdq
 from rankfold.quantize.weights import correct_bias, grouped_leaves, per_tensor_leaves, quantize_weights
 
 BIAS_CORRECTION_SAMPLES = 128
@@ -26,17 +27,18 @@ def module_of_node(node_name: str, modules: Mapping[str, int]) -> str | None:
     parts = node_name.split("/")
     if len(parts) < 3:
         return None
-    for candidate in (parts[-2], ".".join(parts[1:-1])):
-        if candidate in modules:
-            return candidate
-    return None
+    candidates = [parts[-2], ".".join(parts[1:-1])]
+    if len(parts) > 3 and parts[-2].startswith(parts[-3] + "."):
+        # A factor of a nested module's chain: '/a/b/query/query.0/MatMul' is module 'a.b.query.0'.
+        candidates.append(".".join(parts[1:-2] + [parts[-2][len(parts[-3]) + 1:]]))
+    return next((c for c in candidates if c in modules), None)
 
 
 def node_bits(model: onnx.ModelProto, leaf_bits: Mapping[str, int]) -> dict[str, int]:
     """Weighted ONNX nodes -> bits, by the module that produced each (module_of_node)."""
     result = {}
     for node in model.graph.node:
-        leaf = module_of_node(node.name, leaf_bits) if node.op_type in WEIGHTED_OPS else None
+        leaf = module_of_node(node.name, leaf_bits) if node.op_type in WEIGHTED_OPS + TABLE_OPS else None
         if leaf is not None:
             result[node.name] = leaf_bits[leaf]
     return result
@@ -68,7 +70,8 @@ def quantized_copy(model: nn.Module, bits: Mapping[str, int], *, calib: Tensor, 
                               reduce_range=reduce_range, per_tensor=per_tensor, groups=groups)
     if bias_correction:
         say("bias correction")
-        names = [n for n, b in bits.items() if b < 32]
+        modules = dict(model.named_modules())
+        names = [n for n, b in bits.items() if b < 32 and not isinstance(modules[n], TABLES)]  # tables have no bias
         correct_bias(model.eval(), quantized, names, calib[:BIAS_CORRECTION_SAMPLES])
     return quantized, leaves
 

@@ -19,6 +19,7 @@ from rankfold.settings import calibration_batch
 
 INT4_OPSET = 21
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+TABLE_OPS = ("Gather",)  # an embedding table's read: its data input (0) is the table, one scale per row
 INT8_RANGE_KEY = "rankfold.int8_weight_bits"  # metadata: "8" (codes within +-127) or "7" (+-63)
 
 
@@ -158,6 +159,9 @@ def to_qdq(
                 and node.input[1] in inits:
             _quantize_node_weights(node, original_inputs[0], inits, new_inits, new_nodes, activations, bits,
                                    groups.get(node.name), reduce_range, node.name in per_tensor)
+        elif node.op_type in TABLE_OPS and bits is not None and bits < 32 and node.input[0] in inits:
+            _quantize_node_weights(node, None, inits, new_inits, new_nodes, activations, bits,
+                                   groups.get(node.name), reduce_range, index=0)
         new_nodes.append(node)
         for i, name in enumerate(node.output):
             if name in activations and name in graph_outputs:
@@ -189,15 +193,17 @@ def _weight_axis(node: onnx.NodeProto) -> int:
 
 
 def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, activations, bits, group_size,
-                           reduce_range, per_tensor: bool = False) -> None:
-    weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-    axis = _weight_axis(node)
+                           reduce_range, per_tensor: bool = False, index: int = 1) -> None:
+    """Quantize the node's constant input `index`: a layer's weight (1), or a table (0: one row
+    per channel, as a Gather reads it)."""
+    weight = numpy_helper.to_array(inits[node.input[index]]).astype(np.float32)
+    axis = _weight_axis(node) if index == 1 else 0
     per_channel = np.moveaxis(weight, axis, 0)
     # Grouped scales need DequantizeLinear's block_size (opset 21); per-channel otherwise.
     group = group_size if group_size is not None and bits == 4 and not per_tensor else None
     qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range, per_tensor=per_tensor)
     q = np.moveaxis(qw.q, 0, axis)
-    base = node.input[1]
+    base = node.input[index]
     # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.
     if bits == 4:
         new_inits.append(_int4_tensor(f"{base}_q", q))
@@ -214,9 +220,10 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
         attrs = {"axis": 1 - axis, "block_size": group}
     new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale"],
                                       [f"{base}_dq"], name=f"{base}_DequantizeLinear", **attrs))
-    node.input[1] = f"{base}_dq"
+    node.input[index] = f"{base}_dq"
     # int32 bias at scale s_in * s_w[c] (per-channel weights only), so the integer kernels apply.
-    if len(node.input) > 2 and node.input[2] in inits and input_tensor in activations and group is None:
+    if index == 1 and len(node.input) > 2 and node.input[2] in inits and input_tensor in activations \
+            and group is None:
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         bias_scale = (activations[input_tensor].scale * scale.astype(np.float64)).astype(np.float32)
         q_bias = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
