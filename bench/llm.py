@@ -4,6 +4,7 @@ its sentence embeddings to the original's on 500 held-back sentences of the Pyth
 
     PYTHONPATH=. python -m bench.llm [--cuts 0.2,0.3,0.5] [--calib 512]
     PYTHONPATH=. python -m bench.llm --cuts '' --bits 8,4 --out bench/results/llm-weight-only.json
+    PYTHONPATH=. python -m bench.llm --cuts '' --joint --out bench/results/llm-joint.json
 
 Rows: plain SVD (every Linear, uniform keep), rankfold's data-aware SVD at the same uniform keep,
 and rankfold's planner (rank per matrix under one parameter budget, bits=32). Calibration: 512
@@ -40,33 +41,66 @@ def calibration_windows(directory: str, count: int, seq_len: int = 32) -> torch.
     return full[torch.from_numpy(np.random.default_rng(0).choice(len(full), min(count, len(full)), replace=False))]
 
 
+def _onnx_row(model, path: str, held: torch.Tensor, total: int, contender: str, seconds: float) -> dict:
+    """A weight-only QDQ file measured in onnxruntime: the cosine of its embeddings to the float
+    model's, and the file's weight bytes."""
+    from rankfold.evaluate import onnx_size
+    from rankfold.runtime import run_batched, session
+
+    sess = session(path)
+    out = torch.from_numpy(run_batched(sess, None, sess.get_inputs()[0].name, held.numpy())[0])
+    size = onnx_size(path)
+    with torch.no_grad():
+        cosine = float(torch.nn.functional.cosine_similarity(out, model(held), dim=-1).mean())
+    row = {"cut": 0.0, "contender": contender, "cosine": cosine, "params": size.params, "linear_params_removed": 0.0,
+           "weight_bytes": size.weight_bytes, "weight_bytes_ratio": size.weight_bytes / (4 * total), "seconds": seconds}
+    print(f"{contender}: cosine {cosine:.4f}, weight bytes {size.weight_bytes:,} "
+          f"({row['weight_bytes_ratio']:.1%} of float), {seconds:.0f} s", flush=True)
+    return row
+
+
 def weight_only_row(model: torch.nn.Module, directory: str, calib: torch.Tensor, held: torch.Tensor, bits: int,
-                    total: int, linear: int) -> dict:
-    """Every Linear at `bits`, written as weight-only QDQ; cosine of onnxruntime's embeddings to
-    the float model's, and the file's weight bytes."""
+                    total: int, linear: int, group: int | None = None) -> dict:
+    """Every Linear at `bits` (one scale per channel, or per `group` input elements), written as
+    weight-only QDQ, embeddings kept float (as torchao's and NNCF's weight-only modes do)."""
     import tempfile
 
-    from rankfold.evaluate import onnx_size
     from rankfold.quantize.export import export_quantized
-    from rankfold.runtime import run_batched, session
 
     layers = {n: bits for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "q.onnx")
         t0 = time.time()
-        export_quantized(model, layers, path, calib=calib[:64], example_input=held[:2], weight_only=True)
-        seconds = time.time() - t0
-        sess = session(path)
-        out = torch.from_numpy(run_batched(sess, None, sess.get_inputs()[0].name, held.numpy())[0])
-        size = onnx_size(path)
-    with torch.no_grad():
-        cosine = float(torch.nn.functional.cosine_similarity(out, model(held), dim=-1).mean())
-    row = {"cut": 0.0, "contender": f"int{bits} weights (every Linear), weight-only QDQ in onnxruntime",
-           "cosine": cosine, "params": total, "linear_params_removed": 0.0, "weight_bytes": size.weight_bytes,
-           "weight_bytes_ratio": size.weight_bytes / (4 * total), "seconds": seconds}
-    print(f"int{bits} weight-only QDQ: cosine {cosine:.4f}, weight bytes {size.weight_bytes:,} "
-          f"({row['weight_bytes_ratio']:.1%} of float)", flush=True)
-    return row
+        export_quantized(model, layers, path, calib=calib[:64], example_input=held[:2], weight_only=True,
+                         groups=dict.fromkeys(layers, group) if group else None)
+        kind = f"int{bits} weights, groups of {group}" if group else f"int{bits} weights"
+        return _onnx_row(model, path, held, total, f"{kind} (every Linear), weight-only QDQ in onnxruntime",
+                         time.time() - t0)
+
+
+def joint_row(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, total: int, weight_bytes: float,
+              label: str, group: int = 32) -> dict:
+    """rankfold's joint plan (rank and bit-width of every Linear and embedding table) under
+    `weight_bytes`, written as weight-only QDQ and measured in onnxruntime."""
+    import dataclasses
+    import tempfile
+
+    from rankfold.planner.plan import fitting_samples
+    from rankfold.quantize.export import export_quantized
+    from rankfold.target import load_target
+
+    target = dataclasses.replace(load_target("host"), weight_group_size=group)
+    t0 = time.time()
+    result = rankfold.compress_to_budget(model, calib=calib, target=target, bits="auto", min_rank=4,
+                                         budgets={"weight_bytes": f"{weight_bytes:.0f}B"},
+                                         rules=(CheckRule("cosine", 0.0),))
+    plan = result.plan
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "q.onnx")
+        export_quantized(result.module, plan.layer_bits(), path, calib=fitting_samples(plan, calib),
+                         example_input=held[:2], weight_only=True, per_tensor=plan.per_tensor_layers(),
+                         groups=plan.grouped_layers())
+        return _onnx_row(model, path, held, total, f"rankfold joint plan at {label}", time.time() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     parser.add_argument("--out", default=RESULTS, help=f"results file (default {RESULTS})")
+    parser.add_argument("--joint", action="store_true",
+                        help="also grouped int4 alone, and rankfold's joint plan at its bytes and at half")
     parser.add_argument("--bits", default="", help="also write weight-only QDQ files at these bit-widths (8,4)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -87,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in (int(v) for v in args.bits.split(",") if v):
         rows.append(weight_only_row(model, directory, calib, held, b, total, linear))
+    if args.joint:  # against grouped int4 alone: at its bytes and at half of them
+        alone = weight_only_row(model, directory, calib, held, 4, total, linear, group=32)
+        rows.append(alone)
+        rows.append(joint_row(model, calib, held, total, alone["weight_bytes"], "the bytes of int4 groups alone"))
+        rows.append(joint_row(model, calib, held, total, alone["weight_bytes"] / 2, "half the bytes of int4 groups"))
     for cut in (float(c) for c in args.cuts.split(",") if c):
         keep = 1.0 - cut
         for name, run in (

@@ -278,3 +278,25 @@ def test_a_byte_budget_quantizes_the_tied_embedding_with_its_head_and_the_tie_su
     if layer.weight_scales == "channel":  # every row on its own grid of +-levels steps
         np.testing.assert_allclose(codes * levels, np.round(codes * levels), atol=1e-4)
 
+
+
+def test_the_cli_plans_bits_with_int4_groups_and_refuses_a_quantized_result_that_fails_its_check(lm_dir, tmp_path,
+                                                                                                capsys):
+    """--group-size offers int4 with one scale per group; the saved directory holds the groups and
+    eval measures it; a quantized result whose own check fails is refused and nothing written."""
+    from rankfold.cli import main
+
+    out = tmp_path / "q"
+    common = ["compress", str(lm_dir), "--calib-text", str(lm_dir / "calib.txt"), "--seq-len", "16", "--samples", "96",
+              "--max-weight-bytes", "14%", "--group-size", "16", "--min-rank", "2", "-q"]
+    assert main([*common, "--check", "perplexity:100", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4/g16" in printed and f"wrote {out}" in printed
+    stored = json.loads((out / "rankfold.json").read_text())["quantized"]
+    assert any(entry.get("group_size") == 16 for entry in stored.values())
+    assert main(["eval", str(out), "--text", str(lm_dir / "held.txt"), "--seq-len", "16"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    refused = tmp_path / "refused"
+    assert main([*common, "--check", "perplexity:1.0001", "-o", str(refused)]) == 2
+    err = capsys.readouterr().err
+    assert "self-check failed" in err and "Traceback" not in err and not refused.exists()

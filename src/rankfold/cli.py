@@ -304,7 +304,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
             raise RankfoldError(f"{'/'.join(uniform)} set a uniform compression; the planner (--target, --max-*) "
                                 "chooses per layer: use one or the other")
         return _compress_planned(args, budgets)
-    planned_only = [flag for flag, value in (("--bits", args.bits), ("--plan-out", args.plan_out),
+    planned_only = [flag for flag, value in (("--bits", args.bits), ("--group-size", args.group_size),
+                                              ("--plan-out", args.plan_out),
                                               ("--observer", args.observer), ("--train", args.train),
                                               ("--finetune-steps", args.finetune_steps),
                                               ("--finetune-minutes", args.finetune_minutes)) if value is not None]
@@ -325,7 +326,7 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     from rankfold.planner.pipeline import compress_to_budget
     from rankfold.report import layer_table, plan_table
     from rankfold.saved import check_save_directory, save_compressed
-    from rankfold.target import load_target
+    from rankfold.target import load_target, with_group_size
     from rankfold.uniform import compress_uniform
 
     if not is_hf_directory(args.model):
@@ -339,7 +340,7 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
         raise RankfoldError(f"{args.model}: a model directory calibrates on text: give --calib-text FILE|DIR (or "
                             "--no-check for a data-free, unchecked result)")
     planned = bool(budgets or args.target)
-    target = load_target(args.target or "host") if planned else None
+    target = with_group_size(load_target(args.target or "host"), args.group_size) if planned else None
     to_onnx = args.output.endswith(".onnx")
     if to_onnx:
         check_outputs({"model": args.model}, {"-o": args.output, "--report": args.report}, force=args.force)
@@ -373,7 +374,7 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     if to_onnx:
         result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=log)
     else:
-        save_compressed(result, args.output, hf_source=args.model, force=args.force)
+        save_compressed(result, args.output, hf_source=args.model, force=args.force, progress=lambda m: log("  " + m))
     seconds = time.time() - t0
     print(plan_table(result.plan) if planned else layer_table(result.report))
     before = sum(p.numel() for p in model.parameters())
@@ -473,9 +474,9 @@ def int8_choice(target) -> str:
 def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     from rankfold.planner.options import bit_choices
     from rankfold.planner.pipeline import CHECK_SAMPLES, compress_to_budget
-    from rankfold.target import load_target
+    from rankfold.target import load_target, with_group_size
 
-    target = load_target(args.target or "host")
+    target = with_group_size(load_target(args.target or "host"), args.group_size)
     bit_choices(target, args.bits or "auto")  # a bad --bits fails before the model is read
     _check_outputs(args)
     graph, model, calib, example = _load_inputs(args)
@@ -1099,6 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default=None, help="weight bit-width: auto (the planner picks per layer from the "
                                                   "target's set; first and last layer float or int8, never "
                                                   "int4, where the target runs float), 32, 8 or 4")
+    p.add_argument("--group-size", type=_positive_int, default=None,
+                   help="int4 weights may also take one scale per N input elements of each output channel (Linear "
+                        "layers and embedding tables; onnxruntime targets), e.g. 32: finer, 1 bit more per weight")
     p.add_argument("--plan-out", help="write the plan (editable JSON) here")
     p.add_argument("--method", default=None, help="uniform mode: svd | tucker2 | cp | spatial-svd | auto "
                                                   "(default tucker2)")

@@ -24,18 +24,27 @@ def _format_rows(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _bits_text(layer) -> str | int:
+    """32, 8, 4; 8/t with one scale per tensor; 4/g32 with one per group of 32 input elements."""
+    if layer.bits >= 32 or layer.weight_scales == "channel":
+        return layer.bits
+    return f"{layer.bits}/t" if layer.weight_scales == "tensor" else f"{layer.bits}/g{layer.weight_scales[5:]}"
+
+
 def plan_table(plan) -> str:
     """One row per layer of a Plan, then estimated totals before and after."""
     rows = [("layer", "shape", "method", "ranks", "bits", "params", "weight B", "MACs", "latency ms", "RAM B",
              "est.loss", "note")]
     for r in plan.layers:
         ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
-        bits = f"{r.bits}/t" if r.bits < 32 and r.weight_scales == "tensor" else r.bits  # /t: one scale per tensor
+        bits = _bits_text(r)
         rows.append((r.name, r.layer, r.method, ranks, bits, human(r.params), human(r.weight_bytes), human(r.macs),
                      f"{r.latency_ms:.4f}", human(r.ram_bytes), f"{r.est_loss:.2e}", r.note))
     table = _format_rows(rows)
     if any(r.bits < 32 and r.weight_scales == "tensor" for r in plan.layers):
         table += "\nbits n/t: one weight scale for the tensor (not one per output channel)"
+    if any(r.bits < 32 and r.weight_scales.startswith("group") for r in plan.layers):
+        table += "\nbits n/gK: one weight scale per K input elements of each output channel"
     lines = [table, "", f"{'':14}{'before':>14}{'after':>14}{'ratio':>9}   limit"]
     for key, label in (("params", "parameters"), ("weight_bytes", "weight bytes"), ("macs", "MACs"),
                        ("latency_ms", "latency ms"), ("ram_bytes", "peak RAM B")):

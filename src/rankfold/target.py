@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -74,6 +75,18 @@ def load_target(name_or_path: str) -> Target:
     except tomllib.TOMLDecodeError as exc:
         raise RankfoldError(f"{origin}: not valid TOML: {exc}") from None
     return target_from_dict(raw, origin)
+
+
+def with_group_size(target: Target, size: int | None, origin: str = "--group-size") -> Target:
+    """`target` offering int4 weights with one scale per `size` input elements (None: unchanged)."""
+    if size is None:
+        return target
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise RankfoldError(f"{origin} must be a positive integer (input elements per int4 scale), got {size!r}")
+    if target.runtime != "onnxruntime" or 4 not in target.weight_bits:
+        raise RankfoldError(f"{origin}: target {target.name} has no grouped int4 (it needs int4 weights and runtime "
+                            f"onnxruntime; it has weight bits {list(target.weight_bits)}, runtime {target.runtime})")
+    return dataclasses.replace(target, weight_group_size=size)
 
 
 def target_from_dict(raw: dict, origin: str = "target") -> Target:

@@ -41,21 +41,29 @@ def _input_rows(layer: nn.Module, x: Tensor) -> Tensor:
 
 def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
                          batch_size: int | None = None) -> dict[str, Tensor]:
-    """E[x x^T] of each named layer's input rows over `calib` (float64)."""
+    """E[x x^T] of each named layer's input rows over `calib` (float64 sums of float32 products;
+    layers that read one tensor, a transformer's q, k and v, share its product)."""
     batch_size = batch_size or min(32, calibration_batch())
     modules = dict(model.named_modules())
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
+    shared: dict[tuple, tuple[Tensor, int]] = {}  # this batch's product of each input tensor
 
     def hook(module, inputs, name):
-        rows = _input_rows(module, inputs[0].detach()).double()
-        sums[name] = sums.get(name, 0) + rows.T @ rows
-        counts[name] = counts.get(name, 0) + rows.shape[0]
+        x = inputs[0].detach()
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), type(module))
+        if key not in shared:
+            rows = _input_rows(module, x).float()
+            shared[key] = ((rows.T @ rows).double(), rows.shape[0])
+        product, count = shared[key]
+        sums[name] = sums.get(name, 0) + product
+        counts[name] = counts.get(name, 0) + count
 
     handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
     try:
         with torch.no_grad():
             for start in range(0, len(calib), batch_size):
+                shared.clear()
                 run_checked(model, calib[start : start + batch_size])
     finally:
         for h in handles:
