@@ -2,14 +2,15 @@
 with fewer parameters in its 37 Linear layers, each row measured as the mean cosine similarity of
 its sentence embeddings to the original's on 500 held-back sentences of the Python documentation.
 
-    PYTHONPATH=. python -m bench.llm [--cuts 0.2,0.3,0.5] [--calib 512]
+    PYTHONPATH=. python -m bench.llm [--cuts 0.1,0.2,0.3,0.4,0.5] [--calib 512] [--plot bench/results/llm.png]
     PYTHONPATH=. python -m bench.llm --cuts '' --bits 8,4 --out bench/results/llm-weight-only.json
     PYTHONPATH=. python -m bench.llm --cuts '' --joint --out bench/results/llm-joint.json
 
-Rows: plain SVD (every Linear, uniform keep), rankfold's data-aware SVD at the same uniform keep,
-and rankfold's planner (rank per matrix under one parameter budget, bits=32). Calibration: 512
-windows of 32 tokens from the "calib" split (bench/text.py), windows the sentence fills (no
-padding in the statistics); held back: the first 500 sentences of the "held" split, 64 tokens.
+Rows: plain SVD (every Linear, uniform keep), SVD-LLM-style whitened truncation and ASVD-style
+activation scaling (uniform keep, no error compensation; bench/smollm2.py), rankfold's data-aware
+SVD at the same uniform keep, and rankfold's planner (rank per matrix under one parameter budget,
+bits=32). Calibration: 512 windows of 32 tokens from the "calib" split (bench/text.py), windows
+the sentence fills (no padding in the statistics); held back: the first 500 sentences of the "held" split, 64 tokens.
 With --bits, every Linear is quantized at each bit-width (data-aware rounding on 64 calibration
 windows) and written as a weight-only QDQ file (float activations), measured in onnxruntime.
 """
@@ -26,6 +27,7 @@ import torch
 
 import rankfold
 from bench.realworld import FieldModel, fetch
+from bench.smollm2 import weighted_svd_baseline
 from bench.text import sentences
 from rankfold.check_rules import CheckRule
 from rankfold.frontends.hf import embedding_cosine, load_hf, tokenize
@@ -60,21 +62,24 @@ def _onnx_row(model, path: str, held: torch.Tensor, total: int, contender: str, 
 
 
 def weight_only_row(model: torch.nn.Module, directory: str, calib: torch.Tensor, held: torch.Tensor, bits: int,
-                    total: int, linear: int, group: int | None = None) -> dict:
+                    total: int, linear: int, group: int | None = None, tables: bool = False) -> dict:
     """Every Linear at `bits` (one scale per channel, or per `group` input elements), written as
-    weight-only QDQ, embeddings kept float (as torchao's and NNCF's weight-only modes do)."""
+    weight-only QDQ; embeddings kept float (as torchao's and NNCF's weight-only modes do), or with
+    `tables` quantized the same way."""
     import tempfile
 
     from rankfold.quantize.export import export_quantized
 
-    layers = {n: bits for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kinds = (torch.nn.Linear, torch.nn.Embedding) if tables else torch.nn.Linear
+    layers = {n: bits for n, m in model.named_modules() if isinstance(m, kinds)}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "q.onnx")
         t0 = time.time()
         export_quantized(model, layers, path, calib=calib[:64], example_input=held[:2], weight_only=True,
                          groups=dict.fromkeys(layers, group) if group else None)
         kind = f"int{bits} weights, groups of {group}" if group else f"int{bits} weights"
-        return _onnx_row(model, path, held, total, f"{kind} (every Linear), weight-only QDQ in onnxruntime",
+        where = "every Linear and embedding table" if tables else "every Linear"
+        return _onnx_row(model, path, held, total, f"{kind} ({where}), weight-only QDQ in onnxruntime",
                          time.time() - t0)
 
 
@@ -103,12 +108,34 @@ def joint_row(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, t
         return _onnx_row(model, path, held, total, f"rankfold joint plan at {label}", time.time() - t0)
 
 
+def plot_cuts(rows: list[dict], path: str) -> None:
+    """Embedding cosine against the share of Linear parameters removed, one line per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for contender in dict.fromkeys(r["contender"] for r in rows if r["cut"] > 0):
+        points = sorted((r["linear_params_removed"], r["cosine"]) for r in rows if r["contender"] == contender)
+        ax.plot([100 * x for x, _y in points], [y for _x, y in points], marker="o", label=contender)
+    ax.set_xlabel("Linear parameters removed (%)")
+    ax.set_ylabel("embedding cosine to the original")
+    ax.set_title("MiniLM (all-MiniLM-L6-v2), 500 held-back sentences")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.llm", description=__doc__.splitlines()[0])
-    parser.add_argument("--cuts", default="0.2,0.3,0.5", help="fractions of the Linear parameters removed")
+    parser.add_argument("--cuts", default="0.1,0.2,0.3,0.4,0.5", help="fractions of the Linear parameters removed")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     parser.add_argument("--out", default=RESULTS, help=f"results file (default {RESULTS})")
+    parser.add_argument("--plot", default=None, help="also draw cosine against parameters removed here (.png)")
     parser.add_argument("--joint", action="store_true",
                         help="also grouped int4 alone, and rankfold's joint plan at its bytes and at half")
     parser.add_argument("--bits", default="", help="also write weight-only QDQ files at these bit-widths (8,4)")
@@ -123,17 +150,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in (int(v) for v in args.bits.split(",") if v):
         rows.append(weight_only_row(model, directory, calib, held, b, total, linear))
-    if args.joint:  # against grouped int4 alone: at its bytes and at half of them
-        alone = weight_only_row(model, directory, calib, held, 4, total, linear, group=32)
+    for tables in (False, True) if args.joint else ():  # against grouped int4 alone: at its bytes and at half
+        alone = weight_only_row(model, directory, calib, held, 4, total, linear, group=32, tables=tables)
         rows.append(alone)
-        rows.append(joint_row(model, calib, held, total, alone["weight_bytes"], "the bytes of int4 groups alone"))
-        rows.append(joint_row(model, calib, held, total, alone["weight_bytes"] / 2, "half the bytes of int4 groups"))
+        what = "int4 groups alone" + (" (tables too)" if tables else "")
+        rows.append(joint_row(model, calib, held, total, alone["weight_bytes"], f"the bytes of {what}"))
+        rows.append(joint_row(model, calib, held, total, alone["weight_bytes"] / 2, f"half the bytes of {what}"))
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    stats: dict = {}  # the original's layer statistics, shared by the uncompensated baselines
     for cut in (float(c) for c in args.cuts.split(",") if c):
         keep = 1.0 - cut
         for name, run in (
             ("plain SVD, uniform", lambda: rankfold.compress(model, method="svd", keep=keep, min_rank=1)),
             ("rankfold data-aware SVD, uniform", lambda: rankfold.compress(model, method="svd", keep=keep,
                                                                            calib=calib, min_rank=1)),
+            ("SVD-LLM-style whitened truncation, uniform", lambda: weighted_svd_baseline(
+                model, calib, keep, "svd-llm", stats, linear_names)),
+            ("ASVD-style activation-scaled SVD, uniform", lambda: weighted_svd_baseline(
+                model, calib, keep, "asvd", stats, linear_names)),
             ("rankfold planned, bits=32", lambda: rankfold.compress_to_budget(
                 model, calib=calib, budgets={"params": str(int(total - cut * linear))}, bits=32, min_rank=4,
                 rules=(CheckRule("cosine", 0.0),)).module),
@@ -150,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"model": MINILM.package, "params": total, "linear_params": linear, "held_sentences": len(held),
                    "calib_windows": len(calib), "rows": rows}, handle, indent=1)
     print(f"wrote {args.out}")
+    if args.plot:
+        plot_cuts(rows, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -62,12 +62,12 @@ def float_directory(cache: str) -> str:
 
 
 def weighted_svd_baseline(model: torch.nn.Module, calib: torch.Tensor, keep: float, scaling: str,
-                          stats: dict) -> torch.nn.Module:
-    """Every block Linear truncated to the rank that keeps `keep` of its parameters, each under a
-    weighting of its original input, with no error compensation between layers: "svd-llm" whitens
-    by the input's second moment (SVD-LLM's truncation-aware whitening: S = Sigma^(1/2)); "asvd"
-    scales input channels by their RMS to the power 0.5 (ASVD's alpha; ASVD uses the mean absolute
-    value where the statistics here hold the RMS)."""
+                          stats: dict, names: list[str] | None = None) -> torch.nn.Module:
+    """Every block Linear (or every layer in `names`) truncated to the rank that keeps `keep` of its
+    parameters, each under a weighting of its original input, with no error compensation between
+    layers: "svd-llm" whitens by the input's second moment (SVD-LLM's truncation-aware whitening:
+    S = Sigma^(1/2)); "asvd" scales input channels by their RMS to the power 0.5 (ASVD's alpha;
+    ASVD uses the mean absolute value where the statistics here hold the RMS)."""
     import copy
 
     from rankfold.analyze import set_submodule
@@ -78,7 +78,7 @@ def weighted_svd_baseline(model: torch.nn.Module, calib: torch.Tensor, keep: flo
     if not stats:
         from rankfold.planner.sensitivity import layer_statistics
 
-        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+        names = names or [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
         stats.update(layer_statistics(model, names, calib, batch_size=1))
     small = copy.deepcopy(model)
     for name, stat in stats.items():
