@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -38,6 +39,27 @@ def untouchable_layers(model: nn.Module) -> dict[str, str]:
                     name = f"{parent_name}.{child_name}" if parent_name else child_name
                     found[name] = f"its {type(parent).__name__} reads .weight directly: not replaceable"
     return found
+
+class PerInput:
+    """Values computed once per input tensor during one batch (a transformer's q, k and v read one
+    tensor and share its moment). Keyed by the tensor object, checked through a weak reference:
+    its address alone would not do, as a freed input's memory may hold the next layer's input."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[weakref.ref, object]] = {}
+
+    def get(self, tensor: Tensor, kind: object, compute: Callable[[], object]) -> object:
+        key = (id(tensor), kind)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        value = compute()
+        self._entries[key] = (weakref.ref(tensor), value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
 
 def tied_names(module: nn.Module) -> dict[str, str]:
     """State-dict names whose tensor is another, earlier name's (a language model's head tied to its

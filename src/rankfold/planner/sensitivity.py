@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import (
     TABLES,
+    PerInput,
     as_input,
     channels_last_rows,
     is_probability,
@@ -109,7 +110,7 @@ def layer_statistics(
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     generator = torch.Generator().manual_seed(seed)
 
-    shared: dict[tuple, tuple[Tensor, int]] = {}  # this batch's moment of each input tensor, by identity
+    shared = PerInput()  # this batch's moment of each input tensor
 
     def pre_hook(module, inputs, name):
         x = inputs[0].detach()
@@ -119,14 +120,14 @@ def layer_statistics(
             rows_seen[name] = rows_seen.get(name, 0) + x.numel()
             return
         # Layers that read one tensor (a transformer's q, k and v; gate and up) share its moment.
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), type(module) is nn.Linear)
-        if key not in shared:
+        def product():
             rows = channels_last_rows(module, x)
             index = sampled_rows(rows.shape[0], max_rows_per_batch, seed)
             rows = rows if index is None else rows[index]
             # The product in float32 (half the time of float64), summed over batches in float64.
-            shared[key] = ((rows.T @ rows).to(torch.float64), rows.shape[0])
-        moment, count = shared[key]
+            return (rows.T @ rows).to(torch.float64), rows.shape[0]
+
+        moment, count = shared.get(inputs[0], type(module) is nn.Linear, product)
         moments[name] = moments.get(name, 0) + moment
         rows_seen[name] = rows_seen.get(name, 0) + count
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import run_checked
+from rankfold.analyze import PerInput, run_checked
 from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
 from rankfold.settings import calibration_batch
@@ -47,15 +47,14 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
     modules = dict(model.named_modules())
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-    shared: dict[tuple, tuple[Tensor, int]] = {}  # this batch's product of each input tensor
+    shared = PerInput()  # this batch's product of each input tensor
 
     def hook(module, inputs, name):
-        x = inputs[0].detach()
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), type(module))
-        if key not in shared:
-            rows = _input_rows(module, x).float()
-            shared[key] = ((rows.T @ rows).double(), rows.shape[0])
-        product, count = shared[key]
+        def compute():
+            rows = _input_rows(module, inputs[0].detach()).float()
+            return (rows.T @ rows).double(), rows.shape[0]
+
+        product, count = shared.get(inputs[0], type(module), compute)
         sums[name] = sums.get(name, 0) + product
         counts[name] = counts.get(name, 0) + count
 
