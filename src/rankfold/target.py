@@ -77,13 +77,18 @@ def load_target(name_or_path: str) -> Target:
     return target_from_dict(raw, origin)
 
 
+def offers_groups(runtime: str, weight_bits) -> bool:
+    """Whether int4 groups can run: DequantizeLinear's blocks in onnxruntime, on int4 weights."""
+    return runtime == "onnxruntime" and 4 in weight_bits
+
+
 def with_group_size(target: Target, size: int | None, origin: str = "--group-size") -> Target:
     """`target` offering int4 weights with one scale per `size` input elements (None: unchanged)."""
     if size is None:
         return target
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise RankfoldError(f"{origin} must be a positive integer (input elements per int4 scale), got {size!r}")
-    if target.runtime != "onnxruntime" or 4 not in target.weight_bits:
+    if not offers_groups(target.runtime, target.weight_bits):
         raise RankfoldError(f"{origin}: target {target.name} has no grouped int4 (it needs int4 weights and runtime "
                             f"onnxruntime; it has weight bits {list(target.weight_bits)}, runtime {target.runtime})")
     return dataclasses.replace(target, weight_group_size=size)
@@ -144,7 +149,7 @@ def target_from_dict(raw: dict, origin: str = "target") -> Target:
     runtime = raw.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:
         raise RankfoldError(f"{origin}: runtime must be one of {RUNTIMES}, got {runtime!r}")
-    if raw.get("weight_group_size") is not None and (runtime != "onnxruntime" or 4 not in raw.get("weight_bits", [32])):
+    if raw.get("weight_group_size") is not None and not offers_groups(runtime, bits):
         raise RankfoldError(f"{origin}: weight_group_size needs int4 weights (weight_bits with 4) and runtime "
                             f"\"onnxruntime\" (DequantizeLinear's blocks); got weight_bits {raw.get('weight_bits')!r}, "
                             f"runtime {runtime!r}")

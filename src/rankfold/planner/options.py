@@ -17,7 +17,7 @@ from rankfold.layers import layer_spec
 from rankfold.methods import method_named
 from rankfold.planner.candidates import FACTORIZED_POINTS, candidate_ranks, factorized_losses, input_weighting
 from rankfold.planner.costs import ChainProfile, SubLayer, chain_profile
-from rankfold.target import Target
+from rankfold.target import Target, offers_groups
 
 
 @dataclass
@@ -141,11 +141,12 @@ def noise_units(module: nn.Module, stats, target: Target, head: tuple[nn.Module,
                 ) -> NoiseUnits:
     """The layouts the target's runtime offers: one scale per tensor saves bytes in the QDQ file
     only (the C export keeps a multiplier and shift per output channel whatever the scales), and
-    so do int4 groups (DequantizeLinear's block_size), offered for Linear layers."""
+    so do int4 groups (DequantizeLinear's block_size), offered for Linear layers and tables."""
     onnx_runtime = target.runtime == "onnxruntime"
     # Groups along one input axis (DequantizeLinear's blocks): Linear layers, their factors, tables.
     two_dimensional = isinstance(module, (nn.Linear, *TABLES))
-    group = target.weight_group_size if onnx_runtime and two_dimensional and 4 in target.weight_bits else None
+    group = target.weight_group_size if two_dimensional and offers_groups(target.runtime, target.weight_bits) \
+        else None
     if isinstance(module, TABLES):
         return NoiseUnits(table_noise_loss(module, stats, head=head), None,
                           table_noise_loss(module, stats, group, head) if group else None, group)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE
+from rankfold.analyze import COMPRESSIBLE, TABLES
 from rankfold.apply import CompressionReport
 from rankfold.errors import RankfoldError
 from rankfold.planner.options import quantized_layer_bytes
@@ -118,11 +118,11 @@ def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, exa
 
 def stored_weight_bytes(module: nn.Module, bits: int, per_tensor: bool = False, group_size: int | None = None) -> int:
     """Bytes of a layer's (or factor chain's) weights as exported, counted on the module itself."""
-    leaves = [leaf for leaf in module.modules() if isinstance(leaf, COMPRESSIBLE)]
+    leaves = [leaf for leaf in module.modules() if isinstance(leaf, COMPRESSIBLE + TABLES)]
     if bits >= 32:
         return sum(4 * p.numel() for leaf in leaves for p in leaf.parameters(recurse=False))
-    return sum(quantized_layer_bytes(leaf.weight.numel(), leaf.weight.shape[0], leaf.bias is not None, bits,
-                                     per_tensor, group_size) for leaf in leaves)
+    return sum(quantized_layer_bytes(leaf.weight.numel(), leaf.weight.shape[0], getattr(leaf, "bias", None) is not None,
+                                     bits, per_tensor, group_size) for leaf in leaves)
 
 
 CHECK_SAMPLES = 64  # an eighth of them (16 to 128) is held back for the self-check
