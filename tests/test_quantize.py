@@ -22,7 +22,7 @@ from rankfold.quantize.core import (
 )
 from rankfold.quantize.export import ROUNDING_SAMPLES, export_quantized
 from rankfold.quantize.gptq import input_second_moments, quantize_layer
-from rankfold.quantize.observers import RangeObserver
+from rankfold.quantize.observers import BINS, RangeObserver, histogram_sample, uniform_histogram
 from rankfold.quantize.weights import correct_bias, equalize_seams, quantize_weights
 from rankfold.runtime import int8_kernels
 
@@ -93,6 +93,26 @@ def test_observers_minmax_percentile_mse():
     inside = np.mean((data >= p_lo) & (data <= p_hi))
     assert 0.998 <= inside < 1.0  # the percentile range keeps ~99.9 % and clips the outliers
     assert sq_error(mse) <= sq_error(mm) and sq_error(mse) <= sq_error(pct)  # mse: least squared error
+
+
+def test_histogram_counts_as_numpy_and_samples_large_batches_unbiased():
+    rng = np.random.default_rng(4)
+    values = (rng.standard_normal(50_000) * 2).astype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    counts = uniform_histogram(values, low, high)
+    reference = np.histogram(values, bins=BINS, range=(low, high))[0]
+    assert counts.sum() == values.size and np.abs(counts - reference).sum() <= 20  # float32 rounding moves a few
+    # A batch above the sampling limit: every k-th value (k a prime not dividing the width), each
+    # counting k times, and the percentile range of a histogram of every value, within 1 %.
+    maps = np.maximum(rng.standard_normal((8, 16, 96, 96)), 0).astype(np.float32)
+    maps[:, :, :, ::2] *= 4.0  # even columns louder: a step of 2 would see only them
+    sampled, exact = RangeObserver(), RangeObserver()
+    sampled.update(maps)
+    exact.update(maps[:4]), exact.update(maps[4:])  # below the limit: every value counted
+    sample, step = histogram_sample(maps, limit=1 << 16)
+    assert 96 % step and all(step % d for d in range(2, step)) and sample.size <= (1 << 16) + 1
+    assert abs(sampled.hist.sum() - maps.size) <= 0.01 * maps.size
+    assert abs(sampled.percentile(99.9).scale / exact.percentile(99.9).scale - 1) < 0.01
 
 
 # -- seams, bias correction -----------------------------------------------------------------------
