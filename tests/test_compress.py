@@ -217,3 +217,28 @@ def test_uniform_mode_refuses_what_only_the_planner_uses_and_checks_on_request()
         rankfold.compress(model, keep=0.5, calib=calib[:8], check=True)
     small = rankfold.compress(model, method="svd", keep=0.9, calib=calib, min_rank=1, check=True, min_agreement=0.5)
     assert small.rankfold_report.layers
+
+
+def test_layers_left_alone_are_refit_to_the_inputs_the_compressed_layers_give():
+    # Only the first convolution is factorized; the depthwise and the last convolution keep their
+    # shape but are refit (per group for the depthwise) to reproduce their original outputs from
+    # the compressed inputs: closer to the original than the untouched weights, on fresh data too.
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                          nn.ReLU(), nn.Conv2d(32, 16, 1)).eval()
+    calib, fresh = torch.randn(64, 8, 10, 10), torch.randn(64, 8, 10, 10)
+    out = rankfold.compress(model, calib=calib, layers={"0": SVDConfig(rank=3), "*": SkipConfig("kept")})
+    notes = {r.name: r.note for r in out.rankfold_report.layers}
+    assert "refit" not in notes["0"] and "refit" in notes["2"] and "refit" in notes["4"]
+    unrefit = rankfold.compress(model, calib=calib, layers={"0": SVDConfig(rank=3), "*": SkipConfig("kept")})
+    unrefit[2].load_state_dict(model[2].state_dict())
+    unrefit[4].load_state_dict(model[4].state_dict())
+    assert not torch.equal(out[2].weight, model[2].weight) and out[2].weight.shape == model[2].weight.shape
+    with torch.no_grad():
+        ref = model(fresh)
+        refit_error = float((out(fresh) - ref).norm() / ref.norm())
+        plain_error = float((unrefit(fresh) - ref).norm() / ref.norm())
+    assert refit_error < 0.95 * plain_error  # measured 0.361 against 0.399
+    # Nothing changed before a layer: it stays exactly as it was.
+    late = rankfold.compress(model, calib=calib, layers={"4": SVDConfig(rank=4), "*": SkipConfig("kept")})
+    assert torch.equal(late[0].weight, model[0].weight) and torch.equal(late[2].weight, model[2].weight)

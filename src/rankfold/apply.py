@@ -150,12 +150,22 @@ def compress_with_report(
                                             calib))
         for name in reached:  # in the order the network calls them: each knows the layers before it
             module = result.get_submodule(name)
+            kept = isinstance(configs[name], SkipConfig)
+            # A layer left as it is still sees the earlier layers' error: it is refit to its new
+            # inputs (same shape, no parameter added) once anything before it has changed.
+            wanted = changed and name not in untouchable if kept else layer_spec(module).groups == 1
             moments = None
-            if not (isinstance(configs[name], SkipConfig) or layer_spec(module).groups > 1):
+            if wanted:
                 if cursors is not None:
                     moments = cursors.moments(name, module, changed)
                 else:
                     moments = streamed_input_moments(reference if changed else None, result, name, calib)
+            if kept:
+                if moments is not None:
+                    module = _refit_layer(module, moments)
+                    set_submodule(result, name, module)
+                factorize(name, module, None, "" if moments is None else REFIT_NOTE)
+                continue
             if moments is None:
                 new = factorize(name, module, None)
             else:
@@ -239,6 +249,9 @@ def _unhandled_layers(model: nn.Module) -> list[LayerRecord]:
     return records
 
 
+REFIT_NOTE = "refit to the inputs the compressed layers before it give"
+
+
 def _compensated_layer(module: nn.Module, moments: InputMoments) -> tuple[nn.Module, Tensor]:
     """The layer to factorize and its input weighting, compensating earlier layers' errors.
 
@@ -247,19 +260,47 @@ def _compensated_layer(module: nn.Module, moments: InputMoments) -> tuple[nn.Mod
     T = E[x x^^T] C^-1 regresses x on x^. So factorizing W T under the weighting C^(1/2) targets the
     original layer's output, not just its weights.
     """
-    cross, auto = moments.cross, moments.auto
-    input_sqrt = sqrt_psd(auto)
+    input_sqrt = sqrt_psd(moments.auto)
+    return _with_weight(module, _mapped_weight(module.weight, _transfer(moments.cross, moments.auto, input_sqrt))), \
+        input_sqrt
+
+
+def _refit_layer(module: nn.Module, moments: InputMoments) -> nn.Module:
+    """A layer that is not factorized, refit to its inputs in the compressed network: W T, the least-
+    squares layer of its shape from x^ to the original's output W x (per group of a grouped
+    convolution: T is block-diagonal, one block per group's input channels)."""
+    groups = layer_spec(module).groups
+    width = moments.auto.shape[0] // groups
+    weight = module.weight.detach().to(torch.float64)
+    per_group = weight.shape[0] // groups
+    blocks = []
+    for g in range(groups):
+        span = slice(g * width, (g + 1) * width)
+        auto, cross = moments.auto[span, span], moments.cross[span, span]
+        transfer = _transfer(cross, auto, sqrt_psd(auto))
+        blocks.append(_mapped_weight(weight[g * per_group:(g + 1) * per_group], transfer))
+    return _with_weight(module, torch.cat(blocks))
+
+
+def _transfer(cross: Tensor, auto: Tensor, input_sqrt: Tensor) -> Tensor:
+    """T = I + E[(x - x^) x^^T] C^-1: only the earlier layers' error is regressed, so that directions
+    the calibration rows never visit (more inputs than rows) keep T = I instead of T = 0."""
     regularized = input_sqrt @ input_sqrt
-    # T = I + E[(x - x^) x^^T] C^-1: only the earlier layers' error is regressed, so that directions
-    # the calibration rows never visit (more inputs than rows) keep T = I instead of T = 0.
     correction = torch.linalg.solve(regularized, (cross - auto).T).T
-    transfer = torch.eye(auto.shape[0], dtype=auto.dtype) + correction
-    target = copy.deepcopy(module)
+    return torch.eye(auto.shape[0], dtype=auto.dtype) + correction
+
+
+def _mapped_weight(weight: Tensor, transfer: Tensor) -> Tensor:
+    """W T along the weight's input-channel axis (1)."""
+    w = weight.detach().to(torch.float64)
+    return torch.movedim(torch.movedim(w, 1, -1) @ transfer, -1, 1)
+
+
+def _with_weight(module: nn.Module, weight: Tensor) -> nn.Module:
+    layer = copy.deepcopy(module)
     with torch.no_grad():
-        w = module.weight.detach().to(torch.float64)
-        mapped = torch.movedim(torch.movedim(w, 1, -1) @ transfer, -1, 1)
-        target.weight.copy_(mapped.to(module.weight.dtype))
-    return target, input_sqrt
+        layer.weight.copy_(weight.to(module.weight.dtype))
+    return layer
 
 
 def _config_for(name: str, layers: Mapping[str, MethodConfig] | None, default: MethodConfig) -> MethodConfig:
