@@ -134,3 +134,34 @@ def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
     if form == "qdq":  # weights dequantized at load: ordinary layers, compressible like any other
         assert sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in loaded.modules()) == 3
 
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_input_projections_are_layers_that_factorize_and_quantize(tmp_path, kind):
+    # The LSTM / GRU input projection x W^T (+ biases) is a Linear layer of the loaded graph: a
+    # uniform SVD factorizes it, a byte budget quantizes it, and both files run in onnxruntime as
+    # the compressed module computes. (R stays float: 4.6 of the 7.4 kB here, so 80 % needs the projection.)
+    model = Recurrent(kind, bidirectional=True).eval()
+    calib = torch.randn(96, 6, 10)
+    path = tmp_path / "r.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (calib[:1],), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    loaded = rankfold.load_onnx(path)
+    projections = [(name, m) for name, m in loaded.named_modules() if name.endswith("_input")]
+    gates = {"lstm": 4, "gru": 3}[kind]
+    assert len(projections) == 1 and projections[0][1].weight.shape == (2 * gates * 12, 8)
+    name = projections[0][0]
+    factorized = rankfold.compress(loaded, calib=calib, layers={name: rankfold.SVDConfig(rank=4),
+                                                                "*": rankfold.SkipConfig("kept")})
+    record = next(r for r in factorized.rankfold_report.layers if r.name == name)
+    assert record.method == "svd" and record.ranks == (4,)
+    rankfold.export_onnx(factorized, tmp_path / "svd.onnx", example_input=calib[:2])  # verified in onnxruntime
+    fresh = calib[:4].numpy()
+    np.testing.assert_allclose(_ort(tmp_path / "svd.onnx", fresh)[0], factorized(calib[:4]).detach().numpy(),
+                               atol=1e-4)
+    result = rankfold.compress_to_budget(loaded, calib=calib, budgets={"weight_bytes": "80%"}, bits=8, min_rank=2)
+    assert result.plan.layer_bits()[name] == 8
+    result.save(tmp_path / "q.onnx")  # checked again on the held-back samples before it is written
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(tmp_path / "q.onnx").graph.node)

@@ -23,6 +23,7 @@ from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_
 
 MIN_OPSET, MAX_OPSET = 11, 23
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3}  # their input projections become Linear layers
 SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant", "If"})
 
 
@@ -103,7 +104,7 @@ class OnnxModule(nn.Module):
                 outs = OPS[step.op](vals, step.attrs)
             if observe is not None:
                 observe(index, step, outs)
-            env.update(zip(step.outputs, outs))
+            env.update((name, value) for name, value in zip(step.outputs, outs) if name)  # "": not wanted
             for name in step.inputs:
                 if last_read.get(name, len(self.steps)) <= index and name in env:
                     del env[name]
@@ -306,6 +307,8 @@ class _Converter:
             return
         if node.op_type in LAYER_OPS and self._layer(node, inputs, attrs, where):
             return
+        if node.op_type in RECURRENT_GATES and self._recurrent(node, inputs, attrs):
+            return
         if inputs and all(i == "" or i in self.consts for i in inputs) and node.op_type != "Shape":
             self._fold(node, inputs, attrs, where)
             return
@@ -362,6 +365,40 @@ class _Converter:
         name = _module_name(node.name or node.output[0], self.taken)
         self.module.add_module(name, layer)
         self.module.steps.append(Step(node.op_type, [inputs[0]], [out_name], extra, module=name))
+        return True
+
+    def _recurrent(self, node, inputs, attrs) -> bool:
+        """An LSTM or GRU with constant weights: its input projection x W^T (+ the biases that add to
+        it) becomes a Linear layer, counted, priced, factorized and quantized like any other, and the
+        recurrence an op on that layer's output (LSTMProjected / GRUProjected). The recurrent
+        weights R stay as they are, in float."""
+        padded = list(inputs) + [""] * (8 - len(inputs))
+        x, w_name, r_name, b_name = padded[:4]
+        if x in self.consts or w_name not in self.consts or r_name not in self.consts or \
+                (b_name and b_name not in self.consts):
+            return False
+        gates = RECURRENT_GATES[node.op_type]
+        w = self.consts[w_name].float()  # (directions, gates * hidden, inputs)
+        directions, rows, width = w.shape
+        bias = self.consts[b_name].float() if b_name else torch.zeros(directions, 2 * rows)
+        input_bias, recurrent_bias = bias[:, :rows], bias[:, rows:]
+        layer = _linear(w.reshape(directions * rows, width),
+                        (input_bias + recurrent_bias if gates == 4 else input_bias).reshape(-1))
+        name = _module_name((node.name or node.output[0]) + "_input", self.taken)
+        self.module.add_module(name, layer)
+        projected = f"{name}:projected"
+        self.module.steps.append(Step("MatMul", [x], [projected], {}, module=name))
+        rest = padded[2:]
+        if gates == 4:
+            rest[1] = ""  # both biases are in the layer
+        else:  # the GRU's recurrent bias acts inside its reset gate: it stays with the recurrence
+            rest[1] = f"{name}:recurrent_bias"
+            self.consts[rest[1]] = recurrent_bias.contiguous()
+        step = Step(node.op_type + "Projected", [projected, "", *rest], list(node.output), attrs)
+        for value in rest:
+            if value in self.consts:
+                self._need_buffer(value)
+        self.module.steps.append(step)
         return True
 
     def _conv(self, node, inputs, attrs, where):

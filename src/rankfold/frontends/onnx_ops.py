@@ -586,16 +586,29 @@ def _recurrent_outputs(ys: list[Tensor], finals: list[list[Tensor]], attrs) -> l
 
 @op("LSTM")
 def _lstm(vals, attrs):
+    x, w, r, wb, rb, hidden, directions = _recurrent_inputs(vals, attrs, 4)
+    return _lstm_steps([x @ w[d].T + wb[d] + rb[d] for d in range(len(directions))], vals, attrs, r, hidden,
+                       directions)
+
+
+@op("LSTMProjected")
+def _lstm_projected(vals, attrs):
+    """An LSTM whose input projection x W^T + Wb + Rb ran before it, as a Linear layer (vals[0]:
+    every direction's gate inputs side by side on the last axis); the rest as the LSTM node's."""
+    projected, r, hidden, directions = _projected_inputs(vals, attrs)
+    return _lstm_steps(projected.chunk(len(directions), -1), vals, attrs, r, hidden, directions)
+
+
+def _lstm_steps(inputs_by_direction, vals, attrs, r, hidden, directions):
     if len(vals) > 7 and vals[7] is not None:
         raise ValueError("LSTM peepholes are not supported")
-    x, w, r, wb, rb, hidden, directions = _recurrent_inputs(vals, attrs, 4)
     ys, finals = [], []
     for d, backward in enumerate(directions):
-        h = _initial(vals, 5, d, x.shape[1], hidden, x)
-        c = _initial(vals, 6, d, x.shape[1], hidden, x)
-        inputs = x @ w[d].T + wb[d] + rb[d]  # every step's input part at once
-        out = [None] * x.shape[0]
-        for t in (reversed(range(x.shape[0])) if backward else range(x.shape[0])):
+        inputs = inputs_by_direction[d]  # every step's input part at once: (seq, batch, 4 * hidden)
+        h = _initial(vals, 5, d, inputs.shape[1], hidden, inputs)
+        c = _initial(vals, 6, d, inputs.shape[1], hidden, inputs)
+        out = [None] * inputs.shape[0]
+        for t in (reversed(range(inputs.shape[0])) if backward else range(inputs.shape[0])):
             i, o, f, g = (inputs[t] + h @ r[d].T).chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
@@ -608,15 +621,29 @@ def _lstm(vals, attrs):
 @op("GRU")
 def _gru(vals, attrs):
     x, w, r, wb, rb, hidden, directions = _recurrent_inputs(vals, attrs, 3)
+    return _gru_steps([x @ w[d].T + wb[d] for d in range(len(directions))], vals, attrs, r, rb, hidden, directions)
+
+
+@op("GRUProjected")
+def _gru_projected(vals, attrs):
+    """A GRU whose input projection x W^T + Wb ran before it, as a Linear layer (see LSTMProjected).
+    vals[3] is the recurrent bias Rb alone, (directions, 3 * hidden): it stays inside the reset
+    gate's product."""
+    projected, r, hidden, directions = _projected_inputs(vals, attrs)
+    rb = vals[3] if len(vals) > 3 and vals[3] is not None else torch.zeros(r.shape[0], 3 * hidden)
+    return _gru_steps(projected.chunk(len(directions), -1), vals, attrs, r, rb, hidden, directions)
+
+
+def _gru_steps(inputs_by_direction, vals, attrs, r, rb, hidden, directions):
     before_reset = bool(attrs.get("linear_before_reset", 0))
     ys, finals = [], []
     for d, backward in enumerate(directions):
-        h = _initial(vals, 5, d, x.shape[1], hidden, x)
-        inputs = x @ w[d].T + wb[d]
+        inputs = inputs_by_direction[d]
+        h = _initial(vals, 5, d, inputs.shape[1], hidden, inputs)
         rz, rr, rh = r[d].chunk(3, 0)
         bz, br, bh = rb[d].chunk(3, -1)
-        out = [None] * x.shape[0]
-        for t in (reversed(range(x.shape[0])) if backward else range(x.shape[0])):
+        out = [None] * inputs.shape[0]
+        for t in (reversed(range(inputs.shape[0])) if backward else range(inputs.shape[0])):
             xz, xr, xh = inputs[t].chunk(3, -1)
             z = torch.sigmoid(xz + h @ rz.T + bz)
             reset = torch.sigmoid(xr + h @ rr.T + br)
@@ -626,6 +653,17 @@ def _gru(vals, attrs):
         ys.append(torch.stack(out))
         finals.append([h])
     return _recurrent_outputs(ys, finals, attrs)
+
+
+def _projected_inputs(vals, attrs):
+    """(projected gate inputs as (seq, batch, directions * gates * hidden), R, hidden, directions)."""
+    if attrs.get("activations") is not None or attrs.get("clip") is not None:
+        raise ValueError("only the default activations and no clip are supported")
+    projected = vals[0].transpose(0, 1) if attrs.get("layout", 0) else vals[0]
+    r = vals[2]
+    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[
+        attrs.get("direction", "forward")]
+    return projected, r, r.shape[-1], directions
 
 
 # ---- already-quantized graphs: computed in float, exactly where float32 holds the integers ---------
