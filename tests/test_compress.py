@@ -239,6 +239,12 @@ def test_layers_left_alone_are_refit_to_the_inputs_the_compressed_layers_give():
         refit_error = float((out(fresh) - ref).norm() / ref.norm())
         plain_error = float((unrefit(fresh) - ref).norm() / ref.norm())
     assert refit_error < 0.95 * plain_error  # measured 0.361 against 0.399
+    # Too few calibration rows per input (2 samples of 10 x 10 positions: 200 rows for the last
+    # layer's 32 inputs) would fit noise: that layer is kept as it was; the depthwise one (1 input
+    # per group) is still refit.
+    few = rankfold.compress(model, calib=calib[:2], layers={"0": SVDConfig(rank=3), "*": SkipConfig("kept")})
+    few_notes = {r.name: r.note for r in few.rankfold_report.layers}
+    assert "refit" in few_notes["2"] and "refit" not in few_notes["4"] and torch.equal(few[4].weight, model[4].weight)
     # Nothing changed before a layer: it stays exactly as it was.
     late = rankfold.compress(model, calib=calib, layers={"4": SVDConfig(rank=4), "*": SkipConfig("kept")})
     assert torch.equal(late[0].weight, model[0].weight) and torch.equal(late[2].weight, model[2].weight)
