@@ -55,7 +55,10 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
             return (rows.T @ rows).double(), rows.shape[0]
 
         product, count = shared.get(inputs[0], type(module), compute)
-        sums[name] = sums.get(name, 0) + product
+        if name in sums:  # in place: a language model's sums are a gigabyte (SmolLM2-135M: 1.0 GB)
+            sums[name].add_(product)
+        else:
+            sums[name] = product.clone()  # the product may be shared with the layers reading that input
         counts[name] = counts.get(name, 0) + count
 
     handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
@@ -67,7 +70,7 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    return {n: sums[n].div_(counts[n]) for n in sums}
 
 
 def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments: Tensor) -> Tensor:
