@@ -113,6 +113,13 @@ def test_histogram_counts_as_numpy_and_samples_large_batches_unbiased():
     assert 96 % step and all(step % d for d in range(2, step)) and sample.size <= (1 << 16) + 1
     assert abs(sampled.hist.sum() - maps.size) <= 0.01 * maps.size
     assert abs(sampled.percentile(99.9).scale / exact.percentile(99.9).scale - 1) < 0.01
+    # -inf padding before a max pool (MTCNN's SAME pads) is not a value to cover: the range is the
+    # finite values' (it once made every edge NaN and the export fail).
+    padded = RangeObserver()
+    padded.update(np.array([[-np.inf, 0.5, 2.0, np.inf]], np.float32))
+    padded.update(np.full(3, -np.inf, np.float32))
+    assert (padded.low, padded.high) == (0.5, 2.0) and padded.hist.sum() == 2
+    assert np.isfinite(padded.percentile().scale) and np.isfinite(padded.mse().scale)
 
 
 # -- seams, bias correction -----------------------------------------------------------------------

@@ -32,6 +32,11 @@ class RangeObserver:
         if v.size == 0:
             return
         lo, hi = float(v.min()), float(v.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # -inf padding before a max pool (SAME pads)
+            v = v[np.isfinite(v)]
+            if v.size == 0:
+                return
+            lo, hi = float(v.min()), float(v.max())
         self.low, self.high = min(self.low, lo), max(self.high, hi)
         if self.hist is None or lo < self.edges[0] or hi > self.edges[-1]:
             self._rebin(min(self.low, 0.0), max(self.high, 0.0) if self.high > self.low else self.low + 1e-6)
