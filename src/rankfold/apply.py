@@ -263,8 +263,8 @@ def _compensated_layer(module: nn.Module, moments: InputMoments) -> tuple[nn.Mod
     original layer's output, not just its weights.
     """
     input_sqrt = sqrt_psd(moments.auto)
-    return _with_weight(module, _mapped_weight(module.weight, _transfer(moments.cross, moments.auto, input_sqrt))), \
-        input_sqrt
+    transfer = _transfer(moments.cross, moments.auto, input_sqrt)
+    return _with_weight(module, _mapped_weight(module.weight, transfer)), input_sqrt
 
 
 # A refit is a least-squares fit of as many weights per output as the layer has inputs (per group):

@@ -556,18 +556,21 @@ def _conv_transpose(vals, attrs):
 # ---- recurrent layers (ONNX gate orders: LSTM i, o, f, c; GRU z, r, h) ------------------------
 
 def _recurrent_inputs(vals, attrs, gates: int):
-    """(X as (seq, batch, in), W, R, Wb, Rb, initial states, directions) for LSTM / GRU."""
+    """(X as (seq, batch, in), W, R, Wb, Rb, hidden, directions) for LSTM / GRU."""
+    x, r, hidden, directions = _sequence_first(vals, attrs)
+    w = vals[1]
+    bias = vals[3] if len(vals) > 3 and vals[3] is not None else torch.zeros(w.shape[0], 2 * gates * hidden)
+    return x, w, r, bias[:, : gates * hidden], bias[:, gates * hidden :], hidden, directions
+
+
+def _sequence_first(vals, attrs):
+    """(vals[0] as (seq, batch, ...), R, hidden, directions): what every recurrent op reads alike."""
     if attrs.get("activations") is not None or attrs.get("clip") is not None:
         raise ValueError("only the default activations and no clip are supported")
-    x = vals[0]
-    if attrs.get("layout", 0):
-        x = x.transpose(0, 1)
-    w, r = vals[1], vals[2]
-    hidden = r.shape[-1]
-    bias = vals[3] if len(vals) > 3 and vals[3] is not None else torch.zeros(w.shape[0], 2 * gates * hidden)
+    first = vals[0].transpose(0, 1) if attrs.get("layout", 0) else vals[0]
     directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[
         attrs.get("direction", "forward")]
-    return x, w, r, bias[:, : gates * hidden], bias[:, gates * hidden :], hidden, directions
+    return first, vals[2], vals[2].shape[-1], directions
 
 
 def _initial(vals, index: int, d: int, batch: int, hidden: int, like: Tensor) -> Tensor:
@@ -595,7 +598,7 @@ def _lstm(vals, attrs):
 def _lstm_projected(vals, attrs):
     """An LSTM whose input projection x W^T + Wb + Rb ran before it, as a Linear layer (vals[0]:
     every direction's gate inputs side by side on the last axis); the rest as the LSTM node's."""
-    projected, r, hidden, directions = _projected_inputs(vals, attrs)
+    projected, r, hidden, directions = _sequence_first(vals, attrs)
     return _lstm_steps(projected.chunk(len(directions), -1), vals, attrs, r, hidden, directions)
 
 
@@ -629,7 +632,7 @@ def _gru_projected(vals, attrs):
     """A GRU whose input projection x W^T + Wb ran before it, as a Linear layer (see LSTMProjected).
     vals[3] is the recurrent bias Rb alone, (directions, 3 * hidden): it stays inside the reset
     gate's product."""
-    projected, r, hidden, directions = _projected_inputs(vals, attrs)
+    projected, r, hidden, directions = _sequence_first(vals, attrs)
     rb = vals[3] if len(vals) > 3 and vals[3] is not None else torch.zeros(r.shape[0], 3 * hidden)
     return _gru_steps(projected.chunk(len(directions), -1), vals, attrs, r, rb, hidden, directions)
 
@@ -653,17 +656,6 @@ def _gru_steps(inputs_by_direction, vals, attrs, r, rb, hidden, directions):
         ys.append(torch.stack(out))
         finals.append([h])
     return _recurrent_outputs(ys, finals, attrs)
-
-
-def _projected_inputs(vals, attrs):
-    """(projected gate inputs as (seq, batch, directions * gates * hidden), R, hidden, directions)."""
-    if attrs.get("activations") is not None or attrs.get("clip") is not None:
-        raise ValueError("only the default activations and no clip are supported")
-    projected = vals[0].transpose(0, 1) if attrs.get("layout", 0) else vals[0]
-    r = vals[2]
-    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[
-        attrs.get("direction", "forward")]
-    return projected, r, r.shape[-1], directions
 
 
 # ---- already-quantized graphs: computed in float, exactly where float32 holds the integers ---------
