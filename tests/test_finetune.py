@@ -393,3 +393,15 @@ def test_feature_matching_pulls_each_changed_layer_toward_the_original(pair):
     assert layer_error(matched) < layer_error(plain) < layer_error(student) * 1.5
     with pytest.raises(ValueError, match="feature_weight"):
         FinetuneConfig(steps=1, feature_weight=-1.0)
+
+
+def test_probability_outputs_are_distilled_unsoftened():
+    """CTC frames over many characters: the KL of the probabilities as they are, whatever the
+    temperature (softened, the characters never read would carry most of the mass)."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.softmax(8 * torch.randn(4, 10, 300, generator=g), -1)
+    student = torch.softmax(8 * torch.randn(4, 10, 300, generator=g), -1)
+    plain = float((teacher * (teacher.clamp_min(1e-8).log() - student.clamp_min(1e-8).log())).sum(-1).mean())
+    for temperature in (1.0, 4.0):
+        got = float(distillation_loss([student], [teacher], ["sequence"], temperature=temperature))
+        assert got == pytest.approx(plain, rel=1e-4)

@@ -482,3 +482,22 @@ def test_saved_weights_keep_their_groups(mlp_with_loud_inputs):
     assert arrays["2.weight:scale"].shape == (96, 6) and arrays["2.weight"].nbytes == 96 * 96 // 2
     state = loaded_weights(arrays, quantized)
     np.testing.assert_allclose(state["2.weight"].numpy(), grid[2].weight.detach().numpy(), rtol=1e-6, atol=1e-8)
+
+
+def test_layers_without_bias_are_priced_with_the_bias_that_bias_correction_gives_them(tmp_path):
+    """Convolutions without a bias (squeeze-excitation blocks, convolutions before batch norm) get
+    one from bias correction once quantized: the plan counts it, so the file's weight bytes are
+    the plan's and stay under the budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(16, 32, 1, bias=False),
+                          nn.ReLU(), nn.Conv2d(32, 16, 1, bias=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 8 * 8, 10, bias=False)).eval()
+    calib = torch.randn(160, 1, 8, 8)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"weight_bytes": "30%"}, bits="auto",
+                                         min_rank=2, check=False)
+    plan = result.plan
+    assert plan.quantized and any(layer.method == "none" for layer in plan.layers)
+    result.save(tmp_path / "q.onnx")
+    stored = onnx_size(tmp_path / "q.onnx").weight_bytes
+    assert stored <= plan.limits["weight_bytes"], (stored, plan.limits)
+    assert stored == pytest.approx(plan.after["weight_bytes"], rel=0.03)

@@ -1132,11 +1132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="distil the original into its compression (and run under torchrun)",
                        description="Trains the compressed network (a plan applied to MODEL, or a float --student "
                                    "file) to reproduce MODEL's outputs on --train inputs (distillation: KL at a "
-                                   "temperature on class scores, relative squared error on other outputs; labels "
-                                   "optional), then runs compress's self-check and writes the result (QDQ when the "
-                                   "plan quantizes). The same command runs under `torchrun --nproc_per_node N` "
-                                   "(DistributedDataParallel, gloo on CPU, nccl on GPU): each process trains its "
-                                   "share of the global batch and rank 0 writes.")
+                                   "temperature on class scores, KL per position on softmax outputs such as CTC "
+                                   "frames, relative squared error on other outputs; labels optional), then runs "
+                                   "compress's self-check and writes the result (QDQ when the plan quantizes). The "
+                                   "same command runs under `torchrun --nproc_per_node N` (DistributedDataParallel, "
+                                   "gloo on CPU, nccl on GPU): each process trains its share of the global batch "
+                                   "and rank 0 writes.")
     _model_args(p, plans=False)
     _check_args(p)
     p.add_argument("--plan", help="plan .json (from compress --plan-out) to apply to MODEL")
@@ -1154,7 +1155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw (default) or sgd (Nesterov momentum 0.9; factorized networks diverge with SGD above "
                         "about 1e-3)")
     p.add_argument("--weight-decay", type=_nonnegative, default=0.0, help="default 0")
-    p.add_argument("--temperature", type=_positive_float, default=4.0, help="distillation temperature (default 4)")
+    p.add_argument("--temperature", type=_positive_float, default=4.0,
+                   help="distillation temperature of class scores (default 4; softmax outputs are distilled "
+                   "unsoftened)")
     p.add_argument("--label-weight", type=_fraction, default=0.0,
                    help="weight of cross-entropy on --train's labels y, against distillation (default 0: no labels)")
     p.add_argument("--feature-weight", type=_nonnegative, default=0.0,

@@ -54,12 +54,17 @@ def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int, per_
 
 
 def stored_bytes(profile: ChainProfile, bits: int, per_tensor: bool = False, group_size: int | None = None) -> float:
-    """Weight bytes of a chain at `bits` as exported (float32 at 32 bits)."""
+    """Weight bytes of a chain at `bits` as exported (float32 at 32 bits). Below 32 bits the last
+    (sub-)layer always has a bias, an embedding table excepted: bias correction gives one to a layer
+    that had none (PP-LCNet's squeeze-excitation convolutions: priced without theirs, its file came
+    out at 10.4 % of the float bytes under a 10 % budget)."""
     if bits >= 32:
         return 4.0 * profile.params
+    last = len(profile.sub_layers) - 1
     return float(sum(quantized_layer_bytes(s.out_ch * (s.in_ch // s.groups) * int(np.prod(s.kernel or (1,))),
-                                           s.out_ch, s.bias, bits, per_tensor, group_size)
-                     for s in profile.sub_layers))
+                                           s.out_ch, s.bias or (i == last and s.kind != "embedding"), bits,
+                                           per_tensor, group_size)
+                     for i, s in enumerate(profile.sub_layers)))
 
 
 @dataclass(frozen=True)

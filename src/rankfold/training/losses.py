@@ -21,14 +21,17 @@ def _kl_of_scores(student: Tensor, teacher: Tensor, temperature: float) -> Tenso
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
 
 
-def _kl_of_probabilities(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+def _kl_of_probabilities(student: Tensor, teacher: Tensor, _temperature: float) -> Tensor:
     """KL(teacher || student) per position for outputs that already are probabilities over the last
-    axis (a softmax at the end: CTC frames, class maps), averaged over positions."""
+    axis (a softmax at the end: CTC frames, class maps), averaged over positions. Not softened: at
+    T = 4 the thousands of characters a recogniser never reads (6,625 in PP-OCRv4's) hold most of
+    the softened mass, and the student learns their tail instead of the answer. Measured on
+    PP-OCRv4's recogniser at half its parameters: softened, 60 steps on 224 lines took per-frame
+    agreement from 0.90 to 0.84; unsoftened, 150 steps of 32 on 2,048 lines took lines read alike
+    on 128 fresh lines from 0.27 to 0.72."""
     log_s = torch.log(student.clamp_min(EPS)).flatten(0, -2)
     log_t = torch.log(teacher.clamp_min(EPS)).flatten(0, -2)
-    if temperature != 1.0:  # soften by re-normalizing the log-probabilities at T
-        log_s, log_t = F.log_softmax(log_s / temperature, -1), F.log_softmax(log_t / temperature, -1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature * temperature
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
 def _relative_squared_error(student: Tensor, teacher: Tensor, _temperature: float) -> Tensor:
