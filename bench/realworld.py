@@ -115,8 +115,10 @@ def distill_options(model: FieldModel, work: str) -> list[str]:
     """The distilled run's options: its training inputs written to `work` (made once)."""
     count, steps = model.distill
     path = os.path.join(work, f"{model.name}-train-{count}.npz")
-    if not os.path.isfile(path):
-        np.savez(path, x=model.make_inputs(np.random.default_rng(TRAIN_SEED), count))
+    if not os.path.isfile(path):  # written whole or not at all: a stopped run leaves no half file to reuse
+        partial = f"{path}.{os.getpid()}.partial.npz"
+        np.savez(partial, x=model.make_inputs(np.random.default_rng(TRAIN_SEED), count))
+        os.replace(partial, path)
     return [*RUNS["distilled"], "--train", path, "--finetune-steps", str(steps)]
 
 
@@ -292,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(load)
         reference = ort_outputs(path, fresh)
         for run in args.runs.split(","):
-            if run == "distilled" and model.distill is None:
-                continue
-            options = distill_options(model, args.work) if run == "distilled" else None
+            options = None
+            if run == "distilled":
+                if model.distill is None:
+                    continue
+                options = distill_options(model, args.work)
             results.append(compress_run(model, path, args.work, run, calib, fresh, reference, log, options))
             smallest = reachable(results[-1].error) if run == "max-weight-bytes" else None
             if smallest:  # refused with the reachable size: measure what that size keeps
