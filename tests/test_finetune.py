@@ -405,3 +405,28 @@ def test_probability_outputs_are_distilled_unsoftened():
     for temperature in (1.0, 4.0):
         got = float(distillation_loss([student], [teacher], ["sequence"], temperature=temperature))
         assert got == pytest.approx(plain, rel=1e-4)
+
+
+def test_a_step_under_a_memory_limit_runs_in_micro_batches_that_add_up_to_the_batch(pair, monkeypatch):
+    from rankfold.host_memory import MemoryPlan
+    from rankfold.training import loop
+
+    teacher, student = pair
+    config = FinetuneConfig(steps=8, batch_size=32, lr=3e-3, optimizer="sgd", momentum=0.0)
+    whole, _ = finetune(student, teacher, _inputs(128), config=config)
+    # A limit that holds 5 samples of a step: the 32 run as 5+5+5+5+5+5+2, gradients summed.
+    monkeypatch.setattr(loop, "training_memory", lambda *a, **k: MemoryPlan(10**9, 0, 10**8, 5))
+    lines = []
+    split, _ = finetune(student, teacher, _inputs(128), config=config, progress=lines.append)
+    assert any("micro-batches of 5" in line for line in lines), lines
+    for key, value in _weights(whole).items():
+        torch.testing.assert_close(split.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_memory_limit_too_small_for_one_sample_is_refused_before_any_step(pair):
+    teacher, student = pair
+    config = FinetuneConfig(steps=8, batch_size=32)
+    lines = []
+    with pytest.raises(RankfoldError, match="too little to fine-tune"):
+        finetune(student, teacher, _inputs(128), config=config, max_memory=1 << 20, progress=lines.append)
+    assert not any(line.startswith("step ") for line in lines)

@@ -502,7 +502,8 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
         log(f"fine-tuning on {len(train[0])} samples of {args.train}")
         result, _ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
                                           progress=lambda m: log("  " + m),
-                                          attack=args.attack_config if args.preserve_robustness else None)
+                                          attack=args.attack_config if args.preserve_robustness else None,
+                                          max_memory=args.max_memory)
     _finish(args, result, example, t0, budgets)
 
 
@@ -640,7 +641,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
             f"{'es' if world.size > 1 else ''}, global batch {config.batch_size})")
         result, ft_log = finetune_result(result, train_x, config=config, labels=labels, check=not args.no_check,
                                          checkpoint_dir=args.checkpoint, qat=not args.no_qat,
-                                         progress=lambda m: log("  " + m), attack=attack)
+                                         progress=lambda m: log("  " + m), attack=attack,
+                                         max_memory=args.max_memory)
         if world.is_main:
             _finish_finetune(args, result, ft_log, example, t0)
         world.barrier()
@@ -919,12 +921,14 @@ def _model_args(p: argparse.ArgumentParser, *, plans: bool = True, writes: bool 
     if writes:
         p.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_AGREEMENT,
                        help="refuse a result whose top-1 agrees with the original on fewer held-back calibration "
-                            f"samples than this (default {DEFAULT_MIN_AGREEMENT})")
+                            "samples than this (sequences: read alike; score maps: their IoU) (default "
+                            f"{DEFAULT_MIN_AGREEMENT})")
         p.add_argument("--observer", default=None, choices=sorted(OBSERVER_NAMES),
                        help="activation range observer for quantized layers (default percentile)")
     p.add_argument("--max-memory", type=_memory_size, default=None,
                    help="peak memory to stay under, e.g. 2GB or 800MB: calibration passes run in batches small "
-                        "enough for it (default half of the memory available)")
+                        "enough for it, and a fine-tuning step too large for it runs in micro-batches whose "
+                        "gradients add up (default half of the memory available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -1051,7 +1055,10 @@ def _check_args(p: argparse.ArgumentParser) -> None:
                         "sequences), sequence (read alike: equal after greedy CTC decoding of the argmaxes), "
                         "cosine, relerr, iou@LEVEL (maps thresholded at LEVEL, default 0.5). Defaults: top1 >= "
                         "--min-agreement for class scores and class maps, sequence >= --min-agreement for (N, T, "
-                        "classes) softmax sequences, relerr <= --max-output-error for every other output")
+                        "classes) softmax sequences, relerr <= --max-output-error for every other output, and also "
+                        "iou@0.5 >= --min-agreement on its score channels where it has some (values in [0, 1]: a "
+                        "detector's scores, a probability map); iou is measured on those channels alone, relerr on "
+                        "them and on the other channels apart (the worse)")
     p.add_argument("--no-check", action="store_true",
                    help="write the result even though the self-check cannot run (too few calibration samples)")
 

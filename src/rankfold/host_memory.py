@@ -119,15 +119,20 @@ class MemoryPlan:
                 f"(limit {format_bytes(self.limit)})")
 
 
+def _run_costs(model: nn.Module, example: Tensor, reserved: int) -> tuple[int, int, int]:
+    """(the model's bytes, bytes held whatever the batch, bytes per sample of a batch)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    fixed = resident_bytes() + MODEL_COPIES * weights + RUNTIME_RESERVE + reserved
+    return weights, fixed, PER_SAMPLE_FACTOR * saved_bytes_per_sample(model, example)
+
+
 def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
                 max_batch: int = DEFAULT_BATCH, reserved: int = 0) -> MemoryPlan:
     """The largest batch (at most `max_batch`) whose estimated peak stays under `limit` bytes, with
     `reserved` bytes set aside first; RankfoldError when not even one sample does."""
     limit = default_limit() if limit is None else int(limit)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    fixed = resident_bytes() + MODEL_COPIES * weights + RUNTIME_RESERVE + reserved
-    per_sample = PER_SAMPLE_FACTOR * saved_bytes_per_sample(model, example)
+    weights, fixed, per_sample = _run_costs(model, example, reserved)
     batch = min(max_batch, (limit - fixed) // per_sample)
     if batch < 1:
         raise RankfoldError(
@@ -137,6 +142,27 @@ def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
             f"{format_bytes(per_sample)} per sample of a batch). Raise --max-memory, or pass fewer samples "
             "with --calib-limit")
     return MemoryPlan(limit, fixed, per_sample, int(batch))
+
+
+def training_memory(student: nn.Module, example: Tensor, batch: int, limit: int | None = None, *,
+                    reserved: int = 0, inputs_per_sample: float = 1.0) -> MemoryPlan:
+    """The micro-batch (at most `batch`) of a distillation step under `limit` bytes (default half
+    the memory available): a step over a larger batch sums the gradients of its micro-batches.
+    Besides plan_memory's copies of the model (which cover AdamW's two moments and the gradients),
+    `reserved` bytes are set aside (the teacher's cached outputs); `inputs_per_sample` counts the
+    forward passes a sample takes (1.5 with adversarial distillation: half the batch runs twice).
+    A budget too small for one sample is a RankfoldError, before any step."""
+    limit = default_limit() if limit is None else int(limit)
+    _weights, fixed, per_sample = _run_costs(student, example, reserved)
+    per_sample = int(per_sample * inputs_per_sample)
+    micro = (limit - fixed) // per_sample
+    if micro < 1:
+        raise RankfoldError(
+            f"--max-memory {format_bytes(limit)} is too little to fine-tune: a step needs about "
+            f"{format_bytes(fixed + per_sample)} for one sample (the process and data now "
+            f"{format_bytes(resident_bytes())}, the models and the optimizer's state, and {format_bytes(per_sample)} "
+            "per sample). Raise --max-memory")
+    return MemoryPlan(limit, fixed, per_sample, int(min(batch, micro)))
 
 
 def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,

@@ -4,6 +4,7 @@ same step whatever the number of processes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import as_input, model_outputs, output_kind
 from rankfold.errors import RankfoldError
+from rankfold.host_memory import format_bytes, training_memory
 from rankfold.quantize.core import ActivationParams
 from rankfold.quantize.weights import quantized_leaves
 from rankfold.robustness import AttackConfig, adversarial_batch
@@ -57,7 +59,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
              config: FinetuneConfig, held: Tensor | None = None, checkpoint_dir: str | None = None,
              progress: Callable[[str], None] | None = None, world: World | None = None,
              fake_quant: Mapping[str, int] | None = None, reduce_range: bool = False,
-             attack: AttackConfig | None = None, per_tensor: Collection[str] = ()) -> tuple[nn.Module, FinetuneLog]:
+             attack: AttackConfig | None = None, per_tensor: Collection[str] = (),
+             max_memory: int | None = None) -> tuple[nn.Module, FinetuneLog]:
     """A trained copy of `student` (`student` and `teacher` are left as they are) and the log.
 
     Every output of the teacher is distilled (losses.LOSS_OF_KIND by output kind). Batch
@@ -71,7 +74,9 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     With `attack` (robustness.AttackConfig) the distillation is adversarial: each batch also
     trains on inputs moved, within the config's largest eps, to where the student departs most
     from the teacher's outputs on the clean batch (one signed step from a random start), so the
-    student keeps the teacher's answers inside the eps-ball (robustness.adversarial_batch)."""
+    student keeps the teacher's answers inside the eps-ball (robustness.adversarial_batch).
+    `max_memory`: bytes the run stays under (default half the memory available): a batch too large
+    for it runs in micro-batches whose gradients add up to the batch's."""
     world = world or join_world()
     say = progress if (progress and world.is_main) else (lambda _m: None)
     check_training_data(train_x, labels, config, world)
@@ -114,6 +119,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     if ball is not None:
         say(f"adversarial distillation: eps {max(attack.eps):g} in {attack.units}, one signed step from a random "
             "start per batch")
+    micro = _micro_batch(student, teacher, train_x, config, world, max_memory, ball is not None, say)
     features = _FeatureTaps(student, teacher, changed_layers(student, teacher, fake_quant)) \
         if config.feature_weight > 0 else None
     if features is not None:
@@ -134,33 +140,26 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
         batch = world.shard(_epoch_order(len(train_x), config.seed, epoch)
                             [index_in_epoch * config.batch_size : (index_in_epoch + 1) * config.batch_size])
         _set_lr(optimizer, config, step, total or (start + 10 * TIMED_STEPS))
-        x = as_input(train_x[batch]).to(world.device)
-        targets = cache.outputs(batch)
-        y = None if labels is None else labels[batch].to(world.device)
-        if ball is not None:
-            # Half the batch is moved: a third of the loss, so the clean answers keep most of the weight.
-            # One forward over clean and moved inputs together (DDP: one pass per step).
-            half = (len(x) + 1) // 2
-            moved = adversarial_batch(student, x[:half], [t[:half] for t in targets], kinds, config.temperature,
-                                      *ball, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 97
-                                                                          + world.rank))
-            x, targets = torch.cat([x, moved]), [torch.cat([t, t[:half]]) for t in targets]
-            y = None if y is None else torch.cat([y, y[:half]])
-        loss = distillation_loss(model_outputs(trained(x)), targets, kinds, temperature=config.temperature,
-                                 labels=y, label_weight=config.label_weight)
-        if features is not None:
-            with torch.no_grad():
-                teacher(x)  # the teacher's layer outputs on this very batch (moved inputs included)
-            loss = loss + config.feature_weight * feature_matching_loss(features.student, features.teacher)
-        if not torch.isfinite(loss):
-            raise RankfoldError(f"fine-tuning diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
-                                f"learning rate (now {config.lr:g}) or use the adamw optimizer")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        chunks = batch.split(micro)
+        step_loss = 0.0
+        for index, chunk in enumerate(chunks):
+            # Gradients of the micro-batches add up (each loss weighted by its share of the batch);
+            # under DDP they are averaged across processes once, on the last micro-batch.
+            last = index == len(chunks) - 1
+            with contextlib.nullcontext() if last or world.size == 1 else trained.no_sync():
+                loss = _micro_batch_loss(
+                    trained, student, teacher, train_x, labels, chunk, cache, kinds, config, world, ball, features,
+                    seed=config.seed * 1_000_003 + step * 97 + world.rank + 7919 * index) * (len(chunk) / len(batch))
+                if not torch.isfinite(loss):
+                    raise RankfoldError(f"fine-tuning diverged at step {step + 1} (loss {float(loss.detach())}): lower "
+                                        f"the learning rate (now {config.lr:g}) or use the adamw optimizer")
+                loss.backward()
+            step_loss += float(loss.detach())
         optimizer.step()
         step += 1
         if step % config.log_every == 0 or step == total:
-            entry = {"step": step, "loss": world.mean(float(loss.detach())), "seconds": round(time.time() - t0, 1)}
+            entry = {"step": step, "loss": world.mean(step_loss), "seconds": round(time.time() - t0, 1)}
             if held is not None:
                 entry["held_top1"] = _held_agreement(teacher, student, held)
             history.append(entry)
@@ -178,6 +177,48 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     learned = detach_activation_quant(student, input_hooks) if input_hooks else {}
     return student.cpu(), FinetuneLog(step, round(seconds, 1), world.size, (step - start) * config.batch_size,
                                       start, history, learned)
+
+
+def _micro_batch_loss(trained: nn.Module, student: nn.Module, teacher: nn.Module, train_x: Tensor,
+                      labels: Tensor | None, rows: Tensor, cache: _TeacherCache, kinds: list[str],
+                      config: FinetuneConfig, world: World, ball, features: _FeatureTaps | None, *,
+                      seed: int) -> Tensor:
+    """The distillation loss of the training samples `rows` (mean over them)."""
+    x = as_input(train_x[rows]).to(world.device)
+    targets = cache.outputs(rows)
+    y = None if labels is None else labels[rows].to(world.device)
+    if ball is not None:
+        # Half the batch is moved: a third of the loss, so the clean answers keep most of the weight.
+        # One forward over clean and moved inputs together (DDP: one pass per step).
+        half = (len(x) + 1) // 2
+        moved = adversarial_batch(student, x[:half], [t[:half] for t in targets], kinds, config.temperature,
+                                  *ball, torch.Generator().manual_seed(seed))
+        x, targets = torch.cat([x, moved]), [torch.cat([t, t[:half]]) for t in targets]
+        y = None if y is None else torch.cat([y, y[:half]])
+    loss = distillation_loss(model_outputs(trained(x)), targets, kinds, temperature=config.temperature,
+                             labels=y, label_weight=config.label_weight)
+    if features is not None:
+        with torch.no_grad():
+            teacher(x)  # the teacher's layer outputs on this very batch (moved inputs included)
+        loss = loss + config.feature_weight * feature_matching_loss(features.student, features.teacher)
+    return loss
+
+
+def _micro_batch(student: nn.Module, teacher: nn.Module, train_x: Tensor, config: FinetuneConfig, world: World,
+                 max_memory: int | None, adversarial: bool, say: Callable[[str], None]) -> int:
+    """How many samples one forward/backward pass takes so that the run stays under `max_memory`
+    (host_memory.training_memory), said when it splits the batch."""
+    per_process = config.batch_size // world.size
+    with torch.no_grad():
+        outs = model_outputs(teacher(as_input(train_x[:1])))
+    cached = sum(y[0].numel() * y.element_size() for y in outs) * len(train_x)
+    memory = training_memory(student, as_input(train_x[:2]), per_process, max_memory,
+                             reserved=cached if cached <= TEACHER_CACHE_BYTES else 0,
+                             inputs_per_sample=1.5 if adversarial else 1.0)
+    if memory.batch < per_process:
+        say(f"memory: each step's {per_process} samples run in micro-batches of {memory.batch} (gradients summed), "
+            f"about {format_bytes(memory.estimate)} at peak (limit {format_bytes(memory.limit)})")
+    return memory.batch
 
 
 def check_training_data(train_x: Tensor, labels: Tensor | None, config: FinetuneConfig, world: World) -> None:
