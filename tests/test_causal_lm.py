@@ -115,10 +115,10 @@ def test_the_self_check_measures_held_back_perplexity_and_refuses_a_rise(lm_dir)
 
 
 def test_the_default_check_of_a_causal_lm_is_its_perplexity_ratio():
-    from rankfold.selfcheck import default_rule
+    from rankfold.selfcheck import default_rules
     from rankfold.settings import DEFAULT_MAX_PERPLEXITY_RATIO
 
-    assert default_rule("next_token", 0.8, 0.2) == CheckRule("perplexity", DEFAULT_MAX_PERPLEXITY_RATIO)
+    assert default_rules("next_token", 0.8, 0.2) == [CheckRule("perplexity", DEFAULT_MAX_PERPLEXITY_RATIO)]
 
 
 def test_a_planned_causal_lm_saves_and_loads_again_with_its_head_tied(lm_dir, tmp_path):

@@ -21,19 +21,46 @@ from rankfold.settings import (
 CLASS_KINDS = ("classes", "sequence", "distribution")
 
 
-def default_rule(kind: str, min_agreement: float, max_output_error: float) -> CheckRule:
-    """The documented default per output kind: top-1 agreement for class scores, whole sequences
+def default_rules(kind: str, min_agreement: float, max_output_error: float) -> list[CheckRule]:
+    """The documented defaults per output kind: top-1 agreement for class scores, whole sequences
     read alike (every position's argmax) for sequences, argmax agreement per position for other
     distributions (class maps), mean cosine similarity for embeddings (a kind the model declares),
     the perplexity ratio to the original's for next-token logits (a kind the model declares),
-    relative error for everything else."""
+    relative error for everything else; a map with score channels (values in [0, 1]: a detector's
+    scores, a text or face probability map) must also keep their IoU at DEFAULT_IOU_AT, and its
+    relative error is the worse of its score channels' and its other channels', because one pooled
+    over both is dominated by box coordinates in pixels (YOLOv8n at a tenth of its bytes passed it
+    with every score lost)."""
     if kind == "sequence":
-        return CheckRule("sequence", min_agreement)
+        return [CheckRule("sequence", min_agreement)]
     if kind == "embedding":  # declared by the model (output_kinds): sentence encoders
-        return CheckRule("cosine", DEFAULT_MIN_COSINE)
+        return [CheckRule("cosine", DEFAULT_MIN_COSINE)]
     if kind == "next_token":  # declared by causal language models: perplexity on held-back windows
-        return CheckRule("perplexity", DEFAULT_MAX_PERPLEXITY_RATIO)
-    return CheckRule("top1", min_agreement) if kind in CLASS_KINDS else CheckRule("relerr", max_output_error)
+        return [CheckRule("perplexity", DEFAULT_MAX_PERPLEXITY_RATIO)]
+    if kind in CLASS_KINDS:
+        return [CheckRule("top1", min_agreement)]
+    relerr = CheckRule("relerr", max_output_error)
+    return [relerr, CheckRule("iou", min_agreement, at=DEFAULT_IOU_AT)] if kind == "scores" else [relerr]
+
+
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis of an output's channels: 1 for maps (N, C, ...); for (N, A, B) the shorter of A and
+    B (a detector writes (N, 4 + classes, anchors) or (N, anchors, 5 + classes)); None for (N,)."""
+    if len(shape) < 2:
+        return None
+    return 2 if len(shape) == 3 and shape[2] < shape[1] else 1
+
+
+def _relative(error_sq: Tensor, norm_sq: Tensor) -> float:
+    """||y~ - y|| / ||y|| from per-channel sums of squares."""
+    return float(error_sq.sum()) ** 0.5 / max(float(norm_sq.sum()) ** 0.5, 1e-30)
+
+
+def _per_channel(values: Tensor, axis: int | None) -> Tensor:
+    """Sum (of a mask) per channel, float64 (C,); one channel where there is no channel axis."""
+    if axis is None:
+        return values.sum().reshape(1).to(torch.float64)
+    return values.movedim(axis, 0).reshape(values.shape[axis], -1).sum(1).to(torch.float64)
 
 
 @dataclass
@@ -66,6 +93,8 @@ class Agreement:
         if embeddings:
             top1 += f"embedding cosine {min(embeddings):.4f}, "
         for o in self.outputs:
+            if o.kind == "scores":
+                top1 += f"score IoU@{DEFAULT_IOU_AT:g} {o.metrics[f'iou@{DEFAULT_IOU_AT:g}']:.1%}, "
             if o.kind == "next_token":
                 top1 += (f"perplexity {o.metrics['perplexity_candidate']:.3f} against the original's "
                          f"{o.metrics['perplexity_original']:.3f} (x{o.metrics['perplexity']:.3f}), "
@@ -99,8 +128,12 @@ class _Tally:
     sequence_hits: int = 0
     cosine_sum: float = 0.0
     samples: int = 0
-    both: dict[float, int] = field(default_factory=dict)
-    either: dict[float, int] = field(default_factory=dict)
+    both: dict[float, Tensor] = field(default_factory=dict)  # per channel, cells on in both maps
+    either: dict[float, Tensor] = field(default_factory=dict)  # per channel, cells on in one or both
+    channel_error_sq: Tensor | float = 0.0  # per channel, sum of squared differences and of squares
+    channel_norm_sq: Tensor | float = 0.0
+    low: Tensor | None = None  # per channel, the original's least and largest value
+    high: Tensor | None = None
     kind: str | None = None
     finite: bool = True
     nll: float = 0.0  # next-token outputs: the original's and the candidate's summed -log p(next id)
@@ -114,9 +147,10 @@ class _Tally:
             self._add_next_token(y, y_hat, ids)
             return
         y, y_hat = y.to(torch.float64), y_hat.to(torch.float64)
-        self.error_sq += float(((y_hat - y) ** 2).sum())
-        self.norm_sq += float((y * y).sum())
         self.finite = self.finite and bool(torch.isfinite(y_hat).all())
+        axis = channel_axis(tuple(y.shape))
+        self.channel_error_sq = self.channel_error_sq + _per_channel((y_hat - y) ** 2, axis)
+        self.channel_norm_sq = self.channel_norm_sq + _per_channel(y * y, axis)
         n = y.shape[0]
         flat, flat_hat = y.reshape(n, -1), y_hat.reshape(n, -1)
         self.cosine_sum += float(torch.nn.functional.cosine_similarity(flat, flat_hat, dim=1, eps=1e-30).sum())
@@ -126,10 +160,14 @@ class _Tally:
             self.top1_hits += int(same.sum())
             self.positions += same.numel()
             self.sequence_hits += _sequences_alike(y, y_hat) if y.ndim == 3 else int(same.all(1).sum())
+        rows = y.reshape(1, -1) if axis is None else y.movedim(axis, 0).reshape(y.shape[axis], -1)
+        low, high = rows.amin(1), rows.amax(1)
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
         for level in self.iou_levels:
             on, on_hat = y > level, y_hat > level
-            self.both[level] = self.both.get(level, 0) + int((on & on_hat).sum())
-            self.either[level] = self.either.get(level, 0) + int((on | on_hat).sum())
+            self.both[level] = self.both.get(level, 0) + _per_channel(on & on_hat, axis)
+            self.either[level] = self.either.get(level, 0) + _per_channel(on | on_hat, axis)
 
     def _add_next_token(self, y: Tensor, y_hat: Tensor, ids: Tensor | None) -> None:
         """Logits (N, T, vocabulary) of a causal language model on full windows of `ids`: position t
@@ -155,16 +193,27 @@ class _Tally:
     def result(self, index: int, name: str | None) -> OutputAgreement:
         if self.kind == "next_token":
             return self._next_token_result(index, name)
-        rel = (self.error_sq ** 0.5) / max(self.norm_sq ** 0.5, 1e-30) if self.finite else float("inf")
+        # Score channels: the original's values all in [0, 1]. Box coordinates in pixels are above
+        # any level everywhere and outweigh the scores in any error pooled over both, so IoU is
+        # taken over the score channels alone, and relative error over each group apart (the worse).
+        scores = (self.low >= 0) & (self.high <= 1)
+        if self.kind not in (None, "dense"):  # class scores, sequences, class maps: judged as one
+            scores = torch.zeros_like(scores)
+        pooled = scores if bool(scores.any()) else torch.ones_like(scores)
+        groups = [g for g in (scores, ~scores) if bool(g.any())]
+        rel = max(_relative(self.channel_error_sq[g], self.channel_norm_sq[g]) for g in groups) \
+            if self.finite else float("inf")
         metrics = {"relerr": rel, "cosine": self.cosine_sum / max(self.samples, 1) if self.finite else 0.0}
         if self.positions:
             metrics["top1"] = self.top1_hits / self.positions
             metrics["sequence"] = self.sequence_hits / self.samples
         for level in self.iou_levels:  # two empty maps agree
-            metrics[f"iou@{level:g}"] = self.both[level] / self.either[level] if self.either[level] else 1.0
-        classes = self.kind in CLASS_KINDS
-        return OutputAgreement(index, metrics["top1"] if classes else None, rel, self.kind or "dense", name,
-                               metrics)
+            both, either = float(self.both[level][pooled].sum()), float(self.either[level][pooled].sum())
+            metrics[f"iou@{level:g}"] = both / either if either else 1.0
+        kind = self.kind or "dense"
+        kind = "scores" if kind == "dense" and bool(scores.any()) else kind
+        classes = kind in CLASS_KINDS
+        return OutputAgreement(index, metrics["top1"] if classes else None, rel, kind, name, metrics)
 
     def _next_token_result(self, index: int, name: str | None) -> OutputAgreement:
         """Perplexity ratio (the candidate's over the original's), KL per token, and top-1 per position."""
@@ -214,7 +263,7 @@ def rules_for(out: OutputAgreement, rules: tuple[CheckRule, ...], min_agreement:
     """The rules that judge `out`: those naming it, else those for every output, else its kind's default."""
     named = [r for r in rules if r.output is not None and r.output in (out.name, str(out.index))]
     general = [r for r in rules if r.output is None]
-    return named or general or [default_rule(out.kind, min_agreement, max_output_error)]
+    return named or general or default_rules(out.kind, min_agreement, max_output_error)
 
 
 def check_rules_problem(rules: tuple[CheckRule, ...], output_names: list[str]) -> str | None:
@@ -257,9 +306,16 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
                     f"self-check failed: {name} reads only {value:.1%} of {check.samples} {check.where} as the "
                     f"original does (greedy CTC reading of the argmaxes; minimum {min_agreement:.0%}); nothing was "
                     "written. Loosen the budgets, or lower --min-agreement to accept it")
+            if rule.metric == "iou" and default:
+                raise RankfoldError(
+                    f"self-check failed: {name}'s score channels (values in [0, 1]) thresholded at {rule.at:g} "
+                    f"overlap the original's at IoU {value:.1%} on {check.samples} {check.where} (minimum "
+                    f"{min_agreement:.0%}); nothing was written. Loosen the budgets, lower --min-agreement, or set "
+                    "--check iou@LEVEL:THRESHOLD (or relerr:THRESHOLD) for it to accept it")
             if rule.metric == "relerr" and default:
                 raise RankfoldError(
-                    f"self-check failed: {name} is {value:.3g} away from the original's (relative error on "
+                    f"self-check failed: {name} is {value:.3g} away from the original's (relative error"
+                    f"{' of its score channels or of the others, the worse,' if out.kind == 'scores' else ''} on "
                     f"{check.samples} {check.where}; at most {max_output_error:g} allowed); nothing was written. "
                     "Loosen the budgets, or raise --max-output-error to accept it")
             raise RankfoldError(
