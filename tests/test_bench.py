@@ -101,3 +101,18 @@ def test_the_bench_records_the_peak_memory_of_a_rankfold_run(tmp_path):
     assert done.returncode == 0, done.stderr
     peak = parse_peak(done.stderr)
     assert peak is not None and 50 * 2**20 < peak < 8 * 2**30  # torch alone takes tens of MB
+
+
+def test_the_smallest_accepted_run_stops_at_the_first_budget_the_check_accepts(monkeypatch):
+    from bench import realworld
+
+    tried = []
+
+    def fake_run(model, path, work, run, calib, fresh, reference, log, options):
+        tried.append(options[-1])
+        return realworld.Result(model.name, run, ok=options[-1] == "13%", seconds=1.0)
+
+    monkeypatch.setattr(realworld, "compress_run", fake_run)
+    result = realworld.smallest_accepted(realworld.MODELS[0], "m.onnx", "w", "c.npz", None, [], print)
+    assert tried == ["10%", "11%", "12%", "13%"] and result.ok and result.extra["budget"] == "13%"
+    assert "| smallest-accepted (13%) |" in realworld.markdown([result], "cpu")
