@@ -124,6 +124,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
         if config.feature_weight > 0 else None
     if features is not None:
         say(f"feature matching at {len(features.names)} changed layer(s), weight {config.feature_weight:g}")
+    distiller = _Distiller(trained, student, teacher, train_x, labels, cache, kinds, config, world.device, ball,
+                           features)
     t0 = time.time()
     step = start
     # A time budget sets the number of steps once, from the first steps' speed; a resumed run keeps
@@ -148,9 +150,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
             # under DDP they are averaged across processes once, on the last micro-batch.
             last = index == len(chunks) - 1
             with contextlib.nullcontext() if last or world.size == 1 else trained.no_sync():
-                loss = _micro_batch_loss(
-                    trained, student, teacher, train_x, labels, chunk, cache, kinds, config, world, ball, features,
-                    seed=config.seed * 1_000_003 + step * 97 + world.rank + 7919 * index) * (len(chunk) / len(batch))
+                seed = config.seed * 1_000_003 + step * 97 + world.rank + 7919 * index
+                loss = distiller.loss(chunk, seed) * (len(chunk) / len(batch))
                 if not torch.isfinite(loss):
                     raise RankfoldError(f"fine-tuning diverged at step {step + 1} (loss {float(loss.detach())}): lower "
                                         f"the learning rate (now {config.lr:g}) or use the adamw optimizer")
@@ -179,29 +180,43 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
                                       start, history, learned)
 
 
-def _micro_batch_loss(trained: nn.Module, student: nn.Module, teacher: nn.Module, train_x: Tensor,
-                      labels: Tensor | None, rows: Tensor, cache: _TeacherCache, kinds: list[str],
-                      config: FinetuneConfig, world: World, ball, features: _FeatureTaps | None, *,
-                      seed: int) -> Tensor:
-    """The distillation loss of the training samples `rows` (mean over them)."""
-    x = as_input(train_x[rows]).to(world.device)
-    targets = cache.outputs(rows)
-    y = None if labels is None else labels[rows].to(world.device)
-    if ball is not None:
-        # Half the batch is moved: a third of the loss, so the clean answers keep most of the weight.
-        # One forward over clean and moved inputs together (DDP: one pass per step).
-        half = (len(x) + 1) // 2
-        moved = adversarial_batch(student, x[:half], [t[:half] for t in targets], kinds, config.temperature,
-                                  *ball, torch.Generator().manual_seed(seed))
-        x, targets = torch.cat([x, moved]), [torch.cat([t, t[:half]]) for t in targets]
-        y = None if y is None else torch.cat([y, y[:half]])
-    loss = distillation_loss(model_outputs(trained(x)), targets, kinds, temperature=config.temperature,
-                             labels=y, label_weight=config.label_weight)
-    if features is not None:
-        with torch.no_grad():
-            teacher(x)  # the teacher's layer outputs on this very batch (moved inputs included)
-        loss = loss + config.feature_weight * feature_matching_loss(features.student, features.teacher)
-    return loss
+@dataclass
+class _Distiller:
+    """What the loss of every micro-batch reads: the networks, the training data, the settings."""
+
+    trained: nn.Module  # the student as it trains (wrapped in DDP under torchrun)
+    student: nn.Module
+    teacher: nn.Module
+    train_x: Tensor
+    labels: Tensor | None
+    cache: _TeacherCache
+    kinds: list[str]
+    config: FinetuneConfig
+    device: torch.device
+    ball: tuple | None  # adversarial distillation's bounds, else None
+    features: _FeatureTaps | None
+
+    def loss(self, rows: Tensor, seed: int) -> Tensor:
+        """The distillation loss of the training samples `rows` (a mean over them)."""
+        config = self.config
+        x = as_input(self.train_x[rows]).to(self.device)
+        targets = self.cache.outputs(rows)
+        y = None if self.labels is None else self.labels[rows].to(self.device)
+        if self.ball is not None:
+            # Half the batch is moved: a third of the loss, so the clean answers keep most of the weight.
+            # One forward over clean and moved inputs together (DDP: one pass per step).
+            half = (len(x) + 1) // 2
+            moved = adversarial_batch(self.student, x[:half], [t[:half] for t in targets], self.kinds,
+                                      config.temperature, *self.ball, torch.Generator().manual_seed(seed))
+            x, targets = torch.cat([x, moved]), [torch.cat([t, t[:half]]) for t in targets]
+            y = None if y is None else torch.cat([y, y[:half]])
+        loss = distillation_loss(model_outputs(self.trained(x)), targets, self.kinds, temperature=config.temperature,
+                                 labels=y, label_weight=config.label_weight)
+        if self.features is not None:
+            with torch.no_grad():
+                self.teacher(x)  # the teacher's layer outputs on this very batch (moved inputs included)
+            loss = loss + config.feature_weight * feature_matching_loss(self.features.student, self.features.teacher)
+        return loss
 
 
 def _micro_batch(student: nn.Module, teacher: nn.Module, train_x: Tensor, config: FinetuneConfig, world: World,
