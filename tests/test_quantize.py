@@ -501,3 +501,19 @@ def test_layers_without_bias_are_priced_with_the_bias_that_bias_correction_gives
     stored = onnx_size(tmp_path / "q.onnx").weight_bytes
     assert stored <= plan.limits["weight_bytes"], (stored, plan.limits)
     assert stored == pytest.approx(plan.after["weight_bytes"], rel=0.03)
+
+
+def test_the_rounding_moments_of_large_maps_come_from_a_subset_of_positions():
+    from rankfold.quantize import gptq
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(4, 4, 64, 64)
+    full = gptq._input_rows(conv, x, limit=10**9)
+    assert full.shape == (4 * 64 * 64, 36)
+    assert torch.equal(gptq._input_rows(conv, x[:, :, :8, :8], limit=4096),
+                       gptq._input_rows(conv, x[:, :, :8, :8], limit=10**9))  # small maps: every row
+    part = gptq._input_rows(conv, x, limit=8192)
+    assert part.shape == (8192, 36)
+    h_full, h_part = full.T @ full / len(full), part.T @ part / len(part)
+    assert float((h_part - h_full).norm() / h_full.norm()) < 0.1  # sampling noise, about sqrt(36 / 8192)

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import PerInput, run_checked
+from rankfold.analyze import PerInput, run_checked, sampled_rows
 from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
 from rankfold.settings import calibration_batch
 
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse stable
 BLOCK = 128  # columns rounded together before the lazy update of the rest
+ROWS_PER_BATCH = 65536  # input rows a batch adds to H, at most (a fixed random subset beyond)
 
 
 def supports(layer: nn.Module) -> bool:
@@ -30,13 +31,23 @@ def supports(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.groups == 1 and numeric_padding(layer) is not None
 
 
-def _input_rows(layer: nn.Module, x: Tensor) -> Tensor:
-    """The rows the layer multiplies by its flattened weight: (rows, in_features or C*kh*kw)."""
+def _input_rows(layer: nn.Module, x: Tensor, limit: int = ROWS_PER_BATCH) -> Tensor:
+    """The rows the layer multiplies by its flattened weight: (rows, in_features or C*kh*kw), at
+    most about `limit` of them (a fixed random subset of each sample's positions): H of a 3x3
+    convolution over 640x640 text pages would otherwise unfold GBs a batch (PP-OCRv4's detector)
+    for a matrix that a few hundred thousand rows estimate as well."""
     if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=numeric_padding(layer),
-                    stride=layer.stride)  # (N, C*kh*kw, L), the weight's flattening order
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        rows = x.reshape(-1, x.shape[-1])
+        pick = sampled_rows(rows.shape[0], limit)
+        return rows if pick is None else rows[pick]
+    per_sample = max(1, -(-limit // x.shape[0]))
+    parts = []
+    for index, sample in enumerate(x.split(1)):  # unfolded one at a time: (C*kh*kw, L), the weight's order
+        cols = F.unfold(sample, layer.kernel_size, dilation=layer.dilation, padding=numeric_padding(layer),
+                        stride=layer.stride)[0]
+        pick = sampled_rows(cols.shape[1], per_sample, seed=1 + index)  # other positions in each sample
+        parts.append((cols if pick is None else cols[:, pick]).T)
+    return torch.cat(parts)
 
 
 def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
