@@ -27,6 +27,7 @@ import torch
 
 import rankfold
 from bench.realworld import FieldModel, fetch
+from bench.report import line_plot
 from bench.smollm2 import weighted_svd_baseline
 from bench.text import sentences
 from rankfold.check_rules import CheckRule
@@ -110,23 +111,8 @@ def joint_row(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, t
 
 def plot_cuts(rows: list[dict], path: str) -> None:
     """Embedding cosine against the share of Linear parameters removed, one line per contender."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for contender in dict.fromkeys(r["contender"] for r in rows if r["cut"] > 0):
-        points = sorted((r["linear_params_removed"], r["cosine"]) for r in rows if r["contender"] == contender)
-        ax.plot([100 * x for x, _y in points], [y for _x, y in points], marker="o", label=contender)
-    ax.set_xlabel("Linear parameters removed (%)")
-    ax.set_ylabel("embedding cosine to the original")
-    ax.set_title("MiniLM (all-MiniLM-L6-v2), 500 held-back sentences")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    line_plot(rows, "linear_params_removed", "cosine", path, xlabel="Linear parameters removed (%)",
+              ylabel="embedding cosine to the original", title="MiniLM (all-MiniLM-L6-v2), 500 held-back sentences")
 
 
 def main(argv: list[str] | None = None) -> int:

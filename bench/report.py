@@ -181,3 +181,29 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def line_plot(rows: list[dict], x: str, y: str, path: str, *, xlabel: str, ylabel: str, title: str,
+              log_y: bool = False) -> None:
+    """One line per contender of `rows` (each a dict with "contender", "cut", x and y; the cut-0
+    original left out), x as a percentage, written to `path` (.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for contender in dict.fromkeys(r["contender"] for r in rows if r["cut"] > 0):
+        points = sorted((r[x], r[y]) for r in rows if r["contender"] == contender)
+        ax.plot([100 * a for a, _b in points], [b for _a, b in points], marker="o", label=contender)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -4,6 +4,7 @@ Linear layers (the count SVD-LLM's ratios use; the embedding, tied to the head, 
 and kept), each row measured as perplexity on held-back windows of the Python documentation.
 
     PYTHONPATH=. python -m bench.smollm2 [--cuts 0.2] [--calib 128] [--seq-len 256] [--held 64]
+    PYTHONPATH=. python -m bench.smollm2 --plot P.png --plot-from bench/results/smollm2.json,OTHER.json
 
 Rows: the original; plain SVD (every block Linear at the same uniform keep, data-free); rankfold's
 data-aware SVD with error compensation at that uniform keep; rankfold's planner (rank per matrix
@@ -27,6 +28,7 @@ import torch
 
 import rankfold
 from bench.realworld import FieldModel, fetch
+from bench.report import line_plot
 from bench.text import sentences
 from rankfold.check_rules import CheckRule
 from rankfold.frontends.hf import load_hf, perplexity, text_windows
@@ -112,7 +114,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the joint contender's weight bytes, a fraction of the float32 model's (default 1/6)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     parser.add_argument("--out", default=RESULTS, help=f"results file (default {RESULTS})")
+    parser.add_argument("--plot", default=None,
+                        help="draw the perplexity ratio against block parameters removed here (.png), from --out "
+                             "or the --plot-from files")
+    parser.add_argument("--plot-from", default=None,
+                        help="results files (comma-separated) to draw instead of running anything")
     args = parser.parse_args(argv)
+    if args.plot_from and not args.plot:
+        parser.error("--plot-from needs --plot PATH")
+    if args.plot_from:
+        plot_cuts([row for path in args.plot_from.split(",") for row in json.load(open(path))["rows"]], args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     torch.manual_seed(0)
     directory = float_directory(args.cache)
     model = load_hf(directory)
@@ -162,7 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                            "calib_windows": len(calib), "held_windows": len(held), "seq_len": args.seq_len,
                            "text": "python3.11-doc _sources, bench/text.py splits", "rows": rows}, handle, indent=1)
     print(f"wrote {args.out}")
+    if args.plot:
+        plot_cuts(rows, args.plot)
     return 0
+
+
+def plot_cuts(rows: list[dict], path: str) -> None:
+    """Held-back perplexity over the original's (log scale) against the share of block Linear
+    parameters removed, one line per contender (joint byte-budget rows left out)."""
+    cut_rows = [r for r in rows if "joint" not in r["contender"]]
+    line_plot(cut_rows, "block_params_removed", "ratio", path, xlabel="decoder-block Linear parameters removed (%)",
+              ylabel="perplexity / original's (log)", title="SmolLM2-135M, 64 held-back windows of 256 tokens",
+              log_y=True)
 
 
 def _joint(model, calib, fraction: float, max_memory: int | None, group: int = 32):
