@@ -248,3 +248,17 @@ def test_layers_left_alone_are_refit_to_the_inputs_the_compressed_layers_give():
     # Nothing changed before a layer: it stays exactly as it was.
     late = rankfold.compress(model, calib=calib, layers={"4": SVDConfig(rank=4), "*": SkipConfig("kept")})
     assert torch.equal(late[0].weight, model[0].weight) and torch.equal(late[2].weight, model[2].weight)
+
+
+def test_a_long_apply_says_how_far_it_is(monkeypatch):
+    from rankfold import apply
+
+    from tests.helpers import tiny_classifier
+
+    monkeypatch.setattr(apply, "PACE_SECONDS", 0.0)  # every layer is "long" here
+    lines = []
+    model = tiny_classifier()
+    x = torch.randn(64, 1, 12, 12)
+    rankfold.compress(model, method="svd", keep=0.5, calib=x, min_rank=1, check=False, progress=lines.append)
+    paced = [line for line in lines if line.startswith("applying: layer ")]
+    assert paced and paced[-1].startswith(f"applying: layer {len(paced)} of ")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -148,7 +149,9 @@ def compress_with_report(
         # Only for layers that will be factorized: the metric costs a forward pass over calib.
         metrics.update(softmax_head_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)],
                                             calib))
+        pace = _Pace(say, len(reached))
         for name in reached:  # in the order the network calls them: each knows the layers before it
+            pace.reached(name)
             module = result.get_submodule(name)
             kept = isinstance(configs[name], SkipConfig)
             # A layer left as it is still sees the earlier layers' error: it is refit to its new
@@ -185,6 +188,22 @@ def compress_with_report(
     result.train(was_training)
     return result, report
 
+
+class _Pace:
+    """A progress line for the layer-by-layer apply at most every PACE_SECONDS (a language model's
+    211 layers take many minutes with nothing else said)."""
+
+    def __init__(self, say: Callable[[str], None], total: int) -> None:
+        self.say, self.total, self.done, self.last = say, total, 0, time.monotonic()
+
+    def reached(self, name: str) -> None:
+        self.done += 1
+        if time.monotonic() - self.last >= PACE_SECONDS:
+            self.say(f"applying: layer {self.done} of {self.total} ({name})")
+            self.last = time.monotonic()
+
+
+PACE_SECONDS = 10.0
 
 # Fewer samples than this held in cursors would make the layers' input moments noisy: prefix
 # passes over every sample instead.
