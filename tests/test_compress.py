@@ -252,7 +252,6 @@ def test_layers_left_alone_are_refit_to_the_inputs_the_compressed_layers_give():
 
 def test_a_long_apply_says_how_far_it_is(monkeypatch):
     from rankfold import apply
-
     from tests.helpers import tiny_classifier
 
     monkeypatch.setattr(apply, "PACE_SECONDS", 0.0)  # every layer is "long" here
