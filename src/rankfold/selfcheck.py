@@ -56,11 +56,14 @@ def _relative(error_sq: Tensor, norm_sq: Tensor) -> float:
     return float(error_sq.sum()) ** 0.5 / max(float(norm_sq.sum()) ** 0.5, 1e-30)
 
 
+def _channel_rows(values: Tensor, axis: int | None) -> Tensor:
+    """`values` as (channels, everything else); one channel where there is no channel axis."""
+    return values.reshape(1, -1) if axis is None else values.movedim(axis, 0).reshape(values.shape[axis], -1)
+
+
 def _per_channel(values: Tensor, axis: int | None) -> Tensor:
-    """Sum (of a mask) per channel, float64 (C,); one channel where there is no channel axis."""
-    if axis is None:
-        return values.sum().reshape(1).to(torch.float64)
-    return values.movedim(axis, 0).reshape(values.shape[axis], -1).sum(1).to(torch.float64)
+    """Sum (of a mask) per channel, float64 (C,)."""
+    return _channel_rows(values, axis).sum(1).to(torch.float64)
 
 
 @dataclass
@@ -160,7 +163,7 @@ class _Tally:
             self.top1_hits += int(same.sum())
             self.positions += same.numel()
             self.sequence_hits += _sequences_alike(y, y_hat) if y.ndim == 3 else int(same.all(1).sum())
-        rows = y.reshape(1, -1) if axis is None else y.movedim(axis, 0).reshape(y.shape[axis], -1)
+        rows = _channel_rows(y, axis)
         low, high = rows.amin(1), rows.amax(1)
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
