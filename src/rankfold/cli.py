@@ -233,14 +233,20 @@ def _load_inputs(args: argparse.Namespace):
     """(graph, model, calib tensor or None, example tensor) from --model/--calib, checked."""
     import torch
 
-    from rankfold.data import check_input_shape, load_npz
-    from rankfold.frontends.onnx import load_onnx, read_onnx
+    from rankfold.data import check_input_shape, graph_data
+    from rankfold.frontends.onnx import graph_inputs, load_onnx, read_onnx
 
     graph = read_onnx(args.model)
-    model = load_onnx(args.model)
-    calib = load_npz(args.calib, need_labels=False).x if args.calib else None
+    inputs = graph_inputs(graph)
+    calib, fixed = graph_data(args.calib, inputs, need_labels=False) if args.calib else (None, {})
+    if len(inputs) > 1 and not fixed:
+        raise RankfoldError(f"{args.model}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)})"
+                            ": give --calib with one array per input, named after it")
+    model = load_onnx(args.model, fixed)
     if calib is not None:
-        check_input_shape(calib, _input_dims(graph), args.calib)
+        calib = calib.x
+        sample = next(i for i in inputs if i.name not in fixed)
+        check_input_shape(calib, sample.dims, args.calib)
         calib = torch.from_numpy(calib[: args.calib_limit])
     if model.fixed_batch is not None and model.fixed_batch != 1:
         raise RankfoldError(f"{args.model}: the graph's batch is fixed at {model.fixed_batch}; rankfold takes a "
@@ -279,6 +285,9 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
                             "the result keeps the fixed batch"
     if getattr(model, "size_note", None):
         args.memory_line += "\n  " + model.size_note
+    if getattr(model, "fixed_inputs", None):
+        args.memory_line += (f"\n  inputs given once ({', '.join(model.fixed_inputs)}) are constants of the result: it "
+                             f"takes {', '.join(model.input_names)} only")
 
 
 def _budgets(args: argparse.Namespace) -> dict[str, str]:
@@ -488,9 +497,11 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     log("  " + int8_choice(target))
     log(args.memory_line)
     t0 = time.time()
+    # Timing runs the original file in onnxruntime with one input: with inputs given once, the module is exported.
+    original_file = None if model.fixed_inputs else args.model
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement,
-                                max_output_error=args.max_output_error, onnx_path=args.model,
+                                max_output_error=args.max_output_error, onnx_path=original_file,
                                 bits=args.bits or "auto", check=not args.no_check and train is None,
                                 rules=tuple(args.check), progress=lambda m: log("  " + m))
     if train is not None:  # checked after training instead, on the same held-back samples

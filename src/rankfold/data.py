@@ -1,4 +1,5 @@
-"""Datasets as .npz files: `x` float32 (N, ...) inputs and `y` integer (N,) labels."""
+"""Datasets as .npz files: `x` float32 (N, ...) inputs and `y` integer (N,) labels; or, for a
+graph with several inputs, one array per input, keyed by the input's name (graph_data)."""
 
 from __future__ import annotations
 
@@ -16,33 +17,22 @@ class Dataset(NamedTuple):
     y: np.ndarray | None
 
 
+class GraphInput(NamedTuple):
+    """One input of a graph as it declares it: dims are ints where static, None where open."""
+
+    name: str
+    dims: list
+    dtype: np.dtype
+
+
 def load_npz(path: str | os.PathLike, *, need_labels: bool = True) -> Dataset:
     """Read a dataset .npz; every way it can be wrong ends in one RankfoldError line."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise RankfoldError(f"{path}: no such file")
-    _check_headers(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files:
-                raise RankfoldError(f"{path}: no array 'x' (found: {', '.join(data.files) or 'none'})")
-            x = np.asarray(data["x"])
-            y = np.asarray(data["y"]) if "y" in data.files else None
-    except RankfoldError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise RankfoldError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
-    if x.ndim < 2 or len(x) == 0:
-        raise RankfoldError(f"{path}: 'x' must be (N, ...) with N > 0, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        hint = " (preprocess it as the model expects, e.g. pixel / 255 then normalized, and save float32)" \
-            if np.issubdtype(x.dtype, np.integer) else ""
-        raise RankfoldError(f"{path}: 'x' must be floating point, got {x.dtype}{hint}")
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad = np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))
-        raise RankfoldError(f"{path}: 'x' has NaN or infinite values in {len(bad)} sample(s), the first at index "
-                            f"{int(bad[0])}")
+    arrays = _arrays(path)
+    if "x" not in arrays:
+        raise RankfoldError(f"{path}: no array 'x' (found: {', '.join(arrays) or 'none'})")
+    x, y = arrays["x"], arrays.get("y")
+    x = _checked_samples(path, "x", x)
     if need_labels and y is None:
         raise RankfoldError(f"{path}: no array 'y' of labels")
     if y is not None:
@@ -50,7 +40,109 @@ def load_npz(path: str | os.PathLike, *, need_labels: bool = True) -> Dataset:
             raise RankfoldError(f"{path}: 'y' must be {len(x)} integer labels, got {y.dtype} {y.shape}")
         if len(y) and y.min() < 0:
             raise RankfoldError(f"{path}: labels must be class indices >= 0, found {int(y.min())}")
-    return Dataset(x.astype(np.float32, copy=False), y)
+    return Dataset(x, y)
+
+
+def _arrays(path: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz file at `path`, by name; one RankfoldError line for a bad file."""
+    if not os.path.isfile(path):
+        raise RankfoldError(f"{path}: no such file")
+    _check_headers(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: np.asarray(data[name]) for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise RankfoldError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+
+
+def _checked_samples(path: str, name: str, x: np.ndarray) -> np.ndarray:
+    """The per-sample array `name` as float32, refused when it is empty, not floating point or not finite."""
+    if x.ndim < 2 or len(x) == 0:
+        raise RankfoldError(f"{path}: '{name}' must be (N, ...) with N > 0, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        hint = " (preprocess it as the model expects, e.g. pixel / 255 then normalized, and save float32)" \
+            if np.issubdtype(x.dtype, np.integer) else ""
+        raise RankfoldError(f"{path}: '{name}' must be floating point, got {x.dtype}{hint}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))
+        raise RankfoldError(f"{path}: '{name}' has NaN or infinite values in {len(bad)} sample(s), the first at "
+                            f"index {int(bad[0])}")
+    return x.astype(np.float32, copy=False)
+
+
+def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
+               need_labels: bool = True) -> tuple[Dataset, dict[str, np.ndarray]]:
+    """A graph's data: the per-sample input as Dataset.x (with labels y), and the inputs given once
+    (a sample rate, an initial state), by name, in the dtype the graph declares.
+
+    A single-input graph also takes the file `load_npz` reads (`x`). Otherwise every input has an
+    array named after it. The per-sample input is the one whose leading axis is open (the batch)
+    and whose array has the declared rank; every other array is given once, as the graph takes it
+    for one call, and becomes a constant of the result (state is then the same for every sample).
+    """
+    path = os.fspath(path)
+    arrays = _arrays(path)
+    files = list(arrays)
+    if "x" in files and len(inputs) == 1:
+        return load_npz(path, need_labels=need_labels), {}
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise RankfoldError(f"{path}: no array for the graph input(s) {', '.join(map(repr, missing))}: a graph with "
+                            f"{len(names)} inputs takes one array per input, named after it ({', '.join(names)}; "
+                            f"found: {', '.join(files) or 'none'})")
+    extra = [n for n in files if n not in names and n != "y"]
+    if extra:
+        raise RankfoldError(f"{path}: array(s) {', '.join(map(repr, extra))} name no input of the graph "
+                            f"(inputs: {', '.join(names)})")
+    sample = _per_sample_input(path, inputs, arrays)
+    x = _checked_samples(path, sample.name, arrays[sample.name])
+    fixed = {i.name: _given_once(path, i, arrays[i.name], len(x)) for i in inputs if i.name != sample.name}
+    y = arrays.get("y")
+    if need_labels and y is None:
+        raise RankfoldError(f"{path}: no array 'y' of labels")
+    if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),)):
+        raise RankfoldError(f"{path}: 'y' must be {len(x)} integer labels, got {y.dtype} {y.shape}")
+    if y is not None and len(y) and y.min() < 0:
+        raise RankfoldError(f"{path}: labels must be class indices >= 0, found {int(y.min())}")
+    return Dataset(x, y), fixed
+
+
+def _per_sample_input(path: str, inputs: list[GraphInput], arrays: dict[str, np.ndarray]) -> GraphInput:
+    """The input that varies per sample: an open (or batch-1) leading axis, the declared rank, and
+    the most rows; two such inputs with as many rows (> 1) each are refused (rankfold calibrates
+    through one per-sample input)."""
+    candidates = [i for i in inputs if i.dims and i.dims[0] in (None, 1) and arrays[i.name].ndim == len(i.dims)]
+    if not candidates:
+        raise RankfoldError(f"{path}: no array is a batch of samples for the graph's inputs "
+                            f"({', '.join(f'{i.name} {_shown(i.dims)}' for i in inputs)})")
+    rows = max(len(arrays[i.name]) for i in candidates)
+    most = [i for i in candidates if len(arrays[i.name]) == rows]
+    if len(most) > 1 and rows > 1:
+        raise RankfoldError(f"{path}: {', '.join(i.name for i in most)} each hold {rows} samples: rankfold calibrates "
+                            "through one per-sample input; give the others once (a leading axis of 1)")
+    return most[0]
+
+
+def _given_once(path: str, spec: GraphInput, value: np.ndarray, samples: int) -> np.ndarray:
+    if value.ndim != len(spec.dims) or any(d is not None and d != s for d, s in zip(spec.dims, value.shape)):
+        raise RankfoldError(f"{path}: '{spec.name}' given once must have the graph's shape {_shown(spec.dims)}, got "
+                            f"{tuple(value.shape)}")
+    per_sample = [axis for axis, (d, s) in enumerate(zip(spec.dims, value.shape)) if d is None and s == samples > 1]
+    if per_sample:  # e.g. a recurrent state (2, N, 128): its batch axis is not the first
+        raise RankfoldError(f"{path}: '{spec.name}' {tuple(value.shape)} holds one value per sample on axis "
+                            f"{per_sample[0]}; rankfold takes it given once, the same for every sample: make that "
+                            "axis 1")
+    if value.dtype.kind in "fc" and not np.isfinite(value).all():
+        raise RankfoldError(f"{path}: '{spec.name}' has NaN or infinite values")
+    if value.dtype.kind not in "biuf":
+        raise RankfoldError(f"{path}: '{spec.name}' must be numbers, got {value.dtype}")
+    return value.astype(spec.dtype, copy=False)
+
+
+def _shown(dims: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _check_headers(path: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import Tensor, nn
 
+from rankfold.data import GraphInput
 from rankfold.errors import RankfoldError, first_line
 from rankfold.evaluate import PACKED_BITS
 from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_order
@@ -40,7 +41,8 @@ class Step:
 
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
-OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note")
+OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
+                  "fixed_inputs")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -68,6 +70,7 @@ class OnnxModule(nn.Module):
         self.dynamic_axes: dict[str, dict[int, str]] = {}  # open axes after the batch, kept on export
         self.fixed_batch: int | None = None  # the batch size the graph was exported with, when it is fixed
         self.size_note: str | None = None  # why open axes after the batch are fixed on export
+        self.fixed_inputs: list[str] = []  # graph inputs given once: constants of this module and its results
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -137,11 +140,15 @@ def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:
     return layer(_layer_argument(x, attrs))
 
 
-def load_onnx(path: str | os.PathLike) -> OnnxModule:
-    """Read an ONNX file into an OnnxModule (see the module docstring). Raises RankfoldError."""
+def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = None) -> OnnxModule:
+    """Read an ONNX file into an OnnxModule (see the module docstring). Raises RankfoldError.
+
+    `fixed`: inputs given once (rankfold.data.graph_data), by name. They become constants, so that
+    what depends on them alone folds (an If on the sample rate takes its branch), and the module
+    (and every result made from it) takes the other inputs only."""
     model = read_onnx(path)
     try:
-        return _Converter(model).convert()
+        return _Converter(model, fixed or {}).convert()
     except RankfoldError:
         raise
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
@@ -222,8 +229,25 @@ def _check_tensor_size(t: onnx.TensorProto) -> None:
             raise RankfoldError(f"initializer {t.name!r}: {len(t.raw_data)} bytes for dims {list(t.dims)}")
 
 
+def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
+    """The inputs a graph is called with (initializers excluded), as declared."""
+    inits = {i.name for i in model.graph.initializer}
+    found = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        except Exception:
+            dtype = np.dtype(np.float32)
+        found.append(GraphInput(value.name, dims, dtype))
+    return found
+
+
 class _Converter:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, fixed: Mapping[str, np.ndarray] | None = None) -> None:
         self.model = model
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -233,10 +257,13 @@ class _Converter:
         for t in self.graph.initializer:
             _check_tensor_size(t)
             self.consts[t.name] = _tensor_of(t)
+        for name, value in (fixed or {}).items():
+            self.consts[name] = torch.from_numpy(np.ascontiguousarray(value))
         inputs = [i.name for i in self.graph.input if i.name not in self.consts]
         if not inputs:
             raise RankfoldError("the ONNX graph has no inputs")
         self.module = OnnxModule(inputs, [o.name for o in self.graph.output])
+        self.module.fixed_inputs = sorted(fixed or {})
         graph_inputs = [i for i in self.graph.input if i.name in inputs]
         self.module.dynamic_axes = symbolic_axes(graph_inputs + list(self.graph.output))
         self.module.fixed_batch = _fixed_batch(graph_inputs)

@@ -1,0 +1,138 @@
+"""Graphs with several inputs (issue 14): calibration .npz files keyed by input name, inputs given
+once (a sample rate, an initial state) bound as constants, so that an If on them folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import rankfold
+from rankfold.data import graph_data
+from rankfold.errors import RankfoldError
+from rankfold.frontends.onnx import graph_inputs, read_onnx
+from tests.helpers import run_cli
+
+
+def _voice_like(path) -> None:
+    """x (N, 16) through one Gemm chosen by an If on the sample rate `sr`, plus a state (1, 8) added
+    to the result: the shape of a streaming audio model's interface."""
+    rng = np.random.default_rng(0)
+    weights = {name: numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), name)
+               for name in ("w16k", "w8k")}
+
+    def branch(name: str, weight: str):
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 8])
+        return helper.make_graph([helper.make_node("MatMul", ["x", weight], [f"{name}_y"])], name, [], [out])
+
+    nodes = [
+        helper.make_node("Constant", [], ["rate"], value=helper.make_tensor("r", TensorProto.INT64, [], [16000])),
+        helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+        helper.make_node("If", ["is16k"], ["h"], then_branch=branch("then", "w16k"), else_branch=branch("else", "w8k")),
+        helper.make_node("Add", ["h", "state"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 8])]
+    graph = helper.make_graph(nodes, "voice", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              initializer=list(weights.values()))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _original(path, x, sr, state):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "sr": np.array(sr, np.int64), "state": state})[0]
+
+
+def test_inputs_given_once_are_bound_and_an_if_on_them_folds(tmp_path):
+    _voice_like(tmp_path / "voice.onnx")
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    state = np.full((1, 8), 0.5, np.float32)
+    np.savez(tmp_path / "calib.npz", x=x, sr=np.array(16000), state=state)
+    data, fixed = graph_data(tmp_path / "calib.npz", graph_inputs(read_onnx(tmp_path / "voice.onnx")),
+                             need_labels=False)
+    assert data.x.shape == (64, 16) and sorted(fixed) == ["sr", "state"] and fixed["sr"].dtype == np.int64
+    model = rankfold.load_onnx(tmp_path / "voice.onnx", fixed)
+    assert model.input_names == ["x"] and model.fixed_inputs == ["sr", "state"]
+    for rate in (16000, 8000):  # each sample rate takes its own branch
+        bound = rankfold.load_onnx(tmp_path / "voice.onnx", {**fixed, "sr": np.array(rate)})
+        np.testing.assert_allclose(bound(torch.from_numpy(x)).detach().numpy(),
+                                   _original(tmp_path / "voice.onnx", x, rate, state), rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_with_inputs_given_once_compresses_and_says_so(tmp_path):
+    _voice_like(tmp_path / "voice.onnx")
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    state = np.full((1, 8), 0.5, np.float32)
+    np.savez(tmp_path / "calib.npz", x=x, sr=np.array(16000), state=state)
+    out = tmp_path / "small.onnx"
+    code, stdout, stderr = run_cli("compress", tmp_path / "voice.onnx", "--calib", tmp_path / "calib.npz",
+                                   "--method", "svd", "--keep", "0.99", "-o", out)
+    assert code == 0, stderr
+    assert "inputs given once (sr, state) are constants of the result" in stdout + stderr
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    got = session.run(None, {"x": x})[0]
+    want = _original(tmp_path / "voice.onnx", x, 16000, state)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.2
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x=np.zeros((8, 16), np.float32), sr=np.array(16000)), "no array for the graph input.*'state'"),
+    (dict(x=np.zeros((8, 16), np.float32), sr=np.array(16000), state=np.zeros((1, 8), np.float32),
+          rate=np.array(1)), "'rate' name no input of the graph"),
+    (dict(x=np.zeros((8, 16), np.float32), sr=np.array(16000), state=np.zeros((2, 8), np.float32)),
+     r"'state' given once must have the graph's shape \[1, 8\]"),
+    (dict(x=np.zeros((8, 16), np.float32), sr=np.array(np.nan), state=np.zeros((1, 8), np.float32)),
+     "'sr' has NaN"),
+])
+def test_bad_graph_data_is_refused_by_name(tmp_path, arrays, message):
+    _voice_like(tmp_path / "voice.onnx")
+    np.savez(tmp_path / "calib.npz", **arrays)
+    with pytest.raises(RankfoldError, match=message):
+        graph_data(tmp_path / "calib.npz", graph_inputs(read_onnx(tmp_path / "voice.onnx")), need_labels=False)
+
+
+def _state_in_batch(path) -> None:
+    """x (N, 4) plus a state (2, N, 4) whose batch is its second axis, as an LSTM's state is."""
+    nodes = [helper.make_node("ReduceSum", ["state", "axis0"], ["s"], keepdims=0),
+             helper.make_node("Add", ["x", "s"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                     helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_a_state_per_sample_on_another_axis_is_refused_with_the_fix(tmp_path):
+    _state_in_batch(tmp_path / "g.onnx")
+    inputs = graph_inputs(read_onnx(tmp_path / "g.onnx"))
+    np.savez(tmp_path / "per_sample.npz", x=np.zeros((8, 4), np.float32), state=np.zeros((2, 8, 4), np.float32))
+    with pytest.raises(RankfoldError, match="one value per sample on axis 1.*make that axis 1"):
+        graph_data(tmp_path / "per_sample.npz", inputs, need_labels=False)
+    np.savez(tmp_path / "once.npz", x=np.zeros((8, 4), np.float32), state=np.ones((2, 1, 4), np.float32))
+    data, fixed = graph_data(tmp_path / "once.npz", inputs, need_labels=False)
+    assert data.x.shape == (8, 4) and fixed["state"].shape == (2, 1, 4)
+
+
+def test_two_inputs_that_vary_per_sample_are_refused(tmp_path):
+    _state_in_batch(tmp_path / "g.onnx")
+    graph = read_onnx(tmp_path / "g.onnx")
+    inputs = [graph_inputs(graph)[0], graph_inputs(graph)[0]._replace(name="x2")]
+    np.savez(tmp_path / "two.npz", x=np.zeros((8, 4), np.float32), x2=np.zeros((8, 4), np.float32))
+    with pytest.raises(RankfoldError, match="x, x2 each hold 8 samples"):
+        graph_data(tmp_path / "two.npz", inputs, need_labels=False)
+
+
+def test_a_multi_input_graph_without_named_arrays_is_refused_on_the_cli(tmp_path):
+    _voice_like(tmp_path / "voice.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((8, 16), np.float32))
+    code, _stdout, stderr = run_cli("compress", tmp_path / "voice.onnx", "--calib", tmp_path / "calib.npz",
+                                    "--keep", "0.5", "-o", tmp_path / "o.onnx")
+    assert code == 2 and "Traceback" not in stderr
+    assert "no array for the graph input(s) 'sr', 'state'" in stderr
+    assert not (tmp_path / "o.onnx").exists()
