@@ -136,3 +136,34 @@ def test_a_multi_input_graph_without_named_arrays_is_refused_on_the_cli(tmp_path
     assert code == 2 and "Traceback" not in stderr
     assert "no array for the graph input(s) 'sr', 'state'" in stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _if_on_shape(path, axis: int) -> None:
+    """An If on Shape(x)[axis] == 1 (as exporters write `if x.shape[-1] == 1`), Relu or Neg of x."""
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "T"])
+    then_out = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4, "T"])
+    else_out = helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4, "T"])
+    neg = helper.make_graph([helper.make_node("Neg", ["x"], ["t"])], "t", [], [then_out])
+    relu = helper.make_graph([helper.make_node("Relu", ["x"], ["e"])], "e", [], [else_out])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "axis"], ["d"], axis=0),
+             helper.make_node("Equal", ["d", "one"], ["c"]),
+             helper.make_node("Not", ["c"], ["nc"]),
+             helper.make_node("If", ["nc"], ["y"], then_branch=neg, else_branch=relu)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "T"])], [out],
+                              initializer=[numpy_helper.from_array(np.array(axis, np.int64), "axis"),
+                                           numpy_helper.from_array(np.array(1, np.int64), "one")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_an_if_that_shapes_alone_decide_is_decided_on_the_calibration_samples(tmp_path):
+    _if_on_shape(tmp_path / "g.onnx", -1)
+    x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    with pytest.raises(RankfoldError, match="If whose condition depends on the input"):
+        rankfold.load_onnx(tmp_path / "g.onnx")  # without samples it cannot be decided
+    model = rankfold.load_onnx(tmp_path / "g.onnx", probe=torch.from_numpy(x))
+    np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), -x)  # T = 5: not 1, so Neg
+    assert "decided at the calibration samples' size" in model.size_note
+    _if_on_shape(tmp_path / "batch.onnx", 0)  # on the batch size: batch 1 and batch 2 disagree
+    with pytest.raises(RankfoldError, match="depends on the batch size"):
+        rankfold.load_onnx(tmp_path / "batch.onnx", probe=torch.from_numpy(x))

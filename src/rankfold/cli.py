@@ -242,7 +242,7 @@ def _load_inputs(args: argparse.Namespace):
     if len(inputs) > 1 and not fixed:
         raise RankfoldError(f"{args.model}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)})"
                             ": give --calib with one array per input, named after it")
-    model = load_onnx(args.model, fixed)
+    model = load_onnx(args.model, fixed, torch.from_numpy(calib.x[:2]) if calib is not None else None)
     if calib is not None:
         calib = calib.x
         sample = next(i for i in inputs if i.name not in fixed)

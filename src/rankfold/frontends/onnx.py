@@ -140,15 +140,20 @@ def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:
     return layer(_layer_argument(x, attrs))
 
 
-def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = None) -> OnnxModule:
+def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = None,
+              probe: Tensor | None = None) -> OnnxModule:
     """Read an ONNX file into an OnnxModule (see the module docstring). Raises RankfoldError.
 
     `fixed`: inputs given once (rankfold.data.graph_data), by name. They become constants, so that
     what depends on them alone folds (an If on the sample rate takes its branch), and the module
-    (and every result made from it) takes the other inputs only."""
+    (and every result made from it) takes the other inputs only.
+
+    `probe`: samples of the per-sample input (two or more). An If whose condition is computed from
+    shapes alone (Shape -> Gather -> Equal) is then decided on them, at batch 1 and at batch 2; it
+    becomes the branch it takes when both agree, and the result keeps the probe's size."""
     model = read_onnx(path)
     try:
-        return _Converter(model, fixed or {}).convert()
+        return _Converter(model, fixed or {}, probe).convert()
     except RankfoldError:
         raise
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
@@ -247,7 +252,10 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
 
 
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, fixed: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, fixed: Mapping[str, np.ndarray] | None = None,
+                 probe: Tensor | None = None) -> None:
+        self.probe = probe
+        self.shape_only: set[str] = set()  # values computed from shapes (and constants) alone
         self.model = model
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -340,6 +348,9 @@ class _Converter:
             self._fold(node, inputs, attrs, where)
             return
         step = Step(node.op_type, inputs, list(node.output), attrs)
+        if node.op_type in ("Shape", "Size") or all(i == "" or i in self.consts or i in self.shape_only
+                                                     for i in inputs):
+            self.shape_only.update(node.output)
         for index, name in enumerate(inputs):
             if name in self.consts:
                 value = self.consts[name]
@@ -352,10 +363,11 @@ class _Converter:
 
     def _inline_branch(self, node, inputs, where) -> None:
         """An If whose condition folds to a constant is the branch it takes, inlined."""
-        if inputs[0] not in self.consts:
-            raise RankfoldError(f"If whose condition depends on the input is not supported ({where}); only "
-                                "conditions that fold to a constant")
-        taken = "then_branch" if bool(self.consts[inputs[0]].reshape(-1)[0]) else "else_branch"
+        if inputs[0] in self.consts:
+            condition = bool(self.consts[inputs[0]].reshape(-1)[0])
+        else:
+            condition = self._condition_from_shapes(inputs[0], where)
+        taken = "then_branch" if condition else "else_branch"
         branch = next(a.g for a in node.attribute if a.name == taken)
         _refuse_unsupported(branch.node)
         for t in branch.initializer:
@@ -370,6 +382,27 @@ class _Converter:
                 self.consts[outer] = self.consts[self._name(inner.name)]
             else:
                 self.alias[outer] = inner.name
+
+    def _condition_from_shapes(self, value: str, where: str) -> bool:
+        """An If condition computed from shapes alone, decided on the probe at batch 1 and 2."""
+        if value not in self.shape_only or self.probe is None or len(self.probe) < 2:
+            raise RankfoldError(f"If whose condition depends on the input is not supported ({where}); only "
+                                "conditions that fold to a constant, or that shapes alone decide (given --calib)")
+        if len(self.module.input_names) != 1:
+            raise RankfoldError(f"If on shapes ({where}) is decided on one per-sample input; the graph has "
+                                f"{len(self.module.input_names)} ({', '.join(self.module.input_names)})")
+        outcomes = set()
+        with torch.no_grad():
+            for batch in (self.probe[:1], self.probe[:2]):
+                env = self.module.start(batch)
+                self.module.advance(env, 0, len(self.module.steps), keep_all=True)
+                outcomes.add(bool(torch.as_tensor(env[value]).reshape(-1)[0]))
+        if len(outcomes) > 1:
+            raise RankfoldError(f"If whose condition depends on the batch size is not supported ({where})")
+        self.module.dynamic_axes = {}  # decided at the probe's size: the result keeps it
+        self.module.size_note = (f"an If on shapes ({where}) was decided at the calibration samples' size: the "
+                                 "result takes inputs of that size only")
+        return outcomes.pop()
 
     def _fold(self, node, inputs, attrs, where) -> None:
         """A node whose inputs are all constants is computed once, here."""

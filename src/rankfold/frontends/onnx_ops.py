@@ -108,7 +108,7 @@ def _unary(fn: Callable[[Tensor], Tensor]) -> OpFn:
 for _name, _fn in {
     "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
     "Sqrt": torch.sqrt, "Exp": torch.exp, "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs,
-    "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil, "Not": torch.logical_not,
+    "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil,
 }.items():
     OPS[_name] = _unary(_fn)
 
@@ -321,6 +321,20 @@ OPS["ReduceMax"] = _reduce("max")
 
 
 # ---- shapes ------------------------------------------------------------------------------
+
+@op("Size")
+def _size(vals, attrs):
+    x = vals[0]
+    return [x.numel() if isinstance(x, Tensor) else len(ints(x))]  # a shape value, as Shape's are
+
+
+@op("Not")
+def _not(vals, attrs):
+    x = vals[0]
+    if isinstance(x, Tensor):
+        return [torch.logical_not(x)]
+    return [int(not x)] if isinstance(x, int) else [[int(not v) for v in ints(x)]]  # a shape comparison
+
 
 @op("Shape")
 def _shape(vals, attrs):
