@@ -3,6 +3,8 @@ once (a sample rate, an initial state) bound as constants, so that an If on them
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -167,3 +169,22 @@ def test_an_if_that_shapes_alone_decide_is_decided_on_the_calibration_samples(tm
     _if_on_shape(tmp_path / "batch.onnx", 0)  # on the batch size: batch 1 and batch 2 disagree
     with pytest.raises(RankfoldError, match="depends on the batch size"):
         rankfold.load_onnx(tmp_path / "batch.onnx", probe=torch.from_numpy(x))
+
+
+def test_eval_measures_a_multi_input_graph_and_its_result_on_one_file(tmp_path):
+    _voice_like(tmp_path / "voice.onnx")
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    state = np.full((1, 8), 0.5, np.float32)
+    labels = _original(tmp_path / "voice.onnx", x, 16000, state).argmax(1)
+    np.savez(tmp_path / "data.npz", x=x, y=labels, sr=np.array(16000), state=state)
+    code, stdout, stderr = run_cli("eval", tmp_path / "voice.onnx", "--data", tmp_path / "data.npz", "--json",
+                                   "--no-latency")
+    assert code == 0, stderr
+    assert json.loads(stdout)["accuracy"] == 1.0  # the labels are the original's own argmax
+    assert "inputs given once (sr, state) are bound as constants" in stderr
+    assert run_cli("compress", tmp_path / "voice.onnx", "--calib", tmp_path / "data.npz", "--method", "svd",
+                   "--keep", "0.99", "-o", tmp_path / "small.onnx")[0] == 0
+    code, stdout, stderr = run_cli("eval", tmp_path / "small.onnx", "--data", tmp_path / "data.npz", "--json",
+                                   "--no-latency")
+    assert code == 0, stderr
+    assert json.loads(stdout)["accuracy"] >= 0.9

@@ -20,14 +20,46 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.text is not None:
         raise RankfoldError("--text measures a model directory (a language model or a sentence encoder); an ONNX "
                             "model takes --data")
-    from rankfold.data import check_input_shape, load_npz
+    from rankfold.frontends.onnx import read_onnx
+
+    graph = read_onnx(args.model)  # a clear error for a bad model before any work
+    data, fixed = _graph_data(graph, args.model, args.data, need_labels=True)
+    if not fixed:
+        return _eval_file(args, args.model, data.x, data.y)
+    import tempfile
+
+    import onnx
+
+    from rankfold.frontends.onnx import bind_inputs
+
+    # onnxruntime runs a copy whose inputs given once are initializers, as a compressed result takes them
+    print(f"inputs given once ({', '.join(sorted(fixed))}) are bound as constants", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="rankfold-eval-") as tmp:
+        bound = os.path.join(tmp, os.path.basename(args.model))
+        onnx.save(bind_inputs(graph, fixed), bound)
+        _eval_file(args, bound, data.x, data.y)
+
+
+def _graph_data(graph, model_path: str, data_path: str, *, need_labels: bool):
+    """(Dataset, inputs given once) of `data_path` for the ONNX graph `graph`; a graph with several
+    inputs needs one array per input (rankfold.data.graph_data)."""
+    from rankfold.data import graph_data
+    from rankfold.frontends.onnx import graph_inputs
+
+    inputs = graph_inputs(graph)
+    data, fixed = graph_data(data_path, inputs, need_labels=need_labels)
+    if len(inputs) > 1 and not fixed:
+        raise RankfoldError(f"{model_path}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}"
+                            f"): give {data_path} one array per input, named after it")
+    return data, fixed
+
+
+def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
+    from rankfold.data import check_input_shape
     from rankfold.evaluate import evaluate
     from rankfold.frontends.onnx import read_onnx
     from rankfold.report import human
 
-    read_onnx(args.model)  # a clear error for a bad model before any work
-    data = load_npz(args.data)
-    x, y = data.x, data.y
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
     attack = _attack_config(args, x)
@@ -37,8 +69,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         check_input_shape(x, _input_dims(read_onnx(args.original)), f"{args.data} (for --original)")
     elif attack is not None and attack.kind == "transfer":
         raise RankfoldError("--attack transfer crafts its inputs on another model: give it with --original")
-    result = evaluate(args.model, x, y, runs=args.runs, measure_latency=not args.no_latency)
-    robust = _robustness(args, args.model, x, y, attack) if attack is not None else []
+    result = evaluate(path, x, y, runs=args.runs, measure_latency=not args.no_latency)
+    robust = _robustness(args, path, x, y, attack) if attack is not None else []
     if args.json:
         print(json.dumps({**result.to_dict(), "robustness": [r.to_dict() for r in robust]}))
         return
@@ -233,15 +265,15 @@ def _load_inputs(args: argparse.Namespace):
     """(graph, model, calib tensor or None, example tensor) from --model/--calib, checked."""
     import torch
 
-    from rankfold.data import check_input_shape, graph_data
+    from rankfold.data import check_input_shape
     from rankfold.frontends.onnx import graph_inputs, load_onnx, read_onnx
 
     graph = read_onnx(args.model)
     inputs = graph_inputs(graph)
-    calib, fixed = graph_data(args.calib, inputs, need_labels=False) if args.calib else (None, {})
-    if len(inputs) > 1 and not fixed:
+    if len(inputs) > 1 and not args.calib:
         raise RankfoldError(f"{args.model}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)})"
                             ": give --calib with one array per input, named after it")
+    calib, fixed = _graph_data(graph, args.model, args.calib, need_labels=False) if args.calib else (None, {})
     model = load_onnx(args.model, fixed, torch.from_numpy(calib.x[:2]) if calib is not None else None)
     if calib is not None:
         calib = calib.x

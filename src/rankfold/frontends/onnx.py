@@ -234,6 +234,18 @@ def _check_tensor_size(t: onnx.TensorProto) -> None:
             raise RankfoldError(f"initializer {t.name!r}: {len(t.raw_data)} bytes for dims {list(t.dims)}")
 
 
+def bind_inputs(model: onnx.ModelProto, fixed: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose inputs given once are initializers: onnxruntime then runs it on the
+    per-sample input alone, as rankfold's results are run (and folds what depends on them)."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    kept = [value for value in bound.graph.input if value.name not in fixed]
+    del bound.graph.input[:]
+    bound.graph.input.extend(kept)
+    bound.graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in fixed.items())
+    return bound
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
     """The inputs a graph is called with (initializers excluded), as declared."""
     inits = {i.name for i in model.graph.initializer}
