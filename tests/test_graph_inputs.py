@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import rankfold
 from rankfold.data import graph_data
 from rankfold.errors import RankfoldError
-from rankfold.frontends.onnx import graph_inputs, read_onnx
+from rankfold.frontends.onnx import bind_inputs, graph_inputs, read_onnx
 from tests.helpers import run_cli
 
 
@@ -188,3 +188,22 @@ def test_eval_measures_a_multi_input_graph_and_its_result_on_one_file(tmp_path):
                                    "--no-latency")
     assert code == 0, stderr
     assert json.loads(stdout)["accuracy"] >= 0.9
+
+
+def test_a_bound_state_is_expanded_to_the_batch_for_onnxruntime(tmp_path):
+    """onnxruntime's LSTM wants its initial state at the batch's size: a state given once with a
+    batch axis of 1 is expanded to the per-sample input's batch in the bound copy."""
+    nodes = [helper.make_node("Identity", ["state"], ["state_out"]), helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                     helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "batch", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    state = np.arange(6, dtype=np.float32).reshape(2, 1, 3)
+    bound = bind_inputs(model, {"state": state})
+    onnx.checker.check_model(bound)
+    session = ort.InferenceSession(bound.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    _y, out = session.run(None, {"x": np.ones((5, 4), np.float32)})
+    np.testing.assert_array_equal(out, np.broadcast_to(state, (2, 5, 3)))

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from rankfold.errors import RankfoldError
+from rankfold.errors import RankfoldError, first_line
 from rankfold.io import check_output_directory, check_outputs
 
 
@@ -69,7 +69,12 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
         check_input_shape(x, _input_dims(read_onnx(args.original)), f"{args.data} (for --original)")
     elif attack is not None and attack.kind == "transfer":
         raise RankfoldError("--attack transfer crafts its inputs on another model: give it with --original")
-    result = evaluate(path, x, y, runs=args.runs, measure_latency=not args.no_latency)
+    try:
+        result = evaluate(path, x, y, runs=args.runs, measure_latency=not args.no_latency)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise RankfoldError(f"{args.model}: onnxruntime cannot run it on {args.data}: {first_line(exc)}") from None
     robust = _robustness(args, path, x, y, attack) if attack is not None else []
     if args.json:
         print(json.dumps({**result.to_dict(), "robustness": [r.to_dict() for r in robust]}))

@@ -236,14 +236,51 @@ def _check_tensor_size(t: onnx.TensorProto) -> None:
 
 def bind_inputs(model: onnx.ModelProto, fixed: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of `model` whose inputs given once are initializers: onnxruntime then runs it on the
-    per-sample input alone, as rankfold's results are run (and folds what depends on them)."""
+    per-sample input alone, as rankfold's results are run (and folds what depends on them). A value
+    given with size 1 on the axis the graph names like the per-sample input's batch (a recurrent
+    state (2, 1, 128) for [2, batch, 128]) is expanded to the batch, as onnxruntime's LSTM wants."""
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
+    sample = next((v for v in bound.graph.input if v.name not in fixed
+                   and v.name not in {i.name for i in bound.graph.initializer}), None)
     kept = [value for value in bound.graph.input if value.name not in fixed]
+    declared = {value.name: value for value in bound.graph.input}
     del bound.graph.input[:]
     bound.graph.input.extend(kept)
-    bound.graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in fixed.items())
+    batch_name = _batch_name(sample)
+    nodes = []
+    for name, value in fixed.items():
+        value = np.asarray(value)
+        axes = [axis for axis, dim in enumerate(declared[name].type.tensor_type.shape.dim)
+                if not dim.HasField("dim_value") and dim.dim_param == batch_name and value.shape[axis] == 1]
+        if sample is None or batch_name is None or not axes:
+            bound.graph.initializer.append(numpy_helper.from_array(value, name))
+            continue
+        nodes += _expanded_to_batch(name, value, axes[0], sample.name, bound.graph.initializer)
+    for node in reversed(nodes):
+        bound.graph.node.insert(0, node)
     return bound
+
+
+def _batch_name(value) -> str | None:
+    """The name the per-sample input gives its batch axis ('' when open and unnamed), else None."""
+    dims = value.type.tensor_type.shape.dim if value is not None else []
+    return dims[0].dim_param if dims and not dims[0].HasField("dim_value") else None
+
+
+def _expanded_to_batch(name: str, value: np.ndarray, axis: int, sample: str, initializers) -> list:
+    """Nodes that make `name` from `value` with `axis` expanded to the batch of input `sample`."""
+    stem = f"rankfold_bound_{name}"
+    before, after = np.array(value.shape[:axis], np.int64), np.array(value.shape[axis + 1:], np.int64)
+    initializers.extend([numpy_helper.from_array(value, f"{stem}_value"),
+                         numpy_helper.from_array(before, f"{stem}_before"),
+                         numpy_helper.from_array(after, f"{stem}_after"),
+                         numpy_helper.from_array(np.array([0], np.int64), f"{stem}_first")])
+    return [onnx.helper.make_node("Shape", [sample], [f"{stem}_dims"]),
+            onnx.helper.make_node("Gather", [f"{stem}_dims", f"{stem}_first"], [f"{stem}_batch"], axis=0),
+            onnx.helper.make_node("Concat", [f"{stem}_before", f"{stem}_batch", f"{stem}_after"], [f"{stem}_shape"],
+                                  axis=0),
+            onnx.helper.make_node("Expand", [f"{stem}_value", f"{stem}_shape"], [name])]
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
