@@ -137,3 +137,24 @@ def _face(rng, size: int) -> Image.Image:
 def faces(rng, n: int, *, size: int) -> np.ndarray:
     """MTCNN inputs: NHWC, (x - 127.5) / 128."""
     return np.stack([(np.asarray(_face(rng, size), np.float32) - 127.5) / 128.0 for _ in range(n)])
+
+
+def _vowel(rng, t: np.ndarray) -> np.ndarray:
+    """A voiced sound: harmonics of a pitch between 90 and 250 Hz, shaped by three formants."""
+    f0 = rng.uniform(90, 250)
+    formants = rng.uniform([500, 1000, 2200], [900, 1800, 3000])
+    harmonics = f0 * np.arange(1, int(4000 / f0))
+    gain = np.exp(-(((harmonics[:, None] - formants[None]) / 120) ** 2)).sum(1) + 0.05
+    phases = rng.uniform(0, 2 * np.pi, len(harmonics))
+    sound = ((gain / np.sqrt(np.arange(1, len(harmonics) + 1)))[:, None]
+             * np.sin(2 * np.pi * harmonics[:, None] * t[None] + phases[:, None])).sum(0)
+    return sound * rng.uniform(0.05, 0.3) / np.abs(sound).max()
+
+
+def audio_chunks(rng, n: int, *, length: int = 576, rate: int = 16000) -> np.ndarray:
+    """(n, length) float32 chunks at `rate` Hz: half voiced (vowel-like), half noise of varied level,
+    all with a little noise: a voice-activity model's probabilities spread over 0.01 to 0.85."""
+    t = np.arange(length) / rate
+    chunks = [_vowel(rng, t) if rng.uniform() < 0.5 else rng.normal(0, rng.uniform(0.001, 0.02), length)
+              for _ in range(n)]
+    return (np.stack(chunks) + rng.normal(0, 0.002, (n, length))).astype(np.float32)

