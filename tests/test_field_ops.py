@@ -105,13 +105,12 @@ class _Reader:
         return next(self.items, None)
 
 
-@pytest.mark.parametrize("form", ["dynamic", "qdq", "qoperator"])
-def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
+def _quantized_model(tmp_path, form: str, x: np.ndarray) -> tuple[str, str]:
+    """(the float model, its copy quantized by onnxruntime in `form`), calibrated on `x`."""
     from onnxruntime import quantization as q
 
     src = _float_model(tmp_path)
     out = str(tmp_path / f"{form}.onnx")
-    x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if form == "dynamic":
@@ -121,6 +120,13 @@ def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
             # QOperator Gemm is Microsoft's own QGemm: only the standard QLinearConv here
             ops = ["Conv", "MatMul", "Gemm"] if form == "qdq" else ["Conv"]
             q.quantize_static(src, out, _Reader(x), quant_format=fmt, op_types_to_quantize=ops)
+    return src, out
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq", "qoperator"])
+def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
+    x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    src, out = _quantized_model(tmp_path, form, x)
     ops = {n.op_type for n in onnx.load(out).graph.node}
     expected = {"dynamic": "DynamicQuantizeLinear", "qdq": "DequantizeLinear", "qoperator": "QLinearConv"}[form]
     assert expected in ops, ops
@@ -165,3 +171,45 @@ def test_recurrent_input_projections_are_layers_that_factorize_and_quantize(tmp_
     assert result.plan.layer_bits()[name] == 8
     result.save(tmp_path / "q.onnx")  # checked again on the held-back samples before it is written
     assert any(n.op_type == "DequantizeLinear" for n in onnx.load(tmp_path / "q.onnx").graph.node)
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qoperator"])
+def test_already_quantized_graphs_compress_or_refuse_in_one_line(tmp_path, form):
+    """Integer ops run in float64 for exactness; the export that timing and writing need traces them
+    in float32 (onnxruntime has no float64 Conv), so compressing such a graph ends in a file or one
+    line, never a traceback."""
+    from tests.helpers import run_cli
+
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    _src, out = _quantized_model(tmp_path, form, x[:16])
+    np.savez(tmp_path / "calib.npz", x=x)
+    for budget in (["--max-params", "90%"], ["--max-weight-bytes", "50%"]):
+        code, stdout, stderr = run_cli("compress", out, "--calib", tmp_path / "calib.npz", *budget, "-o",
+                                       tmp_path / "small.onnx", "--force")
+        assert "Traceback" not in stderr and code in (0, 2), stderr
+        assert "already quantized" in stdout + stderr
+        if code == 2:
+            assert "rankfold: error:" in stderr and not (tmp_path / "small.onnx").exists()
+
+
+def test_a_dynamically_quantized_lstm_reads_as_its_float_lstm(tmp_path):
+    """onnxruntime's DynamicQuantizeLSTM (int8 weights stored input-major, a scale per direction):
+    read as the float LSTM its weights dequantize to, whose input projection is a layer."""
+    from onnxruntime import quantization as q
+
+    model = Recurrent("lstm", True).eval()
+    src, out = tmp_path / "r.onnx", tmp_path / "rq.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(3, 6, 10),), str(src), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "n"}})
+        q.quantize_dynamic(str(src), str(out), op_types_to_quantize=["LSTM"])
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    fresh = np.random.default_rng(1).normal(size=(4, 6, 10)).astype(np.float32)
+    ours, theirs, floats = _ours(out, fresh)[0], _ort(out, fresh)[0], _ort(src, fresh)[0]
+    # onnxruntime also quantizes the activations at each step; rankfold computes them in float
+    scale = np.abs(floats).max()
+    assert np.abs(ours - floats).max() < 0.05 * scale and np.abs(ours - theirs).max() < 0.05 * scale
+    loaded = rankfold.load_onnx(out)
+    assert any(isinstance(m, nn.Linear) and m.in_features == 8 for m in loaded.modules())  # the projection
+    assert "DynamicQuantizeLSTM x1" in loaded.quantized_note

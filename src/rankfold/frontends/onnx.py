@@ -25,7 +25,12 @@ from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_
 MIN_OPSET, MAX_OPSET = 11, 23
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3}  # their input projections become Linear layers
-SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant", "If"})
+# onnxruntime's contrib ops that rankfold reads (domain-qualified, as unsupported_ops names them)
+CONTRIB_OPS = {"com.microsoft.DynamicQuantizeLSTM"}
+SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant", "If"} | CONTRIB_OPS)
+# Ops of already-quantized graphs: read in float from their integer weights, and said so
+QUANTIZED_OPS = ("DynamicQuantizeLSTM", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "QLinearConv",
+                 "QLinearMatMul", "DequantizeLinear")
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Step:
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
-                  "fixed_inputs")
+                  "fixed_inputs", "quantized_note")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -71,6 +76,7 @@ class OnnxModule(nn.Module):
         self.fixed_batch: int | None = None  # the batch size the graph was exported with, when it is fixed
         self.size_note: str | None = None  # why open axes after the batch are fixed on export
         self.fixed_inputs: list[str] = []  # graph inputs given once: constants of this module and its results
+        self.quantized_note: str | None = None  # an already-quantized graph: which integer ops are read in float
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -321,6 +327,11 @@ class _Converter:
             raise RankfoldError("the ONNX graph has no inputs")
         self.module = OnnxModule(inputs, [o.name for o in self.graph.output])
         self.module.fixed_inputs = sorted(fixed or {})
+        found = {op: sum(n.op_type == op for n in self.graph.node) for op in QUANTIZED_OPS}
+        if any(found.values()):
+            listed = ", ".join(f"{op} x{count}" for op, count in found.items() if count)
+            self.module.quantized_note = (f"already quantized ({listed}): computed in float from the integer weights, "
+                                          "then compressed and quantized again like a float graph")
         graph_inputs = [i for i in self.graph.input if i.name in inputs]
         self.module.dynamic_axes = symbolic_axes(graph_inputs + list(self.graph.output))
         self.module.fixed_batch = _fixed_batch(graph_inputs)
@@ -388,6 +399,9 @@ class _Converter:
             return
         if node.op_type == "If":
             self._inline_branch(node, inputs, where)
+            return
+        if node.domain == "com.microsoft" and node.op_type == "DynamicQuantizeLSTM":
+            self._node(self._float_lstm(node, inputs, where))
             return
         if node.op_type in LAYER_OPS and self._layer(node, inputs, attrs, where):
             return
@@ -475,6 +489,27 @@ class _Converter:
         self.module.add_module(name, layer)
         self.module.steps.append(Step(node.op_type, [inputs[0]], [out_name], extra, module=name))
         return True
+
+    def _float_lstm(self, node, inputs, where) -> onnx.NodeProto:
+        """onnxruntime's DynamicQuantizeLSTM as the float LSTM it quantizes: its int8 weights, kept as
+        (directions, inputs, 4 * hidden) with a scale and zero point per direction (or per column),
+        dequantized to ONNX's (directions, 4 * hidden, inputs)."""
+        padded = list(inputs) + [""] * (12 - len(inputs))
+        if any(padded[i] not in self.consts for i in (1, 2, 8, 9, 10, 11)):
+            raise RankfoldError(f"DynamicQuantizeLSTM without constant weights, scales and zero points ({where})")
+        stem = node.name or node.output[0]
+        for index, scale, kind in ((1, 8, "W"), (2, 10, "R")):
+            q = self.consts[padded[index]].float()
+            scales, zeros = (self.consts[padded[i]].float() for i in (scale, scale + 1))
+            spread = (-1, 1, 1) if scales.ndim == 1 else (scales.shape[0], 1, scales.shape[-1])
+            self.consts[f"{stem}:{kind}"] = ((q - zeros.reshape(spread)) * scales.reshape(spread)).transpose(1, 2)
+            padded[index] = f"{stem}:{kind}"
+        lstm = onnx.NodeProto()
+        lstm.CopyFrom(node)
+        lstm.op_type, lstm.domain = "LSTM", ""
+        del lstm.input[:]
+        lstm.input.extend(padded[:8])
+        return lstm
 
     def _recurrent(self, node, inputs, attrs) -> bool:
         """An LSTM or GRU with constant weights: its input projection x W^T (+ the biases that add to
@@ -652,8 +687,8 @@ def unsupported_ops(nodes) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in nodes:
         standard = node.domain in ("", "ai.onnx")
-        if not standard or node.op_type not in SUPPORTED_OPS:
-            name = node.op_type if standard else f"{node.domain}.{node.op_type}"
+        name = node.op_type if standard else f"{node.domain}.{node.op_type}"
+        if name not in SUPPORTED_OPS:
             counts[name] = counts.get(name, 0) + 1
     return counts
 

@@ -73,7 +73,7 @@ def _binary(tensor_fn: Callable[[Tensor, Tensor], Tensor], int_fn: Callable[[int
     def run(vals, attrs):
         a, b = vals
         if is_shape(a) and is_shape(b):
-            if isinstance(a, int) and isinstance(b, int):
+            if not isinstance(a, list) and not isinstance(b, list):  # two sizes (a traced one too): a size
                 return [int_fn(a, b)]
             la, lb = ints(a), ints(b)
             if len(la) == 1:
@@ -733,13 +733,20 @@ def _dynamic_quantize(vals, attrs):
     return [q.to(torch.uint8), scale.to(torch.float32), zero.to(torch.uint8)]
 
 
+def _wide() -> torch.dtype:
+    """float64 for integer arithmetic in float (exact for 8-bit products' sums); float32 while the
+    exporter traces, as onnxruntime has no float64 Conv (a compressed already-quantized graph then
+    computes these sums in float, within float32's rounding)."""
+    return torch.float32 if torch.jit.is_tracing() else torch.float64
+
+
 def _centred(vals, index: int, zero_index: int, axis: int | None = None) -> Tensor:
-    """An integer tensor minus its zero point, in float64 (exact for 8-bit products' sums)."""
+    """An integer tensor minus its zero point, in float (see _wide)."""
     x = vals[index]
-    zero = _zero_point(vals, zero_index, x).to(torch.float64)
+    zero = _zero_point(vals, zero_index, x).to(_wide())
     if axis is not None and zero.numel() > 1:
         zero = _per_axis(zero, x, axis)
-    return x.to(torch.float64) - zero
+    return x.to(_wide()) - zero
 
 
 def _conv_geometry_call(x: Tensor, w: Tensor, attrs) -> Tensor:
@@ -766,18 +773,18 @@ def _matmul_integer(vals, attrs):
 @op("QLinearConv")
 def _qlinear_conv(vals, attrs):
     x_scale, w_scale, y_scale = vals[1], vals[4], vals[6]
-    x = (vals[0].to(torch.float64) - vals[2].to(torch.float64)) * x_scale.to(torch.float64)
-    w = (vals[3].to(torch.float64) - _per_axis(vals[5].to(torch.float64), vals[3], 0)) * \
-        _per_axis(w_scale.to(torch.float64), vals[3], 0)
+    x = (vals[0].to(_wide()) - vals[2].to(_wide())) * x_scale.to(_wide())
+    w = (vals[3].to(_wide()) - _per_axis(vals[5].to(_wide()), vals[3], 0)) * \
+        _per_axis(w_scale.to(_wide()), vals[3], 0)
     y = _conv_geometry_call(x, w, attrs)
     if len(vals) > 8 and vals[8] is not None:  # int32 bias at x_scale * w_scale
-        bias = vals[8].to(torch.float64) * (x_scale.to(torch.float64) * w_scale.to(torch.float64)).reshape(-1)
+        bias = vals[8].to(_wide()) * (x_scale.to(_wide()) * w_scale.to(_wide())).reshape(-1)
         y = y + bias.reshape(1, -1, *[1] * (y.ndim - 2))
     return _quantize([y.to(torch.float32), y_scale, vals[7]], {"axis": 1})
 
 
 @op("QLinearMatMul")
 def _qlinear_matmul(vals, attrs):
-    a = (vals[0].to(torch.float64) - vals[2].to(torch.float64)) * vals[1].to(torch.float64)
-    b = (vals[3].to(torch.float64) - vals[5].to(torch.float64).reshape(-1)) * vals[4].to(torch.float64).reshape(-1)
+    a = (vals[0].to(_wide()) - vals[2].to(_wide())) * vals[1].to(_wide())
+    b = (vals[3].to(_wide()) - vals[5].to(_wide()).reshape(-1)) * vals[4].to(_wide()).reshape(-1)
     return _quantize([(a @ b).to(torch.float32), vals[6], vals[7]], {})

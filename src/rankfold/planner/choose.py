@@ -108,6 +108,12 @@ def _solve_measured(pricing, losses, costs, layer_limits, say) -> Solution:
     return solution
 
 
+def _amount(quantity: str, value: float) -> str:
+    """A budget quantity as the message shows it: counts and bytes whole, with thousands separators
+    (5,406,460, not 5.40646e+06); a latency to 4 significant digits."""
+    return f"{value:.4g}" if quantity == "latency_ms" else f"{value:,.0f}"
+
+
 def _messages(pricing, limits, after, solution: Solution) -> list[str]:
     messages = []
     for q, limit in limits.items():
@@ -117,8 +123,8 @@ def _messages(pricing, limits, after, solution: Solution) -> list[str]:
                                                                for n in pricing.layer_names]) * pricing.act_bytes
             else:
                 best = solution.best_reachable.get(q, 0.0) + pricing.fixed.get(q, 0.0)
-            messages.append(f"{q} cannot be met: limit {limit:,.6g}, the plan reaches {after[q]:,.6g} "
-                            f"(over by {after[q] - limit:,.6g}); the smallest reachable is {best:,.6g}")
+            messages.append(f"{q} cannot be met: limit {_amount(q, limit)}, the plan reaches {_amount(q, after[q])} "
+                            f"(over by {_amount(q, after[q] - limit)}); the smallest reachable is {_amount(q, best)}")
     if not pricing.activations.graph_wide:
         messages.append("activation memory counts layer inputs and outputs only (residual branches are not "
                         "tracked outside ONNX-loaded models)")

@@ -173,8 +173,10 @@ def layer_statistics(
                 # Heads are independent given the input: the joint Fisher is the sum of theirs.
                 outs = model_outputs(run_checked(model, batch))
                 heads.add([out.detach() for out in outs])
-                sum(_likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
-                    for i, out in enumerate(outs)).backward()
+                loss = sum(_likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
+                           for i, out in enumerate(outs))
+                if loss.requires_grad:  # else no layer reaches an output in float (integer ops after them)
+                    loss.backward()
     finally:
         for h in handles:
             h.remove()
