@@ -142,18 +142,23 @@ def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
 
 
 
+def _bidirectional_file(tmp_path, kind: str, example: torch.Tensor):
+    """A bidirectional Recurrent(kind) exported by the TorchScript exporter, batch open."""
+    path = tmp_path / "r.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Recurrent(kind, bidirectional=True).eval(), (example,), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    return path
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_recurrent_input_projections_are_layers_that_factorize_and_quantize(tmp_path, kind):
     # The LSTM / GRU input projection x W^T (+ biases) is a Linear layer of the loaded graph: a
     # uniform SVD factorizes it, a byte budget quantizes it, and both files run in onnxruntime as
-    # the compressed module computes. (R stays float: 4.6 of the 7.4 kB here, so 80 % needs the projection.)
-    model = Recurrent(kind, bidirectional=True).eval()
+    # the compressed module computes.
     calib = torch.randn(96, 6, 10)
-    path = tmp_path / "r.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (calib[:1],), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                          dynamic_axes={"x": {0: "n"}})
+    path = _bidirectional_file(tmp_path, kind, calib[:1])
     loaded = rankfold.load_onnx(path)
     projections = [(name, m) for name, m in loaded.named_modules() if name.endswith("_input")]
     gates = {"lstm": 4, "gru": 3}[kind]
@@ -171,6 +176,26 @@ def test_recurrent_input_projections_are_layers_that_factorize_and_quantize(tmp_
     assert result.plan.layer_bits()[name] == 8
     result.save(tmp_path / "q.onnx")  # checked again on the held-back samples before it is written
     assert any(n.op_type == "DequantizeLinear" for n in onnx.load(tmp_path / "q.onnx").graph.node)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_weights_are_layers_the_recurrence_calls(tmp_path, kind):
+    """R of each direction is a Linear layer (h R^T) that the recurrence calls at every step: the
+    loaded graph still matches onnxruntime, and a byte budget that the input projections alone
+    cannot meet (R is half the float bytes) quantizes R too, in a file checked before it is written."""
+    calib = torch.randn(96, 6, 10)
+    path = _bidirectional_file(tmp_path, kind, calib[:1])
+    loaded = rankfold.load_onnx(path)
+    gates = {"lstm": 4, "gru": 3}[kind]
+    recurrent = {name: m for name, m in loaded.named_modules() if "_recurrent" in name}
+    assert sorted(n.rsplit("_", 1)[-1] for n in recurrent) == ["recurrent", "reverse"]
+    assert all(m.weight.shape == (gates * 12, 12) and m.bias is None for m in recurrent.values())
+    fresh = np.random.default_rng(1).normal(size=(4, 6, 10)).astype(np.float32)
+    np.testing.assert_allclose(_ours(path, fresh)[0], _ort(path, fresh)[0], atol=1e-5)
+    result = rankfold.compress_to_budget(loaded, calib=calib, budgets={"weight_bytes": "50%"}, bits=8, min_rank=2)
+    assert all(result.plan.layer_bits()[name] == 8 for name in recurrent)
+    result.save(tmp_path / "q.onnx")
+    assert (tmp_path / "q.onnx").exists()
 
 
 @pytest.mark.parametrize("form", ["dynamic", "qoperator"])

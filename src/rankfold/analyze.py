@@ -167,6 +167,19 @@ def layer_input(model: nn.Module, name: str, batch: Tensor) -> Tensor | None:
     return first_input(model.get_submodule(name), lambda: run_checked(model, batch))
 
 
+def every_input(model: nn.Module, name: str, batch: Tensor) -> Tensor | None:
+    """The inputs of every call of layer `name` in one pass on `batch`, stacked on the first axis
+    (None: never called)."""
+    seen: list[Tensor] = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach()))
+    try:
+        with torch.no_grad():
+            run_checked(model, batch)
+    finally:
+        handle.remove()
+    return torch.cat(seen) if seen else None
+
+
 def first_input(layer: nn.Module, run: Callable[[], object]) -> Tensor | None:
     """The input `layer` first sees while `run()` runs (without gradients), stopped there."""
     seen: list[Tensor] = []
@@ -198,19 +211,21 @@ class InputMoments:
 
 def streamed_input_moments(
     original: nn.Module | None, current: nn.Module, name: str, calib: Tensor, *,
-    batch_size: int | None = None, max_rows: int = MAX_ROWS,
+    batch_size: int | None = None, max_rows: int = MAX_ROWS, every_call: bool = False,
 ) -> InputMoments | None:
     """InputMoments of layer `name` over `calib`, one batch at a time: memory is that of one batch
     up to the layer, whatever the number of samples. At most `max_rows` channel rows in all, a fixed
     subset of each batch's (the same rows of x and x^). None when a pass never reaches the layer.
-    `original` None: nothing has changed yet, x = x^ (one pass instead of two)."""
+    `original` None: nothing has changed yet, x = x^ (one pass instead of two). `every_call`: the
+    inputs of all the layer's calls in a pass, whole passes (a recurrence's R, called per step)."""
     batch_size = batch_size or calibration_batch()
+    read = every_input if every_call else layer_input
 
     def pairs():
         for start in range(0, calib.shape[0], batch_size):
             batch = calib[start : start + batch_size]
-            x_hat = layer_input(current, name, batch)
-            yield (x_hat if original is None else layer_input(original, name, batch)), x_hat
+            x_hat = read(current, name, batch)
+            yield (x_hat if original is None else read(original, name, batch)), x_hat
 
     return moments_of(current.get_submodule(name), pairs(), calib.shape[0], same=original is None,
                       max_rows=max_rows)

@@ -150,6 +150,7 @@ def compress_with_report(
         metrics.update(softmax_head_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)],
                                             calib))
         pace = _Pace(say, len(reached))
+        called_by_ops = _layers_called_by_ops(result)
         for name in reached:  # in the order the network calls them: each knows the layers before it
             pace.reached(name)
             module = result.get_submodule(name)
@@ -161,6 +162,9 @@ def compress_with_report(
             if wanted:
                 if cursors is not None:
                     moments = cursors.moments(name, module, changed)
+                    if moments is None and name in called_by_ops:  # a recurrence's R: every step's input
+                        moments = streamed_input_moments(reference if changed else None, result, name, calib,
+                                                         every_call=True)
                 else:
                     moments = streamed_input_moments(reference if changed else None, result, name, calib)
             if kept:
@@ -187,6 +191,12 @@ def compress_with_report(
     report.layers.extend(_unhandled_layers(result))
     result.train(was_training)
     return result, report
+
+
+def _layers_called_by_ops(model: nn.Module) -> set[str]:
+    """Layers an ONNX graph's ops call themselves (a recurrence's R, at every step): no graph step
+    carries their input, so GraphCursors cannot give it."""
+    return {name for step in getattr(model, "steps", ()) for name in step.attrs.get("_layers", ())}
 
 
 class _Pace:

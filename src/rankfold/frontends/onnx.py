@@ -109,6 +109,8 @@ class OnnxModule(nn.Module):
             vals = [step.baked[i] if i in step.baked else env[name] for i, name in enumerate(step.inputs)]
             if step.module is not None:
                 outs = [_run_layer(getattr(self, step.module), vals[0], step.attrs)]
+            elif "_layers" in step.attrs:  # an op that calls layers of its own (a recurrence's R)
+                outs = OPS[step.op](vals, {**step.attrs, "_modules": [getattr(self, n) for n in step.attrs["_layers"]]})
             else:
                 outs = OPS[step.op](vals, step.attrs)
             if observe is not None:
@@ -515,7 +517,8 @@ class _Converter:
         """An LSTM or GRU with constant weights: its input projection x W^T (+ the biases that add to
         it) becomes a Linear layer, counted, priced, factorized and quantized like any other, and the
         recurrence an op on that layer's output (LSTMProjected / GRUProjected). The recurrent
-        weights R stay as they are, in float."""
+        weights R of each direction become a Linear layer too (h R^T, no bias), which the recurrence
+        calls at every step: counted, priced and quantized like the others."""
         padded = list(inputs) + [""] * (8 - len(inputs))
         x, w_name, r_name, b_name = padded[:4]
         if x in self.consts or w_name not in self.consts or r_name not in self.consts or \
@@ -532,7 +535,15 @@ class _Converter:
         self.module.add_module(name, layer)
         projected = f"{name}:projected"
         self.module.steps.append(Step("MatMul", [x], [projected], {}, module=name))
+        recurrent = self.consts[r_name].float()  # (directions, gates * hidden, hidden)
+        layers = []
+        for d in range(directions):
+            suffix = "_recurrent" if d == 0 else "_recurrent_reverse"
+            layers.append(_module_name((node.name or node.output[0]) + suffix, self.taken))
+            self.module.add_module(layers[-1], _linear(recurrent[d], None))
+        attrs = {**attrs, "_layers": layers, "hidden_size": recurrent.shape[-1]}
         rest = padded[2:]
+        rest[0] = ""  # R: in the layers
         if gates == 4:
             rest[1] = ""  # both biases are in the layer
         else:  # the GRU's recurrent bias acts inside its reset gate: it stays with the recurrence

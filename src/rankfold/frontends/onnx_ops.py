@@ -584,7 +584,15 @@ def _sequence_first(vals, attrs):
     first = vals[0].transpose(0, 1) if attrs.get("layout", 0) else vals[0]
     directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[
         attrs.get("direction", "forward")]
-    return first, vals[2], vals[2].shape[-1], directions
+    r = _recurrent_weights(vals[2], attrs)
+    return first, r, attrs.get("hidden_size") or vals[2].shape[-1], directions
+
+
+def _recurrent_weights(r: Tensor | None, attrs) -> list[Callable[[Tensor], Tensor]]:
+    """h -> h R^T per direction: the converter's layers (attrs["_modules"]) or the weight tensor."""
+    if "_modules" in attrs:
+        return list(attrs["_modules"])
+    return [lambda h, w=w: h @ w.T for w in r]
 
 
 def _initial(vals, index: int, d: int, batch: int, hidden: int, like: Tensor) -> Tensor:
@@ -626,7 +634,7 @@ def _lstm_steps(inputs_by_direction, vals, attrs, r, hidden, directions):
         c = _initial(vals, 6, d, inputs.shape[1], hidden, inputs)
         out = [None] * inputs.shape[0]
         for t in (reversed(range(inputs.shape[0])) if backward else range(inputs.shape[0])):
-            i, o, f, g = (inputs[t] + h @ r[d].T).chunk(4, -1)
+            i, o, f, g = (inputs[t] + r[d](h)).chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             out[t] = h
@@ -647,7 +655,7 @@ def _gru_projected(vals, attrs):
     vals[3] is the recurrent bias Rb alone, (directions, 3 * hidden): it stays inside the reset
     gate's product."""
     projected, r, hidden, directions = _sequence_first(vals, attrs)
-    rb = vals[3] if len(vals) > 3 and vals[3] is not None else torch.zeros(r.shape[0], 3 * hidden)
+    rb = vals[3] if len(vals) > 3 and vals[3] is not None else torch.zeros(len(r), 3 * hidden)
     return _gru_steps(projected.chunk(len(directions), -1), vals, attrs, r, rb, hidden, directions)
 
 
@@ -657,14 +665,16 @@ def _gru_steps(inputs_by_direction, vals, attrs, r, rb, hidden, directions):
     for d, backward in enumerate(directions):
         inputs = inputs_by_direction[d]
         h = _initial(vals, 5, d, inputs.shape[1], hidden, inputs)
-        rz, rr, rh = r[d].chunk(3, 0)
         bz, br, bh = rb[d].chunk(3, -1)
         out = [None] * inputs.shape[0]
         for t in (reversed(range(inputs.shape[0])) if backward else range(inputs.shape[0])):
             xz, xr, xh = inputs[t].chunk(3, -1)
-            z = torch.sigmoid(xz + h @ rz.T + bz)
-            reset = torch.sigmoid(xr + h @ rr.T + br)
-            candidate = torch.tanh(xh + reset * (h @ rh.T + bh) if before_reset else xh + (reset * h) @ rh.T + bh)
+            hz, hr, hh = r[d](h).chunk(3, -1)
+            z = torch.sigmoid(xz + hz + bz)
+            reset = torch.sigmoid(xr + hr + br)
+            if not before_reset:  # the candidate's R reads reset * h: all three gates' rows, the last kept
+                hh = r[d](reset * h).chunk(3, -1)[2]
+            candidate = torch.tanh(xh + reset * (hh + bh) if before_reset else xh + hh + bh)
             h = (1 - z) * candidate + z * h
             out[t] = h
         ys.append(torch.stack(out))
