@@ -207,3 +207,26 @@ def test_a_bound_state_is_expanded_to_the_batch_for_onnxruntime(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["x"]
     _y, out = session.run(None, {"x": np.ones((5, 4), np.float32)})
     np.testing.assert_array_equal(out, np.broadcast_to(state, (2, 5, 3)))
+
+
+def test_weights_inside_if_branches_are_counted(tmp_path):
+    """Exporters put whole networks inside If branches (Silero VAD: one per sample rate): their
+    initializers and Constant nodes are the file's weights too."""
+    from rankfold.evaluate import onnx_size
+
+    def branch(name: str, rows: int):
+        weight = numpy_helper.from_array(np.ones((4, rows), np.float32), f"{name}_w")
+        zeros = numpy_helper.from_array(np.zeros(rows, np.float32))
+        bias = helper.make_node("Constant", [], [f"{name}_b"], value=zeros)
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", rows])
+        nodes = [bias, helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_m"]),
+                 helper.make_node("Add", [f"{name}_m", f"{name}_b"], [f"{name}_y"])]
+        return helper.make_graph(nodes, name, [], [out], initializer=[weight])
+
+    nodes = [helper.make_node("If", ["flag"], ["y"], then_branch=branch("a", 3), else_branch=branch("b", 3))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "if.onnx")
+    size = onnx_size(tmp_path / "if.onnx")
+    assert size.params == 2 * (4 * 3 + 3) and size.weight_bytes == 4 * size.params

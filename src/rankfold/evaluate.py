@@ -36,14 +36,16 @@ def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None,
     MACs are for one sample; `sample_shape` sizes the input's open dimensions (a graph that
     leaves its height and width open has no MAC count without it)."""
     model = model if model is not None else onnx.load(os.fspath(path))
+    graphs = list(_graphs_in(model.graph))  # an If's branches hold weights too (Silero VAD: all of them)
+    nodes = [node for graph in graphs for node in graph.node]
     # Scales and zero points of Quantize/DequantizeLinear are bytes, not parameters.
-    qparams = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+    qparams = {name for node in nodes if node.op_type in ("QuantizeLinear", "DequantizeLinear")
                for name in node.input[1:]}
     params = weight_bytes = 0
     # Exporters such as Paddle2ONNX keep the weights in Constant nodes instead of initializers.
-    held = [(node.output[0], a.t) for node in model.graph.node if node.op_type == "Constant"
+    held = [(node.output[0], a.t) for node in nodes if node.op_type == "Constant"
             for a in node.attribute if a.name == "value"]
-    for name, init in [*((i.name, i) for i in model.graph.initializer), *held]:
+    for name, init in [*((i.name, i) for graph in graphs for i in graph.initializer), *held]:
         if init.data_type in SHAPE_DTYPES:
             continue
         count = int(np.prod(init.dims)) if len(init.dims) else 1
@@ -52,6 +54,16 @@ def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None,
         if name not in qparams:
             params += count
     return OnnxSize(params, weight_bytes, onnx_macs(model, sample_shape), os.path.getsize(os.fspath(path)))
+
+
+def _graphs_in(graph: onnx.GraphProto):
+    """`graph` and every subgraph its nodes hold (If / Loop / Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else
+                        attribute.graphs if attribute.type == onnx.AttributeProto.GRAPHS else []):
+                yield from _graphs_in(sub)
 
 
 def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None
