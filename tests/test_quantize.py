@@ -517,3 +517,20 @@ def test_the_rounding_moments_of_large_maps_come_from_a_subset_of_positions():
     assert part.shape == (8192, 36)
     h_full, h_part = full.T @ full / len(full), part.T @ part / len(part)
     assert float((h_part - h_full).norm() / h_full.norm()) < 0.1  # sampling noise, about sqrt(36 / 8192)
+
+
+def test_rounding_moments_are_shared_only_between_layers_that_unfold_alike():
+    """A 1x1 and a 3x3 convolution reading one tensor need different input moments (C against
+    C*9 columns); a shared product made the 3x3 layer's rounding fail (ddddocr's detector)."""
+    from rankfold.quantize.gptq import input_second_moments
+
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.point, self.wide = nn.Conv2d(4, 8, 1), nn.Conv2d(4, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.point(x) + self.wide(x)
+
+    moments = input_second_moments(Fork().eval(), ["point", "wide"], torch.randn(6, 4, 5, 5))
+    assert moments["point"].shape == (4, 4) and moments["wide"].shape == (36, 36)

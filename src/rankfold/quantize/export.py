@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tempfile
 from collections.abc import Callable, Collection, Mapping
 
@@ -31,6 +32,8 @@ def module_of_node(node_name: str, modules: Mapping[str, int]) -> str | None:
     if len(parts) > 3 and parts[-2].startswith(parts[-3] + "."):
         # A factor of a nested module's chain: '/a/b/query/query.0/MatMul' is module 'a.b.query.0'.
         candidates.append(".".join(parts[1:-2] + [parts[-2][len(parts[-3]) + 1:]]))
+    # The k-th repeated call of a module is scoped '<name>_k' (a recurrence calls R at every step).
+    candidates += [re.sub(r"_\d+$", "", c) for c in candidates if c not in modules]
     return next((c for c in candidates if c in modules), None)
 
 

@@ -144,7 +144,12 @@ def to_qdq(
     graph_inputs = [i.name for i in graph.input if i.name in activations]
     for name in graph_inputs:
         qdq(name)
-    for node in graph.node:
+    # The exporter gives each repeated call of a layer (a recurrence's R, once per step) an Identity
+    # copy of its weight: read the initializer itself, so that its quantized copy replaces it.
+    copies = {n.output[0]: n.input[0] for n in graph.node
+              if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in graph_outputs}
+    for node in [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in copies)]:
+        node.input[:] = [copies.get(name, name) for name in node.input]
         original_inputs = list(node.input)
         bits = weight_bits.get(node.name)
         # A layer kept float reads its input unquantized: fed by a DequantizeLinear, onnxruntime
@@ -196,6 +201,10 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
                            reduce_range, per_tensor: bool = False, index: int = 1) -> None:
     """Quantize the node's constant input `index`: a layer's weight (1), or a table (0: one row
     per channel, as a Gather reads it)."""
+    base = node.input[index]
+    if any(i.name == f"{base}_q" for i in new_inits):  # a weight shared by several calls: quantized once
+        node.input[index] = f"{base}_dq"
+        return
     weight = numpy_helper.to_array(inits[node.input[index]]).astype(np.float32)
     axis = _weight_axis(node) if index == 1 else 0
     per_channel = np.moveaxis(weight, axis, 0)
@@ -203,7 +212,6 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     group = group_size if group_size is not None and bits == 4 and not per_tensor else None
     qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range, per_tensor=per_tensor)
     q = np.moveaxis(qw.q, 0, axis)
-    base = node.input[index]
     # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.
     if bits == 4:
         new_inits.append(_int4_tensor(f"{base}_q", q))
@@ -228,6 +236,8 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
         bias_scale = (activations[input_tensor].scale * scale.astype(np.float64)).astype(np.float32)
         q_bias = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
         b = node.input[2]
+        if any(i.name == f"{b}_q" for i in new_inits):  # a bias shared by several calls: one code per input scale
+            b = f"{b}_{len(new_inits)}"
         new_inits.append(numpy_helper.from_array(q_bias, f"{b}_q"))
         new_inits.append(numpy_helper.from_array(bias_scale, f"{b}_bscale"))
         new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_q", f"{b}_bscale"], [f"{b}_dq"],
