@@ -85,10 +85,11 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
         if stand_in:
             _rename_values(tmp, {new: old for old, new in stand_in.items()})
         if verify:
-            _verify(tmp, example_input, expected)
+            rtol = _tolerance(model)
+            _verify(tmp, example_input, expected, rtol)
             if batch_axis and example_input.shape[0] > 1:  # a dynamic batch computes each sample alone too
                 with torch.no_grad():
-                    _verify(tmp, example_input[:1], model(example_input[:1]))
+                    _verify(tmp, example_input[:1], model(example_input[:1]), rtol)
         with open(tmp, "rb") as handle:
             replace_atomically(path, handle.read())
 
@@ -115,7 +116,19 @@ def _rename_values(path: str, names: dict[str, str]) -> None:
     onnx.save(model, path)
 
 
-def _verify(path: str, example_input: Tensor, expected) -> None:
+# A graph that quantizes its activations at run time (DynamicQuantizeLinear) rounds them to codes:
+# onnxruntime's and torch's float32 arithmetic put a few values on the other side of a rounding
+# boundary, and the codes that flip move the output by about 1 % (ddddocr's int8 recogniser). The
+# self-check that follows still holds the result to the original.
+DYNAMIC_QUANTIZATION_RTOL = 5e-2
+
+
+def _tolerance(model: nn.Module) -> float:
+    steps = getattr(model, "steps", ())
+    return DYNAMIC_QUANTIZATION_RTOL if any(s.op == "DynamicQuantizeLinear" for s in steps) else RTOL
+
+
+def _verify(path: str, example_input: Tensor, expected, rtol: float = RTOL) -> None:
     from rankfold.runtime import session as ort_session
 
     session = ort_session(path)
@@ -125,5 +138,5 @@ def _verify(path: str, example_input: Tensor, expected) -> None:
     for g, w in zip(got, wanted):
         w = w.detach().cpu().numpy()
         err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), NOISE_RMS * np.sqrt(max(w.size, 1)), 1e-30))
-        if err > RTOL:
-            raise RankfoldError(f"exported ONNX disagrees with PyTorch: relative error {err:.2e} > {RTOL:g}")
+        if err > rtol:
+            raise RankfoldError(f"exported ONNX disagrees with PyTorch: relative error {err:.2e} > {rtol:g}")
