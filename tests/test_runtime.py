@@ -152,3 +152,22 @@ def test_eval_reports_the_int8_kernel_check_and_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["int8_kernel_max_units"] <= 1 and result["cpu"]
+
+
+def test_run_batched_stacks_scalar_values_of_a_batch_one_graph(tmp_path):
+    """A graph exported at batch 1 runs one sample at a time; a 0-d value it computes (the scale of
+    a DynamicQuantizeLinear, observed by the activation calibration) is stacked, not concatenated
+    (ddddocr's int8 recogniser ended in a ValueError)."""
+    from onnx import TensorProto, helper
+
+    from rankfold.runtime import run_batched, session
+
+    nodes = [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0), helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]),
+                               helper.make_tensor_value_info("m", TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "b1.onnx")
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    y, m = run_batched(session(str(tmp_path / "b1.onnx")), None, "x", x)
+    assert y.shape == (4, 3) and m.tolist() == [2.0, 5.0, 8.0, 11.0]

@@ -60,7 +60,8 @@ def run_batched(sess, outputs: list[str] | None, feed_name: str, x: np.ndarray) 
     dims = next(i.shape for i in sess.get_inputs() if i.name == feed_name)
     batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else len(x)
     parts = [sess.run(outputs, {feed_name: x[i : i + batch]}) for i in range(0, len(x), batch)]
-    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+    # A 0-d value (a dynamic quantization's scale, observed in calibration) is one per piece: stacked.
+    return [(np.concatenate if parts[0][k].ndim else np.stack)([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
 def _probe_model(op: str, weight_code: int) -> tuple[bytes, list[int]]:
