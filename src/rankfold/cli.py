@@ -279,12 +279,11 @@ def _load_inputs(args: argparse.Namespace):
         raise RankfoldError(f"{args.model}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)})"
                             ": give --calib with one array per input, named after it")
     calib, fixed = _graph_data(graph, args.model, args.calib, need_labels=False) if args.calib else (None, {})
-    model = load_onnx(args.model, fixed, torch.from_numpy(calib.x[:2]) if calib is not None else None)
-    if calib is not None:
-        calib = calib.x
+    if calib is not None:  # before the load, which decides shape-driven Ifs on these samples
         sample = next(i for i in inputs if i.name not in fixed)
-        check_input_shape(calib, sample.dims, args.calib)
-        calib = torch.from_numpy(calib[: args.calib_limit])
+        check_input_shape(calib.x, sample.dims, args.calib)
+        calib = torch.from_numpy(calib.x[: args.calib_limit])
+    model = load_onnx(args.model, fixed, calib[:2] if calib is not None else None)
     if model.fixed_batch is not None and model.fixed_batch != 1:
         raise RankfoldError(f"{args.model}: the graph's batch is fixed at {model.fixed_batch}; rankfold takes a "
                             "dynamic batch or a batch fixed at 1 (export the model again with either)")

@@ -31,8 +31,11 @@ def load_npz(path: str | os.PathLike, *, need_labels: bool = True) -> Dataset:
     arrays = _arrays(path)
     if "x" not in arrays:
         raise RankfoldError(f"{path}: no array 'x' (found: {', '.join(arrays) or 'none'})")
-    x, y = arrays["x"], arrays.get("y")
-    x = _checked_samples(path, "x", x)
+    return _labelled(path, _checked_samples(path, "x", arrays["x"]), arrays.get("y"), need_labels)
+
+
+def _labelled(path: str, x: np.ndarray, y: np.ndarray | None, need_labels: bool) -> Dataset:
+    """The samples with their labels `y`, checked (required with `need_labels`)."""
     if need_labels and y is None:
         raise RankfoldError(f"{path}: no array 'y' of labels")
     if y is not None:
@@ -85,7 +88,7 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
     arrays = _arrays(path)
     files = list(arrays)
     if "x" in files and len(inputs) == 1:
-        return load_npz(path, need_labels=need_labels), {}
+        return _labelled(path, _checked_samples(path, "x", arrays["x"]), arrays.get("y"), need_labels), {}
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -99,14 +102,7 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
     sample = _per_sample_input(path, inputs, arrays)
     x = _checked_samples(path, sample.name, arrays[sample.name])
     fixed = {i.name: _given_once(path, i, arrays[i.name], len(x)) for i in inputs if i.name != sample.name}
-    y = arrays.get("y")
-    if need_labels and y is None:
-        raise RankfoldError(f"{path}: no array 'y' of labels")
-    if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),)):
-        raise RankfoldError(f"{path}: 'y' must be {len(x)} integer labels, got {y.dtype} {y.shape}")
-    if y is not None and len(y) and y.min() < 0:
-        raise RankfoldError(f"{path}: labels must be class indices >= 0, found {int(y.min())}")
-    return Dataset(x, y), fixed
+    return _labelled(path, x, arrays.get("y"), need_labels), fixed
 
 
 def _per_sample_input(path: str, inputs: list[GraphInput], arrays: dict[str, np.ndarray]) -> GraphInput:
