@@ -34,6 +34,23 @@ class Recogniser(nn.Module):
         return torch.softmax(self.head(y), dim=-1)
 
 
+class SequenceFirstLogits(Recogniser):
+    """A recogniser that exports no softmax and puts time first: (N, 3, 8, 32) -> (16 frames, N, 12
+    classes) of logits, as a CNN+LSTM recogniser's graph does. `decisive`: its logits are large, so
+    most frames are read confidently, as a trained one's are."""
+
+    def __init__(self, decisive: bool = True):
+        super().__init__()
+        if decisive:
+            with torch.no_grad():
+                self.head.weight.mul_(60.0)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        y = y.mean(2).reshape(-1, 32, 16, 2).mean(3).permute(2, 0, 1)  # (16, N, 32)
+        return self.head(y)
+
+
 class DenseMap(nn.Module):
     """A text-detector-like probability map: (N, 3, 16, 16) -> (N, 1, 16, 16), sigmoid."""
 
@@ -102,6 +119,38 @@ def test_a_sequence_is_judged_per_position_and_by_whole_sequences():
         refuse_if_poor(check, 0.0, rules=(CheckRule("sequence", 0.99),))
 
 
+def test_the_sample_axis_of_an_output_is_where_the_batch_is():
+    from rankfold.selfcheck import sample_axis
+
+    assert sample_axis((8, 16, 12), 8) == 0
+    assert sample_axis((16, 8, 12), 8) == 1  # sequence-first
+    assert sample_axis((16, 1, 12), 1) == 1  # a batch-1 graph's (T, 1, classes)
+    assert sample_axis((8, 8, 12), 8) == 0 and sample_axis((5, 3, 3), 3) == 0  # ambiguous: the first
+
+
+def test_sequence_first_logits_are_read_as_sequences():
+    model = SequenceFirstLogits().eval()
+    x = torch.randn(24, 3, 8, 32)
+    same = agreement(model, model, x, batch_size=8)
+    assert same.samples == 24 and same.outputs[0].kind == "sequence"
+    assert same.outputs[0].metrics["sequence"] == 1.0
+    noisy = SequenceFirstLogits().eval()
+    with torch.no_grad():
+        noisy.head.weight.add_(torch.randn_like(noisy.head.weight) * 3.0)
+    check = agreement(model, noisy, x, batch_size=8)
+    per_position, whole = check.outputs[0].metrics["top1"], check.outputs[0].metrics["sequence"]
+    assert whole < per_position < 1.0
+    with pytest.raises(RankfoldError, match="as the original does"):  # judged by lines, not by relative error
+        refuse_if_poor(check, min_agreement=whole + 0.01)
+    # one sample at a time, as a graph with its batch fixed at 1 runs: (16, 1, 12)
+    assert agreement(model, noisy, x, batch_size=1).outputs[0].metrics["sequence"] == whole
+
+
+def test_logits_that_decide_nothing_keep_the_dense_check():
+    model = SequenceFirstLogits(decisive=False).eval()  # a spectrum-like projection: no class stands out
+    assert agreement(model, model, torch.randn(8, 3, 8, 32)).outputs[0].kind in ("dense", "scores")
+
+
 def test_a_rule_for_one_output_replaces_only_its_default():
     check = Agreement(10, 0.5, 0.01, [])
     from rankfold.selfcheck import OutputAgreement
@@ -114,13 +163,18 @@ def test_a_rule_for_one_output_replaces_only_its_default():
     refuse_if_poor(check, 0.8, 0.2, rules + (CheckRule("cosine", 0.95, output="1"),))
 
 
-@pytest.mark.parametrize("case", ["sequence", "dense-map"])
+@pytest.mark.parametrize("case", ["sequence", "sequence-first-logits", "dense-map"])
 def test_a_result_failing_its_check_is_never_written(tmp_path, case):
+    axes, gentle = {}, ["--keep", "0.9"]
     if case == "sequence":
         model, x, rule = Recogniser(), torch.randn(96, 3, 8, 32), ["--min-agreement", "0.999"]
+    elif case == "sequence-first-logits":
+        model, x, rule = SequenceFirstLogits(), torch.randn(96, 3, 8, 32), ["--min-agreement", "0.999"]
+        axes = {"dynamic_batch": False, "extra_axes": {"input": {0: "batch"}, "output": {1: "batch"}}}
+        gentle = ["--max-weight-bytes", "30%"]  # its huge logits read alike only when every frame keeps its argmax
     else:
         model, x, rule = DenseMap(), torch.randn(96, 3, 16, 16), ["--check", "output=iou@0.5:0.999"]
-    src = _export(model, x[:2], tmp_path / "m.onnx")
+    src = _export(model, x[:2], tmp_path / "m.onnx", **axes)
     np.savez(tmp_path / "calib.npz", x=x.numpy())
     out = tmp_path / "out.onnx"
     for mode in (["--keep", "0.1", "--min-rank", "1"], ["--max-params", "30%", "--min-rank", "1"]):
@@ -128,7 +182,7 @@ def test_a_result_failing_its_check_is_never_written(tmp_path, case):
         assert code == 2 and "self-check failed" in err and "Traceback" not in err, err
         assert not out.exists() and sorted(os.listdir(tmp_path)) == ["calib.npz", "m.onnx"]
     # and the same model passes with its default check at a gentle budget
-    code, _out, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--keep", "0.9")
+    code, _out, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, *gentle)
     assert code == 0, err
 
 

@@ -104,16 +104,61 @@ def as_input(x: Tensor) -> Tensor:
     return x.to(torch.float32) if x.is_floating_point() else x
 
 
-def output_kind(y: Tensor) -> str:
+# Logits read as class decisions only where the original decides: the mean largest softmax
+# probability over positions is at least this (CTC frames: mostly a confident blank; a spectrum or
+# a feature projection spreads its softmax thin).
+DECISIVE_PROBABILITY = 0.5
+
+
+def is_decisive(logits: Tensor) -> bool:
+    """Whether the softmax of `logits` over the last axis puts on average at least
+    DECISIVE_PROBABILITY on its largest class."""
+    p = torch.softmax(logits.detach().to(torch.float64), -1)
+    return bool(p.amax(-1).mean() >= DECISIVE_PROBABILITY)
+
+
+def output_kind(y: Tensor, logits: bool = False) -> str:
     """'classes' for (N, classes) scores; for a softmax over the last axis of a longer output,
     'sequence' when it is (N, T, classes) (tokens, CTC frames) and 'distribution' otherwise (a
     per-pixel class map); 'dense' for everything else (feature maps, regressions, detector heads,
-    probability maps)."""
+    probability maps). `logits`: `y` is a Linear layer's output (logit_outputs), and an (N, T,
+    classes) one is a sequence where its softmax is decisive (a recogniser that exports no softmax)."""
     if y.ndim == 2 and y.shape[1] > 1:
         return "classes"
     if y.ndim >= 3 and is_probability(y):
         return "sequence" if y.ndim == 3 else "distribution"
+    if logits and y.ndim == 3 and y.shape[-1] > 1 and is_decisive(y):
+        return "sequence"
     return "dense"
+
+
+def linear_and_model_outputs(model: nn.Module, probe: Tensor,
+                             names: Iterable[str] | None = None) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """One pass on `probe`: the output of every nn.Linear (those named, or all), and the model's."""
+    modules = dict(model.named_modules())
+    chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear)] if names is None else \
+        [n for n in names if isinstance(modules.get(n), nn.Linear)]
+    seen: dict[str, Tensor] = {}
+    outputs: list[Tensor] = []
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o.detach())) for n in chosen]
+    if handles:
+        handles.append(model.register_forward_hook(lambda m, i, o: outputs.extend(model_outputs(o))))
+        run_hooked(model, probe, handles)
+    return seen, outputs
+
+
+def logit_outputs(model: nn.Module, probe: Tensor) -> set[int]:
+    """The outputs of `model` (by index) that are some Linear layer's output as it is (same values,
+    the same last axis): logits, where a network exports no softmax."""
+    seen, outputs = linear_and_model_outputs(model, as_input(probe))
+    found = set()
+    for index, y in enumerate(outputs):
+        for z in seen.values():
+            if y.numel() == z.numel() and y.shape[-1] == z.shape[-1] and \
+                    torch.allclose(z.reshape(y.shape).to(torch.float64), y.to(torch.float64), rtol=1e-5, atol=1e-6):
+                found.add(index)
+                break
+    return found
 
 
 def run_checked(model: nn.Module, x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, model_outputs, run_hooked
+from rankfold.analyze import as_input, linear_and_model_outputs, model_outputs
 from rankfold.settings import calibration_batch
 
 # A class is active when some calibration position predicts it, or its mean probability exceeds
@@ -62,15 +62,7 @@ class OutputMetric:
 
 def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> dict[str, int]:
     """The Linear layers (by name) whose softmax over the last axis is an output, with its index."""
-    modules = dict(model.named_modules())
-    seen: dict[str, Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o.detach()))
-               for n in names if isinstance(modules.get(n), nn.Linear)]
-    if not handles:
-        return {}
-    outputs: list[Tensor] = []
-    handles.append(model.register_forward_hook(lambda m, i, o: outputs.extend(model_outputs(o))))
-    run_hooked(model, probe, handles)
+    seen, outputs = linear_and_model_outputs(model, probe, names)
     found = {}
     for name, z in seen.items():
         for index, y in enumerate(outputs):

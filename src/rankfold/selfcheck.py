@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, model_outputs, output_kind
+from rankfold.analyze import as_input, logit_outputs, model_outputs, output_kind
 from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
 from rankfold.settings import (
@@ -106,6 +106,16 @@ class Agreement:
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
 
 
+def sample_axis(shape: tuple[int, ...], batch: int) -> int:
+    """The axis of an output that runs over the samples of a batch of `batch`: the first, unless it
+    differs from `batch` and exactly one other axis has that size (a sequence-first (T, N, classes)
+    recogniser, a batch-1 graph's (T, 1, classes))."""
+    if not shape or shape[0] == batch:
+        return 0
+    others = [axis for axis, size in enumerate(shape) if size == batch]
+    return others[0] if len(others) == 1 else 0
+
+
 def _collapsed(row: list[int]) -> tuple[int, ...]:
     """Greedy CTC reading of one sequence's argmaxes: repeats merged, class 0 (the blank) dropped."""
     return tuple(c for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1]))
@@ -138,17 +148,22 @@ class _Tally:
     low: Tensor | None = None  # per channel, the original's least and largest value
     high: Tensor | None = None
     kind: str | None = None
+    logits: bool = False  # a Linear layer's output as it is (logit_outputs): its kind may be "sequence"
+    sample_axis: int | None = None  # decided on the first batch (sample_axis)
     finite: bool = True
     nll: float = 0.0  # next-token outputs: the original's and the candidate's summed -log p(next id)
     nll_hat: float = 0.0
     kl_sum: float = 0.0  # and KL(original || candidate) summed over positions
     predicted: int = 0  # positions with a next id to predict
 
-    def add(self, y: Tensor, y_hat: Tensor, ids: Tensor | None = None) -> None:
-        self.kind = self.kind or output_kind(y)
+    def add(self, y: Tensor, y_hat: Tensor, ids: Tensor | None = None, batch: int | None = None) -> None:
         if self.kind == "next_token":
             self._add_next_token(y, y_hat, ids)
             return
+        if self.sample_axis is None:
+            self.sample_axis = sample_axis(tuple(y.shape), batch or y.shape[0])
+        y, y_hat = y.movedim(self.sample_axis, 0), y_hat.movedim(self.sample_axis, 0)
+        self.kind = self.kind or output_kind(y, self.logits)
         y, y_hat = y.to(torch.float64), y_hat.to(torch.float64)
         self.finite = self.finite and bool(torch.isfinite(y_hat).all())
         axis = channel_axis(tuple(y.shape))
@@ -246,13 +261,15 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
             if len(ys) != len(ys_hat):
                 raise RankfoldError(f"self-check: the compressed network has {len(ys_hat)} outputs, the original "
                                     f"{len(ys)}")
-            tallies = tallies or [_Tally(levels, kind=declared[i] if i < len(declared) else None)
-                                  for i in range(len(ys))]
+            if not tallies:
+                logits = logit_outputs(original, batch) if len(declared) < len(ys) else set()
+                tallies = [_Tally(levels, kind=declared[i] if i < len(declared) else None, logits=i in logits)
+                           for i in range(len(ys))]
             for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
                 if y.shape != y_hat.shape:
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
                                         f"is {tuple(y.shape)}")
-                tally.add(y, y_hat, batch)
+                tally.add(y, y_hat, batch, int(batch.shape[0]))
     samples = int(inputs.shape[0])
     names = names if len(names) == len(tallies) else [None] * len(tallies)
     per_output = [tally.result(index, name) for index, (tally, name) in enumerate(zip(tallies, names))]
