@@ -42,6 +42,26 @@ def test_logit_outputs_have_no_metric_so_nothing_changes():
     assert softmax_head_metrics(_network(softmax=False), ["0", "2"], torch.randn(64, 12)) == {}
 
 
+class _SequenceFirstLogits(nn.Module):
+    """(N, 12) -> (4 frames, N, CLASSES) logits, no softmax: a CNN+LSTM recogniser's layout."""
+
+    def __init__(self, decisive: bool = True):
+        super().__init__()
+        self.body, self.head = _network(softmax=False)[:2], _network(softmax=False)[2]
+        with torch.no_grad():  # decisive: one of the active classes stands out at each frame
+            self.head.weight.mul_(10.0) if decisive else self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(self.body(x).unsqueeze(0).expand(4, -1, -1))
+
+
+def test_a_sequence_of_decisive_logits_has_a_metric_and_one_deciding_nothing_has_none():
+    calib = torch.randn(64, 12)
+    metric = softmax_head_metrics(_SequenceFirstLogits(), ["head"], calib)["head"]
+    assert 1 <= len(metric.active) < CLASSES // 4
+    assert softmax_head_metrics(_SequenceFirstLogits(decisive=False), ["head"], calib) == {}
+
+
 def test_factorizing_under_the_metric_keeps_the_prediction_closer():
     model, calib, fresh = _network(), torch.randn(512, 12), torch.randn(512, 12)
     head = model[2]

@@ -1,5 +1,6 @@
 """How much each direction of a layer's output matters, where a softmax of that output is an
-output of the network (a classifier's or a recogniser's last Linear).
+output of the network (a classifier's or a recogniser's last Linear), or where the output is a
+sequence of logits the network decides on without exporting the softmax.
 
 Through a softmax, a change dz of the logits raises the KL divergence from the original
 prediction p by about 1/2 dz^T (diag(p) - p p^T) dz. Averaged over the calibration positions that
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, linear_and_model_outputs, model_outputs
+from rankfold.analyze import as_input, is_decisive, linear_and_model_outputs, model_outputs
 from rankfold.settings import calibration_batch
 
 # A class is active when some calibration position predicts it, or its mean probability exceeds
@@ -60,17 +61,24 @@ class OutputMetric:
         return self._map(weight, self.inverse_root, self.floor ** -0.5)
 
 
-def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> dict[str, int]:
-    """The Linear layers (by name) whose softmax over the last axis is an output, with its index."""
+def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> dict[str, tuple[int, bool]]:
+    """The Linear layers (by name) whose softmax over the last axis is an output: its index, and
+    whether the output is the logits themselves rather than the softmax: a sequence of them
+    (N, T, classes) or (T, N, classes) that the original decides on (is_decisive), from a graph
+    that exports no softmax (ddddocr's CNN+LSTM recogniser). A classifier's (N, classes) logits
+    keep the plain factorization: the planner already reads them as a categorical."""
     seen, outputs = linear_and_model_outputs(model, probe, names)
     found = {}
     for name, z in seen.items():
         for index, y in enumerate(outputs):
             if y.numel() != z.numel() or y.shape[-1] != z.shape[-1] or y.shape[-1] < 2:
                 continue
-            p = torch.softmax(z.to(torch.float64), -1).reshape(y.shape)
-            if float((p - y.to(torch.float64)).abs().max()) < MATCH_TOLERANCE:
-                found[name] = index
+            z64, y64 = z.to(torch.float64).reshape(y.shape), y.to(torch.float64)
+            if float((torch.softmax(z64, -1) - y64).abs().max()) < MATCH_TOLERANCE:
+                found[name] = (index, False)
+                break
+            if y.ndim >= 3 and torch.allclose(z64, y64, rtol=1e-5, atol=1e-6) and is_decisive(y64):
+                found[name] = (index, True)
                 break
     return found
 
@@ -122,8 +130,9 @@ class HeadMetrics:
         self.tallies = {name: _Tally(modules[name].out_features) for name in self.heads}
 
     def add(self, outputs: list[Tensor]) -> None:
-        for name, index in self.heads.items():
-            self.tallies[name].add(outputs[index])
+        for name, (index, logits) in self.heads.items():
+            y = outputs[index]
+            self.tallies[name].add(torch.softmax(y.to(torch.float64), -1) if logits else y)
 
     def result(self) -> dict[str, OutputMetric]:
         return {name: tally.metric() for name, tally in self.tallies.items() if tally.rows}
