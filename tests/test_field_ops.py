@@ -238,3 +238,21 @@ def test_a_dynamically_quantized_lstm_reads_as_its_float_lstm(tmp_path):
     loaded = rankfold.load_onnx(out)
     assert any(isinstance(m, nn.Linear) and m.in_features == 8 for m in loaded.modules())  # the projection
     assert "DynamicQuantizeLSTM x1" in loaded.quantized_note
+
+
+def test_an_already_quantized_graph_is_budgeted_in_the_bytes_its_file_holds(tmp_path):
+    """Read in float, an int8 file is about 4x larger than it is: a byte percentage is of the file,
+    and a parameter budget alone may not write a result larger than the file."""
+    from rankfold.evaluate import onnx_size
+    from tests.helpers import run_cli
+
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    _src, out = _quantized_model(tmp_path, "qdq", x[:16])
+    np.savez(tmp_path / "calib.npz", x=x)
+    held = onnx_size(out).weight_bytes
+    for budget, share in ((["--max-params", "90%"], 1.0), (["--max-weight-bytes", "80%"], 0.8)):
+        code, stdout, stderr = run_cli("compress", out, "--calib", tmp_path / "calib.npz", *budget, "-o",
+                                       tmp_path / "small.onnx", "--force", "--check", "relerr:10")
+        assert code == 0, stderr
+        assert f"the file holds {held:,} weight bytes" in stdout + stderr
+        assert onnx_size(str(tmp_path / "small.onnx")).weight_bytes <= share * held
