@@ -256,3 +256,23 @@ def test_an_already_quantized_graph_is_budgeted_in_the_bytes_its_file_holds(tmp_
         assert code == 0, stderr
         assert f"the file holds {held:,} weight bytes" in stdout + stderr
         assert onnx_size(str(tmp_path / "small.onnx")).weight_bytes <= share * held
+
+
+def test_a_recurrent_weight_is_priced_for_every_step_it_runs(tmp_path):
+    """R runs once per time step: its MACs per sample are T times one step's (they were priced for
+    one step), while a layer called once keeps its own shape."""
+    from rankfold.planner.sensitivity import layer_statistics
+
+    steps, calib = 10, torch.randn(16, 6, 10)
+    loaded = rankfold.load_onnx(_bidirectional_file(tmp_path, "lstm", calib[:1]))
+    names = [name for name, m in loaded.named_modules() if isinstance(m, nn.Linear)]
+    stats = layer_statistics(loaded, names, calib)
+    recurrent = [name for name in names if "_recurrent" in name]
+    assert len(recurrent) == 2
+    assert all(stats[name].input_shape == (steps, 12) and stats[name].output_shape == (steps, 48)
+               for name in recurrent)
+    projection = next(name for name in names if name.endswith("_input"))
+    assert stats[projection].input_shape[-1] == 8 and len(stats[projection].input_shape) >= 2
+    result = rankfold.compress_to_budget(loaded, calib=calib, budgets={"params": "100%"}, bits=32, check=False)
+    macs = {layer.name: layer.macs for layer in result.plan.layers}
+    assert all(macs[name] == steps * 12 * 48 for name in recurrent), macs

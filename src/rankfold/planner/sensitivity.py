@@ -91,6 +91,18 @@ def channel_spread(output: Tensor) -> Tensor:
     return spread.to(output.dtype).reshape(1, -1, *([1] * (output.ndim - 2)))
 
 
+def _per_forward(module: nn.Module, shapes: tuple[tuple[int, ...], tuple[int, ...]],
+                 calls: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A Linear layer called `calls` times per forward pass on one vector per sample (a recurrence's
+    R, at every time step) costs what one call on `calls` rows costs: its shapes say so, so its MACs
+    and latency are priced for the whole sequence, not for one step (RAM is then priced for the
+    whole sequence too, an overestimate: the recurrence holds one step at a time)."""
+    (inputs, outputs) = shapes
+    if calls > 1 and isinstance(module, nn.Linear) and len(inputs) == 1:
+        return (calls, *inputs), (calls, *outputs)
+    return shapes
+
+
 def layer_statistics(
     model: nn.Module,
     names: Iterable[str],
@@ -108,6 +120,8 @@ def layer_statistics(
     rows_seen: dict[str, int] = {}
     grad_sq: dict[str, Tensor] = {}
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    calls: dict[str, int] = {}  # per layer, how often one forward pass calls it (a recurrence's R: every step)
+    first_batch = True
     generator = torch.Generator().manual_seed(seed)
 
     shared = PerInput()  # this batch's moment of each input tensor
@@ -133,6 +147,8 @@ def layer_statistics(
 
     def post_hook(module, inputs, output, name):
         shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+        if first_batch:
+            calls[name] = calls.get(name, 0) + 1
         if output.requires_grad:
             channel_axis = -1 if isinstance(module, (nn.Linear, *TABLES)) else 1
 
@@ -177,6 +193,7 @@ def layer_statistics(
                            for i, out in enumerate(outs))
                 if loss.requires_grad:  # else no layer reaches an output in float (integer ops after them)
                     loss.backward()
+            first_batch = False
     finally:
         for h in handles:
             h.remove()
@@ -190,6 +207,7 @@ def layer_statistics(
     for name in names:
         if name not in moments:
             continue
+        shapes[name] = _per_forward(modules[name], shapes[name], calls.get(name, 1))
         sens = grad_sq.get(name)
         out_ch = shapes[name][1][-1 if isinstance(modules[name], (nn.Linear, *TABLES)) else 0]
         sens = torch.zeros(out_ch, dtype=torch.float64) if sens is None else sens / total
