@@ -230,3 +230,26 @@ def test_weights_inside_if_branches_are_counted(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "if.onnx")
     size = onnx_size(tmp_path / "if.onnx")
     assert size.params == 2 * (4 * 3 + 3) and size.weight_bytes == 4 * size.params
+
+
+def test_training_samples_of_a_multi_input_graph_are_read_like_the_calibration(tmp_path):
+    """compress --train (and finetune --train, pareto --data) read one array per input, as --calib
+    does; an input given once must be the value --calib gave (a constant of the result)."""
+    _voice_like(tmp_path / "voice.onnx")
+    rng = np.random.default_rng(1)
+    state = np.full((1, 8), 0.5, np.float32)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(128, 16)).astype(np.float32), sr=np.array(16000), state=state)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    np.savez(tmp_path / "train.npz", x=x, sr=np.array(16000), state=state)
+    np.savez(tmp_path / "other.npz", x=x, sr=np.array(16000), state=state + 1)
+    np.savez(tmp_path / "bare.npz", x=x)
+    common = ["compress", tmp_path / "voice.onnx", "--calib", tmp_path / "calib.npz", "--max-weight-bytes", "50%",
+              "--finetune-steps", "2", "-o", tmp_path / "small.onnx"]
+    for name, message in (("other", "input 'state' must be given once as --calib gives it"),
+                          ("bare", "no array for the graph input")):
+        code, _out, err = run_cli(*common, "--train", tmp_path / f"{name}.npz")
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "small.onnx").exists()
+    code, stdout, stderr = run_cli(*common, "--train", tmp_path / "train.npz", "--check", "relerr:0.5")
+    assert code == 0, stderr
+    assert "fine-tuning on 64 samples" in stdout + stderr

@@ -54,6 +54,27 @@ def _graph_data(graph, model_path: str, data_path: str, *, need_labels: bool):
     return data, fixed
 
 
+def _more_samples(args: argparse.Namespace, graph, path: str, *, need_labels: bool):
+    """Training or test samples (a Dataset) for the graph _load_inputs read: a file like --calib
+    (one array per input for a graph with several), whose inputs given once equal --calib's (the
+    loaded model holds those as constants), its per-sample input checked against the graph."""
+    import numpy as np
+
+    from rankfold.data import check_input_shape
+    from rankfold.frontends.onnx import graph_inputs
+
+    data, fixed = _graph_data(graph, args.model, path, need_labels=need_labels)
+    given = getattr(args, "given_once", None) or {}
+    for name in sorted(set(fixed) | set(given)):
+        if name not in fixed or name not in given or not np.array_equal(fixed[name], given[name]):
+            raise RankfoldError(f"{path}: input {name!r} must be given once as --calib gives it (a constant of the "
+                                f"compressed model): {'not given once here' if name not in fixed else 'another value'}"
+                                f"{'' if name in given else ' (--calib gives it per sample)'}")
+    sample = next(i for i in graph_inputs(graph) if i.name not in fixed)
+    check_input_shape(data.x, sample.dims, path)
+    return data
+
+
 def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
     from rankfold.data import check_input_shape
     from rankfold.evaluate import evaluate
@@ -284,6 +305,7 @@ def _load_inputs(args: argparse.Namespace):
         check_input_shape(calib.x, sample.dims, args.calib)
         calib = torch.from_numpy(calib.x[: args.calib_limit])
     model = load_onnx(args.model, fixed, calib[:2] if calib is not None else None)
+    args.given_once = fixed  # constants of the model: --train and --data must give the same (_more_samples)
     if model.fixed_batch is not None and model.fixed_batch != 1:
         raise RankfoldError(f"{args.model}: the graph's batch is fixed at {model.fixed_batch}; rankfold takes a "
                             "dynamic batch or a batch fixed at 1 (export the model again with either)")
@@ -596,7 +618,6 @@ def _compress_training(args: argparse.Namespace, graph):
     """(training inputs, FinetuneConfig) for compress --train, or None; checked before any work."""
     import torch
 
-    from rankfold.data import check_input_shape, load_npz
     from rankfold.training import FinetuneConfig
     from rankfold.training.distributed import World, launched_by_torchrun
     from rankfold.training.loop import check_training_data
@@ -612,8 +633,7 @@ def _compress_training(args: argparse.Namespace, graph):
     if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
         raise RankfoldError("under torchrun, plan first (compress --plan-out PLAN.json), then run "
                             "`torchrun ... rankfold.cli finetune MODEL --plan PLAN.json`")
-    data = load_npz(args.train, need_labels=False)
-    check_input_shape(data.x, _input_dims(graph), args.train)
+    data = _more_samples(args, graph, args.train, need_labels=False)
     try:
         config = FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes)
     except ValueError as exc:
@@ -680,7 +700,6 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     write. Under torchrun every process trains its share; only rank 0 prints and writes."""
     import torch
 
-    from rankfold.data import check_input_shape, load_npz
     from rankfold.planner.pipeline import CHECK_SAMPLES
     from rankfold.training import finetune_result
     from rankfold.training.distributed import join_world, leave_world
@@ -694,8 +713,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     _check_outputs(args)
     graph, model, calib, example = _load_inputs(args)
     _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back for the self-check")
-    train = load_npz(args.train, need_labels=args.label_weight > 0)
-    check_input_shape(train.x, _input_dims(graph), args.train)
+    train = _more_samples(args, graph, args.train, need_labels=args.label_weight > 0)
     limit = args.train_limit or len(train.x)
     train_x = torch.from_numpy(train.x[:limit])
     labels = torch.from_numpy(train.y[:limit]).long() if args.label_weight > 0 else None
@@ -843,12 +861,10 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
     load_target(args.target)  # a bad profile fails before the model is read
     check_outputs({"model": args.model, "--calib": args.calib, "--data": args.data},
                   {"--plot": args.plot, "--json": args.json}, force=args.force)
-    _graph, model, calib, example = _load_inputs(args)
+    graph, model, calib, example = _load_inputs(args)
     data = None
     if args.data:
-        from rankfold.data import load_npz
-
-        loaded = load_npz(args.data)
+        loaded = _more_samples(args, graph, args.data, need_labels=True)
         data = (loaded.x[: args.limit or None], loaded.y[: args.limit or None])
     _log(args.quiet)(args.memory_line)
     result = run_pareto(model, args.model, calib=calib, example=example, target=args.target, fractions=budgets,
