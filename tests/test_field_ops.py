@@ -1,6 +1,7 @@
 """ONNX ops of networks from the field, each against onnxruntime: recurrent layers, an If on a
 constant, and graphs that are already quantized (dynamic, QDQ and QOperator formats)."""
 
+import os
 import warnings
 
 import numpy as np
@@ -276,3 +277,27 @@ def test_a_recurrent_weight_is_priced_for_every_step_it_runs(tmp_path):
     result = rankfold.compress_to_budget(loaded, calib=calib, budgets={"params": "100%"}, bits=32, check=False)
     macs = {layer.name: layer.macs for layer in result.plan.layers}
     assert all(macs[name] == steps * 12 * 48 for name in recurrent), macs
+
+
+def test_a_result_larger_than_the_quantized_file_it_came_from_is_not_written(tmp_path):
+    """Weights behind ConvInteger / MatMulInteger are not planned layers, and the written file holds
+    them in float: a result that outgrows the int8 file is refused after its export, in one line,
+    with nothing left behind; --bits 32 accepts a float result."""
+    from onnxruntime import quantization as q
+
+    from tests.helpers import run_cli
+
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    out = str(tmp_path / "convs-int8.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.quantize_dynamic(_float_model(tmp_path), out, op_types_to_quantize=["Conv"])  # the Gemm stays a layer
+    np.savez(tmp_path / "calib.npz", x=x)
+    before = sorted(os.listdir(tmp_path))
+    args = ["compress", out, "--calib", tmp_path / "calib.npz", "--max-params", "90%", "-o", tmp_path / "small.onnx",
+            "--check", "relerr:10"]
+    code, _stdout, stderr = run_cli(*args)
+    assert code == 2 and "the result would hold" in stderr and "Traceback" not in stderr, stderr
+    assert sorted(os.listdir(tmp_path)) == before
+    code, _stdout, stderr = run_cli(*args, "--bits", "32")
+    assert code == 0, stderr

@@ -597,7 +597,30 @@ def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str],
     limit = int(budget.limit(held))
     log(f"  the file holds {held:,} weight bytes (integer weights): "
         f"{f'--max-weight-bytes {given} is' if given else 'the result may not outgrow them, at most'} {limit:,}")
+    args.file_weight_limit = limit  # the plan counts its layers only: the written file is checked too (_save_within)
     return {**budgets, "weight_bytes": str(limit)}
+
+
+def _save_within(args: argparse.Namespace, result, limit: int) -> None:
+    """result.save, staged in a scratch directory: the file takes args.output only when it holds at
+    most `limit` weight bytes (weights outside the planned layers, such as those behind an
+    already-quantized graph's ConvInteger ops, are written in float and count too)."""
+    import tempfile
+
+    from rankfold.evaluate import onnx_size
+    from rankfold.io import replace_atomically
+
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        staged = os.path.join(scratch, os.path.basename(args.output))
+        result.save(staged, observer=args.observer or "percentile", force=True, progress=_log(args.quiet))
+        held = onnx_size(staged).weight_bytes
+        if held > limit:
+            raise RankfoldError(f"the result would hold {held:,} weight bytes, more than the {limit:,} allowed (the "
+                                "input file's integer weights): weights outside the planned layers are written in "
+                                "float; nothing was written. Give a larger --max-weight-bytes, or --bits 32 to "
+                                "accept a float result")
+        with open(staged, "rb") as handle:
+            replace_atomically(args.output, handle.read())
 
 
 def _clean_check_samples(result, calib, log):
@@ -649,7 +672,11 @@ def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict 
     from rankfold.io import write_json_atomic
     from rankfold.report import plan_table
 
-    result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=_log(args.quiet))
+    limit = getattr(args, "file_weight_limit", None)
+    if limit is None:
+        result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=_log(args.quiet))
+    else:
+        _save_within(args, result, limit)
     seconds = time.time() - t0
     before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
     print(plan_table(result.plan))
