@@ -279,19 +279,33 @@ def test_a_recurrent_weight_is_priced_for_every_step_it_runs(tmp_path):
     assert all(macs[name] == steps * 12 * 48 for name in recurrent), macs
 
 
-def test_a_result_larger_than_the_quantized_file_it_came_from_is_not_written(tmp_path):
-    """Weights behind ConvInteger / MatMulInteger are not planned layers, and the written file holds
-    them in float: a result that outgrows the int8 file is refused after its export, in one line,
-    with nothing left behind; --bits 32 accepts a float result."""
-    from onnxruntime import quantization as q
-
+def test_integer_convolutions_and_matmuls_with_constant_weights_are_layers(tmp_path):
+    """ConvInteger / MatMulInteger (onnxruntime's dynamic quantization) read as float layers on
+    (x_q - x_zero) with weights W - W_zero: the loaded graph matches onnxruntime, its convolutions
+    and its Gemm are layers, and a byte budget re-quantizes them into a file no larger than the input."""
+    from rankfold.evaluate import onnx_size
     from tests.helpers import run_cli
 
     x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
-    out = str(tmp_path / "convs-int8.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q.quantize_dynamic(_float_model(tmp_path), out, op_types_to_quantize=["Conv"])  # the Gemm stays a layer
+    _src, out = _quantized_model(tmp_path, "dynamic", x[:16])
+    loaded = rankfold.load_onnx(out)
+    assert sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in loaded.modules()) == 3
+    np.testing.assert_allclose(_ours(out, x[:8])[0], _ort(out, x[:8])[0], rtol=1e-4, atol=1e-4)
+    np.savez(tmp_path / "calib.npz", x=x)
+    code, _stdout, stderr = run_cli("compress", out, "--calib", tmp_path / "calib.npz", "--max-params", "90%",
+                                    "-o", tmp_path / "small.onnx", "--check", "relerr:10")
+    assert code == 0, stderr
+    assert onnx_size(str(tmp_path / "small.onnx")).weight_bytes <= onnx_size(out).weight_bytes
+
+
+def test_a_result_larger_than_the_quantized_file_it_came_from_is_not_written(tmp_path):
+    """Weights behind QLinearConv are not planned layers, and the written file holds them in float:
+    a result that outgrows the int8 file is refused after its export, in one line, with nothing
+    left behind; --bits 32 accepts a float result."""
+    from tests.helpers import run_cli
+
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    _src, out = _quantized_model(tmp_path, "qoperator", x[:16])  # the Gemm stays a float layer
     np.savez(tmp_path / "calib.npz", x=x)
     before = sorted(os.listdir(tmp_path))
     args = ["compress", out, "--calib", tmp_path / "calib.npz", "--max-params", "90%", "-o", tmp_path / "small.onnx",

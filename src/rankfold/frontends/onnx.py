@@ -25,6 +25,7 @@ from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_
 MIN_OPSET, MAX_OPSET = 11, 23
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3}  # their input projections become Linear layers
+INTEGER_LAYER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # with constant weights: float layers
 # onnxruntime's contrib ops that rankfold reads (domain-qualified, as unsupported_ops names them)
 CONTRIB_OPS = {"com.microsoft.DynamicQuantizeLSTM"}
 SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant", "If"} | CONTRIB_OPS)
@@ -405,6 +406,8 @@ class _Converter:
         if node.domain == "com.microsoft" and node.op_type == "DynamicQuantizeLSTM":
             self._node(self._float_lstm(node, inputs, where))
             return
+        if node.op_type in INTEGER_LAYER_OPS and self._integer_layer(node, inputs):
+            return
         if node.op_type in LAYER_OPS and self._layer(node, inputs, attrs, where):
             return
         if node.op_type in RECURRENT_GATES and self._recurrent(node, inputs, attrs):
@@ -490,6 +493,39 @@ class _Converter:
         name = _module_name(node.name or node.output[0], self.taken)
         self.module.add_module(name, layer)
         self.module.steps.append(Step(node.op_type, [inputs[0]], [out_name], extra, module=name))
+        return True
+
+    def _integer_layer(self, node, inputs) -> bool:
+        """ConvInteger / MatMulInteger with constant integer weights as the float layer that computes
+        the same integers: Conv (MatMul) of (x_q - x_zero) with (W - W_zero) as float weights, so an
+        already-quantized graph's convolutions are layers (counted, planned, quantized again), and
+        the scales the graph multiplies by afterwards apply as before (exact below 2^24)."""
+        padded = list(inputs) + [""] * (4 - len(inputs))
+        x_q, w_name, x_zero, w_zero = padded[:4]
+        if x_q in self.consts or w_name not in self.consts or (w_zero and w_zero not in self.consts):
+            return False
+        w = self.consts[w_name].float()
+        if node.op_type == "ConvInteger" and w.ndim < 3 or node.op_type == "MatMulInteger" and w.ndim != 2:
+            return False
+        if w_zero:
+            zero = self.consts[w_zero].float()  # a scalar, or one per output channel (Conv axis 0, MatMul axis 1)
+            w = w - (zero.reshape(-1, *[1] * (w.ndim - 1)) if node.op_type == "ConvInteger" and zero.numel() > 1
+                     else zero)
+        stem = node.name or node.output[0]
+        self.consts[f"{stem}:weight"] = w
+        x = f"{stem}:x"
+        self._node(onnx.helper.make_node("Cast", [x_q], [x], name=f"{stem}:cast", to=onnx.TensorProto.FLOAT))
+        if x_zero:
+            self._node(onnx.helper.make_node("Cast", [x_zero], [f"{stem}:x_zero"], name=f"{stem}:cast_zero",
+                                             to=onnx.TensorProto.FLOAT))
+            self._node(onnx.helper.make_node("Sub", [x, f"{stem}:x_zero"], [f"{stem}:x_centred"], name=f"{stem}:sub"))
+            x = f"{stem}:x_centred"
+        layer = onnx.NodeProto()
+        layer.CopyFrom(node)
+        layer.op_type, layer.domain = INTEGER_LAYER_OPS[node.op_type], ""
+        del layer.input[:]
+        layer.input.extend([x, f"{stem}:weight"])
+        self._node(layer)
         return True
 
     def _float_lstm(self, node, inputs, where) -> onnx.NodeProto:
