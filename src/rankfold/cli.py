@@ -592,19 +592,19 @@ def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str],
     held = onnx_size(args.model).weight_bytes
     given = budgets.get("weight_bytes")
     budget = parse_budget("weight_bytes", given) if given else Budget("weight_bytes", 1.0, relative=True)
+    limit = int(budget.limit(held))
+    args.file_weight_limit = limit  # the plan counts its layers only: the written file is checked too (_save_within)
     if not budget.relative:
         return budgets
-    limit = int(budget.limit(held))
     log(f"  the file holds {held:,} weight bytes (integer weights): "
         f"{f'--max-weight-bytes {given} is' if given else 'the result may not outgrow them, at most'} {limit:,}")
-    args.file_weight_limit = limit  # the plan counts its layers only: the written file is checked too (_save_within)
     return {**budgets, "weight_bytes": str(limit)}
 
 
 def _save_within(args: argparse.Namespace, result, limit: int) -> None:
     """result.save, staged in a scratch directory: the file takes args.output only when it holds at
     most `limit` weight bytes (weights outside the planned layers, such as those behind an
-    already-quantized graph's ConvInteger ops, are written in float and count too)."""
+    already-quantized graph's QLinearConv ops, are written in float and count too)."""
     import tempfile
 
     from rankfold.evaluate import onnx_size

@@ -262,7 +262,8 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
                 raise RankfoldError(f"self-check: the compressed network has {len(ys_hat)} outputs, the original "
                                     f"{len(ys)}")
             if not tallies:
-                logits = logit_outputs(original, batch) if len(declared) < len(ys) else set()
+                # found on one sample: every Linear's output is held for the comparison
+                logits = logit_outputs(original, batch[:1]) if len(declared) < len(ys) else set()
                 tallies = [_Tally(levels, kind=declared[i] if i < len(declared) else None, logits=i in logits)
                            for i in range(len(ys))]
             for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
