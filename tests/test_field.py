@@ -36,14 +36,16 @@ class Recogniser(nn.Module):
 
 class SequenceFirstLogits(Recogniser):
     """A recogniser that exports no softmax and puts time first: (N, 3, 8, 32) -> (16 frames, N, 12
-    classes) of logits, as a CNN+LSTM recogniser's graph does. `decisive`: its logits are large, so
-    most frames are read confidently, as a trained one's are."""
+    classes) of logits, as a CNN+LSTM recogniser's graph does. `decisive`: its logits are large and
+    favour the blank (class 0), so most frames are read confidently and most are blank, as a trained
+    one's are; `blank`: the blank's extra logit (0: frames read as other classes, like tokens)."""
 
-    def __init__(self, decisive: bool = True):
+    def __init__(self, decisive: bool = True, blank: float = 8.0):
         super().__init__()
         if decisive:
             with torch.no_grad():
                 self.head.weight.mul_(60.0)
+                self.head.bias[0] += blank
 
     def forward(self, x):
         y = torch.relu(self.conv2(torch.relu(self.conv(x))))
@@ -138,6 +140,7 @@ def test_sequence_first_logits_are_read_as_sequences():
     with torch.no_grad():
         noisy.head.weight.add_(torch.randn_like(noisy.head.weight) * 3.0)
     check = agreement(model, noisy, x, batch_size=8)
+    assert check.outputs[0].kind == "sequence"
     per_position, whole = check.outputs[0].metrics["top1"], check.outputs[0].metrics["sequence"]
     assert whole < per_position < 1.0
     with pytest.raises(RankfoldError, match="as the original does"):  # judged by lines, not by relative error
@@ -146,9 +149,11 @@ def test_sequence_first_logits_are_read_as_sequences():
     assert agreement(model, noisy, x, batch_size=1).outputs[0].metrics["sequence"] == whole
 
 
-def test_logits_that_decide_nothing_keep_the_dense_check():
-    model = SequenceFirstLogits(decisive=False).eval()  # a spectrum-like projection: no class stands out
-    assert agreement(model, model, torch.randn(8, 3, 8, 32)).outputs[0].kind in ("dense", "scores")
+@pytest.mark.parametrize("model", [SequenceFirstLogits(decisive=False),  # a projection: no class stands out
+                                   SequenceFirstLogits(blank=0.0)],  # decisive, but mostly not class 0: tokens
+                         ids=["undecided", "not-blank-led"])
+def test_logits_that_do_not_read_like_ctc_frames_keep_the_dense_check(model):
+    assert agreement(model.eval(), model, torch.randn(8, 3, 8, 32)).outputs[0].kind in ("dense", "scores")
 
 
 def test_a_rule_for_one_output_replaces_only_its_default():

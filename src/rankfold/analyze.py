@@ -110,11 +110,17 @@ def as_input(x: Tensor) -> Tensor:
 DECISIVE_PROBABILITY = 0.5
 
 
-def is_decisive(logits: Tensor) -> bool:
-    """Whether the softmax of `logits` over the last axis puts on average at least
-    DECISIVE_PROBABILITY on its largest class."""
-    p = torch.softmax(logits.detach().to(torch.float64), -1)
-    return bool(p.amax(-1).mean() >= DECISIVE_PROBABILITY)
+def is_ctc_logits(logits: Tensor) -> bool:
+    """Whether `logits` (..., T, classes) read like a CTC recogniser's frames: the original decides
+    (its softmax puts on average at least DECISIVE_PROBABILITY on the largest class) and the blank,
+    class 0, is the class most positions pick. A language model's token logits (rarely token 0)
+    and projections that decide nothing are not."""
+    flat = logits.detach().to(torch.float64).reshape(-1, logits.shape[-1])
+    if flat.shape[0] == 0 or flat.shape[1] < 2:
+        return False
+    if float(torch.softmax(flat, -1).amax(-1).mean()) < DECISIVE_PROBABILITY:
+        return False
+    return int(torch.bincount(flat.argmax(-1), minlength=flat.shape[1]).argmax()) == 0
 
 
 def output_kind(y: Tensor, logits: bool = False) -> str:
@@ -122,12 +128,13 @@ def output_kind(y: Tensor, logits: bool = False) -> str:
     'sequence' when it is (N, T, classes) (tokens, CTC frames) and 'distribution' otherwise (a
     per-pixel class map); 'dense' for everything else (feature maps, regressions, detector heads,
     probability maps). `logits`: `y` is a Linear layer's output (logit_outputs), and an (N, T,
-    classes) one is a sequence where its softmax is decisive (a recogniser that exports no softmax)."""
+    classes) one is a sequence where it reads like CTC frames (is_ctc_logits: a recogniser that
+    exports no softmax)."""
     if y.ndim == 2 and y.shape[1] > 1:
         return "classes"
     if y.ndim >= 3 and is_probability(y):
         return "sequence" if y.ndim == 3 else "distribution"
-    if logits and y.ndim == 3 and y.shape[-1] > 1 and is_decisive(y):
+    if logits and y.ndim == 3 and is_ctc_logits(y):
         return "sequence"
     return "dense"
 

@@ -1,6 +1,6 @@
 """How much each direction of a layer's output matters, where a softmax of that output is an
 output of the network (a classifier's or a recogniser's last Linear), or where the output is a
-sequence of logits the network decides on without exporting the softmax.
+sequence of CTC logits that the network exports without the softmax.
 
 Through a softmax, a change dz of the logits raises the KL divergence from the original
 prediction p by about 1/2 dz^T (diag(p) - p p^T) dz. Averaged over the calibration positions that
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, is_decisive, linear_and_model_outputs, model_outputs
+from rankfold.analyze import as_input, is_ctc_logits, linear_and_model_outputs, model_outputs
 from rankfold.settings import calibration_batch
 
 # A class is active when some calibration position predicts it, or its mean probability exceeds
@@ -64,7 +64,7 @@ class OutputMetric:
 def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> dict[str, tuple[int, bool]]:
     """The Linear layers (by name) whose softmax over the last axis is an output: its index, and
     whether the output is the logits themselves rather than the softmax: a sequence of them
-    (N, T, classes) or (T, N, classes) that the original decides on (is_decisive), from a graph
+    (N, T, classes) or (T, N, classes) read like CTC frames (is_ctc_logits), from a graph
     that exports no softmax (ddddocr's CNN+LSTM recogniser). A classifier's (N, classes) logits
     keep the plain factorization: the planner already reads them as a categorical."""
     seen, outputs = linear_and_model_outputs(model, probe, names)
@@ -77,7 +77,7 @@ def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> d
             if float((torch.softmax(z64, -1) - y64).abs().max()) < MATCH_TOLERANCE:
                 found[name] = (index, False)
                 break
-            if y.ndim >= 3 and torch.allclose(z64, y64, rtol=1e-5, atol=1e-6) and is_decisive(y64):
+            if y.ndim >= 3 and torch.allclose(z64, y64, rtol=1e-5, atol=1e-6) and is_ctc_logits(y64):
                 found[name] = (index, True)
                 break
     return found
