@@ -1214,7 +1214,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "that rankfold.load_compressed reads)")
     p.add_argument("--target", help="target profile: host (default), cortex-m4, cortex-m7, cortex-m55 or a .toml")
     p.add_argument("--max-params", help="parameter budget, e.g. 10%% or 1.2M")
-    p.add_argument("--max-weight-bytes", help="weight bytes at the target's bit-width, e.g. 3%% or 2MB")
+    p.add_argument("--max-weight-bytes", help="weight bytes at the target's bit-width, e.g. 3%% or 2MB (a percentage "
+                                              "of an already-quantized graph is of the bytes its file holds)")
     p.add_argument("--max-macs", help="multiply-accumulates per sample, e.g. 25%% or 100M")
     p.add_argument("--max-latency", help="batch-1 latency, e.g. 30%% or 4ms (measured on host, modelled on MCUs)")
     p.add_argument("--max-ram", help="peak activation memory, e.g. 256KB")
