@@ -149,6 +149,19 @@ def test_sequence_first_logits_are_read_as_sequences():
     assert agreement(model, noisy, x, batch_size=1).outputs[0].metrics["sequence"] == whole
 
 
+class ScaledLogits(SequenceFirstLogits):
+    """The logits scaled and shifted after the Linear, as an int8 graph's dequantizing Mul and Add
+    (onnxruntime's dynamic quantization) leave them."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0 - 1.0
+
+
+def test_logits_scaled_and_shifted_after_their_linear_are_still_read_as_a_sequence():
+    model = ScaledLogits().eval()
+    assert agreement(model, model, torch.randn(8, 3, 8, 32)).outputs[0].kind == "sequence"
+
+
 @pytest.mark.parametrize("model", [SequenceFirstLogits(decisive=False),  # a projection: no class stands out
                                    SequenceFirstLogits(blank=0.0)],  # decisive, but mostly not class 0: tokens
                          ids=["undecided", "not-blank-led"])

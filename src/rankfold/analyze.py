@@ -154,18 +154,26 @@ def linear_and_model_outputs(model: nn.Module, probe: Tensor,
     return seen, outputs
 
 
+def _affine_per_class(y: Tensor, z: Tensor) -> bool:
+    """Whether y = a_c z + b_c along the last axis (one scale and shift per class, fitted over the
+    positions): a Linear's output as it is, or scaled and shifted as an int8 graph's dequantizing
+    Mul and Add do (ddddocr's int8 recogniser)."""
+    if y.numel() != z.numel() or y.shape[-1] != z.shape[-1]:
+        return False
+    ys, zs = (t.detach().to(torch.float64).reshape(-1, y.shape[-1]) for t in (y, z))
+    if ys.shape[0] < 3:
+        return bool(torch.allclose(zs, ys, rtol=1e-5, atol=1e-6))
+    yc, zc = ys - ys.mean(0), zs - zs.mean(0)
+    scale = (yc * zc).sum(0) / (zc * zc).sum(0).clamp_min(1e-30)
+    return float((yc - scale * zc).norm()) <= 1e-5 * max(float(yc.norm()), 1e-30)
+
+
 def logit_outputs(model: nn.Module, probe: Tensor) -> set[int]:
-    """The outputs of `model` (by index) that are some Linear layer's output as it is (same values,
-    the same last axis): logits, where a network exports no softmax."""
+    """The outputs of `model` (by index) that are some Linear layer's output, as it is or scaled and
+    shifted per class (_affine_per_class), over the same last axis: logits, where a network exports
+    no softmax."""
     seen, outputs = linear_and_model_outputs(model, as_input(probe))
-    found = set()
-    for index, y in enumerate(outputs):
-        for z in seen.values():
-            if y.numel() == z.numel() and y.shape[-1] == z.shape[-1] and \
-                    torch.allclose(z.reshape(y.shape).to(torch.float64), y.to(torch.float64), rtol=1e-5, atol=1e-6):
-                found.add(index)
-                break
-    return found
+    return {index for index, y in enumerate(outputs) if any(_affine_per_class(y, z) for z in seen.values())}
 
 
 def run_checked(model: nn.Module, x: Tensor) -> Tensor:
