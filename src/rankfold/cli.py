@@ -594,11 +594,13 @@ def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str],
     budget = parse_budget("weight_bytes", given) if given else Budget("weight_bytes", 1.0, relative=True)
     limit = int(budget.limit(held))
     args.file_weight_limit = limit  # the plan counts its layers only: the written file is checked too (_save_within)
-    if not budget.relative:
-        return budgets
+    # The plan prices the layers; the constants outside them (scales, biases, integer weights of ops
+    # that are not layers) come on top, as they are held now.
+    outside = sum(b.numel() * b.element_size() for b in model.buffers())
     log(f"  the file holds {held:,} weight bytes (integer weights): "
-        f"{f'--max-weight-bytes {given} is' if given else 'the result may not outgrow them, at most'} {limit:,}")
-    return {**budgets, "weight_bytes": str(limit)}
+        f"{f'--max-weight-bytes {given} is' if given else 'the result may not outgrow them, at most'} {limit:,}, "
+        f"{outside:,} of them for constants outside the layers")
+    return {**budgets, "weight_bytes": str(max(limit - outside, 1))}
 
 
 def _save_within(args: argparse.Namespace, result, limit: int) -> None:

@@ -734,13 +734,19 @@ def _quantize_straight_through(vals, attrs):
 
 @op("DynamicQuantizeLinear")
 def _dynamic_quantize(vals, attrs):
+    """uint8 codes of x at a scale and zero point from its range. The codes are returned in float
+    (the integers 0..255 a uint8 holds, the same values) and rounded straight-through, so that
+    gradients flow back through an already-quantized graph's activations: as uint8 they cut the
+    gradient, and the planner saw every layer before one as free (ddddocr's int8 recogniser at
+    half its parameters read no line alike)."""
     x = vals[0]
     low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
     scale = (high - low) / 255.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.clamp(torch.round(-low / scale), 0, 255)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
-    return [q.to(torch.uint8), scale.to(torch.float32), zero.to(torch.uint8)]
+    scaled = x / scale
+    q = torch.clamp(scaled + (torch.round(scaled) - scaled).detach() + zero, 0, 255)
+    return [q.to(torch.float32), scale.to(torch.float32), zero.to(torch.uint8)]
 
 
 def _wide() -> torch.dtype:
