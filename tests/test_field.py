@@ -120,6 +120,23 @@ def test_a_sequence_is_judged_per_position_and_by_whole_sequences():
     with pytest.raises(RankfoldError, match=r"sequence .* \(required: sequence >= 0.99\)"):
         refuse_if_poor(check, 0.0, rules=(CheckRule("sequence", 0.99),))
 
+    assert f"sequences read alike {whole:.1%}" in check.describe()
+
+
+def test_fine_tuning_progress_reports_the_measure_the_check_judges_by():
+    from rankfold.training.loop import _held_agreement
+
+    model, noisy = Recogniser().eval(), Recogniser().eval()
+    with torch.no_grad():
+        noisy.head.weight.add_(torch.randn_like(noisy.head.weight) * 0.5)
+    x = torch.randn(64, 3, 8, 32)
+    progress = _held_agreement(model, noisy, x)
+    assert progress == {"held_agreement": agreement(model, noisy, x).outputs[0].metrics["sequence"],
+                        "held_measure": "sequences read alike"}
+    scores = DenseMap().eval()  # a probability map: its score IoU
+    assert _held_agreement(scores, scores, x[:, :, :8, :8]) == {"held_agreement": 1.0, "held_measure": "score IoU"}
+    features = nn.Conv2d(3, 4, 1).eval()  # a dense map judged by relative error alone
+    assert _held_agreement(features, features, x)["held_measure"] == "1 - relative error"
 
 def test_the_sample_axis_of_an_output_is_where_the_batch_is():
     from rankfold.selfcheck import sample_axis

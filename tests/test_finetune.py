@@ -139,7 +139,8 @@ def test_the_cli_checks_the_tuned_result_and_writes_it(files, tmp_path):
     assert code == 0, err
     history = json.loads((tmp_path / "r.json").read_text())["finetune"]["history"]
     assert history[0]["step"] == 0 and history[-1]["step"] == 80
-    assert history[-1]["held_top1"] > history[0]["held_top1"], history  # closer to the teacher than before
+    assert history[-1]["held_agreement"] > history[0]["held_agreement"], history  # closer to the teacher than before
+    assert history[0]["held_measure"] == "top-1 agreement"
     assert "before fine-tuning: held-back top-1 agreement" in err and "step 80/80" in err
     assert "self-check: top-1 agreement" in out and "fine-tuned 80 steps" in out
     assert (tmp_path / "tuned.onnx").exists() and (tmp_path / "r.json").exists()
@@ -254,7 +255,28 @@ def test_a_time_budget_sets_the_steps_from_the_first_ones(pair):
     lines = []
     _tuned, log = finetune(student, teacher, _inputs(128), config=FinetuneConfig(minutes=1e-4, batch_size=16),
                            progress=lines.append)
-    assert log.steps == 5 and any("min allow 5 steps" in line for line in lines), lines  # the 5 timed steps
+    # the first step, then the 5 timed ones
+    assert log.steps == 6 and any("min allow 6 steps" in line for line in lines), lines
+
+
+def test_a_time_budget_is_timed_after_the_first_step(pair, monkeypatch):
+    """A slow first step (lazy initialization, a GPU's warm-up) spends its time but does not set the speed."""
+    from rankfold.training import loop
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(loop.time, "time", lambda: clock["now"])
+    slow_first = {"steps": 0}
+    real_step = loop._Distiller.loss
+
+    def loss(self, rows, seed):  # each step: 1 s, the first 30 s
+        slow_first["steps"] += 1
+        clock["now"] += 30.0 if slow_first["steps"] == 1 else 1.0
+        return real_step(self, rows, seed)
+
+    monkeypatch.setattr(loop._Distiller, "loss", loss)
+    teacher, student = pair
+    _tuned, log = finetune(student, teacher, _inputs(128), config=FinetuneConfig(minutes=1.0, batch_size=16))
+    assert log.steps == 6 + (60 - 35)  # 35 s spent on 6 steps, then 25 more of 1 s
 
 
 def test_lsq_starts_at_the_least_error_clipping_and_learns_its_step():
@@ -430,3 +452,45 @@ def test_a_memory_limit_too_small_for_one_sample_is_refused_before_any_step(pair
     with pytest.raises(RankfoldError, match="too little to fine-tune"):
         finetune(student, teacher, _inputs(128), config=config, max_memory=1 << 20, progress=lines.append)
     assert not any(line.startswith("step ") for line in lines)
+
+
+@pytest.mark.parametrize("name, message", [("tpu", "expected cpu, cuda or cuda:N"),
+                                           ("gpu:0", "expected cpu, cuda or cuda:N"),
+                                           ("cuda:99", "CUDA device")])
+def test_a_training_device_torch_cannot_use_is_refused_by_name(name, message):
+    from rankfold.training.distributed import training_device
+
+    assert training_device(None) == torch.device("cpu")
+    with pytest.raises(RankfoldError, match=message):
+        training_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_asked_where_there_is_none_stops_before_any_work(files, tmp_path):
+    for command, args in (("compress", ["--max-params", "60%", "--train", files / "train.npz", "--finetune-steps",
+                                        "10"]),
+                          ("finetune", ["--student", files / "student.onnx", "--train", files / "train.npz",
+                                        "--steps", "10"])):
+        code, out, err = run_cli(command, files / "m.onnx", "--calib", files / "calib.npz", *args, "--device", "cuda",
+                                 "-o", tmp_path / f"{command}.onnx")
+        assert code == 2 and "--device cuda: torch sees no CUDA device" in err and "Traceback" not in err, err
+        assert "fine-tuning on" not in err and not (tmp_path / f"{command}.onnx").exists()
+    code, _, err = run_cli("compress", files / "m.onnx", "--calib", files / "calib.npz", "--max-params", "60%",
+                           "--device", "cpu", "-o", tmp_path / "alone.onnx")
+    assert code == 2 and "--device need --train" in err and not (tmp_path / "alone.onnx").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_distillation_on_the_gpu_moves_as_on_the_cpu(pair):
+    teacher, student = pair
+    config = FinetuneConfig(steps=40, batch_size=32, lr=3e-3, log_every=20)
+    runs = {device: finetune(student, teacher, _inputs(512), config=config, held=_inputs(64, seed=1), device=device)
+            for device in ("cpu", "cuda")}
+    held = _inputs(64, seed=1)
+    with torch.no_grad():
+        losses = {device: float(distillation_loss([tuned(held)], [teacher(held)], ["classes"], temperature=4.0))
+                  for device, (tuned, _log) in runs.items()}
+    tuned_on_gpu = runs["cuda"][0]
+    assert all(p.device.type == "cpu" for p in tuned_on_gpu.parameters())  # handed back on the CPU
+    assert abs(losses["cuda"] - losses["cpu"]) <= 0.1 * losses["cpu"] + 1e-4, losses
+    assert [h["step"] for h in runs["cuda"][1].history] == [0, 20, 40]

@@ -575,7 +575,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
         result, _ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
                                           progress=lambda m: log("  " + m),
                                           attack=args.attack_config if args.preserve_robustness else None,
-                                          max_memory=args.max_memory)
+                                          max_memory=args.max_memory, device=args.device)
     _finish(args, result, example, t0, budgets)
 
 
@@ -644,17 +644,18 @@ def _compress_training(args: argparse.Namespace, graph):
     import torch
 
     from rankfold.training import FinetuneConfig
-    from rankfold.training.distributed import World, launched_by_torchrun
+    from rankfold.training.distributed import World, launched_by_torchrun, training_device
     from rankfold.training.loop import check_training_data
 
-    asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes))
-             if v is not None]
+    asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes),
+                            ("--device", args.device)) if v is not None]
     if args.train is None:
         if asked:
             raise RankfoldError(f"{'/'.join(asked)} need --train TRAIN.npz (the inputs to fine-tune on)")
         return None
     if not asked:
         raise RankfoldError("--train fine-tunes the plan: say how long with --finetune-steps N or --finetune-minutes M")
+    training_device(args.device)
     if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
         raise RankfoldError("under torchrun, plan first (compress --plan-out PLAN.json), then run "
                             "`torchrun ... rankfold.cli finetune MODEL --plan PLAN.json`")
@@ -747,7 +748,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     train_x = torch.from_numpy(train.x[:limit])
     labels = torch.from_numpy(train.y[:limit]).long() if args.label_weight > 0 else None
     attack = _adversarial_distillation(args, train.x)
-    world = join_world()
+    world = join_world(args.device)
     check_training_data(train_x, labels, config, world)
     if args.checkpoint:  # made last: nothing is made when an input is wrong
         _checkpoint_directory(args.checkpoint, [args.model, args.train, args.calib, args.plan, args.student])
@@ -760,7 +761,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         result, ft_log = finetune_result(result, train_x, config=config, labels=labels, check=not args.no_check,
                                          checkpoint_dir=args.checkpoint, qat=not args.no_qat,
                                          progress=lambda m: log("  " + m), attack=attack,
-                                         max_memory=args.max_memory)
+                                         max_memory=args.max_memory, device=args.device)
         if world.is_main:
             _finish_finetune(args, result, ft_log, example, t0)
         world.barrier()
@@ -1087,6 +1088,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _device_arg(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument("--device", help=f"{prefix}where the training runs: cpu (default), cuda or cuda:N (one process; "
+                                    "the teacher runs there too, the self-check on the CPU; under torchrun each "
+                                    "process takes the GPU of its local rank)")
+
+
 def _positive_int(text: str) -> int:
     value = _integer(text)
     if value < 1:
@@ -1238,6 +1245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the self-check (rankfold finetune with its defaults)")
     p.add_argument("--finetune-steps", type=_positive_int, help="with --train: optimizer steps of 64 samples")
     p.add_argument("--finetune-minutes", type=_positive_float, help="with --train: a time budget for fine-tuning")
+    _device_arg(p, "with --train: ")
     p.add_argument("--report", help="also write the report as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_compress)
@@ -1273,6 +1281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=_positive_float, help="time budget: the steps are set from the speed of the "
                                                           "first ones (with --steps: the smaller)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (default 64)")
+    _device_arg(p)
     p.add_argument("--lr", type=_positive_float, default=3e-4, help="peak learning rate (default 3e-4; warm-up, "
                                                                     "then cosine)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",

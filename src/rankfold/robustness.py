@@ -266,7 +266,7 @@ def adversarial_batch(student: nn.Module, x: Tensor, teacher_outputs: Sequence[T
     from rankfold.analyze import model_outputs
     from rankfold.training.losses import distillation_loss
 
-    start = _project(x + (torch.rand(x.shape, generator=generator) * 2 - 1) * eps, x, eps, low, high)
+    start = _project(x + (torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1) * eps, x, eps, low, high)
     start = start.detach().requires_grad_(True)
     loss = distillation_loss(model_outputs(student(start)), teacher_outputs, kinds, temperature=temperature)
     (grad,) = torch.autograd.grad(loss, start)

@@ -96,6 +96,8 @@ class Agreement:
         if embeddings:
             top1 += f"embedding cosine {min(embeddings):.4f}, "
         for o in self.outputs:
+            if o.kind == "sequence":  # what its default rule judges; top-1 above is per position
+                top1 += f"sequences read alike {o.metrics['sequence']:.1%}, "
             if o.kind == "scores":
                 top1 += f"score IoU@{DEFAULT_IOU_AT:g} {o.metrics[f'iou@{DEFAULT_IOU_AT:g}']:.1%}, "
             if o.kind == "next_token":

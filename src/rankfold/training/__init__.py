@@ -21,7 +21,7 @@ def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConf
                     checkpoint_dir: str | None = None, check: bool = True, qat: bool = True,
                     progress: Callable[[str], None] | None = None,
                     attack: AttackConfig | None = None,
-                    max_memory: int | None = None) -> tuple[Compressed, FinetuneLog]:
+                    max_memory: int | None = None, device: str | None = None) -> tuple[Compressed, FinetuneLog]:
     """`result` with its module distilled from `result.original` on `train_x`, then the self-check
     of compress on the same held-back calibration samples (refusing a result below its rules);
     progress shows the loss and the held-back agreement as training goes. With `qat` (default) a
@@ -31,7 +31,8 @@ def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConf
     judges `result.check_samples` when set (with adversarial distillation after adversarial
     calibration, the clean held-back ones: the student is taught the teacher's clean answers where
     the teacher's own adversarial inputs fool it). `max_memory`: bytes the training stays under
-    (default half the memory available; a large batch then runs in micro-batches)."""
+    (default half the memory available; a large batch then runs in micro-batches). `device`: where
+    the training runs (cpu by default, or cuda); the result comes back on the CPU."""
     from rankfold.planner.pipeline import check_result
 
     say = progress or (lambda _m: None)
@@ -40,7 +41,8 @@ def finetune_result(result: Compressed, train_x: Tensor, *, config: FinetuneConf
     module, log = finetune(result.module, result.original, train_x, labels=labels, config=config, held=held,
                            checkpoint_dir=checkpoint_dir, progress=progress, fake_quant=fake_quant,
                            reduce_range=bool(result.plan and result.plan.reduce_range), attack=attack,
-                           per_tensor=result.plan.per_tensor_layers() if fake_quant else (), max_memory=max_memory)
+                           per_tensor=result.plan.per_tensor_layers() if fake_quant else (), max_memory=max_memory,
+                           device=device)
     checked = check_result(result.original, module, held, result.min_agreement, say, result.max_output_error,
                            result.rules) if check else None
     return dataclasses.replace(result, module=module, check=checked, weights_on_grid=fake_quant is not None,

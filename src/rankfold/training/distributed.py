@@ -53,10 +53,34 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join_world() -> World:
-    """The World of this process, joining the process group when torchrun started several (once)."""
+def training_device(name: str | None) -> torch.device:
+    """The device one process trains on: `cpu` (default), `cuda` or `cuda:N`, refused by name when
+    torch sees no such device (checked before any work)."""
+    from rankfold.errors import RankfoldError
+
+    name = name or "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RankfoldError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RankfoldError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RankfoldError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}); "
+                                "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RankfoldError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                                f"numbered from 0")
+    return device
+
+
+def join_world(device: str | None = None) -> World:
+    """The World of this process, joining the process group when torchrun started several (once).
+    One process trains on `device` (training_device); under torchrun each process takes the GPU of
+    its local rank when there are GPUs."""
     if not launched_by_torchrun():
-        return World()
+        return World(device=training_device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")

@@ -33,13 +33,13 @@ from rankfold.training.qat import (
 )
 
 TEACHER_CACHE_BYTES = 1 << 30  # teacher outputs kept per sample up to this; above it, recomputed
-TIMED_STEPS = 5  # a time budget sets the number of steps from the speed of these
+TIMED_STEPS = 5  # a time budget sets the number of steps from the speed of these (after the first)
 ACTIVATION_CALIBRATION_SAMPLES = 256  # training samples that start the learned activation steps
 
 
 @dataclass
 class FinetuneLog:
-    """What the run did, for the report: steps, time, samples seen, the loss and held-back top-1
+    """What the run did, for the report: steps, time, samples seen, the loss and the held-back
     agreement as they went."""
 
     steps: int
@@ -60,7 +60,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
              progress: Callable[[str], None] | None = None, world: World | None = None,
              fake_quant: Mapping[str, int] | None = None, reduce_range: bool = False,
              attack: AttackConfig | None = None, per_tensor: Collection[str] = (),
-             max_memory: int | None = None) -> tuple[nn.Module, FinetuneLog]:
+             max_memory: int | None = None, device: str | None = None) -> tuple[nn.Module, FinetuneLog]:
     """A trained copy of `student` (`student` and `teacher` are left as they are) and the log.
 
     Every output of the teacher is distilled (losses.LOSS_OF_KIND by output kind). Batch
@@ -76,24 +76,31 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
     from the teacher's outputs on the clean batch (one signed step from a random start), so the
     student keeps the teacher's answers inside the eps-ball (robustness.adversarial_batch).
     `max_memory`: bytes the run stays under (default half the memory available): a batch too large
-    for it runs in micro-batches whose gradients add up to the batch's."""
-    world = world or join_world()
+    for it runs in micro-batches whose gradients add up to the batch's (host memory: on a GPU the
+    batch runs whole). `device`: where one process trains (distributed.training_device; default
+    cpu); the teacher runs there too, the held-back agreement on the CPU, and the trained copy
+    comes back on the CPU."""
+    world = world or join_world(device)
     say = progress if (progress and world.is_main) else (lambda _m: None)
     check_training_data(train_x, labels, config, world)
     student = copy.deepcopy(student).to(world.device).eval()
+    # The teacher answers on the training device; the held-back check keeps the caller's (CPU) one.
+    teacher = teacher.eval()
+    host_teacher = teacher
+    if world.device.type != "cpu":
+        teacher = copy.deepcopy(teacher).to(world.device).eval()
     input_hooks = []
     if fake_quant and config.activation_steps == "lsq":  # before the weights' parametrization: the
         # student is exported to find each layer's input tensor, and exported as the file will be
         input_hooks = attach_activation_quant(student, quantized_leaves(student, fake_quant),
-                                              as_input(train_x[:ACTIVATION_CALIBRATION_SAMPLES]))
+                                              as_input(train_x[:ACTIVATION_CALIBRATION_SAMPLES]).to(world.device))
     quantized = attach_fake_quant(student, fake_quant, reduce_range=reduce_range,
                                   steps=config.weight_steps, per_tensor=per_tensor) if fake_quant else []
     if quantized:
         say(f"quantization-aware: {len(quantized)} layer(s) train through their weights' quantization "
             f"({config.weight_steps} steps)" + (f" and {len(input_hooks)} through their inputs' int8 quantization "
                                                 "(learned steps)" if input_hooks else ""))
-    teacher = teacher.eval()
-    kinds = _output_kinds(teacher, train_x[:2])
+    kinds = _output_kinds(teacher, train_x[:2].to(world.device))
     trainable = [p for p in student.parameters() if p.requires_grad]
     if not trainable:
         raise RankfoldError("the compressed network has no trainable parameters")
@@ -110,16 +117,18 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
         start, total, history = state["step"], state["total_steps"], state["history"]
         say(f"resumed from {os.path.join(checkpoint_dir, 'finetune-checkpoint.pt')} at step {start} of {total}")
     if held is not None and start == 0:
-        history.append({"step": 0, "held_top1": _held_agreement(teacher, student, held), "seconds": 0.0})
-        say(f"before fine-tuning: held-back top-1 agreement {history[0]['held_top1']:.1%}")
+        history.append({"step": 0, **_held_agreement(host_teacher, student, held), "seconds": 0.0})
+        say(f"before fine-tuning: held-back {history[0]['held_measure']} {history[0]['held_agreement']:.1%}")
     trained = _wrapped(student, world)
     cache = _TeacherCache(teacher, train_x, world.device)
     per_epoch = len(train_x) // config.batch_size
-    ball = attack.bounds(train_x.numpy(), max(attack.eps)) if attack is not None else None
+    ball = tuple(b.to(world.device) for b in attack.bounds(train_x.numpy(), max(attack.eps))) \
+        if attack is not None else None
     if ball is not None:
         say(f"adversarial distillation: eps {max(attack.eps):g} in {attack.units}, one signed step from a random "
             "start per batch")
-    micro = _micro_batch(student, teacher, train_x, config, world, max_memory, ball is not None, say)
+    micro = _micro_batch(student, teacher, train_x, config, world, max_memory, ball is not None, say) \
+        if world.device.type == "cpu" else config.batch_size // world.size
     features = _FeatureTaps(student, teacher, changed_layers(student, teacher, fake_quant)) \
         if config.feature_weight > 0 else None
     if features is not None:
@@ -128,13 +137,17 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
                            features)
     t0 = time.time()
     step = start
-    # A time budget sets the number of steps once, from the first steps' speed; a resumed run keeps
-    # the number its checkpoint recorded, so its schedule is the one it started with.
+    # A time budget sets the number of steps once, from the speed of the steps after the first (whose
+    # lazy initialization, on a GPU its warm-up, took a third of a short budget on an H200); a
+    # resumed run keeps the number its checkpoint recorded, so its schedule is the one it started with.
     timed_total = config.minutes is not None and (state is None or total is None)
+    first_done = t0
     while step < (total or math.inf):
-        if timed_total and step == start + TIMED_STEPS:
-            total = _steps_in_time(config, start, step, time.time() - t0, world)
-            say(f"{config.minutes:g} min allow {total} steps in all ({(time.time() - t0) / TIMED_STEPS:.2f} s a step)")
+        if timed_total and step == start + 1 + TIMED_STEPS:
+            per_step = (time.time() - first_done) / TIMED_STEPS
+            total = _steps_in_time(config, step, time.time() - t0, per_step, world)
+            say(f"{config.minutes:g} min allow {total} steps in all ({per_step:.3f} s a step; the first took "
+                f"{first_done - t0:.2f} s)")
             timed_total = False
             if step >= total:
                 break
@@ -159,10 +172,12 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
             step_loss += float(loss.detach())
         optimizer.step()
         step += 1
+        if step == start + 1:
+            first_done = time.time()
         if step % config.log_every == 0 or step == total:
             entry = {"step": step, "loss": world.mean(step_loss), "seconds": round(time.time() - t0, 1)}
             if held is not None:
-                entry["held_top1"] = _held_agreement(teacher, student, held)
+                entry.update(_held_agreement(host_teacher, student, held))
             history.append(entry)
             say(_progress_line(entry, total))
         if checkpoint_dir and (step % config.checkpoint_every == 0 or step == total):
@@ -289,22 +304,38 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: FinetuneConfig, step: int,
         group["lr"] = config.lr * scale
 
 
-def _steps_in_time(config: FinetuneConfig, start: int, step: int, elapsed: float, world: World) -> int:
-    per_step = elapsed / max(1, step - start)
-    allowed = start + int(config.minutes * 60 / per_step)
+def _steps_in_time(config: FinetuneConfig, step: int, elapsed: float, per_step: float, world: World) -> int:
+    """The step the run ends at: as many more as the rest of the budget holds at `per_step` seconds."""
+    allowed = step + int((config.minutes * 60 - elapsed) / max(per_step, 1e-9))
     total = min(allowed, config.steps) if config.steps else allowed
     return world.minimum(max(total, step))  # every process stops at the same step
 
 
-def _held_agreement(teacher: nn.Module, student: nn.Module, held: Tensor) -> float:
-    from rankfold.selfcheck import agreement
+# What the progress calls each default measure of the self-check (selfcheck.default_rules)
+_MEASURE_NAMES = {"sequence": "sequences read alike", "top1": "top-1 agreement", "iou": "score IoU",
+                  "cosine": "embedding cosine"}
 
+
+def _held_agreement(teacher: nn.Module, student: nn.Module, held: Tensor) -> dict:
+    """{"held_agreement": share, "held_measure": its name}: on the held-back samples, the measure
+    the self-check judges each output by by default (whole sequences read alike, top-1, score IoU,
+    cosine; 1 - relative error where it has none that rises with agreement), the worst output's."""
+    from rankfold.selfcheck import agreement, default_rules
+
+    if next(student.parameters()).device.type != "cpu":  # a copy on the CPU, where `held` and the teacher are
+        student = copy.deepcopy(student).cpu()
     check = agreement(teacher, student, held)
-    return check.top1_agreement if check.top1_agreement is not None else 1.0 - check.rel_output_error
+    measures = []
+    for out in check.outputs:
+        rules = [r for r in default_rules(out.kind, 0.0, 0.0) if r.metric in _MEASURE_NAMES and r.key in out.metrics]
+        measures.append((out.metrics[rules[0].key], _MEASURE_NAMES[rules[0].metric]) if rules
+                        else (1.0 - out.rel_output_error, "1 - relative error"))
+    value, name = min(measures) if measures else (1.0 - check.rel_output_error, "1 - relative error")
+    return {"held_agreement": value, "held_measure": name}
 
 
 def _progress_line(entry: dict, total: int | None) -> str:
-    held = f", held-back top-1 agreement {entry['held_top1']:.1%}" if "held_top1" in entry else ""
+    held = f", held-back {entry['held_measure']} {entry['held_agreement']:.1%}" if "held_agreement" in entry else ""
     return f"step {entry['step']}/{total or '?'}: loss {entry['loss']:.4f}{held} ({entry['seconds']:.0f} s)"
 
 
@@ -322,7 +353,7 @@ class _TeacherCache:
         if self.have is not None and bool(self.have[batch].all()):
             return [k[batch].to(self.device) for k in self.kept]
         with torch.no_grad():
-            outs = [y.detach() for y in model_outputs(self.teacher(as_input(self.train_x[batch])))]
+            outs = [y.detach() for y in model_outputs(self.teacher(as_input(self.train_x[batch]).to(self.device)))]
         self._keep(batch, outs)
         return [y.to(self.device) for y in outs]
 
