@@ -339,6 +339,26 @@ def test_one_pass_layer_inputs_give_the_weights_of_prefix_passes(tmp_path):
     assert all(torch.equal(weights[0][k], weights[2**30][k]) for k in weights[0])
 
 
+def test_a_batch_one_graph_keeps_its_layer_inputs_in_one_pass_where_8_samples_a_pass_would_not_fit(tmp_path,
+                                                                                                 monkeypatch):
+    """A graph whose batch is fixed at 1 runs one sample a pass whatever the memory: the graph state
+    needs room beside one sample, not beside 8 (ddddocr's recogniser went to prefix passes)."""
+    from rankfold import host_memory
+    from rankfold.frontends.onnx import load_onnx
+
+    monkeypatch.setattr(host_memory, "resident_bytes", lambda: 500 * 2**20)  # the process, held still
+    x = torch.randn(48, 3, 8, 8)
+    kept = {}
+    for fixed in (True, False):
+        model = load_onnx(_export(DenseMap(), x[:1 if fixed else 2], tmp_path / f"m{fixed}.onnx",
+                                  dynamic_batch=not fixed))
+        assert model.fixed_batch == (1 if fixed else None)
+        state = 2 * host_memory.peak_state_bytes(model, x[:1]) * len(x)
+        _weights, held, per_sample = host_memory._run_costs(model, x[:1], state)
+        _memory, kept[fixed] = host_memory.calibration_memory(model, x[:1], x, held + 2 * per_sample)
+        kept[fixed] = kept[fixed] == state
+    assert kept == {True: True, False: False}
+
 def test_eval_counts_the_macs_of_a_graph_with_open_dimensions_at_the_datas_size(tmp_path):
     """A graph that leaves its height and width open has MACs only at a given size: eval takes
     the data's (before: 0 MACs reported)."""

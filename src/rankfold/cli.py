@@ -332,13 +332,12 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
     from rankfold.settings import use_batch, use_memory_headroom
 
     memory, state = calibration_memory(model, example, calib, args.max_memory)
-    fixed_batch = getattr(model, "fixed_batch", None)  # ONNX graphs say; modules from a directory never fix it
-    use_batch(min(memory.batch, fixed_batch or memory.batch))  # a fixed batch runs one at a time
+    use_batch(memory.batch)  # a graph's fixed batch at most
     use_memory_headroom(state)
     args.memory_line = "  " + memory.describe()  # said when the work starts, after every check
     if state:
         args.memory_line += f", {format_bytes(state)} of it for the graph state between layers"
-    if fixed_batch:
+    if getattr(model, "fixed_batch", None):  # ONNX graphs say; modules from a directory never fix it
         args.memory_line += "\n  the graph's batch is fixed at 1: calibration runs one sample at a time, and " \
                             "the result keeps the fixed batch"
     if getattr(model, "size_note", None):

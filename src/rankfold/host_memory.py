@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -169,20 +169,30 @@ def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
                        limit: int | None = None) -> tuple[MemoryPlan, int]:
     """The memory plan of a run over `calib` under `limit` bytes, and the bytes of it set aside for
     the graph state of the calibration samples (one forward pass for all layers' inputs, instead of
-    one per layer): for all of them, else for 128, 64 or 32, when a batch of 8 still fits beside
-    it; 0 when none does (layer inputs then come from prefix passes). A budget too small for one
-    sample is a RankfoldError, before any work. The CLI and compress() both run under it."""
+    one per layer): for all of them, else for 128, 64 or 32, when a batch of 8 (or the graph's
+    fixed batch, if smaller) still fits beside it; 0 when none does (layer inputs then come from
+    prefix passes). A budget too small for one sample is a RankfoldError, before any work. The CLI
+    and compress() both run under it."""
     if calib is not None and hasattr(model, "advance"):  # graph state: ONNX-loaded graphs (GraphCursor)
         per_sample = 2 * peak_state_bytes(model, example[:1])  # the original's and the compressed one's
+        # A graph whose batch is fixed runs that many samples a pass whatever the memory: asking room
+        # for 8 sent ddddocr's batch-1 recogniser to prefix passes (one pass per layer, 2-3x slower).
+        wanted = min(8, len(calib), getattr(model, "fixed_batch", None) or 8)
         for samples in sorted({min(n, len(calib)) for n in (len(calib), 128, 64, 32)}, reverse=True):
             state = per_sample * samples
             try:
                 memory = plan_memory(model, example, limit, reserved=state)
             except RankfoldError:  # no room for that state beside one sample
                 continue
-            if memory.batch >= min(8, len(calib)):
-                return memory, state
-    return plan_memory(model, example, limit), 0
+            if memory.batch >= wanted:
+                return _at_most_fixed(memory, model), state
+    return _at_most_fixed(plan_memory(model, example, limit), model), 0
+
+
+def _at_most_fixed(memory: MemoryPlan, model: nn.Module) -> MemoryPlan:
+    """A graph exported with a fixed batch runs that many samples a pass, whatever room there is."""
+    fixed = getattr(model, "fixed_batch", None)  # ONNX graphs say; modules from a directory never fix it
+    return replace(memory, batch=min(memory.batch, fixed)) if fixed else memory
 
 
 @contextlib.contextmanager
@@ -191,6 +201,5 @@ def memory_scope(model: nn.Module, example: Tensor, calib: Tensor | None,
     """Every calibration pass inside the block in the batches calibration_memory() chooses (one
     sample at a time for a graph whose batch is fixed at 1), with its graph-state headroom."""
     memory, state = calibration_memory(model, example, calib, limit)
-    fixed = getattr(model, "fixed_batch", None)
-    with batches_of(min(memory.batch, fixed or memory.batch)), memory_headroom_of(state):
+    with batches_of(memory.batch), memory_headroom_of(state):
         yield memory, state
