@@ -174,6 +174,38 @@ class ScaledLogits(SequenceFirstLogits):
         return super().forward(x) * 2.0 - 1.0
 
 
+
+@pytest.mark.parametrize("shapes, batch, one", [
+    (((8, 10), (8, 4)), 8, ((10,), (4,))),
+    (((16, 8, 12), (16, 8, 5)), 8, ((16, 12), (16, 5))),  # sequence-first
+    (((16, 32, 32), (16, 32, 12)), 32, ((16, 32), (16, 12))),  # channels = batch: the output decides
+    (((16, 1, 12), (16, 1, 5)), 1, ((16, 12), (16, 5))),
+    (((1, 12), (1, 5)), 1, ((12,), (5,))),
+    (((16, 12), (16, 5)), 1, ((16, 12), (16, 5))),  # a batch-1 graph that squeezed its batch away
+    (((128, 12), (128, 5)), 8, ((16, 12), (16, 5))),  # samples merged with time
+    (((8, 3, 8, 8), (8, 16, 4, 4)), 8, ((3, 8, 8), (16, 4, 4)))])
+def test_a_layer_shape_for_one_sample_drops_the_sample_axis_wherever_it_is(shapes, batch, one):
+    from rankfold.analyze import per_sample_shapes
+
+    assert per_sample_shapes(*shapes, batch) == one
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_a_sequence_first_head_is_priced_for_every_step(tmp_path, dynamic_batch):
+    """A Linear on (T, N, C) runs T rows a sample: its MACs are T times one row's (the sample axis
+    was taken to be the first, and ddddocr's head was priced for one step of 32)."""
+    import rankfold
+    from rankfold.planner.sensitivity import layer_statistics
+
+    x = torch.randn(32, 3, 8, 32)
+    loaded = rankfold.load_onnx(_export(SequenceFirstLogits(), x[:1], tmp_path / "m.onnx",
+                                        dynamic_batch=dynamic_batch))
+    head = next(name for name, m in loaded.named_modules() if isinstance(m, nn.Linear))
+    stats = layer_statistics(loaded, [head], x, batch_size=8)
+    assert (stats[head].input_shape, stats[head].output_shape) == ((16, 32), (16, 12))
+    result = rankfold.compress_to_budget(loaded, calib=x, budgets={"params": "100%"}, bits=32, check=False)
+    assert {layer.name: layer.macs for layer in result.plan.layers}[head] == 16 * 32 * 12
+
 def test_logits_scaled_and_shifted_after_their_linear_are_still_read_as_a_sequence():
     model = ScaledLogits().eval()
     assert agreement(model, model, torch.randn(8, 3, 8, 32)).outputs[0].kind == "sequence"

@@ -123,6 +123,48 @@ def is_ctc_logits(logits: Tensor) -> bool:
     return int(torch.bincount(flat.argmax(-1), minlength=flat.shape[1]).argmax()) == 0
 
 
+def sample_axis(shape: tuple[int, ...], batch: int) -> int:
+    """The axis of an output that runs over the samples of a batch of `batch`: the first, unless it
+    differs from `batch` and exactly one other axis has that size (a sequence-first (T, N, classes)
+    recogniser, a batch-1 graph's (T, 1, classes))."""
+    if not shape or shape[0] == batch:
+        return 0
+    others = [axis for axis, size in enumerate(shape) if size == batch]
+    return others[0] if len(others) == 1 else 0
+
+
+def _clear_sample_axis(shape: tuple[int, ...], batch: int) -> int | None:
+    """sample_axis where the shape tells it: the first axis when it is the batch's, else the one
+    axis of the batch's size; None when no axis or several have it."""
+    if shape and shape[0] == batch:
+        return 0
+    hits = [axis for axis, size in enumerate(shape) if size == batch]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _one_sample(shape: tuple[int, ...], axis: int | None, batch: int) -> tuple[int, ...]:
+    if axis is not None:
+        return shape[:axis] + shape[axis + 1 :]
+    if shape and shape[0] % batch == 0:  # samples merged with another axis, (N*T, C), or squeezed away
+        return (shape[0] // batch, *shape[1:])
+    return shape[1:]
+
+
+def per_sample_shapes(input_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                      batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A layer's input and output shapes for one sample of a batch of `batch`, without the sample
+    axis wherever it is: a sequence-first (T, N, C) tensor keeps T (ddddocr's head and LSTM input
+    projection were priced for one step of 32 when the first axis was dropped); a first axis that
+    merges the samples with another, (N*T, C), gives (T, C), and so does a batch-1 graph's (T, C)
+    that squeezed its batch away. A Linear or a convolution keeps the sample axis where it was, so
+    where the input's channels equal the batch, the output's axis decides."""
+    inputs, outputs = tuple(input_shape), tuple(output_shape)
+    axis_in, axis_out = _clear_sample_axis(inputs, batch), _clear_sample_axis(outputs, batch)
+    if len(inputs) == len(outputs):
+        axis_in = axis_out = axis_out if axis_out is not None else axis_in
+    return _one_sample(inputs, axis_in, batch), _one_sample(outputs, axis_out, batch)
+
+
 def output_kind(y: Tensor, logits: bool = False) -> str:
     """'classes' for (N, classes) scores; for a softmax over the last axis of a longer output,
     'sequence' when it is (N, T, classes) (tokens, CTC frames) and 'distribution' otherwise (a

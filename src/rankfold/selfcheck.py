@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, logit_outputs, model_outputs, output_kind
+from rankfold.analyze import as_input, logit_outputs, model_outputs, output_kind, sample_axis
 from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
 from rankfold.settings import (
@@ -106,16 +106,6 @@ class Agreement:
                          f"KL {o.metrics['kl']:.4f} per token, ")
         heads = f" ({len(self.outputs)} outputs, worst shown)" if len(self.outputs) > 1 else ""
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
-
-
-def sample_axis(shape: tuple[int, ...], batch: int) -> int:
-    """The axis of an output that runs over the samples of a batch of `batch`: the first, unless it
-    differs from `batch` and exactly one other axis has that size (a sequence-first (T, N, classes)
-    recogniser, a batch-1 graph's (T, 1, classes))."""
-    if not shape or shape[0] == batch:
-        return 0
-    others = [axis for axis, size in enumerate(shape) if size == batch]
-    return others[0] if len(others) == 1 else 0
 
 
 def _collapsed(row: list[int]) -> tuple[int, ...]:

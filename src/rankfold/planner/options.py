@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import TABLES, run_hooked
+from rankfold.analyze import TABLES, per_sample_shapes, run_hooked
 from rankfold.errors import RankfoldError
 from rankfold.layers import layer_spec
 from rankfold.methods import method_named
@@ -202,7 +202,8 @@ def data_free_stats(model: nn.Module, names: list[str], example: Tensor):
     modules = dict(model.named_modules())
     shapes: dict[str, tuple] = {}
     def record(name: str, inputs, output) -> None:  # a forward hook that returned a value would replace the output
-        shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+        if name not in shapes:
+            shapes[name] = per_sample_shapes(inputs[0].shape, output.shape, example.shape[0])
 
     run_hooked(model, example, [modules[n].register_forward_hook(lambda m, i, o, n=n: record(n, i, o))
                                 for n in names])

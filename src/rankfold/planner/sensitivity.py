@@ -24,6 +24,7 @@ from rankfold.analyze import (
     channels_last_rows,
     is_probability,
     model_outputs,
+    per_sample_shapes,
     run_checked,
     sampled_rows,
 )
@@ -122,6 +123,7 @@ def layer_statistics(
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     calls: dict[str, int] = {}  # per layer, how often one forward pass calls it (a recurrence's R: every step)
     first_batch = True
+    samples = 1  # in the batch now running: the hooks take each shape for one sample
     generator = torch.Generator().manual_seed(seed)
 
     shared = PerInput()  # this batch's moment of each input tensor
@@ -146,7 +148,8 @@ def layer_statistics(
         rows_seen[name] = rows_seen.get(name, 0) + count
 
     def post_hook(module, inputs, output, name):
-        shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+        if name not in shapes:
+            shapes[name] = per_sample_shapes(inputs[0].shape, output.shape, samples)
         if first_batch:
             calls[name] = calls.get(name, 0) + 1
         if output.requires_grad:
@@ -182,6 +185,7 @@ def layer_statistics(
             if progress:
                 progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
             batch = as_input(calib[start : start + batch_size])
+            samples = batch.shape[0]
             shared.clear()
             if batch.is_floating_point():
                 batch.requires_grad_(True)
