@@ -171,3 +171,15 @@ def test_run_batched_stacks_scalar_values_of_a_batch_one_graph(tmp_path):
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     y, m = run_batched(session(str(tmp_path / "b1.onnx")), None, "x", x)
     assert y.shape == (4, 3) and m.tolist() == [2.0, 5.0, 8.0, 11.0]
+
+
+def test_the_graphs_rankfold_times_declare_an_ir_older_runtimes_load():
+    """The planner's timing graphs: make_model would stamp the installed onnx's newest IR (14 with
+    onnx 1.23), which onnxruntime 1.30 refused; they declare IR 8, which holds their opset 17."""
+    from rankfold.planner.costs import _chain_graph, chain_profile
+
+    for layers, shape in (([nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)], (4, 6, 6)),
+                          ([nn.Linear(12, 5)], (3, 12))):
+        graph = _chain_graph(chain_profile(layers, shape), shape)
+        assert graph.ir_version == 8 and graph.opset_import[0].version == 17
+        session(graph)  # and onnxruntime runs it

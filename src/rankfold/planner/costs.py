@@ -120,7 +120,11 @@ def _chain_graph(profile: ChainProfile, input_shape: tuple[int, ...]) -> onnx.Mo
     graph = helper.make_graph(
         nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, *input_shape])],
         [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # make_model stamps the installed onnx's newest IR (14 with onnx 1.23), which an older
+    # onnxruntime refuses to load (1.30 did, on a GPU machine); IR 8 holds opset 17 everywhere.
+    model.ir_version = 8
+    return model
 
 
 def time_onnx_ms(model: onnx.ModelProto, input_shape: tuple[int, ...], *, repeats: int = 9) -> float:
