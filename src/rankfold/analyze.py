@@ -127,10 +127,8 @@ def sample_axis(shape: tuple[int, ...], batch: int) -> int:
     """The axis of an output that runs over the samples of a batch of `batch`: the first, unless it
     differs from `batch` and exactly one other axis has that size (a sequence-first (T, N, classes)
     recogniser, a batch-1 graph's (T, 1, classes))."""
-    if not shape or shape[0] == batch:
-        return 0
-    others = [axis for axis, size in enumerate(shape) if size == batch]
-    return others[0] if len(others) == 1 else 0
+    axis = _clear_sample_axis(shape, batch)
+    return 0 if axis is None else axis
 
 
 def _clear_sample_axis(shape: tuple[int, ...], batch: int) -> int | None:

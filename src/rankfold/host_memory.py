@@ -176,7 +176,7 @@ def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
     if calib is not None and hasattr(model, "advance"):  # graph state: ONNX-loaded graphs (GraphCursor)
         per_sample = 2 * peak_state_bytes(model, example[:1])  # the original's and the compressed one's
         # A graph whose batch is fixed runs that many samples a pass whatever the memory: asking room
-        # for 8 sent ddddocr's batch-1 recogniser to prefix passes (one pass per layer, 2-3x slower).
+        # for 8 sent ddddocr's batch-1 recogniser to prefix passes (one pass up to every layer).
         wanted = min(8, len(calib), getattr(model, "fixed_batch", None) or 8)
         for samples in sorted({min(n, len(calib)) for n in (len(calib), 128, 64, 32)}, reverse=True):
             state = per_sample * samples
