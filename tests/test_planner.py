@@ -327,3 +327,26 @@ def test_a_map_output_weighs_each_channel_in_its_own_units():
     assert fisher[4:].min() > 1e6 * fisher[:4].max()  # a score unit weighs far more than a pixel
     constant = torch.cat([boxes, torch.full((16, 1, 64), 5.0)], 1)  # a constant channel is not made decisive
     assert channel_spread(constant).reshape(-1)[4] >= 0.5 - 1e-6
+
+
+def test_a_plan_that_computes_more_than_the_original_says_so_unless_macs_or_latency_were_budgeted():
+    """A size budget alone may pick factorizations that compute more (ddddocr at a tenth of its
+    bytes: 121 % of its MACs): the plan says so, with the option that stops it."""
+    from types import SimpleNamespace
+
+    from rankfold.planner.choose import _messages
+
+    pricing = SimpleNamespace(before={"macs": 100, "weight_bytes": 1000}, timing=None, layer_names=[],
+                              activations=SimpleNamespace(graph_wide=True))
+    solution = SimpleNamespace(best_reachable={})
+
+    def said(limits, macs_after):
+        after = {"macs": macs_after, "weight_bytes": 100, "latency_ms": 1.0}
+        return [m for m in _messages(pricing, limits, after, solution) if "MACs" in m]
+
+    assert said({"weight_bytes": 100}, 121) == [
+        "this plan computes 121% of the original's MACs: no MAC or latency budget was given (--max-macs 100% keeps "
+        "them from rising)"]
+    assert said({"weight_bytes": 100}, 100) == []
+    assert said({"weight_bytes": 100, "macs": 150}, 121) == []
+    assert said({"latency_ms": 5.0}, 121) == []

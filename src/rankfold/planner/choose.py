@@ -125,6 +125,12 @@ def _messages(pricing, limits, after, solution: Solution) -> list[str]:
                 best = solution.best_reachable.get(q, 0.0) + pricing.fixed.get(q, 0.0)
             messages.append(f"{q} cannot be met: limit {_amount(q, limit)}, the plan reaches {_amount(q, after[q])} "
                             f"(over by {_amount(q, after[q] - limit)}); the smallest reachable is {_amount(q, best)}")
+    before = pricing.before.get("macs", 0)
+    if "macs" not in limits and "latency_ms" not in limits and before and after.get("macs", 0) > before * 1.001:
+        # A size budget alone may pick factorizations that compute more (a 1x1 conv before a stride):
+        # said, not silent (ddddocr at a tenth of its bytes computed 121 % of its MACs).
+        messages.append(f"this plan computes {after['macs'] / before:.0%} of the original's MACs: no MAC or latency "
+                        "budget was given (--max-macs 100% keeps them from rising)")
     if not pricing.activations.graph_wide:
         messages.append("activation memory counts layer inputs and outputs only (residual branches are not "
                         "tracked outside ONNX-loaded models)")
