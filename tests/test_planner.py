@@ -330,8 +330,8 @@ def test_a_map_output_weighs_each_channel_in_its_own_units():
 
 
 def test_a_plan_that_computes_more_than_the_original_says_so_unless_macs_or_latency_were_budgeted():
-    """A size budget alone may pick factorizations that compute more (ddddocr at a tenth of its
-    bytes: 121 % of its MACs): the plan says so, with the option that stops it."""
+    """A size budget alone may pick factorizations that compute more: the plan says so, with the
+    option that stops it."""
     from types import SimpleNamespace
 
     from rankfold.planner.choose import _messages

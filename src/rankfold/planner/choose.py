@@ -127,8 +127,8 @@ def _messages(pricing, limits, after, solution: Solution) -> list[str]:
                             f"(over by {_amount(q, after[q] - limit)}); the smallest reachable is {_amount(q, best)}")
     before = pricing.before.get("macs", 0)
     if "macs" not in limits and "latency_ms" not in limits and before and after.get("macs", 0) > before * 1.001:
-        # A size budget alone may pick factorizations that compute more (a 1x1 conv before a stride):
-        # said, not silent (ddddocr at a tenth of its bytes computed 121 % of its MACs).
+        # A size budget alone may pick factorizations that compute more (a 1x1 conv before a stride,
+        # a rank above the MAC break-even where bytes are what is short): said, not silent.
         messages.append(f"this plan computes {after['macs'] / before:.0%} of the original's MACs: no MAC or latency "
                         "budget was given (--max-macs 100% keeps them from rising)")
     if not pricing.activations.graph_wide:
