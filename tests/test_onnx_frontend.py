@@ -1,4 +1,5 @@
 import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import rankfold
-from rankfold.frontends.onnx import OnnxModule
+from rankfold.frontends.onnx import OnnxModule, on_one_device
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "resnet18-fmnist.onnx")
 
@@ -129,6 +130,28 @@ def test_load_then_export_reproduces_the_original(tmp_path, case, dynamo):
     out = tmp_path / "again.onnx"
     rankfold.export_onnx(loaded, out, example_input=x)
     np.testing.assert_allclose(ort_run(out, x_big), expected, atol=1e-5, rtol=0)
+
+
+def test_step_inputs_made_on_the_cpu_join_the_data_on_its_device():
+    data = torch.empty(2, 3, device="meta")  # a second device that every machine has
+    grid = torch.arange(3)  # as Range and ConstantOfShape make them
+    moved = on_one_device([data, grid, [1, 2]])
+    assert [v.device.type for v in moved[:2]] == ["meta", "meta"] and moved[2] == [1, 2]
+    same = [torch.ones(2), torch.arange(2)]
+    assert on_one_device(same) is same
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_loaded_graph_runs_on_the_gpu_as_on_the_cpu(case):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = rankfold.load_onnx(export(make().eval(), x, os.path.join(folder, "src.onnx"), dynamo=False))
+    want = loaded(x).detach()
+    got = loaded.to("cuda")(x.to("cuda")).detach().cpu()
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_unfolded_batchnorm_loads_and_folds(tmp_path):

@@ -107,7 +107,8 @@ class OnnxModule(nn.Module):
         last_read = {} if keep_all else self.last_reads()
         for index in range(start, stop):
             step = self.steps[index]
-            vals = [step.baked[i] if i in step.baked else env[name] for i, name in enumerate(step.inputs)]
+            vals = on_one_device([step.baked[i] if i in step.baked else env[name]
+                                  for i, name in enumerate(step.inputs)])
             if step.module is not None:
                 outs = [_run_layer(getattr(self, step.module), vals[0], step.attrs)]
             elif "_layers" in step.attrs:  # an op that calls layers of its own (a recurrence's R)
@@ -132,6 +133,16 @@ class OnnxModule(nn.Module):
         """What the layer of step `index` is called with (its input, padded as the step pads it)."""
         step = self.steps[index]
         return _layer_argument(env[step.inputs[0]], step.attrs)
+
+
+def on_one_device(vals: list) -> list:
+    """A step's inputs on one device. Values made from shapes (Range, ConstantOfShape, Python lists)
+    are made on the CPU; on a GPU they move beside the data the step also reads."""
+    devices = {v.device for v in vals if isinstance(v, Tensor)}
+    if len(devices) < 2:
+        return vals
+    target = next(d for d in devices if d.type != "cpu")
+    return [v.to(target) if isinstance(v, Tensor) else v for v in vals]
 
 
 def _layer_argument(x: Tensor, attrs: dict) -> Tensor:

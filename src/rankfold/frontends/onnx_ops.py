@@ -48,8 +48,9 @@ def tensor(v: Value, like: Tensor | None = None) -> Tensor:
     """A Python shape value as a tensor (int64, or `like`'s dtype when given)."""
     if isinstance(v, Tensor):
         return v
-    dtype = like.dtype if like is not None else torch.int64
-    return torch.tensor(v, dtype=dtype)
+    if like is None:
+        return torch.tensor(v, dtype=torch.int64)
+    return torch.tensor(v, dtype=like.dtype, device=like.device)
 
 
 def ints(v: Value) -> list[int]:
@@ -451,7 +452,7 @@ def _slice(vals, attrs):
             index[a] = slice(_clamp_index(start), _clamp_index(end), step)
     out = x[tuple(index)]
     for a, picks in reversed_axes:
-        out = torch.index_select(out, a, torch.tensor(picks, dtype=torch.int64))
+        out = torch.index_select(out, a, torch.tensor(picks, dtype=torch.int64, device=out.device))
     return [out]
 
 
