@@ -279,6 +279,25 @@ def test_a_recurrent_weight_is_priced_for_every_step_it_runs(tmp_path):
     assert all(macs[name] == steps * 12 * 48 for name in recurrent), macs
 
 
+@pytest.mark.parametrize("kind, quantized", [("lstm", False), ("gru", False), ("lstm", True)],
+                         ids=["lstm", "gru", "dynamic-int8-lstm"])
+def test_a_files_mac_count_includes_its_recurrences(tmp_path, kind, quantized):
+    """The file's MACs per sample: the convolution, T steps of both directions' W and R, the head."""
+    from onnxruntime import quantization as q
+
+    from rankfold.evaluate import onnx_size
+
+    steps, gates = 10, {"lstm": 4, "gru": 3}[kind]
+    path = _bidirectional_file(tmp_path, kind, torch.randn(1, 6, steps))
+    if quantized:
+        q.quantize_dynamic(str(path), str(tmp_path / "q.onnx"), op_types_to_quantize=["LSTM"])
+        path = tmp_path / "q.onnx"
+        assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    conv, recurrence, head = steps * 8 * 6 * 3, steps * 2 * gates * 12 * (8 + 12), steps * 24 * 5
+    # ONNX's shape inference does not know onnxruntime's contrib op, so what follows it is unsized
+    assert onnx_size(path).macs == conv + recurrence + (0 if quantized else head)
+
+
 def test_integer_convolutions_and_matmuls_with_constant_weights_are_layers(tmp_path):
     """ConvInteger / MatMulInteger (onnxruntime's dynamic quantization) read as float layers on
     (x_q - x_zero) with weights W - W_zero: the loaded graph matches onnxruntime, its convolutions

@@ -98,6 +98,9 @@ def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = Non
     inferred, shapes = _batch1_shapes(model, sample_shape)
     total = 0
     for node in inferred.graph.node:
+        if node.op_type in RECURRENT_OPS:  # sized by its input: ONNX cannot infer a contrib op's output
+            total += _recurrent_macs(node, shapes)
+            continue
         out = shapes.get(node.output[0])
         if not out or 0 in out:
             continue
@@ -112,6 +115,22 @@ def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = Non
                 trans_a = any(at.name == "transA" and at.i for at in node.attribute)
                 total += out_elems * (a[0] if trans_a and node.op_type == "Gemm" else a[-1])
     return total
+
+
+# Recurrences whose input weights W and recurrent weights R are inputs 1 and 2, and whose input
+# X is (T, N, features), or (N, T, features) with layout=1.
+RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
+
+
+def _recurrent_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """Every time step multiplies the step's input by W and the state by R, in every direction:
+    T x (|W| + |R|) however W and R are laid out (DynamicQuantizeLSTM keeps them transposed)."""
+    x, w, r = (shapes.get(name) for name in node.input[:3])
+    if not x or not w or not r or len(x) != 3:
+        return 0
+    batch_first = any(a.name == "layout" and a.i == 1 for a in node.attribute)
+    steps = x[1] if batch_first else x[0]
+    return steps * (int(np.prod(w)) + int(np.prod(r)))
 
 
 def onnx_peak_activation_bytes(model: onnx.ModelProto) -> int:
