@@ -571,11 +571,11 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
             result = _clean_check_samples(result, calib, log)
 
         log(f"fine-tuning on {len(train[0])} samples of {args.train}")
-        result, _ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
+        result, ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
                                           progress=lambda m: log("  " + m),
                                           attack=args.attack_config if args.preserve_robustness else None,
                                           max_memory=args.max_memory, device=args.device)
-    _finish(args, result, example, t0, budgets)
+    _finish(args, result, example, t0, budgets, ft_log if train is not None else None)
 
 
 def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str], log) -> dict[str, str]:
@@ -668,8 +668,9 @@ def _compress_training(args: argparse.Namespace, graph):
     return train_x, config
 
 
-def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict | None) -> None:
-    """Export, then print and write the plan and the report (nothing is written on failure)."""
+def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict | None, ft_log=None) -> None:
+    """Export, then print and write the plan and the report (nothing is written on failure); with
+    `ft_log` (compress --train), what the fine-tuning did too."""
     from rankfold.evaluate import onnx_size
     from rankfold.io import write_json_atomic
     from rankfold.report import plan_table
@@ -682,6 +683,8 @@ def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict 
     seconds = time.time() - t0
     before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
     print(plan_table(result.plan))
+    if ft_log is not None:
+        print(_finetuned_line(ft_log))
     print(_size_line(before, after, seconds))
     print("self-check: " + (result.check.describe() if result.check is not None
                             else "not run (--no-check): the result is unchecked"))
@@ -694,7 +697,7 @@ def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict 
         write_json_atomic(args.report, {
             "model": args.model, "output": args.output, "budgets": budgets, "seconds": seconds,
             "before": before.__dict__, "after": after.__dict__, "plan": result.plan.to_dict(),
-            "robustness": robustness,
+            "robustness": robustness, "finetune": None if ft_log is None else ft_log.to_dict(),
             "self_check": None if result.check is None else result.check.to_dict(), **result.report.to_dict()})
 
 
@@ -855,6 +858,11 @@ def _student_result(args: argparse.Namespace, plan, model, calib, example, log):
                       args.max_output_error, tuple(args.check))
 
 
+def _finetuned_line(ft_log) -> str:
+    return (f"fine-tuned {ft_log.steps} steps ({ft_log.samples_seen:,} samples seen, {ft_log.processes} process(es), "
+            f"{ft_log.seconds:.0f} s of training)")
+
+
 def _finish_finetune(args: argparse.Namespace, result, ft_log, example, t0: float) -> None:
     from rankfold.evaluate import onnx_size
     from rankfold.io import write_json_atomic
@@ -862,8 +870,7 @@ def _finish_finetune(args: argparse.Namespace, result, ft_log, example, t0: floa
     result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=_log(args.quiet))
     seconds = time.time() - t0
     before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
-    print(f"fine-tuned {ft_log.steps} steps ({ft_log.samples_seen:,} samples seen, {ft_log.processes} process(es), "
-          f"{ft_log.seconds:.0f} s of training)")
+    print(_finetuned_line(ft_log))
     print(_size_line(before, after, seconds))
     print("self-check: " + (result.check.describe() if result.check is not None
                             else "not run (--no-check): the result is unchecked"))
