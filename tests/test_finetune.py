@@ -62,6 +62,21 @@ def test_distillation_brings_the_student_toward_the_teacher(pair):
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # the input is left alone
 
 
+def test_a_detector_head_pays_for_its_scores_as_much_as_for_its_boxes():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(4, 2, 50, generator=g) * 320  # pixels
+    scores = torch.rand(4, 3, 50, generator=g) ** 8  # mostly near 0, a few peaks
+    teacher = torch.cat([boxes, scores], 1)
+    lost_scores = torch.cat([boxes, torch.zeros_like(scores)], 1)
+    loss = float(distillation_loss([lost_scores], [teacher], ["dense"], temperature=4.0))
+    pooled = float((lost_scores - teacher).pow(2).sum() / teacher.pow(2).sum())
+    assert pooled < 1e-4 and loss == pytest.approx(0.5, rel=1e-5)  # the score group's whole error, halved
+    assert float(distillation_loss([teacher.clone()], [teacher], ["dense"], temperature=4.0)) == 0.0
+    probabilities = scores[:, :1]  # a map of scores alone (a text detector's): one relative error
+    assert float(distillation_loss([torch.zeros_like(probabilities)], [probabilities], ["dense"],
+                                   temperature=4.0)) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_a_resumed_run_ends_where_an_unbroken_one_does(pair, tmp_path):
     teacher, student = pair
     config = FinetuneConfig(steps=20, batch_size=16, lr=3e-3, log_every=10, checkpoint_every=5)
@@ -244,10 +259,13 @@ def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_pat
 def test_compress_plans_fine_tunes_and_checks_in_one_go(files, tmp_path):
     code, out, err = run_cli("compress", files / "m.onnx", "--calib", files / "calib.npz", "--max-params", "60%",
                              "--min-rank", "2", "--train", files / "train.npz", "--finetune-steps", "10",
-                             "--min-agreement", "0", "-o", tmp_path / "out.onnx")
+                             "--min-agreement", "0", "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
     assert code == 0, err
     assert "fine-tuning on 256 samples" in err and "step 10/10" in err and "self-check:" in out
+    assert "fine-tuned 10 steps (640 samples seen" in out
     assert (tmp_path / "out.onnx").exists()
+    trained = json.load(open(tmp_path / "r.json"))["finetune"]  # the report says what the training did
+    assert trained["steps"] == 10 and trained["samples_seen"] == 640 and trained["history"][-1]["step"] == 10
 
 
 def test_a_time_budget_sets_the_steps_from_the_first_ones(pair):

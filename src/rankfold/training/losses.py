@@ -40,11 +40,33 @@ def _relative_squared_error(student: Tensor, teacher: Tensor, _temperature: floa
     return (student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp_min(EPS)
 
 
+def score_channels(teacher: Tensor) -> Tensor:
+    """The channels (axis 1) of a batch of maps whose values all lie in [0, 1]: a detector head's
+    class scores beside its box coordinates (the self-check's grouping)."""
+    rows = teacher.detach().movedim(1, -1).reshape(-1, teacher.shape[1])
+    return (rows.amin(0) >= 0) & (rows.amax(0) <= 1)
+
+
+def _relative_squared_error_by_group(student: Tensor, teacher: Tensor, _temperature: float) -> Tensor:
+    """A map with score channels and others: the mean of each group's relative squared error, as
+    the self-check judges each group apart. Pooled, box coordinates in pixels outweigh the scores
+    some 10^4 times and the student learns the boxes alone (YOLOv8n at half its parameters: 2,670
+    steps left score IoU@0.25 on fresh scenes at 0.60, from 0.58 before training). Any other
+    output: one relative squared error."""
+    if teacher.ndim < 3:
+        return _relative_squared_error(student, teacher, _temperature)
+    scores = score_channels(teacher)
+    if bool(scores.all()) or not bool(scores.any()):
+        return _relative_squared_error(student, teacher, _temperature)
+    return 0.5 * (_relative_squared_error(student[:, scores], teacher[:, scores], _temperature)
+                  + _relative_squared_error(student[:, ~scores], teacher[:, ~scores], _temperature))
+
+
 LOSS_OF_KIND: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
     "classes": _kl_of_scores,
     "sequence": _kl_of_probabilities,
     "distribution": _kl_of_probabilities,
-    "dense": _relative_squared_error,
+    "dense": _relative_squared_error_by_group,
     "embedding": _relative_squared_error,
 }
 
