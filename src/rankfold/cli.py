@@ -376,7 +376,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
                                               ("--plan-out", args.plan_out),
                                               ("--observer", args.observer), ("--train", args.train),
                                               ("--finetune-steps", args.finetune_steps),
-                                              ("--finetune-minutes", args.finetune_minutes)) if value is not None]
+                                              ("--finetune-minutes", args.finetune_minutes),
+                                              ("--finetune-lr", args.finetune_lr)) if value is not None]
     if planned_only:
         raise RankfoldError(f"{'/'.join(planned_only)} only work with the planner (--target or a --max-* budget); "
                             "uniform mode (--keep, --method) writes a float model and no plan")
@@ -647,12 +648,12 @@ def _compress_training(args: argparse.Namespace, graph):
     from rankfold.training.loop import check_training_data
 
     asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes),
-                            ("--device", args.device)) if v is not None]
+                            ("--finetune-lr", args.finetune_lr), ("--device", args.device)) if v is not None]
     if args.train is None:
         if asked:
             raise RankfoldError(f"{'/'.join(asked)} need --train TRAIN.npz (the inputs to fine-tune on)")
         return None
-    if not asked:
+    if args.finetune_steps is None and args.finetune_minutes is None:
         raise RankfoldError("--train fine-tunes the plan: say how long with --finetune-steps N or --finetune-minutes M")
     training_device(args.device)
     if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
@@ -660,7 +661,8 @@ def _compress_training(args: argparse.Namespace, graph):
                             "`torchrun ... rankfold.cli finetune MODEL --plan PLAN.json`")
     data = _more_samples(args, graph, args.train, need_labels=False)
     try:
-        config = FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes)
+        lr = {} if args.finetune_lr is None else {"lr": args.finetune_lr}
+        config = FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **lr)
     except ValueError as exc:
         raise RankfoldError(str(exc)) from None
     train_x = torch.from_numpy(data.x)
@@ -1251,6 +1253,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the self-check (rankfold finetune with its defaults)")
     p.add_argument("--finetune-steps", type=_positive_int, help="with --train: optimizer steps of 64 samples")
     p.add_argument("--finetune-minutes", type=_positive_float, help="with --train: a time budget for fine-tuning")
+    p.add_argument("--finetune-lr", type=_positive_float,
+                   help="with --train: peak learning rate (default 3e-4; a pretrained detector from the field may need "
+                        "less: YOLOv8n kept its score maps best at 3e-5)")
     _device_arg(p, "with --train: ")
     p.add_argument("--report", help="also write the report as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
