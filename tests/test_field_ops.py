@@ -294,8 +294,32 @@ def test_a_files_mac_count_includes_its_recurrences(tmp_path, kind, quantized):
         path = tmp_path / "q.onnx"
         assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(path)).graph.node}
     conv, recurrence, head = steps * 8 * 6 * 3, steps * 2 * gates * 12 * (8 + 12), steps * 24 * 5
-    # ONNX's shape inference does not know onnxruntime's contrib op, so what follows it is unsized
+    # Neither ONNX's shape inference nor onnxruntime's symbolic one sizes what follows this contrib op here
     assert onnx_size(path).macs == conv + recurrence + (0 if quantized else head)
+
+
+class ReshapedRecurrent(Recurrent):
+    """The LSTM's input made by a Reshape to a shape computed from Shape ops (ddddocr's recogniser):
+    ONNX's shape inference leaves it open."""
+
+    def forward(self, x):  # (N, 6, T)
+        y = self.conv(x)
+        y = y.permute(2, 0, 1).reshape(y.shape[2], y.shape[0], -1)  # (T, N, 8)
+        return self.head(self.rnn(y)[0])
+
+
+def test_a_recurrence_after_a_computed_reshape_is_counted(tmp_path):
+    from rankfold.evaluate import onnx_size
+
+    steps, path = 10, tmp_path / "r.onnx"
+    model = ReshapedRecurrent("lstm", bidirectional=True).eval()
+    model.rnn.batch_first = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 6, steps),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "n", 2: "t"}})
+    conv, recurrence, head = steps * 8 * 6 * 3, steps * 2 * 4 * 12 * (8 + 12), steps * 24 * 5
+    assert onnx_size(path, sample_shape=(6, steps)).macs == conv + recurrence + head
 
 
 def test_integer_convolutions_and_matmuls_with_constant_weights_are_layers(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import statistics
 import time
@@ -84,13 +86,32 @@ def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None 
                 dim.ClearField("dim_param")
                 dim.dim_value = 1 if i == 0 else fill[i - 1]
     inferred = onnx.shape_inference.infer_shapes(fixed)
-    shapes: dict[str, list[int]] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    shapes = _value_shapes(inferred)
+    for name, dims in _symbolic_shapes(fixed).items():  # fills what ONNX's inference left open
+        if (not shapes.get(name) or 0 in shapes[name]) and dims and 0 not in dims:
+            shapes[name] = dims
     for init in inferred.graph.initializer:
         shapes[init.name] = list(init.dims)
     return inferred, shapes
+
+
+def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Every value's declared or inferred shape (0 where a dimension is unknown)."""
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+            for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Shapes from onnxruntime's symbolic inference, which follows a Reshape to a shape computed
+    from Shape ops (ddddocr's recogniser: its LSTM's input) and knows onnxruntime's contrib ops;
+    none where it cannot run on this graph (the counts then rest on ONNX's inference alone)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return _value_shapes(SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+    except Exception:  # noqa: BLE001 - any failure of the optional tool leaves ONNX's shapes
+        return {}
 
 
 def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None) -> int:
