@@ -281,8 +281,9 @@ def test_a_recurrent_weight_is_priced_for_every_step_it_runs(tmp_path):
 
 @pytest.mark.parametrize("kind, quantized", [("lstm", False), ("gru", False), ("lstm", True)],
                          ids=["lstm", "gru", "dynamic-int8-lstm"])
-def test_a_files_mac_count_includes_its_recurrences(tmp_path, kind, quantized):
-    """The file's MACs per sample: the convolution, T steps of both directions' W and R, the head."""
+def test_a_files_mac_count_includes_its_recurrences(tmp_path, monkeypatch, kind, quantized):
+    """The file's MACs per sample: the convolution, T steps of both directions' W and R, the head;
+    counting writes nothing into the working directory (onnxruntime's own shape tool would)."""
     from onnxruntime import quantization as q
 
     from rankfold.evaluate import onnx_size
@@ -293,9 +294,12 @@ def test_a_files_mac_count_includes_its_recurrences(tmp_path, kind, quantized):
         q.quantize_dynamic(str(path), str(tmp_path / "q.onnx"), op_types_to_quantize=["LSTM"])
         path = tmp_path / "q.onnx"
         assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     conv, recurrence, head = steps * 8 * 6 * 3, steps * 2 * gates * 12 * (8 + 12), steps * 24 * 5
-    # Neither ONNX's shape inference nor onnxruntime's symbolic one sizes what follows this contrib op here
+    # here neither ONNX's shape inference nor onnxruntime's sizes what follows the contrib op
     assert onnx_size(path).macs == conv + recurrence + (0 if quantized else head)
+    assert list((tmp_path / "cwd").iterdir()) == []
 
 
 class ReshapedRecurrent(Recurrent):

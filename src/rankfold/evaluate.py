@@ -104,12 +104,20 @@ def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Shapes from onnxruntime's symbolic inference, which follows a Reshape to a shape computed
     from Shape ops (ddddocr's recogniser: its LSTM's input) and knows onnxruntime's contrib ops;
-    none where it cannot run on this graph (the counts then rest on ONNX's inference alone)."""
+    what it found where it stops part way, none where it cannot run (the counts then rest on
+    ONNX's inference alone). Its loop is run here rather than through infer_shapes(), which, when
+    a shape stays open, saves the model and its weights into the working directory: a user's
+    folder, never to be written."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return _value_shapes(SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+            inference._preprocess(model)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+        return _value_shapes(inference.out_mp_)
     except Exception:  # noqa: BLE001 - any failure of the optional tool leaves ONNX's shapes
         return {}
 
