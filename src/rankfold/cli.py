@@ -565,6 +565,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
                                 max_output_error=args.max_output_error, onnx_path=original_file,
                                 bits=args.bits or "auto", check=not args.no_check and train is None,
                                 rules=tuple(args.check), progress=lambda m: log("  " + m))
+    ft_log = None
     if train is not None:  # checked after training instead, on the same held-back samples
         from rankfold.training import finetune_result
 
@@ -576,7 +577,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
                                           progress=lambda m: log("  " + m),
                                           attack=args.attack_config if args.preserve_robustness else None,
                                           max_memory=args.max_memory, device=args.device)
-    _finish(args, result, example, t0, budgets, ft_log if train is not None else None)
+    _finish(args, result, example, t0, budgets, ft_log)
 
 
 def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str], log) -> dict[str, str]:

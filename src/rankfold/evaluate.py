@@ -87,7 +87,9 @@ def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None 
                 dim.dim_value = 1 if i == 0 else fill[i - 1]
     inferred = onnx.shape_inference.infer_shapes(fixed)
     shapes = _value_shapes(inferred)
-    for name, dims in _symbolic_shapes(fixed).items():  # fills what ONNX's inference left open
+    left_open = any(not shapes.get(name) or 0 in shapes[name] for node in inferred.graph.node for name in node.output
+                    if name)
+    for name, dims in (_symbolic_shapes(fixed) if left_open else {}).items():  # fills what ONNX's left open
         if (not shapes.get(name) or 0 in shapes[name]) and dims and 0 not in dims:
             shapes[name] = dims
     for init in inferred.graph.initializer:

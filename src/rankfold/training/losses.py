@@ -40,7 +40,7 @@ def _relative_squared_error(student: Tensor, teacher: Tensor, _temperature: floa
     return (student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp_min(EPS)
 
 
-def score_channels(teacher: Tensor) -> Tensor:
+def _score_channels(teacher: Tensor) -> Tensor:
     """The channels (axis 1) of a batch of maps whose values all lie in [0, 1]: a detector head's
     class scores beside its box coordinates (the self-check's grouping)."""
     rows = teacher.detach().movedim(1, -1).reshape(-1, teacher.shape[1])
@@ -55,7 +55,7 @@ def _relative_squared_error_by_group(student: Tensor, teacher: Tensor, _temperat
     output: one relative squared error."""
     if teacher.ndim < 3:
         return _relative_squared_error(student, teacher, _temperature)
-    scores = score_channels(teacher)
+    scores = _score_channels(teacher)
     if bool(scores.all()) or not bool(scores.any()):
         return _relative_squared_error(student, teacher, _temperature)
     return 0.5 * (_relative_squared_error(student[:, scores], teacher[:, scores], _temperature)
