@@ -498,17 +498,37 @@ def test_cuda_asked_where_there_is_none_stops_before_any_work(files, tmp_path):
     assert code == 2 and "--device need --train" in err and not (tmp_path / "alone.onnx").exists()
 
 
+def _gpu_extras(student: torch.nn.Module, extra: str) -> dict:
+    """finetune's keyword arguments for one of the paths a GPU run takes besides plain distillation."""
+    from rankfold.robustness import AttackConfig
+
+    layers = {n: 8 for n, m in student.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    return {"plain": {},
+            "feature matching": {"config": {"feature_weight": 1.0}},
+            "quantization-aware": {"fake_quant": layers},
+            "quantization-aware, learned steps": {"fake_quant": layers, "config": {"weight_steps": "lsq",
+                                                                                  "activation_steps": "lsq"}},
+            "adversarial": {"attack": AttackConfig("pgd", (0.1,))}}[extra]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_distillation_on_the_gpu_moves_as_on_the_cpu(pair):
+@pytest.mark.parametrize("extra", ["plain", "feature matching", "quantization-aware",
+                                   "quantization-aware, learned steps", "adversarial"])
+def test_distillation_on_the_gpu_moves_as_on_the_cpu(pair, extra):
     teacher, student = pair
-    config = FinetuneConfig(steps=40, batch_size=32, lr=3e-3, log_every=20)
-    runs = {device: finetune(student, teacher, _inputs(512), config=config, held=_inputs(64, seed=1), device=device)
+    kwargs = _gpu_extras(student, extra)
+    config = FinetuneConfig(steps=40, batch_size=32, lr=3e-3, log_every=20, **kwargs.pop("config", {}))
+    runs = {device: finetune(student, teacher, _inputs(512), config=config, held=_inputs(64, seed=1), device=device,
+                             **kwargs)
             for device in ("cpu", "cuda")}
     held = _inputs(64, seed=1)
     with torch.no_grad():
         losses = {device: float(distillation_loss([tuned(held)], [teacher(held)], ["classes"], temperature=4.0))
                   for device, (tuned, _log) in runs.items()}
+        before = float(distillation_loss([student(held)], [teacher(held)], ["classes"], temperature=4.0))
     tuned_on_gpu = runs["cuda"][0]
     assert all(p.device.type == "cpu" for p in tuned_on_gpu.parameters())  # handed back on the CPU
+    if extra != "quantization-aware, learned steps":  # its float module trained behind learned input clipping
+        assert losses["cuda"] < before, (losses, before)
     assert abs(losses["cuda"] - losses["cpu"]) <= 0.1 * losses["cpu"] + 1e-4, losses
     assert [h["step"] for h in runs["cuda"][1].history] == [0, 20, 40]

@@ -572,7 +572,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
         if args.preserve_robustness:
             result = _clean_check_samples(result, calib, log)
 
-        log(f"fine-tuning on {len(train[0])} samples of {args.train}")
+        log(f"fine-tuning on {len(train[0])} samples of {args.train}, on {args.device or 'cpu'}")
         result, ft_log = finetune_result(result, train[0], config=train[1], check=not args.no_check,
                                           progress=lambda m: log("  " + m),
                                           attack=args.attack_config if args.preserve_robustness else None,
@@ -762,7 +762,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         t0 = time.time()
         result = _student_result(args, plan, model, calib, example, log)
         log(f"fine-tuning on {len(train_x)} samples of {args.train} ({world.size} process"
-            f"{'es' if world.size > 1 else ''}, global batch {config.batch_size})")
+            f"{'es' if world.size > 1 else ''}, global batch {config.batch_size}, on {world.device})")
         result, ft_log = finetune_result(result, train_x, config=config, labels=labels, check=not args.no_check,
                                          checkpoint_dir=args.checkpoint, qat=not args.no_qat,
                                          progress=lambda m: log("  " + m), attack=attack,
@@ -1099,8 +1099,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _device_arg(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--device", help=f"{prefix}where the training runs: cpu (default), cuda or cuda:N (one process; "
-                                    "the teacher runs there too, the self-check on the CPU; under torchrun each "
-                                    "process takes the GPU of its local rank)")
+                                    "the teacher runs there too, the self-check on the CPU; under torchrun with "
+                                    "several processes each takes the GPU of its local rank, and a single one is a "
+                                    "plain run)")
 
 
 def _positive_int(text: str) -> int:

@@ -53,7 +53,8 @@ MIN_STEP_RATIO = 0.3
 def best_clipping_ratio(flat: Tensor, qmax: int, ratios: Tensor | None = None) -> Tensor:
     """Per row of `flat`, the step (as a fraction of the max-abs step) among `ratios` that gives
     the smallest squared error of round-to-nearest with clipping; (rows, 1)."""
-    ratios = torch.linspace(MIN_STEP_RATIO, 1.0, 36) if ratios is None else ratios
+    # On the weights' device: the pick below indexes the ratios with a tensor made there (a GPU).
+    ratios = (torch.linspace(MIN_STEP_RATIO, 1.0, 36) if ratios is None else ratios).to(flat.device)
     top = flat.abs().amax(dim=1, keepdim=True) / qmax
     top = torch.where(top > 0, top, torch.ones_like(top))
     errors = torch.stack([((torch.clamp(torch.round(flat / (r * top)), -qmax, qmax) * r * top - flat) ** 2).sum(1)
@@ -150,6 +151,7 @@ def attach_activation_quant(module: nn.Module, leaves: Collection[str], calib: T
     """Put a LearnedActivationQuant, started from the exporter's own calibration on `calib`, on the
     input of every named leaf layer (one per ONNX tensor: layers that read the same tensor share
     it, as the file has one scale for it). Returns the hook handles (detach_activation_quant)."""
+    import copy
     import os
     import tempfile
 
@@ -159,9 +161,12 @@ def attach_activation_quant(module: nn.Module, leaves: Collection[str], calib: T
     from rankfold.quantize.export import module_of_node
     from rankfold.quantize.onnx_qdq import WEIGHTED_OPS, calibrate
 
+    # Exported and calibrated on the CPU, where onnxruntime runs; the quantizers then join the
+    # module on its training device.
+    exported = module if calib.device.type == "cpu" else copy.deepcopy(module).cpu()
     with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
         path = os.path.join(scratch, "student.onnx")
-        export_onnx(module, path, example_input=calib[:1])
+        export_onnx(exported, path, example_input=calib[:1].cpu())
         proto = onnx.load(path)
     wanted = dict.fromkeys(leaves, 0)
     reader_of: dict[str, list[str]] = {}  # input tensor -> the leaves that read it
@@ -169,13 +174,13 @@ def attach_activation_quant(module: nn.Module, leaves: Collection[str], calib: T
         leaf = module_of_node(node.name, wanted) if node.op_type in WEIGHTED_OPS else None
         if leaf is not None:
             reader_of.setdefault(node.input[0], []).append(leaf)
-    calibrated = calibrate(proto, calib.numpy())
+    calibrated = calibrate(proto, calib.cpu().numpy())
     modules = dict(module.named_modules())
     handles = []
     for tensor, readers in reader_of.items():
         if tensor not in calibrated:
             continue
-        quant = LearnedActivationQuant(calibrated[tensor])  # shared: its parameter counts once
+        quant = LearnedActivationQuant(calibrated[tensor]).to(calib.device)  # shared: its parameter counts once
         for leaf in readers:
             modules[leaf].add_module(_INPUT_QUANT, quant)
             handles.append(modules[leaf].register_forward_pre_hook(
