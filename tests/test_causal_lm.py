@@ -165,19 +165,52 @@ def test_the_cli_compresses_a_model_directory_on_calibration_text(lm_dir, tmp_pa
     ("inside", "the model's own directory"),
     ("npz", "--calib: not available for a model directory"),
     ("notext", "calibrates on text"),
+    ("train-without-length", "--train-text fine-tunes the result: say how long"),
+    ("length-without-train", "--finetune-steps need --train-text FILE|DIR"),
+    ("train-missing", "--train-text"),
+    ("train-bad-device", "expected cpu, cuda or cuda:N"),
 ])
 def test_the_cli_refuses_a_model_directory_run_that_cannot_work_before_any_work(lm_dir, tmp_path, capsys, case,
                                                                               message):
     from rankfold.cli import main
 
     before = sorted(os.listdir(lm_dir))
+    text = ["--calib-text", str(lm_dir / "calib.txt"), "-o", str(tmp_path / "o")]
     args = {"inside": ["--calib-text", str(lm_dir / "calib.txt"), "-o", str(lm_dir / "out")],
             "npz": ["--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o")],
-            "notext": ["-o", str(tmp_path / "o")]}[case]
+            "notext": ["-o", str(tmp_path / "o")],
+            "train-without-length": [*text, "--train-text", str(lm_dir / "held.txt")],
+            "length-without-train": [*text, "--finetune-steps", "5"],
+            "train-missing": [*text, "--train-text", str(tmp_path / "missing.txt"), "--finetune-steps", "5"],
+            "train-bad-device": [*text, "--train-text", str(lm_dir / "held.txt"), "--finetune-steps", "5",
+                                 "--device", "tpu"]}[case]
     code = main(["compress", str(lm_dir), "--max-params", "90%", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert sorted(os.listdir(lm_dir)) == before and not (tmp_path / "o").exists()
+
+
+def test_compress_fine_tunes_a_model_directory_on_text_and_its_perplexity_falls(lm_dir, tmp_path, capsys):
+    """compress DIR --train-text distils the plan on text (KL per token): the saved result's held-back
+    perplexity ends below the same plan's untrained, and the report says what training did."""
+    import json
+
+    from rankfold.cli import main
+    from rankfold.frontends.hf import perplexity
+
+    (tmp_path / "train.txt").write_text("\n".join(_lines(600, 3)) + "\n")
+    common = ["compress", str(lm_dir), "--calib-text", str(lm_dir / "calib.txt"), "--seq-len", "16", "--samples",
+              "96", "--max-params", "40%", "--bits", "32", "--min-rank", "2", "--check", "perplexity:100", "-q"]
+    assert main([*common, "-o", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--train-text", str(tmp_path / "train.txt"), "--finetune-steps", "40", "--finetune-lr",
+                 "3e-3", "--report", str(tmp_path / "r.json"), "-o", str(tmp_path / "tuned")]) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuned 40 steps" in printed and "perplexity" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["finetune"]["steps"] == 40 and report["self_check"] is not None
+    held = _windows(lm_dir, "held.txt", 12)
+    plain, tuned = (perplexity(rankfold.load_compressed(tmp_path / name), held) for name in ("plain", "tuned"))
+    assert tuned < 0.95 * plain, (plain, tuned)  # measured: 4.99 untrained, 4.58 tuned (original 4.59)
 
 
 @pytest.mark.parametrize("keep", [0.4])

@@ -61,6 +61,8 @@ CASES = {
     ("compress", "--calib-limit"): (["M", "--calib", "C", "--calib-limit", "X", "-o", "O"], "0", "positive integer"),
     ("compress", "--calib-text"): (["M", "--calib-text", "X", "-o", "O"], "@missing.txt", "--calib-text calibrates a "
                                    "Hugging Face model directory"),
+    ("compress", "--train-text"): (["M", "--calib", "C", "--train-text", "X", "-o", "O"], "@missing.txt",
+                                   "--train-text fine-tunes a Hugging Face model directory"),
     ("compress", "--seq-len"): (["M", "--calib", "C", "--seq-len", "X", "-o", "O"], "1", "at least 2 tokens"),
     ("compress", "--samples"): (["M", "--calib", "C", "--samples", "X", "-o", "O"], "0", "positive integer"),
     ("compress", "--min-rank"): (["M", "--calib", "C", "--min-rank", "X", "-o", "O"], "0", "positive integer"),

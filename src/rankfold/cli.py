@@ -365,6 +365,9 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     if args.calib_text is not None:
         raise RankfoldError("--calib-text calibrates a Hugging Face model directory; an ONNX model takes --calib "
                             "CALIB.npz")
+    if args.train_text is not None:
+        raise RankfoldError("--train-text fine-tunes a Hugging Face model directory; an ONNX model takes --train "
+                            "TRAIN.npz")
     if budgets or args.target:
         uniform = [flag for flag, value in (("--keep", args.keep), ("--method", args.method), ("--ranks", args.ranks))
                    if value is not None]
@@ -417,6 +420,12 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
         check_save_directory(args.output, args.model, force=args.force)
         check_outputs({"model": args.model}, {"--report": args.report}, force=args.force)
     texts = read_texts(args.calib_text) if args.calib_text is not None else None
+    train_config = _compress_finetune_config(args, args.train_text, "--train-text FILE|DIR",
+                                             "compress DIR --train-text runs in one process (--device cuda for a "
+                                             "GPU); torchrun runs `rankfold finetune` on ONNX files")
+    if train_config is not None and texts is None:
+        raise RankfoldError("--train-text: give --calib-text too (the plan and the check need calibration text)")
+    train_texts = read_texts(args.train_text, "--train-text") if train_config is not None else None
     log = _log(args.quiet)
     log(f"loading {args.model}")
     model = load_hf(args.model)
@@ -434,12 +443,24 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     t0 = time.time()
     common = dict(calib=calib, min_rank=args.min_rank, min_agreement=args.min_agreement,
                   max_output_error=args.max_output_error, rules=tuple(args.check), progress=lambda m: log("  " + m))
+    check_now = not args.no_check and train_config is None  # with training, checked after it instead
     if planned:
         result = compress_to_budget(model, target=target, budgets=budgets, example_input=example,
-                                    bits=args.bits or "auto", check=not args.no_check, **common)
+                                    bits=args.bits or "auto", check=check_now, **common)
     else:
         result = compress_uniform(model, method=args.method or "svd", keep=0.5 if args.keep is None else args.keep,
-                                  check=not args.no_check, example_input=example, **common)
+                                  check=check_now, example_input=example, **common)
+    ft_log = None
+    if train_config is not None:
+        from rankfold.frontends.hf import training_ids
+        from rankfold.training import finetune_result
+
+        train_ids = training_ids(args.model, model, train_texts, args.seq_len)
+        log(f"fine-tuning on {len(train_ids)} windows of {train_ids.shape[1]} tokens of {args.train_text}, on "
+            f"{args.device or 'cpu'}")
+        result, ft_log = finetune_result(result, train_ids, config=train_config, check=not args.no_check,
+                                          progress=lambda m: log("  " + m), max_memory=args.max_memory,
+                                          device=args.device)
     if to_onnx:
         result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=log)
     else:
@@ -449,6 +470,8 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in result.module.parameters())
     print(f"parameters {before:,} -> {after:,} ({after / before:.1%}) in {seconds:.0f} s")
+    if ft_log is not None:
+        print(_finetuned_line(ft_log))
     print("self-check: " + (result.check.describe() if result.check is not None
                             else "not run (--no-check): the result is unchecked"))
     print(f"wrote {args.output}")
@@ -459,7 +482,8 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
             "model": args.model, "output": args.output, "budgets": budgets, "seconds": seconds,
             "params_before": before, "params_after": after,
             "plan": result.plan.to_dict() if planned else None,
-            "self_check": None if result.check is None else result.check.to_dict(), **result.report.to_dict()})
+            "self_check": None if result.check is None else result.check.to_dict(),
+            "finetune": None if ft_log is None else ft_log.to_dict(), **result.report.to_dict()})
 
 
 def _compress_uniform(args: argparse.Namespace) -> None:
@@ -640,32 +664,46 @@ def _clean_check_samples(result, calib, log):
     return dataclasses.replace(result, check_samples=clean)
 
 
+def _compress_finetune_config(args: argparse.Namespace, given, data_flag: str, torchrun_hint: str):
+    """compress's FinetuneConfig when training data was given (`given`), else None; the fine-tuning
+    options without data, a run without a length, a device torch cannot use and torchrun are
+    refused first."""
+    from rankfold.training import FinetuneConfig
+    from rankfold.training.distributed import launched_by_torchrun, training_device
+
+    asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes),
+                            ("--finetune-lr", args.finetune_lr), ("--device", args.device)) if v is not None]
+    flag = data_flag.split()[0]
+    if given is None:
+        if asked:
+            raise RankfoldError(f"{'/'.join(asked)} need {data_flag} (the inputs to fine-tune on)")
+        return None
+    if args.finetune_steps is None and args.finetune_minutes is None:
+        raise RankfoldError(f"{flag} fine-tunes the result: say how long with --finetune-steps N or "
+                            "--finetune-minutes M")
+    training_device(args.device)
+    if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
+        raise RankfoldError(torchrun_hint)
+    try:
+        lr = {} if args.finetune_lr is None else {"lr": args.finetune_lr}
+        return FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **lr)
+    except ValueError as exc:
+        raise RankfoldError(str(exc)) from None
+
+
 def _compress_training(args: argparse.Namespace, graph):
     """(training inputs, FinetuneConfig) for compress --train, or None; checked before any work."""
     import torch
 
-    from rankfold.training import FinetuneConfig
-    from rankfold.training.distributed import World, launched_by_torchrun, training_device
+    from rankfold.training.distributed import World
     from rankfold.training.loop import check_training_data
 
-    asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes),
-                            ("--finetune-lr", args.finetune_lr), ("--device", args.device)) if v is not None]
-    if args.train is None:
-        if asked:
-            raise RankfoldError(f"{'/'.join(asked)} need --train TRAIN.npz (the inputs to fine-tune on)")
+    config = _compress_finetune_config(args, args.train, "--train TRAIN.npz",
+                                       "under torchrun, plan first (compress --plan-out PLAN.json), then run "
+                                       "`torchrun ... rankfold.cli finetune MODEL --plan PLAN.json`")
+    if config is None:
         return None
-    if args.finetune_steps is None and args.finetune_minutes is None:
-        raise RankfoldError("--train fine-tunes the plan: say how long with --finetune-steps N or --finetune-minutes M")
-    training_device(args.device)
-    if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
-        raise RankfoldError("under torchrun, plan first (compress --plan-out PLAN.json), then run "
-                            "`torchrun ... rankfold.cli finetune MODEL --plan PLAN.json`")
     data = _more_samples(args, graph, args.train, need_labels=False)
-    try:
-        lr = {} if args.finetune_lr is None else {"lr": args.finetune_lr}
-        config = FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **lr)
-    except ValueError as exc:
-        raise RankfoldError(str(exc)) from None
     train_x = torch.from_numpy(data.x)
     check_training_data(train_x, None, config, World())
     return train_x, config
@@ -1253,12 +1291,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(EVBMF) instead of --keep")
     p.add_argument("--train", help="planned mode: also fine-tune the result on these inputs (.npz with x) before "
                                    "the self-check (rankfold finetune with its defaults)")
-    p.add_argument("--finetune-steps", type=_positive_int, help="with --train: optimizer steps of 64 samples")
-    p.add_argument("--finetune-minutes", type=_positive_float, help="with --train: a time budget for fine-tuning")
+    p.add_argument("--train-text", help="model directory: also fine-tune the result on this text (a .txt file or a "
+                                        "directory of them; windows of --seq-len tokens, every one of them) before "
+                                        "the self-check: distillation, KL per token for a language model, relative "
+                                        "error of the embedding for an encoder")
+    p.add_argument("--finetune-steps", type=_positive_int,
+                   help="with --train/--train-text: optimizer steps of 64 samples")
+    p.add_argument("--finetune-minutes", type=_positive_float,
+                   help="with --train/--train-text: a time budget for fine-tuning")
     p.add_argument("--finetune-lr", type=_positive_float,
-                   help="with --train: peak learning rate (default 3e-4; a pretrained detector from the field may need "
-                        "less: YOLOv8n kept its score maps best at 3e-5)")
-    _device_arg(p, "with --train: ")
+                   help="with --train/--train-text: peak learning rate (default 3e-4; a pretrained detector from the "
+                        "field may need less: YOLOv8n kept its score maps best at 3e-5)")
+    _device_arg(p, "with --train/--train-text: ")
     p.add_argument("--report", help="also write the report as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_compress)

@@ -184,8 +184,9 @@ def rebuilt_base(directory: str, base: dict) -> nn.Module:
     raise RankfoldError(f"{directory}: unknown saved model kind {base.get('kind')!r} (sentence-encoder, causal-lm)")
 
 
-def read_texts(path: str | os.PathLike) -> list[str]:
-    """The non-empty lines of a text file, or of every *.txt file under a directory (sorted by path)."""
+def read_texts(path: str | os.PathLike, option: str = "--calib-text") -> list[str]:
+    """The non-empty lines of a text file, or of every *.txt file under a directory (sorted by path);
+    errors name `option`, the command-line option that gave the path."""
     path = os.fspath(path)
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _dirs, names in os.walk(path)
@@ -193,13 +194,13 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     elif os.path.isfile(path):
         files = [path]
     else:
-        raise RankfoldError(f"--calib-text {path}: no such file or directory")
+        raise RankfoldError(f"{option} {path}: no such file or directory")
     lines = []
     for file in files:
         with open(file, encoding="utf-8", errors="replace") as handle:
             lines.extend(line.strip() for line in handle if line.strip())
     if not lines:
-        raise RankfoldError(f"--calib-text {path}: no text ({len(files)} .txt file(s), every line empty)")
+        raise RankfoldError(f"{option} {path}: no text ({len(files)} .txt file(s), every line empty)")
     return lines
 
 
@@ -211,6 +212,14 @@ def calibration_ids(directory: str | os.PathLike, model: nn.Module, texts: Seque
     if isinstance(model, CausalLM):
         return text_windows(directory, texts, seq_len, samples)
     return tokenize(directory, list(texts)[:samples], seq_len)
+
+
+def training_ids(directory: str | os.PathLike, model: nn.Module, texts: Sequence[str], seq_len: int) -> Tensor:
+    """Token ids to fine-tune on, from all of `texts`: every full window of `seq_len` tokens for a
+    causal language model, every line (a sentence) cut or padded to `seq_len` for an encoder."""
+    if isinstance(model, CausalLM):
+        return text_windows(directory, texts, seq_len)
+    return tokenize(directory, list(texts), seq_len)
 
 
 def perplexity(model: nn.Module, windows: Tensor, batch: int = 8) -> float:

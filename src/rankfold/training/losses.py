@@ -34,6 +34,15 @@ def _kl_of_probabilities(student: Tensor, teacher: Tensor, _temperature: float) 
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
+def _kl_per_token(student: Tensor, teacher: Tensor, _temperature: float) -> Tensor:
+    """KL(teacher || student) of the next-token distributions (logits over the last axis) at every
+    position, averaged over positions. Not softened, for the reason _kl_of_probabilities gives: a
+    vocabulary of tens of thousands of tokens would hold most of the softened mass in its tail."""
+    log_s = F.log_softmax(student.flatten(0, -2).float(), dim=-1)
+    log_t = F.log_softmax(teacher.flatten(0, -2).float(), dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
 def _relative_squared_error(student: Tensor, teacher: Tensor, _temperature: float) -> Tensor:
     """||s - t||^2 / ||t||^2: dense maps, regressions, embeddings, detector heads, on one scale
     whatever their units."""
@@ -68,6 +77,7 @@ LOSS_OF_KIND: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
     "distribution": _kl_of_probabilities,
     "dense": _relative_squared_error_by_group,
     "embedding": _relative_squared_error,
+    "next_token": _kl_per_token,
 }
 
 
