@@ -407,7 +407,8 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     refused = [f"--{n.replace('_', '-')}" for n in HF_REFUSED if getattr(args, n, None)]
     if refused:
         raise RankfoldError(f"{'/'.join(refused)}: not available for a model directory (it calibrates on "
-                            "--calib-text and is written with rankfold.save_compressed)")
+                            "--calib-text, fine-tunes on --train-text and is written with "
+                            "rankfold.save_compressed)")
     if args.calib_text is None and not args.no_check:
         raise RankfoldError(f"{args.model}: a model directory calibrates on text: give --calib-text FILE|DIR (or "
                             "--no-check for a data-free, unchecked result)")
