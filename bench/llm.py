@@ -5,6 +5,7 @@ its sentence embeddings to the original's on 500 held-back sentences of the Pyth
     PYTHONPATH=. python -m bench.llm [--cuts 0.1,0.2,0.3,0.4,0.5] [--calib 512] [--plot bench/results/llm.png]
     PYTHONPATH=. python -m bench.llm --cuts '' --bits 8,4 --out bench/results/llm-weight-only.json
     PYTHONPATH=. python -m bench.llm --cuts '' --joint --out bench/results/llm-joint.json
+    PYTHONPATH=. python -m bench.llm --write-text DIR   # calib.txt, train.txt, held.txt for the CLI
 
 Rows: plain SVD (every Linear, uniform keep), SVD-LLM-style whitened truncation and ASVD-style
 activation scaling (uniform keep, no error compensation; bench/smollm2.py), rankfold's data-aware
@@ -42,6 +43,25 @@ def calibration_windows(directory: str, count: int, seq_len: int = 32) -> torch.
     pool = tokenize(directory, sentences("calib"), seq_len)
     full = pool[(pool != 0).all(1)]  # windows the sentence fills: no padding in the statistics
     return full[torch.from_numpy(np.random.default_rng(0).choice(len(full), min(count, len(full)), replace=False))]
+
+
+def write_text_files(directory: str, out: str, count: int = 512, seq_len: int = 32) -> dict[str, int]:
+    """The bench's text as files for the CLI, in `out`: calib.txt (the `count` sentences
+    calibration_windows draws), train.txt (the other sentences of the "calib" split, none equal
+    to a calibration sentence: text to fine-tune on that calibration did not use) and held.txt
+    (the 500 held-back sentences)."""
+    calib = sentences("calib")
+    full = np.flatnonzero((tokenize(directory, calib, seq_len) != 0).all(1).numpy())
+    picked = set(np.random.default_rng(0).choice(full, min(count, len(full)), replace=False).tolist())
+    chosen = [calib[i] for i in sorted(picked)]
+    kept = set(chosen)
+    files = {"calib.txt": chosen,
+             "train.txt": [s for s in calib if s not in kept],  # repeats of a calibration sentence too
+             "held.txt": sentences("held")[:500]}
+    for name, lines in files.items():
+        with open(os.path.join(out, name), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+    return {name: len(lines) for name, lines in files.items()}
 
 
 def _onnx_row(model, path: str, held: torch.Tensor, total: int, contender: str, seconds: float) -> dict:
@@ -125,9 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--joint", action="store_true",
                         help="also grouped int4 alone, and rankfold's joint plan at its bytes and at half")
     parser.add_argument("--bits", default="", help="also write weight-only QDQ files at these bit-widths (8,4)")
+    parser.add_argument("--write-text", metavar="DIR",
+                        help="only write the bench's text for the CLI there (calib.txt, train.txt, held.txt) and stop")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     directory = os.path.dirname(fetch(MINILM, args.cache))
+    if args.write_text:
+        print(f"model directory: {directory}")
+        for name, lines in write_text_files(directory, args.write_text, args.calib).items():
+            print(f"wrote {os.path.join(args.write_text, name)}: {lines} sentences")
+        return 0
     model = load_hf(directory)
     held = tokenize(directory, sentences("held")[:500], 64)
     calib = calibration_windows(directory, args.calib)
