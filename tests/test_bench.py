@@ -116,3 +116,30 @@ def test_the_smallest_accepted_run_stops_at_the_first_budget_the_check_accepts(m
     result = realworld.smallest_accepted(realworld.MODELS[0], "m.onnx", "w", "c.npz", None, [], print)
     assert tried == ["10%", "11%", "12%", "13%"] and result.ok and result.extra["budget"] == "13%"
     assert "| smallest-accepted (13%) |" in realworld.markdown([result], "cpu")
+
+
+class _TinyDetector(nn.Module):
+    """YOLOv8's output layout on 10 x 10 cells: 4 box values, then 18 class scores in [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Conv2d(3, 22, 32, stride=32)
+
+    def forward(self, x):
+        y = self.head(x).flatten(2)
+        return torch.cat([y[:, :4], torch.sigmoid(y[:, 4:] - 3)], 1)
+
+
+def test_fired_scenes_raise_the_detector_s_best_scores_and_stay_valid_pixels():
+    import numpy as np
+
+    from bench import field_inputs
+    from bench.fired_scenes import fired_scenes
+
+    model = _TinyDetector().eval().requires_grad_(False)
+    plain = torch.from_numpy(field_inputs.scenes(np.random.default_rng(0), 4))
+    fired = torch.from_numpy(fired_scenes(model, np.random.default_rng(0), 4, batch=2))
+    assert fired.shape == plain.shape and float(fired.min()) >= 0 and float(fired.max()) <= 1
+    best = [model(x)[:, 4:].amax((1, 2)) for x in (plain, fired)]
+    assert bool((best[1] > best[0]).all()), best
