@@ -169,6 +169,7 @@ def test_the_cli_compresses_a_model_directory_on_calibration_text(lm_dir, tmp_pa
     ("length-without-train", "--finetune-steps need --train-text FILE|DIR"),
     ("train-missing", "--train-text"),
     ("train-bad-device", "expected cpu, cuda or cuda:N"),
+    ("train-too-short", "larger than the training set"),
 ])
 def test_the_cli_refuses_a_model_directory_run_that_cannot_work_before_any_work(lm_dir, tmp_path, capsys, case,
                                                                               message):
@@ -183,7 +184,9 @@ def test_the_cli_refuses_a_model_directory_run_that_cannot_work_before_any_work(
             "length-without-train": [*text, "--finetune-steps", "5"],
             "train-missing": [*text, "--train-text", str(tmp_path / "missing.txt"), "--finetune-steps", "5"],
             "train-bad-device": [*text, "--train-text", str(lm_dir / "held.txt"), "--finetune-steps", "5",
-                                 "--device", "tpu"]}[case]
+                                 "--device", "tpu"],
+            "train-too-short": [*text, "--seq-len", "16", "--train-text", str(lm_dir / "held.txt"),  # < 64 windows
+                                "--finetune-steps", "5"]}[case]
     code = main(["compress", str(lm_dir), "--max-params", "90%", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err

@@ -426,7 +426,7 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
                                              "GPU); torchrun runs `rankfold finetune` on ONNX files")
     if train_config is not None and texts is None:
         raise RankfoldError("--train-text: give --calib-text too (the plan and the check need calibration text)")
-    train_texts = read_texts(args.train_text, "--train-text") if train_config is not None else None
+    train_ids = _text_training_ids(args, train_config)
     log = _log(args.quiet)
     log(f"loading {args.model}")
     model = load_hf(args.model)
@@ -453,10 +453,8 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
                                   check=check_now, example_input=example, **common)
     ft_log = None
     if train_config is not None:
-        from rankfold.frontends.hf import training_ids
         from rankfold.training import finetune_result
 
-        train_ids = training_ids(args.model, model, train_texts, args.seq_len)
         log(f"fine-tuning on {len(train_ids)} windows of {train_ids.shape[1]} tokens of {args.train_text}, on "
             f"{args.device or 'cpu'}")
         result, ft_log = finetune_result(result, train_ids, config=train_config, check=not args.no_check,
@@ -690,6 +688,20 @@ def _compress_finetune_config(args: argparse.Namespace, given, data_flag: str, t
         return FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **lr)
     except ValueError as exc:
         raise RankfoldError(str(exc)) from None
+
+
+def _text_training_ids(args: argparse.Namespace, config):
+    """The token ids compress DIR --train-text trains on, or None; made and checked (one batch at
+    least) before the model is read."""
+    if config is None:
+        return None
+    from rankfold.frontends.hf import read_texts, training_ids
+    from rankfold.training.distributed import World
+    from rankfold.training.loop import check_training_data
+
+    ids = training_ids(args.model, read_texts(args.train_text, "--train-text"), args.seq_len)
+    check_training_data(ids, None, config, World())
+    return ids
 
 
 def _compress_training(args: argparse.Namespace, graph):

@@ -214,12 +214,13 @@ def calibration_ids(directory: str | os.PathLike, model: nn.Module, texts: Seque
     return tokenize(directory, list(texts)[:samples], seq_len)
 
 
-def training_ids(directory: str | os.PathLike, model: nn.Module, texts: Sequence[str], seq_len: int) -> Tensor:
-    """Token ids to fine-tune on, from all of `texts`: every full window of `seq_len` tokens for a
-    causal language model, every line (a sentence) cut or padded to `seq_len` for an encoder."""
-    if isinstance(model, CausalLM):
-        return text_windows(directory, texts, seq_len)
-    return tokenize(directory, list(texts), seq_len)
+def training_ids(directory: str | os.PathLike, texts: Sequence[str], seq_len: int) -> Tensor:
+    """Token ids to fine-tune the model in `directory` on, from all of `texts` (tokenizer and config
+    only: made before the model is read): every full window of `seq_len` tokens for a causal
+    language model, every line (a sentence) cut or padded to `seq_len` for an encoder."""
+    with open(_require(os.fspath(directory), CONFIG)) as handle:
+        causal = is_causal_lm(json.load(handle))
+    return text_windows(directory, texts, seq_len) if causal else tokenize(directory, list(texts), seq_len)
 
 
 def perplexity(model: nn.Module, windows: Tensor, batch: int = 8) -> float:
