@@ -6,7 +6,12 @@ above 0.9, and the compressed file is compared with the original on such scenes 
 ones, both in onnxruntime, at IoU thresholds 0.25 and 0.5.
 
     PYTHONPATH=. python -m bench.fired_scenes --work /tmp/fired            # inputs, then a 50 % plan
+    PYTHONPATH=. python -m bench.fired_scenes --work /tmp/fired --distill 1024,400   # then distilled
     PYTHONPATH=. python -m bench.fired_scenes --work /tmp/fired --measure OTHER.onnx
+
+--distill COUNT,STEPS also distils the plan (`rankfold finetune --plan`, steps of 16 at lr 3e-5,
+the rate YOLOv8n stands) on COUNT fired scenes made from seeds 3, 4, ... (512 a seed), and
+measures both files.
 
 The scenes are made by the model itself: a measure of what compression keeps where the detector
 is sure, not a stand-in for photographs.
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     parser.add_argument("--fresh", type=int, default=128, help="fresh scenes to measure on (default 128)")
     parser.add_argument("--measure", help="measure this compressed file instead of making one")
+    parser.add_argument("--distill", type=_count_and_steps, metavar="COUNT,STEPS",
+                        help="also distil the plan on COUNT fired scenes for STEPS steps of 16")
     args = parser.parse_args(argv)
     from rankfold.frontends.onnx import load_onnx
 
@@ -77,14 +84,40 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(file):
             np.savez(file, x=fired_scenes(model, np.random.default_rng(seed), n))
             print(f"wrote {file}", flush=True)
-    compressed = args.measure
-    if compressed is None:
-        compressed = os.path.join(args.work, "half.onnx")
+    files = [args.measure] if args.measure else []
+    if not files:
+        files.append(os.path.join(args.work, "half.onnx"))
+        plan = os.path.join(args.work, "half-plan.json")
         subprocess.run([sys.executable, "-m", "rankfold.cli", "compress", path, "--calib", calib, "--max-params",
-                        "50%", "--no-check", "--force", "-o", compressed], check=True)
-    measure(path, compressed, {"fired": np.load(fresh)["x"],
-                               "synthetic": field_inputs.scenes(np.random.default_rng(2), args.fresh)})
+                        "50%", "--no-check", "--force", "-o", files[0], "--plan-out", plan], check=True)
+        if args.distill:
+            files.append(_distilled(model, path, plan, calib, args.work, *args.distill))
+    inputs = {"fired": np.load(fresh)["x"], "synthetic": field_inputs.scenes(np.random.default_rng(2), args.fresh)}
+    for file in files:
+        print(file)
+        measure(path, file, inputs)
     return 0
+
+
+def _distilled(model: torch.nn.Module, path: str, plan: str, calib: str, work: str, count: int, steps: int) -> str:
+    train = os.path.join(work, f"train-{count}.npz")
+    if not os.path.exists(train):
+        parts = [fired_scenes(model, np.random.default_rng(3 + i), min(512, count - 512 * i))
+                 for i in range((count + 511) // 512)]
+        np.savez(train, x=np.concatenate(parts))
+        print(f"wrote {train}", flush=True)
+    out = os.path.join(work, "half-distilled.onnx")
+    subprocess.run([sys.executable, "-m", "rankfold.cli", "finetune", path, "--plan", plan, "--calib", calib,
+                    "--train", train, "--steps", str(steps), "--batch-size", "16", "--lr", "3e-5",
+                    "--min-agreement", "0", "--max-output-error", "100", "--force", "-o", out], check=True)
+    return out
+
+
+def _count_and_steps(text: str) -> tuple[int, int]:
+    count, steps = (int(v) for v in text.split(","))
+    if count < 16 or steps < 1:
+        raise argparse.ArgumentTypeError(f"expected COUNT,STEPS with COUNT >= 16 and STEPS >= 1, got {text!r}")
+    return count, steps
 
 
 if __name__ == "__main__":
