@@ -297,6 +297,32 @@ def test_a_time_budget_is_timed_after_the_first_step(pair, monkeypatch):
     assert log.steps == 6 + (60 - 35)  # 35 s spent on 6 steps, then 25 more of 1 s
 
 
+def test_a_time_budget_stops_the_run_when_later_steps_slow_down(pair, monkeypatch):
+    """Steps that slow down after the timed ones (work sharing the machine) do not overrun the budget
+    by more than OVERRUN: the run stops there and says so."""
+    from rankfold.training import loop
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(loop.time, "time", lambda: clock["now"])
+    calls = {"steps": 0}
+    real_step = loop._Distiller.loss
+
+    def loss(self, rows, seed):  # 1 s a step for the first 6, then 5 s
+        calls["steps"] += 1
+        clock["now"] += 1.0 if calls["steps"] <= 6 else 5.0
+        return real_step(self, rows, seed)
+
+    monkeypatch.setattr(loop._Distiller, "loss", loss)
+    teacher, student = pair
+    lines = []
+    _tuned, log = finetune(student, teacher, _inputs(128), config=FinetuneConfig(minutes=1.0, batch_size=16),
+                           progress=lines.append)
+    # 6 + 54 steps planned from the timed ones (6 s); at 5 s a step, more than 66 s (1.1 minutes) are
+    # spent first after step 19 (71 s)
+    assert log.steps == 19 and log.history[-1]["step"] == 19 and log.seconds == 71.0, log
+    assert any("min budget is spent at step 19 of 60" in line for line in lines), lines
+
+
 def test_lsq_starts_at_the_least_error_clipping_and_learns_its_step():
     from rankfold.training.qat import LearnedStepFakeQuant, PerChannelFakeQuant, best_clipping_ratio
 

@@ -1349,7 +1349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps of --batch-size samples")
     p.add_argument("--minutes", type=_positive_float, help="time budget: the steps are set from the speed of the "
-                                                          "steps after the first (with --steps: the smaller)")
+                                                          "steps after the first, and the run stops at 1.1 times the "
+                                                          "budget if later steps slow down (with --steps: the smaller)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (default 64)")
     _device_arg(p)
     p.add_argument("--lr", type=_positive_float, default=3e-4, help="peak learning rate (default 3e-4; warm-up, "

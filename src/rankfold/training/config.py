@@ -16,7 +16,8 @@ class FinetuneConfig:
 
     steps: optimizer steps (each over `batch_size` samples, across all processes together).
     minutes: a time budget instead of, or on top of, `steps`: the number of steps is set from the
-        speed of the first steps so that the learning-rate schedule still ends at zero.
+        speed of the first steps so that the learning-rate schedule still ends at zero; if later
+        steps slow down, the run stops once loop.OVERRUN times the budget is spent.
     batch_size: the global batch; under torchrun each of the N processes takes batch_size / N.
     lr: peak learning rate (linear warm-up over the first 5 % of the steps, then cosine to 0).
     temperature: softening of class scores in the distillation loss (KL, scaled by T^2).

@@ -34,6 +34,10 @@ from rankfold.training.qat import (
 
 TEACHER_CACHE_BYTES = 1 << 30  # teacher outputs kept per sample up to this; above it, recomputed
 TIMED_STEPS = 5  # a time budget sets the number of steps from the speed of these (after the first)
+# A time budget also stops the run once this share of it is spent, whatever number of steps its
+# first steps set: work sharing the machine can slow the later steps (three trainings on one GPU
+# overran a 5.5-minute budget by half).
+OVERRUN = 1.1
 ACTIVATION_CALIBRATION_SAMPLES = 256  # training samples that start the learned activation steps
 
 
@@ -174,18 +178,23 @@ def finetune(student: nn.Module, teacher: nn.Module, train_x: Tensor, *, labels:
         step += 1
         if step == start + 1:
             first_done = time.time()
-        if step % config.log_every == 0 or step == total:
+        stopping = _out_of_time(config, time.time() - t0, step, total, world)
+        if step % config.log_every == 0 or step == total or stopping:
             entry = {"step": step, "loss": world.mean(step_loss), "seconds": round(time.time() - t0, 1)}
             if held is not None:
                 entry.update(_held_agreement(host_teacher, student, held))
             history.append(entry)
             say(_progress_line(entry, total))
-        if checkpoint_dir and (step % config.checkpoint_every == 0 or step == total):
+        if checkpoint_dir and (step % config.checkpoint_every == 0 or step == total or stopping):
             if world.is_main:
                 save_checkpoint(checkpoint_dir, {"fingerprint": stamp, "step": step, "total_steps": total,
                                                  "student": student.state_dict(), "history": history,
                                                  "optimizer": optimizer.state_dict()})
             world.barrier()
+        if stopping:
+            say(f"the {config.minutes:g} min budget is spent at step {step} of {total}: stopped there (the "
+                "learning rate had not reached 0)")
+            break
     seconds = time.time() - t0
     if features is not None:
         features.remove()
@@ -302,6 +311,14 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: FinetuneConfig, step: int,
                                                                          max(1, total - warmup)))
     for group in optimizer.param_groups:
         group["lr"] = config.lr * scale
+
+
+def _out_of_time(config: FinetuneConfig, elapsed: float, step: int, total: int | None, world: World) -> bool:
+    """Whether a run with a time budget stops after `step`: OVERRUN of its budget is spent before its
+    last step. Every process agrees (one that is out of time stops them all)."""
+    if config.minutes is None or total is None or step >= total:
+        return False
+    return world.minimum(int(elapsed <= OVERRUN * config.minutes * 60)) == 0
 
 
 def _steps_in_time(config: FinetuneConfig, step: int, elapsed: float, per_step: float, world: World) -> int:
