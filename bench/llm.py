@@ -6,11 +6,13 @@ its sentence embeddings to the original's on 500 held-back sentences of the Pyth
     PYTHONPATH=. python -m bench.llm --cuts '' --bits 8,4 --out bench/results/llm-weight-only.json
     PYTHONPATH=. python -m bench.llm --cuts '' --joint --out bench/results/llm-joint.json
     PYTHONPATH=. python -m bench.llm --write-text DIR   # calib.txt, train.txt, held.txt for the CLI
+    PYTHONPATH=. python -m bench.llm --mlp-keep 0.5 --only mlp-keep --out bench/results/llm-mlp.json
 
 Rows: plain SVD (every Linear, uniform keep), SVD-LLM-style whitened truncation and ASVD-style
 activation scaling (uniform keep, no error compensation; bench/smollm2.py), rankfold's data-aware
 SVD at the same uniform keep, and rankfold's planner (rank per matrix under one parameter budget,
-bits=32). Calibration: 512 windows of 32 tokens from the "calib" split (bench/text.py), windows
+bits=32), and with --mlp-keep the planner after feed-forward neuron pruning.
+Calibration: 512 windows of 32 tokens from the "calib" split (bench/text.py), windows
 the sentence fills (no padding in the statistics); held back: the first 500 sentences of the "held" split, 64 tokens.
 With --bits, every Linear is quantized at each bit-width (data-aware rounding on 64 calibration
 windows) and written as a weight-only QDQ file (float activations), measured in onnxruntime.
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--joint", action="store_true",
                         help="also grouped int4 alone, and rankfold's joint plan at its bytes and at half")
     parser.add_argument("--bits", default="", help="also write weight-only QDQ files at these bit-widths (8,4)")
+    parser.add_argument("--mlp-keep", type=float, default=None, metavar="FRACTION",
+                        help="also rankfold's planner after keeping this fraction of every feed-forward block's "
+                             "hidden neurons (compress --mlp-keep)")
+    parser.add_argument("--only", default="", help="run only the contenders whose name contains this text")
     parser.add_argument("--write-text", metavar="DIR",
                         help="only write the bench's text for the CLI there (calib.txt, train.txt, held.txt) and stop")
     args = parser.parse_args(argv)
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     stats: dict = {}  # the original's layer statistics, shared by the uncompensated baselines
     for cut in (float(c) for c in args.cuts.split(",") if c):
         keep = 1.0 - cut
-        for name, run in (
+        budget = {"params": str(int(total - cut * linear))}
+        contenders = [
             ("plain SVD, uniform", lambda: rankfold.compress(model, method="svd", keep=keep, min_rank=1)),
             ("rankfold data-aware SVD, uniform", lambda: rankfold.compress(model, method="svd", keep=keep,
                                                                            calib=calib, min_rank=1)),
@@ -182,9 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             ("ASVD-style activation-scaled SVD, uniform", lambda: weighted_svd_baseline(
                 model, calib, keep, "asvd", stats, linear_names)),
             ("rankfold planned, bits=32", lambda: rankfold.compress_to_budget(
-                model, calib=calib, budgets={"params": str(int(total - cut * linear))}, bits=32, min_rank=4,
-                rules=(CheckRule("cosine", 0.0),)).module),
-        ):
+                model, calib=calib, budgets=budget, bits=32, min_rank=4, rules=(CheckRule("cosine", 0.0),)).module),
+        ]
+        if args.mlp_keep is not None:
+            contenders.append((f"rankfold planned after --mlp-keep {args.mlp_keep}",
+                               lambda: rankfold.compress_to_budget(model, calib=calib, budgets=budget, bits=32,
+                                                                   min_rank=4, rules=(CheckRule("cosine", 0.0),),
+                                                                   mlp_keep=args.mlp_keep).module))
+        for name, run in contenders:
+            if args.only not in name:
+                continue
             t0 = time.time()
             small = run()
             seconds = time.time() - t0

@@ -17,3 +17,23 @@ def correlated_inputs(n: int, channels: int, *, dead: int = 0, seed: int = 0) ->
     if dead:
         x[:, :dead] = 0
     return x
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    """A tiny random BERT sentence-encoder directory (tests.test_hf.make_encoder_dir)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tests.test_hf import make_encoder_dir
+
+    return make_encoder_dir(tmp_path_factory.mktemp("minibert"))
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """A tiny trained Llama directory with calibration and held-back text (tests.test_causal_lm.make_lm_dir)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tests.test_causal_lm import make_lm_dir
+
+    return make_lm_dir(tmp_path_factory.mktemp("minillama"))

@@ -37,9 +37,9 @@ def _lines(n: int, seed: int) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("minillama")
+def make_lm_dir(root):
+    """A tiny Llama trained a little on word lines, with its tokenizer, calib.txt and held.txt,
+    in `root` (the `lm_dir` fixture of conftest.py)."""
     vocab = ["<unk>", "<s>", "</s>", "\n", *sorted(set(WORDS))]
     words = tokenizers.models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>")
     tokenizer = tokenizers.Tokenizer(words)

@@ -17,9 +17,9 @@ WORDS = ("the cat sat on a mat while dogs ran far away from home and we all saw 
          "under bright red sky near old green trees by cold blue water").split()
 
 
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("minibert")
+def make_encoder_dir(root):
+    """A tiny random BERT sentence encoder with its word-level tokenizer in `root` (the
+    `encoder_dir` fixture of conftest.py)."""
     torch.manual_seed(0)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted(set(WORDS))]
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -368,6 +368,9 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     if args.train_text is not None:
         raise RankfoldError("--train-text fine-tunes a Hugging Face model directory; an ONNX model takes --train "
                             "TRAIN.npz")
+    if args.mlp_keep is not None:
+        raise RankfoldError("--mlp-keep prunes the feed-forward blocks of a transformer read from a Hugging Face model "
+                            "directory; an ONNX model has no such option")
     if budgets or args.target:
         uniform = [flag for flag, value in (("--keep", args.keep), ("--method", args.method), ("--ranks", args.ranks))
                    if value is not None]
@@ -413,6 +416,8 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
         raise RankfoldError(f"{args.model}: a model directory calibrates on text: give --calib-text FILE|DIR (or "
                             "--no-check for a data-free, unchecked result)")
     planned = bool(budgets or args.target)
+    if args.mlp_keep is not None:
+        _check_mlp_keep(args, planned, budgets)
     target = with_group_size(load_target(args.target or "host"), args.group_size) if planned else None
     to_onnx = args.output.endswith(".onnx")
     if to_onnx:
@@ -447,7 +452,7 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     check_now = not args.no_check and train_config is None  # with training, checked after it instead
     if planned:
         result = compress_to_budget(model, target=target, budgets=budgets, example_input=example,
-                                    bits=args.bits or "auto", check=check_now, **common)
+                                    bits=args.bits or "auto", check=check_now, mlp_keep=args.mlp_keep, **common)
     else:
         result = compress_uniform(model, method=args.method or "svd", keep=0.5 if args.keep is None else args.keep,
                                   check=check_now, example_input=example, **common)
@@ -468,6 +473,10 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     print(plan_table(result.plan) if planned else layer_table(result.report))
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in result.module.parameters())
+    if result.mlp_pruning is not None:
+        pruning = result.mlp_pruning
+        print(f"feed-forward blocks: {pruning['blocks']} keep {pruning['kept']} of {pruning['width']} hidden neurons "
+              f"(--mlp-keep {args.mlp_keep}), before the plan")
     print(f"parameters {before:,} -> {after:,} ({after / before:.1%}) in {seconds:.0f} s")
     if ft_log is not None:
         print(_finetuned_line(ft_log))
@@ -481,8 +490,25 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
             "model": args.model, "output": args.output, "budgets": budgets, "seconds": seconds,
             "params_before": before, "params_after": after,
             "plan": result.plan.to_dict() if planned else None,
-            "self_check": None if result.check is None else result.check.to_dict(),
+            "self_check": None if result.check is None else result.check.to_dict(), "mlp_pruning": result.mlp_pruning,
             "finetune": None if ft_log is None else ft_log.to_dict(), **result.report.to_dict()})
+
+
+def _check_mlp_keep(args: argparse.Namespace, planned: bool, budgets: dict[str, str]) -> None:
+    """--mlp-keep before any work: planned mode, calibration text, budgets it can resolve."""
+    from rankfold.planner.pipeline import ORIGINAL_RELATIVE
+    from rankfold.target import parse_budget
+
+    if not planned:
+        raise RankfoldError("--mlp-keep prunes before the planner: give a budget (--max-params, --max-weight-bytes, "
+                            "...) or --target; uniform mode (--keep, --method) has no such step")
+    if args.calib_text is None:
+        raise RankfoldError("--mlp-keep chooses the neurons to keep on calibration text: give --calib-text")
+    for quantity, text in budgets.items():
+        if parse_budget(quantity, text).relative and quantity not in ORIGINAL_RELATIVE:
+            flag = next(f for f, q in BUDGET_FLAGS.items() if q == quantity).replace("_", "-")
+            raise RankfoldError(f"--{flag} {text}: with --mlp-keep give it as an absolute "
+                                f"value (a fraction resolves only for {', '.join(ORIGINAL_RELATIVE)})")
 
 
 def _compress_uniform(args: argparse.Namespace) -> None:
@@ -1207,6 +1233,13 @@ def _fraction(text: str) -> float:
     return _float_in(text, 0.0, 1.0, "a number in [0, 1]")
 
 
+def _open_fraction(text: str) -> float:
+    value = _float_in(text, 0.0, 1.0, "a number between 0 and 1 (exclusive)")
+    if value in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
 def _check_rule(text: str):
     from rankfold.check_rules import parse_check_rule
 
@@ -1316,6 +1349,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --train/--train-text: peak learning rate (default 3e-4; a pretrained detector from the "
                         "field may need less: YOLOv8n kept its score maps best at 3e-5)")
     _device_arg(p, "with --train/--train-text: ")
+    p.add_argument("--mlp-keep", type=_open_fraction, metavar="FRACTION",
+                   help="model directory, planned mode: first keep this fraction of every feed-forward block's "
+                        "hidden neurons (chosen and refitted on the calibration text), then plan the rest of the "
+                        "budget; budgets in %% stay fractions of the original (default: no pruning)")
     p.add_argument("--report", help="also write the report as JSON")
     p.add_argument("--force", action="store_true", help="replace output files that exist (never an input)")
     p.set_defaults(func=_cmd_compress)

@@ -43,6 +43,8 @@ class Compressed:
     # Learned int8 parameters (scale, zero point) of quantized layers' inputs, by layer (leaf) name
     # (quantization-aware training with learned activation steps): save() writes them, not calibrated ones.
     input_steps: Mapping[str, ActivationParams] = field(default_factory=dict)
+    # What mlp_keep pruned before planning (rankfold.mlp_neurons), or None: the plan is of that model.
+    mlp_pruning: dict | None = None
 
     @property
     def quantized(self) -> bool:

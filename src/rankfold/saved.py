@@ -169,6 +169,11 @@ def save_compressed(result, directory: str | os.PathLike, *, hf_source: str | os
             if os.path.isfile(source):
                 os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
                 shutil.copyfile(source, os.path.join(directory, name))
+        changes = getattr(module, "config_changes", None)
+        if changes:  # e.g. a pruned feed-forward width: transformers builds the layers at the saved sizes
+            with open(os.path.join(os.fspath(hf_source), "config.json")) as handle:
+                hf_config = json.load(handle)
+            write_json_atomic(os.path.join(directory, "config.json"), {**hf_config, **changes})
     write_json_atomic(os.path.join(directory, CONFIG_NAME), config)
     return directory
 

@@ -41,23 +41,62 @@ def compress_to_budget(
     check: bool = True,
     rules: tuple[CheckRule, ...] = (),
     progress: Callable[[str], None] | None = None,
+    mlp_keep: float | None = None,
 ) -> Compressed:
     """Plan, apply and check. With `check` (the default) a self-check that cannot run (fewer than
     64 calibration samples) is an error before any work; check=False (the CLI's --no-check) runs no
     check: the result is unchecked (samples are still held back from planning, as with a check, so
-    the plan applies the same way either way)."""
+    the plan applies the same way either way).
+
+    `mlp_keep` (a transformer): first keep that fraction of every feed-forward block's hidden
+    neurons (rankfold.mlp_neurons), then plan the rest of the budgets on the pruned model; budgets
+    in % stay fractions of the original, and the check compares with the original. The plan is of
+    the pruned model: it applies to the result's `planned_on`, not to `model`."""
     say = progress or (lambda _m: None)
     require_check_data(calib, check)
     fit, held = split_holdout(calib) if calib is not None else (None, None)
-    plan = make_plan(model, calib=fit, example_input=example_input, target=target, budgets=budgets or {},
+    planned_on, pruning = model, None
+    if mlp_keep is not None:
+        budgets = budgets_of_original(model, budgets or {})
+        if fit is None:
+            raise RankfoldError("mlp_keep (--mlp-keep) chooses neurons on calibration data: give calib")
+        from rankfold.mlp_neurons import prune_mlp_neurons
+
+        planned_on, pruning = prune_mlp_neurons(model, mlp_keep, fit, progress=say)
+    plan = make_plan(planned_on, calib=fit, example_input=example_input, target=target, budgets=budgets or {},
                      min_rank=min_rank, onnx_path=onnx_path, bits=bits, progress=say)
     plan.held_back = 0 if held is None else len(held)
+    if pruning is not None:
+        plan.messages.append(f"planned after pruning the feed-forward blocks ({pruning['family']}): "
+                             f"{pruning['blocks']} blocks keep {pruning['kept']} of {pruning['width']} hidden neurons; "
+                             "the plan applies to that pruned model")
     if not plan.feasible:
         raise RankfoldError("the budgets cannot be met: " + "; ".join(m for m in plan.messages if "cannot" in m))
-    module, report = apply_plan(model, plan, calib=calib, progress=say)
+    module, report = apply_plan(planned_on, plan, calib=calib, progress=say)
     checked = check_result(model, module, held, min_agreement, say, max_output_error, rules) if check else None
     return Compressed(module, report, checked, model, calib, plan, example_input, min_agreement, max_output_error,
-                      rules)
+                      rules, mlp_pruning=pruning)
+
+
+ORIGINAL_RELATIVE = ("params", "weight_bytes")  # the quantities whose % budgets mlp_keep resolves on the original
+
+
+def budgets_of_original(model: nn.Module, budgets: Mapping[str, object]) -> dict[str, object]:
+    """`budgets` with every fraction of parameters or float32 weight bytes made absolute on
+    `model` (before it is pruned: the plan is of the pruned one). A fraction of another quantity
+    is refused: only a plan of the original could resolve it."""
+    from rankfold.target import parse_budget
+
+    params = sum(p.numel() for p in model.parameters())
+    original = {"params": params, "weight_bytes": 4 * params}
+    out: dict[str, object] = {}
+    for quantity, text in budgets.items():
+        budget = parse_budget(quantity, text)
+        if budget.relative and quantity not in ORIGINAL_RELATIVE:
+            raise RankfoldError(f"max_{quantity} {text!r} with mlp_keep (--mlp-keep): give it as an absolute value "
+                                f"(a fraction resolves only for {', '.join(ORIGINAL_RELATIVE)})")
+        out[quantity] = str(int(budget.limit(original[quantity]))) if budget.relative else text
+    return out
 
 
 def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
