@@ -84,6 +84,14 @@ def test_an_encoder_keeps_half_its_neurons_and_saves_a_directory_that_loads_at_t
     loaded = rankfold.load_compressed(out)
     with torch.no_grad():
         assert torch.allclose(loaded(held), result.module(held), atol=1e-5)
+    # and as an ONNX file that onnxruntime runs at the pruned width
+    from rankfold.runtime import session
+
+    result.save(tmp_path / "pruned.onnx")
+    runner = session(str(tmp_path / "pruned.onnx"))
+    got = runner.run(None, {runner.get_inputs()[0].name: held.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), result.module(held), atol=1e-4)
 
 
 class _Mixing(nn.Module):
