@@ -98,6 +98,8 @@ CASES = {
                                        "--finetune-steps", "X", "-o", "O"], "0", "positive integer"),
     ("compress", "--finetune-minutes"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D",
                                          "--finetune-minutes", "X", "-o", "O"], "-1", "a number > 0"),
+    ("compress", "--mlp-keep"): (["M", "--calib", "C", "--max-params", "50%", "--mlp-keep", "X", "-o", "O"], "0",
+                                 "between 0 and 1 (exclusive)"),
     ("compress", "--finetune-lr"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D",
                                     "--finetune-steps", "1", "--finetune-lr", "X", "-o", "O"], "0", "a number > 0"),
     ("compress", "--device"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D", "--finetune-steps", "1",
