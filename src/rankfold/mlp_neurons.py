@@ -73,14 +73,19 @@ def find_mlp_blocks(model: nn.Module) -> tuple[MLPLayout, list[MLPBlock]] | None
     return None
 
 
+def _damped(moments: Tensor) -> Tensor:
+    """H + DAMPING * mean(diag H) * I, in float64."""
+    h = moments.to(torch.float64)
+    return h + DAMPING * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+
+
 def neurons_to_keep(weight: Tensor, moments: Tensor, keep: int) -> Tensor:
     """The sorted indices of the `keep` input columns of `weight` (out, n) to keep, given the
     second moment `moments` (n, n) of its input: the others are removed one at a time, cheapest
     first, by optimal brain surgeon (the kept columns updated after each removal)."""
     n = weight.shape[1]
     w = weight.detach().to(torch.float64).clone()
-    h = moments.to(torch.float64) + DAMPING * moments.diagonal().mean() * torch.eye(n, dtype=torch.float64)
-    inverse = torch.linalg.inv(h)
+    inverse = torch.linalg.inv(_damped(moments))
     alive = torch.ones(n, dtype=torch.bool)
     for _ in range(n - keep):
         cost = (w * w).sum(0) / inverse.diagonal()
@@ -95,8 +100,7 @@ def neurons_to_keep(weight: Tensor, moments: Tensor, keep: int) -> Tensor:
 
 def refitted_columns(weight: Tensor, moments: Tensor, kept: Tensor) -> Tensor:
     """W' (out, k) minimizing E||W h - W' h_S||^2: W H[:, S] H[S, S]^-1 (damped), in `weight`'s dtype."""
-    n = weight.shape[1]
-    h = moments.to(torch.float64) + DAMPING * moments.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    h = _damped(moments)
     cross = weight.detach().to(torch.float64) @ h[:, kept]
     return torch.linalg.solve(h[kept][:, kept], cross.T).T.to(weight.dtype)
 
