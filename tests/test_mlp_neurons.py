@@ -163,3 +163,13 @@ def test_the_cli_refuses_mlp_keep_for_an_onnx_model(tmp_path, capsys):
                  "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "--mlp-keep prunes the feed-forward blocks" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_budgets_in_percent_resolve_on_the_original_or_are_refused():
+    from rankfold.planner.pipeline import budgets_of_original
+
+    model = nn.Sequential(nn.Linear(10, 10, bias=False))  # 100 parameters, 400 float32 bytes
+    assert budgets_of_original(model, {"params": "50%", "weight_bytes": "25%", "macs": "1000"}) == \
+        {"params": "50", "weight_bytes": "100", "macs": "1000"}
+    with pytest.raises(rankfold.RankfoldError, match=r"max_macs \(mlp_keep\) 50%: with --mlp-keep"):
+        budgets_of_original(model, {"macs": "50%"})

@@ -496,19 +496,15 @@ def _compress_hf(args: argparse.Namespace, budgets: dict[str, str]) -> None:
 
 def _check_mlp_keep(args: argparse.Namespace, planned: bool, budgets: dict[str, str]) -> None:
     """--mlp-keep before any work: planned mode, calibration text, budgets it can resolve."""
-    from rankfold.planner.pipeline import ORIGINAL_RELATIVE
-    from rankfold.target import parse_budget
+    from rankfold.planner.pipeline import refuse_unresolvable_fractions
 
     if not planned:
         raise RankfoldError("--mlp-keep prunes before the planner: give a budget (--max-params, --max-weight-bytes, "
                             "...) or --target; uniform mode (--keep, --method) has no such step")
     if args.calib_text is None:
         raise RankfoldError("--mlp-keep chooses the neurons to keep on calibration text: give --calib-text")
-    for quantity, text in budgets.items():
-        if parse_budget(quantity, text).relative and quantity not in ORIGINAL_RELATIVE:
-            flag = next(f for f, q in BUDGET_FLAGS.items() if q == quantity).replace("_", "-")
-            raise RankfoldError(f"--{flag} {text}: with --mlp-keep give it as an absolute "
-                                f"value (a fraction resolves only for {', '.join(ORIGINAL_RELATIVE)})")
+    refuse_unresolvable_fractions(
+        budgets, lambda quantity: "--" + next(f for f, q in BUDGET_FLAGS.items() if q == quantity).replace("_", "-"))
 
 
 def _compress_uniform(args: argparse.Namespace) -> None:

@@ -87,16 +87,25 @@ def budgets_of_original(model: nn.Module, budgets: Mapping[str, object]) -> dict
     is refused: only a plan of the original could resolve it."""
     from rankfold.target import parse_budget
 
+    refuse_unresolvable_fractions(budgets, lambda quantity: f"max_{quantity} (mlp_keep)")
     params = sum(p.numel() for p in model.parameters())
     original = {"params": params, "weight_bytes": 4 * params}
     out: dict[str, object] = {}
     for quantity, text in budgets.items():
         budget = parse_budget(quantity, text)
-        if budget.relative and quantity not in ORIGINAL_RELATIVE:
-            raise RankfoldError(f"max_{quantity} {text!r} with mlp_keep (--mlp-keep): give it as an absolute value "
-                                f"(a fraction resolves only for {', '.join(ORIGINAL_RELATIVE)})")
         out[quantity] = str(int(budget.limit(original[quantity]))) if budget.relative else text
     return out
+
+
+def refuse_unresolvable_fractions(budgets: Mapping[str, object], named: Callable[[str], str]) -> None:
+    """With mlp_keep, a budget in % of anything but parameters or weight bytes is refused (only a
+    plan of the unpruned original could resolve it); `named` spells a quantity's option for the error."""
+    from rankfold.target import parse_budget
+
+    for quantity, text in budgets.items():
+        if parse_budget(quantity, text).relative and quantity not in ORIGINAL_RELATIVE:
+            raise RankfoldError(f"{named(quantity)} {text}: with --mlp-keep give it as an absolute value (a "
+                                f"fraction resolves only for {', '.join(ORIGINAL_RELATIVE)})")
 
 
 def apply_and_check(model: nn.Module, plan: Plan, *, calib: Tensor | None, min_agreement: float,
