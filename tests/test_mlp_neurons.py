@@ -173,3 +173,19 @@ def test_budgets_in_percent_resolve_on_the_original_or_are_refused():
         {"params": "50", "weight_bytes": "100", "macs": "1000"}
     with pytest.raises(rankfold.RankfoldError, match=r"max_macs \(mlp_keep\) 50%: with --mlp-keep"):
         budgets_of_original(model, {"macs": "50%"})
+
+
+def test_block_by_block_statistics_prune_as_prefix_passes_do(lm_dir, monkeypatch):
+    """The held hidden states (one pass through each block) give the neurons and refit that
+    passes from the input would: the same pruned decoder."""
+    import rankfold.mlp_neurons as mlp_neurons
+    from rankfold.frontends.hf import load_hf
+
+    model, calib = load_hf(lm_dir), _windows(lm_dir, "calib.txt", 16)
+    lines: list[str] = []
+    held, _ = prune_mlp_neurons(model, 0.5, calib, progress=lines.append)
+    assert any(line.startswith("layer inputs block by block") for line in lines)
+    monkeypatch.setattr(mlp_neurons.BlockInputs, "for_model", classmethod(lambda *_a, **_k: None))
+    prefix, _ = prune_mlp_neurons(model, 0.5, calib)
+    for (name, a), (_, b) in zip(held.state_dict().items(), prefix.state_dict().items()):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5), name

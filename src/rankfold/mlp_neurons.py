@@ -11,7 +11,9 @@ the neurons cost less embedding cosine than the same parameters taken by low ran
 Neurons are chosen one at a time by optimal brain surgeon on columns: removing neuron j from the
 output weight W costs ||W[:, j]||^2 / [H^-1]_jj (H = E[h h^T] over the calibration tokens), and
 after each removal the other columns absorb what they can. Blocks are pruned in order, each on the
-statistics of the already-pruned model, so later blocks compensate for earlier ones.
+statistics of the already-pruned model, so later blocks compensate for earlier ones. Where the
+model is a block stack, the hidden states entering the current block are held (block_inputs), so
+each block's statistics cost a pass through that block, not one from the input.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.analyze import set_submodule, streamed_input_moments
+from rankfold.block_inputs import BlockInputs
 from rankfold.errors import RankfoldError
 
 DAMPING = 1e-3  # of the mean diagonal of H, added to it: keeps its inverse stable on few tokens
@@ -172,12 +175,16 @@ def prune_mlp_neurons(model: nn.Module, keep: float, calib: Tensor,
     kept_count = max(1, round(keep * width))
     pruned = copy.deepcopy(model).eval()
     _check_neurons_act_one_by_one(pruned, blocks[0], calib[:2], layout.family)
+    # The pruned model is its own reference: each block is fitted to the pruned model's statistics.
+    inputs = BlockInputs.for_model(pruned, pruned, calib, say)
     for i, block in enumerate(blocks, 1):
         say(f"MLP neurons [{i}/{len(blocks)}] {block.output}: keeping {kept_count} of {width}")
-        moments = streamed_input_moments(None, pruned, block.output, calib)
+        output = pruned.get_submodule(block.output)
+        moments = inputs.moments(block.output, output, changed=False) if inputs is not None else \
+            streamed_input_moments(None, pruned, block.output, calib)
         if moments is None:
             raise RankfoldError(f"mlp_keep (--mlp-keep): no calibration pass reaches {block.output}")
-        out_weight = pruned.get_submodule(block.output).weight.detach()
+        out_weight = output.weight.detach()
         kept = neurons_to_keep(out_weight, moments.auto, kept_count)
         _with_block_pruned(pruned, block, kept, refitted_columns(out_weight, moments.auto, kept))
     pruned.config_changes = {**getattr(model, "config_changes", {}), layout.config_key: kept_count}
