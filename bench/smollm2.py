@@ -8,9 +8,10 @@ and kept), each row measured as perplexity on held-back windows of the Python do
 
 Rows: the original; plain SVD (every block Linear at the same uniform keep, data-free); rankfold's
 data-aware SVD with error compensation at that uniform keep; rankfold's planner (rank per matrix
-under one parameter budget, bits=32). Calibration: the first --calib windows of --seq-len tokens of
-the "calib" split (bench/text.py); held back: the first --held windows of the "held" split. Its
-weights were on a 4-bit grid before dequantization: say so wherever int4 results on it are quoted.
+under one parameter budget, bits=32); "mlp": the planner after --mlp-keep feed-forward neuron
+pruning. Calibration: the first --calib windows of --seq-len tokens of the "calib" split
+(bench/text.py); held back: the first --held windows of the "held" split. Its weights were on a
+4-bit grid before dequantization: say so wherever int4 results on it are quoted.
 
 The conversion needs `gguf` and `accelerate` beside `transformers` (pip install gguf accelerate);
 it runs once, about 30 s, and leaves ~/.cache/rankfold-field/smollm2-135m/.
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the process then holds earlier results)")
     parser.add_argument("--bytes", type=float, default=1 / 6,
                         help="the joint contender's weight bytes, a fraction of the float32 model's (default 1/6)")
+    parser.add_argument("--mlp-keep", type=float, default=0.8, metavar="FRACTION",
+                        help="the 'mlp' contender keeps this fraction of every feed-forward block's hidden neurons "
+                             "(compress --mlp-keep) before the planner (default 0.8)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     parser.add_argument("--out", default=RESULTS, help=f"results file (default {RESULTS})")
     parser.add_argument("--plot", default=None,
@@ -151,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                      lambda: weighted_svd_baseline(model, calib, keep, "asvd", stats)),
             "planned": ("rankfold planned, bits=32", lambda: _planned(
                 model, calib, total - int(cut * blocks), int(args.max_memory * 2**30) if not rows[1:] else None)),
+            "mlp": (f"rankfold planned after --mlp-keep {args.mlp_keep}, bits=32", lambda: _planned(
+                model, calib, total - int(cut * blocks), int(args.max_memory * 2**30) if not rows[1:] else None,
+                mlp_keep=args.mlp_keep)),
             "joint": (f"rankfold joint plan at {args.bytes:.4f} of the float32 bytes (int4 groups of 32)",
                       lambda: _joint(model, calib, args.bytes, int(args.max_memory * 2**30) if not rows[1:] else None)),
         }
@@ -217,10 +224,10 @@ def _joint(model, calib, fraction: float, max_memory: int | None, group: int = 3
     return quantized
 
 
-def _planned(model, calib, params: int, max_memory: int):
+def _planned(model, calib, params: int, max_memory: int, mlp_keep: float | None = None):
     with memory_scope(model, calib[:2], calib, max_memory):
         return rankfold.compress_to_budget(model, calib=calib, budgets={"params": str(params)}, bits=32, min_rank=4,
-                                           rules=(CheckRule("perplexity", 100.0),),
+                                           rules=(CheckRule("perplexity", 100.0),), mlp_keep=mlp_keep,
                                            progress=lambda m: print("  " + m, flush=True)
                                            if not m.startswith(("pricing [", "[")) else None).module
 
