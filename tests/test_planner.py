@@ -314,13 +314,13 @@ def test_only_outlier_measurements_raise_the_estimate():
 def test_a_map_output_weighs_each_channel_in_its_own_units():
     """A detector head: 4 box coordinates in pixels beside 80 class scores in [0, 1]. The Fisher
     of each channel is 1 / its spread^2, so a score channel counts as much as a coordinate one."""
-    from rankfold.planner.sensitivity import _likelihood_loss, channel_spread
+    from rankfold.gauss_newton import channel_spread, likelihood_loss
 
     g = torch.Generator().manual_seed(0)
     boxes = torch.rand(16, 4, 64, generator=g) * 320
     scores = torch.rand(16, 80, 64, generator=g) * 0.05
     out = torch.cat([boxes, scores], 1).requires_grad_(True)
-    _likelihood_loss(out, torch.Generator().manual_seed(1)).backward()
+    likelihood_loss(out, torch.Generator().manual_seed(1)).backward()
     fisher = (out.grad.double() ** 2).mean((0, 2))
     normalized = fisher * channel_spread(out.detach()).reshape(-1).double() ** 2
     assert torch.allclose(normalized, torch.ones(84, dtype=torch.float64), rtol=0.2)

@@ -30,6 +30,7 @@ from rankfold.block_inputs import BlockInputs
 from rankfold.config import VBMF, AutoConfig, MethodConfig, SkipConfig, check_keep
 from rankfold.decompose import max_tucker2_ranks, sqrt_psd
 from rankfold.errors import RankfoldError
+from rankfold.gauss_newton import output_metrics
 from rankfold.host_memory import available_bytes, format_bytes
 from rankfold.layers import LayerSpec, layer_spec
 from rankfold.methods import (
@@ -44,7 +45,7 @@ from rankfold.methods import (
     registered,
     weighted_relative_error,
 )
-from rankfold.output_metric import OutputMetric, factorize_weighted, softmax_head_metrics
+from rankfold.output_metric import OutputMetric, factorize_weighted
 from rankfold.settings import DEFAULT_MIN_RANK, calibration_batch, memory_headroom
 
 Progress = Callable[[str], None]
@@ -119,7 +120,7 @@ def compress_with_report(
     report = CompressionReport(data_aware=calib is not None)
     configs = {name: cfg for name, _m, cfg in plans}
 
-    metrics: dict[str, OutputMetric] = {}
+    metrics: Mapping[str, OutputMetric] = {}
 
     def factorize(name: str, module: nn.Module, input_sqrt: Tensor | None, note: str = "") -> nn.Module | None:
         say(f"[{len(report.layers) + 1}/{len(plans)}] {name}")
@@ -146,9 +147,9 @@ def compress_with_report(
         changed = False  # until a layer is replaced, every layer sees its original input
         cursors = _LayerInputs.for_graph(result, reference, calib, say) or \
             BlockInputs.for_model(result, reference, calib, say)
-        # Only for layers that will be factorized: the metric costs a forward pass over calib.
-        metrics.update(softmax_head_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)],
-                                            calib))
+        # Only for layers that will be factorized: the metrics cost a forward and backward pass over calib.
+        metrics = output_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)], calib,
+                                 progress=say)
         pace = _Pace(say, len(reached))
         called_by_ops = _layers_called_by_ops(result)
         for name in reached:  # in the order the network calls them: each knows the layers before it

@@ -9,8 +9,9 @@ the kept ones by least squares on the neurons' calibration statistics. On all-Mi
 the neurons cost less embedding cosine than the same parameters taken by low ranks.
 
 Neurons are chosen one at a time by optimal brain surgeon on columns: removing neuron j from the
-output weight W costs ||W[:, j]||^2 / [H^-1]_jj (H = E[h h^T] over the calibration tokens), and
-after each removal the other columns absorb what they can. Blocks are pruned in order, each on the
+output weight W costs ||M W[:, j]||^2 / [H^-1]_jj (H = E[h h^T] over the calibration tokens; M the
+block output's Gauss-Newton metric, gauss_newton.py: how much each direction of it matters to the
+model's outputs), and after each removal the other columns absorb what they can. Blocks are pruned in order, each on the
 statistics of the already-pruned model, so later blocks compensate for earlier ones. Where the
 model is a block stack, the hidden states entering the current block are held (block_inputs), so
 each block's statistics cost a pass through that block, not one from the input.
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 from rankfold.analyze import set_submodule, streamed_input_moments
 from rankfold.block_inputs import BlockInputs
 from rankfold.errors import RankfoldError
+from rankfold.gauss_newton import output_metrics
+from rankfold.output_metric import OutputMetric
 
 DAMPING = 1e-3  # of the mean diagonal of H, added to it: keeps its inverse stable on few tokens
 STRUCTURE_TOLERANCE = 1e-4  # relative output difference a real per-neuron block stays within
@@ -82,12 +85,15 @@ def _damped(moments: Tensor) -> Tensor:
     return h + DAMPING * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
 
 
-def neurons_to_keep(weight: Tensor, moments: Tensor, keep: int) -> Tensor:
+def neurons_to_keep(weight: Tensor, moments: Tensor, keep: int, metric: OutputMetric | None = None) -> Tensor:
     """The sorted indices of the `keep` input columns of `weight` (out, n) to keep, given the
     second moment `moments` (n, n) of its input: the others are removed one at a time, cheapest
-    first, by optimal brain surgeon (the kept columns updated after each removal)."""
+    first, by optimal brain surgeon (the kept columns updated after each removal). Under an output
+    `metric` M (gauss_newton) a column costs ||M w_j||^2 / [H^-1]_jj; the update is the same."""
     n = weight.shape[1]
     w = weight.detach().to(torch.float64).clone()
+    if metric is not None:
+        w = metric.weigh(w)  # the updates are linear in w: M W is updated as W would be
     inverse = torch.linalg.inv(_damped(moments))
     alive = torch.ones(n, dtype=torch.bool)
     for _ in range(n - keep):
@@ -176,6 +182,9 @@ def prune_mlp_neurons(model: nn.Module, keep: float, calib: Tensor,
     pruned = copy.deepcopy(model).eval()
     _check_neurons_act_one_by_one(pruned, blocks[0], calib[:2], layout.family)
     # The pruned model is its own reference: each block is fitted to the pruned model's statistics.
+    # How much each direction of a block's output matters to the model's outputs: from the
+    # original, before any block changes (one forward and backward pass).
+    metrics = output_metrics(pruned, [b.output for b in blocks], calib, progress=say)
     inputs = BlockInputs.for_model(pruned, pruned, calib, say)
     for i, block in enumerate(blocks, 1):
         say(f"MLP neurons [{i}/{len(blocks)}] {block.output}: keeping {kept_count} of {width}")
@@ -185,7 +194,7 @@ def prune_mlp_neurons(model: nn.Module, keep: float, calib: Tensor,
         if moments is None:
             raise RankfoldError(f"mlp_keep (--mlp-keep): no calibration pass reaches {block.output}")
         out_weight = output.weight.detach()
-        kept = neurons_to_keep(out_weight, moments.auto, kept_count)
+        kept = neurons_to_keep(out_weight, moments.auto, kept_count, metrics.get(block.output))
         _with_block_pruned(pruned, block, kept, refitted_columns(out_weight, moments.auto, kept))
     pruned.config_changes = {**getattr(model, "config_changes", {}), layout.config_key: kept_count}
     return pruned, {"family": layout.family, "blocks": len(blocks), "width": width, "kept": kept_count,

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankfold.analyze import (
@@ -22,12 +21,12 @@ from rankfold.analyze import (
     PerInput,
     as_input,
     channels_last_rows,
-    is_probability,
     model_outputs,
     per_sample_shapes,
     run_checked,
     sampled_rows,
 )
+from rankfold.gauss_newton import likelihood_loss
 from rankfold.output_metric import HeadMetrics, OutputMetric
 from rankfold.settings import calibration_batch
 
@@ -42,54 +41,6 @@ class LayerStats:
     # Set where the layer's softmax is an output: the apply and the loss probe factorize under it
     # (the estimates price the plain factorization, which loses more: a conservative price).
     output_metric: OutputMetric | None = None
-
-
-def _likelihood_loss(output: Tensor, generator: torch.Generator, kind: str | None = None) -> Tensor:
-    """-log p(y~ | x) summed over the batch, y~ drawn from the model's own prediction: its
-    gradient's second moment is the Fisher information. A 2-D output is a categorical: of its
-    probabilities where it holds a softmax's output, else read as class logits. Any other output
-    is the mean of a unit Gaussian, softmax sequences included: a categorical per CTC frame was
-    measured worse for planning (PP-OCRv4 lines read alike 0.586 -> 0.258; with the last Linear
-    also priced and factorized under its output metric, 0.695 -> 0.016): its second-order losses
-    fall about 20x below the measured ones for that Linear, but not for the layers before it.
-    `kind`: what the model declares the output to be (output_kinds): an embedding is a Gaussian;
-    next-token logits (N, T, vocabulary) a categorical at every position, so the loss is the KL
-    per token between the original's and the compressed model's next-token distributions."""
-    if kind == "next_token":
-        logits = output.reshape(-1, output.shape[-1])
-        # Inverse-CDF sampling in float32: multinomial over a 50k vocabulary is several times slower.
-        cdf = F.softmax(logits.detach(), dim=-1).cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
-        labels = torch.searchsorted(cdf, u).squeeze(1).clamp_max(cdf.shape[1] - 1)
-        return F.cross_entropy(logits, labels, reduction="sum")
-    categorical = output.ndim == 2 and kind != "embedding"
-    if categorical and is_probability(output.detach()):
-        probs = output.detach().to(torch.float64).reshape(-1, output.shape[-1])
-        labels = torch.multinomial(probs.clamp_min(0), 1, generator=generator).squeeze(1)
-        log_p = torch.log(output.reshape(-1, output.shape[-1]).clamp_min(1e-30))
-        return F.nll_loss(log_p, labels, reduction="sum")
-    if categorical:
-        probs = F.softmax(output.detach().to(torch.float64), dim=1)
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return F.cross_entropy(output, labels, reduction="sum")
-    noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
-    if output.ndim >= 3 and not is_probability(output.detach()):
-        # A map's channels (axis 1) each in their own units: a detector head's box coordinates
-        # (pixels) would otherwise outweigh its class scores (0..1) some 10^4 times, and the plan
-        # would spend the scores (YOLOv8n at half its parameters: score IoU 0.38).
-        spread = channel_spread(output.detach())
-        return 0.5 * (((output - (output.detach() + noise * spread)) / spread) ** 2).sum()
-    return 0.5 * ((output - (output.detach() + noise)) ** 2).sum()
-
-
-def channel_spread(output: Tensor) -> Tensor:
-    """Per channel (axis 1) of a batch of maps, the standard deviation over samples and positions,
-    at least a tenth of the channel's RMS (a near-constant channel is not made decisive) and
-    1e-6 of the largest (an all-zero one neither); shaped to broadcast against `output`."""
-    rows = output.movedim(1, -1).reshape(-1, output.shape[1]).to(torch.float64)
-    spread = torch.maximum(rows.std(0, correction=0), 0.1 * rows.pow(2).mean(0).sqrt())
-    spread = spread.clamp_min(1e-6 * float(spread.max()) + 1e-30)
-    return spread.to(output.dtype).reshape(1, -1, *([1] * (output.ndim - 2)))
 
 
 def _per_forward(module: nn.Module, shapes: tuple[tuple[int, ...], tuple[int, ...]],
@@ -193,7 +144,7 @@ def layer_statistics(
                 # Heads are independent given the input: the joint Fisher is the sum of theirs.
                 outs = model_outputs(run_checked(model, batch))
                 heads.add([out.detach() for out in outs])
-                loss = sum(_likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
+                loss = sum(likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
                            for i, out in enumerate(outs))
                 if loss.requires_grad:  # else no layer reaches an output in float (integer ops after them)
                     loss.backward()

@@ -1,0 +1,195 @@
+"""How much each direction of every layer's output matters to the network's outputs: the
+Gauss-Newton (Fisher) matrix of the outputs' loss with respect to the layer's output channels,
+G = E[g g^T] over output positions, g the gradient of likelihood_loss (a label drawn from the
+network's own prediction, a unit Gaussian around an embedding or a map), the loss the planner's
+sensitivity takes too. A change dW of the layer then costs about
+1/2 E[(dW x)^T G (dW x)] of the outputs' divergence, so the best rank-r weight is the truncated
+SVD of G^(1/2) W C^(1/2) (C the input's second moment), unweighted on both sides: the data-aware
+factorization weighs the input side only, as if every output direction counted the same.
+
+The planner's sensitivity keeps G's diagonal; the apply factorizes under the whole of it
+(output_metric.OutputMetric, as for a softmax head). Measured on MiniLM (all-MiniLM-L6-v2,
+planned at half its Linear parameters, bench.llm's data): embedding cosine 0.868 -> 0.886.
+
+Layers with more than MAX_CHANNELS output channels keep the input-side weighting only: G is
+C_out^2 float64 per layer, held until the layer is factorized (SmolLM2-135M's sixty 1,536-wide
+feed-forward projections would hold 1.1 GB more), and a softmax head has its own metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankfold.analyze import as_input, channels_last_rows, is_probability, model_outputs, run_checked
+from rankfold.output_metric import HeadMetrics, OutputMetric
+from rankfold.settings import calibration_batch
+
+MAX_CHANNELS = 1024
+# Added to G's eigenvalues, relative to their mean: directions the calibration never moves
+# (G rank-deficient) keep a small weight instead of none. 1e-3 to 1e-1 measured alike on MiniLM.
+DAMPING = 1e-2
+
+
+def likelihood_loss(output: Tensor, generator: torch.Generator, kind: str | None = None) -> Tensor:
+    """-log p(y~ | x) summed over the batch, y~ drawn from the model's own prediction: its
+    gradient's second moment is the Fisher information. A 2-D output is a categorical: of its
+    probabilities where it holds a softmax's output, else read as class logits. Any other output
+    is the mean of a unit Gaussian, softmax sequences included: a categorical per CTC frame was
+    measured worse for planning (PP-OCRv4 lines read alike 0.586 -> 0.258; with the last Linear
+    also priced and factorized under its output metric, 0.695 -> 0.016): its second-order losses
+    fall about 20x below the measured ones for that Linear, but not for the layers before it.
+    `kind`: what the model declares the output to be (output_kinds): an embedding is a Gaussian;
+    next-token logits (N, T, vocabulary) a categorical at every position, so the loss is the KL
+    per token between the original's and the compressed model's next-token distributions."""
+    if kind == "next_token":
+        logits = output.reshape(-1, output.shape[-1])
+        # Inverse-CDF sampling in float32: multinomial over a 50k vocabulary is several times slower.
+        cdf = F.softmax(logits.detach(), dim=-1).cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
+        labels = torch.searchsorted(cdf, u).squeeze(1).clamp_max(cdf.shape[1] - 1)
+        return F.cross_entropy(logits, labels, reduction="sum")
+    categorical = output.ndim == 2 and kind != "embedding"
+    if categorical and is_probability(output.detach()):
+        probs = output.detach().to(torch.float64).reshape(-1, output.shape[-1])
+        labels = torch.multinomial(probs.clamp_min(0), 1, generator=generator).squeeze(1)
+        log_p = torch.log(output.reshape(-1, output.shape[-1]).clamp_min(1e-30))
+        return F.nll_loss(log_p, labels, reduction="sum")
+    if categorical:
+        probs = F.softmax(output.detach().to(torch.float64), dim=1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return F.cross_entropy(output, labels, reduction="sum")
+    noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+    if output.ndim >= 3 and not is_probability(output.detach()):
+        # A map's channels (axis 1) each in their own units: a detector head's box coordinates
+        # (pixels) would otherwise outweigh its class scores (0..1) some 10^4 times, and the plan
+        # would spend the scores (YOLOv8n at half its parameters: score IoU 0.38).
+        spread = channel_spread(output.detach())
+        return 0.5 * (((output - (output.detach() + noise * spread)) / spread) ** 2).sum()
+    return 0.5 * ((output - (output.detach() + noise)) ** 2).sum()
+
+
+def channel_spread(output: Tensor) -> Tensor:
+    """Per channel (axis 1) of a batch of maps, the standard deviation over samples and positions,
+    at least a tenth of the channel's RMS (a near-constant channel is not made decisive) and
+    1e-6 of the largest (an all-zero one neither); shaped to broadcast against `output`."""
+    rows = output.movedim(1, -1).reshape(-1, output.shape[1]).to(torch.float64)
+    spread = torch.maximum(rows.std(0, correction=0), 0.1 * rows.pow(2).mean(0).sqrt())
+    spread = spread.clamp_min(1e-6 * float(spread.max()) + 1e-30)
+    return spread.to(output.dtype).reshape(1, -1, *([1] * (output.ndim - 2)))
+
+
+def takes_metric(module: nn.Module) -> bool:
+    """Layers whose factorization can end in a pointwise map onto their output channels."""
+    if isinstance(module, nn.Linear):
+        return module.out_features <= MAX_CHANNELS
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and module.out_channels <= MAX_CHANNELS
+
+
+def dense_metric(moment: Tensor, damping: float = DAMPING) -> OutputMetric | None:
+    """OutputMetric with M^T M = G + damping * mean eigenvalue; None where G is zero (the
+    layer reaches no output through a gradient)."""
+    eigval, eigvec = torch.linalg.eigh(0.5 * (moment + moment.T))
+    eigval = eigval.clamp_min(0.0)
+    mean = float(eigval.mean())
+    if not mean > 0.0:
+        return None
+    eigval = eigval + damping * mean
+    return OutputMetric(torch.arange(moment.shape[0]), (eigvec * eigval.sqrt()) @ eigvec.T,
+                        (eigvec / eigval.sqrt()) @ eigvec.T, 1.0)
+
+
+def _per_sample_loss(output: Tensor, kind: str | None, seed: int, which: int, first: int, samples: int) -> Tensor:
+    """likelihood_loss of each sample of a batch on its own, its labels or noise drawn from a
+    generator seeded by the sample's index in the calibration data (and the output's): the metric
+    then does not depend on how the samples were batched (compress's max_memory chooses that).
+    An output whose first axis is not the batch's (a sequence-first one) is drawn whole."""
+    def generator(index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 64 + which) % 2**63)
+
+    if output.ndim == 0 or output.shape[0] != samples:
+        return likelihood_loss(output, generator(first), kind)
+    return sum(likelihood_loss(output[i : i + 1], generator(first + i), kind) for i in range(samples))
+
+
+class OutputMetrics(Mapping):
+    """Layer name -> OutputMetric: the heads' ready, the Gauss-Newton ones made when asked for
+    (held as G alone: a metric holds two matrices of G's size)."""
+
+    def __init__(self, heads: dict[str, OutputMetric], moments: dict[str, Tensor]) -> None:
+        self.heads, self.moments = heads, moments
+
+    def __getitem__(self, name: str) -> OutputMetric:
+        if name in self.heads:
+            return self.heads[name]
+        metric = dense_metric(self.moments[name]) if name in self.moments else None
+        if metric is None:
+            raise KeyError(name)
+        return metric
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.heads
+        yield from (name for name in self.moments if name not in self.heads)
+
+    def __len__(self) -> int:
+        return len(set(self.heads) | set(self.moments))
+
+
+def output_metrics(model: nn.Module, names: Iterable[str], calib: Tensor, *, batch_size: int | None = None,
+                   seed: int = 0, progress: Callable[[str], None] | None = None) -> Mapping[str, OutputMetric]:
+    """The metric each named layer is factorized under, from one forward and backward pass over
+    `calib`: a softmax head's own (output_metric.HeadMetrics), else the Gauss-Newton one where
+    takes_metric. Deterministic (seeded labels and noise); layers no gradient reaches get none."""
+    names = list(names)
+    modules = dict(model.named_modules())
+    heads = HeadMetrics(model, names, calib[:1])
+    dense = [n for n in names if n not in heads.heads and takes_metric(modules[n])]
+    if not heads.heads and not dense:
+        return OutputMetrics({}, {})
+    moments: dict[str, Tensor] = {}
+
+    def on_output(module, _inputs, output, name):
+        if not output.requires_grad:
+            return
+        def on_grad(grad):
+            # Every row (no sample of them: that would depend on the batch), as input channels are.
+            rows = channels_last_rows(module, grad.detach()).to(torch.float32)
+            moments[name] = moments.get(name, 0) + (rows.T @ rows).to(torch.float64)
+
+        output.register_hook(on_grad)
+
+    kinds = tuple(getattr(model, "output_kinds", ()) or ())
+    handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+               for m in model.modules() if isinstance(m, nn.Embedding)]  # token ids take no gradient
+    handles += [modules[n].register_forward_hook(lambda m, i, o, n=n: on_output(m, i, o, n)) for n in dense]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    batch_size = batch_size or calibration_batch()
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            if progress and dense:
+                progress(f"output metrics: samples {start + 1}-{min(start + batch_size, calib.shape[0])} "
+                         f"of {calib.shape[0]}")
+            batch = as_input(calib[start : start + batch_size])
+            if batch.is_floating_point():
+                batch.requires_grad_(True)
+            with torch.enable_grad():
+                outs = model_outputs(run_checked(model, batch))
+                heads.add([out.detach() for out in outs])
+                loss = sum(_per_sample_loss(out, kinds[k] if k < len(kinds) else None, seed, k, start, len(batch))
+                           for k, out in enumerate(outs))
+                if dense and loss.requires_grad:
+                    loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return OutputMetrics(heads.result(), {name: m for name, m in moments.items() if bool(m.abs().max() > 0)})

@@ -1,0 +1,65 @@
+"""The Gauss-Newton output metric of every layer (rankfold/gauss_newton.py): the factorization
+spends its rank on the output directions the network's outputs read."""
+
+import torch
+from torch import nn
+
+from rankfold.apply import compress_with_report
+from rankfold.config import SkipConfig, SVDConfig
+from rankfold.decompose import sqrt_psd
+from rankfold.gauss_newton import MAX_CHANNELS, dense_metric, output_metrics
+
+READ = 8  # hidden channels the last layer reads
+
+
+def _network() -> nn.Module:
+    """16 -> 32 -> 4, the last layer reading only the first READ hidden channels, which are the
+    quietest: an input-weighted rank-READ truncation keeps the loud, unread ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].weight[READ:] *= 10.0
+        model[1].weight[:, READ:] = 0.0
+    return model
+
+
+def _relative_error(model: nn.Module, small: nn.Module, x: torch.Tensor) -> float:
+    """Of the logits less their mean: a shift of every logit changes no prediction (the metric
+    of a classifier's output ignores it)."""
+    with torch.no_grad():
+        a, b = model(x), small(x)
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+        return float((b - a).norm() / a.norm())
+
+
+def test_factorization_under_the_metric_keeps_what_the_output_reads():
+    model, calib, fresh = _network(), torch.randn(512, 16), torch.randn(256, 16)
+    small, _report = compress_with_report(model, calib=calib, min_rank=1,
+                                          layers={"0": SVDConfig(rank=READ), "1": SkipConfig("kept")})
+    assert _relative_error(model, small, fresh) < 0.1
+    # The input-weighted truncation alone, at the same rank, loses most of the output.
+    w = model[0].weight.detach().double()
+    root = sqrt_psd(calib.double().T @ calib.double() / len(calib))
+    u, s, vh = torch.linalg.svd(w @ root)
+    plain = nn.Sequential(nn.Linear(16, 32), model[1])
+    with torch.no_grad():
+        plain[0].weight.copy_((u[:, :READ] * s[:READ]) @ vh[:READ] @ torch.linalg.pinv(root))
+        plain[0].bias.copy_(model[0].bias)
+    assert _relative_error(model, plain, fresh) > 0.3
+
+
+def test_metrics_only_where_a_gradient_reaches_and_the_layer_is_narrow_enough():
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(8, MAX_CHANNELS + 1), nn.ReLU(), nn.Linear(MAX_CHANNELS + 1, 3))
+    metrics = output_metrics(wide, ["0", "2"], torch.randn(64, 8))
+    assert set(metrics) == {"2"}
+    assert dense_metric(torch.zeros(3, 3)) is None
+
+
+def test_metrics_are_deterministic_and_invert():
+    model, calib = _network(), torch.randn(128, 16)
+    first, second = output_metrics(model, ["0", "1"], calib), output_metrics(model, ["0", "1"], calib)
+    assert set(first) == {"0", "1"} and len(first) == 2
+    assert torch.equal(first["0"].root, second["0"].root)
+    w = model[0].weight
+    assert torch.allclose(first["0"].unweigh(first["0"].weigh(w)), w.double(), atol=1e-6)
