@@ -8,8 +8,9 @@ SVD of G^(1/2) W C^(1/2) (C the input's second moment), unweighted on both sides
 factorization weighs the input side only, as if every output direction counted the same.
 
 The planner's sensitivity keeps G's diagonal; the apply factorizes under the whole of it
-(output_metric.OutputMetric, as for a softmax head). Measured on MiniLM (all-MiniLM-L6-v2,
-planned at half its Linear parameters, bench.llm's data): embedding cosine 0.868 -> 0.886.
+(output_metric.OutputMetric, as for a softmax head). Measured by bench/gauss_newton.py: MiniLM
+planned at half its Linear parameters, embedding cosine 0.868 -> 0.885; ResNet-18 (Fashion-MNIST)
+planned at 3 % of its parameters, top-1 0.929 -> 0.938.
 
 Layers with more than MAX_CHANNELS output channels keep the input-side weighting only: G is
 C_out^2 float64 per layer, held until the layer is factorized (SmolLM2-135M's sixty 1,536-wide
