@@ -145,11 +145,12 @@ def compress_with_report(
         reference = model if not model.training else copy.deepcopy(result)
         reached = reach_order(result, names, calib[:1])
         changed = False  # until a layer is replaced, every layer sees its original input
-        cursors = _LayerInputs.for_graph(result, reference, calib, say) or \
-            BlockInputs.for_model(result, reference, calib, say)
-        # Only for layers that will be factorized: the metrics cost a forward and backward pass over calib.
+        # Only for layers that will be factorized: the metrics cost a forward and backward pass over
+        # calib, run before the layer inputs below are held (its graph and theirs never coexist).
         metrics = output_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)], calib,
                                  progress=say)
+        cursors = _LayerInputs.for_graph(result, reference, calib, say) or \
+            BlockInputs.for_model(result, reference, calib, say)
         pace = _Pace(say, len(reached))
         called_by_ops = _layers_called_by_ops(result)
         for name in reached:  # in the order the network calls them: each knows the layers before it
