@@ -19,6 +19,7 @@ feed-forward projections would hold 1.1 GB more), and a softmax head has its own
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankfold.analyze import as_input, channels_last_rows, is_probability, model_outputs, run_checked
-from rankfold.output_metric import HeadMetrics, OutputMetric
+from rankfold.output_metric import HeadMetrics, OutputMetric, psd_roots
 from rankfold.settings import calibration_batch
 
 MAX_CHANNELS = 1024
@@ -83,6 +84,31 @@ def channel_spread(output: Tensor) -> Tensor:
     return spread.to(output.dtype).reshape(1, -1, *([1] * (output.ndim - 2)))
 
 
+@contextlib.contextmanager
+def activation_gradients(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode, its weights frozen, for backward passes that give gradients with
+    respect to activations only (the weights' own, half the backward's work and all of it for a
+    language model's head, are never read). Token ids take no gradient, so there the embeddings'
+    outputs start the graph: their hooks are registered on entry, before any hook the caller adds
+    inside (a table's own statistics hook finds its output already in the graph). All restored
+    on exit."""
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+               for m in model.modules() if isinstance(m, nn.Embedding)]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 def takes_metric(module: nn.Module) -> bool:
     """Layers whose factorization can end in a pointwise map onto their output channels."""
     if isinstance(module, nn.Linear):
@@ -93,14 +119,10 @@ def takes_metric(module: nn.Module) -> bool:
 def dense_metric(moment: Tensor, damping: float = DAMPING) -> OutputMetric | None:
     """OutputMetric with M^T M = G + damping * mean eigenvalue; None where G is zero (the
     layer reaches no output through a gradient)."""
-    eigval, eigvec = torch.linalg.eigh(0.5 * (moment + moment.T))
-    eigval = eigval.clamp_min(0.0)
-    mean = float(eigval.mean())
+    mean = float(torch.diagonal(moment).mean())  # the mean eigenvalue
     if not mean > 0.0:
         return None
-    eigval = eigval + damping * mean
-    return OutputMetric(torch.arange(moment.shape[0]), (eigvec * eigval.sqrt()) @ eigvec.T,
-                        (eigvec / eigval.sqrt()) @ eigvec.T, 1.0)
+    return OutputMetric(torch.arange(moment.shape[0]), *psd_roots(moment, damping * mean), 1.0)
 
 
 def _per_sample_loss(output: Tensor, kind: str | None, seed: int, which: int, first: int, samples: int) -> Tensor:
@@ -163,16 +185,10 @@ def output_metrics(model: nn.Module, names: Iterable[str], calib: Tensor, *, bat
         output.register_hook(on_grad)
 
     kinds = tuple(getattr(model, "output_kinds", ()) or ())
-    handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-               for m in model.modules() if isinstance(m, nn.Embedding)]  # token ids take no gradient
-    handles += [modules[n].register_forward_hook(lambda m, i, o, n=n: on_output(m, i, o, n)) for n in dense]
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
     batch_size = batch_size or calibration_batch()
-    try:
+    with activation_gradients(model), contextlib.ExitStack() as hooks:
+        for n in dense:
+            hooks.callback(modules[n].register_forward_hook(lambda m, i, o, n=n: on_output(m, i, o, n)).remove)
         for start in range(0, calib.shape[0], batch_size):
             if progress and dense:
                 progress(f"output metrics: samples {start + 1}-{min(start + batch_size, calib.shape[0])} "
@@ -187,10 +203,4 @@ def output_metrics(model: nn.Module, names: Iterable[str], calib: Tensor, *, bat
                            for k, out in enumerate(outs))
                 if dense and loss.requires_grad:
                     loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
     return OutputMetrics(heads.result(), {name: m for name, m in moments.items() if bool(m.abs().max() > 0)})

@@ -83,6 +83,14 @@ def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> d
     return found
 
 
+def psd_roots(g: Tensor, added: float) -> tuple[Tensor, Tensor]:
+    """(G + added I)^(1/2) and its inverse, G symmetrized and its negative eigenvalues (rounding)
+    clipped to zero."""
+    eigval, eigvec = torch.linalg.eigh(0.5 * (g + g.T))
+    eigval = eigval.clamp_min(0.0) + added
+    return (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec / eigval.sqrt()) @ eigvec.T
+
+
 @dataclasses.dataclass
 class _Tally:
     classes: int
@@ -114,9 +122,7 @@ class _Tally:
             dense[rows[keep], column[cols[keep]]] = values[keep]
         g = torch.diag(mean[active]) - dense.T @ dense / self.rows
         floor = FLOOR * float(torch.diagonal(g).mean().clamp_min(1e-30))
-        eigval, eigvec = torch.linalg.eigh(0.5 * (g + g.T))
-        eigval = eigval.clamp_min(0.0) + floor
-        return OutputMetric(active, (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec / eigval.sqrt()) @ eigvec.T, floor)
+        return OutputMetric(active, *psd_roots(g, floor), floor)
 
 
 class HeadMetrics:

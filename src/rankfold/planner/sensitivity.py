@@ -26,7 +26,7 @@ from rankfold.analyze import (
     run_checked,
     sampled_rows,
 )
-from rankfold.gauss_newton import likelihood_loss
+from rankfold.gauss_newton import activation_gradients, likelihood_loss
 from rankfold.output_metric import HeadMetrics, OutputMetric
 from rankfold.settings import calibration_batch
 
@@ -113,50 +113,38 @@ def layer_statistics(
 
             output.register_hook(on_grad)
 
-    was_training = model.training
-    model.eval()
     total = calib.shape[0]
     batch_size = batch_size or calibration_batch()
-    heads = HeadMetrics(model, names, calib[:1])  # before the hooks: its probe pass adds no statistics
-    kinds = tuple(getattr(model, "output_kinds", ()) or ())  # what the data cannot tell (embeddings)
-    # Token ids take no gradient, so there the embeddings' outputs start the graph (registered
-    # first: a table's own statistics hook must find its output already in the graph).
-    handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-               for m in model.modules() if isinstance(m, nn.Embedding)]
-    for name in names:
-        handles.append(modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)))
-        handles.append(modules[name].register_forward_hook(lambda m, i, o, n=name: post_hook(m, i, o, n)))
-    # Gradients with respect to activations only: the weights' own gradients (half the backward's
-    # work, all of it for a language model's head) are never read.
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        for start in range(0, total, batch_size):
-            if progress:
-                progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
-            batch = as_input(calib[start : start + batch_size])
-            samples = batch.shape[0]
+    with activation_gradients(model):
+        heads = HeadMetrics(model, names, calib[:1])  # before the hooks: its probe pass adds no statistics
+        kinds = tuple(getattr(model, "output_kinds", ()) or ())  # what the data cannot tell (embeddings)
+        handles = []
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)))
+            handles.append(modules[name].register_forward_hook(lambda m, i, o, n=name: post_hook(m, i, o, n)))
+        try:
+            for start in range(0, total, batch_size):
+                if progress:
+                    progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
+                batch = as_input(calib[start : start + batch_size])
+                samples = batch.shape[0]
+                shared.clear()
+                if batch.is_floating_point():
+                    batch.requires_grad_(True)
+                with torch.enable_grad():
+                    # Heads are independent given the input: the joint Fisher is the sum of theirs.
+                    outs = model_outputs(run_checked(model, batch))
+                    heads.add([out.detach() for out in outs])
+                    loss = sum(likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
+                               for i, out in enumerate(outs))
+                    if loss.requires_grad:  # else no layer reaches an output in float (integer ops after them)
+                        loss.backward()
+                first_batch = False
+        finally:
+            for h in handles:
+                h.remove()
             shared.clear()
-            if batch.is_floating_point():
-                batch.requires_grad_(True)
-            with torch.enable_grad():
-                # Heads are independent given the input: the joint Fisher is the sum of theirs.
-                outs = model_outputs(run_checked(model, batch))
-                heads.add([out.detach() for out in outs])
-                loss = sum(likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
-                           for i, out in enumerate(outs))
-                if loss.requires_grad:  # else no layer reaches an output in float (integer ops after them)
-                    loss.backward()
-            first_batch = False
-    finally:
-        for h in handles:
-            h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-        shared.clear()
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
     stats = {}
     metrics = heads.result()
     for name in names:
