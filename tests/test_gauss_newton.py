@@ -7,7 +7,7 @@ from torch import nn
 from rankfold.apply import compress_with_report
 from rankfold.config import SkipConfig, SVDConfig
 from rankfold.decompose import sqrt_psd
-from rankfold.gauss_newton import MAX_CHANNELS, dense_metric, output_metrics
+from rankfold.gauss_newton import METRIC_BYTES, dense_metric, metric_layers, output_metrics
 
 READ = 8  # hidden channels the last layer reads
 
@@ -50,10 +50,22 @@ def test_factorization_under_the_metric_keeps_what_the_output_reads():
 
 def test_metrics_only_where_a_gradient_reaches_and_the_layer_is_narrow_enough():
     torch.manual_seed(0)
-    wide = nn.Sequential(nn.Linear(8, MAX_CHANNELS + 1), nn.ReLU(), nn.Linear(MAX_CHANNELS + 1, 3))
-    metrics = output_metrics(wide, ["0", "2"], torch.randn(64, 8))
+    wide = 1 + int((METRIC_BYTES / 8) ** 0.5)  # one G of this width alone is over the budget
+    model = nn.Sequential(nn.Linear(8, wide), nn.ReLU(), nn.Linear(wide, 3))
+    metrics = output_metrics(model, ["0", "2"], torch.randn(64, 8))
     assert set(metrics) == {"2"}
     assert dense_metric(torch.zeros(3, 3)) is None
+
+
+def test_metric_layers_take_whole_widths_narrowest_first():
+    layers = {"a": nn.Linear(4, 30), "b": nn.Linear(4, 10), "c": nn.Linear(4, 30), "d": nn.Conv2d(3, 20, 3),
+              "e": nn.Conv2d(4, 4, 3, groups=4)}
+    names = list(layers)
+    assert metric_layers(layers, names, budget=10**9) == ["a", "b", "c", "d"]
+    both = (10 * 10 + 20 * 20) * 8
+    assert metric_layers(layers, names, budget=both) == ["b", "d"]
+    assert metric_layers(layers, names, budget=both + 30 * 30 * 8) == ["b", "d"]  # never one of a width's two
+    assert metric_layers(layers, names, budget=both + 2 * 30 * 30 * 8) == ["a", "b", "c", "d"]
 
 
 def test_metrics_are_deterministic_and_invert():

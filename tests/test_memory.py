@@ -118,3 +118,44 @@ def test_max_memory_is_kept_and_one_too_small_is_refused_before_work(wide_files)
     assert code == 0, err
     batch = int(err.split("memory: batches of ")[1].split()[0])
     assert batch < 64 and peak <= limit, (batch, peak, limit)
+
+
+class _TwoHeads(nn.Module):
+    """Class logits and a dense map: both kinds of drawn labels (categorical and Gaussian)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.map = nn.Conv2d(8, 2, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h.mean((2, 3))), self.map(h)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_planner_and_rounding_statistics_do_not_depend_on_the_batch_size():
+    """The memory plan chooses the batch, so what the planner, the apply and the rounding measure
+    must not move with it: rows are sampled per sample (2,304 positions a sample here, above every
+    cap) and labels drawn per sample. Before, each batch drew its own subset: moments moved by 1 %."""
+    from rankfold.planner.sensitivity import layer_statistics
+    from rankfold.quantize.gptq import input_second_moments
+
+    model = _TwoHeads().eval()
+    calib = torch.randn(40, 1, 48, 48)
+    names = ["body.0", "body.2", "map", "fc"]
+    small, whole = (layer_statistics(model, names, calib, batch_size=b) for b in (7, 40))
+    for name in names:
+        assert _relative(small[name].input_moment, whole[name].input_moment) < 1e-4, name
+        assert _relative(small[name].sensitivity, whole[name].sensitivity) < 1e-4, name
+    small, whole = (input_second_moments(model, names, calib, batch_size=b) for b in (7, 40))
+    for name in names:
+        assert _relative(small[name], whole[name]) < 1e-4, name
+    small, whole = (streamed_input_moments(None, model, "body.2", calib, batch_size=b, max_rows=4000) for b in (7, 40))
+    assert small.rows == whole.rows == 40 * 100
+    assert _relative(small.auto, whole.auto) < 1e-4

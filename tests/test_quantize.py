@@ -509,12 +509,14 @@ def test_the_rounding_moments_of_large_maps_come_from_a_subset_of_positions():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 8, 3, padding=1)
     x = torch.randn(4, 4, 64, 64)
-    full = gptq._input_rows(conv, x, limit=10**9)
+    full = gptq._input_rows(conv, x, 0, limit=10**9)
     assert full.shape == (4 * 64 * 64, 36)
-    assert torch.equal(gptq._input_rows(conv, x[:, :, :8, :8], limit=4096),
-                       gptq._input_rows(conv, x[:, :, :8, :8], limit=10**9))  # small maps: every row
-    part = gptq._input_rows(conv, x, limit=8192)
-    assert part.shape == (8192, 36)
+    assert torch.equal(gptq._input_rows(conv, x[:, :, :8, :8], 0, limit=64),
+                       gptq._input_rows(conv, x[:, :, :8, :8], 0, limit=10**9))  # small maps: every row
+    part = gptq._input_rows(conv, x, 0, limit=2048)  # rows per sample
+    assert part.shape == (4 * 2048, 36)
+    # Which rows a sample gives follows its index in the data, not its place in the batch.
+    assert torch.equal(gptq._input_rows(conv, x[2:], 2, limit=2048), part[2 * 2048 :])
     h_full, h_part = full.T @ full / len(full), part.T @ part / len(part)
     assert float((h_part - h_full).norm() / h_full.norm()) < 0.1  # sampling noise, about sqrt(36 / 8192)
 

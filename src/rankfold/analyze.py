@@ -243,6 +243,23 @@ def sampled_rows(rows: int, limit: int, seed: int = 1) -> Tensor | None:
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:limit]
 
 
+def rows_of_each_sample(rows: Tensor, samples: int, first: int, limit: int, seed: int = 1) -> Tensor:
+    """At most `limit` of each sample's rows, from rows that list a batch's samples one after the
+    other (channel rows: a Linear's (N, ..., C), a convolution's (N, H, W, C)). Which rows a sample
+    gives is fixed by its index in the calibration data (`first`: the batch's first), so sums over a
+    pass do not depend on how the pass was batched (the memory plan chooses that): one fixed
+    permutation of the positions, each sample taking the next `limit` of it."""
+    per_sample = rows.shape[0] // max(samples, 1)
+    if per_sample <= limit:
+        return rows
+    if per_sample * samples != rows.shape[0]:  # not one block per sample: a fixed subset of the batch's
+        index = sampled_rows(rows.shape[0], limit * samples, seed)
+        return rows if index is None else rows[index]
+    order = torch.randperm(per_sample, generator=torch.Generator().manual_seed(seed))
+    offsets = (torch.arange(first, first + samples)[:, None] * limit + torch.arange(limit)) % per_sample
+    return rows[(order[offsets] + torch.arange(samples)[:, None] * per_sample).reshape(-1)]
+
+
 class _Reached(Exception):
     """Raised by a pre-hook to end a forward pass as soon as the layer of interest has its input."""
 
@@ -314,8 +331,9 @@ def streamed_input_moments(
     batch_size: int | None = None, max_rows: int = MAX_ROWS, every_call: bool = False,
 ) -> InputMoments | None:
     """InputMoments of layer `name` over `calib`, one batch at a time: memory is that of one batch
-    up to the layer, whatever the number of samples. At most `max_rows` channel rows in all, a fixed
-    subset of each batch's (the same rows of x and x^). None when a pass never reaches the layer.
+    up to the layer, whatever the number of samples. About `max_rows` channel rows in all, a fixed
+    subset of each sample's (the same rows of x and x^: rows_of_each_sample). None when a pass
+    never reaches the layer.
     `original` None: nothing has changed yet, x = x^ (one pass instead of two). `every_call`: the
     inputs of all the layer's calls in a pass, whole passes (a recurrence's R, called per step)."""
     batch_size = batch_size or calibration_batch()
@@ -340,11 +358,10 @@ def moments_of(module: nn.Module, pairs: Iterable[tuple[Tensor | None, Tensor | 
         if x is None or x_hat is None:
             return None
         samples = x_hat.shape[0]
-        r, r_hat = channels_last_rows(module, x), channels_last_rows(module, x_hat)
-        index = sampled_rows(r.shape[0], max(1, max_rows * samples // total), seed=start + 1)
+        limit = max(1, max_rows // total)  # rows a sample gives: the same subset of x and x^
+        r = rows_of_each_sample(channels_last_rows(module, x), samples, start, limit)
+        r_hat = rows_of_each_sample(channels_last_rows(module, x_hat), samples, start, limit)
         start += samples
-        if index is not None:
-            r, r_hat = r[index], r_hat[index]
         # Each batch's product in float32 (a fraction of float64's time on rows of thousands of
         # channels), summed over batches in float64.
         part = (r_hat.T @ r_hat).to(torch.float64)

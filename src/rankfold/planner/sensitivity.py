@@ -23,10 +23,10 @@ from rankfold.analyze import (
     channels_last_rows,
     model_outputs,
     per_sample_shapes,
+    rows_of_each_sample,
     run_checked,
-    sampled_rows,
 )
-from rankfold.gauss_newton import activation_gradients, likelihood_loss
+from rankfold.gauss_newton import activation_gradients, per_sample_likelihood_loss
 from rankfold.output_metric import HeadMetrics, OutputMetric
 from rankfold.settings import calibration_batch
 
@@ -61,11 +61,13 @@ def layer_statistics(
     calib: Tensor,
     *,
     batch_size: int | None = None,
-    max_rows_per_batch: int = 16384,
+    max_rows_per_sample: int = 256,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, LayerStats]:
-    """LayerStats for every named layer the forward pass reaches (one forward+backward per batch)."""
+    """LayerStats for every named layer the forward pass reaches (one forward+backward per batch).
+    Independent of the batch size (which the memory plan chooses): labels and noise are drawn per
+    sample (gauss_newton.per_sample_likelihood_loss) and input rows sampled per sample."""
     modules = dict(model.named_modules())
     names = list(names)
     moments: dict[str, Tensor] = {}
@@ -74,8 +76,7 @@ def layer_statistics(
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     calls: dict[str, int] = {}  # per layer, how often one forward pass calls it (a recurrence's R: every step)
     first_batch = True
-    samples = 1  # in the batch now running: the hooks take each shape for one sample
-    generator = torch.Generator().manual_seed(seed)
+    samples, first = 1, 0  # the batch now running: its size and its first sample's index
 
     shared = PerInput()  # this batch's moment of each input tensor
 
@@ -88,9 +89,7 @@ def layer_statistics(
             return
         # Layers that read one tensor (a transformer's q, k and v; gate and up) share its moment.
         def product():
-            rows = channels_last_rows(module, x)
-            index = sampled_rows(rows.shape[0], max_rows_per_batch, seed)
-            rows = rows if index is None else rows[index]
+            rows = rows_of_each_sample(channels_last_rows(module, x), samples, first, max_rows_per_sample, seed)
             # The product in float32 (half the time of float64), summed over batches in float64.
             return (rows.T @ rows).to(torch.float64), rows.shape[0]
 
@@ -127,7 +126,7 @@ def layer_statistics(
                 if progress:
                     progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
                 batch = as_input(calib[start : start + batch_size])
-                samples = batch.shape[0]
+                samples, first = batch.shape[0], start
                 shared.clear()
                 if batch.is_floating_point():
                     batch.requires_grad_(True)
@@ -135,7 +134,8 @@ def layer_statistics(
                     # Heads are independent given the input: the joint Fisher is the sum of theirs.
                     outs = model_outputs(run_checked(model, batch))
                     heads.add([out.detach() for out in outs])
-                    loss = sum(likelihood_loss(out, generator, kinds[i] if i < len(kinds) else None)
+                    loss = sum(per_sample_likelihood_loss(out, kinds[i] if i < len(kinds) else None, seed, i,
+                                                          start, samples)
                                for i, out in enumerate(outs))
                     if loss.requires_grad:  # else no layer reaches an output in float (integer ops after them)
                         loss.backward()

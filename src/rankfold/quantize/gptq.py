@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import PerInput, run_checked, sampled_rows
+from rankfold.analyze import PerInput, rows_of_each_sample, run_checked
 from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
 from rankfold.settings import calibration_batch
 
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse stable
 BLOCK = 128  # columns rounded together before the lazy update of the rest
-ROWS_PER_BATCH = 65536  # input rows a batch adds to H, at most (a fixed random subset beyond)
+ROWS_PER_SAMPLE = 2048  # input rows a sample adds to H, at most (a fixed random subset beyond)
 
 
 def supports(layer: nn.Module) -> bool:
@@ -31,22 +31,19 @@ def supports(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.groups == 1 and numeric_padding(layer) is not None
 
 
-def _input_rows(layer: nn.Module, x: Tensor, limit: int = ROWS_PER_BATCH) -> Tensor:
+def _input_rows(layer: nn.Module, x: Tensor, first: int, limit: int = ROWS_PER_SAMPLE) -> Tensor:
     """The rows the layer multiplies by its flattened weight: (rows, in_features or C*kh*kw), at
-    most about `limit` of them (a fixed random subset of each sample's positions): H of a 3x3
-    convolution over 640x640 text pages would otherwise unfold GBs a batch (PP-OCRv4's detector)
-    for a matrix that a few hundred thousand rows estimate as well."""
+    most `limit` of each sample's (analyze.rows_of_each_sample: which ones is fixed by the sample's
+    index, `first` the batch's first, not by the batching): H of a 3x3 convolution over 640x640
+    text pages would otherwise unfold GBs a batch (PP-OCRv4's detector) for a matrix that a few
+    hundred thousand rows estimate as well."""
     if isinstance(layer, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-        pick = sampled_rows(rows.shape[0], limit)
-        return rows if pick is None else rows[pick]
-    per_sample = max(1, -(-limit // x.shape[0]))
+        return rows_of_each_sample(x.reshape(-1, x.shape[-1]), x.shape[0], first, limit)
     parts = []
     for index, sample in enumerate(x.split(1)):  # unfolded one at a time: (C*kh*kw, L), the weight's order
         cols = F.unfold(sample, layer.kernel_size, dilation=layer.dilation, padding=numeric_padding(layer),
                         stride=layer.stride)[0]
-        pick = sampled_rows(cols.shape[1], per_sample, seed=1 + index)  # other positions in each sample
-        parts.append((cols if pick is None else cols[:, pick]).T)
+        parts.append(rows_of_each_sample(cols.T, 1, first + index, limit))
     return torch.cat(parts)
 
 
@@ -68,10 +65,11 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     shared = PerInput()  # this batch's product of each input tensor
+    first = 0  # the running batch's first sample
 
     def hook(module, inputs, name):
         def compute():
-            rows = _input_rows(module, inputs[0].detach()).float()
+            rows = _input_rows(module, inputs[0].detach(), first).float()
             return (rows.T @ rows).double(), rows.shape[0]
 
         product, count = shared.get(inputs[0], _row_geometry(module), compute)
@@ -84,9 +82,9 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
     handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
     try:
         with torch.no_grad():
-            for start in range(0, len(calib), batch_size):
+            for first in range(0, len(calib), batch_size):
                 shared.clear()
-                run_checked(model, calib[start : start + batch_size])
+                run_checked(model, calib[first : first + batch_size])
     finally:
         for h in handles:
             h.remove()
