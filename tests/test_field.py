@@ -14,7 +14,7 @@ from torch import nn
 from rankfold.check_rules import CheckRule
 from rankfold.errors import RankfoldError
 from rankfold.evaluate import onnx_size
-from rankfold.selfcheck import Agreement, agreement, output_kind, refuse_if_poor
+from rankfold.selfcheck import Agreement, agreement, output_kind, proportion_interval, refuse_if_poor
 from tests.helpers import run_cli
 
 
@@ -112,8 +112,10 @@ def test_a_sequence_is_judged_per_position_and_by_whole_sequences():
     check = agreement(model, noisy, x)
     per_position, whole = check.outputs[0].metrics["top1"], check.outputs[0].metrics["sequence"]
     assert whole < per_position < 1.0  # one wrong frame spoils a whole line
-    with pytest.raises(RankfoldError, match="as the original does"):  # the default: whole sequences
+    low, high = proportion_interval(whole, 64)
+    with pytest.raises(RankfoldError, match="as the original does") as refused:  # the default: whole sequences
         refuse_if_poor(check, min_agreement=whole + 0.01)
+    assert f"of 64 held-back samples (95 % interval {low:.0%}-{high:.0%})" in str(refused.value)
     refuse_if_poor(check, min_agreement=whole - 0.01)
     with pytest.raises(RankfoldError, match=r"has top1 .* \(required: top1 >= "):
         refuse_if_poor(check, 0.0, rules=(CheckRule("top1", per_position + 0.01),))

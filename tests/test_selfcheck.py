@@ -253,3 +253,15 @@ def test_the_api_refuses_uniform_settings_in_planned_mode_as_the_cli_does():
     for extra in ({"method": "svd"}, {"keep": 0.3}, {"layers": {"*": rankfold.SVDConfig(rank=2)}}):
         with pytest.raises(RankfoldError, match="one or the other"):
             rankfold.compress(model, calib=calib, max_params="60%", min_rank=2, **extra)
+
+
+def test_the_interval_of_a_fraction_narrows_with_the_samples():
+    from rankfold.selfcheck import proportion_interval
+
+    low, high = proportion_interval(0.5, 100)
+    assert abs(low - 0.4038) < 1e-3 and abs(high - 0.5962) < 1e-3  # Wilson's, z = 1.96
+    low, high = proportion_interval(11 / 32, 32)
+    assert 0.19 < low < 0.21 and 0.51 < high < 0.53
+    assert proportion_interval(1.0, 32)[1] == 1.0 and proportion_interval(1.0, 32)[0] > 0.89
+    wide, narrow = proportion_interval(0.9, 32), proportion_interval(0.9, 1000)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 4

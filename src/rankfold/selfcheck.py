@@ -289,6 +289,22 @@ def check_rules_problem(rules: tuple[CheckRule, ...], output_names: list[str]) -
     return None
 
 
+def proportion_interval(fraction: float, samples: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95 % interval for a fraction of `samples` independent samples: where the figure a
+    much larger held-back set would give likely lies (32 samples at 34 %: 20 % to 52 %)."""
+    if samples <= 0:
+        return 0.0, 1.0
+    centre = (fraction + z * z / (2 * samples)) / (1 + z * z / samples)
+    half = z / (1 + z * z / samples) * math.sqrt(fraction * (1 - fraction) / samples + z * z / (4 * samples**2))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _of_samples(value: float, check: Agreement) -> str:
+    """'34.4% of 32 held-back samples (95 % interval 20-52 %)': a figure per sample with how sure it is."""
+    low, high = proportion_interval(value, check.samples)
+    return f"{value:.1%} of {check.samples} {check.where} (95 % interval {low:.0%}-{high:.0%})"
+
+
 def refuse_if_poor(check: Agreement, min_agreement: float,
                    max_output_error: float = DEFAULT_MAX_OUTPUT_ERROR, rules: tuple[CheckRule, ...] = ()) -> None:
     """A result that disagrees badly with the original, on any output, is an error, never a silent output."""
@@ -309,14 +325,14 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
             default = rule not in rules  # its kind's default: say which option moves it
             if rule.metric == "top1" and default:
                 what = "agrees with the original's top-1 on only " + (
-                    f"{value:.1%} of {check.samples} {check.where}" if out.kind == "classes" else
+                    _of_samples(value, check) if out.kind == "classes" else
                     f"{value:.1%} of its positions over {check.samples} {check.where}")
                 raise RankfoldError(
                     f"self-check failed: {name} {what} (minimum {min_agreement:.0%}); nothing was written. Loosen "
                     "the budgets, or lower --min-agreement to accept it")
             if rule.metric == "sequence" and default:
                 raise RankfoldError(
-                    f"self-check failed: {name} reads only {value:.1%} of {check.samples} {check.where} as the "
+                    f"self-check failed: {name} reads only {_of_samples(value, check)} as the "
                     f"original does (greedy CTC reading of the argmaxes; minimum {min_agreement:.0%}); nothing was "
                     "written. Loosen the budgets, or lower --min-agreement to accept it")
             if rule.metric == "iou" and default:
