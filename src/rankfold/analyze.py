@@ -285,8 +285,8 @@ def layer_input(model: nn.Module, name: str, batch: Tensor) -> Tensor | None:
 
 
 def every_input(model: nn.Module, name: str, batch: Tensor) -> Tensor | None:
-    """The inputs of every call of layer `name` in one pass on `batch`, stacked on the first axis
-    (None: never called)."""
+    """The inputs of every call of layer `name` in one pass on `batch`, on the first axis sample
+    by sample (each sample's calls together, as rows_of_each_sample reads them; None: never called)."""
     seen: list[Tensor] = []
     handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach()))
     try:
@@ -294,7 +294,11 @@ def every_input(model: nn.Module, name: str, batch: Tensor) -> Tensor | None:
             run_checked(model, batch)
     finally:
         handle.remove()
-    return torch.cat(seen) if seen else None
+    if not seen:
+        return None
+    if all(x.shape == seen[0].shape for x in seen) and seen[0].ndim >= 1:
+        return torch.stack(seen, 1).flatten(0, 1)
+    return torch.cat(seen)
 
 
 def first_input(layer: nn.Module, run: Callable[[], object]) -> Tensor | None:
