@@ -6,6 +6,7 @@ import torch
 
 import rankfold
 from rankfold.cli import main
+from rankfold.selfcheck import proportion_interval
 from tests.helpers import run_cli, tiny_classifier
 
 
@@ -39,6 +40,10 @@ def test_eval_json_has_the_contract_keys(small):
     assert result["accuracy"] == 1.0  # labels are the model's own predictions
     assert result["params"] == 16 * 9 + 16 + 32 * 16 * 9 + 32 + 330
     assert result["latency_ms_b1"] > 0 and result["latency_ms_b32"] > 0
+    code, out, err = run_cli("eval", str(small / "m.onnx"), "--data", str(small / "data.npz"), "--runs", "3")
+    samples = int(out.split("accuracy")[1].split("(")[1].split()[0])
+    low, _high = proportion_interval(1.0, samples)
+    assert code == 0 and f"({samples} samples; 95 % interval {low:.4f}-1.0000)" in out, out
 
 
 def test_compress_writes_a_smaller_model_and_report(small, tmp_path):

@@ -80,6 +80,7 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
     from rankfold.evaluate import evaluate
     from rankfold.frontends.onnx import read_onnx
     from rankfold.report import human
+    from rankfold.selfcheck import proportion_interval
 
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
@@ -101,7 +102,8 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
         print(json.dumps({**result.to_dict(), "robustness": [r.to_dict() for r in robust]}))
         return
     print(f"model           {args.model}")
-    print(f"accuracy        {result.accuracy:.4f}  ({len(x)} samples)")
+    low, high = proportion_interval(result.accuracy, len(x))
+    print(f"accuracy        {result.accuracy:.4f}  ({len(x)} samples; 95 % interval {low:.4f}-{high:.4f})")
     print(f"parameters      {result.params:,} ({human(result.params)})")
     print(f"MACs            {result.macs:,} ({human(result.macs)}) per sample")
     print(f"weight bytes    {result.weight_bytes:,}")
