@@ -159,3 +159,29 @@ def test_planner_and_rounding_statistics_do_not_depend_on_the_batch_size():
     small, whole = (streamed_input_moments(None, model, "body.2", calib, batch_size=b, max_rows=4000) for b in (7, 40))
     assert small.rows == whole.rows == 40 * 100
     assert _relative(small.auto, whole.auto) < 1e-4
+
+
+class _SequenceFirst(nn.Module):
+    """A recogniser that returns (T, N, classes), as some exported CTC graphs do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.head = nn.Linear(16, 7)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean(2)  # (N, 16, T)
+        return self.head(features.permute(2, 0, 1))  # (T, N, 7)
+
+
+def test_a_sequence_first_output_draws_its_labels_per_sample():
+    from rankfold.gauss_newton import output_metrics
+    from rankfold.planner.sensitivity import layer_statistics
+
+    model, calib = _SequenceFirst().eval(), torch.randn(12, 1, 4, 10)
+    small, whole = (layer_statistics(model, ["conv", "head"], calib, batch_size=b) for b in (3, 12))
+    for name in ("conv", "head"):
+        assert _relative(small[name].sensitivity, whole[name].sensitivity) < 1e-4, name
+    small, whole = (output_metrics(model, ["conv", "head"], calib, batch_size=b) for b in (3, 12))
+    assert _relative(small["conv"].root, whole["conv"].root) < 1e-4

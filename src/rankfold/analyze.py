@@ -127,11 +127,11 @@ def sample_axis(shape: tuple[int, ...], batch: int) -> int:
     """The axis of an output that runs over the samples of a batch of `batch`: the first, unless it
     differs from `batch` and exactly one other axis has that size (a sequence-first (T, N, classes)
     recogniser, a batch-1 graph's (T, 1, classes))."""
-    axis = _clear_sample_axis(shape, batch)
+    axis = clear_sample_axis(shape, batch)
     return 0 if axis is None else axis
 
 
-def _clear_sample_axis(shape: tuple[int, ...], batch: int) -> int | None:
+def clear_sample_axis(shape: tuple[int, ...], batch: int) -> int | None:
     """sample_axis where the shape tells it: the first axis when it is the batch's, else the one
     axis of the batch's size; None when no axis or several have it."""
     if shape and shape[0] == batch:
@@ -157,7 +157,7 @@ def per_sample_shapes(input_shape: tuple[int, ...], output_shape: tuple[int, ...
     that squeezed its batch away. A Linear or a convolution keeps the sample axis where it was, so
     where the input's channels equal the batch, the output's axis decides."""
     inputs, outputs = tuple(input_shape), tuple(output_shape)
-    axis_in, axis_out = _clear_sample_axis(inputs, batch), _clear_sample_axis(outputs, batch)
+    axis_in, axis_out = clear_sample_axis(inputs, batch), clear_sample_axis(outputs, batch)
     if len(inputs) == len(outputs):
         axis_in = axis_out = axis_out if axis_out is not None else axis_in
     return _one_sample(inputs, axis_in, batch), _one_sample(outputs, axis_out, batch)

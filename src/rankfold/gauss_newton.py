@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, channels_last_rows, is_probability, model_outputs, run_checked
+from rankfold.analyze import (
+    as_input,
+    channels_last_rows,
+    clear_sample_axis,
+    is_probability,
+    model_outputs,
+    run_checked,
+)
 from rankfold.output_metric import HeadMetrics, OutputMetric, psd_roots
 from rankfold.settings import calibration_batch
 
@@ -151,13 +158,15 @@ def per_sample_likelihood_loss(output: Tensor, kind: str | None, seed: int, whic
     """likelihood_loss of each sample of a batch on its own, its labels or noise drawn from a
     generator seeded by the sample's index in the calibration data (and the output's): the metric
     then does not depend on how the samples were batched (compress's max_memory chooses that).
-    An output whose first axis is not the batch's (a sequence-first one) is drawn whole."""
+    The samples run along the output's first axis, or the one axis of the batch's size (a
+    sequence-first (T, N, classes) output); an output with neither is drawn whole."""
     def generator(index: int) -> torch.Generator:
         return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 64 + which) % 2**63)
 
-    if output.ndim == 0 or output.shape[0] != samples:
+    axis = clear_sample_axis(tuple(output.shape), samples)
+    if axis is None:
         return likelihood_loss(output, generator(first), kind)
-    return sum(likelihood_loss(output[i : i + 1], generator(first + i), kind) for i in range(samples))
+    return sum(likelihood_loss(output.narrow(axis, i, 1), generator(first + i), kind) for i in range(samples))
 
 
 class OutputMetrics(Mapping):
