@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -243,6 +244,13 @@ def sampled_rows(rows: int, limit: int, seed: int = 1) -> Tensor | None:
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:limit]
 
 
+@functools.lru_cache(maxsize=16)
+def _position_order(positions: int, seed: int) -> Tensor:
+    """The fixed permutation rows_of_each_sample walks: made once per map size, not per sample and
+    layer (a 640x640 page's is 409,600 long). Read only."""
+    return torch.randperm(positions, generator=torch.Generator().manual_seed(seed))
+
+
 def rows_of_each_sample(rows: Tensor, samples: int, first: int, limit: int, seed: int = 1) -> Tensor:
     """At most `limit` of each sample's rows, from rows that list a batch's samples one after the
     other (channel rows: a Linear's (N, ..., C), a convolution's (N, H, W, C)). Which rows a sample
@@ -255,7 +263,7 @@ def rows_of_each_sample(rows: Tensor, samples: int, first: int, limit: int, seed
     if per_sample * samples != rows.shape[0]:  # not one block per sample: a fixed subset of the batch's
         index = sampled_rows(rows.shape[0], limit * samples, seed)
         return rows if index is None else rows[index]
-    order = torch.randperm(per_sample, generator=torch.Generator().manual_seed(seed))
+    order = _position_order(per_sample, seed)
     offsets = (torch.arange(first, first + samples)[:, None] * limit + torch.arange(limit)) % per_sample
     return rows[(order[offsets] + torch.arange(samples)[:, None] * per_sample).reshape(-1)]
 
@@ -358,11 +366,11 @@ def moments_of(module: nn.Module, pairs: Iterable[tuple[Tensor | None, Tensor | 
     """InputMoments from (x, x^) per batch (`same`: x is x^, so the cross moment is the auto one)."""
     cross = auto = None
     rows_used = start = 0
+    limit = max(1, max_rows // total)  # rows a sample gives: the same subset of x and x^
     for x, x_hat in pairs:
         if x is None or x_hat is None:
             return None
         samples = x_hat.shape[0]
-        limit = max(1, max_rows // total)  # rows a sample gives: the same subset of x and x^
         r = rows_of_each_sample(channels_last_rows(module, x), samples, start, limit)
         r_hat = rows_of_each_sample(channels_last_rows(module, x_hat), samples, start, limit)
         start += samples

@@ -141,7 +141,8 @@ def metric_layers(modules: Mapping[str, nn.Module], names: Iterable[str], budget
         if held > budget:
             break
         chosen += widths[width]
-    return [name for name in names if name in set(chosen)]
+    chosen_set = set(chosen)
+    return [name for name in names if name in chosen_set]
 
 
 def dense_metric(moment: Tensor, damping: float = DAMPING) -> OutputMetric | None:

@@ -300,7 +300,7 @@ def proportion_interval(fraction: float, samples: int, z: float = 1.96) -> tuple
 
 
 def _of_samples(value: float, check: Agreement) -> str:
-    """'34.4% of 32 held-back samples (95 % interval 20-52 %)': a figure per sample with how sure it is."""
+    """'34.4% of 32 held-back samples (95 % interval 20%-52%)': a figure per sample with how sure it is."""
     low, high = proportion_interval(value, check.samples)
     return f"{value:.1%} of {check.samples} {check.where} (95 % interval {low:.0%}-{high:.0%})"
 
