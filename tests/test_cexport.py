@@ -57,6 +57,18 @@ def qdq(tmp_path_factory):
     return root, calib.numpy()
 
 
+def test_int4_groups_are_refused_not_misread(tmp_path):
+    """Blocked DequantizeLinear (a scale and a zero point per group of inputs) has no C kernel:
+    refused by name, before any code is written."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    calib = torch.randn(64, 1, 10, 10)
+    export_quantized(model, {"stem": 8, "a": 8, "b": 8, "down": 8, "fc": 4}, tmp_path / "g.onnx", calib=calib,
+                     example_input=calib[:2], groups={"fc": 8}, reduce_range=False)
+    with pytest.raises(RankfoldError, match="int4 groups of 8 .* C back-end takes symmetric weights"):
+        read_program(onnx.load(tmp_path / "g.onnx"))
+
+
 def test_arena_reuses_memory_without_overlapping_live_tensors(qdq):
     root, _ = qdq
     program = read_program(onnx.load(root / "q.onnx"))

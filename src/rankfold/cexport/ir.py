@@ -358,6 +358,18 @@ def _fold_constants(model: onnx.ModelProto, inits: dict[str, np.ndarray], shapes
     return grown
 
 
+def _require_symmetric_weights(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> None:
+    """The kernels keep one scale per output channel (or tensor) and no weight zero point: refuse
+    int4 groups (blocked DequantizeLinear, with their zero points) rather than misread them."""
+    block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+    zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+    if block or (zero is not None and np.any(zero != 0)):
+        what = f"int4 groups of {block} (a scale and zero point per group)" if block else "a weight zero point"
+        raise RankfoldError(f"DequantizeLinear {node.name!r}: {what}; the C back-end takes symmetric weights with "
+                            "one scale per output channel or tensor: plan for a C target, which offers no groups "
+                            "(no --group-size)")
+
+
 class _Reader:
     """The QDQ graph's quantization parameters and weights, and the program being built."""
 
@@ -378,6 +390,7 @@ class _Reader:
                 quantized_of[node.output[0]] = node.input[0]
             elif node.op_type == "DequantizeLinear":
                 if node.input[0] in inits:
+                    _require_symmetric_weights(node, inits)
                     self.weights[node.output[0]] = (inits[node.input[0]], np.atleast_1d(inits[node.input[1]]))
                     self.bits_of[node.output[0]] = 4 if node.input[0] in int4 else 8
                 elif node.input[0] in quantized_of:
