@@ -143,6 +143,34 @@ def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
 
 
 
+@pytest.mark.parametrize("data_type", [TensorProto.INT4, TensorProto.UINT4])
+def test_blocked_int4_weights_load_as_onnxruntime_reads_them(tmp_path, data_type):
+    """Opset 21 blocked DequantizeLinear (a scale and a zero point per block of 8 input elements,
+    the layout of int4 weight-only files from NNCF, torchao exports and rankfold's own groups) is
+    dequantized block by block at load, a short last block included: the weights become an
+    ordinary Linear that computes what onnxruntime computes."""
+    rng = np.random.default_rng(0)
+    low, high = (-8, 8) if data_type == TensorProto.INT4 else (0, 16)
+    codes = rng.integers(low, high, size=(20, 6))  # (in, out) for MatMul, blocks along the input axis
+    scale = rng.uniform(0.01, 0.1, size=(3, 6)).astype(np.float32)
+    zero = rng.integers(low, high, size=(3, 6))
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0, block_size=8),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "blocked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])],
+                              [helper.make_tensor("w_q", data_type, codes.shape, codes.flatten().tolist()),
+                               helper.make_tensor("w_scale", TensorProto.FLOAT, scale.shape, scale.flatten()),
+                               helper.make_tensor("w_zero", data_type, zero.shape, zero.flatten().tolist())])
+    path = tmp_path / "blocked.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    x = rng.normal(size=(4, 20)).astype(np.float32)
+    theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    loaded = rankfold.load_onnx(path)
+    with torch.no_grad():
+        ours = loaded(torch.from_numpy(x))
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, nn.Linear) for m in loaded.modules()) == 1
+
 def _bidirectional_file(tmp_path, kind: str, example: torch.Tensor):
     """A bidirectional Recurrent(kind) exported by the TorchScript exporter, batch open."""
     path = tmp_path / "r.onnx"

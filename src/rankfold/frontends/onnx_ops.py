@@ -698,11 +698,21 @@ def _zero_point(vals, index: int, like: Tensor) -> Tensor:
     return vals[index] if len(vals) > index and vals[index] is not None else torch.zeros((), dtype=like.dtype)
 
 
+def _blocks_repeated(v: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
+    """A blocked scale or zero point (x's rank, ceil(n / block_size) along `axis`) repeated to x's shape."""
+    axis = _axis(axis, x.ndim)
+    return v.repeat_interleave(block_size, dim=axis).narrow(axis, 0, x.shape[axis])
+
+
 @op("DequantizeLinear")
 def _dequantize(vals, attrs):
     x, scale = vals[0], vals[1]
     axis = attrs.get("axis", 1)
     zero = _zero_point(vals, 2, x)
+    block_size = attrs.get("block_size", 0)
+    if block_size:  # opset 21 blocked quantization: a scale (and zero point) per block along `axis`
+        zero = _blocks_repeated(zero, x, axis, block_size) if zero.ndim else zero
+        return [(x.to(torch.float32) - zero.to(torch.float32)) * _blocks_repeated(scale, x, axis, block_size)]
     return [(x.to(torch.float32) - _per_axis(zero, x, axis).to(torch.float32)) * _per_axis(scale, x, axis)]
 
 
