@@ -429,8 +429,8 @@ def test_grouped_int4_export_runs_in_onnxruntime_as_the_torch_copy_computes(mlp_
     assert len(blocked) == 2 and all(b["block_size"] == 16 for b in blocked)
     with torch.no_grad():
         np.testing.assert_allclose(_run(path, calib[:32].numpy()), reference(calib[:32]).numpy(), atol=1e-5)
-    # bytes as the planner prices them: packed codes, a float32 scale and a uint4 zero point per
-    # group, float biases (the int8 layer's too: weight-only, no activation scale for an int32 bias)
+    # bytes as the planner prices them: packed codes, a float32 scale per group, float biases (the
+    # int8 layer's too: weight-only, no activation scale for an int32 bias)
     from rankfold.planner.options import quantized_layer_bytes
 
     expected = quantized_layer_bytes(96 * 64, 96, True, 4, group_size=16) + \
@@ -478,44 +478,10 @@ def test_saved_weights_keep_their_groups(mlp_with_loud_inputs):
     grid = copy.deepcopy(model)
     quantize_weights(grid, {"2": 4}, groups={"2": 16})
     arrays, quantized = stored_weights(grid, {"2": 4}, per_tensor=set(), reduce_range=False, groups={"2": 16})
-    assert quantized["2.weight"] == {"bits": 4, "shape": [96, 96], "group_size": 16, "zero_point": True}
+    assert quantized["2.weight"] == {"bits": 4, "shape": [96, 96], "group_size": 16}
     assert arrays["2.weight:scale"].shape == (96, 6) and arrays["2.weight"].nbytes == 96 * 96 // 2
-    assert arrays["2.weight:zero_point"].shape == (96, 6) and arrays["2.weight:zero_point"].max() <= 15
     state = loaded_weights(arrays, quantized)
     np.testing.assert_allclose(state["2.weight"].numpy(), grid[2].weight.detach().numpy(), rtol=1e-6, atol=1e-8)
-
-
-def test_a_directory_saved_with_symmetric_groups_still_loads():
-    """Groups were symmetric (signed codes, no zero point) before they became asymmetric: such
-    saved weights keep their meaning."""
-    from rankfold.quantize.core import pack_int4
-    from rankfold.saved import loaded_weights
-
-    codes = np.array([[-7, 7, 3, -1], [0, 1, 2, -3]], np.int8)
-    scale = np.array([[0.5, 2.0], [1.0, 0.25]], np.float32)
-    arrays = {"w": np.frombuffer(pack_int4(codes), np.uint8), "w:scale": scale}
-    state = loaded_weights(arrays, {"w": {"bits": 4, "shape": [2, 4], "group_size": 2}})
-    np.testing.assert_array_equal(state["w"].numpy(), codes * np.repeat(scale, 2, axis=1))
-
-
-def test_asymmetric_groups_use_all_sixteen_levels_and_keep_their_grid():
-    """Groups span their own [min, max] (0 inside) with codes 0..15 and a zero point: a group
-    whose weights are all of one sign spends no level on the other side, and weights already on
-    the grid give back the same codes, scales and zero points (the exporters derive it again)."""
-    rng = np.random.default_rng(3)
-    w = rng.normal(size=(4, 40)).astype(np.float32)
-    w[0, :16] = np.abs(w[0, :16]) + 1.0  # one group positive only
-    qw = quantize_weight(w, 4, group_size=16)
-    assert qw.q.dtype == np.uint8 and qw.q.min() == 0 and qw.q.max() == 15
-    assert qw.zero_point[0, 0] == 0 and qw.scale.shape == qw.zero_point.shape == (4, 3)
-    error = np.abs(qw.dequantize() - w)
-    assert error.max() <= 0.5 * qw.scale.max() * (1 + 1e-5)
-    symmetric_step = np.abs(w[0, :16]).max() / 7
-    assert qw.scale[0, 0] < 0.55 * symmetric_step  # about half: the whole range on one side
-    again = quantize_weight(qw.dequantize(), 4, group_size=16)
-    np.testing.assert_array_equal(again.q, qw.q)
-    np.testing.assert_array_equal(again.zero_point, qw.zero_point)
-    np.testing.assert_allclose(again.dequantize(), qw.dequantize(), rtol=1e-6, atol=1e-7)
 
 
 def test_layers_without_bias_are_priced_with_the_bias_that_bias_correction_gives_them(tmp_path):

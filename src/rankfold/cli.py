@@ -1324,9 +1324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "target's set; first and last layer float or int8, never "
                                                   "int4, where the target runs float), 32, 8 or 4")
     p.add_argument("--group-size", type=_positive_int, default=None,
-                   help="int4 weights may also take a scale and a zero point per N input elements of each output "
-                        "channel (asymmetric groups; Linear layers and embedding tables; onnxruntime targets), "
-                        "e.g. 32: finer, 1.125 bits more per weight")
+                   help="int4 weights may also take one scale per N input elements of each output channel (Linear "
+                        "layers and embedding tables; onnxruntime targets), e.g. 32: finer, 1 bit more per weight")
     p.add_argument("--plan-out", help="write the plan (editable JSON) here")
     p.add_argument("--method", default=None, help="uniform mode: svd | tucker2 | cp | spatial-svd | auto "
                                                   "(default tucker2)")

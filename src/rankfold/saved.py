@@ -25,7 +25,6 @@ SAVED_FORMAT = "rankfold-compressed/1"
 CONFIG_NAME = "rankfold.json"
 WEIGHTS_NAME = "model.safetensors"
 SCALE_SUFFIX = ":scale"  # the tensor beside a quantized weight's codes that holds its scales
-ZERO_SUFFIX = ":zero_point"  # beside the codes of asymmetric groups: their zero points (uint8)
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
             "modules.json", os.path.join("1_Pooling", "config.json"), "generation_config.json")
 
@@ -43,10 +42,10 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
                    ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """The module's state as safetensors arrays: each quantized leaf's weight (already on its
     grid) as integer codes (int4 packed two per byte) plus its scales (per channel, per tensor,
-    or per group of `groups[leaf]` input elements, with a zero point per group: unsigned codes),
-    everything else float. Returns the arrays and, per quantized weight, how it is stored."""
+    or per group of `groups[leaf]` input elements), everything else float. Returns the arrays
+    and, per quantized weight, how it is stored."""
     groups = groups or {}
-    from rankfold.quantize.core import pack_int4, pack_uint4, quantize_weight
+    from rankfold.quantize.core import pack_int4, quantize_weight
 
     arrays, quantized, tied = {}, {}, tied_names(module)
     for name, value in module.state_dict().items():
@@ -58,15 +57,11 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
             bits = leaf_bits[leaf]
             qw = quantize_weight(array, bits, groups.get(leaf), reduce_range=reduce_range,
                                  per_tensor=leaf in per_tensor)
-            pack = pack_uint4 if qw.zero_point is not None else pack_int4
-            codes = np.frombuffer(pack(qw.q), np.uint8) if bits == 4 else qw.q
+            codes = np.frombuffer(pack_int4(qw.q), np.uint8) if bits == 4 else qw.q.astype(np.int8)
             arrays[name] = np.ascontiguousarray(codes)
             arrays[name + SCALE_SUFFIX] = np.ascontiguousarray(qw.scale[:1] if leaf in per_tensor else qw.scale)
-            if qw.zero_point is not None:
-                arrays[name + ZERO_SUFFIX] = np.ascontiguousarray(qw.zero_point)
             quantized[name] = {"bits": bits, "shape": list(array.shape),
-                               **({"group_size": groups[leaf]} if leaf in groups else {}),
-                               **({"zero_point": True} if qw.zero_point is not None else {})}
+                               **({"group_size": groups[leaf]} if leaf in groups else {})}
         else:
             arrays[name] = np.ascontiguousarray(array)
     return arrays, quantized
@@ -74,25 +69,20 @@ def stored_weights(module: nn.Module, leaf_bits: Mapping[str, int], *, per_tenso
 
 def loaded_weights(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, dict]) -> dict[str, Tensor]:
     """The state dict that stored_weights' arrays stand for (codes times scales for quantized weights)."""
-    from rankfold.quantize.core import QuantizedWeight, unpack_int4, unpack_uint4
+    from rankfold.quantize.core import QuantizedWeight, unpack_int4
 
     state = {}
     for name, array in arrays.items():
-        if name.endswith((SCALE_SUFFIX, ZERO_SUFFIX)):
+        if name.endswith(SCALE_SUFFIX):
             continue
         if name in quantized:
             shape, bits = quantized[name]["shape"], quantized[name]["bits"]
             count = int(np.prod(shape))
-            # Asymmetric groups store unsigned codes and a zero point per group; a directory saved
-            # before groups had zero points holds signed codes and none.
-            zero = arrays[name + ZERO_SUFFIX] if quantized[name].get("zero_point") else None
-            unpack = unpack_uint4 if zero is not None else unpack_int4
-            codes = unpack(array.tobytes(), count) if bits == 4 else array
+            codes = unpack_int4(array.tobytes(), count) if bits == 4 else array
             scale = arrays[name + SCALE_SUFFIX].astype(np.float32)
             group = quantized[name].get("group_size")
             if group:
-                array = QuantizedWeight(codes.reshape(shape), scale.reshape(shape[0], -1), bits, group,
-                                        None if zero is None else zero.reshape(shape[0], -1)).dequantize()
+                array = QuantizedWeight(codes.reshape(shape), scale.reshape(shape[0], -1), bits, group).dequantize()
             else:
                 array = (codes.reshape(shape[0], -1).astype(np.float32) * scale.reshape(-1, 1)).reshape(shape)
         state[name] = torch.from_numpy(np.array(array))

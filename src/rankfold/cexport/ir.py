@@ -364,7 +364,7 @@ def _require_symmetric_weights(node: onnx.NodeProto, inits: dict[str, np.ndarray
     block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
     zero = inits.get(node.input[2]) if len(node.input) > 2 else None
     if block or (zero is not None and np.any(zero != 0)):
-        what = f"int4 groups of {block} (a scale and zero point per group)" if block else "a weight zero point"
+        what = f"int4 groups of {block} (a scale per block of inputs)" if block else "a weight zero point"
         raise RankfoldError(f"DequantizeLinear {node.name!r}: {what}; the C back-end takes symmetric weights with "
                             "one scale per output channel or tensor: plan for a C target, which offers no groups "
                             "(no --group-size)")

@@ -43,12 +43,12 @@ def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int, per_
                           group_size: int | None = None) -> int:
     """One (sub-)layer's bytes as the QDQ export stores it below 32 bits: packed integers, a
     float32 scale per output channel, and int32 biases with a float32 scale each; `per_tensor`:
-    one float32 scale for the weights and one for the biases; `group_size`: a float32 scale and a
-    packed `bits`-wide zero point per group of that many input elements of each channel, and
-    float32 biases (a bias scale per group does not exist)."""
+    one float32 scale for the weights and one for the biases; `group_size`: a float32 scale per
+    group of that many input elements of each channel, and float32 biases (a bias scale per
+    group does not exist)."""
     if group_size is not None:
         groups = out_ch * -(-(weights // max(out_ch, 1)) // group_size)
-        return -(-weights * bits // 8) + 4 * groups + -(-groups * bits // 8) + (4 * out_ch if bias else 0)
+        return -(-weights * bits // 8) + 4 * groups + (4 * out_ch if bias else 0)
     scales = 1 if per_tensor else out_ch
     return -(-weights * bits // 8) + 4 * scales + (4 * out_ch + 4 * scales if bias else 0)
 
@@ -82,12 +82,11 @@ def with_bits(options: list[Option], bits_choices: tuple[int, ...], units: Noise
               reduce_range: bool = False) -> list[Option]:
     """Every structural option at every allowed bit-width. Quantizing adds rounding noise to each
     factor: its estimated loss is the unit (the layer's loss at int8) x factors x (127/qmax)^2,
-    qmax 63 for int8 on a target that needs 7-bit weights (four times the int8 noise, same bytes);
-    for asymmetric groups x (255/15)^2, their int8 unit measured on a grid of 255 steps.
+    qmax 63 for int8 on a target that needs 7-bit weights (four times the int8 noise, same bytes).
     With a tensor unit, every quantized option comes also with one weight scale per (sub-)layer
     (8 bytes fewer per output channel); with a group unit, int4 comes also with one scale per
     `group_size` input elements of each channel (the factors priced with the layer's own groups)."""
-    from rankfold.quantize.core import group_levels, weight_qmax
+    from rankfold.quantize.core import weight_qmax
 
     layouts = [(False, None, units.channel)] + ([(True, None, units.tensor)] if units.tensor is not None else [])
     grouped = [(False, units.group_size, units.group)] if units.group is not None else []
@@ -98,8 +97,7 @@ def with_bits(options: list[Option], bits_choices: tuple[int, ...], units: Noise
                 expanded.append(dataclasses.replace(opt, bits=bits, weight_bytes=stored_bytes(opt.profile, 32)))
                 continue
             for per_tensor, group, unit in layouts + (grouped if bits == 4 else []):
-                steps = (group_levels(8) / group_levels(bits)) if group else (127 / weight_qmax(bits, reduce_range))
-                extra = unit * len(opt.profile.sub_layers) * steps**2
+                extra = unit * len(opt.profile.sub_layers) * (127 / weight_qmax(bits, reduce_range)) ** 2
                 expanded.append(dataclasses.replace(opt, loss=opt.loss + extra, bits=bits, quant_loss=extra,
                                                     weight_bytes=stored_bytes(opt.profile, bits, per_tensor, group),
                                                     per_tensor=per_tensor, group_size=group))
@@ -108,8 +106,8 @@ def with_bits(options: list[Option], bits_choices: tuple[int, ...], units: Noise
 
 def int8_noise_loss(module: nn.Module, stats, per_tensor: bool = False, group_size: int | None = None) -> float:
     """1/2 sum_c G_c E[dy_c^2] for int8 rounding noise on the layer's weights (independent noise of
-    variance (max|w_c| / 127)^2 / 12 per weight, or with the range of the whole tensor, or
-    ((max - min) / 255)^2 / 12 of each asymmetric group; E[x^2] summed over the taps = taps * tr(Sigma))."""
+    variance (max|w_c| / 127)^2 / 12 per weight, or with the range of the whole tensor, or of each
+    group; E[x^2] summed over the taps = taps * tr(Sigma))."""
     from rankfold.quantize.weights import weight_quant_noise
 
     noise = torch.from_numpy(weight_quant_noise(module.weight, 8, per_tensor=per_tensor, group_size=group_size))

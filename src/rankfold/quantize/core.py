@@ -2,16 +2,11 @@
 
 Convention (TFLite / CMSIS-NN, see DESIGN.md): real = scale * (q - zero_point).
 Weights: symmetric, zero point 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1] (int8: +-127, int4: +-7),
-one scale per output channel, or one for the whole tensor (`per_tensor`: the file stores a single
-scale, and an int32 bias needs no scale per channel either, 8 bytes fewer per channel). With
+one scale per output channel (or per group of input elements along the channel), or one for the
+whole tensor (`per_tensor`: the file stores a single scale, and an int32 bias needs no scale per
+channel either, 8 bytes fewer per channel). With
 `reduce_range`, int8 codes stay within +-63: onnxruntime on x86 without VNNI computes only those
 exactly (rankfold/runtime.py); int4 is exact everywhere.
-Weights in groups (one scale per `group_size` consecutive input elements of a channel, int4 for
-onnxruntime's blocked DequantizeLinear): asymmetric, unsigned codes 0..2^b - 1 and one integer
-zero point per group, the grid spanning the group's [min, max] (0 included, so the zero point is a
-code): all 16 int4 levels where the symmetric grid uses 15 around 0, and none spent on the side a
-group does not reach (on all-MiniLM-L6-v2's Linear layers, groups of 32: a third less squared
-error than symmetric). GGUF's Q4_1, NNCF's INT4_ASYM and torchao's int4 store groups this way.
 Activations: asymmetric int8, q in [-128, 127], one scale and zero point per tensor.
 Rounding is half to even, as ONNX QuantizeLinear does.
 """
@@ -38,58 +33,25 @@ def weight_qmax(bits: int, reduce_range: bool = False) -> int:
 
 
 class QuantizedWeight(NamedTuple):
-    q: np.ndarray  # int8 codes within +-qmax (int4 too, before packing); uint8 codes with groups
+    q: np.ndarray  # int8 array holding values within +-qmax (int4 values too, before packing)
     scale: np.ndarray  # (out_ch,) or (out_ch, groups): float32
     bits: int
     group_size: int | None  # elements of the flattened input axis per scale; None: per channel
-    zero_point: np.ndarray | None = None  # (out_ch, groups) uint8 with groups; None: symmetric
 
     def dequantize(self) -> np.ndarray:
         out_ch = self.q.shape[0]
         flat = self.q.reshape(out_ch, -1).astype(np.float32)
         if self.group_size is None:
             return (flat * self.scale[:, None]).reshape(self.q.shape)
-        width = flat.shape[1]
-        scales = np.repeat(self.scale, self.group_size, axis=1)[:, :width]
-        zeros = 0.0 if self.zero_point is None else \
-            np.repeat(self.zero_point.astype(np.float32), self.group_size, axis=1)[:, :width]
-        return ((flat - zeros) * scales).reshape(self.q.shape)
-
-
-def padded_groups(rows: np.ndarray, group_size: int) -> np.ndarray:
-    """(out, groups, group_size) of (out, n) rows, a short last group padded with the row's last
-    value (it lies in that group, so the padding never widens the group's range)."""
-    pad = -rows.shape[1] % group_size
-    if pad:
-        rows = np.concatenate([rows, np.repeat(rows[:, -1:], pad, axis=1)], axis=1)
-    return rows.reshape(rows.shape[0], -1, group_size)
-
-
-def group_levels(bits: int) -> int:
-    """The top code of an asymmetric group grid (int4: 15; codes 0..15)."""
-    if bits not in WEIGHT_BITS:
-        raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits!r}")
-    return 2**bits - 1
-
-
-def group_grid(low: np.ndarray, high: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of the asymmetric grid spanning [low, high] (arrays, any shape; 0 is
-    put inside the span): scale (high - low) / levels, zero point round(-low / scale). The
-    grid's own ends, -zp * scale and (levels - zp) * scale, give back the same grid, so weights
-    already on it keep it when the exporters derive it again."""
-    levels = group_levels(bits)
-    low, high = np.minimum(low, 0), np.maximum(high, 0)
-    span = high - low
-    scale = np.where(span > 0, span / levels, 1.0)
-    zero = np.clip(np.round(-low / scale), 0, levels)
-    return scale, zero
+        scales = np.repeat(self.scale, self.group_size, axis=1)[:, : flat.shape[1]]
+        return (flat * scales).reshape(self.q.shape)
 
 
 def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None, *,
                     reduce_range: bool = False, per_tensor: bool = False) -> QuantizedWeight:
-    """Symmetric quantization with one scale per output channel (axis 0), or (`per_tensor`) one
-    scale for all, repeated per channel in the result; or asymmetric, with a scale and a zero
-    point per `group_size` consecutive elements of each channel's flattened weights."""
+    """Symmetric quantization with one scale per output channel (axis 0), or per `group_size`
+    consecutive elements of each channel's flattened weights, or (`per_tensor`) one scale for
+    all, repeated per channel in the result."""
     qmax = weight_qmax(bits, reduce_range)
     w = np.asarray(weight, dtype=np.float32)
     flat = w.reshape(w.shape[0], -1)
@@ -103,12 +65,13 @@ def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None
     else:
         if group_size < 1:
             raise ValueError(f"group_size must be positive, got {group_size}")
-        blocks = padded_groups(flat, group_size)
-        scale, zero = group_grid(blocks.min(axis=2), blocks.max(axis=2), bits)
-        scale = scale.astype(np.float32)
-        q = np.clip(np.round(blocks / scale[:, :, None]) + zero[:, :, None], 0, group_levels(bits))
-        q = q.reshape(flat.shape[0], -1)[:, : flat.shape[1]]
-        return QuantizedWeight(q.astype(np.uint8).reshape(w.shape), scale, bits, group_size, zero.astype(np.uint8))
+        groups = -(-flat.shape[1] // group_size)
+        padded = np.zeros((flat.shape[0], groups * group_size), np.float32)
+        padded[:, : flat.shape[1]] = flat
+        blocks = padded.reshape(flat.shape[0], groups, group_size)
+        scale = np.abs(blocks).max(axis=2) / qmax
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.round(blocks / scale[:, :, None]), -qmax, qmax).reshape(flat.shape[0], -1)[:, : flat.shape[1]]
     return QuantizedWeight(q.astype(np.int8).reshape(w.shape), scale, bits, group_size)
 
 
@@ -148,23 +111,6 @@ def pack_int4(values: np.ndarray) -> bytes:
         flat = np.concatenate([flat, np.zeros(1, np.int8)])
     nibbles = (flat.astype(np.uint8) & 0x0F).reshape(-1, 2)
     return (nibbles[:, 0] | (nibbles[:, 1] << 4)).astype(np.uint8).tobytes()
-
-
-def pack_uint4(values: np.ndarray) -> bytes:
-    """Two unsigned 4-bit values per byte, the first in the low nibble (ONNX UINT4 layout)."""
-    flat = np.asarray(values).reshape(-1)
-    if flat.size and (flat.min() < 0 or flat.max() > 15):
-        raise ValueError("uint4 values must lie in [0, 15]")
-    flat = flat.astype(np.uint8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    pairs = flat.reshape(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).astype(np.uint8).tobytes()
-
-
-def unpack_uint4(data: bytes, count: int) -> np.ndarray:
-    raw = np.frombuffer(data, dtype=np.uint8)
-    return np.stack([raw & 0x0F, raw >> 4], axis=1).reshape(-1)[:count].astype(np.uint8)
 
 
 def unpack_int4(data: bytes, count: int) -> np.ndarray:

@@ -4,8 +4,7 @@ Rounding each weight to its nearest grid point ignores that the layer's inputs a
 Given H = E[x x^T] over the layer's input rows (im2col rows for a convolution), the columns of W
 are rounded one at a time and each rounding error is pushed onto the columns not yet rounded,
 weighted by the inverse of H, so that the *output* error ||(W - Q) x|| stays small. The grid
-(one scale per output channel, or an asymmetric scale and zero point per group) is the plain
-quantizer's, so the result is exported unchanged.
+(one scale per output channel) is the plain quantizer's, so the result is exported unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import PerInput, rows_of_each_sample, run_checked
 from rankfold.layers import numeric_padding
-from rankfold.quantize.core import group_grid, group_levels, padded_groups, weight_qmax
+from rankfold.quantize.core import weight_qmax
 from rankfold.settings import calibration_batch
 
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse stable
@@ -92,12 +91,10 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
     return {n: sums[n].div_(counts[n]) for n in sums}
 
 
-def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments: Tensor,
-                              zero: Tensor | None = None, qmin: int | None = None) -> Tensor:
-    """Integer codes (same shape as `weight`, flattened to (out, in)) on the grid
-    (q - zero) * scale, q in [qmin, qmax] (default: zero 0, qmin -qmax), scale and zero (out, 1)
-    per channel or (out, in) per element (groups repeated), chosen column by column with the
-    rounding error spread onto later columns through H^-1."""
+def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments: Tensor) -> Tensor:
+    """Integer codes (same shape as `weight`, flattened to (out, in)) on the grid q * scale, scale
+    (out, 1) per channel or (out, in) per element (groups repeated), chosen column by column with
+    the rounding error spread onto later columns through H^-1."""
     w = weight.double().clone()
     h = moments.double().clone()
     dead = torch.diag(h) <= 0
@@ -107,18 +104,16 @@ def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments:
     # Upper Cholesky factor of H^-1: row i holds the update weights for column i's error.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     s = scale.double().expand(w.shape[0], w.shape[1])
-    z = (torch.zeros(1, 1, dtype=w.dtype) if zero is None else zero.double()).expand(w.shape[0], w.shape[1])
-    qmin = -qmax if qmin is None else qmin
     codes = torch.zeros_like(w)
     for start in range(0, w.shape[1], BLOCK):
         end = min(start + BLOCK, w.shape[1])
         block = w[:, start:end].clone()
         errors = torch.zeros_like(block)
         for i in range(end - start):
-            col, step, offset = block[:, i : i + 1], s[:, start + i : start + i + 1], z[:, start + i : start + i + 1]
-            q = torch.clamp(torch.round(col / step) + offset, qmin, qmax)
+            col, step = block[:, i : i + 1], s[:, start + i : start + i + 1]
+            q = torch.clamp(torch.round(col / step), -qmax, qmax)
             codes[:, start + i] = q[:, 0]
-            err = (col - (q - offset) * step) / u[start + i, start + i]
+            err = (col - q * step) / u[start + i, start + i]
             block[:, i:] -= err @ u[start + i : start + i + 1, start:end][:, i:]
             errors[:, i : i + 1] = err
         w[:, end:] -= errors @ u[start:end, end:]
@@ -128,41 +123,32 @@ def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments:
 def quantize_layer(layer: nn.Module, bits: int, moments: Tensor, *, reduce_range: bool = False,
                    per_tensor: bool = False, group_size: int | None = None) -> None:
     """Replace the layer's weight, in place, by its data-aware rounding (dequantized). Channels
-    whose largest code falls short of qmax keep plain rounding, so the exporter, which derives each
-    scale from its largest weight, finds exactly the same grid; with one scale for the tensor
-    (`per_tensor`), all keep plain rounding unless some code still reaches qmax. With `group_size`
-    (asymmetric groups), a group keeps plain rounding unless its codes, with its zero point, still
-    span the whole grid 0..levels."""
+    (groups, with `group_size`) whose largest code falls short of qmax keep plain rounding, so the
+    exporter, which derives each scale from its largest weight, finds exactly the same grid; with
+    one scale for the tensor (`per_tensor`), all keep plain rounding unless some code still
+    reaches qmax."""
+    qmax = weight_qmax(bits, reduce_range)
     flat = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-    width = flat.shape[1]
-    if group_size is not None:
-        blocks = padded_groups(flat.numpy(), group_size)
-        scale, zero = (torch.from_numpy(a) for a in group_grid(blocks.min(2), blocks.max(2), bits))
-        low, high = 0, group_levels(bits)
-    else:
-        high = weight_qmax(bits, reduce_range)
-        low = -high
-        scale = flat.abs().amax(1, keepdim=True) / high
-        if per_tensor:
-            scale = torch.full_like(scale, float(scale.max()))
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.zeros_like(scale)
-    size = group_size or width
-    per_element = scale.repeat_interleave(size, dim=1)[:, :width]
-    zero_element = zero.repeat_interleave(size, dim=1)[:, :width]
-    codes = round_with_error_feedback(flat, per_element, high, moments, zero_element, low)
-    plain = torch.clamp(torch.round(flat / per_element) + zero_element, low, high)
-    if group_size is not None:  # the group's lowest and highest code, its zero point counted
-        grouped = torch.from_numpy(padded_groups(codes.numpy(), size))
-        keep_plain = (torch.minimum(grouped.amin(2), zero) > low) | (torch.maximum(grouped.amax(2), zero) < high)
-    else:
-        keep_plain = torch.from_numpy(padded_groups(codes.abs().numpy(), size)).amax(2) < high
-        if per_tensor:
-            keep_plain[:] = bool(keep_plain.all())
-    keep = keep_plain.repeat_interleave(size, dim=1)[:, :width]
+    size = group_size or flat.shape[1]
+    groups = -(-flat.shape[1] // size)
+    padded = F.pad(flat, (0, groups * size - flat.shape[1])).reshape(flat.shape[0], groups, size)
+    scale = padded.abs().amax(2) / qmax  # (out, groups)
+    if per_tensor:
+        scale = torch.full_like(scale, float(scale.max()))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    per_element = scale.repeat_interleave(size, dim=1)[:, : flat.shape[1]]
+    codes = round_with_error_feedback(flat, per_element, qmax, moments)
+    plain = torch.clamp(torch.round(flat / per_element), -qmax, qmax)
+    # Per group: does some code reach qmax (the exporter's scale then is this one)?
+    reaches = F.pad(codes.abs(), (0, groups * size - flat.shape[1])).reshape(flat.shape[0], groups, size).amax(2) \
+        >= qmax
+    keep_plain = ~reaches
+    if per_tensor:
+        keep_plain[:] = bool(keep_plain.all())
+    keep = keep_plain.repeat_interleave(size, dim=1)[:, : flat.shape[1]]
     codes = torch.where(keep, plain, codes)
     with torch.no_grad():
-        layer.weight.copy_(((codes - zero_element) * per_element).reshape(layer.weight.shape).to(layer.weight.dtype))
+        layer.weight.copy_((codes * per_element).reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
 def quantize_all(model: nn.Module, leaf_bits: Mapping[str, int], calib: Tensor, *,

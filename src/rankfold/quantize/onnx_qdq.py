@@ -13,7 +13,7 @@ import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
 from rankfold.errors import RankfoldError
-from rankfold.quantize.core import ActivationParams, pack_int4, pack_uint4, quantize_weight
+from rankfold.quantize.core import ActivationParams, pack_int4, quantize_weight
 from rankfold.quantize.observers import OBSERVERS, RangeObserver
 from rankfold.settings import calibration_batch
 
@@ -92,12 +92,10 @@ def _const(graph_inits: list, name: str, array: np.ndarray) -> str:
     return name
 
 
-def _int4_tensor(name: str, values: np.ndarray, unsigned: bool = False) -> onnx.TensorProto:
-    """Packed two values per byte in raw_data (helper.make_tensor would store one int32 each);
-    `unsigned`: UINT4 (the codes and zero points of asymmetric groups)."""
-    tensor = TensorProto(name=name, data_type=TensorProto.UINT4 if unsigned else TensorProto.INT4,
-                         dims=list(values.shape))
-    tensor.raw_data = pack_uint4(values) if unsigned else pack_int4(values)
+def _int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    """Packed two values per byte in raw_data (helper.make_tensor would store one int32 each)."""
+    tensor = TensorProto(name=name, data_type=TensorProto.INT4, dims=list(values.shape))
+    tensor.raw_data = pack_int4(values)
     return tensor
 
 
@@ -214,10 +212,9 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     group = group_size if group_size is not None and bits == 4 and not per_tensor else None
     qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range, per_tensor=per_tensor)
     q = np.moveaxis(qw.q, 0, axis)
-    # Per channel or tensor, weights are symmetric: the zero point input is left out (it defaults
-    # to 0), saving bytes. Groups are asymmetric: UINT4 codes and a UINT4 zero point per group.
+    # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.
     if bits == 4:
-        new_inits.append(_int4_tensor(f"{base}_q", q, unsigned=group is not None))
+        new_inits.append(_int4_tensor(f"{base}_q", q))
     else:
         new_inits.append(numpy_helper.from_array(q.astype(np.int8), f"{base}_q"))
     scale = qw.scale if group is None else np.moveaxis(qw.scale, 0, axis)
@@ -229,9 +226,7 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
         if weight.ndim != 2:
             raise RankfoldError(f"{node.name}: int4 groups are for 2-D (Linear) weights, got shape {weight.shape}")
         attrs = {"axis": 1 - axis, "block_size": group}
-        new_inits.append(_int4_tensor(f"{base}_wzero", np.moveaxis(qw.zero_point, 0, axis), unsigned=True))
-    dequantize_inputs = [f"{base}_q", f"{base}_wscale"] + ([f"{base}_wzero"] if group is not None else [])
-    new_nodes.append(helper.make_node("DequantizeLinear", dequantize_inputs,
+    new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale"],
                                       [f"{base}_dq"], name=f"{base}_DequantizeLinear", **attrs))
     node.input[index] = f"{base}_dq"
     # int32 bias at scale s_in * s_w[c] (per-channel weights only), so the integer kernels apply.

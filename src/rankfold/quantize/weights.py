@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE, run_checked
 from rankfold.layers import LowRank
-from rankfold.quantize.core import fake_quantize_weight, group_grid, padded_groups, weight_qmax
+from rankfold.quantize.core import fake_quantize_weight, weight_qmax
 from rankfold.settings import calibration_batch
 
 
@@ -161,14 +161,15 @@ def _last(module: nn.Module) -> nn.Module:
 def weight_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False, per_tensor: bool = False,
                        group_size: int | None = None) -> np.ndarray:
     """Per output channel (row), the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12;
-    with one scale for the tensor (max|w| / qmax)^2 / 12 for every channel; with `group_size`
-    (asymmetric groups, quantize/core.py), the mean over the channel's groups of
-    ((max - min) / (2^bits - 1))^2 / 12, 0 inside the span."""
-    if group_size is not None:
-        blocks = padded_groups(weight.detach().reshape(weight.shape[0], -1).double().numpy(), group_size)
-        scale, _zero = group_grid(blocks.min(2), blocks.max(2), bits)
-        return (scale**2 / 12).mean(1)
+    with one scale for the tensor (max|w| / qmax)^2 / 12 for every channel; with `group_size`, the
+    mean over the channel's groups of (max|w_group| / qmax)^2 / 12."""
     qmax = weight_qmax(bits, reduce_range)
+    if group_size is not None:
+        rows = weight.detach().reshape(weight.shape[0], -1).double()
+        groups = -(-rows.shape[1] // group_size)
+        padded = torch.nn.functional.pad(rows, (0, groups * group_size - rows.shape[1]))
+        ranges = padded.abs().reshape(rows.shape[0], groups, group_size).amax(2)
+        return ((ranges / qmax) ** 2 / 12).mean(1).numpy()
     ranges = _out_ranges(weight).double()
     if per_tensor:
         ranges = torch.full_like(ranges, float(ranges.max()))
