@@ -102,6 +102,9 @@ CASES = {
                                  "between 0 and 1 (exclusive)"),
     ("compress", "--finetune-lr"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D",
                                     "--finetune-steps", "1", "--finetune-lr", "X", "-o", "O"], "0", "a number > 0"),
+    ("compress", "--finetune-feature-weight"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D",
+                                                "--finetune-steps", "1", "--finetune-feature-weight", "X", "-o", "O"],
+                                               "-1", "a number >= 0"),
     ("compress", "--device"): (["M", "--calib", "C", "--max-params", "50%", "--train", "D", "--finetune-steps", "1",
                                "--device", "X", "-o", "O"], "cuda:x", "expected cpu, cuda or cuda:N"),
     ("compress", "--report"): (["M", "--calib", "C", "--report", "X", "-o", "O"], "M", "never writes over its inputs"),
@@ -267,6 +270,8 @@ def test_every_option_refuses_a_bad_value(files, tmp_path, command, option, caps
     (["--max-params", "50%", "--train", "@t.npz", "--finetune-lr", "1e-4"], "say how long with --finetune-steps"),
     (["--max-params", "50%", "--finetune-lr", "1e-4"], "--finetune-lr need --train"),
     (["--keep", "0.3", "--finetune-lr", "1e-4"], "--finetune-lr only work with the planner"),
+    (["--max-params", "50%", "--finetune-feature-weight", "1"], "--finetune-feature-weight need --train"),
+    (["--keep", "0.3", "--finetune-feature-weight", "1"], "--finetune-feature-weight only work with the planner"),
 ])
 def test_options_the_mode_does_not_use_are_refused(files, tmp_path, extra, message, capsys):
     extra = [str(tmp_path / e[1:]) if e.startswith("@") else e for e in extra]

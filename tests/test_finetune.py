@@ -268,6 +268,15 @@ def test_compress_plans_fine_tunes_and_checks_in_one_go(files, tmp_path):
     assert trained["steps"] == 10 and trained["samples_seen"] == 640 and trained["history"][-1]["step"] == 10
 
 
+def test_compress_fine_tunes_with_feature_matching_when_asked(files, tmp_path):
+    """--finetune-feature-weight reaches the distillation: it matches the changed layers' outputs."""
+    code, out, err = run_cli("compress", files / "m.onnx", "--calib", files / "calib.npz", "--max-params", "60%",
+                             "--min-rank", "2", "--train", files / "train.npz", "--finetune-steps", "3",
+                             "--finetune-feature-weight", "0.5", "--min-agreement", "0", "-o", tmp_path / "out.onnx")
+    assert code == 0, err
+    assert "feature matching at" in err and "weight 0.5" in err and "fine-tuned 3 steps" in out
+
+
 def test_a_time_budget_sets_the_steps_from_the_first_ones(pair):
     teacher, student = pair
     lines = []

@@ -385,7 +385,9 @@ def _cmd_compress(args: argparse.Namespace) -> None:
                                               ("--observer", args.observer), ("--train", args.train),
                                               ("--finetune-steps", args.finetune_steps),
                                               ("--finetune-minutes", args.finetune_minutes),
-                                              ("--finetune-lr", args.finetune_lr)) if value is not None]
+                                              ("--finetune-lr", args.finetune_lr),
+                                              ("--finetune-feature-weight", args.finetune_feature_weight))
+                    if value is not None]
     if planned_only:
         raise RankfoldError(f"{'/'.join(planned_only)} only work with the planner (--target or a --max-* budget); "
                             "uniform mode (--keep, --method) writes a float model and no plan")
@@ -695,7 +697,9 @@ def _compress_finetune_config(args: argparse.Namespace, given, data_flag: str, t
     from rankfold.training.distributed import launched_by_torchrun, training_device
 
     asked = [f for f, v in (("--finetune-steps", args.finetune_steps), ("--finetune-minutes", args.finetune_minutes),
-                            ("--finetune-lr", args.finetune_lr), ("--device", args.device)) if v is not None]
+                            ("--finetune-lr", args.finetune_lr),
+                            ("--finetune-feature-weight", args.finetune_feature_weight), ("--device", args.device))
+             if v is not None]
     flag = data_flag.split()[0]
     if given is None:
         if asked:
@@ -708,8 +712,10 @@ def _compress_finetune_config(args: argparse.Namespace, given, data_flag: str, t
     if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
         raise RankfoldError(torchrun_hint)
     try:
-        lr = {} if args.finetune_lr is None else {"lr": args.finetune_lr}
-        return FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **lr)
+        given = {name: value for name, value in (("lr", args.finetune_lr),
+                                                  ("feature_weight", args.finetune_feature_weight))
+                 if value is not None}
+        return FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **given)
     except ValueError as exc:
         raise RankfoldError(str(exc)) from None
 
@@ -1346,6 +1352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=_positive_float,
                    help="with --train/--train-text: peak learning rate (default 3e-4; a pretrained detector from the "
                         "field may need less: YOLOv8n kept its score maps best at 3e-5)")
+    p.add_argument("--finetune-feature-weight", type=_nonnegative, metavar="W",
+                   help="with --train/--train-text: add feature matching with this weight, the relative squared "
+                        "error of each factorized or quantized layer's output to the original layer's on the same "
+                        "batch (as rankfold finetune --feature-weight; default 0: off)")
     _device_arg(p, "with --train/--train-text: ")
     p.add_argument("--mlp-keep", type=_open_fraction, metavar="FRACTION",
                    help="model directory, planned mode: first keep this fraction of every feed-forward block's "
