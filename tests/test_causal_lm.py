@@ -216,6 +216,19 @@ def test_compress_fine_tunes_a_model_directory_on_text_and_its_perplexity_falls(
     assert tuned < 0.95 * plain, (plain, tuned)  # measured: 4.99 untrained, 4.58 tuned (original 4.59)
 
 
+def test_compress_fine_tunes_text_with_feature_matching_when_asked(lm_dir, tmp_path, capsys):
+    """--finetune-feature-weight reaches the distillation on text: the factorized layers' outputs are matched."""
+    from rankfold.cli import main
+
+    (tmp_path / "train.txt").write_text("\n".join(_lines(200, 5)) + "\n")
+    assert main(["compress", str(lm_dir), "--calib-text", str(lm_dir / "calib.txt"), "--seq-len", "16", "--samples",
+                 "96", "--max-params", "40%", "--bits", "32", "--min-rank", "2", "--check", "perplexity:100",
+                 "--train-text", str(tmp_path / "train.txt"), "--finetune-steps", "2", "--finetune-feature-weight",
+                 "1", "-o", str(tmp_path / "tuned")]) == 0
+    captured = capsys.readouterr()
+    assert "feature matching at" in captured.err + captured.out and "fine-tuned 2 steps" in captured.out
+
+
 @pytest.mark.parametrize("keep", [0.4])
 def test_layer_inputs_block_by_block_equal_those_of_prefix_passes(lm_dir, monkeypatch, keep):
     """The compensated apply reads each layer's inputs from the block stack (one pass through its
