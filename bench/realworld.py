@@ -227,6 +227,7 @@ class Result:
     fidelity: float | None = None
     self_check: str | None = None
     extra: dict = field(default_factory=dict)
+    cpu: str | None = None  # the machine the row was measured on (a results file merges runs of several)
 
 
 def conversion_error(path: str, x: np.ndarray, given_once: dict) -> float:
@@ -303,23 +304,28 @@ def smallest_accepted(model: FieldModel, path: str, work: str, calib: str, fresh
 
 
 def markdown(results: list[Result], cpu: str) -> str:
-    """The README's table: one row per run."""
-    lines = [f"rankfold on pretrained field networks ({cpu}); fidelity on fresh inputs never used for calibration, "
-             "both files in onnxruntime.", "",
+    """The README's table: one row per run. Rows measured on another machine than `cpu` (merged
+    from an earlier results file) are marked with a letter that the heading explains."""
+    others = sorted({r.cpu for r in results if r.cpu and r.cpu != cpu})
+    mark = {c: chr(ord("A") + i) for i, c in enumerate(others)}
+    where = "".join(f"; rows marked {mark[c]}: {c}" for c in others)
+    lines = [f"rankfold on pretrained field networks ({cpu}{where}); fidelity on fresh inputs never used for "
+             "calibration, both files in onnxruntime.", "",
              "| model | run | params | weight bytes | fidelity | goal | time | peak RSS | note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     goals = {m.name: m for m in MODELS}
     for r in results:
         m = goals[r.model]
+        tag = f" ({mark[r.cpu]})" if r.cpu in mark else ""
         if r.run == "load":
-            lines.append(f"| {r.model} | load | | | conversion error {r.extra['conversion_error']:.1e} | | "
+            lines.append(f"| {r.model} | load{tag} | | | conversion error {r.extra['conversion_error']:.1e} | | "
                          f"{r.seconds:.1f} s | | {r.error or ''} |")
             continue
         params = _share(*r.params) if r.params else ""
         wbytes = _share(*r.weight_bytes) if r.weight_bytes else ""
         fid = f"{m.measure_name} {r.fidelity:.3f}" if r.fidelity is not None else ""
         peak = f"{r.peak_rss_bytes / 2**30:.2f} GB" if r.peak_rss_bytes else ""
-        run = f"{r.run} ({r.extra['budget']})" if "budget" in r.extra else r.run
+        run = (f"{r.run} ({r.extra['budget']})" if "budget" in r.extra else r.run) + tag
         lines.append(f"| {r.model} | {run} | {params} | {wbytes} | {fid} | {m.goal:g} | {r.seconds:.0f} s | "
                      f"{peak} | {(r.error or '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
@@ -331,9 +337,12 @@ def _merged(results: list[Result], rerun: set[tuple[str, str]]) -> list[Result]:
     if not os.path.isfile(path):
         return results
     with open(path) as handle:
-        earlier = [Result(**{**r, "params": tuple(r["params"]) if r.get("params") else None,
-                             "weight_bytes": tuple(r["weight_bytes"]) if r.get("weight_bytes") else None})
-                   for r in json.load(handle)["results"] if (r["model"], r["run"]) not in rerun]
+        saved = json.load(handle)
+    # A row saved before rows carried their machine was measured on the file's one "cpu".
+    earlier = [Result(**{**r, "params": tuple(r["params"]) if r.get("params") else None,
+                         "weight_bytes": tuple(r["weight_bytes"]) if r.get("weight_bytes") else None,
+                         "cpu": r.get("cpu") or saved.get("cpu")})
+               for r in saved["results"] if (r["model"], r["run"]) not in rerun]
     order = [m.name for m in MODELS]
     runs = ["load", *RUNS, "smallest-reachable", *OPT_IN_RUNS]
 
@@ -398,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(compress_run(model, path, args.work, "smallest-reachable", calib, fresh, reference,
                                             log, ["--max-weight-bytes", smallest]))
     cpu = cpu_summary()
+    for r in results:
+        r.cpu = cpu
     rerun = {(r.model, r.run) for r in results}  # a rerun byte budget replaces its smallest-reachable row too
     rerun |= {(model, "smallest-reachable") for model, run in rerun if run == "max-weight-bytes"}
     results = _merged(results, rerun)

@@ -118,6 +118,24 @@ def test_the_smallest_accepted_run_stops_at_the_first_budget_the_check_accepts(m
     assert "| smallest-accepted (13%) |" in realworld.markdown([result], "cpu")
 
 
+def test_field_rows_keep_the_machine_they_were_measured_on(tmp_path, monkeypatch):
+    """A rerun merges with the earlier results file; rows from another machine are marked as such."""
+    import json
+
+    from bench import realworld
+
+    monkeypatch.setattr(realworld, "RESULTS", str(tmp_path))
+    earlier = [realworld.Result("ppocr-cls", "load", True, 1.0, extra={"conversion_error": 1e-9}),
+               realworld.Result("ppocr-cls", "uniform", True, 9.0, fidelity=0.9)]
+    (tmp_path / "realworld.json").write_text(json.dumps({"cpu": "old CPU", "results": [r.__dict__ for r in earlier]}))
+    rerun = realworld.Result("ppocr-cls", "max-params", True, 5.0, fidelity=0.95, cpu="new CPU")
+    merged = realworld._merged([rerun], {("ppocr-cls", "max-params")})
+    assert [(r.run, r.cpu) for r in merged] == [("load", "old CPU"), ("uniform", "old CPU"), ("max-params", "new CPU")]
+    table = realworld.markdown(merged, "new CPU")
+    assert "(new CPU; rows marked A: old CPU)" in table
+    assert "| ppocr-cls | uniform (A) |" in table and "| ppocr-cls | max-params |" in table
+
+
 class _TinyDetector(nn.Module):
     """YOLOv8's output layout on 10 x 10 cells: 4 box values, then 18 class scores in [0, 1]."""
 
