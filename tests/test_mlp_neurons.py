@@ -137,6 +137,20 @@ def test_the_cli_prunes_a_language_model_then_plans_and_the_result_loads(lm_dir,
     assert perplexity(loaded, held) < 3 * perplexity(load_hf(lm_dir), held)
 
 
+
+def test_feature_matching_after_pruning_matches_only_layers_of_the_original_width(lm_dir, tmp_path, capsys):
+    """Fine-tuning with feature matching after --mlp-keep: a pruned projection's output is narrower
+    than the original's and is not matched (it broke the first step with a size mismatch)."""
+    from rankfold.cli import main
+
+    code = main(["compress", str(lm_dir), "--calib-text", str(lm_dir / "calib.txt"), "--seq-len", "16",
+                 "--samples", "128", "--max-params", "70%", "--mlp-keep", "0.5", "--check", "perplexity:100",
+                 "--train-text", str(lm_dir / "calib.txt"), "--finetune-steps", "2", "--finetune-feature-weight", "1",
+                 "-o", str(tmp_path / "small")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "feature matching at" in captured.err + captured.out and "fine-tuned 2 steps" in captured.out
+
 @pytest.mark.parametrize("case,extra,message", [
     ("outside (0, 1)", ["--max-params", "80%", "--mlp-keep", "1"], "between 0 and 1"),
     ("uniform mode", ["--keep", "0.5", "--mlp-keep", "0.5"], "--mlp-keep prunes before the planner"),

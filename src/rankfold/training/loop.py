@@ -387,15 +387,31 @@ class _TeacherCache:
         self.have[batch] = True
 
 
+def _out_width(module: nn.Module) -> int | None:
+    """Output channels of a layer, or of a factorized chain's last factor (None: not a layer)."""
+    last = list(module.children())[-1] if list(module.children()) else module
+    weight = getattr(last, "weight", None)
+    return None if weight is None else int(weight.shape[0])
+
+
 def changed_layers(student: nn.Module, teacher: nn.Module, fake_quant: Mapping[str, int] | None) -> list[str]:
     """The layers the compression changed that the teacher also has, by name: factorized ones
-    (LowRank in place of the original layer) and quantized ones."""
+    (LowRank in place of the original layer), quantized ones, and ones --mlp-keep refitted to fewer
+    inputs, wherever both give outputs of the same width (a projection whose neurons were pruned
+    has no teacher output to match)."""
     from rankfold.layers import LowRank
 
     in_teacher = dict(teacher.named_modules())
     quantized = {n for n, b in (fake_quant or {}).items() if b < 32}
+
+    def changed(name: str, module: nn.Module) -> bool:
+        original = in_teacher[name]
+        reshaped = isinstance(getattr(module, "weight", None), Tensor) and \
+            isinstance(getattr(original, "weight", None), Tensor) and module.weight.shape != original.weight.shape
+        return isinstance(module, LowRank) or name in quantized or reshaped
+
     return [n for n, m in student.named_modules() if n in in_teacher and not isinstance(in_teacher[n], LowRank)
-            and (isinstance(m, LowRank) or n in quantized)]
+            and changed(n, m) and _out_width(m) == _out_width(in_teacher[n])]
 
 
 class _FeatureTaps:
