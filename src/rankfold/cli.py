@@ -712,10 +712,10 @@ def _compress_finetune_config(args: argparse.Namespace, given, data_flag: str, t
     if launched_by_torchrun():  # every process would plan, and measured plans can differ between them
         raise RankfoldError(torchrun_hint)
     try:
-        given = {name: value for name, value in (("lr", args.finetune_lr),
-                                                  ("feature_weight", args.finetune_feature_weight))
-                 if value is not None}
-        return FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **given)
+        chosen = {name: value for name, value in (("lr", args.finetune_lr),
+                                                   ("feature_weight", args.finetune_feature_weight))
+                  if value is not None}  # the rest keep FinetuneConfig's defaults
+        return FinetuneConfig(steps=args.finetune_steps, minutes=args.finetune_minutes, **chosen)
     except ValueError as exc:
         raise RankfoldError(str(exc)) from None
 

@@ -389,8 +389,8 @@ class _TeacherCache:
 
 def _out_width(module: nn.Module) -> int | None:
     """Output channels of a layer, or of a factorized chain's last factor (None: not a layer)."""
-    last = list(module.children())[-1] if list(module.children()) else module
-    weight = getattr(last, "weight", None)
+    children = list(module.children())
+    weight = getattr(children[-1] if children else module, "weight", None)
     return None if weight is None else int(weight.shape[0])
 
 
