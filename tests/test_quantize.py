@@ -415,18 +415,24 @@ def test_grouped_data_aware_rounding_keeps_the_exporters_grid_and_beats_per_chan
     assert errors[16] < 0.5 * errors[None]
 
 
+def _heavy_tailed_linear(inputs: int, outputs: int, rows: int, mixing: float, seed: int):
+    """A bias-free Linear with Student-t weights (outliers, as trained layers have), correlated
+    inputs, and their second moment."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(inputs, outputs, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.distributions.StudentT(3.0).sample((outputs, inputs)) * 0.05)
+    x = torch.randn(rows, inputs) @ (torch.randn(inputs, inputs) * mixing + torch.eye(inputs))
+    return layer, x, input_second_moments(nn.Sequential(layer), ["0"], x)["0"]
+
+
 @pytest.mark.parametrize("group", [16, 32, None])
 def test_data_aware_rounding_keeps_its_gain_on_heavy_tailed_weights(group):
     """Weights with outliers, as trained layers have: the error feedback often moves a group's
     largest weight off +-qmax. Reverting such groups to plain rounding (as before) left the later
     columns compensating errors that were gone (groups of 16: 0.71 of plain rounding's output
     error); pinning each scale's largest weight keeps the gain (0.54)."""
-    torch.manual_seed(0)
-    layer = nn.Linear(128, 48, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.distributions.StudentT(3.0).sample((48, 128)) * 0.05)
-    x = torch.randn(1024, 128) @ (torch.randn(128, 128) * 0.2 + torch.eye(128))
-    moments = input_second_moments(nn.Sequential(layer), ["0"], x)["0"]
+    layer, x, moments = _heavy_tailed_linear(128, 48, 1024, mixing=0.2, seed=0)
     aware = copy.deepcopy(layer)
     quantize_layer(aware, 4, moments, group_size=group)
     regrid = quantize_weight(aware.weight.detach().numpy(), 4, group)  # what the exporter finds
@@ -440,12 +446,7 @@ def test_data_aware_rounding_keeps_its_gain_on_heavy_tailed_weights(group):
 
 
 def test_data_aware_rounding_with_one_scale_keeps_the_tensors_grid():
-    torch.manual_seed(1)
-    layer = nn.Linear(64, 24, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.distributions.StudentT(3.0).sample((24, 64)) * 0.05)
-    x = torch.randn(512, 64) @ (torch.randn(64, 64) * 0.3 + torch.eye(64))
-    moments = input_second_moments(nn.Sequential(layer), ["0"], x)["0"]
+    layer, _x, moments = _heavy_tailed_linear(64, 24, 512, mixing=0.3, seed=1)
     quantize_layer(layer, 8, moments, per_tensor=True)
     codes = layer.weight.detach().double() / (layer.weight.detach().abs().max().double() / 127)
     assert float((codes - codes.round()).abs().max()) < 1e-4 and float(codes.abs().max()) == pytest.approx(127)
