@@ -592,3 +592,44 @@ def test_rounding_moments_are_shared_only_between_layers_that_unfold_alike():
 
     moments = input_second_moments(Fork().eval(), ["point", "wide"], torch.randn(6, 4, 5, 5))
     assert moments["point"].shape == (4, 4) and moments["wide"].shape == (36, 36)
+
+
+class _BoxesAndScores(nn.Module):
+    """A detector's head in small: boxes in pixels and scores in [0, 0.01], joined in one output."""
+
+    def __init__(self):
+        super().__init__()
+        self.boxes, self.scores = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.cat([self.boxes(x) * 300, torch.sigmoid(self.scores(x)) * 0.01], 1)
+
+
+@pytest.mark.parametrize("float_outputs", [True, False])
+def test_float_outputs_keep_the_small_half_of_a_joined_output(float_outputs, tmp_path):
+    """One int8 scale over the joined output (as YOLOv8n's boxes and scores) rounds every score to
+    0; with float_outputs (what a result for onnxruntime gets) the graph's outputs stay float."""
+    torch.manual_seed(0)
+    model, calib = _BoxesAndScores().eval(), torch.randn(128, 8)
+    path = tmp_path / "q.onnx"
+    export_quantized(model, {"boxes": 8, "scores": 8}, path, calib=calib, example_input=calib[:2],
+                     float_outputs=float_outputs)
+    with torch.no_grad():
+        scores = model(calib)[:, 4:].numpy()
+    error = np.linalg.norm(_run(path, calib.numpy())[:, 4:] - scores) / np.linalg.norm(scores)
+    assert (error < 0.05) if float_outputs else (error > 0.9)
+
+
+def test_a_result_for_onnxruntime_is_written_with_float_outputs(tmp_path):
+    torch.manual_seed(0)
+    model, calib = _BoxesAndScores().eval(), torch.randn(256, 8)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"weight_bytes": "70%"}, bits="auto",
+                                         min_rank=1)
+    assert set(result.plan.layer_bits().values()) == {8}
+    result.save(tmp_path / "q.onnx")
+    graph = onnx.load(tmp_path / "q.onnx").graph
+    producer = next(n for n in graph.node if n.output[0] == graph.output[0].name)
+    assert producer.op_type == "Concat"
+    with torch.no_grad():
+        scores = model(calib)[:, 4:].numpy()
+    assert np.linalg.norm(_run(tmp_path / "q.onnx", calib.numpy())[:, 4:] - scores) < 0.05 * np.linalg.norm(scores)

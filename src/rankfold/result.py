@@ -100,7 +100,7 @@ class Compressed:
                              observer=observer, reduce_range=plan.reduce_range, progress=say,
                              weight_only=weight_only_export(example), per_tensor=plan.per_tensor_layers(),
                              groups=plan.grouped_layers(),
-                             input_steps=self.input_steps, **trained)
+                             input_steps=self.input_steps, float_outputs=in_onnxruntime, **trained)
             check = self.check
             if in_onnxruntime:
                 refuse_if_kernels_disagree(partial, held if held is not None else fit, say)

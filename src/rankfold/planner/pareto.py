@@ -37,7 +37,7 @@ def quantized_accuracy(module, plan, calib, example, data) -> float:
         path = os.path.join(tmp, "q.onnx")
         export_quantized(module, plan.layer_bits(), path, calib=calib, example_input=example,
                          reduce_range=plan.reduce_range, per_tensor=plan.per_tensor_layers(),
-                         groups=plan.grouped_layers())
+                         groups=plan.grouped_layers(), float_outputs=plan.runtime == "onnxruntime")
         return accuracy(path, *data)
 
 

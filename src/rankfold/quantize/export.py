@@ -95,6 +95,7 @@ def export_quantized(
     per_tensor: Collection[str] = (),
     groups: Mapping[str, int] | None = None,
     input_steps: Mapping[str, ActivationParams] | None = None,
+    float_outputs: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
@@ -105,6 +106,9 @@ def export_quantized(
     `groups`: int4 layers (of `bits`) with one scale per that many input elements of each channel.
     `input_steps`: int8 parameters of some quantized leaf layers' inputs (learned in training),
     written for those tensors instead of the calibrated ones.
+    `float_outputs`: the graph's outputs are not quantized (for onnxruntime; the C back-end needs
+    every tensor quantized): one int8 scale over an output that joins tensors of different ranges
+    (YOLOv8n's boxes in pixels and its scores in [0, 1], concatenated) rounds the small ones to 0.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
@@ -137,6 +141,9 @@ def export_quantized(
     whole = set(node_bits(proto, dict.fromkeys(per_tensor_leaves(quantized, per_tensor), 8))) & set(nodes)
     grouped = {node: size for leaf, size in grouped_leaves(quantized, groups or {}).items()
                for node in node_bits(proto, {leaf: 4})}
+    if float_outputs:
+        activations = {name: params for name, params in activations.items()
+                       if name not in {o.name for o in proto.graph.output}}
     qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole, groups=grouped)
     replace_atomically(path, qdq.SerializeToString())
     return nodes
