@@ -79,6 +79,15 @@ def quantized_copy(model: nn.Module, bits: Mapping[str, int], *, calib: Tensor, 
     return quantized, leaves
 
 
+def tensors_reaching_layers(model: onnx.ModelProto) -> set[str]:
+    """The tensors from which some Conv / Gemm / MatMul node is reached (through any ops)."""
+    reaching: set[str] = set()
+    for node in reversed(model.graph.node):  # topological order, walked backwards
+        if node.op_type in WEIGHTED_OPS or any(o in reaching for o in node.output):
+            reaching.update(i for i in node.input if i)
+    return reaching
+
+
 def export_quantized(
     model: nn.Module,
     bits: Mapping[str, int],
@@ -106,9 +115,11 @@ def export_quantized(
     `groups`: int4 layers (of `bits`) with one scale per that many input elements of each channel.
     `input_steps`: int8 parameters of some quantized leaf layers' inputs (learned in training),
     written for those tensors instead of the calibrated ones.
-    `float_outputs`: the graph's outputs are not quantized (for onnxruntime; the C back-end needs
-    every tensor quantized): one int8 scale over an output that joins tensors of different ranges
-    (YOLOv8n's boxes in pixels and its scores in [0, 1], concatenated) rounds the small ones to 0.
+    `float_outputs`: the graph's outputs, and every tensor from which no Conv / Gemm / MatMul is
+    reached (the tail after the last layer), stay float (for onnxruntime; the C back-end needs
+    every tensor quantized): no integer kernel reads them, and rounding them only loses. One int8
+    scale over YOLOv8n's joined output (boxes in pixels, scores in [0, 1]) rounded every score to
+    0, and one over its sigmoid's output most of the small scores.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
@@ -142,8 +153,8 @@ def export_quantized(
     grouped = {node: size for leaf, size in grouped_leaves(quantized, groups or {}).items()
                for node in node_bits(proto, {leaf: 4})}
     if float_outputs:
-        activations = {name: params for name, params in activations.items()
-                       if name not in {o.name for o in proto.graph.output}}
+        read_by_layers = tensors_reaching_layers(proto)
+        activations = {name: params for name, params in activations.items() if name in read_by_layers}
     qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole, groups=grouped)
     replace_atomically(path, qdq.SerializeToString())
     return nodes
