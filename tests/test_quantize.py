@@ -450,13 +450,14 @@ def test_planners_rounding_noise_estimate_is_the_data_aware_roundings(group):
     """The planner prices int4 by the output error data-aware rounding leaves (each column's error
     compensated by the later ones), not plain rounding's, which is some three times larger on
     correlated inputs: measured here on the rounding the export does."""
-    from rankfold.planner.options import int8_noise_loss
+    from rankfold.planner.options import int8_noise_loss, rounding_costs
     from rankfold.planner.sensitivity import LayerStats
 
     layer, x, moments = _heavy_tailed_linear(128, 48, 4096, mixing=0.2, seed=2)
     stats = LayerStats("0", moments, torch.full((48,), 2.0, dtype=torch.float64), (128,), (48,))  # loss = sum dy^2
-    estimate = int8_noise_loss(layer, stats, group_size=group) * (127 / 7) ** 2
-    plain_estimate = int8_noise_loss(layer, stats, group_size=group, data_aware=False) * (127 / 7) ** 2
+    costs = rounding_costs(layer, stats)
+    estimate = int8_noise_loss(layer, stats, group_size=group, costs=costs) * (127 / 7) ** 2
+    plain_estimate = int8_noise_loss(layer, stats, group_size=group) * (127 / 7) ** 2
     aware = copy.deepcopy(layer)
     quantize_layer(aware, 4, moments, group_size=group)
     measured = float((x @ (aware.weight.detach() - layer.weight.detach()).T).pow(2).sum(1).mean())

@@ -104,30 +104,40 @@ def with_bits(options: list[Option], bits_choices: tuple[int, ...], units: Noise
     return expanded
 
 
-def int8_noise_loss(module: nn.Module, stats, per_tensor: bool = False, group_size: int | None = None,
-                    data_aware: bool = True) -> float:
-    """1/2 sum_c G_c E[dy_c^2] for int8 rounding noise on the layer's weights (independent noise of
-    variance (max|w_c| / 127)^2 / 12 per weight, or with the range of the whole tensor, or of each
-    group). Plain rounding: E[x^2] summed over the taps = taps * tr(Sigma). Where the export rounds
-    data-aware (quantize/gptq.py: dense Linear and Conv2d layers, with calibration data), each
-    input's E[x_i^2] becomes what its error costs after the later inputs compensate it
+def rounding_costs(module: nn.Module, stats) -> Tensor | None:
+    """Per column of the layer's flattened weight, what a unit of rounding error there costs its
+    output where the export rounds data-aware (quantize/gptq.py: dense Linear and Conv2d layers,
+    with calibration data): the error left once the later inputs compensate it
     (gptq.error_feedback_weights), per input channel of a convolution's channel moment (its taps
-    alike): otherwise int4 looked about three times dearer than it turns out, against float,
-    int8 and ranks, and plainly rounded tables (and depthwise convolutions) looked as cheap."""
+    alike). None where the weights are rounded plainly (E[x_i^2] then)."""
     from rankfold.quantize import gptq
-    from rankfold.quantize.weights import group_quant_noise, weight_quant_noise
 
     spec = layer_spec(module)
     moment = stats.input_moment
-    if data_aware and moment is not None and gptq.supports(module) and moment.shape == (spec.in_ch, spec.in_ch):
+    if moment is None or not gptq.supports(module) or moment.shape != (spec.in_ch, spec.in_ch):
+        return None
+    return gptq.error_feedback_weights(moment).repeat_interleave(spec.spatial)  # the weight's column order
+
+
+def int8_noise_loss(module: nn.Module, stats, per_tensor: bool = False, group_size: int | None = None,
+                    costs: Tensor | None = None) -> float:
+    """1/2 sum_c G_c E[dy_c^2] for int8 rounding noise on the layer's weights (independent noise of
+    variance (max|w_c| / 127)^2 / 12 per weight, or with the range of the whole tensor, or of each
+    group). Plain rounding: E[x^2] summed over the taps = taps * tr(Sigma). With `costs`
+    (rounding_costs: the export rounds data-aware), each column's cost instead: otherwise int4
+    looked about three times dearer than it turns out, against float, int8 and ranks, and plainly
+    rounded tables (and depthwise convolutions) looked as cheap."""
+    from rankfold.quantize.weights import group_quant_noise, weight_quant_noise
+
+    spec = layer_spec(module)
+    if costs is not None:
         noise = group_quant_noise(module.weight, 8, per_tensor=per_tensor, group_size=group_size)
-        columns = gptq.error_feedback_weights(moment).repeat_interleave(spec.spatial)  # the weight's column order
-        size = group_size or columns.numel()
-        per_group = torch.nn.functional.pad(columns, (0, noise.shape[1] * size - columns.numel())) \
+        size = group_size or costs.numel()
+        per_group = torch.nn.functional.pad(costs, (0, noise.shape[1] * size - costs.numel())) \
             .reshape(noise.shape[1], size).sum(1)
         return 0.5 * float(stats.sensitivity.double() @ (noise @ per_group))
     noise = torch.from_numpy(weight_quant_noise(module.weight, 8, per_tensor=per_tensor, group_size=group_size))
-    trace = float(torch.trace(moment)) if moment is not None else float(spec.in_ch)
+    trace = float(torch.trace(stats.input_moment)) if stats.input_moment is not None else float(spec.in_ch)
     per_group = spec.in_ch // spec.groups
     return 0.5 * float(stats.sensitivity @ noise) * spec.spatial * trace * per_group / spec.in_ch
 
@@ -144,7 +154,7 @@ def table_noise_loss(table: nn.Module, stats, group_size: int | None = None,
     frequency = stats.input_moment / stats.input_moment.sum().clamp_min(1e-30)
     loss = 0.5 * float(stats.sensitivity.sum()) * float(frequency @ variance)
     if head is not None:
-        loss += int8_noise_loss(head[0], head[1], group_size=group_size, data_aware=False)  # the table's rounding
+        loss += int8_noise_loss(head[0], head[1], group_size=group_size)  # rounded as the table: plainly
     return loss
 
 
@@ -170,9 +180,10 @@ def noise_units(module: nn.Module, stats, target: Target, head: tuple[nn.Module,
     if isinstance(module, TABLES):
         return NoiseUnits(table_noise_loss(module, stats, head=head), None,
                           table_noise_loss(module, stats, group, head) if group else None, group)
-    return NoiseUnits(int8_noise_loss(module, stats),
-                      int8_noise_loss(module, stats, per_tensor=True) if onnx_runtime else None,
-                      int8_noise_loss(module, stats, group_size=group) if group else None, group)
+    costs = rounding_costs(module, stats)
+    return NoiseUnits(int8_noise_loss(module, stats, costs=costs),
+                      int8_noise_loss(module, stats, per_tensor=True, costs=costs) if onnx_runtime else None,
+                      int8_noise_loss(module, stats, group_size=group, costs=costs) if group else None, group)
 
 
 def options_for_layer(
