@@ -637,3 +637,17 @@ def test_a_result_for_onnxruntime_is_written_with_float_outputs(tmp_path):
     with torch.no_grad():
         scores = model(calib)[:, 4:].numpy()
     assert np.linalg.norm(_run(tmp_path / "q.onnx", calib.numpy())[:, 4:] - scores) < 0.05 * np.linalg.norm(scores)
+
+
+def test_a_tail_kept_float_for_onnxruntime_is_refused_by_the_c_export_by_name(tmp_path):
+    """A file planned for onnxruntime keeps its softmax in float; the C export names what to do."""
+    from rankfold.cexport.run import export_c
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Softmax(1)).eval()
+    calib = torch.randn(256, 8)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"weight_bytes": "70%"}, bits="auto",
+                                         min_rank=1)
+    result.save(tmp_path / "q.onnx")
+    with pytest.raises(RankfoldError, match="planned for onnxruntime keep the ops after their last layer in float"):
+        export_c(onnx.load(tmp_path / "q.onnx"), str(tmp_path / "c"))

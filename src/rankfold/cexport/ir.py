@@ -413,7 +413,9 @@ class _Reader:
     def tensor(self, float_name: str) -> str:
         if float_name not in self.qparams:
             raise RankfoldError(f"tensor {float_name!r} is not quantized: the C back-end needs a QDQ model "
-                                "with every activation quantized (rankfold compress with a quantized plan)")
+                                "with every activation quantized (rankfold compress with a quantized plan for a C "
+                                "target, --target cortex-m4 or another: files planned for onnxruntime keep the ops "
+                                "after their last layer in float)")
         if float_name not in self.program.tensors:
             if float_name not in self.shapes:
                 raise RankfoldError(f"tensor {float_name!r} has no static shape: the C back-end runs one input size; "

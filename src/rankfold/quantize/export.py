@@ -79,13 +79,18 @@ def quantized_copy(model: nn.Module, bits: Mapping[str, int], *, calib: Tensor, 
     return quantized, leaves
 
 
-def tensors_reaching_layers(model: onnx.ModelProto) -> set[str]:
-    """The tensors from which some Conv / Gemm / MatMul node is reached (through any ops)."""
+def layer_tensors(model: onnx.ModelProto) -> set[str]:
+    """The tensors from which a Conv / Gemm / MatMul node is reached (through any ops), and the
+    graph outputs such a node writes: what integer kernels, or the C back-end, need quantized.
+    (Not every layer's output: one quantized amid a float tail, YOLOv8n's box decoding, made
+    onnxruntime's optimizer propagate a QuantizeLinear it then failed to type.)"""
     reaching: set[str] = set()
     for node in reversed(model.graph.node):  # topological order, walked backwards
         if node.op_type in WEIGHTED_OPS or any(o in reaching for o in node.output):
             reaching.update(i for i in node.input if i)
-    return reaching
+    outputs = {o.name for o in model.graph.output}
+    return reaching | {o for node in model.graph.node if node.op_type in WEIGHTED_OPS for o in node.output
+                       if o in outputs}
 
 
 def export_quantized(
@@ -115,11 +120,12 @@ def export_quantized(
     `groups`: int4 layers (of `bits`) with one scale per that many input elements of each channel.
     `input_steps`: int8 parameters of some quantized leaf layers' inputs (learned in training),
     written for those tensors instead of the calibrated ones.
-    `float_outputs`: the graph's outputs, and every tensor from which no Conv / Gemm / MatMul is
-    reached (the tail after the last layer), stay float (for onnxruntime; the C back-end needs
-    every tensor quantized): no integer kernel reads them, and rounding them only loses. One int8
-    scale over YOLOv8n's joined output (boxes in pixels, scores in [0, 1]) rounded every score to
-    0, and one over its sigmoid's output most of the small scores.
+    `float_outputs`: the tail after the last layers (tensors from which no Conv / Gemm / MatMul is
+    reached, but for a graph output that a layer writes) stays float, for onnxruntime: no integer kernel reads them,
+    and rounding them only loses. One int8 scale over YOLOv8n's joined output (boxes in pixels,
+    scores in [0, 1]) rounded every score to 0, and one over its sigmoid's output most of the small
+    scores. An output that a layer writes stays quantized, so a network that ends in a layer still
+    exports to C; one with a tail (a softmax, a sigmoid) exports to C when planned for a C target.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
@@ -153,8 +159,8 @@ def export_quantized(
     grouped = {node: size for leaf, size in grouped_leaves(quantized, groups or {}).items()
                for node in node_bits(proto, {leaf: 4})}
     if float_outputs:
-        read_by_layers = tensors_reaching_layers(proto)
-        activations = {name: params for name, params in activations.items() if name in read_by_layers}
+        kept = layer_tensors(proto)
+        activations = {name: params for name, params in activations.items() if name in kept}
     qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole, groups=grouped)
     replace_atomically(path, qdq.SerializeToString())
     return nodes
