@@ -41,6 +41,42 @@ class LayerStats:
     # Set where the layer's softmax is an output: the apply and the loss probe factorize under it
     # (the estimates price the plain factorization, which loses more: a conservative price).
     output_metric: OutputMetric | None = None
+    # A k x k convolution's taps: (k*k, k*k) correlation of its input between the kernel's
+    # positions, over channels and pixels (the im2col moment ~ input_moment (x) this).
+    tap_correlation: Tensor | None = None
+
+
+def _spread_taps(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.kernel_size != (1, 1)
+
+
+def tap_products(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Mean of x[c, p] * x[c, p + delta] over channels and pixels, for every difference delta
+    between two of the kernel's positions: (2 kh - 1, 2 kw - 1), in float64."""
+    (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+    x = x.detach().float()
+    height, width = x.shape[-2:]
+    products = torch.zeros(2 * kh - 1, 2 * kw - 1, dtype=torch.float64)
+    for i in range(kh):  # delta_y >= 0; the other half by symmetry
+        for j in range(-(kw - 1), kw):
+            dy, dx = i * dh, j * dw
+            if dy >= height or abs(dx) >= width:
+                continue
+            a = x[..., : height - dy, max(0, -dx) : width - max(0, dx)]
+            b = x[..., dy:, max(0, dx) : width - max(0, -dx)]
+            products[kh - 1 + i, kw - 1 + j] = products[kh - 1 - i, kw - 1 - j] = float((a * b).mean())
+    return products
+
+
+def tap_correlation(products: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """The (kh*kw, kh*kw) correlation between the kernel's positions (the weight's tap order)."""
+    kh, kw = kernel
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    zero = float(products[kh - 1, kw - 1])
+    if zero <= 0:
+        return torch.eye(kh * kw, dtype=torch.float64)
+    return torch.tensor([[float(products[kh - 1 + b[0] - a[0], kw - 1 + b[1] - a[1]]) / zero for b in taps]
+                         for a in taps], dtype=torch.float64)
 
 
 def _per_forward(module: nn.Module, shapes: tuple[tuple[int, ...], tuple[int, ...]],
@@ -75,6 +111,7 @@ def layer_statistics(
     grad_sq: dict[str, Tensor] = {}
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     calls: dict[str, int] = {}  # per layer, how often one forward pass calls it (a recurrence's R: every step)
+    taps: dict[str, Tensor] = {}  # k x k convolutions: tap_products summed over batches
     first_batch = True
     samples, first = 1, 0  # the batch now running: its size and its first sample's index
 
@@ -96,6 +133,8 @@ def layer_statistics(
         moment, count = shared.get(inputs[0], type(module) is nn.Linear, product)
         moments[name] = moments.get(name, 0) + moment
         rows_seen[name] = rows_seen.get(name, 0) + count
+        if _spread_taps(module):  # weighted by the batch's samples, so independent of the batching
+            taps[name] = taps.get(name, 0) + tap_products(module, x) * x.shape[0]
 
     def post_hook(module, inputs, output, name):
         if name not in shapes:
@@ -154,5 +193,7 @@ def layer_statistics(
         sens = grad_sq.get(name)
         out_ch = shapes[name][1][-1 if isinstance(modules[name], (nn.Linear, *TABLES)) else 0]
         sens = torch.zeros(out_ch, dtype=torch.float64) if sens is None else sens / total
-        stats[name] = LayerStats(name, moments[name] / rows_seen[name], sens, *shapes[name], metrics.get(name))
+        correlation = tap_correlation(taps[name], modules[name].kernel_size) if name in taps else None
+        stats[name] = LayerStats(name, moments[name] / rows_seen[name], sens, *shapes[name], metrics.get(name),
+                                 correlation)
     return stats
