@@ -120,7 +120,7 @@ def rounding_costs(module: nn.Module, stats) -> Tensor | None:
     if moment is None or not gptq.supports(module) or moment.shape != (spec.in_ch, spec.in_ch):
         return None
     channels = gptq.error_feedback_weights(moment)
-    taps = getattr(stats, "tap_correlation", None)
+    taps = stats.tap_correlation
     if taps is None or taps.shape[0] != spec.spatial:
         return channels.repeat_interleave(spec.spatial)  # the weight's column order: channel, then tap
     return (channels[:, None] * gptq.error_feedback_weights(taps)[None, :]).reshape(-1)

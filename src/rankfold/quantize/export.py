@@ -120,12 +120,12 @@ def export_quantized(
     `groups`: int4 layers (of `bits`) with one scale per that many input elements of each channel.
     `input_steps`: int8 parameters of some quantized leaf layers' inputs (learned in training),
     written for those tensors instead of the calibrated ones.
-    `float_outputs`: the tail after the last layers (tensors from which no Conv / Gemm / MatMul is
-    reached, but for a graph output that a layer writes) stays float, for onnxruntime: no integer kernel reads them,
-    and rounding them only loses. One int8 scale over YOLOv8n's joined output (boxes in pixels,
-    scores in [0, 1]) rounded every score to 0, and one over its sigmoid's output most of the small
-    scores. An output that a layer writes stays quantized, so a network that ends in a layer still
-    exports to C; one with a tail (a softmax, a sigmoid) exports to C when planned for a C target.
+    `float_outputs`: for onnxruntime, the tail after the last layers (layer_tensors' complement)
+    stays float: no integer kernel reads it, and rounding it only loses. One int8 scale over
+    YOLOv8n's joined output (boxes in pixels, scores in [0, 1]) rounded every score to 0, and one
+    over its sigmoid's output most of the small scores. A graph output that a layer writes stays
+    quantized, so a network that ends in a layer still exports to C; one with a tail (a softmax, a
+    sigmoid) exports to C when planned for a C target.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.io import replace_atomically
