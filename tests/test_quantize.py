@@ -677,3 +677,24 @@ def test_rounding_price_of_a_convolution_sees_its_correlated_pixels():
     measured = float(error.pow(2).sum(1).mean())
     assert 0.6 < estimate / measured < 1.6
     assert channels_only * (127 / 7) ** 2 > 2 * estimate
+
+
+def test_taps_correlation_of_a_small_map_is_positive_semidefinite_and_its_price_finite():
+    """Products over different crops of a map lit in its middle (squeezenet-like 13x13 maps after
+    a ReLU) made an indefinite matrix whose Cholesky factor failed: a traceback while pricing."""
+    from rankfold.planner.options import rounding_costs
+    from rankfold.planner.sensitivity import LayerStats, tap_correlation, tap_products
+    from rankfold.quantize.gptq import error_feedback_weights
+
+    conv = nn.Conv2d(2, 4, 3)
+    x = torch.zeros(3, 2, 5, 5)
+    x[..., 1:4, 1:4] = 1.0
+    taps = tap_correlation(tap_products(conv, x), (3, 3))
+    assert torch.linalg.eigvalsh(taps).min() > -1e-9
+    stats = LayerStats("conv", torch.eye(2, dtype=torch.float64), torch.ones(4, dtype=torch.float64), (2, 5, 5),
+                       (4, 3, 3), tap_correlation=taps)
+    costs = rounding_costs(conv, stats)
+    assert costs.shape == (18,) and torch.isfinite(costs).all()
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # what the crops made, as any moment may come
+    weights = error_feedback_weights(indefinite)
+    assert torch.isfinite(weights).all() and (weights > 0).all()

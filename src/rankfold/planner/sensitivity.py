@@ -75,8 +75,12 @@ def tap_correlation(products: Tensor, kernel: tuple[int, int]) -> Tensor:
     zero = float(products[kh - 1, kw - 1])
     if zero <= 0:
         return torch.eye(kh * kw, dtype=torch.float64)
-    return torch.tensor([[float(products[kh - 1 + b[0] - a[0], kw - 1 + b[1] - a[1]]) / zero for b in taps]
-                         for a in taps], dtype=torch.float64)
+    correlation = torch.tensor([[float(products[kh - 1 + b[0] - a[0], kw - 1 + b[1] - a[1]]) / zero for b in taps]
+                                for a in taps], dtype=torch.float64)
+    # Products over different crops of a small map need not make a positive semi-definite matrix
+    # (a shifted crop can average more than the whole map): keep its nearest one.
+    values, vectors = torch.linalg.eigh((correlation + correlation.T) / 2)
+    return (vectors * values.clamp(min=0)) @ vectors.T
 
 
 def _per_forward(module: nn.Module, shapes: tuple[tuple[int, ...], tuple[int, ...]],

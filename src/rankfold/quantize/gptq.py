@@ -20,6 +20,7 @@ from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
 from rankfold.settings import calibration_batch
 
+MAX_DAMPING_TRIES = 4  # damping x1, x10, x100, x1000 before a moment is given up on
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse stable
 BLOCK = 128  # columns rounded together before the lazy update of the rest
 ROWS_PER_SAMPLE = 2048  # input rows a sample adds to H, at most (a fixed random subset beyond)
@@ -97,8 +98,19 @@ def _feedback_factor(moments: Tensor) -> tuple[Tensor, Tensor]:
     h = moments.double().clone()
     dead = torch.diag(h) <= 0
     h[dead, dead] = 1.0
-    h += DAMPING * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    return dead, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    damping = DAMPING * torch.diag(h).mean()
+    # A moment that is not positive semi-definite to rounding (statistics gathered over crops, a
+    # moment of a few samples) takes more damping, tenfold at a time; one that still fails (not
+    # finite) gets no feedback at all: U = diag(h)^-1/2, plain rounding and its price.
+    for _ in range(MAX_DAMPING_TRIES):
+        lower, info = torch.linalg.cholesky_ex(h + damping * eye)
+        if info == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return dead, u
+        damping = damping * 10
+    return dead, torch.diag(torch.diag(h).clamp(min=1e-30).rsqrt().nan_to_num(1.0))
 
 
 def error_feedback_weights(moments: Tensor) -> Tensor:
