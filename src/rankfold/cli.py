@@ -346,6 +346,8 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
         args.memory_line += "\n  " + model.size_note
     if getattr(model, "quantized_note", None):
         args.memory_line += "\n  " + model.quantized_note
+    if getattr(model, "opset_note", None):
+        args.memory_line += "\n  " + model.opset_note
     if getattr(model, "fixed_inputs", None):
         args.memory_line += (f"\n  inputs given once ({', '.join(model.fixed_inputs)}) are constants of the result: it "
                              f"takes {', '.join(model.input_names)} only")

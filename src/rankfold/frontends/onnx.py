@@ -20,9 +20,14 @@ from torch import Tensor, nn
 from rankfold.data import GraphInput
 from rankfold.errors import RankfoldError, first_line
 from rankfold.evaluate import PACKED_BITS
+from rankfold.frontends import onnx_ops_field  # noqa: F401 (registers its ops in OPS)
 from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_order
 
 MIN_OPSET, MAX_OPSET = 11, 23
+# Older graphs (the ONNX model zoo's classics are opset 3 to 10) are read after onnx's own version
+# converter has rewritten them at MIN_OPSET; below 7 its adapters are incomplete.
+MIN_UPGRADABLE_OPSET = 7
+UPGRADED_FROM = "rankfold.upgraded_from_opset"  # metadata key: the opset the file itself declares
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3}  # their input projections become Linear layers
 INTEGER_LAYER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # with constant weights: float layers
@@ -48,7 +53,7 @@ class Step:
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
-                  "fixed_inputs", "quantized_note")
+                  "fixed_inputs", "quantized_note", "opset_note")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -78,6 +83,7 @@ class OnnxModule(nn.Module):
         self.size_note: str | None = None  # why open axes after the batch are fixed on export
         self.fixed_inputs: list[str] = []  # graph inputs given once: constants of this module and its results
         self.quantized_note: str | None = None  # an already-quantized graph: which integer ops are read in float
+        self.opset_note: str | None = None  # an older graph read after onnx's version converter upgraded it
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -204,7 +210,30 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise RankfoldError(f"{path}: invalid ONNX model: {first_line(exc)}") from None
-    return model
+    return _upgraded(model, path)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _upgraded(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """`model` as it is, or rewritten at MIN_OPSET by onnx's version converter when it is older
+    (the file itself is not touched); the metadata then keeps the opset the file declares."""
+    opset = default_opset(model)
+    if not MIN_UPGRADABLE_OPSET <= opset < MIN_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:
+        raise RankfoldError(f"{path}: ONNX opset {opset} could not be upgraded to {MIN_OPSET} by onnx's version "
+                            f"converter ({first_line(exc)}); re-export the model at opset {MIN_OPSET} to "
+                            f"{MAX_OPSET}") from None
+    upgraded.metadata_props.add(key=UPGRADED_FROM, value=str(opset))
+    return upgraded
 
 
 def _module_name(raw: str, taken: set[str]) -> str:
@@ -327,9 +356,10 @@ class _Converter:
         self.shape_only: set[str] = set()  # values computed from shapes (and constants) alone
         self.model = model
         self.graph = model.graph
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.opset = default_opset(model)
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise RankfoldError(f"ONNX opset {self.opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
+            raise RankfoldError(f"ONNX opset {self.opset} is not supported (supported: {MIN_UPGRADABLE_OPSET} to "
+                                f"{MAX_OPSET}; below {MIN_OPSET} through onnx's version converter)")
         self.consts: dict[str, Tensor] = {}
         for t in self.graph.initializer:
             _check_tensor_size(t)
@@ -341,6 +371,10 @@ class _Converter:
             raise RankfoldError("the ONNX graph has no inputs")
         self.module = OnnxModule(inputs, [o.name for o in self.graph.output])
         self.module.fixed_inputs = sorted(fixed or {})
+        declared = {p.key: p.value for p in model.metadata_props}.get(UPGRADED_FROM)
+        if declared:
+            self.module.opset_note = (f"the file's ONNX opset {declared} was read as opset {self.opset} "
+                                      "(onnx's version converter, in memory; the file is not changed)")
         found = {op: sum(n.op_type == op for n in self.graph.node) for op in QUANTIZED_OPS}
         if any(found.values()):
             listed = ", ".join(f"{op} x{count}" for op, count in found.items() if count)

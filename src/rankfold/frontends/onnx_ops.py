@@ -276,13 +276,17 @@ def _avg_pool(vals, attrs):
     kernel, strides, _dil, begins, ends = _pool_geometry(x, attrs)
     include = bool(attrs.get("count_include_pad", 0))
     padding = begins
-    if begins != ends or any(b > k // 2 for b, k in zip(begins, kernel)):
-        if not include and any(begins + ends):
-            raise ValueError("AveragePool with asymmetric padding and count_include_pad=0 is not supported")
-        x = F.pad(x, torch_pad_order(begins, ends))
-        padding = [0] * len(kernel)
     fn = F.avg_pool1d if len(kernel) == 1 else F.avg_pool2d
-    return [fn(x, kernel, strides, padding, ceil_mode=bool(attrs.get("ceil_mode", 0)), count_include_pad=include)]
+    ceil_mode = bool(attrs.get("ceil_mode", 0))
+    if begins != ends or any(b > k // 2 for b, k in zip(begins, kernel)):  # torch pads symmetrically: pad here
+        order = torch_pad_order(begins, ends)
+        if not include and any(begins + ends):  # the mean of the real values: window sums over window counts
+            counts = F.pad(torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device), order)
+            sums = fn(F.pad(x, order), kernel, strides, 0, ceil_mode=ceil_mode, count_include_pad=True)
+            return [sums / fn(counts, kernel, strides, 0, ceil_mode=ceil_mode, count_include_pad=True)]
+        x = F.pad(x, order)
+        padding = [0] * len(kernel)
+    return [fn(x, kernel, strides, padding, ceil_mode=ceil_mode, count_include_pad=include)]
 
 
 @op("GlobalAveragePool")
@@ -497,18 +501,52 @@ def _pad(vals, attrs):
     return [F.pad(x, order, mode=torch_mode)]
 
 
+LINEAR_RESIZE_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
+# ONNX coordinate transformations that torch's linear interpolation computes (pytorch_half_pixel
+# differs from half_pixel only where an output axis has one sample); asymmetric is computed apart
+LINEAR_RESIZE_ALIGN = {"half_pixel": False, "pytorch_half_pixel": False, "align_corners": True}
+
+
 @op("Resize", "Upsample")
 def _resize(vals, attrs):
     x = vals[0]
     mode = attrs.get("mode", "nearest")
-    if mode != "nearest":
-        raise ValueError(f"Resize mode {mode!r} is not supported (only 'nearest')")
-    sizes = ints(vals[3]) if len(vals) > 3 and vals[3] is not None and len(ints(vals[3])) else None
+    where = attrs.get("coordinate_transformation_mode", "half_pixel")
+    if mode not in ("nearest", "linear"):
+        raise ValueError(f"Resize mode {mode!r} is not supported (only 'nearest' and 'linear')")
+    if mode == "linear" and (where not in (*LINEAR_RESIZE_ALIGN, "asymmetric") or attrs.get("antialias", 0)
+                             or x.ndim not in LINEAR_RESIZE_MODES):
+        raise ValueError(f"Resize mode 'linear' with coordinate_transformation_mode {where!r} (antialias "
+                         f"{attrs.get('antialias', 0)}) on a rank-{x.ndim} tensor is not supported (supported: "
+                         f"{', '.join(LINEAR_RESIZE_ALIGN)}, asymmetric; no antialias; rank 3 to 5)")
+    sizes = ints(vals[3])[2:] if len(vals) > 3 and vals[3] is not None and len(ints(vals[3])) else None
+    scales = None
+    if sizes is None:
+        given = vals[2] if len(vals) > 2 else vals[1]
+        scales = [float(v) for v in (given.reshape(-1).tolist() if isinstance(given, Tensor) else attrs["scales"])][2:]
+    if mode == "linear" and where == "asymmetric":  # TF's resize without half-pixel centres
+        inputs = static_sizes(x)
+        sizes = sizes or [int(math.floor(n * f)) for n, f in zip(inputs, scales)]
+        return [_asymmetric_linear_resize(x, sizes, scales or [m / n for m, n in zip(sizes, inputs)])]
+    how = {"mode": "nearest"} if mode == "nearest" else {"mode": LINEAR_RESIZE_MODES[x.ndim],
+                                                         "align_corners": LINEAR_RESIZE_ALIGN[where]}
     if sizes is not None:
-        return [F.interpolate(x, size=sizes[2:], mode="nearest")]
-    scales_val = vals[2] if len(vals) > 2 else vals[1]
-    scales = [float(s) for s in scales_val.reshape(-1).tolist()] if isinstance(scales_val, Tensor) else attrs["scales"]
-    return [F.interpolate(x, scale_factor=[float(s) for s in scales[2:]], mode="nearest")]
+        return [F.interpolate(x, size=sizes, **how)]
+    return [F.interpolate(x, scale_factor=scales, **how)]
+
+
+def _asymmetric_linear_resize(x: Tensor, sizes: list[int], scales: list[float]) -> Tensor:
+    """Linear resize where output sample o reads input position o / scale, axis by axis (two
+    gathers and a blend each; exported as Gather, which onnxruntime runs as the Resize it was)."""
+    for axis, (out_size, scale) in enumerate(zip(sizes, scales), start=2):
+        n = int(x.shape[axis])
+        position = (torch.arange(out_size, dtype=torch.float64) / scale).clamp(max=n - 1)
+        low = position.floor().to(torch.int64)
+        high = torch.clamp(low + 1, max=n - 1)
+        weight = (position - low).to(x.dtype).reshape([-1] + [1] * (x.ndim - 1 - axis))
+        x = torch.index_select(x, axis, low.to(x.device)) * (1 - weight.to(x.device)) + \
+            torch.index_select(x, axis, high.to(x.device)) * weight.to(x.device)
+    return x
 
 
 @op("Expand")

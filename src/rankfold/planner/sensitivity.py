@@ -73,7 +73,7 @@ def tap_correlation(products: Tensor, kernel: tuple[int, int]) -> Tensor:
     kh, kw = kernel
     taps = [(i, j) for i in range(kh) for j in range(kw)]
     zero = float(products[kh - 1, kw - 1])
-    if zero <= 0:
+    if not zero > 0 or not torch.isfinite(products).all():  # a dark (or overflowing) input: no correlation known
         return torch.eye(kh * kw, dtype=torch.float64)
     correlation = torch.tensor([[float(products[kh - 1 + b[0] - a[0], kw - 1 + b[1] - a[1]]) / zero for b in taps]
                                 for a in taps], dtype=torch.float64)

@@ -1,0 +1,429 @@
+"""The ONNX ops beyond the CNN core (rankfold/frontends/onnx_ops_field.py), each in a small graph
+against onnxruntime, and through the export that writes results; and graphs older than opset 11,
+read after onnx's version converter."""
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import rankfold
+from rankfold.cli import main
+from rankfold.export.onnx import export_onnx
+
+RNG = np.random.default_rng(0)
+X_SHAPE = [2, 4, 6, 6]
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+C4 = _init("c4", RNG.normal(size=(4, 1, 1)).astype(np.float32))
+C4B = _init("c4b", RNG.normal(size=(1, 4, 1, 1)).astype(np.float32))
+INT3 = _init("int3", np.array(3, np.int64))
+
+
+def _cast(src, dst):
+    return helper.make_node("Cast", [src], [dst], to=TensorProto.FLOAT)
+
+
+# name -> (nodes from x to y, initializers, opset[, y's shape where shape inference leaves it open]); y is float
+CASES = {
+    "sum-max-min-mean": (
+        [
+            helper.make_node("Sum", ["x", "c4", "x"], ["s"]),
+            helper.make_node("Max", ["s", "c4b"], ["m"]),
+            helper.make_node("Min", ["m", "c4", "x"], ["n"]),
+            helper.make_node("Mean", ["n", "c4b"], ["y"]),
+        ],
+        [C4, C4B],
+        17,
+    ),
+    "comparisons-logic": (
+        [
+            helper.make_node("Greater", ["x", "c4"], ["g"]),
+            helper.make_node("Less", ["x", "c4b"], ["l"]),
+            helper.make_node("GreaterOrEqual", ["x", "c4b"], ["ge"]),
+            helper.make_node("LessOrEqual", ["x", "c4"], ["le"]),
+            helper.make_node("And", ["g", "l"], ["a"]),
+            helper.make_node("Or", ["a", "ge"], ["o"]),
+            helper.make_node("Xor", ["o", "le"], ["b"]),
+            _cast("b", "y"),
+        ],
+        [C4, C4B],
+        17,
+    ),
+    "mod": (
+        [
+            helper.make_node("Mul", ["x", "ten"], ["x10"]),
+            helper.make_node("Cast", ["x10"], ["xi"], to=TensorProto.INT64),
+            helper.make_node("Mod", ["xi", "int3"], ["r"]),
+            _cast("r", "rf"),
+            helper.make_node("Mod", ["x", "c4"], ["f"], fmod=1),
+            helper.make_node("Add", ["rf", "f"], ["y"]),
+        ],
+        [INT3, _init("ten", np.array(10.0, np.float32)), C4],
+        17,
+    ),
+    "trigonometry": (
+        [
+            helper.make_node("Tanh", ["x"], ["t"]),
+            helper.make_node("Mul", ["t", "half"], ["h"]),
+            helper.make_node("Asin", ["h"], ["a"]),
+            helper.make_node("Acos", ["h"], ["b"]),
+            helper.make_node("Sin", ["a"], ["s"]),
+            helper.make_node("Cos", ["b"], ["c"]),
+            helper.make_node("Tan", ["h"], ["tn"]),
+            helper.make_node("Atan", ["x"], ["at"]),
+            helper.make_node("Sinh", ["h"], ["sh"]),
+            helper.make_node("Cosh", ["h"], ["ch"]),
+            helper.make_node("Sum", ["s", "c", "tn", "at", "sh", "ch"], ["y"]),
+        ],
+        [_init("half", np.array(0.5, np.float32))],
+        17,
+    ),
+    "activations": (
+        [
+            helper.make_node("Softplus", ["x"], ["a"]),
+            helper.make_node("Softsign", ["x"], ["b"]),
+            helper.make_node("Mish", ["x"], ["c"]),
+            helper.make_node("Selu", ["x"], ["d"]),
+            helper.make_node("Celu", ["x"], ["e"], alpha=0.7),
+            helper.make_node("ThresholdedRelu", ["x"], ["f"], alpha=0.3),
+            helper.make_node("Shrink", ["x"], ["g"], bias=0.1, lambd=0.4),
+            helper.make_node("Sign", ["x"], ["h"]),
+            helper.make_node("Mul", ["x", "ten"], ["x10"]),
+            helper.make_node("Round", ["x10"], ["i"]),
+            helper.make_node("Concat", ["a", "b", "c", "d", "e", "f", "g", "h", "i"], ["y"], axis=1),
+        ],
+        [_init("ten", np.array(2.5, np.float32))],
+        18,
+    ),
+    "nan-inf-castlike": (
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Reciprocal", ["r"], ["inv"]),
+            helper.make_node("IsInf", ["inv"], ["i"]),
+            helper.make_node("Sqrt", ["x"], ["sq"]),
+            helper.make_node("IsNaN", ["sq"], ["n"]),
+            helper.make_node("Or", ["i", "n"], ["o"]),
+            helper.make_node("CastLike", ["o", "int3"], ["oi"]),
+            _cast("oi", "y"),
+        ],
+        [INT3],
+        17,
+    ),
+    "reductions-attribute-axes": (
+        [
+            helper.make_node("Abs", ["x"], ["ax"]),
+            helper.make_node("Add", ["ax", "one"], ["p"]),
+            *[
+                helper.make_node(op, ["p"], [op], axes=[1, 3], keepdims=keep)
+                for op, keep in [
+                    ("ReduceMin", 0),
+                    ("ReduceL1", 0),
+                    ("ReduceL2", 0),
+                    ("ReduceSumSquare", 0),
+                    ("ReduceLogSum", 0),
+                    ("ReduceLogSumExp", 0),
+                    ("ReduceProd", 0),
+                ]
+            ],
+            helper.make_node(
+                "Concat",
+                [
+                    "ReduceMin",
+                    "ReduceL1",
+                    "ReduceL2",
+                    "ReduceSumSquare",
+                    "ReduceLogSum",
+                    "ReduceLogSumExp",
+                    "ReduceProd",
+                ],
+                ["y"],
+                axis=1,
+            ),
+        ],
+        [_init("one", np.array(1.0, np.float32))],
+        17,
+    ),
+    "reductions-input-axes": (
+        [
+            helper.make_node("Abs", ["x"], ["p"]),
+            *[helper.make_node(op, ["p", "axes"], [op], keepdims=1) for op in ("ReduceMin", "ReduceL2", "ReduceProd")],
+            helper.make_node("Concat", ["ReduceMin", "ReduceL2", "ReduceProd"], ["y"], axis=2),
+        ],
+        [_init("axes", np.array([2], np.int64))],
+        18,
+    ),
+    "argmax-hardmax-onehot": (
+        [
+            helper.make_node("Round", ["x"], ["r"]),
+            helper.make_node("ArgMax", ["x"], ["a"], axis=1, keepdims=1),
+            helper.make_node("ArgMin", ["r"], ["b"], axis=2, keepdims=0, select_last_index=1),
+            helper.make_node("Hardmax", ["x"], ["h"], axis=1),
+            helper.make_node("ArgMax", ["x"], ["c"], axis=1, keepdims=0),
+            helper.make_node("OneHot", ["c", "depth", "values"], ["oh"], axis=1),
+            _cast("a", "af"),
+            _cast("b", "bf"),
+            helper.make_node("Unsqueeze", ["bf", "ax2"], ["bu"]),
+            helper.make_node("Concat", ["af", "h", "oh"], ["hh"], axis=1),
+            helper.make_node("ReduceSum", ["hh", "ax23"], ["hs"], keepdims=1),
+            helper.make_node("ReduceSum", ["bu", "ax23"], ["bs"], keepdims=1),
+            helper.make_node("Concat", ["hs", "bs"], ["y"], axis=1),
+        ],
+        [
+            _init("depth", np.array(4, np.int64)),
+            _init("values", np.array([-1.0, 2.0], np.float32)),
+            _init("ax2", np.array([1], np.int64)),
+            _init("ax23", np.array([2, 3], np.int64)),
+        ],
+        17,
+    ),
+    "cumsum-topk": (
+        [
+            helper.make_node("CumSum", ["x", "axis"], ["c"], exclusive=1, reverse=1),
+            helper.make_node("TopK", ["c", "k"], ["v", "i"], axis=3),
+            _cast("i", "if"),
+            helper.make_node("Concat", ["v", "if"], ["y"], axis=3),
+        ],
+        [_init("axis", np.array(3, np.int64)), _init("k", np.array([3], np.int64))],
+        17,
+    ),
+    "lrn": (
+        [
+            helper.make_node("LRN", ["x"], ["a"], size=3, alpha=0.3, beta=0.7, bias=1.5),  # onnxruntime: odd sizes
+            helper.make_node("LRN", ["x"], ["b"], size=5, alpha=0.5),
+            helper.make_node("Concat", ["a", "b"], ["y"], axis=1),
+        ],
+        [],
+        17,
+    ),
+    "instance-group-lp-norms": (
+        [
+            helper.make_node("InstanceNormalization", ["x", "s4", "b4"], ["a"], epsilon=1e-3),
+            helper.make_node("GroupNormalization", ["x", "s4", "b4"], ["b"], num_groups=2),
+            helper.make_node("LpNormalization", ["x"], ["c"], axis=1, p=2),
+            helper.make_node("LpNormalization", ["x"], ["d"], axis=-1, p=1),
+            helper.make_node("Concat", ["a", "b", "c", "d"], ["y"], axis=1),
+        ],
+        [_init("s4", RNG.normal(size=4).astype(np.float32)), _init("b4", RNG.normal(size=4).astype(np.float32))],
+        21,
+        [2, 16, 6, 6],
+    ),
+    "depth-space-trilu-einsum": (
+        [
+            helper.make_node("DepthToSpace", ["x"], ["d"], blocksize=2, mode="DCR"),
+            helper.make_node("DepthToSpace", ["x"], ["c"], blocksize=2, mode="CRD"),
+            helper.make_node("Add", ["d", "c"], ["dc"]),
+            helper.make_node("SpaceToDepth", ["dc"], ["s"], blocksize=2),
+            helper.make_node("Trilu", ["s", "kk"], ["t"], upper=0),
+            helper.make_node("Einsum", ["t", "w"], ["y"], equation="nchw, dc -> ndhw"),
+        ],
+        [_init("kk", np.array(1, np.int64)), _init("w", RNG.normal(size=(3, 4)).astype(np.float32))],
+        17,
+    ),
+    "gather-scatter-elements": (
+        [
+            helper.make_node("GatherElements", ["x", "gi"], ["g"], axis=2),
+            helper.make_node("ScatterElements", ["g", "si", "g"], ["s"], axis=3),
+            helper.make_node("ScatterElements", ["s", "si", "g"], ["y"], axis=3, reduction="add"),
+        ],
+        [
+            _init("gi", RNG.integers(-6, 6, size=(2, 4, 3, 6)).astype(np.int64)),
+            _init("si", np.tile(np.array([5, 0, -3, 1, 2, 4], np.int64), (2, 4, 3, 1))),
+        ],
+        18,
+    ),
+    "gather-scatter-nd": (
+        [
+            helper.make_node("GatherND", ["x", "ni"], ["g"]),
+            helper.make_node("GatherND", ["x", "bi"], ["b"], batch_dims=1),
+            helper.make_node("ScatterND", ["x", "si", "upd"], ["s"]),
+            helper.make_node("ReduceSum", ["g"], ["gs"], keepdims=0),
+            helper.make_node("ReduceSum", ["b"], ["bs"], keepdims=0),
+            helper.make_node("Add", ["gs", "bs"], ["gb"]),
+            helper.make_node("Add", ["s", "gb"], ["y"]),
+        ],
+        [
+            _init("ni", np.array([[1, -1], [0, 2], [1, 0]], np.int64)),
+            _init("bi", np.array([[[3], [0]], [[1], [2]]], np.int64)),
+            _init("si", np.array([[0, 3], [1, 1]], np.int64)),
+            _init("upd", RNG.normal(size=(2, 6, 6)).astype(np.float32)),
+        ],
+        17,
+    ),
+    "average-pool-asymmetric-pads": (
+        [
+            helper.make_node("AveragePool", ["x"], ["a"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1]),
+            helper.make_node(
+                "AveragePool", ["x"], ["b"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 2, 1], ceil_mode=1
+            ),
+            helper.make_node("Concat", ["a", "b"], ["y"], axis=2),
+        ],
+        [],
+        17,
+    ),
+    "eyelike": (
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("EyeLike", ["r"], ["e"], k=3),
+            helper.make_node("Add", ["r", "e"], ["y"]),
+        ],
+        [_init("shape", np.array([8, 36], np.int64))],
+        17,
+    ),
+    "resize-linear": (
+        [
+            helper.make_node("Resize", ["x", "", "sc"], ["a"], mode="linear"),
+            helper.make_node(
+                "Resize", ["x", "", "", "sz"], ["b"], mode="linear", coordinate_transformation_mode="align_corners"
+            ),
+            helper.make_node(
+                "Resize", ["b", "", "", "sz"], ["c"], mode="linear", coordinate_transformation_mode="pytorch_half_pixel"
+            ),
+            helper.make_node(
+                "Resize", ["x", "", "sc"], ["d"], mode="linear", coordinate_transformation_mode="asymmetric"
+            ),
+            helper.make_node(
+                "Resize", ["d", "", "", "sz9"], ["e"], mode="linear", coordinate_transformation_mode="asymmetric"
+            ),
+            helper.make_node(
+                "Resize", ["e", "", "", "sz"], ["f"], mode="linear", coordinate_transformation_mode="asymmetric"
+            ),
+            helper.make_node("Sum", ["a", "c", "f"], ["y"]),
+        ],
+        [
+            _init("sc", np.array([1, 1, 2, 2], np.float32)),
+            _init("sz", np.array([2, 4, 12, 12], np.int64)),
+            _init("sz9", np.array([2, 4, 9, 7], np.int64)),
+        ],
+        17,
+    ),
+}
+
+
+def _case_file(tmp_path, name, batch=X_SHAPE[0]):
+    nodes, inits, opset, *shape = CASES[name]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *X_SHAPE[1:]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape[0] if shape else None)],
+        initializer=inits,
+    )
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_field_ops_match_onnxruntime_and_export(tmp_path, name):
+    path = _case_file(tmp_path, name)
+    x = RNG.normal(size=X_SHAPE).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    module = rankfold.load_onnx(path)
+    got = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    with warnings.catch_warnings():  # the written form of a result: the TorchScript exporter, checked in onnxruntime
+        warnings.simplefilter("ignore")
+        export_onnx(module, tmp_path / "written.onnx", example_input=torch.from_numpy(x), verify=True)
+
+
+def _opset9_model(tmp_path):
+    """A Caffe2-era graph: opset 9, IR 3 (initializers listed as inputs too), LRN, Sum, Upsample,
+    opset-9 BatchNormalization, Dropout and Gemm."""
+    w = RNG.normal(size=(8, 3, 3, 3)).astype(np.float32) * 0.3
+    inits = {
+        "w": w,
+        "b": np.zeros(8, np.float32),
+        "scale": np.ones(8, np.float32) * 1.5,
+        "shift": RNG.normal(size=8).astype(np.float32),
+        "mean": RNG.normal(size=8).astype(np.float32) * 0.1,
+        "var": np.ones(8, np.float32),
+        "up": np.array([1, 1, 2, 2], np.float32),
+        "fc": RNG.normal(size=(5, 8 * 8 * 8)).astype(np.float32) * 0.05,
+        "fcb": np.zeros(5, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("LRN", ["r"], ["l"], size=5),
+        helper.make_node("Sum", ["l", "r", "bn"], ["s"]),
+        helper.make_node("Dropout", ["s"], ["d"]),
+        helper.make_node("Upsample", ["d", "up"], ["u"], mode="nearest"),
+        helper.make_node("MaxPool", ["u"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])]
+    inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in inits.items()]
+    graph = helper.make_graph(
+        nodes,
+        "caffe2",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        initializer=[_init(k, v) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    path = tmp_path / "old.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_a_graph_older_than_opset_11_is_read_through_the_version_converter(tmp_path, capsys):
+    path = _opset9_model(tmp_path)
+    before = path.read_bytes()
+    x = RNG.normal(size=(1, 3, 16, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    module = rankfold.load_onnx(path)
+    np.testing.assert_allclose(
+        module(torch.from_numpy(x)).detach().numpy(), session.run(None, {"x": x})[0], rtol=1e-4, atol=1e-5
+    )
+    assert "opset 9" in module.opset_note
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.normal(size=(48, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "small.onnx"
+    code = main(
+        [
+            "compress",
+            str(path),
+            "--calib",
+            str(calib),
+            "--keep",
+            "0.6",
+            "--method",
+            "svd",
+            "--max-output-error",
+            "1",
+            "-o",
+            str(out),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "the file's ONNX opset 9 was read as opset 11" in captured.err
+    assert path.read_bytes() == before  # the user's file is not rewritten
+    written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert written.run(None, {written.get_inputs()[0].name: x})[0].shape == (1, 5)
+
+
+def test_a_graph_too_old_for_the_version_converter_is_refused_by_opset(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = tmp_path / "o.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3), path)
+    with pytest.raises(rankfold.RankfoldError, match="opset 6 is not supported .*7 to 23"):
+        rankfold.load_onnx(path)
