@@ -146,7 +146,8 @@ def test_the_sample_axis_of_an_output_is_where_the_batch_is():
     assert sample_axis((8, 16, 12), 8) == 0
     assert sample_axis((16, 8, 12), 8) == 1  # sequence-first
     assert sample_axis((16, 1, 12), 1) == 1  # a batch-1 graph's (T, 1, classes)
-    assert sample_axis((8, 8, 12), 8) == 0 and sample_axis((5, 3, 3), 3) == 0  # ambiguous: the first
+    assert sample_axis((8, 8, 12), 8) == 0 and sample_axis((5, 3, 3, 4), 3) == 0  # ambiguous: the first
+    assert sample_axis((5, 3, 3), 3) == 1  # the last axis holds classes or features, never the samples
 
 
 def test_sequence_first_logits_are_read_as_sequences():
@@ -185,7 +186,9 @@ class ScaledLogits(SequenceFirstLogits):
     (((1, 12), (1, 5)), 1, ((12,), (5,))),
     (((16, 12), (16, 5)), 1, ((16, 12), (16, 5))),  # a batch-1 graph that squeezed its batch away
     (((128, 12), (128, 5)), 8, ((16, 12), (16, 5))),  # samples merged with time
-    (((8, 3, 8, 8), (8, 16, 4, 4)), 8, ((3, 8, 8), (16, 4, 4)))])
+    (((8, 3, 8, 8), (8, 16, 4, 4)), 8, ((3, 8, 8), (16, 4, 4))),
+    # a recurrent state given once (batch 1) in batches of 64, its hidden size: features stay last
+    (((1, 64), (1, 256)), 64, ((64,), (256,)))])
 def test_a_layer_shape_for_one_sample_drops_the_sample_axis_wherever_it_is(shapes, batch, one):
     from rankfold.analyze import per_sample_shapes
 

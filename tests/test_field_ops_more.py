@@ -269,6 +269,23 @@ CASES = {
         [],
         17,
     ),
+    "pad-modes-on-trailing-axes": (  # silero VAD reflects the last axis of a 4-D tensor
+        [
+            helper.make_node("Pad", ["x", "p1"], ["a"], mode="reflect"),
+            helper.make_node("Pad", ["x", "p2"], ["b"], mode="edge"),
+            helper.make_node("Pad", ["x", "p3"], ["c"], mode="wrap"),
+            helper.make_node("Flatten", ["a"], ["sa"]),
+            helper.make_node("Flatten", ["b"], ["sb"]),
+            helper.make_node("Flatten", ["c"], ["sc"]),
+            helper.make_node("Concat", ["sa", "sb", "sc"], ["y"], axis=1),
+        ],
+        [
+            _init("p1", np.array([0, 0, 0, 2, 0, 0, 0, 3], np.int64)),
+            _init("p2", np.array([0, 0, 1, 1, 0, 0, 2, 0], np.int64)),
+            _init("p3", np.array([0, 1, 1, 1, 0, 2, 1, 1], np.int64)),
+        ],
+        19,
+    ),
     "eyelike": (
         [
             helper.make_node("Reshape", ["x", "shape"], ["r"]),

@@ -134,10 +134,12 @@ def sample_axis(shape: tuple[int, ...], batch: int) -> int:
 
 def clear_sample_axis(shape: tuple[int, ...], batch: int) -> int | None:
     """sample_axis where the shape tells it: the first axis when it is the batch's, else the one
-    axis of the batch's size; None when no axis or several have it."""
+    axis of the batch's size; None when no axis or several have it. Never the last axis of a
+    layer's tensor of two or more axes: that holds a Linear's features, a convolution's width
+    (silero VAD's LSTM state, (1, 64), read as 64 samples of 1 feature in batches of 64)."""
     if shape and shape[0] == batch:
         return 0
-    hits = [axis for axis, size in enumerate(shape) if size == batch]
+    hits = [axis for axis, size in enumerate(shape[:-1] if len(shape) > 1 else shape) if size == batch]
     return hits[0] if len(hits) == 1 else None
 
 

@@ -183,7 +183,7 @@ def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = 
     except RankfoldError:
         raise
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
-        raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {exc}") from None
+        raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:

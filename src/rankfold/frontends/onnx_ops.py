@@ -498,7 +498,15 @@ def _pad(vals, attrs):
     order = torch_pad_order(begins, ends)
     if torch_mode == "constant":
         return [F.pad(x, order, value=value)]
-    return [F.pad(x, order, mode=torch_mode)]
+    # torch pads reflect / edge / wrap over the last k axes of a rank k+1 or k+2 tensor only: the
+    # axes before them are folded into one (silero VAD reflects the last axis of a 4-D tensor)
+    k = len(order) // 2
+    if k == 0:
+        return [x]
+    kept = [int(d) for d in x.shape[1:x.ndim - k]]
+    folded = x.reshape(1, -1, *x.shape[x.ndim - k:])
+    padded = F.pad(folded, order, mode=torch_mode)
+    return [padded.reshape(-1, *kept, *padded.shape[2:]) if x.ndim > k else padded.reshape(padded.shape[2:])]
 
 
 LINEAR_RESIZE_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
