@@ -444,3 +444,53 @@ def test_a_graph_too_old_for_the_version_converter_is_refused_by_opset(tmp_path)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3), path)
     with pytest.raises(rankfold.RankfoldError, match="opset 6 is not supported .*7 to 23"):
         rankfold.load_onnx(path)
+
+
+def _float16_model(tmp_path, form: str):
+    """A float16 graph as exporters write one: float16 throughout ("half-io"), or float32 in and
+    out with casts around a float16 body ("cast-inside")."""
+    rng = np.random.default_rng(3)
+    inits = [_init("w", (rng.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float16)),
+             _init("b", np.zeros(8, np.float16)),
+             _init("fc", (rng.normal(size=(8 * 6 * 6, 5)) * 0.1).astype(np.float16))]
+    nodes, first, elem = [], "x", TensorProto.FLOAT16
+    if form == "cast-inside":
+        nodes.append(helper.make_node("Cast", ["x"], ["xh"], to=TensorProto.FLOAT16))
+        first, elem = "xh", TensorProto.FLOAT
+    nodes += [helper.make_node("Conv", [first, "w", "b"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+              helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["yh"])]
+    out = "yh"
+    if form == "cast-inside":
+        nodes.append(helper.make_node("Cast", ["yh"], ["y"], to=TensorProto.FLOAT))
+        out = "y"
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", elem, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info(out, elem, ["N", 5])], initializer=inits)
+    path = tmp_path / f"{form}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path, (np.float16 if form == "half-io" else np.float32)
+
+
+@pytest.mark.parametrize("form", ["half-io", "cast-inside"])
+def test_a_float16_graph_is_read_in_float32_and_budgeted_in_its_files_bytes(tmp_path, capsys, form):
+    from rankfold.evaluate import onnx_size
+
+    path, dtype = _float16_model(tmp_path, form)
+    before = path.read_bytes()
+    x = RNG.normal(size=(96, 3, 8, 8)).astype(dtype)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x[:8]})[0].astype(np.float32)
+    module = rankfold.load_onnx(path)
+    got = module(torch.from_numpy(x[:8].astype(np.float32))).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2)  # float16 arithmetic against float32
+    assert "float16 weights read in float32" in module.widened_note
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(path), "--calib", str(calib), "--max-weight-bytes", "60%", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "float16 weights read in float32" in err and "(float16)" in err
+    assert onnx_size(out).weight_bytes <= 0.6 * onnx_size(path).weight_bytes  # of the file's bytes, not float32's
+    assert path.read_bytes() == before
+    written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert written.run(None, {written.get_inputs()[0].name: x[:4].astype(np.float32)})[0].shape == (4, 5)

@@ -348,6 +348,8 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
         args.memory_line += "\n  " + model.quantized_note
     if getattr(model, "opset_note", None):
         args.memory_line += "\n  " + model.opset_note
+    if getattr(model, "widened_note", None):
+        args.memory_line += "\n  " + model.widened_note
     if getattr(model, "fixed_inputs", None):
         args.memory_line += (f"\n  inputs given once ({', '.join(model.fixed_inputs)}) are constants of the result: it "
                              f"takes {', '.join(model.input_names)} only")
@@ -636,6 +638,8 @@ def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str],
     a percentage byte budget is taken of the weight bytes the file holds, and without a byte
     budget (and without --bits 32) the result may not outgrow the file (a --max-params plan of
     ddddocr's int8 recogniser was written at 3.3x its bytes, in float)."""
+    if getattr(model, "widened_note", None) and "weight_bytes" in budgets:
+        return _half_the_bytes(args.model, budgets, log)
     if not getattr(model, "quantized_note", None) or ("weight_bytes" not in budgets and str(args.bits) == "32"):
         return budgets
     from rankfold.evaluate import onnx_size
@@ -653,6 +657,23 @@ def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str],
         f"{f'--max-weight-bytes {given} is' if given else 'the result may not outgrow them, at most'} {limit:,}, "
         f"{outside:,} of them for constants outside the layers")
     return {**budgets, "weight_bytes": str(max(limit - outside, 1))}
+
+
+def _half_the_bytes(path: str, budgets: dict[str, str], log) -> dict[str, str]:
+    """A float16 graph is read in float32, so its float32 size is twice its file's: a percentage
+    byte budget is taken of the bytes the file holds (--max-weight-bytes 50% of a float16 file is
+    the bytes int8 weights take, not float16 ones)."""
+    from rankfold.evaluate import onnx_size
+    from rankfold.target import parse_budget
+
+    given = budgets["weight_bytes"]
+    budget = parse_budget("weight_bytes", given)
+    if not budget.relative:
+        return budgets
+    held = onnx_size(path).weight_bytes
+    limit = int(budget.limit(held))
+    log(f"  the file holds {held:,} weight bytes (float16): --max-weight-bytes {given} is {limit:,}")
+    return {**budgets, "weight_bytes": str(limit)}
 
 
 def _save_within(args: argparse.Namespace, result, limit: int) -> None:

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from rankfold.data import check_input_shape
 from rankfold.errors import RankfoldError
-from rankfold.runtime import cpu_summary
+from rankfold.runtime import as_declared, cpu_summary
 
 SHAPE_DTYPES = {onnx.TensorProto.INT64}  # initializers of these types are shape constants
 
@@ -240,7 +240,7 @@ def class_scores(path: str, x: np.ndarray, *, batch_size: int = 250, threads: in
                                 f"the {len(x)} samples")
     scores = []
     for start in range(0, len(x), batch_size):
-        logits = session.run(None, {name: x[start : start + batch_size]})[0]
+        logits = session.run(None, {name: as_declared(session.get_inputs()[0], x[start : start + batch_size])})[0]
         if logits.ndim != 2:
             raise RankfoldError(f"{path}: top-1 accuracy needs (N, classes) scores as the first output, "
                                 f"got shape {logits.shape}")
@@ -262,7 +262,7 @@ def latency_ms(path: str, sample: np.ndarray, *, batch: int, runs: int = 30, war
     session = _session(path, 1)
     name = session.get_inputs()[0].name
     reps = int(np.ceil(batch / len(sample)))
-    feed = {name: np.concatenate([sample] * reps)[:batch]}
+    feed = {name: as_declared(session.get_inputs()[0], np.concatenate([sample] * reps)[:batch])}
     for _ in range(warmup):
         session.run(None, feed)
     times = []

@@ -54,10 +54,20 @@ def model_input(x: np.ndarray) -> np.ndarray:
     return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
 
 
+def as_declared(declared, x: np.ndarray) -> np.ndarray:
+    """`x` in the float type an onnxruntime input (`session.get_inputs()[i]`) declares: float16
+    files take float16 (rankfold's data is float32)."""
+    if declared.type == "tensor(float16)" and x.dtype != np.float16:
+        return x.astype(np.float16)
+    return x
+
+
 def run_batched(sess, outputs: list[str] | None, feed_name: str, x: np.ndarray) -> list[np.ndarray]:
     """`sess.run` on all of `x`, in pieces of the batch the graph declares when it fixes one (an
     export at batch 1), else at once."""
-    dims = next(i.shape for i in sess.get_inputs() if i.name == feed_name)
+    declared = next(i for i in sess.get_inputs() if i.name == feed_name)
+    dims = declared.shape
+    x = as_declared(declared, x)
     batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else len(x)
     parts = [sess.run(outputs, {feed_name: x[i : i + batch]}) for i in range(0, len(x), batch)]
     # A 0-d value (a dynamic quantization's scale, observed in calibration) is one per piece: stacked.

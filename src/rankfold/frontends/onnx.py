@@ -28,6 +28,8 @@ MIN_OPSET, MAX_OPSET = 11, 23
 # converter has rewritten them at MIN_OPSET; below 7 its adapters are incomplete.
 MIN_UPGRADABLE_OPSET = 7
 UPGRADED_FROM = "rankfold.upgraded_from_opset"  # metadata key: the opset the file itself declares
+WIDENED = "rankfold.widened_float16"  # metadata key: a float16 graph read in float32 (its float16 inputs, outputs)
+HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3}  # their input projections become Linear layers
 INTEGER_LAYER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # with constant weights: float layers
@@ -53,7 +55,7 @@ class Step:
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
-                  "fixed_inputs", "quantized_note", "opset_note")
+                  "fixed_inputs", "quantized_note", "opset_note", "widened_note")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -84,6 +86,7 @@ class OnnxModule(nn.Module):
         self.fixed_inputs: list[str] = []  # graph inputs given once: constants of this module and its results
         self.quantized_note: str | None = None  # an already-quantized graph: which integer ops are read in float
         self.opset_note: str | None = None  # an older graph read after onnx's version converter upgraded it
+        self.widened_note: str | None = None  # a float16 graph read in float32
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -210,7 +213,7 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise RankfoldError(f"{path}: invalid ONNX model: {first_line(exc)}") from None
-    return _upgraded(model, path)
+    return _widened(_upgraded(model, path))
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -234,6 +237,41 @@ def _upgraded(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
                             f"{MAX_OPSET}") from None
     upgraded.metadata_props.add(key=UPGRADED_FROM, value=str(opset))
     return upgraded
+
+
+def _widened(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A graph that computes in float16 (or bfloat16), rewritten in memory to compute in float32:
+    its weights and constants widened, its casts to half made casts to float32, its half inputs
+    and outputs declared float32 (the metadata names them). Everything after reading (calibration,
+    planning, quantization, export) then sees an ordinary float32 graph; the file is not touched."""
+    graphs = [model.graph]
+    for graph in graphs:  # subgraphs (If branches) too
+        graphs += [a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    halves = [i.name for i in [*model.graph.input, *model.graph.output] if i.type.tensor_type.elem_type in HALF_TYPES]
+    found = bool(halves)
+    for graph in graphs:
+        for index, tensor in enumerate(graph.initializer):
+            if tensor.data_type in HALF_TYPES:
+                graph.initializer[index].CopyFrom(_float32_tensor(tensor))
+                found = True
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            if value.type.tensor_type.elem_type in HALF_TYPES:
+                value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in HALF_TYPES:
+                    a.t.CopyFrom(_float32_tensor(a.t))
+                    found = True
+                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in HALF_TYPES:
+                    a.i = onnx.TensorProto.FLOAT
+                    found = True
+    if found:
+        model.metadata_props.add(key=WIDENED, value=", ".join(halves))
+    return model
+
+
+def _float32_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
 
 
 def _module_name(raw: str, taken: set[str]) -> str:
@@ -375,6 +413,12 @@ class _Converter:
         if declared:
             self.module.opset_note = (f"the file's ONNX opset {declared} was read as opset {self.opset} "
                                       "(onnx's version converter, in memory; the file is not changed)")
+        halves = {p.key: p.value for p in model.metadata_props}.get(WIDENED)
+        if halves is not None:
+            self.module.widened_note = (
+                "float16 weights read in float32: the result computes in float32"
+                + (f" and takes and returns float32 where the file has float16 ({halves})" if halves else "")
+                + "; byte budgets are of the bytes the file holds")
         found = {op: sum(n.op_type == op for n in self.graph.node) for op in QUANTIZED_OPS}
         if any(found.values()):
             listed = ", ".join(f"{op} x{count}" for op, count in found.items() if count)
