@@ -97,6 +97,13 @@ def text_pages(rng, n: int, *, height: int = 320, width: int = 480, pixels: bool
     return out
 
 
+def turned_pages(rng, n: int, *, size: int = 224) -> np.ndarray:
+    """Document-orientation inputs: square text pages turned by 0, 90, 180 or 270 degrees."""
+    pages = text_pages(rng, n, height=size, width=size)
+    turns = rng.integers(0, 4, n)
+    return np.ascontiguousarray(np.stack([np.rot90(page, int(k), axes=(1, 2)) for page, k in zip(pages, turns)]))
+
+
 def gray_lines(rng, n: int, *, height: int = 64, width: int = 256) -> np.ndarray:
     """ddddocr's recogniser inputs: text lines in grey, (pixel / 255 - 0.5) / 0.5, (n, 1, height, width)."""
     return text_lines(rng, n, height=height, width=width).mean(1, keepdims=True)

