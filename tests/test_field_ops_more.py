@@ -494,3 +494,19 @@ def test_a_float16_graph_is_read_in_float32_and_budgeted_in_its_files_bytes(tmp_
     assert path.read_bytes() == before
     written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert written.run(None, {written.get_inputs()[0].name: x[:4].astype(np.float32)})[0].shape == (4, 5)
+
+
+def test_an_op_that_refuses_its_attributes_ends_in_one_line_naming_the_node(tmp_path, capsys):
+    nodes = [helper.make_node("Resize", ["x", "", "sc"], ["y"], mode="cubic")]
+    graph = helper.make_graph(nodes, "cubic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              initializer=[_init("sc", np.array([1, 1, 2, 2], np.float32))])
+    path = tmp_path / "cubic.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.normal(size=(80, 3, 4, 4)).astype(np.float32))
+    code = main(["compress", str(path), "--calib", str(calib), "--keep", "0.5", "-o", str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "the ONNX node that writes 'y' (Resize) cannot run: Resize mode 'cubic' is not supported" in err
+    assert not (tmp_path / "out.onnx").exists()

@@ -123,7 +123,7 @@ class OnnxModule(nn.Module):
             elif "_layers" in step.attrs:  # an op that calls layers of its own (a recurrence's R)
                 outs = OPS[step.op](vals, {**step.attrs, "_modules": [getattr(self, n) for n in step.attrs["_layers"]]})
             else:
-                outs = OPS[step.op](vals, step.attrs)
+                outs = _run_op(step, vals)
             if observe is not None:
                 observe(index, step, outs)
             env.update((name, value) for name, value in zip(step.outputs, outs) if name)  # "": not wanted
@@ -152,6 +152,16 @@ def on_one_device(vals: list) -> list:
         return vals
     target = next(d for d in devices if d.type != "cpu")
     return [v.to(target) if isinstance(v, Tensor) else v for v in vals]
+
+
+def _run_op(step: Step, vals: list) -> list:
+    """An op's outputs; an op that refuses what it is given (an attribute combination rankfold does
+    not compute, such as Resize's cubic mode) ends in one line naming the node, not a traceback."""
+    try:
+        return OPS[step.op](vals, step.attrs)
+    except (ValueError, NotImplementedError) as exc:
+        raise RankfoldError(f"the ONNX node that writes {step.outputs[0]!r} ({step.op}) cannot run: "
+                            f"{first_line(exc)}") from None
 
 
 def _layer_argument(x: Tensor, attrs: dict) -> Tensor:
