@@ -510,3 +510,76 @@ def test_an_op_that_refuses_its_attributes_ends_in_one_line_naming_the_node(tmp_
     assert code == 2 and "Traceback" not in err
     assert "the ONNX node that writes 'y' (Resize) cannot run: Resize mode 'cubic' is not supported" in err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _detector_with_nms(tmp_path):
+    """Two convolutions, boxes and scores, then NonMaxSuppression (which rankfold cannot run) and
+    a Gather of the boxes it keeps: a detector exported with its post-processing."""
+    rng = np.random.default_rng(5)
+    inits = [_init("w1", (rng.normal(size=(32, 3, 3, 3)) * 0.3).astype(np.float32)),
+             _init("wm", (rng.normal(size=(32, 32, 1, 1)) * 0.2).astype(np.float32)),
+             _init("w2", (rng.normal(size=(5, 32, 1, 1)) * 0.3).astype(np.float32)),
+             _init("shape", np.array([1, 5, 64], np.int64)), _init("zero", np.array([0], np.int64)),
+             _init("four", np.array([4], np.int64)), _init("five", np.array([5], np.int64)),
+             _init("two", np.array([2], np.int64)), _init("keep", np.array([10], np.int64)),
+             _init("iou", np.array([0.5], np.float32)), _init("col", np.array(2, np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "wm"], ["cm"]),
+             helper.make_node("Relu", ["cm"], ["rm"]), helper.make_node("Conv", ["rm", "w2"], ["c2"]),
+             helper.make_node("Reshape", ["c2", "shape"], ["flat"]),
+             helper.make_node("Transpose", ["flat"], ["rows"], perm=[0, 2, 1]),
+             helper.make_node("Slice", ["rows", "zero", "four", "two"], ["boxes"]),
+             helper.make_node("Slice", ["rows", "four", "five", "two"], ["logit"]),
+             helper.make_node("Sigmoid", ["logit"], ["prob"]),
+             helper.make_node("Transpose", ["prob"], ["scores"], perm=[0, 2, 1]),
+             helper.make_node("NonMaxSuppression", ["boxes", "scores", "keep", "iou"], ["picked"]),
+             helper.make_node("Gather", ["picked", "col"], ["index"], axis=1),
+             helper.make_node("Squeeze", ["boxes", "zero"], ["box_rows"]),
+             helper.make_node("Gather", ["box_rows", "index"], ["kept_boxes"], axis=0)]
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("kept_boxes", TensorProto.FLOAT, ["K", 4]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 64])],
+                              initializer=inits)
+    path = tmp_path / "det.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("budget", [["--keep", "0.5", "--method", "svd"], ["--max-weight-bytes", "40%"]])
+def test_a_graph_with_ops_rankfold_cannot_run_is_compressed_up_to_them(tmp_path, capsys, budget):
+    from rankfold.evaluate import onnx_size
+
+    path = _detector_with_nms(tmp_path)
+    before = path.read_bytes()
+    x = RNG.normal(size=(96, 3, 16, 16)).astype(np.float32)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(path), "--calib", str(calib), *budget, "--max-output-error", "1",
+                 "--min-agreement", "0", "-o", str(out)])
+    err = capsys.readouterr()
+    assert code == 0, err.err
+    assert "rankfold cannot run NonMaxSuppression x1" in err.err and "kept as the file has them" in err.err
+    assert f"wrote {out}: the compressed head joined to the 3 node(s) kept after it" in err.out
+    assert path.read_bytes() == before
+    written, original = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (out, path))
+    assert [o.name for o in written.get_outputs()] == ["kept_boxes", "scores"]
+    assert "NonMaxSuppression" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert onnx_size(out).weight_bytes < onnx_size(path).weight_bytes
+    for sample in x[:4]:
+        got, want = (s.run(None, {"x": sample[None]}) for s in (written, original))
+        assert got[0].shape[1] == 4  # boxes picked by the kept NonMaxSuppression
+        assert np.linalg.norm(got[1] - want[1]) < np.linalg.norm(want[1])  # the scores the head computes, kept
+
+
+def test_a_graph_with_nothing_to_compress_before_its_unsupported_ops_is_refused_naming_them(tmp_path, capsys):
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Bernoulli", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4])])
+    path = tmp_path / "b.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.normal(size=(80, 4, 4)).astype(np.float32))
+    code = main(["compress", str(path), "--calib", str(calib), "--keep", "0.5", "-o", str(tmp_path / "o.onnx")])
+    assert code == 2 and "unsupported ONNX op: Bernoulli x1" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()

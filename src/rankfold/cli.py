@@ -377,6 +377,45 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     if args.mlp_keep is not None:
         raise RankfoldError("--mlp-keep prunes the feed-forward blocks of a transformer read from a Hugging Face model "
                             "directory; an ONNX model has no such option")
+    from rankfold.frontends.onnx import read_onnx
+    from rankfold.frontends.onnx_split import split_at_unsupported
+
+    split = split_at_unsupported(read_onnx(args.model))
+    if split is not None:
+        return _compress_head(args, budgets, split)
+    return _compress_onnx(args, budgets)
+
+
+def _compress_head(args: argparse.Namespace, budgets: dict[str, str], split) -> None:
+    """compress on a graph with ops rankfold cannot run: its head (onnx_split.py) compressed and
+    checked as a graph of its own in a scratch directory, then joined to the nodes after it, run
+    once in onnxruntime, and written to -o."""
+    import tempfile
+
+    import onnx
+
+    from rankfold.frontends.onnx_split import join
+    from rankfold.io import replace_atomically
+    from rankfold.runtime import session
+
+    _check_outputs(args)
+    _log(args.quiet)(split.describe())
+    given = (args.model, args.output, args.force)
+    with tempfile.TemporaryDirectory(prefix="rankfold-head-") as scratch:
+        head_path, compressed = os.path.join(scratch, "head.onnx"), os.path.join(scratch, "compressed-head.onnx")
+        onnx.save(split.head, head_path)
+        args.model, args.output, args.force = head_path, compressed, True
+        try:
+            _compress_onnx(args, budgets)
+        finally:
+            args.model, args.output, args.force = given
+        joined = join(onnx.load(compressed), split)
+    session(joined)  # onnxruntime takes the joined graph, or the error names it; nothing is written before
+    replace_atomically(args.output, joined.SerializeToString())
+    print(f"wrote {args.output}: the compressed head joined to the {len(split.tail)} node(s) kept after it")
+
+
+def _compress_onnx(args: argparse.Namespace, budgets: dict[str, str]) -> None:
     if budgets or args.target:
         uniform = [flag for flag, value in (("--keep", args.keep), ("--method", args.method), ("--ranks", args.ranks))
                    if value is not None]
