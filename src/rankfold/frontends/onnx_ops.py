@@ -520,8 +520,14 @@ def _resize(vals, attrs):
     x = vals[0]
     mode = attrs.get("mode", "nearest")
     where = attrs.get("coordinate_transformation_mode", "half_pixel")
-    if mode not in ("nearest", "linear"):
-        raise ValueError(f"Resize mode {mode!r} is not supported (only 'nearest' and 'linear')")
+    if mode not in ("nearest", "linear", "cubic"):
+        raise ValueError(f"Resize mode {mode!r} is not supported (only 'nearest', 'linear' and 'cubic')")
+    cubic_as_torch = (where in LINEAR_RESIZE_ALIGN and x.ndim == 4 and not attrs.get("exclude_outside", 0)
+                      and attrs.get("cubic_coeff_a", -0.75) == -0.75 and not attrs.get("antialias", 0))
+    if mode == "cubic" and not cubic_as_torch:  # torch's bicubic: a = -0.75, border samples repeated
+        raise ValueError(f"Resize mode 'cubic' is supported on 4-D tensors with cubic_coeff_a -0.75, "
+                         f"exclude_outside 0, no antialias and coordinate_transformation_mode one of "
+                         f"{', '.join(LINEAR_RESIZE_ALIGN)} (got {where!r} on a rank-{x.ndim} tensor)")
     if mode == "linear" and (where not in (*LINEAR_RESIZE_ALIGN, "asymmetric") or attrs.get("antialias", 0)
                              or x.ndim not in LINEAR_RESIZE_MODES):
         raise ValueError(f"Resize mode 'linear' with coordinate_transformation_mode {where!r} (antialias "
@@ -536,8 +542,9 @@ def _resize(vals, attrs):
         inputs = static_sizes(x)
         sizes = sizes or [int(math.floor(n * f)) for n, f in zip(inputs, scales)]
         return [_asymmetric_linear_resize(x, sizes, scales or [m / n for m, n in zip(sizes, inputs)])]
-    how = {"mode": "nearest"} if mode == "nearest" else {"mode": LINEAR_RESIZE_MODES[x.ndim],
-                                                         "align_corners": LINEAR_RESIZE_ALIGN[where]}
+    how = {"mode": "nearest"} if mode == "nearest" else {
+        "mode": "bicubic" if mode == "cubic" else LINEAR_RESIZE_MODES[x.ndim],
+        "align_corners": LINEAR_RESIZE_ALIGN[where]}
     if sizes is not None:
         return [F.interpolate(x, size=sizes, **how)]
     return [F.interpolate(x, scale_factor=scales, **how)]
