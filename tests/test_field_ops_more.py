@@ -286,6 +286,31 @@ CASES = {
         ],
         19,
     ),
+    "resize-nearest-modes": (  # every coordinate mode and rounding as onnxruntime computes them
+        [
+            helper.make_node("Resize", ["x", "", "s1"], ["a"], mode="nearest", nearest_mode="round_prefer_ceil"),
+            helper.make_node(
+                "Resize", ["x", "", "s2"], ["b"], mode="nearest", coordinate_transformation_mode="align_corners"
+            ),
+            helper.make_node(
+                "Resize", ["x", "", "s1"], ["c"], mode="nearest", coordinate_transformation_mode="tf_half_pixel_for_nn",
+                nearest_mode="ceil",
+            ),
+            helper.make_node(
+                "Resize", ["x", "", "s2"], ["d"], mode="nearest", coordinate_transformation_mode="asymmetric",
+                nearest_mode="round_prefer_floor",
+            ),
+            helper.make_node("Resize", ["x", "", "s3"], ["e"], mode="nearest"),
+            *[helper.make_node("Flatten", [v], [v + "f"]) for v in "abcde"],
+            helper.make_node("Concat", [v + "f" for v in "abcde"], ["y"], axis=1),
+        ],
+        [
+            _init("s1", np.array([1, 1, 1.6, 2.4], np.float32)),
+            _init("s2", np.array([1, 1, 0.5, 3], np.float32)),
+            _init("s3", np.array([1, 1, 3, 1], np.float32)),
+        ],
+        17,
+    ),
     "eyelike": (
         [
             helper.make_node("Reshape", ["x", "shape"], ["r"]),

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -542,12 +543,61 @@ def _resize(vals, attrs):
         inputs = static_sizes(x)
         sizes = sizes or [int(math.floor(n * f)) for n, f in zip(inputs, scales)]
         return [_asymmetric_linear_resize(x, sizes, scales or [m / n for m, n in zip(sizes, inputs)])]
+    if mode == "nearest" and not _nearest_as_torch(where, attrs.get("nearest_mode", "round_prefer_floor"), scales):
+        inputs = static_sizes(x)
+        sizes = sizes or [int(math.floor(n * f)) for n, f in zip(inputs, scales)]
+        return [_nearest_resize(x, sizes, scales or [m / n for m, n in zip(sizes, inputs)], where,
+                                attrs.get("nearest_mode", "round_prefer_floor"))]
     how = {"mode": "nearest"} if mode == "nearest" else {
         "mode": "bicubic" if mode == "cubic" else LINEAR_RESIZE_MODES[x.ndim],
         "align_corners": LINEAR_RESIZE_ALIGN[where]}
     if sizes is not None:
         return [F.interpolate(x, size=sizes, **how)]
     return [F.interpolate(x, scale_factor=scales, **how)]
+
+
+def _nearest_as_torch(where: str, rounding: str, scales: list[float] | None) -> bool:
+    """Whether torch's nearest resize (source floor(o / scale)) picks what ONNX asks: always for
+    asymmetric coordinates rounded down; for half-pixel ones rounded half down (ONNX's default)
+    where every scale is a whole upscaling factor (the half-pixel offset then never reaches a
+    rounding boundary)."""
+    if where == "asymmetric" and rounding == "floor":
+        return True
+    return (where in ("half_pixel", "pytorch_half_pixel") and rounding == "round_prefer_floor"
+            and scales is not None and all(s >= 1 and float(s).is_integer() for s in scales))
+
+
+NEAREST_SOURCE = {  # ONNX's source coordinate of output sample o: (o, scale, input size, output size)
+    "half_pixel": lambda o, s, n, m: (o + 0.5) / s - 0.5,
+    "pytorch_half_pixel": lambda o, s, n, m: (o + 0.5) / s - 0.5 if m > 1 else 0.0,
+    "align_corners": lambda o, s, n, m: o * (n - 1) / (m - 1) if m > 1 else 0.0,
+    "asymmetric": lambda o, s, n, m: o / s,
+    "tf_half_pixel_for_nn": lambda o, s, n, m: (o + 0.5) / s,
+}
+NEAREST_ROUNDING = {
+    "round_prefer_floor": lambda c: math.floor(c) if c - math.floor(c) <= 0.5 else math.ceil(c),
+    "round_prefer_ceil": lambda c: math.ceil(c) if c - math.floor(c) >= 0.5 else math.floor(c),
+    "floor": math.floor,
+    "ceil": math.ceil,
+}
+
+
+def _nearest_resize(x: Tensor, sizes: list[int], scales: list[float], where: str, rounding: str) -> Tensor:
+    """Nearest resize by ONNX's own coordinates and rounding, axis by axis (a gather each; the
+    source coordinates in float32, as onnxruntime computes them)."""
+    if where not in NEAREST_SOURCE or rounding not in NEAREST_ROUNDING:
+        raise ValueError(f"Resize nearest with coordinate_transformation_mode {where!r} and nearest_mode "
+                         f"{rounding!r} is not supported (supported: {', '.join(NEAREST_SOURCE)}; "
+                         f"{', '.join(NEAREST_ROUNDING)})")
+    for axis, (out_size, scale) in enumerate(zip(sizes, scales), start=2):
+        n = int(x.shape[axis])
+        if out_size == n and scale == 1:  # onnxruntime leaves an axis of scale 1 as it is, whatever the offset
+            continue
+        source = [float(np.float32(NEAREST_SOURCE[where](np.float32(o), np.float32(scale), n, out_size)))
+                  for o in range(out_size)]
+        index = torch.tensor([min(max(NEAREST_ROUNDING[rounding](c), 0), n - 1) for c in source], dtype=torch.int64)
+        x = torch.index_select(x, axis, index.to(x.device))
+    return x
 
 
 def _asymmetric_linear_resize(x: Tensor, sizes: list[int], scales: list[float]) -> Tensor:
