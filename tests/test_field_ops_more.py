@@ -612,3 +612,29 @@ def test_a_graph_with_nothing_to_compress_before_its_unsupported_ops_is_refused_
     code = main(["compress", str(path), "--calib", str(calib), "--keep", "0.5", "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "unsupported ONNX op: Bernoulli x1" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_conversion_that_differs_from_onnxruntime_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """The graph as rankfold reads it is run beside onnxruntime's run of the file: an op converted
+    wrong (here Sigmoid made Tanh on purpose) is refused, not compressed into a result."""
+    from rankfold.frontends import onnx_ops
+
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["c"], ["s"]),
+             helper.make_node("Flatten", ["s"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              initializer=[_init("w", rng.normal(size=(16, 3, 3, 3)).astype(np.float32)),
+                                           _init("fc", rng.normal(size=(16 * 36, 4)).astype(np.float32))])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.normal(size=(80, 3, 6, 6)).astype(np.float32))
+    args = ["compress", str(path), "--calib", str(calib), "--keep", "0.7", "--max-output-error", "1", "-o"]
+    assert main([*args, str(tmp_path / "good.onnx")]) == 0
+    assert "read as onnxruntime runs the file" in capsys.readouterr().err
+    monkeypatch.setitem(onnx_ops.OPS, "Sigmoid", lambda vals, attrs: [torch.tanh(vals[0])])
+    assert main([*args, str(tmp_path / "bad.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "differs from onnxruntime's run of the file" in err and "output 'y'" in err
+    assert not (tmp_path / "bad.onnx").exists()

@@ -307,6 +307,7 @@ def _load_inputs(args: argparse.Namespace):
         check_input_shape(calib.x, sample.dims, args.calib)
         calib = torch.from_numpy(calib.x[: args.calib_limit])
     model = load_onnx(args.model, fixed, calib[:2] if calib is not None else None)
+    args.conversion_line = _conversion_checked(args.model, model, calib, fixed)
     args.given_once = fixed  # constants of the model: --train and --data must give the same (_more_samples)
     if model.fixed_batch is not None and model.fixed_batch != 1:
         raise RankfoldError(f"{args.model}: the graph's batch is fixed at {model.fixed_batch}; rankfold takes a "
@@ -316,6 +317,33 @@ def _load_inputs(args: argparse.Namespace):
     _check_rules_known(args, model)
     _use_memory_budget(args, model, example, calib)
     return graph, model, calib, example
+
+
+CONVERSION_REFUSED = 0.1  # relative error from onnxruntime's run of the file: a conversion gone wrong
+CONVERSION_EXACT = 1e-3  # below: float rounding; between the two, said (deep networks amplify rounding)
+
+
+def _conversion_checked(path: str, model, calib, fixed) -> str | None:
+    """The graph as rankfold reads it, run beside onnxruntime's run of the file on the first
+    calibration samples, before any work: refused where they differ beyond float rounding, so a
+    conversion rankfold gets wrong cannot pass silently into a result. The line to say, if any."""
+    from rankfold.frontends.onnx import onnxruntime_disagreement
+
+    if calib is None:
+        return None
+    found = onnxruntime_disagreement(path, model, calib[:4], fixed)
+    if found is None:
+        return None
+    output, error = found
+    if error > CONVERSION_REFUSED:
+        raise RankfoldError(f"{path}: the graph as rankfold reads it differs from onnxruntime's run of the file on "
+                            f"the first calibration samples (relative error {error:.3f} on output {output!r}, at "
+                            f"most {CONVERSION_REFUSED} allowed): a conversion rankfold gets wrong; nothing was done "
+                            "(please report it with the file)")
+    if error > CONVERSION_EXACT:
+        return (f"  the graph as read differs from onnxruntime's run of the file by {error:.1e} (output {output!r}, "
+                "first calibration samples): float rounding amplified through the network, or a conversion to check")
+    return f"  read as onnxruntime runs the file: relative error {error:.1e} on the first calibration samples"
 
 
 def _check_rules_known(args: argparse.Namespace, model) -> None:
@@ -350,6 +378,8 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
         args.memory_line += "\n  " + model.opset_note
     if getattr(model, "widened_note", None):
         args.memory_line += "\n  " + model.widened_note
+    if getattr(args, "conversion_line", None):
+        args.memory_line += "\n" + args.conversion_line
     if getattr(model, "fixed_inputs", None):
         args.memory_line += (f"\n  inputs given once ({', '.join(model.fixed_inputs)}) are constants of the result: it "
                              f"takes {', '.join(model.input_names)} only")

@@ -359,6 +359,44 @@ def bind_inputs(model: onnx.ModelProto, fixed: Mapping[str, np.ndarray]) -> onnx
     return bound
 
 
+def onnxruntime_disagreement(path: str | os.PathLike, module: nn.Module, x: Tensor,
+                             fixed: Mapping[str, np.ndarray] | None = None) -> tuple[str, float] | None:
+    """(output, relative error) of the output where `module` (the file as rankfold reads it) is
+    farthest from onnxruntime's run of the file itself on the samples `x` (float outputs; an error
+    on the scale of the output, or of a near-zero one's unit noise floor); None where onnxruntime
+    cannot run the file as given (nothing to compare with)."""
+    from rankfold.export.onnx import NOISE_RMS
+    from rankfold.runtime import run_batched, session
+
+    try:
+        original = onnx.load(os.fspath(path))
+        declared = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+                    for v in original.graph.input}
+        bound = bind_inputs(original, {name: np.asarray(value).astype(declared.get(name, np.asarray(value).dtype))
+                                       for name, value in (fixed or {}).items()})
+        runner = session(bound)
+        sample = next(i.name for i in runner.get_inputs())
+        expected = run_batched(runner, None, sample, x.detach().cpu().numpy())
+    except Exception:  # a file onnxruntime cannot run as given: the conversion has no reference here
+        return None
+    step = getattr(module, "fixed_batch", None) or len(x)  # a graph fixed at batch 1 runs sample by sample
+    with torch.no_grad():
+        parts = [module(x[i : i + step]) for i in range(0, len(x), step)]
+    parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+    got = tuple(torch.cat([p[k] for p in parts]) if parts[0][k].ndim else parts[0][k] for k in range(len(parts[0])))
+    worst: tuple[str, float] | None = None
+    for name, mine, theirs in zip(getattr(module, "output_names", []), got, expected):
+        if not isinstance(mine, Tensor) or not np.issubdtype(theirs.dtype, np.floating) or mine.shape != theirs.shape:
+            continue
+        theirs = theirs.astype(np.float64)
+        floor = NOISE_RMS * np.sqrt(max(theirs.size, 1))
+        error = float(np.linalg.norm(mine.detach().double().cpu().numpy() - theirs) /
+                      max(np.linalg.norm(theirs), floor, 1e-30))
+        if worst is None or error > worst[1]:
+            worst = (name, error)
+    return worst
+
+
 def _batch_name(value) -> str | None:
     """The name the per-sample input gives its batch axis ('' when open and unnamed), else None."""
     dims = value.type.tensor_type.shape.dim if value is not None else []
