@@ -311,6 +311,17 @@ CASES = {
         ],
         17,
     ),
+    "grid-sample": (  # deformable attention (RT-DETR) and spatial transformers sample so
+        [
+            helper.make_node("GridSample", ["x", "grid"], ["a"]),
+            helper.make_node("GridSample", ["x", "grid"], ["b"], mode="nearest", padding_mode="border",
+                             align_corners=1),
+            helper.make_node("GridSample", ["x", "grid"], ["c"], mode="bicubic", padding_mode="reflection"),
+            helper.make_node("Concat", ["a", "b", "c"], ["y"], axis=1),
+        ],
+        [_init("grid", RNG.uniform(-1.2, 1.2, size=(2, 5, 7, 2)).astype(np.float32))],
+        16,
+    ),
     "eyelike": (
         [
             helper.make_node("Reshape", ["x", "shape"], ["r"]),

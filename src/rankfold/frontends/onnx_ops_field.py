@@ -336,3 +336,18 @@ def _eye_like(vals, attrs):
     dtype = DTYPES.get(attrs["dtype"], x.dtype) if "dtype" in attrs else x.dtype
     rows, cols, k = int(x.shape[0]), int(x.shape[1]), int(attrs.get("k", 0))
     return [torch.ones(rows, cols, dtype=dtype).triu(k).tril(k)]
+
+
+GRID_SAMPLE_MODES = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
+                     "cubic": "bicubic"}  # opset 16's names, then opset 20's
+
+
+@op("GridSample")
+def _grid_sample(vals, attrs):
+    x, grid = vals
+    mode = GRID_SAMPLE_MODES.get(attrs.get("mode", "bilinear"))
+    padding = attrs.get("padding_mode", "zeros")
+    if mode is None or x.ndim != 4 or padding not in ("zeros", "border", "reflection"):
+        raise ValueError(f"GridSample mode {attrs.get('mode')!r}, padding {padding!r} on a rank-{x.ndim} tensor is "
+                         "not supported (4-D; bilinear, nearest or bicubic; zeros, border or reflection)")
+    return [F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=bool(attrs.get("align_corners", 0)))]
