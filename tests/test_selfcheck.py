@@ -265,3 +265,10 @@ def test_the_interval_of_a_fraction_narrows_with_the_samples():
     assert proportion_interval(1.0, 32)[1] == 1.0 and proportion_interval(1.0, 32)[0] > 0.89
     wide, narrow = proportion_interval(0.9, 32), proportion_interval(0.9, 1000)
     assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 4
+
+
+def test_a_refused_relative_error_is_shown_with_the_digits_that_tell_it_from_the_limit():
+    from rankfold.selfcheck import _apart
+
+    assert _apart(0.2004, 0.2) == "0.2004"  # Silero VAD v4's state read "0.2 away ... at most 0.2"
+    assert _apart(0.239, 0.2) == "0.239" and _apart(1.0, 0.2) == "1"

@@ -299,6 +299,15 @@ def proportion_interval(fraction: float, samples: int, z: float = 1.96) -> tuple
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _apart(value: float, limit: float) -> str:
+    """`value` with the digits that tell it from `limit` (0.2004 against 0.2 is not "0.2")."""
+    for digits in range(3, 8):
+        text = f"{value:.{digits}g}"
+        if float(text) != limit:
+            return text
+    return repr(value)
+
+
 def _of_samples(value: float, check: Agreement) -> str:
     """'34.4% of 32 held-back samples (95 % interval 20%-52%)': a figure per sample with how sure it is."""
     low, high = proportion_interval(value, check.samples)
@@ -343,7 +352,8 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
                     "--check iou@LEVEL:THRESHOLD (or relerr:THRESHOLD) for it to accept it")
             if rule.metric == "relerr" and default:
                 raise RankfoldError(
-                    f"self-check failed: {name} is {value:.3g} away from the original's (relative error"
+                    f"self-check failed: {name} is {_apart(value, max_output_error)} away from the original's "
+                    "(relative error"
                     f"{' of its score channels or of the others, the worse,' if out.kind == 'scores' else ''} on "
                     f"{check.samples} {check.where}; at most {max_output_error:g} allowed); nothing was written. "
                     "Loosen the budgets, or raise --max-output-error to accept it")
