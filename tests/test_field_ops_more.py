@@ -2,6 +2,7 @@
 against onnxruntime, and through the export that writes results; and graphs older than opset 11,
 read after onnx's version converter."""
 
+import json
 import warnings
 
 import numpy as np
@@ -594,11 +595,15 @@ def test_a_graph_with_ops_rankfold_cannot_run_is_compressed_up_to_them(tmp_path,
     x = RNG.normal(size=(96, 3, 16, 16)).astype(np.float32)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=x)
-    out = tmp_path / "small.onnx"
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     code = main(["compress", str(path), "--calib", str(calib), *budget, "--max-output-error", "1",
-                 "--min-agreement", "0", "-o", str(out)])
+                 "--min-agreement", "0", "-o", str(out), "--report", str(report)])
     err = capsys.readouterr()
     assert code == 0, err.err
+    assert "rankfold-head-" not in err.out  # the scratch head is not named as if it were the result
+    written_report = json.loads(report.read_text())
+    assert written_report["output"] == str(out) and written_report["model"] == str(path)
+    assert written_report["cut"]["unsupported"] == {"NonMaxSuppression": 1}
     assert "rankfold cannot run NonMaxSuppression x1" in err.err and "kept as the file has them" in err.err
     assert f"wrote {out}: the compressed head joined to the 3 node(s) kept after it" in err.out
     assert path.read_bytes() == before

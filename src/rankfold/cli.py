@@ -425,7 +425,7 @@ def _compress_head(args: argparse.Namespace, budgets: dict[str, str], split) -> 
     import onnx
 
     from rankfold.frontends.onnx_split import join
-    from rankfold.io import replace_atomically
+    from rankfold.io import replace_atomically, write_json_atomic
     from rankfold.runtime import session
 
     _check_outputs(args)
@@ -434,15 +434,27 @@ def _compress_head(args: argparse.Namespace, budgets: dict[str, str], split) -> 
     with tempfile.TemporaryDirectory(prefix="rankfold-head-") as scratch:
         head_path, compressed = os.path.join(scratch, "head.onnx"), os.path.join(scratch, "compressed-head.onnx")
         onnx.save(split.head, head_path)
-        args.model, args.output, args.force = head_path, compressed, True
+        args.model, args.output, args.force, args.joined_to = head_path, compressed, True, given[1]
         try:
             _compress_onnx(args, budgets)
         finally:
-            args.model, args.output, args.force = given
+            args.model, args.output, args.force, args.joined_to = (*given, None)
         joined = join(onnx.load(compressed), split)
     session(joined)  # onnxruntime takes the joined graph, or the error names it; nothing is written before
     replace_atomically(args.output, joined.SerializeToString())
+    if args.report:  # the run's report named the scratch head: it names the files given, and the cut
+        with open(args.report) as handle:
+            report = json.load(handle)
+        report.update(model=args.model, output=args.output, cut={
+            "unsupported": split.unsupported, "values": split.cut, "nodes_kept_after": len(split.tail)})
+        write_json_atomic(args.report, report)
     print(f"wrote {args.output}: the compressed head joined to the {len(split.tail)} node(s) kept after it")
+
+
+def _wrote(args: argparse.Namespace) -> str:
+    if getattr(args, "joined_to", None):  # a head compressed in scratch (_compress_head): -o is written after
+        return "the compressed head is ready; joining the nodes kept after it"
+    return f"wrote {args.output}"
 
 
 def _compress_onnx(args: argparse.Namespace, budgets: dict[str, str]) -> None:
@@ -628,7 +640,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     print(layer_table(report))
     print(_size_line(before, after, seconds))
     print("self-check: " + (check.describe() if check else "not run (--no-check): the result is unchecked"))
-    print(f"wrote {args.output}")
+    print(_wrote(args))
     robustness = _robustness_side_by_side(args)
     if args.report:
         write_json_atomic(args.report, {"model": args.model, "output": args.output, "method": method,
@@ -864,7 +876,7 @@ def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict 
     print(_size_line(before, after, seconds))
     print("self-check: " + (result.check.describe() if result.check is not None
                             else "not run (--no-check): the result is unchecked"))
-    print(f"wrote {args.output}")
+    print(_wrote(args))
     if getattr(args, "plan_out", None):
         result.plan.save(args.plan_out)
         print(f"wrote {args.plan_out}")
