@@ -654,3 +654,43 @@ def test_a_conversion_that_differs_from_onnxruntime_is_refused_before_any_work(t
     err = capsys.readouterr().err
     assert "differs from onnxruntime's run of the file" in err and "output 'y'" in err
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_an_if_on_the_inputs_values_is_kept_after_the_compressed_head(tmp_path, capsys):
+    """openWakeWord's models run a verifier only where their first score reaches 0.5: an If on the
+    input's values, which rankfold cannot inline. The layers before it are compressed; the If (the
+    verifier inside it) is kept as the file has it."""
+    rng = np.random.default_rng(9)
+    then_out = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 1])
+    else_out = helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 1])
+    verifier = helper.make_graph([helper.make_node("Gemm", ["x", "wv"], ["tv"], transB=1),
+                                  helper.make_node("Sigmoid", ["tv"], ["t"])], "then", [], [then_out])
+    passthrough = helper.make_graph([helper.make_node("Identity", ["p"], ["e"])], "else", [], [else_out])
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["z"], transB=1), helper.make_node("Sigmoid", ["z"], ["p"]),
+             helper.make_node("ReduceMax", ["p"], ["m"], keepdims=0),
+             helper.make_node("GreaterOrEqual", ["m", "half"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=verifier, else_branch=passthrough)]
+    graph = helper.make_graph(nodes, "wake", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                              initializer=[_init("w1", (rng.normal(size=(64, 32)) * 0.2).astype(np.float32)),
+                                           _init("w2", (rng.normal(size=(1, 64)) * 0.2).astype(np.float32)),
+                                           _init("wv", (rng.normal(size=(1, 32)) * 0.2).astype(np.float32)),
+                                           _init("half", np.array(0.5, np.float32))])
+    path = tmp_path / "wake.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(rankfold.RankfoldError, match="If whose condition depends on the input"):
+        rankfold.load_onnx(path)
+    x = RNG.normal(size=(96, 32)).astype(np.float32)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(path), "--calib", str(calib), "--keep", "0.5", "--method", "svd",
+                 "--max-output-error", "1", "--min-agreement", "0", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "rankfold cannot run If (on the input's values) x1" in captured.err
+    assert "the 3 node(s) from there on" in captured.err  # ReduceMax, GreaterOrEqual (a bool) and the If
+    written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert "If" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert written.run(None, {"x": x[:1]})[0].shape == (1, 1)

@@ -410,7 +410,9 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     from rankfold.frontends.onnx import read_onnx
     from rankfold.frontends.onnx_split import split_at_unsupported
 
-    split = split_at_unsupported(read_onnx(args.model))
+    graph = read_onnx(args.model)
+    given_once = set(_graph_data(graph, args.model, args.calib, need_labels=False)[1]) if args.calib else set()
+    split = split_at_unsupported(graph, given_once)
     if split is not None:
         return _compress_head(args, budgets, split)
     return _compress_onnx(args, budgets)

@@ -71,7 +71,7 @@ def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> d
     found = {}
     for name, z in seen.items():
         for index, y in enumerate(outputs):
-            if y.numel() != z.numel() or y.shape[-1] != z.shape[-1] or y.shape[-1] < 2:
+            if y.ndim == 0 or y.numel() != z.numel() or y.shape[-1] != z.shape[-1] or y.shape[-1] < 2:
                 continue
             z64, y64 = z.to(torch.float64).reshape(y.shape), y.to(torch.float64)
             if float((torch.softmax(z64, -1) - y64).abs().max()) < MATCH_TOLERANCE:

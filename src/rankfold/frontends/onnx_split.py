@@ -47,30 +47,54 @@ def _names_read(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def split_at_unsupported(model: onnx.ModelProto) -> GraphSplit | None:
-    """The split of `model` where it has ops rankfold cannot run; None where it has none, or where
-    the head holds no layer (nothing to compress before them)."""
-    unsupported = unsupported_ops(model.graph.node)
+SHAPE_READS = ("Shape", "Size")  # their outputs depend on a tensor's size only, never on its values
+
+
+def _branching_on_values(graph: onnx.GraphProto, given_once: set[str]) -> list[onnx.NodeProto]:
+    """The If nodes whose condition depends on the per-sample input's values (not on constants,
+    inputs given once or sizes alone): rankfold cannot inline them (a wake-word model that runs
+    its verifier only where its first score reaches 0.5)."""
+    initializers = {t.name for t in graph.initializer}
+    on_values = {i.name for i in graph.input if i.name not in initializers and i.name not in given_once}
+    found = []
+    for node in graph.node:
+        if node.op_type == "If" and node.input[0] in on_values:
+            found.append(node)
+        if node.op_type not in SHAPE_READS and _names_read(node) & on_values:
+            on_values.update(o for o in node.output if o)
+    return found
+
+
+def split_at_unsupported(model: onnx.ModelProto, given_once: set[str] | None = None) -> GraphSplit | None:
+    """The split of `model` where it has ops rankfold cannot run (If nodes that branch on the
+    input's values among them); None where it has none, or where the head holds no layer (nothing
+    to compress before them). `given_once`: the inputs given once (constants of the result)."""
+    graph = model.graph
+    unsupported = unsupported_ops(graph.node)
+    branching = _branching_on_values(graph, given_once or set())
+    if branching:
+        unsupported["If (on the input's values)"] = len(branching)
     if not unsupported:
         return None
-    graph = model.graph
+    cut_at = {id(n) for n in branching}
     tainted: set[str] = set()
     head, tail = [], []
     for node in graph.node:
         name = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        if name in unsupported or _names_read(node) & tainted:
+        if name in unsupported or id(node) in cut_at or _names_read(node) & tainted:
             tail.append(node)
             tainted.update(o for o in node.output if o)
         else:
             head.append(node)
+    known = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    known.update({v.name: v for v in graph.output})
+    head, tail = _float_cut(head, tail, known)
     made_by_head = {o for n in head for o in n.output if o}
     cut = list(dict.fromkeys(name for n in tail for name in sorted(_names_read(n)) if name in made_by_head))
     outputs = list(graph.output)
     head_outputs = [o.name for o in outputs if o.name in made_by_head]
     if (not cut and not head_outputs) or not any(n.op_type in (*LAYER_OPS, *INTEGER_LAYER_OPS) for n in head):
         return None  # nothing to compress before them: the load refuses the graph, naming them
-    known = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    known.update({v.name: v for v in outputs})
     missing = [name for name in cut if name not in known or not known[name].type.tensor_type.elem_type]
     if missing:
         raise RankfoldError(f"unsupported ONNX ops ({', '.join(unsupported)}): the values they read "
@@ -88,6 +112,39 @@ def split_at_unsupported(model: onnx.ModelProto) -> GraphSplit | None:
     head_model.metadata_props.extend(model.metadata_props)
     return GraphSplit(head_model, tail, [t for name, t in initializers.items() if name in read_by_tail], cut,
                       outputs, inputs, unsupported, list(model.opset_import))
+
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _float_cut(head: list, tail: list, known: dict) -> tuple[list, list]:
+    """(head, tail) with the nodes that make a non-float or 0-d value the tail reads (a condition,
+    an index, a scalar over the batch), and the constants only the tail reads, moved to the tail
+    (and what they read in turn), so that the head ends in per-sample float values its self-check
+    compares; layers stay in the head."""
+    while True:
+        reads = set().union(*(_names_read(n) for n in tail)) if tail else set()
+        head_reads = set().union(*(_names_read(n) for n in head)) if head else set()
+
+        def goes(n: onnx.NodeProto) -> bool:
+            if n.op_type in LAYER_OPS:
+                return False
+            not_float = any(o in reads and o in known and (known[o].type.tensor_type.elem_type not in FLOAT_TYPES
+                                                           or _rank(known[o]) == 0) for o in n.output)
+            constant_for_tail = not n.input and any(o in reads for o in n.output) and not set(n.output) & head_reads
+            return not_float or constant_for_tail
+
+        moved = [n for n in head if goes(n)]
+        if not moved:
+            return head, tail
+        head = [n for n in head if all(n is not m for m in moved)]
+        order = {id(n): i for i, n in enumerate([*head, *moved, *tail])}
+        tail = sorted([*moved, *tail], key=lambda n: order[id(n)])
+
+
+def _rank(value: onnx.ValueInfoProto) -> int | None:
+    tensor = value.type.tensor_type
+    return len(tensor.shape.dim) if tensor.HasField("shape") else None
 
 
 def join(head: onnx.ModelProto, split: GraphSplit) -> onnx.ModelProto:
