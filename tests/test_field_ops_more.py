@@ -694,3 +694,32 @@ def test_an_if_on_the_inputs_values_is_kept_after_the_compressed_head(tmp_path, 
     written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert "If" in {n.op_type for n in onnx.load(str(out)).graph.node}
     assert written.run(None, {"x": x[:1]})[0].shape == (1, 1)
+
+
+@pytest.mark.parametrize("budget", [["--keep", "0.5"], ["--max-weight-bytes", "30%"]])
+def test_integer_and_0d_outputs_are_checked_not_a_traceback(tmp_path, capsys, budget):
+    """A classifier exported with its label (ArgMax, int64) and a confidence reduced over every
+    axis (0-d) beside its probabilities: the planner's metric and the self-check died on them."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "fc"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["prob"], axis=1),
+             helper.make_node("ArgMax", ["z"], ["label"], axis=1, keepdims=0),
+             helper.make_node("ReduceMax", ["prob"], ["confidence"], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("confidence", TensorProto.FLOAT, [])],
+        initializer=[_init("w", (rng.normal(size=(16, 3, 3, 3)) * 0.3).astype(np.float32)),
+                     _init("fc", (rng.normal(size=(16 * 64, 10)) * 0.05).astype(np.float32))])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    calib, report = tmp_path / "calib.npz", tmp_path / "report.json"
+    np.savez(calib, x=rng.normal(size=(96, 3, 8, 8)).astype(np.float32))
+    code = main(["compress", str(path), "--calib", str(calib), *budget, "-o", str(tmp_path / "o.onnx"),
+                 "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    kinds = {o["name"]: o["kind"] for o in json.loads(report.read_text())["self_check"]["outputs"]}
+    assert kinds["label"] == "labels"

@@ -164,6 +164,8 @@ def per_sample_likelihood_loss(output: Tensor, kind: str | None, seed: int, whic
     def generator(index: int) -> torch.Generator:
         return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 64 + which) % 2**63)
 
+    if not output.dtype.is_floating_point:  # labels, indices, masks: nothing a gradient reaches
+        return output.new_zeros((), dtype=torch.float32)
     axis = clear_sample_axis(tuple(output.shape), samples)
     if axis is None:
         return likelihood_loss(output, generator(first), kind)

@@ -18,7 +18,7 @@ from rankfold.settings import (
     calibration_batch,
 )
 
-CLASS_KINDS = ("classes", "sequence", "distribution")
+CLASS_KINDS = ("classes", "sequence", "distribution", "labels")  # labels: integer or boolean outputs
 
 
 def default_rules(kind: str, min_agreement: float, max_output_error: float) -> list[CheckRule]:
@@ -152,9 +152,19 @@ class _Tally:
         if self.kind == "next_token":
             self._add_next_token(y, y_hat, ids)
             return
+        if y.ndim == 0:  # one value over the whole batch (a confidence reduced over every axis)
+            y, y_hat = y.reshape(1, 1), y_hat.reshape(1, 1)
         if self.sample_axis is None:
             self.sample_axis = sample_axis(tuple(y.shape), batch or y.shape[0])
         y, y_hat = y.movedim(self.sample_axis, 0), y_hat.movedim(self.sample_axis, 0)
+        if not y.dtype.is_floating_point:  # labels, indices, masks: judged by how many are equal
+            self.kind = "labels"
+            same = (y == y_hat).reshape(y.shape[0], -1)
+            self.top1_hits += int(same.sum())
+            self.positions += same.numel()
+            self.sequence_hits += int(same.all(1).sum())
+            self.samples += y.shape[0]
+            return
         self.kind = self.kind or output_kind(y, self.logits)
         y, y_hat = y.to(torch.float64), y_hat.to(torch.float64)
         self.finite = self.finite and bool(torch.isfinite(y_hat).all())
@@ -203,6 +213,10 @@ class _Tally:
     def result(self, index: int, name: str | None) -> OutputAgreement:
         if self.kind == "next_token":
             return self._next_token_result(index, name)
+        if self.kind == "labels":  # its relative error: the share of values that differ
+            alike = self.top1_hits / max(self.positions, 1)
+            metrics = {"top1": alike, "relerr": 1.0 - alike, "sequence": self.sequence_hits / max(self.samples, 1)}
+            return OutputAgreement(index, alike, 1.0 - alike, "labels", name, metrics)
         # Score channels: the original's values all in [0, 1]. Box coordinates in pixels are above
         # any level everywhere and outweigh the scores in any error pooled over both, so IoU is
         # taken over the score channels alone, and relative error over each group apart (the worse).
@@ -259,6 +273,8 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
                 tallies = [_Tally(levels, kind=declared[i] if i < len(declared) else None, logits=i in logits)
                            for i in range(len(ys))]
             for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
+                if y.ndim == 0 and y_hat.numel() == 1:  # a 0-d value, as onnxruntime's batched runs stack it
+                    y_hat = y_hat.reshape(())
                 if y.shape != y_hat.shape:
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
                                         f"is {tuple(y.shape)}")
