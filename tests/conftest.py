@@ -7,6 +7,13 @@ import torch
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+    yield
+    # A CLI run sets the process's calibration batch and graph-state headroom from its memory plan
+    # (a graph fixed at batch 1 sets 1): back to the defaults, so no test sees another's.
+    from rankfold.settings import DEFAULT_BATCH, use_batch, use_memory_headroom
+
+    use_batch(DEFAULT_BATCH)
+    use_memory_headroom(None)
 
 
 def correlated_inputs(n: int, channels: int, *, dead: int = 0, seed: int = 0) -> torch.Tensor:

@@ -723,3 +723,14 @@ def test_integer_and_0d_outputs_are_checked_not_a_traceback(tmp_path, capsys, bu
     assert code == 0, err
     kinds = {o["name"]: o["kind"] for o in json.loads(report.read_text())["self_check"]["outputs"]}
     assert kinds["label"] == "labels"
+
+
+def test_eval_measures_a_detector_on_data_without_labels(tmp_path, capsys):
+    path = _detector_with_nms(tmp_path)
+    data = tmp_path / "scenes.npz"
+    np.savez(data, x=RNG.normal(size=(8, 3, 16, 16)).astype(np.float32))
+    assert main(["eval", str(path), "--data", str(data), "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy        not measured" in out and "MACs" in out and "parameters      2,049" in out
+    assert main(["eval", str(path), "--data", str(data), "--attack", "fgsm"]) == 2
+    assert "it needs labels y" in capsys.readouterr().err

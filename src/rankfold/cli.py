@@ -16,14 +16,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if os.path.isdir(args.model):
         return _eval_directory(args)
     if args.data is None:
-        raise RankfoldError(f"{args.model}: an ONNX model is measured on --data DATA.npz (x and labels y)")
+        raise RankfoldError(f"{args.model}: an ONNX model is measured on --data DATA.npz (x, and labels y for "
+                            "top-1 accuracy)")
     if args.text is not None:
         raise RankfoldError("--text measures a model directory (a language model or a sentence encoder); an ONNX "
                             "model takes --data")
     from rankfold.frontends.onnx import read_onnx
 
     graph = read_onnx(args.model)  # a clear error for a bad model before any work
-    data, fixed = _graph_data(graph, args.model, args.data, need_labels=True)
+    data, fixed = _graph_data(graph, args.model, args.data, need_labels=False)  # a detector's data has no labels
     if not fixed:
         return _eval_file(args, args.model, data.x, data.y)
     import tempfile
@@ -83,8 +84,10 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
     from rankfold.selfcheck import proportion_interval
 
     if args.limit:
-        x, y = x[: args.limit], y[: args.limit]
+        x, y = x[: args.limit], (None if y is None else y[: args.limit])
     attack = _attack_config(args, x)
+    if attack is not None and y is None:
+        raise RankfoldError(f"{args.data}: --attack measures top-1 under attack: it needs labels y")
     if args.original:
         if attack is None or attack.kind != "transfer":
             raise RankfoldError("--original is the model a transfer attack crafts on: it needs --attack transfer")
@@ -102,8 +105,11 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
         print(json.dumps({**result.to_dict(), "robustness": [r.to_dict() for r in robust]}))
         return
     print(f"model           {args.model}")
-    low, high = proportion_interval(result.accuracy, len(x))
-    print(f"accuracy        {result.accuracy:.4f}  ({len(x)} samples; 95 % interval {low:.4f}-{high:.4f})")
+    if result.accuracy is None:
+        print(f"accuracy        not measured: {args.data} has no labels y (the sizes and times below are)")
+    else:
+        low, high = proportion_interval(result.accuracy, len(x))
+        print(f"accuracy        {result.accuracy:.4f}  ({len(x)} samples; 95 % interval {low:.4f}-{high:.4f})")
     print(f"parameters      {result.params:,} ({human(result.params)})")
     print(f"MACs            {result.macs:,} ({human(result.macs)}) per sample")
     print(f"weight bytes    {result.weight_bytes:,}")
