@@ -417,7 +417,11 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     from rankfold.frontends.onnx_split import split_at_unsupported
 
     graph = read_onnx(args.model)
-    given_once = set(_graph_data(graph, args.model, args.calib, need_labels=False)[1]) if args.calib else set()
+    # Which inputs are given once decides which Ifs branch on the input's values: read only where there are Ifs
+    # (the calibration file is read again, whole, by the run itself)
+    branches = any(n.op_type == "If" for n in graph.graph.node)
+    given_once = set(_graph_data(graph, args.model, args.calib, need_labels=False)[1]) if args.calib and branches \
+        else set()
     split = split_at_unsupported(graph, given_once)
     if split is not None:
         return _compress_head(args, budgets, split)

@@ -128,6 +128,13 @@ def _tolerance(model: nn.Module) -> float:
     return DYNAMIC_QUANTIZATION_RTOL if any(s.op == "DynamicQuantizeLinear" for s in steps) else RTOL
 
 
+def relative_error(got: np.ndarray, wanted: np.ndarray) -> float:
+    """||got - wanted|| over ||wanted||, or over a unit noise floor where `wanted` is near zero
+    (NOISE_RMS): how far two runs of one graph are apart."""
+    return float(np.linalg.norm(got - wanted) / max(np.linalg.norm(wanted), NOISE_RMS * np.sqrt(max(wanted.size, 1)),
+                                                    1e-30))
+
+
 def _verify(path: str, example_input: Tensor, expected, rtol: float = RTOL) -> None:
     from rankfold.runtime import session as ort_session
 
@@ -137,6 +144,6 @@ def _verify(path: str, example_input: Tensor, expected, rtol: float = RTOL) -> N
     wanted = expected if isinstance(expected, tuple) else (expected,)
     for g, w in zip(got, wanted):
         w = w.detach().cpu().numpy()
-        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), NOISE_RMS * np.sqrt(max(w.size, 1)), 1e-30))
+        err = relative_error(g, w)
         if err > rtol:
             raise RankfoldError(f"exported ONNX disagrees with PyTorch: relative error {err:.2e} > {rtol:g}")

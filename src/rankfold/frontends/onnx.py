@@ -365,7 +365,7 @@ def onnxruntime_disagreement(path: str | os.PathLike, module: nn.Module, x: Tens
     farthest from onnxruntime's run of the file itself on the samples `x` (float outputs; an error
     on the scale of the output, or of a near-zero one's unit noise floor); None where onnxruntime
     cannot run the file as given (nothing to compare with)."""
-    from rankfold.export.onnx import NOISE_RMS
+    from rankfold.export.onnx import relative_error
     from rankfold.runtime import run_batched, session
 
     try:
@@ -388,10 +388,7 @@ def onnxruntime_disagreement(path: str | os.PathLike, module: nn.Module, x: Tens
     for name, mine, theirs in zip(getattr(module, "output_names", []), got, expected):
         if not isinstance(mine, Tensor) or not np.issubdtype(theirs.dtype, np.floating) or mine.shape != theirs.shape:
             continue
-        theirs = theirs.astype(np.float64)
-        floor = NOISE_RMS * np.sqrt(max(theirs.size, 1))
-        error = float(np.linalg.norm(mine.detach().double().cpu().numpy() - theirs) /
-                      max(np.linalg.norm(theirs), floor, 1e-30))
+        error = relative_error(mine.detach().double().cpu().numpy(), theirs.astype(np.float64))
         if worst is None or error > worst[1]:
             worst = (name, error)
     return worst
@@ -866,12 +863,16 @@ def _size_dependence(nodes) -> str | None:
     return None
 
 
+def qualified_op(node: onnx.NodeProto) -> str:
+    """A node's op as SUPPORTED_OPS names it: the default domain's bare, others domain-qualified."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
 def unsupported_ops(nodes) -> dict[str, int]:
     """Every op of `nodes` that the converter cannot run, with how often it occurs."""
     counts: dict[str, int] = {}
     for node in nodes:
-        standard = node.domain in ("", "ai.onnx")
-        name = node.op_type if standard else f"{node.domain}.{node.op_type}"
+        name = qualified_op(node)
         if name not in SUPPORTED_OPS:
             counts[name] = counts.get(name, 0) + 1
     return counts
@@ -883,8 +884,7 @@ def _refuse_unsupported(nodes) -> None:
     counts = unsupported_ops(nodes)
     if not counts:
         return
-    first = next(n for n in nodes if (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
-                 in counts)
+    first = next(n for n in nodes if qualified_op(n) in counts)
     listed = ", ".join(f"{op} x{count}" for op, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     plural = "s" if len(counts) > 1 else ""
     raise RankfoldError(

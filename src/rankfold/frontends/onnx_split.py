@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from rankfold.errors import RankfoldError, first_line
-from rankfold.frontends.onnx import INTEGER_LAYER_OPS, LAYER_OPS, default_opset, unsupported_ops
+from rankfold.frontends.onnx import INTEGER_LAYER_OPS, LAYER_OPS, default_opset, qualified_op, unsupported_ops
 
 TAIL_PREFIX = "rankfold_tail/"  # a tail name that the compressed head also uses is renamed so
 
@@ -80,8 +80,7 @@ def split_at_unsupported(model: onnx.ModelProto, given_once: set[str] | None = N
     tainted: set[str] = set()
     head, tail = [], []
     for node in graph.node:
-        name = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        if name in unsupported or id(node) in cut_at or _names_read(node) & tainted:
+        if qualified_op(node) in unsupported or id(node) in cut_at or _names_read(node) & tainted:
             tail.append(node)
             tainted.update(o for o in node.output if o)
         else:
