@@ -255,7 +255,7 @@ def conversion_error(path: str, x: np.ndarray, given_once: dict) -> float:
     from rankfold.frontends.onnx import load_onnx
 
     module = load_onnx(path, given_once, torch.from_numpy(x))
-    step = module.fixed_batch or len(x)  # a graph exported at batch 1 runs one sample at a time, as ort_outputs
+    step = module.runs_at_batch or len(x)  # a graph exported at batch 1 runs one sample at a time, as ort_outputs
     with torch.no_grad():
         parts = [module(torch.from_numpy(x[i : i + step])) for i in range(0, len(x), step)]
     parts = [p if isinstance(p, tuple) else (p,) for p in parts]

@@ -297,6 +297,57 @@ def test_a_batch_fixed_at_one_stays_fixed(tmp_path):
         assert got.shape == (1, 10) and np.linalg.norm(got - want) / np.linalg.norm(want) < 0.5
 
 
+class JoinsABatchOneConstant(FlattensWithBatchOne):
+    """A graph whose batch of 1 is baked into a constant it concatenates (a state, a class token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("state", torch.randn(1, 1, 8, 8))
+        self.fc = nn.Linear(17 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.cat([torch.relu(self.conv(x)), self.state], 1).reshape(1, -1))
+
+
+class TransposesItsBatchAway(FlattensWithBatchOne):
+    """A leading 1 in a Reshape that is not the batch: (1, 16, 64) -> (16, 1, 64) -> (1, 16*64)."""
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).reshape(1, 16, 64).transpose(0, 1).reshape(1, 16, 1, 64)
+        return self.fc(y.reshape(1, -1))
+
+
+@pytest.mark.parametrize("model, free", [(FlattensWithBatchOne, True), (JoinsABatchOneConstant, False)])
+def test_a_batch_one_graph_runs_its_steps_in_batches_where_each_sample_is_computed_alone(tmp_path, model, free):
+    """A graph exported at batch 1 with a Reshape(1, -1) computes each sample alone once that 1 is
+    read as the batch: calibration then runs in batches (Inception v1 of the ONNX zoo planned one
+    sample at a time for more than 10 minutes). A constant with the batch of 1 baked in keeps it."""
+    from rankfold.frontends.onnx import load_onnx
+
+    x = torch.randn(6, 3, 8, 8)
+    module = load_onnx(_export(model(), x[:1], tmp_path / "b1.onnx", dynamic_batch=False), None, x[:2])
+    assert module.fixed_batch == 1 and module.runs_at_batch == (None if free else 1)
+    if free:
+        with torch.no_grad():
+            together = module(x)
+            alone = torch.cat([module(x[i : i + 1]) for i in range(len(x))])
+        assert together.shape == (6, 10) and torch.allclose(together, alone, atol=1e-5)
+
+
+def test_a_leading_one_that_is_not_the_batch_keeps_its_reshape(tmp_path):
+    """Read as the batch, the first Reshape's leading 1 would take 16 at batch 1 (its input leads
+    with 1, the one after the transpose with 16): the probe at batch 1 tells the two apart."""
+    from rankfold.frontends.onnx import load_onnx
+
+    x = torch.randn(4, 3, 8, 8)
+    path = _export(TransposesItsBatchAway(), x[:1], tmp_path / "b1.onnx", dynamic_batch=False)
+    module = load_onnx(path, None, x[:2])
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x[:1].numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(module(x[:1]).numpy(), want, atol=1e-5)
+    assert module.runs_at_batch == 1  # the batch is lost in the transpose: one sample at a time
+
+
 class ReadsItsSize(nn.Module):
     """A head that builds a grid from its input's width, as detector heads do (Shape -> Range)."""
 

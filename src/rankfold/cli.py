@@ -319,7 +319,7 @@ def _load_inputs(args: argparse.Namespace):
         raise RankfoldError(f"{args.model}: the graph's batch is fixed at {model.fixed_batch}; rankfold takes a "
                             "dynamic batch or a batch fixed at 1 (export the model again with either)")
     example = calib[:2] if calib is not None else _example_input(graph)
-    example = example[: model.fixed_batch or len(example)]
+    example = example[: model.fixed_batch or len(example)]  # what the export traces: the file's batch
     _check_rules_known(args, model)
     _use_memory_budget(args, model, example, calib)
     return graph, model, calib, example
@@ -373,9 +373,12 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
     args.memory_line = "  " + memory.describe()  # said when the work starts, after every check
     if state:
         args.memory_line += f", {format_bytes(state)} of it for the graph state between layers"
-    if getattr(model, "fixed_batch", None):  # ONNX graphs say; modules from a directory never fix it
+    if getattr(model, "runs_at_batch", None):  # ONNX graphs say; modules from a directory never fix it
         args.memory_line += "\n  the graph's batch is fixed at 1: calibration runs one sample at a time, and " \
                             "the result keeps the fixed batch"
+    elif getattr(model, "fixed_batch", None):
+        args.memory_line += "\n  the graph's batch is fixed at 1, and the result keeps it; its steps compute each " \
+                            "sample alone at any batch (checked on two samples), so calibration runs in batches"
     if getattr(model, "size_note", None):
         args.memory_line += "\n  " + model.size_note
     if getattr(model, "quantized_note", None):

@@ -90,7 +90,7 @@ def saved_bytes_per_sample(model: nn.Module, example: Tensor) -> int:
         return total
 
     one = example[:1]
-    if getattr(model, "fixed_batch", None) == 1:  # the graph runs one sample at a time
+    if getattr(model, "runs_at_batch", None) == 1:  # the graph runs one sample at a time
         return max(saved(one), one.numel() * 4)
     two = torch.cat([one, one])
     return max(saved(two) - saved(one), one.numel() * 4)
@@ -177,7 +177,7 @@ def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
         per_sample = 2 * peak_state_bytes(model, example[:1])  # the original's and the compressed one's
         # A graph whose batch is fixed runs that many samples a pass whatever the memory: asking room
         # for 8 sent ddddocr's batch-1 recogniser to prefix passes (one pass up to every layer).
-        wanted = min(8, len(calib), getattr(model, "fixed_batch", None) or 8)
+        wanted = min(8, len(calib), getattr(model, "runs_at_batch", None) or 8)
         for samples in sorted({min(n, len(calib)) for n in (len(calib), 128, 64, 32)}, reverse=True):
             state = per_sample * samples
             try:
@@ -191,7 +191,7 @@ def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
 
 def _at_most_fixed(memory: MemoryPlan, model: nn.Module) -> MemoryPlan:
     """A graph exported with a fixed batch runs that many samples a pass, whatever room there is."""
-    fixed = getattr(model, "fixed_batch", None)  # ONNX graphs say; modules from a directory never fix it
+    fixed = getattr(model, "runs_at_batch", None)  # ONNX graphs say; modules from a directory never fix it
     return replace(memory, batch=min(memory.batch, fixed)) if fixed else memory
 
 

@@ -55,7 +55,7 @@ class Step:
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
-                  "fixed_inputs", "quantized_note", "opset_note", "widened_note")
+                  "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note", "widened_note")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -82,6 +82,9 @@ class OnnxModule(nn.Module):
         self.buffer_of: dict[str, str] = {}  # ONNX value name -> buffer attribute
         self.dynamic_axes: dict[str, dict[int, str]] = {}  # open axes after the batch, kept on export
         self.fixed_batch: int | None = None  # the batch size the graph was exported with, when it is fixed
+        # The batch each run of the steps takes: the fixed batch, or None (any) where a probe showed
+        # the steps compute each sample alone at any batch (batch_free_steps); the file keeps its batch.
+        self.runs_at_batch: int | None = None
         self.size_note: str | None = None  # why open axes after the batch are fixed on export
         self.fixed_inputs: list[str] = []  # graph inputs given once: constants of this module and its results
         self.quantized_note: str | None = None  # an already-quantized graph: which integer ops are read in float
@@ -192,11 +195,87 @@ def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = 
     becomes the branch it takes when both agree, and the result keeps the probe's size."""
     model = read_onnx(path)
     try:
-        return _Converter(model, fixed or {}, probe).convert()
+        module = _Converter(model, fixed or {}, probe).convert()
     except RankfoldError:
         raise
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
         raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {first_line(exc)}") from None
+    if module.fixed_batch == 1 and probe is not None and len(probe) > 1:
+        batch_free_steps(module, probe)
+    return module
+
+
+def batch_free_steps(module: OnnxModule, probe: Tensor) -> bool:
+    """Let a graph exported at batch 1 run its steps on many samples at once, where that computes
+    exactly what it computes on each sample alone: calibration then runs in batches, not one sample
+    at a time (Inception v1 of the ONNX zoo: 10 minutes and more). A Reshape whose constant shape
+    leads with the 1 of the batch is read as keeping the batch; `probe` (two samples or more) shows
+    that the steps agree, on every output, run together and one by one, with and without that
+    reading. Sets module.runs_at_batch to None and says True where they do; changes nothing else."""
+    if len(module.input_names) != 1:
+        return False
+    alone = _one_by_one(module, probe)
+    if alone is None:
+        return False
+    leads = [s for s in module.steps if s.op == "Reshape" and _leads_with_one(module, s)]
+    for candidates in ([leads, []] if leads else [[]]):
+        for step in candidates:
+            step.attrs["batch_lead"] = True
+        if _same_outputs(_one_by_one(module, probe), alone) and _same_outputs(_together(module, probe), alone):
+            module.runs_at_batch = None
+            return True
+        for step in candidates:
+            step.attrs.pop("batch_lead", None)
+    return False
+
+
+def _leads_with_one(module: OnnxModule, step: Step) -> bool:
+    """A Reshape to a constant shape that starts with 1 (the batch, where the graph's batch is 1)."""
+    shape = step.baked.get(1)
+    if shape is None and step.inputs[1] in module.buffer_of:
+        shape = getattr(module, module.buffer_of[step.inputs[1]]).tolist()
+    return isinstance(shape, list) and len(shape) > 1 and shape[0] == 1 and not step.attrs.get("allowzero", 0)
+
+
+def _one_by_one(module: OnnxModule, probe: Tensor) -> list[Tensor] | None:
+    """The outputs on each sample alone, stacked; None where an output does not lead with the batch,
+    or where the steps cannot run (a Reshape's leading 1 read as a batch it is not)."""
+    try:
+        with torch.no_grad():
+            parts = [_as_tuple(module(probe[i : i + 1])) for i in range(len(probe))]
+    except Exception:
+        return None
+    if not all(isinstance(v, Tensor) and v.ndim and len(v) == 1 for p in parts for v in p):
+        return None
+    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def _together(module: OnnxModule, probe: Tensor) -> list[Tensor] | None:
+    try:
+        with torch.no_grad():
+            return list(_as_tuple(module(probe)))
+    except Exception:  # a shape baked at batch 1 (a state, a constant to concatenate): not batch-free
+        return None
+
+
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _same_outputs(got: list[Tensor] | None, wanted: list[Tensor] | None) -> bool:
+    """Equal but for float rounding (a batched convolution sums in another order)."""
+    from rankfold.export.onnx import relative_error
+
+    if got is None or wanted is None or len(got) != len(wanted):
+        return False
+    for g, w in zip(got, wanted):
+        if not isinstance(g, Tensor) or g.shape != w.shape or g.dtype != w.dtype:
+            return False
+        if not g.is_floating_point() and not torch.equal(g, w):
+            return False
+        if g.is_floating_point() and relative_error(g.double().cpu().numpy(), w.double().cpu().numpy()) > 1e-4:
+            return False
+    return True
 
 
 def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
@@ -379,7 +458,7 @@ def onnxruntime_disagreement(path: str | os.PathLike, module: nn.Module, x: Tens
         expected = run_batched(runner, None, sample, x.detach().cpu().numpy())
     except Exception:  # a file onnxruntime cannot run as given: the conversion has no reference here
         return None
-    step = getattr(module, "fixed_batch", None) or len(x)  # a graph fixed at batch 1 runs sample by sample
+    step = getattr(module, "runs_at_batch", None) or len(x)  # a graph fixed at batch 1 runs sample by sample
     with torch.no_grad():
         parts = [module(x[i : i + step]) for i in range(0, len(x), step)]
     parts = [p if isinstance(p, tuple) else (p,) for p in parts]
@@ -471,7 +550,7 @@ class _Converter:
                                           "then compressed and quantized again like a float graph")
         graph_inputs = [i for i in self.graph.input if i.name in inputs]
         self.module.dynamic_axes = symbolic_axes(graph_inputs + list(self.graph.output))
-        self.module.fixed_batch = _fixed_batch(graph_inputs)
+        self.module.fixed_batch = self.module.runs_at_batch = _fixed_batch(graph_inputs)
         reason = _size_dependence(self.graph.node) if self.module.dynamic_axes else None
         if reason:  # sizes computed from the calibration inputs would be baked in: declare them fixed
             self.module.dynamic_axes = {}

@@ -367,6 +367,10 @@ def _reshape(vals, attrs):
     x, shape = vals[0], ints(vals[1])
     if not attrs.get("allowzero", 0):
         shape = [x.shape[i] if isinstance(d, int) and d == 0 else d for i, d in enumerate(shape)]
+    # The leading 1 of a graph exported at batch 1 is the batch (batch_free_steps); the export, traced
+    # at batch 1, keeps the file's constant shape.
+    if attrs.get("batch_lead") and not torch.jit.is_tracing():
+        shape = [x.shape[0], *shape[1:]]
     return [x.reshape(shape)]
 
 
