@@ -317,21 +317,24 @@ class TransposesItsBatchAway(FlattensWithBatchOne):
         return self.fc(y.reshape(1, -1))
 
 
-@pytest.mark.parametrize("model, free", [(FlattensWithBatchOne, True), (JoinsABatchOneConstant, False)])
-def test_a_batch_one_graph_runs_its_steps_in_batches_where_each_sample_is_computed_alone(tmp_path, model, free):
+@pytest.mark.parametrize("model, sample_axis", [(FlattensWithBatchOne, 0), (SequenceFirstLogits, 1),
+                                                (JoinsABatchOneConstant, None)])
+def test_a_batch_one_graph_runs_its_steps_in_batches_where_each_sample_is_computed_alone(tmp_path, model,
+                                                                                         sample_axis):
     """A graph exported at batch 1 with a Reshape(1, -1) computes each sample alone once that 1 is
     read as the batch: calibration then runs in batches (Inception v1 of the ONNX zoo planned one
-    sample at a time for more than 10 minutes). A constant with the batch of 1 baked in keeps it."""
+    sample at a time for more than 10 minutes); so does a sequence-first recogniser (its samples
+    on axis 1). A constant with the batch of 1 baked in keeps one sample a run."""
     from rankfold.frontends.onnx import load_onnx
 
-    x = torch.randn(6, 3, 8, 8)
+    x = torch.randn(6, 3, 8, 32 if model is SequenceFirstLogits else 8)
     module = load_onnx(_export(model(), x[:1], tmp_path / "b1.onnx", dynamic_batch=False), None, x[:2])
-    assert module.fixed_batch == 1 and module.runs_at_batch == (None if free else 1)
-    if free:
+    assert module.fixed_batch == 1 and module.runs_at_batch == (1 if sample_axis is None else None)
+    if sample_axis is not None:
         with torch.no_grad():
             together = module(x)
-            alone = torch.cat([module(x[i : i + 1]) for i in range(len(x))])
-        assert together.shape == (6, 10) and torch.allclose(together, alone, atol=1e-5)
+            alone = torch.cat([module(x[i : i + 1]) for i in range(len(x))], sample_axis)
+        assert together.shape[sample_axis] == 6 and torch.allclose(together, alone, atol=1e-5)
 
 
 def test_a_leading_one_that_is_not_the_batch_keeps_its_reshape(tmp_path):

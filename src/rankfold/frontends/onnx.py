@@ -221,7 +221,7 @@ def batch_free_steps(module: OnnxModule, probe: Tensor) -> bool:
     for candidates in ([leads, []] if leads else [[]]):
         for step in candidates:
             step.attrs["batch_lead"] = True
-        if _same_outputs(_one_by_one(module, probe), alone) and _same_outputs(_together(module, probe), alone):
+        if _same_outputs(_one_by_one(module, probe), alone) and _same_outputs(_stacked(module, probe, alone), alone):
             module.runs_at_batch = None
             return True
         for step in candidates:
@@ -237,44 +237,57 @@ def _leads_with_one(module: OnnxModule, step: Step) -> bool:
     return isinstance(shape, list) and len(shape) > 1 and shape[0] == 1 and not step.attrs.get("allowzero", 0)
 
 
-def _one_by_one(module: OnnxModule, probe: Tensor) -> list[Tensor] | None:
-    """The outputs on each sample alone, stacked; None where an output does not lead with the batch,
-    or where the steps cannot run (a Reshape's leading 1 read as a batch it is not)."""
+def _one_by_one(module: OnnxModule, probe: Tensor) -> list[list[Tensor]] | None:
+    """Each output on each sample alone; None where the steps cannot run (a Reshape's leading 1
+    read as a batch it is not)."""
     try:
         with torch.no_grad():
             parts = [_as_tuple(module(probe[i : i + 1])) for i in range(len(probe))]
     except Exception:
         return None
-    if not all(isinstance(v, Tensor) and v.ndim and len(v) == 1 for p in parts for v in p):
-        return None
-    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+    return [[p[k] for p in parts] for k in range(len(parts[0]))]
 
 
-def _together(module: OnnxModule, probe: Tensor) -> list[Tensor] | None:
+def _stacked(module: OnnxModule, probe: Tensor, alone: list[list[Tensor]]) -> list[list[Tensor]] | None:
+    """Each output of one run on all samples, split into samples along its sample axis: where one
+    sample's output (in `alone`) has 1 and this run as many as the probe, every other axis equal
+    (the batch, or axis 1 of a sequence-first output)."""
     try:
         with torch.no_grad():
-            return list(_as_tuple(module(probe)))
+            outputs = _as_tuple(module(probe))
     except Exception:  # a shape baked at batch 1 (a state, a constant to concatenate): not batch-free
         return None
+    return [_split_samples(v, tuple(parts[0].shape), len(probe)) for v, parts in zip(outputs, alone)]
+
+
+def _split_samples(value, one: tuple[int, ...], samples: int) -> list:
+    shape = tuple(getattr(value, "shape", ()))
+    axes = [i for i in range(len(one)) if len(shape) == len(one) and one[i] == 1 and shape[i] == samples
+            and shape[:i] + shape[i + 1 :] == one[:i] + one[i + 1 :]]
+    return list(value.split(1, axes[0])) if axes else [value]
 
 
 def _as_tuple(outputs) -> tuple:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def _same_outputs(got: list[Tensor] | None, wanted: list[Tensor] | None) -> bool:
-    """Equal but for float rounding (a batched convolution sums in another order)."""
+def _same_outputs(got: list[list[Tensor]] | None, wanted: list[list[Tensor]] | None) -> bool:
+    """The same samples' outputs, equal but for float rounding (a batched convolution sums in
+    another order)."""
     from rankfold.export.onnx import relative_error
 
     if got is None or wanted is None or len(got) != len(wanted):
         return False
-    for g, w in zip(got, wanted):
-        if not isinstance(g, Tensor) or g.shape != w.shape or g.dtype != w.dtype:
+    for g_parts, w_parts in zip(got, wanted):
+        if len(g_parts) != len(w_parts):
             return False
-        if not g.is_floating_point() and not torch.equal(g, w):
-            return False
-        if g.is_floating_point() and relative_error(g.double().cpu().numpy(), w.double().cpu().numpy()) > 1e-4:
-            return False
+        for g, w in zip(g_parts, w_parts):
+            if not isinstance(g, Tensor) or not isinstance(w, Tensor) or g.shape != w.shape or g.dtype != w.dtype:
+                return False
+            if not g.is_floating_point() and not torch.equal(g, w):
+                return False
+            if g.is_floating_point() and relative_error(g.double().cpu().numpy(), w.double().cpu().numpy()) > 1e-4:
+                return False
     return True
 
 
