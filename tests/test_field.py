@@ -470,6 +470,31 @@ def test_eval_counts_the_macs_of_a_graph_with_open_dimensions_at_the_datas_size(
     assert result.macs == 4 * 3 * 3 * 3 * 8 * 10
 
 
+def test_macs_count_the_costlier_branch_of_an_if():
+    """An If runs one of its branches (Silero VAD: the 16 kHz or the 8 kHz model): its MACs are the
+    costlier branch's (before: an If's branches counted nothing)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rankfold.evaluate import onnx_macs
+
+    rng = np.random.default_rng(0)
+
+    def branch(name, width):
+        weight = numpy_helper.from_array(rng.standard_normal((8, width)).astype(np.float32), f"w_{name}")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"])], name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [None, width])],
+                                 [weight])
+
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("wide", 16), else_branch=branch("narrow", 4))]
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert onnx_macs(model) == 8 * 16
+
+
 class _DetectorHead(nn.Module):
     """(N, 4 + classes, anchors) like YOLOv8, or (N, anchors, 4 + classes) like YOLOv5: box
     coordinates in pixels beside sigmoid class scores; `lose_scores` drops every score to ~0."""

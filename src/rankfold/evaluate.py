@@ -98,9 +98,21 @@ def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None 
 
 
 def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Every value's declared or inferred shape (0 where a dimension is unknown)."""
-    return {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-            for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    """Every value's declared or inferred shape (0 where a dimension is unknown), inside an If's
+    branches too."""
+    return _graph_shapes(model.graph)
+
+
+def _graph_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+              for vi in [*graph.input, *graph.value_info, *graph.output]}
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                shapes.update((name, dims) for name, dims in _graph_shapes(a.g).items()
+                              if dims and 0 not in dims or name not in shapes)
+                shapes.update((init.name, list(init.dims)) for init in a.g.initializer)
+    return shapes
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -125,10 +137,19 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None) -> int:
-    """MACs for batch 1, from ONNX shape inference with the batch dimension fixed to 1."""
+    """MACs for batch 1, from ONNX shape inference with the batch dimension fixed to 1. An If
+    counts its costlier branch (Silero VAD's 16 kHz and 8 kHz models: the run takes one of them)."""
     inferred, shapes = _batch1_shapes(model, sample_shape)
+    return _graph_macs(inferred.graph, shapes)
+
+
+def _graph_macs(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> int:
     total = 0
-    for node in inferred.graph.node:
+    for node in graph.node:
+        if node.op_type == "If":
+            total += max((_graph_macs(a.g, shapes) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH),
+                         default=0)
+            continue
         if node.op_type in RECURRENT_OPS:  # sized by its input: ONNX cannot infer a contrib op's output
             total += _recurrent_macs(node, shapes)
             continue
