@@ -617,6 +617,27 @@ def test_a_graph_with_ops_rankfold_cannot_run_is_compressed_up_to_them(tmp_path,
         assert np.linalg.norm(got[1] - want[1]) < np.linalg.norm(want[1])  # the scores the head computes, kept
 
 
+def test_a_plan_for_the_head_of_a_graph_with_ops_rankfold_cannot_run_applies_to_the_whole_file(tmp_path, capsys):
+    """compress --plan-out on such a graph writes the head's plan; apply cuts the graph the same
+    way, applies the plan to the head and joins the rest: the same weights as compress wrote."""
+    path = _detector_with_nms(tmp_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.normal(size=(96, 3, 16, 16)).astype(np.float32))
+    loose = ["--max-output-error", "1", "--min-agreement", "0"]
+    plan, compressed, applied = tmp_path / "plan.json", tmp_path / "compressed.onnx", tmp_path / "applied.onnx"
+    assert main(["compress", str(path), "--calib", str(calib), "--max-params", "60%", "--plan-out", str(plan),
+                 *loose, "-o", str(compressed)]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(plan), str(path), "--calib", str(calib), *loose, "-o", str(applied)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {applied}: the compressed head joined to the 3 node(s) kept after it" in out
+    weights = [{t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer}
+               for p in (compressed, applied)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+    assert "NonMaxSuppression" in {n.op_type for n in onnx.load(str(applied)).graph.node}
+
+
 def test_a_graph_with_nothing_to_compress_before_its_unsupported_ops_is_refused_naming_them(tmp_path, capsys):
     nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Bernoulli", ["a"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])],

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from rankfold.errors import RankfoldError, first_line
 from rankfold.io import check_output_directory, check_outputs
@@ -416,6 +417,15 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     if args.mlp_keep is not None:
         raise RankfoldError("--mlp-keep prunes the feed-forward blocks of a transformer read from a Hugging Face model "
                             "directory; an ONNX model has no such option")
+    split = _split_of(args)
+    if split is not None:
+        return _on_head(args, split, lambda: _compress_onnx(args, budgets))
+    return _compress_onnx(args, budgets)
+
+
+def _split_of(args: argparse.Namespace):
+    """The graph of --model cut before the ops rankfold cannot run (onnx_split.py), or None where
+    it runs them all."""
     from rankfold.frontends.onnx import read_onnx
     from rankfold.frontends.onnx_split import split_at_unsupported
 
@@ -425,16 +435,13 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     branches = any(n.op_type == "If" for n in graph.graph.node)
     given_once = set(_graph_data(graph, args.model, args.calib, need_labels=False)[1]) if args.calib and branches \
         else set()
-    split = split_at_unsupported(graph, given_once)
-    if split is not None:
-        return _compress_head(args, budgets, split)
-    return _compress_onnx(args, budgets)
+    return split_at_unsupported(graph, given_once)
 
 
-def _compress_head(args: argparse.Namespace, budgets: dict[str, str], split) -> None:
-    """compress on a graph with ops rankfold cannot run: its head (onnx_split.py) compressed and
-    checked as a graph of its own in a scratch directory, then joined to the nodes after it, run
-    once in onnxruntime, and written to -o."""
+def _on_head(args: argparse.Namespace, split, run: Callable[[], None]) -> None:
+    """compress or apply on a graph with ops rankfold cannot run: `run` works on its head
+    (onnx_split.py), compressed and checked as a graph of its own in a scratch directory; the
+    result is joined to the nodes after it, run once in onnxruntime, and written to -o."""
     import tempfile
 
     import onnx
@@ -451,7 +458,7 @@ def _compress_head(args: argparse.Namespace, budgets: dict[str, str], split) -> 
         onnx.save(split.head, head_path)
         args.model, args.output, args.force, args.joined_to = head_path, compressed, True, given[1]
         try:
-            _compress_onnx(args, budgets)
+            run()
         finally:
             args.model, args.output, args.force, args.joined_to = (*given, None)
         joined = join(onnx.load(compressed), split)
@@ -467,7 +474,7 @@ def _compress_head(args: argparse.Namespace, budgets: dict[str, str], split) -> 
 
 
 def _wrote(args: argparse.Namespace) -> str:
-    if getattr(args, "joined_to", None):  # a head compressed in scratch (_compress_head): -o is written after
+    if getattr(args, "joined_to", None):  # a head compressed in scratch (_on_head): -o is written after
         return "the compressed head is ready; joining the nodes kept after it"
     return f"wrote {args.output}"
 
@@ -913,10 +920,18 @@ def _size_line(before, after, seconds: float) -> str:
 
 
 def _cmd_apply(args: argparse.Namespace) -> None:
-    from rankfold.planner.pipeline import CHECK_SAMPLES, apply_and_check
     from rankfold.planner.plan import load_plan
 
     plan = load_plan(args.plan)
+    split = _split_of(args)  # a plan that compress wrote for a graph's head applies to that head
+    if split is not None:
+        return _on_head(args, split, lambda: _apply(args, plan))
+    return _apply(args, plan)
+
+
+def _apply(args: argparse.Namespace, plan) -> None:
+    from rankfold.planner.pipeline import CHECK_SAMPLES, apply_and_check
+
     _check_outputs(args)
     _graph, model, calib, example = _load_inputs(args)
     _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back as in planning")
