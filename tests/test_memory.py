@@ -185,3 +185,31 @@ def test_a_sequence_first_output_draws_its_labels_per_sample():
         assert _relative(small[name].sensitivity, whole[name].sensitivity) < 1e-4, name
     small, whole = (output_metrics(model, ["conv", "head"], calib, batch_size=b) for b in (3, 12))
     assert _relative(small["conv"].root, whole["conv"].root) < 1e-4
+
+
+class _KeepsAWeakRefToItsOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.outputs: list = []
+
+    def forward(self, x):
+        import weakref
+
+        y = torch.sigmoid(self.conv(x))  # sigmoid saves its own output for the backward pass
+        self.outputs.append(weakref.ref(y))
+        return y
+
+
+def test_measuring_what_autograd_saves_frees_it_again():
+    """The measure of the bytes autograd saves a sample must not keep them: an output saved for
+    the backward pass held its own grad_fn through the counting hook, a cycle no collector sees,
+    and every plan leaked 1.3 GB for an 800 x 608 detector (refused: "the process now 11.9 GB")."""
+    import gc
+
+    from rankfold.host_memory import saved_bytes_per_sample
+
+    model = _KeepsAWeakRefToItsOutput()
+    assert saved_bytes_per_sample(model, torch.randn(1, 3, 8, 8)) > 0
+    gc.collect()
+    assert model.outputs and all(ref() is None for ref in model.outputs)
