@@ -131,6 +131,30 @@ def scenes(rng, n: int, *, size: int = 320) -> np.ndarray:
     return np.stack([np.asarray(_scene(rng, size), np.float32).transpose(2, 0, 1) / 255.0 for _ in range(n)])
 
 
+def _slider_captcha(rng, size: int) -> Image.Image:
+    """A slider captcha: a scene at 2:1 with a darkened puzzle-piece gap (a square with a knob,
+    outlined), letterboxed to a square with grey (114) as YOLOv8 pre-processing pads."""
+    width, height = size, size // 2
+    scene = _scene(rng, size).resize((width, height))
+    piece = int(rng.integers(height // 4, height // 3))
+    x0, y0 = int(rng.integers(width // 3, width - piece - 20)), int(rng.integers(10, height - piece - 10))
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    draw.rectangle((x0, y0, x0 + piece, y0 + piece), fill=255)
+    knob = piece // 3
+    draw.ellipse((x0 + (piece - knob) // 2, y0 - knob // 2, x0 + (piece + knob) // 2, y0 + knob // 2), fill=255)
+    scene = Image.composite(Image.eval(scene, lambda v: int(v * 0.45)), scene, mask)
+    ImageDraw.Draw(scene).rectangle((x0, y0, x0 + piece, y0 + piece), outline=(235, 235, 235), width=2)
+    canvas = Image.new("RGB", (size, size), (114, 114, 114))
+    canvas.paste(scene, (0, (size - height) // 2))
+    return canvas
+
+
+def slider_captchas(rng, n: int, *, size: int = 640) -> np.ndarray:
+    """captcha-recognizer's YOLOv8-seg inputs: RGB / 255, NCHW."""
+    return np.stack([np.asarray(_slider_captcha(rng, size), np.float32).transpose(2, 0, 1) / 255.0 for _ in range(n)])
+
+
 def _face(rng, size: int) -> Image.Image:
     """A face-like crop (skin ellipse, eyes, mouth) half the time, else a piece of a scene."""
     if rng.random() < 0.5:

