@@ -124,7 +124,7 @@ def _yaml(rng) -> bytes:
 
 def _image(kind: str) -> Callable:
     def make(rng) -> bytes:
-        size = int(rng.integers(32, 256))
+        size = int(rng.integers(64, 256))
         out = io.BytesIO()
         field_inputs._scene(rng, size).save(out, format=kind)
         return out.getvalue()

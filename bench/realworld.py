@@ -415,8 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    from rankfold.runtime import cpu_summary
-
     results: list[Result] = []
     for model in chosen:
         path = fetch(model, args.cache)
@@ -447,19 +445,27 @@ def main(argv: list[str] | None = None) -> int:
             if smallest:  # refused with the reachable size: measure what that size keeps
                 results.append(compress_run(model, path, args.work, "smallest-reachable", calib, fresh, reference,
                                             log, ["--max-weight-bytes", smallest]))
+        _write_results(results)  # after every model: a later one's failure keeps these rows
+    print(_write_results(results))
+    return 0
+
+
+def _write_results(results: list[Result]) -> str:
+    """Merge this run's rows into realworld.json and realworld.md; the table."""
+    from rankfold.runtime import cpu_summary
+
     cpu = cpu_summary()
     for r in results:
         r.cpu = cpu
     rerun = {(r.model, r.run) for r in results}  # a rerun byte budget replaces its smallest-reachable row too
     rerun |= {(model, "smallest-reachable") for model, run in rerun if run == "max-weight-bytes"}
-    results = _merged(results, rerun)
+    merged = _merged(results, rerun)
     with open(os.path.join(RESULTS, "realworld.json"), "w") as handle:
-        json.dump({"cpu": cpu, "results": [asdict(r) for r in results]}, handle, indent=1)
-    table = markdown(results, cpu)
+        json.dump({"cpu": cpu, "results": [asdict(r) for r in merged]}, handle, indent=1)
+    table = markdown(merged, cpu)
     with open(os.path.join(RESULTS, "realworld.md"), "w") as handle:
         handle.write(table)
-    print(table)
-    return 0
+    return table
 
 
 if __name__ == "__main__":

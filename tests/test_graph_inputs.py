@@ -253,3 +253,43 @@ def test_training_samples_of_a_multi_input_graph_are_read_like_the_calibration(t
     code, stdout, stderr = run_cli(*common, "--train", tmp_path / "train.npz", "--check", "relerr:0.5")
     assert code == 0, stderr
     assert "fine-tuning on 64 samples" in stdout + stderr
+
+
+def _byte_classifier(path) -> None:
+    """int32 bytes (N, 32) -> an embedding Gather (257 ids, padding 256 as Magika pads) -> flatten ->
+    two MatMuls: a graph whose input is integer ids, as token and byte classifiers are."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(257, 4)).astype(np.float32), "table"),
+             numpy_helper.from_array((rng.normal(size=(128, 6)) @ rng.normal(size=(6, 64)) * 0.1  # a trained
+                                      + rng.normal(size=(128, 64)) * 0.01).astype(np.float32), "w1"),  # one's spectrum
+             numpy_helper.from_array((rng.normal(size=(64, 10)) * 0.4).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gather", ["table", "bytes"], ["e"]),
+             helper.make_node("Flatten", ["e"], ["m"], axis=1),
+             helper.make_node("MatMul", ["m", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "bytes", [helper.make_tensor_value_info("bytes", TensorProto.INT32, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+def test_a_graph_that_takes_integer_ids_calibrates_on_them_and_refuses_floats(tmp_path):
+    """Magika (Google's file-type detector) takes int32 bytes: its data was refused ('must be
+    floating point'), then the planner fed it floats. Integer data is taken where the graph
+    declares an integer input, kept integer through planning, timing and the check; float data
+    for it is refused by name."""
+    path = tmp_path / "bytes.onnx"
+    _byte_classifier(path)
+    ids = np.random.default_rng(4).integers(0, 257, size=(160, 32)).astype(np.int32)
+    np.savez(tmp_path / "calib.npz", x=ids)
+    out = tmp_path / "small.onnx"
+    code, _out, err = run_cli("compress", path, "--calib", tmp_path / "calib.npz", "--max-weight-bytes", "60%",
+                              "-o", out)
+    assert code == 0, err
+    want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"bytes": ids[:32]})[0]
+                 for p in (path, out))
+    assert (want.argmax(1) == got.argmax(1)).mean() > 0.8
+    np.savez(tmp_path / "floats.npz", x=ids.astype(np.float32))
+    code, _out, err = run_cli("compress", path, "--calib", tmp_path / "floats.npz", "--max-weight-bytes", "60%",
+                              "-o", tmp_path / "no.onnx")
+    assert code == 2 and "must be integers the graph's int32 input holds, got float32" in err
+    assert not (tmp_path / "no.onnx").exists()

@@ -58,10 +58,17 @@ def _arrays(path: str) -> dict[str, np.ndarray]:
         raise RankfoldError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
 
 
-def _checked_samples(path: str, name: str, x: np.ndarray) -> np.ndarray:
-    """The per-sample array `name` as float32, refused when it is empty, not floating point or not finite."""
+def _checked_samples(path: str, name: str, x: np.ndarray, declared: np.dtype | None = None) -> np.ndarray:
+    """The per-sample array `name` as float32, refused when it is empty, not floating point or not
+    finite; where the graph declares an integer input (token ids, bytes), integers of its dtype."""
     if x.ndim < 2 or len(x) == 0:
         raise RankfoldError(f"{path}: '{name}' must be (N, ...) with N > 0, got shape {x.shape}")
+    if declared is not None and np.issubdtype(declared, np.integer):
+        if not np.issubdtype(x.dtype, np.integer) or not np.can_cast(x.dtype, declared, "same_kind") or \
+                (x.size and (x.min() < np.iinfo(declared).min or x.max() > np.iinfo(declared).max)):
+            raise RankfoldError(f"{path}: '{name}' must be integers the graph's {np.dtype(declared).name} input "
+                                f"holds, got {x.dtype}")
+        return x.astype(declared, copy=False)
     if not np.issubdtype(x.dtype, np.floating):
         hint = " (preprocess it as the model expects, e.g. pixel / 255 then normalized, and save float32)" \
             if np.issubdtype(x.dtype, np.integer) else ""
@@ -88,7 +95,8 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
     arrays = _arrays(path)
     files = list(arrays)
     if "x" in files and len(inputs) == 1:
-        return _labelled(path, _checked_samples(path, "x", arrays["x"]), arrays.get("y"), need_labels), {}
+        return _labelled(path, _checked_samples(path, "x", arrays["x"], inputs[0].dtype), arrays.get("y"),
+                         need_labels), {}
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -100,7 +108,7 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
         raise RankfoldError(f"{path}: array(s) {', '.join(map(repr, extra))} name no input of the graph "
                             f"(inputs: {', '.join(names)})")
     sample = _per_sample_input(path, inputs, arrays)
-    x = _checked_samples(path, sample.name, arrays[sample.name])
+    x = _checked_samples(path, sample.name, arrays[sample.name], sample.dtype)
     fixed = {i.name: _given_once(path, i, arrays[i.name], len(x)) for i in inputs if i.name != sample.name}
     return _labelled(path, x, arrays.get("y"), need_labels), fixed
 

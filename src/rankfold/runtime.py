@@ -54,12 +54,23 @@ def model_input(x: np.ndarray) -> np.ndarray:
     return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
 
 
+DECLARED_TYPES = {"tensor(float16)": np.float16, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
 def as_declared(declared, x: np.ndarray) -> np.ndarray:
-    """`x` in the float type an onnxruntime input (`session.get_inputs()[i]`) declares: float16
-    files take float16 (rankfold's data is float32)."""
-    if declared.type == "tensor(float16)" and x.dtype != np.float16:
-        return x.astype(np.float16)
+    """`x` in the type an onnxruntime input (`session.get_inputs()[i]`) declares: float16 files
+    take float16 (rankfold's data is float32), integer inputs (token ids, bytes) their width."""
+    wanted = DECLARED_TYPES.get(declared.type)
+    if wanted is not None and x.dtype != wanted:
+        return x.astype(wanted)
     return x
+
+
+def timing_sample(declared, shape: tuple[int, ...]) -> np.ndarray:
+    """An input to time a graph on: Gaussian values, or zeros (a valid id) for an integer input."""
+    if declared.type in ("tensor(int32)", "tensor(int64)"):
+        return np.zeros(shape, DECLARED_TYPES[declared.type])
+    return as_declared(declared, np.random.default_rng(1).standard_normal(shape, np.float32))
 
 
 def run_batched(sess, outputs: list[str] | None, feed_name: str, x: np.ndarray) -> list[np.ndarray]:

@@ -129,11 +129,10 @@ def _chain_graph(profile: ChainProfile, input_shape: tuple[int, ...]) -> onnx.Mo
 
 def time_onnx_ms(model: onnx.ModelProto, input_shape: tuple[int, ...], *, repeats: int = 9) -> float:
     """Median time of one run, onnxruntime CPU, 1 thread; short runs are timed in loops."""
-    from rankfold.runtime import as_declared
+    from rankfold.runtime import timing_sample
 
     session = _session(model)
-    sample = np.random.default_rng(1).standard_normal((1, *input_shape), np.float32)
-    feed = {session.get_inputs()[0].name: as_declared(session.get_inputs()[0], sample)}
+    feed = {session.get_inputs()[0].name: timing_sample(session.get_inputs()[0], (1, *input_shape))}
     for _ in range(3):
         session.run(None, feed)
     t0 = time.perf_counter()
@@ -159,10 +158,9 @@ def time_onnx_pair_ms(reference: onnx.ModelProto, candidate: onnx.ModelProto, in
                       *, rounds: int = 41) -> tuple[float, float]:
     """Median run times of two models, timed in turn so that machine drift hits both alike."""
     sessions = [_session(reference), _session(candidate)]
-    sample = np.random.default_rng(1).standard_normal((1, *input_shape), np.float32)
-    from rankfold.runtime import as_declared
+    from rankfold.runtime import timing_sample
 
-    feeds = [{s.get_inputs()[0].name: as_declared(s.get_inputs()[0], sample)} for s in sessions]
+    feeds = [{s.get_inputs()[0].name: timing_sample(s.get_inputs()[0], (1, *input_shape))} for s in sessions]
     for session, feed in zip(sessions, feeds):
         for _ in range(3):
             session.run(None, feed)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, TABLES, tied_names, untouchable_layers
+from rankfold.analyze import COMPRESSIBLE, TABLES, as_input, tied_names, untouchable_layers
 from rankfold.errors import RankfoldError, first_line
 from rankfold.planner.choose import choose_plan
 from rankfold.planner.costs import ChainProfile, LatencyCache, modelled_latency_ms
@@ -70,7 +69,7 @@ def price_model(
     choices = bit_choices(target, bits)  # a bad bit-width fails here, before any work
     if calib is None and example_input is None:
         raise RankfoldError("planning needs calibration data (calib) or an example_input")
-    example = (calib if calib is not None else example_input)[:1].to(torch.float32)
+    example = as_input((calib if calib is not None else example_input)[:1])
     was_training = model.training
     model.eval()
     try:
@@ -85,7 +84,7 @@ def price_model(
         if not names:
             raise RankfoldError("the model has no Linear / Conv1d / Conv2d layer to compress")
         if calib is not None:
-            stats = layer_statistics(model, tables + names + list(heads.values()), calib.to(torch.float32),
+            stats = layer_statistics(model, tables + names + list(heads.values()), as_input(calib),
                                      progress=say)
         else:
             stats = data_free_stats(model, names, example)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import model_outputs, run_checked
+from rankfold.analyze import as_input, model_outputs, run_checked
 from rankfold.layers import layer_spec
 from rankfold.methods import method_named
 from rankfold.output_metric import factorize_weighted
@@ -28,7 +28,7 @@ class LossProbe:
     median is one where the second-order estimate broke down, and its loss is raised."""
 
     def __init__(self, model: nn.Module, probe: Tensor, stats: Mapping) -> None:
-        self.model, self.probe, self.stats = model, probe.to(torch.float32), stats
+        self.model, self.probe, self.stats = model, as_input(probe), stats
         self.modules = dict(model.named_modules())
         self.reference = self._log_probs()
         self.values: dict[str, dict[tuple[str, tuple[int, ...]], tuple[float, float]]] = {}
