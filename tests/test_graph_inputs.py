@@ -293,3 +293,4 @@ def test_a_graph_that_takes_integer_ids_calibrates_on_them_and_refuses_floats(tm
                               "-o", tmp_path / "no.onnx")
     assert code == 2 and "must be integers the graph's int32 input holds, got float32" in err
     assert not (tmp_path / "no.onnx").exists()
+

@@ -74,22 +74,29 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
     # beside `path` (unique name, then an atomic rename), so a kill leaves nothing of it there.
     with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
         tmp = os.path.join(scratch, "model.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (example_input,), tmp, dynamo=False, opset_version=opset,
-                input_names=input_names, output_names=output_names,
-                dynamic_axes={n: axes for n, axes in dynamic.items() if axes} or None,
-                do_constant_folding=True,
-            )
-        if stand_in:
-            _rename_values(tmp, {new: old for old, new in stand_in.items()})
-        if verify:
-            rtol = _tolerance(model)
-            _verify(tmp, example_input, expected, rtol)
-            if batch_axis and example_input.shape[0] > 1:  # a dynamic batch computes each sample alone too
-                with torch.no_grad():
-                    _verify(tmp, example_input[:1], model(example_input[:1]), rtol)
+        # A graph that computes from its input's shape is traced with the trace's batch in its
+        # constants; traced at batch 1 they broadcast to any batch (Magika: traced at 2, its file
+        # failed at 16 in onnxruntime). Each trace is verified at 1, 2 and 3 samples where the batch is open.
+        traces = [example_input] if not batch_axis or len(example_input) == 1 else [example_input, example_input[:1]]
+        for attempt, trace in enumerate(traces):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model, (trace,), tmp, dynamo=False, opset_version=opset,
+                    input_names=input_names, output_names=output_names,
+                    dynamic_axes={n: axes for n, axes in dynamic.items() if axes} or None,
+                    do_constant_folding=True,
+                )
+            if stand_in:
+                _rename_values(tmp, {new: old for old, new in stand_in.items()})
+            if not verify:
+                break
+            try:
+                _verify_batches(model, tmp, example_input, expected, bool(batch_axis))
+                break
+            except RankfoldError:
+                if attempt == len(traces) - 1:
+                    raise
         with open(tmp, "rb") as handle:
             replace_atomically(path, handle.read())
 
@@ -133,6 +140,26 @@ def relative_error(got: np.ndarray, wanted: np.ndarray) -> float:
     (NOISE_RMS): how far two runs of one graph are apart."""
     return float(np.linalg.norm(got - wanted) / max(np.linalg.norm(wanted), NOISE_RMS * np.sqrt(max(wanted.size, 1)),
                                                     1e-30))
+
+
+def _verify_batches(model: nn.Module, path: str, example_input: Tensor, expected, open_batch: bool) -> None:
+    """The exported file against the model at the example, and where the batch is open at 1 and 3
+    samples too (a batch baked into the file fails one of them)."""
+    from rankfold.errors import first_line
+
+    rtol = _tolerance(model)
+    batches = [example_input]
+    if open_batch:
+        batches += [b for b in (example_input[:1], torch.cat([example_input] * 3)[:3]) if len(b) != len(example_input)]
+    for batch in batches:
+        try:
+            with torch.no_grad():
+                _verify(path, batch, expected if batch is example_input else model(batch), rtol)
+        except RankfoldError:
+            raise
+        except Exception as exc:  # onnxruntime refuses the shapes: a batch baked into the file
+            raise RankfoldError(f"the exported file does not run at a batch of {len(batch)} (a size read from the "
+                                f"input's shape is baked into it): {first_line(exc)[:300]}") from None
 
 
 def _verify(path: str, example_input: Tensor, expected, rtol: float = RTOL) -> None:
