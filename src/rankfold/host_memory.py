@@ -153,11 +153,14 @@ def _run_costs(model: nn.Module, example: Tensor, reserved: int) -> tuple[int, i
 
 
 def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
-                max_batch: int = DEFAULT_BATCH, reserved: int = 0) -> MemoryPlan:
+                max_batch: int = DEFAULT_BATCH, reserved: int = 0,
+                costs: tuple[int, int, int] | None = None) -> MemoryPlan:
     """The largest batch (at most `max_batch`) whose estimated peak stays under `limit` bytes, with
-    `reserved` bytes set aside first; RankfoldError when not even one sample does."""
+    `reserved` bytes set aside first; RankfoldError when not even one sample does. `costs`: the
+    run's costs with nothing reserved (_run_costs), where the caller plans several times."""
     limit = default_limit() if limit is None else int(limit)
-    weights, fixed, per_sample = _run_costs(model, example, reserved)
+    weights, fixed, per_sample = costs or _run_costs(model, example, 0)
+    fixed += reserved
     batch = min(max_batch, (limit - fixed) // per_sample)
     if batch < 1:
         raise RankfoldError(
@@ -199,7 +202,8 @@ def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
     8 even without it; 0 when none does (layer inputs then come from prefix passes). A budget too
     small for one sample is a RankfoldError, before any work. The CLI and compress() both run
     under it."""
-    bare = plan_memory(model, example, limit)
+    costs = _run_costs(model, example, 0)  # measured once: each measure runs the model with autograd
+    bare = plan_memory(model, example, limit, costs=costs)
     if calib is not None and hasattr(model, "advance"):  # graph state: ONNX-loaded graphs (GraphCursor)
         per_sample = 2 * peak_state_bytes(model, example[:1])  # the original's and the compressed one's
         # A graph whose batch is fixed runs that many samples a pass whatever the memory: asking room
@@ -210,7 +214,7 @@ def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
         for samples in sorted({min(n, len(calib)) for n in (len(calib), 128, 64, 32)}, reverse=True):
             state = per_sample * samples
             try:
-                memory = plan_memory(model, example, limit, reserved=state)
+                memory = plan_memory(model, example, limit, reserved=state, costs=costs)
             except RankfoldError:  # no room for that state beside one sample
                 continue
             if memory.batch >= wanted:
