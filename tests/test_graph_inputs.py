@@ -294,3 +294,25 @@ def test_a_graph_that_takes_integer_ids_calibrates_on_them_and_refuses_floats(tm
     assert code == 2 and "must be integers the graph's int32 input holds, got float32" in err
     assert not (tmp_path / "no.onnx").exists()
 
+
+
+def test_layers_behind_an_integer_input_made_float_have_a_sensitivity(tmp_path):
+    """Magika casts its int32 bytes to a float one-hot inside the graph: no gradient reached its
+    layers, every sensitivity read zero, and the planner took every layer's smallest option (28 %
+    top-1 agreement at 95 % of the bytes). Each layer behind a Cast must weigh something."""
+    from rankfold.planner.sensitivity import layer_statistics
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(size=(32, 48)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(48, 10)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Cast", ["bytes"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["f", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "cast", [helper.make_tensor_value_info("bytes", TensorProto.INT32, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "cast.onnx")
+    model = rankfold.load_onnx(str(tmp_path / "cast.onnx"))
+    layers = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.from_numpy(rng.integers(0, 256, size=(64, 32)).astype(np.int32))
+    stats = layer_statistics(model, layers, ids)
+    assert len(layers) == 2 and all(float(stats[name].sensitivity.sum()) > 0 for name in layers)

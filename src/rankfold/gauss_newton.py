@@ -92,6 +92,14 @@ def channel_spread(output: Tensor) -> Tensor:
     return spread.to(output.dtype).reshape(1, -1, *([1] * (output.ndim - 2)))
 
 
+def _start_the_graph(_module: nn.Module, inputs: tuple):
+    """A forward pre-hook: a float first input that no gradient reaches becomes a leaf that takes one."""
+    x = inputs[0] if inputs else None
+    if isinstance(x, Tensor) and x.is_floating_point() and not x.requires_grad and torch.is_grad_enabled():
+        return (x.detach().requires_grad_(True), *inputs[1:])
+    return None
+
+
 @contextlib.contextmanager
 def activation_gradients(model: nn.Module) -> Iterator[None]:
     """The model in eval mode, its weights frozen, for backward passes that give gradients with
@@ -104,6 +112,11 @@ def activation_gradients(model: nn.Module) -> Iterator[None]:
     model.eval()
     handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
                for m in model.modules() if isinstance(m, nn.Embedding)]
+    # An integer input made float inside the graph (a one-hot, a cast, a constant table read by
+    # Gather) reaches a weighted layer with no graph behind it: start the graph there, or every
+    # layer's sensitivity reads zero (Magika's bytes did: every plan took the smallest options).
+    handles += [m.register_forward_pre_hook(_start_the_graph) for m in model.modules()
+                if not isinstance(m, nn.Embedding) and next(m.parameters(recurse=False), None) is not None]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
