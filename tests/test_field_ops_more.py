@@ -755,3 +755,30 @@ def test_eval_measures_a_detector_on_data_without_labels(tmp_path, capsys):
     assert "accuracy        not measured" in out and "MACs" in out and "parameters      2,049" in out
     assert main(["eval", str(path), "--data", str(data), "--attack", "fgsm"]) == 2
     assert "it needs labels y" in capsys.readouterr().err
+
+
+def test_a_shape_built_from_the_inputs_batch_and_constants_stays_open_in_the_export(tmp_path):
+    """tf2onnx writes Reshape(x, Cast(Concat(Cast(Shape(x))[0:1], [32]))) (Magika: 8 such shapes): the Concat
+    of the traced batch with a constant vector went through torch.cat, which baked the trace's
+    batch into the export, and no trace ran at every batch. The written file must run at any batch."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([32], np.int32), "width"),  # int32, cast after, as tf2onnx does
+             numpy_helper.from_array(rng.normal(size=(32, 16)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["s32"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["s32", "zero", "one"], ["batch"]),
+             helper.make_node("Concat", ["batch", "width"], ["shape32"], axis=0),
+             helper.make_node("Cast", ["shape32"], ["shape"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "flat.onnx")
+    model = rankfold.load_onnx(str(tmp_path / "flat.onnx"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, tmp_path / "out.onnx", example_input=torch.randn(2, 8, 4))
+    x = rng.normal(size=(5, 8, 4)).astype(np.float32)
+    want, got = (ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                 for p in ("flat.onnx", "out.onnx"))
+    assert got.shape == (5, 16) and np.allclose(want, got, atol=1e-4)

@@ -381,10 +381,16 @@ def _transpose(vals, attrs):
     return [x.permute(*perm)]
 
 
+def _small_int_vector(v: Value) -> bool:
+    return isinstance(v, Tensor) and v.ndim <= 1 and v.numel() <= 8 and not v.dtype.is_floating_point
+
+
 @op("Concat")
 def _concat(vals, attrs):
     parts = [v for v in vals if v is not None]
-    if all(is_shape(v) for v in parts):
+    # A size read from the input beside constant integer vectors (tf2onnx's Concat(batch, [512, 256]))
+    # is a shape: kept as a list, or torch.cat would bake the traced batch into the export.
+    if all(is_shape(v) or _small_int_vector(v) for v in parts) and any(is_shape(v) for v in parts):
         out: list = []
         for v in parts:
             out += ints(v) if not isinstance(v, list) else v
