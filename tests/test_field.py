@@ -515,6 +515,28 @@ def test_macs_count_the_costlier_branch_of_an_if():
     assert onnx_macs(model) == 8 * 16
 
 
+def test_macs_count_what_symbolic_inference_found_before_an_op_it_cannot_follow():
+    """A Reshape to a shape computed from Shape ops is left open by ONNX's inference and followed
+    by onnxruntime's symbolic one; that one stopped with an error at a Squeeze after an opset-18
+    ReduceMax, and everything it had found was dropped (Magika's QDQ export counted 0 MACs)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rankfold.evaluate import onnx_macs
+
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([32], np.int64), "width"),
+             numpy_helper.from_array(np.ones((32, 16), np.float32), "w")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["batch"]),
+             helper.make_node("Concat", ["batch", "width"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"]),
+             helper.make_node("ReduceMax", ["y", "one"], ["m"], keepdims=1),
+             helper.make_node("Squeeze", ["m", "one"], ["z"])]
+    graph = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    assert onnx_macs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])) == 32 * 16
+
+
 class _DetectorHead(nn.Module):
     """(N, 4 + classes, anchors) like YOLOv8, or (N, anchors, 4 + classes) like YOLOv5: box
     coordinates in pixels beside sigmoid class scores; `lose_scores` drops every score to ~0."""

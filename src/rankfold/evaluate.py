@@ -128,12 +128,18 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             inference._preprocess(model)
+    except Exception:  # noqa: BLE001 - any failure of the optional tool leaves ONNX's shapes
+        return {}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             while inference.run_:
                 inference._infer_impl()
             inference._update_output_from_vi()
         return _value_shapes(inference.out_mp_)
-    except Exception:  # noqa: BLE001 - any failure of the optional tool leaves ONNX's shapes
-        return {}
+    except Exception:  # noqa: BLE001 - stopped at an op it cannot follow (a QDQ export of Magika, at
+        pass  # a Squeeze after ReduceMax-18): what it found before still counts
+    return {name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+            for name, vi in inference.known_vi_.items() if vi.type.HasField("tensor_type")}
 
 
 def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None) -> int:
