@@ -35,7 +35,7 @@ def session(model, *, optimized: bool = True, threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run raises, and rankfold says it in its own words
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
