@@ -75,3 +75,43 @@ def test_metrics_are_deterministic_and_invert():
     assert torch.equal(first["0"].root, second["0"].root)
     w = model[0].weight
     assert torch.allclose(first["0"].unweigh(first["0"].weigh(w)), w.double(), atol=1e-6)
+
+
+class _MaxPooled(nn.Module):
+    """A convolution read through a global max pool, as Magika's is: the gradient reaches only each
+    channel's largest position, which the metric takes as independent of the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.head = nn.Conv2d(32, 128, (5, 1)), nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(torch.amax(nn.functional.gelu(self.conv(x)), dim=(2, 3))), -1)
+
+
+def test_the_metric_is_kept_only_where_the_network_measures_it_closer(monkeypatch):
+    """Each layer under a Gauss-Newton metric is factorized both ways and the one whose network
+    outputs stay closer to the original's on the judged calibration samples is kept, and named."""
+    import rankfold.apply as apply_module
+    from rankfold.config import Tucker2Config
+    from rankfold.gauss_newton import OutputMetrics
+    from rankfold.metric_judge import JUDGE_SAMPLES, relative_output_error
+
+    model, calib = _MaxPooled().eval(), torch.randn(256, 32, 64, 1)
+    layers = {"conv": Tucker2Config(ranks=[8, 16]), "head": SkipConfig("kept")}
+
+    def judged_error(small: nn.Module) -> float:
+        with torch.no_grad():
+            return relative_output_error([[small(calib[:JUDGE_SAMPLES])]], [[model(calib[:JUDGE_SAMPLES])]])
+
+    judged, report = compress_with_report(model, calib=calib, layers=layers)
+    monkeypatch.setattr(apply_module, "judge_samples", lambda *_a: 0)
+    weighted, weighted_report = compress_with_report(model, calib=calib, layers=layers)
+    monkeypatch.setattr(apply_module, "output_metrics", lambda *_a, **_k: OutputMetrics({}, {}))
+    plain, _ = compress_with_report(model, calib=calib, layers=layers)
+    errors = judged_error(weighted), judged_error(plain)
+    assert errors[0] != errors[1] and judged_error(judged) == min(errors)
+    note = report.layers[0].note
+    assert ("without its Gauss-Newton output metric" in note) == (errors[1] < errors[0])
+    assert "Gauss-Newton" in weighted_report.layers[0].note

@@ -45,8 +45,10 @@ from rankfold.methods import (
     registered,
     weighted_relative_error,
 )
+from rankfold.metric_judge import NetworkJudge, judge_samples
 from rankfold.output_metric import OutputMetric, factorize_weighted
 from rankfold.settings import DEFAULT_MIN_RANK, calibration_batch, memory_headroom
+from rankfold.stats import model_cost
 
 Progress = Callable[[str], None]
 
@@ -121,11 +123,20 @@ def compress_with_report(
     configs = {name: cfg for name, _m, cfg in plans}
 
     metrics: Mapping[str, OutputMetric] = {}
+    judge: NetworkJudge | None = None  # where the Gauss-Newton metrics are checked in the network
+    judged: set[str] = set()
 
     def factorize(name: str, module: nn.Module, input_sqrt: Tensor | None, note: str = "") -> nn.Module | None:
         say(f"[{len(report.layers) + 1}/{len(plans)}] {name}")
-        record, replacement = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank,
-                                              metrics.get(name) if input_sqrt is not None else None)
+        metric = metrics.get(name) if input_sqrt is not None else None
+        record, replacement = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank, metric,
+                                              _metric_note(metric, name in judged))
+        if judge is not None and name in judged and replacement is not None:
+            plain_record, plain = _compress_layer(name, module, configs[name], keep, input_sqrt, min_rank, None)
+            if plain is not None and judge.error_with(result, name, plain.module) < \
+                    judge.error_with(result, name, replacement.module):
+                record, replacement = plain_record, plain
+                record.note = "; ".join(filter(None, [record.note, PLAIN_NOTE]))
         note = "; ".join(filter(None, [vbmf_notes.get(name, ""), note]))
         if note:
             record.note = "; ".join(filter(None, [record.note, note]))
@@ -149,6 +160,13 @@ def compress_with_report(
         # calib, run before the layer inputs below are held (its graph and theirs never coexist).
         metrics = output_metrics(reference, [n for n in names if not isinstance(configs[n], SkipConfig)], calib,
                                  progress=say)
+        judged = {n for n in metrics if n not in getattr(metrics, "heads", {})}
+        samples = judge_samples(len(judged), model_cost(reference, calib[:1]).macs) if judged else 0
+        if samples:
+            judge = NetworkJudge(reference, calib[:samples])
+        elif judged:
+            say(f"{len(judged)} layers are factorized under their Gauss-Newton metric unchecked: the network is "
+                "too costly to run twice for each")
         cursors = _LayerInputs.for_graph(result, reference, calib, say) or \
             BlockInputs.for_model(result, reference, calib, say)
         pace = _Pace(say, len(reached))
@@ -283,6 +301,8 @@ def _unhandled_layers(model: nn.Module) -> list[LayerRecord]:
 
 
 REFIT_NOTE = "refit to the inputs the compressed layers before it give"
+PLAIN_NOTE = ("factorized without its Gauss-Newton output metric: the network's outputs measured closer to the "
+              "original's that way")
 
 
 def _compensated_layer(module: nn.Module, moments: InputMoments) -> tuple[nn.Module, Tensor]:
@@ -358,7 +378,7 @@ def _config_for(name: str, layers: Mapping[str, MethodConfig] | None, default: M
 
 def _compress_layer(
     name: str, module: nn.Module, cfg: MethodConfig, keep: float, input_sqrt: Tensor | None, min_rank: int,
-    metric: OutputMetric | None = None,
+    metric: OutputMetric | None = None, metric_note: str = "",
 ) -> tuple[LayerRecord, Factorized | None]:
     """The layer's best candidate factorization and its record; with a metric (its softmax is an
     output of the network) factorized and judged under it."""
@@ -403,9 +423,16 @@ def _compress_layer(
     record.method, record.ranks, record.rel_error, record.note = method.name, tuple(built.module.ranks), err, note
     record.params_after = sum(p.numel() for p in built.module.parameters())
     if metric is not None:
-        record.note = "; ".join(filter(None, [note, f"weighted by its softmax output ({len(metric.active)} "
-                                                    "classes active in the calibration data)"]))
+        record.note = "; ".join(filter(None, [note, metric_note]))
     return record, built
+
+
+def _metric_note(metric: OutputMetric | None, gauss_newton: bool) -> str:
+    if metric is None:
+        return ""
+    if gauss_newton:
+        return f"weighted by its outputs' effect on the network's ({len(metric.active)} channels; Gauss-Newton)"
+    return f"weighted by its softmax output ({len(metric.active)} classes active in the calibration data)"
 
 
 def _rank_floor(method: Method, spec: LayerSpec, min_rank: int) -> tuple[int, ...]:
