@@ -782,3 +782,34 @@ def test_a_shape_built_from_the_inputs_batch_and_constants_stays_open_in_the_exp
     want, got = (ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
                  for p in ("flat.onnx", "out.onnx"))
     assert got.shape == (5, 16) and np.allclose(want, got, atol=1e-4)
+
+
+def test_nodes_sharing_weights_call_one_layer_compressed_and_stored_once(tmp_path):
+    """An LSTM unrolled by its exporter runs one Gemm per time step on the same weights
+    (captcha-whisperer's CRNN: 4 weights, 80 Gemms). Each node became a layer of its own: 20
+    copies counted, planned and factorized apart, the export 20 times the size. Shared weights
+    are one layer, called by each node, compressed once."""
+    rng = np.random.default_rng(9)
+    w = (rng.normal(size=(64, 6)) @ rng.normal(size=(6, 48)) / 4 + rng.normal(size=(64, 48)) / 50).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(64, np.float32), "b"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([48], np.int64), "width"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h1"], transB=1), helper.make_node("Tanh", ["h1"], ["t1"]),
+             helper.make_node("Slice", ["t1", "zero", "width", "one"], ["s1"]),  # a step's state, fed back
+             helper.make_node("Gemm", ["s1", "w", "b"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "twice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "twice.onnx")
+    model = rankfold.load_onnx(str(tmp_path / "twice.onnx"))
+    assert sum(p.numel() for p in model.parameters()) == w.size + 64
+    x = rng.normal(size=(128, 48)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    assert main(["compress", str(tmp_path / "twice.onnx"), "--calib", str(tmp_path / "calib.npz"), "--keep", "0.5",
+                 "-o", str(tmp_path / "small.onnx"), "-q"]) == 0
+    small = onnx.load(str(tmp_path / "small.onnx"))
+    stored = sum(int(np.prod(i.dims)) for i in small.graph.initializer if i.data_type == TensorProto.FLOAT)
+    assert stored < 0.75 * (w.size + 64)  # one factorized copy, not two
+    want, got = (ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                 for p in ("twice.onnx", "small.onnx"))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05

@@ -181,8 +181,8 @@ def compress_with_report(
             moments = None
             if wanted:
                 if cursors is not None:
-                    moments = cursors.moments(name, module, changed)
-                    if moments is None and name in called_by_ops:  # a recurrence's R: every step's input
+                    moments = None if name in called_by_ops else cursors.moments(name, module, changed)
+                    if moments is None and name in called_by_ops:  # every call's input
                         moments = streamed_input_moments(reference if changed else None, result, name, calib,
                                                          every_call=True)
                 else:
@@ -215,8 +215,12 @@ def compress_with_report(
 
 def _layers_called_by_ops(model: nn.Module) -> set[str]:
     """Layers an ONNX graph's ops call themselves (a recurrence's R, at every step): no graph step
-    carries their input, so GraphCursors cannot give it."""
-    return {name for step in getattr(model, "steps", ()) for name in step.attrs.get("_layers", ())}
+    carries their input, so GraphCursors cannot give it; and layers several steps call (nodes
+    sharing their weights), whose moments are of every call's input, where a cursor gives the first."""
+    steps = getattr(model, "steps", ())
+    called = [step.module for step in steps if step.module is not None]
+    return ({name for step in steps for name in step.attrs.get("_layers", ())}
+            | {name for name in called if called.count(name) > 1})
 
 
 class _Pace:

@@ -570,6 +570,7 @@ class _Converter:
             self.module.size_note = (f"the graph computes from its input's size ({reason}): the result takes "
                                      "inputs of the calibration samples' size only")
         self.taken: set[str] = set()
+        self.shared_layers: dict[tuple, str] = {}  # (op, weight inputs, attributes) -> the layer built for them
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.graph.node:
             for name in node.input:
@@ -716,8 +717,14 @@ class _Converter:
         if built is None:
             return False
         layer, out_name, extra = built
-        name = _module_name(node.name or node.output[0], self.taken)
-        self.module.add_module(name, layer)
+        # Nodes that read the same weights (an LSTM unrolled into a Gemm per time step, a detector's
+        # head shared by its pyramid levels) call one layer: compressed once, stored once.
+        key = (node.op_type, tuple(inputs[1:]), tuple(sorted((k, repr(v)) for k, v in attrs.items())))
+        name = self.shared_layers.get(key)
+        if name is None:
+            name = _module_name(node.name or node.output[0], self.taken)
+            self.module.add_module(name, layer)
+            self.shared_layers[key] = name
         self.module.steps.append(Step(node.op_type, [inputs[0]], [out_name], extra, module=name))
         return True
 
