@@ -93,6 +93,20 @@ def test_sequences_read_alike_as_greedy_ctc_reads_them():
     assert _sequences_alike(a, b) == 1 and _sequences_alike(a, a) == 2
 
 
+def test_ctc_frames_whose_blank_is_the_last_class_are_read_as_sequences():
+    """TensorFlow's CTC puts the blank last (captcha-whisperer's CRNN: 36 of 37 classes): its
+    logits were judged by relative error alone, and read with class 0 as the blank."""
+    from rankfold.analyze import ctc_blank, is_ctc_logits
+    from rankfold.selfcheck import _sequences_alike
+
+    rows = [[3, 3, 3, 1, 3, 2], [3, 0, 3, 3, 0, 3]]  # "12", "00" with blank 3
+    frames = torch.nn.functional.one_hot(torch.tensor(rows), 4).float() * 8
+    assert ctc_blank(frames) == 3 and is_ctc_logits(frames)
+    other = torch.nn.functional.one_hot(torch.tensor([[1, 3, 2, 2, 3, 3], [0, 0, 0, 3, 3, 3]]), 4).float() * 8
+    assert _sequences_alike(frames, other, blank=3) == 1  # "12" both; "00" against "0"
+    assert ctc_blank(torch.nn.functional.one_hot(torch.tensor([[1, 1, 2, 0]]), 4).float()) is None
+
+
 def test_output_kinds_follow_the_output_shape():
     assert output_kind(torch.randn(4, 10)) == "classes"
     assert output_kind(torch.softmax(torch.randn(4, 7, 12), -1)) == "sequence"

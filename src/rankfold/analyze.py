@@ -111,17 +111,28 @@ def as_input(x: Tensor) -> Tensor:
 DECISIVE_PROBABILITY = 0.5
 
 
+def ctc_blank(frames: Tensor) -> int | None:
+    """The blank class of (..., T, classes) CTC frames: the class most positions pick, where that is
+    the first (PyTorch's and Paddle's convention) or the last (TensorFlow's; captcha-whisperer's
+    CRNN); None where it is neither."""
+    flat = frames.detach().reshape(-1, frames.shape[-1])
+    if flat.shape[0] == 0 or flat.shape[1] < 2:
+        return None
+    most = int(torch.bincount(flat.argmax(-1), minlength=flat.shape[1]).argmax())
+    return most if most in (0, flat.shape[1] - 1) else None
+
+
 def is_ctc_logits(logits: Tensor) -> bool:
     """Whether `logits` (..., T, classes) read like a CTC recogniser's frames: the original decides
     (its softmax puts on average at least DECISIVE_PROBABILITY on the largest class) and the blank,
-    class 0, is the class most positions pick. A language model's token logits (rarely token 0)
-    and projections that decide nothing are not."""
+    the first or the last class, is the class most positions pick (ctc_blank). A language model's
+    token logits and projections that decide nothing are not."""
     flat = logits.detach().to(torch.float64).reshape(-1, logits.shape[-1])
     if flat.shape[0] == 0 or flat.shape[1] < 2:
         return False
     if float(torch.softmax(flat, -1).amax(-1).mean()) < DECISIVE_PROBABILITY:
         return False
-    return int(torch.bincount(flat.argmax(-1), minlength=flat.shape[1]).argmax()) == 0
+    return ctc_blank(flat) is not None
 
 
 def sample_axis(shape: tuple[int, ...], batch: int) -> int:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, logit_outputs, model_outputs, output_kind, sample_axis
+from rankfold.analyze import as_input, ctc_blank, logit_outputs, model_outputs, output_kind, sample_axis
 from rankfold.check_rules import DEFAULT_IOU_AT, HIGHER_IS_BETTER, CheckRule
 from rankfold.errors import RankfoldError
 from rankfold.settings import (
@@ -108,17 +108,17 @@ class Agreement:
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
 
 
-def _collapsed(row: list[int]) -> tuple[int, ...]:
-    """Greedy CTC reading of one sequence's argmaxes: repeats merged, class 0 (the blank) dropped."""
-    return tuple(c for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1]))
+def _collapsed(row: list[int], blank: int = 0) -> tuple[int, ...]:
+    """Greedy CTC reading of one sequence's argmaxes: repeats merged, the blank dropped."""
+    return tuple(c for i, c in enumerate(row) if c != blank and (i == 0 or c != row[i - 1]))
 
 
-def _sequences_alike(y: Tensor, y_hat: Tensor) -> int:
+def _sequences_alike(y: Tensor, y_hat: Tensor, blank: int = 0) -> int:
     """How many (T, classes) sequences read alike: equal after greedy CTC decoding (frames that
     differ only in where a blank or a repeat falls give the same text; a token sequence without
     blanks or repeats must match at every position)."""
     a, b = y.argmax(-1).tolist(), y_hat.argmax(-1).tolist()
-    return sum(_collapsed(p) == _collapsed(q) for p, q in zip(a, b))
+    return sum(_collapsed(p, blank) == _collapsed(q, blank) for p, q in zip(a, b))
 
 
 @dataclass
@@ -142,6 +142,7 @@ class _Tally:
     kind: str | None = None
     logits: bool = False  # a Linear layer's output as it is (logit_outputs): its kind may be "sequence"
     sample_axis: int | None = None  # decided on the first batch (sample_axis)
+    blank: int | None = None  # a sequence's CTC blank (ctc_blank), decided on the first batch
     finite: bool = True
     nll: float = 0.0  # next-token outputs: the original's and the candidate's summed -log p(next id)
     nll_hat: float = 0.0
@@ -179,7 +180,9 @@ class _Tally:
             same = (y.argmax(-1) == y_hat.argmax(-1)).reshape(n, -1)
             self.top1_hits += int(same.sum())
             self.positions += same.numel()
-            self.sequence_hits += _sequences_alike(y, y_hat) if y.ndim == 3 else int(same.all(1).sum())
+            if y.ndim == 3 and self.blank is None:  # decided on the original's first batch
+                self.blank = ctc_blank(y) or 0
+            self.sequence_hits += _sequences_alike(y, y_hat, self.blank) if y.ndim == 3 else int(same.all(1).sum())
         rows = _channel_rows(y, axis)
         low, high = rows.amin(1), rows.amax(1)
         self.low = low if self.low is None else torch.minimum(self.low, low)
