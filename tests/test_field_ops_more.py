@@ -813,3 +813,34 @@ def test_nodes_sharing_weights_call_one_layer_compressed_and_stored_once(tmp_pat
     want, got = (ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
                  for p in ("twice.onnx", "small.onnx"))
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+
+
+def test_a_graph_declaring_an_open_batch_that_runs_only_at_one_is_read_at_one(tmp_path, capsys):
+    """khmersm (a dynamo export) declares 'batch' but reshapes to a shape with 1 baked in, so
+    onnxruntime runs it at 1 sample only; and it reshapes a size read from Shape, a Python int
+    here, which failed ('int' object has no attribute 'reshape'). It loads, calibrates, and the
+    result declares the batch of 1 it runs at."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "axis1"),
+             numpy_helper.from_array(np.array([1], np.int64), "vector"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(rng.normal(size=(16, 24)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(24, 5)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "axis1"], ["width"]),
+             helper.make_node("Reshape", ["width", "vector"], ["width1"]),
+             helper.make_node("Concat", ["one", "width1"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["flat"]),  # [1, 16]: the batch baked at 1
+             helper.make_node("MatMul", ["flat", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "baked.onnx")
+    x = rng.normal(size=(128, 16)).astype(np.float32)
+    model = rankfold.load_onnx(str(tmp_path / "baked.onnx"), probe=torch.from_numpy(x[:2]))
+    assert model.fixed_batch == 1 and "runs one sample at a time" in model.size_note
+    np.savez(tmp_path / "calib.npz", x=x)
+    code = main(["compress", str(tmp_path / "baked.onnx"), "--calib", str(tmp_path / "calib.npz"), "--keep", "0.5",
+                 "-o", str(tmp_path / "small.onnx")])
+    assert code == 0, capsys.readouterr().err
+    small = onnx.load(str(tmp_path / "small.onnx"))
+    assert small.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1

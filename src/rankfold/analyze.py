@@ -119,7 +119,8 @@ def ctc_blank(frames: Tensor) -> int | None:
     if flat.shape[0] == 0 or flat.shape[1] < 2:
         return None
     most = int(torch.bincount(flat.argmax(-1), minlength=flat.shape[1]).argmax())
-    return most if most in (0, flat.shape[1] - 1) else None
+    # Of two classes the last is no blank: a tagger's (begin, inside) emissions are read position by position.
+    return most if most == 0 or most == flat.shape[1] - 1 > 1 else None
 
 
 def is_ctc_logits(logits: Tensor) -> bool:

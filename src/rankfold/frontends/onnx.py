@@ -200,9 +200,29 @@ def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = 
         raise
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
         raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {first_line(exc)}") from None
+    if module.fixed_batch is None and probe is not None and len(probe) > 1 and _runs_only_alone(module, probe):
+        # The file declares an open batch that its steps do not keep (a shape baked at 1 by the
+        # exporter, khmersm's Reshape(x, [48, 1, 3, 192])): onnxruntime fails at 2 samples as well.
+        module.fixed_batch = module.runs_at_batch = 1
+        module.size_note = ("the graph declares an open batch but runs one sample at a time (a shape in it is "
+                            "baked at 1): the result declares a batch of 1")
     if module.fixed_batch == 1 and probe is not None and len(probe) > 1:
         batch_free_steps(module, probe)
     return module
+
+
+def _runs_only_alone(module: OnnxModule, probe: Tensor) -> bool:
+    """Whether the module runs on one sample and fails on the probe's several."""
+    with torch.no_grad():
+        try:
+            module(probe[:1])
+        except Exception:  # failing alone too: the load's own check reports it
+            return False
+        try:
+            module(probe)
+        except Exception:
+            return True
+    return False
 
 
 def batch_free_steps(module: OnnxModule, probe: Tensor) -> bool:

@@ -365,6 +365,11 @@ def _flatten(vals, attrs):
 @op("Reshape")
 def _reshape(vals, attrs):
     x, shape = vals[0], ints(vals[1])
+    if is_shape(x) and len(shape) <= 1:  # a size or shape value as a scalar or a vector: still shape arithmetic
+        values = ints(x)
+        return [values[0] if not shape and len(values) == 1 else values]
+    if not isinstance(x, Tensor):
+        x = tensor(x)
     if not attrs.get("allowzero", 0):
         shape = [x.shape[i] if isinstance(d, int) and d == 0 else d for i, d in enumerate(shape)]
     # The leading 1 of a graph exported at batch 1 is the batch (batch_free_steps); the export, traced
