@@ -124,8 +124,16 @@ def _per_sample_input(path: str, inputs: list[GraphInput], arrays: dict[str, np.
     rows = max(len(arrays[i.name]) for i in candidates)
     most = [i for i in candidates if len(arrays[i.name]) == rows]
     if len(most) > 1 and rows > 1:
-        raise RankfoldError(f"{path}: {', '.join(i.name for i in most)} each hold {rows} samples: rankfold calibrates "
-                            "through one per-sample input; give the others once (a leading axis of 1)")
+        # An input the same for every sample (an all-ones attention mask stored per sample) is given once.
+        varying = [i for i in most if not (arrays[i.name] == arrays[i.name][:1]).all()]
+        for spec in most:
+            if spec not in varying[:1] and (varying or spec is not most[0]):
+                arrays[spec.name] = arrays[spec.name][:1]
+        if len(varying) > 1:
+            raise RankfoldError(f"{path}: {', '.join(i.name for i in varying)} each hold {rows} samples that differ: "
+                                "rankfold calibrates through one per-sample input; give the others once (a leading "
+                                "axis of 1; for a padding mask: sequences of one length, unpadded)")
+        return varying[0] if varying else most[0]
     return most[0]
 
 
