@@ -155,6 +155,39 @@ def slider_captchas(rng, n: int, *, size: int = 640) -> np.ndarray:
     return np.stack([np.asarray(_slider_captcha(rng, size), np.float32).transpose(2, 0, 1) / 255.0 for _ in range(n)])
 
 
+CAPTCHA_CHARACTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _text_captcha(rng, font_files, width: int, height: int) -> Image.Image:
+    """4 to 6 capitals and digits, each in its own font, size and tilt, on a light ground crossed by
+    lines and speckled, as image captchas are."""
+    image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(180, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 6))):
+        ends = [(int(rng.integers(0, width)), int(rng.integers(0, height))) for _ in range(2)]
+        draw.line(ends, fill=tuple(int(v) for v in rng.integers(0, 200, 3)), width=int(rng.integers(1, 3)))
+    x = int(rng.integers(4, 16))
+    for _ in range(int(rng.integers(4, 7))):
+        font = ImageFont.truetype(font_files[int(rng.integers(len(font_files)))], int(rng.integers(26, 36)))
+        glyph = Image.new("L", (40, 50), 0)
+        ImageDraw.Draw(glyph).text((4, 2), str(rng.choice(list(CAPTCHA_CHARACTERS))), font=font, fill=255)
+        glyph = glyph.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR)
+        ink = Image.new("RGB", glyph.size, tuple(int(v) for v in rng.integers(0, 140, 3)))
+        image.paste(ink, (x, int(rng.integers(0, max(1, height - 48)))), glyph)
+        x += int(rng.integers(18, 26))
+    for _ in range(200):
+        draw.point((int(rng.integers(0, width)), int(rng.integers(0, height))),
+                   fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+def text_captchas(rng, n: int, *, height: int = 60, width: int = 160) -> np.ndarray:
+    """captcha-whisperer's CRNN inputs: BGR pixels 0-255 (as OpenCV reads them), NCHW, no scaling."""
+    font_files = [f for f in fonts() if "Bold" in f] or fonts()
+    rgb = [np.asarray(_text_captcha(rng, font_files, width, height), np.float32) for _ in range(n)]
+    return np.stack([pixels[:, :, ::-1].transpose(2, 0, 1) for pixels in rgb]).copy()
+
+
 def _face(rng, size: int) -> Image.Image:
     """A face-like crop (skin ellipse, eyes, mouth) half the time, else a piece of a scene."""
     if rng.random() < 0.5:

@@ -51,18 +51,18 @@ RESULTS = os.path.join(BENCH_DIR, "results")
 
 # ---- the task measures: original outputs vs compressed outputs on the fresh inputs ---------------
 
-def ctc_strings(probs: np.ndarray) -> list[tuple[int, ...]]:
-    """Greedy CTC decoding (blank 0): argmax per frame, repeats merged, blanks dropped."""
+def ctc_strings(probs: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding: argmax per frame, repeats merged, blanks dropped."""
     best = probs.argmax(-1)
     out = []
     for row in best:
-        kept = [int(c) for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1])]
+        kept = [int(c) for i, c in enumerate(row) if c != blank and (i == 0 or c != row[i - 1])]
         out.append(tuple(kept))
     return out
 
 
-def lines_read_alike(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
-    a, b = ctc_strings(ref[0]), ctc_strings(got[0])
+def lines_read_alike(ref: list[np.ndarray], got: list[np.ndarray], blank: int = 0) -> float:
+    a, b = ctc_strings(ref[0], blank), ctc_strings(got[0], blank)
     return float(np.mean([x == y for x, y in zip(a, b)]))
 
 
@@ -75,11 +75,12 @@ def map_iou(level: float, pick: Callable[[np.ndarray], np.ndarray] = lambda y: y
     return measure
 
 
-def lines_read_alike_sequence_first(steps: int) -> Callable:
-    """lines_read_alike for a recogniser that writes (steps, 1, classes) per line (sequence first,
-    batch fixed at 1): the lines' outputs, concatenated, are split back into lines first."""
+def sequence_first_read_alike(blank: int = 0) -> Callable:
+    """lines_read_alike for a recogniser that writes (steps, N, classes), sequence first (ddddocr's,
+    batch fixed at 1; captcha-whisperer's CRNN, blank last as TensorFlow's CTC puts it): ort_outputs
+    joins the batches along N."""
     def measure(ref, got):
-        return lines_read_alike(*([o[0].reshape(-1, steps, o[0].shape[-1])] for o in (ref, got)))
+        return lines_read_alike(*([o[0].transpose(1, 0, 2)] for o in (ref, got)), blank=blank)
     return measure
 
 
@@ -138,9 +139,9 @@ MODELS = [
     # ddddocr: a CNN+LSTM recogniser (float, and onnxruntime's int8 copy: ConvInteger, DynamicQuantizeLSTM),
     # batch fixed at 1, sequence-first output; and a YOLOX-style detector (objectness in channel 4)
     FieldModel("ddddocr-rec", "ddddocr==1.6.1", "ddddocr/common.onnx", field_inputs.gray_lines,
-               lines_read_alike_sequence_first(32), "lines read alike", 0.90),
+               sequence_first_read_alike(), "lines read alike", 0.90),
     FieldModel("ddddocr-rec-int8", "ddddocr==1.6.1", "ddddocr/common_old.onnx", field_inputs.gray_lines,
-               lines_read_alike_sequence_first(32), "lines read alike", 0.90),
+               sequence_first_read_alike(), "lines read alike", 0.90),
     FieldModel("ddddocr-det", "ddddocr==1.6.1", "ddddocr/common_det.onnx",
                lambda rng, n: field_inputs.text_pages(rng, n, height=416, width=416, pixels=True),
                map_iou(0.25, lambda y: y[..., 4]), "objectness IoU@0.25", 0.95),
@@ -175,6 +176,11 @@ MODELS = [
     # of 27 kinds made by bench/file_kinds.py
     FieldModel("magika", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", file_kinds.file_features,
                top1(0), "top-1", 0.98, distill_budget=("--max-weight-bytes", "10%"), sample_input="bytes"),
+    # captcha-whisperer's CRNN (PyTorch 2.14): a ResNet trunk and a bidirectional LSTM unrolled into a Gemm
+    # per step on shared weights, (20, N, 37) logits with the CTC blank last
+    FieldModel("captcha-crnn", "captcha-whisperer==0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
+               field_inputs.text_captchas, sequence_first_read_alike(blank=36), "captchas read alike", 0.90,
+               sample_input="image"),
     FieldModel("silero-vad-v4", "openwakeword==0.4.0", "openwakeword/resources/models/silero_vad.onnx",
                lambda rng, n: field_inputs.audio_chunks(rng, n, length=512),
                lambda ref, got: float(((ref[0] > 0.5) == (got[0] > 0.5)).mean()), "speech decisions alike", 0.98,
@@ -249,8 +255,13 @@ def ort_outputs(path: str, x: np.ndarray, batch: int = 16, given_once: dict | No
             fed[value.name] = np.broadcast_to(given, shape).copy()
         return fed
 
-    parts = [s.run(None, feed(x[i : i + batch])) for i in range(0, len(x), batch)]
-    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+    from rankfold.analyze import sample_axis
+
+    starts = range(0, len(x), batch)
+    parts = [s.run(None, feed(x[i : i + batch])) for i in starts]
+    # Along each output's own sample axis: a sequence-first (T, N, classes) recogniser's is the second.
+    return [np.concatenate([p[k] for p in parts], axis=sample_axis(parts[0][k].shape, min(batch, len(x))))
+            for k in range(len(parts[0]))]
 
 
 @dataclass
