@@ -39,18 +39,24 @@ def _heads_only(model, names, calib, **_kwargs):
     return softmax_head_metrics(model, names, calib)
 
 
+def _never_judged(_layers: int, _macs: int) -> int:
+    return 0
+
+
 def side_by_side(compress: Callable[[], torch.nn.Module], measure: Callable[[torch.nn.Module], float]) -> dict:
-    """measure(compress()) without the Gauss-Newton metrics, then with them (seconds beside)."""
+    """measure(compress()) without the Gauss-Newton metrics, with them everywhere ("unjudged"), and
+    with them where the network measures them closer (rankfold's default; seconds beside)."""
     row = {}
-    with_metrics = rankfold.apply.output_metrics
-    for label, metrics in (("without", _heads_only), ("with", with_metrics)):
-        rankfold.apply.output_metrics = metrics
+    with_metrics, judged = rankfold.apply.output_metrics, rankfold.apply.judge_samples
+    for label, metrics, judge in (("without", _heads_only, judged), ("unjudged", with_metrics, _never_judged),
+                                  ("with", with_metrics, judged)):
+        rankfold.apply.output_metrics, rankfold.apply.judge_samples = metrics, judge
         try:
             t0 = time.time()
             small = compress()
             row[label], row[f"{label}_seconds"] = measure(small), time.time() - t0
         finally:
-            rankfold.apply.output_metrics = with_metrics
+            rankfold.apply.output_metrics, rankfold.apply.judge_samples = with_metrics, judged
     return row
 
 
