@@ -22,9 +22,11 @@ from torch import Tensor, nn
 from rankfold.analyze import as_input, model_outputs, run_checked, set_submodule
 from rankfold.settings import calibration_batch
 
-JUDGE_SAMPLES = 32  # calibration samples each comparison runs on, at most
+JUDGE_SAMPLES = 16  # calibration samples each comparison runs on, at most
 MIN_JUDGE_SAMPLES = 8  # fewer than this: the comparison is noise, and the metric is kept unjudged
-JUDGE_MACS = 2e12  # all comparisons together (about half a minute on 2 cores)
+# All comparisons together: 10 to 40 s on 2 cores (a mobile network's depthwise layers run far
+# below the cores' MAC rate: PP-OCRv4's detector took 74 s more at 2e12 and 32 samples).
+JUDGE_MACS = 1e12
 
 
 def judge_samples(layers: int, macs_per_sample: int) -> int:
