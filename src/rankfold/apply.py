@@ -435,7 +435,7 @@ def _metric_note(metric: OutputMetric | None, gauss_newton: bool) -> str:
     if metric is None:
         return ""
     if gauss_newton:
-        return f"weighted by its outputs' effect on the network's ({len(metric.active)} channels; Gauss-Newton)"
+        return f"weighted by the Gauss-Newton metric of its {len(metric.active)} output channels"
     return f"weighted by its softmax output ({len(metric.active)} classes active in the calibration data)"
 
 
