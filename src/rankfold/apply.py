@@ -5,6 +5,7 @@ come through here."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import fnmatch
 import time
@@ -180,11 +181,11 @@ def compress_with_report(
             wanted = changed and name not in untouchable if kept else layer_spec(module).groups == 1
             moments = None
             if wanted:
-                if cursors is not None:
-                    moments = None if name in called_by_ops else cursors.moments(name, module, changed)
-                    if moments is None and name in called_by_ops:  # every call's input
-                        moments = streamed_input_moments(reference if changed else None, result, name, calib,
-                                                         every_call=True)
+                if cursors is not None and name in called_by_ops:  # every call's input
+                    moments = streamed_input_moments(reference if changed else None, result, name, calib,
+                                                     every_call=True)
+                elif cursors is not None:
+                    moments = cursors.moments(name, module, changed)
                 else:
                     moments = streamed_input_moments(reference if changed else None, result, name, calib)
             if kept:
@@ -218,9 +219,9 @@ def _layers_called_by_ops(model: nn.Module) -> set[str]:
     carries their input, so GraphCursors cannot give it; and layers several steps call (nodes
     sharing their weights), whose moments are of every call's input, where a cursor gives the first."""
     steps = getattr(model, "steps", ())
-    called = [step.module for step in steps if step.module is not None]
+    calls = collections.Counter(step.module for step in steps if step.module is not None)
     return ({name for step in steps for name in step.attrs.get("_layers", ())}
-            | {name for name in called if called.count(name) > 1})
+            | {name for name, count in calls.items() if count > 1})
 
 
 class _Pace:

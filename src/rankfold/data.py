@@ -115,8 +115,9 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
 
 def _per_sample_input(path: str, inputs: list[GraphInput], arrays: dict[str, np.ndarray]) -> GraphInput:
     """The input that varies per sample: an open (or batch-1) leading axis, the declared rank, and
-    the most rows; two such inputs with as many rows (> 1) each are refused (rankfold calibrates
-    through one per-sample input)."""
+    the most rows; two such inputs with as many rows (> 1) that differ per sample are refused
+    (rankfold calibrates through one per-sample input). One the same for every sample is cut to
+    its first row in `arrays`, to be given once."""
     candidates = [i for i in inputs if i.dims and i.dims[0] in (None, 1) and arrays[i.name].ndim == len(i.dims)]
     if not candidates:
         raise RankfoldError(f"{path}: no array is a batch of samples for the graph's inputs "
@@ -126,14 +127,15 @@ def _per_sample_input(path: str, inputs: list[GraphInput], arrays: dict[str, np.
     if len(most) > 1 and rows > 1:
         # An input the same for every sample (an all-ones attention mask stored per sample) is given once.
         varying = [i for i in most if not (arrays[i.name] == arrays[i.name][:1]).all()]
-        for spec in most:
-            if spec not in varying[:1] and (varying or spec is not most[0]):
-                arrays[spec.name] = arrays[spec.name][:1]
         if len(varying) > 1:
             raise RankfoldError(f"{path}: {', '.join(i.name for i in varying)} each hold {rows} samples that differ: "
                                 "rankfold calibrates through one per-sample input; give the others once (a leading "
                                 "axis of 1; for a padding mask: sequences of one length, unpadded)")
-        return varying[0] if varying else most[0]
+        chosen = varying[0] if varying else most[0]
+        for spec in most:
+            if spec is not chosen:
+                arrays[spec.name] = arrays[spec.name][:1]
+        return chosen
     return most[0]
 
 

@@ -103,9 +103,13 @@ def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return _graph_shapes(model.graph)
 
 
+def _dims(value: onnx.ValueInfoProto) -> list[int]:
+    """A value's dimensions, 0 where one is unknown."""
+    return [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim]
+
+
 def _graph_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-              for vi in [*graph.input, *graph.value_info, *graph.output]}
+    shapes = {vi.name: _dims(vi) for vi in [*graph.input, *graph.value_info, *graph.output]}
     for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
@@ -138,8 +142,7 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         return _value_shapes(inference.out_mp_)
     except Exception:  # noqa: BLE001 - stopped at an op it cannot follow (a QDQ export of Magika, at
         pass  # a Squeeze after ReduceMax-18): what it found before still counts
-    return {name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-            for name, vi in inference.known_vi_.items() if vi.type.HasField("tensor_type")}
+    return {name: _dims(vi) for name, vi in inference.known_vi_.items() if vi.type.HasField("tensor_type")}
 
 
 def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None) -> int:
