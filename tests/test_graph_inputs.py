@@ -121,16 +121,17 @@ def test_a_state_per_sample_on_another_axis_is_refused_with_the_fix(tmp_path):
     assert data.x.shape == (8, 4) and fixed["state"].shape == (2, 1, 4)
 
 
-def test_two_inputs_that_vary_per_sample_are_refused_and_one_the_same_for_all_is_given_once(tmp_path):
+def test_two_inputs_that_vary_per_sample_are_packed_and_one_the_same_for_all_is_given_once(tmp_path):
     """An all-ones attention mask stored per sample (khmersm's) is the same for every sample: given
-    once. Two inputs that differ per sample (ids and a padding mask) are refused by name."""
+    once. Two inputs that differ per sample (ids and a padding mask) are packed as one
+    (tests/test_packed_inputs.py follows them through compress)."""
     _state_in_batch(tmp_path / "g.onnx")
     graph = read_onnx(tmp_path / "g.onnx")
     inputs = [graph_inputs(graph)[0], graph_inputs(graph)[0]._replace(name="x2")]
     x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     np.savez(tmp_path / "two.npz", x=x, x2=x[::-1].copy())
-    with pytest.raises(RankfoldError, match="x, x2 each hold 8 samples that differ"):
-        graph_data(tmp_path / "two.npz", inputs, need_labels=False)
+    data, fixed = graph_data(tmp_path / "two.npz", inputs, need_labels=False)
+    assert data.packed == ("x", "x2") and not fixed and np.array_equal(data.x[:, 1], x[::-1])
     np.savez(tmp_path / "mask.npz", x=x, x2=np.ones((8, 4), np.float32))
     data, fixed = graph_data(tmp_path / "mask.npz", inputs, need_labels=False)
     assert data.x.shape == (8, 4) and np.array_equal(data.x, x) and fixed["x2"].shape == (1, 4)

@@ -26,19 +26,25 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     graph = read_onnx(args.model)  # a clear error for a bad model before any work
     data, fixed = _graph_data(graph, args.model, args.data, need_labels=False)  # a detector's data has no labels
-    if not fixed:
+    if not fixed and not data.packed:
         return _eval_file(args, args.model, data.x, data.y)
     import tempfile
 
     import onnx
 
     from rankfold.frontends.onnx import bind_inputs
+    from rankfold.frontends.packing import packed_model, packing_for
 
-    # onnxruntime runs a copy whose inputs given once are initializers, as a compressed result takes them
-    print(f"inputs given once ({', '.join(sorted(fixed))}) are bound as constants", file=sys.stderr)
+    # onnxruntime runs a copy whose inputs given once are initializers, as a compressed result takes
+    # them, and whose inputs that differ per sample are packed as the data holds them
+    if fixed:
+        print(f"inputs given once ({', '.join(sorted(fixed))}) are bound as constants", file=sys.stderr)
+    copy = bind_inputs(graph, fixed)
+    if data.packed:
+        copy = packed_model(copy, packing_for(graph, list(data.packed)))
     with tempfile.TemporaryDirectory(prefix="rankfold-eval-") as tmp:
         bound = os.path.join(tmp, os.path.basename(args.model))
-        onnx.save(bind_inputs(graph, fixed), bound)
+        onnx.save(copy, bound)
         _eval_file(args, bound, data.x, data.y)
 
 
@@ -50,7 +56,7 @@ def _graph_data(graph, model_path: str, data_path: str, *, need_labels: bool):
 
     inputs = graph_inputs(graph)
     data, fixed = graph_data(data_path, inputs, need_labels=need_labels)
-    if len(inputs) > 1 and not fixed:
+    if len(inputs) > 1 and not fixed and not data.packed:
         raise RankfoldError(f"{model_path}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}"
                             f"): give {data_path} one array per input, named after it")
     return data, fixed
@@ -62,9 +68,6 @@ def _more_samples(args: argparse.Namespace, graph, path: str, *, need_labels: bo
     loaded model holds those as constants), its per-sample input checked against the graph."""
     import numpy as np
 
-    from rankfold.data import check_input_shape
-    from rankfold.frontends.onnx import graph_inputs
-
     data, fixed = _graph_data(graph, args.model, path, need_labels=need_labels)
     given = getattr(args, "given_once", None) or {}
     for name in sorted(set(fixed) | set(given)):
@@ -72,9 +75,26 @@ def _more_samples(args: argparse.Namespace, graph, path: str, *, need_labels: bo
             raise RankfoldError(f"{path}: input {name!r} must be given once as --calib gives it (a constant of the "
                                 f"compressed model): {'not given once here' if name not in fixed else 'another value'}"
                                 f"{'' if name in given else ' (--calib gives it per sample)'}")
-    sample = next(i for i in graph_inputs(graph) if i.name not in fixed)
-    check_input_shape(data.x, sample.dims, path)
+    _check_samples_fit(graph, data, fixed, path)
     return data
+
+
+def _check_samples_fit(graph, data, fixed: dict, source: str) -> None:
+    """The per-sample input against the graph's declared dims; packed inputs each against its own."""
+    from rankfold.data import check_input_shape
+    from rankfold.frontends.onnx import graph_inputs
+
+    inputs = {i.name: i for i in graph_inputs(graph)}
+    if data.packed:
+        for slot, name in enumerate(data.packed):
+            check_input_shape(data.x[:, slot], inputs[name].dims, f"{source} ({name!r})")
+        return
+    check_input_shape(data.x, next(i for i in inputs.values() if i.name not in fixed).dims, source)
+
+
+def _sample_shape(model, example) -> tuple[int, ...]:
+    """One sample's shape for the ONNX files' MAC counts: of each packed input where inputs are packed."""
+    return tuple(example.shape[2:] if getattr(model, "packing", None) is not None else example.shape[1:])
 
 
 def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
@@ -300,8 +320,8 @@ def _load_inputs(args: argparse.Namespace):
     """(graph, model, calib tensor or None, example tensor) from --model/--calib, checked."""
     import torch
 
-    from rankfold.data import check_input_shape
     from rankfold.frontends.onnx import graph_inputs, load_onnx, read_onnx
+    from rankfold.frontends.packing import packing_for
 
     graph = read_onnx(args.model)
     inputs = graph_inputs(graph)
@@ -309,11 +329,11 @@ def _load_inputs(args: argparse.Namespace):
         raise RankfoldError(f"{args.model}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)})"
                             ": give --calib with one array per input, named after it")
     calib, fixed = _graph_data(graph, args.model, args.calib, need_labels=False) if args.calib else (None, {})
+    packing = packing_for(graph, list(calib.packed)) if calib is not None and calib.packed else None
     if calib is not None:  # before the load, which decides shape-driven Ifs on these samples
-        sample = next(i for i in inputs if i.name not in fixed)
-        check_input_shape(calib.x, sample.dims, args.calib)
+        _check_samples_fit(graph, calib, fixed, args.calib)
         calib = torch.from_numpy(calib.x[: args.calib_limit])
-    model = load_onnx(args.model, fixed, calib[:2] if calib is not None else None)
+    model = load_onnx(args.model, fixed, calib[:2] if calib is not None else None, packing)
     args.conversion_line = _conversion_checked(args.model, model, calib, fixed)
     args.given_once = fixed  # constants of the model: --train and --data must give the same (_more_samples)
     if model.fixed_batch is not None and model.fixed_batch != 1:
@@ -392,7 +412,9 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
         args.memory_line += "\n" + args.conversion_line
     if getattr(model, "fixed_inputs", None):
         args.memory_line += (f"\n  inputs given once ({', '.join(model.fixed_inputs)}) are constants of the result: it "
-                             f"takes {', '.join(model.input_names)} only")
+                             f"takes {', '.join(model.packing.names if model.packing else model.input_names)} only")
+    if getattr(model, "packing", None) is not None:
+        args.memory_line += "\n  " + model.packing.describe()
 
 
 def _budgets(args: argparse.Namespace) -> dict[str, str]:
@@ -658,7 +680,8 @@ def _compress_uniform(args: argparse.Namespace) -> None:
     result.save(args.output, force=args.force)  # checked before anything is written
     report, check = result.report, result.check
     seconds = time.time() - t0
-    before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
+    shape = _sample_shape(model, example)
+    before, after = (onnx_size(path, sample_shape=shape) for path in (args.model, args.output))
     print(layer_table(report))
     print(_size_line(before, after, seconds))
     print("self-check: " + (check.describe() if check else "not run (--no-check): the result is unchecked"))
@@ -714,8 +737,9 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     log("  " + int8_choice(target))
     log(args.memory_line)
     t0 = time.time()
-    # Timing runs the original file in onnxruntime with one input: with inputs given once, the module is exported.
-    original_file = None if model.fixed_inputs else args.model
+    # Timing runs the original file in onnxruntime with one input: with inputs given once or
+    # packed, the module is exported.
+    original_file = None if model.fixed_inputs or model.packing else args.model
     result = compress_to_budget(model, calib=calib, target=target, budgets=budgets, example_input=example,
                                 min_rank=args.min_rank, min_agreement=args.min_agreement,
                                 max_output_error=args.max_output_error, onnx_path=original_file,
@@ -891,7 +915,8 @@ def _finish(args: argparse.Namespace, result, example, t0: float, budgets: dict 
     else:
         _save_within(args, result, limit)
     seconds = time.time() - t0
-    before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
+    shape = _sample_shape(result.module, example)
+    before, after = (onnx_size(path, sample_shape=shape) for path in (args.model, args.output))
     print(plan_table(result.plan))
     if ft_log is not None:
         print(_finetuned_line(ft_log))
@@ -1071,7 +1096,13 @@ def _student_result(args: argparse.Namespace, plan, model, calib, example, log):
         return apply_and_check(model, plan, calib=calib, min_agreement=args.min_agreement,
                                max_output_error=args.max_output_error, example_input=example, check=False,
                                rules=tuple(args.check), progress=lambda m: log("  " + m))
-    student = load_onnx(args.student)
+    packing = getattr(model, "packing", None)  # a student made from a packed read takes the same inputs
+    if packing is not None:
+        from rankfold.frontends.onnx import read_onnx
+        from rankfold.frontends.packing import packing_for
+
+        packing = packing_for(read_onnx(args.student), packing.names)
+    student = load_onnx(args.student, packing=packing)
     return Compressed(student, CompressionReport(), None, model, calib, None, example, args.min_agreement,
                       args.max_output_error, tuple(args.check))
 
@@ -1087,7 +1118,8 @@ def _finish_finetune(args: argparse.Namespace, result, ft_log, example, t0: floa
 
     result.save(args.output, observer=args.observer or "percentile", force=args.force, progress=_log(args.quiet))
     seconds = time.time() - t0
-    before, after = (onnx_size(path, sample_shape=tuple(example.shape[1:])) for path in (args.model, args.output))
+    shape = _sample_shape(result.module, example)
+    before, after = (onnx_size(path, sample_shape=shape) for path in (args.model, args.output))
     print(_finetuned_line(ft_log))
     print(_size_line(before, after, seconds))
     print("self-check: " + (result.check.describe() if result.check is not None

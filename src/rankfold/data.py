@@ -15,6 +15,9 @@ from rankfold.errors import RankfoldError
 class Dataset(NamedTuple):
     x: np.ndarray
     y: np.ndarray | None
+    # The graph inputs packed in x, in slot order, where several differ per sample
+    # (rankfold.frontends.packing); empty where x is the one per-sample input.
+    packed: tuple[str, ...] = ()
 
 
 class GraphInput(NamedTuple):
@@ -63,6 +66,11 @@ def _checked_samples(path: str, name: str, x: np.ndarray, declared: np.dtype | N
     finite; where the graph declares an integer input (token ids, bytes), integers of its dtype."""
     if x.ndim < 2 or len(x) == 0:
         raise RankfoldError(f"{path}: '{name}' must be (N, ...) with N > 0, got shape {x.shape}")
+    if declared is not None and np.dtype(declared) == np.bool_:  # a mask
+        if x.dtype != np.bool_ and not (np.issubdtype(x.dtype, np.integer) and np.isin(x, (0, 1)).all()):
+            raise RankfoldError(f"{path}: '{name}' must be booleans (or 0 and 1) for the graph's bool input, got "
+                                f"{x.dtype}")
+        return x.astype(np.bool_, copy=False)
     if declared is not None and np.issubdtype(declared, np.integer):
         if not np.issubdtype(x.dtype, np.integer) or not np.can_cast(x.dtype, declared, "same_kind") or \
                 (x.size and (x.min() < np.iinfo(declared).min or x.max() > np.iinfo(declared).max)):
@@ -90,6 +98,8 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
     array named after it. The per-sample input is the one whose leading axis is open (the batch)
     and whose array has the declared rank; every other array is given once, as the graph takes it
     for one call, and becomes a constant of the result (state is then the same for every sample).
+    Several inputs that differ per sample (token ids and a padding mask) come packed in one x,
+    their names in Dataset.packed (rankfold.frontends.packing).
     """
     path = os.fspath(path)
     arrays = _arrays(path)
@@ -107,17 +117,22 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
     if extra:
         raise RankfoldError(f"{path}: array(s) {', '.join(map(repr, extra))} name no input of the graph "
                             f"(inputs: {', '.join(names)})")
-    sample = _per_sample_input(path, inputs, arrays)
-    x = _checked_samples(path, sample.name, arrays[sample.name], sample.dtype)
-    fixed = {i.name: _given_once(path, i, arrays[i.name], len(x)) for i in inputs if i.name != sample.name}
-    return _labelled(path, x, arrays.get("y"), need_labels), fixed
+    from rankfold.frontends.packing import pack_arrays
+
+    varying = _per_sample_inputs(path, inputs, arrays)
+    checked = {i.name: _checked_samples(path, i.name, arrays[i.name], i.dtype) for i in varying}
+    names = [i.name for i in varying]
+    x = checked[names[0]] if len(names) == 1 else pack_arrays(path, names, checked)
+    fixed = {i.name: _given_once(path, i, arrays[i.name], len(x)) for i in inputs if i.name not in checked}
+    return _labelled(path, x, arrays.get("y"), need_labels)._replace(packed=tuple(names) if len(names) > 1 else ()), \
+        fixed
 
 
-def _per_sample_input(path: str, inputs: list[GraphInput], arrays: dict[str, np.ndarray]) -> GraphInput:
-    """The input that varies per sample: an open (or batch-1) leading axis, the declared rank, and
-    the most rows; two such inputs with as many rows (> 1) that differ per sample are refused
-    (rankfold calibrates through one per-sample input). One the same for every sample is cut to
-    its first row in `arrays`, to be given once."""
+def _per_sample_inputs(path: str, inputs: list[GraphInput], arrays: dict[str, np.ndarray]) -> list[GraphInput]:
+    """The inputs that vary per sample: an open (or batch-1) leading axis, the declared rank, and
+    the most rows. Several that differ per sample (ids and a padding mask) are calibrated
+    together, packed (rankfold.frontends.packing). One the same for every sample (an all-ones
+    mask stored per sample) is cut to its first row in `arrays`, to be given once."""
     candidates = [i for i in inputs if i.dims and i.dims[0] in (None, 1) and arrays[i.name].ndim == len(i.dims)]
     if not candidates:
         raise RankfoldError(f"{path}: no array is a batch of samples for the graph's inputs "
@@ -125,18 +140,12 @@ def _per_sample_input(path: str, inputs: list[GraphInput], arrays: dict[str, np.
     rows = max(len(arrays[i.name]) for i in candidates)
     most = [i for i in candidates if len(arrays[i.name]) == rows]
     if len(most) > 1 and rows > 1:
-        # An input the same for every sample (an all-ones attention mask stored per sample) is given once.
-        varying = [i for i in most if not (arrays[i.name] == arrays[i.name][:1]).all()]
-        if len(varying) > 1:
-            raise RankfoldError(f"{path}: {', '.join(i.name for i in varying)} each hold {rows} samples that differ: "
-                                "rankfold calibrates through one per-sample input; give the others once (a leading "
-                                "axis of 1; for a padding mask: sequences of one length, unpadded)")
-        chosen = varying[0] if varying else most[0]
+        varying = [i for i in most if not (arrays[i.name] == arrays[i.name][:1]).all()] or most[:1]
         for spec in most:
-            if spec is not chosen:
+            if spec not in varying:
                 arrays[spec.name] = arrays[spec.name][:1]
-        return chosen
-    return most[0]
+        return varying
+    return most[:1]
 
 
 def _given_once(path: str, spec: GraphInput, value: np.ndarray, samples: int) -> np.ndarray:

@@ -62,13 +62,37 @@ class Compressed:
         if os.path.exists(path) and not force:
             raise RankfoldError(f"{path} exists: pass force=True (--force) to replace it")
         example = self.example_input if self.example_input is not None else self._first_samples()
-        if not self.quantized:
+        if not self.quantized and getattr(self.module, "packing", None) is None:
             from rankfold.export.onnx import export_onnx
 
             export_onnx(self.module, path, example_input=example)
             return self.check
+        if not self.quantized:
+            self._save_unpacked(path, example)
+            return self.check
         self.check = self._save_quantized(path, example, observer, progress or (lambda _m: None))
         return self.check
+
+    def _save_unpacked(self, path: str, example: Tensor) -> None:
+        """A float result read through packed inputs, written taking the original inputs again."""
+        from rankfold.export.onnx import export_onnx
+        from rankfold.io import replace_atomically
+
+        with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+            partial = os.path.join(scratch, "float.onnx")
+            export_onnx(self.module, partial, example_input=example)
+            replace_atomically(path, self._final_bytes(partial, example))
+
+    def _final_bytes(self, partial: str, example: Tensor) -> bytes:
+        """The bytes of the file `partial` as the user's file takes its inputs (unpacked where the
+        module reads several packed as one)."""
+        packing = getattr(self.module, "packing", None)
+        if packing is None:
+            with open(partial, "rb") as handle:
+                return handle.read()
+        from rankfold.frontends.packing import unpacked_bytes
+
+        return unpacked_bytes(partial, packing, example.detach().cpu().numpy())
 
     def _first_samples(self) -> Tensor:
         if self.calib is None:
@@ -109,6 +133,5 @@ class Compressed:
                 path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
                 say(f"self-check (quantized, {path_used}): " + check.describe())
                 refuse_if_poor(check, self.min_agreement, self.max_output_error, self.rules)
-            with open(partial, "rb") as handle:
-                replace_atomically(path, handle.read())
+            replace_atomically(path, self._final_bytes(partial, example))
             return check

@@ -22,6 +22,7 @@ from rankfold.errors import RankfoldError, first_line
 from rankfold.evaluate import PACKED_BITS
 from rankfold.frontends import onnx_ops_field  # noqa: F401 (registers its ops in OPS)
 from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_order
+from rankfold.frontends.packing import Packing, packed_model
 
 MIN_OPSET, MAX_OPSET = 11, 23
 # Older graphs (the ONNX model zoo's classics are opset 3 to 10) are read after onnx's own version
@@ -55,7 +56,7 @@ class Step:
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
-                  "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note", "widened_note")
+                  "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note", "widened_note", "packing")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -90,6 +91,7 @@ class OnnxModule(nn.Module):
         self.quantized_note: str | None = None  # an already-quantized graph: which integer ops are read in float
         self.opset_note: str | None = None  # an older graph read after onnx's version converter upgraded it
         self.widened_note: str | None = None  # a float16 graph read in float32
+        self.packing: Packing | None = None  # inputs read packed as one (rankfold.frontends.packing)
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -183,7 +185,7 @@ def _run_layer(layer: nn.Module, x: Tensor, attrs: dict) -> Tensor:
 
 
 def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = None,
-              probe: Tensor | None = None) -> OnnxModule:
+              probe: Tensor | None = None, packing: Packing | None = None) -> OnnxModule:
     """Read an ONNX file into an OnnxModule (see the module docstring). Raises RankfoldError.
 
     `fixed`: inputs given once (rankfold.data.graph_data), by name. They become constants, so that
@@ -192,14 +194,20 @@ def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = 
 
     `probe`: samples of the per-sample input (two or more). An If whose condition is computed from
     shapes alone (Shape -> Gather -> Equal) is then decided on them, at batch 1 and at batch 2; it
-    becomes the branch it takes when both agree, and the result keeps the probe's size."""
+    becomes the branch it takes when both agree, and the result keeps the probe's size.
+
+    `packing`: inputs that differ per sample beside each other, read as one packed input
+    (rankfold.frontends.packing; `probe` is then packed too)."""
     model = read_onnx(path)
+    if packing is not None:
+        model = packed_model(model, packing)
     try:
         module = _Converter(model, fixed or {}, probe).convert()
     except RankfoldError:
         raise
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
         raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {first_line(exc)}") from None
+    module.packing = packing
     if module.fixed_batch is None and probe is not None and len(probe) > 1 and _runs_only_alone(module, probe):
         # The file declares an open batch that its steps do not keep (a shape baked at 1 by the
         # exporter, khmersm's Reshape(x, [48, 1, 3, 192])): onnxruntime fails at 2 samples as well.
@@ -482,6 +490,8 @@ def onnxruntime_disagreement(path: str | os.PathLike, module: nn.Module, x: Tens
 
     try:
         original = onnx.load(os.fspath(path))
+        if getattr(module, "packing", None) is not None:
+            original = packed_model(original, module.packing)
         declared = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
                     for v in original.graph.input}
         bound = bind_inputs(original, {name: np.asarray(value).astype(declared.get(name, np.asarray(value).dtype))

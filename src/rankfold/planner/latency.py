@@ -18,12 +18,14 @@ from rankfold.planner.options import Option
 
 
 def onnx_of(model: nn.Module, example: Tensor, onnx_path: str | None = None):
-    """The model as an ONNX proto: its own file when given, else exported (for timing only)."""
+    """The model as an ONNX proto: its own file when given and it takes the module's one input,
+    else exported (for timing only; timing feeds one input, and a graph with inputs given once or
+    packed takes others)."""
     import onnx
 
     from rankfold.export.onnx import export_onnx
 
-    if onnx_path is not None:
+    if onnx_path is not None and not getattr(model, "fixed_inputs", None) and getattr(model, "packing", None) is None:
         return onnx.load(onnx_path)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")

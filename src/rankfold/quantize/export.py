@@ -128,6 +128,7 @@ def export_quantized(
     sigmoid) exports to C when planned for a C target.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
+    from rankfold.frontends.packing import packed_values
     from rankfold.io import replace_atomically
 
     say = progress or (lambda _m: None)
@@ -145,6 +146,10 @@ def export_quantized(
     # Weight-only: activations stay float (DequantizeLinear on the weights alone), as transformers
     # need: per-tensor int8 of their activations (outlier channels) loses most of the signal.
     activations = {} if weight_only else calibrate(proto, calib.numpy(), observer=observer, progress=say)
+    packing = getattr(model, "packing", None)
+    if packing is not None:  # packed token ids and masks are integers carried in float: never rounded
+        for name in packed_values(proto, packing):
+            activations.pop(name, None)
     nodes = node_bits(proto, leaves)
     for node in proto.graph.node:  # learned steps replace the calibrated ones for those inputs
         leaf = module_of_node(node.name, input_steps) if node.name in nodes and input_steps else None

@@ -1,0 +1,141 @@
+"""Several inputs that differ per sample (token ids with a padding mask, as every padded batch of
+text has): calibrated together through one packed tensor, and the result takes them as the
+user's file does (rankfold.frontends.packing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from rankfold.data import graph_data
+from rankfold.errors import RankfoldError
+from rankfold.frontends.onnx import graph_inputs, read_onnx
+from tests.helpers import run_cli
+
+VOCAB, WIDTH, LENGTH = 50, 64, 10
+
+
+class _MaskedMeanEncoder(nn.Module):
+    """Embedding, a mean over the positions the mask keeps, two Linear layers: an encoder's interface."""
+
+    def __init__(self, echo_mask: bool = False) -> None:
+        super().__init__()
+        self.echo_mask = echo_mask  # also return the mask's complement (a bool output, as encoders pass on)
+        generator = torch.Generator().manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.hidden = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 8)
+        with torch.no_grad():  # a hidden layer of rank 12 plus a little noise: rank 16 keeps nearly all of it
+            low = torch.randn(WIDTH, 12, generator=generator) @ torch.randn(12, WIDTH, generator=generator) / 4
+            self.hidden.weight.copy_(low + 0.01 * torch.randn(WIDTH, WIDTH, generator=generator))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kept = mask.unsqueeze(-1).to(torch.float32)
+        pooled = (self.embed(ids) * kept).sum(1) / kept.sum(1).clamp(min=1)
+        logits = self.head(torch.relu(self.hidden(pooled)))
+        return (logits, ~mask) if self.echo_mask else logits
+
+
+def _encoder_file(path, mask_dtype=torch.int64) -> None:
+    ids, mask = torch.randint(1, VOCAB, (2, LENGTH)), torch.ones(2, LENGTH, dtype=mask_dtype)
+    echo = mask_dtype == torch.bool
+    torch.onnx.export(_MaskedMeanEncoder(echo).eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits", "padding"][: 1 + echo],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                    "logits": {0: "batch"}, **({"padding": {0: "batch", 1: "seq"}} if echo else {})})
+
+
+def _padded_text(rng, n: int, length: int = LENGTH, mask_dtype=np.int64) -> dict[str, np.ndarray]:
+    """Token ids padded with 0 after each sequence's own length, and the mask that says so."""
+    lengths = rng.integers(3, length + 1, n)
+    mask = np.arange(length)[None] < lengths[:, None]
+    return {"input_ids": rng.integers(1, VOCAB, (n, length)) * mask, "attention_mask": mask.astype(mask_dtype)}
+
+
+def _relative_error(got: np.ndarray, wanted: np.ndarray) -> float:
+    return float(np.linalg.norm(got - wanted) / np.linalg.norm(wanted))
+
+
+@pytest.mark.parametrize("budget", [["--max-params", "75%"], ["--max-weight-bytes", "60%"]], ids=["float", "int8"])
+def test_ids_and_a_padding_mask_that_differ_per_sample_calibrate_together_and_the_result_takes_both(tmp_path, budget):
+    _encoder_file(tmp_path / "encoder.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", **_padded_text(rng, 128))
+    code, stdout, stderr = run_cli("compress", tmp_path / "encoder.onnx", "--calib", tmp_path / "calib.npz", *budget,
+                                   "-o", tmp_path / "small.onnx")
+    assert code == 0, stderr
+    assert "input_ids, attention_mask differ per sample: calibrated together" in stderr
+    original, small = (ort.InferenceSession(str(tmp_path / name)) for name in ("encoder.onnx", "small.onnx"))
+    assert [(i.name, i.type) for i in small.get_inputs()] == [("input_ids", "tensor(int64)"),
+                                                              ("attention_mask", "tensor(int64)")]
+    quantized = any(node.op_type == "DequantizeLinear" for node in onnx.load(tmp_path / "small.onnx").graph.node)
+    assert quantized == (budget[0] == "--max-weight-bytes")
+    for n, length in ((3, LENGTH), (5, 7)):  # any batch, and the sequence length the original leaves open
+        fresh = _padded_text(rng, n, length)
+        wanted, got = original.run(None, fresh)[0], small.run(None, fresh)[0]
+        assert got.shape == wanted.shape
+        # int8 weights and a rank-16 hidden layer stay close; token ids rounded as activations would not
+        assert _relative_error(got, wanted) < 0.1
+        # the mask is an input of the result, not a constant: what it hides does not count, what it shows does
+        hidden = {**fresh, "input_ids": np.where(fresh["attention_mask"] == 1, fresh["input_ids"], 7)}
+        np.testing.assert_allclose(small.run(None, hidden)[0], got, rtol=1e-5, atol=1e-6)
+        shown = {**fresh, "attention_mask": np.ones_like(fresh["attention_mask"])}
+        assert _relative_error(small.run(None, shown)[0], got) > 0.01
+    code, stdout, stderr = run_cli("eval", tmp_path / "small.onnx", "--data", tmp_path / "calib.npz")
+    assert code == 0 and "parameters" in stdout, stderr
+
+
+def test_a_bool_mask_is_packed_and_given_back_as_bool(tmp_path):
+    """A bool mask in, and the bool mask passed on as an output: the export's check compares it exactly."""
+    _encoder_file(tmp_path / "encoder.onnx", mask_dtype=torch.bool)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", **_padded_text(rng, 96, mask_dtype=np.bool_))
+    code, _stdout, stderr = run_cli("compress", tmp_path / "encoder.onnx", "--calib", tmp_path / "calib.npz",
+                                    "--keep", "0.5", "-o", tmp_path / "small.onnx")
+    assert code == 0, stderr
+    small = ort.InferenceSession(str(tmp_path / "small.onnx"))
+    assert [i.type for i in small.get_inputs()] == ["tensor(int64)", "tensor(bool)"]
+    fresh = _padded_text(rng, 4, mask_dtype=np.bool_)
+    wanted = ort.InferenceSession(str(tmp_path / "encoder.onnx")).run(None, fresh)
+    got = small.run(None, fresh)
+    assert _relative_error(got[0], wanted[0]) < 0.1
+    assert got[1].dtype == np.bool_ and np.array_equal(got[1], wanted[1])
+
+
+def test_inputs_that_differ_per_sample_are_refused_by_name_where_they_cannot_be_packed(tmp_path):
+    _encoder_file(tmp_path / "encoder.onnx")
+    inputs = graph_inputs(read_onnx(tmp_path / "encoder.onnx"))
+    text = _padded_text(np.random.default_rng(0), 8)
+    np.savez(tmp_path / "huge.npz", **{**text, "input_ids": text["input_ids"] + 2**24})
+    with pytest.raises(RankfoldError, match=r"'input_ids' holds integers up to 16,777,2..: .* exact below 16,777,216"):
+        graph_data(tmp_path / "huge.npz", inputs, need_labels=False)
+    np.savez(tmp_path / "shapes.npz", **{**text, "attention_mask": text["attention_mask"][:, :6]})
+    with pytest.raises(RankfoldError, match=r"must have one shape .*input_ids \(8, 10\), attention_mask \(8, 6\)"):
+        graph_data(tmp_path / "shapes.npz", inputs, need_labels=False)
+    np.savez(tmp_path / "ok.npz", **text)
+    data, fixed = graph_data(tmp_path / "ok.npz", inputs, need_labels=False)
+    assert data.packed == ("input_ids", "attention_mask") and not fixed and data.x.shape == (8, 2, LENGTH)
+    np.testing.assert_array_equal(data.x[:, 1], text["attention_mask"])
+
+
+def test_a_result_read_through_packed_inputs_packs_again_and_fine_tunes(tmp_path):
+    """The compressed file holds the value rankfold names its packed input: compressing it again
+    packs under another name."""
+    _encoder_file(tmp_path / "encoder.onnx")
+    np.savez(tmp_path / "calib.npz", **_padded_text(np.random.default_rng(2), 96))
+    for source, out in (("encoder.onnx", "once.onnx"), ("once.onnx", "twice.onnx")):
+        code, _stdout, stderr = run_cli("compress", tmp_path / source, "--calib", tmp_path / "calib.npz",
+                                        "--keep", "0.75", "-o", tmp_path / out)
+        assert code == 0, stderr
+    names = [i.name for i in onnx.load(tmp_path / "twice.onnx").graph.input]
+    assert names == ["input_ids", "attention_mask"]
+    # and a result is distilled from the original as a student that takes the packed inputs too
+    code, _stdout, stderr = run_cli("finetune", tmp_path / "encoder.onnx", "--student", tmp_path / "once.onnx",
+                                    "--calib", tmp_path / "calib.npz", "--train", tmp_path / "calib.npz",
+                                    "--steps", "3", "--batch-size", "16", "-o", tmp_path / "tuned.onnx")
+    assert code == 0, stderr
+    assert [i.name for i in onnx.load(tmp_path / "tuned.onnx").graph.input] == ["input_ids", "attention_mask"]
