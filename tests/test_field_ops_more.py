@@ -366,6 +366,24 @@ CASES = {
 }
 
 
+# A range over a size read from the input's shape, its bounds Constant nodes (as torch's exporter
+# writes a BERT's position ids): all Python ints once folded, traced again on export.
+CASES["range-of-a-size"] = (
+    [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Constant", [], ["last"], value=_init("last_v", np.array(3, np.int64))),
+        helper.make_node("Gather", ["shape", "last"], ["width"], axis=0),
+        helper.make_node("Constant", [], ["start"], value=_init("start_v", np.array(0, np.int64))),
+        helper.make_node("Constant", [], ["step"], value=_init("step_v", np.array(1, np.int64))),
+        helper.make_node("Range", ["start", "width", "step"], ["positions"]),
+        _cast("positions", "offsets"),
+        helper.make_node("Add", ["x", "offsets"], ["y"]),
+    ],
+    [],
+    17,
+)
+
+
 def _case_file(tmp_path, name, batch=X_SHAPE[0]):
     nodes, inits, opset, *shape = CASES[name]
     graph = helper.make_graph(

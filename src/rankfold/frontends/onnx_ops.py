@@ -661,9 +661,11 @@ def _prelu(vals, attrs):
 @op("Range")
 def _range(vals, attrs):
     start, limit, delta = vals
-    if all(not isinstance(v, Tensor) or not v.dtype.is_floating_point for v in vals) and not torch.jit.is_tracing():
+    like = next((v for v in vals if isinstance(v, Tensor)), None)
+    # Bounds that are Python ints (sizes folded at load) make a constant range, traced or not
+    if like is None or (all(not isinstance(v, Tensor) or not v.dtype.is_floating_point for v in vals)
+                        and not torch.jit.is_tracing()):
         return [torch.arange(ints(start)[0], ints(limit)[0], ints(delta)[0], dtype=torch.int64)]
-    like = next(v for v in vals if isinstance(v, Tensor))
     return [torch.arange(tensor(start, like).item(), tensor(limit, like).item(), tensor(delta, like).item(),
                          dtype=like.dtype)]
 
