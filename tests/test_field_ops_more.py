@@ -384,6 +384,26 @@ CASES["range-of-a-size"] = (
 )
 
 
+# A range over the batch size (as a BERT export indexes its flattened mask by sample): an open
+# batch, so it must stay a Range of the batch in the export (`open_batch` below).
+CASES["range-of-the-batch"] = (
+    [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Constant", [], ["first"], value=_init("first_v", np.array(0, np.int64))),
+        helper.make_node("Gather", ["shape", "first"], ["batch"], axis=0),
+        helper.make_node("Constant", [], ["start"], value=_init("start_v", np.array(0, np.int64))),
+        helper.make_node("Constant", [], ["step"], value=_init("step_v", np.array(1, np.int64))),
+        helper.make_node("Range", ["start", "batch", "step"], ["samples"]),
+        _cast("samples", "offsets"),
+        helper.make_node("Constant", [], ["column"], value=_init("column_v", np.array([-1, 1, 1, 1], np.int64))),
+        helper.make_node("Reshape", ["offsets", "column"], ["offset"]),
+        helper.make_node("Add", ["x", "offset"], ["y"]),
+    ],
+    [],
+    17,
+)
+
+
 def _case_file(tmp_path, name, batch=X_SHAPE[0]):
     nodes, inits, opset, *shape = CASES[name]
     graph = helper.make_graph(
@@ -411,6 +431,19 @@ def test_field_ops_match_onnxruntime_and_export(tmp_path, name):
     with warnings.catch_warnings():  # the written form of a result: the TorchScript exporter, checked in onnxruntime
         warnings.simplefilter("ignore")
         export_onnx(module, tmp_path / "written.onnx", example_input=torch.from_numpy(x), verify=True)
+
+
+def test_a_range_over_the_batch_size_stays_open_in_the_export(tmp_path):
+    path = _case_file(tmp_path, "range-of-the-batch", batch="N")
+    x = RNG.normal(size=X_SHAPE).astype(np.float32)
+    module = rankfold.load_onnx(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(module, tmp_path / "written.onnx", example_input=torch.from_numpy(x), verify=True)
+    session = ort.InferenceSession(str(tmp_path / "written.onnx"), providers=["CPUExecutionProvider"])
+    three = np.concatenate([x, x[:1]])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: three})[0],
+                               three + np.arange(3, dtype=np.float32).reshape(-1, 1, 1, 1), rtol=1e-6)
 
 
 def _opset9_model(tmp_path):

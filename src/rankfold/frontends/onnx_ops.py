@@ -666,6 +666,8 @@ def _range(vals, attrs):
     if like is None or (all(not isinstance(v, Tensor) or not v.dtype.is_floating_point for v in vals)
                         and not torch.jit.is_tracing()):
         return [torch.arange(ints(start)[0], ints(limit)[0], ints(delta)[0], dtype=torch.int64)]
+    if torch.jit.is_tracing():  # a bound traced from the batch size stays a Range of it in the export
+        return [torch.arange(*(tensor(v, like).reshape(()) for v in (start, limit, delta)))]
     return [torch.arange(tensor(start, like).item(), tensor(limit, like).item(), tensor(delta, like).item(),
                          dtype=like.dtype)]
 
