@@ -551,6 +551,26 @@ def test_macs_count_what_symbolic_inference_found_before_an_op_it_cannot_follow(
     assert onnx_macs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])) == 32 * 16
 
 
+def test_macs_are_counted_by_one_run_where_both_shape_inferences_stop(monkeypatch):
+    """onnxruntime's symbolic inference raised on a torch export of a compressed BERT (a Reshape of
+    a scalar) before its MatMuls: the result's MACs read 0. One run at batch 1 tells their shapes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import rankfold.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_symbolic_shapes", lambda _model: {})  # as when the tool raises at once
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([32], np.int64), "width"),
+             numpy_helper.from_array(np.ones((32, 16), np.float32), "w")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["batch"]),
+             helper.make_node("Concat", ["batch", "width"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    assert evaluate.onnx_macs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])) == 32 * 16
+
+
 class _DetectorHead(nn.Module):
     """(N, 4 + classes, anchors) like YOLOv8, or (N, anchors, 4 + classes) like YOLOv5: box
     coordinates in pixels beside sigmoid class scores; `lose_scores` drops every score to ~0."""

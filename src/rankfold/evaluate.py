@@ -94,7 +94,43 @@ def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None 
             shapes[name] = dims
     for init in inferred.graph.initializer:
         shapes[init.name] = list(init.dims)
+    counted = [name for node in inferred.graph.node if node.op_type in COUNTED_OPS
+               for name in (node.output[0], node.input[0]) if not shapes.get(name) or 0 in shapes[name]]
+    if counted:  # what neither inference follows (a Reshape to a computed shape): one run tells
+        shapes.update(_executed_shapes(fixed, inferred, counted))
     return inferred, shapes
+
+
+COUNTED_OPS = ("Conv", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
+
+
+def _executed_shapes(model: onnx.ModelProto, inferred: onnx.ModelProto, names: list[str]) -> dict[str, list[int]]:
+    """The shapes of the values `names` in one onnxruntime run of `model` on zeros, where every
+    input's shape is known (the batch at 1); none where it is not or the run fails. The ONNX
+    shape inference and onnxruntime's symbolic one both stop at a Reshape to a shape computed in
+    the graph (a torch export of a BERT's result: its MACs read 0)."""
+    from rankfold.runtime import session
+
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim]
+        if 0 in dims:
+            return {}
+        feeds[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    wanted = [name for name in dict.fromkeys(names) if types.get(name)]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted if n not in present)
+    try:
+        values = session(probe, optimized=False).run(wanted, feeds)
+    except Exception:  # noqa: BLE001 - a graph onnxruntime cannot run on zeros keeps the shapes inferred
+        return {}
+    return {name: list(np.shape(value)) for name, value in zip(wanted, values)}
 
 
 def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
