@@ -247,6 +247,8 @@ def test_a_rule_for_one_output_replaces_only_its_default():
     with pytest.raises(RankfoldError, match="output boxes is 0.3 away"):  # boxes keep their default
         refuse_if_poor(check, 0.8, 0.2, rules)
     refuse_if_poor(check, 0.8, 0.2, rules + (CheckRule("cosine", 0.95, output="1"),))
+    # what the user's rules judged is said with the check (not only the defaults' top-1 and error)
+    assert "--check: top1 0.5 >= 0.4 (scores), cosine 0.99 >= 0.95 (boxes)" in check.describe()
 
 
 @pytest.mark.parametrize("case", ["sequence", "sequence-first-logits", "dense-map"])

@@ -86,6 +86,9 @@ class Agreement:
     rel_output_error: float
     outputs: list[OutputAgreement] = field(default_factory=list)
     where: str = "held-back samples"
+    # What the --check rules a user gave measured, as said (refuse_if_poor fills it): the figures
+    # judged, where they are not the defaults describe() shows anyway
+    judged: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +108,8 @@ class Agreement:
                          f"{o.metrics['perplexity_original']:.3f} (x{o.metrics['perplexity']:.3f}), "
                          f"KL {o.metrics['kl']:.4f} per token, ")
         heads = f" ({len(self.outputs)} outputs, worst shown)" if len(self.outputs) > 1 else ""
-        return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}"
+        judged = f"; --check: {', '.join(self.judged)}" if self.judged else ""
+        return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}{judged}"
 
 
 def _collapsed(row: list[int], blank: int = 0) -> tuple[int, ...]:
@@ -348,9 +352,14 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
                 raise RankfoldError(f"self-check: {rule.key} cannot be measured on {name} ({out.kind}, no class "
                                     "axis); choose another --check metric for it")
             higher = HIGHER_IS_BETTER[rule.metric]
-            if (value >= rule.threshold) if higher else (value <= rule.threshold):
-                continue
             default = rule not in rules  # its kind's default: say which option moves it
+            if (value >= rule.threshold) if higher else (value <= rule.threshold):
+                if not default:
+                    said = f"{rule.key} {value:.4g} {'>=' if higher else '<='} {rule.threshold:g}" + (
+                        f" ({out.name or out.index})" if len(outputs) > 1 else "")
+                    if said not in check.judged:
+                        check.judged.append(said)
+                continue
             if rule.metric == "top1" and default:
                 what = "agrees with the original's top-1 on only " + (
                     _of_samples(value, check) if out.kind == "classes" else
