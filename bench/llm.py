@@ -7,6 +7,7 @@ its sentence embeddings to the original's on 500 held-back sentences of the Pyth
     PYTHONPATH=. python -m bench.llm --cuts '' --joint --out bench/results/llm-joint.json
     PYTHONPATH=. python -m bench.llm --write-text DIR   # calib.txt, train.txt, held.txt for the CLI
     PYTHONPATH=. python -m bench.llm --mlp-keep 0.5 --only mlp-keep --out bench/results/llm-mlp.json
+    PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --only ONNX --out bench/results/llm-onnx.json
 
 Rows: plain SVD (every Linear, uniform keep), SVD-LLM-style whitened truncation and ASVD-style
 activation scaling (uniform keep, no error compensation; bench/smollm2.py), rankfold's data-aware
@@ -16,6 +17,10 @@ Calibration: 512 windows of 32 tokens from the "calib" split (bench/text.py), wi
 the sentence fills (no padding in the statistics); held back: the first 500 sentences of the "held" split, 64 tokens.
 With --bits, every Linear is quantized at each bit-width (data-aware rounding on 64 calibration
 windows) and written as a weight-only QDQ file (float activations), measured in onnxruntime.
+With --onnx, MiniLM as users export it (torch.onnx: token ids and an attention mask in, both
+int64, the mean-pooled embedding out) is compressed by the CLI from the file, calibrated on
+padded sentences with their masks (the first --calib sentences of the "calib" split, 64 tokens),
+and both files are compared in onnxruntime on the held-back sentences with their masks.
 """
 
 from __future__ import annotations
@@ -131,6 +136,77 @@ def joint_row(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, t
         return _onnx_row(model, path, held, total, f"rankfold joint plan at {label}", time.time() - t0)
 
 
+class IdsAndMask(torch.nn.Module):
+    """The sentence encoder as users export it: token ids and an attention mask in, the pooled
+    (and, where the model's pipeline does, normalised) embedding out."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        embedding = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return torch.nn.functional.normalize(embedding, dim=-1) if self.encoder.normalize else embedding
+
+
+def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_count: int, work: str,
+              total: int, linear: int) -> list[dict]:
+    """MiniLM as an ONNX file with two per-sample inputs, compressed by the CLI (rankfold compress)
+    at each cut of its Linear parameters and at 30 % of its weight bytes (a QDQ file)."""
+    import subprocess
+    import sys
+    import warnings
+
+    from bench.peak import parse_peak
+    from rankfold.runtime import session
+
+    def padded(texts: list[str]) -> dict[str, np.ndarray]:
+        ids = tokenize(directory, texts, 64)
+        return {"input_ids": ids.numpy(), "attention_mask": (ids != model.pad_id).long().numpy()}
+
+    os.makedirs(work, exist_ok=True)
+    original, calib = os.path.join(work, "minilm.onnx"), os.path.join(work, "minilm-calib.npz")
+    held = padded(sentences("held")[:500])
+    np.savez(calib, **padded(sentences("calib")[:calib_count]))
+    example = tuple(torch.from_numpy(v[:2]) for v in held.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(IdsAndMask(model).eval(), example, original, dynamo=False, opset_version=17,
+                          input_names=list(held), output_names=["sentence_embedding"],
+                          dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in held},
+                                        "sentence_embedding": {0: "batch"}})
+    wanted = session(original).run(None, held)[0]
+    runs = [(f"ONNX file (ids + padding mask), rankfold compress --max-params at {cut:.0%} of Linear params removed",
+             cut, ["--max-params", str(int(total - cut * linear))]) for cut in cuts]
+    runs.append(("ONNX file (ids + padding mask), rankfold compress --max-weight-bytes 30% (QDQ)", 0.0,
+                 ["--max-weight-bytes", "30%", "--group-size", "32"]))
+    rows = []
+    for name, cut, budget in runs:
+        out = os.path.join(work, f"minilm-{len(rows)}.onnx")
+        command = [sys.executable, "-m", "bench.peak", "compress", original, "--calib", calib, "-o", out, "--force",
+                   "--check", "cosine:0.5", "-q", *budget]
+        t0 = time.time()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+        seconds = time.time() - t0
+        if done.returncode != 0:
+            print(f"{name}: failed: {done.stderr.strip().splitlines()[-1]}", flush=True)
+            continue
+        got = session(out).run(None, held)[0]
+        cosine = float(np.mean((got * wanted).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(wanted, axis=1)))
+        from rankfold.evaluate import onnx_size
+
+        size = onnx_size(out)
+        rows.append({"cut": cut, "contender": name, "cosine": cosine, "params": size.params,
+                     "linear_params_removed": (total - size.params) / linear, "weight_bytes": size.weight_bytes,
+                     "weight_bytes_ratio": size.weight_bytes / (4 * total), "seconds": seconds,
+                     "peak_rss_bytes": parse_peak(done.stderr)})
+        print(f"{name}: cosine {cosine:.4f}, Linear params removed {rows[-1]['linear_params_removed']:.1%}, weight "
+              f"bytes {rows[-1]['weight_bytes_ratio']:.1%}, {seconds:.0f} s", flush=True)
+    return rows
+
+
 def plot_cuts(rows: list[dict], path: str) -> None:
     """Embedding cosine against the share of Linear parameters removed, one line per contender."""
     line_plot(rows, "linear_params_removed", "cosine", path, xlabel="Linear parameters removed (%)",
@@ -150,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp-keep", type=float, default=None, metavar="FRACTION",
                         help="also rankfold's planner after keeping this fraction of every feed-forward block's "
                              "hidden neurons (compress --mlp-keep)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also MiniLM as an ONNX file (ids + padding mask) compressed by the CLI at the cuts")
+    parser.add_argument("--work", default=os.path.join(os.path.dirname(__file__), "results", "llm-work"),
+                        help="where --onnx writes its files")
     parser.add_argument("--only", default="", help="run only the contenders whose name contains this text")
     parser.add_argument("--write-text", metavar="DIR",
                         help="only write the bench's text for the CLI there (calib.txt, train.txt, held.txt) and stop")
@@ -175,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         what = "int4 groups alone" + (" (tables too)" if tables else "")
         rows.append(joint_row(model, calib, held, total, alone["weight_bytes"], f"the bytes of {what}"))
         rows.append(joint_row(model, calib, held, total, alone["weight_bytes"] / 2, f"half the bytes of {what}"))
+    cuts = [float(c) for c in args.cuts.split(",") if c]
+    if args.onnx:
+        rows += onnx_rows(model, directory, cuts, args.calib, args.work, total, linear)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     stats: dict = {}  # the original's layer statistics, shared by the uncompensated baselines
-    for cut in (float(c) for c in args.cuts.split(",") if c):
+    for cut in cuts:
         keep = 1.0 - cut
         budget = {"params": str(int(total - cut * linear))}
         contenders = [
