@@ -178,6 +178,11 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
                           dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in held},
                                         "sentence_embedding": {0: "batch"}})
     wanted = session(original).run(None, held)[0]
+    from rankfold.evaluate import onnx_size
+
+    # The file holds what the embedding uses: the pooler's Linear (unused) is not exported
+    in_file = onnx_size(original).params
+    total, linear = in_file, linear - (total - in_file)
     runs = [(f"ONNX file (ids + padding mask), rankfold compress --max-params at {cut:.0%} of Linear params removed",
              cut, ["--max-params", str(int(total - cut * linear))]) for cut in cuts]
     runs.append(("ONNX file (ids + padding mask), rankfold compress --max-weight-bytes 30% (QDQ)", 0.0,
@@ -191,12 +196,11 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
         done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
         seconds = time.time() - t0
         if done.returncode != 0:
-            print(f"{name}: failed: {done.stderr.strip().splitlines()[-1]}", flush=True)
+            said = [line for line in done.stderr.splitlines() if line and not line.startswith("PEAK_RSS")]
+            print(f"{name}: failed: {said[-1] if said else done.returncode}", flush=True)
             continue
         got = session(out).run(None, held)[0]
         cosine = float(np.mean((got * wanted).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(wanted, axis=1)))
-        from rankfold.evaluate import onnx_size
-
         size = onnx_size(out)
         rows.append({"cut": cut, "contender": name, "cosine": cosine, "params": size.params,
                      "linear_params_removed": (total - size.params) / linear, "weight_bytes": size.weight_bytes,

@@ -139,3 +139,49 @@ def test_a_result_read_through_packed_inputs_packs_again_and_fine_tunes(tmp_path
                                     "--steps", "3", "--batch-size", "16", "-o", tmp_path / "tuned.onnx")
     assert code == 0, stderr
     assert [i.name for i in onnx.load(tmp_path / "tuned.onnx").graph.input] == ["input_ids", "attention_mask"]
+
+
+def test_an_onnx_embedding_table_is_a_layer_quantized_weight_only_beside_packed_ids(tmp_path):
+    """The Gather of a constant table (a word embedding) is a table layer: priced and quantized, so
+    a byte budget below what its float table alone holds is reached; token ids in, so the QDQ file
+    keeps float activations (transformers' outlier channels), as the Hugging Face path writes them."""
+    _encoder_file(tmp_path / "encoder.onnx")
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", **_padded_text(rng, 128))
+    table_bytes = VOCAB * WIDTH * 4
+    total = sum(t.dims[0] * (t.dims[1] if len(t.dims) > 1 else 1) * 4
+                for t in onnx.load(tmp_path / "encoder.onnx").graph.initializer)
+    assert table_bytes / total > 0.4  # a budget of 30 % needs the table quantized
+    code, _stdout, stderr = run_cli("compress", tmp_path / "encoder.onnx", "--calib", tmp_path / "calib.npz",
+                                    "--max-weight-bytes", "30%", "-o", tmp_path / "small.onnx")
+    assert code == 0, stderr
+    graph = onnx.load(tmp_path / "small.onnx").graph
+    produced = {out: node for node in graph.node for out in node.output}
+    gathers = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in produced
+               and produced[node.input[0]].op_type == "DequantizeLinear"]
+    assert gathers, "the embedding table is read through its DequantizeLinear"
+    assert not any(node.op_type == "QuantizeLinear" for node in graph.node)  # weight-only: activations stay float
+    fresh = _padded_text(rng, 16)
+    wanted = ort.InferenceSession(str(tmp_path / "encoder.onnx")).run(None, fresh)[0]
+    assert _relative_error(ort.InferenceSession(str(tmp_path / "small.onnx")).run(None, fresh)[0], wanted) < 0.1
+
+
+def test_a_gathered_table_counts_negative_indices_from_the_end_as_onnx_does(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    import rankfold
+    from rankfold.frontends.onnx import GatheredTable
+
+    table = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)], "lookup",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", 3, 8])],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "lookup.onnx")
+    module = rankfold.load_onnx(tmp_path / "lookup.onnx")
+    assert any(isinstance(m, GatheredTable) for m in module.modules())
+    ids = np.array([[0, -1, 5], [-20, 19, 3]], np.int64)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(module(torch.from_numpy(ids)).detach().numpy(), expected)
+

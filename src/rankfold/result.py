@@ -122,7 +122,7 @@ class Compressed:
                 if self.weights_on_grid else {}
             export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
                              observer=observer, reduce_range=plan.reduce_range, progress=say,
-                             weight_only=weight_only_export(example), per_tensor=plan.per_tensor_layers(),
+                             weight_only=weight_only_export(example, self.module), per_tensor=plan.per_tensor_layers(),
                              groups=plan.grouped_layers(),
                              input_steps=self.input_steps, float_outputs=in_onnxruntime, **trained)
             check = self.check

@@ -667,6 +667,8 @@ class _Converter:
             return
         if node.op_type in LAYER_OPS and self._layer(node, inputs, attrs, where):
             return
+        if node.op_type == "Gather" and self._table(node, inputs, attrs):
+            return
         if node.op_type in RECURRENT_GATES and self._recurrent(node, inputs, attrs):
             return
         if inputs and all(i == "" or i in self.consts for i in inputs) and node.op_type != "Shape":
@@ -756,6 +758,24 @@ class _Converter:
             self.module.add_module(name, layer)
             self.shared_layers[key] = name
         self.module.steps.append(Step(node.op_type, [inputs[0]], [out_name], extra, module=name))
+        return True
+
+    def _table(self, node, inputs, attrs) -> bool:
+        """A Gather of rows of a constant float table (a word or position embedding) is a table
+        layer (GatheredTable): priced and quantized like a language model's embedding. A small
+        table, or one another node reads too (an LM head tied to it), stays a constant."""
+        if len(inputs) != 2 or inputs[0] not in self.consts or inputs[1] in self.consts or attrs.get("axis", 0) != 0:
+            return False
+        table = self.consts[inputs[0]]
+        if table.ndim != 2 or not table.dtype.is_floating_point or table.shape[0] < MIN_TABLE_ROWS or \
+                len(self.consumers.get(node.input[0], [])) != 1:
+            return False
+        layer = GatheredTable(*table.shape)
+        with torch.no_grad():
+            layer.weight.copy_(table.float())
+        name = _module_name(node.name or node.output[0], self.taken)
+        self.module.add_module(name, layer)
+        self.module.steps.append(Step("Gather", [inputs[1]], [node.output[0]], {}, module=name))
         return True
 
     def _integer_layer(self, node, inputs) -> bool:
@@ -967,6 +987,19 @@ class _Converter:
                 bias, out_name = c.float(), add.output[0]
                 self.absorbed.add(id(add))
         return _linear(b.T, bias), out_name, {}
+
+
+# A Gather of a constant table with fewer rows (token types, a small lookup) stays a constant.
+MIN_TABLE_ROWS = 16
+
+
+class GatheredTable(nn.Embedding):
+    """An ONNX Gather of a constant table's rows: an embedding whose negative indices count from
+    the end, as ONNX's do."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids = ids.long()
+        return super().forward(torch.where(ids < 0, ids + self.num_embeddings, ids))
 
 
 def _fixed_batch(inputs) -> int | None:

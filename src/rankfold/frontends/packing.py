@@ -35,6 +35,12 @@ class Packing:
     def names(self) -> list[str]:
         return [value.name for value in self.inputs]
 
+    @property
+    def integer(self) -> bool:
+        """Whether an input packed is integer or bool (token ids, a mask), not float."""
+        floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+        return any(value.type.tensor_type.elem_type not in floats for value in self.inputs)
+
     def describe(self) -> str:
         return (f"inputs {', '.join(self.names)} differ per sample: calibrated together as one packed tensor; "
                 "the result takes them as the file does")

@@ -47,12 +47,14 @@ def node_bits(model: onnx.ModelProto, leaf_bits: Mapping[str, int]) -> dict[str,
     return result
 
 
-def weight_only_export(example_input: Tensor) -> bool:
+def weight_only_export(example_input: Tensor, model: nn.Module | None = None) -> bool:
     """Whether a quantized plan of this model is written with float activations: a model fed
-    token ids (integer inputs) is a transformer, whose activations carry a few outlier channels
-    that one int8 scale per tensor cannot hold (MiniLM, int8 everywhere: embedding cosine 0.83
-    with int8 activations, 0.9996 weight-only)."""
-    return not example_input.is_floating_point()
+    token ids (integer inputs, or packed with them: rankfold.frontends.packing) is a transformer,
+    whose activations carry a few outlier channels that one int8 scale per tensor cannot hold
+    (MiniLM, int8 everywhere: embedding cosine 0.83 with int8 activations, 0.9996 weight-only;
+    its ONNX file with ids and a padding mask, at 30 % of its bytes: 0.45)."""
+    packing = getattr(model, "packing", None)
+    return not example_input.is_floating_point() or (packing is not None and packing.integer)
 
 
 def quantized_copy(model: nn.Module, bits: Mapping[str, int], *, calib: Tensor, equalize: bool = True,
