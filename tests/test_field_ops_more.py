@@ -604,6 +604,63 @@ def test_an_op_that_refuses_its_attributes_ends_in_one_line_naming_the_node(tmp_
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_the_joined_file_is_checked_on_its_final_outputs_not_only_at_the_cut(tmp_path, capsys):
+    """A head whose own check passes (relative error 0.06 at the cut) and a tail that thresholds it
+    (LpPool, which rankfold cannot run, then Sign): the joined file is 0.42 away from the original
+    on its final output, so it is refused and nothing is written."""
+    rng = np.random.default_rng(0)
+    low = rng.normal(size=(32, 6)) @ rng.normal(size=(6, 16)) / 3 + 0.1 * rng.normal(size=(32, 16))
+    inits = [_init("w", low.astype(np.float32)), _init("level", np.array(1.0, np.float32)),
+             _init("axis", np.array([2], np.int64))]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+             helper.make_node("Unsqueeze", ["h", "axis"], ["h3"]),
+             helper.make_node("LpPool", ["h3"], ["magnitude3"], kernel_shape=[1], p=2),
+             helper.make_node("Squeeze", ["magnitude3", "axis"], ["magnitude"]),
+             helper.make_node("Sub", ["magnitude", "level"], ["above"]), helper.make_node("Sign", ["above"], ["y"])]
+    graph = helper.make_graph(nodes, "thresholded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], inits)
+    path, calib, out = tmp_path / "thresholded.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(calib, x=rng.normal(size=(128, 16)).astype(np.float32))
+    common = ["compress", str(path), "--calib", str(calib), "--keep", "0.75", "--min-rank", "1", "-o", str(out)]
+    assert main([*common, "--check", "relerr:0.2"]) == 2
+    said = capsys.readouterr()
+    assert "relative output error 0.059" in said.out  # the head passed its own check
+    assert "self-check failed" in said.err and "relerr 0.42" in said.err and "Traceback" not in said.err
+    assert not out.exists()
+    assert main([*common, "--check", "relerr:0.5"]) == 0
+    assert "self-check (the joined file against the original, both in onnxruntime)" in capsys.readouterr().out
+
+
+def test_a_size_both_halves_reshape_by_stays_in_the_head_and_the_tail_gets_a_copy(tmp_path, capsys):
+    """SLANet's head and its Loop both read a size taken from a Shape: moving its nodes to the
+    tail left the head reading what it no longer made (an invalid graph); the tail gets a copy."""
+    rng = np.random.default_rng(1)
+    inits = [_init("w", rng.normal(size=(32, 16)).astype(np.float32)), _init("one", np.array([1], np.int64)),
+             _init("two", np.array([2], np.int64)), _init("minus1", np.array([-1], np.int64)),
+             _init("axis", np.array([2], np.int64))]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+             helper.make_node("Shape", ["h"], ["s"]), helper.make_node("Slice", ["s", "one", "two"], ["width"]),
+             helper.make_node("Concat", ["minus1", "width"], ["flat_shape"], axis=0),
+             helper.make_node("Reshape", ["h", "flat_shape"], ["r"]), helper.make_node("Relu", ["r"], ["a"]),
+             helper.make_node("Unsqueeze", ["a", "axis"], ["a3"]),
+             helper.make_node("LpPool", ["a3"], ["m3"], kernel_shape=[1], p=2),  # rankfold cannot run it
+             helper.make_node("Concat", ["minus1", "width"], ["tail_shape"], axis=0),
+             helper.make_node("Reshape", ["m3", "tail_shape"], ["y"])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], inits)
+    path, calib, out = tmp_path / "shared.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.normal(size=(96, 16)).astype(np.float32)
+    np.savez(calib, x=x)
+    assert main(["compress", str(path), "--calib", str(calib), "--keep", "0.9", "--check", "relerr:0.5", "-o",
+                 str(out)]) == 0, \
+        capsys.readouterr().err
+    original, small = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (path, out))
+    wanted, got = original.run(None, {"x": x[:5]})[0], small.run(None, {"x": x[:5]})[0]
+    assert got.shape == wanted.shape and np.linalg.norm(got - wanted) / np.linalg.norm(wanted) < 0.5  # as checked
+
+
 def _detector_with_nms(tmp_path):
     """Two convolutions, boxes and scores, then NonMaxSuppression (which rankfold cannot run) and
     a Gather of the boxes it keeps: a detector exported with its post-processing."""

@@ -485,6 +485,7 @@ def _on_head(args: argparse.Namespace, split, run: Callable[[], None]) -> None:
             args.model, args.output, args.force, args.joined_to = (*given, None)
         joined = join(onnx.load(compressed), split)
     session(joined)  # onnxruntime takes the joined graph, or the error names it; nothing is written before
+    print(_joined_check(args, joined))
     replace_atomically(args.output, joined.SerializeToString())
     if args.report:  # the run's report named the scratch head: it names the files given, and the cut
         with open(args.report) as handle:
@@ -493,6 +494,55 @@ def _on_head(args: argparse.Namespace, split, run: Callable[[], None]) -> None:
             "unsupported": split.unsupported, "values": split.cut, "nodes_kept_after": len(split.tail)})
         write_json_atomic(args.report, report)
     print(f"wrote {args.output}: the compressed head joined to the {len(split.tail)} node(s) kept after it")
+
+
+def _joined_check(args: argparse.Namespace, joined) -> str:
+    """The joined file against the original file, both in onnxruntime, on every final output and
+    the held-back calibration samples (the head's own check compared the values at the cut):
+    refused like any result, before anything is written. The line to say."""
+    import torch
+
+    from rankfold.frontends.onnx import read_onnx
+    from rankfold.selfcheck import agreement, refuse_if_poor, split_holdout
+
+    if args.no_check:
+        return "self-check of the joined file: not run (--no-check): the result is unchecked"
+    if not args.calib:
+        raise RankfoldError("the joined file cannot be checked without calibration data (--calib); pass --no-check "
+                            "to write it unchecked")
+    graph = read_onnx(args.model)
+    data, fixed = _graph_data(graph, args.model, args.calib, need_labels=False)
+    samples = torch.from_numpy(data.x[: args.calib_limit])
+    held = split_holdout(samples)[1]
+    where = "held-back samples" if held is not None else "calibration samples (fitting used them too)"
+    runs = [_onnxruntime_module(proto, fixed, data.packed) for proto in (graph, joined)]
+    check = agreement(*runs, samples if held is None else held, where=where, rules=tuple(args.check))
+    refuse_if_poor(check, args.min_agreement, args.max_output_error, tuple(args.check))
+    return "self-check (the joined file against the original, both in onnxruntime): " + check.describe()
+
+
+def _onnxruntime_module(proto, fixed: dict, packed: tuple[str, ...]):
+    """A module that runs the ONNX graph `proto` in onnxruntime on the per-sample input as rankfold
+    holds it: inputs given once bound, inputs that differ per sample packed."""
+    import torch
+    from torch import nn
+
+    from rankfold.frontends.onnx import bind_inputs
+    from rankfold.frontends.packing import packed_model, packing_for
+    from rankfold.runtime import run_batched, session
+
+    bound = bind_inputs(proto, fixed)
+    runner = session(packed_model(bound, packing_for(bound, list(packed))) if packed else bound)
+    feed = runner.get_inputs()[0].name
+
+    class OnnxruntimeRun(nn.Module):
+        output_names = [o.name for o in runner.get_outputs()]
+
+        def forward(self, x):
+            outs = [torch.from_numpy(v) for v in run_batched(runner, None, feed, x.numpy())]
+            return tuple(outs) if len(outs) > 1 else outs[0]
+
+    return OnnxruntimeRun()
 
 
 def _wrote(args: argparse.Namespace) -> str:

@@ -95,7 +95,9 @@ class OnnxModule(nn.Module):
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
-        results = tuple(env[name] for name in self.output_names)
+        # an output computed as shape arithmetic (Python ints) is returned as the tensor the file gives
+        results = tuple(env[name] if isinstance(env[name], Tensor) else torch.tensor(env[name], dtype=torch.int64)
+                        for name in self.output_names)
         return results[0] if len(results) == 1 else results
 
     def run_graph(self, *args: Tensor, observe: Callable[[int, Step, list], None] | None = None) -> dict[str, Any]:

@@ -89,15 +89,19 @@ def split_at_unsupported(model: onnx.ModelProto, given_once: set[str] | None = N
     known.update({v.name: v for v in graph.output})
     head, tail = _float_cut(head, tail, known)
     made_by_head = {o for n in head for o in n.output if o}
-    cut = list(dict.fromkeys(name for n in tail for name in sorted(_names_read(n)) if name in made_by_head))
+    made_by_tail = {o for n in tail for o in n.output if o}  # copies of head nodes among them (_float_cut)
+    cut = list(dict.fromkeys(name for n in tail for name in sorted(_names_read(n))
+                             if name in made_by_head and name not in made_by_tail))
     outputs = list(graph.output)
     head_outputs = [o.name for o in outputs if o.name in made_by_head]
     if (not cut and not head_outputs) or not any(n.op_type in (*LAYER_OPS, *INTEGER_LAYER_OPS) for n in head):
         return None  # nothing to compress before them: the load refuses the graph, naming them
-    missing = [name for name in cut if name not in known or not known[name].type.tensor_type.elem_type]
+    _shape_the_cut(model, cut, known)
+    missing = [name for name in cut if name not in known or not known[name].type.tensor_type.elem_type
+               or _rank(known[name]) is None]
     if missing:
         raise RankfoldError(f"unsupported ONNX ops ({', '.join(unsupported)}): the values they read "
-                            f"({', '.join(missing[:4])}) have no type that shape inference finds, so the graph "
+                            f"({', '.join(missing[:4])}) have no type or rank that shape inference finds, so the graph "
                             "cannot be cut before them; export the part before them as its own ONNX file")
     initializers = {t.name: t for t in graph.initializer}
     read_by_head = set().union(*(_names_read(n) for n in head)) if head else set()
@@ -113,6 +117,23 @@ def split_at_unsupported(model: onnx.ModelProto, given_once: set[str] | None = N
                       outputs, inputs, unsupported, list(model.opset_import))
 
 
+def _shape_the_cut(model: onnx.ModelProto, cut: list[str], known: dict) -> None:
+    """Give each cut value ONNX's inference typed but left without a shape (a Transpose of a Reshape
+    to a computed shape: SLANet's) the rank onnxruntime's symbolic inference finds, its unknown
+    sizes open: a graph output needs a shape to be a valid model (the head's)."""
+    shapeless = [name for name in cut if name in known and known[name].type.tensor_type.elem_type
+                 and _rank(known[name]) is None]
+    if not shapeless:
+        return
+    from rankfold.evaluate import _symbolic_shapes
+
+    found = _symbolic_shapes(model)
+    for name in shapeless:
+        if found.get(name):
+            dims = [d or f"{name}_dim{i}" for i, d in enumerate(found[name])]
+            known[name] = helper.make_tensor_value_info(name, known[name].type.tensor_type.elem_type, dims)
+
+
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
@@ -120,9 +141,12 @@ def _float_cut(head: list, tail: list, known: dict) -> tuple[list, list]:
     """(head, tail) with the nodes that make a non-float or 0-d value the tail reads (a condition,
     an index, a scalar over the batch), and the constants only the tail reads, moved to the tail
     (and what they read in turn), so that the head ends in per-sample float values its self-check
-    compares; layers stay in the head."""
+    compares; layers stay in the head. Such a node whose value the head reads too (a shape both
+    halves reshape by: SLANet's) stays, and the tail gets a copy (join renames its outputs)."""
+    order = {id(n): i for i, n in enumerate([*head, *tail])}
     while True:
-        reads = set().union(*(_names_read(n) for n in tail)) if tail else set()
+        made_by_tail = {o for n in tail for o in n.output}
+        reads = set().union(*(_names_read(n) for n in tail)) - made_by_tail if tail else set()
         head_reads = set().union(*(_names_read(n) for n in head)) if head else set()
 
         def goes(n: onnx.NodeProto) -> bool:
@@ -136,9 +160,16 @@ def _float_cut(head: list, tail: list, known: dict) -> tuple[list, list]:
         moved = [n for n in head if goes(n)]
         if not moved:
             return head, tail
-        head = [n for n in head if all(n is not m for m in moved)]
-        order = {id(n): i for i, n in enumerate([*head, *moved, *tail])}
-        tail = sorted([*moved, *tail], key=lambda n: order[id(n)])
+        copies = []
+        for n in moved:
+            if set(n.output) & head_reads:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(n)
+                order[id(copy)] = order[id(n)]
+                copies.append(copy)
+        head = [n for n in head if all(n is not m for m in moved) or set(n.output) & head_reads]
+        tail = sorted([*[m for m in moved if not set(m.output) & head_reads], *copies, *tail],
+                      key=lambda n: order[id(n)])
 
 
 def _rank(value: onnx.ValueInfoProto) -> int | None:
