@@ -323,3 +323,33 @@ def test_layers_behind_an_integer_input_made_float_have_a_sensitivity(tmp_path):
     ids = torch.from_numpy(rng.integers(0, 256, size=(64, 32)).astype(np.int32))
     stats = layer_statistics(model, layers, ids)
     assert len(layers) == 2 and all(float(stats[name].sensitivity.sum()) > 0 for name in layers)
+
+
+def test_a_state_given_at_batch_one_that_onnxruntime_does_not_broadcast_fixes_the_batch_at_one(tmp_path, capsys):
+    """AECMOS (speechmos): a GRU whose initial state is given once at batch 1, and a Squeeze that drops
+    the batch. rankfold's GRU broadcasts the state, onnxruntime's does not: the file runs one sample
+    at a time, and its result said [batch, 4] while computing (4,) at one sample and failing at two."""
+    from rankfold.cli import main
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.normal(size=(1, 12, 8)) * 0.3).astype(np.float32), "gru_w"),
+             numpy_helper.from_array((rng.normal(size=(1, 12, 4)) * 0.3).astype(np.float32), "gru_r")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["steps"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["steps", "gru_w", "gru_r", "", "", "h0"], ["", "last"], hidden_size=4),
+             helper.make_node("Squeeze", ["last"], ["y"])]
+    graph = helper.make_graph(nodes, "state", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8]),
+                                               helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size"])], inits)
+    path, calib, out = tmp_path / "state.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), path)
+    x = rng.normal(size=(64, 3, 8)).astype(np.float32)
+    np.savez(calib, x=x, h0=np.zeros((1, 1, 4), np.float32))
+    assert main(["compress", str(path), "--calib", str(calib), "--keep", "0.9", "--check", "relerr:0.5",
+                 "-o", str(out)]) == 0, capsys.readouterr().err
+    assert "runs one sample at a time" in capsys.readouterr().err
+    small = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert small.get_inputs()[0].shape[0] == 1
+    assert small.run(None, {"x": x[:1]})[0].shape == (4,)
+    assert [d.dim_value for d in onnx.load(out).graph.output[0].type.tensor_type.shape.dim] == [4]

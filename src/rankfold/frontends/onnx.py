@@ -210,15 +210,40 @@ def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = 
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
         raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {first_line(exc)}") from None
     module.packing = packing
-    if module.fixed_batch is None and probe is not None and len(probe) > 1 and _runs_only_alone(module, probe):
+    if module.fixed_batch is None and probe is not None and len(probe) > 1 and (
+            _runs_only_alone(module, probe) or _onnxruntime_runs_only_alone(model, fixed or {}, probe)):
         # The file declares an open batch that its steps do not keep (a shape baked at 1 by the
         # exporter, khmersm's Reshape(x, [48, 1, 3, 192])): onnxruntime fails at 2 samples as well.
+        # Or onnxruntime alone fails there: AECMOS's GRU state is given at batch 1, which
+        # onnxruntime's GRU does not broadcast (torch's does), and its output Squeeze drops the batch.
         module.fixed_batch = module.runs_at_batch = 1
-        module.size_note = ("the graph declares an open batch but runs one sample at a time (a shape in it is "
-                            "baked at 1): the result declares a batch of 1")
+        module.size_note = ("the graph declares an open batch but runs one sample at a time (a shape or a state "
+                            "in it is baked at 1): the result declares a batch of 1")
     if module.fixed_batch == 1 and probe is not None and len(probe) > 1:
         batch_free_steps(module, probe)
     return module
+
+
+def _onnxruntime_runs_only_alone(model: onnx.ModelProto, fixed: Mapping[str, np.ndarray], probe: Tensor) -> bool:
+    """Whether onnxruntime runs the file (its inputs given once bound) on one sample of the probe
+    and fails on all of them; False where it runs both or neither (nothing to learn)."""
+    from rankfold.runtime import as_declared, session
+
+    try:
+        runner = session(bind_inputs(model, fixed))
+        declared = runner.get_inputs()[0]
+        x = probe.detach().cpu().numpy()
+    except Exception:  # noqa: BLE001 - a file onnxruntime cannot load says nothing about its batch
+        return False
+
+    def runs(samples: np.ndarray) -> bool:
+        try:
+            runner.run(None, {declared.name: as_declared(declared, samples)})
+            return True
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own types for shapes it refuses
+            return False
+
+    return not runs(x) and runs(x[:1])
 
 
 def _runs_only_alone(module: OnnxModule, probe: Tensor) -> bool:
