@@ -228,3 +228,12 @@ def audio_chunks(rng, n: int, *, length: int = 576, rate: int = 16000) -> np.nda
     chunks = [_vowel(rng, t) if rng.uniform() < 0.5 else rng.normal(0, rng.uniform(0.001, 0.02), length)
               for _ in range(n)]
     return (np.stack(chunks) + rng.normal(0, 0.002, (n, length))).astype(np.float32)
+
+
+def mel_streams(rng, n: int, *, frames: int = 300, bands: int = 160) -> np.ndarray:
+    """An echo-quality model's inputs (AECMOS): three log-mel streams (far end, microphone, enhanced)
+    as (db + 40) / 40, (n, 3, frames, bands): a slowly wandering spectral envelope per stream over
+    a per-band level, with a little noise."""
+    drift = rng.normal(-0.5, 0.3, (n, 1, frames, bands)).cumsum(2) * 0.02
+    level = rng.uniform(-1.0, 0.5, (n, 3, 1, bands))
+    return np.clip(drift + level + rng.normal(0, 0.05, (n, 3, frames, bands)), -1.5, 1.0).astype(np.float32)
