@@ -106,16 +106,13 @@ def test_a_bool_mask_is_packed_and_given_back_as_bool(tmp_path):
     assert got[1].dtype == np.bool_ and np.array_equal(got[1], wanted[1])
 
 
-def test_inputs_that_differ_per_sample_are_refused_by_name_where_they_cannot_be_packed(tmp_path):
+def test_integers_float32_cannot_hold_are_refused_by_name(tmp_path):
     _encoder_file(tmp_path / "encoder.onnx")
     inputs = graph_inputs(read_onnx(tmp_path / "encoder.onnx"))
     text = _padded_text(np.random.default_rng(0), 8)
     np.savez(tmp_path / "huge.npz", **{**text, "input_ids": text["input_ids"] + 2**24})
     with pytest.raises(RankfoldError, match=r"'input_ids' holds integers up to 16,777,2..: .* exact below 16,777,216"):
         graph_data(tmp_path / "huge.npz", inputs, need_labels=False)
-    np.savez(tmp_path / "shapes.npz", **{**text, "attention_mask": text["attention_mask"][:, :6]})
-    with pytest.raises(RankfoldError, match=r"must have one shape .*input_ids \(8, 10\), attention_mask \(8, 6\)"):
-        graph_data(tmp_path / "shapes.npz", inputs, need_labels=False)
     np.savez(tmp_path / "ok.npz", **text)
     data, fixed = graph_data(tmp_path / "ok.npz", inputs, need_labels=False)
     assert data.packed == ("input_ids", "attention_mask") and not fixed and data.x.shape == (8, 2, LENGTH)
@@ -185,3 +182,42 @@ def test_a_gathered_table_counts_negative_indices_from_the_end_as_onnx_does(tmp_
     expected = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
     np.testing.assert_array_equal(module(torch.from_numpy(ids)).detach().numpy(), expected)
 
+
+
+class _FeaturesAndEmbedding(nn.Module):
+    """Audio features and a rater's embedding, both per sample and of different shapes (PLCMOS's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Linear(4 * 6, 32)
+        self.head = nn.Linear(32 + 5, 3)
+
+    def forward(self, features: torch.Tensor, rater: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.features(features.flatten(1)))
+        return self.head(torch.cat([hidden, rater], dim=1))
+
+
+def test_inputs_that_differ_per_sample_in_different_shapes_are_packed_flat(tmp_path):
+    example = (torch.randn(2, 4, 6), torch.randn(2, 5))
+    torch.onnx.export(_FeaturesAndEmbedding().eval(), example, str(tmp_path / "mos.onnx"), dynamo=False,
+                      opset_version=17, input_names=["features", "rater"], output_names=["scores"],
+                      dynamic_axes={"features": {0: "batch"}, "rater": {0: "batch"}, "scores": {0: "batch"}})
+    rng = np.random.default_rng(4)
+    arrays = {"features": rng.normal(size=(96, 4, 6)).astype(np.float32),
+              "rater": rng.normal(size=(96, 5)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", **arrays)
+    data, _fixed = graph_data(tmp_path / "calib.npz", graph_inputs(read_onnx(tmp_path / "mos.onnx")),
+                              need_labels=False)
+    assert data.x.shape == (96, 29) and data.packed_shapes == ((4, 6), (5,))
+    code, _stdout, stderr = run_cli("compress", tmp_path / "mos.onnx", "--calib", tmp_path / "calib.npz",
+                                    "--keep", "0.75", "--check", "relerr:0.3", "-o", tmp_path / "small.onnx")
+    assert code == 0, stderr
+    original, small = (ort.InferenceSession(str(tmp_path / name)) for name in ("mos.onnx", "small.onnx"))
+    assert [(i.name, i.shape[1:]) for i in small.get_inputs()] == [("features", [4, 6]), ("rater", [5])]
+    fresh = {name: value[:3] for name, value in arrays.items()}
+    wanted, got = original.run(None, fresh)[0], small.run(None, fresh)[0]
+    assert got.shape == (3, 3) and _relative_error(got, wanted) < 0.3
+    # the rater's embedding is an input of the result, not a constant
+    other = {**fresh, "rater": fresh["rater"][::-1].copy()}
+    assert _relative_error(small.run(None, other)[0], got) > 0.01

@@ -41,7 +41,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"inputs given once ({', '.join(sorted(fixed))}) are bound as constants", file=sys.stderr)
     copy = bind_inputs(graph, fixed)
     if data.packed:
-        copy = packed_model(copy, packing_for(graph, list(data.packed)))
+        copy = packed_model(copy, packing_for(graph, list(data.packed), data.packed_shapes))
     with tempfile.TemporaryDirectory(prefix="rankfold-eval-") as tmp:
         bound = os.path.join(tmp, os.path.basename(args.model))
         onnx.save(copy, bound)
@@ -81,20 +81,27 @@ def _more_samples(args: argparse.Namespace, graph, path: str, *, need_labels: bo
 
 def _check_samples_fit(graph, data, fixed: dict, source: str) -> None:
     """The per-sample input against the graph's declared dims; packed inputs each against its own."""
+    import numpy as np
+
     from rankfold.data import check_input_shape
     from rankfold.frontends.onnx import graph_inputs
 
     inputs = {i.name: i for i in graph_inputs(graph)}
     if data.packed:
-        for slot, name in enumerate(data.packed):
-            check_input_shape(data.x[:, slot], inputs[name].dims, f"{source} ({name!r})")
+        shapes = data.packed_shapes or [data.x.shape[2:]] * len(data.packed)
+        for name, shape in zip(data.packed, shapes):
+            check_input_shape(np.empty((1, *shape)), inputs[name].dims, f"{source} ({name!r})")
         return
     check_input_shape(data.x, next(i for i in inputs.values() if i.name not in fixed).dims, source)
 
 
-def _sample_shape(model, example) -> tuple[int, ...]:
-    """One sample's shape for the ONNX files' MAC counts: of each packed input where inputs are packed."""
-    return tuple(example.shape[2:] if getattr(model, "packing", None) is not None else example.shape[1:])
+def _sample_shape(model, example) -> tuple[int, ...] | None:
+    """One sample's shape for the ONNX files' MAC counts: of each packed input where inputs are
+    packed (None where their shapes differ: each input's own)."""
+    packing = getattr(model, "packing", None)
+    if packing is not None and packing.shapes is not None:
+        return None
+    return tuple(example.shape[2:] if packing is not None else example.shape[1:])
 
 
 def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
@@ -329,7 +336,8 @@ def _load_inputs(args: argparse.Namespace):
         raise RankfoldError(f"{args.model}: the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)})"
                             ": give --calib with one array per input, named after it")
     calib, fixed = _graph_data(graph, args.model, args.calib, need_labels=False) if args.calib else (None, {})
-    packing = packing_for(graph, list(calib.packed)) if calib is not None and calib.packed else None
+    packing = packing_for(graph, list(calib.packed), calib.packed_shapes) if calib is not None and calib.packed \
+        else None
     if calib is not None:  # before the load, which decides shape-driven Ifs on these samples
         _check_samples_fit(graph, calib, fixed, args.calib)
         calib = torch.from_numpy(calib.x[: args.calib_limit])
@@ -515,13 +523,13 @@ def _joined_check(args: argparse.Namespace, joined) -> str:
     samples = torch.from_numpy(data.x[: args.calib_limit])
     held = split_holdout(samples)[1]
     where = "held-back samples" if held is not None else "calibration samples (fitting used them too)"
-    runs = [_onnxruntime_module(proto, fixed, data.packed) for proto in (graph, joined)]
+    runs = [_onnxruntime_module(proto, fixed, data) for proto in (graph, joined)]
     check = agreement(*runs, samples if held is None else held, where=where, rules=tuple(args.check))
     refuse_if_poor(check, args.min_agreement, args.max_output_error, tuple(args.check))
     return "self-check (the joined file against the original, both in onnxruntime): " + check.describe()
 
 
-def _onnxruntime_module(proto, fixed: dict, packed: tuple[str, ...]):
+def _onnxruntime_module(proto, fixed: dict, data):
     """A module that runs the ONNX graph `proto` in onnxruntime on the per-sample input as rankfold
     holds it: inputs given once bound, inputs that differ per sample packed."""
     import torch
@@ -532,7 +540,8 @@ def _onnxruntime_module(proto, fixed: dict, packed: tuple[str, ...]):
     from rankfold.runtime import run_batched, session
 
     bound = bind_inputs(proto, fixed)
-    runner = session(packed_model(bound, packing_for(bound, list(packed))) if packed else bound)
+    runner = session(packed_model(bound, packing_for(bound, list(data.packed), data.packed_shapes))
+                     if data.packed else bound)
     feed = runner.get_inputs()[0].name
 
     class OnnxruntimeRun(nn.Module):
@@ -1151,7 +1160,7 @@ def _student_result(args: argparse.Namespace, plan, model, calib, example, log):
         from rankfold.frontends.onnx import read_onnx
         from rankfold.frontends.packing import packing_for
 
-        packing = packing_for(read_onnx(args.student), packing.names)
+        packing = packing_for(read_onnx(args.student), packing.names, packing.shapes)
     student = load_onnx(args.student, packing=packing)
     return Compressed(student, CompressionReport(), None, model, calib, None, example, args.min_agreement,
                       args.max_output_error, tuple(args.check))

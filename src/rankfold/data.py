@@ -18,6 +18,9 @@ class Dataset(NamedTuple):
     # The graph inputs packed in x, in slot order, where several differ per sample
     # (rankfold.frontends.packing); empty where x is the one per-sample input.
     packed: tuple[str, ...] = ()
+    # Their per-sample shapes where they differ (x holds each sample's values flattened, one input
+    # after another); None where they are stacked on axis 1
+    packed_shapes: tuple[tuple[int, ...], ...] | None = None
 
 
 class GraphInput(NamedTuple):
@@ -122,10 +125,10 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
     varying = _per_sample_inputs(path, inputs, arrays)
     checked = {i.name: _checked_samples(path, i.name, arrays[i.name], i.dtype) for i in varying}
     names = [i.name for i in varying]
-    x = checked[names[0]] if len(names) == 1 else pack_arrays(path, names, checked)
+    x, shapes = (checked[names[0]], None) if len(names) == 1 else pack_arrays(path, names, checked)
     fixed = {i.name: _given_once(path, i, arrays[i.name], len(x)) for i in inputs if i.name not in checked}
-    return _labelled(path, x, arrays.get("y"), need_labels)._replace(packed=tuple(names) if len(names) > 1 else ()), \
-        fixed
+    data = _labelled(path, x, arrays.get("y"), need_labels)
+    return (data._replace(packed=tuple(names), packed_shapes=shapes) if len(names) > 1 else data), fixed
 
 
 def _per_sample_inputs(path: str, inputs: list[GraphInput], arrays: dict[str, np.ndarray]) -> list[GraphInput]:

@@ -1,12 +1,14 @@
 """Several graph inputs that differ per sample (token ids with a padding mask), carried as one.
 
 rankfold calibrates, plans and checks through one per-sample tensor. A graph whose inputs differ
-per sample with one per-sample shape (ids, attention mask and token types of one padded length)
-is read through a packed copy (packed_model): one float32 input (N, k, ...) whose k slices, cast
-back to each input's type, are the original inputs. The integers such inputs hold (ids below a
-vocabulary size, 0/1 masks) are exact in float32 up to 2**24; larger ones are refused. The file
-a result writes takes the original inputs again (unpacked_model), by name and type, as the
-user's file does.
+per sample is read through a packed copy (packed_model): with one per-sample shape (ids,
+attention mask and token types of one padded length), one float32 input (N, k, ...) whose k
+slices, cast back to each input's type, are the original inputs (their open sizes stay open);
+with different shapes (audio features and a rater's embedding), one (N, D) input of each
+sample's values flattened one after the other (the result takes those sizes only). The integers
+such inputs hold (ids below a vocabulary size, 0/1 masks) are exact in float32 up to 2**24; larger
+ones are refused. The file a result writes takes the original inputs again (unpacked_model), by
+name and type, as the user's file does.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ class Packing:
 
     inputs: tuple[onnx.ValueInfoProto, ...]
     name: str = PACKED
+    # Each input's per-sample shape where they differ (flattened one after another), None where
+    # they share one (stacked on axis 1)
+    shapes: tuple[tuple[int, ...], ...] | None = None
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Each flattened input's [start, stop) in a packed sample."""
+        sizes = [int(np.prod(shape)) for shape in self.shapes or ()]
+        starts = np.cumsum([0, *sizes]).tolist()
+        return list(zip(starts[:-1], starts[1:]))
 
     @property
     def names(self) -> list[str]:
@@ -46,25 +57,22 @@ class Packing:
                 "the result takes them as the file does")
 
 
-def packing_for(model: onnx.ModelProto, names: list[str]) -> Packing:
-    """The Packing of the graph inputs `names` of `model`."""
+def packing_for(model: onnx.ModelProto, names: list[str], shapes=None) -> Packing:
+    """The Packing of the graph inputs `names` of `model` (`shapes`: as Dataset.packed_shapes)."""
     declared = {value.name: value for value in model.graph.input}
     used = {*declared, *(out for node in model.graph.node for out in node.output),
             *(init.name for init in model.graph.initializer)}
     name, suffix = PACKED, 1
     while name in used:
         name, suffix = f"{PACKED}_{suffix}", suffix + 1
-    return Packing(tuple(declared[n] for n in names), name)
+    return Packing(tuple(declared[n] for n in names), name, tuple(map(tuple, shapes)) if shapes else None)
 
 
-def pack_arrays(path: str, names: list[str], arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The arrays `names` stacked on axis 1 as float32 (N, k, ...), refused by name where their
-    shapes differ or an integer would not come back exactly."""
-    shapes = {name: arrays[name].shape for name in names}
-    if len(set(shapes.values())) > 1:
-        listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
-        raise RankfoldError(f"{path}: the inputs that differ per sample must have one shape to be calibrated together "
-                            f"(found {listed}); give the others once (a leading axis of 1)")
+def pack_arrays(path: str, names: list[str], arrays: dict[str, np.ndarray]
+                ) -> tuple[np.ndarray, tuple[tuple[int, ...], ...] | None]:
+    """The arrays `names` as float32: stacked on axis 1 (N, k, ...) where their shapes agree, else
+    each sample's values flattened one after the other (N, D), with the per-sample shapes (the
+    layout's Packing.shapes); refused by name where an integer would not come back exactly."""
     for name in names:
         value = arrays[name]
         if value.dtype.kind in "iu" and value.size and np.abs(value.astype(np.int64)).max() >= EXACT_IN_FLOAT32:
@@ -75,13 +83,22 @@ def pack_arrays(path: str, names: list[str], arrays: dict[str, np.ndarray]) -> n
             raise RankfoldError(f"{path}: '{name}' has NaN or infinite values")
         if value.dtype.kind not in "biuf":
             raise RankfoldError(f"{path}: '{name}' must be numbers, got {value.dtype}")
-    return np.stack([arrays[name].astype(np.float32) for name in names], axis=1)
+    if len({arrays[name].shape for name in names}) == 1:
+        return np.stack([arrays[name].astype(np.float32) for name in names], axis=1), None
+    rows = len(arrays[names[0]])
+    return (np.concatenate([arrays[name].reshape(rows, -1).astype(np.float32) for name in names], axis=1),
+            tuple(arrays[name].shape[1:] for name in names))
 
 
 def unpack_arrays(packing: Packing, x: np.ndarray) -> dict[str, np.ndarray]:
     """The original inputs of the packed samples `x`, by name, in their declared types."""
-    return {value.name: x[:, slot].astype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
-            for slot, value in enumerate(packing.inputs)}
+    def typed(value, array):
+        return array.astype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+
+    if packing.shapes is None:
+        return {value.name: typed(value, x[:, slot]) for slot, value in enumerate(packing.inputs)}
+    return {value.name: typed(value, x[:, start:stop].reshape(len(x), *shape))
+            for value, (start, stop), shape in zip(packing.inputs, packing.spans(), packing.shapes)}
 
 
 def packed_model(model: onnx.ModelProto, packing: Packing) -> onnx.ModelProto:
@@ -93,15 +110,24 @@ def packed_model(model: onnx.ModelProto, packing: Packing) -> onnx.ModelProto:
     names = set(packing.names)
     kept = [value for value in graph.input if value.name not in names]
     first = packing.inputs[0].type.tensor_type.shape.dim
-    dims = [_dim(first[0]), len(packing.inputs), *(_dim(d) for d in first[1:])]
+    dims = [_dim(first[0]), len(packing.inputs), *(_dim(d) for d in first[1:])] if packing.shapes is None else \
+        [_dim(first[0]), packing.spans()[-1][1]]
     del graph.input[:]
     graph.input.extend([helper.make_tensor_value_info(packing.name, TensorProto.FLOAT, dims), *kept])
     nodes = []
     for slot, value in enumerate(packing.inputs):
         index = f"{packing.name}_slot{slot}"
-        graph.initializer.append(numpy_helper.from_array(np.array(slot, np.int64), index))
-        nodes += [helper.make_node("Gather", [packing.name, index], [f"{index}_float"], axis=1),
-                  helper.make_node("Cast", [f"{index}_float"], [value.name], to=value.type.tensor_type.elem_type)]
+        if packing.shapes is None:
+            graph.initializer.append(numpy_helper.from_array(np.array(slot, np.int64), index))
+            nodes.append(helper.make_node("Gather", [packing.name, index], [f"{index}_float"], axis=1))
+        else:  # its span of each sample's flat values, in its own shape
+            (start, stop), shape = packing.spans()[slot], packing.shapes[slot]
+            for suffix, values in (("start", [start]), ("stop", [stop]), ("axis", [1]), ("shape", [-1, *shape])):
+                graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), f"{index}_{suffix}"))
+            nodes += [helper.make_node("Slice", [packing.name, f"{index}_start", f"{index}_stop", f"{index}_axis"],
+                                       [f"{index}_flat"]),
+                      helper.make_node("Reshape", [f"{index}_flat", f"{index}_shape"], [f"{index}_float"])]
+        nodes.append(helper.make_node("Cast", [f"{index}_float"], [value.name], to=value.type.tensor_type.elem_type))
     for node in reversed(nodes):
         graph.node.insert(0, node)
     return packed
@@ -109,7 +135,8 @@ def packed_model(model: onnx.ModelProto, packing: Packing) -> onnx.ModelProto:
 
 def unpacked_model(model: onnx.ModelProto, packing: Packing) -> onnx.ModelProto:
     """A copy of `model` (an export of a module read through packed_model) that takes the original
-    inputs again: each cast to float32 and stacked on axis 1 makes the packed input."""
+    inputs again: each cast to float32 and stacked on axis 1 (or flattened, one after another)
+    makes the packed input."""
     unpacked = onnx.ModelProto()
     unpacked.CopyFrom(model)
     graph = unpacked.graph
@@ -119,16 +146,20 @@ def unpacked_model(model: onnx.ModelProto, packing: Packing) -> onnx.ModelProto:
     # Each input as the export declares the packed one (its slot axis dropped): a size the result
     # fixed (a graph that computes from its input's size) is declared fixed
     batch, _slots, *rest = (_dim(d) for d in packed.type.tensor_type.shape.dim)
+    shapes = packing.shapes or [rest] * len(packing.inputs)
     kept = [value for value in graph.input if value.name != packing.name]
     del graph.input[:]
-    graph.input.extend([*(helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, [batch, *rest])
-                          for value in packing.inputs), *kept])
+    graph.input.extend([*(helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, [batch, *shape])
+                          for value, shape in zip(packing.inputs, shapes)), *kept])
     axes_attribute = _opset(unpacked) < 13  # Unsqueeze took its axes as an attribute before opset 13
     nodes, stacked = [], []
     for slot, value in enumerate(packing.inputs):
         stem = f"{packing.name}_from_{slot}"
         nodes.append(helper.make_node("Cast", [value.name], [f"{stem}_float"], to=TensorProto.FLOAT))
-        if axes_attribute:
+        if packing.shapes is not None:  # flattened, one input after another
+            graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), f"{stem}_rows"))
+            nodes.append(helper.make_node("Reshape", [f"{stem}_float", f"{stem}_rows"], [stem]))
+        elif axes_attribute:
             nodes.append(helper.make_node("Unsqueeze", [f"{stem}_float"], [stem], axes=[1]))
         else:
             graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{stem}_axes"))
