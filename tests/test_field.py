@@ -615,3 +615,19 @@ def test_a_feature_map_without_score_channels_keeps_the_relative_error_alone():
 
     assert [r.metric for r in default_rules("dense", 0.8, 0.2)] == ["relerr"]
     assert [r.metric for r in default_rules("scores", 0.8, 0.2)] == ["relerr", "iou"]
+
+
+def test_a_zero_dimensional_score_at_one_sample_is_checked_not_a_traceback():
+    """PLCMOS squeezes its one score per sample: at one sample the output is 0-d. Looking for logits
+    among the outputs (a class axis) raised IndexError on it."""
+    class OneScore(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.fc(x).squeeze()
+
+    model = OneScore().eval()
+    check = agreement(model, model, torch.randn(1, 4))
+    assert check.rel_output_error == 0.0

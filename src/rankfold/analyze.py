@@ -213,8 +213,8 @@ def _affine_per_class(y: Tensor, z: Tensor) -> bool:
     """Whether y = a_c z + b_c along the last axis (one scale and shift per class, fitted over the
     positions): a Linear's output as it is, or scaled and shifted as an int8 graph's dequantizing
     Mul and Add do (ddddocr's int8 recogniser)."""
-    if y.numel() != z.numel() or y.shape[-1] != z.shape[-1]:
-        return False
+    if y.ndim == 0 or z.ndim == 0 or y.numel() != z.numel() or y.shape[-1] != z.shape[-1]:
+        return False  # a 0-d score (PLCMOS's one value at one sample) is no class axis
     ys, zs = (t.detach().to(torch.float64).reshape(-1, y.shape[-1]) for t in (y, z))
     if ys.shape[0] < 3:
         return bool(torch.allclose(zs, ys, rtol=1e-5, atol=1e-6))
