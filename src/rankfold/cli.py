@@ -95,12 +95,12 @@ def _check_samples_fit(graph, data, fixed: dict, source: str) -> None:
     check_input_shape(data.x, next(i for i in inputs.values() if i.name not in fixed).dims, source)
 
 
-def _sample_shape(model, example) -> tuple[int, ...] | None:
+def _sample_shape(model, example):
     """One sample's shape for the ONNX files' MAC counts: of each packed input where inputs are
-    packed (None where their shapes differ: each input's own)."""
+    packed, each input's own by name where they are packed flat."""
     packing = getattr(model, "packing", None)
     if packing is not None and packing.shapes is not None:
-        return None
+        return dict(zip(packing.names, packing.shapes))
     return tuple(example.shape[2:] if packing is not None else example.shape[1:])
 
 

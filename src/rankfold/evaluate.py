@@ -7,6 +7,7 @@ import io
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from rankfold.errors import RankfoldError
 from rankfold.runtime import as_declared, cpu_summary
 
 SHAPE_DTYPES = {onnx.TensorProto.INT64}  # initializers of these types are shape constants
+# One sample's shape (every input of matching rank), or each input's by name (inputs packed flat)
+SampleShape = tuple[int, ...] | Mapping[str, tuple[int, ...]] | None
 
 
 @dataclass
@@ -33,10 +36,10 @@ PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
 
 
 def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None,
-              sample_shape: tuple[int, ...] | None = None) -> OnnxSize:
+              sample_shape: SampleShape = None) -> OnnxSize:
     """Count parameters, weight bytes and MACs of an ONNX file (one definition for all reports).
     MACs are for one sample; `sample_shape` sizes the input's open dimensions (a graph that
-    leaves its height and width open has no MAC count without it)."""
+    leaves its height and width open has no MAC count without it), or each input's by name."""
     model = model if model is not None else onnx.load(os.fspath(path))
     graphs = list(_graphs_in(model.graph))  # an If's branches hold weights too (Silero VAD: all of them)
     nodes = [node for graph in graphs for node in graph.node]
@@ -68,10 +71,11 @@ def _graphs_in(graph: onnx.GraphProto):
                 yield from _graphs_in(sub)
 
 
-def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None
+def _batch1_shapes(model: onnx.ModelProto, sample_shape: SampleShape = None
                    ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """The model shape-inferred with the batch dimension fixed to 1 (and the other open
-    dimensions of a single input to `sample_shape`), and every value's shape."""
+    dimensions of each input of matching rank to `sample_shape`, or of each input named in it to
+    its own), and every value's shape."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     inits = {i.name for i in fixed.graph.initializer}
@@ -79,7 +83,8 @@ def _batch1_shapes(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None 
         if inp.name in inits:
             continue
         dims = inp.type.tensor_type.shape.dim
-        fill = list(sample_shape) if sample_shape is not None and len(sample_shape) == len(dims) - 1 else None
+        shape = sample_shape.get(inp.name) if isinstance(sample_shape, Mapping) else sample_shape
+        fill = list(shape) if shape is not None and len(shape) == len(dims) - 1 else None
         for i, dim in enumerate(dims):
             is_open = not dim.HasField("dim_value") or dim.dim_value < 1
             if i == 0 or (fill is not None and is_open):
@@ -181,7 +186,7 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return {name: _dims(vi) for name, vi in inference.known_vi_.items() if vi.type.HasField("tensor_type")}
 
 
-def onnx_macs(model: onnx.ModelProto, sample_shape: tuple[int, ...] | None = None) -> int:
+def onnx_macs(model: onnx.ModelProto, sample_shape: SampleShape = None) -> int:
     """MACs for batch 1, from ONNX shape inference with the batch dimension fixed to 1. An If
     counts its costlier branch (Silero VAD's 16 kHz and 8 kHz models: the run takes one of them)."""
     inferred, shapes = _batch1_shapes(model, sample_shape)
