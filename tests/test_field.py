@@ -535,9 +535,19 @@ def test_macs_count_what_symbolic_inference_found_before_an_op_it_cannot_follow(
     """A Reshape to a shape computed from Shape ops is left open by ONNX's inference and followed
     by onnxruntime's symbolic one; that one stopped with an error at a Squeeze after an opset-18
     ReduceMax, and everything it had found was dropped (Magika's QDQ export counted 0 MACs)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     from rankfold.evaluate import onnx_macs
+
+    tail = [helper.make_node("ReduceMax", ["y", "one"], ["m"], keepdims=1),
+            helper.make_node("Squeeze", ["m", "one"], ["z"])]
+    assert onnx_macs(_reshaped_to_the_batch(tail, "z", 18)) == 32 * 16
+
+
+def _reshaped_to_the_batch(tail: list, output: str, opset: int):
+    """x (N, 8, 4) reshaped to (N, 32) by a shape computed from Shape, then a MatMul to y (N, 16),
+    then the nodes `tail`; `output` is the graph's output."""
+    from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
              numpy_helper.from_array(np.array([1], np.int64), "one"),
@@ -546,75 +556,19 @@ def test_macs_count_what_symbolic_inference_found_before_an_op_it_cannot_follow(
     nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["batch"]),
              helper.make_node("Concat", ["batch", "width"], ["shape"], axis=0),
              helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"]),
-             helper.make_node("ReduceMax", ["y", "one"], ["m"], keepdims=1),
-             helper.make_node("Squeeze", ["m", "one"], ["z"])]
+             *tail]
     graph = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
-    assert onnx_macs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])) == 32 * 16
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_macs_are_counted_by_one_run_where_both_shape_inferences_stop(monkeypatch):
     """onnxruntime's symbolic inference raised on a torch export of a compressed BERT (a Reshape of
     a scalar) before its MatMuls: the result's MACs read 0. One run at batch 1 tells their shapes."""
-    from onnx import TensorProto, helper, numpy_helper
-
     import rankfold.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "_symbolic_shapes", lambda _model: {})  # as when the tool raises at once
-    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
-             numpy_helper.from_array(np.array([1], np.int64), "one"),
-             numpy_helper.from_array(np.array([32], np.int64), "width"),
-             numpy_helper.from_array(np.ones((32, 16), np.float32), "w")]
-    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["batch"]),
-             helper.make_node("Concat", ["batch", "width"], ["shape"], axis=0),
-             helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"])]
-    graph = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    assert evaluate.onnx_macs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])) == 32 * 16
-
-
-class _DetectorHead(nn.Module):
-    """(N, 4 + classes, anchors) like YOLOv8, or (N, anchors, 4 + classes) like YOLOv5: box
-    coordinates in pixels beside sigmoid class scores; `lose_scores` drops every score to ~0."""
-
-    def __init__(self, anchors_last: bool = True, lose_scores: bool = False):
-        super().__init__()
-        self.anchors_last, self.lose_scores = anchors_last, lose_scores
-
-    def forward(self, x):  # x: (N, 6, anchors), the last two rows decide the scores
-        boxes = 320 * torch.sigmoid(x[:, :4])
-        scores = torch.sigmoid(4 * x[:, 4:] - (40 if self.lose_scores else 0))
-        out = torch.cat([boxes, scores], 1)
-        return out if self.anchors_last else out.transpose(1, 2)
-
-
-@pytest.mark.parametrize("anchors_last", [True, False])
-def test_a_detector_whose_scores_are_lost_is_refused_by_default(anchors_last):
-    x = torch.randn(32, 6, 300)
-    original = _DetectorHead(anchors_last)
-    lost = agreement(original, _DetectorHead(anchors_last, lose_scores=True), x)
-    out = lost.outputs[0]
-    assert out.kind == "scores" and out.metrics["iou@0.5"] == 0.0  # measured on the score channels alone
-    assert out.rel_output_error > 0.9  # the scores' own error, not hidden under the box coordinates
-    with pytest.raises(RankfoldError, match=r"is (0\.9\d*|1) away from the original's \(relative error of its score"):
-        refuse_if_poor(lost, min_agreement=0.8)
-    with pytest.raises(RankfoldError, match=r"score channels .* IoU 0\.0%"):
-        refuse_if_poor(lost, min_agreement=0.8, max_output_error=1.0)
-    same = agreement(original, _DetectorHead(anchors_last), x)
-    assert same.outputs[0].metrics["iou@0.5"] == 1.0
-    refuse_if_poor(same, min_agreement=0.8)
-    # a rule the user gives replaces both defaults
-    refuse_if_poor(lost, min_agreement=0.8, rules=(CheckRule("cosine", 0.9),))
-
-
-def test_a_feature_map_without_score_channels_keeps_the_relative_error_alone():
-    x = torch.randn(16, 4, 8, 8)
-    check = agreement(nn.Identity(), nn.Identity(), x)
-    assert check.outputs[0].kind == "dense"
-    from rankfold.selfcheck import default_rules
-
-    assert [r.metric for r in default_rules("dense", 0.8, 0.2)] == ["relerr"]
-    assert [r.metric for r in default_rules("scores", 0.8, 0.2)] == ["relerr", "iou"]
+    assert evaluate.onnx_macs(_reshaped_to_the_batch([], "y", 17)) == 32 * 16
 
 
 def test_a_zero_dimensional_score_at_one_sample_is_checked_not_a_traceback():

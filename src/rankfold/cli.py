@@ -532,26 +532,14 @@ def _joined_check(args: argparse.Namespace, joined) -> str:
 def _onnxruntime_module(proto, fixed: dict, data):
     """A module that runs the ONNX graph `proto` in onnxruntime on the per-sample input as rankfold
     holds it: inputs given once bound, inputs that differ per sample packed."""
-    import torch
-    from torch import nn
-
     from rankfold.frontends.onnx import bind_inputs
     from rankfold.frontends.packing import packed_model, packing_for
-    from rankfold.runtime import run_batched, session
+    from rankfold.runtime import session
+    from rankfold.selfcheck import SessionModule
 
     bound = bind_inputs(proto, fixed)
-    runner = session(packed_model(bound, packing_for(bound, list(data.packed), data.packed_shapes))
-                     if data.packed else bound)
-    feed = runner.get_inputs()[0].name
-
-    class OnnxruntimeRun(nn.Module):
-        output_names = [o.name for o in runner.get_outputs()]
-
-        def forward(self, x):
-            outs = [torch.from_numpy(v) for v in run_batched(runner, None, feed, x.numpy())]
-            return tuple(outs) if len(outs) > 1 else outs[0]
-
-    return OnnxruntimeRun()
+    return SessionModule(session(packed_model(bound, packing_for(bound, list(data.packed), data.packed_shapes))
+                                 if data.packed else bound))
 
 
 def _wrote(args: argparse.Namespace) -> str:

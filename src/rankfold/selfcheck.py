@@ -423,15 +423,22 @@ def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optim
     """agreement() with the candidate run from its ONNX file in onnxruntime (e.g. a QDQ model):
     in its default session as users run it, or (`optimized=False`) in its reference arithmetic,
     each node as written, which is what the C back-end computes."""
-    from rankfold.runtime import run_batched
     from rankfold.runtime import session as ort_session
 
-    session = ort_session(onnx_path, optimized=optimized)
-    name = session.get_inputs()[0].name
+    return agreement(original, SessionModule(ort_session(onnx_path, optimized=optimized)), inputs, rules=rules)
 
-    class _Session(nn.Module):
-        def forward(self, x):
-            outs = [torch.from_numpy(v) for v in run_batched(session, None, name, x.numpy())]
-            return tuple(outs) if len(outs) > 1 else outs[0]
 
-    return agreement(original, _Session(), inputs, rules=rules)
+class SessionModule(nn.Module):
+    """An onnxruntime session as a module of its first input (the per-sample one), for agreement()."""
+
+    def __init__(self, runner) -> None:
+        super().__init__()
+        self.runner = runner
+        self.output_names = [o.name for o in runner.get_outputs()]
+
+    def forward(self, x: Tensor):
+        from rankfold.runtime import run_batched
+
+        outs = [torch.from_numpy(v) for v in run_batched(self.runner, None, self.runner.get_inputs()[0].name,
+                                                         x.numpy())]
+        return tuple(outs) if len(outs) > 1 else outs[0]
