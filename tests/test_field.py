@@ -571,6 +571,50 @@ def test_macs_are_counted_by_one_run_where_both_shape_inferences_stop(monkeypatc
     assert evaluate.onnx_macs(_reshaped_to_the_batch([], "y", 17)) == 32 * 16
 
 
+class _DetectorHead(nn.Module):
+    """(N, 4 + classes, anchors) like YOLOv8, or (N, anchors, 4 + classes) like YOLOv5: box
+    coordinates in pixels beside sigmoid class scores; `lose_scores` drops every score to ~0."""
+
+    def __init__(self, anchors_last: bool = True, lose_scores: bool = False):
+        super().__init__()
+        self.anchors_last, self.lose_scores = anchors_last, lose_scores
+
+    def forward(self, x):  # x: (N, 6, anchors), the last two rows decide the scores
+        boxes = 320 * torch.sigmoid(x[:, :4])
+        scores = torch.sigmoid(4 * x[:, 4:] - (40 if self.lose_scores else 0))
+        out = torch.cat([boxes, scores], 1)
+        return out if self.anchors_last else out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("anchors_last", [True, False])
+def test_a_detector_whose_scores_are_lost_is_refused_by_default(anchors_last):
+    x = torch.randn(32, 6, 300)
+    original = _DetectorHead(anchors_last)
+    lost = agreement(original, _DetectorHead(anchors_last, lose_scores=True), x)
+    out = lost.outputs[0]
+    assert out.kind == "scores" and out.metrics["iou@0.5"] == 0.0  # measured on the score channels alone
+    assert out.rel_output_error > 0.9  # the scores' own error, not hidden under the box coordinates
+    with pytest.raises(RankfoldError, match=r"is (0\.9\d*|1) away from the original's \(relative error of its score"):
+        refuse_if_poor(lost, min_agreement=0.8)
+    with pytest.raises(RankfoldError, match=r"score channels .* IoU 0\.0%"):
+        refuse_if_poor(lost, min_agreement=0.8, max_output_error=1.0)
+    same = agreement(original, _DetectorHead(anchors_last), x)
+    assert same.outputs[0].metrics["iou@0.5"] == 1.0
+    refuse_if_poor(same, min_agreement=0.8)
+    # a rule the user gives replaces both defaults
+    refuse_if_poor(lost, min_agreement=0.8, rules=(CheckRule("cosine", 0.9),))
+
+
+def test_a_feature_map_without_score_channels_keeps_the_relative_error_alone():
+    x = torch.randn(16, 4, 8, 8)
+    check = agreement(nn.Identity(), nn.Identity(), x)
+    assert check.outputs[0].kind == "dense"
+    from rankfold.selfcheck import default_rules
+
+    assert [r.metric for r in default_rules("dense", 0.8, 0.2)] == ["relerr"]
+    assert [r.metric for r in default_rules("scores", 0.8, 0.2)] == ["relerr", "iou"]
+
+
 def test_a_zero_dimensional_score_at_one_sample_is_checked_not_a_traceback():
     """PLCMOS squeezes its one score per sample: at one sample the output is 0-d. Looking for logits
     among the outputs (a class axis) raised IndexError on it."""
