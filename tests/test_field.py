@@ -380,18 +380,58 @@ class ReadsItsSize(nn.Module):
         return y + torch.arange(y.shape[3], dtype=torch.float32)
 
 
-def test_a_graph_computing_from_its_input_size_is_exported_at_the_calibration_size(tmp_path):
+def test_a_graph_computing_from_its_input_size_keeps_its_open_sizes(tmp_path):
+    """Its grid is built from a Shape read: traced as symbols, the written file computes at any
+    size as the original does (it used to take the calibration size only)."""
     x = torch.randn(64, 3, 8, 12)
     axes = {"input": {2: "h", 3: "w"}, "output": {2: "h", 3: "w"}}
     src = _export(ReadsItsSize(), x[:2], tmp_path / "s.onnx", extra_axes=axes)
     assert _dims(src)[2:] == ["h", "w"]
     np.savez(tmp_path / "calib.npz", x=x.numpy())
     out = tmp_path / "out.onnx"
-    code, _stdout, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--keep", "0.9",
-                                 "--min-rank", "1")
+    code, stdout, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--keep", "0.9",
+                                "--min-rank", "1")
     assert code == 0, err
-    assert "calibration samples' size only" in err
-    assert _dims(out)[1:] == [3, 8, 12] and _dims(out, "output")[0] == "batch"
+    assert "size only" not in stdout + err
+    assert _dims(out)[0] == "batch" and _dims(out)[2:] == ["h", "w"]
+    other = torch.randn(2, 3, 11, 21).numpy()
+    got, want = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": other})[0]
+                 for p in (out, src))
+    assert got.shape == want.shape == (2, 8, 11, 21)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.2
+
+
+def _pools_same(path, h=8, w=8):
+    """Conv 3x3, then MaxPool 2x2 stride 2 with auto_pad SAME_UPPER (TensorFlow exports): its
+    padding follows the parity of the size, which a trace at one size bakes into the file."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["output"], kernel_shape=[2, 2], strides=[2, 2],
+                              auto_pad="SAME_UPPER")]
+    graph = helper.make_graph(nodes, "same", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                           ["batch", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 16, None, None])],
+                              [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def test_a_size_the_trace_bakes_into_the_file_is_fixed_and_said(tmp_path):
+    """SAME padding at stride 2 follows the size's parity: traced at 8 x 8 the file pads as for
+    even sizes, and at 9 x 9 it would return 4 x 4 where the original returns 5 x 5. The export
+    tries odd and even sizes, finds it, and fixes both sizes, saying so."""
+    src = _pools_same(tmp_path / "same.onnx")
+    x = torch.randn(64, 3, 8, 8)
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    out = tmp_path / "out.onnx"
+    code, stdout, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--keep", "0.9",
+                                "--min-rank", "1", "--max-output-error", "10")
+    assert code == 0, err
+    assert _dims(out) == ["batch", 3, 8, 8]
+    assert "calibration samples' size only (input along axis 2, 3)" in stdout
 
 
 def _weights_to_constant_nodes(path, new_path):

@@ -545,7 +545,21 @@ def _onnxruntime_module(proto, fixed: dict, data):
 def _wrote(args: argparse.Namespace) -> str:
     if getattr(args, "joined_to", None):  # a head compressed in scratch (_on_head): -o is written after
         return "the compressed head is ready; joining the nodes kept after it"
-    return f"wrote {args.output}"
+    return f"wrote {args.output}" + _fixed_sizes_line(args)
+
+
+def _fixed_sizes_line(args: argparse.Namespace) -> str:
+    """What a written file no longer leaves open of the user's file's input sizes, and why."""
+    if not (str(args.model).endswith(".onnx") and os.path.isfile(args.model) and os.path.isfile(args.output)):
+        return ""
+    from rankfold.frontends.onnx import sizes_fixed_by
+
+    fixed = sizes_fixed_by(args.model, args.output)
+    if not fixed:
+        return ""
+    listed = "; ".join(f"{name} along axis {', '.join(map(str, axes))}" for name, axes in fixed.items())
+    return (f"\n  its inputs take the calibration samples' size only ({listed}), where {args.model} leaves it "
+            "open: the file computed at other sizes does not agree with the model")
 
 
 def _compress_onnx(args: argparse.Namespace, budgets: dict[str, str]) -> None:

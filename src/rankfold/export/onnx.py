@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -56,9 +57,42 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
             f"output_{i}" for i in range(len(expected))]
     else:
         output_names = output_names[:1]
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise RankfoldError(f"{path}: the directory {directory} does not exist")
+    # Exported and verified in the system's temporary directory; only the checked bytes are written
+    # beside `path` (unique name, then an atomic rename), so a kill leaves nothing of it there.
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        tmp = os.path.join(scratch, "model.onnx")
+        names = (input_names, output_names)
+        while True:
+            open_axes = {n: dict(a) for n, a in getattr(model, "dynamic_axes", {}).items() if a}
+            try:
+                _export_traced(model, tmp, example_input, expected, names, open_axes, verify=verify, opset=opset)
+            except Exception:
+                if not open_axes:
+                    raise
+                model.dynamic_axes = {}  # the sizes after the batch do not trace as symbols: fixed
+                continue
+            fixed = _axes_fixed_in_the_file(model, tmp, example_input, open_axes.get(input_names[0], {})) \
+                if verify else {}
+            if not fixed:
+                break
+            model.dynamic_axes = _without_axes(open_axes, input_names[0], fixed)
+        with open(tmp, "rb") as handle:
+            replace_atomically(path, handle.read())
+
+
+def _export_traced(model: nn.Module, tmp: str, example_input: Tensor, expected, names, open_axes, *,
+                   verify: bool, opset: int) -> None:
+    """Trace `model` into `tmp` with its batch and `open_axes` open, verified at the example (and
+    at other batches where the batch is open)."""
+    from rankfold.frontends.onnx_ops import sizes_traced
+
+    input_names, output_names = names
     batch_axis = {} if getattr(model, "fixed_batch", None) is not None else {0: "batch"}
     dynamic = {name: dict(batch_axis) for name in input_names + output_names}
-    for name, axes in getattr(model, "dynamic_axes", {}).items():  # what the original left open stays open
+    for name, axes in open_axes.items():  # what the original left open stays open
         if name in dynamic:
             dynamic[name].update(axes)
     # TorchScript refuses some names ONNX allows (an exporter's numbered outputs such as "13"): the
@@ -67,38 +101,79 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
                 if not _torchscript_name(name)}
     input_names, output_names = ([stand_in.get(n, n) for n in names] for names in (input_names, output_names))
     dynamic = {stand_in.get(n, n): axes for n, axes in dynamic.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise RankfoldError(f"{path}: the directory {directory} does not exist")
-    # Exported and verified in the system's temporary directory; only the checked bytes are written
-    # beside `path` (unique name, then an atomic rename), so a kill leaves nothing of it there.
-    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
-        tmp = os.path.join(scratch, "model.onnx")
-        # A graph that computes from its input's shape is traced with the trace's batch in its
-        # constants; traced at batch 1 they broadcast to any batch (Magika: traced at 2, its file
-        # failed at 16 in onnxruntime). Each trace is verified at 1, 2 and 3 samples where the batch is open.
-        traces = [example_input] if not batch_axis or len(example_input) == 1 else [example_input, example_input[:1]]
-        for attempt, trace in enumerate(traces):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    model, (trace,), tmp, dynamo=False, opset_version=opset,
-                    input_names=input_names, output_names=output_names,
-                    dynamic_axes={n: axes for n, axes in dynamic.items() if axes} or None,
-                    do_constant_folding=True,
-                )
-            if stand_in:
-                _rename_values(tmp, {new: old for old, new in stand_in.items()})
-            if not verify:
-                break
+    # A graph that computes from its input's shape is traced with the trace's batch in its
+    # constants; traced at batch 1 they broadcast to any batch (Magika: traced at 2, its file
+    # failed at 16 in onnxruntime). Each trace is verified at 1, 2 and 3 samples where the batch is open.
+    traces = [example_input] if not batch_axis or len(example_input) == 1 else [example_input, example_input[:1]]
+    for attempt, trace in enumerate(traces):
+        with warnings.catch_warnings(), (sizes_traced() if open_axes else contextlib.nullcontext()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (trace,), tmp, dynamo=False, opset_version=opset,
+                input_names=input_names, output_names=output_names,
+                dynamic_axes={n: axes for n, axes in dynamic.items() if axes} or None,
+                do_constant_folding=True,
+            )
+        if stand_in:
+            _rename_values(tmp, {new: old for old, new in stand_in.items()})
+        if not verify:
+            return
+        try:
+            _verify_batches(model, tmp, example_input, expected, bool(batch_axis))
+            return
+        except RankfoldError:
+            if attempt == len(traces) - 1:
+                raise
+
+
+# Sizes an open axis is tried at beyond the example's: odd and even steps, so that padding that
+# follows the size's parity at each stride (auto_pad SAME) and sizes baked into the file both show.
+SIZE_STEPS = (1, 2, 4, 8, 16, 32)
+
+
+def _axes_fixed_in_the_file(model: nn.Module, path: str, example_input: Tensor, axes: dict[int, str]) -> dict[int, str]:
+    """The open input axes (after the batch) along which the exported file does not compute as the
+    model does: at each size of SIZE_STEPS beyond the example's that the model runs at, the file
+    must agree with it; an axis the model runs at no other size along is fixed too."""
+    from rankfold.runtime import session as ort_session
+
+    session = ort_session(path)
+    rtol = _tolerance(model)
+    sample = example_input[:1]
+    fixed = {}
+    for axis, name in axes.items():
+        ran = False
+        for step in SIZE_STEPS:
+            x = _grown(sample, axis, sample.shape[axis] + step)
             try:
-                _verify_batches(model, tmp, example_input, expected, bool(batch_axis))
+                with torch.no_grad():
+                    wanted = model(x)
+            except Exception:  # the model itself takes no input of this size (strides, attention length)
+                continue
+            ran = True
+            try:
+                _compare(session, x, wanted, rtol)
+            except Exception:  # a size baked into the file, or onnxruntime refuses the shapes
+                fixed[axis] = name
                 break
-            except RankfoldError:
-                if attempt == len(traces) - 1:
-                    raise
-        with open(tmp, "rb") as handle:
-            replace_atomically(path, handle.read())
+        if not ran:
+            fixed[axis] = name
+    return fixed
+
+
+def _grown(x: Tensor, axis: int, size: int) -> Tensor:
+    """`x` at `size` along `axis`: its own values repeated (ids stay ids, pixels stay pixels)."""
+    copies = -(-size // x.shape[axis])
+    return torch.cat([x] * copies, axis).narrow(axis, 0, size)
+
+
+def _without_axes(open_axes: dict[str, dict[int, str]], input_name: str, fixed: dict[int, str]) -> dict:
+    """The open axes once `fixed` of the input's are fixed: none at all when the input keeps none
+    (the outputs' sizes then follow from fixed sizes)."""
+    kept = {a: n for a, n in open_axes.get(input_name, {}).items() if a not in fixed}
+    if not kept:
+        return {}
+    return {**open_axes, input_name: kept}
 
 
 def _torchscript_name(name: str) -> bool:
@@ -165,7 +240,10 @@ def _verify_batches(model: nn.Module, path: str, example_input: Tensor, expected
 def _verify(path: str, example_input: Tensor, expected, rtol: float = RTOL) -> None:
     from rankfold.runtime import session as ort_session
 
-    session = ort_session(path)
+    _compare(ort_session(path), example_input, expected, rtol)
+
+
+def _compare(session, example_input: Tensor, expected, rtol: float) -> None:
     feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
     got = session.run(None, feed)
     wanted = expected if isinstance(expected, tuple) else (expected,)

@@ -56,7 +56,8 @@ class Step:
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
-                  "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note", "widened_note", "packing")
+                  "size_reason", "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note", "widened_note",
+                  "packing")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -70,6 +71,20 @@ def symbolic_axes(values) -> dict[str, dict[int, str]]:
         if open_axes:
             axes[value.name] = open_axes
     return axes
+
+
+def sizes_fixed_by(original: str, written: str) -> dict[str, list[int]]:
+    """The axes after the batch that the file `original` leaves open on an input and the file
+    `written` fixes, by input name (what a user's inputs can no longer vary)."""
+    def open_axes(path: str) -> dict[str, set[int]]:
+        graph = onnx.load(path, load_external_data=False).graph
+        constants = {t.name for t in graph.initializer}
+        return {name: set(axes) for name, axes in
+                symbolic_axes([v for v in graph.input if v.name not in constants]).items()}
+
+    before, after = open_axes(original), open_axes(written)
+    fixed = {name: sorted(axes - after.get(name, set())) for name, axes in before.items()}
+    return {name: axes for name, axes in fixed.items() if axes}
 
 
 class OnnxModule(nn.Module):
@@ -87,6 +102,7 @@ class OnnxModule(nn.Module):
         # the steps compute each sample alone at any batch (batch_free_steps); the file keeps its batch.
         self.runs_at_batch: int | None = None
         self.size_note: str | None = None  # why open axes after the batch are fixed on export
+        self.size_reason: str | None = None  # what the graph computes from its input's size, when it does
         self.fixed_inputs: list[str] = []  # graph inputs given once: constants of this module and its results
         self.quantized_note: str | None = None  # an already-quantized graph: which integer ops are read in float
         self.opset_note: str | None = None  # an older graph read after onnx's version converter upgraded it
@@ -621,11 +637,9 @@ class _Converter:
         graph_inputs = [i for i in self.graph.input if i.name in inputs]
         self.module.dynamic_axes = symbolic_axes(graph_inputs + list(self.graph.output))
         self.module.fixed_batch = self.module.runs_at_batch = _fixed_batch(graph_inputs)
-        reason = _size_dependence(self.graph.node) if self.module.dynamic_axes else None
-        if reason:  # sizes computed from the calibration inputs would be baked in: declare them fixed
-            self.module.dynamic_axes = {}
-            self.module.size_note = (f"the graph computes from its input's size ({reason}): the result takes "
-                                     "inputs of the calibration samples' size only")
+        # Sizes computed from the input stay open only where the written file computes at other
+        # sizes as the model does (checked by the export, which fixes the others)
+        self.module.size_reason = _size_dependence(self.graph.node) if self.module.dynamic_axes else None
         self.taken: set[str] = set()
         self.shared_layers: dict[tuple, str] = {}  # (op, weight inputs, attributes) -> the layer built for them
         self.consumers: dict[str, list[onnx.NodeProto]] = {}

@@ -8,8 +8,10 @@ optional input.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,20 @@ def op(*names: str) -> Callable[[OpFn], OpFn]:
     return register
 
 
+_SIZES_TRACED = contextvars.ContextVar("rankfold_sizes_traced", default=False)
+
+
+@contextlib.contextmanager
+def sizes_traced() -> Iterator[None]:
+    """While the exporter traces a graph whose sizes after the batch stay open: Shape hands out
+    every size as the tracer's symbolic value, so sizes computed from it follow the input."""
+    token = _SIZES_TRACED.set(True)
+    try:
+        yield
+    finally:
+        _SIZES_TRACED.reset(token)
+
+
 def is_shape(v: Value) -> bool:
     """Shape arithmetic values: Python ints and lists, and (while the TorchScript exporter traces)
     the 0-d integer tensors it hands out for sizes, which must stay symbolic, not become lists."""
@@ -49,6 +65,9 @@ def tensor(v: Value, like: Tensor | None = None) -> Tensor:
     """A Python shape value as a tensor (int64, or `like`'s dtype when given)."""
     if isinstance(v, Tensor):
         return v
+    if isinstance(v, list) and any(isinstance(i, Tensor) for i in v):  # traced sizes: stacked, not read
+        dtype = torch.int64 if like is None else like.dtype
+        return torch.stack([torch.as_tensor(i).to(dtype).reshape(()) for i in v])
     if like is None:
         return torch.tensor(v, dtype=torch.int64)
     return torch.tensor(v, dtype=like.dtype, device=like.device)
@@ -59,6 +78,8 @@ def ints(v: Value) -> list[int]:
     if isinstance(v, Tensor):
         if is_shape(v):  # a traced size: keep it symbolic
             return [v]
+        if _SIZES_TRACED.get() and torch.jit.is_tracing() and not v.dtype.is_floating_point and v.ndim == 1:
+            return list(v.unbind())  # sizes computed as a tensor (Where, Concat of traced sizes) stay symbolic
         return [int(i) for i in v.reshape(-1).tolist()]
     if isinstance(v, int):
         return [v]
@@ -89,6 +110,13 @@ def _binary(tensor_fn: Callable[[Tensor, Tensor], Tensor], int_fn: Callable[[int
     return run
 
 
+def _size_div(a, b):
+    """Two sizes divided as ONNX divides integers (truncated); a traced size stays traced."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.div(tensor(a), tensor(b), rounding_mode="trunc")
+    return int(a / b)
+
+
 def _int_div(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype.is_floating_point:
         return a / b
@@ -98,7 +126,7 @@ def _int_div(a: Tensor, b: Tensor) -> Tensor:
 OPS["Add"] = _binary(torch.add, lambda a, b: a + b)
 OPS["Sub"] = _binary(torch.sub, lambda a, b: a - b)
 OPS["Mul"] = _binary(torch.mul, lambda a, b: a * b)
-OPS["Div"] = _binary(_int_div, lambda a, b: int(a / b))
+OPS["Div"] = _binary(_int_div, _size_div)
 OPS["Pow"] = _binary(torch.pow, lambda a, b: a**b)
 OPS["Equal"] = _binary(torch.eq, lambda a, b: int(a == b))
 
@@ -345,9 +373,12 @@ def _not(vals, attrs):
 @op("Shape")
 def _shape(vals, attrs):
     x = vals[0]
-    # Only the batch dimension stays symbolic; the others are static for the networks rankfold
-    # takes, and exporters need them as constants (e.g. as LayerNorm or Resize sizes).
-    dims = [x.shape[0], *(int(d) for d in x.shape[1:])] if isinstance(x, Tensor) else [len(ints(x))]
+    # Only the batch dimension stays symbolic, unless the export keeps the sizes after it open
+    # (sizes_traced; checked at other sizes, export.onnx): exporters need the others as constants
+    # in some graphs (e.g. as LayerNorm or Resize sizes).
+    traced = _SIZES_TRACED.get() and torch.jit.is_tracing()
+    dims = ([x.shape[0], *(d if traced else int(d) for d in x.shape[1:])] if isinstance(x, Tensor)
+            else [len(ints(x))])
     start, end = attrs.get("start", 0), attrs.get("end", None)
     return [dims[start:end]]
 
