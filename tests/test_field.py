@@ -401,35 +401,59 @@ def test_a_graph_computing_from_its_input_size_keeps_its_open_sizes(tmp_path):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.2
 
 
-def _pools_same(path, h=8, w=8):
-    """Conv 3x3, then MaxPool 2x2 stride 2 with auto_pad SAME_UPPER (TensorFlow exports): its
-    padding follows the parity of the size, which a trace at one size bakes into the file."""
+def _conv_then(path, node):
+    """A graph of a 3x3 convolution (16 channels) and then `node` (input "c", output "output"),
+    its height and width open."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("MaxPool", ["c"], ["output"], kernel_shape=[2, 2], strides=[2, 2],
-                              auto_pad="SAME_UPPER")]
-    graph = helper.make_graph(nodes, "same", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                           ["batch", 3, "h", "w"])],
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), node]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                       ["batch", 3, "h", "w"])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 16, None, None])],
-                              [weight])
+                              [weight, scales])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)
 
 
-def test_a_size_the_trace_bakes_into_the_file_is_fixed_and_said(tmp_path):
-    """SAME padding at stride 2 follows the size's parity: traced at 8 x 8 the file pads as for
-    even sizes, and at 9 x 9 it would return 4 x 4 where the original returns 5 x 5. The export
-    tries odd and even sizes, finds it, and fixes both sizes, saying so."""
-    src = _pools_same(tmp_path / "same.onnx")
-    x = torch.randn(64, 3, 8, 8)
-    np.savez(tmp_path / "calib.npz", x=x.numpy())
+def _compress_at_8x8(tmp_path, src):
+    np.savez(tmp_path / "calib.npz", x=torch.randn(64, 3, 8, 8).numpy())
     out = tmp_path / "out.onnx"
     code, stdout, err = run_cli("compress", src, "--calib", tmp_path / "calib.npz", "-o", out, "--keep", "0.9",
                                 "--min-rank", "1", "--max-output-error", "10")
     assert code == 0, err
+    return out, stdout
+
+
+def test_same_padding_at_stride_2_follows_each_input_size_in_the_written_file(tmp_path):
+    """MaxPool 2x2 stride 2 with auto_pad SAME_UPPER (TensorFlow exports, MTCNN's P-Net) pads by
+    the size's parity: traced at 8 x 8 with constant padding, the file returned 4 x 4 at 9 x 9
+    where the original returns 5 x 5. Its padding is now computed from the size in the file."""
+    from onnx import helper
+
+    src = _conv_then(tmp_path / "same.onnx", helper.make_node(
+        "MaxPool", ["c"], ["output"], kernel_shape=[2, 2], strides=[2, 2], auto_pad="SAME_UPPER"))
+    out, stdout = _compress_at_8x8(tmp_path, src)
+    assert _dims(out)[2:] == ["h", "w"] and "size only" not in stdout
+    for size in ((9, 9), (8, 13), (15, 6)):
+        x = torch.randn(2, 3, *size).numpy()
+        got, want = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                     for p in (out, src))
+        assert got.shape == want.shape == (2, 16, (size[0] + 1) // 2, (size[1] + 1) // 2)
+
+
+def test_a_size_the_trace_bakes_into_the_file_is_fixed_and_said(tmp_path):
+    """Nearest resizing with half-pixel centres computes its output size from the input's as a
+    constant of the trace: at 9 x 9 the file would return 16 x 16 where the original returns
+    18 x 18. The export tries other sizes, finds it, and fixes both sizes, saying so."""
+    from onnx import helper
+
+    src = _conv_then(tmp_path / "resize.onnx", helper.make_node(
+        "Resize", ["c", "", "scales"], ["output"], mode="nearest", coordinate_transformation_mode="half_pixel",
+        nearest_mode="round_prefer_ceil"))
+    out, stdout = _compress_at_8x8(tmp_path, src)
     assert _dims(out) == ["batch", 3, 8, 8]
     assert "calibration samples' size only (input along axis 2, 3)" in stdout
 

@@ -21,7 +21,7 @@ from rankfold.data import GraphInput
 from rankfold.errors import RankfoldError, first_line
 from rankfold.evaluate import PACKED_BITS
 from rankfold.frontends import onnx_ops_field  # noqa: F401 (registers its ops in OPS)
-from rankfold.frontends.onnx_ops import OPS, same_pads, static_sizes, torch_pad_order
+from rankfold.frontends.onnx_ops import OPS, padded_sizes, same_pads, torch_pad_order
 from rankfold.frontends.packing import Packing, packed_model
 
 MIN_OPSET, MAX_OPSET = 11, 23
@@ -190,7 +190,7 @@ def _run_op(step: Step, vals: list) -> list:
 def _layer_argument(x: Tensor, attrs: dict) -> Tensor:
     if "same_pad" in attrs:  # auto_pad SAME_*: padding depends on the input size
         conv = attrs["same_pad"]
-        pads = same_pads(static_sizes(x), conv["kernel"], conv["strides"], conv["dilations"], upper=conv["upper"])
+        pads = same_pads(padded_sizes(x), conv["kernel"], conv["strides"], conv["dilations"], upper=conv["upper"])
         half = len(pads) // 2
         return F.pad(x, torch_pad_order(pads[:half], pads[half:]))
     if "pre_pad" in attrs:

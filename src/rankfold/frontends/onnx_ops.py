@@ -255,7 +255,7 @@ def _pool_geometry(x: Tensor, attrs: dict) -> tuple[list[int], list[int], list[i
     pads = list(attrs.get("pads", [0] * (2 * nd)))
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = same_pads(static_sizes(x), kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
+        pads = same_pads(padded_sizes(x), kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
     elif auto_pad == "VALID":
         pads = [0] * (2 * nd)
     return kernel, strides, dilations, pads[:nd], pads[nd:]
@@ -267,12 +267,31 @@ def static_sizes(x: Tensor) -> list[int]:
     return [int(d) for d in x.shape[2:]]
 
 
-def same_pads(size: list[int], kernel, strides, dilations, *, upper: bool) -> list[int]:
-    """ONNX SAME_UPPER / SAME_LOWER padding as [begin..., end...]."""
+def padded_sizes(x: Tensor) -> list:
+    """The sizes after batch and channels that SAME padding follows: Python ints, or while the
+    export keeps sizes open (sizes_traced) the tracer's symbols, so that the file pads each input
+    as its own size asks (at stride 2 the padding follows the size's parity)."""
+    if _SIZES_TRACED.get() and torch.jit.is_tracing():
+        return list(x.shape[2:])
+    return static_sizes(x)
+
+
+def explicit_padding(begins: list, ends: list, kernel: list[int]) -> bool:
+    """Whether pooling must pad by F.pad first: torch pads symmetrically, at most half the kernel,
+    and by constants (padding computed from traced sizes is always explicit)."""
+    if any(isinstance(p, Tensor) for p in begins + ends):
+        return True
+    return begins != ends or any(b > k // 2 for b, k in zip(begins, kernel))
+
+
+def same_pads(size: list, kernel, strides, dilations, *, upper: bool) -> list:
+    """ONNX SAME_UPPER / SAME_LOWER padding as [begin..., end...] (ints, or traced sizes' symbols)."""
     begins, ends = [], []
     for n, k, s, d in zip(size, kernel, strides, dilations):
-        out = math.ceil(n / s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
+        out = (n + s - 1) // s  # ceil(n / s) on positive sizes, for ints and traced sizes alike (an
+        # exported floor division of a negative traced size truncates instead: -(-n // s) went wrong)
+        total = (out - 1) * s + (k - 1) * d + 1 - n
+        total = torch.clamp(total, min=0) if isinstance(total, Tensor) else max(total, 0)
         small, large = total // 2, total - total // 2
         begins.append(small if upper else large)
         ends.append(large if upper else small)
@@ -292,7 +311,7 @@ def _max_pool(vals, attrs):
     x = vals[0]
     kernel, strides, dilations, begins, ends = _pool_geometry(x, attrs)
     padding = begins
-    if begins != ends or any(b > k // 2 for b, k in zip(begins, kernel)):
+    if explicit_padding(begins, ends, kernel):
         x = F.pad(x, torch_pad_order(begins, ends), value=float("-inf"))
         padding = [0] * len(kernel)
     fn = F.max_pool1d if len(kernel) == 1 else F.max_pool2d
@@ -307,9 +326,10 @@ def _avg_pool(vals, attrs):
     padding = begins
     fn = F.avg_pool1d if len(kernel) == 1 else F.avg_pool2d
     ceil_mode = bool(attrs.get("ceil_mode", 0))
-    if begins != ends or any(b > k // 2 for b, k in zip(begins, kernel)):  # torch pads symmetrically: pad here
+    if explicit_padding(begins, ends, kernel):  # torch pads symmetrically: pad here
         order = torch_pad_order(begins, ends)
-        if not include and any(begins + ends):  # the mean of the real values: window sums over window counts
+        if not include and any(isinstance(p, Tensor) or p for p in begins + ends):  # the mean of the real values:
+            # window sums over window counts
             counts = F.pad(torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device), order)
             sums = fn(F.pad(x, order), kernel, strides, 0, ceil_mode=ceil_mode, count_include_pad=True)
             return [sums / fn(counts, kernel, strides, 0, ceil_mode=ceil_mode, count_include_pad=True)]
