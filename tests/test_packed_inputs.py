@@ -221,3 +221,62 @@ def test_inputs_that_differ_per_sample_in_different_shapes_are_packed_flat(tmp_p
     # the rater's embedding is an input of the result, not a constant
     other = {**fresh, "rater": fresh["rater"][::-1].copy()}
     assert _relative_error(small.run(None, other)[0], got) > 0.01
+
+
+class _TokenwiseEncoder(nn.Module):
+    """Embedding, a Linear on every position, then a mean over the positions the mask keeps: what
+    padded positions compute is read by nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.hidden = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kept = mask.unsqueeze(-1).to(torch.float32)
+        return (torch.relu(self.hidden(self.embed(ids))) * kept).sum(1) / kept.sum(1).clamp(min=1)
+
+
+def test_the_statistics_of_a_layer_on_every_token_count_only_the_positions_the_mask_keeps(tmp_path):
+    """Padded to one length, most rows of a batch of short sentences are padding (MiniLM's ONNX file
+    at 64 tokens: at half its Linear parameters, cosine 0.869 counting them, 0.886 without)."""
+    from rankfold.analyze import streamed_input_moments
+    from rankfold.frontends.onnx import load_onnx
+    from rankfold.frontends.packing import packing_for
+
+    ids, mask = torch.randint(1, VOCAB, (2, LENGTH)), torch.ones(2, LENGTH, dtype=torch.int64)
+    torch.onnx.export(_TokenwiseEncoder().eval(), (ids, mask), str(tmp_path / "tokens.onnx"), dynamo=False,
+                      opset_version=17, input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                    "embedding": {0: "batch"}})
+    text = _padded_text(np.random.default_rng(5), 48)
+    np.savez(tmp_path / "calib.npz", **text)
+    graph = read_onnx(tmp_path / "tokens.onnx")
+    data, _fixed = graph_data(tmp_path / "calib.npz", graph_inputs(graph), need_labels=False)
+    calib = torch.from_numpy(data.x)
+    module = load_onnx(tmp_path / "tokens.onnx", None, calib[:2], packing_for(graph, list(data.packed)))
+    layer = next(name for name, m in module.named_modules() if isinstance(m, nn.Linear))
+    moments = streamed_input_moments(None, module, layer, calib, batch_size=16)
+    kept = torch.from_numpy(text["attention_mask"]).bool()
+    rows = _TokenwiseEncoder().embed(torch.from_numpy(text["input_ids"]))[kept].detach().to(torch.float64)
+    assert moments.rows == int(kept.sum()) < kept.numel()
+    assert torch.allclose(moments.auto, rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
+    assert module.packing.kept_positions(calib[:4]).tolist() == kept[:4].tolist()
+
+
+def test_only_a_mask_of_zeros_and_ones_that_keeps_a_position_of_every_sample_selects_rows():
+    from onnx import TensorProto, helper
+
+    from rankfold.frontends.packing import Packing
+
+    def packing(mask_name):
+        return Packing((helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
+                        helper.make_tensor_value_info(mask_name, TensorProto.INT64, ["b", "t"])))
+
+    ids = torch.ones(2, 4)
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 0]])
+    assert packing("attention_mask").kept_positions(torch.stack([ids, mask], 1)).tolist() == mask.bool().tolist()
+    assert packing("key_padding_mask").kept_positions(torch.stack([ids, mask], 1)) is None  # 1 marks padding
+    assert packing("attention_mask").kept_positions(torch.stack([ids, mask * 2], 1)) is None
+    assert packing("attention_mask").kept_positions(torch.stack([ids, mask * torch.tensor([[1.0], [0]])], 1)) is None

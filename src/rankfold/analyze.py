@@ -80,11 +80,24 @@ def tied_names(module: nn.Module) -> dict[str, str]:
 MAX_ROWS = 131072
 
 
-def channels_last_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer input as rows of channel vectors: (N * positions, C_in)."""
+def channels_last_rows(module: nn.Module, x: Tensor, positions: Tensor | None = None) -> Tensor:
+    """The layer input as rows of channel vectors: (N * positions, C_in). With `positions` ((N, T)
+    bool: the tokens each sample's attention mask keeps), a Linear's rows of (N, T, C) keep only
+    those: padded positions are computed but read by nothing (attention masks them, pooling skips
+    them), and in batches padded to one length they are most of the rows."""
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        if positions is not None and rows.shape[0] == positions.numel():
+            return rows[positions.reshape(-1)]
+        return rows
     return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def kept_positions(model: nn.Module, batch: Tensor) -> Tensor | None:
+    """The positions of `batch` that its attention mask keeps, where the model reads token ids and
+    a mask packed as one input (rankfold.frontends.packing); None otherwise: every row counts."""
+    packing = getattr(model, "packing", None)
+    return None if packing is None else packing.kept_positions(batch)
 
 
 def model_outputs(out) -> list[Tensor]:
@@ -364,29 +377,34 @@ def streamed_input_moments(
     inputs of all the layer's calls in a pass, whole passes (a recurrence's R, called per step)."""
     batch_size = batch_size or calibration_batch()
     read = every_input if every_call else layer_input
+    starts = range(0, calib.shape[0], batch_size)
 
     def pairs():
-        for start in range(0, calib.shape[0], batch_size):
+        for start in starts:
             batch = calib[start : start + batch_size]
             x_hat = read(current, name, batch)
             yield (x_hat if original is None else read(original, name, batch)), x_hat
 
+    positions = [kept_positions(current, calib[start : start + batch_size]) for start in starts]
     return moments_of(current.get_submodule(name), pairs(), calib.shape[0], same=original is None,
-                      max_rows=max_rows)
+                      max_rows=max_rows, positions=positions)
 
 
 def moments_of(module: nn.Module, pairs: Iterable[tuple[Tensor | None, Tensor | None]], total: int, *,
-               same: bool, max_rows: int = MAX_ROWS) -> InputMoments | None:
-    """InputMoments from (x, x^) per batch (`same`: x is x^, so the cross moment is the auto one)."""
+               same: bool, max_rows: int = MAX_ROWS, positions: list[Tensor | None] | None = None,
+               ) -> InputMoments | None:
+    """InputMoments from (x, x^) per batch (`same`: x is x^, so the cross moment is the auto one;
+    `positions`: each batch's tokens that count, channels_last_rows)."""
     cross = auto = None
     rows_used = start = 0
     limit = max(1, max_rows // total)  # rows a sample gives: the same subset of x and x^
-    for x, x_hat in pairs:
+    for index, (x, x_hat) in enumerate(pairs):
         if x is None or x_hat is None:
             return None
         samples = x_hat.shape[0]
-        r = rows_of_each_sample(channels_last_rows(module, x), samples, start, limit)
-        r_hat = rows_of_each_sample(channels_last_rows(module, x_hat), samples, start, limit)
+        kept = positions[index] if positions else None
+        r = rows_of_each_sample(channels_last_rows(module, x, kept), samples, start, limit)
+        r_hat = rows_of_each_sample(channels_last_rows(module, x_hat, kept), samples, start, limit)
         start += samples
         # Each batch's product in float32 (a fraction of float64's time on rows of thousands of
         # channels), summed over batches in float64.

@@ -20,6 +20,7 @@ from rankfold.analyze import (
     GraphCursor,
     InputMoments,
     as_input,
+    kept_positions,
     moments_of,
     peak_state_bytes,
     reach_order,
@@ -284,7 +285,9 @@ class _LayerInputs:
         x = self.reference.inputs_of(name) if changed else x_hat
         if x is None:
             return None
-        return moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed)
+        positions = [kept_positions(self.current.model, self.calib[i : i + self.batch])
+                     for i in range(0, self.calib.shape[0], self.batch)]
+        return moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed, positions=positions)
 
 
 # Layers with weights that rankfold does not factorize but that need no mention: they are small

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from rankfold.errors import RankfoldError
@@ -55,6 +56,31 @@ class Packing:
     def describe(self) -> str:
         return (f"inputs {', '.join(self.names)} differ per sample: calibrated together as one packed tensor; "
                 "the result takes them as the file does")
+
+    def mask_slot(self) -> int | None:
+        """The slot of an attention mask that marks real tokens with 1 (an integer or bool input
+        named like a mask, as exporters name it: attention_mask, input_mask; not a padding mask,
+        which marks the padding), in the stacked layout only; None when there is none."""
+        if self.shapes is not None:
+            return None
+        floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+        for slot, value in enumerate(self.inputs):
+            name = value.name.lower()
+            if "mask" in name and "padding" not in name and value.type.tensor_type.elem_type not in floats:
+                return slot
+        return None
+
+    def kept_positions(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """(N, T) bool: the positions each sample's attention mask keeps, for a packed batch (N, k, T);
+        None without such a mask, or where it is not 0/1 or keeps no position of some sample."""
+        slot = self.mask_slot()
+        if slot is None or batch.ndim != 3:
+            return None
+        mask = batch[:, slot]
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            return None
+        kept = mask > 0.5
+        return kept if bool(kept.any(1).all()) else None
 
 
 def packing_for(model: onnx.ModelProto, names: list[str], shapes=None) -> Packing:

@@ -21,6 +21,7 @@ from rankfold.analyze import (
     PerInput,
     as_input,
     channels_last_rows,
+    kept_positions,
     model_outputs,
     per_sample_shapes,
     rows_of_each_sample,
@@ -118,6 +119,7 @@ def layer_statistics(
     taps: dict[str, Tensor] = {}  # k x k convolutions: tap_products summed over batches
     first_batch = True
     samples, first = 1, 0  # the batch now running: its size and its first sample's index
+    kept = None  # the batch's positions that its attention mask keeps (analyze.kept_positions)
 
     shared = PerInput()  # this batch's moment of each input tensor
 
@@ -130,7 +132,7 @@ def layer_statistics(
             return
         # Layers that read one tensor (a transformer's q, k and v; gate and up) share its moment.
         def product():
-            rows = rows_of_each_sample(channels_last_rows(module, x), samples, first, max_rows_per_sample, seed)
+            rows = rows_of_each_sample(channels_last_rows(module, x, kept), samples, first, max_rows_per_sample, seed)
             # The product in float32 (half the time of float64), summed over batches in float64.
             return (rows.T @ rows).to(torch.float64), rows.shape[0]
 
@@ -170,6 +172,7 @@ def layer_statistics(
                     progress(f"sensitivity: samples {start + 1}-{min(start + batch_size, total)} of {total}")
                 batch = as_input(calib[start : start + batch_size])
                 samples, first = batch.shape[0], start
+                kept = kept_positions(model, batch)
                 shared.clear()
                 if batch.is_floating_point():
                     batch.requires_grad_(True)
