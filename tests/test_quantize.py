@@ -698,3 +698,46 @@ def test_taps_correlation_of_a_small_map_is_positive_semidefinite_and_its_price_
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # what the crops made, as any moment may come
     weights = error_feedback_weights(indefinite)
     assert torch.isfinite(weights).all() and (weights > 0).all()
+
+
+class _FramesHead(nn.Module):
+    """Linear layers on every frame of (N, T, C) input, with biases: torch.onnx writes each as
+    MatMul then Add, the pair onnxruntime's MatMulAddFusion turns into a Gemm (AECMOS's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 8)])
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x).mean(1)
+
+
+def test_an_int4_plan_with_a_matmul_and_add_on_frames_loads_in_onnxruntime(tmp_path):
+    """int4 weights make the file opset 21, where onnxruntime's MatMul + Add fusion quantizes the
+    reshaped input with output_dtype int8 but a uint8 zero point and the session fails to load
+    (microsoft/onnxruntime#25526): rankfold refused every such plan. The activations it reads are
+    written uint8 (same values), and the file loads and runs. onnxruntime fuses only where every
+    size is static."""
+    from tests.helpers import run_cli
+
+    x = torch.randn(96, 10, 64)
+    # every size static (the batch fixed at 1, as AECMOS's): onnxruntime fuses only then
+    torch.onnx.export(_FramesHead().eval(), (x[:1],), str(tmp_path / "frames.onnx"), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["scores"])
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    out = tmp_path / "small.onnx"
+    code, stdout, stderr = run_cli("compress", tmp_path / "frames.onnx", "--calib", tmp_path / "calib.npz",
+                                   "--max-weight-bytes", "17%", "--min-agreement", "0", "--max-output-error", "10",
+                                   "-o", out)
+    assert code == 0, stderr
+    model = onnx.load(str(out))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    assert any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
+    unsigned = [t for t in model.graph.initializer if t.name.endswith("_zero_point")
+                and t.data_type == onnx.TensorProto.UINT8]
+    assert len(unsigned) == 1  # the last layer's input: its output is read unquantized by the Add
+    got = ort.InferenceSession(str(out)).run(None, {"input": x[:1].numpy()})[0]
+    assert got.shape == (1, 8) and np.isfinite(got).all()

@@ -168,6 +168,7 @@ def export_quantized(
     if float_outputs:
         kept = layer_tensors(proto)
         activations = {name: params for name, params in activations.items() if name in kept}
-    qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole, groups=grouped)
+    qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole, groups=grouped,
+                 for_onnxruntime=float_outputs)
     replace_atomically(path, qdq.SerializeToString())
     return nodes

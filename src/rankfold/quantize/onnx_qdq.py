@@ -107,13 +107,16 @@ def to_qdq(
     reduce_range: bool = False,
     per_tensor: Collection[str] = (),
     groups: Mapping[str, int] | None = None,
+    for_onnxruntime: bool = False,
 ) -> onnx.ModelProto:
     """The QDQ model. `weight_bits`: node name -> 8 or 4 for the Conv/Gemm/MatMul nodes whose
     constant weights are quantized (others keep float weights). `activations`: tensor -> params.
     `reduce_range`: int8 weight codes within +-63 (what the fake-quantized weights were rounded to).
     `per_tensor`: nodes whose weights get one scale (and their int32 bias one) instead of one per
     output channel. `groups`: int4 nodes whose weights get one scale per that many input elements
-    of each output channel (DequantizeLinear's block_size; their biases stay float)."""
+    of each output channel (DequantizeLinear's block_size; their biases stay float).
+    `for_onnxruntime`: a file for onnxruntime, not the C back-end: the activations that its
+    MatMul + Add fusion would fail on are written uint8 (unsigned_for_fusion)."""
     groups = groups or {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if any(b == 4 for b in weight_bits.values()) and opset < INT4_OPSET:
@@ -127,12 +130,16 @@ def to_qdq(
     renamed: dict[str, str] = {}
 
     graph_outputs = {o.name for o in graph.output}
+    unsigned = unsigned_for_fusion(out, activations) if for_onnxruntime else set()
 
     def qdq(tensor: str, source: str | None = None) -> None:
         """Q/DQ on `tensor`; a graph output keeps its name on the DQ, its producer writes `source`."""
         params = activations[tensor]
         scale = _const(new_inits, f"{tensor}_scale", np.array(params.scale, np.float32))
-        zero = _const(new_inits, f"{tensor}_zero_point", np.array(params.zero_point, np.int8))
+        # uint8 codes 128 above the int8 ones, with the zero point: the same real values
+        zero_point = np.array(params.zero_point + 128, np.uint8) if tensor in unsigned else \
+            np.array(params.zero_point, np.int8)
+        zero = _const(new_inits, f"{tensor}_zero_point", zero_point)
         new_nodes.append(helper.make_node("QuantizeLinear", [source or tensor, scale, zero], [f"{tensor}_q"],
                                           name=f"{tensor}_QuantizeLinear"))
         dequantized = tensor if source else f"{tensor}_dq"
@@ -185,6 +192,23 @@ def to_qdq(
                                           INT8_RANGE_KEY: "7" if reduce_range else "8"})
     onnx.checker.check_model(out)
     return out
+
+
+def unsigned_for_fusion(model: onnx.ModelProto, activations: Collection[str]) -> set[str]:
+    """The activations to write as uint8 in an opset-21 file (int4 weights) for onnxruntime: those
+    a MatMul reads whose output an Add reads unquantized (a last layer before a float tail; every
+    other output has its own Q/DQ between them). Where every size is static, onnxruntime's
+    MatMulAddFusion turns the pair into a Gemm between Reshapes and quantizes the reshaped input
+    with output_dtype taken from the int8 input but a uint8 zero point; the file then fails to load
+    ("output_dtype INT8 does not match y_zero_point type UINT8", microsoft/onnxruntime#25526;
+    AECMOS, batch fixed at 1, at a tenth of its bytes). With a uint8 input both agree. int8 files
+    (opset below 21) have no output_dtype and load either way."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < INT4_OPSET:
+        return set()
+    read_by_add = {name for node in model.graph.node if node.op_type == "Add" for name in node.input}
+    return {node.input[0] for node in model.graph.node if node.op_type == "MatMul"
+            and node.output[0] in read_by_add and node.output[0] not in activations}
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
