@@ -710,3 +710,23 @@ def test_macs_size_each_input_by_name_where_inputs_of_different_shapes_are_packe
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert onnx_macs(model, {"frames": (5, 8), "rater": (4,)}) == 5 * 8 * 16
     assert onnx_macs(model) == 0  # the frames left open: no count rather than a wrong one
+
+
+def test_the_written_outputs_declare_the_sizes_the_original_declares_where_the_model_computes_them(tmp_path):
+    """A trace can leave an output size as a symbol (YOLOv8n's 22 channels came out as
+    'Concatoutput0_dim_1'); the file gets the user's file's size back, never the batch's, and only
+    where the model computes that size."""
+    from onnx import TensorProto, helper
+
+    from rankfold.export.onnx import _declare_output_sizes
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["x"], ["z"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "c", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "w"]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "w"])])
+    path = str(tmp_path / "g.onnx")
+    onnx.save(helper.make_model(graph), path)
+    _declare_output_sizes(path, {"y": [1, 22, None], "z": [1, 7, None]}, [(1, 22, 5), (1, 22, 5)])
+    assert _dims(path, "output") == ["n", 22, "w"]
+    assert [d.dim_value or d.dim_param for d in onnx.load(path).graph.output[1].type.tensor_type.shape.dim] == \
+        ["n", "c", "w"]  # 7 declared, 22 computed: left open

@@ -79,8 +79,34 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
             if not fixed:
                 break
             model.dynamic_axes = _without_axes(open_axes, input_names[0], fixed)
+        computed = [tuple(y.shape) for y in (expected if isinstance(expected, tuple) else (expected,))]
+        _declare_output_sizes(tmp, getattr(model, "declared_outputs", {}), computed)
         with open(tmp, "rb") as handle:
             replace_atomically(path, handle.read())
+
+
+def _declare_output_sizes(path: str, declared: dict[str, list[int | None]], computed: list[tuple]) -> None:
+    """Give the written outputs the sizes after the batch that the user's file declares where the
+    trace left a symbol (YOLOv8n's 22 channels had become 'Concatoutput0_dim_1') and the model
+    computes that size at the example (`computed`: its outputs' shapes, in order): tools that read
+    the declared shapes see what the original promised."""
+    import onnx
+
+    if not declared:
+        return
+    model = onnx.load(path)
+    changed = False
+    for value, shape in zip(model.graph.output, computed):
+        sizes = declared.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if sizes is None or not len(sizes) == len(dims) == len(shape):
+            continue
+        for axis, (dim, size) in enumerate(zip(dims, sizes)):
+            if axis > 0 and size == shape[axis] and not dim.HasField("dim_value"):
+                dim.dim_value = size
+                changed = True
+    if changed:
+        onnx.save(model, path)
 
 
 def _export_traced(model: nn.Module, tmp: str, example_input: Tensor, expected, names, open_axes, *,

@@ -56,8 +56,8 @@ class Step:
 
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
-                  "size_reason", "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note", "widened_note",
-                  "packing")
+                  "size_reason", "declared_outputs", "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note",
+                  "widened_note", "packing")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -103,6 +103,7 @@ class OnnxModule(nn.Module):
         self.runs_at_batch: int | None = None
         self.size_note: str | None = None  # why open axes after the batch are fixed on export
         self.size_reason: str | None = None  # what the graph computes from its input's size, when it does
+        self.declared_outputs: dict[str, list[int | None]] = {}  # the file's output sizes (None: open)
         self.fixed_inputs: list[str] = []  # graph inputs given once: constants of this module and its results
         self.quantized_note: str | None = None  # an already-quantized graph: which integer ops are read in float
         self.opset_note: str | None = None  # an older graph read after onnx's version converter upgraded it
@@ -619,6 +620,9 @@ class _Converter:
             raise RankfoldError("the ONNX graph has no inputs")
         self.module = OnnxModule(inputs, [o.name for o in self.graph.output])
         self.module.fixed_inputs = sorted(fixed or {})
+        self.module.declared_outputs = {value.name: [d.dim_value if d.HasField("dim_value") else None
+                                                     for d in value.type.tensor_type.shape.dim]
+                                        for value in self.graph.output}
         declared = {p.key: p.value for p in model.metadata_props}.get(UPGRADED_FROM)
         if declared:
             self.module.opset_note = (f"the file's ONNX opset {declared} was read as opset {self.opset} "
