@@ -263,6 +263,10 @@ def test_the_statistics_of_a_layer_on_every_token_count_only_the_positions_the_m
     assert moments.rows == int(kept.sum()) < kept.numel()
     assert torch.allclose(moments.auto, rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
     assert module.packing.kept_positions(calib[:4]).tolist() == kept[:4].tolist()
+    from rankfold.quantize.gptq import input_second_moments  # data-aware rounding's H, alike
+
+    rounding = input_second_moments(module, [layer], calib, batch_size=16)[layer]
+    assert torch.allclose(rounding, rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
 
 
 def test_only_a_mask_of_zeros_and_ones_that_keeps_a_position_of_every_sample_selects_rows():

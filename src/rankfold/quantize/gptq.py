@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import PerInput, rows_of_each_sample, run_checked
+from rankfold.analyze import PerInput, channels_last_rows, kept_positions, rows_of_each_sample, run_checked
 from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
 from rankfold.settings import calibration_batch
@@ -32,14 +32,16 @@ def supports(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.groups == 1 and numeric_padding(layer) is not None
 
 
-def _input_rows(layer: nn.Module, x: Tensor, first: int, limit: int = ROWS_PER_SAMPLE) -> Tensor:
+def _input_rows(layer: nn.Module, x: Tensor, first: int, limit: int = ROWS_PER_SAMPLE,
+                positions: Tensor | None = None) -> Tensor:
     """The rows the layer multiplies by its flattened weight: (rows, in_features or C*kh*kw), at
     most `limit` of each sample's (analyze.rows_of_each_sample: which ones is fixed by the sample's
     index, `first` the batch's first, not by the batching): H of a 3x3 convolution over 640x640
     text pages would otherwise unfold GBs a batch (PP-OCRv4's detector) for a matrix that a few
-    hundred thousand rows estimate as well."""
+    hundred thousand rows estimate as well. `positions`: the tokens a padding mask keeps
+    (analyze.channels_last_rows)."""
     if isinstance(layer, nn.Linear):
-        return rows_of_each_sample(x.reshape(-1, x.shape[-1]), x.shape[0], first, limit)
+        return rows_of_each_sample(channels_last_rows(layer, x, positions), x.shape[0], first, limit)
     parts = []
     for index, sample in enumerate(x.split(1)):  # unfolded one at a time: (C*kh*kw, L), the weight's order
         cols = F.unfold(sample, layer.kernel_size, dilation=layer.dilation, padding=numeric_padding(layer),
@@ -67,10 +69,11 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
     counts: dict[str, int] = {}
     shared = PerInput()  # this batch's product of each input tensor
     first = 0  # the running batch's first sample
+    kept = None  # its positions that a padding mask keeps (analyze.kept_positions)
 
     def hook(module, inputs, name):
         def compute():
-            rows = _input_rows(module, inputs[0].detach(), first).float()
+            rows = _input_rows(module, inputs[0].detach(), first, positions=kept).float()
             return (rows.T @ rows).double(), rows.shape[0]
 
         product, count = shared.get(inputs[0], _row_geometry(module), compute)
@@ -85,6 +88,7 @@ def input_second_moments(model: nn.Module, names: list[str], calib: Tensor,
         with torch.no_grad():
             for first in range(0, len(calib), batch_size):
                 shared.clear()
+                kept = kept_positions(model, calib[first : first + batch_size])
                 run_checked(model, calib[first : first + batch_size])
     finally:
         for h in handles:
