@@ -1,4 +1,5 @@
-"""Export a torch module to ONNX with a dynamic batch dimension, checked in onnxruntime."""
+"""Export a torch module to ONNX with a dynamic batch dimension (and the sizes after it that the
+user's file leaves open, where the written file computes them), checked in onnxruntime."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def export_onnx(
     verify: bool = True,
     opset: int = OPSET,
 ) -> None:
-    """Write `model` to `path` as ONNX (batch dimension dynamic).
+    """Write `model` to `path` as ONNX (batch dimension dynamic; a model loaded from ONNX keeps
+    the input sizes its file leaves open, `dynamic_axes`, along each axis where the written file
+    computes what the model computes at other sizes, _axes_fixed_in_the_file, and fixes the others).
 
     The file is written to a temporary name and renamed, so a failed export leaves nothing. With
     `verify`, onnxruntime runs the file on `example_input` and the export is refused when its

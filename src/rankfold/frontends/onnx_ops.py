@@ -328,8 +328,8 @@ def _avg_pool(vals, attrs):
     ceil_mode = bool(attrs.get("ceil_mode", 0))
     if explicit_padding(begins, ends, kernel):  # torch pads symmetrically: pad here
         order = torch_pad_order(begins, ends)
-        if not include and any(isinstance(p, Tensor) or p for p in begins + ends):  # the mean of the real values:
-            # window sums over window counts
+        # The mean of the real values (padding not counted): window sums over window counts
+        if not include and any(isinstance(p, Tensor) or p for p in begins + ends):
             counts = F.pad(torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device), order)
             sums = fn(F.pad(x, order), kernel, strides, 0, ceil_mode=ceil_mode, count_include_pad=True)
             return [sums / fn(counts, kernel, strides, 0, ceil_mode=ceil_mode, count_include_pad=True)]
