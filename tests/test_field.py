@@ -458,6 +458,12 @@ def test_a_size_the_trace_bakes_into_the_file_is_fixed_and_said(tmp_path):
     out, stdout = _compress_at_8x8(tmp_path, src)
     assert _dims(out) == ["batch", 3, 8, 8]
     assert "calibration samples' size only (input along axis 2, 3)" in stdout
+    # fine-tuning that result from the original says so too
+    code, stdout, err = run_cli("finetune", src, "--student", out, "--calib", tmp_path / "calib.npz", "--train",
+                                tmp_path / "calib.npz", "--steps", "2", "--min-agreement", "0",
+                                "--max-output-error", "10", "-o", tmp_path / "tuned.onnx")
+    assert code == 0, err
+    assert _dims(tmp_path / "tuned.onnx") == ["batch", 3, 8, 8] and "size only (input along axis 2, 3)" in stdout
 
 
 def _weights_to_constant_nodes(path, new_path):

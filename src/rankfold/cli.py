@@ -501,7 +501,8 @@ def _on_head(args: argparse.Namespace, split, run: Callable[[], None]) -> None:
         report.update(model=args.model, output=args.output, cut={
             "unsupported": split.unsupported, "values": split.cut, "nodes_kept_after": len(split.tail)})
         write_json_atomic(args.report, report)
-    print(f"wrote {args.output}: the compressed head joined to the {len(split.tail)} node(s) kept after it")
+    print(f"wrote {args.output}: the compressed head joined to the {len(split.tail)} node(s) kept after it"
+          + _fixed_sizes_line(args))
 
 
 def _joined_check(args: argparse.Namespace, joined) -> str:
@@ -1185,7 +1186,7 @@ def _finish_finetune(args: argparse.Namespace, result, ft_log, example, t0: floa
     print(_size_line(before, after, seconds))
     print("self-check: " + (result.check.describe() if result.check is not None
                             else "not run (--no-check): the result is unchecked"))
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}" + _fixed_sizes_line(args))
     if args.report:
         write_json_atomic(args.report, {
             "model": args.model, "output": args.output, "plan": args.plan, "student": args.student,
