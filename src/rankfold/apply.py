@@ -254,6 +254,8 @@ class _LayerInputs:
     def __init__(self, current: GraphCursor, reference_model, calib: Tensor, batch: int) -> None:
         self.current, self.reference_model, self.calib, self.batch = current, reference_model, calib, batch
         self.reference: GraphCursor | None = None  # made at the first change: till then x = x^
+        # each batch's positions that a padding mask keeps (analyze.kept_positions), read once
+        self.positions = [kept_positions(current.model, calib[i : i + batch]) for i in range(0, calib.shape[0], batch)]
 
     @classmethod
     def for_graph(cls, model, reference_model, calib: Tensor, say) -> _LayerInputs | None:
@@ -285,9 +287,7 @@ class _LayerInputs:
         x = self.reference.inputs_of(name) if changed else x_hat
         if x is None:
             return None
-        positions = [kept_positions(self.current.model, self.calib[i : i + self.batch])
-                     for i in range(0, self.calib.shape[0], self.batch)]
-        return moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed, positions=positions)
+        return moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed, positions=self.positions)
 
 
 # Layers with weights that rankfold does not factorize but that need no mention: they are small

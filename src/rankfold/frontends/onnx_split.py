@@ -14,6 +14,7 @@ from onnx import helper
 
 from rankfold.errors import RankfoldError, first_line
 from rankfold.frontends.onnx import INTEGER_LAYER_OPS, LAYER_OPS, default_opset, qualified_op, unsupported_ops
+from rankfold.frontends.packing import FLOAT_TYPES
 
 TAIL_PREFIX = "rankfold_tail/"  # a tail name that the compressed head also uses is renamed so
 
@@ -134,7 +135,6 @@ def _shape_the_cut(model: onnx.ModelProto, cut: list[str], known: dict) -> None:
             known[name] = helper.make_tensor_value_info(name, known[name].type.tensor_type.elem_type, dims)
 
 
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def _float_cut(head: list, tail: list, known: dict) -> tuple[list, list]:

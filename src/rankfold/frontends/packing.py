@@ -24,6 +24,7 @@ from rankfold.errors import RankfoldError
 
 PACKED = "rankfold_packed"  # the packed input's name, inside rankfold only
 EXACT_IN_FLOAT32 = 2**24  # every integer of smaller magnitude is exact in float32
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,8 +51,7 @@ class Packing:
     @property
     def integer(self) -> bool:
         """Whether an input packed is integer or bool (token ids, a mask), not float."""
-        floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-        return any(value.type.tensor_type.elem_type not in floats for value in self.inputs)
+        return any(value.type.tensor_type.elem_type not in FLOAT_TYPES for value in self.inputs)
 
     def describe(self) -> str:
         return (f"inputs {', '.join(self.names)} differ per sample: calibrated together as one packed tensor; "
@@ -63,10 +63,9 @@ class Packing:
         which marks the padding), in the stacked layout only; None when there is none."""
         if self.shapes is not None:
             return None
-        floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
         for slot, value in enumerate(self.inputs):
             name = value.name.lower()
-            if "mask" in name and "padding" not in name and value.type.tensor_type.elem_type not in floats:
+            if "mask" in name and "padding" not in name and value.type.tensor_type.elem_type not in FLOAT_TYPES:
                 return slot
         return None
 
