@@ -794,7 +794,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     train = _compress_training(args, graph)
     log = _log(args.quiet)
     calib = _robustness_inputs(args, model, calib, example, log)
-    budgets = _bytes_of_the_file(args, model, budgets, log)
+    budgets = _bytes_of_the_file(args, model, example, budgets, log)
     log(f"planning {args.model} for target {target.name} under {budgets or 'the target limits'}")
     log("  " + int8_choice(target))
     log(args.memory_line)
@@ -822,7 +822,7 @@ def _compress_planned(args: argparse.Namespace, budgets: dict[str, str]) -> None
     _finish(args, result, example, t0, budgets, ft_log)
 
 
-def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str], log) -> dict[str, str]:
+def _bytes_of_the_file(args: argparse.Namespace, model, example, budgets: dict[str, str], log) -> dict[str, str]:
     """An already-quantized graph is read in float, so its float size is several times its file's:
     a percentage byte budget is taken of the weight bytes the file holds, and without a byte
     budget (and without --bits 32) the result may not outgrow the file (a --max-params plan of
@@ -839,13 +839,31 @@ def _bytes_of_the_file(args: argparse.Namespace, model, budgets: dict[str, str],
     budget = parse_budget("weight_bytes", given) if given else Budget("weight_bytes", 1.0, relative=True)
     limit = int(budget.limit(held))
     args.file_weight_limit = limit  # the plan counts its layers only: the written file is checked too (_save_within)
-    # The plan prices the layers; the constants outside them (scales, biases, integer weights of ops
-    # that are not layers) come on top, as they are held now.
-    outside = sum(b.numel() * b.element_size() for b in model.buffers())
+    # The plan prices the layers; the constants outside them (the activations' scales and zero
+    # points, integer weights of ops that are not layers) come on top, as the written file holds them
+    outside = _bytes_outside_the_layers(model, example)
     log(f"  the file holds {held:,} weight bytes (integer weights): "
         f"{f'--max-weight-bytes {given} is' if given else 'the result may not outgrow them, at most'} {limit:,}, "
         f"{outside:,} of them for constants outside the layers")
     return {**budgets, "weight_bytes": str(max(limit - outside, 1))}
+
+
+def _bytes_outside_the_layers(model, example) -> int:
+    """The weight bytes a file written from `model` holds outside its layers, measured on one written
+    (unchecked) in a scratch directory: the exporter writes every scale and zero point a quantizer
+    reads as float constants of its own (6 QDQ pairs of 5 bytes each were 304 bytes written)."""
+    import tempfile
+
+    from rankfold.analyze import COMPRESSIBLE, TABLES
+    from rankfold.evaluate import onnx_size
+    from rankfold.export.onnx import export_onnx
+
+    layers = sum(p.numel() * 4 for m in model.modules() if isinstance(m, (*COMPRESSIBLE, *TABLES))
+                 for p in m.parameters(recurse=False))
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        path = os.path.join(scratch, "as-read.onnx")
+        export_onnx(model, path, example_input=example, verify=False)
+        return max(onnx_size(path).weight_bytes - layers, 0)
 
 
 def _half_the_bytes(path: str, budgets: dict[str, str], log) -> dict[str, str]:

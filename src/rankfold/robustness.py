@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
+from rankfold.frontends.onnx_ops import STRAIGHT_THROUGH
 
 # x_adv = attack(model, x, y, eps, step_size, steps, low, high, generator); eps, low and high are
 # tensors that broadcast against x (per channel when the normalization is per channel).
@@ -156,15 +157,13 @@ def craft(model: nn.Module, x: np.ndarray, y: np.ndarray, config: AttackConfig, 
     return out
 
 
-STRAIGHT_THROUGH = "QuantizeLinear:straight-through"
-
-
 def attack_twin(path: str | os.PathLike) -> tuple[nn.Module, str]:
     """A differentiable torch twin of an ONNX file, and which gradients it gives, in words."""
     from rankfold.frontends.onnx import load_onnx
 
     twin = load_onnx(path)
-    quantizers = [step for step in twin.steps if step.op == "QuantizeLinear"]
+    # QDQ pairs load straight-through already; a QuantizeLinear read by other ops becomes so here
+    quantizers = [step for step in twin.steps if step.op in ("QuantizeLinear", STRAIGHT_THROUGH)]
     for step in quantizers:
         step.op = STRAIGHT_THROUGH
     for p in twin.parameters():

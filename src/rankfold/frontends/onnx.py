@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from rankfold.data import GraphInput
 from rankfold.errors import RankfoldError, first_line
 from rankfold.evaluate import PACKED_BITS
-from rankfold.frontends import onnx_ops_field  # noqa: F401 (registers its ops in OPS)
-from rankfold.frontends.onnx_ops import OPS, padded_sizes, same_pads, torch_pad_order
+from rankfold.frontends import onnx_contrib, onnx_ops_field  # noqa: F401 (onnx_ops_field registers its ops in OPS)
+from rankfold.frontends.onnx_ops import OPS, STRAIGHT_THROUGH, padded_sizes, same_pads, torch_pad_order
 from rankfold.frontends.packing import Packing, packed_model
 
 MIN_OPSET, MAX_OPSET = 11, 23
@@ -34,12 +34,19 @@ HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3}  # their input projections become Linear layers
 INTEGER_LAYER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # with constant weights: float layers
-# onnxruntime's contrib ops that rankfold reads (domain-qualified, as unsupported_ops names them)
-CONTRIB_OPS = {"com.microsoft.DynamicQuantizeLSTM"}
-SUPPORTED_OPS = sorted(set(OPS) | set(LAYER_OPS) | {"Constant", "If"} | CONTRIB_OPS)
+# onnxruntime's contrib ops that rankfold reads (domain-qualified, as unsupported_ops names them):
+# DynamicQuantizeLSTM here, the others as the standard nodes onnx_contrib rewrites them into
+CONTRIB_OPS = {"com.microsoft.DynamicQuantizeLSTM"} | onnx_contrib.supported()
+# internal steps (named "op:variant") are not ops a file can hold
+SUPPORTED_OPS = sorted({op for op in OPS if ":" not in op} | set(LAYER_OPS) | {"Constant", "If"} | CONTRIB_OPS)
+# Ops that move integer codes without arithmetic: as float codes they compute the same values
+CODE_MOVING_OPS = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "GlobalMaxPool",
+                   "Slice", "Split", "Gather", "DepthToSpace", "SpaceToDepth", "Tile", "Expand"}
 # Ops of already-quantized graphs: read in float from their integer weights, and said so
 QUANTIZED_OPS = ("DynamicQuantizeLSTM", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "QLinearConv",
-                 "QLinearMatMul", "DequantizeLinear")
+                 "QLinearMatMul", "DequantizeLinear", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
+                 "QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool",
+                 "MatMulNBits")
 
 
 @dataclass
@@ -645,9 +652,13 @@ class _Converter:
         # sizes as the model does (checked by the export, which fixes the others)
         self.module.size_reason = _size_dependence(self.graph.node) if self.module.dynamic_axes else None
         self.taken: set[str] = set()
+        # onnxruntime's fused and quantized ops as the standard nodes they compute (onnx_contrib)
+        self.nodes, added = onnx_contrib.standard_nodes(list(self.graph.node), self.consts,
+                                                        set(self.module.output_names))
+        self.consts.update(added)
         self.shared_layers: dict[tuple, str] = {}  # (op, weight inputs, attributes) -> the layer built for them
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
+        for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = set(self.module.output_names)
@@ -656,7 +667,7 @@ class _Converter:
 
     def convert(self) -> OnnxModule:
         _refuse_unsupported(self.graph.node)
-        for node in self.graph.node:
+        for node in self.nodes:
             if id(node) in self.absorbed:
                 continue
             self._node(node)
@@ -720,6 +731,10 @@ class _Converter:
             self._fold(node, inputs, attrs, where)
             return
         step = Step(node.op_type, inputs, list(node.output), attrs)
+        if node.op_type == "QuantizeLinear" and self._read_dequantized(node.output[0]):
+            # a QDQ pair: its codes stay float and its rounding passes gradients straight through, so
+            # the planner sees the layers before it (integer codes cut the gradient: all looked free)
+            step.op = STRAIGHT_THROUGH
         if node.op_type in ("Shape", "Size") or all(i == "" or i in self.consts or i in self.shape_only
                                                      for i in inputs):
             self.shape_only.update(node.output)
@@ -732,6 +747,16 @@ class _Converter:
                 else:  # weights, and the integer tensors of already-quantized graphs
                     self._need_buffer(name)
         self.module.steps.append(step)
+
+    def _read_dequantized(self, value: str) -> bool:
+        """Whether `value` (integer codes) reaches only DequantizeLinear nodes, directly or through ops
+        that move values without arithmetic (a Flatten before onnxruntime's QGemm, a MaxPool on codes):
+        float codes then compute the same everywhere."""
+        users = self.consumers.get(value, [])
+        return bool(users) and value not in self.graph_outputs and all(
+            u.op_type == "DequantizeLinear"
+            or u.op_type in CODE_MOVING_OPS and all(self._read_dequantized(out) for out in u.output if out)
+            for u in users)
 
     def _inline_branch(self, node, inputs, where) -> None:
         """An If whose condition folds to a constant is the branch it takes, inlined."""

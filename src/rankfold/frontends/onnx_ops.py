@@ -902,7 +902,10 @@ def _quantize(vals, attrs):
     return [q.clamp(low, high).to(zero.dtype)]
 
 
-@op("QuantizeLinear:straight-through")
+STRAIGHT_THROUGH = "QuantizeLinear:straight-through"
+
+
+@op(STRAIGHT_THROUGH)
 def _quantize_straight_through(vals, attrs):
     """QuantizeLinear for attack twins (rankfold.robustness): the same rounding and clipping
     forward, kept in float; the gradient passes straight through the rounding (and is zero where

@@ -223,7 +223,23 @@ def _lp_norm(vals, attrs):
     return [x / norm]
 
 
+@op("RMSNormalization", "SimplifiedLayerNormalization")
+def _rms_norm(vals, attrs):
+    """x / sqrt(mean(x^2) + epsilon) * scale over the axes from `axis` on: opset 23's RMSNormalization
+    and onnxruntime's SimplifiedLayerNormalization (LLaMA's RMSNorm) compute the same."""
+    x, scale = vals[0], vals[1]
+    axis = _axis(attrs.get("axis", -1), x.ndim)
+    mean_square = (x * x).mean(dim=tuple(range(axis, x.ndim)), keepdim=True)
+    return [x * torch.rsqrt(mean_square + attrs.get("epsilon", 1e-5)) * scale]
+
+
 # ---- layout ------------------------------------------------------------------------------------
+
+@op("Transpose:last-two")
+def _transpose_last_two(vals, attrs):
+    """The last two axes swapped (onnxruntime's FusedMatMul transA / transB, rewritten)."""
+    return [vals[0].transpose(-1, -2)]
+
 
 @op("DepthToSpace")
 def _depth_to_space(vals, attrs):

@@ -1,0 +1,362 @@
+"""onnxruntime's own operators, read as the standard ONNX nodes they stand for.
+
+Files that went through onnxruntime hold ops of its `com.microsoft` domain: its transformer
+optimizer and Hugging Face Optimum fuse BERT and GPT blocks (SkipLayerNormalization, BiasGelu,
+FastGelu, FusedMatMul), a session saved "optimized" fuses convolutions with their activation
+(FusedConv, FusedGemm), its static quantizer in QOperator format writes QLinearAdd, QGemm and
+friends, and 4-bit language models keep their weights in MatMulNBits. Each is rewritten here, before
+conversion, into the standard nodes it computes, so that the matrices inside become ordinary layers
+(counted, planned, factorized, quantized) and the rest runs like any graph. Quantized operators
+become DequantizeLinear -> float op -> QuantizeLinear, which the converter reads as it reads QDQ
+files (weights behind a DequantizeLinear fold to float weights).
+
+A rewrite is a pure function of one node and the graph's constants: it returns the nodes that
+replace it and any constants it made. The written result holds standard ops only; onnxruntime
+fuses them again when it loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from onnx import helper
+from torch import Tensor
+
+from rankfold.errors import RankfoldError
+
+CONTRIB = "com.microsoft"
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class Rewriting:
+    """One node being rewritten: its inputs and attributes, the graph's constants, and what it adds."""
+
+    node: onnx.NodeProto
+    consts: Mapping[str, Tensor]
+    read: set[str]  # every value some node or the graph's outputs read
+    added: dict[str, Tensor] = field(default_factory=dict)
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+    @property
+    def stem(self) -> str:
+        return self.node.name or self.node.output[0]
+
+    def input(self, index: int) -> str:
+        return self.node.input[index] if index < len(self.node.input) else ""
+
+    def output(self, index: int) -> str:
+        return self.node.output[index] if index < len(self.node.output) else ""
+
+    def attr(self, name: str, default=None):
+        found = next((a for a in self.node.attribute if a.name == name), None)
+        return default if found is None else helper.get_attribute_value(found)
+
+    def value(self, suffix: str) -> str:
+        return f"{self.stem}:{suffix}"
+
+    def constant(self, suffix: str, tensor: Tensor) -> str:
+        name = self.value(suffix)
+        self.added[name] = tensor
+        return name
+
+    def emit(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        # the node's own weights keep its name (the layer rankfold makes of them is named after it)
+        named = op in LAYER_OPS and not any(n.op_type in LAYER_OPS for n in self.nodes)
+        name = self.stem if named else f"{self.stem}:{op}:{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attrs))
+        return output
+
+    def refuse(self, what: str) -> RankfoldError:
+        return RankfoldError(f"{CONTRIB}.{self.node.op_type} node {self.stem!r}: {what}; rankfold reads this op "
+                             "without it")
+
+    def unread(self, *indices: int) -> None:
+        """Outputs rankfold does not compute (statistics some fused ops also return) must go unread."""
+        for index in indices:
+            if self.output(index) and self.output(index) in self.read:
+                raise self.refuse(f"its output {index} ({self.output(index)!r}) is read")
+
+
+Rewrite = Callable[[Rewriting], None]
+REWRITES: dict[str, Rewrite] = {}
+
+
+def rewrites(*names: str, domain: str = CONTRIB) -> Callable[[Rewrite], Rewrite]:
+    def register(fn: Rewrite) -> Rewrite:
+        for name in names:
+            REWRITES[f"{domain}.{name}" if domain else name] = fn
+        return fn
+    return register
+
+
+def standard_nodes(nodes, consts: Mapping[str, Tensor], outputs: set[str]) -> tuple[list, dict[str, Tensor]]:
+    """`nodes` with every op REWRITES knows replaced by its standard nodes, and the constants they add.
+    The others (standard ops, If branches) are kept as they are."""
+    read = {name for node in nodes for name in node.input} | outputs
+    known = dict(consts)
+    for node in nodes:  # Constant nodes' values, for rewrites that need a constant input
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                known[node.output[0]] = torch.from_numpy(onnx.numpy_helper.to_array(value.t).copy())
+    result, added = [], {}
+    for node in nodes:
+        fn = REWRITES.get(f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type)
+        rewriting = Rewriting(node, known, read) if fn else None
+        if fn is None or fn(rewriting) is False:
+            result.append(node)
+            continue
+        result += rewriting.nodes
+        added.update(rewriting.added)
+        known.update(rewriting.added)
+    return result, added
+
+
+def _chain(r: Rewriting, steps: list[tuple[str, list[str], dict]], first: str, last: str) -> None:
+    """Nodes applied one after another from `first`; the last one writes `last`. A step's input
+    list names the running value "."."""
+    value = first
+    for index, (op, extra, attrs) in enumerate(steps):
+        out = last if index == len(steps) - 1 else r.value(f"{op.lower()}{index}")
+        value = r.emit(op, [value if name == "." else name for name in extra], out, **attrs)
+
+
+# ---- transformer fusions ------------------------------------------------------------------
+
+@rewrites("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+def _skip_layer_norm(r: Rewriting) -> None:
+    """LayerNorm(input + skip + bias) * gamma + beta (RMS norm, no beta, in the simplified form);
+    output 3 is the sum itself. Outputs 1 and 2 (mean, inverse deviation) are not computed."""
+    simplified = r.node.op_type.startswith("SkipSimplified")
+    gamma = r.input(2)
+    beta, bias = ("", r.input(3)) if simplified else (r.input(3), r.input(4))
+    r.unread(1, 2)
+    total = r.output(3) or r.value("sum")
+    r.emit("Add", [r.input(0), r.input(1)], r.value("skipped") if bias else total)
+    if bias:
+        r.emit("Add", [r.value("skipped"), bias], total)
+    epsilon = float(r.attr("epsilon", 1e-12))
+    if simplified:
+        r.emit("SimplifiedLayerNormalization", [total, gamma], r.output(0), axis=-1, epsilon=epsilon)
+    else:
+        r.emit("LayerNormalization", [total, gamma] + ([beta] if beta else []), r.output(0), axis=-1, epsilon=epsilon)
+
+
+@rewrites("BiasGelu", "FastGelu", "Gelu")
+def _gelu(r: Rewriting) -> None:
+    """Gelu of x (+ bias): exact (erf) for BiasGelu and Gelu, tanh-approximated for FastGelu."""
+    x, bias = r.input(0), r.input(1)
+    if bias:
+        x = r.emit("Add", [x, bias], r.value("biased"))
+    approximate = "tanh" if r.node.op_type == "FastGelu" else "none"
+    r.emit("Gelu", [x], r.output(0), approximate=approximate)
+
+
+@rewrites("QuickGelu")
+def _quick_gelu(r: Rewriting) -> None:
+    alpha = r.constant("alpha", torch.tensor(float(r.attr("alpha", 1.702))))
+    _chain(r, [("Mul", [".", alpha], {}), ("Sigmoid", ["."], {}), ("Mul", [r.input(0), "."], {})], r.input(0),
+           r.output(0))
+
+
+@rewrites("FusedMatMul")
+def _fused_matmul(r: Rewriting) -> None:
+    """alpha * op(A) @ op(B), op transposing the last two axes where transA / transB say. A constant
+    B is transposed and scaled here, so the product is a MatMul with constant weights: a layer."""
+    if r.attr("transBatchA", 0) or r.attr("transBatchB", 0):
+        raise r.refuse("transBatchA / transBatchB are set")
+    a, b = r.input(0), r.input(1)
+    alpha = float(r.attr("alpha", 1.0))
+    if r.attr("transA", 0):
+        a = r.emit("Transpose:last-two", [a], r.value("a_transposed"))
+    if b in r.consts and r.consts[b].dtype.is_floating_point:
+        weight = r.consts[b].float()
+        weight = weight.transpose(-1, -2) if r.attr("transB", 0) else weight
+        r.emit("MatMul", [a, r.constant("weight", (weight * alpha).contiguous())], r.output(0))
+        return
+    if r.attr("transB", 0):
+        b = r.emit("Transpose:last-two", [b], r.value("b_transposed"))
+    if alpha == 1.0:
+        r.emit("MatMul", [a, b], r.output(0))
+        return
+    product = r.emit("MatMul", [a, b], r.value("product"))
+    r.emit("Mul", [product, r.constant("alpha", torch.tensor(alpha))], r.output(0))
+
+
+def _activation(r: Rewriting, name: str, params: list[float], x: str, out: str) -> None:
+    """A fused activation (FusedConv's and FusedGemm's `activation`) as its standard node."""
+    if name in ("Relu", "Sigmoid", "Tanh"):
+        r.emit(name, [x], out)
+    elif name == "LeakyRelu":
+        r.emit(name, [x], out, alpha=params[0] if params else 0.01)
+    elif name == "HardSigmoid":
+        alpha, beta = (params + [0.2, 0.5][len(params):])[:2]
+        r.emit(name, [x], out, alpha=alpha, beta=beta)
+    elif name == "Clip":
+        low, high = (params + [float("-inf"), float("inf")][len(params):])[:2]
+        r.emit(name, [x, r.constant("low", torch.tensor(low)), r.constant("high", torch.tensor(high))], out)
+    else:
+        raise r.refuse(f"activation {name!r} (known: Relu, Sigmoid, Tanh, LeakyRelu, HardSigmoid, Clip)")
+
+
+def _plain_attributes(r: Rewriting, dropped: tuple[str, ...]) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in r.node.attribute if a.name not in dropped}
+
+
+@rewrites("FusedConv")
+def _fused_conv(r: Rewriting) -> None:
+    """activation(Conv(X, W, B) + Z): the convolution, the optional sum, then the activation."""
+    name = r.attr("activation", "")
+    name = name.decode() if isinstance(name, bytes) else name
+    params = list(r.attr("activation_params", []))
+    conv = _plain_attributes(r, ("activation", "activation_params"))
+    inputs = [r.input(0), r.input(1)] + ([r.input(2)] if r.input(2) else [])
+    z = r.input(3)
+    if not name and not z:
+        r.emit("Conv", inputs, r.output(0), **conv)
+        return
+    value = r.emit("Conv", inputs, r.value("conv"), **conv)
+    if z:
+        value = r.emit("Add", [value, z], r.output(0) if not name else r.value("sum"))
+    if name:
+        _activation(r, name, params, value, r.output(0))
+
+
+@rewrites("FusedGemm")
+def _fused_gemm(r: Rewriting) -> None:
+    name = r.attr("activation", "")
+    name = name.decode() if isinstance(name, bytes) else name
+    params = [r.attr(f"activation_{k}") for k in ("alpha", "beta", "gamma")]
+    params = [p for p in params if p is not None]
+    gemm = _plain_attributes(r, ("activation", "activation_alpha", "activation_beta", "activation_gamma"))
+    inputs = [i for i in r.node.input]
+    if not name:
+        r.emit("Gemm", inputs, r.output(0), **gemm)
+        return
+    _activation(r, name, params, r.emit("Gemm", inputs, r.value("gemm"), **gemm), r.output(0))
+
+
+@rewrites("MatMulNBits")
+def _matmul_n_bits(r: Rewriting) -> None:
+    """A @ W (+ bias) with W stored in `bits`-bit blocks along K: (N, blocks, bytes) packed low bits
+    first, a scale per block, a zero point per block (packed like the codes, or float; 2^(bits-1)
+    when absent). W is dequantized here to a float (K, N) constant: a Linear layer."""
+    k, n, bits, block = (int(r.attr(a)) for a in ("K", "N", "bits", "block_size"))
+    names = [r.input(i) for i in range(6)]
+    if any(name and name not in r.consts for name in names[1:4]) or names[4]:
+        raise r.refuse("its weights, scales and zero points are not all constants, or it has g_idx")
+    if bits not in (2, 4, 8):
+        raise r.refuse(f"bits={bits} (read: 2, 4, 8)")
+    packed = r.consts[names[1]].to(torch.uint8).reshape(n, -1)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    codes = ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(n, -1).float()  # (N, blocks * block)
+    blocks = codes.shape[1] // block
+    scales = r.consts[names[2]].float().reshape(n, blocks)
+    if not names[3]:
+        zeros = torch.full((n, blocks), float(2 ** (bits - 1)))
+    elif r.consts[names[3]].dtype.is_floating_point:
+        zeros = r.consts[names[3]].float().reshape(n, blocks)
+    else:
+        packed_zeros = r.consts[names[3]].to(torch.uint8).reshape(n, -1)
+        zeros = ((packed_zeros.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(n, -1)[:, :blocks].float()
+    weight = ((codes.reshape(n, blocks, block) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(n, -1)[:, :k]
+    w = r.constant("weight", weight.t().contiguous())
+    if names[5]:
+        r.emit("Add", [r.emit("MatMul", [r.input(0), w], r.value("product")), names[5]], r.output(0))
+    else:
+        r.emit("MatMul", [r.input(0), w], r.output(0))
+
+
+# ---- onnxruntime's QOperator format: DequantizeLinear -> float op -> QuantizeLinear ----------
+
+def _dequantized(r: Rewriting, x: str, scale: str, zero: str, suffix: str, **attrs) -> str:
+    return r.emit("DequantizeLinear", [x, scale] + ([zero] if zero else []), r.value(suffix), **attrs)
+
+
+def _quantized(r: Rewriting, y: str, scale: str, zero: str) -> None:
+    r.emit("QuantizeLinear", [y, scale] + ([zero] if zero else []), r.output(0))
+
+
+@rewrites("QLinearConv", domain="")
+def _qlinear_conv(r: Rewriting) -> bool | None:
+    """Standard QLinearConv with constant weights: its input and weights dequantized (the weights
+    fold to float), a float Conv (a layer) with the int32 bias at x_scale * w_scale, quantized again."""
+    if r.input(3) not in r.consts:
+        return False  # weights computed in the graph: the integer op runs as it is
+    x = _dequantized(r, r.input(0), r.input(1), r.input(2), "x")
+    w = _dequantized(r, r.input(3), r.input(4), r.input(5), "w", axis=0)
+    inputs = [x, w]
+    if r.input(8):
+        bias_scale = r.emit("Mul", [r.input(1), r.input(4)], r.value("bias_scale"))
+        inputs.append(r.emit("DequantizeLinear", [r.input(8), bias_scale], r.value("bias"), axis=0))
+    _quantized(r, r.emit("Conv", inputs, r.value("y"), **_plain_attributes(r, ())), r.input(6), r.input(7))
+
+
+@rewrites("QLinearMatMul", domain="")
+def _qlinear_matmul(r: Rewriting) -> bool | None:
+    if r.input(3) not in r.consts or r.consts[r.input(3)].ndim != 2:
+        return False
+    a = _dequantized(r, r.input(0), r.input(1), r.input(2), "a")
+    b = _dequantized(r, r.input(3), r.input(4), r.input(5), "b", axis=1)
+    _quantized(r, r.emit("MatMul", [a, b], r.value("y")), r.input(6), r.input(7))
+
+
+@rewrites("QGemm")
+def _qgemm(r: Rewriting) -> bool | None:
+    """onnxruntime's QGemm: alpha * A' B' + C, C an int32 bias at a_scale * b_scale; the result
+    quantized where y_scale is given, float otherwise."""
+    if r.input(3) not in r.consts:
+        return False
+    trans_b = int(r.attr("transB", 0))
+    a = _dequantized(r, r.input(0), r.input(1), r.input(2), "a")
+    b = _dequantized(r, r.input(3), r.input(4), r.input(5), "b", axis=0 if trans_b else 1)
+    inputs = [a, b]
+    if r.input(6):
+        bias_scale = r.emit("Mul", [r.input(1), r.input(4)], r.value("bias_scale"))
+        inputs.append(r.emit("DequantizeLinear", [r.input(6), bias_scale], r.value("bias"), axis=0))
+    attrs = {"alpha": float(r.attr("alpha", 1.0)), "transA": int(r.attr("transA", 0)), "transB": trans_b}
+    if not r.input(7):
+        r.emit("Gemm", inputs, r.output(0), **attrs)
+        return
+    _quantized(r, r.emit("Gemm", inputs, r.value("y"), **attrs), r.input(7), r.input(8))
+
+
+@rewrites("QLinearAdd", "QLinearMul")
+def _qlinear_binary(r: Rewriting) -> None:
+    a = _dequantized(r, r.input(0), r.input(1), r.input(2), "a")
+    b = _dequantized(r, r.input(3), r.input(4), r.input(5), "b")
+    op = r.node.op_type.removeprefix("QLinear")
+    _quantized(r, r.emit(op, [a, b], r.value("y")), r.input(6), r.input(7))
+
+
+@rewrites("QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool")
+def _qlinear_unary(r: Rewriting) -> None:
+    if r.attr("channels_last", 0):
+        raise r.refuse("channels_last is set")
+    x = _dequantized(r, r.input(0), r.input(1), r.input(2), "x")
+    op = r.node.op_type.removeprefix("QLinear")
+    attrs = _plain_attributes(r, ("channels_last",))
+    _quantized(r, r.emit(op, [x], r.value("y"), **attrs), r.input(3), r.input(4))
+
+
+@rewrites("QLinearConcat")
+def _qlinear_concat(r: Rewriting) -> None:
+    parts = [_dequantized(r, r.input(i), r.input(i + 1), r.input(i + 2), f"x{i}")
+             for i in range(2, len(r.node.input), 3)]
+    _quantized(r, r.emit("Concat", parts, r.value("y"), axis=int(r.attr("axis"))), r.input(0), r.input(1))
+
+
+@rewrites("QuantizeLinear", "DequantizeLinear")
+def _contrib_quantizer(r: Rewriting) -> None:
+    """onnxruntime's own (Q|DQ)uantizeLinear, as older quantizers wrote for 16-bit: the standard op."""
+    r.emit(r.node.op_type, list(r.node.input), r.output(0), **_plain_attributes(r, ()))
+
+
+def supported() -> set[str]:
+    """The domain-qualified names of the ops rewritten here (the standard ones are supported anyway)."""
+    return {name for name in REWRITES if "." in name}

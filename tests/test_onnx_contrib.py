@@ -1,0 +1,223 @@
+"""onnxruntime's own ops (com.microsoft: transformer fusions, fused convolutions, QOperator
+quantization, MatMulNBits) read as the standard nodes they compute (rankfold/frontends/onnx_contrib.py):
+each against onnxruntime on the same file, their weights as layers, and a file written from them."""
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import rankfold
+from rankfold.errors import RankfoldError
+
+RNG = np.random.default_rng(0)
+HIDDEN = 16
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def _floats(name, *shape):
+    return _init(name, RNG.normal(size=shape).astype(np.float32))
+
+
+def _model(nodes, inits, x_shape, y_rank, opset=17):
+    graph = helper.make_graph(nodes, "contrib", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * y_rank)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def _ms(op, inputs, outputs, **attrs):
+    return helper.make_node(op, inputs, outputs, domain="com.microsoft", **attrs)
+
+
+def _layers(module):
+    return [name for name, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))]
+
+
+# name -> (nodes from x to y, initializers, x's shape, how many layers rankfold must make of it)
+TOKENS = [3, 5, HIDDEN]
+CASES = {
+    "skip-layer-norm, bias-gelu, fused-matmul": (
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         _ms("BiasGelu", ["h", "b1"], ["g"]),
+         _ms("FusedMatMul", ["g", "w2t"], ["f"], transB=1, alpha=0.5),
+         _ms("SkipLayerNormalization", ["f", "x", "gamma", "beta", "b2"], ["y", "", "", "sum"], epsilon=1e-5)],
+        [_floats("w1", HIDDEN, 32), _floats("b1", 32), _floats("w2t", HIDDEN, 32), _floats("gamma", HIDDEN),
+         _floats("beta", HIDDEN), _floats("b2", HIDDEN)], TOKENS, 2),
+    "attention scores: fused-matmul of two activations, transposed and scaled": (
+        [_ms("FusedMatMul", ["x", "x"], ["s"], transB=1, alpha=0.25),
+         _ms("FusedMatMul", ["s", "x"], ["t"], transA=1),
+         _ms("FastGelu", ["t", "b"], ["y"])],
+        [_floats("b", HIDDEN)], TOKENS, 0),
+    "skip-simplified-layer-norm, quick-gelu, gelu, rms-normalization (opset 23)": (
+        [_ms("SkipSimplifiedLayerNormalization", ["x", "x", "gamma"], ["n"], epsilon=1e-6),
+         _ms("QuickGelu", ["n"], ["q"], alpha=1.5),
+         _ms("Gelu", ["q"], ["g"]),
+         helper.make_node("RMSNormalization", ["g", "gamma"], ["y"], epsilon=1e-5)],
+        [_floats("gamma", HIDDEN)], TOKENS, 0),
+    "fused-conv with a sum and each activation, fused-gemm": (
+        [_ms("FusedConv", ["x", "w", "b"], ["c1"], activation="Relu", pads=[1, 1, 1, 1]),
+         _ms("FusedConv", ["c1", "w2", "", "c1"], ["c2"], activation="LeakyRelu", activation_params=[0.2],
+             pads=[1, 1, 1, 1]),
+         _ms("FusedConv", ["c2", "w3"], ["c3"], activation="Clip", activation_params=[-0.5, 0.5],
+             pads=[1, 1, 1, 1]),
+         _ms("FusedConv", ["c3", "w2", "b"], ["c4"], activation="HardSigmoid", activation_params=[0.3, 0.4],
+             pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c4"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["f"]),
+         _ms("FusedGemm", ["f", "fc", "fcb"], ["y"], transB=1, activation="Tanh")],
+        [_floats("w", 6, 3, 3, 3), _floats("w2", 6, 6, 3, 3), _floats("w3", 6, 6, 3, 3), _floats("b", 6),
+         _floats("fc", 4, 6), _floats("fcb", 4)], [2, 3, 8, 8], 5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_onnxruntime_fused_ops_compute_what_onnxruntime_computes(tmp_path, case):
+    nodes, inits, x_shape, layers = CASES[case]
+    path = tmp_path / "contrib.onnx"
+    opset = 23 if "opset 23" in case else 17
+    onnx.save(_model(nodes, inits, x_shape, 2 if "gemm" in case else 3, opset), str(path))
+    x = RNG.normal(size=x_shape).astype(np.float32)
+    theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    module = rankfold.load_onnx(path)
+    ours = module(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max()), case
+    assert len(_layers(module)) == layers, _layers(module)  # constant weights became layers
+
+
+def test_a_statistic_output_of_a_fused_layer_norm_that_is_read_is_refused_by_name(tmp_path):
+    nodes = [_ms("SkipLayerNormalization", ["x", "x", "gamma", "beta"], ["n", "mean"]),
+             helper.make_node("Add", ["n", "mean"], ["y"])]
+    path = tmp_path / "mean.onnx"
+    onnx.save(_model(nodes, [_floats("gamma", HIDDEN), _floats("beta", HIDDEN)], TOKENS, 3), str(path))
+    with pytest.raises(RankfoldError, match=r"SkipLayerNormalization node .*output 1 \('mean'\) is read"):
+        rankfold.load_onnx(path)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_n_bits_weights_load_as_onnxruntime_dequantizes_them(tmp_path, symmetric):
+    """A 4-bit weight file (MatMulNBits, as onnxruntime's own quantizer writes it, K not a multiple
+    of the block) is a float Linear layer computing what onnxruntime computes."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    w = RNG.normal(size=(80, 24)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "nbits",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 80])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 24])], [_init("w", w)])
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                                     block_size=32, is_symmetric=symmetric)
+    quantizer.process()
+    path = tmp_path / "nbits.onnx"
+    onnx.save(quantizer.model.model, str(path))
+    assert {n.op_type for n in quantizer.model.model.graph.node} == {"MatMulNBits"}
+    x = RNG.normal(size=(5, 80)).astype(np.float32)
+    theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    module = rankfold.load_onnx(path)
+    assert len(_layers(module)) == 1
+    assert np.abs(module(torch.from_numpy(x)).detach().numpy() - theirs).max() < 1e-4 * np.abs(theirs).max()
+    assert np.abs(theirs - x @ w).max() > 0.01 * np.abs(theirs).max()  # the 4-bit weights, not the float ones
+
+
+class _QuantizedNet(nn.Module):
+    """Every op onnxruntime's QOperator format has an op of its own for."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        b = torch.relu(self.c2(a)) + a  # QLinearAdd
+        c = torch.cat([a, nn.functional.leaky_relu(b, 0.1)], dim=1)  # QLinearConcat, QLinearLeakyRelu
+        d = self.c3(c)
+        e = torch.sigmoid(d) * d  # QLinearSigmoid, QLinearMul
+        return self.fc(nn.functional.adaptive_avg_pool2d(self.pool(e), 1).flatten(1))  # QLinear*Pool, QGemm
+
+
+class _Reader:
+    def __init__(self, x):
+        self.items = iter([{"x": x[i : i + 1]} for i in range(len(x))])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def _qoperator_file(tmp_path, x):
+    from onnxruntime import quantization as q
+
+    torch.manual_seed(0)
+    src, out = str(tmp_path / "float.onnx"), str(tmp_path / "qop.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_QuantizedNet().eval(), (torch.from_numpy(x[:1]),), src, dynamo=False, opset_version=13,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+        q.quantize_static(src, out, _Reader(x[:32]), quant_format=q.QuantFormat.QOperator)
+    return src, out
+
+
+def test_a_qoperator_file_is_read_with_its_convolutions_and_gemm_as_layers_and_compresses(tmp_path):
+    """onnxruntime's static quantizer in QOperator format (QLinearConv, and its own QGemm, QLinearAdd,
+    QLinearConcat, ...): read as DequantizeLinear -> float op -> QuantizeLinear, exactly as
+    onnxruntime computes it; its 4 weight layers are layers the planner sees (they were constants
+    before, and the contrib ops refused the file); a compressed result is written and checked."""
+    from rankfold.planner.sensitivity import layer_statistics
+    from tests.helpers import run_cli
+
+    x = RNG.normal(size=(96, 3, 8, 8)).astype(np.float32)
+    _src, path = _qoperator_file(tmp_path, x)
+    ops = {(n.domain, n.op_type) for n in onnx.load(path).graph.node}
+    assert {("", "QLinearConv"), ("com.microsoft", "QGemm"), ("com.microsoft", "QLinearAdd"),
+            ("com.microsoft", "QLinearConcat"), ("com.microsoft", "QLinearSigmoid"),
+            ("com.microsoft", "QLinearMul"), ("com.microsoft", "QLinearAveragePool"),
+            ("com.microsoft", "QLinearGlobalAveragePool"), ("com.microsoft", "QLinearLeakyRelu")} <= ops, ops
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    module = rankfold.load_onnx(path)
+    ours = module(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    names = _layers(module)
+    assert len(names) == 4, names
+    stats = layer_statistics(module, names, torch.from_numpy(x[:32]))
+    assert all(float(stats[name].sensitivity.sum()) > 0 for name in names)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "small.onnx"
+    # a toy's int8 file is 3 kB: the activations' scales and zero points are a tenth of it
+    code, _stdout, stderr = run_cli("compress", path, "--calib", tmp_path / "calib.npz", "--max-params", "70%",
+                                    "--max-weight-bytes", "150%", "--check", "relerr:0.5", "-o", out)
+    assert code == 0, stderr
+    assert "already quantized" in stderr and "QGemm x1" in stderr
+    written = rankfold.load_onnx(out)
+    assert sum(p.numel() for p in written.parameters()) <= 0.7 * sum(p.numel() for p in module.parameters()) + 1
+
+
+@pytest.mark.parametrize("form", ["qdq", "qoperator"])
+def test_the_planner_sees_the_layers_before_each_activation_quantizer(tmp_path, form):
+    """A QuantizeLinear read only by DequantizeLinear (a QDQ pair) rounds straight-through: integer
+    codes cut the gradient, and every layer of a statically quantized graph had sensitivity 0."""
+    from onnxruntime import quantization as q
+
+    from rankfold.planner.sensitivity import layer_statistics
+
+    x = RNG.normal(size=(32, 3, 8, 8)).astype(np.float32)
+    src, path = _qoperator_file(tmp_path, x)
+    if form == "qdq":
+        path = str(tmp_path / "qdq.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q.quantize_static(src, path, _Reader(x), quant_format=q.QuantFormat.QDQ)
+    module = rankfold.load_onnx(path)
+    names = _layers(module)
+    stats = layer_statistics(module, names, torch.from_numpy(x))
+    assert all(float(stats[name].sensitivity.sum()) > 0 for name in names), \
+        {name: float(stats[name].sensitivity.sum()) for name in names}
