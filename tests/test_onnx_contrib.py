@@ -221,3 +221,54 @@ def test_the_planner_sees_the_layers_before_each_activation_quantizer(tmp_path, 
     stats = layer_statistics(module, names, torch.from_numpy(x))
     assert all(float(stats[name].sensitivity.sum()) > 0 for name in names), \
         {name: float(stats[name].sensitivity.sum()) for name in names}
+
+
+def _bert_block_file(tmp_path, mask_kind: str) -> tuple[str, dict]:
+    """A one-block BERT as onnxruntime's transformer optimizer fuses it: EmbedLayerNormalization
+    (word, position and segment tables), Attention with packed q, k, v weights, SkipLayerNormalization.
+    `mask_kind`: "lengths" (the embedding's mask index), "raw" (a 0/1 mask per key), "causal"
+    (unidirectional, uneven q / k / v sizes, no mask)."""
+    words, tokens, heads = 40, 6, 2
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["n", "t"]),
+              helper.make_tensor_value_info("segment_ids", TensorProto.INT32, ["n", "t"]),
+              helper.make_tensor_value_info("mask", TensorProto.INT32, ["n", "t"])]
+    sizes = [8, 8, 12] if mask_kind == "causal" else [HIDDEN] * 3
+    attention_mask = {"lengths": ["mask_index"], "raw": ["mask"], "causal": []}[mask_kind]
+    nodes = [_ms("EmbedLayerNormalization", ["input_ids", "segment_ids", "word", "position", "segment", "gamma",
+                                            "beta", "mask"], ["embedded", "mask_index"], epsilon=1e-12),
+             _ms("Attention", ["embedded", "qkv", "qkv_bias", *attention_mask], ["attended"], num_heads=heads,
+                 **({"unidirectional": 1, "qkv_hidden_sizes": sizes} if mask_kind == "causal" else {})),
+             helper.make_node("MatMul", ["attended", "out"], ["projected"]),
+             _ms("SkipLayerNormalization", ["projected", "embedded", "gamma", "beta"], ["y"], epsilon=1e-12)]
+    inits = [_floats("word", words, HIDDEN), _floats("position", 16, HIDDEN), _floats("segment", 2, HIDDEN),
+             _floats("gamma", HIDDEN), _floats("beta", HIDDEN), _floats("qkv", HIDDEN, sum(sizes)),
+             _floats("qkv_bias", sum(sizes)), _floats("out", sizes[2], HIDDEN)]
+    graph = helper.make_graph(nodes, "bert", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                   ["n", "t", HIDDEN])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)])
+    path = str(tmp_path / f"bert-{mask_kind}.onnx")
+    onnx.save(model, path)
+    mask = np.ones((4, tokens), np.int32)
+    mask[1, 4:], mask[3, 2:] = 0, 0  # padded on the right, as the mask index assumes
+    feeds = {"input_ids": RNG.integers(0, words, size=(4, tokens)).astype(np.int32),
+             "segment_ids": RNG.integers(0, 2, size=(4, tokens)).astype(np.int32), "mask": mask}
+    return path, feeds
+
+
+@pytest.mark.parametrize("mask_kind", ["lengths", "raw", "causal"])
+def test_fused_bert_attention_and_embeddings_compute_what_onnxruntime_computes(tmp_path, mask_kind):
+    """Attention's packed weights become three layers (q, k, v) and the word table a table layer;
+    padded keys are masked as onnxruntime masks them, whichever way the mask is given."""
+    path, feeds = _bert_block_file(tmp_path, mask_kind)
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    module = rankfold.load_onnx(path)
+    ours = module(*(torch.from_numpy(feeds[name]) for name in ("input_ids", "segment_ids", "mask")))
+    assert np.abs(ours.detach().numpy() - theirs).max() < 1e-4 * np.abs(theirs).max()
+    assert len([m for m in module.modules() if isinstance(m, nn.Linear)]) == 4
+    assert any(isinstance(m, nn.Embedding) for m in module.modules())
+    # the mask matters: a padded key changed would change what onnxruntime computes, were it read
+    if mask_kind != "causal":
+        changed = dict(feeds, input_ids=feeds["input_ids"].copy())
+        changed["input_ids"][3, 4] = (changed["input_ids"][3, 4] + 1) % 40
+        again = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, changed)[0]
+        assert np.abs(again[3, :2] - theirs[3, :2]).max() < 1e-5  # the kept tokens do not see it

@@ -272,6 +272,85 @@ def _matmul_n_bits(r: Rewriting) -> None:
         r.emit("MatMul", [r.input(0), w], r.output(0))
 
 
+@rewrites("Attention")
+def _attention(r: Rewriting) -> None:
+    """BERT-style multi-head self-attention with its packed q, k, v weights (input_hidden, q + k + v):
+    the three projections become three MatMul layers (as the unfused model has them), the rest the
+    standard arithmetic: softmax(scale * Q K^T + mask) V per head. The mask (mask_index: lengths per
+    sample or a raw 0/1 mask per key; an additive attention_bias; unidirectional) becomes an additive
+    bias of mask_filter_value where a key is masked, as onnxruntime applies it."""
+    if r.input(4) or r.input(6) or r.output(1):
+        raise r.refuse("it has a past / present key-value cache")
+    if r.attr("do_rotary", 0):
+        raise r.refuse("do_rotary is set")
+    weight_name = r.input(1)
+    if weight_name not in r.consts:
+        raise r.refuse("its q, k, v weights are not constants")
+    weight = r.consts[weight_name].float()
+    heads = int(r.attr("num_heads"))
+    sizes = list(r.attr("qkv_hidden_sizes", [])) or [weight.shape[1] // 3] * 3
+    bias = r.consts.get(r.input(2)) if r.input(2) else None
+    if r.input(2) and bias is None:
+        raise r.refuse("its q, k, v bias is not a constant")
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    heads_of = []
+    for part, start, size in zip("qkv", starts, sizes):
+        w = r.constant(f"{part}_weight", weight[:, start : start + size].contiguous())
+        projected = r.emit("MatMul", [r.input(0), w], r.value(f"{part}_projected"))
+        if bias is not None:
+            b = r.constant(f"{part}_bias", bias.float()[start : start + size].contiguous())
+            projected = r.emit("Add", [projected, b], r.value(f"{part}_biased"))
+        split = r.constant(f"{part}_heads", torch.tensor([0, 0, heads, size // heads]))
+        by_head = r.emit("Reshape", [projected, split], r.value(f"{part}_by_head"))
+        perm = [0, 2, 3, 1] if part == "k" else [0, 2, 1, 3]  # K transposed for Q K^T
+        heads_of.append(r.emit("Transpose", [by_head], r.value(f"{part}_heads_first"), perm=perm))
+    q, k, v = heads_of
+    scale = r.attr("scale", None)
+    scale = float(scale) if scale else 1.0 / float(sizes[0] // heads) ** 0.5
+    scores = r.emit("MatMul", [q, k], r.value("scores"))
+    scores = r.emit("Mul", [scores, r.constant("scale", torch.tensor(scale))], r.value("scaled"))
+    if r.input(3) or r.attr("unidirectional", 0):
+        mask = r.emit("Attention:mask-bias", [scores] + ([r.input(3)] if r.input(3) else []), r.value("mask_bias"),
+                      mask_filter_value=float(r.attr("mask_filter_value", -10000.0)),
+                      unidirectional=int(r.attr("unidirectional", 0)))
+        scores = r.emit("Add", [scores, mask], r.value("masked"))
+    if r.input(5):
+        scores = r.emit("Add", [scores, r.input(5)], r.value("with_bias"))
+    weights = r.emit("Softmax", [scores], r.value("weights"), axis=-1)
+    mixed = r.emit("Transpose", [r.emit("MatMul", [weights, v], r.value("mixed"))], r.value("tokens_first"),
+                   perm=[0, 2, 1, 3])
+    r.emit("Reshape", [mixed, r.constant("joined", torch.tensor([0, 0, sizes[2]]))], r.output(0))
+
+
+@rewrites("EmbedLayerNormalization")
+def _embed_layer_norm(r: Rewriting) -> None:
+    """BERT's embeddings: LayerNorm(word[ids] + position[0..S) (or position_ids) + segment[segment_ids]);
+    output 1, the mask index, is each sample's count of ones in the mask (onnxruntime's right-padding
+    lengths), output 2 the sum before the norm."""
+    ids = r.emit("Cast", [r.input(0)], r.value("ids"), to=onnx.TensorProto.INT64)
+    total = r.emit("Gather", [r.input(2), ids], r.value("words"))
+    if r.input(8):
+        positions = r.emit("Cast", [r.input(8)], r.value("position_ids"), to=onnx.TensorProto.INT64)
+    else:
+        positions = r.emit("EmbedLayerNormalization:positions", [ids], r.value("position_ids"))
+    total = r.emit("Add", [total, r.emit("Gather", [r.input(3), positions], r.value("positions"))],
+                   r.value("with_positions"))
+    if r.input(1) and r.input(4):
+        segments = r.emit("Cast", [r.input(1)], r.value("segment_ids"), to=onnx.TensorProto.INT64)
+        total = r.emit("Add", [total, r.emit("Gather", [r.input(4), segments], r.value("segments"))],
+                       r.output(2) or r.value("with_segments"))
+    elif r.output(2):
+        total = r.emit("Identity", [total], r.output(2))
+    r.emit("LayerNormalization", [total, r.input(5), r.input(6)], r.output(0), axis=-1,
+           epsilon=float(r.attr("epsilon", 1e-12)))
+    if r.output(1):
+        if not r.input(7):
+            if r.output(1) in r.read:
+                raise r.refuse("its mask index is read but it has no mask input")
+            return
+        r.emit("EmbedLayerNormalization:mask-index", [r.input(7)], r.output(1))
+
+
 # ---- onnxruntime's QOperator format: DequantizeLinear -> float op -> QuantizeLinear ----------
 
 def _dequantized(r: Rewriting, x: str, scale: str, zero: str, suffix: str, **attrs) -> str:
