@@ -245,7 +245,8 @@ def _bert_block_file(tmp_path, mask_kind: str) -> tuple[str, dict]:
              _floats("qkv_bias", sum(sizes)), _floats("out", sizes[2], HIDDEN)]
     graph = helper.make_graph(nodes, "bert", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
                                                                                    ["n", "t", HIDDEN])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     path = str(tmp_path / f"bert-{mask_kind}.onnx")
     onnx.save(model, path)
     mask = np.ones((4, tokens), np.int32)
