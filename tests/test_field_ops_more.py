@@ -952,3 +952,21 @@ def test_a_graph_declaring_an_open_batch_that_runs_only_at_one_is_read_at_one(tm
     assert code == 0, capsys.readouterr().err
     small = onnx.load(str(tmp_path / "small.onnx"))
     assert small.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_the_relative_error_of_two_runs_sees_values_that_are_not_finite():
+    """An attention mask's -inf in both runs is left out (inf - inf made the error NaN, and a NaN
+    passed every threshold: `nan > 1e-4` is False); a NaN or an infinity where the other run has a
+    number makes the error infinite."""
+    from rankfold.export.onnx import relative_error
+
+    wanted = np.array([[1.0, -np.inf], [2.0, 3.0]], np.float32)
+    assert relative_error(wanted.copy(), wanted) == 0.0
+    assert 0 < relative_error(wanted + np.float32(1e-3), wanted) < 1e-3
+    for bad in (np.nan, np.inf, -np.inf):
+        got = wanted.copy()
+        got[1, 0] = bad
+        assert relative_error(got, wanted) == float("inf")
+    got = wanted.copy()
+    got[0, 1] = 0.0  # a number where the model has -inf
+    assert relative_error(got, wanted) == float("inf")

@@ -70,6 +70,37 @@ def test_non_finite_outputs_always_fail():
         refuse_if_poor(check, 0.0, 1e9)
 
 
+class MaskedScores(nn.Module):
+    """A dense output that holds -inf by design where a mask drops a position (masked attention scores)."""
+
+    def __init__(self, noise: float = 0.0, leak: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.noise, self.leak = noise, leak
+
+    def forward(self, x):
+        y = self.conv(x) + self.noise * torch.sin(37.0 * x[:, :1])
+        dropped = (x[:, :1] > 1.0).expand_as(y)
+        if self.leak:  # a position the original keeps, lost
+            dropped = dropped | (x[:, :1] < -1.5).expand_as(y)
+        return y.masked_fill(dropped, float("-inf"))
+
+
+def test_an_output_with_infinities_by_design_is_judged_where_both_are_finite():
+    """The same -inf in both outputs agrees (it was refused as "not finite" at any size); a small
+    change elsewhere is measured as usual; an infinity the original does not have fails."""
+    x = torch.randn(16, 3, 8, 8)
+    same = agreement(MaskedScores(), MaskedScores(), x)
+    assert same.rel_output_error == 0.0
+    close = agreement(MaskedScores(), MaskedScores(noise=0.01), x)
+    assert 0 < close.rel_output_error < 0.05
+    refuse_if_poor(close, 0.0, 0.2)
+    leaked = agreement(MaskedScores(), MaskedScores(leak=True), x)
+    with pytest.raises(RankfoldError):
+        refuse_if_poor(leaked, 0.0, 1e9)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("check")

@@ -56,6 +56,20 @@ def _relative(error_sq: Tensor, norm_sq: Tensor) -> float:
     return float(error_sq.sum()) ** 0.5 / max(float(norm_sq.sum()) ** 0.5, 1e-30)
 
 
+def _finite_where_alike(y: Tensor, y_hat: Tensor) -> tuple[bool, Tensor, Tensor]:
+    """(whether every value the compressed output does not have finite is the original's same
+    infinity or NaN, both with those values set to 0). An output that holds -inf by design (a mask
+    of scores, a log-probability of nothing) agrees there and is judged on the rest; it was refused
+    as "not finite" at any size. A NaN or infinity the original does not have is a disagreement."""
+    finite, finite_hat = torch.isfinite(y), torch.isfinite(y_hat)
+    if bool(finite_hat.all()) and bool(finite.all()):
+        return True, y, y_hat
+    alike = (y == y_hat) | (torch.isnan(y) & torch.isnan(y_hat))
+    matched = bool((alike | (finite & finite_hat)).all())
+    both = finite & finite_hat
+    return matched, torch.where(both, y, 0.0), torch.where(both, y_hat, 0.0)
+
+
 def _channel_rows(values: Tensor, axis: int | None) -> Tensor:
     """`values` as (channels, everything else); one channel where there is no channel axis."""
     return values.reshape(1, -1) if axis is None else values.movedim(axis, 0).reshape(values.shape[axis], -1)
@@ -172,7 +186,8 @@ class _Tally:
             return
         self.kind = self.kind or output_kind(y, self.logits)
         y, y_hat = y.to(torch.float64), y_hat.to(torch.float64)
-        self.finite = self.finite and bool(torch.isfinite(y_hat).all())
+        matched, y, y_hat = _finite_where_alike(y, y_hat)
+        self.finite = self.finite and matched
         axis = channel_axis(tuple(y.shape))
         self.channel_error_sq = self.channel_error_sq + _per_channel((y_hat - y) ** 2, axis)
         self.channel_norm_sq = self.channel_norm_sq + _per_channel(y * y, axis)

@@ -241,7 +241,18 @@ def _tolerance(model: nn.Module) -> float:
 
 def relative_error(got: np.ndarray, wanted: np.ndarray) -> float:
     """||got - wanted|| over ||wanted||, or over a unit noise floor where `wanted` is near zero
-    (NOISE_RMS): how far two runs of one graph are apart."""
+    (NOISE_RMS): how far two runs of one graph are apart. Values that are not finite (an attention
+    mask's -inf) must be the same in both and are left out; one that differs (NaN where the other
+    has a number) makes the error infinite. Before, inf - inf made the error NaN, which passed every
+    threshold."""
+    got, wanted = np.asarray(got), np.asarray(wanted)
+    if got.shape == wanted.shape and got.dtype.kind == wanted.dtype.kind == "f":
+        finite = np.isfinite(got) & np.isfinite(wanted)
+        if not finite.all():
+            alike = (got == wanted) | (np.isnan(got) & np.isnan(wanted))
+            if not (alike | finite).all():
+                return float("inf")
+            got, wanted = got[finite], wanted[finite]
     return float(np.linalg.norm(got - wanted) / max(np.linalg.norm(wanted), NOISE_RMS * np.sqrt(max(wanted.size, 1)),
                                                     1e-30))
 
