@@ -57,11 +57,12 @@ CASES = {
          _ms("FusedMatMul", ["s", "x"], ["t"], transA=1),
          _ms("FastGelu", ["t", "b"], ["y"])],
         [_floats("b", HIDDEN)], TOKENS, 0),
-    "skip-simplified-layer-norm, quick-gelu, gelu, rms-normalization (opset 23)": (
+    "skip-simplified-layer-norm, quick-gelu, gelu, simplified-layer-norm, rms-normalization (opset 23)": (
         [_ms("SkipSimplifiedLayerNormalization", ["x", "x", "gamma"], ["n"], epsilon=1e-6),
          _ms("QuickGelu", ["n"], ["q"], alpha=1.5),
          _ms("Gelu", ["q"], ["g"]),
-         helper.make_node("RMSNormalization", ["g", "gamma"], ["y"], epsilon=1e-5)],
+         helper.make_node("SimplifiedLayerNormalization", ["g", "gamma"], ["s"], epsilon=1e-5),
+         helper.make_node("RMSNormalization", ["s", "gamma"], ["y"], epsilon=1e-5)],
         [_floats("gamma", HIDDEN)], TOKENS, 0),
     "fused-conv with a sum and each activation, fused-gemm": (
         [_ms("FusedConv", ["x", "w", "b"], ["c1"], activation="Relu", pads=[1, 1, 1, 1]),

@@ -391,10 +391,30 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as exc:
         raise RankfoldError(f"{path}: external weight data cannot be read: {exc}") from None
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_as_onnx_checks_it(model))
     except Exception as exc:
         raise RankfoldError(f"{path}: invalid ONNX model: {first_line(exc)}") from None
     return _widened(_upgraded(model, path))
+
+
+# onnxruntime's own ops that its optimizer writes in the default domain (LLaMA's RMS norm), which
+# onnx's checker does not know
+ONNXRUNTIME_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+
+
+def _as_onnx_checks_it(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy with onnxruntime's default-domain ops moved to its own domain (which the
+    checker leaves alone), so that files onnxruntime wrote and runs are not refused as invalid."""
+    if not any(n.op_type in ONNXRUNTIME_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type in ONNXRUNTIME_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in copy.opset_import):
+        copy.opset_import.add(domain="com.microsoft", version=1)
+    return copy
 
 
 def default_opset(model: onnx.ModelProto) -> int:
