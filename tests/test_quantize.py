@@ -496,6 +496,59 @@ def test_grouped_int4_export_runs_in_onnxruntime_as_the_torch_copy_computes(mlp_
     assert onnx_size(path).weight_bytes == expected
 
 
+@pytest.fixture(scope="module")
+def pointwise_cnn():
+    """A 3x3 stem, then pointwise (1x1) convolutions with a few loud input channels (PP-LCNet's bulk)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[4].weight[:, :4] *= 20
+    return model, torch.randn(128, 3, 8, 8)
+
+
+def test_grouped_int4_pointwise_convolutions_run_in_onnxruntime_as_the_torch_copy_computes(pointwise_cnn, tmp_path):
+    """A 1x1 convolution is a Linear on every position: its int4 groups run along its inputs (a 4-D
+    blocked DequantizeLinear), which onnxruntime runs as the torch copy computes, at the bytes the
+    planner prices; the planner offers them for 1x1 convolutions, not for 3x3 ones."""
+    import dataclasses
+
+    from rankfold.planner.options import quantized_layer_bytes
+    from rankfold.planner.pricing import price_model
+    from rankfold.quantize.export import quantized_copy
+    from rankfold.target import load_target
+
+    model, calib = pointwise_cnn
+    bits, groups = {"2": 4, "4": 4, "6": 8}, {"2": 16, "4": 16}
+    reference, _leaves = quantized_copy(model, bits, calib=calib, groups=groups)
+    path = tmp_path / "g.onnx"
+    export_quantized(model, bits, path, calib=calib, example_input=calib[:2], weight_only=True, groups=groups,
+                     reduce_range=False)
+    graph = onnx.load(path).graph
+    blocked = [n for n in graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size"
+                                                                               for a in n.attribute)]
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    assert len(blocked) == 2 and all(shapes[n.input[0]][2:] == [1, 1] for n in blocked)
+    assert all(shapes[n.input[1]] == [64, -(-shapes[n.input[0]][1] // 16), 1, 1] for n in blocked), \
+        [(shapes[n.input[0]], shapes[n.input[1]]) for n in blocked]
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(path, calib[:32].numpy()), reference(calib[:32]).numpy(), atol=1e-5)
+    float_bytes = 4 * sum(p.numel() for i in ("0", "10") for p in model[int(i)].parameters())
+    expected = quantized_layer_bytes(64 * 32, 64, True, 4, group_size=16) + \
+        quantized_layer_bytes(64 * 64, 64, True, 4, group_size=16) + \
+        quantized_layer_bytes(64 * 64 * 9, 64, False, 8) + 4 * 64 + float_bytes  # weight-only: a float bias
+    assert onnx_size(path).weight_bytes == expected
+    target = dataclasses.replace(load_target("host"), weight_group_size=16, reduce_range=False)
+    pricing = price_model(model, calib=calib, target=target, min_rank=4)
+    assert any(o.group_size == 16 for o in pricing.options["4"])
+    assert not any(o.group_size for o in pricing.options["6"])  # 3x3: no groups
+    loud = {o.key: o for o in pricing.options["4"] if o.bits == 4 and not o.per_tensor}
+    grouped = [o for o in loud.values() if o.group_size]
+    plain = {o.key: o for o in pricing.options["4"] if o.bits == 4 and not o.group_size and not o.per_tensor}
+    assert all(o.quant_loss < 0.5 * plain[o.key].quant_loss for o in grouped)
+
+
 def test_the_planner_offers_grouped_int4_where_the_target_has_groups(mlp_with_loud_inputs, tmp_path):
     import dataclasses
 

@@ -16,6 +16,17 @@ from rankfold.settings import calibration_batch
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Tables the planner may quantize (never factorize): their rows are read by index, not multiplied.
 TABLES = (nn.Embedding,)
+def takes_weight_groups(module: nn.Module) -> bool:
+    """Whether int4 groups along the input (DequantizeLinear's blocks on axis 1) fit the layer's
+    weight: a Linear, a table, or a pointwise (1x1) convolution, which is a Linear on every
+    position. A kxk convolution's input axis is not contiguous in its taps, and a grouped
+    (depthwise) one has a handful of inputs per channel."""
+    if isinstance(module, (nn.Linear, *TABLES)):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and \
+        all(k == 1 for k in module.kernel_size)
+
+
 # Modules that read a child layer's weight directly instead of calling it: replacing that child
 # would break them (nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward).
 WEIGHT_READERS = (nn.MultiheadAttention,)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import TABLES, per_sample_shapes, run_hooked
+from rankfold.analyze import TABLES, per_sample_shapes, run_hooked, takes_weight_groups
 from rankfold.errors import RankfoldError
 from rankfold.layers import layer_spec
 from rankfold.methods import method_named
@@ -178,12 +178,13 @@ def noise_units(module: nn.Module, stats, target: Target, head: tuple[nn.Module,
                 ) -> NoiseUnits:
     """The layouts the target's runtime offers: one scale per tensor saves bytes in the QDQ file
     only (the C export keeps a multiplier and shift per output channel whatever the scales), and
-    so do int4 groups (DequantizeLinear's block_size), offered for Linear layers and tables."""
+    so do int4 groups (DequantizeLinear's block_size), offered for Linear layers, pointwise
+    convolutions and tables."""
     onnx_runtime = target.runtime == "onnxruntime"
-    # Groups along one input axis (DequantizeLinear's blocks): Linear layers, their factors, tables.
-    two_dimensional = isinstance(module, (nn.Linear, *TABLES))
-    group = target.weight_group_size if two_dimensional and offers_groups(target.runtime, target.weight_bits) \
-        else None
+    # Groups along one input axis (DequantizeLinear's blocks): Linear layers and pointwise
+    # convolutions (their factors are too), tables.
+    group = target.weight_group_size if takes_weight_groups(module) and \
+        offers_groups(target.runtime, target.weight_bits) else None
     if isinstance(module, TABLES):
         return NoiseUnits(table_noise_loss(module, stats, head=head), None,
                           table_noise_loss(module, stats, group, head) if group else None, group)

@@ -242,13 +242,18 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     else:
         new_inits.append(numpy_helper.from_array(q.astype(np.int8), f"{base}_q"))
     scale = qw.scale if group is None else np.moveaxis(qw.scale, 0, axis)
+    pointwise = group is not None and weight.ndim > 2 and node.op_type == "Conv" and \
+        all(d == 1 for d in weight.shape[2:])
+    if pointwise:  # (out, in, 1, 1): a scale per block of inputs and per (unit) tap
+        scale = scale.reshape(*scale.shape, *weight.shape[2:])
     if per_tensor:  # one scalar: DequantizeLinear without an axis
         scale = np.array(qw.scale[0] if qw.scale.size else 1.0)
     new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
     attrs = {} if per_tensor else {"axis": axis}
     if group is not None:  # blocks run along the input axis: that is DequantizeLinear's axis then
-        if weight.ndim != 2:
-            raise RankfoldError(f"{node.name}: int4 groups are for 2-D (Linear) weights, got shape {weight.shape}")
+        if weight.ndim != 2 and not pointwise:
+            raise RankfoldError(f"{node.name}: int4 groups are for Linear weights and pointwise convolutions, got "
+                                f"shape {weight.shape}")
         attrs = {"axis": 1 - axis, "block_size": group}
     new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale"],
                                       [f"{base}_dq"], name=f"{base}_DequantizeLinear", **attrs))

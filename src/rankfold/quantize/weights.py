@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import COMPRESSIBLE, run_checked
+from rankfold.analyze import COMPRESSIBLE, run_checked, takes_weight_groups
 from rankfold.layers import LowRank
 from rankfold.quantize.core import fake_quantize_weight, weight_qmax
 from rankfold.settings import calibration_batch
@@ -72,13 +72,14 @@ def per_tensor_leaves(model: nn.Module, per_tensor: Collection[str]) -> set[str]
 
 
 def grouped_leaves(model: nn.Module, groups: Mapping[str, int]) -> dict[str, int]:
-    """The group size of every leaf layer of the layers named in `groups` (each factor of a LowRank)."""
+    """The group size of every leaf layer of the layers named in `groups` (each factor of a LowRank
+    whose weight takes groups: a pointwise convolution's factors are pointwise too)."""
     modules = dict(model.named_modules())
     leaves: dict[str, int] = {}
     for name, size in groups.items():
         children = [f"{name}.{child}" for child, _m in modules[name].named_children()] \
             if isinstance(modules[name], LowRank) else [name]
-        leaves.update(dict.fromkeys(children, size))
+        leaves.update(dict.fromkeys((c for c in children if takes_weight_groups(modules[c])), size))
     return leaves
 
 
