@@ -473,18 +473,23 @@ def test_data_aware_rounding_with_one_scale_keeps_the_tensors_grid():
     assert float((codes - codes.round()).abs().max()) < 1e-4 and float(codes.abs().max()) == pytest.approx(127)
 
 
-def test_grouped_int4_export_runs_in_onnxruntime_as_the_torch_copy_computes(mlp_with_loud_inputs, tmp_path):
+def _grouped_export(model, calib, bits, groups, tmp_path):
+    """(the weight-only QDQ file, the torch copy it must compute as, its blocked DequantizeLinear nodes)."""
     from rankfold.quantize.export import quantized_copy
 
-    model, calib = mlp_with_loud_inputs
-    bits, groups = {"0": 4, "2": 4, "4": 8}, {"0": 16, "2": 16}
     reference, _leaves = quantized_copy(model, bits, calib=calib, groups=groups)
     path = tmp_path / "g.onnx"
     export_quantized(model, bits, path, calib=calib, example_input=calib[:2], weight_only=True, groups=groups,
                      reduce_range=False)
-    blocked = [{a.name: a.i for a in n.attribute} for n in onnx.load(path).graph.node
+    blocked = [n for n in onnx.load(path).graph.node
                if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)]
-    assert len(blocked) == 2 and all(b["block_size"] == 16 for b in blocked)
+    return path, reference, blocked
+
+
+def test_grouped_int4_export_runs_in_onnxruntime_as_the_torch_copy_computes(mlp_with_loud_inputs, tmp_path):
+    model, calib = mlp_with_loud_inputs
+    path, reference, blocked = _grouped_export(model, calib, {"0": 4, "2": 4, "4": 8}, {"0": 16, "2": 16}, tmp_path)
+    assert len(blocked) == 2 and all({a.name: a.i for a in b.attribute}["block_size"] == 16 for b in blocked)
     with torch.no_grad():
         np.testing.assert_allclose(_run(path, calib[:32].numpy()), reference(calib[:32]).numpy(), atol=1e-5)
     # bytes as the planner prices them: packed codes, a float32 scale per group, float biases (the
@@ -516,18 +521,11 @@ def test_grouped_int4_pointwise_convolutions_run_in_onnxruntime_as_the_torch_cop
 
     from rankfold.planner.options import quantized_layer_bytes
     from rankfold.planner.pricing import price_model
-    from rankfold.quantize.export import quantized_copy
     from rankfold.target import load_target
 
     model, calib = pointwise_cnn
-    bits, groups = {"2": 4, "4": 4, "6": 8}, {"2": 16, "4": 16}
-    reference, _leaves = quantized_copy(model, bits, calib=calib, groups=groups)
-    path = tmp_path / "g.onnx"
-    export_quantized(model, bits, path, calib=calib, example_input=calib[:2], weight_only=True, groups=groups,
-                     reduce_range=False)
+    path, reference, blocked = _grouped_export(model, calib, {"2": 4, "4": 4, "6": 8}, {"2": 16, "4": 16}, tmp_path)
     graph = onnx.load(path).graph
-    blocked = [n for n in graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size"
-                                                                               for a in n.attribute)]
     shapes = {i.name: list(i.dims) for i in graph.initializer}
     assert len(blocked) == 2 and all(shapes[n.input[0]][2:] == [1, 1] for n in blocked)
     assert all(shapes[n.input[1]] == [64, -(-shapes[n.input[0]][1] // 16), 1, 1] for n in blocked), \
