@@ -35,6 +35,8 @@ def _cast(src, dst):
 
 # name -> (nodes from x to y, initializers, opset[, y's shape where shape inference leaves it open]); y is float
 CASES = {
+    "layer-norm-over-channels-and-space-with-a-gain-per-channel": (
+        [helper.make_node("LayerNormalization", ["x", "c4", "c4"], ["y"], axis=1)], [C4], 17),
     "sum-max-min-mean": (
         [
             helper.make_node("Sum", ["x", "c4", "x"], ["s"]),

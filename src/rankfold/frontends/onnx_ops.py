@@ -14,7 +14,6 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -242,7 +241,11 @@ def _layer_norm(vals, attrs):
     bias = vals[2] if len(vals) > 2 else None
     axis = _axis(attrs.get("axis", -1), x.ndim)
     features = tuple(int(d) for d in x.shape[axis:])  # static: exporters need constant sizes here
-    return [F.layer_norm(x, features, scale, bias, eps=attrs.get("epsilon", 1e-5))]
+    if tuple(scale.shape) == features and (bias is None or tuple(bias.shape) == features):
+        return [F.layer_norm(x, features, scale, bias, eps=attrs.get("epsilon", 1e-5))]
+    # a scale (bias) that broadcasts to the normalized axes (one per channel over C x H x W)
+    normalized = F.layer_norm(x, features, eps=attrs.get("epsilon", 1e-5)) * scale
+    return [normalized + bias if bias is not None else normalized]
 
 
 # ---- pooling -----------------------------------------------------------------------------
@@ -606,14 +609,14 @@ def _resize(vals, attrs):
         given = vals[2] if len(vals) > 2 else vals[1]
         scales = [float(v) for v in (given.reshape(-1).tolist() if isinstance(given, Tensor) else attrs["scales"])][2:]
     if mode == "linear" and where == "asymmetric":  # TF's resize without half-pixel centres
-        inputs = static_sizes(x)
-        sizes = sizes or [int(math.floor(n * f)) for n, f in zip(inputs, scales)]
-        return [_asymmetric_linear_resize(x, sizes, scales or [m / n for m, n in zip(sizes, inputs)])]
+        inputs = padded_sizes(x)
+        sizes = sizes or [_scaled_size(n, f) for n, f in zip(inputs, scales)]
+        return [_asymmetric_linear_resize(x, sizes, scales or [m / int(n) for m, n in zip(sizes, inputs)])]
     if mode == "nearest" and not _nearest_as_torch(where, attrs.get("nearest_mode", "round_prefer_floor"), scales):
-        inputs = static_sizes(x)
-        sizes = sizes or [int(math.floor(n * f)) for n, f in zip(inputs, scales)]
-        return [_nearest_resize(x, sizes, scales or [m / n for m, n in zip(sizes, inputs)], where,
-                                attrs.get("nearest_mode", "round_prefer_floor"))]
+        inputs = padded_sizes(x)
+        sizes = sizes or [_scaled_size(n, f) for n, f in zip(inputs, scales)]
+        return [_nearest_resize(x, sizes, scales or [m / int(n) for m, n in zip(sizes, inputs)], where,
+                                attrs.get("nearest_mode", "round_prefer_floor"), given_scales=scales is not None)]
     how = {"mode": "nearest"} if mode == "nearest" else {
         "mode": "bicubic" if mode == "cubic" else LINEAR_RESIZE_MODES[x.ndim],
         "align_corners": LINEAR_RESIZE_ALIGN[where]}
@@ -633,50 +636,70 @@ def _nearest_as_torch(where: str, rounding: str, scales: list[float] | None) -> 
             and scales is not None and all(s >= 1 and float(s).is_integer() for s in scales))
 
 
-NEAREST_SOURCE = {  # ONNX's source coordinate of output sample o: (o, scale, input size, output size)
+def _scaled_size(n, scale: float):
+    """floor(n * scale): a Python int, or while the export keeps sizes open (padded_sizes) a traced
+    size, so the written file resizes each input by its own size."""
+    if isinstance(n, Tensor):
+        return torch.floor(n.to(torch.float64) * scale).to(torch.int64)
+    return int(math.floor(n * scale))
+
+
+def _positive(m) -> Tensor:
+    return torch.as_tensor(m > 1)
+
+
+# ONNX's source coordinate of output samples o (float32, as onnxruntime computes them), from the
+# scale s, the input size n and the output size m (Python ints, or traced sizes)
+NEAREST_SOURCE = {
     "half_pixel": lambda o, s, n, m: (o + 0.5) / s - 0.5,
-    "pytorch_half_pixel": lambda o, s, n, m: (o + 0.5) / s - 0.5 if m > 1 else 0.0,
-    "align_corners": lambda o, s, n, m: o * (n - 1) / (m - 1) if m > 1 else 0.0,
+    "pytorch_half_pixel": lambda o, s, n, m: torch.where(_positive(m), (o + 0.5) / s - 0.5, 0.0),
+    "align_corners": lambda o, s, n, m: torch.where(_positive(m), o * (n - 1) / torch.clamp(
+        torch.as_tensor(m - 1), min=1), 0.0).to(torch.float32),
     "asymmetric": lambda o, s, n, m: o / s,
     "tf_half_pixel_for_nn": lambda o, s, n, m: (o + 0.5) / s,
 }
 NEAREST_ROUNDING = {
-    "round_prefer_floor": lambda c: math.floor(c) if c - math.floor(c) <= 0.5 else math.ceil(c),
-    "round_prefer_ceil": lambda c: math.ceil(c) if c - math.floor(c) >= 0.5 else math.floor(c),
-    "floor": math.floor,
-    "ceil": math.ceil,
+    "round_prefer_floor": lambda c: torch.where(c - c.floor() <= 0.5, c.floor(), c.ceil()),
+    "round_prefer_ceil": lambda c: torch.where(c - c.floor() >= 0.5, c.ceil(), c.floor()),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
 }
 
 
-def _nearest_resize(x: Tensor, sizes: list[int], scales: list[float], where: str, rounding: str) -> Tensor:
+def _nearest_resize(x: Tensor, sizes: list, scales: list[float], where: str, rounding: str,
+                    given_scales: bool = False) -> Tensor:
     """Nearest resize by ONNX's own coordinates and rounding, axis by axis (a gather each; the
-    source coordinates in float32, as onnxruntime computes them)."""
+    source coordinates in float32, as onnxruntime computes them). Sizes may be traced: the
+    written file then picks its samples for each input's own size."""
     if where not in NEAREST_SOURCE or rounding not in NEAREST_ROUNDING:
         raise ValueError(f"Resize nearest with coordinate_transformation_mode {where!r} and nearest_mode "
                          f"{rounding!r} is not supported (supported: {', '.join(NEAREST_SOURCE)}; "
                          f"{', '.join(NEAREST_ROUNDING)})")
+    traced = torch.jit.is_tracing()
     for axis, (out_size, scale) in enumerate(zip(sizes, scales), start=2):
-        n = int(x.shape[axis])
-        if out_size == n and scale == 1:  # onnxruntime leaves an axis of scale 1 as it is, whatever the offset
+        n = x.shape[axis]
+        # onnxruntime leaves an axis of scale 1 as it is, whatever the offset
+        if scale == 1 and (given_scales or (not traced and out_size == n)):
             continue
-        source = [float(np.float32(NEAREST_SOURCE[where](np.float32(o), np.float32(scale), n, out_size)))
-                  for o in range(out_size)]
-        index = torch.tensor([min(max(NEAREST_ROUNDING[rounding](c), 0), n - 1) for c in source], dtype=torch.int64)
-        x = torch.index_select(x, axis, index.to(x.device))
+        o = torch.arange(out_size, device=x.device).to(torch.float32)
+        source = NEAREST_SOURCE[where](o, torch.tensor(scale, dtype=torch.float32), n, out_size)
+        index = torch.clamp(NEAREST_ROUNDING[rounding](source), min=0)
+        index = torch.minimum(index.to(torch.int64), torch.as_tensor(n - 1, device=x.device))
+        x = torch.index_select(x, axis, index)
     return x
 
 
-def _asymmetric_linear_resize(x: Tensor, sizes: list[int], scales: list[float]) -> Tensor:
+def _asymmetric_linear_resize(x: Tensor, sizes: list, scales: list[float]) -> Tensor:
     """Linear resize where output sample o reads input position o / scale, axis by axis (two
     gathers and a blend each; exported as Gather, which onnxruntime runs as the Resize it was)."""
     for axis, (out_size, scale) in enumerate(zip(sizes, scales), start=2):
-        n = int(x.shape[axis])
-        position = (torch.arange(out_size, dtype=torch.float64) / scale).clamp(max=n - 1)
+        last = torch.as_tensor(x.shape[axis] - 1, device=x.device)
+        position = torch.minimum(torch.arange(out_size, device=x.device).to(torch.float64) / scale,
+                                 last.to(torch.float64))
         low = position.floor().to(torch.int64)
-        high = torch.clamp(low + 1, max=n - 1)
+        high = torch.minimum(low + 1, last)
         weight = (position - low).to(x.dtype).reshape([-1] + [1] * (x.ndim - 1 - axis))
-        x = torch.index_select(x, axis, low.to(x.device)) * (1 - weight.to(x.device)) + \
-            torch.index_select(x, axis, high.to(x.device)) * weight.to(x.device)
+        x = torch.index_select(x, axis, low) * (1 - weight) + torch.index_select(x, axis, high) * weight
     return x
 
 

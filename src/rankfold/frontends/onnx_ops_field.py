@@ -14,7 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rankfold.frontends.onnx_ops import DTYPES, OPS, _axis, _binary, _unary, ints, is_shape, op, tensor
+from rankfold.frontends.onnx_ops import (
+    DTYPES,
+    OPS,
+    _axis,
+    _binary,
+    _unary,
+    ints,
+    is_shape,
+    op,
+    padded_sizes,
+    tensor,
+)
 
 # ---- variadic, comparison and logic ------------------------------------------------------------
 
@@ -278,7 +289,7 @@ def _transpose_last_two(vals, attrs):
 def _depth_to_space(vals, attrs):
     x = vals[0]
     b = int(attrs["blocksize"])
-    n, c, h, w = x.shape[0], *(int(d) for d in x.shape[1:])
+    n, c, (h, w) = x.shape[0], int(x.shape[1]), padded_sizes(x)  # traced where the export keeps sizes open
     if attrs.get("mode", "DCR") == "DCR":
         y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
     else:  # CRD
@@ -290,7 +301,7 @@ def _depth_to_space(vals, attrs):
 def _space_to_depth(vals, attrs):
     x = vals[0]
     b = int(attrs["blocksize"])
-    n, c, h, w = x.shape[0], *(int(d) for d in x.shape[1:])
+    n, c, (h, w) = x.shape[0], int(x.shape[1]), padded_sizes(x)
     y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
     return [y.reshape(n, c * b * b, h // b, w // b)]
 
