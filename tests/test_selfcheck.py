@@ -303,3 +303,46 @@ def test_a_refused_relative_error_is_shown_with_the_digits_that_tell_it_from_the
 
     assert _apart(0.2004, 0.2) == "0.2004"  # Silero VAD v4's state read "0.2 away ... at most 0.2"
     assert _apart(0.239, 0.2) == "0.239" and _apart(1.0, 0.2) == "1"
+
+
+class _LoudChannels(nn.Module):
+    """Two hidden channels 300x louder than the rest, read with 300x smaller weights: one int8 scale
+    for the whole activation tensor rounds the quiet channels, which carry the answer, to nothing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.l3 = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        loud = torch.ones(64)
+        loud[:2] = 300.0
+        self.register_buffer("loud", loud)
+        with torch.no_grad():
+            self.l2.weight[:, :2] /= 300.0
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)) * self.loud)))
+
+
+def test_int8_activations_the_check_refuses_are_written_again_weight_only(tmp_path):
+    """The same quantized weights with float activations (the same weight bytes) are written where
+    int8 activations fail the self-check and nothing was planned on them; with a latency budget
+    (planned on int8 kernels) the result is refused instead."""
+    import warnings
+
+    x = torch.randn(256, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_LoudChannels().eval(), (x[:2],), str(tmp_path / "m.onnx"), input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    args = ["compress", tmp_path / "m.onnx", "--calib", tmp_path / "calib.npz", "--max-weight-bytes", "30%"]
+    code, stdout, stderr = run_cli(*args, "-o", tmp_path / "o.onnx")
+    assert code == 0, stderr
+    assert "written again weight-only" in stderr
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "o.onnx")).graph
+    assert not any(n.op_type == "QuantizeLinear" for n in graph.node)  # float activations
+    assert any(n.op_type == "DequantizeLinear" for n in graph.node)  # quantized weights
+    code, _stdout, stderr = run_cli(*args, "--max-latency", "200%", "-o", tmp_path / "timed.onnx")
+    assert code == 2 and "written again weight-only" not in stderr and not (tmp_path / "timed.onnx").exists()

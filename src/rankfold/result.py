@@ -116,22 +116,46 @@ class Compressed:
         in_onnxruntime = plan.runtime == "onnxruntime"
         # Built and checked in the system's temporary directory: only a checked model is written
         # beside `path`, under a unique name renamed into place.
+        weight_only = weight_only_export(example, self.module)
+        # int8 activations refused by the check: the same weights with float activations (the same
+        # weight bytes) are tried once, where nothing planned on int8 activations (latency, RAM, the C back-end)
+        forms = [weight_only] if weight_only or not _activations_are_free(plan) else [False, True]
         with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
             partial = os.path.join(scratch, "quantized.onnx")
             trained = {"equalize": False, "data_aware_rounding": False, "bias_correction": False} \
                 if self.weights_on_grid else {}
-            export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
-                             observer=observer, reduce_range=plan.reduce_range, progress=say,
-                             weight_only=weight_only_export(example, self.module), per_tensor=plan.per_tensor_layers(),
-                             groups=plan.grouped_layers(),
-                             input_steps=self.input_steps, float_outputs=in_onnxruntime, **trained)
-            check = self.check
-            if in_onnxruntime:
-                refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
-            if held is not None:
+            for attempt, float_activations in enumerate(forms):
+                if os.path.exists(partial):
+                    os.remove(partial)
+                export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
+                                 observer=observer, reduce_range=plan.reduce_range, progress=say,
+                                 weight_only=float_activations, per_tensor=plan.per_tensor_layers(),
+                                 groups=plan.grouped_layers(),
+                                 input_steps=self.input_steps, float_outputs=in_onnxruntime, **trained)
+                check = self.check
+                if in_onnxruntime and not float_activations:
+                    refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
+                if held is None:
+                    break
                 check = onnx_agreement(self.original, partial, held, optimized=in_onnxruntime, rules=self.rules)
                 path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
-                say(f"self-check (quantized, {path_used}): " + check.describe())
-                refuse_if_poor(check, self.min_agreement, self.max_output_error, self.rules)
+                form = ", weight-only" if float_activations else ""
+                say(f"self-check (quantized{form}, {path_used}): " + check.describe())
+                try:
+                    refuse_if_poor(check, self.min_agreement, self.max_output_error, self.rules)
+                except RankfoldError:
+                    if attempt == len(forms) - 1:
+                        raise
+                    say("  int8 activations lose too much: written again weight-only (float activations between "
+                        "the layers, the same weight bytes)")
+                    continue
+                break
             replace_atomically(path, self._final_bytes(partial, example))
             return check
+
+
+def _activations_are_free(plan) -> bool:
+    """Whether nothing in the plan counted on int8 activations: no latency or RAM limit (float
+    activations run slower and take 4x the memory between layers), and onnxruntime runs the file
+    (the C back-end computes in int8 throughout)."""
+    return plan.runtime == "onnxruntime" and not ({"latency_ms", "ram_bytes"} & set(plan.limits))
