@@ -144,7 +144,8 @@ class _QuantizedNet(nn.Module):
         c = torch.cat([a, nn.functional.leaky_relu(b, 0.1)], dim=1)  # QLinearConcat, QLinearLeakyRelu
         d = self.c3(c)
         e = torch.sigmoid(d) * d  # QLinearSigmoid, QLinearMul
-        return self.fc(nn.functional.adaptive_avg_pool2d(self.pool(e), 1).flatten(1))  # QLinear*Pool, QGemm
+        pooled = nn.functional.adaptive_avg_pool2d(self.pool(e), 1).flatten(1)  # QLinear*Pool
+        return torch.softmax(self.fc(pooled), dim=1)  # QGemm, QLinearSoftmax
 
 
 class _Reader:
@@ -155,7 +156,10 @@ class _Reader:
         return next(self.items, None)
 
 
-def _qoperator_file(tmp_path, x):
+def _qoperator_file(tmp_path, x, weights_in_constant_nodes=False):
+    """(the float file, its copy quantized by onnxruntime in QOperator format). With weights in
+    Constant nodes (as Paddle2ONNX writes them) the quantizer quantizes them inside the graph: a
+    QuantizeLinear of each Constant feeds its QLinearConv."""
     from onnxruntime import quantization as q
 
     torch.manual_seed(0)
@@ -164,8 +168,34 @@ def _qoperator_file(tmp_path, x):
         warnings.simplefilter("ignore")
         torch.onnx.export(_QuantizedNet().eval(), (torch.from_numpy(x[:1]),), src, dynamo=False, opset_version=13,
                           input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+        if weights_in_constant_nodes:
+            model = onnx.load(src)  # the weights (not the biases, which onnxruntime's quantizer needs as such)
+            weights = [t for t in model.graph.initializer if len(t.dims) >= 2]
+            kept = [t for t in model.graph.initializer if len(t.dims) < 2]
+            constants = [helper.make_node("Constant", [], [t.name], value=t) for t in weights]
+            nodes = list(model.graph.node)
+            del model.graph.initializer[:], model.graph.node[:]
+            model.graph.initializer.extend(kept)
+            model.graph.node.extend(constants + nodes)
+            onnx.save(model, src)
         q.quantize_static(src, out, _Reader(x[:32]), quant_format=q.QuantFormat.QOperator)
     return src, out
+
+
+def test_a_qoperator_file_whose_weights_are_quantized_inside_the_graph_has_its_layers(tmp_path):
+    """A Paddle2ONNX file (weights in Constant nodes) quantized by onnxruntime: each QLinearConv reads
+    a QuantizeLinear of a Constant, which folds at load, so its convolutions are layers (the
+    rewrite had left them as integer ops: "no layer to compress")."""
+    x = RNG.normal(size=(32, 3, 8, 8)).astype(np.float32)
+    _src, path = _qoperator_file(tmp_path, x, weights_in_constant_nodes=True)
+    graph = onnx.load(path).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "QLinearConv"]
+    assert convs and all(producers.get(n.input[3]) == "QuantizeLinear" for n in convs)
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    module = rankfold.load_onnx(path)
+    assert np.abs(module(torch.from_numpy(x)).detach().numpy() - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert len(_layers(module)) == 4
 
 
 def test_a_qoperator_file_is_read_with_its_convolutions_and_gemm_as_layers_and_compresses(tmp_path):
@@ -182,7 +212,8 @@ def test_a_qoperator_file_is_read_with_its_convolutions_and_gemm_as_layers_and_c
     assert {("", "QLinearConv"), ("com.microsoft", "QGemm"), ("com.microsoft", "QLinearAdd"),
             ("com.microsoft", "QLinearConcat"), ("com.microsoft", "QLinearSigmoid"),
             ("com.microsoft", "QLinearMul"), ("com.microsoft", "QLinearAveragePool"),
-            ("com.microsoft", "QLinearGlobalAveragePool"), ("com.microsoft", "QLinearLeakyRelu")} <= ops, ops
+            ("com.microsoft", "QLinearGlobalAveragePool"), ("com.microsoft", "QLinearLeakyRelu"),
+            ("com.microsoft", "QLinearSoftmax")} <= ops, ops
     theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     module = rankfold.load_onnx(path)
     ours = module(torch.from_numpy(x)).detach().numpy()

@@ -38,6 +38,7 @@ class Rewriting:
     node: onnx.NodeProto
     consts: Mapping[str, Tensor]
     read: set[str]  # every value some node or the graph's outputs read
+    foldable: set[str] = field(default_factory=set)  # values computed from constants alone (known or not)
     added: dict[str, Tensor] = field(default_factory=dict)
     nodes: list[onnx.NodeProto] = field(default_factory=list)
 
@@ -104,15 +105,21 @@ def standard_nodes(nodes, consts: Mapping[str, Tensor], outputs: set[str]) -> tu
             if value is not None:
                 known[node.output[0]] = torch.from_numpy(onnx.numpy_helper.to_array(value.t).copy())
     result, added = [], {}
+    # values the converter will fold from constants (weights a quantizer left behind a QuantizeLinear
+    # of a Constant node, as Paddle2ONNX files quantized by onnxruntime have them)
+    foldable = set(known)
     for node in nodes:
         fn = REWRITES.get(f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type)
-        rewriting = Rewriting(node, known, read) if fn else None
-        if fn is None or fn(rewriting) is False:
-            result.append(node)
-            continue
-        result += rewriting.nodes
-        added.update(rewriting.added)
-        known.update(rewriting.added)
+        rewriting = Rewriting(node, known, read, foldable) if fn else None
+        written = [node] if fn is None or fn(rewriting) is False else rewriting.nodes
+        if rewriting is not None and written is rewriting.nodes:
+            added.update(rewriting.added)
+            known.update(rewriting.added)
+            foldable.update(rewriting.added)
+        for new in written:
+            if new.op_type not in ("Shape", "Size") and all(not i or i in foldable for i in new.input):
+                foldable.update(new.output)
+        result += written
     return result, added
 
 
@@ -365,8 +372,8 @@ def _quantized(r: Rewriting, y: str, scale: str, zero: str) -> None:
 def _qlinear_conv(r: Rewriting) -> bool | None:
     """Standard QLinearConv with constant weights: its input and weights dequantized (the weights
     fold to float), a float Conv (a layer) with the int32 bias at x_scale * w_scale, quantized again."""
-    if r.input(3) not in r.consts:
-        return False  # weights computed in the graph: the integer op runs as it is
+    if r.input(3) not in r.foldable:
+        return False  # weights computed from the input: the integer op runs as it is
     x = _dequantized(r, r.input(0), r.input(1), r.input(2), "x")
     w = _dequantized(r, r.input(3), r.input(4), r.input(5), "w", axis=0)
     inputs = [x, w]
@@ -378,7 +385,7 @@ def _qlinear_conv(r: Rewriting) -> bool | None:
 
 @rewrites("QLinearMatMul", domain="")
 def _qlinear_matmul(r: Rewriting) -> bool | None:
-    if r.input(3) not in r.consts or r.consts[r.input(3)].ndim != 2:
+    if r.input(3) not in r.foldable or (r.input(3) in r.consts and r.consts[r.input(3)].ndim != 2):
         return False
     a = _dequantized(r, r.input(0), r.input(1), r.input(2), "a")
     b = _dequantized(r, r.input(3), r.input(4), r.input(5), "b", axis=1)
@@ -389,7 +396,7 @@ def _qlinear_matmul(r: Rewriting) -> bool | None:
 def _qgemm(r: Rewriting) -> bool | None:
     """onnxruntime's QGemm: alpha * A' B' + C, C an int32 bias at a_scale * b_scale; the result
     quantized where y_scale is given, float otherwise."""
-    if r.input(3) not in r.consts:
+    if r.input(3) not in r.foldable:
         return False
     trans_b = int(r.attr("transB", 0))
     a = _dequantized(r, r.input(0), r.input(1), r.input(2), "a")
@@ -413,13 +420,15 @@ def _qlinear_binary(r: Rewriting) -> None:
     _quantized(r, r.emit(op, [a, b], r.value("y")), r.input(6), r.input(7))
 
 
-@rewrites("QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool")
+@rewrites("QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax")
 def _qlinear_unary(r: Rewriting) -> None:
+    """DequantizeLinear -> the op -> QuantizeLinear. QLinearSoftmax's `opset` names the Softmax
+    semantics of the model's own opset, which the rewritten Softmax takes anyway."""
     if r.attr("channels_last", 0):
         raise r.refuse("channels_last is set")
     x = _dequantized(r, r.input(0), r.input(1), r.input(2), "x")
     op = r.node.op_type.removeprefix("QLinear")
-    attrs = _plain_attributes(r, ("channels_last",))
+    attrs = _plain_attributes(r, ("channels_last", "opset"))
     _quantized(r, r.emit(op, [x], r.value("y"), **attrs), r.input(3), r.input(4))
 
 
