@@ -305,3 +305,26 @@ def test_fused_bert_attention_and_embeddings_compute_what_onnxruntime_computes(t
         changed["input_ids"][3, 4] = (changed["input_ids"][3, 4] + 1) % 40
         again = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, changed)[0]
         assert np.abs(again[3, :2] - theirs[3, :2]).max() < 1e-5  # the kept tokens do not see it
+
+
+@pytest.mark.parametrize("mask_kind", ["lengths", "raw"])
+def test_a_fused_bert_block_dynamically_quantized_by_onnxruntime_reads_as_onnxruntime_runs_it(tmp_path, mask_kind):
+    """onnxruntime's quantize_dynamic after its optimizer (its BERT tutorial's flow) writes
+    QAttention (int8 q, k, v weights on DynamicQuantizeLinear's codes) and QEmbedLayerNormalization
+    (8-bit tables): read as the float ops on the dequantized weights, the q, k, v projections and
+    the word table are layers again, computing what onnxruntime computes."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    path, feeds = _bert_block_file(tmp_path, mask_kind)
+    quantized = str(tmp_path / "dynamic.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(path, quantized, extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    ops = {n.op_type for n in onnx.load(quantized).graph.node}
+    assert {"QAttention", "QEmbedLayerNormalization"} <= ops, ops
+    theirs = ort.InferenceSession(quantized, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    module = rankfold.load_onnx(quantized)
+    ours = module(*(torch.from_numpy(feeds[name]) for name in ("input_ids", "segment_ids", "mask")))
+    assert np.abs(ours.detach().numpy() - theirs).max() < 1e-4 * np.abs(theirs).max()
+    assert len([m for m in module.modules() if isinstance(m, nn.Linear)]) == 4
+    assert any(isinstance(m, nn.Embedding) for m in module.modules())

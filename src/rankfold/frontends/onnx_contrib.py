@@ -358,6 +358,53 @@ def _embed_layer_norm(r: Rewriting) -> None:
         r.emit("EmbedLayerNormalization:mask-index", [r.input(7)], r.output(1))
 
 
+# ---- onnxruntime's dynamic quantization of fused BERT blocks (quantize_dynamic after its optimizer)
+
+def _dequantized_constant(r: Rewriting, q: int, scale: int, zero: int) -> Tensor:
+    """(q - zero) * scale of constant inputs, broadcast along the last axis (a scale per column)."""
+    names = [r.input(q), r.input(scale), r.input(zero)]
+    if any(name and name not in r.consts for name in names):
+        raise r.refuse(f"its quantized weight {names[0]!r} or its scale or zero point is not a constant")
+    value = r.consts[names[0]].float()
+    if names[2]:
+        value = value - r.consts[names[2]].float()
+    return value * r.consts[names[1]].float()
+
+
+def _delegated(r: Rewriting, op: str, inputs: list[str], weights: dict[str, Tensor]) -> None:
+    """The float op `op` (another rewrite of REWRITES) on `inputs`, with r's outputs and attributes
+    and the dequantized `weights` as its constants."""
+    node = helper.make_node(op, inputs, list(r.node.output), name=r.stem, domain=CONTRIB)
+    node.attribute.extend(r.node.attribute)
+    for name, value in weights.items():
+        r.added[name] = value
+    inner = Rewriting(node, {**r.consts, **r.added}, r.read, r.foldable | set(r.added))
+    REWRITES[f"{CONTRIB}.{op}"](inner)
+    r.nodes += inner.nodes
+    r.added.update(inner.added)
+
+
+@rewrites("QAttention")
+def _qattention(r: Rewriting) -> None:
+    """Attention on DynamicQuantizeLinear's codes with int8 q, k, v weights: the codes dequantized
+    by their scale and zero point, the weights to float constants, then Attention as above."""
+    if r.input(8):
+        raise r.refuse("it has a past key-value cache")
+    x = _dequantized(r, r.input(0), r.input(3), r.input(6), "x")
+    weight = r.value("qkv_weight")
+    _delegated(r, "Attention", [x, weight, r.input(2), r.input(5)], {weight: _dequantized_constant(r, 1, 4, 7)})
+
+
+@rewrites("QEmbedLayerNormalization")
+def _qembed_layer_norm(r: Rewriting) -> None:
+    """EmbedLayerNormalization with its tables, gain and bias stored in 8 bits (a scale and zero point each)."""
+    names = ["word", "position", "segment", "gamma", "beta"]
+    weights = {r.value(name): _dequantized_constant(r, 2 + i, 8 + i, 13 + i)
+               for i, name in enumerate(names) if r.input(2 + i)}
+    inputs = [r.input(0), r.input(1)] + [r.value(n) if r.input(2 + i) else "" for i, n in enumerate(names)]
+    _delegated(r, "EmbedLayerNormalization", inputs + [r.input(7)], weights)
+
+
 # ---- onnxruntime's QOperator format: DequantizeLinear -> float op -> QuantizeLinear ----------
 
 def _dequantized(r: Rewriting, x: str, scale: str, zero: str, suffix: str, **attrs) -> str:
