@@ -328,3 +328,19 @@ def test_a_fused_bert_block_dynamically_quantized_by_onnxruntime_reads_as_onnxru
     assert np.abs(ours.detach().numpy() - theirs).max() < 1e-4 * np.abs(theirs).max()
     assert len([m for m in module.modules() if isinstance(m, nn.Linear)]) == 4
     assert any(isinstance(m, nn.Embedding) for m in module.modules())
+
+
+def test_macs_of_onnxruntimes_fused_ops_are_counted_like_the_ops_they_fuse(tmp_path):
+    """A fused file's MACs are its unfused twin's: Attention's projections and products, FusedConv,
+    FusedGemm, FusedMatMul and MatMulNBits were not counted (the size line understated them)."""
+    from rankfold.evaluate import onnx_macs
+
+    path, _feeds = _bert_block_file(tmp_path, "causal")
+    tokens, sizes = 6, [8, 8, 12]
+    attention = tokens * HIDDEN * sum(sizes) + tokens * tokens * (sizes[0] + sizes[2])
+    assert onnx_macs(onnx.load(path), {"input_ids": [tokens], "segment_ids": [tokens], "mask": [tokens]}) == \
+        attention + tokens * sizes[2] * HIDDEN  # and the output projection
+    nodes, inits, x_shape, _layers_made = CASES["fused-conv with a sum and each activation, fused-gemm"]
+    fused = _model(nodes, inits, x_shape, 2)
+    convs = 8 * 8 * 6 * (3 * 9) + 3 * 8 * 8 * 6 * (6 * 9)
+    assert onnx_macs(fused, tuple(x_shape[1:])) == convs + 6 * 4

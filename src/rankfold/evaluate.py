@@ -106,7 +106,11 @@ def _batch1_shapes(model: onnx.ModelProto, sample_shape: SampleShape = None
     return inferred, shapes
 
 
-COUNTED_OPS = ("Conv", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
+COUNTED_OPS = ("Conv", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
+               "FusedConv", "FusedGemm", "FusedMatMul", "QGemm", "MatMulNBits", "Attention", "QAttention")
+
+
+FLOAT_CONTRIB_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits", "Attention")
 
 
 def _executed_shapes(model: onnx.ModelProto, inferred: onnx.ModelProto, names: list[str]) -> dict[str, list[int]]:
@@ -125,17 +129,28 @@ def _executed_shapes(model: onnx.ModelProto, inferred: onnx.ModelProto, names: l
         if 0 in dims:
             return {}
         feeds[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
-    wanted = [name for name in dict.fromkeys(names) if types.get(name)]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted if n not in present)
-    try:
-        values = session(probe, optimized=False).run(wanted, feeds)
-    except Exception:  # noqa: BLE001 - a graph onnxruntime cannot run on zeros keeps the shapes inferred
-        return {}
-    return {name: list(np.shape(value)) for name, value in zip(wanted, values)}
+    # onnxruntime's fused ops, which ONNX's inference does not type, compute in float
+    types = {out: onnx.TensorProto.FLOAT for node in model.graph.node if node.op_type in FLOAT_CONTRIB_OPS
+             and node.domain == "com.microsoft" for out in node.output[:1]}
+    types.update((vi.name, vi.type.tensor_type.elem_type) for vi in [*inferred.graph.value_info, *inferred.graph.output]
+                 if vi.type.tensor_type.elem_type)
+    # values after them that ONNX could not type either: float first, and if onnxruntime refuses
+    # that, the typed values alone
+    guessed = {name: types.get(name, onnx.TensorProto.FLOAT) for name in dict.fromkeys(names)}
+    for kinds in (guessed, {name: kind for name, kind in guessed.items() if name in types}):
+        if not kinds:
+            return {}
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        present = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, k, None) for n, k in kinds.items()
+                                  if n not in present)
+        try:
+            values = session(probe, optimized=False).run(list(kinds), feeds)
+        except Exception:  # noqa: BLE001 - a graph onnxruntime cannot run on zeros keeps the shapes inferred
+            continue
+        return {name: list(np.shape(value)) for name, value in zip(kinds, values)}
+    return {}
 
 
 def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -203,20 +218,37 @@ def _graph_macs(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> int:
         if node.op_type in RECURRENT_OPS:  # sized by its input: ONNX cannot infer a contrib op's output
             total += _recurrent_macs(node, shapes)
             continue
+        if node.op_type in ("Attention", "QAttention"):  # sized by its input (its output is often left open)
+            total += _attention_macs(node, shapes)
+            continue
         out = shapes.get(node.output[0])
-        if not out or 0 in out:
+        if not out or min(out) < 1:  # left open (0, or -1 from a symbolic inference): not counted
             continue
         out_elems = int(np.prod(out))
-        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
             w = shapes.get(node.input[3] if node.op_type == "QLinearConv" else node.input[1])
-            if w:
+            if w and min(w) >= 1:
                 total += out_elems * int(np.prod(w[1:]))
-        elif node.op_type in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
+        elif node.op_type in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "FusedGemm", "FusedMatMul", "QGemm"):
             a = shapes.get(node.input[0])
-            if a:
+            if a and min(a) >= 1:
                 trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-                total += out_elems * (a[0] if trans_a and node.op_type == "Gemm" else a[-1])
+                total += out_elems * (a[0] if trans_a and node.op_type != "FusedMatMul" else
+                                      a[-2] if trans_a else a[-1])
+        elif node.op_type == "MatMulNBits":
+            total += out_elems * next(at.i for at in node.attribute if at.name == "K")
     return total
+
+
+def _attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """onnxruntime's fused attention on (batch, S, input): the q, k, v projections (S x input x
+    (q + k + v)), then the scores Q K^T and their mix with V (S x S x (q + v), over all heads)."""
+    x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if not x or not weight or len(x) != 3 or min(x) < 1:
+        return 0
+    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), []) or [weight[1] // 3] * 3
+    tokens = x[1]
+    return x[0] * (tokens * weight[0] * weight[1] + tokens * tokens * (sizes[0] + sizes[2]))
 
 
 # Recurrences whose input weights W and recurrent weights R are inputs 1 and 2, and whose input
