@@ -68,6 +68,16 @@ def test_peak_activation_counts_the_live_residual_branch(tmp_path):
     assert onnx_peak_activation_bytes(model) == 3 * one
 
 
+def test_peak_activation_of_a_graph_with_open_sizes_is_taken_at_the_samples_size(tmp_path):
+    """Height and width left open counted nothing (a BERT file, its tokens open, read 4 kB): they
+    take the data's size, as the MACs do."""
+    w = onnx.numpy_helper.from_array(np.ones((8, 8, 1, 1), np.float32), "w")
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["a"]), onnx.helper.make_node("Relu", ["a"], ["b"]),
+             onnx.helper.make_node("Add", ["x", "b"], ["y"])]
+    model = _graph(nodes, [w], ["N", 8, "h", "w"], ["N", 8, "h", "w"], tmp_path / "open.onnx")
+    assert onnx_peak_activation_bytes(model, sample_shape=(8, 5, 6)) == 3 * 8 * 5 * 6 * 4
+
+
 def test_peak_activation_of_a_qdq_graph_counts_the_fused_int8_tensors(tmp_path):
     inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
              onnx.numpy_helper.from_array(np.array(0, np.int8), "z"),

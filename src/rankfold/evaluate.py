@@ -267,26 +267,30 @@ def _recurrent_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return steps * (int(np.prod(w)) + int(np.prod(r)))
 
 
-def onnx_peak_activation_bytes(model: onnx.ModelProto) -> int:
+def onnx_peak_activation_bytes(model: onnx.ModelProto, sample_shape: SampleShape = None) -> int:
     """Peak bytes of activations alive at once for one sample, running the nodes in file order.
 
     A value is alive from the node that writes it to the last node that reads it; weights, and
     values computed from weights alone (e.g. dequantized weights), are not activations. In a QDQ
     graph the runtime fuses DequantizeLinear -> op -> QuantizeLinear into an integer kernel, so
     the float values inside such a group (made by DequantizeLinear, or read only by
-    QuantizeLinear) take no memory; the int8 values between the groups do.
+    QuantizeLinear) take no memory; the int8 values between the groups do. Open dimensions take
+    `sample_shape` (as onnx_macs); left open, their values counted nothing (a BERT file read 4 kB).
     """
-    inferred, shapes = _batch1_shapes(model)
+    inferred, shapes = _batch1_shapes(model, sample_shape)
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
     constant = {i.name for i in inferred.graph.initializer}
     for node in inferred.graph.node:
         if all(not name or name in constant for name in node.input):
             constant.update(node.output)
+    # onnxruntime's fused ops, which ONNX's inference does not type, compute in float
+    float_values = {out: onnx.TensorProto.FLOAT for node in inferred.graph.node
+                    if node.op_type in FLOAT_CONTRIB_OPS and node.domain == "com.microsoft" for out in node.output[:1]}
 
     def nbytes(name: str) -> int:
-        dims, elem = shapes.get(name), types.get(name)
-        if not dims or 0 in dims or not elem:
+        dims, elem = shapes.get(name), types.get(name) or float_values.get(name)
+        if not dims or min(dims) < 1 or not elem:
             return 0
         return int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize
 
@@ -411,7 +415,7 @@ def evaluate(
     b1 = latency_ms(path, x[:1], batch=1, runs=runs) if measure_latency else None
     b32 = latency_ms(path, x[:32], batch=32, runs=runs) if measure_latency else None
     proto = onnx.load(path)
-    peak = onnx_peak_activation_bytes(proto)
+    peak = onnx_peak_activation_bytes(proto, sample_shape=tuple(x.shape[1:]))
     kernels = None
     if any(node.op_type == "QuantizeLinear" for node in proto.graph.node):
         from rankfold.runtime import int8_kernel_check
