@@ -8,6 +8,7 @@ its sentence embeddings to the original's on 500 held-back sentences of the Pyth
     PYTHONPATH=. python -m bench.llm --write-text DIR   # calib.txt, train.txt, held.txt for the CLI
     PYTHONPATH=. python -m bench.llm --mlp-keep 0.5 --only mlp-keep --out bench/results/llm-mlp.json
     PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --only ONNX --out bench/results/llm-onnx.json
+    PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --fused --only ONNX --out bench/results/llm-onnx-fused.json
 
 Rows: plain SVD (every Linear, uniform keep), SVD-LLM-style whitened truncation and ASVD-style
 activation scaling (uniform keep, no error compensation; bench/smollm2.py), rankfold's data-aware
@@ -151,10 +152,45 @@ class IdsAndMask(torch.nn.Module):
         return torch.nn.functional.normalize(embedding, dim=-1) if self.encoder.normalize else embedding
 
 
+def _mean_cosine(got: np.ndarray, wanted: np.ndarray) -> float:
+    return float(np.mean((got * wanted).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(wanted, axis=1)))
+
+
+def fused_by_onnxruntime(model: torch.nn.Module, example: tuple, names: list[str], path: str) -> dict[str, int]:
+    """The encoder exported with eager attention and fused by onnxruntime's transformer optimizer
+    (as Optimum and its BERT tutorial do): Attention, EmbedLayerNormalization, SkipLayerNormalization,
+    BiasGelu. Returns the counts of its fused ops."""
+    import warnings
+
+    from onnxruntime.transformers import optimizer
+
+    raw = path.replace(".onnx", "-eager.onnx")
+    model.encoder.set_attn_implementation("eager")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(IdsAndMask(model).eval(), example, raw, dynamo=False, opset_version=17, input_names=names,
+                              output_names=["sentence_embedding"],
+                              dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in names},
+                                            "sentence_embedding": {0: "batch"}})
+    finally:
+        model.encoder.set_attn_implementation("sdpa")
+    config = model.encoder.config
+    fused = optimizer.optimize_model(raw, model_type="bert", num_heads=config.num_attention_heads,
+                                     hidden_size=config.hidden_size, opt_level=1)
+    fused.save_model_to_file(path)
+    counts: dict[str, int] = {}
+    for node in fused.model.graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_count: int, work: str,
-              total: int, linear: int) -> list[dict]:
+              total: int, linear: int, fused: bool = False) -> list[dict]:
     """MiniLM as an ONNX file with two per-sample inputs, compressed by the CLI (rankfold compress)
-    at each cut of its Linear parameters and at 30 % of its weight bytes (a QDQ file)."""
+    at each cut of its Linear parameters and at 30 % of its weight bytes (a QDQ file). With `fused`,
+    the file onnxruntime's transformer optimizer makes of it (fused_by_onnxruntime) instead."""
     import subprocess
     import sys
     import warnings
@@ -177,19 +213,27 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
                           input_names=list(held), output_names=["sentence_embedding"],
                           dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in held},
                                         "sentence_embedding": {0: "batch"}})
+    kind = "ONNX file (ids + padding mask)"
+    if fused:
+        plain, original = original, os.path.join(work, "minilm-fused.onnx")
+        counts = fused_by_onnxruntime(model, example, list(held), original)
+        kind = f"ONNX file fused by onnxruntime ({', '.join(f'{op} x{n}' for op, n in sorted(counts.items()))})"
+        unfused = session(plain).run(None, held)[0]
     wanted = session(original).run(None, held)[0]
+    if fused:
+        print(f"the fused file against the unfused one: cosine {_mean_cosine(unfused, wanted):.6f}", flush=True)
     from rankfold.evaluate import onnx_size
 
     # The file holds what the embedding uses: the pooler's Linear (unused) is not exported
     in_file = onnx_size(original).params
     total, linear = in_file, linear - (total - in_file)
-    runs = [(f"ONNX file (ids + padding mask), rankfold compress --max-params at {cut:.0%} of Linear params removed",
+    runs = [(f"{kind}, rankfold compress --max-params at {cut:.0%} of Linear params removed",
              cut, ["--max-params", str(int(total - cut * linear))]) for cut in cuts]
-    runs.append(("ONNX file (ids + padding mask), rankfold compress --max-weight-bytes 30% (QDQ)", 0.0,
+    runs.append((f"{kind}, rankfold compress --max-weight-bytes 30% (QDQ)", 0.0,
                  ["--max-weight-bytes", "30%", "--group-size", "32"]))
     rows = []
     for name, cut, budget in runs:
-        out = os.path.join(work, f"minilm-{len(rows)}.onnx")
+        out = os.path.join(work, f"minilm-{'fused-' if fused else ''}{len(rows)}.onnx")
         command = [sys.executable, "-m", "bench.peak", "compress", original, "--calib", calib, "-o", out, "--force",
                    "--check", "cosine:0.5", "-q", *budget]
         t0 = time.time()
@@ -200,7 +244,7 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
             print(f"{name}: failed: {said[-1] if said else done.returncode}", flush=True)
             continue
         got = session(out).run(None, held)[0]
-        cosine = float(np.mean((got * wanted).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(wanted, axis=1)))
+        cosine = _mean_cosine(got, wanted)
         size = onnx_size(out)
         rows.append({"cut": cut, "contender": name, "cosine": cosine, "params": size.params,
                      "linear_params_removed": (total - size.params) / linear, "weight_bytes": size.weight_bytes,
@@ -232,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                              "hidden neurons (compress --mlp-keep)")
     parser.add_argument("--onnx", action="store_true",
                         help="also MiniLM as an ONNX file (ids + padding mask) compressed by the CLI at the cuts")
+    parser.add_argument("--fused", action="store_true",
+                        help="with --onnx: the file as onnxruntime's transformer optimizer fuses it (Attention, "
+                             "EmbedLayerNormalization, SkipLayerNormalization, BiasGelu)")
     parser.add_argument("--work", default=os.path.join(os.path.dirname(__file__), "results", "llm-work"),
                         help="where --onnx writes its files")
     parser.add_argument("--only", default="", help="run only the contenders whose name contains this text")
@@ -261,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(joint_row(model, calib, held, total, alone["weight_bytes"] / 2, f"half the bytes of {what}"))
     cuts = [float(c) for c in args.cuts.split(",") if c]
     if args.onnx:
-        rows += onnx_rows(model, directory, cuts, args.calib, args.work, total, linear)
+        rows += onnx_rows(model, directory, cuts, args.calib, args.work, total, linear, fused=args.fused)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     stats: dict = {}  # the original's layer statistics, shared by the uncompensated baselines
     for cut in cuts:
