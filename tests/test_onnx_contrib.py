@@ -344,3 +344,39 @@ def test_macs_of_onnxruntimes_fused_ops_are_counted_like_the_ops_they_fuse(tmp_p
     fused = _model(nodes, inits, x_shape, 2)
     convs = 8 * 8 * 6 * (3 * 9) + 3 * 8 * 8 * 6 * (6 * 9)
     assert onnx_macs(fused, tuple(x_shape[1:])) == convs + 6 * 4
+
+
+class _Upsampling(nn.Module):
+    """A feature-pyramid step: codes upsampled by a nearest Resize and max-pooled, then concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.side = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        up = nn.functional.interpolate(torch.relu(self.mid(torch.relu(self.down(x)))), scale_factor=2, mode="nearest")
+        pooled = nn.functional.max_pool2d(torch.relu(self.side(x)), 3, 1, 1)
+        return self.head(torch.cat([up, pooled], 1))
+
+
+def test_a_qoperator_file_resizing_and_pooling_its_codes_reads_as_onnxruntime_runs_it(tmp_path):
+    """onnxruntime's QOperator files run a nearest Resize and a MaxPool on the int8 codes themselves;
+    they ran on integer tensors here, which torch cannot upsample ("not implemented for 'Char'")."""
+    from onnxruntime import quantization as q
+
+    torch.manual_seed(0)
+    x = RNG.normal(size=(16, 3, 16, 16)).astype(np.float32)
+    src, path = str(tmp_path / "float.onnx"), str(tmp_path / "qop.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Upsampling().eval(), (torch.from_numpy(x[:1]),), src, dynamo=False, opset_version=13,
+                          input_names=["x"], dynamic_axes={"x": {0: "n"}})
+        q.quantize_static(src, path, _Reader(x), quant_format=q.QuantFormat.QOperator)
+    assert {"Resize", "MaxPool", "QLinearConv"} <= {n.op_type for n in onnx.load(path).graph.node}
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    module = rankfold.load_onnx(path)
+    assert np.abs(module(torch.from_numpy(x)).detach().numpy() - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert len(_layers(module)) == 4

@@ -39,7 +39,8 @@ INTEGER_LAYER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # with c
 CONTRIB_OPS = {"com.microsoft.DynamicQuantizeLSTM"} | onnx_contrib.supported()
 # internal steps (named "op:variant") are not ops a file can hold
 SUPPORTED_OPS = sorted({op for op in OPS if ":" not in op} | set(LAYER_OPS) | {"Constant", "If"} | CONTRIB_OPS)
-# Ops that move integer codes without arithmetic: as float codes they compute the same values
+# Ops that move integer codes without arithmetic: as float codes they compute the same values (and
+# a nearest Resize: _moves_codes)
 CODE_MOVING_OPS = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "GlobalMaxPool",
                    "Slice", "Split", "Gather", "DepthToSpace", "SpaceToDepth", "Tile", "Expand"}
 # Ops of already-quantized graphs: read in float from their integer weights, and said so
@@ -775,7 +776,7 @@ class _Converter:
         users = self.consumers.get(value, [])
         return bool(users) and value not in self.graph_outputs and all(
             u.op_type == "DequantizeLinear"
-            or u.op_type in CODE_MOVING_OPS and all(self._read_dequantized(out) for out in u.output if out)
+            or _moves_codes(u) and all(self._read_dequantized(out) for out in u.output if out)
             for u in users)
 
     def _inline_branch(self, node, inputs, where) -> None:
@@ -1113,6 +1114,14 @@ def _size_dependence(nodes) -> str | None:
             if a.name == "auto_pad" and onnx.helper.get_attribute_value(a) in (b"SAME_UPPER", b"SAME_LOWER"):
                 return f"{node.op_type} node {node.name or node.output[0]!r} pads by the input size (auto_pad SAME)"
     return None
+
+
+def _moves_codes(node: onnx.NodeProto) -> bool:
+    """Whether `node` only moves integer codes (a QOperator file upsamples its codes by a nearest Resize)."""
+    if node.op_type == "Resize":
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+        return mode == b"nearest"
+    return node.op_type in CODE_MOVING_OPS
 
 
 def qualified_op(node: onnx.NodeProto) -> str:
