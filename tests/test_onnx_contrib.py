@@ -156,17 +156,18 @@ class _Reader:
         return next(self.items, None)
 
 
-def _qoperator_file(tmp_path, x, weights_in_constant_nodes=False):
-    """(the float file, its copy quantized by onnxruntime in QOperator format). With weights in
-    Constant nodes (as Paddle2ONNX writes them) the quantizer quantizes them inside the graph: a
-    QuantizeLinear of each Constant feeds its QLinearConv."""
+def _qoperator_file(tmp_path, x, weights_in_constant_nodes=False, net=None):
+    """(the float file of `net` (_QuantizedNet), its copy quantized by onnxruntime in QOperator
+    format). With weights in Constant nodes (as Paddle2ONNX writes them) the quantizer quantizes
+    them inside the graph: a QuantizeLinear of each Constant feeds its QLinearConv."""
     from onnxruntime import quantization as q
 
     torch.manual_seed(0)
+    net = net or _QuantizedNet
     src, out = str(tmp_path / "float.onnx"), str(tmp_path / "qop.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_QuantizedNet().eval(), (torch.from_numpy(x[:1]),), src, dynamo=False, opset_version=13,
+        torch.onnx.export(net().eval(), (torch.from_numpy(x[:1]),), src, dynamo=False, opset_version=13,
                           input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
         if weights_in_constant_nodes:
             model = onnx.load(src)  # the weights (not the biases, which onnxruntime's quantizer needs as such)
@@ -365,16 +366,8 @@ class _Upsampling(nn.Module):
 def test_a_qoperator_file_resizing_and_pooling_its_codes_reads_as_onnxruntime_runs_it(tmp_path):
     """onnxruntime's QOperator files run a nearest Resize and a MaxPool on the int8 codes themselves;
     they ran on integer tensors here, which torch cannot upsample ("not implemented for 'Char'")."""
-    from onnxruntime import quantization as q
-
-    torch.manual_seed(0)
-    x = RNG.normal(size=(16, 3, 16, 16)).astype(np.float32)
-    src, path = str(tmp_path / "float.onnx"), str(tmp_path / "qop.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Upsampling().eval(), (torch.from_numpy(x[:1]),), src, dynamo=False, opset_version=13,
-                          input_names=["x"], dynamic_axes={"x": {0: "n"}})
-        q.quantize_static(src, path, _Reader(x), quant_format=q.QuantFormat.QOperator)
+    x = RNG.normal(size=(32, 3, 16, 16)).astype(np.float32)
+    _src, path = _qoperator_file(tmp_path, x, net=_Upsampling)
     assert {"Resize", "MaxPool", "QLinearConv"} <= {n.op_type for n in onnx.load(path).graph.node}
     theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     module = rankfold.load_onnx(path)

@@ -34,9 +34,9 @@ HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3}  # their input projections become Linear layers
 INTEGER_LAYER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # with constant weights: float layers
-# onnxruntime's contrib ops that rankfold reads (domain-qualified, as unsupported_ops names them):
-# DynamicQuantizeLSTM here, the others as the standard nodes onnx_contrib rewrites them into
-CONTRIB_OPS = {"com.microsoft.DynamicQuantizeLSTM"} | onnx_contrib.supported()
+# onnxruntime's contrib ops that rankfold reads (domain-qualified, as unsupported_ops names them), as
+# the standard nodes onnx_contrib rewrites them into
+CONTRIB_OPS = onnx_contrib.supported()
 # internal steps (named "op:variant") are not ops a file can hold
 SUPPORTED_OPS = sorted({op for op in OPS if ":" not in op} | set(LAYER_OPS) | {"Constant", "If"} | CONTRIB_OPS)
 # Ops that move integer codes without arithmetic: as float codes they compute the same values (and
@@ -737,9 +737,6 @@ class _Converter:
         if node.op_type == "If":
             self._inline_branch(node, inputs, where)
             return
-        if node.domain == "com.microsoft" and node.op_type == "DynamicQuantizeLSTM":
-            self._node(self._float_lstm(node, inputs, where))
-            return
         if node.op_type in INTEGER_LAYER_OPS and self._integer_layer(node, inputs):
             return
         if node.op_type in LAYER_OPS and self._layer(node, inputs, attrs, where):
@@ -902,26 +899,6 @@ class _Converter:
         self._node(layer)
         return True
 
-    def _float_lstm(self, node, inputs, where) -> onnx.NodeProto:
-        """onnxruntime's DynamicQuantizeLSTM as the float LSTM it quantizes: its int8 weights, kept as
-        (directions, inputs, 4 * hidden) with a scale and zero point per direction (or per column),
-        dequantized to ONNX's (directions, 4 * hidden, inputs)."""
-        padded = list(inputs) + [""] * (12 - len(inputs))
-        if any(padded[i] not in self.consts for i in (1, 2, 8, 9, 10, 11)):
-            raise RankfoldError(f"DynamicQuantizeLSTM without constant weights, scales and zero points ({where})")
-        stem = node.name or node.output[0]
-        for index, scale, kind in ((1, 8, "W"), (2, 10, "R")):
-            q = self.consts[padded[index]].float()
-            scales, zeros = (self.consts[padded[i]].float() for i in (scale, scale + 1))
-            spread = (-1, 1, 1) if scales.ndim == 1 else (scales.shape[0], 1, scales.shape[-1])
-            self.consts[f"{stem}:{kind}"] = ((q - zeros.reshape(spread)) * scales.reshape(spread)).transpose(1, 2)
-            padded[index] = f"{stem}:{kind}"
-        lstm = onnx.NodeProto()
-        lstm.CopyFrom(node)
-        lstm.op_type, lstm.domain = "LSTM", ""
-        del lstm.input[:]
-        lstm.input.extend(padded[:8])
-        return lstm
 
     def _recurrent(self, node, inputs, attrs) -> bool:
         """An LSTM or GRU with constant weights: its input projection x W^T (+ the biases that add to

@@ -4,11 +4,12 @@ Files that went through onnxruntime hold ops of its `com.microsoft` domain: its 
 optimizer and Hugging Face Optimum fuse BERT and GPT blocks (SkipLayerNormalization, BiasGelu,
 FastGelu, FusedMatMul), a session saved "optimized" fuses convolutions with their activation
 (FusedConv, FusedGemm), its static quantizer in QOperator format writes QLinearAdd, QGemm and
-friends, and 4-bit language models keep their weights in MatMulNBits. Each is rewritten here, before
-conversion, into the standard nodes it computes, so that the matrices inside become ordinary layers
-(counted, planned, factorized, quantized) and the rest runs like any graph. Quantized operators
-become DequantizeLinear -> float op -> QuantizeLinear, which the converter reads as it reads QDQ
-files (weights behind a DequantizeLinear fold to float weights).
+friends, its dynamic one DynamicQuantizeLSTM, and 4-bit language models keep their weights in
+MatMulNBits. Each is rewritten here, before conversion, into the standard nodes it computes, so
+that the matrices inside become ordinary layers (counted, planned, factorized, quantized) and the
+rest runs like any graph. Quantized operators become DequantizeLinear -> float op ->
+QuantizeLinear, which the converter reads as it reads QDQ files (weights behind a
+DequantizeLinear fold to float weights).
 
 A rewrite is a pure function of one node and the graph's constants: it returns the nodes that
 replace it and any constants it made. The written result holds standard ops only; onnxruntime
@@ -194,6 +195,11 @@ def _fused_matmul(r: Rewriting) -> None:
     r.emit("Mul", [product, r.constant("alpha", torch.tensor(alpha))], r.output(0))
 
 
+def _activation_name(r: Rewriting) -> str:
+    name = r.attr("activation", "")
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def _activation(r: Rewriting, name: str, params: list[float], x: str, out: str) -> None:
     """A fused activation (FusedConv's and FusedGemm's `activation`) as its standard node."""
     if name in ("Relu", "Sigmoid", "Tanh"):
@@ -217,8 +223,7 @@ def _plain_attributes(r: Rewriting, dropped: tuple[str, ...]) -> dict:
 @rewrites("FusedConv")
 def _fused_conv(r: Rewriting) -> None:
     """activation(Conv(X, W, B) + Z): the convolution, the optional sum, then the activation."""
-    name = r.attr("activation", "")
-    name = name.decode() if isinstance(name, bytes) else name
+    name = _activation_name(r)
     params = list(r.attr("activation_params", []))
     conv = _plain_attributes(r, ("activation", "activation_params"))
     inputs = [r.input(0), r.input(1)] + ([r.input(2)] if r.input(2) else [])
@@ -235,12 +240,11 @@ def _fused_conv(r: Rewriting) -> None:
 
 @rewrites("FusedGemm")
 def _fused_gemm(r: Rewriting) -> None:
-    name = r.attr("activation", "")
-    name = name.decode() if isinstance(name, bytes) else name
+    name = _activation_name(r)
     params = [r.attr(f"activation_{k}") for k in ("alpha", "beta", "gamma")]
     params = [p for p in params if p is not None]
     gemm = _plain_attributes(r, ("activation", "activation_alpha", "activation_beta", "activation_gamma"))
-    inputs = [i for i in r.node.input]
+    inputs = list(r.node.input)
     if not name:
         r.emit("Gemm", inputs, r.output(0), **gemm)
         return
@@ -403,6 +407,23 @@ def _qembed_layer_norm(r: Rewriting) -> None:
                for i, name in enumerate(names) if r.input(2 + i)}
     inputs = [r.input(0), r.input(1)] + [r.value(n) if r.input(2 + i) else "" for i, n in enumerate(names)]
     _delegated(r, "EmbedLayerNormalization", inputs + [r.input(7)], weights)
+
+
+@rewrites("DynamicQuantizeLSTM")
+def _dynamic_quantize_lstm(r: Rewriting) -> None:
+    """The float LSTM onnxruntime's DynamicQuantizeLSTM quantizes: its int8 weights, kept as
+    (directions, inputs, 4 * hidden) with a scale and zero point per direction (or per column),
+    dequantized to ONNX's (directions, 4 * hidden, inputs)."""
+    inputs = [r.input(i) for i in range(12)]
+    if any(inputs[i] not in r.consts for i in (1, 2, 8, 9, 10, 11)):
+        raise r.refuse("its weights, scales and zero points are not all constants")
+    for index, scale, kind in ((1, 8, "W"), (2, 10, "R")):
+        q = r.consts[inputs[index]].float()
+        scales, zeros = (r.consts[inputs[i]].float() for i in (scale, scale + 1))
+        spread = (-1, 1, 1) if scales.ndim == 1 else (scales.shape[0], 1, scales.shape[-1])
+        inputs[index] = r.constant(kind, ((q - zeros.reshape(spread)) * scales.reshape(spread)).transpose(1, 2))
+    r.nodes.append(helper.make_node("LSTM", inputs[:8], list(r.node.output), name=r.stem,
+                                    **_plain_attributes(r, ())))
 
 
 # ---- onnxruntime's QOperator format: DequantizeLinear -> float op -> QuantizeLinear ----------
