@@ -9,6 +9,8 @@ its sentence embeddings to the original's on 500 held-back sentences of the Pyth
     PYTHONPATH=. python -m bench.llm --mlp-keep 0.5 --only mlp-keep --out bench/results/llm-mlp.json
     PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --only ONNX --out bench/results/llm-onnx.json
     PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --fused --only ONNX --out bench/results/llm-onnx-fused.json
+    PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --opset 23 --only ONNX \
+        --out bench/results/llm-onnx-opset23.json
 
 Rows: plain SVD (every Linear, uniform keep), SVD-LLM-style whitened truncation and ASVD-style
 activation scaling (uniform keep, no error compensation; bench/smollm2.py), rankfold's data-aware
@@ -187,10 +189,11 @@ def fused_by_onnxruntime(model: torch.nn.Module, example: tuple, names: list[str
 
 
 def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_count: int, work: str,
-              total: int, linear: int, fused: bool = False) -> list[dict]:
+              total: int, linear: int, fused: bool = False, opset: int = 17) -> list[dict]:
     """MiniLM as an ONNX file with two per-sample inputs, compressed by the CLI (rankfold compress)
     at each cut of its Linear parameters and at 30 % of its weight bytes (a QDQ file). With `fused`,
-    the file onnxruntime's transformer optimizer makes of it (fused_by_onnxruntime) instead."""
+    the file onnxruntime's transformer optimizer makes of it (fused_by_onnxruntime) instead; at
+    `opset` 23 or later, the file torch.onnx's dynamo exporter writes (one Attention node a block)."""
     import subprocess
     import sys
     import warnings
@@ -203,17 +206,24 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
         return {"input_ids": ids.numpy(), "attention_mask": (ids != model.pad_id).long().numpy()}
 
     os.makedirs(work, exist_ok=True)
-    original, calib = os.path.join(work, "minilm.onnx"), os.path.join(work, "minilm-calib.npz")
+    original = os.path.join(work, "minilm.onnx" if opset < 23 else f"minilm-opset{opset}.onnx")
+    calib = os.path.join(work, "minilm-calib.npz")
     held = padded(sentences("held")[:500])
     np.savez(calib, **padded(sentences("calib")[:calib_count]))
     example = tuple(torch.from_numpy(v[:2]) for v in held.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(IdsAndMask(model).eval(), example, original, dynamo=False, opset_version=17,
-                          input_names=list(held), output_names=["sentence_embedding"],
-                          dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in held},
-                                        "sentence_embedding": {0: "batch"}})
-    kind = "ONNX file (ids + padding mask)"
+        if opset >= 23:  # the dynamo exporter: scaled_dot_product_attention as one Attention node
+            dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}
+            torch.onnx.export(IdsAndMask(model).eval(), example, original, dynamo=True, opset_version=opset,
+                              input_names=list(held), output_names=["sentence_embedding"],
+                              dynamic_shapes=(dims, dims))
+        else:
+            torch.onnx.export(IdsAndMask(model).eval(), example, original, dynamo=False, opset_version=opset,
+                              input_names=list(held), output_names=["sentence_embedding"],
+                              dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in held},
+                                            "sentence_embedding": {0: "batch"}})
+    kind = "ONNX file (ids + padding mask)" + (f", opset {opset} (Attention nodes)" if opset >= 23 else "")
     if fused:
         plain, original = original, os.path.join(work, "minilm-fused.onnx")
         counts = fused_by_onnxruntime(model, example, list(held), original)
@@ -233,7 +243,7 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
                  ["--max-weight-bytes", "30%", "--group-size", "32"]))
     rows = []
     for name, cut, budget in runs:
-        out = os.path.join(work, f"minilm-{'fused-' if fused else ''}{len(rows)}.onnx")
+        out = os.path.join(work, f"minilm-{'fused-' if fused else ''}{opset}-{len(rows)}.onnx")
         command = [sys.executable, "-m", "bench.peak", "compress", original, "--calib", calib, "-o", out, "--force",
                    "--check", "cosine:0.5", "-q", *budget]
         t0 = time.time()
@@ -279,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused", action="store_true",
                         help="with --onnx: the file as onnxruntime's transformer optimizer fuses it (Attention, "
                              "EmbedLayerNormalization, SkipLayerNormalization, BiasGelu)")
+    parser.add_argument("--opset", type=int, default=17,
+                        help="with --onnx: the opset to export at (23 or later: torch.onnx's dynamo exporter, one "
+                             "standard Attention node a block)")
     parser.add_argument("--work", default=os.path.join(os.path.dirname(__file__), "results", "llm-work"),
                         help="where --onnx writes its files")
     parser.add_argument("--only", default="", help="run only the contenders whose name contains this text")
@@ -308,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(joint_row(model, calib, held, total, alone["weight_bytes"] / 2, f"half the bytes of {what}"))
     cuts = [float(c) for c in args.cuts.split(",") if c]
     if args.onnx:
-        rows += onnx_rows(model, directory, cuts, args.calib, args.work, total, linear, fused=args.fused)
+        rows += onnx_rows(model, directory, cuts, args.calib, args.work, total, linear, fused=args.fused,
+                          opset=args.opset)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     stats: dict = {}  # the original's layer statistics, shared by the uncompensated baselines
     for cut in cuts:

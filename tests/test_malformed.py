@@ -190,3 +190,13 @@ def test_an_npz_header_that_lies_about_its_size_is_refused(tmp_path):
         archive.writestr("x.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 64)
     with pytest.raises(RankfoldError):
         load_npz(path, need_labels=False)
+
+
+def test_a_network_torch_cannot_export_is_one_clear_error_and_leaves_nothing(tmp_path):
+    class Unexportable(torch.nn.Module):
+        def forward(self, x):
+            return torch.where(torch.isneginf(x), 0.0, x)  # aten::isneginf has no ONNX translation
+
+    with pytest.raises(rankfold.RankfoldError, match=r"cannot be written as ONNX \(opset \d+\): torch.onnx says"):
+        rankfold.export_onnx(Unexportable(), tmp_path / "out.onnx", example_input=torch.zeros(2, 3))
+    assert list(tmp_path.iterdir()) == []

@@ -219,7 +219,8 @@ def _graph_macs(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> int:
             total += _recurrent_macs(node, shapes)
             continue
         if node.op_type in ("Attention", "QAttention"):  # sized by its input (its output is often left open)
-            total += _attention_macs(node, shapes)
+            standard = node.domain in ("", "ai.onnx")
+            total += (_standard_attention_macs if standard else _attention_macs)(node, shapes)
             continue
         out = shapes.get(node.output[0])
         if not out or min(out) < 1:  # left open (0, or -1 from a symbolic inference): not counted
@@ -249,6 +250,21 @@ def _attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), []) or [weight[1] // 3] * 3
     tokens = x[1]
     return x[0] * (tokens * weight[0] * weight[1] + tokens * tokens * (sizes[0] + sizes[2]))
+
+
+def _standard_attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """Opset 23's Attention on projected Q, K, V: the scores Q K^T and their mix with V for every
+    query head, over the keys and any past cache (a key head serves a group of query heads)."""
+    q, k, v = (shapes.get(name) for name in node.input[:3])
+    if not q or not k or not v or len(q) not in (3, 4) or min(q + k + v) < 1:
+        return 0
+    past = shapes.get(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    keys = k[-2] + (past[2] if past and min(past) >= 1 else 0)
+    if len(q) == 4:  # (batch, heads, S, size)
+        return q[0] * q[1] * q[2] * keys * (q[3] + v[3])
+    attrs = {a.name: a.i for a in node.attribute}
+    query_heads, key_heads = attrs.get("q_num_heads", 1), attrs.get("kv_num_heads", 1)
+    return q[0] * q[1] * keys * (q[2] + v[2] * query_heads // key_heads)
 
 
 # Recurrences whose input weights W and recurrent weights R are inputs 1 and 2, and whose input

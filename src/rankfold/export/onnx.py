@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankfold.errors import RankfoldError
+from rankfold.errors import RankfoldError, first_line
 from rankfold.io import replace_atomically
 
 OPSET = 17
@@ -137,12 +137,16 @@ def _export_traced(model: nn.Module, tmp: str, example_input: Tensor, expected, 
     for attempt, trace in enumerate(traces):
         with warnings.catch_warnings(), (sizes_traced() if open_axes else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (trace,), tmp, dynamo=False, opset_version=opset,
-                input_names=input_names, output_names=output_names,
-                dynamic_axes={n: axes for n, axes in dynamic.items() if axes} or None,
-                do_constant_folding=True,
-            )
+            try:
+                torch.onnx.export(
+                    model, (trace,), tmp, dynamo=False, opset_version=opset,
+                    input_names=input_names, output_names=output_names,
+                    dynamic_axes={n: axes for n, axes in dynamic.items() if axes} or None,
+                    do_constant_folding=True,
+                )
+            except torch.onnx.errors.OnnxExporterError as exc:  # an op torch's exporter does not translate
+                raise RankfoldError(f"the network cannot be written as ONNX (opset {opset}): torch.onnx says "
+                                    f"{first_line(exc)}") from None
         if stand_in:
             _rename_values(tmp, {new: old for old, new in stand_in.items()})
         if not verify:

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from rankfold.data import GraphInput
 from rankfold.errors import RankfoldError, first_line
 from rankfold.evaluate import PACKED_BITS
-from rankfold.frontends import onnx_contrib, onnx_ops_field  # noqa: F401 (onnx_ops_field registers its ops in OPS)
+from rankfold.frontends import onnx_contrib, onnx_ops_attention, onnx_ops_field  # noqa: F401 (they register their ops in OPS)
 from rankfold.frontends.onnx_ops import OPS, STRAIGHT_THROUGH, padded_sizes, same_pads, torch_pad_order
 from rankfold.frontends.packing import Packing, packed_model
 
-MIN_OPSET, MAX_OPSET = 11, 23
+MIN_OPSET, MAX_OPSET = 11, 25
 # Older graphs (the ONNX model zoo's classics are opset 3 to 10) are read after onnx's own version
 # converter has rewritten them at MIN_OPSET; below 7 its adapters are incomplete.
 MIN_UPGRADABLE_OPSET = 7

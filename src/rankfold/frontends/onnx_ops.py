@@ -706,8 +706,23 @@ def _asymmetric_linear_resize(x: Tensor, sizes: list, scales: list[float]) -> Te
 @op("Expand")
 def _expand(vals, attrs):
     x, shape = vals[0], ints(vals[1])
-    target = torch.broadcast_shapes(tuple(x.shape), tuple(1 if d == 1 else d for d in shape))
-    return [x.expand(target)]
+    return [x.expand(_broadcast_sizes(list(x.shape), shape))]
+
+
+def _broadcast_sizes(sizes: list, target: list) -> list:
+    """ONNX Expand's output sizes: per axis the size that is not 1. While the exporter traces,
+    the sizes are symbols valued at the example: where both read 1 (a batch of 1 expanded to a
+    traced batch), the target's symbol is kept, so the written file expands to the batch it gets
+    (torch.broadcast_shapes would return the constant 1 and bake it)."""
+    rank = max(len(sizes), len(target))
+    sizes = [1] * (rank - len(sizes)) + sizes
+    target = [1] * (rank - len(target)) + target
+    out = []
+    for own, wanted in zip(sizes, target):
+        if int(own) != 1 and int(wanted) != 1 and int(own) != int(wanted):
+            raise ValueError(f"cannot expand size {int(own)} to {int(wanted)}")
+        out.append(own if int(wanted) == 1 and not (int(own) == 1 and isinstance(wanted, Tensor)) else wanted)
+    return out
 
 
 @op("ConstantOfShape")

@@ -83,6 +83,13 @@ def _mish(vals, attrs):
     return [x * torch.tanh(torch.log1p(torch.exp(-x.abs())) + torch.relu(x))]
 
 
+@op("Swish")
+def _swish(vals, attrs):
+    """x * sigmoid(alpha * x) (opset 24; SiLU at alpha 1)."""
+    x = vals[0]
+    return [x * torch.sigmoid(attrs.get("alpha", 1.0) * x)]
+
+
 @op("Selu")
 def _selu(vals, attrs):
     x = vals[0]
@@ -346,17 +353,20 @@ def _scatter_elements(vals, attrs):
 
 def _nd_rows(data: Tensor, index: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
     """(data with its batch and indexed axes flattened to one, flat row numbers of `index`'s
-    tuples): GatherND and ScatterND address rows of that flattened tensor."""
+    tuples): GatherND and ScatterND address rows of that flattened tensor. The sizes are read
+    from the tensors, not as ints, so that while the exporter traces they stay the file's sizes
+    (a mask gathered over the batch and tokens, as torch.onnx writes BERT's)."""
     depth = int(index.shape[-1])
-    batch_shape = [int(d) for d in data.shape[:batch_dims]]
-    indexed = [int(d) for d in data.shape[batch_dims:batch_dims + depth]]
-    rows = torch.zeros(index.shape[:-1], dtype=torch.int64, device=data.device)
+    indexed = list(data.shape[batch_dims:batch_dims + depth])
+    rows = torch.zeros_like(index[..., 0], dtype=torch.int64)
     for axis, size in enumerate(indexed):
         rows = rows * size + _wrapped(index[..., axis].to(torch.int64), size)
-    batches = math.prod(batch_shape)
-    offsets = torch.arange(batches, dtype=torch.int64, device=data.device) * math.prod(indexed)
-    rows = rows + offsets.reshape(*batch_shape, *([1] * (rows.ndim - batch_dims)))
-    return data.reshape(batches * math.prod(indexed), *data.shape[batch_dims + depth:]), rows
+    flat = data.flatten(0, batch_dims + depth - 1) if batch_dims + depth > 0 else data.unsqueeze(0)
+    if batch_dims:
+        batches = data.flatten(0, batch_dims - 1).shape[0]
+        offsets = torch.arange(batches, dtype=torch.int64, device=data.device) * math.prod(indexed)
+        rows = rows + offsets.reshape(*index.shape[:batch_dims], *([1] * (rows.ndim - batch_dims)))
+    return flat, rows
 
 
 @op("GatherND")

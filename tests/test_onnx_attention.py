@@ -1,0 +1,172 @@
+"""The standard transformer ops of opsets 23 and 24 (rankfold/frontends/onnx_ops_attention.py):
+Attention and RotaryEmbedding against onnxruntime and onnx's reference on the same file, and a
+BERT exported by torch.onnx at opset 23 (one Attention node per block) compressed as a whole."""
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+import rankfold
+from rankfold.errors import RankfoldError
+from rankfold.evaluate import onnx_macs
+
+RNG = np.random.default_rng(0)
+B, H, S, D = 2, 4, 5, 8
+ONNX_TYPES = {np.dtype(bool): TensorProto.BOOL, np.dtype(np.int64): TensorProto.INT64,
+              np.dtype(np.float32): TensorProto.FLOAT}
+
+
+def _floats(*shape):
+    return RNG.normal(size=shape).astype(np.float32)
+
+
+def _file(tmp_path, node, inputs: dict, opset: int) -> str:
+    outputs = [name for name in node.output if name]
+    ranks = [next(iter(inputs.values())).ndim] + [4] * (len(outputs) - 1)
+    graph = helper.make_graph(
+        [node], "attention",
+        [helper.make_tensor_value_info(name, ONNX_TYPES[value.dtype], list(value.shape))
+         for name, value in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank) for name, rank in zip(outputs, ranks)])
+    path = str(tmp_path / "op.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+def _causal_keys_of_every_query():
+    mask = RNG.random((S, S + 3)) > 0.3
+    mask[:, 0] = True
+    return mask
+
+
+# name -> (node, inputs, opset)
+CASES = {
+    "4-D heads, default scale": (
+        helper.make_node("Attention", ["q", "k", "v"], ["y"]),
+        dict(q=_floats(B, H, S, D), k=_floats(B, H, 7, D), v=_floats(B, H, 7, 6)), 23),
+    "causal, scale, softcap": (
+        helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1, scale=0.3, softcap=2.0),
+        dict(q=_floats(B, H, S, D), k=_floats(B, H, S, D), v=_floats(B, H, S, D)), 23),
+    "3-D, grouped-query heads, additive mask": (
+        helper.make_node("Attention", ["q", "k", "v", "m"], ["y"], q_num_heads=4, kv_num_heads=2),
+        dict(q=_floats(B, S, 32), k=_floats(B, 7, 16), v=_floats(B, 7, 24), m=_floats(B, 1, S, 7)), 23),
+    "boolean mask, past cache and the presents": (
+        helper.make_node("Attention", ["q", "k", "v", "m", "pk", "pv"], ["y", "present_k", "present_v"]),
+        dict(q=_floats(B, H, S, D), k=_floats(B, H, S, D), v=_floats(B, H, S, D), m=_causal_keys_of_every_query(),
+             pk=_floats(B, H, 3, D), pv=_floats(B, H, 3, D)), 23),
+    "causal after a past cache": (
+        helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "present_k", "present_v"], is_causal=1),
+        dict(q=_floats(B, H, S, D), k=_floats(B, H, S, D), v=_floats(B, H, S, D), pk=_floats(B, H, 3, D),
+             pv=_floats(B, H, 3, D)), 23),
+    "opset 24: causal over each sample's keys (nonpad_kv_seqlen)": (
+        helper.make_node("Attention", ["q", "k", "v", "", "", "", "n"], ["y"], is_causal=1),
+        dict(q=_floats(B, H, S, D), k=_floats(B, H, 8, D), v=_floats(B, H, 8, D), n=np.array([8, 6])), 24),
+    "rotary embedding, 4-D, position ids": (
+        helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "p"], ["y"]),
+        dict(x=_floats(B, H, S, D), cos=_floats(16, D // 2), sin=_floats(16, D // 2),
+             p=RNG.integers(0, 16, (B, S))), 23),
+    "rotary embedding, 3-D, interleaved, part of each head": (
+        helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "p"], ["y"], num_heads=4, interleaved=1,
+                         rotary_embedding_dim=4),
+        dict(x=_floats(B, S, 32), cos=_floats(16, 2), sin=_floats(16, 2), p=RNG.integers(0, 16, (B, S))), 23),
+    "rotary embedding, angles per token": (
+        helper.make_node("RotaryEmbedding", ["x", "cos", "sin"], ["y"]),
+        dict(x=_floats(B, H, S, D), cos=_floats(B, S, D // 2), sin=_floats(B, S, D // 2)), 23),
+    "swish": (helper.make_node("Swish", ["x"], ["y"], alpha=0.7), dict(x=_floats(B, S, D)), 24),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_standard_transformer_ops_compute_what_onnxruntime_and_the_reference_compute(tmp_path, case):
+    node, inputs, opset = CASES[case]
+    path = _file(tmp_path, node, inputs, opset)
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, inputs)
+    reference = ReferenceEvaluator(path).run(None, inputs)
+    ours = rankfold.load_onnx(path)(*(torch.from_numpy(v) for v in inputs.values()))
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    assert len(ours) == len(theirs)
+    for got, wanted, exact in zip(ours, theirs, reference):
+        assert got.shape == wanted.shape
+        assert np.abs(got.detach().numpy() - wanted).max() <= 1e-5 * max(1.0, np.abs(wanted).max()), case
+        assert np.abs(got.detach().numpy() - exact).max() <= 1e-5 * max(1.0, np.abs(exact).max()), case
+
+
+@pytest.mark.parametrize("what, attrs, outputs", [
+    ("qk_matmul_output", {}, ["y", "", "", "qk"]),
+    ("sliding window", {"left_window_size": 2}, ["y"]),
+])
+def test_attention_outputs_and_attributes_rankfold_does_not_compute_are_refused_by_name(tmp_path, what, attrs, outputs):
+    node = helper.make_node("Attention", ["q", "k", "v"], outputs, **attrs)
+    inputs = dict(q=_floats(B, H, S, D), k=_floats(B, H, S, D), v=_floats(B, H, S, D))
+    path = _file(tmp_path, node, inputs, 25 if attrs else 23)
+    with pytest.raises(RankfoldError, match=f"Attention.*{what.split()[0]}"):
+        rankfold.load_onnx(path)(*(torch.from_numpy(v) for v in inputs.values()))
+
+
+def test_attention_macs_count_the_scores_and_their_mix_for_every_query_head(tmp_path):
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=4, kv_num_heads=2)
+    path = _file(tmp_path, node, dict(q=_floats(1, S, 32), k=_floats(1, 7, 16), v=_floats(1, 7, 24)), 23)
+    # per query head: S x 7 scores of 8 features, mixed over 7 keys of 12 features
+    assert onnx_macs(onnx.load(path)) == 4 * S * 7 * (8 + 12)
+
+
+class TinyEncoder(torch.nn.Module):
+    """A BERT as users export it: ids and a padding mask in, the mean-pooled embedding out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=32, attn_implementation="sdpa")
+        self.bert = BertModel(config, add_pooling_layer=False).eval()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _ids_and_masks(count: int, tokens: int) -> dict[str, np.ndarray]:
+    ids = RNG.integers(1, 50, (count, tokens))
+    lengths = RNG.integers(tokens // 2, tokens + 1, count)
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def test_a_bert_exported_at_opset_23_compresses_every_linear_and_keeps_batch_and_tokens_open(tmp_path):
+    pytest.importorskip("transformers")
+    original, calib, out = tmp_path / "bert.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
+    example = tuple(torch.from_numpy(v) for v in _ids_and_masks(2, 12).values())
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyEncoder(), example, str(original), dynamo=True, opset_version=23,
+                          input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+                          dynamic_shapes=(dims, dims))
+    assert sum(n.op_type == "Attention" for n in onnx.load(str(original)).graph.node) == 2
+    module = rankfold.load_onnx(original)
+    linear = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 2 * 6  # q, k, v, output, up, down of both blocks, around the Attention nodes
+    np.savez(calib, **_ids_and_masks(96, 12))
+    from rankfold.cli import main
+
+    assert main(["compress", str(original), "--calib", str(calib), "--keep", "0.9", "--check", "cosine:0.9",
+                 "-o", str(out), "-q"]) == 0
+    small, wanted = ort.InferenceSession(str(out)), ort.InferenceSession(str(original))
+    assert onnx.load(str(out)).graph.node and all(n.op_type != "Attention" or n.domain == ""
+                                                  for n in onnx.load(str(out)).graph.node)
+    for count, tokens in [(3, 12), (5, 20)]:  # other batches and lengths than the calibration's
+        feeds = _ids_and_masks(count, tokens)
+        got, expected = small.run(None, feeds)[0], wanted.run(None, feeds)[0]
+        assert got.shape == expected.shape == (count, 32)
+        cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+        assert cosine.mean() > 0.9
+
