@@ -20,7 +20,12 @@ from torch import Tensor, nn
 from rankfold.data import GraphInput
 from rankfold.errors import RankfoldError, first_line
 from rankfold.evaluate import PACKED_BITS
-from rankfold.frontends import onnx_contrib, onnx_ops_attention, onnx_ops_field  # noqa: F401 (they register their ops in OPS)
+from rankfold.frontends import (  # noqa: F401 (the op modules register their ops in OPS)
+    onnx_contrib,
+    onnx_ops_attention,
+    onnx_ops_field,
+    onnx_ops_signal,
+)
 from rankfold.frontends.onnx_ops import OPS, STRAIGHT_THROUGH, padded_sizes, same_pads, torch_pad_order
 from rankfold.frontends.packing import Packing, packed_model
 
