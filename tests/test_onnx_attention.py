@@ -170,3 +170,33 @@ def test_a_bert_exported_at_opset_23_compresses_every_linear_and_keeps_batch_and
         cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
         assert cosine.mean() > 0.9
 
+
+class NormalizedEncoder(TinyEncoder):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(super().forward(ids, mask), dim=-1)
+
+
+@pytest.mark.parametrize("encoder, name, embedding", [
+    (NormalizedEncoder, "out", True),  # divided by its own L2 norm
+    (TinyEncoder, "image_embeds", True),  # named as one
+    (TinyEncoder, "scores", False),  # a vector the data reads as class scores
+])
+def test_an_onnx_encoders_embedding_output_is_checked_by_cosine_not_by_argmax(tmp_path, capsys, encoder, name,
+                                                                              embedding):
+    pytest.importorskip("transformers")
+    path, calib = tmp_path / "encoder.onnx", tmp_path / "calib.npz"
+    example = tuple(torch.from_numpy(v) for v in _ids_and_masks(2, 12).values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(encoder(), example, str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=[name],
+                          dynamic_axes={"input_ids": {0: "n"}, "attention_mask": {0: "n"}, name: {0: "n"}})
+    module = rankfold.load_onnx(path)
+    assert tuple(getattr(module, "output_kinds", ()) or ()) == (("embedding",) if embedding else ())
+    np.savez(calib, **_ids_and_masks(64, 12))
+    from rankfold.cli import main
+
+    main(["compress", str(path), "--calib", str(calib), "--keep", "0.95", "--max-output-error", "1",
+          "--min-agreement", "0", "-o", str(tmp_path / "small.onnx")])
+    said = capsys.readouterr().out
+    assert ("embedding cosine" in said) == embedding and ("top-1 agreement" in said) != embedding, said

@@ -70,7 +70,7 @@ class Step:
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
                   "size_reason", "declared_outputs", "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note",
-                  "widened_note", "packing")
+                  "widened_note", "packing", "output_kinds")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -707,6 +707,9 @@ class _Converter:
             if name in self.consts and not any(name in s.outputs for s in self.module.steps):
                 self.module.steps.append(Step("Identity", [name], [name]))
                 self._need_buffer(name)
+        kinds = embedding_outputs(self.graph)
+        if any(kinds):  # the self-check, the planner and distillation read these as embeddings
+            self.module.output_kinds = kinds
         return self.module.eval()
 
     # -- helpers --------------------------------------------------------------------------
@@ -1073,6 +1076,48 @@ class GatheredTable(nn.Embedding):
     def forward(self, ids: Tensor) -> Tensor:
         ids = ids.long()
         return super().forward(torch.where(ids < 0, ids + self.num_embeddings, ids))
+
+
+# Ops between a value and the norm it is divided by (F.normalize: ReduceL2 -> Clip -> Expand -> Div)
+_NORM_PATH = {"Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Cast", "Sqrt", "Identity", "ReduceL2",
+              "ReduceSum", "ReduceSumSquare", "Mul", "Pow", "Reciprocal"}
+
+
+def embedding_outputs(graph: onnx.GraphProto) -> tuple[str | None, ...]:
+    """"embedding" for each graph output that is a vector the data cannot tell from class scores:
+    one the graph divides by its own L2 norm (LpNormalization p=2, a Div or Mul by a ReduceL2 or
+    Sqrt(ReduceSum(x * x)) of it, as sentence and face encoders end), or a 2-D output named as
+    one ("sentence_embedding", "image_embeds"). None for the others: their kind is read from the data."""
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def through_passthrough(name: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Identity", "Cast") and node.input[0] in producer:
+            node = producer[node.input[0]]
+        return node
+
+    def norm_of(name: str, depth: int = 6) -> bool:
+        node = producer.get(name)
+        if node is None or depth == 0 or node.op_type not in _NORM_PATH:
+            return False
+        if node.op_type in ("ReduceL2", "Sqrt"):
+            return True
+        return any(norm_of(i, depth - 1) for i in node.input if i)
+
+    kinds: list[str | None] = []
+    for value in graph.output:
+        dims = value.type.tensor_type.shape.dim if value.type.tensor_type.HasField("shape") else None
+        node = through_passthrough(value.name)
+        p = next((a.i for a in node.attribute if a.name == "p"), 2) if node is not None else 0
+        normalized = node is not None and (
+            (node.op_type == "LpNormalization" and p == 2)
+            or (node.op_type == "Div" and norm_of(node.input[1]))
+            or (node.op_type == "Mul" and any(producer.get(i) is not None and producer[i].op_type in
+                                              ("Reciprocal", "Div") and norm_of(producer[i].input[-1])
+                                              for i in node.input)))
+        named = "embed" in value.name.lower() and (dims is None or len(dims) == 2)
+        kinds.append("embedding" if normalized or named else None)
+    return tuple(kinds)
 
 
 def _fixed_batch(inputs) -> int | None:

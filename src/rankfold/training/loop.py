@@ -280,7 +280,7 @@ def _output_kinds(teacher: nn.Module, probe: Tensor) -> list[str]:
     declared = tuple(getattr(teacher, "output_kinds", ()) or ())
     with torch.no_grad():
         outputs = model_outputs(teacher(as_input(probe)))
-    return [declared[i] if i < len(declared) else output_kind(y) for i, y in enumerate(outputs)]
+    return [(declared[i] if i < len(declared) else None) or output_kind(y) for i, y in enumerate(outputs)]
 
 
 def _optimizer(params: list, config: FinetuneConfig) -> torch.optim.Optimizer:
