@@ -373,3 +373,130 @@ def test_a_qoperator_file_resizing_and_pooling_its_codes_reads_as_onnxruntime_ru
     module = rankfold.load_onnx(path)
     assert np.abs(module(torch.from_numpy(x)).detach().numpy() - theirs).max() <= 1e-5 * np.abs(theirs).max()
     assert len(_layers(module)) == 4
+
+
+def _feeds_file(tmp_path, node, feeds: dict, inits=(), outputs=("y",)) -> str:
+    rank = next(iter(feeds.values())).ndim
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
+             np.dtype(np.int32): TensorProto.INT32}
+    graph = helper.make_graph(
+        [node], "contrib", [helper.make_tensor_value_info(k, types[v.dtype], list(v.shape)) for k, v in feeds.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * (rank if i == 0 else 4))
+         for i, name in enumerate(outputs)], list(inits))
+    path = str(tmp_path / "contrib.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), path)
+    return path
+
+
+def _key_mask(batch, keys):
+    mask = np.ones((batch, keys), np.int32)
+    mask[1, keys - 2:] = 0
+    return mask
+
+
+B, S, L, N, SIZE = 2, 5, 7, 2, 8
+# name -> (node, feeds, constants, outputs)
+ATTENTION_CASES = {
+    "q, k, v with a bias, a key padding mask and an attention bias": (
+        _ms("MultiHeadAttention", ["q", "k", "v", "bias", "mask", "extra"], ["y"], num_heads=N),
+        dict(q=RNG.normal(size=(B, S, N * SIZE)).astype(np.float32),
+             k=RNG.normal(size=(B, L, N * SIZE)).astype(np.float32),
+             v=RNG.normal(size=(B, L, N * 12)).astype(np.float32), mask=_key_mask(B, L),
+             extra=RNG.normal(size=(1, N, S, L)).astype(np.float32)),
+        [_floats("bias", 2 * N * SIZE + N * 12)], ("y",)),
+    "k, v per head (cross-attention), key lengths, a scale": (
+        _ms("MultiHeadAttention", ["q", "k", "v", "", "lengths"], ["y"], num_heads=N, scale=0.2),
+        dict(q=RNG.normal(size=(B, S, N * SIZE)).astype(np.float32),
+             k=RNG.normal(size=(B, N, L, SIZE)).astype(np.float32),
+             v=RNG.normal(size=(B, N, L, SIZE)).astype(np.float32), lengths=np.array([L, 3], np.int32)),
+        [], ("y",)),
+    "unidirectional after a past cache, the presents": (
+        _ms("MultiHeadAttention", ["q", "k", "v", "", "", "", "past_k", "past_v"], ["y", "present_k", "present_v"],
+            num_heads=N, unidirectional=1),
+        dict(q=RNG.normal(size=(B, S, N * SIZE)).astype(np.float32),
+             k=RNG.normal(size=(B, S, N * SIZE)).astype(np.float32),
+             v=RNG.normal(size=(B, S, N * SIZE)).astype(np.float32),
+             past_k=RNG.normal(size=(B, N, 3, SIZE)).astype(np.float32),
+             past_v=RNG.normal(size=(B, N, 3, SIZE)).astype(np.float32)), [], ("y", "present_k", "present_v")),
+    "rotary embedding, position ids": (
+        _ms("RotaryEmbedding", ["x", "ids", "cos", "sin"], ["y"], num_heads=N),
+        dict(x=RNG.normal(size=(B, S, N * SIZE)).astype(np.float32), ids=RNG.integers(0, 16, (B, S))),
+        [_floats("cos", 16, SIZE // 2), _floats("sin", 16, SIZE // 2)], ("y",)),
+    "rotary embedding, interleaved, one offset": (
+        _ms("RotaryEmbedding", ["x", "offset", "cos", "sin"], ["y"], interleaved=1),
+        dict(x=RNG.normal(size=(B, N, S, SIZE)).astype(np.float32), offset=np.array([4], np.int64)),
+        [_floats("cos", 16, SIZE // 2), _floats("sin", 16, SIZE // 2)], ("y",)),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_multi_head_attention_and_rotary_embedding_compute_what_onnxruntime_computes(tmp_path, case):
+    node, feeds, inits, outputs = ATTENTION_CASES[case]
+    path = _feeds_file(tmp_path, node, feeds, inits, outputs)
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+    ours = rankfold.load_onnx(path)(*(torch.from_numpy(v) for v in feeds.values()))
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    for got, wanted in zip(ours, theirs, strict=True):
+        assert np.abs(got.detach().numpy() - wanted).max() <= 1e-4 * max(1.0, np.abs(wanted).max()), case
+
+
+def test_the_projections_before_a_multi_head_attention_are_layers(tmp_path):
+    x = RNG.normal(size=(B, S, HIDDEN)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"] + [
+        _ms("MultiHeadAttention", ["q", "k", "v", "bias"], ["a"], num_heads=N),
+        helper.make_node("MatMul", ["a", "wo"], ["y"])]
+    inits = [_floats(f"w{p}", HIDDEN, N * SIZE) for p in "qkv"] + [_floats("bias", 3 * N * SIZE),
+                                                                   _floats("wo", N * SIZE, HIDDEN)]
+    path = str(tmp_path / "mha.onnx")
+    onnx.save(_model(nodes, inits, ["n", S, HIDDEN], 3), path)
+    module = rankfold.load_onnx(path)
+    assert len(_layers(module)) == 4
+    from rankfold.evaluate import onnx_macs
+
+    projections, scores_and_mix = 4 * S * HIDDEN * N * SIZE, S * S * 2 * N * SIZE
+    assert onnx_macs(onnx.load(path)) == projections + scores_and_mix
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(module(torch.from_numpy(x)).detach().numpy() - theirs).max() < 1e-4 * np.abs(theirs).max()
+
+
+def test_a_packed_multi_head_attention_is_refused_by_name(tmp_path):
+    feeds = dict(qkv=RNG.normal(size=(B, S, N, 3, SIZE)).astype(np.float32))
+    path = _feeds_file(tmp_path, _ms("MultiHeadAttention", ["qkv"], ["y"], num_heads=N), feeds)
+    with pytest.raises(RankfoldError, match="MultiHeadAttention node .*packed in one input"):
+        rankfold.load_onnx(path)
+
+
+def test_a_multi_head_attention_encoder_written_again_takes_other_token_counts(tmp_path):
+    """Token ids and a padding mask in (key lengths for MultiHeadAttention): the compressed file
+    keeps the token axis open and computes at another length what the original does."""
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"]),
+             *[helper.make_node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"],
+             helper.make_node("ReduceSum", ["mask", "one"], ["count"], keepdims=0),
+             helper.make_node("Cast", ["count"], ["lengths"], to=TensorProto.INT32),
+             _ms("MultiHeadAttention", ["q", "k", "v", "bias", "lengths"], ["a"], num_heads=N),
+             helper.make_node("MatMul", ["a", "wo"], ["o"]),
+             helper.make_node("ReduceMean", ["o"], ["y"], axes=[1], keepdims=0)]
+    inits = [_floats("table", 30, HIDDEN), *[_floats(f"w{p}", HIDDEN, N * SIZE) for p in "qkv"],
+             _floats("bias", 3 * N * SIZE), _floats("wo", N * SIZE, HIDDEN), _init("one", np.array([1]))]
+    graph = helper.make_graph(nodes, "encoder", [helper.make_tensor_value_info(name, TensorProto.INT64, ["n", "t"])
+                                                 for name in ("ids", "mask")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", HIDDEN])], inits)
+    original, calib, out = tmp_path / "mha.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(original))
+
+    def feeds(count, tokens):
+        mask = (np.arange(tokens)[None, :] < RNG.integers(2, tokens + 1, (count, 1))).astype(np.int64)
+        return {"ids": RNG.integers(0, 30, (count, tokens)) * mask, "mask": mask}
+
+    np.savez(calib, **feeds(64, 12))
+    from rankfold.cli import main
+
+    assert main(["compress", str(original), "--calib", str(calib), "--keep", "0.9", "--max-output-error", "1",
+                 "-o", str(out), "-q"]) == 0
+    x = feeds(3, 7)
+    got = ort.InferenceSession(str(out)).run(None, x)[0]
+    wanted = ort.InferenceSession(str(original)).run(None, x)[0]
+    assert got.shape == wanted.shape == (3, HIDDEN)
+    assert np.abs(got - wanted).max() < 0.5 * np.abs(wanted).max()

@@ -218,9 +218,11 @@ def _graph_macs(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> int:
         if node.op_type in RECURRENT_OPS:  # sized by its input: ONNX cannot infer a contrib op's output
             total += _recurrent_macs(node, shapes)
             continue
-        if node.op_type in ("Attention", "QAttention"):  # sized by its input (its output is often left open)
+        if node.op_type in ("Attention", "QAttention", "MultiHeadAttention"):  # sized by their inputs
             standard = node.domain in ("", "ai.onnx")
-            total += (_standard_attention_macs if standard else _attention_macs)(node, shapes)
+            count = _multi_head_attention_macs if node.op_type == "MultiHeadAttention" else \
+                _standard_attention_macs if standard else _attention_macs
+            total += count(node, shapes)
             continue
         out = shapes.get(node.output[0])
         if not out or min(out) < 1:  # left open (0, or -1 from a symbolic inference): not counted
@@ -265,6 +267,18 @@ def _standard_attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]])
     attrs = {a.name: a.i for a in node.attribute}
     query_heads, key_heads = attrs.get("q_num_heads", 1), attrs.get("kv_num_heads", 1)
     return q[0] * q[1] * keys * (q[2] + v[2] * query_heads // key_heads)
+
+
+def _multi_head_attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """onnxruntime's MultiHeadAttention on projected q (batch, S, hidden) and k, v (batch, L,
+    hidden) or (batch, heads, L, size): the scores and their mix with v, over any past cache."""
+    q, k, v = (shapes.get(name) if name else None for name in list(node.input[:3]) + [""] * (3 - len(node.input)))
+    if not q or not k or not v or len(q) != 3 or min(q + k + v) < 1:
+        return 0
+    past = shapes.get(node.input[6]) if len(node.input) > 6 and node.input[6] else None
+    keys = (k[1] if len(k) == 3 else k[2]) + (past[2] if past and min(past) >= 1 else 0)
+    values = v[2] if len(v) == 3 else v[1] * v[3]
+    return q[0] * q[1] * keys * (q[2] + values)
 
 
 # Recurrences whose input weights W and recurrent weights R are inputs 1 and 2, and whose input

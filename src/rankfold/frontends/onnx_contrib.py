@@ -362,6 +362,56 @@ def _embed_layer_norm(r: Rewriting) -> None:
         r.emit("EmbedLayerNormalization:mask-index", [r.input(7)], r.output(1))
 
 
+@rewrites("MultiHeadAttention")
+def _multi_head_attention(r: Rewriting) -> None:
+    """onnxruntime's MultiHeadAttention (its optimizer writes it for ViT, CLIP, SAM and Whisper
+    blocks) as the standard Attention it computes: q, k, v (batch, S, hidden), or k, v per head
+    (batch, heads, L, size) made so; the bias added to each; a key padding mask (lengths, or
+    0/1 per key) as mask_filter_value added where a key is masked, plus attention_bias;
+    unidirectional as causal after any past cache; the past and present caches."""
+    if r.input(8) or r.input(9):
+        raise r.refuse("it has past_sequence_length or cache_indirection (a beam search's cache)")
+    r.unread(3)
+    if not r.input(1) or not r.input(2):
+        raise r.refuse("its q, k, v or k, v are packed in one input (onnxruntime runs that on GPUs only)")
+    heads = int(r.attr("num_heads"))
+    q = r.input(0)
+    k, v = (r.emit("MultiHeadAttention:flat", [r.input(i)], r.value(part)) for i, part in ((1, "k"), (2, "v")))
+    if r.input(3):
+        q, k, v = (r.emit("MultiHeadAttention:bias", [q, k, v, r.input(3)], r.value(f"{part}_biased"), part=index)
+                   for index, part in enumerate("qkv"))
+    mask = ""
+    if r.input(4):
+        mask = r.emit("MultiHeadAttention:mask", [r.input(4), q, k] + ([r.input(6)] if r.input(6) else []),
+                      r.value("mask_bias"), mask_filter_value=float(r.attr("mask_filter_value", -10000.0)))
+    if r.input(5):
+        mask = r.emit("Add", [mask, r.input(5)], r.value("with_bias")) if mask else r.input(5)
+    attrs = {"q_num_heads": heads, "kv_num_heads": heads, "is_causal": int(r.attr("unidirectional", 0))}
+    if r.attr("scale", None):
+        attrs["scale"] = float(r.attr("scale"))
+    outputs = [r.output(i) for i in range(3)]
+    while outputs and not outputs[-1]:
+        outputs.pop()
+    r.nodes.append(helper.make_node("Attention", [q, k, v, mask, r.input(6), r.input(7)], outputs,
+                                    name=f"{r.stem}:Attention", **attrs))
+
+
+@rewrites("RotaryEmbedding")
+def _contrib_rotary_embedding(r: Rewriting) -> None:
+    """onnxruntime's RotaryEmbedding (input, position_ids, cos_cache, sin_cache) as the standard
+    one (input, cos_cache, sin_cache, position_ids); a single position id is the first token's."""
+    if r.attr("is_packed_batching", 0):
+        raise r.refuse("is_packed_batching is set")
+    if float(r.attr("scale", 1.0)) != 1.0:
+        raise r.refuse("its scale is not 1")
+    positions = r.emit("RotaryEmbedding:positions", [r.input(0), r.input(1)], r.value("positions"))
+    attrs = {"interleaved": int(r.attr("interleaved", 0))}
+    for name in ("num_heads", "rotary_embedding_dim"):
+        if r.attr(name, 0):
+            attrs[name] = int(r.attr(name))
+    r.nodes.append(helper.make_node("RotaryEmbedding", [r.input(0), r.input(2), r.input(3), positions],
+                                    [r.output(0)], name=f"{r.stem}:RotaryEmbedding", **attrs))
+
 # ---- onnxruntime's dynamic quantization of fused BERT blocks (quantize_dynamic after its optimizer)
 
 def _dequantized_constant(r: Rewriting, q: int, scale: int, zero: int) -> Tensor:

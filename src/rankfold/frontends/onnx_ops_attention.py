@@ -27,8 +27,10 @@ def _padded_mask(mask: Tensor, keys: int) -> Tensor:
     ones masked, as the spec pads it); a boolean mask marks the keys to attend."""
     if mask.dtype == torch.bool:
         mask = torch.where(mask, 0.0, float("-inf"))
-    missing = keys - mask.shape[-1]
-    if isinstance(missing, Tensor) or missing > 0:
+    # decided on the sizes at hand (while the exporter traces, a mask as long as the keys must not
+    # become a pad computed from sizes: one size read as a constant there would bake it)
+    missing = int(keys) - int(mask.shape[-1])
+    if missing > 0:
         pad = torch.full((*mask.shape[:-1], missing), float("-inf"), dtype=mask.dtype, device=mask.device)
         mask = torch.cat([mask, pad], dim=-1)
     return mask
@@ -115,3 +117,56 @@ def _rotary_embedding(vals, attrs):
     rotated = torch.stack([real, imaginary], dim=-1).flatten(-2) if interleaved else torch.cat([real, imaginary], -1)
     out = torch.cat([rotated, kept], dim=-1)
     return [out.flatten(2) if flat else out.transpose(1, 2)]
+
+
+# ---- onnxruntime's MultiHeadAttention and RotaryEmbedding (onnx_contrib rewrites them) -----------
+
+@op("MultiHeadAttention:flat")
+def _flat_heads(vals, attrs):
+    """k or v as (batch, S, hidden): per head (batch, heads, S, size) is put tokens first."""
+    x = vals[0]
+    if x.ndim == 4:
+        return [x.transpose(1, 2).flatten(2)]
+    if x.ndim != 3:
+        raise ValueError(f"a key or value of shape {tuple(x.shape)}: packed ones run on GPUs only in onnxruntime, "
+                         "rankfold reads (batch, S, hidden) and (batch, heads, S, size)")
+    return [x]
+
+
+@op("MultiHeadAttention:bias")
+def _biased(vals, attrs):
+    """q, k or v (by `part`) plus its share of the packed (q + k + v) bias."""
+    q, k, v, bias = vals
+    sizes = [q.shape[-1], k.shape[-1], v.shape[-1]]
+    part = attrs.get("part", 0)
+    start = sum(sizes[:part])
+    return [(q, k, v)[part] + bias[start : start + sizes[part]]]
+
+
+@op("MultiHeadAttention:mask")
+def _key_padding_bias(vals, attrs):
+    """The key padding mask as an additive bias over every key (a past cache's first): lengths
+    (batch,) or 0/1 per key (batch, T) give (batch, 1, 1, T), 0/1 per query and key (batch, S, T)
+    gives (batch, 1, S, T); mask_filter_value where a key is masked."""
+    mask, q, k = vals[:3]
+    keys = k.shape[1] + (vals[3].shape[2] if len(vals) > 3 and vals[3] is not None else 0)
+    if mask.ndim == 1:
+        keep = torch.arange(keys, device=mask.device).reshape(1, -1) < mask.reshape(-1, 1)
+    elif mask.ndim in (2, 3):
+        keep = mask != 0
+    else:
+        raise ValueError(f"a key padding mask of shape {tuple(mask.shape)} (read: (batch,), (batch, keys), "
+                         "(batch, queries, keys))")
+    keep = keep.reshape(keep.shape[0], 1, -1, keep.shape[-1])
+    return [torch.where(keep, 0.0, attrs.get("mask_filter_value", -10000.0)).to(q.dtype)]
+
+
+@op("RotaryEmbedding:positions")
+def _rotary_positions(vals, attrs):
+    """Position ids (batch, S), from onnxruntime's (batch, S) ids or one offset (the first token's)."""
+    x, ids = vals
+    if ids.numel() != 1:
+        return [ids]
+    tokens = x.shape[1] if x.ndim == 3 else x.shape[2]
+    offset = ids.reshape(()).to(torch.int64)
+    return [(offset + torch.arange(tokens, device=x.device)).reshape(1, -1).expand(x.shape[0], -1)]
