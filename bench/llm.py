@@ -9,6 +9,8 @@ its sentence embeddings to the original's on 500 held-back sentences of the Pyth
     PYTHONPATH=. python -m bench.llm --mlp-keep 0.5 --only mlp-keep --out bench/results/llm-mlp.json
     PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --only ONNX --out bench/results/llm-onnx.json
     PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --fused --only ONNX --out bench/results/llm-onnx-fused.json
+    PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --fused --multi-head --only ONNX \
+        --out bench/results/llm-onnx-fused-mha.json
     PYTHONPATH=. python -m bench.llm --cuts 0.2,0.5 --onnx --opset 23 --only ONNX \
         --out bench/results/llm-onnx-opset23.json
 
@@ -158,13 +160,16 @@ def _mean_cosine(got: np.ndarray, wanted: np.ndarray) -> float:
     return float(np.mean((got * wanted).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(wanted, axis=1)))
 
 
-def fused_by_onnxruntime(model: torch.nn.Module, example: tuple, names: list[str], path: str) -> dict[str, int]:
+def fused_by_onnxruntime(model: torch.nn.Module, example: tuple, names: list[str], path: str,
+                         multi_head: bool = False) -> dict[str, int]:
     """The encoder exported with eager attention and fused by onnxruntime's transformer optimizer
     (as Optimum and its BERT tutorial do): Attention, EmbedLayerNormalization, SkipLayerNormalization,
-    BiasGelu. Returns the counts of its fused ops."""
+    BiasGelu; with `multi_head`, MultiHeadAttention after the q, k, v MatMuls instead of Attention
+    (as it fuses ViT, CLIP and Whisper). Returns the counts of its fused ops."""
     import warnings
 
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
     raw = path.replace(".onnx", "-eager.onnx")
     model.encoder.set_attn_implementation("eager")
@@ -178,8 +183,10 @@ def fused_by_onnxruntime(model: torch.nn.Module, example: tuple, names: list[str
     finally:
         model.encoder.set_attn_implementation("sdpa")
     config = model.encoder.config
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = multi_head
     fused = optimizer.optimize_model(raw, model_type="bert", num_heads=config.num_attention_heads,
-                                     hidden_size=config.hidden_size, opt_level=1)
+                                     hidden_size=config.hidden_size, opt_level=1, optimization_options=options)
     fused.save_model_to_file(path)
     counts: dict[str, int] = {}
     for node in fused.model.graph.node:
@@ -189,7 +196,8 @@ def fused_by_onnxruntime(model: torch.nn.Module, example: tuple, names: list[str
 
 
 def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_count: int, work: str,
-              total: int, linear: int, fused: bool = False, opset: int = 17) -> list[dict]:
+              total: int, linear: int, fused: bool = False, opset: int = 17,
+              multi_head: bool = False) -> list[dict]:
     """MiniLM as an ONNX file with two per-sample inputs, compressed by the CLI (rankfold compress)
     at each cut of its Linear parameters and at 30 % of its weight bytes (a QDQ file). With `fused`,
     the file onnxruntime's transformer optimizer makes of it (fused_by_onnxruntime) instead; at
@@ -225,8 +233,8 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
                                             "sentence_embedding": {0: "batch"}})
     kind = "ONNX file (ids + padding mask)" + (f", opset {opset} (Attention nodes)" if opset >= 23 else "")
     if fused:
-        plain, original = original, os.path.join(work, "minilm-fused.onnx")
-        counts = fused_by_onnxruntime(model, example, list(held), original)
+        plain, original = original, os.path.join(work, f"minilm-fused{'-mha' if multi_head else ''}.onnx")
+        counts = fused_by_onnxruntime(model, example, list(held), original, multi_head)
         kind = f"ONNX file fused by onnxruntime ({', '.join(f'{op} x{n}' for op, n in sorted(counts.items()))})"
         unfused = session(plain).run(None, held)[0]
     wanted = session(original).run(None, held)[0]
@@ -243,7 +251,8 @@ def onnx_rows(model: torch.nn.Module, directory: str, cuts: list[float], calib_c
                  ["--max-weight-bytes", "30%", "--group-size", "32"]))
     rows = []
     for name, cut, budget in runs:
-        out = os.path.join(work, f"minilm-{'fused-' if fused else ''}{opset}-{len(rows)}.onnx")
+        out = os.path.join(work, f"minilm-{'fused-' if fused else ''}{'mha-' if multi_head else ''}{opset}-"
+                                 f"{len(rows)}.onnx")
         command = [sys.executable, "-m", "bench.peak", "compress", original, "--calib", calib, "-o", out, "--force",
                    "--check", "cosine:0.5", "-q", *budget]
         t0 = time.time()
@@ -289,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused", action="store_true",
                         help="with --onnx: the file as onnxruntime's transformer optimizer fuses it (Attention, "
                              "EmbedLayerNormalization, SkipLayerNormalization, BiasGelu)")
+    parser.add_argument("--multi-head", action="store_true",
+                        help="with --fused: fused with MultiHeadAttention after the q, k, v MatMuls (as onnxruntime "
+                             "fuses ViT, CLIP and Whisper) instead of Attention")
     parser.add_argument("--opset", type=int, default=17,
                         help="with --onnx: the opset to export at (23 or later: torch.onnx's dynamo exporter, one "
                              "standard Attention node a block)")
@@ -322,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     cuts = [float(c) for c in args.cuts.split(",") if c]
     if args.onnx:
         rows += onnx_rows(model, directory, cuts, args.calib, args.work, total, linear, fused=args.fused,
-                          opset=args.opset)
+                          opset=args.opset, multi_head=args.multi_head)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     stats: dict = {}  # the original's layer statistics, shared by the uncompensated baselines
     for cut in cuts:
