@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,7 +19,8 @@ from rankfold.settings import (
     calibration_batch,
 )
 
-CLASS_KINDS = ("classes", "sequence", "distribution", "labels")  # labels: integer or boolean outputs
+# labels: integer or boolean outputs; selected: rows a graph selects, as many as the data asks for
+CLASS_KINDS = ("classes", "sequence", "distribution", "labels", "selected")
 
 
 def default_rules(kind: str, min_agreement: float, max_output_error: float) -> list[CheckRule]:
@@ -117,6 +119,8 @@ class Agreement:
                 top1 += f"sequences read alike {o.metrics['sequence']:.1%}, "
             if o.kind == "scores":
                 top1 += f"score IoU@{DEFAULT_IOU_AT:g} {o.metrics[f'iou@{DEFAULT_IOU_AT:g}']:.1%}, "
+            if o.kind == "selected":  # top-1 above counts it too: the rows both select over either's
+                top1 += f"rows selected alike {o.metrics['top1']:.1%}, "
             if o.kind == "next_token":
                 top1 += (f"perplexity {o.metrics['perplexity_candidate']:.3f} against the original's "
                          f"{o.metrics['perplexity_original']:.3f} (x{o.metrics['perplexity']:.3f}), "
@@ -171,6 +175,9 @@ class _Tally:
         if self.kind == "next_token":
             self._add_next_token(y, y_hat, ids)
             return
+        if self.kind == "selected" or _selected_rows(y, y_hat):
+            self._add_selected(y, y_hat)
+            return
         if y.ndim == 0:  # one value over the whole batch (a confidence reduced over every axis)
             y, y_hat = y.reshape(1, 1), y_hat.reshape(1, 1)
         if self.sample_axis is None:
@@ -211,6 +218,18 @@ class _Tally:
             self.both[level] = self.both.get(level, 0) + _per_channel(on & on_hat, axis)
             self.either[level] = self.either.get(level, 0) + _per_channel(on | on_hat, axis)
 
+    def _add_selected(self, y: Tensor, y_hat: Tensor) -> None:
+        """Rows a graph selects, as many as the data asks for (NonMaxSuppression's (sample, class,
+        box) triples, NonZero's indices): the rows both select (as a multiset) over the rows either
+        does, a batch's selection alike or not."""
+        self.kind = "selected"
+        wanted, got = (Counter(map(tuple, t.reshape(t.shape[0], -1).tolist())) for t in (y, y_hat))
+        both = sum((wanted & got).values())
+        self.top1_hits += both
+        self.positions += sum(wanted.values()) + sum(got.values()) - both
+        self.sequence_hits += int(wanted == got)
+        self.samples += 1
+
     def _add_next_token(self, y: Tensor, y_hat: Tensor, ids: Tensor | None) -> None:
         """Logits (N, T, vocabulary) of a causal language model on full windows of `ids`: position t
         predicts id t+1. Streams per sample in float32 (a batch's float64 logits would take GBs)."""
@@ -235,10 +254,10 @@ class _Tally:
     def result(self, index: int, name: str | None) -> OutputAgreement:
         if self.kind == "next_token":
             return self._next_token_result(index, name)
-        if self.kind == "labels":  # its relative error: the share of values that differ
+        if self.kind in ("labels", "selected"):  # its relative error: the share of values that differ
             alike = self.top1_hits / max(self.positions, 1)
             metrics = {"top1": alike, "relerr": 1.0 - alike, "sequence": self.sequence_hits / max(self.samples, 1)}
-            return OutputAgreement(index, alike, 1.0 - alike, "labels", name, metrics)
+            return OutputAgreement(index, alike, 1.0 - alike, self.kind, name, metrics)
         # Score channels: the original's values all in [0, 1]. Box coordinates in pixels are above
         # any level everywhere and outweigh the scores in any error pooled over both, so IoU is
         # taken over the score channels alone, and relative error over each group apart (the worse).
@@ -274,6 +293,15 @@ class _Tally:
         return OutputAgreement(index, None, rel, "next_token", name, metrics)
 
 
+def _selected_rows(y: Tensor, y_hat: Tensor) -> bool:
+    """Whether an integer output is a list of selected rows whose count the data decides
+    (NonMaxSuppression, NonZero): rows of one width, as many as neither file can promise, so the
+    two counts differ (where they are equal, the rows are compared in order)."""
+    if y.dtype.is_floating_point or y_hat.dtype.is_floating_point or y.ndim != 2 or y_hat.ndim != 2:
+        return False
+    return y.shape[1] == y_hat.shape[1] and y.shape[0] != y_hat.shape[0]
+
+
 def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, batch_size: int | None = None,
               where: str = "held-back samples", rules: tuple[CheckRule, ...] = ()) -> Agreement:
     """Every metric on every output of `compressed` against `original`, batch by batch."""
@@ -297,7 +325,7 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
             for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
                 if y.ndim == 0 and y_hat.numel() == 1:  # a 0-d value, as onnxruntime's batched runs stack it
                     y_hat = y_hat.reshape(())
-                if y.shape != y_hat.shape:
+                if y.shape != y_hat.shape and not _selected_rows(y, y_hat):
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
                                         f"is {tuple(y.shape)}")
                 tally.add(y, y_hat, batch, int(batch.shape[0]))
@@ -379,6 +407,9 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
                 what = "agrees with the original's top-1 on only " + (
                     _of_samples(value, check) if out.kind == "classes" else
                     f"{value:.1%} of its positions over {check.samples} {check.where}")
+                if out.kind == "selected":
+                    what = (f"selects {value:.1%} of the rows it or the original selects alike (a set of rows, as "
+                            f"NonMaxSuppression or NonZero select them) on {check.samples} {check.where}")
                 raise RankfoldError(
                     f"self-check failed: {name} {what} (minimum {min_agreement:.0%}); nothing was written. Loosen "
                     "the budgets, or lower --min-agreement to accept it")
