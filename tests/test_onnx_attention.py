@@ -200,3 +200,19 @@ def test_an_onnx_encoders_embedding_output_is_checked_by_cosine_not_by_argmax(tm
           "--min-agreement", "0", "-o", str(tmp_path / "small.onnx")])
     said = capsys.readouterr().out
     assert ("embedding cosine" in said) == embedding and ("top-1 agreement" in said) != embedding, said
+
+
+@pytest.mark.parametrize("batch_norm_last, embedding", [(True, True), (False, False)])
+def test_a_face_embedding_ending_in_batch_norm_reads_as_an_embedding(tmp_path, batch_norm_last, embedding):
+    """ArcFace's and MobileFaceNet's exports end in a BatchNormalization of the embedding (its
+    output named "fc1" or a number); a classifier ends in its Gemm."""
+    layers = [torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.PReLU(8), torch.nn.AdaptiveAvgPool2d(1),
+              torch.nn.Flatten(), torch.nn.Linear(8, 16)]
+    net = torch.nn.Sequential(*layers, *([torch.nn.BatchNorm1d(16)] if batch_norm_last else [])).eval()
+    path = tmp_path / "face.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 12, 12),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["fc1"], dynamic_axes={"x": {0: "n"}, "fc1": {0: "n"}})
+    kinds = tuple(getattr(rankfold.load_onnx(path), "output_kinds", ()) or ())
+    assert kinds == (("embedding",) if embedding else ())

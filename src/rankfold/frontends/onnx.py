@@ -1086,13 +1086,15 @@ _NORM_PATH = {"Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Cast", "S
 def embedding_outputs(graph: onnx.GraphProto) -> tuple[str | None, ...]:
     """"embedding" for each graph output that is a vector the data cannot tell from class scores:
     one the graph divides by its own L2 norm (LpNormalization p=2, a Div or Mul by a ReduceL2 or
-    Sqrt(ReduceSum(x * x)) of it, as sentence and face encoders end), or a 2-D output named as
-    one ("sentence_embedding", "image_embeds"). None for the others: their kind is read from the data."""
+    Sqrt(ReduceSum(x * x)) of it, as sentence and face encoders end), a 2-D output a
+    BatchNormalization makes (ArcFace's and MobileFaceNet's face embeddings end so; a classifier's
+    scores come from a Gemm or a softmax), or a 2-D output named as one ("sentence_embedding",
+    "image_embeds"). None for the others: their kind is read from the data."""
     producer = {out: node for node in graph.node for out in node.output}
 
-    def through_passthrough(name: str) -> onnx.NodeProto | None:
+    def through_passthrough(name: str, ops: tuple[str, ...] = ("Identity", "Cast")) -> onnx.NodeProto | None:
         node = producer.get(name)
-        while node is not None and node.op_type in ("Identity", "Cast") and node.input[0] in producer:
+        while node is not None and node.op_type in ops and node.input[0] in producer:
             node = producer[node.input[0]]
         return node
 
@@ -1116,7 +1118,10 @@ def embedding_outputs(graph: onnx.GraphProto) -> tuple[str | None, ...]:
                                               ("Reciprocal", "Div") and norm_of(producer[i].input[-1])
                                               for i in node.input)))
         named = "embed" in value.name.lower() and (dims is None or len(dims) == 2)
-        kinds.append("embedding" if normalized or named else None)
+        reshaped = through_passthrough(value.name, ("Identity", "Cast", "Flatten", "Reshape", "Squeeze"))
+        batch_normed = dims is not None and len(dims) == 2 and reshaped is not None and \
+            reshaped.op_type == "BatchNormalization"
+        kinds.append("embedding" if normalized or named or batch_normed else None)
     return tuple(kinds)
 
 
