@@ -216,3 +216,59 @@ def test_a_face_embedding_ending_in_batch_norm_reads_as_an_embedding(tmp_path, b
                           input_names=["x"], output_names=["fc1"], dynamic_axes={"x": {0: "n"}, "fc1": {0: "n"}})
     kinds = tuple(getattr(rankfold.load_onnx(path), "output_kinds", ()) or ())
     assert kinds == (("embedding",) if embedding else ())
+
+
+class PatchEncoder(torch.nn.Module):
+    """A ViT-like classifier on nn.TransformerEncoder (batch first): torch's attention runs it
+    sequence-first inside, so its reshapes read the batch from axis 1, and it scales by the square
+    root of a head size read from a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches = torch.nn.Conv2d(3, 32, 4, 4)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.patches(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(8, 16, 3, padding=1)
+        self.gru = torch.nn.GRU(16, 24, batch_first=True, bidirectional=True)
+        self.head = torch.nn.Linear(48, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.gru(self.conv(x).transpose(1, 2))
+        return self.head(y[:, -1])
+
+
+@pytest.mark.parametrize("net, shape, dynamo", [(PatchEncoder, (3, 16, 16), False), (Recurrent, (8, 20), True)])
+def test_a_network_reading_its_batch_from_another_axis_is_written_for_any_batch(tmp_path, net, shape, dynamo):
+    """nn.TransformerEncoder as TorchScript exports it (before: a traceback, the square root of a
+    size read as a list) and a bidirectional GRU as the dynamo exporter writes it: both written
+    files take other batches (before: the batch baked in, the run refused)."""
+    original, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
+    example = torch.randn(2, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(net().eval(), (example,), str(original), dynamo=True, opset_version=18,
+                              input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+        else:
+            torch.onnx.export(net().eval(), (example,), str(original), dynamo=False, opset_version=17,
+                              input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    np.savez(calib, x=RNG.normal(size=(64, *shape)).astype(np.float32))
+    from rankfold.cli import main
+
+    assert main(["compress", str(original), "--calib", str(calib), "--keep", "0.8", "--max-output-error", "1",
+                 "--min-agreement", "0", "-o", str(out), "-q"]) == 0
+    x = RNG.normal(size=(5, *shape)).astype(np.float32)
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    wanted = ort.InferenceSession(str(original)).run(None, {"x": x})[0]
+    assert got.shape == wanted.shape and np.linalg.norm(got - wanted) < 0.5 * np.linalg.norm(wanted)

@@ -72,10 +72,18 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
             open_axes = {n: dict(a) for n, a in getattr(model, "dynamic_axes", {}).items() if a}
             try:
                 _export_traced(model, tmp, example_input, expected, names, open_axes, verify=verify, opset=opset)
+            except RankfoldError:
+                if open_axes:
+                    model.dynamic_axes = {}  # the sizes after the batch do not trace as symbols: fixed
+                    continue
+                # A batch read from another axis than the first (a sequence-first attention's
+                # (T, N, E) reshapes) traces as a constant: traced again with every size a symbol
+                _export_traced(model, tmp, example_input, expected, names, open_axes, verify=verify, opset=opset,
+                               trace_sizes=True)
             except Exception:
                 if not open_axes:
                     raise
-                model.dynamic_axes = {}  # the sizes after the batch do not trace as symbols: fixed
+                model.dynamic_axes = {}
                 continue
             fixed = _axes_fixed_in_the_file(model, tmp, example_input, open_axes.get(input_names[0], {})) \
                 if verify else {}
@@ -113,9 +121,10 @@ def _declare_output_sizes(path: str, declared: dict[str, list[int | None]], comp
 
 
 def _export_traced(model: nn.Module, tmp: str, example_input: Tensor, expected, names, open_axes, *,
-                   verify: bool, opset: int) -> None:
+                   verify: bool, opset: int, trace_sizes: bool = False) -> None:
     """Trace `model` into `tmp` with its batch and `open_axes` open, verified at the example (and
-    at other batches where the batch is open)."""
+    at other batches where the batch is open); `trace_sizes`: every size read as a symbol, not
+    only those of open axes."""
     from rankfold.frontends.onnx_ops import sizes_traced
 
     input_names, output_names = names
@@ -135,7 +144,7 @@ def _export_traced(model: nn.Module, tmp: str, example_input: Tensor, expected, 
     # failed at 16 in onnxruntime). Each trace is verified at 1, 2 and 3 samples where the batch is open.
     traces = [example_input] if not batch_axis or len(example_input) == 1 else [example_input, example_input[:1]]
     for attempt, trace in enumerate(traces):
-        with warnings.catch_warnings(), (sizes_traced() if open_axes else contextlib.nullcontext()):
+        with warnings.catch_warnings(), (sizes_traced() if open_axes or trace_sizes else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(

@@ -131,7 +131,7 @@ OPS["Equal"] = _binary(torch.eq, lambda a, b: int(a == b))
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> OpFn:
-    return lambda vals, attrs: [fn(vals[0])]
+    return lambda vals, attrs: [fn(vals[0] if isinstance(vals[0], Tensor) else tensor(vals[0]))]
 
 
 for _name, _fn in {
@@ -204,9 +204,10 @@ def _where(vals, attrs):
 @op("Cast")
 def _cast(vals, attrs):
     x = vals[0]
-    if is_shape(x):
-        return [x]
-    return [x.to(DTYPES[attrs["to"]])]
+    dtype = DTYPES[attrs["to"]]
+    if is_shape(x):  # sizes stay shape values, unless made floats (a head size's square root, a scale)
+        return [tensor(x).to(dtype) if dtype.is_floating_point else x]
+    return [x.to(dtype)]
 
 
 # ---- linear algebra and normalisation ---------------------------------------------------
