@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import rankfold
@@ -355,3 +355,26 @@ def test_export_verification_tells_float_noise_on_a_near_zero_output_from_a_real
     exporter._verify(str(tmp_path / "z.onnx"), x, noisy)
     with pytest.raises(RankfoldError, match="disagrees"):
         exporter._verify(str(tmp_path / "z.onnx"), x, ref * 1.01 + 0.01)
+
+
+def test_nodes_listed_out_of_order_are_read_in_an_order_that_computes(tmp_path):
+    """onnxruntime's float16 converter (keep_io_types) appends the input Casts after the nodes that
+    read them; onnxruntime runs such files, so rankfold reads them (the file is not changed). A
+    cycle is still refused."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["h", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"]),
+             helper.make_node("Sigmoid", ["x"], ["h"])]  # the first node's input, made last
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(_graph(nodes, inits=[w]), path)
+    before = path.read_bytes()
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    module = rankfold.load_onnx(path)
+    wanted = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(module(torch.from_numpy(x)).detach().numpy(), wanted, atol=1e-6)
+    assert [m for m in module.modules() if isinstance(m, nn.Linear)]
+    assert path.read_bytes() == before
+    cycle = [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Add", ["x", "b"], ["y"])]
+    onnx.save(_graph(cycle), tmp_path / "cycle.onnx")
+    with pytest.raises(rankfold.RankfoldError, match="invalid ONNX model"):
+        rankfold.load_onnx(tmp_path / "cycle.onnx")

@@ -4,6 +4,7 @@ nn.Conv1d / nn.Conv2d / nn.Linear submodules named after their ONNX nodes, so ev
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -396,11 +397,58 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:
         raise RankfoldError(f"{path}: external weight data cannot be read: {exc}") from None
+    model = _in_topological_order(model)
     try:
         onnx.checker.check_model(_as_onnx_checks_it(model))
     except Exception as exc:
         raise RankfoldError(f"{path}: invalid ONNX model: {first_line(exc)}") from None
     return _widened(_upgraded(model, path))
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The values a node's subgraphs (an If's branches, a Loop's body) read, outer ones among them."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_subgraph_reads(inner))
+    return names
+
+
+def _in_topological_order(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy whose nodes are put in an order where each follows what it reads: tools
+    write graphs that are not (onnxruntime's own float16 converter with keep_io_types appends the
+    input Casts last) and onnxruntime runs them, so they are read, not refused. A graph with a
+    cycle is left as it is (the checker refuses it)."""
+    nodes = list(model.graph.node)
+    producer = {out: index for index, node in enumerate(nodes) for out in node.output if out}
+    needs = [{producer[name] for name in set(node.input) | _subgraph_reads(node) if name in producer} - {index}
+             for index, node in enumerate(nodes)]
+    if all(max(deps, default=-1) < index for index, deps in enumerate(needs)):
+        return model
+    readers: dict[int, list[int]] = {}
+    for index, deps in enumerate(needs):
+        for dep in deps:
+            readers.setdefault(dep, []).append(index)
+    waiting = [len(deps) for deps in needs]
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)  # the file's own order wherever it is free to be kept
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers.get(index, []):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) < len(nodes):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes[index] for index in order)
+    return copy
 
 
 # onnxruntime's own ops that its optimizer writes in the default domain (LLaMA's RMS norm), which
