@@ -248,11 +248,29 @@ class Recurrent(torch.nn.Module):
         return self.head(y[:, -1])
 
 
-@pytest.mark.parametrize("net, shape, dynamo", [(PatchEncoder, (3, 16, 16), False), (Recurrent, (8, 20), True)])
+class ShiftedWindows(torch.nn.Module):
+    """Swin-like pieces: a roll, einsum attention, a running sum (CumSum on a constant axis) and a top-k."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches = torch.nn.Conv2d(3, 16, 4, 4)
+        self.q, self.k, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.roll(self.patches(x), shifts=(1, 1), dims=(2, 3)).flatten(2).transpose(1, 2)
+        y = torch.einsum("bnd,bmd->bnm", self.q(y), self.k(y)).softmax(-1) @ y
+        top = torch.topk(y.mean(-1), 4, dim=1).values.sum(1, keepdim=True)
+        return self.head(torch.cumsum(y, 1)[:, -1]) + top
+
+
+@pytest.mark.parametrize("net, shape, dynamo", [(PatchEncoder, (3, 16, 16), False), (Recurrent, (8, 20), True),
+                                                (ShiftedWindows, (3, 32, 32), False)])
 def test_a_network_reading_its_batch_from_another_axis_is_written_for_any_batch(tmp_path, net, shape, dynamo):
     """nn.TransformerEncoder as TorchScript exports it (before: a traceback, the square root of a
-    size read as a list) and a bidirectional GRU as the dynamo exporter writes it: both written
-    files take other batches (before: the batch baked in, the run refused)."""
+    size read as a list), a bidirectional GRU as the dynamo exporter writes it and Swin-like pieces
+    (a CumSum whose axis had to stay a constant once sizes are traced): the written files take
+    other batches (before: the batch baked in, the run refused)."""
     original, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
     example = torch.randn(2, *shape)
     with warnings.catch_warnings():

@@ -187,7 +187,7 @@ def _hardmax(vals, attrs):
 
 @op("CumSum")
 def _cumsum(vals, attrs):
-    x, axis = vals[0], _axis(ints(vals[1])[0], vals[0].ndim)
+    x, axis = vals[0], _axis(int(ints(vals[1])[0]), vals[0].ndim)  # a Python int, also while traced
     y = torch.flip(x, [axis]) if attrs.get("reverse", 0) else x
     out = torch.cumsum(y, dim=axis)
     if attrs.get("exclusive", 0):

@@ -19,6 +19,12 @@ from torch import Tensor
 from rankfold.frontends.onnx_ops import DTYPES, _axis, ints, op
 
 
+def _constant(v) -> int:
+    """An integer input (a length, a step, an axis) as a Python int, also while the exporter traces
+    (a traced value there would not be a constant the written node can take)."""
+    return int(ints(v)[0])
+
+
 def _scalar(v) -> float:
     return float(v.reshape(-1)[0]) if isinstance(v, Tensor) else float(ints(v)[0])
 
@@ -88,9 +94,9 @@ def _dft(vals, attrs):
     """DFT-17 (axis an attribute, default 1) and DFT-20 (axis an input, default -2); forward or
     inverse, full or onesided (the inverse of a onesided spectrum is refused)."""
     x = vals[0]
-    length = ints(vals[1])[0] if len(vals) > 1 and vals[1] is not None else None
+    length = _constant(vals[1]) if len(vals) > 1 and vals[1] is not None else None
     if attrs.get("_opset", 20) >= 20:
-        axis = ints(vals[2])[0] if len(vals) > 2 and vals[2] is not None else -2
+        axis = _constant(vals[2]) if len(vals) > 2 and vals[2] is not None else -2
     else:
         axis = attrs.get("axis", 1)
     axis = _axis(axis, x.ndim)
@@ -116,9 +122,9 @@ def _frames_transformed(x: Tensor, window: Tensor, step: int, length: int, onesi
 def _stft(vals, attrs):
     """Frames of `frame_length` samples every `frame_step` (no padding: 1 + (L - length) // step
     frames), each weighted by the window (or none) and transformed: (batch, frames, bins, 2)."""
-    x, step = vals[0], ints(vals[1])[0]
+    x, step = vals[0], _constant(vals[1])
     window = vals[2] if len(vals) > 2 else None
-    length = ints(vals[3])[0] if len(vals) > 3 and vals[3] is not None else None
+    length = _constant(vals[3]) if len(vals) > 3 and vals[3] is not None else None
     length = length or (int(window.shape[0]) if window is not None else int(x.shape[-2]))
     window = window if window is not None else torch.ones(length, dtype=x.dtype)
     onesided = bool(attrs.get("onesided", 1))
@@ -130,7 +136,7 @@ def _stft(vals, attrs):
 def _window(terms: tuple[float, ...]):
     """A cosine-sum window sum_j (-1)^j a_j cos(2 pi j n / N), N the size (periodic) or size - 1."""
     def compute(vals, attrs):
-        size = ints(vals[0])[0]
+        size = _constant(vals[0])
         span = size if attrs.get("periodic", 1) else size - 1
         n = torch.arange(size, dtype=torch.float64)
         out = sum((-1) ** j * a * torch.cos(2 * math.pi * j * n / span) for j, a in enumerate(terms))
@@ -147,8 +153,8 @@ op("BlackmanWindow")(_window((0.42, 0.5, 0.08)))
 def _mel_weight_matrix(vals, attrs):
     """Triangular mel filters (dft_length // 2 + 1, mel bins) between the two edges, on the
     spectrum bins the spec rounds the mel points to."""
-    bins, length = ints(vals[0])[0], ints(vals[1])[0]
-    rate, low, high = ints(vals[2])[0], _scalar(vals[3]), _scalar(vals[4])
+    bins, length = _constant(vals[0]), _constant(vals[1])
+    rate, low, high = _constant(vals[2]), _scalar(vals[3]), _scalar(vals[4])
     to_mel = lambda hz: 2595 * math.log1p(hz / 700) / math.log(10)  # noqa: E731
     step = (to_mel(high) - to_mel(low)) / (bins + 2)
     points = [int(((length + 1) * (700 * math.expm1((i * step + to_mel(low)) / 2595 * math.log(10)))) // rate)
