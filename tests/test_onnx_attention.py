@@ -290,3 +290,27 @@ def test_a_network_reading_its_batch_from_another_axis_is_written_for_any_batch(
     got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
     wanted = ort.InferenceSession(str(original)).run(None, {"x": x})[0]
     assert got.shape == wanted.shape and np.linalg.norm(got - wanted) < 0.5 * np.linalg.norm(wanted)
+
+
+def test_embedding_names_an_output_the_graph_cannot_tell_from_class_scores(tmp_path, capsys):
+    """A face network's unnormalized vector out of its last Gemm reads as class scores unless
+    --embedding names it; an output it does not have is refused before any work."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 16)).eval()
+    path, calib = tmp_path / "face.onnx", tmp_path / "calib.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 12, 12),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["fc1"], dynamic_axes={"x": {0: "n"}, "fc1": {0: "n"}})
+    np.savez(calib, x=RNG.normal(size=(64, 3, 12, 12)).astype(np.float32))
+    from rankfold.cli import main
+
+    common = ["compress", str(path), "--calib", str(calib), "--keep", "0.9", "--max-output-error", "1",
+              "--min-agreement", "0", "-o", str(tmp_path / "small.onnx"), "--force"]
+    assert main(common) == 0
+    assert "top-1 agreement" in capsys.readouterr().out
+    assert main(common + ["--embedding", "fc1", "--check", "cosine:0"]) == 0
+    said = capsys.readouterr().out
+    assert "embedding cosine" in said and "top-1 agreement" not in said
+    assert main(common + ["--embedding", "feature"]) == 2
+    assert "--embedding 'feature': the model has no such output (its outputs: fc1" in capsys.readouterr().err

@@ -384,9 +384,26 @@ def _conversion_checked(path: str, model, calib, fixed) -> str | None:
 def _check_rules_known(args: argparse.Namespace, model) -> None:
     from rankfold.selfcheck import check_rules_problem
 
-    problem = check_rules_problem(tuple(getattr(args, "check", None) or ()), list(model.output_names))
+    names = list(model.output_names)
+    problem = check_rules_problem(tuple(getattr(args, "check", None) or ()), names)
     if problem:
         raise RankfoldError(problem)
+    _declare_embeddings(getattr(args, "embedding", None) or [], model, names)
+
+
+def _declare_embeddings(given: list[str], model, names: list[str]) -> None:
+    """--embedding OUTPUT: that output (by name or index) is an embedding the data cannot tell from
+    class scores (a face network's unnormalized vector): checked by cosine, planned as a vector."""
+    if not given:
+        return
+    kinds = list(getattr(model, "output_kinds", ()) or ()) + [None] * len(names)
+    for output in given:
+        index = names.index(output) if output in names else int(output) if output.isdigit() else -1
+        if not 0 <= index < len(names):
+            raise RankfoldError(f"--embedding {output!r}: the model has no such output (its outputs: "
+                                f"{', '.join(names)}, or their indexes 0 to {len(names) - 1})")
+        kinds[index] = "embedding"
+    model.output_kinds = tuple(kinds[: len(names)])
 
 
 def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> None:
@@ -1526,6 +1543,11 @@ def _check_args(p: argparse.ArgumentParser) -> None:
                         "iou@0.5 >= --min-agreement on its score channels where it has some (values in [0, 1]: a "
                         "detector's scores, a probability map); iou is measured on those channels alone, relerr on "
                         "them and on the other channels apart (the worse)")
+    p.add_argument("--embedding", action="append", default=[], metavar="OUTPUT",
+                   help="read this output (name or index; repeatable) as an embedding: checked by cosine (0.98 by "
+                        "default, --check cosine:T to change it) and planned as a vector, not as class scores. "
+                        "Outputs divided by their L2 norm, made by a BatchNormalization or named *embed* are read so "
+                        "anyway")
     p.add_argument("--no-check", action="store_true",
                    help="write the result even though the self-check cannot run (too few calibration samples)")
 
