@@ -289,17 +289,24 @@ def _bert_block_file(tmp_path, mask_kind: str) -> tuple[str, dict]:
     return path, feeds
 
 
-@pytest.mark.parametrize("mask_kind", ["lengths", "raw", "causal"])
-def test_fused_bert_attention_and_embeddings_compute_what_onnxruntime_computes(tmp_path, mask_kind):
-    """Attention's packed weights become three layers (q, k, v) and the word table a table layer;
-    padded keys are masked as onnxruntime masks them, whichever way the mask is given."""
-    path, feeds = _bert_block_file(tmp_path, mask_kind)
+def _reads_as_onnxruntime_runs_it_with_layers(path: str, feeds: dict) -> np.ndarray:
+    """onnxruntime's output of the BERT block file; rankfold's reading computes it, with the q, k,
+    v and output projections as four Linear layers and the word table as a table layer."""
     theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     module = rankfold.load_onnx(path)
     ours = module(*(torch.from_numpy(feeds[name]) for name in ("input_ids", "segment_ids", "mask")))
     assert np.abs(ours.detach().numpy() - theirs).max() < 1e-4 * np.abs(theirs).max()
     assert len([m for m in module.modules() if isinstance(m, nn.Linear)]) == 4
     assert any(isinstance(m, nn.Embedding) for m in module.modules())
+    return theirs
+
+
+@pytest.mark.parametrize("mask_kind", ["lengths", "raw", "causal"])
+def test_fused_bert_attention_and_embeddings_compute_what_onnxruntime_computes(tmp_path, mask_kind):
+    """Attention's packed weights become three layers (q, k, v) and the word table a table layer;
+    padded keys are masked as onnxruntime masks them, whichever way the mask is given."""
+    path, feeds = _bert_block_file(tmp_path, mask_kind)
+    theirs = _reads_as_onnxruntime_runs_it_with_layers(path, feeds)
     # the mask matters: a padded key changed would change what onnxruntime computes, were it read
     if mask_kind != "causal":
         changed = dict(feeds, input_ids=feeds["input_ids"].copy())
@@ -323,12 +330,7 @@ def test_a_fused_bert_block_dynamically_quantized_by_onnxruntime_reads_as_onnxru
         quantize_dynamic(path, quantized, extra_options={"DefaultTensorType": TensorProto.FLOAT})
     ops = {n.op_type for n in onnx.load(quantized).graph.node}
     assert {"QAttention", "QEmbedLayerNormalization"} <= ops, ops
-    theirs = ort.InferenceSession(quantized, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    module = rankfold.load_onnx(quantized)
-    ours = module(*(torch.from_numpy(feeds[name]) for name in ("input_ids", "segment_ids", "mask")))
-    assert np.abs(ours.detach().numpy() - theirs).max() < 1e-4 * np.abs(theirs).max()
-    assert len([m for m in module.modules() if isinstance(m, nn.Linear)]) == 4
-    assert any(isinstance(m, nn.Embedding) for m in module.modules())
+    _reads_as_onnxruntime_runs_it_with_layers(quantized, feeds)
 
 
 def test_macs_of_onnxruntimes_fused_ops_are_counted_like_the_ops_they_fuse(tmp_path):

@@ -143,22 +143,44 @@ def _biased(vals, attrs):
     return [(q, k, v)[part] + bias[start : start + sizes[part]]]
 
 
-@op("MultiHeadAttention:mask")
-def _key_padding_bias(vals, attrs):
-    """The key padding mask as an additive bias over every key (a past cache's first): lengths
-    (batch,) or 0/1 per key (batch, T) give (batch, 1, 1, T), 0/1 per query and key (batch, S, T)
-    gives (batch, 1, S, T); mask_filter_value where a key is masked."""
-    mask, q, k = vals[:3]
-    keys = k.shape[1] + (vals[3].shape[2] if len(vals) > 3 and vals[3] is not None else 0)
+def _kept_keys(mask: Tensor, keys) -> Tensor:
+    """Which keys each sample's queries read, (batch, 1, 1 or queries, keys) bool, from onnxruntime's
+    masks: lengths (batch,), 0/1 per key (batch, keys) or per query and key (batch, queries, keys)."""
     if mask.ndim == 1:
         keep = torch.arange(keys, device=mask.device).reshape(1, -1) < mask.reshape(-1, 1)
     elif mask.ndim in (2, 3):
         keep = mask != 0
     else:
-        raise ValueError(f"a key padding mask of shape {tuple(mask.shape)} (read: (batch,), (batch, keys), "
-                         "(batch, queries, keys))")
-    keep = keep.reshape(keep.shape[0], 1, -1, keep.shape[-1])
-    return [torch.where(keep, 0.0, attrs.get("mask_filter_value", -10000.0)).to(q.dtype)]
+        raise ValueError(f"a mask of shape {tuple(mask.shape)} (read: (batch,) lengths, (batch, keys) or "
+                         "(batch, queries, keys) 0/1 masks)")
+    return keep.reshape(keep.shape[0], 1, -1, keep.shape[-1])
+
+
+@op("Attention:mask-bias")
+def _attention_mask_bias(vals, attrs):
+    """onnxruntime's Attention mask as an additive bias for the (batch, heads, S, T) scores: its
+    mask_index (lengths or a 0/1 mask per key), and/or unidirectional; masked keys get mask_filter_value."""
+    scores = vals[0]
+    queries, keys = scores.shape[-2], scores.shape[-1]
+    keep = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=scores.device)
+    if len(vals) > 1 and vals[1] is not None:
+        index = vals[1]
+        if index.ndim not in (1, 2) or (index.ndim == 1 and index.shape[0] != scores.shape[0]):
+            raise ValueError(f"mask_index of shape {tuple(index.shape)} (read: (batch,) lengths, (batch, keys) masks)")
+        keep = _kept_keys(index, keys)
+    if attrs.get("unidirectional", 0):
+        causal = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).tril(keys - queries)
+        keep = keep & causal.reshape(1, 1, queries, keys)
+    return [torch.where(keep, 0.0, attrs.get("mask_filter_value", -10000.0)).to(scores.dtype)]
+
+
+@op("MultiHeadAttention:mask")
+def _key_padding_bias(vals, attrs):
+    """The key padding mask as an additive bias over every key (a past cache's first):
+    mask_filter_value where a key is masked."""
+    mask, q, k = vals[:3]
+    keys = k.shape[1] + (vals[3].shape[2] if len(vals) > 3 and vals[3] is not None else 0)
+    return [torch.where(_kept_keys(mask, keys), 0.0, attrs.get("mask_filter_value", -10000.0)).to(q.dtype)]
 
 
 @op("RotaryEmbedding:positions")

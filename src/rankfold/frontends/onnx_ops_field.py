@@ -253,28 +253,6 @@ def _rms_norm(vals, attrs):
 
 # ---- layout ------------------------------------------------------------------------------------
 
-@op("Attention:mask-bias")
-def _attention_mask_bias(vals, attrs):
-    """onnxruntime's Attention mask as an additive bias for the (batch, heads, S, T) scores: its
-    mask_index as lengths per sample (batch,) or a raw 0/1 mask per key (batch, T), and/or
-    unidirectional; masked keys get mask_filter_value."""
-    scores = vals[0]
-    queries, keys = scores.shape[-2], scores.shape[-1]
-    keep = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=scores.device)
-    if len(vals) > 1 and vals[1] is not None:
-        index = vals[1]
-        if index.ndim == 1 and index.shape[0] == scores.shape[0]:  # lengths: the keys before each
-            keep = torch.arange(keys, device=scores.device).reshape(1, 1, 1, -1) < index.reshape(-1, 1, 1, 1)
-        elif index.ndim == 2:
-            keep = (index != 0).reshape(index.shape[0], 1, 1, index.shape[1])
-        else:
-            raise ValueError(f"mask_index of shape {tuple(index.shape)} (read: (batch,) lengths, (batch, keys) masks)")
-    if attrs.get("unidirectional", 0):
-        causal = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).tril(keys - queries)
-        keep = keep & causal.reshape(1, 1, queries, keys)
-    return [torch.where(keep, 0.0, attrs.get("mask_filter_value", -10000.0)).to(scores.dtype)]
-
-
 @op("EmbedLayerNormalization:positions")
 def _positions(vals, attrs):
     """0 .. S-1 for ids of shape (batch, S): BERT's default position ids."""
