@@ -218,10 +218,9 @@ def _graph_macs(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> int:
         if node.op_type in RECURRENT_OPS:  # sized by its input: ONNX cannot infer a contrib op's output
             total += _recurrent_macs(node, shapes)
             continue
-        if node.op_type in ("Attention", "QAttention", "MultiHeadAttention"):  # sized by their inputs
-            standard = node.domain in ("", "ai.onnx")
-            count = _multi_head_attention_macs if node.op_type == "MultiHeadAttention" else \
-                _standard_attention_macs if standard else _attention_macs
+        if node.op_type == "Attention" or node.op_type in CONTRIB_ATTENTION_MACS:  # sized by their inputs
+            standard = node.op_type == "Attention" and node.domain in ("", "ai.onnx")
+            count = _standard_attention_macs if standard else CONTRIB_ATTENTION_MACS[node.op_type]
             total += count(node, shapes)
             continue
         out = shapes.get(node.output[0])
@@ -279,6 +278,26 @@ def _multi_head_attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]
     keys = (k[1] if len(k) == 3 else k[2]) + (past[2] if past and min(past) >= 1 else 0)
     values = v[2] if len(v) == 3 else v[1] * v[3]
     return q[0] * q[1] * keys * (q[2] + values)
+
+
+def _group_query_attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """onnxruntime's GroupQueryAttention on projected q (batch, S, heads * size), or q, k, v packed
+    in one input: the scores and their mix for every query head, over the past cache and the new keys."""
+    q = shapes.get(node.input[0])
+    if not q or len(q) != 3 or min(q) < 1:
+        return 0
+    attrs = {a.name: a.i for a in node.attribute}
+    heads, kv_heads = attrs.get("num_heads", 1), attrs.get("kv_num_heads", 1)
+    packed = len(node.input) < 2 or not node.input[1]
+    size = q[2] // (heads + 2 * kv_heads) if packed else q[2] // heads
+    past = shapes.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    keys = q[1] + (past[2] if past and min(past) >= 1 else 0)
+    return q[0] * q[1] * keys * 2 * heads * size
+
+
+CONTRIB_ATTENTION_MACS = {"Attention": _attention_macs, "QAttention": _attention_macs,
+                          "MultiHeadAttention": _multi_head_attention_macs,
+                          "GroupQueryAttention": _group_query_attention_macs}
 
 
 # Recurrences whose input weights W and recurrent weights R are inputs 1 and 2, and whose input

@@ -412,6 +412,52 @@ def _contrib_rotary_embedding(r: Rewriting) -> None:
     r.nodes.append(helper.make_node("RotaryEmbedding", [r.input(0), r.input(2), r.input(3), positions],
                                     [r.output(0)], name=f"{r.stem}:RotaryEmbedding", **attrs))
 
+@rewrites("GroupQueryAttention")
+def _group_query_attention(r: Rewriting) -> None:
+    """onnxruntime's GroupQueryAttention (one per decoder block in the LLM files its model builder,
+    onnxruntime-genai, and its optimizer write) as the standard ops it computes: q, k, v (or one
+    packed input split), the rotary embedding at each token's position (do_rotary), then Attention
+    over the past cache and the new keys, masked by seqlens_k (padding), causally and within
+    local_window_size; attention_bias added; the present caches. The cache is read as the past
+    keys followed by the new ones: every sample's cache as long as the past input, as in a batch
+    that generates in step (a shared buffer or ragged caches are not what rankfold computes)."""
+    named_inputs = {11: "head_sink", 12: "k_scale", 13: "v_scale", 14: "q_norm_weight", 15: "k_norm_weight"}
+    for index, name in named_inputs.items():
+        if r.input(index):
+            raise r.refuse(f"it has the input {name}")
+    for name in ("smooth_softmax", "sliding_window_cache", "qk_output"):
+        if r.attr(name, 0):
+            raise r.refuse(f"{name} is set")
+    for name in ("k_quant_type", "v_quant_type"):
+        if r.attr(name, b"NONE") not in (b"NONE", "NONE"):
+            raise r.refuse(f"its cache is quantized ({name})")
+    r.unread(3)
+    heads, kv_heads = int(r.attr("num_heads")), int(r.attr("kv_num_heads"))
+    q, k, v = r.input(0), r.input(1), r.input(2)
+    if not k:
+        q, k, v = (r.emit("GroupQueryAttention:unpack", [r.input(0)], r.value(part), part=index,
+                          num_heads=heads, kv_num_heads=kv_heads) for index, part in enumerate("qkv"))
+    seqlens_k, total, cos, sin = r.input(5), r.input(6), r.input(7), r.input(8)
+    if r.attr("do_rotary", 0):
+        positions = r.emit("GroupQueryAttention:positions", [q, seqlens_k, total, r.input(9)], r.value("positions"))
+        interleaved = int(r.attr("rotary_interleaved", 0))
+        q, k = (r.emit("RotaryEmbedding", [x, cos, sin, positions], r.value(f"{part}_rotated"), num_heads=n,
+                       interleaved=interleaved)
+                for x, part, n in ((q, "q", heads), (k, "k", kv_heads)))
+    mask = r.emit("GroupQueryAttention:mask", [q, k, seqlens_k, r.input(3)], r.value("mask"),
+                  causal=int(r.attr("causal", 1)), local_window_size=int(r.attr("local_window_size", -1)))
+    if r.input(10):
+        mask = r.emit("Add", [mask, r.input(10)], r.value("with_bias"))
+    attrs = {"q_num_heads": heads, "kv_num_heads": kv_heads}
+    for name in ("scale", "softcap"):
+        if r.attr(name, 0.0):
+            attrs[name] = float(r.attr(name))
+    outputs = [r.output(i) for i in range(3)]
+    while outputs and not outputs[-1]:
+        outputs.pop()
+    r.nodes.append(helper.make_node("Attention", [q, k, v, mask, r.input(3), r.input(4)], outputs,
+                                    name=f"{r.stem}:Attention", **attrs))
+
 # ---- onnxruntime's dynamic quantization of fused BERT blocks (quantize_dynamic after its optimizer)
 
 def _dequantized_constant(r: Rewriting, q: int, scale: int, zero: int) -> Tensor:

@@ -109,7 +109,8 @@ def _rotary_embedding(vals, attrs):
     if positions is not None:
         cos, sin = cos[positions], sin[positions]
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, S, 1, dim / 2)
-    dim = int(attrs.get("rotary_embedding_dim", 0)) or by_head.shape[-1]
+    # unset, the caches' width says it (a partial rotation, as Phi's, has narrower caches)
+    dim = int(attrs.get("rotary_embedding_dim", 0)) or 2 * cos.shape[-1]
     rotated, kept = by_head[..., :dim], by_head[..., dim:]
     interleaved = bool(attrs.get("interleaved", 0))
     first, second = (rotated[..., 0::2], rotated[..., 1::2]) if interleaved else rotated.chunk(2, dim=-1)
@@ -192,3 +193,52 @@ def _rotary_positions(vals, attrs):
     tokens = x.shape[1] if x.ndim == 3 else x.shape[2]
     offset = ids.reshape(()).to(torch.int64)
     return [(offset + torch.arange(tokens, device=x.device)).reshape(1, -1).expand(x.shape[0], -1)]
+
+
+# ---- onnxruntime's GroupQueryAttention (onnx_contrib rewrites it) ------------------------------
+
+@op("GroupQueryAttention:unpack")
+def _unpacked_qkv(vals, attrs):
+    """q, k or v (by `part`) out of a packed (batch, S, (heads + 2 kv heads) * size) input."""
+    qkv = vals[0]
+    heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
+    size = qkv.shape[-1] // (heads + 2 * kv_heads)
+    return [qkv.split([heads * size, kv_heads * size, kv_heads * size], dim=-1)[int(attrs["part"])]]
+
+
+def _cache_offsets(seqlens_k: Tensor, total: Tensor, tokens: int) -> Tensor:
+    """Where each sample's first new token sits, (batch,): 0 on a first prompt (as many tokens as
+    the total), else after its cache (seqlens_k + 1 - tokens)."""
+    first = torch.as_tensor(total).reshape(()).to(torch.int64) == tokens  # a size read from a Shape is an int
+    return torch.where(first, 0, torch.as_tensor(seqlens_k).to(torch.int64) + 1 - tokens)
+
+
+@op("GroupQueryAttention:positions")
+def _gqa_positions(vals, attrs):
+    """Each new token's position for the rotary embedding, (batch, S): its position ids where given."""
+    x, seqlens_k, total = vals[:3]
+    if len(vals) > 3 and vals[3] is not None:
+        return [vals[3]]
+    tokens = x.shape[1]
+    return [_cache_offsets(seqlens_k, total, tokens).reshape(-1, 1) + torch.arange(tokens, device=x.device)]
+
+
+@op("GroupQueryAttention:mask")
+def _gqa_mask(vals, attrs):
+    """The additive bias (batch, 1, S, T) over the cache and the new keys: a sample reads its first
+    seqlens_k + 1 keys (the rest is padding), causally (key j up to the query's own position, the
+    cache's length after it), within the last local_window_size keys where that is set."""
+    q, k, seqlens_k = vals[:3]
+    past = vals[3] if len(vals) > 3 and vals[3] is not None else None
+    queries = q.shape[1]
+    keys = k.shape[1] + (past.shape[2] if past is not None else 0)
+    i = torch.arange(queries, device=q.device).reshape(1, -1, 1)
+    j = torch.arange(keys, device=q.device).reshape(1, 1, -1)
+    allowed = j < torch.as_tensor(seqlens_k).to(torch.int64).reshape(-1, 1, 1) + 1
+    position = i + (keys - queries)
+    if attrs.get("causal", 1):
+        allowed = allowed & (j <= position)
+    window = int(attrs.get("local_window_size", -1))
+    if window >= 0:
+        allowed = allowed & (j > position - window)
+    return [torch.where(allowed, 0.0, float("-inf")).to(q.dtype).unsqueeze(1)]
