@@ -91,9 +91,46 @@ def _export_checked(model: nn.Module, path: str, example_input: Tensor, *, verif
                 break
             model.dynamic_axes = _without_axes(open_axes, input_names[0], fixed)
         computed = [tuple(y.shape) for y in (expected if isinstance(expected, tuple) else (expected,))]
+        _store_transposed_copies_once(tmp)
         _declare_output_sizes(tmp, getattr(model, "declared_outputs", {}), computed)
         with open(tmp, "rb") as handle:
             replace_atomically(path, handle.read())
+
+
+def _store_transposed_copies_once(path: str) -> None:
+    """One matrix stored once: torch's exporter folds the transpose of a weight that a Gather reads
+    too (a language model's token table tied to its head) into a second initializer; that copy is
+    made a Transpose node of the first again (the same values, so what the file computes is unchanged)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    matrices = {init.name: init for init in graph.initializer if len(init.dims) == 2 and init.data_type in
+                (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, init in matrices.items():
+        by_shape.setdefault(tuple(init.dims), []).append(name)
+    copies: dict[str, str] = {}  # the transposed copy -> the matrix it is the transpose of
+    for name, init in matrices.items():
+        if name in copies or name in copies.values():
+            continue
+        value = None
+        for other in by_shape.get(tuple(reversed(init.dims)), []):
+            if other == name or other in copies or other in copies.values():
+                continue
+            value = numpy_helper.to_array(init) if value is None else value
+            if np.array_equal(numpy_helper.to_array(matrices[other]), value.T):
+                copies[other] = name
+                break
+    if not copies:
+        return
+    kept = [init for init in graph.initializer if init.name not in copies]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for copy, source in copies.items():
+        graph.node.insert(0, onnx.helper.make_node("Transpose", [source], [copy], name=f"{copy}:transposed"))
+    onnx.save(model, path)
 
 
 def _declare_output_sizes(path: str, declared: dict[str, list[int | None]], computed: list[tuple]) -> None:

@@ -755,6 +755,7 @@ class _Converter:
             if name in self.consts and not any(name in s.outputs for s in self.module.steps):
                 self.module.steps.append(Step("Identity", [name], [name]))
                 self._need_buffer(name)
+        _tie_tables_to_heads(self.module)
         kinds = embedding_outputs(self.graph)
         if any(kinds):  # the self-check, the planner and distillation read these as embeddings
             self.module.output_kinds = kinds
@@ -1115,6 +1116,22 @@ class _Converter:
 
 # A Gather of a constant table with fewer rows (token types, a small lookup) stays a constant.
 MIN_TABLE_ROWS = 16
+
+
+def _tie_tables_to_heads(module: nn.Module) -> None:
+    """A table and a Linear layer that hold the same matrix (a language model's LM head, whose
+    transpose the graph gathers the token embeddings from) share one parameter, as the tied
+    weights of the model it was exported from did: the planner then keeps the tie (the head is
+    left alone, the table priced with it) and the result stores the matrix once, not twice."""
+    linears: dict[tuple, list[nn.Linear]] = {}
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            linears.setdefault(tuple(layer.weight.shape), []).append(layer)
+    for table in (m for m in module.modules() if isinstance(m, GatheredTable)):
+        for linear in linears.get(tuple(table.weight.shape), []):
+            if torch.equal(linear.weight, table.weight):
+                linear.weight = table.weight
+                break
 
 
 class GatheredTable(nn.Embedding):

@@ -181,6 +181,7 @@ def to_qdq(
                 qdq(name, source=f"{name}_float")
             elif name in activations:
                 qdq(name)
+    new_nodes = _read_dequantized_where_shared(new_nodes, {i.name for i in new_inits})
     used = {i for n in new_nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -209,6 +210,25 @@ def unsigned_for_fusion(model: onnx.ModelProto, activations: Collection[str]) ->
     read_by_add = {name for node in model.graph.node if node.op_type == "Add" for name in node.input}
     return {node.input[0] for node in model.graph.node if node.op_type == "MatMul"
             and node.output[0] in read_by_add and node.output[0] not in activations}
+
+
+def _read_dequantized_where_shared(nodes: list[onnx.NodeProto], made: set[str]) -> list[onnx.NodeProto]:
+    """A quantized weight that other nodes read too (a language model's token table, whose
+    transpose is its tied head) is read by them through its DequantizeLinear: the float copy would
+    store the matrix a second time, and it holds the same values (the weights were rounded to their
+    grid before export). Those DequantizeLinear nodes, which read initializers only, come first."""
+    quantized = {name[: -len("_wscale")] for name in made if name.endswith("_wscale") and f"{name[:-7]}_q" in made}
+    moved = []
+    for node in nodes:
+        if node.op_type == "DequantizeLinear" and node.input[0][:-2] in quantized:
+            continue
+        for i, name in enumerate(node.input):
+            if name in quantized:
+                node.input[i] = f"{name}_dq"
+                moved.append(name)
+    first = [n for n in nodes if n.op_type == "DequantizeLinear" and n.output and n.output[0][:-3] in moved
+             and n.output[0].endswith("_dq")]
+    return first + [n for n in nodes if all(n is not f for f in first)]
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
