@@ -121,6 +121,23 @@ def test_a_state_per_sample_on_another_axis_is_refused_with_the_fix(tmp_path):
     assert data.x.shape == (8, 4) and fixed["state"].shape == (2, 1, 4)
 
 
+def test_a_mask_given_once_as_long_as_the_samples_are_many_is_not_read_as_per_sample(tmp_path):
+    """128 token windows of 128 tokens, their all-ones mask given once (1, 128): the graph names the
+    mask's axis apart from the batch, so its length is not taken for one value per sample."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["mask"], ["count"], keepdims=0),
+         helper.make_node("Cast", ["count"], ["scale"], to=TensorProto.FLOAT),
+         helper.make_node("Cast", ["ids"], ["fids"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["fids", "scale"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "tokens"]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "total_tokens"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens"])])
+    inputs = graph_inputs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    np.savez(tmp_path / "windows.npz", ids=np.zeros((128, 128), np.int64), mask=np.ones((1, 128), np.int64))
+    data, fixed = graph_data(tmp_path / "windows.npz", inputs, need_labels=False)
+    assert data.x.shape == (128, 128) and fixed["mask"].shape == (1, 128)
+
+
 def test_two_inputs_that_vary_per_sample_are_packed_and_one_the_same_for_all_is_given_once(tmp_path):
     """An all-ones attention mask stored per sample (khmersm's) is the same for every sample: given
     once. Two inputs that differ per sample (ids and a padding mask) are packed as one

@@ -29,6 +29,7 @@ class GraphInput(NamedTuple):
     name: str
     dims: list
     dtype: np.dtype
+    symbols: tuple = ()  # the open dims' names (dim_param) where the graph gives them, else None
 
 
 def load_npz(path: str | os.PathLike, *, need_labels: bool = True) -> Dataset:
@@ -126,7 +127,8 @@ def graph_data(path: str | os.PathLike, inputs: list[GraphInput], *,
     checked = {i.name: _checked_samples(path, i.name, arrays[i.name], i.dtype) for i in varying}
     names = [i.name for i in varying]
     x, shapes = (checked[names[0]], None) if len(names) == 1 else pack_arrays(path, names, checked)
-    fixed = {i.name: _given_once(path, i, arrays[i.name], len(x)) for i in inputs if i.name not in checked}
+    batch = {i.symbols[0] for i in varying if i.symbols and i.symbols[0]}
+    fixed = {i.name: _given_once(path, i, arrays[i.name], len(x), batch) for i in inputs if i.name not in checked}
     data = _labelled(path, x, arrays.get("y"), need_labels)
     return (data._replace(packed=tuple(names), packed_shapes=shapes) if len(names) > 1 else data), fixed
 
@@ -151,11 +153,17 @@ def _per_sample_inputs(path: str, inputs: list[GraphInput], arrays: dict[str, np
     return most[:1]
 
 
-def _given_once(path: str, spec: GraphInput, value: np.ndarray, samples: int) -> np.ndarray:
+def _given_once(path: str, spec: GraphInput, value: np.ndarray, samples: int, batch: set = frozenset()) -> np.ndarray:
     if value.ndim != len(spec.dims) or any(d is not None and d != s for d, s in zip(spec.dims, value.shape)):
         raise RankfoldError(f"{path}: '{spec.name}' given once must have the graph's shape {_shown(spec.dims)}, got "
                             f"{tuple(value.shape)}")
-    per_sample = [axis for axis, (d, s) in enumerate(zip(spec.dims, value.shape)) if d is None and s == samples > 1]
+
+    def maybe_the_batch(axis: int) -> bool:  # an axis the graph names, not as the batch, is not (a mask's tokens)
+        symbol = spec.symbols[axis] if axis < len(spec.symbols) else None
+        return not (symbol and batch and symbol not in batch)
+
+    per_sample = [axis for axis, (d, s) in enumerate(zip(spec.dims, value.shape))
+                  if d is None and s == samples > 1 and maybe_the_batch(axis)]
     if per_sample:  # e.g. a recurrent state (2, N, 128): its batch axis is not the first
         raise RankfoldError(f"{path}: '{spec.name}' {tuple(value.shape)} holds one value per sample on axis "
                             f"{per_sample[0]}; rankfold takes it given once, the same for every sample: make that "

@@ -675,7 +675,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
         except Exception:
             dtype = np.dtype(np.float32)
-        found.append(GraphInput(value.name, dims, dtype))
+        symbols = tuple(d.dim_param or None for d in tensor.shape.dim)
+        found.append(GraphInput(value.name, dims, dtype, symbols))
     return found
 
 
