@@ -39,6 +39,8 @@ def default_rules(kind: str, min_agreement: float, max_output_error: float) -> l
         return [CheckRule("cosine", DEFAULT_MIN_COSINE)]
     if kind == "next_token":  # declared by causal language models: perplexity on held-back windows
         return [CheckRule("perplexity", DEFAULT_MAX_PERPLEXITY_RATIO)]
+    if kind == "cache":  # a decoder's present keys and values (declared): its next-token logits judge it
+        return []
     if kind in CLASS_KINDS:
         return [CheckRule("top1", min_agreement)]
     relerr = CheckRule("relerr", max_output_error)
@@ -125,7 +127,10 @@ class Agreement:
                 top1 += (f"perplexity {o.metrics['perplexity_candidate']:.3f} against the original's "
                          f"{o.metrics['perplexity_original']:.3f} (x{o.metrics['perplexity']:.3f}), "
                          f"KL {o.metrics['kl']:.4f} per token, ")
-        heads = f" ({len(self.outputs)} outputs, worst shown)" if len(self.outputs) > 1 else ""
+        caches = sum(o.kind == "cache" for o in self.outputs)
+        heads = f" ({len(self.outputs) - caches} outputs, worst shown)" if len(self.outputs) - caches > 1 else ""
+        if caches:
+            heads += f"; {caches} key / value cache outputs judged by the next-token logits"
         judged = f"; --check: {', '.join(self.judged)}" if self.judged else ""
         return f"{top1}relative output error {self.rel_output_error:.3f} on {self.samples} {self.where}{heads}{judged}"
 
@@ -333,8 +338,9 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
     names = names if len(names) == len(tallies) else [None] * len(tallies)
     per_output = [tally.result(index, name) for index, (tally, name) in enumerate(zip(tallies, names))]
     tops = [o.top1_agreement for o in per_output if o.top1_agreement is not None]
+    judged = [o for o in per_output if o.kind != "cache"] or per_output
     return Agreement(samples, min(tops) if tops else None,
-                     max(o.rel_output_error for o in per_output), per_output, where)
+                     max(o.rel_output_error for o in judged), per_output, where)
 
 
 def rules_for(out: OutputAgreement, rules: tuple[CheckRule, ...], min_agreement: float,

@@ -757,8 +757,9 @@ class _Converter:
                 self.module.steps.append(Step("Identity", [name], [name]))
                 self._need_buffer(name)
         _tie_tables_to_heads(self.module)
-        kinds = embedding_outputs(self.graph)
-        if any(kinds):  # the self-check, the planner and distillation read these as embeddings
+        kinds = tuple(e or d for e, d in zip(embedding_outputs(self.graph),
+                                             decoder_outputs(self.graph, set(self.module.fixed_inputs))))
+        if any(kinds):  # the self-check, the planner and distillation read these as declared
             self.module.output_kinds = kinds
         return self.module.eval()
 
@@ -1189,6 +1190,47 @@ def embedding_outputs(graph: onnx.GraphProto) -> tuple[str | None, ...]:
             reshaped.op_type == "BatchNormalization"
         kinds.append("embedding" if normalized or named or batch_normed else None)
     return tuple(kinds)
+
+
+CAUSAL_MARKS = {"GroupQueryAttention": ("causal", 1), "Attention": ("is_causal", 0),
+                "MultiHeadAttention": ("unidirectional", 0)}
+
+
+def decoder_outputs(graph: onnx.GraphProto, fixed: set[str]) -> tuple[str | None, ...]:
+    """A causal language model's outputs, by kind: "next_token" for its logits, a 3-D output
+    (batch, tokens, vocabulary) whose first two axes are those of the token ids (the one integer
+    input that differs per sample, named like ids), in a graph that attends causally (an attention
+    marked causal or unidirectional, a Trilu mask, or past key / value inputs), so the self-check
+    compares perplexity on the ids and the planner the token KL; "cache" for its present keys and
+    values, which the logits judge (the result's own queries read them: their distance to the
+    original's caches says nothing of its quality). None elsewhere, and for other graphs."""
+    none = (None,) * len(graph.output)
+    inits = {i.name for i in graph.initializer}
+    varying = [v for v in graph.input if v.name not in inits and v.name not in fixed]
+    if len(varying) != 1 or "ids" not in varying[0].name.lower():
+        return none
+    ids = varying[0].type.tensor_type
+    if ids.elem_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or len(ids.shape.dim) != 2:
+        return none
+
+    def axes(dims) -> list:
+        return [d.dim_param or d.dim_value or None for d in dims]
+
+    def causal(node: onnx.NodeProto) -> bool:
+        mark = CAUSAL_MARKS.get(node.op_type)
+        value = next((a.i for a in node.attribute if mark and a.name == mark[0]), mark[1] if mark else 0)
+        return node.op_type == "Trilu" or bool(value)
+
+    if not (any(causal(node) for node in graph.node) or any("past" in v.name.lower() for v in graph.input)):
+        return none
+    token_axes = axes(ids.shape.dim)
+    kinds: list[str | None] = []
+    for value in graph.output:
+        dims = value.type.tensor_type.shape.dim
+        logits = len(dims) == 3 and axes(dims)[:2] == token_axes and None not in token_axes and dims[2].dim_value > 1
+        cache = "present" in value.name.lower() and len(dims) in (3, 4)
+        kinds.append("next_token" if logits else "cache" if cache else None)
+    return tuple(kinds) if "next_token" in kinds else none
 
 
 def _fixed_batch(inputs) -> int | None:
