@@ -85,7 +85,9 @@ def distillation_loss(students: Sequence[Tensor], teachers: Sequence[Tensor], ki
                       temperature: float, labels: Tensor | None = None, label_weight: float = 0.0) -> Tensor:
     """The mean over outputs of each output's distillation loss; with labels, the first class-score
     output also pays cross-entropy, weighted `label_weight`."""
-    losses = [LOSS_OF_KIND[kind](s, t, temperature) for s, t, kind in zip(students, teachers, kinds)]
+    # a decoder's key / value caches are judged through its logits (rankfold.frontends.onnx.decoder_outputs)
+    losses = [LOSS_OF_KIND[kind](s, t, temperature) for s, t, kind in zip(students, teachers, kinds)
+              if kind != "cache"]
     loss = torch.stack(losses).mean()
     if labels is not None and label_weight > 0:
         scores = next(s for s, kind in zip(students, kinds) if kind == "classes")
