@@ -106,23 +106,26 @@ def _store_transposed_copies_once(path: str) -> None:
 
     model = onnx.load(path)
     graph = model.graph
-    matrices = {init.name: init for init in graph.initializer if len(init.dims) == 2 and init.data_type in
-                (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
-    by_shape: dict[tuple, list[str]] = {}
-    for name, init in matrices.items():
-        by_shape.setdefault(tuple(init.dims), []).append(name)
+    # Candidates first by what a transpose keeps exactly (sorted shape, largest and least value),
+    # decoded again only where two share it: comparing every square matrix with every other (a
+    # decoder's 30 o_proj) would decode and compare them again and again
+    inits = {init.name: init for init in graph.initializer
+             if len(init.dims) == 2 and init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    groups: dict[tuple, list[str]] = {}
+    for name, init in inits.items():
+        value = numpy_helper.to_array(init)
+        if value.size:
+            groups.setdefault((tuple(sorted(init.dims)), float(value.max()), float(value.min())), []).append(name)
     copies: dict[str, str] = {}  # the transposed copy -> the matrix it is the transpose of
-    for name, init in matrices.items():
-        if name in copies or name in copies.values():
-            continue
-        value = None
-        for other in by_shape.get(tuple(reversed(init.dims)), []):
-            if other == name or other in copies or other in copies.values():
+    for members in (m for m in groups.values() if len(m) > 1):
+        values = {name: numpy_helper.to_array(inits[name]) for name in members}
+        for index, name in enumerate(members):
+            if name in copies:
                 continue
-            value = numpy_helper.to_array(init) if value is None else value
-            if np.array_equal(numpy_helper.to_array(matrices[other]), value.T):
-                copies[other] = name
-                break
+            for other in members[index + 1:]:
+                if other not in copies and other not in copies.values() and \
+                        values[other].shape == values[name].T.shape and np.array_equal(values[other], values[name].T):
+                    copies[other] = name
     if not copies:
         return
     kept = [init for init in graph.initializer if init.name not in copies]

@@ -218,15 +218,15 @@ def _read_dequantized_where_shared(nodes: list[onnx.NodeProto], made: set[str]) 
     store the matrix a second time, and it holds the same values (the weights were rounded to their
     grid before export). Those DequantizeLinear nodes, which read initializers only, come first."""
     quantized = {name[: -len("_wscale")] for name in made if name.endswith("_wscale") and f"{name[:-7]}_q" in made}
-    moved = []
+    redirected = set()
     for node in nodes:
         if node.op_type == "DequantizeLinear" and node.input[0][:-2] in quantized:
             continue
         for i, name in enumerate(node.input):
             if name in quantized:
                 node.input[i] = f"{name}_dq"
-                moved.append(name)
-    first = [n for n in nodes if n.op_type == "DequantizeLinear" and n.output and n.output[0][:-3] in moved
+                redirected.add(name)
+    first = [n for n in nodes if n.op_type == "DequantizeLinear" and n.output and n.output[0][:-3] in redirected
              and n.output[0].endswith("_dq")]
     return first + [n for n in nodes if all(n is not f for f in first)]
 
