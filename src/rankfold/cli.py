@@ -436,8 +436,12 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
     if getattr(args, "conversion_line", None):
         args.memory_line += "\n" + args.conversion_line
     if getattr(model, "fixed_inputs", None):
-        args.memory_line += (f"\n  inputs given once ({', '.join(model.fixed_inputs)}) are constants of the result: it "
-                             f"takes {', '.join(model.packing.names if model.packing else model.input_names)} only")
+        from rankfold.data import listed
+
+        args.memory_line += (f"\n  inputs given once ({listed(model.fixed_inputs)}): calibrated at the values given; "
+                             "a float result is written into the original graph and takes them again, a quantized "
+                             f"one (or one that graph cannot hold) takes "
+                             f"{', '.join(model.packing.names if model.packing else model.input_names)} only")
     if getattr(model, "packing", None) is not None:
         args.memory_line += "\n  " + model.packing.describe()
 
@@ -756,7 +760,7 @@ def _compress_uniform(args: argparse.Namespace) -> None:
                               check=not args.no_check, rules=tuple(args.check), min_agreement=args.min_agreement,
                               max_output_error=args.max_output_error, example_input=example,
                               progress=lambda m: log("  " + m))
-    result.save(args.output, force=args.force)  # checked before anything is written
+    result.save(args.output, force=args.force, progress=log)  # checked before anything is written
     report, check = result.report, result.check
     seconds = time.time() - t0
     shape = _sample_shape(model, example)

@@ -211,3 +211,11 @@ def check_input_shape(x: np.ndarray, expected: list, source: str) -> None:
     if not ok:
         shown = ["N", *[d if isinstance(d, int) else "?" for d in dims]]
         raise RankfoldError(f"{source}: samples of shape {tuple(x.shape)} do not fit the model's input {shown}")
+
+
+def listed(names: list[str], shown: int = 3) -> str:
+    """Input names for a progress line: all of a few, the first `shown` and a count of many (a
+    decoder's 60 caches)."""
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more"

@@ -62,6 +62,10 @@ class Compressed:
         if os.path.exists(path) and not force:
             raise RankfoldError(f"{path} exists: pass force=True (--force) to replace it")
         example = self.example_input if self.example_input is not None else self._first_samples()
+        say = progress or (lambda _m: None)
+        grafted = not self.quantized and getattr(self.module, "fixed_inputs", None)
+        if grafted and self._saved_grafted(path, example, say):
+            return self.check
         if not self.quantized and getattr(self.module, "packing", None) is None:
             from rankfold.export.onnx import export_onnx
 
@@ -70,8 +74,25 @@ class Compressed:
         if not self.quantized:
             self._save_unpacked(path, example)
             return self.check
-        self.check = self._save_quantized(path, example, observer, progress or (lambda _m: None))
+        self.check = self._save_quantized(path, example, observer, say)
         return self.check
+
+    def _saved_grafted(self, path: str, example: Tensor, say: Callable[[str], None]) -> bool:
+        """A float result of a graph with inputs given once, written into the user's graph so that
+        it takes them again (a decoder its caches, a streaming model its state); False, said why,
+        where it cannot be (the traced export then makes them constants)."""
+        from rankfold.data import listed
+        from rankfold.export.graft import GraftRefused, write_grafted
+
+        given = listed(self.module.fixed_inputs)
+        try:
+            write_grafted(self.module, self.original, path, example)
+        except GraftRefused as exc:
+            say(f"inputs given once ({given}) are constants of the written file: it could not be written into "
+                f"the original graph ({exc})")
+            return False
+        say(f"written into the original graph: the file takes every input again ({given} included)")
+        return True
 
     def _save_unpacked(self, path: str, example: Tensor) -> None:
         """A float result read through packed inputs, written taking the original inputs again."""

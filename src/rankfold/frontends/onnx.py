@@ -71,7 +71,7 @@ class Step:
 # OnnxModule's own attributes: a layer named like one of them is renamed.
 OWN_ATTRIBUTES = ("steps", "input_names", "output_names", "buffer_of", "dynamic_axes", "fixed_batch", "size_note",
                   "size_reason", "declared_outputs", "runs_at_batch", "fixed_inputs", "quantized_note", "opset_note",
-                  "widened_note", "packing", "output_kinds")
+                  "widened_note", "packing", "output_kinds", "source_path", "given_values")
 
 
 def symbolic_axes(values) -> dict[str, dict[int, str]]:
@@ -123,6 +123,10 @@ class OnnxModule(nn.Module):
         self.opset_note: str | None = None  # an older graph read after onnx's version converter upgraded it
         self.widened_note: str | None = None  # a float16 graph read in float32
         self.packing: Packing | None = None  # inputs read packed as one (rankfold.frontends.packing)
+        # The file read, and the values of the inputs given once: a float result is written into that
+        # file's graph, taking them again (rankfold.export.graft)
+        self.source_path: str | None = None
+        self.given_values: dict[str, np.ndarray] = {}
 
     def forward(self, *args: Tensor):
         env = self.run_graph(*args)
@@ -241,6 +245,8 @@ def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = 
     except Exception as exc:  # a malformed graph must end in one clear line, whatever broke
         raise RankfoldError(f"{path}: cannot convert the ONNX graph: {type(exc).__name__}: {first_line(exc)}") from None
     module.packing = packing
+    module.source_path = os.path.abspath(os.fspath(path))
+    module.given_values = {name: np.asarray(value) for name, value in (fixed or {}).items()}
     if module.fixed_batch is None and probe is not None and len(probe) > 1 and (
             _runs_only_alone(module, probe) or _onnxruntime_runs_only_alone(model, fixed or {}, probe)):
         # The file declares an open batch that its steps do not keep (a shape baked at 1 by the

@@ -1,0 +1,272 @@
+"""A float result of an ONNX graph written into the user's own graph.
+
+The traced export (rankfold.export.onnx) writes what the torch module computes: inputs given once
+are constants there, so a decoder's result loses its key/value caches and a streaming model its
+state. Here each layer the compression changed replaces the nodes it was read from, and
+everything else stays as the file has it: its inputs and outputs, caches and states, Ifs,
+onnxruntime's own ops, names and declared shapes. A layer is grafted where it was read from a
+MatMul, Gemm or Conv node (with the Add or BatchNormalization folded into it) and is made of
+Linear and Conv layers; anything else raises GraftRefused with the reason, and the caller writes
+the traced export instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import Tensor, nn
+
+from rankfold.errors import RankfoldError
+from rankfold.io import replace_atomically
+
+HEAD_OPS = ("MatMul", "Gemm", "Conv")  # the weighted node a layer was read from
+FOLDED_OPS = ("Add", "BatchNormalization")  # what the reader folds into the layer after it
+MAX_PROTO_BYTES = 2_000_000_000  # one protobuf holds at most 2 GB
+
+
+class GraftRefused(Exception):
+    """The result cannot be written into the original graph (the reason); the traced export can."""
+
+
+def write_grafted(result: nn.Module, original: nn.Module, path: str, example: Tensor,
+                  rtol: float = 1e-4) -> None:
+    """Write `result` (a float compression of the OnnxModule `original`) into the graph of the
+    file it was read from, checked in onnxruntime against `result` on `example` with the inputs
+    given once at their values, then renamed into `path`. Raises GraftRefused."""
+    source = getattr(result, "source_path", None)
+    if not source or not os.path.isfile(source):
+        raise GraftRefused("the original file is not at hand")
+    for note in ("widened_note", "opset_note"):
+        if getattr(result, note, None):
+            raise GraftRefused(getattr(result, note))
+    from rankfold.frontends.onnx import read_onnx
+
+    model = read_onnx(source)
+    grafted = grafted_model(model, result, original)
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        tmp = os.path.join(scratch, "grafted.onnx")
+        if grafted.ByteSize() > MAX_PROTO_BYTES:
+            raise GraftRefused("the grafted graph would exceed the 2 GB one ONNX file holds")
+        onnx.save(grafted, tmp)
+        _verify(tmp, result, example, rtol)
+        with open(tmp, "rb") as handle:
+            replace_atomically(path, handle.read())
+
+
+def grafted_model(model: onnx.ModelProto, result: nn.Module, original: nn.Module) -> onnx.ModelProto:
+    """`model` with the layers of `result` that differ from `original`'s in place of the nodes
+    they were read from."""
+    _refuse_other_changes(result, original)
+    graft = onnx.ModelProto()
+    graft.CopyFrom(model)
+    graph = graft.graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                       for o in n.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {v.name for v in graph.output}
+    taken = set(producer) | constants | {v.name for v in graph.input}
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id of a chain's last node -> the nodes in its place
+    removed: set[int] = set()
+    new_inits: list[onnx.TensorProto] = []
+    for step in result.steps:
+        if step.module is None or _same_layer(result.get_submodule(step.module), original.get_submodule(step.module)):
+            continue
+        chain = _source_chain(step, producer, constants, readers, outputs)
+        stem = _unique(f"{step.module}.rankfold", taken)
+        nodes, inits = _layer_nodes(result.get_submodule(step.module), chain[0].input[0], step.outputs[0], stem,
+                                    taken)
+        removed.update(id(n) for n in chain)
+        replaced[id(chain[-1])] = nodes
+        new_inits += inits
+    if not replaced:
+        raise GraftRefused("no layer changed")
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        kept += replaced.get(id(node), []) if id(node) in removed else [node]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(new_inits)
+    _drop_unread(graph)
+    return graft
+
+
+def _refuse_other_changes(result: nn.Module, original: nn.Module) -> None:
+    """Only layers may differ: the steps and the constants between them are the original's."""
+    if not hasattr(result, "steps") or [(s.op, s.inputs, s.outputs, s.module) for s in result.steps] != \
+            [(s.op, s.inputs, s.outputs, s.module) for s in original.steps]:
+        raise GraftRefused("the result's graph is not the original's (its steps differ)")
+    for value, buffer in result.buffer_of.items():
+        theirs = original.buffer_of.get(value)
+        if theirs is None or not torch.equal(getattr(result, buffer), getattr(original, theirs)):
+            raise GraftRefused(f"the constant {value!r} changed")
+
+
+def _same_layer(layer: nn.Module, before: nn.Module) -> bool:
+    if type(layer) is not type(before):
+        return False
+    mine, theirs = layer.state_dict(), before.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _source_chain(step, producer: Mapping[str, onnx.NodeProto], constants: set[str], readers: Mapping[str, int],
+                  outputs: set[str]) -> list[onnx.NodeProto]:
+    """The nodes a layer step was read from, first to last: its weighted node, then what was
+    folded into it, each read by the next alone."""
+    chain: list[onnx.NodeProto] = []
+    value = step.outputs[0]
+    while True:
+        node = producer.get(value)
+        if node is None or node.domain not in ("", "ai.onnx") or \
+                node.op_type not in HEAD_OPS + FOLDED_OPS or len(node.output) != 1:
+            raise GraftRefused(f"layer {step.module!r} was not read from a MatMul, Gemm or Conv node of the file")
+        if chain and (readers.get(node.output[0], 0) != 1 or node.output[0] in outputs):
+            raise GraftRefused(f"an inner value of layer {step.module!r} is read elsewhere")
+        chain.append(node)
+        varying = [name for name in node.input if name and name not in constants]
+        if len(varying) != 1:
+            raise GraftRefused(f"layer {step.module!r}: its node {node.name or node.output[0]!r} reads "
+                               f"{len(varying)} computed values")
+        if node.op_type in HEAD_OPS:
+            if node.op_type != step.op:
+                raise GraftRefused(f"layer {step.module!r} was read from a {step.op}, found a {node.op_type}")
+            if node.input[0] != varying[0]:
+                raise GraftRefused(f"layer {step.module!r}: its weight is computed, not a constant")
+            return chain[::-1]
+        if len(chain) > len(FOLDED_OPS):
+            raise GraftRefused(f"layer {step.module!r}: more than its weighted node and what folds into it")
+        value = varying[0]
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _layer_nodes(layer: nn.Module, x: str, out: str, stem: str, taken: set[str]
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes that compute `layer` from the value `x` into the value `out` (a chain of factors
+    one after another), and their weights."""
+    parts = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    value = x
+    for index, part in enumerate(parts):
+        writer = LAYER_WRITERS.get(type(part))
+        if writer is None:
+            raise GraftRefused(f"a {type(part).__name__} layer is not written into a graph")
+        target = out if index == len(parts) - 1 else _unique(f"{stem}.{index}.out", taken)
+        more_nodes, more_inits = writer(part, value, target, f"{stem}.{index}", taken)
+        nodes += more_nodes
+        inits += more_inits
+        value = target
+    return nodes, inits
+
+
+def _tensor(value: Tensor, name: str, taken: set[str]) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(value.detach().cpu().float().numpy()), _unique(name, taken))
+
+
+def _linear_nodes(layer: nn.Linear, x: str, out: str, stem: str, taken: set[str]):
+    """x W^T (+ b) as MatMul (+ Add): MatMul takes any leading axes, as the layer does."""
+    weight = _tensor(layer.weight.T, f"{stem}.weight", taken)
+    if layer.bias is None:
+        return [helper.make_node("MatMul", [x, weight.name], [out], name=_unique(stem, taken))], [weight]
+    bias = _tensor(layer.bias, f"{stem}.bias", taken)
+    product = _unique(f"{stem}.product", taken)
+    return [helper.make_node("MatMul", [x, weight.name], [product], name=_unique(stem, taken)),
+            helper.make_node("Add", [product, bias.name], [out], name=_unique(f"{stem}.add", taken))], [weight, bias]
+
+
+def _conv_nodes(layer: nn.Conv1d | nn.Conv2d, x: str, out: str, stem: str, taken: set[str]):
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        raise GraftRefused(f"a convolution padded {layer.padding!r} ({layer.padding_mode}) is not written into a graph")
+    weight = _tensor(layer.weight, f"{stem}.weight", taken)
+    inits = [weight]
+    inputs = [x, weight.name]
+    if layer.bias is not None:
+        inits.append(_tensor(layer.bias, f"{stem}.bias", taken))
+        inputs.append(inits[-1].name)
+    node = helper.make_node("Conv", inputs, [out], name=_unique(stem, taken),
+                            kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                            dilations=list(layer.dilation), group=layer.groups,
+                            pads=list(layer.padding) * 2)
+    return [node], inits
+
+
+# One writer per layer type a factor can be: how its nodes read in ONNX.
+LAYER_WRITERS: dict[type, Callable] = {nn.Linear: _linear_nodes, nn.Conv1d: _conv_nodes, nn.Conv2d: _conv_nodes}
+
+
+def _drop_unread(graph: onnx.GraphProto) -> None:
+    """The weights (initializers, Constant nodes) the replaced nodes alone read, and the shapes
+    declared for values no node computes any more."""
+    read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    for node in graph.node:
+        for attribute in node.attribute:  # an If's branches read outer values too
+            for sub in [attribute.g, *attribute.graphs]:
+                read |= {name for inner in sub.node for name in inner.input}
+    inputs = {v.name for v in graph.input}
+    kept = [t for t in graph.initializer if t.name in read or t.name in inputs]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if n.op_type != "Constant" or any(o in read for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    computed = {o for n in graph.node for o in n.output}
+    infos = [v for v in graph.value_info if v.name in computed]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def _verify(path: str, result: nn.Module, example: Tensor, rtol: float) -> None:
+    """The grafted file in onnxruntime, fed the example and the inputs given once, against `result`."""
+    from rankfold.export.onnx import relative_error
+    from rankfold.runtime import session
+
+    if getattr(result, "fixed_batch", None) is not None:
+        example = example[: result.fixed_batch]
+    runner = session(path)
+    feeds = _feeds(result, example)
+    missing = sorted({i.name for i in runner.get_inputs()} - feeds.keys())
+    if missing:
+        raise GraftRefused(f"no value at hand for the inputs {', '.join(missing)}")
+    got = runner.run(None, {i.name: feeds[i.name] for i in runner.get_inputs()})
+    with torch.no_grad():
+        expected = result(example)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for name, g, w in zip(result.output_names, got, expected, strict=True):
+        w = w.detach().cpu().numpy()
+        error = relative_error(g, w) if w.dtype.kind == "f" else float(not np.array_equal(g, w))
+        if error > rtol:
+            raise RankfoldError(f"the grafted file disagrees with the compressed model on {name!r}: relative "
+                                f"error {error:.2e} > {rtol:g}")
+
+
+def _feeds(result: nn.Module, example: Tensor) -> dict[str, np.ndarray]:
+    """Every input of the original file: the per-sample ones (unpacked where read packed) and the
+    ones given once, at the values the result holds as constants."""
+    packing = getattr(result, "packing", None)
+    x = example.detach().cpu().numpy()
+    if packing is not None:
+        from rankfold.frontends.packing import unpack_arrays
+
+        feeds = unpack_arrays(packing, x)
+    else:
+        feeds = {result.input_names[0]: x}
+    feeds.update(getattr(result, "given_values", {}))
+    return feeds

@@ -1,0 +1,110 @@
+"""A float result of a graph with inputs given once is written into the user's own graph
+(rankfold.export.graft): it takes those inputs again. Before, they were constants of the written
+file: a decoder's result could not take a cache to generate from, a streaming model its state."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import rankfold
+from rankfold.export.graft import GraftRefused, grafted_model
+from tests.helpers import run_cli
+from tests.test_onnx_gqa import _decoder_feeds, _decoder_file, _perplexity
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_with_them(tmp_path):
+    path, calib, out = _decoder_file(tmp_path), tmp_path / "prompts.npz", tmp_path / "small.onnx"
+    feeds = _decoder_feeds(96, 12)
+    for name in ("attention_mask", "past_key_values.0.key", "past_key_values.0.value"):
+        feeds[name] = feeds[name][:1]  # prompts: the mask and the empty caches given once
+    np.savez(calib, **feeds)
+    code, stdout, stderr = run_cli("compress", path, "--calib", calib, "--max-params", "90%", "-o", out)
+    assert code == 0, stderr
+    assert "written into the original graph" in stdout + stderr
+    original, small = _session(path), _session(out)
+    assert [i.name for i in small.get_inputs()] == [i.name for i in original.get_inputs()]
+    assert [o.name for o in small.get_outputs()] == [o.name for o in original.get_outputs()]
+    written = onnx.load(str(out)).graph
+    assert any(n.op_type == "GroupQueryAttention" for n in written.node)  # onnxruntime's own op stays
+    assert sum(int(np.prod(t.dims)) for t in written.initializer) < \
+        sum(int(np.prod(t.dims)) for t in onnx.load(path).graph.initializer)
+    # Nine tokens at once, or eight and then one more after the caches the first eight left: the same
+    fresh = _decoder_feeds(2, 9)
+    whole = small.run(None, fresh)[0]
+    head = {k: (v[:, :8] if k in ("input_ids", "attention_mask") else v) for k, v in fresh.items()}
+    _, key, value = small.run(None, head)
+    after = small.run(None, {"input_ids": fresh["input_ids"][:, 8:], "attention_mask": fresh["attention_mask"],
+                             "past_key_values.0.key": key, "past_key_values.0.value": value})[0]
+    np.testing.assert_allclose(after[:, -1], whole[:, -1], rtol=1e-4, atol=1e-4 * np.abs(whole).max())
+    wanted = original.run(["logits"], fresh)[0]
+    assert not np.array_equal(whole, wanted)
+    assert _perplexity(whole, fresh["input_ids"]) < 1.5 * _perplexity(wanted, fresh["input_ids"])
+
+
+def _cnn_with_offset(path) -> None:
+    """Conv + BatchNormalization + Relu, an offset given as an input added, a strided Conv, global
+    pooling and a Gemm: the offset is what a streaming model's state is to it."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.normal(size=(32, 16, 3, 3)) / 12, "b1": rng.normal(size=32) / 10,
+             "scale": 1 + rng.random(32) / 2, "shift": rng.normal(size=32) / 10, "mean": rng.normal(size=32) / 10,
+             "var": 1 + rng.random(32), "w2": rng.normal(size=(24, 32, 3, 3)) / 17, "b2": rng.normal(size=24) / 10,
+             "w3": rng.normal(size=(10, 24)) / 5, "b3": np.zeros(10)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "scale", "shift", "mean", "var"], ["n1"]),
+             helper.make_node("Relu", ["n1"], ["r1"]), helper.make_node("Add", ["r1", "offset"], ["shifted"]),
+             helper.make_node("Conv", ["shifted", "w2", "b2"], ["c2"], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 12, 12]),
+                       helper.make_tensor_value_info("offset", TensorProto.FLOAT, [1, 32, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("method", ["tucker2", "svd", "cp"])
+def test_factorized_convolutions_are_written_into_the_graph_and_the_input_given_once_stays(tmp_path, method):
+    path, calib, out = tmp_path / "cnn.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
+    _cnn_with_offset(path)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(48, 16, 12, 12)).astype(np.float32)
+    offset = np.full((1, 32, 1, 1), 0.25, np.float32)
+    np.savez(calib, x=x, offset=offset)
+    code, stdout, stderr = run_cli("compress", path, "--calib", calib, "--method", method, "--keep", "0.6",
+                                   "--check", "relerr:0.9", "-o", out)
+    assert code == 0, stderr
+    assert "written into the original graph" in stdout + stderr
+    small = onnx.load(str(out)).graph
+    assert [i.name for i in small.input] == ["x", "offset"]
+    assert sum(n.op_type == "Conv" for n in small.node) >= 4 and not any(n.op_type == "BatchNormalization"
+                                                                        for n in small.node)
+    for value in (offset, -offset):  # another offset than the calibration's computes as the original does
+        got = _session(out).run(None, {"x": x[:8], "offset": value})[0]
+        want = _session(path).run(None, {"x": x[:8], "offset": value})[0]
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.5
+
+
+def test_a_result_that_changed_more_than_its_layers_is_not_grafted(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    _cnn_with_offset(path)
+    fixed = {"offset": np.zeros((1, 32, 1, 1), np.float32)}
+    original = rankfold.load_onnx(path, fixed)
+    result = rankfold.load_onnx(path, fixed)
+    unchanged = onnx.load(str(path))
+    with pytest.raises(GraftRefused, match="no layer changed"):
+        grafted_model(unchanged, result, original)
+    buffer = next(iter(result.buffer_of.values()))
+    with torch.no_grad():
+        getattr(result, buffer).add_(1)
+    with pytest.raises(GraftRefused, match="changed"):
+        grafted_model(unchanged, result, original)
