@@ -4,6 +4,8 @@ file: a decoder's result could not take a cache to generate from, a streaming mo
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,20 +16,23 @@ from onnx import TensorProto, helper, numpy_helper
 import rankfold
 from rankfold.export.graft import GraftRefused, grafted_model
 from tests.helpers import run_cli
-from tests.test_onnx_gqa import _decoder_feeds, _decoder_file, _perplexity
+from tests.test_onnx_gqa import VOCAB, WIDTH, _decoder_feeds, _decoder_file, _perplexity
 
 
 def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_with_them(tmp_path):
+@pytest.mark.parametrize("budget", [["--max-params", "90%"], ["--max-weight-bytes", "30%"]])
+def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_with_them(tmp_path, budget):
+    """Float (factorized) or weight-only quantized (int8 and int4 weights, the table tied to the
+    head stored once): the user's graph with its GroupQueryAttention, taking its caches."""
     path, calib, out = _decoder_file(tmp_path), tmp_path / "prompts.npz", tmp_path / "small.onnx"
     feeds = _decoder_feeds(96, 12)
     for name in ("attention_mask", "past_key_values.0.key", "past_key_values.0.value"):
         feeds[name] = feeds[name][:1]  # prompts: the mask and the empty caches given once
     np.savez(calib, **feeds)
-    code, stdout, stderr = run_cli("compress", path, "--calib", calib, "--max-params", "90%", "-o", out)
+    code, stdout, stderr = run_cli("compress", path, "--calib", calib, *budget, "-o", out)
     assert code == 0, stderr
     assert "written into the original graph" in stdout + stderr
     original, small = _session(path), _session(out)
@@ -35,8 +40,16 @@ def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_wi
     assert [o.name for o in small.get_outputs()] == [o.name for o in original.get_outputs()]
     written = onnx.load(str(out)).graph
     assert any(n.op_type == "GroupQueryAttention" for n in written.node)  # onnxruntime's own op stays
-    assert sum(int(np.prod(t.dims)) for t in written.initializer) < \
-        sum(int(np.prod(t.dims)) for t in onnx.load(path).graph.initializer)
+    if budget[0] == "--max-params":
+        assert sum(int(np.prod(t.dims)) for t in written.initializer) < \
+            sum(int(np.prod(t.dims)) for t in onnx.load(path).graph.initializer)
+    else:
+        assert os.path.getsize(out) < 0.4 * os.path.getsize(path)
+    tables = [t for t in written.initializer if sorted(t.dims) == sorted([VOCAB, WIDTH])]
+    assert len(tables) == 1  # tied: the head reads the table through a Transpose
+    if budget[0] == "--max-weight-bytes":
+        assert tables[0].data_type == TensorProto.INT8
+        assert any(t.data_type == TensorProto.INT4 for t in written.initializer)
     # Nine tokens at once, or eight and then one more after the caches the first eight left: the same
     fresh = _decoder_feeds(2, 9)
     whole = small.run(None, fresh)[0]

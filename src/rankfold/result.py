@@ -145,20 +145,27 @@ class Compressed:
             partial = os.path.join(scratch, "quantized.onnx")
             trained = {"equalize": False, "data_aware_rounding": False, "bias_correction": False} \
                 if self.weights_on_grid else {}
+            # Weight-only with inputs given once: the quantized weights go into the user's graph, which
+            # then takes those inputs again (a decoder its caches), as a float result does
+            int4 = any(bits == 4 for bits in plan.layer_bits().values())
+            graft = _Graft(self.original, example, say, int4) \
+                if weight_only and in_onnxruntime and getattr(self.module, "fixed_inputs", None) else None
             for attempt, float_activations in enumerate(forms):
                 if os.path.exists(partial):
                     os.remove(partial)
                 export_quantized(self.module, plan.layer_bits(), partial, calib=fit, example_input=example,
                                  observer=observer, reduce_range=plan.reduce_range, progress=say,
                                  weight_only=float_activations, per_tensor=plan.per_tensor_layers(),
-                                 groups=plan.grouped_layers(),
+                                 groups=plan.grouped_layers(), float_graph=graft,
                                  input_steps=self.input_steps, float_outputs=in_onnxruntime, **trained)
                 check = self.check
                 if in_onnxruntime and not float_activations:
                     refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
                 if held is None:
                     break
-                check = onnx_agreement(self.original, partial, held, optimized=in_onnxruntime, rules=self.rules)
+                grafted = graft is not None and graft.done
+                check = onnx_agreement(self.original, partial, held, optimized=in_onnxruntime, rules=self.rules,
+                                       takes_inputs_of=self.module if grafted else None)
                 path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
                 form = ", weight-only" if float_activations else ""
                 say(f"self-check (quantized{form}, {path_used}): " + check.describe())
@@ -171,8 +178,42 @@ class Compressed:
                         "the layers, the same weight bytes)")
                     continue
                 break
-            replace_atomically(path, self._final_bytes(partial, example))
+            if graft is not None and graft.done:
+                with open(partial, "rb") as handle:
+                    replace_atomically(path, handle.read())
+            else:
+                replace_atomically(path, self._final_bytes(partial, example))
             return check
+
+
+class _Graft:
+    """The float graph a weight-only quantized result is made from: its copy on the integer grid
+    written into the user's graph (rankfold.export.graft), or None (the traced export), said why."""
+
+    def __init__(self, original: nn.Module, example: Tensor, say: Callable[[str], None], int4: bool) -> None:
+        self.original, self.example, self.say, self.int4 = original, example, say, int4
+        self.done = False
+
+    def __call__(self, quantized: nn.Module):
+        from rankfold.data import listed
+        from rankfold.export.graft import GraftRefused, checked_graft
+        from rankfold.quantize.onnx_qdq import INT4_OPSET, raised_opset
+
+        given = listed(quantized.fixed_inputs)
+        try:
+            graph = checked_graft(quantized, self.original, self.example)
+            if self.int4:  # the user's graph at the opset int4 weights need, or the traced export
+                try:
+                    graph = raised_opset(graph, INT4_OPSET)
+                except RankfoldError as exc:
+                    raise GraftRefused(str(exc)) from None
+        except GraftRefused as exc:
+            self.say(f"inputs given once ({given}) are constants of the written file: it could not be written "
+                     f"into the original graph ({exc})")
+            return None
+        self.done = True
+        self.say(f"written into the original graph: the file takes every input again ({given} included)")
+        return graph
 
 
 def _activations_are_free(plan) -> bool:

@@ -471,26 +471,35 @@ def split_holdout(calib: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def onnx_agreement(original: nn.Module, onnx_path: str, inputs: Tensor, *, optimized: bool = True,
-                   rules: tuple[CheckRule, ...] = ()) -> Agreement:
+                   rules: tuple[CheckRule, ...] = (), takes_inputs_of: nn.Module | None = None) -> Agreement:
     """agreement() with the candidate run from its ONNX file in onnxruntime (e.g. a QDQ model):
     in its default session as users run it, or (`optimized=False`) in its reference arithmetic,
-    each node as written, which is what the C back-end computes."""
+    each node as written, which is what the C back-end computes. `takes_inputs_of`: the file
+    takes every input of that module's original file (written into its graph, rankfold.export.graft)."""
     from rankfold.runtime import session as ort_session
 
-    return agreement(original, SessionModule(ort_session(onnx_path, optimized=optimized)), inputs, rules=rules)
+    runner = ort_session(onnx_path, optimized=optimized)
+    return agreement(original, SessionModule(runner, takes_inputs_of), inputs, rules=rules)
 
 
 class SessionModule(nn.Module):
-    """An onnxruntime session as a module of its first input (the per-sample one), for agreement()."""
+    """An onnxruntime session as a module of its first input (the per-sample one), for agreement();
+    or, given `takes_inputs_of`, of that module's per-sample input, fed its inputs given once too."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner, takes_inputs_of: nn.Module | None = None) -> None:
         super().__init__()
         self.runner = runner
         self.output_names = [o.name for o in runner.get_outputs()]
+        self.takes_inputs_of = takes_inputs_of
 
     def forward(self, x: Tensor):
         from rankfold.runtime import run_batched
 
-        outs = [torch.from_numpy(v) for v in run_batched(self.runner, None, self.runner.get_inputs()[0].name,
-                                                         x.numpy())]
+        if self.takes_inputs_of is not None:
+            from rankfold.export.graft import given_feeds_run
+
+            values = given_feeds_run(self.runner, self.takes_inputs_of, x)
+        else:
+            values = run_batched(self.runner, None, self.runner.get_inputs()[0].name, x.numpy())
+        outs = [torch.from_numpy(v) for v in values]
         return tuple(outs) if len(outs) > 1 else outs[0]

@@ -23,9 +23,10 @@ from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
+from rankfold.frontends.onnx import GatheredTable, read_onnx
 from rankfold.io import replace_atomically
 
-HEAD_OPS = ("MatMul", "Gemm", "Conv")  # the weighted node a layer was read from
+HEAD_OPS = ("MatMul", "Gemm", "Conv", "Gather")  # the weighted node a layer was read from (Gather: a table)
 FOLDED_OPS = ("Add", "BatchNormalization")  # what the reader folds into the layer after it
 MAX_PROTO_BYTES = 2_000_000_000  # one protobuf holds at most 2 GB
 
@@ -34,29 +35,31 @@ class GraftRefused(Exception):
     """The result cannot be written into the original graph (the reason); the traced export can."""
 
 
-def write_grafted(result: nn.Module, original: nn.Module, path: str, example: Tensor,
-                  rtol: float = 1e-4) -> None:
+def write_grafted(result: nn.Module, original: nn.Module, path: str, example: Tensor) -> None:
     """Write `result` (a float compression of the OnnxModule `original`) into the graph of the
-    file it was read from, checked in onnxruntime against `result` on `example` with the inputs
-    given once at their values, then renamed into `path`. Raises GraftRefused."""
+    file it was read from, checked (checked_graft), then renamed into `path`. Raises GraftRefused."""
+    grafted = checked_graft(result, original, example)
+    replace_atomically(path, grafted.SerializeToString())
+
+
+def checked_graft(result: nn.Module, original: nn.Module, example: Tensor, rtol: float = 1e-4) -> onnx.ModelProto:
+    """`result` written into the graph of the file `original` was read from (grafted_model),
+    checked in onnxruntime against `result` on `example`, fed the inputs given once at their values
+    as well. Raises GraftRefused."""
     source = getattr(result, "source_path", None)
     if not source or not os.path.isfile(source):
         raise GraftRefused("the original file is not at hand")
     for note in ("widened_note", "opset_note"):
         if getattr(result, note, None):
             raise GraftRefused(getattr(result, note))
-    from rankfold.frontends.onnx import read_onnx
-
-    model = read_onnx(source)
-    grafted = grafted_model(model, result, original)
+    grafted = grafted_model(read_onnx(source), result, original)
+    if grafted.ByteSize() > MAX_PROTO_BYTES:
+        raise GraftRefused("the grafted graph would exceed the 2 GB one ONNX file holds")
     with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
         tmp = os.path.join(scratch, "grafted.onnx")
-        if grafted.ByteSize() > MAX_PROTO_BYTES:
-            raise GraftRefused("the grafted graph would exceed the 2 GB one ONNX file holds")
         onnx.save(grafted, tmp)
         _verify(tmp, result, example, rtol)
-        with open(tmp, "rb") as handle:
-            replace_atomically(path, handle.read())
+    return grafted
 
 
 def grafted_model(model: onnx.ModelProto, result: nn.Module, original: nn.Module) -> onnx.ModelProto:
@@ -66,8 +69,7 @@ def grafted_model(model: onnx.ModelProto, result: nn.Module, original: nn.Module
     graft = onnx.ModelProto()
     graft.CopyFrom(model)
     graph = graft.graph
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
-                                                       for o in n.output}
+    constants = _constant_values(graph)
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, int] = {}
     for node in graph.node:
@@ -78,13 +80,12 @@ def grafted_model(model: onnx.ModelProto, result: nn.Module, original: nn.Module
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id of a chain's last node -> the nodes in its place
     removed: set[int] = set()
     new_inits: list[onnx.TensorProto] = []
+    tied = _tied_weights(result)
     for step in result.steps:
         if step.module is None or _same_layer(result.get_submodule(step.module), original.get_submodule(step.module)):
             continue
-        chain = _source_chain(step, producer, constants, readers, outputs)
-        stem = _unique(f"{step.module}.rankfold", taken)
-        nodes, inits = _layer_nodes(result.get_submodule(step.module), chain[0].input[0], step.outputs[0], stem,
-                                    taken)
+        chain, x = _source_chain(step, producer, constants, readers, outputs)
+        nodes, inits = _layer_nodes(result.get_submodule(step.module), step.module, x, step.outputs[0], taken, tied)
         removed.update(id(n) for n in chain)
         replaced[id(chain[-1])] = nodes
         new_inits += inits
@@ -111,6 +112,30 @@ def _refuse_other_changes(result: nn.Module, original: nn.Module) -> None:
             raise GraftRefused(f"the constant {value!r} changed")
 
 
+def _constant_values(graph: onnx.GraphProto) -> set[str]:
+    """The values computed from constants alone (initializers, Constant nodes, what reads only
+    them: the transposed table a tied head's weight is gathered from)."""
+    inputs = {v.name for v in graph.input}
+    known = {t.name for t in graph.initializer} - inputs
+    for node in graph.node:  # in topological order (read_onnx)
+        if node.op_type == "Constant" or (node.op_type not in ("If", "Loop", "Scan") and node.input
+                                          and all(not name or name in known for name in node.input)):
+            known.update(node.output)
+    return known
+
+
+def _tied_weights(result: nn.Module) -> dict[int, str | None]:
+    """Weights that several layers share (a token table and the LM head tied to it), by id: stored
+    once, under the name the first layer written gives them (None until then)."""
+    seen: dict[int, set[str]] = {}
+    for step in result.steps:
+        if step.module is not None:
+            weight = getattr(result.get_submodule(step.module), "weight", None)
+            if isinstance(weight, Tensor):
+                seen.setdefault(id(weight), set()).add(step.module)
+    return {key: None for key, layers in seen.items() if len(layers) > 1}
+
+
 def _same_layer(layer: nn.Module, before: nn.Module) -> bool:
     if type(layer) is not type(before):
         return False
@@ -120,9 +145,9 @@ def _same_layer(layer: nn.Module, before: nn.Module) -> bool:
 
 
 def _source_chain(step, producer: Mapping[str, onnx.NodeProto], constants: set[str], readers: Mapping[str, int],
-                  outputs: set[str]) -> list[onnx.NodeProto]:
+                  outputs: set[str]) -> tuple[list[onnx.NodeProto], str]:
     """The nodes a layer step was read from, first to last: its weighted node, then what was
-    folded into it, each read by the next alone."""
+    folded into it, each read by the next alone; and the value the layer reads."""
     chain: list[onnx.NodeProto] = []
     value = step.outputs[0]
     while True:
@@ -140,9 +165,9 @@ def _source_chain(step, producer: Mapping[str, onnx.NodeProto], constants: set[s
         if node.op_type in HEAD_OPS:
             if node.op_type != step.op:
                 raise GraftRefused(f"layer {step.module!r} was read from a {step.op}, found a {node.op_type}")
-            if node.input[0] != varying[0]:
+            if node.input[1 if node.op_type == "Gather" else 0] != varying[0]:
                 raise GraftRefused(f"layer {step.module!r}: its weight is computed, not a constant")
-            return chain[::-1]
+            return chain[::-1], varying[0]
         if len(chain) > len(FOLDED_OPS):
             raise GraftRefused(f"layer {step.module!r}: more than its weighted node and what folds into it")
         value = varying[0]
@@ -157,20 +182,22 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _layer_nodes(layer: nn.Module, x: str, out: str, stem: str, taken: set[str]
+def _layer_nodes(layer: nn.Module, name: str, x: str, out: str, taken: set[str], tied: dict[int, str | None]
                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The nodes that compute `layer` from the value `x` into the value `out` (a chain of factors
-    one after another), and their weights."""
-    parts = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+    """The nodes that compute `layer` (module `name`) from the value `x` into the value `out` (a
+    chain of factors one after another), and their weights. Nodes are named as torch's exporter
+    names them ('/q.0/MatMul' for factor 0 of layer q), so the quantizer finds each one's layer."""
+    parts = list(layer.named_children()) if isinstance(layer, nn.Sequential) else [("", layer)]
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     value = x
-    for index, part in enumerate(parts):
+    for index, (child, part) in enumerate(parts):
         writer = LAYER_WRITERS.get(type(part))
         if writer is None:
             raise GraftRefused(f"a {type(part).__name__} layer is not written into a graph")
-        target = out if index == len(parts) - 1 else _unique(f"{stem}.{index}.out", taken)
-        more_nodes, more_inits = writer(part, value, target, f"{stem}.{index}", taken)
+        leaf = f"{name}.{child}" if child else name
+        target = out if index == len(parts) - 1 else _unique(f"{leaf}.output", taken)
+        more_nodes, more_inits = writer(part, value, target, leaf, taken, tied)
         nodes += more_nodes
         inits += more_inits
         value = target
@@ -181,27 +208,57 @@ def _tensor(value: Tensor, name: str, taken: set[str]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(value.detach().cpu().float().numpy()), _unique(name, taken))
 
 
-def _linear_nodes(layer: nn.Linear, x: str, out: str, stem: str, taken: set[str]):
-    """x W^T (+ b) as MatMul (+ Add): MatMul takes any leading axes, as the layer does."""
-    weight = _tensor(layer.weight.T, f"{stem}.weight", taken)
+def _linear_nodes(layer: nn.Linear, x: str, out: str, leaf: str, taken: set[str], tied: dict[int, str | None]):
+    """x W^T (+ b) as MatMul (+ Add): MatMul takes any leading axes, as the layer does. A weight
+    tied to a table is stored once, as the table (out, in), and read through a Transpose."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    if id(layer.weight) in tied:
+        stored = _stored_once(layer.weight, f"{leaf}.weight", taken, tied, inits)
+        weight = _unique(f"{leaf}.weight_t", taken)
+        nodes.append(helper.make_node("Transpose", [stored], [weight], name=_unique(f"/{leaf}/Transpose", taken)))
+    else:
+        inits.append(_tensor(layer.weight.T, f"{leaf}.weight", taken))
+        weight = inits[-1].name
+    matmul = _unique(f"/{leaf}/MatMul", taken)
     if layer.bias is None:
-        return [helper.make_node("MatMul", [x, weight.name], [out], name=_unique(stem, taken))], [weight]
-    bias = _tensor(layer.bias, f"{stem}.bias", taken)
-    product = _unique(f"{stem}.product", taken)
-    return [helper.make_node("MatMul", [x, weight.name], [product], name=_unique(stem, taken)),
-            helper.make_node("Add", [product, bias.name], [out], name=_unique(f"{stem}.add", taken))], [weight, bias]
+        return [*nodes, helper.make_node("MatMul", [x, weight], [out], name=matmul)], inits
+    inits.append(_tensor(layer.bias, f"{leaf}.bias", taken))
+    product = _unique(f"{leaf}.product", taken)
+    return [*nodes, helper.make_node("MatMul", [x, weight], [product], name=matmul),
+            helper.make_node("Add", [product, inits[-1].name], [out], name=_unique(f"/{leaf}/Add", taken))], inits
 
 
-def _conv_nodes(layer: nn.Conv1d | nn.Conv2d, x: str, out: str, stem: str, taken: set[str]):
+def _stored_once(weight: Tensor, name: str, taken: set[str], tied: dict[int, str | None],
+                 inits: list[onnx.TensorProto]) -> str:
+    """The initializer of a shared weight: made by its first reader, named for the others."""
+    if tied.get(id(weight)) is None:
+        inits.append(_tensor(weight, name, taken))
+        tied[id(weight)] = inits[-1].name
+    return tied[id(weight)]
+
+
+def _table_nodes(layer: nn.Embedding, ids: str, out: str, leaf: str, taken: set[str], tied: dict[int, str | None]):
+    """Rows of the table (GatheredTable: negative ids count from the end, as Gather's do)."""
+    inits: list[onnx.TensorProto] = []
+    table = _stored_once(layer.weight, f"{leaf}.weight", taken, tied, inits) if id(layer.weight) in tied \
+        else _tensor(layer.weight, f"{leaf}.weight", taken)
+    if not isinstance(table, str):
+        inits.append(table)
+        table = table.name
+    return [helper.make_node("Gather", [table, ids], [out], name=_unique(f"/{leaf}/Gather", taken), axis=0)], inits
+
+
+def _conv_nodes(layer: nn.Conv1d | nn.Conv2d, x: str, out: str, leaf: str, taken: set[str], _tied):
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         raise GraftRefused(f"a convolution padded {layer.padding!r} ({layer.padding_mode}) is not written into a graph")
-    weight = _tensor(layer.weight, f"{stem}.weight", taken)
+    weight = _tensor(layer.weight, f"{leaf}.weight", taken)
     inits = [weight]
     inputs = [x, weight.name]
     if layer.bias is not None:
-        inits.append(_tensor(layer.bias, f"{stem}.bias", taken))
+        inits.append(_tensor(layer.bias, f"{leaf}.bias", taken))
         inputs.append(inits[-1].name)
-    node = helper.make_node("Conv", inputs, [out], name=_unique(stem, taken),
+    node = helper.make_node("Conv", inputs, [out], name=_unique(f"/{leaf}/Conv", taken),
                             kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
                             dilations=list(layer.dilation), group=layer.groups,
                             pads=list(layer.padding) * 2)
@@ -209,43 +266,52 @@ def _conv_nodes(layer: nn.Conv1d | nn.Conv2d, x: str, out: str, stem: str, taken
 
 
 # One writer per layer type a factor can be: how its nodes read in ONNX.
-LAYER_WRITERS: dict[type, Callable] = {nn.Linear: _linear_nodes, nn.Conv1d: _conv_nodes, nn.Conv2d: _conv_nodes}
+LAYER_WRITERS: dict[type, Callable] = {nn.Linear: _linear_nodes, nn.Conv1d: _conv_nodes, nn.Conv2d: _conv_nodes,
+                                       GatheredTable: _table_nodes}
 
 
 def _drop_unread(graph: onnx.GraphProto) -> None:
-    """The weights (initializers, Constant nodes) the replaced nodes alone read, and the shapes
-    declared for values no node computes any more."""
-    read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
-    for node in graph.node:
-        for attribute in node.attribute:  # an If's branches read outer values too
-            for sub in [attribute.g, *attribute.graphs]:
-                read |= {name for inner in sub.node for name in inner.input}
+    """What the replaced nodes alone read (their weights, a transpose of them, Constant nodes),
+    and the shapes declared for values no node computes any more."""
+    while True:
+        read = _read_values(graph)
+        nodes = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(nodes) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(nodes)
     inputs = {v.name for v in graph.input}
     kept = [t for t in graph.initializer if t.name in read or t.name in inputs]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    nodes = [n for n in graph.node if n.op_type != "Constant" or any(o in read for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(nodes)
     computed = {o for n in graph.node for o in n.output}
     infos = [v for v in graph.value_info if v.name in computed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
 
 
+def _read_values(graph: onnx.GraphProto) -> set[str]:
+    read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    for node in graph.node:
+        for attribute in node.attribute:  # an If's branches read outer values too
+            for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") or attribute.graphs else []:
+                read |= _read_values(sub)
+    return read
+
+
 def _verify(path: str, result: nn.Module, example: Tensor, rtol: float) -> None:
-    """The grafted file in onnxruntime, fed the example and the inputs given once, against `result`."""
+    """The grafted file in onnxruntime (given_feeds_run) against `result` on `example`."""
     from rankfold.export.onnx import relative_error
     from rankfold.runtime import session
 
     if getattr(result, "fixed_batch", None) is not None:
         example = example[: result.fixed_batch]
-    runner = session(path)
-    feeds = _feeds(result, example)
-    missing = sorted({i.name for i in runner.get_inputs()} - feeds.keys())
-    if missing:
-        raise GraftRefused(f"no value at hand for the inputs {', '.join(missing)}")
-    got = runner.run(None, {i.name: feeds[i.name] for i in runner.get_inputs()})
+    try:
+        got = given_feeds_run(session(path), result, example)
+    except GraftRefused:
+        raise
+    except Exception as exc:  # onnxruntime refuses the grafted graph
+        raise GraftRefused(f"onnxruntime cannot run the grafted graph: {str(exc).splitlines()[0][:200]}") from None
     with torch.no_grad():
         expected = result(example)
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -257,16 +323,30 @@ def _verify(path: str, result: nn.Module, example: Tensor, rtol: float) -> None:
                                 f"error {error:.2e} > {rtol:g}")
 
 
-def _feeds(result: nn.Module, example: Tensor) -> dict[str, np.ndarray]:
+def given_feeds_run(runner, module: nn.Module, x: Tensor) -> list[np.ndarray]:
+    """An onnxruntime session of a file that takes every input of `module`'s original file, run
+    on the per-sample input `x` (unpacked where `module` reads several packed) and the inputs
+    given once at their values: one sample at a time, as those were given for one sample (a
+    state of batch 1 that onnxruntime would not broadcast)."""
+    parts = [runner.run(None, _feeds(module, x[i : i + 1], {i.name for i in runner.get_inputs()}))
+             for i in range(len(x))]
+    return [np.concatenate([p[k] for p in parts]) if parts[0][k].ndim else np.stack([p[k] for p in parts])
+            for k in range(len(parts[0]))]
+
+
+def _feeds(module: nn.Module, example: Tensor, names: set[str]) -> dict[str, np.ndarray]:
     """Every input of the original file: the per-sample ones (unpacked where read packed) and the
-    ones given once, at the values the result holds as constants."""
-    packing = getattr(result, "packing", None)
+    ones given once, at the values the module was read with."""
+    packing = getattr(module, "packing", None)
     x = example.detach().cpu().numpy()
     if packing is not None:
         from rankfold.frontends.packing import unpack_arrays
 
         feeds = unpack_arrays(packing, x)
     else:
-        feeds = {result.input_names[0]: x}
-    feeds.update(getattr(result, "given_values", {}))
-    return feeds
+        feeds = {module.input_names[0]: x}
+    feeds.update(getattr(module, "given_values", {}))
+    missing = sorted(names - feeds.keys())
+    if missing:
+        raise GraftRefused(f"no value at hand for the inputs {', '.join(missing)}")
+    return {name: feeds[name] for name in names}

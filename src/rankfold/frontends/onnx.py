@@ -405,7 +405,7 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise RankfoldError(f"{path}: external weight data cannot be read: {exc}") from None
     model = _in_topological_order(model)
     try:
-        onnx.checker.check_model(_as_onnx_checks_it(model))
+        onnx.checker.check_model(as_onnx_checks_it(model))
     except Exception as exc:
         raise RankfoldError(f"{path}: invalid ONNX model: {first_line(exc)}") from None
     return _widened(_upgraded(model, path))
@@ -462,7 +462,7 @@ def _in_topological_order(model: onnx.ModelProto) -> onnx.ModelProto:
 ONNXRUNTIME_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 
 
-def _as_onnx_checks_it(model: onnx.ModelProto) -> onnx.ModelProto:
+def as_onnx_checks_it(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model`, or a copy with onnxruntime's default-domain ops moved to its own domain (which the
     checker leaves alone), so that files onnxruntime wrote and runs are not refused as invalid."""
     if not any(n.op_type in ONNXRUNTIME_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node):

@@ -112,6 +112,7 @@ def export_quantized(
     groups: Mapping[str, int] | None = None,
     input_steps: Mapping[str, ActivationParams] | None = None,
     float_outputs: bool = False,
+    float_graph: Callable[[nn.Module], onnx.ModelProto] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
@@ -128,6 +129,9 @@ def export_quantized(
     over its sigmoid's output most of the small scores. A graph output that a layer writes stays
     quantized, so a network that ends in a layer still exports to C; one with a tail (a softmax, a
     sigmoid) exports to C when planned for a C target.
+    `float_graph`: the float graph of the copy whose weights lie on their grid, to quantize (the
+    copy written into the user's own graph, rankfold.export.graft); its traced export where that
+    is None or returns None.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.frontends.packing import packed_values
@@ -141,10 +145,12 @@ def export_quantized(
     quantized, leaves = quantized_copy(model, bits, calib=calib, equalize=equalize, bias_correction=bias_correction,
                                        data_aware_rounding=data_aware_rounding, reduce_range=reduce_range,
                                        per_tensor=per_tensor, groups=groups, progress=say)
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path = os.path.join(tmp, "float.onnx")
-        export_onnx(quantized, float_path, example_input=example_input)
-        proto = onnx.load(float_path)
+    proto = float_graph(quantized) if float_graph is not None else None
+    if proto is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = os.path.join(tmp, "float.onnx")
+            export_onnx(quantized, float_path, example_input=example_input)
+            proto = onnx.load(float_path)
     # Weight-only: activations stay float (DequantizeLinear on the weights alone), as transformers
     # need: per-tensor int8 of their activations (outlier channels) loses most of the signal.
     activations = {} if weight_only else calibrate(proto, calib.numpy(), observer=observer, progress=say)

@@ -12,7 +12,7 @@ import onnx
 import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
-from rankfold.errors import RankfoldError
+from rankfold.errors import RankfoldError, first_line
 from rankfold.quantize.core import ActivationParams, pack_int4, quantize_weight
 from rankfold.quantize.observers import OBSERVERS, RangeObserver
 from rankfold.settings import calibration_batch
@@ -120,7 +120,7 @@ def to_qdq(
     groups = groups or {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if any(b == 4 for b in weight_bits.values()) and opset < INT4_OPSET:
-        model = onnx.version_converter.convert_version(model, INT4_OPSET)  # int4 tensors need opset 21
+        model = raised_opset(model, INT4_OPSET)  # int4 tensors need opset 21
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -191,8 +191,52 @@ def to_qdq(
     if weight_bits:
         onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props},
                                           INT8_RANGE_KEY: "7" if reduce_range else "8"})
-    onnx.checker.check_model(out)
+    from rankfold.frontends.onnx import as_onnx_checks_it
+
+    onnx.checker.check_model(as_onnx_checks_it(out))  # a user's graph may hold onnxruntime's own ops (graft)
     return out
+
+
+# Standard ops whose new versions up to opset 21 only take more types (float8, int4) or add an
+# attribute or input whose default keeps the old behaviour (Pad's axes, Split's num_outputs,
+# Resize's antialias, Cast's saturate for float8): an older node means the same at 21. Not here:
+# the Reduce ops (axes moved from attribute to input at 18), GroupNormalization (21).
+SAME_MEANING_THROUGH_21 = frozenset({
+    "Cast", "CastLike", "Shape", "Size", "Transpose", "Reshape", "Identity", "Constant", "ConstantOfShape",
+    "Squeeze", "Unsqueeze", "Flatten", "Equal", "If", "Loop", "Scan", "Pad", "Resize", "Split", "AveragePool",
+    "DequantizeLinear", "QuantizeLinear"})
+
+
+def raised_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """`model` at ONNX opset `target`: onnx's version converter, or, where it cannot convert the
+    graph (it knows no schema for onnxruntime's own ops in the default domain, such as a language
+    model's SimplifiedLayerNormalization), the same nodes under the new opset when none of the
+    graph's standard ops changes meaning in between. Raises RankfoldError naming those that do."""
+    try:
+        return onnx.version_converter.convert_version(model, target)
+    except Exception as exc:
+        refusal = first_line(exc)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    standard = {n.op_type for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx") and onnx.defs.has(n.op_type)}
+    changed = sorted(op for op in standard - SAME_MEANING_THROUGH_21 if onnx.defs.get_schema(op, target).since_version
+                     != onnx.defs.get_schema(op, opset).since_version)
+    if changed:
+        raise RankfoldError(f"int4 weights need ONNX opset {target}: the graph's {', '.join(changed)} change "
+                            f"meaning from opset {opset}, and onnx's version converter cannot convert it ({refusal})")
+    raised = onnx.ModelProto()
+    raised.CopyFrom(model)
+    for entry in raised.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = target
+    return raised
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _all_nodes(sub)
 
 
 def unsigned_for_fusion(model: onnx.ModelProto, activations: Collection[str]) -> set[str]:
