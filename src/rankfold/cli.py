@@ -439,8 +439,8 @@ def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> 
         from rankfold.data import listed
 
         args.memory_line += (f"\n  inputs given once ({listed(model.fixed_inputs)}): calibrated at the values given; "
-                             "a float result is written into the original graph and takes them again, a quantized "
-                             f"one (or one that graph cannot hold) takes "
+                             "a float or weight-only quantized result is written into the original graph and takes "
+                             "them again, one with int8 activations (or one that graph cannot hold) takes "
                              f"{', '.join(model.packing.names if model.packing else model.input_names)} only")
     if getattr(model, "packing", None) is not None:
         args.memory_line += "\n  " + model.packing.describe()

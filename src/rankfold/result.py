@@ -148,8 +148,14 @@ class Compressed:
             # Weight-only with inputs given once: the quantized weights go into the user's graph, which
             # then takes those inputs again (a decoder its caches), as a float result does
             int4 = any(bits == 4 for bits in plan.layer_bits().values())
-            graft = _Graft(self.original, example, say, int4) \
-                if weight_only and in_onnxruntime and getattr(self.module, "fixed_inputs", None) else None
+            given = getattr(self.module, "fixed_inputs", None)
+            graft = _Graft(self.original, example, say, int4) if weight_only and in_onnxruntime and given else None
+            if given and graft is None:
+                from rankfold.data import listed
+
+                why = "its int8 activations are calibrated on the traced graph" if in_onnxruntime else \
+                    "it is made for the C back-end, which takes one input"
+                say(f"inputs given once ({listed(given)}) are constants of the written file: {why}")
             for attempt, float_activations in enumerate(forms):
                 if os.path.exists(partial):
                     os.remove(partial)

@@ -52,7 +52,12 @@ def checked_graft(result: nn.Module, original: nn.Module, example: Tensor, rtol:
     for note in ("widened_note", "opset_note"):
         if getattr(result, note, None):
             raise GraftRefused(getattr(result, note))
-    grafted = grafted_model(read_onnx(source), result, original)
+    try:
+        grafted = grafted_model(read_onnx(source), result, original)
+    except (GraftRefused, RankfoldError):
+        raise
+    except Exception as exc:  # a result of another shape than rankfold's own reader makes: traced instead
+        raise GraftRefused(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
     if grafted.ByteSize() > MAX_PROTO_BYTES:
         raise GraftRefused("the grafted graph would exceed the 2 GB one ONNX file holds")
     with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
