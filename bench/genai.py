@@ -5,13 +5,18 @@ block, the token table tied to the LM head, and 30 past / present key-value cach
 compressed by `rankfold compress` from the command line; both files' perplexity measured in
 onnxruntime on held-back windows of the Python documentation (bench/text.py splits).
 
-    pip install onnxruntime-genai==0.18.0 --no-deps   # the builder only; nothing else is used
-    PYTHONPATH=. python -m bench.genai [--cuts 0.1,0.2] [--calib 128] [--seq-len 128] [--held 64]
+    pip install onnxruntime-genai==0.18.0 --no-deps   # its builder, and its runtime to generate
+    PYTHONPATH=. python -m bench.genai [--cuts 0.1,0.2] [--bytes 0.25] [--calib 128] [--seq-len 128]
+                                      [--held 64] [--prompts 8]
 
 Calibration: the first --calib windows of the "calib" split, their all-ones mask and empty caches
-given once (so the result takes token ids and computes a prompt's logits at --seq-len tokens);
-each cut removes that fraction of the decoder blocks' Linear parameters (bench/smollm2.py's count)
-as a --max-params budget over the file's parameters (the tied table and head counted once).
+given once (the written file takes them again: rankfold writes the result into the file's own
+graph); each cut removes that fraction of the decoder blocks' Linear parameters (bench/smollm2.py's
+count) as a --max-params budget over the file's parameters (the tied table and head counted
+once); each --bytes fraction is a --max-weight-bytes budget. Each written file is then run by
+onnxruntime-genai's own runtime beside the original's genai_config.json and tokenizer: greedy
+generation of 32 tokens after the first 32 tokens of --prompts held-back windows, against the
+original's (the same first token, the common prefix, tokens per second).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +87,61 @@ def perplexity(path: str, held: str) -> float:
     return float(np.exp(nll / count))
 
 
+GENERATED = 32
+
+
+def generation(original_dir: str, path: str, held: str, prompts: int) -> dict:
+    """Greedy generation in onnxruntime-genai with the file at `path` in place of the original's
+    model.onnx (its config and tokenizer beside it), against the original's: the share of prompts
+    whose first generated token is the original's, the mean common prefix of the GENERATED
+    tokens, and the median tokens per second of each."""
+    import onnxruntime_genai as og
+
+    beside = path + ".genai"
+    os.makedirs(beside, exist_ok=True)
+    for name in os.listdir(original_dir):
+        if not name.startswith("model.onnx"):
+            shutil.copy(os.path.join(original_dir, name), beside)
+    linked = os.path.join(beside, "model.onnx")
+    if not os.path.lexists(linked):
+        os.symlink(os.path.abspath(path), linked)
+    starts = np.load(held)["input_ids"][:prompts, :32]
+
+    def generate(directory: str) -> tuple[list[list[int]], float]:
+        model = og.Model(directory)
+        outputs, speeds = [], []
+        for start in starts:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(start) + GENERATED, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.append_tokens(start.astype(np.int32))
+            begin = time.perf_counter()
+            while not generator.is_done():
+                generator.generate_next_token()
+            speeds.append(GENERATED / (time.perf_counter() - begin))
+            outputs.append(list(generator.get_sequence(0))[len(start):])
+        return outputs, float(np.median(speeds))
+
+    theirs, their_speed = generate(original_dir)
+    ours, our_speed = generate(beside)
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    return {"first_token_same": float(np.mean([a[0] == b[0] for a, b in zip(ours, theirs)])),
+            "common_prefix": float(np.mean([common(a, b) for a, b in zip(ours, theirs)])),
+            "tokens_per_s": round(our_speed, 1), "original_tokens_per_s": round(their_speed, 1)}
+
+
+def _fractions(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def _file_bytes(path: str) -> int:
+    """The file's bytes with its external data (the builder's model.onnx.data)."""
+    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
+
+
 def file_params(path: str) -> int:
     import onnx
 
@@ -91,6 +152,8 @@ def file_params(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cuts", default="0.1,0.2", help="fractions of the block Linear parameters removed")
+    parser.add_argument("--bytes", default="0.25", help="weight-byte budgets, as fractions of the file's")
+    parser.add_argument("--prompts", type=int, default=8, help="held-back prompts generated from (0: none)")
     parser.add_argument("--calib", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--held", type=int, default=64)
@@ -108,23 +171,29 @@ def main(argv: list[str] | None = None) -> int:
     base = perplexity(original, held)
     print(f"original: {total:,} parameters, perplexity {base:.3f} on {args.held} windows of {args.seq_len}",
           flush=True)
-    rows = [{"run": "original", "params": total, "perplexity": base}]
-    for cut in (float(c) for c in args.cuts.split(",")):
-        out = os.path.join(args.work, f"cut-{cut:g}.onnx")
+    rows = [{"run": "original", "params": total, "perplexity": base, "file_bytes": _file_bytes(original)}]
+    runs = [(f"cut-{cut:g}", f"{cut:.0%} of block params removed",
+             ["--max-params", str(total - int(cut * BLOCK_LINEAR_PARAMS))]) for cut in _fractions(args.cuts)]
+    runs += [(f"bytes-{share:g}", f"{share:.0%} of the weight bytes", ["--max-weight-bytes", f"{share:.0%}"])
+             for share in _fractions(args.bytes)]
+    for stem, label, budget in runs:
+        out = os.path.join(args.work, f"{stem}.onnx")
         for stale in (out, out + ".data"):
             if os.path.exists(stale):
                 os.remove(stale)
-        budget = total - int(cut * BLOCK_LINEAR_PARAMS)
         start = time.time()
         run = subprocess.run([sys.executable, "-m", "rankfold.cli", "compress", original, "--calib", calib,
-                              "--max-params", str(budget), "-o", out], capture_output=True, text=True)
+                              *budget, "-o", out], capture_output=True, text=True)
         seconds = time.time() - start
         said = [line for line in (run.stdout + run.stderr).splitlines() if "self-check" in line or "error" in line]
-        row = {"run": f"{cut:.0%} of block params removed", "budget": budget, "seconds": round(seconds, 1),
-               "check": said[-1] if said else "", "written": run.returncode == 0}
+        row = {"run": label, "budget": budget[1], "seconds": round(seconds, 1), "check": said[-1] if said else "",
+               "written": run.returncode == 0,
+               "into_the_graph": "written into the original graph" in run.stdout + run.stderr}
         if run.returncode == 0:
-            row.update(params=file_params(out), perplexity=perplexity(out, held))
+            row.update(params=file_params(out), file_bytes=_file_bytes(out), perplexity=perplexity(out, held))
             row["ratio"] = row["perplexity"] / base
+            if args.prompts:
+                row["generation"] = generation(os.path.dirname(original), out, held, args.prompts)
         print(json.dumps(row), flush=True)
         rows.append(row)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20

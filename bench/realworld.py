@@ -117,7 +117,7 @@ class FieldModel:
     distill: tuple[int, int | str] | None = None  # the "distilled" run: (training inputs, steps of 64 or "Mmin")
     distill_budget: tuple[str, ...] = ("--max-params", "50%")  # the budget of the goal for it
     # A graph with several inputs: the per-sample input's name, and the inputs given once (the
-    # .npz files hold one array per input; a result takes the per-sample input only)
+    # .npz files hold one array per input; a result written into the file's graph takes them again)
     sample_input: str = "x"
     given_once: dict = field(default_factory=dict)
     # Fresh inputs at another size the original takes (its open height, width or length): the
@@ -350,7 +350,8 @@ def compress_run(model: FieldModel, path: str, work: str, run: str, calib: str, 
     check = data.get("self_check")
     if check is not None:
         result.self_check = f"top-1 {check.get('top1_agreement')}, relative error {check['rel_output_error']:.3f}"
-    result.fidelity = model.measure(reference, ort_outputs(out, fresh))
+    # A result written into the file's own graph takes the inputs given once again (rankfold.export.graft)
+    result.fidelity = model.measure(reference, ort_outputs(out, fresh, given_once=model.given_once))
     log(f"  {seconds:.0f} s, params {_share(*result.params)}, weight bytes {_share(*result.weight_bytes)}, "
         f"{model.measure_name} {result.fidelity:.3f}")
     result.extra["sizes"] = sizes_note(model, path, out)
@@ -374,7 +375,8 @@ def sizes_note(model: FieldModel, original: str, written: str) -> str:
         return ""
     what, make = model.other_size
     x = make(np.random.default_rng(OTHER_SIZE_SEED), OTHER_SIZE_SAMPLES)
-    return f"at {what}: {model.measure_name} {model.measure(ort_outputs(original, x), ort_outputs(written, x)):.3f}"
+    theirs, ours = (ort_outputs(path, x, given_once=model.given_once) for path in (original, written))
+    return f"at {what}: {model.measure_name} {model.measure(theirs, ours):.3f}"
 
 
 def _share(before: int, after: int) -> str:

@@ -121,3 +121,32 @@ def test_a_result_that_changed_more_than_its_layers_is_not_grafted(tmp_path):
         getattr(result, buffer).add_(1)
     with pytest.raises(GraftRefused, match="changed"):
         grafted_model(unchanged, result, original)
+
+
+def _opset17_graph(*nodes) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones(4, np.float32), "gain")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_int4_lifts_a_graph_with_onnxruntimes_own_ops_to_opset_21_only_where_its_ops_mean_the_same():
+    """onnx's version converter knows no schema for onnxruntime's SimplifiedLayerNormalization (in
+    the default domain, as its model builder writes it): the opset is raised where every standard op
+    only gained types by 21 (Cast), and refused by name where one changed (ReduceMean's axes)."""
+    from rankfold.errors import RankfoldError
+    from rankfold.quantize.onnx_qdq import raised_opset
+
+    norm = helper.make_node("SimplifiedLayerNormalization", ["x", "gain"], ["h"], axis=-1, epsilon=1e-5)
+    model = _opset17_graph(norm, helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT))
+    raised = raised_opset(model, 21)
+    assert [o.version for o in raised.opset_import if o.domain == ""] == [21]
+    assert [n.op_type for n in raised.graph.node] == ["SimplifiedLayerNormalization", "Cast"]
+    np.testing.assert_allclose(_session_of(raised).run(None, {"x": np.full((2, 4), 2, np.float32)})[0], 1, rtol=1e-5)
+    changed = _opset17_graph(norm, helper.make_node("ReduceMean", ["h"], ["y"], axes=[1]))
+    with pytest.raises(RankfoldError, match="ReduceMean change meaning from opset 17"):
+        raised_opset(changed, 21)
+
+
+def _session_of(model: onnx.ModelProto):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
