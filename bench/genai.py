@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         said = [line for line in (run.stdout + run.stderr).splitlines() if "self-check" in line or "error" in line]
         row = {"run": label, "budget": budget[1], "seconds": round(seconds, 1), "check": said[-1] if said else "",
                "written": run.returncode == 0,
-               "into_the_graph": "written into the original graph" in run.stdout + run.stderr}
+               "into_the_graph": run.returncode == 0 and "written into the original graph:" in run.stdout + run.stderr}
         if run.returncode == 0:
             row.update(params=file_params(out), file_bytes=_file_bytes(out), perplexity=perplexity(out, held))
             row["ratio"] = row["perplexity"] / base
