@@ -63,7 +63,7 @@ def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_wi
     assert _perplexity(whole, fresh["input_ids"]) < 1.5 * _perplexity(wanted, fresh["input_ids"])
 
 
-def _cnn_with_offset(path) -> None:
+def _cnn_with_offset(path, opset: int = 17) -> None:
     """Conv + BatchNormalization + Relu, an offset given as an input added, a strided Conv, global
     pooling and a Gemm: the offset is what a streaming model's state is to it."""
     rng = np.random.default_rng(0)
@@ -82,13 +82,14 @@ def _cnn_with_offset(path) -> None:
                        helper.make_tensor_value_info("offset", TensorProto.FLOAT, [1, 32, 1, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
         [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in inits.items()])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
 
 
-@pytest.mark.parametrize("method", ["tucker2", "svd", "cp"])
-def test_factorized_convolutions_are_written_into_the_graph_and_the_input_given_once_stays(tmp_path, method):
+@pytest.mark.parametrize("method, opset", [("tucker2", 17), ("svd", 17), ("cp", 17), ("tucker2", 9)])
+def test_factorized_convolutions_are_written_into_the_graph_and_the_input_given_once_stays(tmp_path, method, opset):
+    """Opset 9: the graph as rankfold reads it, converted to opset 11, is the one written into."""
     path, calib, out = tmp_path / "cnn.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
-    _cnn_with_offset(path)
+    _cnn_with_offset(path, opset)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(48, 16, 12, 12)).astype(np.float32)
     offset = np.full((1, 32, 1, 1), 0.25, np.float32)
