@@ -151,3 +151,50 @@ def test_int4_lifts_a_graph_with_onnxruntimes_own_ops_to_opset_21_only_where_its
 
 def _session_of(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+class _TypedEncoder(torch.nn.Module):
+    """Token ids and a padding mask per sample, token types beside them (a BERT export's three inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.types = torch.nn.Embedding(VOCAB, WIDTH), torch.nn.Embedding(2, WIDTH)
+        self.hidden, self.head = torch.nn.Linear(WIDTH, WIDTH), torch.nn.Linear(WIDTH, 8)
+        with torch.no_grad():  # rank 12 plus a little noise: rank 16 keeps nearly all of it
+            self.hidden.weight.copy_(torch.randn(WIDTH, 12) @ torch.randn(12, WIDTH) / 4
+                                     + 0.01 * torch.randn(WIDTH, WIDTH))
+
+    def forward(self, ids, mask, types):
+        kept = mask.unsqueeze(-1).to(torch.float32)
+        tokens = torch.relu(self.hidden(self.embed(ids) + self.types(types)))
+        return self.head((tokens * kept).sum(1) / kept.sum(1).clamp(min=1))
+
+
+def test_packed_inputs_and_an_input_given_once_are_all_inputs_of_the_written_file(tmp_path):
+    """ids and mask differ per sample (read packed), the token types are given once as zeros: the
+    written file takes all three again, the types as an input that still counts."""
+    path, calib, out = tmp_path / "encoder.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    example = (torch.randint(1, VOCAB, (2, 10)), torch.ones(2, 10, dtype=torch.int64),
+               torch.zeros(2, 10, dtype=torch.int64))
+    torch.onnx.export(_TypedEncoder().eval(), example, str(path), dynamo=False, opset_version=17, input_names=names,
+                      output_names=["logits"], dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names},
+                                                             "logits": {0: "batch"}})
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 11, 128)
+    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int64)
+    np.savez(calib, input_ids=rng.integers(1, VOCAB, (128, 10)) * mask, attention_mask=mask,
+             token_type_ids=np.zeros((1, 10), np.int64))
+    code, stdout, stderr = run_cli("compress", path, "--calib", calib, "--max-params", "85%", "--min-agreement", "0.5",
+                                   "-o", out)
+    assert code == 0, stderr
+    assert "written into the original graph" in stdout + stderr
+    original, small = _session(path), _session(out)
+    assert [i.name for i in small.get_inputs()] == names
+    fresh = {"input_ids": rng.integers(1, VOCAB, (4, 7)), "attention_mask": np.ones((4, 7), np.int64),
+             "token_type_ids": np.zeros((4, 7), np.int64)}
+    got, wanted = small.run(None, fresh)[0], original.run(None, fresh)[0]
+    assert not np.array_equal(got, wanted) and np.linalg.norm(got - wanted) / np.linalg.norm(wanted) < 0.3
+    other = small.run(None, {**fresh, "token_type_ids": np.ones((4, 7), np.int64)})[0]
+    assert np.linalg.norm(other - got) / np.linalg.norm(got) > 0.01  # the types count: not a constant
