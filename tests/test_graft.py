@@ -15,19 +15,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 import rankfold
 from rankfold.export.graft import GraftRefused, grafted_model
+from rankfold.layers import ColumnBlocks
 from tests.helpers import run_cli
-from tests.test_onnx_gqa import VOCAB, WIDTH, _decoder_feeds, _decoder_file, _perplexity
+from tests.test_onnx_gqa import KV, SIZE, VOCAB, WIDTH, N, _decoder_feeds, _decoder_file, _perplexity
 
 
 def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
 @pytest.mark.parametrize("budget", [["--max-params", "90%"], ["--max-weight-bytes", "30%"]])
-def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_with_them(tmp_path, budget):
+def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_with_them(tmp_path, budget, packed):
     """Float (factorized) or weight-only quantized (int8 and int4 weights, the table tied to the
-    head stored once): the user's graph with its GroupQueryAttention, taking its caches."""
-    path, calib, out = _decoder_file(tmp_path), tmp_path / "prompts.npz", tmp_path / "small.onnx"
+    head stored once): the user's graph with its GroupQueryAttention, taking its caches. Packed
+    q, k, v (one MatMul) are three layers, written as three and joined (ColumnBlocks)."""
+    path, calib, out = _decoder_file(tmp_path, packed), tmp_path / "prompts.npz", tmp_path / "small.onnx"
     feeds = _decoder_feeds(96, 12)
     for name in ("attention_mask", "past_key_values.0.key", "past_key_values.0.value"):
         feeds[name] = feeds[name][:1]  # prompts: the mask and the empty caches given once
@@ -40,6 +43,10 @@ def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_wi
     assert [o.name for o in small.get_outputs()] == [o.name for o in original.get_outputs()]
     written = onnx.load(str(out)).graph
     assert any(n.op_type == "GroupQueryAttention" for n in written.node)  # onnxruntime's own op stays
+    if packed:
+        module = rankfold.load_onnx(path)
+        blocks = [m for m in module.modules() if isinstance(m, ColumnBlocks)]
+        assert [[b.out_features for b in m.blocks] for m in blocks] == [[N * SIZE, KV * SIZE, KV * SIZE]]
     if budget[0] == "--max-params":
         assert sum(int(np.prod(t.dims)) for t in written.initializer) < \
             sum(int(np.prod(t.dims)) for t in onnx.load(path).graph.initializer)

@@ -111,7 +111,9 @@ def _weight(*shape):
     return (RNG.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)
 
 
-def _decoder_file(tmp_path) -> str:
+def _decoder_file(tmp_path, packed: bool = False) -> str:
+    """`packed`: q, k and v from one MatMul, GroupQueryAttention reading them packed (as the model
+    builder writes SmolLM2)."""
     angles = np.arange(64)[:, None] / 10000 ** (np.arange(SIZE // 2)[None] / (SIZE // 2))
     inits = {"wq": _weight(WIDTH, N * SIZE), "wk": _weight(WIDTH, KV * SIZE),
              "wv": _weight(WIDTH, KV * SIZE), "wo": _weight(N * SIZE, WIDTH), "gate": _weight(WIDTH, MLP),
@@ -119,6 +121,8 @@ def _decoder_file(tmp_path) -> str:
              "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
              "gain": np.ones(WIDTH, np.float32), "one": np.array([1], np.int64), "one32": np.array(1, np.int32),
              "axis1": np.array(1, np.int64)}
+    if packed:
+        inits["wqkv"] = np.concatenate([inits.pop(f"w{p}") for p in "qkv"], axis=1)
     ms = {"domain": "com.microsoft"}
     nodes = [helper.make_node("ReduceSum", ["attention_mask", "one"], ["count"], keepdims=0),
              helper.make_node("Cast", ["count"], ["count32"], to=TensorProto.INT32),
@@ -129,9 +133,11 @@ def _decoder_file(tmp_path) -> str:
              helper.make_node("Transpose", ["head"], ["table"]),  # tied: the head's matrix is the token table
              helper.make_node("Gather", ["table", "input_ids"], ["x"]),
              helper.make_node("SimplifiedLayerNormalization", ["x", "gain"], ["h"], axis=-1, epsilon=1e-5),
-             *[helper.make_node("MatMul", ["h", f"w{p}"], [p]) for p in "qkv"],
-             _gqa(["q", "k", "v", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total", "cos",
-                   "sin"], ["a", "present.0.key", "present.0.value"], do_rotary=1),
+             *([helper.make_node("MatMul", ["h", "wqkv"], ["qkv"])] if packed else
+               [helper.make_node("MatMul", ["h", f"w{p}"], [p]) for p in "qkv"]),
+             _gqa((["qkv", "", ""] if packed else ["q", "k", "v"])
+                  + ["past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total", "cos", "sin"],
+                  ["a", "present.0.key", "present.0.value"], do_rotary=1),
              helper.make_node("MatMul", ["a", "wo"], ["o"]),
              helper.make_node("SkipSimplifiedLayerNormalization", ["o", "x", "gain"], ["h2", "", "", "sum"],
                               epsilon=1e-5, **ms),

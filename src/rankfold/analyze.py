@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError, first_line
+from rankfold.layers import ColumnBlocks
 from rankfold.settings import calibration_batch
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -443,7 +444,13 @@ class GraphCursor:
         self.last_reads = model.last_reads()
 
     def step_of(self, name: str) -> int | None:
-        return next((i for i, s in enumerate(self.model.steps) if s.module == name and i >= self.at), None)
+        """The step that calls layer `name`, or the ColumnBlocks of which it is a block (it reads
+        that step's input)."""
+        parent, _, _ = name.rpartition(".blocks.")
+        if parent and not isinstance(self.model.get_submodule(parent), ColumnBlocks):
+            parent = ""
+        called = parent or name
+        return next((i for i, s in enumerate(self.model.steps) if s.module == called and i >= self.at), None)
 
     def inputs_of(self, name: str) -> list[Tensor] | None:
         """Advance to layer `name`'s step and give its input in every batch (None: not ahead)."""

@@ -128,3 +128,16 @@ class LowRank(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, ranks={self.ranks}"
+
+
+class ColumnBlocks(nn.Module):
+    """One matrix whose output columns its readers take apart (a packed q, k, v projection read as
+    q, k and v), held as one layer per block: each is planned, factorized and quantized on its own,
+    and their outputs are joined again as the matrix's was. Every block reads the same input."""
+
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        return torch.cat([block(x) for block in self.blocks], dim=-1)

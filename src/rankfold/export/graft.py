@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from rankfold.errors import RankfoldError
 from rankfold.frontends.onnx import GatheredTable, read_onnx
 from rankfold.io import replace_atomically
+from rankfold.layers import ColumnBlocks
 
 HEAD_OPS = ("MatMul", "Gemm", "Conv", "Gather")  # the weighted node a layer was read from (Gather: a table)
 FOLDED_OPS = ("Add", "BatchNormalization")  # what the reader folds into the layer after it
@@ -268,9 +269,23 @@ def _conv_nodes(layer: nn.Conv1d | nn.Conv2d, x: str, out: str, leaf: str, taken
     return [node], inits
 
 
+def _blocks_nodes(layer: ColumnBlocks, x: str, out: str, leaf: str, taken: set[str], tied: dict[int, str | None]):
+    """Each block's nodes from the same input, then their outputs joined on the last axis."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    parts = []
+    for index, block in enumerate(layer.blocks):
+        parts.append(_unique(f"{leaf}.blocks.{index}.output", taken))
+        more_nodes, more_inits = _layer_nodes(block, f"{leaf}.blocks.{index}", x, parts[-1], taken, tied)
+        nodes += more_nodes
+        inits += more_inits
+    nodes.append(helper.make_node("Concat", parts, [out], name=_unique(f"/{leaf}/Concat", taken), axis=-1))
+    return nodes, inits
+
+
 # One writer per layer type a factor can be: how its nodes read in ONNX.
 LAYER_WRITERS: dict[type, Callable] = {nn.Linear: _linear_nodes, nn.Conv1d: _conv_nodes, nn.Conv2d: _conv_nodes,
-                                       GatheredTable: _table_nodes}
+                                       GatheredTable: _table_nodes, ColumnBlocks: _blocks_nodes}
 
 
 def _drop_unread(graph: onnx.GraphProto) -> None:
