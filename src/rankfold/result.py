@@ -81,17 +81,12 @@ class Compressed:
         """A float result of a graph with inputs given once, written into the user's graph so that
         it takes them again (a decoder its caches, a streaming model its state); False, said why,
         where it cannot be (the traced export then makes them constants)."""
-        from rankfold.data import listed
-        from rankfold.export.graft import GraftRefused, write_grafted
+        from rankfold.io import replace_atomically
 
-        given = listed(self.module.fixed_inputs)
-        try:
-            write_grafted(self.module, self.original, path, example)
-        except GraftRefused as exc:
-            say(f"inputs given once ({given}) are constants of the written file: it could not be written into "
-                f"the original graph ({exc})")
+        graph = _Graft(self.original, example, say, int4=False)(self.module)
+        if graph is None:
             return False
-        say(f"written into the original graph: the file takes every input again ({given} included)")
+        replace_atomically(path, graph.SerializeToString())
         return True
 
     def _save_unpacked(self, path: str, example: Tensor) -> None:
@@ -193,8 +188,9 @@ class Compressed:
 
 
 class _Graft:
-    """The float graph a weight-only quantized result is made from: its copy on the integer grid
-    written into the user's graph (rankfold.export.graft), or None (the traced export), said why."""
+    """A result written into the user's graph (rankfold.export.graft), said so, or None (the traced
+    export), said why: a float result, or the copy on the integer grid that a weight-only
+    quantized one is made from (`int4`: raised to the opset int4 weights need)."""
 
     def __init__(self, original: nn.Module, example: Tensor, say: Callable[[str], None], int4: bool) -> None:
         self.original, self.example, self.say, self.int4 = original, example, say, int4

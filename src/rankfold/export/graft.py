@@ -1,17 +1,18 @@
-"""A float result of an ONNX graph written into the user's own graph.
+"""A float or weight-only result of an ONNX graph written into the user's own graph.
 
 The traced export (rankfold.export.onnx) writes what the torch module computes: inputs given once
 are constants there, so a decoder's result loses its key/value caches and a streaming model its
 state. Here each layer the compression changed replaces the nodes it was read from, and
 everything else stays as the file has it: its inputs and outputs, caches and states, Ifs,
 onnxruntime's own ops, names and declared shapes. A layer is grafted where it was read from a
-MatMul, Gemm or Conv node (with the Add or BatchNormalization folded into it) and is made of
-Linear and Conv layers; anything else raises GraftRefused with the reason, and the caller writes
-the traced export instead.
+MatMul, Gemm, Conv or table Gather node (with the Add or BatchNormalization folded into it) and
+is made of layers LAYER_WRITERS knows; anything else raises GraftRefused with the reason, and the
+caller writes the traced export instead.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -24,7 +25,6 @@ from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
 from rankfold.frontends.onnx import GatheredTable, read_onnx
-from rankfold.io import replace_atomically
 from rankfold.layers import ColumnBlocks
 
 HEAD_OPS = ("MatMul", "Gemm", "Conv", "Gather")  # the weighted node a layer was read from (Gather: a table)
@@ -34,13 +34,6 @@ MAX_PROTO_BYTES = 2_000_000_000  # one protobuf holds at most 2 GB
 
 class GraftRefused(Exception):
     """The result cannot be written into the original graph (the reason); the traced export can."""
-
-
-def write_grafted(result: nn.Module, original: nn.Module, path: str, example: Tensor) -> None:
-    """Write `result` (a float compression of the OnnxModule `original`) into the graph of the
-    file it was read from, checked (checked_graft), then renamed into `path`. Raises GraftRefused."""
-    grafted = checked_graft(result, original, example)
-    replace_atomically(path, grafted.SerializeToString())
 
 
 def checked_graft(result: nn.Module, original: nn.Module, example: Tensor, rtol: float = 1e-4) -> onnx.ModelProto:
@@ -75,24 +68,19 @@ def grafted_model(model: onnx.ModelProto, result: nn.Module, original: nn.Module
     graph = graft.graph
     constants = _constant_values(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = collections.Counter(name for node in graph.node for name in node.input)
     outputs = {v.name for v in graph.output}
     taken = set(producer) | constants | {v.name for v in graph.input}
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id of a chain's last node -> the nodes in its place
     removed: set[int] = set()
-    new_inits: list[onnx.TensorProto] = []
-    tied = _tied_weights(result)
+    weights = _Weights(result, taken)
     for step in result.steps:
         if step.module is None or _same_layer(result.get_submodule(step.module), original.get_submodule(step.module)):
             continue
         chain, x = _source_chain(step, producer, constants, readers, outputs)
-        nodes, inits = _layer_nodes(result.get_submodule(step.module), step.module, x, step.outputs[0], taken, tied)
+        nodes = _layer_nodes(result.get_submodule(step.module), step.module, x, step.outputs[0], taken, weights)
         removed.update(id(n) for n in chain)
         replaced[id(chain[-1])] = nodes
-        new_inits += inits
     if not replaced:
         raise GraftRefused("no layer changed")
     kept: list[onnx.NodeProto] = []
@@ -100,7 +88,7 @@ def grafted_model(model: onnx.ModelProto, result: nn.Module, original: nn.Module
         kept += replaced.get(id(node), []) if id(node) in removed else [node]
     del graph.node[:]
     graph.node.extend(kept)
-    graph.initializer.extend(new_inits)
+    graph.initializer.extend(weights.made)
     _drop_unread(graph)
     return graft
 
@@ -128,16 +116,29 @@ def _constant_values(graph: onnx.GraphProto) -> set[str]:
     return known
 
 
-def _tied_weights(result: nn.Module) -> dict[int, str | None]:
-    """Weights that several layers share (a token table and the LM head tied to it), by id: stored
-    once, under the name the first layer written gives them (None until then)."""
-    seen: dict[int, set[str]] = {}
-    for step in result.steps:
-        if step.module is not None:
-            weight = getattr(result.get_submodule(step.module), "weight", None)
+class _Weights:
+    """The initializers written, each made once by the parameter it holds, however many nodes read
+    it: a layer several steps call (nodes that shared their weights), a table and the LM head tied
+    to it (`tied`: the ids of weights several layers hold; a Linear reads those through a Transpose)."""
+
+    def __init__(self, result: nn.Module, taken: set[str]) -> None:
+        self.taken = taken
+        self.made: list[onnx.TensorProto] = []
+        self.names: dict[tuple[int, bool], str] = {}
+        holders: dict[int, set[str]] = {}
+        for step in result.steps:
+            weight = getattr(result.get_submodule(step.module), "weight", None) if step.module else None
             if isinstance(weight, Tensor):
-                seen.setdefault(id(weight), set()).add(step.module)
-    return {key: None for key, layers in seen.items() if len(layers) > 1}
+                holders.setdefault(id(weight), set()).add(step.module)
+        self.tied = {key for key, layers in holders.items() if len(layers) > 1}
+
+    def name(self, value: Tensor, name: str, transposed: bool = False) -> str:
+        key = (id(value), transposed)
+        if key not in self.names:
+            data = (value.T if transposed else value).detach().cpu().float().numpy()
+            self.made.append(numpy_helper.from_array(np.ascontiguousarray(data), _unique(name, self.taken)))
+            self.names[key] = self.made[-1].name
+        return self.names[key]
 
 
 def _same_layer(layer: nn.Module, before: nn.Module) -> bool:
@@ -186,14 +187,13 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _layer_nodes(layer: nn.Module, name: str, x: str, out: str, taken: set[str], tied: dict[int, str | None]
-                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _layer_nodes(layer: nn.Module, name: str, x: str, out: str, taken: set[str], weights: _Weights
+                 ) -> list[onnx.NodeProto]:
     """The nodes that compute `layer` (module `name`) from the value `x` into the value `out` (a
-    chain of factors one after another), and their weights. Nodes are named as torch's exporter
-    names them ('/q.0/MatMul' for factor 0 of layer q), so the quantizer finds each one's layer."""
+    chain of factors one after another). Nodes are named as torch's exporter names them
+    ('/q.0/MatMul' for factor 0 of layer q), so the quantizer finds each one's layer."""
     parts = list(layer.named_children()) if isinstance(layer, nn.Sequential) else [("", layer)]
     nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
     value = x
     for index, (child, part) in enumerate(parts):
         writer = LAYER_WRITERS.get(type(part))
@@ -201,86 +201,55 @@ def _layer_nodes(layer: nn.Module, name: str, x: str, out: str, taken: set[str],
             raise GraftRefused(f"a {type(part).__name__} layer is not written into a graph")
         leaf = f"{name}.{child}" if child else name
         target = out if index == len(parts) - 1 else _unique(f"{leaf}.output", taken)
-        more_nodes, more_inits = writer(part, value, target, leaf, taken, tied)
-        nodes += more_nodes
-        inits += more_inits
+        nodes += writer(part, value, target, leaf, taken, weights)
         value = target
-    return nodes, inits
+    return nodes
 
 
-def _tensor(value: Tensor, name: str, taken: set[str]) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.ascontiguousarray(value.detach().cpu().float().numpy()), _unique(name, taken))
-
-
-def _linear_nodes(layer: nn.Linear, x: str, out: str, leaf: str, taken: set[str], tied: dict[int, str | None]):
+def _linear_nodes(layer: nn.Linear, x: str, out: str, leaf: str, taken: set[str], weights: _Weights):
     """x W^T (+ b) as MatMul (+ Add): MatMul takes any leading axes, as the layer does. A weight
     tied to a table is stored once, as the table (out, in), and read through a Transpose."""
     nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    if id(layer.weight) in tied:
-        stored = _stored_once(layer.weight, f"{leaf}.weight", taken, tied, inits)
+    if id(layer.weight) in weights.tied:
         weight = _unique(f"{leaf}.weight_t", taken)
-        nodes.append(helper.make_node("Transpose", [stored], [weight], name=_unique(f"/{leaf}/Transpose", taken)))
+        nodes.append(helper.make_node("Transpose", [weights.name(layer.weight, f"{leaf}.weight")], [weight],
+                                      name=_unique(f"/{leaf}/Transpose", taken)))
     else:
-        inits.append(_tensor(layer.weight.T, f"{leaf}.weight", taken))
-        weight = inits[-1].name
+        weight = weights.name(layer.weight, f"{leaf}.weight", transposed=True)
     matmul = _unique(f"/{leaf}/MatMul", taken)
     if layer.bias is None:
-        return [*nodes, helper.make_node("MatMul", [x, weight], [out], name=matmul)], inits
-    inits.append(_tensor(layer.bias, f"{leaf}.bias", taken))
+        return [*nodes, helper.make_node("MatMul", [x, weight], [out], name=matmul)]
     product = _unique(f"{leaf}.product", taken)
     return [*nodes, helper.make_node("MatMul", [x, weight], [product], name=matmul),
-            helper.make_node("Add", [product, inits[-1].name], [out], name=_unique(f"/{leaf}/Add", taken))], inits
+            helper.make_node("Add", [product, weights.name(layer.bias, f"{leaf}.bias")], [out],
+                             name=_unique(f"/{leaf}/Add", taken))]
 
 
-def _stored_once(weight: Tensor, name: str, taken: set[str], tied: dict[int, str | None],
-                 inits: list[onnx.TensorProto]) -> str:
-    """The initializer of a shared weight: made by its first reader, named for the others."""
-    if tied.get(id(weight)) is None:
-        inits.append(_tensor(weight, name, taken))
-        tied[id(weight)] = inits[-1].name
-    return tied[id(weight)]
-
-
-def _table_nodes(layer: nn.Embedding, ids: str, out: str, leaf: str, taken: set[str], tied: dict[int, str | None]):
+def _table_nodes(layer: nn.Embedding, ids: str, out: str, leaf: str, taken: set[str], weights: _Weights):
     """Rows of the table (GatheredTable: negative ids count from the end, as Gather's do)."""
-    inits: list[onnx.TensorProto] = []
-    table = _stored_once(layer.weight, f"{leaf}.weight", taken, tied, inits) if id(layer.weight) in tied \
-        else _tensor(layer.weight, f"{leaf}.weight", taken)
-    if not isinstance(table, str):
-        inits.append(table)
-        table = table.name
-    return [helper.make_node("Gather", [table, ids], [out], name=_unique(f"/{leaf}/Gather", taken), axis=0)], inits
+    table = weights.name(layer.weight, f"{leaf}.weight")
+    return [helper.make_node("Gather", [table, ids], [out], name=_unique(f"/{leaf}/Gather", taken), axis=0)]
 
 
-def _conv_nodes(layer: nn.Conv1d | nn.Conv2d, x: str, out: str, leaf: str, taken: set[str], _tied):
+def _conv_nodes(layer: nn.Conv1d | nn.Conv2d, x: str, out: str, leaf: str, taken: set[str], weights: _Weights):
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         raise GraftRefused(f"a convolution padded {layer.padding!r} ({layer.padding_mode}) is not written into a graph")
-    weight = _tensor(layer.weight, f"{leaf}.weight", taken)
-    inits = [weight]
-    inputs = [x, weight.name]
+    inputs = [x, weights.name(layer.weight, f"{leaf}.weight")]
     if layer.bias is not None:
-        inits.append(_tensor(layer.bias, f"{leaf}.bias", taken))
-        inputs.append(inits[-1].name)
-    node = helper.make_node("Conv", inputs, [out], name=_unique(f"/{leaf}/Conv", taken),
-                            kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                            dilations=list(layer.dilation), group=layer.groups,
-                            pads=list(layer.padding) * 2)
-    return [node], inits
+        inputs.append(weights.name(layer.bias, f"{leaf}.bias"))
+    return [helper.make_node("Conv", inputs, [out], name=_unique(f"/{leaf}/Conv", taken),
+                             kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                             dilations=list(layer.dilation), group=layer.groups, pads=list(layer.padding) * 2)]
 
 
-def _blocks_nodes(layer: ColumnBlocks, x: str, out: str, leaf: str, taken: set[str], tied: dict[int, str | None]):
+def _blocks_nodes(layer: ColumnBlocks, x: str, out: str, leaf: str, taken: set[str], weights: _Weights):
     """Each block's nodes from the same input, then their outputs joined on the last axis."""
     nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
     parts = []
     for index, block in enumerate(layer.blocks):
         parts.append(_unique(f"{leaf}.blocks.{index}.output", taken))
-        more_nodes, more_inits = _layer_nodes(block, f"{leaf}.blocks.{index}", x, parts[-1], taken, tied)
-        nodes += more_nodes
-        inits += more_inits
-    nodes.append(helper.make_node("Concat", parts, [out], name=_unique(f"/{leaf}/Concat", taken), axis=-1))
-    return nodes, inits
+        nodes += _layer_nodes(block, f"{leaf}.blocks.{index}", x, parts[-1], taken, weights)
+    return [*nodes, helper.make_node("Concat", parts, [out], name=_unique(f"/{leaf}/Concat", taken), axis=-1)]
 
 
 # One writer per layer type a factor can be: how its nodes read in ONNX.
