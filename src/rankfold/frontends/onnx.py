@@ -124,8 +124,8 @@ class OnnxModule(nn.Module):
         self.opset_note: str | None = None  # an older graph read after onnx's version converter upgraded it
         self.widened_note: str | None = None  # a float16 graph read in float32
         self.packing: Packing | None = None  # inputs read packed as one (rankfold.frontends.packing)
-        # The file read, and the values of the inputs given once: a float result is written into that
-        # file's graph, taking them again (rankfold.export.graft)
+        # The file read, and the values of the inputs given once: a float or weight-only result is
+        # written into that file's graph, taking them again (rankfold.export.graft)
         self.source_path: str | None = None
         self.given_values: dict[str, np.ndarray] = {}
 
@@ -1122,7 +1122,7 @@ class _Converter:
                 self.absorbed.add(id(add))
         layer = _linear(b.T, bias)
         widths = self._column_blocks(out_name, layer.out_features)
-        return (_column_blocks(layer, widths) if widths else layer), out_name, {}
+        return (_split_columns(layer, widths) if widths else layer), out_name, {}
 
     def _column_blocks(self, value: str, width: int) -> list[int] | None:
         """The widths of the column blocks that the readers of a layer's output take apart, when
@@ -1319,7 +1319,7 @@ def _refuse_unsupported(nodes) -> None:
         f"supported: {', '.join(SUPPORTED_OPS)}")
 
 
-def _column_blocks(layer: nn.Linear, widths: list[int]) -> ColumnBlocks:
+def _split_columns(layer: nn.Linear, widths: list[int]) -> ColumnBlocks:
     """`layer` as one Linear per block of its output columns (ColumnBlocks)."""
     weights, biases = layer.weight.detach().split(widths), \
         (layer.bias.detach().split(widths) if layer.bias is not None else [None] * len(widths))
