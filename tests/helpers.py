@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import onnx
 import torch
 from torch import nn
 
@@ -19,3 +20,21 @@ def tiny_classifier() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def table_codes(graph, name_part: str = ""):
+    """The integer codes an embedding table's Gather reads in a weight-only file (int8, or int4
+    through the Cast to int8 that onnxruntime folds at load), and the initializers by name; None
+    where no Gather reads codes."""
+    inits = {i.name: i for i in graph.initializer}
+    made = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type != "Gather" or name_part not in node.name:
+            continue
+        source = node.input[0]
+        if source in made and made[source].op_type == "Cast":
+            source = made[source].input[0]
+        codes = inits.get(source)
+        if codes is not None and codes.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4):
+            return codes, inits
+    return None, inits

@@ -57,6 +57,15 @@ def test_a_decoder_compressed_on_prompts_takes_its_caches_again_and_generates_wi
     if budget[0] == "--max-weight-bytes":
         assert tables[0].data_type == TensorProto.INT8
         assert any(t.data_type == TensorProto.INT4 for t in written.initializer)
+        # onnxruntime dequantizes no whole table at a call: its Gather reads the rows' codes, and the
+        # head the table dequantized once at load (constant folding); only MatMulNBits read int4 codes
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+        sizes = {t.name: int(np.prod(t.dims)) for t in optimized.initializer}
+        whole_table = [n.op_type for n in optimized.node if any(sizes.get(i) == VOCAB * WIDTH for i in n.input)]
+        assert sorted(set(whole_table)) in (["Gather", "MatMul"], ["FusedMatMul", "Gather"]), whole_table
     # Nine tokens at once, or eight and then one more after the caches the first eight left: the same
     fresh = _decoder_feeds(2, 9)
     whole = small.run(None, fresh)[0]

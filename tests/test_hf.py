@@ -9,6 +9,7 @@ import torch
 
 import rankfold
 from rankfold.check_rules import CheckRule
+from tests.helpers import table_codes
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -179,7 +180,8 @@ def test_a_saved_torch_model_loads_on_its_original_architecture(tmp_path):
 
 def test_a_byte_budget_quantizes_the_word_embeddings_into_the_qdq_file(encoder_dir, tmp_path):
     """The word-embedding table is planned like any matrix: under a tight byte budget it is
-    quantized, and the QDQ file dequantizes it (one scale per row) before its Gather."""
+    quantized, and the QDQ file's Gather takes the codes of the rows it reads and dequantizes
+    those alone (one scale per row)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -198,14 +200,11 @@ def test_a_byte_budget_quantizes_the_word_embeddings_into_the_qdq_file(encoder_d
     assert word.bits in (8, 4) and word.method == "none"
     result.save(tmp_path / "q.onnx")
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
-    gather = next(n for n in graph.node if n.op_type == "Gather" and "word_embeddings" in n.name)
-    producer = next(n for n in graph.node if gather.input[0] in n.output)
-    assert producer.op_type == "DequantizeLinear"
-    inits = {i.name: i for i in graph.initializer}
-    codes = inits[producer.input[0]]
+    codes, inits = table_codes(graph, "word_embeddings")  # its Gather takes the codes of the rows it reads
     assert codes.data_type == (onnx.TensorProto.INT8 if word.bits == 8 else onnx.TensorProto.INT4)
     rows = model.encoder.embeddings.word_embeddings.num_embeddings
-    assert numpy_helper.to_array(inits[producer.input[1]]).shape == (rows,)
+    scales = numpy_helper.to_array(inits[codes.name[: -len("_q")] + "_wscale"])
+    assert scales.shape == (rows, 1, 1)  # one scale per row, as the codes' rows are gathered
     out = session(str(tmp_path / "q.onnx")).run(None, {graph.input[0].name: held.numpy()})[0]
     with torch.no_grad():
         ref = model(held).numpy()

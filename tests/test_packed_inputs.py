@@ -14,7 +14,7 @@ from torch import nn
 from rankfold.data import graph_data
 from rankfold.errors import RankfoldError
 from rankfold.frontends.onnx import graph_inputs, read_onnx
-from tests.helpers import run_cli
+from tests.helpers import run_cli, table_codes
 
 VOCAB, WIDTH, LENGTH = 50, 64, 10
 
@@ -153,10 +153,24 @@ def test_an_onnx_embedding_table_is_a_layer_quantized_weight_only_beside_packed_
                                     "--max-weight-bytes", "30%", "-o", tmp_path / "small.onnx")
     assert code == 0, stderr
     graph = onnx.load(tmp_path / "small.onnx").graph
-    produced = {out: node for node in graph.node for out in node.output}
-    gathers = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in produced
-               and produced[node.input[0]].op_type == "DequantizeLinear"]
-    assert gathers, "the embedding table is read through its DequantizeLinear"
+    codes, _inits = table_codes(graph)
+    assert codes is not None, "the embedding table's Gather reads its integer codes, row by row"
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == codes.name for n in graph.node)
+    # its row scales are counted as a DequantizeLinear's are: bytes, not parameters
+    from rankfold.evaluate import onnx_size
+
+    scales = [t for t in graph.initializer if t.name.endswith(("_wscale", "_bscale"))]
+    assert any(t.name == codes.name[: -len("_q")] + "_wscale" for t in scales)
+    held = [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    counted = sum(int(np.prod(t.dims)) for t in [*graph.initializer, *held]
+                  if t.data_type != onnx.TensorProto.INT64 and t not in scales)
+    assert onnx_size(tmp_path / "small.onnx").params == counted
+    # read again, the gathered codes are a table layer: planned and compressed again like the float table
+    import rankfold
+    from rankfold.frontends.onnx import GatheredTable
+
+    again = rankfold.load_onnx(tmp_path / "small.onnx")
+    assert any(isinstance(m, GatheredTable) for m in again.modules())
     assert not any(node.op_type == "QuantizeLinear" for node in graph.node)  # weight-only: activations stay float
     fresh = _padded_text(rng, 16)
     wanted = ort.InferenceSession(str(tmp_path / "encoder.onnx")).run(None, fresh)[0]

@@ -33,6 +33,33 @@ class OnnxSize:
 
 # Types stored packed, several values per byte.
 PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+# The integer types of weight codes (a weight-only table's rows are gathered as codes, then scaled)
+CODE_DTYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+# What a value is read through on its way from a weight's codes or scales to the Mul that joins them
+PASS_THROUGH_OPS = ("Gather", "Reshape", "Unsqueeze", "Cast")
+
+
+def _code_scales(nodes: list[onnx.NodeProto], graphs: list[onnx.GraphProto]) -> set[str]:
+    """The float constants that multiply integer codes (a weight-only table's rows, gathered as
+    codes and then scaled: quantize/onnx_qdq.py): scales, as a DequantizeLinear's are."""
+    made = {out: node for node in nodes for out in node.output}
+    types = {init.name: init.data_type for graph in graphs for init in graph.initializer}
+
+    def source(name: str) -> str:
+        while name in made and made[name].op_type in PASS_THROUGH_OPS:
+            name = made[name].input[0]
+        return name
+
+    scales = set()
+    for node in nodes:
+        if node.op_type == "Mul" and len(node.input) == 2:
+            first, second = (source(name) for name in node.input)
+            for codes, scale in ((first, second), (second, first)):
+                if types.get(codes) in CODE_DTYPES and types.get(scale) == onnx.TensorProto.FLOAT:
+                    scales.add(scale)
+    return scales
 
 
 def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None,
@@ -45,7 +72,7 @@ def onnx_size(path: str | os.PathLike, model: onnx.ModelProto | None = None,
     nodes = [node for graph in graphs for node in graph.node]
     # Scales and zero points of Quantize/DequantizeLinear are bytes, not parameters.
     qparams = {name for node in nodes if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-               for name in node.input[1:]}
+               for name in node.input[1:]} | _code_scales(nodes, graphs)
     params = weight_bytes = 0
     # Exporters such as Paddle2ONNX keep the weights in Constant nodes instead of initializers.
     held = [(node.output[0], a.t) for node in nodes if node.op_type == "Constant"

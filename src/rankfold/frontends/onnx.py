@@ -915,13 +915,16 @@ class _Converter:
         return True
 
     def _table(self, node, inputs, attrs) -> bool:
-        """A Gather of rows of a constant float table (a word or position embedding) is a table
-        layer (GatheredTable): priced and quantized like a language model's embedding. A small
-        table, or one another node reads too (an LM head tied to it), stays a constant."""
+        """A Gather of rows of a constant table (a word or position embedding) is a table layer
+        (GatheredTable): priced and quantized like a language model's embedding. Integer codes
+        count too (a weight-only file gathers its rows' codes, then scales them): they are exact
+        in float. A small table, or one another node reads too (an LM head tied to it), stays a
+        constant."""
         if len(inputs) != 2 or inputs[0] not in self.consts or inputs[1] in self.consts or attrs.get("axis", 0) != 0:
             return False
         table = self.consts[inputs[0]]
-        if table.ndim != 2 or not table.dtype.is_floating_point or table.shape[0] < MIN_TABLE_ROWS or \
+        exact = table.dtype.is_floating_point or table.dtype in (torch.int8, torch.uint8, torch.int16)
+        if table.ndim != 2 or not exact or table.shape[0] < MIN_TABLE_ROWS or \
                 len(self.consumers.get(node.input[0], [])) != 1:
             return False
         layer = GatheredTable(*table.shape)
