@@ -19,6 +19,9 @@ from rankfold.settings import calibration_batch
 
 INT4_OPSET = 21
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# Weighted ops that onnxruntime runs in float from a DequantizeLinear's output when their input is
+# float (a MatMul becomes MatMulNBits instead): their weight-only codes are scaled by Cast and Mul
+UNFUSED_WEIGHT_ONLY_OPS = ("Conv", "Gemm")
 TABLE_OPS = ("Gather",)  # an embedding table's read: its data input (0) is the table, one scale per row
 INT8_RANGE_KEY = "rankfold.int8_weight_bits"  # metadata: "8" (codes within +-127) or "7" (+-63)
 
@@ -261,7 +264,8 @@ def _read_dequantized_where_shared(nodes: list[onnx.NodeProto], made: set[str]) 
     """A quantized weight that other nodes read too (a language model's token table, whose
     transpose is its tied head) is read by them through its DequantizeLinear: the float copy would
     store the matrix a second time, and it holds the same values (the weights were rounded to their
-    grid before export). Those DequantizeLinear nodes, which read initializers only, come first."""
+    grid before export). Those nodes (a DequantizeLinear, or a Cast and a Mul), which read
+    initializers only, come first."""
     quantized = {name[: -len("_wscale")] for name in made if name.endswith("_wscale") and f"{name[:-7]}_q" in made}
     redirected = set()
     for node in nodes:
@@ -271,8 +275,9 @@ def _read_dequantized_where_shared(nodes: list[onnx.NodeProto], made: set[str]) 
             if name in quantized:
                 node.input[i] = f"{name}_dq"
                 redirected.add(name)
-    first = [n for n in nodes if n.op_type == "DequantizeLinear" and n.output and n.output[0][:-3] in redirected
-             and n.output[0].endswith("_dq")]
+    dequantized = {f"{name}_{suffix}" for name in redirected for suffix in ("dq", "codes_f")}
+    first = [n for n in nodes if n.op_type in ("DequantizeLinear", "Cast", "Mul") and n.output
+             and n.output[0] in dequantized]
     return first + [n for n in nodes if all(n is not f for f in first)]
 
 
@@ -398,6 +403,18 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
         scale = scale.reshape(*scale.shape, *weight.shape[2:])
     if per_tensor:  # one scalar: DequantizeLinear without an axis
         scale = np.array(qw.scale[0] if qw.scale.size else 1.0)
+    if index == 1 and node.op_type in UNFUSED_WEIGHT_ONLY_OPS and input_tensor not in activations and group is None:
+        # Weight-only Conv / Gemm: no onnxruntime kernel takes integer weights with float inputs, so a
+        # DequantizeLinear would run at every call (ResNet-18: 9.5 ms against 4.0 float). Cast and
+        # Mul of constants are folded at load instead: the file keeps the codes, the run float speed.
+        scale = scale.reshape(-1, *[1] * (weight.ndim - 1 - axis)) if not per_tensor else np.array(qw.scale[0])
+        new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
+        new_nodes += [helper.make_node("Cast", [f"{base}_q"], [f"{base}_codes_f"], to=TensorProto.FLOAT,
+                                       name=f"{base}_Cast"),
+                      helper.make_node("Mul", [f"{base}_codes_f", f"{base}_wscale"], [f"{base}_dq"],
+                                       name=f"{base}_Scale")]
+        node.input[index] = f"{base}_dq"
+        return
     new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
     attrs = {} if per_tensor else {"axis": axis}
     if group is not None:  # blocks run along the input axis: that is DequantizeLinear's axis then
