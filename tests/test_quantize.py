@@ -794,6 +794,14 @@ def test_an_int4_plan_with_a_matmul_and_add_on_frames_loads_in_onnxruntime(tmp_p
     assert got.shape == (1, 8) and np.isfinite(got).all()
 
 
+def _as_onnxruntime_loads_it(path, tmp_path) -> onnx.GraphProto:
+    """The graph onnxruntime runs after its optimizations at load (constant folding, fusions)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(tmp_path / "optimized.onnx").graph
+
+
 def test_weight_only_convolutions_are_scaled_by_constants_onnxruntime_folds_at_load(pointwise_cnn, tmp_path):
     """Weight-only convolutions (float inputs: no integer kernel takes them) keep their int8 / int4
     codes in the file, scaled by Cast and Mul, which onnxruntime folds into float weights at load:
@@ -810,10 +818,7 @@ def test_weight_only_convolutions_are_scaled_by_constants_onnxruntime_folds_at_l
     assert len(codes) == 5 and not any(n.op_type == "DequantizeLinear" for n in graph.node)
     with torch.no_grad():
         np.testing.assert_allclose(_run(path, calib[:32].numpy()), reference(calib[:32]).numpy(), atol=1e-5)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(tmp_path / "optimized.onnx").graph
+    optimized = _as_onnxruntime_loads_it(path, tmp_path)
     assert not [n.op_type for n in optimized.node if n.op_type in ("Cast", "Mul", "DequantizeLinear")]
     # the Linear head (a Gemm of the traced export) as well; the file's bytes are the codes' and scales'
     from rankfold.planner.options import quantized_layer_bytes
@@ -822,3 +827,37 @@ def test_weight_only_convolutions_are_scaled_by_constants_onnxruntime_folds_at_l
                    for name, m in model.named_children() if name in bits)
     biases = sum(m.bias.numel() * 4 for name, m in model.named_children() if name in bits)
     assert onnx_size(path).weight_bytes == expected + biases
+
+
+class _TwiceLinear(nn.Module):
+    """One Linear called at two steps on (N, T, features) inputs: two MatMuls read its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.step(torch.relu(self.step(x)))).mean(1))
+
+
+def test_a_weight_only_matmul_weight_read_by_several_steps_is_folded_at_load(tmp_path):
+    """onnxruntime fuses a DequantizeLinear into MatMulNBits only where one MatMul reads it; read
+    by several (a recurrence's steps), it would run at every call, once per step: those codes are
+    scaled by Cast and Mul, folded at load, so no DequantizeLinear is left to run."""
+    from rankfold.quantize.export import quantized_copy
+
+    torch.manual_seed(0)
+    model, calib = _TwiceLinear().eval(), torch.randn(64, 6, 32)
+    bits = {"step": 8, "head": 8}
+    reference, _leaves = quantized_copy(model, bits, calib=calib)
+    path = tmp_path / "twice.onnx"
+    export_quantized(model, bits, path, calib=calib, example_input=calib[:2], weight_only=True, reduce_range=False)
+    graph = onnx.load(path).graph
+    made = {o: n for n in graph.node for o in n.output}
+    readers = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in made
+               and made[n.input[1]].op_type == "Mul"]
+    assert len(readers) == 2 and readers[0].input[1] == readers[1].input[1]
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(path, calib[:16].numpy()), reference(calib[:16]).numpy(), atol=1e-5)
+    assert not [n for n in _as_onnxruntime_loads_it(path, tmp_path).node if n.op_type == "DequantizeLinear"]
