@@ -256,7 +256,8 @@ def load_onnx(path: str | os.PathLike, fixed: Mapping[str, np.ndarray] | None = 
         # onnxruntime's GRU does not broadcast (torch's does), and its output Squeeze drops the batch.
         module.fixed_batch = module.runs_at_batch = 1
         module.size_note = ("the graph declares an open batch but runs one sample at a time (a shape or a state "
-                            "in it is baked at 1): the result declares a batch of 1")
+                            "in it is baked at 1): a traced result declares a batch of 1; one written into "
+                            "the file's own graph keeps its declarations")
     if module.fixed_batch == 1 and probe is not None and len(probe) > 1:
         batch_free_steps(module, probe)
     return module
