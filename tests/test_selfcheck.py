@@ -346,3 +346,42 @@ def test_int8_activations_the_check_refuses_are_written_again_weight_only(tmp_pa
     assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)  # quantized weights (codes)
     code, _stdout, stderr = run_cli(*args, "--max-latency", "200%", "-o", tmp_path / "timed.onnx")
     assert code == 2 and "written again weight-only" not in stderr and not (tmp_path / "timed.onnx").exists()
+
+
+class _FaceAndClasses(nn.Module):
+    """Per-position scores of 5 characters (a recogniser's CTC logits, a Linear's output as it
+    is) and an unnormalized 32-d vector (a face embedding, read as class scores by the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.face, self.classes = nn.Linear(8, 16), nn.Linear(16, 32), nn.Linear(16, 5)
+        with torch.no_grad():  # decisive frames, most of them the blank (class 0), as CTC's are
+            self.classes.weight.mul_(8)
+            self.classes.bias.copy_(torch.tensor([6.0, 0, 0, 0, 0]))
+
+    def forward(self, x):
+        hidden = torch.relu(self.body(x))
+        return self.classes(hidden), self.face(hidden.mean(1))
+
+
+def test_the_api_declares_an_embedding_output_as_the_cli_does_and_the_others_stay_as_found():
+    """rankfold.declare_embeddings (the CLI's --embedding): the face vector is checked by cosine; the
+    sequence beside it is still found to be one (it was judged as a dense map once another output
+    was declared); an output the model does not have is refused."""
+    import copy
+
+    import rankfold
+    from rankfold.selfcheck import agreement
+
+    torch.manual_seed(0)
+    model, x = _FaceAndClasses().eval(), torch.randn(64, 6, 8)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.face.weight.mul_(1.1)
+    assert [o.kind for o in agreement(model, changed, x).outputs] == ["sequence", "classes"]
+    rankfold.declare_embeddings(model, [1])
+    outputs = agreement(model, changed, x).outputs
+    assert [o.kind for o in outputs] == ["sequence", "embedding"]
+    assert outputs[1].metrics["cosine"] > 0.99  # a vector scaled by 1.1 points the same way
+    with pytest.raises(RankfoldError, match="no such output"):
+        rankfold.declare_embeddings(model, ["face"])

@@ -35,6 +35,7 @@ _PUBLIC = {
     "run_pareto": "rankfold.planner.pareto",
     "save_compressed": "rankfold.saved",
     "compress": "rankfold.compress",
+    "declare_embeddings": "rankfold.selfcheck",
     "compress_to_budget": "rankfold.planner.pipeline",
     "compress_uniform": "rankfold.uniform",
     "compress_with_report": "rankfold.apply",

@@ -382,28 +382,13 @@ def _conversion_checked(path: str, model, calib, fixed) -> str | None:
 
 
 def _check_rules_known(args: argparse.Namespace, model) -> None:
-    from rankfold.selfcheck import check_rules_problem
+    from rankfold.selfcheck import check_rules_problem, declare_embeddings
 
     names = list(model.output_names)
     problem = check_rules_problem(tuple(getattr(args, "check", None) or ()), names)
     if problem:
         raise RankfoldError(problem)
-    _declare_embeddings(getattr(args, "embedding", None) or [], model, names)
-
-
-def _declare_embeddings(given: list[str], model, names: list[str]) -> None:
-    """--embedding OUTPUT: that output (by name or index) is an embedding the data cannot tell from
-    class scores (a face network's unnormalized vector): checked by cosine, planned as a vector."""
-    if not given:
-        return
-    kinds = list(getattr(model, "output_kinds", ()) or ()) + [None] * len(names)
-    for output in given:
-        index = names.index(output) if output in names else int(output) if output.isdigit() else -1
-        if not 0 <= index < len(names):
-            raise RankfoldError(f"--embedding {output!r}: the model has no such output (its outputs: "
-                                f"{', '.join(names)}, or their indexes 0 to {len(names) - 1})")
-        kinds[index] = "embedding"
-    model.output_kinds = tuple(kinds[: len(names)])
+    declare_embeddings(model, getattr(args, "embedding", None) or [])
 
 
 def _use_memory_budget(args: argparse.Namespace, model, example, calib=None) -> None:

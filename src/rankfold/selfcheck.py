@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -324,7 +325,8 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
                                     f"{len(ys)}")
             if not tallies:
                 # found on one sample: every Linear's output is held for the comparison
-                logits = logit_outputs(original, batch[:1]) if len(declared) < len(ys) else set()
+                undeclared = len(declared) < len(ys) or None in declared
+                logits = logit_outputs(original, batch[:1]) if undeclared else set()
                 tallies = [_Tally(levels, kind=declared[i] if i < len(declared) else None, logits=i in logits)
                            for i in range(len(ys))]
             for index, (y, y_hat, tally) in enumerate(zip(ys, ys_hat, tallies)):
@@ -349,6 +351,27 @@ def rules_for(out: OutputAgreement, rules: tuple[CheckRule, ...], min_agreement:
     named = [r for r in rules if r.output is not None and r.output in (out.name, str(out.index))]
     general = [r for r in rules if r.output is None]
     return named or general or default_rules(out.kind, min_agreement, max_output_error)
+
+
+def declare_embeddings(model: nn.Module, outputs: Sequence[str | int]) -> None:
+    """Read these outputs of `model` (by name, or index) as embeddings, which the data cannot tell
+    from class scores (a face network's unnormalized vector): the self-check compares them by
+    cosine (CheckRule("cosine", ...) to change the threshold), and the planner, the distillation and
+    the Gauss-Newton metric treat them as vectors, not as class scores. The CLI's --embedding; it
+    sets `model.output_kinds`, which the other outputs leave as found from the data."""
+    if not outputs:
+        return
+    names = [str(n) for n in getattr(model, "output_names", None) or []]
+    count = len(names) or 1 + max((o for o in outputs if isinstance(o, int)), default=0)
+    kinds = list(getattr(model, "output_kinds", ()) or ()) + [None] * count
+    for output in outputs:
+        text = str(output)
+        index = names.index(text) if text in names else int(text) if text.isdigit() else -1
+        if not 0 <= index < count:
+            known = f"{', '.join(names)}, or their indexes 0 to {count - 1}" if names else "an index"
+            raise RankfoldError(f"--embedding {output!r}: the model has no such output (its outputs: {known})")
+        kinds[index] = "embedding"
+    model.output_kinds = tuple(kinds[: max(count, len(getattr(model, "output_kinds", ()) or ()))])
 
 
 def check_rules_problem(rules: tuple[CheckRule, ...], output_names: list[str]) -> str | None:
