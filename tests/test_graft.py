@@ -124,6 +124,36 @@ def test_factorized_convolutions_are_written_into_the_graph_and_the_input_given_
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.5
 
 
+def test_a_quantized_cnn_keeps_its_input_given_once_weight_only_unless_int8_activations_were_planned(tmp_path):
+    """A byte budget: the int8 weights go into the user's graph with float activations (int8 ones
+    are calibrated on the traced graph, the offset a constant there), so the file takes the offset
+    again. With a latency budget (planned on int8 activations) it is the traced file, said why."""
+    path, calib, out = tmp_path / "cnn.onnx", tmp_path / "calib.npz", tmp_path / "small.onnx"
+    _cnn_with_offset(path)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(96, 16, 12, 12)).astype(np.float32)
+    offset = np.full((1, 32, 1, 1), 0.25, np.float32)
+    np.savez(calib, x=x, offset=offset)
+    code, stdout, stderr = run_cli("compress", path, "--calib", calib, "--max-weight-bytes", "30%",
+                                   "--check", "relerr:0.9", "-o", out)
+    assert code == 0, stderr
+    assert "written into the original graph" in stdout + stderr
+    small = onnx.load(str(out)).graph
+    assert [i.name for i in small.input] == ["x", "offset"]
+    assert not any(n.op_type == "QuantizeLinear" for n in small.node)  # float activations
+    assert any(i.data_type == TensorProto.INT8 for i in small.initializer)  # int8 weights
+    for value in (offset, -offset):  # another offset than the calibration's computes as the original does
+        got = _session(out).run(None, {"x": x[:8], "offset": value})[0]
+        want = _session(path).run(None, {"x": x[:8], "offset": value})[0]
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.2
+    timed = tmp_path / "timed.onnx"
+    code, stdout, stderr = run_cli("compress", path, "--calib", calib, "--max-weight-bytes", "30%",
+                                   "--max-latency", "400%", "--check", "relerr:0.9", "-o", timed)
+    assert code == 0, stderr
+    assert "which the plan counted on" in stderr
+    assert [i.name for i in onnx.load(str(timed)).graph.input] == ["x"]
+
+
 def test_a_result_that_changed_more_than_its_layers_is_not_grafted(tmp_path):
     path = tmp_path / "cnn.onnx"
     _cnn_with_offset(path)

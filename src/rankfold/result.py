@@ -132,7 +132,12 @@ class Compressed:
         in_onnxruntime = plan.runtime == "onnxruntime"
         # Built and checked in the system's temporary directory: only a checked model is written
         # beside `path`, under a unique name renamed into place.
-        weight_only = weight_only_export(example, self.module)
+        given = getattr(self.module, "fixed_inputs", None)
+        # Inputs given once (a streaming model's state) stay inputs only in the user's own graph, which
+        # takes weight-only results: int8 activations are calibrated on the traced graph, where those
+        # inputs are constants. Where nothing planned on int8 activations, the inputs are kept.
+        keeps_inputs = bool(given) and in_onnxruntime and _activations_are_free(plan)
+        weight_only = weight_only_export(example, self.module) or keeps_inputs
         # int8 activations refused by the check: the same weights with float activations (the same
         # weight bytes) are tried once, where nothing planned on int8 activations (latency, RAM, the C back-end)
         forms = [weight_only] if weight_only or not _activations_are_free(plan) else [False, True]
@@ -143,14 +148,17 @@ class Compressed:
             # Weight-only with inputs given once: the quantized weights go into the user's graph, which
             # then takes those inputs again (a decoder its caches), as a float result does
             int4 = any(bits == 4 for bits in plan.layer_bits().values())
-            given = getattr(self.module, "fixed_inputs", None)
             graft = _Graft(self.original, example, say, int4) if weight_only and in_onnxruntime and given else None
             if given and graft is None:
                 from rankfold.data import listed
 
-                why = "its int8 activations are calibrated on the traced graph" if in_onnxruntime else \
+                why = "its int8 activations, which the plan counted on (a latency or RAM budget), are " \
+                    "calibrated on the traced graph" if in_onnxruntime else \
                     "it is made for the C back-end, which takes one input"
                 say(f"inputs given once ({listed(given)}) are constants of the written file: {why}")
+            elif keeps_inputs and not weight_only_export(example, self.module):
+                say("weight-only (float activations between the layers): int8 activations are calibrated on the "
+                    "traced graph, where the inputs given once are constants")
             for attempt, float_activations in enumerate(forms):
                 if os.path.exists(partial):
                     os.remove(partial)
