@@ -861,3 +861,43 @@ def test_a_weight_only_matmul_weight_read_by_several_steps_is_folded_at_load(tmp
     with torch.no_grad():
         np.testing.assert_allclose(_run(path, calib[:16].numpy()), reference(calib[:16]).numpy(), atol=1e-5)
     assert not [n for n in _as_onnxruntime_loads_it(path, tmp_path).node if n.op_type == "DequantizeLinear"]
+
+
+@pytest.mark.parametrize("layout", ["row int8", "row int4", "group int4", "tensor int8"])
+def test_a_quantized_table_gathered_by_rows_and_read_whole_computes_as_its_dequantize_did(layout):
+    """A table behind one DequantizeLinear, read by a Gather of ids of any rank and by a tied head's
+    Transpose: rewritten (rows gathered as codes, then scaled; the whole table through Cast and Mul),
+    both readers compute exactly what the DequantizeLinear gave, at every layout the export writes."""
+    from onnx import TensorProto, helper
+
+    from rankfold.quantize.onnx_qdq import TABLE_OPS, _int4_tensor, _tables_dequantized_by_row
+
+    rng = np.random.default_rng(0)
+    rows, width, bits = 40, 64, 4 if "int4" in layout else 8
+    codes = rng.integers(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), size=(rows, width))
+    attrs, scales = {"axis": 0}, rng.random(rows).astype(np.float32) / 10 + 0.01
+    if layout.startswith("group"):
+        attrs, scales = {"axis": 1, "block_size": 16}, rng.random((rows, width // 16)).astype(np.float32) / 10 + 0.01
+    elif layout.startswith("tensor"):
+        attrs, scales = {}, np.array(0.05, np.float32)
+    table = _int4_tensor("t_q", codes) if bits == 4 else numpy_helper.from_array(codes.astype(np.int8), "t_q")
+    inits = [table, numpy_helper.from_array(scales, "t_wscale")]
+    nodes = [helper.make_node("DequantizeLinear", ["t_q", "t_wscale"], ["t_dq"], **attrs),
+             helper.make_node("Gather", ["t_dq", "ids"], ["rows"], axis=0),
+             helper.make_node("Transpose", ["t_dq"], ["head"]), helper.make_node("MatMul", ["x", "head"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", "T", width]),
+               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", rows])]
+
+    def model(graph_nodes, graph_inits):
+        graph = helper.make_graph(graph_nodes, "table", inputs, outputs, graph_inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+
+    feeds = {"ids": rng.integers(-rows, rows, size=(3, 5)), "x": rng.normal(size=(3, width)).astype(np.float32)}
+    wanted = ort.InferenceSession(model(nodes, inits), providers=["CPUExecutionProvider"]).run(None, feeds)
+    rewritten = _tables_dequantized_by_row(nodes, inits, TABLE_OPS)
+    assert not any(n.op_type == "DequantizeLinear" for n in rewritten)
+    got = ort.InferenceSession(model(rewritten, inits), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(got[0], wanted[0], rtol=0, atol=0)  # the same products, row by row
+    np.testing.assert_allclose(got[1], wanted[1], rtol=1e-6, atol=1e-6)
