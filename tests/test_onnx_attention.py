@@ -314,3 +314,51 @@ def test_embedding_names_an_output_the_graph_cannot_tell_from_class_scores(tmp_p
     assert "embedding cosine" in said and "top-1 agreement" not in said
     assert main(common + ["--embedding", "feature"]) == 2
     assert "--embedding 'feature': the model has no such output (its outputs: fc1" in capsys.readouterr().err
+
+
+class _PackedAttention(torch.nn.Module):
+    """GPT-2's attention as torch.onnx writes it: q, k and v from one Linear (c_attn), split apart
+    on the last axis, four heads, then an output projection and a classifier on the mean."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.width, self.heads = width, heads
+        self.c_attn, self.c_proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (part.reshape(n, t, self.heads, -1).transpose(1, 2)
+                   for part in self.c_attn(x).split(self.width, dim=2))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (self.width // self.heads) ** 0.5, -1)
+        mixed = (weights @ v).transpose(1, 2).reshape(n, t, self.width)
+        return self.head(self.c_proj(mixed).mean(1))
+
+
+def test_q_k_v_packed_in_one_matmul_and_split_are_three_layers(tmp_path):
+    """The MatMul a Split takes apart on its last axis is read as one Linear per block (ColumnBlocks),
+    so q, k and v are planned and factorized each on its own, as GroupQueryAttention's packed input
+    is (SmolLM2 as onnxruntime-genai writes it: x1.120 in perplexity factorized together, x1.053
+    apart); the compressed file computes as the module does."""
+    from rankfold.layers import ColumnBlocks
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 6, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_PackedAttention().eval(), (x[:2],), str(tmp_path / "gpt.onnx"), input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, dynamo=False, opset_version=17)
+    assert any(n.op_type == "Split" for n in onnx.load(str(tmp_path / "gpt.onnx")).graph.node)
+    module = rankfold.load_onnx(tmp_path / "gpt.onnx")
+    blocks = [m for m in module.modules() if isinstance(m, ColumnBlocks)]
+    assert [[b.out_features for b in m.blocks] for m in blocks] == [[32, 32, 32]]
+    wanted = ort.InferenceSession(str(tmp_path / "gpt.onnx")).run(None, {"x": x[:8].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x[:8]).numpy(), wanted, rtol=1e-4, atol=1e-5)
+    result = rankfold.compress_to_budget(module, calib=x, budgets={"params": "80%"}, bits=32, min_rank=2)
+    factorized = [layer.name for layer in result.plan.layers if layer.method != "none"]
+    assert any(".blocks." in name for name in factorized)  # a block planned as a layer of its own
+    result.save(tmp_path / "small.onnx")
+    got = ort.InferenceSession(str(tmp_path / "small.onnx")).run(None, {"x": x[:8].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, result.module(x[:8]).numpy(), rtol=1e-4, atol=1e-4)

@@ -694,6 +694,7 @@ class _Converter:
         self.probe = probe
         self.shape_only: set[str] = set()  # values computed from shapes (and constants) alone
         self.model = model
+        self._ranks: dict[str, int] | None = None  # value -> rank, inferred on first use (_rank)
         self.graph = model.graph
         self.opset = default_opset(model)
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -1135,8 +1136,11 @@ class _Converter:
         writes it lost x1.120 in perplexity at a tenth fewer block parameters, x1.058 where its
         Hugging Face directory has them apart."""
         readers = self.consumers.get(value, [])
-        unpacking = readers and all(r.op_type == "GroupQueryAttention:unpack" for r in readers)
-        if value in self.graph_outputs or not unpacking:
+        if value in self.graph_outputs or not readers:
+            return None
+        if len(readers) == 1 and readers[0].op_type == "Split" and readers[0].input[0] == value:
+            return self._split_widths(readers[0], value, width)
+        if not all(r.op_type == "GroupQueryAttention:unpack" for r in readers):
             return None
         attrs = _attributes(readers[0])
         heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
@@ -1144,6 +1148,46 @@ class _Converter:
         if rest or sorted(int(_attributes(r)["part"]) for r in readers) != [0, 1, 2]:
             return None
         return [heads * size, kv_heads * size, kv_heads * size]
+
+    def _split_widths(self, split: onnx.NodeProto, value: str, width: int) -> list[int] | None:
+        """The widths of the blocks a Split takes a layer's output apart into along its last axis:
+        GPT-2's c_attn as torch.onnx exports it (q, k and v from one MatMul, then Split), a gated
+        unit's gate and up projections packed in one."""
+        attrs = _attributes(split)
+        axis = attrs.get("axis", 0)
+        if axis != -1 and axis != self._rank(value) - 1:
+            return None
+        if len(split.input) > 1 and split.input[1]:
+            given = self._constant(split.input[1])
+            sizes = None if given is None else [int(v) for v in given.reshape(-1)]
+        elif "split" in attrs:
+            sizes = [int(v) for v in attrs["split"]]
+        else:  # equal parts, the last one smaller where the width does not divide
+            parts = int(attrs.get("num_outputs") or len(split.output))
+            chunk = -(-width // parts)
+            sizes = [min(chunk, width - chunk * i) for i in range(parts)]
+        if not sizes or len(sizes) < 2 or sum(sizes) != width or min(sizes) <= 0:
+            return None
+        return sizes
+
+    def _constant(self, value: str) -> Tensor | None:
+        """A constant's value ahead of the node order: an initializer, or a Constant node's value
+        (torch.onnx writes a Split's sizes as a Constant node after the MatMul it splits)."""
+        known = self.consts.get(self._name(value))
+        if known is not None:
+            return known
+        node = next((n for n in self.graph.node if n.op_type == "Constant" and value in n.output), None)
+        found = _attributes(node).get("value") if node is not None else None
+        return found if isinstance(found, Tensor) else None
+
+    def _rank(self, value: str) -> int:
+        """The rank ONNX's shape inference gives `value` (0 where it gives none): inferred once."""
+        if self._ranks is None:
+            inferred = onnx.shape_inference.infer_shapes(self.model).graph
+            self._ranks = {v.name: len(v.type.tensor_type.shape.dim)
+                           for v in [*inferred.value_info, *inferred.input, *inferred.output]
+                           if v.type.tensor_type.HasField("shape")}
+        return self._ranks.get(value, 0)
 
 
 # A Gather of a constant table with fewer rows (token types, a small lookup) stays a constant.
