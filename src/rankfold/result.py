@@ -137,7 +137,8 @@ class Compressed:
         # takes weight-only results: int8 activations are calibrated on the traced graph, where those
         # inputs are constants. Where nothing planned on int8 activations, the inputs are kept.
         keeps_inputs = bool(given) and in_onnxruntime and _activations_are_free(plan)
-        weight_only = weight_only_export(example, self.module) or keeps_inputs
+        token_ids = weight_only_export(example, self.module)  # a transformer: weight-only whatever the inputs
+        weight_only = token_ids or keeps_inputs
         # int8 activations refused by the check: the same weights with float activations (the same
         # weight bytes) are tried once, where nothing planned on int8 activations (latency, RAM, the C back-end)
         forms = [weight_only] if weight_only or not _activations_are_free(plan) else [False, True]
@@ -156,7 +157,7 @@ class Compressed:
                     "calibrated on the traced graph" if in_onnxruntime else \
                     "it is made for the C back-end, which takes one input"
                 say(f"inputs given once ({listed(given)}) are constants of the written file: {why}")
-            elif keeps_inputs and not weight_only_export(example, self.module):
+            elif keeps_inputs and not token_ids:
                 say("weight-only (float activations between the layers): int8 activations are calibrated on the "
                     "traced graph, where the inputs given once are constants")
             for attempt, float_activations in enumerate(forms):

@@ -19,9 +19,6 @@ from rankfold.settings import calibration_batch
 
 INT4_OPSET = 21
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-# Weighted ops that onnxruntime runs in float from a DequantizeLinear's output when their input is
-# float (a MatMul becomes MatMulNBits instead): their weight-only codes are scaled by Cast and Mul
-UNFUSED_WEIGHT_ONLY_OPS = ("Conv", "Gemm")
 TABLE_OPS = ("Gather",)  # an embedding table's read: its data input (0) is the table, one scale per row
 INT8_RANGE_KEY = "rankfold.int8_weight_bits"  # metadata: "8" (codes within +-127) or "7" (+-63)
 
@@ -186,7 +183,7 @@ def to_qdq(
                 qdq(name)
     new_nodes = _read_dequantized_where_shared(new_nodes, {i.name for i in new_inits})
     new_nodes = _tables_dequantized_by_row(new_nodes, new_inits, TABLE_OPS)
-    new_nodes = _shared_weights_folded(new_nodes, new_inits, set(renamed.values()))
+    new_nodes = _weights_folded_at_load(new_nodes, new_inits, set(renamed.values()))
     used = {i for n in new_nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -265,8 +262,7 @@ def _read_dequantized_where_shared(nodes: list[onnx.NodeProto], made: set[str]) 
     """A quantized weight that other nodes read too (a language model's token table, whose
     transpose is its tied head) is read by them through its DequantizeLinear: the float copy would
     store the matrix a second time, and it holds the same values (the weights were rounded to their
-    grid before export). Those nodes (a DequantizeLinear, or a Cast and a Mul), which read
-    initializers only, come first."""
+    grid before export). Those DequantizeLinear nodes, which read initializers only, come first."""
     quantized = {name[: -len("_wscale")] for name in made if name.endswith("_wscale") and f"{name[:-7]}_q" in made}
     redirected = set()
     for node in nodes:
@@ -276,9 +272,8 @@ def _read_dequantized_where_shared(nodes: list[onnx.NodeProto], made: set[str]) 
             if name in quantized:
                 node.input[i] = f"{name}_dq"
                 redirected.add(name)
-    dequantized = {f"{name}_{suffix}" for name in redirected for suffix in ("dq", "codes_f")}
-    first = [n for n in nodes if n.op_type in ("DequantizeLinear", "Cast", "Mul") and n.output
-             and n.output[0] in dequantized]
+    first = [n for n in nodes if n.op_type == "DequantizeLinear" and n.output and n.output[0][:-3] in redirected
+             and n.output[0].endswith("_dq")]
     return first + [n for n in nodes if all(n is not f for f in first)]
 
 
@@ -363,13 +358,15 @@ def _tables_dequantized_by_row(nodes: list[onnx.NodeProto], new_inits: list[onnx
     return nodes
 
 
-def _shared_weights_folded(nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto],
+def _weights_folded_at_load(nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto],
                            quantized_inputs: Collection[str]) -> list[onnx.NodeProto]:
-    """A weight-only MatMul weight that several MatMuls read (the steps of an unrolled recurrence,
-    written once) is scaled by Cast and Mul, which onnxruntime folds at load: it fuses a
-    DequantizeLinear into MatMulNBits only where one MatMul reads it, and otherwise runs it at
-    every call, once per reader (a 576 x 1536 int8 weight read by two MatMuls: 2.5 ms a call; read
-    by one, fused: 0.02 ms)."""
+    """Weight-only codes that no onnxruntime kernel takes are scaled by a Cast and a Mul, constants
+    that onnxruntime folds into float weights at load, instead of a DequantizeLinear, which it
+    folds never and runs at every call: a Conv's or a Gemm's (no kernel takes integer weights with
+    float inputs; ResNet-18: 9.5 ms a call against 4.0 float), and a MatMul's that several MatMuls
+    read (an unrolled recurrence's steps; a 576 x 1536 int8 weight read by two: 2.5 ms a call).
+    A MatMul's own keeps its DequantizeLinear, which onnxruntime fuses into MatMulNBits; a layer
+    between int8 activations keeps it too (its integer kernel reads it)."""
     inits = {t.name: t for t in new_inits}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
@@ -379,16 +376,20 @@ def _shared_weights_folded(nodes: list[onnx.NodeProto], new_inits: list[onnx.Ten
     for node in nodes:
         reads = readers.get(node.output[0], []) if node.op_type == "DequantizeLinear" else []
         codes = inits.get(node.input[0]) if reads else None
-        shared = codes is not None and len(reads) > 1 and len(codes.dims) == 2 and len(node.input) == 2 and \
-            all(r.op_type == "MatMul" and r.input[1] == node.output[0] and r.input[0] not in quantized_inputs
-                for r in reads) and _attribute(node, "block_size", 0) == 0 and \
-            (not inits[node.input[1]].dims or _attribute(node, "axis", 1) in (1, -1))
-        if not shared:
+        weight_only = codes is not None and len(node.input) == 2 and _attribute(node, "block_size", 0) == 0 and \
+            all(r.op_type in WEIGHTED_OPS and r.input[1] == node.output[0] and r.input[0] not in quantized_inputs
+                for r in reads)
+        if not weight_only or (len(reads) == 1 and reads[0].op_type == "MatMul"):
             rebuilt.append(node)
             continue
-        rebuilt += [helper.make_node("Cast", [node.input[0]], [f"{node.output[0]}_codes_f"], to=TensorProto.FLOAT,
+        scale = inits[node.input[1]]
+        if scale.dims:  # one scale per channel of the axis: broadcast over the axes after it
+            axis = _attribute(node, "axis", 1) % len(codes.dims)
+            values = numpy_helper.to_array(scale).reshape(-1, *[1] * (len(codes.dims) - 1 - axis))
+            scale.CopyFrom(numpy_helper.from_array(values, scale.name))
+        rebuilt += [helper.make_node("Cast", [node.input[0]], [f"{node.output[0]}_codes"], to=TensorProto.FLOAT,
                                      name=f"{node.name}_Cast"),
-                    helper.make_node("Mul", [f"{node.output[0]}_codes_f", node.input[1]], [node.output[0]],
+                    helper.make_node("Mul", [f"{node.output[0]}_codes", node.input[1]], [node.output[0]],
                                      name=f"{node.name}_Scale")]
     return rebuilt
 
@@ -434,18 +435,6 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
         scale = scale.reshape(*scale.shape, *weight.shape[2:])
     if per_tensor:  # one scalar: DequantizeLinear without an axis
         scale = np.array(qw.scale[0] if qw.scale.size else 1.0)
-    if index == 1 and node.op_type in UNFUSED_WEIGHT_ONLY_OPS and input_tensor not in activations and group is None:
-        # Weight-only Conv / Gemm: no onnxruntime kernel takes integer weights with float inputs, so a
-        # DequantizeLinear would run at every call (ResNet-18: 9.5 ms against 4.0 float). Cast and
-        # Mul of constants are folded at load instead: the file keeps the codes, the run float speed.
-        scale = scale.reshape(-1, *[1] * (weight.ndim - 1 - axis)) if not per_tensor else np.array(qw.scale[0])
-        new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
-        new_nodes += [helper.make_node("Cast", [f"{base}_q"], [f"{base}_codes_f"], to=TensorProto.FLOAT,
-                                       name=f"{base}_Cast"),
-                      helper.make_node("Mul", [f"{base}_codes_f", f"{base}_wscale"], [f"{base}_dq"],
-                                       name=f"{base}_Scale")]
-        node.input[index] = f"{base}_dq"
-        return
     new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"))
     attrs = {} if per_tensor else {"axis": axis}
     if group is not None:  # blocks run along the input axis: that is DequantizeLinear's axis then
