@@ -259,23 +259,57 @@ def test_one_scale_per_tensor_stays_within_half_a_step_and_reaches_the_top_code(
     assert np.abs(qw.dequantize() - w)[0].max() > np.abs(per_channel.dequantize() - w)[0].max()
 
 
-def test_per_tensor_layers_store_one_scale_and_eight_bytes_less_per_channel(trained, tmp_path):
+def test_per_tensor_layers_store_one_scale_and_four_bytes_less_per_channel(trained, tmp_path):
     model, calib = trained
     layers = {"0": 32, "2": 8, "4": 4, "8": 32}
     channel, tensor = tmp_path / "channel.onnx", tmp_path / "tensor.onnx"
     export_quantized(model, layers, channel, calib=calib, example_input=calib[:2])
     export_quantized(model, layers, tensor, calib=calib, example_input=calib[:2], per_tensor=["2", "4"])
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tensor).graph.initializer}
-    scales = [v for k, v in inits.items() if k.endswith("_wscale") or k.endswith("_bscale")]
-    assert len(scales) == 4 and all(v.shape == () for v in scales)
-    # conv 2 and conv 4 have 32 output channels and a bias each: 8 B per channel become 8 B per layer
-    assert onnx_size(channel).weight_bytes - onnx_size(tensor).weight_bytes == 2 * (8 * 32 - 8)
+    scales = [v for k, v in inits.items() if k.endswith("_wscale")]
+    assert len(scales) == 2 and all(v.shape == () for v in scales)
+    # conv 2 and conv 4 have 32 output channels each: 4 B per channel become 4 B per layer
+    assert onnx_size(channel).weight_bytes - onnx_size(tensor).weight_bytes == 2 * (4 * 32 - 4)
     x = calib[:64].numpy()
     integer, fake = _run(tensor, x), _run(tensor, x, optimize=False)
     assert np.abs(integer - fake).max() <= 0.05 * np.abs(fake).max()
     with torch.no_grad():
         float_out = model(calib[:64]).numpy()
     assert np.linalg.norm(fake - float_out) / np.linalg.norm(float_out) < 0.5
+
+
+def test_an_int32_bias_scale_is_computed_in_the_file_and_onnxruntime_still_fuses_integer_kernels(trained, tmp_path):
+    """A bias's scale is the input's times the weight's: the file computes it by a Mul of the two
+    (folded by onnxruntime at load, before its QDQ fusions) instead of storing 4 bytes a channel.
+    The convolutions still run as integer kernels, as the fake-quantized graph computes, and the
+    file holds the bytes the planner prices."""
+    from rankfold.planner.options import quantized_layer_bytes
+
+    model, calib = trained
+    layers = {"0": 8, "2": 8, "4": 8, "8": 8}
+    path = tmp_path / "q.onnx"
+    export_quantized(model, layers, path, calib=calib, example_input=calib[:2])
+    graph = onnx.load(path).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    made = {o: n for n in graph.node for o in n.output}
+    biases = [n for n in graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+              and inits[n.input[0]].dtype == np.int32]
+    assert len(biases) == 4
+    for node in biases:
+        mul = made[node.input[1]]
+        assert mul.op_type == "Mul" and all(name in inits for name in mul.input)
+        input_scale, weight_scale = (inits[name] for name in mul.input)
+        assert input_scale.shape == () and weight_scale.shape == inits[node.input[0]].shape  # one per channel
+    optimized = _as_onnxruntime_loads_it(path, tmp_path)
+    kinds = [n.op_type for n in optimized.node]
+    assert kinds.count("QLinearConv") == 3 and "Mul" not in kinds, kinds
+    x = calib[:32].numpy()
+    integer, fake = _run(path, x), _run(path, x, optimize=False)
+    assert np.abs(integer - fake).max() <= 0.05 * np.abs(fake).max()
+    expected = sum(quantized_layer_bytes(m.weight.numel(), m.weight.shape[0], True, layers[name])
+                   for name, m in model.named_children() if name in layers)
+    activation_scales = sum(v.nbytes for k, v in inits.items() if k.endswith(("_scale", "_zero_point")))
+    assert onnx_size(path).weight_bytes == expected + activation_scales
 
 
 def test_the_planner_takes_one_scale_per_tensor_only_where_per_channel_cannot_meet_the_budget(trained):
@@ -288,7 +322,7 @@ def test_the_planner_takes_one_scale_per_tensor_only_where_per_channel_cannot_me
         assert {o.per_tensor for o in options if o.bits < 32} == {False, True}
         assert not any(o.per_tensor for o in options if o.bits == 32)
         pair = [o for o in options if o.bits == 8 and o.method == "none"]
-        assert pair[0].weight_bytes - pair[1].weight_bytes == 8 * (pair[0].profile.sub_layers[0].out_ch - 1)
+        assert pair[0].weight_bytes - pair[1].weight_bytes == 4 * (pair[0].profile.sub_layers[0].out_ch - 1)
     roomy = pricing.plan({"weight_bytes": "20%"})
     assert roomy.feasible and not roomy.per_tensor_layers()
     smallest_per_channel = pricing.fixed["weight_bytes"] + sum(

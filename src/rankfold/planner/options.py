@@ -40,20 +40,24 @@ class Option:
 
 
 def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int, per_tensor: bool = False,
-                          group_size: int | None = None) -> int:
+                          group_size: int | None = None, runtime: str = "onnxruntime") -> int:
     """One (sub-)layer's bytes as the QDQ export stores it below 32 bits: packed integers, a
-    float32 scale per output channel, and int32 biases with a float32 scale each; `per_tensor`:
-    one float32 scale for the weights and one for the biases; `group_size`: a float32 scale per
-    group of that many input elements of each channel, and float32 biases (a bias scale per
-    group does not exist)."""
+    float32 scale per output channel, and int32 biases, whose scales (the input's times the
+    weight's) the file computes by a Mul that onnxruntime folds at load; `per_tensor`: one float32
+    scale for the weights; `group_size`: a float32 scale per group of that many input elements of
+    each channel, and float32 biases (a bias scale per group does not exist). The C back-end
+    (`runtime` "c") stores instead a requantization multiplier and shift per channel: 4 bytes more
+    per channel of a layer with a bias."""
     if group_size is not None:
         groups = out_ch * -(-(weights // max(out_ch, 1)) // group_size)
         return -(-weights * bits // 8) + 4 * groups + (4 * out_ch if bias else 0)
     scales = 1 if per_tensor else out_ch
-    return -(-weights * bits // 8) + 4 * scales + (4 * out_ch + 4 * scales if bias else 0)
+    requantization = 4 * scales if runtime == "c" else 0
+    return -(-weights * bits // 8) + 4 * scales + (4 * out_ch + requantization if bias else 0)
 
 
-def stored_bytes(profile: ChainProfile, bits: int, per_tensor: bool = False, group_size: int | None = None) -> float:
+def stored_bytes(profile: ChainProfile, bits: int, per_tensor: bool = False, group_size: int | None = None,
+                 runtime: str = "onnxruntime") -> float:
     """Weight bytes of a chain at `bits` as exported (float32 at 32 bits). Below 32 bits the last
     (sub-)layer always has a bias, an embedding table excepted: bias correction gives one to a layer
     that had none (PP-LCNet's squeeze-excitation convolutions: priced without theirs, its file came
@@ -63,7 +67,7 @@ def stored_bytes(profile: ChainProfile, bits: int, per_tensor: bool = False, gro
     last = len(profile.sub_layers) - 1
     return float(sum(quantized_layer_bytes(s.out_ch * (s.in_ch // s.groups) * int(np.prod(s.kernel or (1,))),
                                            s.out_ch, s.bias or (i == last and s.kind != "embedding"), bits,
-                                           per_tensor, group_size)
+                                           per_tensor, group_size, runtime)
                      for i, s in enumerate(profile.sub_layers)))
 
 
@@ -79,12 +83,12 @@ class NoiseUnits:
 
 
 def with_bits(options: list[Option], bits_choices: tuple[int, ...], units: NoiseUnits,
-              reduce_range: bool = False) -> list[Option]:
+              reduce_range: bool = False, runtime: str = "onnxruntime") -> list[Option]:
     """Every structural option at every allowed bit-width. Quantizing adds rounding noise to each
     factor: its estimated loss is the unit (the layer's loss at int8) x factors x (127/qmax)^2,
     qmax 63 for int8 on a target that needs 7-bit weights (four times the int8 noise, same bytes).
     With a tensor unit, every quantized option comes also with one weight scale per (sub-)layer
-    (8 bytes fewer per output channel); with a group unit, int4 comes also with one scale per
+    (4 bytes fewer per output channel); with a group unit, int4 comes also with one scale per
     `group_size` input elements of each channel (the factors priced with the layer's own groups)."""
     from rankfold.quantize.core import weight_qmax
 
@@ -99,7 +103,8 @@ def with_bits(options: list[Option], bits_choices: tuple[int, ...], units: Noise
             for per_tensor, group, unit in layouts + (grouped if bits == 4 else []):
                 extra = unit * len(opt.profile.sub_layers) * (127 / weight_qmax(bits, reduce_range)) ** 2
                 expanded.append(dataclasses.replace(opt, loss=opt.loss + extra, bits=bits, quant_loss=extra,
-                                                    weight_bytes=stored_bytes(opt.profile, bits, per_tensor, group),
+                                                    weight_bytes=stored_bytes(opt.profile, bits, per_tensor, group,
+                                                                              runtime),
                                                     per_tensor=per_tensor, group_size=group))
     return expanded
 

@@ -152,7 +152,7 @@ def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, exa
             counted = {"params": sum(c.params for c in parts), "macs": sum(c.macs for c in parts),
                        "weight_bytes": stored_weight_bytes(module.get_submodule(layer.name), layer.bits,
                                                          layer.weight_scales == "tensor",
-                                                         scale_group(layer.weight_scales))}
+                                                         scale_group(layer.weight_scales), plan.runtime)}
             for key, value in counted.items():
                 if key in after:
                     after[key] += value - getattr(layer, key)
@@ -164,13 +164,14 @@ def recount_edited(plan: Plan, report: CompressionReport, module: nn.Module, exa
     return dataclasses.replace(plan, layers=layers, after=after, messages=[*plan.messages, message])
 
 
-def stored_weight_bytes(module: nn.Module, bits: int, per_tensor: bool = False, group_size: int | None = None) -> int:
+def stored_weight_bytes(module: nn.Module, bits: int, per_tensor: bool = False, group_size: int | None = None,
+                        runtime: str = "onnxruntime") -> int:
     """Bytes of a layer's (or factor chain's) weights as exported, counted on the module itself."""
     leaves = [leaf for leaf in module.modules() if isinstance(leaf, COMPRESSIBLE + TABLES)]
     if bits >= 32:
         return sum(4 * p.numel() for leaf in leaves for p in leaf.parameters(recurse=False))
     return sum(quantized_layer_bytes(leaf.weight.numel(), leaf.weight.shape[0], getattr(leaf, "bias", None) is not None,
-                                     bits, per_tensor, group_size) for leaf in leaves)
+                                     bits, per_tensor, group_size, runtime) for leaf in leaves)
 
 
 CHECK_SAMPLES = 64  # an eighth of them (16 to 128) is held back for the self-check

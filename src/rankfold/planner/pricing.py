@@ -101,7 +101,8 @@ def price_model(
             if name in stats:
                 options[name] = with_bits(table_options(modules[name], stats[name], activations.base.get(name, 0)),
                                           choices, noise_units(modules[name], stats[name], target,
-                                                               _head(modules, stats, heads.get(name))))
+                                                               _head(modules, stats, heads.get(name))),
+                                          runtime=target.runtime)
                 notes[name] = "embedding table: quantized where that pays, never factorized"
         for i, name in enumerate(compressible, 1):
             say(f"pricing [{i}/{len(compressible)}] {name}")
@@ -110,7 +111,8 @@ def price_model(
                 activations.input_kept.get(name, False), latency_of)
             edge = i in (1, len(compressible))
             options[name] = with_bits(structural, edge_bits(target, bits) if edge else choices,
-                                      noise_units(modules[name], stats[name], target), target.reduce_range)
+                                      noise_units(modules[name], stats[name], target), target.reduce_range,
+                                      target.runtime)
         if cache:
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()

@@ -3,8 +3,8 @@
 Convention (TFLite / CMSIS-NN, see DESIGN.md): real = scale * (q - zero_point).
 Weights: symmetric, zero point 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1] (int8: +-127, int4: +-7),
 one scale per output channel (or per group of input elements along the channel), or one for the
-whole tensor (`per_tensor`: the file stores a single scale, and an int32 bias needs no scale per
-channel either, 8 bytes fewer per channel). With
+whole tensor (`per_tensor`: the file stores a single scale, 4 bytes fewer per channel; an int32
+bias's scale is computed in the file from the weight's and the input's). With
 `reduce_range`, int8 codes stay within +-63: onnxruntime on x86 without VNNI computes only those
 exactly (rankfold/runtime.py); int4 is exact everywhere.
 Activations: asymmetric int8, q in [-128, 127], one scale and zero point per tensor.

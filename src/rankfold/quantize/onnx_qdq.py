@@ -445,17 +445,21 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_wscale"],
                                       [f"{base}_dq"], name=f"{base}_DequantizeLinear", **attrs))
     node.input[index] = f"{base}_dq"
-    # int32 bias at scale s_in * s_w[c] (per-channel weights only), so the integer kernels apply.
+    # int32 bias at scale s_in * s_w[c], so the integer kernels apply. The file computes that scale
+    # from the two it holds (a Mul of constants, folded at load): 4 bytes fewer per channel.
     if index == 1 and len(node.input) > 2 and node.input[2] in inits and input_tensor in activations \
             and group is None:
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-        bias_scale = (activations[input_tensor].scale * scale.astype(np.float64)).astype(np.float32)
+        # float32 product of the float32 scales, as the Mul computes it (exact in float64, then rounded)
+        input_scale = np.float64(np.float32(activations[input_tensor].scale))
+        bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
         q_bias = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
         b = node.input[2]
         if any(i.name == f"{b}_q" for i in new_inits):  # a bias shared by several calls: one code per input scale
             b = f"{b}_{len(new_inits)}"
         new_inits.append(numpy_helper.from_array(q_bias, f"{b}_q"))
-        new_inits.append(numpy_helper.from_array(bias_scale, f"{b}_bscale"))
+        new_nodes.append(helper.make_node("Mul", [f"{input_tensor}_scale", f"{base}_wscale"], [f"{b}_bscale"],
+                                          name=f"{b}_scale_Mul"))
         new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_q", f"{b}_bscale"], [f"{b}_dq"],
                                           name=f"{b}_DequantizeLinear", **({} if per_tensor else {"axis": 0})))
         node.input[2] = f"{b}_dq"
