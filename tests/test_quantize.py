@@ -664,6 +664,27 @@ def test_the_rounding_moments_of_large_maps_come_from_a_subset_of_positions():
     assert float((h_part - h_full).norm() / h_full.norm()) < 0.1  # sampling noise, about sqrt(36 / 8192)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), 1, (1, 1), 1), ((3, 3), 2, (0, 0), 1), ((5, 5), 1, (4, 4), 2), ((1, 1), 1, (0, 0), 1),
+    ((1, 7), 2, (0, 3), 1), ((2, 3), (2, 1), (1, 0), (1, 2))])
+def test_rounding_rows_are_unfold_rows_gathered_at_the_kept_positions(kernel, stride, padding, dilation):
+    """Rows are gathered tap by tap at the positions kept, not unfolded whole and then picked:
+    the same rows, in unfold's column order, for any kernel, stride, padding and dilation."""
+    import torch.nn.functional as F
+
+    from rankfold.analyze import rows_of_each_sample
+    from rankfold.quantize import gptq
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(3, 3, 37, 29)
+    for limit in (50, 10**9):  # a subset of each sample's positions, and all of them
+        expected = torch.cat([rows_of_each_sample(F.unfold(s, conv.kernel_size, dilation=conv.dilation,
+                                                           padding=conv.padding, stride=conv.stride)[0].T,
+                                                  1, 5 + i, limit) for i, s in enumerate(x.split(1))])
+        assert torch.equal(gptq._input_rows(conv, x, 5, limit=limit), expected)
+
+
 def test_rounding_moments_are_shared_only_between_layers_that_unfold_alike():
     """A 1x1 and a 3x3 convolution reading one tensor need different input moments (C against
     C*9 columns); a shared product made the 3x3 layer's rounding fail (ddddocr's detector)."""

@@ -290,6 +290,14 @@ def _position_order(positions: int, seed: int) -> Tensor:
     return torch.randperm(positions, generator=torch.Generator().manual_seed(seed))
 
 
+def positions_of_sample(per_sample: int, index: int, limit: int, seed: int = 1) -> Tensor | None:
+    """The positions (of `per_sample`) whose rows rows_of_each_sample keeps of the sample at
+    `index` of the calibration data; None: all of them."""
+    if per_sample <= limit:
+        return None
+    return _position_order(per_sample, seed)[(index * limit + torch.arange(limit)) % per_sample]
+
+
 def rows_of_each_sample(rows: Tensor, samples: int, first: int, limit: int, seed: int = 1) -> Tensor:
     """At most `limit` of each sample's rows, from rows that list a batch's samples one after the
     other (channel rows: a Linear's (N, ..., C), a convolution's (N, H, W, C)). Which rows a sample

@@ -117,7 +117,7 @@ class Compressed:
 
     def _save_quantized(self, path: str, example: Tensor, observer: str, say) -> Agreement | None:
         from rankfold.io import replace_atomically
-        from rankfold.quantize.export import export_quantized, weight_only_export
+        from rankfold.quantize.export import GridCopy, export_quantized, weight_only_export
         from rankfold.selfcheck import onnx_agreement, refuse_if_kernels_disagree, refuse_if_poor
 
         plan = self.plan
@@ -160,6 +160,7 @@ class Compressed:
             elif keeps_inputs and not token_ids:
                 say("weight-only (float activations between the layers): int8 activations are calibrated on the "
                     "traced graph, where the inputs given once are constants")
+            grid = GridCopy()  # the weights on their grid: made once for every form tried
             for attempt, float_activations in enumerate(forms):
                 if os.path.exists(partial):
                     os.remove(partial)
@@ -167,7 +168,8 @@ class Compressed:
                                  observer=observer, reduce_range=plan.reduce_range, progress=say,
                                  weight_only=float_activations, per_tensor=plan.per_tensor_layers(),
                                  groups=plan.grouped_layers(), float_graph=graft,
-                                 input_steps=self.input_steps, float_outputs=in_onnxruntime, **trained)
+                                 input_steps=self.input_steps, float_outputs=in_onnxruntime, grid=grid,
+                                 **trained)
                 check = self.check
                 if in_onnxruntime and not float_activations:
                     refuse_if_kernels_disagree(partial, held if held is not None else fit, say)

@@ -7,6 +7,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 import onnx
 from torch import Tensor, nn
@@ -95,6 +96,18 @@ def layer_tensors(model: onnx.ModelProto) -> set[str]:
                        if o in outputs}
 
 
+@dataclass
+class GridCopy:
+    """What export_quantized makes before it quantizes activations: the copy whose quantized
+    layers lie on their integer grid, its leaves' bits and its float graph. Passed again, it is
+    reused: the forms one plan may be written in (int8 activations, then weight-only) hold the same
+    weights, and rounding them again cost PP-OCRv4's detector 42 s."""
+
+    quantized: nn.Module | None = None
+    leaves: dict[str, int] | None = None
+    graph: onnx.ModelProto | None = None
+
+
 def export_quantized(
     model: nn.Module,
     bits: Mapping[str, int],
@@ -114,6 +127,7 @@ def export_quantized(
     float_outputs: bool = False,
     float_graph: Callable[[nn.Module], onnx.ModelProto] | None = None,
     progress: Callable[[str], None] | None = None,
+    grid: GridCopy | None = None,
 ) -> dict[str, int]:
     """Write the QDQ ONNX of `model` with each named layer's weights at `bits[name]` (32: float).
     `reduce_range`: int8 weights on 7 bits, which onnxruntime on x86 without VNNI needs to compute
@@ -132,6 +146,8 @@ def export_quantized(
     `float_graph`: the float graph of the copy whose weights lie on their grid, to quantize (the
     copy written into the user's own graph, rankfold.export.graft); its traced export where that
     is None or returns None.
+    `grid`: filled with the copy on the integer grid and its graph, or, already filled (by a call
+    with the same model, bits and weight options), reused.
     Returns the bits of every quantized ONNX node."""
     from rankfold.export.onnx import export_onnx
     from rankfold.frontends.packing import packed_values
@@ -142,18 +158,27 @@ def export_quantized(
         from rankfold.runtime import int8_kernels
 
         reduce_range = int8_kernels().reduce_range
-    quantized, leaves = quantized_copy(model, bits, calib=calib, equalize=equalize, bias_correction=bias_correction,
-                                       data_aware_rounding=data_aware_rounding, reduce_range=reduce_range,
-                                       per_tensor=per_tensor, groups=groups, progress=say)
-    proto = float_graph(quantized) if float_graph is not None else None
-    if proto is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            float_path = os.path.join(tmp, "float.onnx")
-            export_onnx(quantized, float_path, example_input=example_input)
-            proto = onnx.load(float_path)
+    grid = grid if grid is not None else GridCopy()
+    if grid.graph is None:
+        grid.quantized, grid.leaves = quantized_copy(
+            model, bits, calib=calib, equalize=equalize, bias_correction=bias_correction,
+            data_aware_rounding=data_aware_rounding, reduce_range=reduce_range, per_tensor=per_tensor,
+            groups=groups, progress=say)
+        proto = float_graph(grid.quantized) if float_graph is not None else None
+        if proto is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                float_path = os.path.join(tmp, "float.onnx")
+                export_onnx(grid.quantized, float_path, example_input=example_input)
+                proto = onnx.load(float_path)
+        grid.graph = proto
+    quantized, leaves, proto = grid.quantized, grid.leaves, grid.graph
     # Weight-only: activations stay float (DequantizeLinear on the weights alone), as transformers
     # need: per-tensor int8 of their activations (outlier channels) loses most of the signal.
-    activations = {} if weight_only else calibrate(proto, calib.numpy(), observer=observer, progress=say)
+    # A float tail (float_outputs) is not observed at all: a detector's full-size maps after its
+    # last layer were a third of PP-OCRv4's detector's calibration time.
+    kept = layer_tensors(proto) if float_outputs else None
+    activations = {} if weight_only else calibrate(proto, calib.numpy(), observer=observer, only=kept,
+                                                   progress=say)
     packing = getattr(model, "packing", None)
     if packing is not None:  # packed token ids and masks are integers carried in float: never rounded
         for name in packed_values(proto, packing):
@@ -171,9 +196,6 @@ def export_quantized(
     whole = set(node_bits(proto, dict.fromkeys(per_tensor_leaves(quantized, per_tensor), 8))) & set(nodes)
     grouped = {node: size for leaf, size in grouped_leaves(quantized, groups or {}).items()
                for node in node_bits(proto, {leaf: 4})}
-    if float_outputs:
-        kept = layer_tensors(proto)
-        activations = {name: params for name, params in activations.items() if name in kept}
     qdq = to_qdq(proto, nodes, activations, reduce_range=reduce_range, per_tensor=whole, groups=grouped,
                  for_onnxruntime=float_outputs)
     replace_atomically(path, qdq.SerializeToString())

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankfold.analyze import PerInput, channels_last_rows, kept_positions, rows_of_each_sample, run_checked
+from rankfold.analyze import (
+    PerInput,
+    channels_last_rows,
+    kept_positions,
+    positions_of_sample,
+    rows_of_each_sample,
+    run_checked,
+)
 from rankfold.layers import numeric_padding
 from rankfold.quantize.core import weight_qmax
 from rankfold.settings import calibration_batch
@@ -42,12 +49,31 @@ def _input_rows(layer: nn.Module, x: Tensor, first: int, limit: int = ROWS_PER_S
     (analyze.channels_last_rows)."""
     if isinstance(layer, nn.Linear):
         return rows_of_each_sample(channels_last_rows(layer, x, positions), x.shape[0], first, limit)
-    parts = []
-    for index, sample in enumerate(x.split(1)):  # unfolded one at a time: (C*kh*kw, L), the weight's order
-        cols = F.unfold(sample, layer.kernel_size, dilation=layer.dilation, padding=numeric_padding(layer),
-                        stride=layer.stride)[0]
-        parts.append(rows_of_each_sample(cols.T, 1, first + index, limit))
-    return torch.cat(parts)
+    out_h, out_w = _output_size(layer, x.shape[-2:])
+    return torch.cat([_patches_at(sample[0], layer, positions_of_sample(out_h * out_w, first + index, limit), out_w)
+                      for index, sample in enumerate(x.split(1))])
+
+
+def _output_size(layer: nn.Conv2d, size) -> tuple[int, int]:
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                 zip(size, numeric_padding(layer), layer.dilation, layer.kernel_size, layer.stride))
+
+
+def _patches_at(image: Tensor, layer: nn.Conv2d, positions: Tensor | None, out_w: int) -> Tensor:
+    """The rows of F.unfold's columns (C*kh*kw: channel, then kernel row, then column) of one
+    (C, H, W) input at the flattened output `positions` (None: all), gathered tap by tap: a 3x3
+    convolution over a 640x640 page unfolds 9 x 409,600 columns of which 2,048 are kept."""
+    pad_h, pad_w = numeric_padding(layer)
+    padded = F.pad(image, (pad_w, pad_w, pad_h, pad_h))
+    if positions is None:
+        out_h, _ = _output_size(layer, image.shape[-2:])
+        positions = torch.arange(out_h * out_w)
+    (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
+    width = padded.shape[-1]
+    corners = positions // out_w * layer.stride[0] * width + positions % out_w * layer.stride[1]
+    taps = (torch.arange(kh)[:, None] * dh * width + torch.arange(kw) * dw).reshape(-1, 1)  # (kh*kw, 1)
+    gathered = padded.reshape(padded.shape[0], -1).index_select(1, (taps + corners).reshape(-1))
+    return gathered.reshape(-1, positions.numel()).T  # (C, kh*kw, n) as (C*kh*kw, n), transposed
 
 
 def _row_geometry(layer: nn.Module) -> tuple:

@@ -57,16 +57,18 @@ def relu_fused_outputs(model: onnx.ModelProto) -> set[str]:
 
 
 def calibrate(model: onnx.ModelProto, calib: np.ndarray, *, observer: str = "percentile",
-              batch_size: int | None = None,
+              batch_size: int | None = None, only: Collection[str] | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, ActivationParams]:
-    """int8 parameters for every float activation tensor, from onnxruntime runs over `calib`."""
+    """int8 parameters for every float activation tensor (of `only`, where given), from
+    onnxruntime runs over `calib`."""
     batch_size = batch_size or min(32, calibration_batch())
     from rankfold.runtime import model_input, run_batched
     from rankfold.runtime import session as ort_session
 
     if observer not in OBSERVERS:
         raise RankfoldError(f"unknown observer {observer!r}; choose from {', '.join(OBSERVERS)}")
-    names = [n for n in float_activations(model) if n not in relu_fused_outputs(model)]
+    names = [n for n in float_activations(model) if n not in relu_fused_outputs(model)
+             and (only is None or n in only)]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
