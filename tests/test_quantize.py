@@ -956,3 +956,20 @@ def test_a_quantized_table_gathered_by_rows_and_read_whole_computes_as_its_dequa
     got = ort.InferenceSession(model(rewritten, inits), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(got[0], wanted[0], rtol=0, atol=0)  # the same products, row by row
     np.testing.assert_allclose(got[1], wanted[1], rtol=1e-6, atol=1e-6)
+
+
+def test_calibration_runs_as_many_samples_at_once_as_their_observed_tensors_allow(trained, tmp_path, monkeypatch):
+    """A run's observed tensors are kept to about OBSERVED_BYTES_PER_RUN (fresh pages for gigabytes
+    of outputs cost more than the larger batch saves): sized by one sample's, the batch shrinks."""
+    from rankfold.export.onnx import export_onnx
+    from rankfold.quantize import onnx_qdq
+
+    model, calib = trained
+    export_onnx(model, tmp_path / "f.onnx", example_input=calib[:2])
+    proto = onnx.load(tmp_path / "f.onnx")
+    x = calib.numpy()
+    roomy = onnx_qdq.calibrate(proto, x, batch_size=32)
+    assert onnx_qdq.calibrate(proto, x, batch_size=3) != roomy  # the batching shows in the ranges
+    one_sample = (16 + 32) * 12 * 12 * 4 + 32 * 5 * 5 * 4  # the layers' outputs, float32
+    monkeypatch.setattr(onnx_qdq, "OBSERVED_BYTES_PER_RUN", 3 * one_sample + 10)
+    assert onnx_qdq.calibrate(proto, x, batch_size=32) == onnx_qdq.calibrate(proto, x, batch_size=3)
