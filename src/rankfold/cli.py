@@ -857,19 +857,30 @@ def _bytes_of_the_file(args: argparse.Namespace, model, example, budgets: dict[s
 def _bytes_outside_the_layers(model, example) -> int:
     """The weight bytes a file written from `model` holds outside its layers, measured on one written
     (unchecked) in a scratch directory: the exporter writes every scale and zero point a quantizer
-    reads as float constants of its own (6 QDQ pairs of 5 bytes each were 304 bytes written)."""
+    reads as float constants of its own (6 QDQ pairs of 5 bytes each were 304 bytes written); and
+    the float32 scale and 8-bit zero point of each activation that int8 kernels read, which a result
+    with int8 activations adds, beyond the one per step that the planner prices: the graph's own
+    QDQ pairs, written back, are activations too (18 steps priced, 52 written: a result 6 bytes
+    over its limit was refused)."""
     import tempfile
+
+    import onnx
 
     from rankfold.analyze import COMPRESSIBLE, TABLES
     from rankfold.evaluate import onnx_size
     from rankfold.export.onnx import export_onnx
+    from rankfold.quantize.export import layer_tensors
+    from rankfold.quantize.onnx_qdq import float_activations
 
     layers = sum(p.numel() * 4 for m in model.modules() if isinstance(m, (*COMPRESSIBLE, *TABLES))
                  for p in m.parameters(recurse=False))
     with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
         path = os.path.join(scratch, "as-read.onnx")
         export_onnx(model, path, example_input=example, verify=False)
-        return max(onnx_size(path).weight_bytes - layers, 0)
+        graph = onnx.load(path)
+        quantized_activations = set(float_activations(graph)) & layer_tensors(graph)
+        unpriced = max(len(quantized_activations) - len(getattr(model, "steps", [])), 0)
+        return max(onnx_size(path).weight_bytes - layers, 0) + 5 * unpriced
 
 
 def _half_the_bytes(path: str, budgets: dict[str, str], log) -> dict[str, str]:
