@@ -307,3 +307,23 @@ def test_the_fit_check_counts_the_arena_the_code_declares_scratch_included(qdq, 
     with pytest.raises(RankfoldError, match="the arena needs"):
         export_c(onnx.load(root / "q.onnx"), str(tmp_path / "c2"), target=short)
     assert not (tmp_path / "c2").exists()
+
+
+def test_a_plan_for_a_c_target_holds_the_bytes_its_c_program_holds(tmp_path):
+    """Every convolution of the C program holds an int32 bias (zeros where the layer has none) and
+    a requantization multiplier and shift (8 bytes) per output channel: a factorized layer's first
+    factor, which has no bias, is priced so too, and the program holds the bytes the plan says."""
+    import rankfold
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10)).eval()
+    calib = torch.randn(64, 3, 8, 8)
+    result = rankfold.compress_to_budget(model, calib=calib, budgets={"params": "40%"}, target="cortex-m4",
+                                         min_rank=2, check=False)
+    assert any(layer.method != "none" for layer in result.plan.layers)  # factors without a bias
+    result.save(tmp_path / "q.onnx")
+    program = read_program(onnx.load(tmp_path / "q.onnx"))
+    # the plan's total adds the QDQ file's activation scales, which the C program keeps in its code
+    assert program.weight_bytes == sum(layer.weight_bytes for layer in result.plan.layers)

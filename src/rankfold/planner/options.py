@@ -46,14 +46,15 @@ def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int, per_
     weight's) the file computes by a Mul that onnxruntime folds at load; `per_tensor`: one float32
     scale for the weights; `group_size`: a float32 scale per group of that many input elements of
     each channel, and float32 biases (a bias scale per group does not exist). The C back-end
-    (`runtime` "c") stores instead a requantization multiplier and shift per channel: 4 bytes more
-    per channel of a layer with a bias."""
+    (`runtime` "c") stores, for every convolution of its program, an int32 bias (zeros where the
+    layer has none) and a requantization multiplier and shift per channel (cexport/ir.py)."""
+    if runtime == "c":
+        return -(-weights * bits // 8) + (4 + 8) * out_ch
     if group_size is not None:
         groups = out_ch * -(-(weights // max(out_ch, 1)) // group_size)
         return -(-weights * bits // 8) + 4 * groups + (4 * out_ch if bias else 0)
     scales = 1 if per_tensor else out_ch
-    requantization = 4 * scales if runtime == "c" else 0
-    return -(-weights * bits // 8) + 4 * scales + (4 * out_ch + requantization if bias else 0)
+    return -(-weights * bits // 8) + 4 * scales + (4 * out_ch if bias else 0)
 
 
 def stored_bytes(profile: ChainProfile, bits: int, per_tensor: bool = False, group_size: int | None = None,
