@@ -215,7 +215,8 @@ def _dequantized_weights(path) -> list[np.ndarray]:
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     found = []
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0].endswith("_q"):
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0].endswith("_q") \
+                and node.input[1] in inits:  # not a bias: its scale is computed (the input's x the weight's)
             q, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
             if scale.ndim == 0:  # one scale for the tensor
                 found.append(q * scale)
