@@ -174,8 +174,8 @@ def export_quantized(
     quantized, leaves, proto = grid.quantized, grid.leaves, grid.graph
     # Weight-only: activations stay float (DequantizeLinear on the weights alone), as transformers
     # need: per-tensor int8 of their activations (outlier channels) loses most of the signal.
-    # A float tail (float_outputs) is not observed at all: it stays float, and a detector's tail
-    # holds its largest maps (PP-OCRv4's: two transposed convolutions up to the page's size).
+    # A float tail (float_outputs) is not observed at all: it stays float (PP-OCRv4's detector's:
+    # two transposed convolutions up to the page's size).
     kept = layer_tensors(proto) if float_outputs else None
     activations = {} if weight_only else calibrate(proto, calib.numpy(), observer=observer, only=kept,
                                                    progress=say)
