@@ -378,3 +378,53 @@ def test_nodes_listed_out_of_order_are_read_in_an_order_that_computes(tmp_path):
     onnx.save(_graph(cycle), tmp_path / "cycle.onnx")
     with pytest.raises(rankfold.RankfoldError, match="invalid ONNX model"):
         rankfold.load_onnx(tmp_path / "cycle.onnx")
+
+
+def _activation_graph(tmp_path, opset: int, extra_output: str | None = None):
+    """Conv -> hard-swish as Paddle2ONNX writes it (Add 3, Clip 0..6, Mul, Div 6) -> Conv -> SiLU as
+    Mul(x, Sigmoid(x)), as YOLOv8's exporter writes it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    clip = helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"]) if opset >= 11 else \
+        helper.make_node("Clip", ["shifted"], ["clipped"], min=0.0, max=6.0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "three"], ["shifted"]), clip,
+             helper.make_node("Mul", ["a", "clipped"], ["scaled"]),
+             helper.make_node("Div", ["scaled", "six"], ["hs"]),
+             helper.make_node("Conv", ["hs", "w2"], ["b"]),
+             helper.make_node("Sigmoid", ["b"], ["gate"]),
+             helper.make_node("Mul", ["gate", "b"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 6, 6])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, [None, 8, 6, 6]))
+    graph = helper.make_graph(nodes, "acts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+                              outputs, inits)
+    path = tmp_path / f"acts{opset}{extra_output or ''}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_hard_swish_and_silu_written_as_several_nodes_are_read_as_one_op(tmp_path, opset):
+    """Every pass over calibration data runs a model's activations: the four nodes of a Paddle2ONNX
+    hard-swish and the two of a SiLU run as one torch op each, computing what onnxruntime computes;
+    where an intermediate value is also returned, the nodes stay as written."""
+    from rankfold.frontends.activations import FUSED_SILU
+
+    x = np.random.default_rng(1).normal(scale=3.0, size=(4, 3, 6, 6)).astype(np.float32)
+    for extra, fused in ((None, True), ("clipped", False)):
+        path = _activation_graph(tmp_path, opset, extra)
+        module = rankfold.load_onnx(path)
+        ops = [step.op for step in module.steps]
+        assert (ops.count("HardSwish") == 1 and "Div" not in ops and "Clip" not in ops) == fused, ops
+        assert ops.count(FUSED_SILU) == 1 and "Sigmoid" not in ops
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        with torch.no_grad():
+            got = module(torch.from_numpy(x))
+        got = got if isinstance(got, tuple) else (got,)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ from rankfold.frontends import (  # noqa: F401 (the op modules register their op
     onnx_ops_field,
     onnx_ops_signal,
 )
+from rankfold.frontends.activations import fused_activations
 from rankfold.frontends.onnx_ops import OPS, STRAIGHT_THROUGH, padded_sizes, same_pads, torch_pad_order
 from rankfold.frontends.packing import Packing, packed_model
 from rankfold.layers import ColumnBlocks
@@ -740,6 +741,8 @@ class _Converter:
         self.nodes, added = onnx_contrib.standard_nodes(list(self.graph.node), self.consts,
                                                         set(self.module.output_names))
         self.consts.update(added)
+        # activations written as several elementwise nodes, as the one torch op (activations.py)
+        self.nodes = fused_activations(self.nodes, self.consts, set(self.module.output_names))
         self.shared_layers: dict[tuple, str] = {}  # (op, weight inputs, attributes) -> the layer built for them
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.nodes:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rankfold.frontends.activations import FUSED_SILU
+
 Value = Any
 OpFn = Callable[[list[Value], dict[str, Any]], list[Value]]
 OPS: dict[str, OpFn] = {}
@@ -166,6 +168,11 @@ def _hard_sigmoid(vals, attrs):
 @op("HardSwish")
 def _hard_swish(vals, attrs):
     return [F.hardswish(vals[0])]
+
+
+@op(FUSED_SILU)
+def _silu(vals, attrs):
+    return [F.silu(vals[0])]
 
 
 @op("Gelu")
