@@ -310,9 +310,8 @@ def rows_of_each_sample(rows: Tensor, samples: int, first: int, limit: int, seed
     if per_sample * samples != rows.shape[0]:  # not one block per sample: a fixed subset of the batch's
         index = sampled_rows(rows.shape[0], limit * samples, seed)
         return rows if index is None else rows[index]
-    order = _position_order(per_sample, seed)
-    offsets = (torch.arange(first, first + samples)[:, None] * limit + torch.arange(limit)) % per_sample
-    return rows[(order[offsets] + torch.arange(samples)[:, None] * per_sample).reshape(-1)]
+    kept = torch.stack([positions_of_sample(per_sample, first + i, limit, seed) for i in range(samples)])
+    return rows[(kept + torch.arange(samples)[:, None] * per_sample).reshape(-1)]
 
 
 class _Reached(Exception):

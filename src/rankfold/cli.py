@@ -880,7 +880,7 @@ def _bytes_outside_the_layers(model, example) -> int:
         graph = onnx.load(path)
         quantized_activations = set(float_activations(graph)) & layer_tensors(graph)
         unpriced = max(len(quantized_activations) - len(getattr(model, "steps", [])), 0)
-        return max(onnx_size(path).weight_bytes - layers, 0) + 5 * unpriced
+        return max(onnx_size(path, graph).weight_bytes - layers, 0) + 5 * unpriced
 
 
 def _half_the_bytes(path: str, budgets: dict[str, str], log) -> dict[str, str]:
