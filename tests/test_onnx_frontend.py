@@ -380,6 +380,67 @@ def test_nodes_listed_out_of_order_are_read_in_an_order_that_computes(tmp_path):
         rankfold.load_onnx(tmp_path / "cycle.onnx")
 
 
+
+
+def _steps_computing_as_onnxruntime(path, x: np.ndarray) -> list[str]:
+    """The ops of the file as read, after checking that they compute what onnxruntime computes on x."""
+    module = rankfold.load_onnx(path)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with torch.no_grad():
+        got = module(torch.from_numpy(x))
+    got = got if isinstance(got, tuple) else (got,)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)
+    return [step.op for step in module.steps]
+
+def _more_activations_graph(tmp_path, half_first: bool, extra_output: str | None = None):
+    """Linear -> GELU as torch.onnx writes it (x * (Erf(x / sqrt 2) + 1) * 0.5; or with the 0.5 on x
+    first and x * (1 / sqrt 2)) -> Linear -> Mish as Mul(x, Tanh(Softplus(x))) -> Linear ->
+    hard-swish as Mul(x, HardSigmoid(x)) at alpha 1/6 -> Linear -> Mul(x, HardSigmoid(x)) at the
+    default alpha 0.2, which is not a hard-swish."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), f"w{i}") for i in range(4)]
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+              (("sqrt2", np.sqrt(2.0)), ("rsqrt2", np.sqrt(0.5)), ("one", 1.0), ("half", 0.5))]
+    if half_first:
+        gelu = [helper.make_node("Mul", ["rsqrt2", "a"], ["s"]), helper.make_node("Erf", ["s"], ["e"]),
+                helper.make_node("Add", ["one", "e"], ["g"]), helper.make_node("Mul", ["a", "half"], ["h"]),
+                helper.make_node("Mul", ["h", "g"], ["ge"])]
+    else:
+        gelu = [helper.make_node("Div", ["a", "sqrt2"], ["s"]), helper.make_node("Erf", ["s"], ["e"]),
+                helper.make_node("Add", ["e", "one"], ["g"]), helper.make_node("Mul", ["a", "g"], ["h"]),
+                helper.make_node("Mul", ["h", "half"], ["ge"])]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]), *gelu,
+             helper.make_node("MatMul", ["ge", "w1"], ["b"]), helper.make_node("Softplus", ["b"], ["sp"]),
+             helper.make_node("Tanh", ["sp"], ["t"]), helper.make_node("Mul", ["b", "t"], ["mi"]),
+             helper.make_node("MatMul", ["mi", "w2"], ["c"]),
+             helper.make_node("HardSigmoid", ["c"], ["hs"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["hs", "c"], ["sw"]), helper.make_node("MatMul", ["sw", "w3"], ["d"]),
+             helper.make_node("HardSigmoid", ["d"], ["ds"]), helper.make_node("Mul", ["d", "ds"], ["y"])]
+    returned = ["y"] + ([extra_output] if extra_output else [])
+    outputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [None, 8]) for v in returned]
+    graph = helper.make_graph(nodes, "more", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+                              outputs, weights + consts)
+    path = tmp_path / f"more{int(half_first)}{extra_output or ''}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("half_first", [False, True])
+def test_gelu_mish_and_hard_sigmoid_swish_written_as_several_nodes_are_read_as_one_op(tmp_path, half_first):
+    """GELU (Erf), Mish and hard-swish as x * HardSigmoid(x) run as one torch op each and compute what
+    onnxruntime computes; a HardSigmoid at another slope, and a GELU whose Erf the graph also
+    returns, stay as written."""
+    from rankfold.frontends.activations import FUSED_MISH
+
+    x = np.random.default_rng(1).normal(scale=2.0, size=(16, 8)).astype(np.float32)
+    for extra, fused in ((None, True), ("e", False)):
+        path = _more_activations_graph(tmp_path, half_first, extra)
+        ops = _steps_computing_as_onnxruntime(path, x)
+        assert (ops.count("Gelu") == 1 and "Erf" not in ops) == fused, ops
+        assert ops.count(FUSED_MISH) == 1 and "Softplus" not in ops and "Tanh" not in ops, ops
+        assert ops.count("HardSwish") == 1 and ops.count("HardSigmoid") == 1, ops  # the 0.2 one stays
+
 def _activation_graph(tmp_path, opset: int, extra_output: str | None = None):
     """Conv -> hard-swish as Paddle2ONNX writes it (Add 3, Clip 0..6, Mul, Div 6) -> Conv -> SiLU as
     Mul(x, Sigmoid(x)), as YOLOv8's exporter writes it."""
@@ -418,13 +479,6 @@ def test_hard_swish_and_silu_written_as_several_nodes_are_read_as_one_op(tmp_pat
     x = np.random.default_rng(1).normal(scale=3.0, size=(4, 3, 6, 6)).astype(np.float32)
     for extra, fused in ((None, True), ("clipped", False)):
         path = _activation_graph(tmp_path, opset, extra)
-        module = rankfold.load_onnx(path)
-        ops = [step.op for step in module.steps]
+        ops = _steps_computing_as_onnxruntime(path, x)
         assert (ops.count("HardSwish") == 1 and "Div" not in ops and "Clip" not in ops) == fused, ops
         assert ops.count(FUSED_SILU) == 1 and "Sigmoid" not in ops
-        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-        with torch.no_grad():
-            got = module(torch.from_numpy(x))
-        got = got if isinstance(got, tuple) else (got,)
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rankfold.frontends.activations import FUSED_MISH
 from rankfold.frontends.onnx_ops import (
     DTYPES,
     OPS,
@@ -81,6 +82,12 @@ def _softplus(vals, attrs):
 def _mish(vals, attrs):
     x = vals[0]
     return [x * torch.tanh(torch.log1p(torch.exp(-x.abs())) + torch.relu(x))]
+
+
+@op(FUSED_MISH)
+def _fused_mish(vals, attrs):
+    """Mul(x, Tanh(Softplus(x))) as written, in torch's one kernel (frontends/activations.py)."""
+    return [F.mish(vals[0])]
 
 
 @op("Swish")
