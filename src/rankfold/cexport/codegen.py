@@ -95,6 +95,14 @@ def _array(kind: str, name: str, values: np.ndarray) -> str:
     return f"static const {kind} {name}[{max(len(flat), 1)}] = {{\n    {joined or '0'}\n}};\n"
 
 
+def _as_bytes(values: np.ndarray, what: str) -> np.ndarray:
+    """Values stored in int8 arrays (a requantization's shift: a power of two), checked to fit."""
+    values = np.asarray(values)
+    if values.size and (values.min() < -128 or values.max() > 127):
+        raise RankfoldError(f"a {what} of {int(values.min())}..{int(values.max())} does not fit a byte")
+    return values.astype(np.int8)
+
+
 def _ident(i: int) -> str:
     return f"L{i}"
 
@@ -199,7 +207,8 @@ def _emit_conv(program: Program, op: Conv, ident: str, at, scratch: str) -> _Emi
     else:
         stored = op.weight if op.bits == 8 else np.frombuffer(pack_int4(op.weight), np.int8)
     decls = [_array("int8_t", f"{ident}_w", stored), _array("int32_t", f"{ident}_b", op.bias),
-             _array("int32_t", f"{ident}_m", op.multiplier), _array("int32_t", f"{ident}_s", op.shift)]
+             _array("int32_t", f"{ident}_m", op.multiplier),
+             _array("int8_t", f"{ident}_s", _as_bytes(op.shift, "shift"))]
     o_c, _i, k_h, k_w = op.weight.shape
     decls.append(
         f"static const rf_conv_params {ident} = {{{in_c}, {in_h}, {in_w}, {x.zero_point}, {out_c}, {out_h}, "

@@ -238,7 +238,8 @@ class Program:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(op.weight_bytes + 4 * op.bias.size + 8 * op.multiplier.size for op in self.ops
+        # per output channel: an int32 bias, an int32 multiplier and an int8 shift
+        return sum(op.weight_bytes + 4 * op.bias.size + (4 + 1) * op.multiplier.size for op in self.ops
                    if isinstance(op, Conv))
 
 

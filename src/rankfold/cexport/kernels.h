@@ -22,7 +22,7 @@ typedef struct {
                                * and interleaved for the dual multiply-accumulate (codegen.py) */
     const int32_t *bias;      /* (out_c) at scale s_in * s_w[c] */
     const int32_t *multiplier; /* (out_c) */
-    const int32_t *shift;     /* (out_c) */
+    const int8_t *shift;      /* (out_c): a power of two, -31 to 30 in practice; a byte (CMSIS-NN keeps an int32) */
 } rf_conv_params;
 
 /* The length of one output channel's weight row and of one im2col column: the taps of all input

@@ -47,9 +47,9 @@ def quantized_layer_bytes(weights: int, out_ch: int, bias: bool, bits: int, per_
     scale for the weights; `group_size`: a float32 scale per group of that many input elements of
     each channel, and float32 biases (a bias scale per group does not exist). The C back-end
     (`runtime` "c") stores, for every convolution of its program, an int32 bias (zeros where the
-    layer has none) and a requantization multiplier and shift per channel (cexport/ir.py)."""
+    layer has none), an int32 requantization multiplier and an int8 shift per channel (cexport/ir.py)."""
     if runtime == "c":
-        return -(-weights * bits // 8) + (4 + 8) * out_ch
+        return -(-weights * bits // 8) + (4 + 4 + 1) * out_ch
     if group_size is not None:
         groups = out_ch * -(-(weights // max(out_ch, 1)) // group_size)
         return -(-weights * bits // 8) + 4 * groups + (4 * out_ch if bias else 0)
