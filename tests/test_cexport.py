@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -310,9 +311,10 @@ def test_the_fit_check_counts_the_arena_the_code_declares_scratch_included(qdq, 
 
 
 def test_a_plan_for_a_c_target_holds_the_bytes_its_c_program_holds(tmp_path):
-    """Every convolution of the C program holds an int32 bias (zeros where the layer has none) and
-    a requantization multiplier and shift (8 bytes) per output channel: a factorized layer's first
-    factor, which has no bias, is priced so too, and the program holds the bytes the plan says."""
+    """Every convolution of the C program holds an int32 bias (zeros where the layer has none), an
+    int32 requantization multiplier and an int8 shift (9 bytes) per output channel: a factorized
+    layer's first factor, which has no bias, is priced so too, and the program holds the bytes the
+    plan says, as its source declares them."""
     import rankfold
 
     torch.manual_seed(0)
@@ -327,3 +329,9 @@ def test_a_plan_for_a_c_target_holds_the_bytes_its_c_program_holds(tmp_path):
     program = read_program(onnx.load(tmp_path / "q.onnx"))
     # the plan's total adds the QDQ file's activation scales, which the C program keeps in its code
     assert program.weight_bytes == sum(layer.weight_bytes for layer in result.plan.layers)
+    convs = [op for op in program.ops if hasattr(op, "multiplier")]
+    assert program.weight_bytes == sum(op.weight_bytes + 9 * op.multiplier.size for op in convs)
+    export_c(onnx.load(tmp_path / "q.onnx"), str(tmp_path / "c"))
+    source = "".join(p.read_text() for p in (tmp_path / "c").rglob("*.c"))
+    shifts = re.findall(r"static const (\w+) L\d+_s\[(\d+)\]", source)
+    assert len(shifts) == len(convs) and {kind for kind, _ in shifts} == {"int8_t"}
