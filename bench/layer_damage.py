@@ -47,7 +47,7 @@ def output_damage(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
     return total
 
 
-def rankfold(*args: str) -> None:
+def run_rankfold(*args: str) -> None:
     done = subprocess.run([sys.executable, "-m", "rankfold.cli", *args, "-q", "--force"], capture_output=True,
                           text=True, cwd=os.path.dirname(BENCH_DIR))
     if done.returncode != 0:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     plan_path = os.path.join(args.work, f"{model.name}-plan.json")
     whole = os.path.join(args.work, f"{model.name}-whole.onnx")
     t0 = time.perf_counter()
-    rankfold("compress", path, "--calib", calib, "-o", whole, "--plan-out", plan_path, "--no-check", *args.budget)
+    run_rankfold("compress", path, "--calib", calib, "-o", whole, "--plan-out", plan_path, "--no-check", *args.budget)
     plan = json.load(open(plan_path))
     rows = [{"layer": "(the whole plan)", "estimate": plan["est_loss"], **measured(whole)}]
     print(f"{model.name} at {' '.join(args.budget)}: whole plan, estimate {plan['est_loss']:.4g}, "
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         alone_path = os.path.join(args.work, f"{model.name}-alone.json")
         json.dump(alone, open(alone_path, "w"))
         out = os.path.join(args.work, f"{model.name}-alone.onnx")
-        rankfold("apply", alone_path, path, "--calib", calib, "-o", out, "--no-check")
+        run_rankfold("apply", alone_path, path, "--calib", calib, "-o", out, "--no-check")
         row = {"layer": layer["name"], "shape": layer["layer"], "method": layer["method"], "ranks": layer["ranks"],
                "bits": layer.get("bits", 32), "estimate": layer["est_loss"], **measured(out)}
         row["measured_over_estimate"] = row["damage"] / row["estimate"] if row["estimate"] > 0 else None

@@ -92,29 +92,48 @@ def _hard_swish(graph: _Graph, div: onnx.NodeProto) -> tuple[onnx.NodeProto, lis
     return None
 
 
+def _self_gated(graph: _Graph, mul: onnx.NodeProto, chain: tuple[str, ...]) -> list[onnx.NodeProto] | None:
+    """The nodes of f in Mul(x, f(x)), f the one-input ops `chain` (the last applied first), or None."""
+    if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
+        return None
+    for x, value in (mul.input, reversed(mul.input)):
+        nodes = []
+        for op in chain:
+            node = graph.producer(value, op)
+            if node is None:
+                break
+            nodes.append(node)
+            value = node.input[0]
+        else:
+            if value == x:
+                return nodes
+    return None
+
+
+def _fused(op: str, mul: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]:
+    """`op` of the gated input, written where `mul` was, replacing `nodes`."""
+    return helper.make_node(op, [nodes[-1].input[0]], list(mul.output), name=mul.name), nodes
+
+
 def _silu(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     """Mul(x, Sigmoid(x)) as x * sigmoid(x) in one op."""
-    if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
-        return None
-    for x, gate in (mul.input, reversed(mul.input)):
-        sigmoid = graph.producer(gate, "Sigmoid")
-        if sigmoid is not None and sigmoid.input[0] == x:
-            return helper.make_node(FUSED_SILU, [x], list(mul.output), name=mul.name), [sigmoid]
-    return None
+    nodes = _self_gated(graph, mul, ("Sigmoid",))
+    return _fused(FUSED_SILU, mul, nodes) if nodes else None
 
 
 def _hard_sigmoid_swish(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     """Mul(x, HardSigmoid(x)) at alpha 1/6 and beta 1/2 as HardSwish(x)."""
-    if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
-        return None
-    for x, gate in (mul.input, reversed(mul.input)):
-        sigmoid = graph.producer(gate, "HardSigmoid")
-        if sigmoid is None or sigmoid.input[0] != x:
-            continue
-        attrs = {a.name: a.f for a in sigmoid.attribute}
-        if abs(attrs.get("alpha", 0.2) - 1 / 6) <= CONSTANT_TOLERANCE and attrs.get("beta", 0.5) == 0.5:
-            return helper.make_node("HardSwish", [x], list(mul.output), name=mul.name), [sigmoid]
+    nodes = _self_gated(graph, mul, ("HardSigmoid",))
+    attrs = {a.name: a.f for a in nodes[0].attribute} if nodes else {}
+    if nodes and abs(attrs.get("alpha", 0.2) - 1 / 6) <= CONSTANT_TOLERANCE and attrs.get("beta", 0.5) == 0.5:
+        return _fused("HardSwish", mul, nodes)
     return None
+
+
+def _mish(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """Mul(x, Tanh(Softplus(x))) in one op."""
+    nodes = _self_gated(graph, mul, ("Tanh", "Softplus"))
+    return _fused(FUSED_MISH, mul, nodes) if nodes else None
 
 
 def _erf_gate(graph: _Graph, gate: str, x: str) -> list[onnx.NodeProto] | None:
@@ -151,18 +170,6 @@ def _gelu(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx
         parts = _erf_gate(graph, gate, x) if x is not None else None
         if parts:
             return helper.make_node("Gelu", [x], list(mul.output), name=mul.name), [*parts, half]
-    return None
-
-
-def _mish(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-    """Mul(x, Tanh(Softplus(x))) in one op."""
-    if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
-        return None
-    for x, gate in (mul.input, reversed(mul.input)):
-        tanh = graph.producer(gate, "Tanh")
-        softplus = graph.producer(tanh.input[0], "Softplus") if tanh is not None else None
-        if softplus is not None and softplus.input[0] == x:
-            return helper.make_node(FUSED_MISH, [x], list(mul.output), name=mul.name), [softplus, tanh]
     return None
 
 
