@@ -1,3 +1,4 @@
+import math
 import os
 import tempfile
 import warnings
@@ -440,6 +441,44 @@ def test_gelu_mish_and_hard_sigmoid_swish_written_as_several_nodes_are_read_as_o
         assert (ops.count("Gelu") == 1 and "Erf" not in ops) == fused, ops
         assert ops.count(FUSED_MISH) == 1 and "Softplus" not in ops and "Tanh" not in ops, ops
         assert ops.count("HardSwish") == 1 and ops.count("HardSigmoid") == 1, ops  # the 0.2 one stays
+
+class _TanhGelus(nn.Module):
+    """GELU's tanh approximation as three libraries write it, then the same formula with another
+    cubic coefficient (0.05), which is not a GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(8, 8) for _ in range(5))
+
+    @staticmethod
+    def gelu_new(x, cubic=0.044715):  # GPT-2 / Hugging Face: x^3 as a power, the half first
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + cubic * torch.pow(x, 3.0))))
+
+    @staticmethod
+    def gelu_fast(x):  # Hugging Face's FastGELU: x * c * (1 + k x^2)
+        return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+    def forward(self, x):
+        x = F.gelu(self.linears[0](x), approximate="tanh")
+        x = self.gelu_new(self.linears[1](x))
+        x = self.gelu_fast(self.linears[2](x))
+        return self.linears[4](self.gelu_new(self.linears[3](x), cubic=0.05))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_gelus_tanh_approximation_as_exporters_write_it_is_read_as_one_op(tmp_path, dynamo):
+    """torch's gelu(approximate="tanh"), GPT-2's gelu_new and Hugging Face's FastGELU, exported by
+    either torch.onnx exporter, run as one Gelu each and compute what onnxruntime computes; the same
+    formula with another coefficient stays as written."""
+    path = tmp_path / f"tanh-gelus{int(dynamo)}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TanhGelus().eval(), (torch.randn(4, 8),), str(path), dynamo=dynamo, opset_version=18,
+                          input_names=["x"], dynamic_axes=None if dynamo else {"x": {0: "n"}}, verbose=False)
+    x = np.random.default_rng(1).normal(scale=2.0, size=(4, 8)).astype(np.float32)
+    ops = _steps_computing_as_onnxruntime(path, x)
+    assert ops.count("Gelu") == 3 and ops.count("Tanh") == 1 and ops.count("Pow") <= 1, ops
+
 
 def _activation_graph(tmp_path, opset: int, extra_output: str | None = None):
     """Conv -> hard-swish as Paddle2ONNX writes it (Add 3, Clip 0..6, Mul, Div 6) -> Conv -> SiLU as

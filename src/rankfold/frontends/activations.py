@@ -2,7 +2,9 @@
 computes the same: hard-swish as Add(x, 3) -> Clip(0, 6) -> Mul(x, .) -> Div(6) (Paddle2ONNX:
 PP-OCR, PP-LCNet) or as Mul(x, HardSigmoid(x)) with alpha 1/6 (PyTorch before opset 14), SiLU as
 Mul(x, Sigmoid(x)) (YOLOv8), GELU as x * (Erf(x / sqrt 2) + 1) * 0.5 (torch.onnx's BERT
-exports, the 0.5 first or last, x / sqrt 2 also written as x * (1 / sqrt 2)) and Mish as
+exports, the 0.5 first or last, x / sqrt 2 also written as x * (1 / sqrt 2)), its tanh
+approximation 0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) (GPT-2's gelu_new, torch's
+gelu(approximate="tanh"); x^3 as Pow or two Muls, or the argument as x * c * (1 + k x^2)) and Mish as
 Mul(x, Tanh(Softplus(x))) (YOLOv4-style detectors). Every pass over calibration data runs
 them (sensitivity, output metrics, fitting, rounding, bias correction, the checks): PP-OCRv4's
 detector, 24 hard-swishes on full-size maps, ran a forward pass of 14 pages in 0.80 s as four
@@ -153,23 +155,110 @@ def _erf_gate(graph: _Graph, gate: str, x: str) -> list[onnx.NodeProto] | None:
     return None
 
 
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation: tanh(c * (x + k * x^3))
+CUBIC = 0.044715
+
+
+def _cube(graph: _Graph, value: str, x: str) -> list[onnx.NodeProto] | None:
+    """The nodes of x^3 writing `value`: Pow(x, 3) or Mul(x, Mul(x, x)), or None."""
+    power = graph.producer(value, "Pow")
+    if power is not None:
+        return [power] if power.input[0] == x and graph.is_constant(power.input[1], 3.0) else None
+    mul = graph.producer(value, "Mul")
+    if mul is None or len(mul.input) != 2:
+        return None
+    for first, second in (mul.input, reversed(mul.input)):
+        square = graph.producer(second, "Mul")
+        if first == x and square is not None and list(square.input) == [x, x]:
+            return [square, mul]
+    return None
+
+
+def _scaled_square(graph: _Graph, value: str, x: str) -> list[onnx.NodeProto] | None:
+    """The nodes of CUBIC * x^2 writing `value`: Mul(k, Mul(x, x)) or Mul(Mul(x, k), x), or None."""
+    outer = graph.producer(value, "Mul")
+    if outer is None or len(outer.input) != 2:
+        return None
+    squared = graph.other_input(outer, CUBIC, CONSTANT_TOLERANCE)
+    if squared is not None:
+        square = graph.producer(squared, "Mul")
+        return [square, outer] if square is not None and list(square.input) == [x, x] else None
+    for first, second in (outer.input, reversed(outer.input)):
+        scaled = graph.producer(second, "Mul")
+        if first == x and scaled is not None and graph.other_input(scaled, CUBIC, CONSTANT_TOLERANCE) == x:
+            return [scaled, outer]
+    return None
+
+
+def _tanh_argument(graph: _Graph, value: str, x: str) -> list[onnx.NodeProto] | None:
+    """The nodes of c * (x + k * x^3) writing `value` (torch.onnx, GPT-2's gelu_new), or of
+    (x * c) * (1 + k * x^2) (Hugging Face's gelu_fast), or None."""
+    mul = graph.producer(value, "Mul")
+    if mul is None or len(mul.input) != 2:
+        return None
+    inner = graph.other_input(mul, SQRT_2_OVER_PI, CONSTANT_TOLERANCE)
+    add = graph.producer(inner, "Add") if inner is not None else None
+    if add is not None and len(add.input) == 2 and x in add.input:
+        term = add.input[1] if add.input[0] == x else add.input[0]
+        scaled = graph.producer(term, "Mul")
+        cubed = graph.other_input(scaled, CUBIC, CONSTANT_TOLERANCE) if scaled is not None else None
+        cube = _cube(graph, cubed, x) if cubed is not None else None
+        return [*cube, scaled, add, mul] if cube else None
+    for left, right in (mul.input, reversed(mul.input)):
+        linear = graph.producer(left, "Mul")
+        if linear is None or graph.other_input(linear, SQRT_2_OVER_PI, CONSTANT_TOLERANCE) != x:
+            continue
+        add = graph.producer(right, "Add")
+        term = graph.other_input(add, 1.0) if add is not None else None
+        square = _scaled_square(graph, term, x) if term is not None else None
+        if square:
+            return [linear, *square, add, mul]
+    return None
+
+
+def _tanh_gate(graph: _Graph, gate: str, x: str) -> list[onnx.NodeProto] | None:
+    """The nodes of Add(Tanh(c * (x + k * x^3)), 1) writing `gate`, or None."""
+    add = graph.producer(gate, "Add")
+    tanh_out = graph.other_input(add, 1.0) if add is not None else None
+    tanh = graph.producer(tanh_out, "Tanh") if tanh_out is not None else None
+    argument = _tanh_argument(graph, tanh.input[0], x) if tanh is not None else None
+    return [*argument, tanh, add] if argument else None
+
+
+# GELU's gate (1 + erf(x / sqrt 2), or its tanh approximation) -> the Gelu op's `approximate`
+GELU_GATES: dict[str, Callable[[_Graph, str, str], list[onnx.NodeProto] | None]] = {
+    "none": _erf_gate, "tanh": _tanh_gate}
+
+
+def _halved_products(graph: _Graph, mul: onnx.NodeProto):
+    """(x, gate, the other node) for every way `mul` may compute x * gate * 0.5: Mul(Mul(x, gate),
+    0.5) (torch.onnx), Mul(Mul(x, 0.5), gate) (x halved first) or Mul(x, Mul(gate, 0.5))
+    (torch.onnx's dynamo exporter). Which input is x, the gate's pattern decides."""
+    product = graph.other_input(mul, 0.5)
+    inner = graph.producer(product, "Mul") if product is not None else None
+    if inner is not None and len(inner.input) == 2:
+        for x, gate in (inner.input, reversed(inner.input)):
+            yield x, gate, inner
+    for other, halved in (mul.input, reversed(mul.input)):
+        half = graph.producer(halved, "Mul")
+        kept = graph.other_input(half, 0.5) if half is not None else None
+        if kept is not None:
+            yield kept, other, half
+            yield other, kept, half
+
+
 def _gelu(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-    """x * (Erf(x / sqrt 2) + 1) * 0.5, the half applied last (torch.onnx) or to x first, as Gelu(x)."""
+    """0.5 * x * gate, the gate 1 + Erf(x / sqrt 2) or 1 + Tanh(sqrt(2 / pi) * (x + 0.044715 x^3)),
+    as Gelu(x) (approximate "tanh" for the second)."""
     if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
         return None
-    product = graph.other_input(mul, 0.5)  # Mul(Mul(x, gate), 0.5)
-    inner = graph.producer(product, "Mul") if product is not None else None
-    if inner is not None:
-        for x, gate in (inner.input, reversed(inner.input)):
-            parts = _erf_gate(graph, gate, x)
+    for x, gate, halving in _halved_products(graph, mul):
+        for approximate, gate_nodes in GELU_GATES.items():
+            parts = gate_nodes(graph, gate, x)
             if parts:
-                return helper.make_node("Gelu", [x], list(mul.output), name=mul.name), [*parts, inner]
-    for halved, gate in (mul.input, reversed(mul.input)):  # Mul(Mul(x, 0.5), gate)
-        half = graph.producer(halved, "Mul")
-        x = graph.other_input(half, 0.5) if half is not None else None
-        parts = _erf_gate(graph, gate, x) if x is not None else None
-        if parts:
-            return helper.make_node("Gelu", [x], list(mul.output), name=mul.name), [*parts, half]
+                attributes = {"approximate": approximate} if approximate != "none" else {}
+                return helper.make_node("Gelu", [x], list(mul.output), name=mul.name, **attributes), \
+                    [*parts, halving]
     return None
 
 
