@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import re
 
 import numpy as np
 import onnx
@@ -973,3 +974,36 @@ def test_calibration_runs_as_many_samples_at_once_as_their_observed_tensors_allo
     one_sample = (16 + 32) * 12 * 12 * 4 + 32 * 5 * 5 * 4  # the layers' outputs, float32
     monkeypatch.setattr(onnx_qdq, "OBSERVED_BYTES_PER_RUN", 3 * one_sample + 10)
     assert onnx_qdq.calibrate(proto, x, batch_size=32) == onnx_qdq.calibrate(proto, x, batch_size=3)
+
+
+def test_activation_ranges_of_large_maps_are_observed_on_samples_spread_over_the_calibration_data(
+        trained, tmp_path, monkeypatch):
+    """Beyond OBSERVED_BYTES_IN_ALL of activations (at least RANGE_SAMPLES_AT_LEAST samples), the
+    ranges come from samples spread evenly over all of them, not from the first ones (a sorted
+    file), and the log says how many; below it, every sample is observed."""
+    from rankfold.export.onnx import export_onnx
+    from rankfold.quantize import onnx_qdq
+
+    assert onnx_qdq.range_samples(224, 2**20) is None  # a classifier's maps: every sample
+    spread = onnx_qdq.range_samples(224, 168 * 2**20)  # PP-OCRv4's detector: 168 MB observed a page
+    assert len(spread) == 64 and spread[0] == 0 and spread[-1] == 223 and np.all(np.diff(spread) >= 3)
+    assert len(onnx_qdq.range_samples(1000, 16 * 2**20)) == 512  # 8 GB at 16 MB a sample
+    assert len(onnx_qdq.range_samples(1000, 2**40)) == onnx_qdq.RANGE_SAMPLES_AT_LEAST
+
+    model, calib = trained
+    export_onnx(model, tmp_path / "f.onnx", example_input=calib[:2])
+    proto = onnx.load(tmp_path / "f.onnx")
+    x = calib.numpy()
+    one_sample = (16 + 32) * 12 * 12 * 4 + 32 * 5 * 5 * 4  # the layers' outputs, float32
+    monkeypatch.setattr(onnx_qdq, "RANGE_SAMPLES_AT_LEAST", 4)
+    monkeypatch.setattr(onnx_qdq, "OBSERVED_BYTES_IN_ALL", 10 * one_sample + 10)
+    said = []
+    capped = onnx_qdq.calibrate(proto, x, batch_size=10, progress=said.append)
+    found = [re.search(rf"activation ranges on (\d+) of {len(x)} calibration samples, spread evenly", s) for s in said]
+    count = int(next(f for f in found if f).group(1))
+    assert 8 <= count <= 10  # about 10 samples' bytes (the input and output are observed too)
+    chosen = np.linspace(0, len(x) - 1, count).round().astype(int)
+    monkeypatch.setattr(onnx_qdq, "OBSERVED_BYTES_IN_ALL", 1 << 40)
+    assert capped == onnx_qdq.calibrate(proto, x[chosen], batch_size=10)
+    assert capped != onnx_qdq.calibrate(proto, x[:count], batch_size=10)
+    assert capped != onnx_qdq.calibrate(proto, x, batch_size=10)
