@@ -15,7 +15,7 @@ pattern whose intermediate values anything else reads, or the graph returns, is 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import onnx
 import torch
@@ -230,7 +230,7 @@ GELU_GATES: dict[str, Callable[[_Graph, str, str], list[onnx.NodeProto] | None]]
     "none": _erf_gate, "tanh": _tanh_gate}
 
 
-def _halved_products(graph: _Graph, mul: onnx.NodeProto):
+def _halved_products(graph: _Graph, mul: onnx.NodeProto) -> Iterator[tuple[str, str, onnx.NodeProto]]:
     """(x, gate, the other node) for every way `mul` may compute x * gate * 0.5: Mul(Mul(x, gate),
     0.5) (torch.onnx), Mul(Mul(x, 0.5), gate) (x halved first) or Mul(x, Mul(gate, 0.5))
     (torch.onnx's dynamo exporter). Which input is x, the gate's pattern decides."""
@@ -256,9 +256,8 @@ def _gelu(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx
         for approximate, gate_nodes in GELU_GATES.items():
             parts = gate_nodes(graph, gate, x)
             if parts:
-                attributes = {"approximate": approximate} if approximate != "none" else {}
-                return helper.make_node("Gelu", [x], list(mul.output), name=mul.name, **attributes), \
-                    [*parts, halving]
+                node = helper.make_node("Gelu", [x], list(mul.output), name=mul.name, approximate=approximate)
+                return node, [*parts, halving]
     return None
 
 
