@@ -1,6 +1,8 @@
 """The Gauss-Newton output metric of every layer (rankfold/gauss_newton.py): the factorization
 spends its rank on the output directions the network's outputs read."""
 
+import copy
+
 import torch
 from torch import nn
 
@@ -115,3 +117,47 @@ def test_the_metric_is_kept_only_where_the_network_measures_it_closer(monkeypatc
     note = report.layers[0].note
     assert ("without its Gauss-Newton output metric" in note) == (errors[1] < errors[0])
     assert "Gauss-Newton" in weighted_report.layers[0].note
+
+
+class _Skipped(nn.Module):
+    """Three convolutions and a skip connection around the middle one: the values held between
+    steps include the skip, which a comparison from the middle layer on must read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h)) + h).mean((2, 3)), h.amax((2, 3))
+
+
+def test_the_judge_runs_an_onnx_graph_from_the_swapped_layer_on_and_measures_what_whole_passes_do(tmp_path):
+    """On an ONNX graph the judge's comparisons run only the steps from the swapped layer on, from
+    values a cursor holds; the errors equal whole passes', layers replaced before included."""
+    from rankfold.analyze import set_submodule
+    from rankfold.frontends.onnx import load_onnx
+    from rankfold.metric_judge import NetworkJudge
+
+    torch.manual_seed(0)
+    path = tmp_path / "skipped.onnx"
+    torch.onnx.export(_Skipped().eval(), (torch.randn(2, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    reference, model = load_onnx(path), load_onnx(path)
+    samples = torch.randn(12, 3, 8, 8)
+    from_layers, whole = NetworkJudge(reference, samples, model), NetworkJudge(reference, samples)
+    assert from_layers.cursor is not None and whole.cursor is None
+    layers = [step.module for step in model.steps if step.module is not None]
+    assert len(layers) == 3
+    runs = []
+    model.register_forward_pre_hook(lambda *_a: runs.append(1))  # a whole pass calls forward
+    for name in layers:
+        noisy = copy.deepcopy(model.get_submodule(name))
+        with torch.no_grad():
+            noisy.weight.add_(0.1 * torch.randn_like(noisy.weight))
+        got = from_layers.error_with(model, name, noisy)
+        assert not runs and from_layers.cursor.at == from_layers.cursor.step_of(name)
+        expected = whole.error_with(model, name, noisy)
+        assert expected > 1e-4 and abs(got - expected) <= 1e-5 * expected
+        runs.clear()
+        set_submodule(model, name, noisy)  # as the apply replaces it, before the next layer is judged

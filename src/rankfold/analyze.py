@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import weakref
 from collections.abc import Callable, Iterable
@@ -464,11 +465,36 @@ class GraphCursor:
         index = self.step_of(name)
         if index is None:
             return None
+        self.advance_to(index)
+        return [self.model.layer_argument(env, index).detach() for env in self.envs]
+
+    def advance_to(self, index: int) -> None:
+        """Run the steps before step `index` (the layers as they are now) in every batch."""
         with torch.no_grad():
             for env in self.envs:
                 self.model.advance(env, self.at, index)
         self.at = index
-        return [self.model.layer_argument(env, index).detach() for env in self.envs]
+
+    def outputs_from_here(self) -> list[list[Tensor]]:
+        """The graph's outputs in every batch, running the rest of the steps on a copy of the held
+        values (the cursor stays where it is; the steps read their inputs and never change them)."""
+        outputs = []
+        with torch.no_grad():
+            for env in self.envs:
+                rest = dict(env)
+                self.model.advance(rest, self.at, len(self.model.steps))
+                outputs.append(self.model.outputs_in(rest))
+        return outputs
+
+
+def layers_called_by_ops(model: nn.Module) -> set[str]:
+    """Layers an ONNX graph's ops call themselves (a recurrence's R, at every step): no graph step
+    carries their input, so GraphCursors cannot give it; and layers several steps call (nodes
+    sharing their weights), whose moments are of every call's input, where a cursor gives the first."""
+    steps = getattr(model, "steps", ())
+    calls = collections.Counter(step.module for step in steps if step.module is not None)
+    return ({name for step in steps for name in step.attrs.get("_layers", ())}
+            | {name for name, count in calls.items() if count > 1})
 
 
 def peak_state_bytes(model, example: Tensor) -> int:

@@ -5,7 +5,6 @@ come through here."""
 
 from __future__ import annotations
 
-import collections
 import copy
 import fnmatch
 import time
@@ -21,6 +20,7 @@ from rankfold.analyze import (
     InputMoments,
     as_input,
     kept_positions,
+    layers_called_by_ops,
     moments_of,
     peak_state_bytes,
     reach_order,
@@ -165,14 +165,14 @@ def compress_with_report(
         judged = {n for n in metrics if n not in getattr(metrics, "heads", {})}
         samples = judge_samples(len(judged), model_cost(reference, calib[:1]).macs) if judged else 0
         if samples:
-            judge = NetworkJudge(reference, calib[:samples])
+            judge = NetworkJudge(reference, calib[:samples], result)
         elif judged:
             say(f"{len(judged)} layers are factorized under their Gauss-Newton metric unchecked: the network is "
                 "too costly to run twice for each")
         cursors = _LayerInputs.for_graph(result, reference, calib, say) or \
             BlockInputs.for_model(result, reference, calib, say)
         pace = _Pace(say, len(reached))
-        called_by_ops = _layers_called_by_ops(result)
+        called_by_ops = layers_called_by_ops(result)
         for name in reached:  # in the order the network calls them: each knows the layers before it
             pace.reached(name)
             module = result.get_submodule(name)
@@ -213,16 +213,6 @@ def compress_with_report(
     report.layers.extend(_unhandled_layers(result))
     result.train(was_training)
     return result, report
-
-
-def _layers_called_by_ops(model: nn.Module) -> set[str]:
-    """Layers an ONNX graph's ops call themselves (a recurrence's R, at every step): no graph step
-    carries their input, so GraphCursors cannot give it; and layers several steps call (nodes
-    sharing their weights), whose moments are of every call's input, where a cursor gives the first."""
-    steps = getattr(model, "steps", ())
-    calls = collections.Counter(step.module for step in steps if step.module is not None)
-    return ({name for step in steps for name in step.attrs.get("_layers", ())}
-            | {name for name, count in calls.items() if count > 1})
 
 
 class _Pace:

@@ -131,11 +131,14 @@ class OnnxModule(nn.Module):
         self.given_values: dict[str, np.ndarray] = {}
 
     def forward(self, *args: Tensor):
-        env = self.run_graph(*args)
+        results = self.outputs_in(self.run_graph(*args))
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def outputs_in(self, env: dict[str, Any]) -> list[Tensor]:
+        """The graph's outputs among the values `env` holds after the last step."""
         # an output computed as shape arithmetic (Python ints) is returned as the tensor the file gives
-        results = tuple(env[name] if isinstance(env[name], Tensor) else torch.tensor(env[name], dtype=torch.int64)
-                        for name in self.output_names)
-        return results[0] if len(results) == 1 else results
+        return [env[name] if isinstance(env[name], Tensor) else torch.tensor(env[name], dtype=torch.int64)
+                for name in self.output_names]
 
     def run_graph(self, *args: Tensor, observe: Callable[[int, Step, list], None] | None = None) -> dict[str, Any]:
         """Every value of the graph on `args`; `observe(index, step, outputs)` sees each step run."""
