@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError, first_line
-from rankfold.layers import ColumnBlocks
+from rankfold.layers import ColumnBlocks, ExactRows
 from rankfold.settings import calibration_batch
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -452,11 +452,14 @@ class GraphCursor:
         self.last_reads = model.last_reads()
 
     def step_of(self, name: str) -> int | None:
-        """The step that calls layer `name`, or the ColumnBlocks of which it is a block (it reads
-        that step's input)."""
+        """The step that calls layer `name`, or the ColumnBlocks or ExactRows of which it is a part
+        (it reads that step's input)."""
         parent, _, _ = name.rpartition(".blocks.")
         if parent and not isinstance(self.model.get_submodule(parent), ColumnBlocks):
             parent = ""
+        owner, _, _ = name.rpartition(".")
+        if not parent and owner and isinstance(self.model.get_submodule(owner), ExactRows):
+            parent = owner
         called = parent or name
         return next((i for i, s in enumerate(self.model.steps) if s.module == called and i >= self.at), None)
 

@@ -141,3 +141,17 @@ class ColumnBlocks(nn.Module):
 
     def forward(self, x):
         return torch.cat([block(x) for block in self.blocks], dim=-1)
+
+
+class ExactRows(nn.Module):
+    """A wide output layer (a recogniser's 6,625 characters) whose `rows`, the classes the data
+    reads, come from a layer of their own, `read`, and whose other rows come from `rest` (which
+    computes every row, its `rows` zeroed): each is planned, factorized and quantized on its own."""
+
+    def __init__(self, rest: nn.Module, read: nn.Module, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.rest, self.read = rest, read
+        self.register_buffer("rows", rows.to(torch.int64))
+
+    def forward(self, x):
+        return self.rest(x).index_copy(-1, self.rows, self.read(x))

@@ -61,7 +61,7 @@ class OutputMetric:
         return self._map(weight, self.inverse_root, self.floor ** -0.5)
 
 
-def _softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> dict[str, tuple[int, bool]]:
+def softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> dict[str, tuple[int, bool]]:
     """The Linear layers (by name) whose softmax over the last axis is an output: its index, and
     whether the output is the logits themselves rather than the softmax: a sequence of them
     (N, T, classes) or (T, N, classes) read like CTC frames (is_ctc_logits), from a graph
@@ -131,7 +131,7 @@ class HeadMetrics:
     calibration data that runs anyway gives them."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], probe: Tensor) -> None:
-        self.heads = _softmax_outputs(model, names, as_input(probe))
+        self.heads = softmax_outputs(model, names, as_input(probe))
         modules = dict(model.named_modules())
         self.tallies = {name: _Tally(modules[name].out_features) for name in self.heads}
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from rankfold.errors import RankfoldError
 from rankfold.frontends.onnx import GatheredTable, read_onnx
-from rankfold.layers import ColumnBlocks
+from rankfold.layers import ColumnBlocks, ExactRows
 
 HEAD_OPS = ("MatMul", "Gemm", "Conv", "Gather")  # the weighted node a layer was read from (Gather: a table)
 FOLDED_OPS = ("Add", "BatchNormalization")  # what the reader folds into the layer after it
@@ -137,6 +137,15 @@ class _Weights:
         if key not in self.names:
             data = (value.T if transposed else value).detach().cpu().float().numpy()
             self.made.append(numpy_helper.from_array(np.ascontiguousarray(data), _unique(name, self.taken)))
+            self.names[key] = self.made[-1].name
+        return self.names[key]
+
+    def indices(self, value: Tensor, name: str) -> str:
+        """An int64 initializer (indices), made once."""
+        key = (id(value), False)
+        if key not in self.names:
+            self.made.append(numpy_helper.from_array(value.detach().cpu().numpy().astype(np.int64),
+                                                     _unique(name, self.taken)))
             self.names[key] = self.made[-1].name
         return self.names[key]
 
@@ -252,9 +261,25 @@ def _blocks_nodes(layer: ColumnBlocks, x: str, out: str, leaf: str, taken: set[s
     return [*nodes, helper.make_node("Concat", parts, [out], name=_unique(f"/{leaf}/Concat", taken), axis=-1)]
 
 
+def _exact_rows_nodes(layer: ExactRows, x: str, out: str, leaf: str, taken: set[str], weights: _Weights):
+    """The rest's nodes and the read rows' from the same input, then the read rows' outputs written
+    over the rest's at their indices on the last axis (ScatterElements, the indices expanded to the
+    read rows' output shape)."""
+    rest, read = _unique(f"{leaf}.rest.output", taken), _unique(f"{leaf}.read.output", taken)
+    nodes = [*_layer_nodes(layer.rest, f"{leaf}.rest", x, rest, taken, weights),
+             *_layer_nodes(layer.read, f"{leaf}.read", x, read, taken, weights)]
+    rows = weights.indices(layer.rows, f"{leaf}.rows")
+    shape, spread = _unique(f"{leaf}.read.shape", taken), _unique(f"{leaf}.rows.spread", taken)
+    return [*nodes, helper.make_node("Shape", [read], [shape], name=_unique(f"/{leaf}/Shape", taken)),
+            helper.make_node("Expand", [rows, shape], [spread], name=_unique(f"/{leaf}/Expand", taken)),
+            helper.make_node("ScatterElements", [rest, spread, read], [out], name=_unique(f"/{leaf}/ScatterElements",
+                                                                                          taken), axis=-1)]
+
+
 # One writer per layer type a factor can be: how its nodes read in ONNX.
 LAYER_WRITERS: dict[type, Callable] = {nn.Linear: _linear_nodes, nn.Conv1d: _conv_nodes, nn.Conv2d: _conv_nodes,
-                                       GatheredTable: _table_nodes, ColumnBlocks: _blocks_nodes}
+                                       GatheredTable: _table_nodes, ColumnBlocks: _blocks_nodes,
+                                       ExactRows: _exact_rows_nodes}
 
 
 def _drop_unread(graph: onnx.GraphProto) -> None:

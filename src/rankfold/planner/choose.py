@@ -79,7 +79,7 @@ def choose_plan(pricing, budgets: Mapping[str, str | float | Budget], *, progres
                 pricing.latency_source, limits, dict(pricing.before), after,
                 float(sum(pricing.loss(n, o) for n, o in chosen.items())), solution.feasible and feasible_ram,
                 _layer_plans(pricing, chosen), _messages(pricing, limits, after, solution), target.reduce_range,
-                target.runtime)
+                target.runtime, exact_rows={name: list(rows) for name, rows in pricing.exact_rows.items()})
 
 
 def _chosen(pricing, solution: Solution) -> dict[str, Option]:

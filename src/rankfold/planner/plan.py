@@ -16,6 +16,7 @@ from rankfold.analyze import COMPRESSIBLE, TABLES
 from rankfold.apply import compress_with_report
 from rankfold.config import MethodConfig, SkipConfig
 from rankfold.errors import RankfoldError
+from rankfold.exact_rows import with_exact_rows
 from rankfold.io import write_json_atomic
 from rankfold.layers import layer_spec
 from rankfold.methods import method_named, method_names
@@ -68,6 +69,9 @@ class Plan:
     # it holds back as many, so plan -> apply gives the same weights through the CLI and the API.
     # None: a plan file from before this was recorded.
     held_back: int | None = None
+    # Wide output layers held as ExactRows (rankfold.exact_rows): the rows kept as a layer of their
+    # own, by layer name; applying the plan splits them the same way first.
+    exact_rows: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **asdict(self)}
@@ -142,7 +146,8 @@ def scale_group(weight_scales: str) -> int | None:
 _NUMBER = (int, float)
 _PLAN_TYPES = {"target": str, "weight_bits": int, "activation_bits": int, "data_aware": bool,
                "latency_source": str, "limits": dict, "before": dict, "after": dict, "est_loss": _NUMBER,
-               "feasible": bool, "messages": list, "reduce_range": bool, "runtime": str}
+               "feasible": bool, "messages": list, "reduce_range": bool, "runtime": str,
+               "exact_rows": dict}
 _LAYER_TYPES = {"name": str, "layer": str, "method": str, "ranks": list, "est_loss": _NUMBER, "params": int,
                 "weight_bytes": int, "macs": int, "latency_ms": _NUMBER, "ram_bytes": int, "note": str, "bits": int,
                 "weight_scales": str}
@@ -171,6 +176,10 @@ def plan_problem(plan: Plan) -> str | None:
         return problem
     if plan.runtime not in RUNTIMES:
         return f"runtime must be one of {', '.join(RUNTIMES)}, got {plan.runtime!r}"
+    for name, rows in plan.exact_rows.items():
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
+                                                             for r in rows):
+            return f"exact_rows of {name!r} must be a list of row indices (integers >= 0), got {rows!r}"
     if plan.held_back is not None and (isinstance(plan.held_back, bool) or not isinstance(plan.held_back, int)
                                        or plan.held_back < 0):
         return f"held_back must be a count of samples (an integer >= 0), got {plan.held_back!r}"
@@ -227,6 +236,8 @@ def check_plan_matches(plan: Plan, model: nn.Module) -> None:
 def apply_plan(model: nn.Module, plan: Plan, *, calib: Tensor | None = None, progress: Progress | None = None):
     """The compressed copy of `model` that `plan` describes, and its CompressionReport.
     Deterministic: the same model, plan and calibration data give the same weights."""
+    if plan.exact_rows:
+        model = with_exact_rows(model, plan.exact_rows)
     check_plan_matches(plan, model)
     if plan.data_aware and calib is None:
         raise RankfoldError("this plan was made with calibration data: give the same calibration data to apply it")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE, TABLES, as_input, tied_names, untouchable_layers
 from rankfold.errors import RankfoldError, first_line
+from rankfold.exact_rows import read_rows, with_exact_rows
 from rankfold.planner.choose import choose_plan
 from rankfold.planner.costs import ChainProfile, LatencyCache, modelled_latency_ms
 from rankfold.planner.latency import WholeNetworkTiming
@@ -70,6 +71,12 @@ def price_model(
     if calib is None and example_input is None:
         raise RankfoldError("planning needs calibration data (calib) or an example_input")
     example = as_input((calib if calib is not None else example_input)[:1])
+    exact_rows = read_rows(model, calib) if calib is not None else {}
+    if exact_rows:  # priced, planned and applied as two layers each (rankfold.exact_rows)
+        model = with_exact_rows(model, exact_rows)
+        for name, rows in exact_rows.items():
+            say(f"{name}: the {len(rows)} of its {model.get_submodule(name).rest.out_features} classes the calibration "
+                "data predicts are held as a layer of their own, the rest as another")
     was_training = model.training
     model.eval()
     try:
@@ -124,7 +131,7 @@ def price_model(
     layer_names = [n for n in tables if n in options] + compressible
     return Pricing(model, example, target, options, notes, activations, calib is not None,
                    [n for n in tables if n in options] + names, layer_names,
-                   onnx_path, say, probe)
+                   onnx_path, say, probe, exact_rows)
 
 
 def tied_heads(model: nn.Module, tables: list[str]) -> dict[str, str]:
@@ -165,8 +172,9 @@ class Pricing:
             return None
 
     def __init__(self, model, example, target, options, notes, activations, data_aware, names, layer_names,
-                 onnx_path, say, probe: LossProbe | None = None) -> None:
+                 onnx_path, say, probe: LossProbe | None = None, exact_rows: dict | None = None) -> None:
         self.model, self.example, self.target, self.probe = model, example, target, probe
+        self.exact_rows = exact_rows or {}  # the plans' (rankfold.exact_rows): `model` holds them split
         self.options, self.notes, self.activations = options, notes, activations
         self.data_aware, self.names, self.layer_names = data_aware, names, layer_names
         self.modules = dict(model.named_modules())
