@@ -244,3 +244,47 @@ def test_packed_inputs_and_an_input_given_once_are_all_inputs_of_the_written_fil
     assert not np.array_equal(got, wanted) and np.linalg.norm(got - wanted) / np.linalg.norm(wanted) < 0.3
     other = small.run(None, {**fresh, "token_type_ids": np.ones((4, 7), np.int64)})[0]
     assert np.linalg.norm(other - got) / np.linalg.norm(got) > 0.01  # the types count: not a constant
+
+
+def test_one_sample_runs_are_joined_on_each_outputs_sample_axis():
+    """A file run one sample at a time (a state given once at batch 1) gives a sequence-first
+    output as (T, 1, classes) per sample: the samples join on axis 1, a batch-first one on axis 0,
+    and outputs whose sizes vary (selected rows) on axis 0."""
+    from types import SimpleNamespace
+
+    from rankfold.export.graft import given_feeds_run
+
+    class _Runner:
+        def get_inputs(self):
+            return [SimpleNamespace(name="x")]
+
+        def run(self, _names, feeds):
+            v = float(feeds["x"].sum())
+            return [np.full((5, 1, 3), v), np.full((1, 4), v), np.full((int(v) % 3 + 1, 2), v)]
+
+    module = SimpleNamespace(input_names=["x"], given_values={}, packing=None)
+    x = torch.arange(3, dtype=torch.float32).reshape(3, 1)
+    sequence, batch_first, rows = given_feeds_run(_Runner(), module, x)
+    assert sequence.shape == (5, 3, 3) and sequence[:, :, 0].tolist() == [[0.0, 1.0, 2.0]] * 5
+    assert batch_first.shape == (3, 4) and batch_first[:, 0].tolist() == [0.0, 1.0, 2.0]
+    assert rows.shape == (6, 2)
+
+
+def test_a_fixed_batch_files_pieces_are_joined_on_each_outputs_sample_axis():
+    """run_batched on a file that fixes its batch at 2: a sequence-first output's pieces (T, 2, C)
+    join on axis 1, a batch-first one's on axis 0."""
+    from types import SimpleNamespace
+
+    from rankfold.runtime import run_batched
+
+    class _Session:
+        def get_inputs(self):
+            return [SimpleNamespace(name="x", shape=[2, 1], type="tensor(float)")]
+
+        def run(self, _names, feeds):
+            v = feeds["x"][:, 0]
+            return [np.broadcast_to(v[None, :, None], (5, len(v), 3)).copy(), v[:, None] * np.ones((1, 4))]
+
+    sequence, batch_first = run_batched(_Session(), None, "x", np.arange(6, dtype=np.float32).reshape(6, 1))
+    assert sequence.shape == (5, 6, 3) and sequence[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert batch_first.shape == (6, 4) and batch_first[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

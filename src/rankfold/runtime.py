@@ -81,8 +81,24 @@ def run_batched(sess, outputs: list[str] | None, feed_name: str, x: np.ndarray) 
     x = as_declared(declared, x)
     batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else len(x)
     parts = [sess.run(outputs, {feed_name: x[i : i + batch]}) for i in range(0, len(x), batch)]
-    # A 0-d value (a dynamic quantization's scale, observed in calibration) is one per piece: stacked.
-    return [(np.concatenate if parts[0][k].ndim else np.stack)([p[k] for p in parts]) for k in range(len(parts[0]))]
+    counts = [len(x[i : i + batch]) for i in range(0, len(x), batch)]
+    return [join_samples([p[k] for p in parts], counts) for k in range(len(parts[0]))]
+
+
+def join_samples(pieces: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    """One output of runs on successive pieces of the samples (`counts` in each), joined on its
+    sample axis: the first axis whose size is each piece's count, every other axis alike (axis 1 of
+    a sequence-first (T, N, classes) output), else axis 0 (rows a piece selects, as many as the
+    data decides). A 0-d value (a dynamic quantization's scale) is one per piece: stacked."""
+    if pieces[0].ndim == 0:
+        return np.stack(pieces)
+    shape = pieces[0].shape
+
+    def joins_on(axis: int) -> bool:
+        return all(p.ndim == len(shape) and p.shape[axis] == c and p.shape[:axis] + p.shape[axis + 1 :]
+                   == shape[:axis] + shape[axis + 1 :] for p, c in zip(pieces, counts))
+
+    return np.concatenate(pieces, axis=next((a for a in range(len(shape)) if joins_on(a)), 0))
 
 
 def _probe_model(op: str, weight_code: int) -> tuple[bytes, list[int]]:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from rankfold.errors import RankfoldError
 from rankfold.frontends.onnx import GatheredTable, read_onnx
 from rankfold.layers import ColumnBlocks, ExactRows
+from rankfold.runtime import join_samples
 
 HEAD_OPS = ("MatMul", "Gemm", "Conv", "Gather")  # the weighted node a layer was read from (Gather: a table)
 FOLDED_OPS = ("Add", "BatchNormalization")  # what the reader folds into the layer after it
@@ -342,8 +343,7 @@ def given_feeds_run(runner, module: nn.Module, x: Tensor) -> list[np.ndarray]:
     state of batch 1 that onnxruntime would not broadcast)."""
     parts = [runner.run(None, _feeds(module, x[i : i + 1], {i.name for i in runner.get_inputs()}))
              for i in range(len(x))]
-    return [np.concatenate([p[k] for p in parts]) if parts[0][k].ndim else np.stack([p[k] for p in parts])
-            for k in range(len(parts[0]))]
+    return [join_samples([p[k] for p in parts], [1] * len(parts)) for k in range(len(parts[0]))]
 
 
 def _feeds(module: nn.Module, example: Tensor, names: set[str]) -> dict[str, np.ndarray]:
