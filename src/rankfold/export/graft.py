@@ -134,19 +134,12 @@ class _Weights:
         self.tied = {key for key, layers in holders.items() if len(layers) > 1}
 
     def name(self, value: Tensor, name: str, transposed: bool = False) -> str:
+        """The initializer holding `value`: float32, or int64 for indices (ExactRows' rows)."""
         key = (id(value), transposed)
         if key not in self.names:
-            data = (value.T if transposed else value).detach().cpu().float().numpy()
+            data = (value.T if transposed else value).detach().cpu()
+            data = data.float().numpy() if data.is_floating_point() else data.numpy().astype(np.int64)
             self.made.append(numpy_helper.from_array(np.ascontiguousarray(data), _unique(name, self.taken)))
-            self.names[key] = self.made[-1].name
-        return self.names[key]
-
-    def indices(self, value: Tensor, name: str) -> str:
-        """An int64 initializer (indices), made once."""
-        key = (id(value), False)
-        if key not in self.names:
-            self.made.append(numpy_helper.from_array(value.detach().cpu().numpy().astype(np.int64),
-                                                     _unique(name, self.taken)))
             self.names[key] = self.made[-1].name
         return self.names[key]
 
@@ -269,7 +262,7 @@ def _exact_rows_nodes(layer: ExactRows, x: str, out: str, leaf: str, taken: set[
     rest, read = _unique(f"{leaf}.rest.output", taken), _unique(f"{leaf}.read.output", taken)
     nodes = [*_layer_nodes(layer.rest, f"{leaf}.rest", x, rest, taken, weights),
              *_layer_nodes(layer.read, f"{leaf}.read", x, read, taken, weights)]
-    rows = weights.indices(layer.rows, f"{leaf}.rows")
+    rows = weights.name(layer.rows, f"{leaf}.rows")
     shape, spread = _unique(f"{leaf}.read.shape", taken), _unique(f"{leaf}.rows.spread", taken)
     return [*nodes, helper.make_node("Shape", [read], [shape], name=_unique(f"/{leaf}/Shape", taken)),
             helper.make_node("Expand", [rows, shape], [spread], name=_unique(f"/{leaf}/Expand", taken)),
