@@ -103,8 +103,7 @@ def _solve_measured(pricing, losses, costs, layer_limits, say) -> Solution:
         if not todo:
             return solution
         say(f"measuring {len(todo)} factorization(s) in the network (round {round_ + 1})")
-        for n, o in todo:
-            probe.measure(n, o.key, o.loss - o.quant_loss)
+        probe.measure_all((n, o.key, o.loss - o.quant_loss) for n, o in todo)
     return solution
 
 

@@ -27,7 +27,7 @@ from rankfold.planner.options import (
     with_bits,
 )
 from rankfold.planner.plan import Plan, Progress
-from rankfold.planner.probe import PROBE_SAMPLES, LossProbe
+from rankfold.planner.probe import LossProbe
 from rankfold.planner.sensitivity import layer_statistics
 from rankfold.settings import DEFAULT_MIN_RANK
 from rankfold.target import Budget, Target, load_target, parse_budget
@@ -125,9 +125,7 @@ def price_model(
             cache.save()
     finally:
         model.train(was_training)
-    probe = None
-    if calib is not None and LossProbe.applies(model, example):
-        probe = LossProbe(model, calib[:PROBE_SAMPLES], stats)
+    probe = LossProbe.for_model(model, calib, stats) if calib is not None else None
     layer_names = [n for n in tables if n in options] + compressible
     return Pricing(model, example, target, options, notes, activations, calib is not None,
                    [n for n in tables if n in options] + names, layer_names,
