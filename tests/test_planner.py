@@ -298,7 +298,7 @@ def test_only_outlier_measurements_raise_the_estimate():
     from rankfold.planner.probe import OUTLIER, LossProbe
 
     probe = LossProbe.__new__(LossProbe)
-    probe.values, probe.typical, probe.outlier = {}, None, OUTLIER
+    probe.values, probe.typical, probe.outlier, probe.carries_up = {}, None, OUTLIER, False
     # four layers measured at 2x their estimates, one at 100x (where the estimate broke down)
     for i in range(4):
         probe.record(f"l{i}", ("svd", (8,)), 2e-3, 1e-3)

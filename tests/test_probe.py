@@ -65,3 +65,32 @@ def test_a_dense_map_is_not_probed(tmp_path):
     model, calib = load_onnx(path), torch.randn(32, 3, 8, 8)
     names = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)]
     assert LossProbe.for_model(model, calib, layer_statistics(model, names, calib)) is None
+
+
+def test_a_declared_embedding_is_measured_as_a_gaussian_not_as_class_logits():
+    """A sentence encoder's (N, hidden) output (output_kinds "embedding"): the planner's likelihood
+    reads it as a Gaussian, so the probe measures half its squared error, not the KL of a softmax."""
+    embedding = torch.randn(4, 16, dtype=torch.float64)
+    moved = embedding + 0.1
+    assert divergence(embedding, moved, "embedding") == pytest.approx(0.5 * 0.01 * embedding.numel(), rel=1e-9)
+    assert divergence(embedding, moved) != pytest.approx(divergence(embedding, moved, "embedding"))
+    assert divergence(torch.arange(4), torch.arange(4) + 1) == 0.0  # integer outputs (indices): nothing to measure
+
+
+def test_a_recognisers_outlier_multiple_carries_to_the_ranks_above_it():
+    """A sequence probe's outlier is a layer the estimate misjudges at every rank: a rank above it
+    is raised by its multiple over the typical one."""
+    probe = LossProbe.__new__(LossProbe)
+    probe.values, probe.typical, probe.outlier, probe.carries_up = {}, None, SEQUENCE_OUTLIER, True
+    for i in range(4):
+        probe.record(f"l{i}", ("svd", (8,)), 2e-3, 1e-3)  # the typical multiple: 2
+    probe.record("bad", ("svd", (8,)), 2e-2, 1e-3)  # 20x its estimate: 10 times the typical multiple
+    assert probe.typical == pytest.approx(2.0)
+    assert probe.structural_loss("bad", ("svd", (8,)), 1e-3) == pytest.approx(1e-2)  # 2e-2 / 2
+    assert probe.structural_loss("bad", ("svd", (4,)), 3e-3) == pytest.approx(1e-2)  # lower: at least that
+    assert probe.structural_loss("bad", ("svd", (16,)), 5e-4) == pytest.approx(5e-3)  # higher: 10 x its estimate
+    assert probe.structural_loss("l0", ("svd", (16,)), 5e-4) == 5e-4  # above a typical one: kept
+    probe.record("bad", ("svd", (24,)), 4e-4, 2e-4)  # a rank above at the typical multiple: still misjudged
+    assert probe.structural_loss("bad", ("svd", (32,)), 1e-4) == pytest.approx(1e-3)
+    probe.carries_up = False  # a classifier's: a rank too small for the layer, the estimate holds above it
+    assert probe.structural_loss("bad", ("svd", (16,)), 5e-4) == 5e-4
