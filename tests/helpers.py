@@ -4,8 +4,18 @@ import subprocess
 import sys
 
 import onnx
+import pytest
 import torch
 from torch import nn
+
+from rankfold.runtime import int8_kernels
+
+# onnxruntime's int8 kernels saturate on x86 without VNNI (an AVX2-only AMD EPYC, Zen 3): tests
+# that hold rankfold to onnxruntime's own int8 run of a file have no exact reference there. They
+# still run (an unexpected pass is fine); on such a CPU their failure is that known open problem
+# (closing note of 2026-12-07; to fix: compare with the reference arithmetic there).
+SATURATING_INT8 = pytest.mark.xfail(not int8_kernels().full_range_exact, strict=False,
+                                    reason="onnxruntime's int8 kernels saturate on this CPU: " + int8_kernels().cpu)
 
 
 def run_cli(*args, cwd=None):

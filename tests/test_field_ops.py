@@ -14,6 +14,7 @@ from torch import nn
 
 import rankfold
 from rankfold.errors import RankfoldError
+from tests.helpers import SATURATING_INT8
 
 
 def _ort(path, x):
@@ -124,6 +125,7 @@ def _quantized_model(tmp_path, form: str, x: np.ndarray) -> tuple[str, str]:
     return src, out
 
 
+@SATURATING_INT8
 @pytest.mark.parametrize("form", ["dynamic", "qdq", "qoperator"])
 def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
     x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
@@ -246,6 +248,7 @@ def test_already_quantized_graphs_compress_or_refuse_in_one_line(tmp_path, form)
             assert "rankfold: error:" in stderr and not written.exists()
 
 
+@SATURATING_INT8
 def test_a_dynamically_quantized_lstm_reads_as_its_float_lstm(tmp_path):
     """onnxruntime's DynamicQuantizeLSTM (int8 weights stored input-major, a scale per direction):
     read as the float LSTM its weights dequantize to, whose input projection is a layer."""
@@ -354,6 +357,7 @@ def test_a_recurrence_after_a_computed_reshape_is_counted(tmp_path):
     assert onnx_size(path, sample_shape=(6, steps)).macs == conv + recurrence + head
 
 
+@SATURATING_INT8
 def test_integer_convolutions_and_matmuls_with_constant_weights_are_layers(tmp_path):
     """ConvInteger / MatMulInteger (onnxruntime's dynamic quantization) read as float layers on
     (x_q - x_zero) with weights W - W_zero: the loaded graph matches onnxruntime, its convolutions

@@ -17,7 +17,7 @@ import rankfold
 from rankfold.errors import RankfoldError
 from rankfold.training import FinetuneConfig, finetune
 from rankfold.training.losses import distillation_loss
-from tests.helpers import run_cli, tiny_classifier
+from tests.helpers import SATURATING_INT8, run_cli, tiny_classifier
 
 
 def _inputs(n: int, seed: int = 0) -> torch.Tensor:
@@ -228,6 +228,7 @@ def _dequantized_weights(path) -> list[np.ndarray]:
     return found
 
 
+@SATURATING_INT8
 @pytest.mark.parametrize("weight_steps, scales", [("max-abs", "channel"), ("lsq", "channel"),
                                                   ("max-abs", "tensor"), ("lsq", "tensor")])
 def test_quantization_aware_training_exports_exactly_the_trained_weights(tmp_path, weight_steps, scales):

@@ -14,6 +14,7 @@ from torch import nn
 
 import rankfold
 from rankfold.errors import RankfoldError
+from tests.helpers import SATURATING_INT8
 
 RNG = np.random.default_rng(0)
 HIDDEN = 16
@@ -315,6 +316,7 @@ def test_fused_bert_attention_and_embeddings_compute_what_onnxruntime_computes(t
         assert np.abs(again[3, :2] - theirs[3, :2]).max() < 1e-5  # the kept tokens do not see it
 
 
+@SATURATING_INT8
 @pytest.mark.parametrize("mask_kind", ["lengths", "raw"])
 def test_a_fused_bert_block_dynamically_quantized_by_onnxruntime_reads_as_onnxruntime_runs_it(tmp_path, mask_kind):
     """onnxruntime's quantize_dynamic after its optimizer (its BERT tutorial's flow) writes
