@@ -183,3 +183,58 @@ def test_the_graphs_rankfold_times_declare_an_ir_older_runtimes_load():
         graph = _chain_graph(chain_profile(layers, shape), shape)
         assert graph.ir_version == 8 and graph.opset_import[0].version == 17
         session(graph)  # and onnxruntime runs it
+
+
+def _saturating_cpu(monkeypatch, saturates: bool = True):
+    """This CPU as one whose fused int8 kernels saturate (or not): the default session negates scores."""
+    import rankfold.runtime as runtime
+
+    real = runtime.session
+
+    class Saturating:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_inputs(self):
+            return self.inner.get_inputs()
+
+        def run(self, names, feed):
+            return [-v for v in self.inner.run(names, feed)]
+
+    monkeypatch.setattr(runtime, "int8_kernels", lambda: runtime.Int8Kernels(not saturates, True, "a test CPU"))
+    monkeypatch.setattr(runtime, "session", lambda m, *, optimized=True, threads=0:
+                        Saturating(real(m, optimized=True)) if optimized else real(m, optimized=False))
+    return real
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_an_int8_file_is_measured_in_what_it_means_where_the_kernels_saturate(tmp_path, monkeypatch, saturates):
+    """On x86 without VNNI, a file with 8-bit weights (for a Cortex-M, say) is measured in the
+    reference arithmetic, which every other CPU and the C compute; the default session's figure is
+    reported beside it. The demo's planned file read 0.8632 here where it means 0.8836."""
+    from rankfold.evaluate import evaluate
+
+    path, x = _int8_layer(tmp_path, "fc_512_10")
+    real = _saturating_cpu(monkeypatch, saturates)
+    reference = real(str(path), optimized=False)
+    scores = reference.run(None, {reference.get_inputs()[0].name: x})[0]
+    y = scores.argmax(1)  # labels the file's own arithmetic gets all right
+    result = evaluate(path, x, y, measure_latency=False)
+    if saturates:
+        assert result.accuracy == 1.0 and result.accuracy_default_session == float(((-scores).argmax(1) == y).mean())
+        assert "reference arithmetic" in result.arithmetic and result.int8_kernel_max_units > 1
+    else:
+        assert result.accuracy < 1.0 and result.accuracy_default_session is None  # the default session, as is
+
+
+def test_a_float_file_is_measured_in_the_default_session_on_every_cpu(tmp_path, monkeypatch):
+    from rankfold.evaluate import accuracy
+    from rankfold.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(512, 10)).eval()
+    x = torch.randn(16, 512)
+    export_onnx(model, tmp_path / "f.onnx", example_input=x[:2])
+    y = model(x).argmax(1).numpy()
+    _saturating_cpu(monkeypatch)
+    assert accuracy(str(tmp_path / "f.onnx"), x.numpy(), y) == float(((-model(x)).argmax(1).numpy() == y).mean())

@@ -138,6 +138,9 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
     else:
         low, high = proportion_interval(result.accuracy, len(x))
         print(f"accuracy        {result.accuracy:.4f}  ({len(x)} samples; 95 % interval {low:.4f}-{high:.4f})")
+        if result.accuracy_default_session is not None:
+            print(f"                measured in {result.arithmetic}; onnxruntime's default session computes "
+                  f"{result.accuracy_default_session:.4f} here")
     print(f"parameters      {result.params:,} ({human(result.params)})")
     print(f"MACs            {result.macs:,} ({human(result.macs)}) per sample")
     print(f"weight bytes    {result.weight_bytes:,}")
@@ -145,7 +148,7 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
     print(f"activations     {result.peak_activation_bytes:,} B at the peak (batch 1, graph liveness)")
     if result.int8_kernel_max_units is not None:
         verdict = "ok" if result.int8_kernel_max_units <= 1 else \
-            "WRONG on this CPU: the accuracy above is what onnxruntime computes here, not what the file means"
+            "WRONG on this CPU: plan with --target host, which gives such CPUs 7-bit int8 weights"
         print(f"int8 kernels    {result.int8_kernel_max_units} unit(s) at most from the reference arithmetic, "
               f"layer by layer ({verdict}; {result.cpu})")
     if result.latency_ms_b1 is not None:

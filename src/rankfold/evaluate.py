@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from rankfold.data import check_input_shape
 from rankfold.errors import RankfoldError
-from rankfold.runtime import as_declared, cpu_summary
+from rankfold.runtime import REFERENCE_ARITHMETIC_NOTE, as_declared, cpu_summary, optimized_is_faithful
 
 SHAPE_DTYPES = {onnx.TensorProto.INT64}  # initializers of these types are shape constants
 # One sample's shape (every input of matching rank), or each input's by name (inputs packed flat)
@@ -400,19 +400,28 @@ def onnx_peak_activation_bytes(model: onnx.ModelProto, sample_shape: SampleShape
     return peak
 
 
-def _session(path: str, threads: int = 1):
+def _session(path: str, threads: int = 1, optimized: bool = True):
     from rankfold.runtime import session
 
-    return session(path, threads=threads)
+    return session(path, threads=threads, optimized=optimized)
+
+
+def faithful(path: str) -> bool:
+    """Whether the file's own meaning is what onnxruntime's default session computes here (see
+    rankfold.runtime.optimized_is_faithful); False: measure it in the reference arithmetic."""
+    return optimized_is_faithful(onnx.load(path, load_external_data=False))
 
 
 def input_dims(session) -> list:
     return list(session.get_inputs()[0].shape)
 
 
-def class_scores(path: str, x: np.ndarray, *, batch_size: int = 250, threads: int = 0) -> np.ndarray:
-    """The ONNX model's first output, (N, classes) scores, on x (in batches)."""
-    session = _session(path, threads)
+def class_scores(path: str, x: np.ndarray, *, batch_size: int = 250, threads: int = 0,
+                 optimized: bool | None = None) -> np.ndarray:
+    """The ONNX model's first output, (N, classes) scores, on x (in batches). `optimized`: None
+    runs the file as it means to compute (onnxruntime's default session unless its int8 kernels
+    saturate on this CPU, faithful()); True or False forces the default or the reference session."""
+    session = _session(path, threads, faithful(path) if optimized is None else optimized)
     check_input_shape(x, input_dims(session), path)
     name = session.get_inputs()[0].name
     fixed_batch = input_dims(session)[0]
@@ -431,9 +440,10 @@ def class_scores(path: str, x: np.ndarray, *, batch_size: int = 250, threads: in
     return np.concatenate(scores)
 
 
-def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, threads: int = 0) -> float:
-    """Top-1 accuracy of the ONNX model on (x, y)."""
-    scores = class_scores(path, x, batch_size=batch_size, threads=threads)
+def accuracy(path: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 250, threads: int = 0,
+             optimized: bool | None = None) -> float:
+    """Top-1 accuracy of the ONNX model on (x, y) (`optimized`: see class_scores)."""
+    scores = class_scores(path, x, batch_size=batch_size, threads=threads, optimized=optimized)
     if int(y.max()) >= scores.shape[1]:
         raise RankfoldError(f"{path}: labels go up to {int(y.max())} but the model scores "
                             f"{scores.shape[1]} classes")
@@ -471,6 +481,10 @@ class EvalResult:
     peak_activation_bytes: int = 0
     int8_kernel_max_units: int | None = None  # QDQ models: optimized kernels vs reference, layer by layer
     cpu: str = ""
+    # where this CPU's fused int8 kernels saturate: accuracy is the reference arithmetic's (what the
+    # file means), and this is what onnxruntime's default session computes here
+    accuracy_default_session: float | None = None
+    arithmetic: str = "onnxruntime's default session"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -487,7 +501,9 @@ def evaluate(
     """Everything `rankfold eval` reports for one ONNX file."""
     path = os.fspath(path)
     size = onnx_size(path, sample_shape=tuple(x.shape[1:]))  # open dimensions sized by the data
-    acc = accuracy(path, x, y) if y is not None else None
+    exact = faithful(path)
+    acc = accuracy(path, x, y, optimized=exact) if y is not None else None
+    acc_default = accuracy(path, x, y, optimized=True) if y is not None and not exact else None
     b1 = latency_ms(path, x[:1], batch=1, runs=runs) if measure_latency else None
     b32 = latency_ms(path, x[:32], batch=32, runs=runs) if measure_latency else None
     proto = onnx.load(path)
@@ -498,4 +514,5 @@ def evaluate(
 
         kernels = int8_kernel_check(proto, x[:KERNEL_CHECK_SAMPLES])
     return EvalResult(acc, size.params, size.macs, size.weight_bytes, size.file_bytes, b1, b32, peak,
-                      None if kernels is None else kernels.worst_units, cpu_summary())
+                      None if kernels is None else kernels.worst_units, cpu_summary(), acc_default,
+                      "onnxruntime's default session" if exact else REFERENCE_ARITHMETIC_NOTE)

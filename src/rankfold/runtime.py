@@ -181,6 +181,29 @@ def int8_kernels() -> Int8Kernels:
     return Int8Kernels(_probe_exact(127), _probe_exact(REDUCED_INT8_QMAX), cpu_summary())
 
 
+# ops whose onnxruntime kernels multiply u8 x s8 (after graph optimization, QDQ pairs become them)
+INTEGER_KERNEL_OPS = frozenset({
+    "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "QGemm"})
+
+
+def computes_in_int8(model) -> bool:
+    """Whether onnxruntime runs some of the graph (a ModelProto) in its integer kernels."""
+    return any(node.op_type in INTEGER_KERNEL_OPS for node in model.graph.node)
+
+
+def optimized_is_faithful(model) -> bool:
+    """Whether onnxruntime's default (optimized) session computes what the file means on this CPU:
+    always, unless the graph runs in int8 and this CPU's fused kernels saturate 8-bit weights. Where
+    it is False, rankfold measures a file in onnxruntime's reference arithmetic (each node as
+    written), which is what VNNI and ARM CPUs and rankfold's C compute, and says so."""
+    return int8_kernels().full_range_exact or not computes_in_int8(model)
+
+
+REFERENCE_ARITHMETIC_NOTE = ("onnxruntime's reference arithmetic: its fused int8 kernels saturate 16-bit pair sums "
+                             "on this CPU (no VNNI)")
+
+
 # -- the optimized session against the reference arithmetic, layer by layer ------------------
 @dataclass(frozen=True)
 class KernelCheck:

@@ -623,12 +623,11 @@ def onnxruntime_disagreement(path: str | os.PathLike, module: nn.Module, x: Tens
     on the scale of the output, or of a near-zero one's unit noise floor); None where onnxruntime
     cannot run the file as given (nothing to compare with)."""
     from rankfold.export.onnx import relative_error
-    from rankfold.runtime import int8_kernels, run_batched, session
+    from rankfold.runtime import optimized_is_faithful, run_batched, session
 
     # Where onnxruntime's fused int8 kernels saturate on this CPU (x86 without VNNI), an already
     # quantized file is compared with onnxruntime's reference arithmetic (each node as written),
     # which is what the file computes; the fused kernels' error is not the conversion's.
-    exact_kernels = int8_kernels().full_range_exact
     try:
         original = onnx.load(os.fspath(path))
         if getattr(module, "packing", None) is not None:
@@ -637,7 +636,7 @@ def onnxruntime_disagreement(path: str | os.PathLike, module: nn.Module, x: Tens
                     for v in original.graph.input}
         bound = bind_inputs(original, {name: np.asarray(value).astype(declared.get(name, np.asarray(value).dtype))
                                        for name, value in (fixed or {}).items()})
-        runner = session(bound, optimized=exact_kernels)
+        runner = session(bound, optimized=optimized_is_faithful(original))
         sample = next(i.name for i in runner.get_inputs())
         expected = run_batched(runner, None, sample, x.detach().cpu().numpy())
     except Exception:  # a file onnxruntime cannot run as given: the conversion has no reference here
