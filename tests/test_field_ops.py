@@ -14,7 +14,7 @@ from torch import nn
 
 import rankfold
 from rankfold.errors import RankfoldError
-from tests.helpers import SATURATING_INT8
+from tests.helpers import ORT_QUANTIZER_RANGE
 
 
 def _ort(path, x):
@@ -116,16 +116,16 @@ def _quantized_model(tmp_path, form: str, x: np.ndarray) -> tuple[str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if form == "dynamic":
-            q.quantize_dynamic(src, out, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+            q.quantize_dynamic(src, out, op_types_to_quantize=["Conv", "MatMul", "Gemm"], **ORT_QUANTIZER_RANGE)
         else:
             fmt = q.QuantFormat.QDQ if form == "qdq" else q.QuantFormat.QOperator
             # QOperator Gemm is Microsoft's own QGemm: only the standard QLinearConv here
             ops = ["Conv", "MatMul", "Gemm"] if form == "qdq" else ["Conv"]
-            q.quantize_static(src, out, _Reader(x), quant_format=fmt, op_types_to_quantize=ops)
+            q.quantize_static(src, out, _Reader(x), quant_format=fmt, op_types_to_quantize=ops,
+                              **ORT_QUANTIZER_RANGE)
     return src, out
 
 
-@SATURATING_INT8
 @pytest.mark.parametrize("form", ["dynamic", "qdq", "qoperator"])
 def test_already_quantized_graphs_load_and_match_onnxruntime(tmp_path, form):
     x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
@@ -248,7 +248,6 @@ def test_already_quantized_graphs_compress_or_refuse_in_one_line(tmp_path, form)
             assert "rankfold: error:" in stderr and not written.exists()
 
 
-@SATURATING_INT8
 def test_a_dynamically_quantized_lstm_reads_as_its_float_lstm(tmp_path):
     """onnxruntime's DynamicQuantizeLSTM (int8 weights stored input-major, a scale per direction):
     read as the float LSTM its weights dequantize to, whose input projection is a layer."""
@@ -260,7 +259,7 @@ def test_a_dynamically_quantized_lstm_reads_as_its_float_lstm(tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(3, 6, 10),), str(src), dynamo=False, opset_version=17,
                           input_names=["x"], dynamic_axes={"x": {0: "n"}})
-        q.quantize_dynamic(str(src), str(out), op_types_to_quantize=["LSTM"])
+        q.quantize_dynamic(str(src), str(out), op_types_to_quantize=["LSTM"], **ORT_QUANTIZER_RANGE)
     assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(out)).graph.node}
     fresh = np.random.default_rng(1).normal(size=(4, 6, 10)).astype(np.float32)
     ours, theirs, floats = _ours(out, fresh)[0], _ort(out, fresh)[0], _ort(src, fresh)[0]
@@ -357,7 +356,6 @@ def test_a_recurrence_after_a_computed_reshape_is_counted(tmp_path):
     assert onnx_size(path, sample_shape=(6, steps)).macs == conv + recurrence + head
 
 
-@SATURATING_INT8
 def test_integer_convolutions_and_matmuls_with_constant_weights_are_layers(tmp_path):
     """ConvInteger / MatMulInteger (onnxruntime's dynamic quantization) read as float layers on
     (x_q - x_zero) with weights W - W_zero: the loaded graph matches onnxruntime, its convolutions

@@ -156,9 +156,9 @@ def run_demo(out_dir: str, *, epochs: int = 2, train_limit: int = 24000, target:
     log(comparison(measured))
     for label, m in measured:
         if m["accuracy_default_session"] is not None:  # x86 without VNNI: say what users' default session gets
-            log(f"  {label}: top-1 measured in {m['arithmetic']}, which is what {profile.name} computes; "
-                f"onnxruntime's default session gets {m['accuracy_default_session']:.4f} on this CPU (for such "
-                "CPUs, --target host gives int8 weights 7 bits)")
+            log(f"  {label}: top-1 in {m['arithmetic']}, which is what {profile.name} computes; onnxruntime's "
+                f"default session gets {m['accuracy_default_session']:.4f} here (--target host gives such CPUs "
+                "7-bit int8 weights)")
     log(f"  on {profile.name} ({profile.clock_hz / 1e6:.0f} MHz, latency modelled): {plan.before['latency_ms']:.1f} ms "
         f"-> {plan.after['latency_ms']:.1f} ms a sample; peak live activations {plan.after['ram_bytes']:,.0f} B of "
         f"{profile.ram_bytes:,}")

@@ -200,8 +200,8 @@ def optimized_is_faithful(model) -> bool:
     return int8_kernels().full_range_exact or not computes_in_int8(model)
 
 
-REFERENCE_ARITHMETIC_NOTE = ("onnxruntime's reference arithmetic: its fused int8 kernels saturate 16-bit pair sums "
-                             "on this CPU (no VNNI)")
+REFERENCE_ARITHMETIC_NOTE = ("onnxruntime's reference arithmetic (its fused int8 kernels saturate 16-bit pair sums "
+                             "on this CPU: no VNNI)")
 
 
 # -- the optimized session against the reference arithmetic, layer by layer ------------------
