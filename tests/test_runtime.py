@@ -185,8 +185,10 @@ def test_the_graphs_rankfold_times_declare_an_ir_older_runtimes_load():
         session(graph)  # and onnxruntime runs it
 
 
-def _saturating_cpu(monkeypatch, saturates: bool = True):
-    """This CPU as one whose fused int8 kernels saturate (or not): the default session negates scores."""
+def _saturating_cpu(monkeypatch, saturates: bool = True, only_int8: bool = True):
+    """This CPU as one whose fused int8 kernels saturate (or not): the default session negates the
+    outputs of graphs that run int8 kernels (`only_int8`; else of every graph), so a figure shows
+    which session made it."""
     import rankfold.runtime as runtime
 
     real = runtime.session
@@ -201,9 +203,13 @@ def _saturating_cpu(monkeypatch, saturates: bool = True):
         def run(self, names, feed):
             return [-v for v in self.inner.run(names, feed)]
 
+    def fake(m, *, optimized=True, threads=0):  # only graphs that run int8 kernels are off
+        proto = m if hasattr(m, "graph") else onnx.load_from_string(m) if isinstance(m, bytes) else onnx.load(m)
+        inner = real(m, optimized=optimized)
+        return Saturating(inner) if optimized and (runtime.computes_in_int8(proto) or not only_int8) else inner
+
     monkeypatch.setattr(runtime, "int8_kernels", lambda: runtime.Int8Kernels(not saturates, True, "a test CPU"))
-    monkeypatch.setattr(runtime, "session", lambda m, *, optimized=True, threads=0:
-                        Saturating(real(m, optimized=True)) if optimized else real(m, optimized=False))
+    monkeypatch.setattr(runtime, "session", fake)
     return real
 
 
@@ -236,5 +242,31 @@ def test_a_float_file_is_measured_in_the_default_session_on_every_cpu(tmp_path, 
     x = torch.randn(16, 512)
     export_onnx(model, tmp_path / "f.onnx", example_input=x[:2])
     y = model(x).argmax(1).numpy()
-    _saturating_cpu(monkeypatch)
+    _saturating_cpu(monkeypatch, only_int8=False)
     assert accuracy(str(tmp_path / "f.onnx"), x.numpy(), y) == float(((-model(x)).argmax(1).numpy() == y).mean())
+
+
+@pytest.mark.parametrize("target", ["x86-vnni", "host"])
+def test_a_file_for_another_machine_is_checked_as_that_machine_computes_it(tmp_path, monkeypatch, target):
+    """Planned on a CPU whose int8 kernels saturate for a VNNI server (full 8-bit weights), the file
+    is checked in the reference arithmetic, which the server computes: written, not refused. For
+    this machine (host: 7-bit weights here), a default session that computes something else is
+    still refused, and nothing is written."""
+    import rankfold
+    from tests.helpers import tiny_classifier
+
+    model = tiny_classifier()
+    calib = torch.randn(128, 1, 12, 12)
+    _saturating_cpu(monkeypatch)
+    plan = rankfold.make_plan(model, calib=calib, target=target, budgets={"weight_bytes": "30%"}, bits=8)
+    assert plan.quantized and plan.reduce_range == (target == "host")
+    result = rankfold.apply_and_check(model, plan, calib=calib, min_agreement=0.8)
+    lines = []
+    if target == "host":
+        with pytest.raises(RankfoldError, match="int8 kernels compute layer"):
+            result.save(tmp_path / "out.onnx", progress=lines.append)
+        assert not (tmp_path / "out.onnx").exists()
+    else:
+        result.save(tmp_path / "out.onnx", progress=lines.append)
+        assert (tmp_path / "out.onnx").exists() and result.check.top1_agreement >= 0.8
+        assert any("reference arithmetic, as x86-vnni computes it" in line for line in lines), lines

@@ -118,6 +118,7 @@ class Compressed:
     def _save_quantized(self, path: str, example: Tensor, observer: str, say) -> Agreement | None:
         from rankfold.io import replace_atomically
         from rankfold.quantize.export import GridCopy, export_quantized, weight_only_export
+        from rankfold.runtime import int8_kernels
         from rankfold.selfcheck import onnx_agreement, refuse_if_kernels_disagree, refuse_if_poor
 
         plan = self.plan
@@ -130,6 +131,10 @@ class Compressed:
         # A result that onnxruntime runs is checked as users run it (default session); one for the C
         # back-end in onnxruntime's reference arithmetic, which the C computes (within a unit per op).
         in_onnxruntime = plan.runtime == "onnxruntime"
+        # A file with full 8-bit weights planned here for another machine (x86-vnni, arm64) is checked
+        # in the reference arithmetic, which that machine computes, where this CPU's fused int8
+        # kernels saturate (x86 without VNNI): they are not the target's.
+        default_session = in_onnxruntime and (plan.reduce_range or int8_kernels().full_range_exact)
         # Built and checked in the system's temporary directory: only a checked model is written
         # beside `path`, under a unique name renamed into place.
         given = getattr(self.module, "fixed_inputs", None)
@@ -171,14 +176,16 @@ class Compressed:
                                  input_steps=self.input_steps, float_outputs=in_onnxruntime, grid=grid,
                                  **trained)
                 check = self.check
-                if in_onnxruntime and not float_activations:
+                if default_session and not float_activations:
                     refuse_if_kernels_disagree(partial, held if held is not None else fit, say)
                 if held is None:
                     break
                 grafted = graft is not None and graft.done
-                check = onnx_agreement(self.original, partial, held, optimized=in_onnxruntime, rules=self.rules,
+                check = onnx_agreement(self.original, partial, held, optimized=default_session, rules=self.rules,
                                        takes_inputs_of=self.module if grafted else None)
-                path_used = "onnxruntime default session" if in_onnxruntime else "onnxruntime reference arithmetic"
+                path_used = "onnxruntime default session" if default_session else "onnxruntime reference arithmetic"
+                if in_onnxruntime and not default_session:
+                    path_used += f", as {plan.target} computes it; this CPU's fused int8 kernels saturate"
                 form = ", weight-only" if float_activations else ""
                 say(f"self-check (quantized{form}, {path_used}): " + check.describe())
                 try:
