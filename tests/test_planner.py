@@ -78,7 +78,7 @@ def test_budget_values(quantity, text, value, relative):
     assert budget.value == pytest.approx(value) and budget.relative == relative
 
 
-@pytest.mark.parametrize("text", ["abc", "-5%", "10 parsecs", "0%", ""])
+@pytest.mark.parametrize("text", ["abc", "-5%", "10 parsecs", "0%", "", "1e309", "1e400%"])
 def test_bad_budget_values_raise(text):
     with pytest.raises(RankfoldError, match="max_params"):
         parse_budget("params", text)

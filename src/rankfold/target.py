@@ -203,8 +203,8 @@ def parse_budget(quantity: str, text: str | float) -> Budget:
     if not match:
         raise RankfoldError(f"max_{quantity}: cannot read {text!r} (examples: 10%, 300k, 2MB, 1.5ms)")
     number, unit = float(match.group(1)), match.group(2).lower()
-    if number <= 0:
-        raise RankfoldError(f"max_{quantity}: must be positive, got {text!r}")
+    if number <= 0 or not math.isfinite(number):  # 1e309 reads as infinity: no budget at all
+        raise RankfoldError(f"max_{quantity}: must be a positive finite number, got {text!r}")
     if unit == "%":
         return Budget(quantity, number / 100, relative=True)
     if unit not in units:
