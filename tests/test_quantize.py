@@ -665,6 +665,27 @@ def test_the_rounding_moments_of_large_maps_come_from_a_subset_of_positions():
     assert float((h_part - h_full).norm() / h_full.norm()) < 0.1  # sampling noise, about sqrt(36 / 8192)
 
 
+def test_many_samples_give_fewer_rows_each_to_the_rounding_moments(monkeypatch):
+    """A pass takes about MOMENT_ROWS rows a layer, spread over every sample: 2,048 a sample for a
+    few samples, fewer for many (224 pages of a detector: 586 each)."""
+    from rankfold.quantize import gptq
+
+    assert gptq.rows_per_sample(16) == gptq.ROWS_PER_SAMPLE and gptq.rows_per_sample(224) == 586
+    assert gptq.rows_per_sample(10**7) == 1
+    monkeypatch.setattr(gptq, "MOMENT_ROWS", 4 * 1024)  # 64 samples of 32x32 maps: 64 rows each
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(64, 4, 32, 32)
+    seen = []
+    real = gptq._input_rows
+    monkeypatch.setattr(gptq, "_input_rows", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    capped = gptq.input_second_moments(torch.nn.Sequential(conv), ["0"], x)["0"]
+    assert sum(len(rows) for rows in seen) == 64 * 64
+    full = real(conv, x, 0, limit=10**9)
+    h_full = (full.T @ full / len(full)).double()
+    assert float((capped - h_full).norm() / h_full.norm()) < 0.1
+
+
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
     ((3, 3), 1, (1, 1), 1), ((3, 3), 2, (0, 0), 1), ((5, 5), 1, (4, 4), 2), ((1, 1), 1, (0, 0), 1),
     ((1, 7), 2, (0, 3), 1), ((2, 3), (2, 1), (1, 0), (1, 2))])
