@@ -193,6 +193,8 @@ def test_eval_attack_cli(trained):
     (["--attack", "transfer"], "give it with --original"),
     (["--attack", "pgd", "--original", "M"], "needs --attack transfer"),
     (["--eps", "0.1"], "--eps set an attack: give --attack too"),
+    (["--attack-seed", "3", "--steps", "4"], "--steps/--attack-seed set an attack: give --attack too"),
+    (["--original", ""], "needs --attack transfer"),
     (["--attack", "pgd", "--pixel-mean", "0.1,0.2", "--pixel-std", "0.3,0.3"], "1 channels"),
     (["--attack", "pgd", "--pixel-mean", "0.1"], "go together"),
 ])

@@ -116,7 +116,7 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
     attack = _attack_config(args, x)
     if attack is not None and y is None:
         raise RankfoldError(f"{args.data}: --attack measures top-1 under attack: it needs labels y")
-    if args.original:
+    if args.original is not None:
         if attack is None or attack.kind != "transfer":
             raise RankfoldError("--original is the model a transfer attack crafts on: it needs --attack transfer")
         check_input_shape(x, _input_dims(read_onnx(args.original)), f"{args.data} (for --original)")
@@ -225,15 +225,15 @@ def _attack_args(p: argparse.ArgumentParser, *, compress: bool) -> None:
     p.add_argument("--eps", type=_eps_list, default=None,
                    help="attack size(s), comma-separated (default 0.03): in pixel units [0, 1] with --pixel-mean/"
                         "--pixel-std, else in the model's input units")
-    p.add_argument("--steps", type=_positive_int, default=10, help="pgd/transfer steps (default 10)")
-    p.add_argument("--step-size", type=_float_between_0_1, default=0.25,
+    p.add_argument("--steps", type=_positive_int, default=None, help="pgd/transfer steps (default 10)")
+    p.add_argument("--step-size", type=_float_between_0_1, default=None,
                    help="pgd step as a fraction of eps (default 0.25)")
     p.add_argument("--pixel-mean", type=_float_list, help="the input normalization (x = (pixel - mean) / std), one "
                    "value or one per channel: eps is then in pixels and attacks keep pixels in [0, 1]")
     p.add_argument("--pixel-std", type=_float_list, help="see --pixel-mean")
     p.add_argument("--attack-samples", type=_positive_int, default=1000,
                    help="attack the first N samples (default 1000; an attack runs the model steps+1 times)")
-    p.add_argument("--attack-seed", type=_integer, default=0, help="pgd's random start (default 0)")
+    p.add_argument("--attack-seed", type=_integer, default=None, help="pgd's random start (default 0)")
     if compress:
         p.add_argument("--attack-data", help=".npz with x and y: the samples --attack measures")
         p.add_argument("--preserve-robustness", action="store_true",
@@ -245,7 +245,9 @@ def _attack_args(p: argparse.ArgumentParser, *, compress: bool) -> None:
         p.add_argument("--original", help="transfer: the model the attack is crafted on")
 
 
-ATTACK_OPTIONS = {"eps": "--eps", "pixel_mean": "--pixel-mean", "pixel_std": "--pixel-std"}
+# options that only an attack reads: given without one, they are refused, not ignored
+ATTACK_OPTIONS = {"eps": "--eps", "steps": "--steps", "step_size": "--step-size", "attack_seed": "--attack-seed",
+                  "pixel_mean": "--pixel-mean", "pixel_std": "--pixel-std"}
 
 
 def _attack_config(args: argparse.Namespace, x, *, needed: bool = False):
@@ -259,8 +261,10 @@ def _attack_config(args: argparse.Namespace, x, *, needed: bool = False):
             raise RankfoldError(f"{'/'.join(stray)} set an attack: give --attack too")
         return None
     try:
-        config = AttackConfig(args.attack or "pgd", args.eps or (DEFAULT_EPS,), args.steps, args.step_size,
-                              args.attack_seed, args.pixel_mean, args.pixel_std)
+        chosen = (("steps", "steps"), ("step_size", "step_size"), ("attack_seed", "seed"))
+        given = {field: getattr(args, key) for key, field in chosen if getattr(args, key) is not None}
+        config = AttackConfig(args.attack or "pgd", args.eps or (DEFAULT_EPS,), pixel_mean=args.pixel_mean,
+                              pixel_std=args.pixel_std, **given)
     except ValueError as exc:
         raise RankfoldError(str(exc).replace("pixel_mean and pixel_std", "--pixel-mean and --pixel-std")) from None
     config.check_channels(x, "--pixel-mean/--pixel-std")
@@ -1570,7 +1574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=128,
                    help="model directory: windows (language models) or sentences (encoders) (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--limit", type=_count, default=0, help="use only the first N samples")
+    p.add_argument("--limit", type=_count, default=0, help="use only the first N samples (default 0: all)")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per latency (default 30)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("-q", "--quiet", action="store_true", help="no attack progress on stderr")
@@ -1721,7 +1725,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", default="2,3,5,7,10,15,20,30,50,75",
                    help="weight-byte budgets in %% of the original (default 2,3,5,7,10,15,20,30,50,75)")
     p.add_argument("--data", help=".npz with x and y: measure top-1 at --measure points of the front")
-    p.add_argument("--limit", type=_count, default=0, help="use only the first N samples of --data")
+    p.add_argument("--limit", type=_count, default=0, help="use only the first N samples of --data (default 0: all)")
     p.add_argument("--measure", type=_count, default=3, help="how many points to apply and measure (default 3)")
     p.add_argument("--plot", help="write the front as a PNG")
     p.add_argument("--json", help="write the front as JSON")
