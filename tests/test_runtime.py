@@ -87,6 +87,19 @@ def test_reduced_range_layers_are_computed_exactly_on_every_cpu(tmp_path):
     assert int8_kernel_check(str(tmp_path / "r.onnx"), calib[:8].numpy()).worst_units <= 1
 
 
+class _Altered:
+    """An onnxruntime session whose outputs pass through `change`: a runtime that computes something else."""
+
+    def __init__(self, inner, change):
+        self.inner, self.change = inner, change
+
+    def get_inputs(self):
+        return self.inner.get_inputs()
+
+    def run(self, names, feed):
+        return [self.change(v) for v in self.inner.run(names, feed)]
+
+
 def test_the_kernel_check_finds_a_runtime_that_computes_something_else(tmp_path, monkeypatch):
     """Where the optimized session drifts from the reference arithmetic, the check says by how much and where."""
     import rankfold.runtime as runtime
@@ -94,18 +107,8 @@ def test_the_kernel_check_finds_a_runtime_that_computes_something_else(tmp_path,
     path, x = _int8_layer(tmp_path, "conv1x1_128_32")
     real = runtime.session
 
-    class Drifting:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def get_inputs(self):
-            return self.inner.get_inputs()
-
-        def run(self, names, feed):
-            return [v + 5.0 for v in self.inner.run(names, feed)]
-
     monkeypatch.setattr(runtime, "session", lambda m, *, optimized=True, threads=0:
-                        Drifting(real(m, optimized=True)) if optimized else real(m, optimized=False))
+                        _Altered(real(m, optimized=True), lambda v: v + 5.0) if optimized else real(m, optimized=False))
     check = int8_kernel_check(str(path), x)
     assert not check.ok and check.worst_units >= 5 and check.worst_layer
     assert len(quantized_layer_spans(onnx.load(path))) == check.layers == 1
@@ -193,20 +196,11 @@ def _saturating_cpu(monkeypatch, saturates: bool = True, only_int8: bool = True)
 
     real = runtime.session
 
-    class Saturating:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def get_inputs(self):
-            return self.inner.get_inputs()
-
-        def run(self, names, feed):
-            return [-v for v in self.inner.run(names, feed)]
-
     def fake(m, *, optimized=True, threads=0):  # only graphs that run int8 kernels are off
         proto = m if hasattr(m, "graph") else onnx.load_from_string(m) if isinstance(m, bytes) else onnx.load(m)
         inner = real(m, optimized=optimized)
-        return Saturating(inner) if optimized and (runtime.computes_in_int8(proto) or not only_int8) else inner
+        altered = optimized and (runtime.computes_in_int8(proto) or not only_int8)
+        return _Altered(inner, lambda v: -v) if altered else inner
 
     monkeypatch.setattr(runtime, "int8_kernels", lambda: runtime.Int8Kernels(not saturates, True, "a test CPU"))
     monkeypatch.setattr(runtime, "session", fake)

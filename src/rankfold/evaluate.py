@@ -501,12 +501,12 @@ def evaluate(
     """Everything `rankfold eval` reports for one ONNX file."""
     path = os.fspath(path)
     size = onnx_size(path, sample_shape=tuple(x.shape[1:]))  # open dimensions sized by the data
-    exact = faithful(path)
+    proto = onnx.load(path)
+    exact = optimized_is_faithful(proto)
     acc = accuracy(path, x, y, optimized=exact) if y is not None else None
     acc_default = accuracy(path, x, y, optimized=True) if y is not None and not exact else None
     b1 = latency_ms(path, x[:1], batch=1, runs=runs) if measure_latency else None
     b32 = latency_ms(path, x[:32], batch=32, runs=runs) if measure_latency else None
-    proto = onnx.load(path)
     peak = onnx_peak_activation_bytes(proto, sample_shape=tuple(x.shape[1:]))
     kernels = None
     if any(node.op_type == "QuantizeLinear" for node in proto.graph.node):
