@@ -42,44 +42,69 @@ def english_words() -> list[str]:
     return [w for w in re.findall(r"[A-Za-z0-9][A-Za-z0-9'.,:-]*", text) if len(w) < 16]
 
 
-def _text_line(rng, words, font_files, height: int) -> Image.Image:
-    count = int(rng.integers(2, 6))
-    text = " ".join(words[int(i)] for i in rng.integers(0, len(words), count))
+def _line_text(rng, words) -> str:
+    text = " ".join(words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(2, 6))))
     if rng.random() < 0.3:
         text += f" {int(rng.integers(0, 100000))}"
+    return text
+
+
+def _text_line(rng, words, font_files, height: int, max_width: int | None = None,
+               resample: int = Image.BILINEAR) -> Image.Image:
+    """A line of 2 to 5 words (and a number, sometimes), dark on light, scaled to `height`. With
+    `max_width`: words are dropped from its end until it fits (one word stays, squeezed if it must)."""
+    text = _line_text(rng, words)
     font = ImageFont.truetype(font_files[int(rng.integers(len(font_files)))], int(rng.integers(22, 34)))
-    left, top, right, bottom = font.getbbox(text)
     back = tuple(int(v) for v in rng.integers(170, 256, 3))
     ink = tuple(int(v) for v in rng.integers(0, 90, 3))
-    image = Image.new("RGB", (right - left + 16, max(bottom - top + 12, 20)), back)
+    while True:
+        left, top, right, bottom = font.getbbox(text)
+        size = (right - left + 16, max(bottom - top + 12, 20))
+        width = max(int(size[0] * height / size[1]), 8)
+        if max_width is None or width <= max_width or " " not in text:
+            break
+        text = text.rsplit(" ", 1)[0]
+    image = Image.new("RGB", size, back)
     ImageDraw.Draw(image).text((8 - left, 6 - top), text, font=font, fill=ink)
-    width = max(int(image.width * height / image.height), 8)
-    return image.resize((width, height), Image.BILINEAR)
-
-
-def _pad_to(image: Image.Image, width: int, fill) -> np.ndarray:
-    """PaddleOCR's resize-norm for text lines: keep the aspect ratio, pad on the right."""
-    if image.width > width:
-        image = image.resize((width, image.height), Image.BILINEAR)
-    canvas = Image.new("RGB", (width, image.height), fill)
-    canvas.paste(image, (0, 0))
-    return np.asarray(canvas, np.float32)
+    return image.resize((width, height), resample)
 
 
 def _chw_half(pixels: np.ndarray) -> np.ndarray:
     return ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
 
 
-def text_lines(rng, n: int, *, height: int = 48, width: int = 320, rotate_half: bool = False) -> np.ndarray:
-    """PP-OCR recogniser / orientation-classifier inputs; with rotate_half, half are upside down."""
+def _resize_norm(line: Image.Image, width: int) -> np.ndarray:
+    """PaddleOCR's (and RapidOCR's) resize-norm for text lines: keep the aspect ratio (squeeze a
+    line wider than `width`), (x/255 - 0.5)/0.5, CHW, then pad on the right with zeros: the
+    normalized mid-grey, not black."""
+    if line.width > width:
+        line = line.resize((width, line.height), Image.BILINEAR)
+    out = np.zeros((3, line.height, width), np.float32)
+    out[:, :, : line.width] = _chw_half(np.asarray(line, np.float32))
+    return out
+
+
+def text_lines(rng, n: int, *, height: int = 48, width: int = 320, rotate_half: bool = False,
+               fit: bool = False, resample: int = Image.BILINEAR) -> np.ndarray:
+    """PP-OCR orientation-classifier inputs (with rotate_half, half are upside down; a long line is
+    squeezed to `width`, as the classifier's package does). With `fit`, recogniser inputs: lines
+    that fit `width` unsqueezed, as RapidOCR feeds its recogniser (it widens a batch to its longest
+    line; squeezed 1.5x or more, PP-OCRv4's recogniser reads half the lines unlike its own reading
+    at full width)."""
     words, font_files = english_words(), fonts()
     out = np.empty((n, 3, height, width), np.float32)
     for i in range(n):
-        line = _text_line(rng, words, font_files, height)
+        line = _text_line(rng, words, font_files, height, width if fit else None, resample)
         if rotate_half and rng.random() < 0.5:
             line = line.rotate(180)
-        out[i] = _chw_half(_pad_to(line, width, (0, 0, 0)))
+        out[i] = _resize_norm(line, width)
     return out
+
+
+def reading_lines(rng, n: int, *, height: int = 48, width: int = 320, resample: int = Image.BILINEAR) -> np.ndarray:
+    """Text-recogniser inputs: text_lines that fit `width` unsqueezed (`resample`: the filter that
+    scales a rendered line to `height`)."""
+    return text_lines(rng, n, height=height, width=width, fit=True, resample=resample)
 
 
 def text_pages(rng, n: int, *, height: int = 320, width: int = 480, pixels: bool = False) -> np.ndarray:
@@ -106,7 +131,7 @@ def turned_pages(rng, n: int, *, size: int = 224) -> np.ndarray:
 
 def gray_lines(rng, n: int, *, height: int = 64, width: int = 256) -> np.ndarray:
     """ddddocr's recogniser inputs: text lines in grey, (pixel / 255 - 0.5) / 0.5, (n, 1, height, width)."""
-    return text_lines(rng, n, height=height, width=width).mean(1, keepdims=True)
+    return reading_lines(rng, n, height=height, width=width).mean(1, keepdims=True)
 
 
 def _scene(rng, size: int) -> Image.Image:
