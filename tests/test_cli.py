@@ -68,6 +68,8 @@ def test_compress_writes_a_smaller_model_and_report(small, tmp_path):
     (["compress", "M", "--method", "magic", "-o", "OUT"], "unknown method 'magic'"),
     (["compress", "M", "--calib", "WRONGSHAPE", "-o", "OUT"], "do not fit the model's input"),
     (["compress", "M", "-o", "/nonexistent/dir/out.onnx"], "does not exist"),
+    (["compress", "M", "--keep", "0.5", "-o", "OUT", "--report", ""], "--report: expected a file path, got ''"),
+    (["pareto", "M", "--calib", "D", "--json", ""], "--json: expected a file path, got ''"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(small, tmp_path, args, message):
     (tmp_path / "notonnx.onnx").write_text("hello")

@@ -75,6 +75,9 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None],
     Keys name the options (for the message), values are paths (None: not given)."""
     from rankfold.errors import RankfoldError
 
+    for option, path in outputs.items():
+        if path is not None and not path.strip():  # `--json ''` wrote nothing, and said nothing
+            raise RankfoldError(f"{option}: expected a file path, got {path!r}")
     given_in = {k: v for k, v in inputs.items() if v}
     given_out = {k: v for k, v in outputs.items() if v}
     seen: dict[str, str] = {}
