@@ -223,8 +223,10 @@ def test_an_int8_file_is_measured_in_what_it_means_where_the_kernels_saturate(tm
     if saturates:
         assert result.accuracy == 1.0 and result.accuracy_default_session == float(((-scores).argmax(1) == y).mean())
         assert "reference arithmetic" in result.arithmetic and result.int8_kernel_max_units > 1
+        assert "compute this file wrongly" in result.latency_note  # its latency is the wrong kernels'
     else:
         assert result.accuracy < 1.0 and result.accuracy_default_session is None  # the default session, as is
+        assert result.latency_note == ""
 
 
 def test_a_float_file_is_measured_in_the_default_session_on_every_cpu(tmp_path, monkeypatch):

@@ -154,6 +154,8 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
     if result.latency_ms_b1 is not None:
         print(f"latency b1      {result.latency_ms_b1:.3f} ms   (onnxruntime, 1 thread, median of {args.runs})")
         print(f"latency b32     {result.latency_ms_b32:.3f} ms")
+        if result.latency_note:
+            print(f"                {result.latency_note}")
     for r in robust:
         print(f"{r.attack} eps={r.eps:<6g} adversarial top-1 {r.adversarial_accuracy:.4f} "
               f"(clean {r.clean_accuracy:.4f}, {r.samples} samples; {r.twin_agreement:.1%} of them judged alike "
