@@ -94,3 +94,21 @@ def test_a_recognisers_outlier_multiple_carries_to_the_ranks_above_it():
     assert probe.structural_loss("bad", ("svd", (32,)), 1e-4) == pytest.approx(1e-3)
     probe.carries_up = False  # a classifier's: a rank too small for the layer, the estimate holds above it
     assert probe.structural_loss("bad", ("svd", (16,)), 5e-4) == 5e-4
+
+
+def test_in_eval_mode_gives_back_the_training_mode_however_the_block_ends():
+    from torch import nn
+
+    from rankfold.analyze import in_eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    with in_eval_mode(model) as same:
+        assert same is model and not model.training and not model[1].training
+    assert model.training and model[1].training
+    with pytest.raises(ValueError), in_eval_mode(model):
+        raise ValueError("a failed pass")
+    assert model.training
+    model.eval()
+    with in_eval_mode(model):
+        pass
+    assert not model.training  # a model in eval mode stays so

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,17 @@ def takes_weight_groups(module: nn.Module) -> bool:
 # would break them (nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward).
 WEIGHT_READERS = (nn.MultiheadAttention,)
 
+
+@contextlib.contextmanager
+def in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (dropout off, batch norms on their running statistics) for the block,
+    its training mode as it was after it, however the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 def untouchable_layers(model: nn.Module) -> dict[str, str]:
     """Compressible layers that must stay as they are, by name, with the reason: those a parent

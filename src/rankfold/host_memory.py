@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, peak_state_bytes, run_checked
+from rankfold.analyze import as_input, in_eval_mode, peak_state_bytes, run_checked
 from rankfold.errors import RankfoldError
 from rankfold.settings import DEFAULT_BATCH, batches_of, memory_headroom_of
 
@@ -106,12 +106,8 @@ def saved_bytes_per_sample(model: nn.Module, example: Tensor) -> int:
 
         x = as_input(batch.detach())
         x.requires_grad_(x.is_floating_point())  # token ids and bytes take no gradient
-        was_training = model.training
-        try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                run_checked(model.eval(), x)
-        finally:
-            model.train(was_training)
+        with in_eval_mode(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run_checked(model, x)
         return total
 
     one = example[:1]

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, is_ctc_logits, linear_and_model_outputs, model_outputs
+from rankfold.analyze import as_input, in_eval_mode, is_ctc_logits, linear_and_model_outputs, model_outputs
 from rankfold.settings import calibration_batch
 
 # A class is active when some calibration position predicts it, or its mean probability exceeds
@@ -147,9 +147,7 @@ class HeadMetrics:
 def softmax_head_metrics(model: nn.Module, names: Iterable[str], calib: Tensor,
                          batch_size: int | None = None) -> dict[str, OutputMetric]:
     """HeadMetrics over `calib` in a forward pass of its own; {} (and no pass) when there is no head."""
-    was_training = model.training
-    model.eval()
-    try:
+    with in_eval_mode(model):
         heads = HeadMetrics(model, names, calib[:1])
         if not heads.heads:
             return {}
@@ -157,8 +155,6 @@ def softmax_head_metrics(model: nn.Module, names: Iterable[str], calib: Tensor,
         with torch.no_grad():
             for start in range(0, calib.shape[0], batch_size):
                 heads.add(model_outputs(model(as_input(calib[start : start + batch_size]))))
-    finally:
-        model.train(was_training)
     return heads.result()
 
 

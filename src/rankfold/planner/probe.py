@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from rankfold.analyze import (
     GraphCursor,
     as_input,
+    in_eval_mode,
     is_ctc_logits,
     is_probability,
     layers_called_by_ops,
@@ -99,12 +100,8 @@ class LossProbe:
         return [self.probe[start : start + step] for start in range(0, self.probe.shape[0], step)]
 
     def _whole_pass(self) -> list[list[Tensor]]:
-        was_training = self.model.training
-        try:
-            with torch.no_grad():
-                return [model_outputs(run_checked(self.model.eval(), batch)) for batch in self._batches()]
-        finally:
-            self.model.train(was_training)
+        with in_eval_mode(self.model), torch.no_grad():
+            return [model_outputs(run_checked(self.model, batch)) for batch in self._batches()]
 
     def _divergence(self, outputs: list[list[Tensor]]) -> float:
         kinds = tuple(getattr(self.model, "output_kinds", ()) or ())
@@ -131,12 +128,8 @@ class LossProbe:
         try:
             with torch.no_grad():
                 layer.weight.copy_(self._approximation(name, key))
-            was_training = self.model.training
-            self.model.eval()
-            try:
+            with in_eval_mode(self.model):
                 return self._divergence(run())
-            finally:
-                self.model.train(was_training)
         finally:
             with torch.no_grad():
                 layer.weight.copy_(original)
