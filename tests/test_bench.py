@@ -161,3 +161,27 @@ def test_fired_scenes_raise_the_detector_s_best_scores_and_stay_valid_pixels():
     assert fired.shape == plain.shape and float(fired.min()) >= 0 and float(fired.max()) <= 1
     best = [model(x)[:, 4:].amax((1, 2)) for x in (plain, fired)]
     assert bool((best[1] > best[0]).all()), best
+
+
+
+def test_recogniser_lines_fit_unsqueezed_and_are_padded_with_the_normalized_zero():
+    """RapidOCR never squeezes a line into its recogniser's input and pads with 0 after
+    normalizing (mid-grey): the bench's recogniser lines do the same."""
+    import glob
+
+    import numpy as np
+    import pytest
+
+    from bench import field_inputs
+
+    if not any(glob.glob(p, recursive=True) for p in field_inputs.FONT_GLOBS):
+        pytest.skip("no TrueType fonts (apt-get install fonts-dejavu-core)")
+    rng, words, fonts = np.random.default_rng(0), field_inputs.english_words(), field_inputs.fonts()
+    widths = [field_inputs._text_line(rng, words, fonts, 48, max_width=320).width for _ in range(40)]
+    unfitted = [field_inputs._text_line(rng, words, fonts, 48).width for _ in range(40)]
+    assert sum(w <= 320 for w in widths) >= 39 and sum(w > 320 for w in unfitted) >= 10  # one long word may stay
+    x = field_inputs.reading_lines(np.random.default_rng(0), 8)
+    assert x.shape == (8, 3, 48, 320) and float(x.min()) >= -1 and float(x.max()) <= 1
+    padding = (x == 0).all(axis=(1, 2))  # (8, 320): the columns right of each line are exactly 0
+    assert padding[:, -1].all()
+    assert all(padding[i, int(np.argmax(padding[i])):].all() for i in range(8))
