@@ -301,3 +301,20 @@ def test_the_cli_observers_are_the_quantizers():
     from rankfold.quantize.observers import OBSERVERS
 
     assert set(OBSERVER_NAMES) == set(OBSERVERS)
+
+
+@pytest.mark.parametrize("command, arguments, message", [
+    ("finetune", [*FT, "--checkpoint", "", "-o", "O"], "--checkpoint: expected a directory path, got ''"),
+    ("finetune", [*FT, "--device", "", "-o", "O"], "--device '': expected cpu, cuda or cuda:N"),
+    ("export-c", ["M", "--calib", "C", "--target", "", "-o", "O"], "unknown target ''"),
+])
+def test_an_empty_value_is_refused_not_read_as_the_default(files, tmp_path, command, arguments, message, capsys):
+    """An empty --checkpoint, --device or --target was read as 'none given' (no checkpoints, the
+    CPU, no target) and the command went on."""
+    names = {"M": files / "m.onnx", "C": files / "calib.npz", "D": files / "data.npz", "P": files / "plan.json",
+             "O": tmp_path / ("cdir" if command == "export-c" else "out.onnx")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main([command, *(str(names.get(a, a)) for a in arguments)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

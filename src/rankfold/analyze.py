@@ -46,6 +46,7 @@ def in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         model.train(was_training)
 
+
 def untouchable_layers(model: nn.Module) -> dict[str, str]:
     """Compressible layers that must stay as they are, by name, with the reason: those a parent
     reads the weight of directly, and those whose weight is tied to another module's (a language

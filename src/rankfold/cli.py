@@ -1092,6 +1092,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
                             "(a float compression of MODEL), one of them")
     plan = _plan_or_student(args)
     _check_outputs(args)
+    if args.checkpoint is not None and not args.checkpoint.strip():
+        raise RankfoldError(f"--checkpoint: expected a directory path, got {args.checkpoint!r}")
     graph, model, calib, example = _load_inputs(args)
     _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back for the self-check")
     train = _more_samples(args, graph, args.train, need_labels=args.label_weight > 0)
@@ -1278,7 +1280,7 @@ def _cmd_export_c(args: argparse.Namespace) -> None:
 
     check_output_directory(args.output, {"model": args.model, "--calib": args.calib}, force=args.force)
     model = read_onnx(args.model)
-    target = load_target(args.target) if args.target else None
+    target = load_target(args.target) if args.target is not None else None  # '' is refused by name
     log = _log(args.quiet)
     sample_shape = None
     if args.calib:  # its samples' size is the size the C program runs (a model may leave H and W open)

@@ -58,7 +58,7 @@ def training_device(name: str | None) -> torch.device:
     torch sees no such device (checked before any work)."""
     from rankfold.errors import RankfoldError
 
-    name = name or "cpu"
+    name = "cpu" if name is None else name  # an empty --device is refused, not read as cpu
     try:
         device = torch.device(name)
     except RuntimeError:
