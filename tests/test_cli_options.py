@@ -307,10 +307,13 @@ def test_the_cli_observers_are_the_quantizers():
     ("finetune", [*FT, "--checkpoint", "", "-o", "O"], "--checkpoint: expected a directory path, got ''"),
     ("finetune", [*FT, "--device", "", "-o", "O"], "--device '': expected cpu, cuda or cuda:N"),
     ("export-c", ["M", "--calib", "C", "--target", "", "-o", "O"], "unknown target ''"),
+    ("targets", ["--show", ""], "unknown target ''"),
+    ("demo", ["--out", ""], "--out: expected a directory path, got ''"),
 ])
 def test_an_empty_value_is_refused_not_read_as_the_default(files, tmp_path, command, arguments, message, capsys):
-    """An empty --checkpoint, --device or --target was read as 'none given' (no checkpoints, the
-    CPU, no target) and the command went on."""
+    """An empty --checkpoint, --device, --target or --show was read as 'none given' (no
+    checkpoints, the CPU, no target, every target) and the command went on; demo --out '' failed
+    without naming the option."""
     names = {"M": files / "m.onnx", "C": files / "calib.npz", "D": files / "data.npz", "P": files / "plan.json",
              "O": tmp_path / ("cdir" if command == "export-c" else "out.onnx")}
     with contextlib.redirect_stdout(io.StringIO()):

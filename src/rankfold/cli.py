@@ -1335,7 +1335,7 @@ def _cmd_targets(args: argparse.Namespace) -> None:
 
     from rankfold.target import builtin_targets, load_target
 
-    if args.show:
+    if args.show is not None:  # an empty name is refused by load_target, not read as "list them all"
         load_target(args.show)
         print((resources.files("rankfold") / "targets" / f"{args.show}.toml").read_text()
               if args.show in builtin_targets() else open(args.show).read(), end="")
@@ -1349,6 +1349,8 @@ def _cmd_targets(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from rankfold.demo import run_demo
 
+    if not args.out.strip():
+        raise RankfoldError(f"--out: expected a directory path, got {args.out!r}")
     run_demo(args.out, epochs=args.epochs, target=args.target, max_weight_bytes=args.max_weight_bytes)
 
 
