@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from rankfold.errors import RankfoldError, first_line
-from rankfold.io import check_output_directory, check_outputs
+from rankfold.io import check_output_directory, check_outputs, refuse_empty_path
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -1092,8 +1092,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
                             "(a float compression of MODEL), one of them")
     plan = _plan_or_student(args)
     _check_outputs(args)
-    if args.checkpoint is not None and not args.checkpoint.strip():
-        raise RankfoldError(f"--checkpoint: expected a directory path, got {args.checkpoint!r}")
+    refuse_empty_path("--checkpoint", args.checkpoint, "directory")
     graph, model, calib, example = _load_inputs(args)
     _require_check_data(args, calib, CHECK_SAMPLES, "an eighth, 16 to 128, is held back for the self-check")
     train = _more_samples(args, graph, args.train, need_labels=args.label_weight > 0)
@@ -1349,8 +1348,7 @@ def _cmd_targets(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from rankfold.demo import run_demo
 
-    if not args.out.strip():
-        raise RankfoldError(f"--out: expected a directory path, got {args.out!r}")
+    refuse_empty_path("--out", args.out, "directory")
     run_demo(args.out, epochs=args.epochs, target=args.target, max_weight_bytes=args.max_weight_bytes)
 
 

@@ -69,6 +69,15 @@ def _inside(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
 
+def refuse_empty_path(option: str, path: str | None, what: str = "file") -> None:
+    """An option given as '' (or blanks) is an error, not 'not given': `--json ''` wrote nothing,
+    `--checkpoint ''` kept no checkpoints, and neither said so."""
+    from rankfold.errors import RankfoldError
+
+    if path is not None and not path.strip():
+        raise RankfoldError(f"{option}: expected a {what} path, got {path!r}")
+
+
 def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None], *, force: bool = False) -> None:
     """Before any work: every output file is none of the inputs and no other output, its
     directory exists, it is not a directory, and an existing file is replaced only with `force`.
@@ -76,8 +85,7 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None],
     from rankfold.errors import RankfoldError
 
     for option, path in outputs.items():
-        if path is not None and not path.strip():  # `--json ''` wrote nothing, and said nothing
-            raise RankfoldError(f"{option}: expected a file path, got {path!r}")
+        refuse_empty_path(option, path)
     given_in = {k: v for k, v in inputs.items() if v}
     given_out = {k: v for k, v in outputs.items() if v}
     seen: dict[str, str] = {}

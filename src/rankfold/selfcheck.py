@@ -112,7 +112,7 @@ class Agreement:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def _interval(self, fraction: float) -> str:
+    def interval(self, fraction: float) -> str:
         """' (95 % interval 63%-93%)': how far a fraction of so few samples may be from the data's."""
         low, high = proportion_interval(fraction, self.samples)
         return f" (95 % interval {low:.0%}-{high:.0%})"
@@ -121,13 +121,13 @@ class Agreement:
         # an interval for top-1 where it is one figure per sample (classifiers), not per position
         per_sample = all(o.kind == "classes" for o in self.outputs if o.kind in CLASS_KINDS)
         top1 = "" if self.top1_agreement is None else \
-            f"top-1 agreement {self.top1_agreement:.1%}{self._interval(self.top1_agreement) if per_sample else ''}, "
+            f"top-1 agreement {self.top1_agreement:.1%}{self.interval(self.top1_agreement) if per_sample else ''}, "
         embeddings = [o.metrics.get("cosine", 0.0) for o in self.outputs if o.kind == "embedding"]
         if embeddings:
             top1 += f"embedding cosine {min(embeddings):.4f}, "
         for o in self.outputs:
             if o.kind == "sequence":  # what its default rule judges; top-1 above is per position
-                top1 += f"sequences read alike {o.metrics['sequence']:.1%}{self._interval(o.metrics['sequence'])}, "
+                top1 += f"sequences read alike {o.metrics['sequence']:.1%}{self.interval(o.metrics['sequence'])}, "
             if o.kind == "scores":
                 top1 += f"score IoU@{DEFAULT_IOU_AT:g} {o.metrics[f'iou@{DEFAULT_IOU_AT:g}']:.1%}, "
             if o.kind == "selected":  # top-1 above counts it too: the rows both select over either's
@@ -413,8 +413,7 @@ def _apart(value: float, limit: float) -> str:
 
 def _of_samples(value: float, check: Agreement) -> str:
     """'34.4% of 32 held-back samples (95 % interval 20%-52%)': a figure per sample with how sure it is."""
-    low, high = proportion_interval(value, check.samples)
-    return f"{value:.1%} of {check.samples} {check.where} (95 % interval {low:.0%}-{high:.0%})"
+    return f"{value:.1%} of {check.samples} {check.where}{check.interval(value)}"
 
 
 def refuse_if_poor(check: Agreement, min_agreement: float,
