@@ -5,7 +5,7 @@ are constants there, so a decoder's result loses its key/value caches and a stre
 state. Here each layer the compression changed replaces the nodes it was read from, and
 everything else stays as the file has it: its inputs and outputs, caches and states, Ifs,
 onnxruntime's own ops, names and declared shapes. A layer is grafted where it was read from a
-MatMul, Gemm, Conv or table Gather node (with the Add or BatchNormalization folded into it) and
+MatMul, Gemm, Conv or table Gather node (with the BatchNormalization, Mul or Add folded into it) and
 is made of layers LAYER_WRITERS knows; anything else raises GraftRefused with the reason, and the
 caller writes the traced export instead.
 """
@@ -29,7 +29,7 @@ from rankfold.layers import ColumnBlocks, ExactRows
 from rankfold.runtime import join_samples
 
 HEAD_OPS = ("MatMul", "Gemm", "Conv", "Gather")  # the weighted node a layer was read from (Gather: a table)
-FOLDED_OPS = ("Add", "BatchNormalization")  # what the reader folds into the layer after it
+FOLDED_OPS = ("Add", "Mul", "BatchNormalization")  # what the reader folds into the layer after it
 MAX_PROTO_BYTES = 2_000_000_000  # one protobuf holds at most 2 GB
 
 
