@@ -24,6 +24,7 @@ from torch import Tensor
 
 FUSED_SILU = "Mul:fused-silu"  # x * sigmoid(x), one torch op (frontends/onnx_ops.py)
 FUSED_MISH = "Mul:fused-mish"  # x * tanh(softplus(x)) as torch's mish kernel
+FUSED_SCALE_SHIFT = "Add:fused-scale-shift"  # x * scale + shift by constants, one pass (torch.addcmul)
 # A constant written in float32 from a formula (sqrt 2, 1/6) matches it to this relative tolerance.
 CONSTANT_TOLERANCE = 1e-6
 
@@ -47,14 +48,19 @@ class _Graph:
             return None
         return node if self.readers.get(value, 0) == 1 and value not in self.outputs else None
 
-    def is_constant(self, value: str, number: float, tolerance: float = 0.0) -> bool:
-        """Whether `value` is a known one-element constant equal to `number` (within `tolerance`,
-        relative: a float32 sqrt 2 is not the float64 one)."""
+    def constant(self, value: str) -> Tensor | None:
+        """The value of `value` where it is known before conversion (an initializer, a Constant node)."""
         tensor = self.consts.get(value)
         node = self.made.get(value)
         if tensor is None and node is not None and node.op_type == "Constant":
             attribute = next((a for a in node.attribute if a.name == "value"), None)
             tensor = torch.from_numpy(onnx.numpy_helper.to_array(attribute.t).copy()) if attribute else None
+        return tensor
+
+    def is_constant(self, value: str, number: float, tolerance: float = 0.0) -> bool:
+        """Whether `value` is a known one-element constant equal to `number` (within `tolerance`,
+        relative: a float32 sqrt 2 is not the float64 one)."""
+        tensor = self.constant(value)
         if tensor is None or tensor.numel() != 1:
             return False
         return abs(float(tensor.reshape(())) - number) <= tolerance * abs(number)
@@ -261,22 +267,52 @@ def _gelu(graph: _Graph, mul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx
     return None
 
 
+def _scale_shift(graph: _Graph, add: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """Add(Mul(x, scale), shift), both float constants, as one pass over x: Paddle2ONNX writes
+    PP-LCNetV3's learnable affine blocks so, after every activation (what follows a convolution
+    the reader folds into it)."""
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return None
+    for scaled, shift in (add.input, reversed(add.input)):
+        mul = graph.producer(scaled, "Mul")
+        if mul is None or len(mul.input) != 2 or not _float_constant(graph, shift):
+            continue
+        for x, scale in (mul.input, reversed(mul.input)):
+            if _float_constant(graph, scale) and graph.constant(x) is None:
+                return helper.make_node(FUSED_SCALE_SHIFT, [x, scale, shift], list(add.output), name=add.name), [mul]
+    return None
+
+
+def _float_constant(graph: _Graph, value: str) -> bool:
+    tensor = graph.constant(value)
+    return tensor is not None and tensor.is_floating_point()
+
+
 # The last node of each pattern -> what recognises it there
-PATTERNS: list[Callable[[_Graph, onnx.NodeProto], tuple[onnx.NodeProto, list[onnx.NodeProto]] | None]] = [
-    _hard_swish, _hard_sigmoid_swish, _silu, _gelu, _mish]
+Pattern = Callable[[_Graph, onnx.NodeProto], tuple[onnx.NodeProto, list[onnx.NodeProto]] | None]
+PATTERNS: list[Pattern] = [_hard_swish, _hard_sigmoid_swish, _silu, _gelu, _mish]
+# Read after the activations: a scale and shift inside one of them (GELU's 1 + k x^2) stays theirs.
+LATER_PATTERNS: list[Pattern] = [_scale_shift]
 
 
 def fused_activations(nodes: list[onnx.NodeProto], consts: Mapping[str, Tensor],
                       outputs: set[str]) -> list[onnx.NodeProto]:
-    """`nodes` (in topological order) with every pattern of PATTERNS replaced by its one node, at
-    the place of the pattern's last node."""
+    """`nodes` (in topological order) with every pattern of PATTERNS, then of LATER_PATTERNS,
+    replaced by its one node, at the place of the pattern's last node."""
+    for patterns in (PATTERNS, LATER_PATTERNS):
+        nodes = _fused_by(patterns, nodes, consts, outputs)
+    return nodes
+
+
+def _fused_by(patterns: list[Pattern], nodes: list[onnx.NodeProto], consts: Mapping[str, Tensor],
+              outputs: set[str]) -> list[onnx.NodeProto]:
     graph = _Graph(nodes, consts, outputs)
     fused: dict[int, onnx.NodeProto] = {}
     dropped: set[int] = set()
     for node in nodes:
         if id(node) in dropped:
             continue
-        found = next((hit for pattern in PATTERNS if (hit := pattern(graph, node)) is not None), None)
+        found = next((hit for pattern in patterns if (hit := pattern(graph, node)) is not None), None)
         if found is not None and not any(id(part) in dropped or id(part) in fused for part in found[1]):
             fused[id(node)] = found[0]
             dropped.update(id(part) for part in found[1])

@@ -27,7 +27,7 @@ from rankfold.frontends import (  # noqa: F401 (the op modules register their op
     onnx_ops_field,
     onnx_ops_signal,
 )
-from rankfold.frontends.activations import fused_activations
+from rankfold.frontends.activations import FUSED_SCALE_SHIFT, fused_activations
 from rankfold.frontends.onnx_ops import OPS, STRAIGHT_THROUGH, padded_sizes, same_pads, torch_pad_order
 from rankfold.frontends.packing import Packing, packed_model
 from rankfold.layers import ColumnBlocks
@@ -1112,27 +1112,45 @@ class _Converter:
         return new_weight, new_bias, bn.output[0]
 
     def _fold_channel_affine(self, out_name: str, weight: Tensor, bias: Tensor | None):
-        """Fold a Mul, then an Add, by constants per output channel that alone read the conv's
-        output into the conv: Paddle2ONNX writes PP-LCNetV3's learnable affine blocks (PP-OCRv4's
-        recogniser: 62 of them) and some exporters a conv's bias so. Each was a pass over the map in
+        """Fold a Mul and an Add by constants per output channel that alone read the conv's output
+        into the conv: Paddle2ONNX writes PP-LCNetV3's learnable affine blocks (PP-OCRv4's
+        recogniser: 28 of them) and some exporters a conv's bias so. Each was a pass over the map in
         every run on calibration data, and stays one in the written file unless folded."""
-        for op in ("Mul", "Add"):
+        for _ in range(2):  # a Mul then an Add, or the two as one (activations.FUSED_SCALE_SHIFT)
             node = self._sole_consumer(out_name)
-            if node is None or node.op_type != op or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-                continue
-            others = [i for i in node.input if i != out_name]
-            value = self.consts.get(self._name(others[0])) if len(others) == 1 else None
-            per_channel = _per_channel(value, weight.shape[0], weight.ndim)
-            if per_channel is None:
-                continue
-            if op == "Mul":
-                weight = (weight.double() * per_channel.reshape(-1, *[1] * (weight.ndim - 1))).float()
-                bias = None if bias is None else (bias.double() * per_channel).float()
-            else:
-                bias = (per_channel if bias is None else bias.double() + per_channel).float()
+            affine = self._channel_affine(node, out_name, weight) if node is not None else None
+            if affine is None:
+                break
+            scale, shift = affine
+            if scale is not None:
+                weight = (weight.double() * scale.reshape(-1, *[1] * (weight.ndim - 1))).float()
+                bias = None if bias is None else (bias.double() * scale).float()
+            if shift is not None:
+                bias = (shift if bias is None else bias.double() + shift).float()
             out_name = node.output[0]
             self.absorbed.add(id(node))
         return weight, bias, out_name
+
+    def _channel_affine(self, node: onnx.NodeProto, value: str, weight: Tensor
+                        ) -> tuple[Tensor | None, Tensor | None] | None:
+        """(scale, shift) per output channel that `node` applies to the conv's output `value` (a
+        Mul's, an Add's, both of a fused Mul-then-Add; None for the other); None where it is not
+        per channel."""
+        def per_channel(name: str) -> Tensor | None:
+            return _per_channel(self.consts.get(self._name(name)), weight.shape[0], weight.ndim)
+
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == FUSED_SCALE_SHIFT and node.input[0] == value:
+            scale, shift = per_channel(node.input[1]), per_channel(node.input[2])
+            return None if scale is None or shift is None else (scale, shift)
+        others = [i for i in node.input if i != value]
+        if node.op_type not in ("Mul", "Add") or len(node.input) != 2 or len(others) != 1:
+            return None
+        factor = per_channel(others[0])
+        if factor is None:
+            return None
+        return (factor, None) if node.op_type == "Mul" else (None, factor)
 
     def _gemm(self, node, inputs, attrs, where):
         if attrs.get("transA", 0) or len(inputs) < 2 or inputs[1] not in self.consts or inputs[0] in self.consts:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rankfold.frontends.activations import FUSED_SILU
+from rankfold.frontends.activations import FUSED_SCALE_SHIFT, FUSED_SILU
 
 Value = Any
 OpFn = Callable[[list[Value], dict[str, Any]], list[Value]]
@@ -168,6 +168,14 @@ def _hard_sigmoid(vals, attrs):
 @op("HardSwish")
 def _hard_swish(vals, attrs):
     return [F.hardswish(vals[0])]
+
+
+@op(FUSED_SCALE_SHIFT)
+def _scale_shift(vals, attrs):
+    x, scale, shift = vals
+    if not isinstance(x, Tensor):  # shape arithmetic in float (a Resize's sizes): as the two nodes
+        return OPS["Add"]([OPS["Mul"]([x, scale], attrs)[0], shift], attrs)
+    return [torch.addcmul(shift, x, scale)]
 
 
 @op(FUSED_SILU)
