@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankfold.exact_rows import UNREAD_MASS, read_rows, with_exact_rows
+from rankfold.exact_rows import UNREAD_MASS, calibration_rows, split_stats, with_exact_rows
 from rankfold.frontends.onnx import load_onnx
 from rankfold.layers import ExactRows
 
@@ -48,7 +48,7 @@ def _exported(tmp_path, spread: bool = False):
 
 def test_the_rows_the_data_predicts_are_found_and_split_off_with_the_same_outputs(tmp_path):
     model, calib = load_onnx(_exported(tmp_path)), torch.randn(64, 1, 8, 32)
-    rows = read_rows(model, calib)
+    rows = calibration_rows(model, calib)
     assert list(rows) == [HEAD] and 0 < len(rows[HEAD]) <= READ
     assert set(rows[HEAD]) <= set(range(READ))
     split = with_exact_rows(model, rows)
@@ -57,11 +57,33 @@ def test_the_rows_the_data_predicts_are_found_and_split_off_with_the_same_output
         torch.testing.assert_close(split(calib), model(calib), rtol=1e-5, atol=1e-7)
     # a flat distribution (a language model's) holds more than UNREAD_MASS outside what it predicts
     flat = load_onnx(_exported(tmp_path, spread=True))
-    assert read_rows(flat, calib) == {}
+    assert calibration_rows(flat, calib) == {}
     with torch.no_grad():
         p = flat(calib).reshape(-1, CLASSES)
     predicted = torch.unique(p.argmax(-1))
     assert 1 - p[:, predicted].sum(-1).mean() > UNREAD_MASS
+
+
+def test_the_split_layers_statistics_are_those_the_sensitivity_pass_measures_on_the_split_model(tmp_path):
+    """The planner finds the rows in its sensitivity pass over the whole model (no pass of its
+    own) and derives the two parts' statistics from the head's: the same as measured on them."""
+    from rankfold.planner.sensitivity import layer_statistics
+
+    model, calib = load_onnx(_exported(tmp_path)), torch.randn(64, 1, 8, 32)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    whole = layer_statistics(model, names, calib)
+    assert whole[HEAD].class_tally is not None and whole[HEAD].class_tally.sequence
+    rows = calibration_rows(model, calib)
+    split = with_exact_rows(model, rows)
+    split_names = [n for n, m in split.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    measured, derived = layer_statistics(split, split_names, calib), split_stats(whole, rows)
+    assert sorted(measured) == sorted(derived) and f"{HEAD}.read" in derived and HEAD not in derived
+    for name, got in derived.items():
+        want = measured[name]
+        torch.testing.assert_close(got.input_moment, want.input_moment, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got.sensitivity, want.sensitivity, rtol=1e-5, atol=1e-12)
+        assert (got.input_shape, got.output_shape) == (want.input_shape, want.output_shape), name
+        assert (got.output_metric is None) == (want.output_metric is None), name
 
 
 def test_a_plan_holds_the_split_and_its_file_applies_it_again_into_the_users_graph(tmp_path):

@@ -19,64 +19,70 @@ predicts keep what the rest's rank gives them: the plan says so.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, model_outputs, run_checked, set_submodule, untouchable_layers
+from rankfold.analyze import set_submodule, untouchable_layers
 from rankfold.errors import RankfoldError
 from rankfold.layers import ExactRows
-from rankfold.output_metric import softmax_outputs
-from rankfold.settings import calibration_batch
+from rankfold.output_metric import ClassTally, head_pass
 
 WIDE_CLASSES = 256
 READ_SHARE = 1 / 8
 UNREAD_MASS = 0.01
 
 
-def read_rows(model: nn.Module, calib: Tensor) -> dict[str, list[int]]:
-    """The wide output layers of an ONNX graph worth splitting, with the classes the calibration
-    data predicts (sorted), by layer name."""
-    if not hasattr(model, "steps"):  # torch modules are saved by their own code, which keeps their layers
-        return {}
-    calib = as_input(calib)
+def wide_heads(model: nn.Module) -> list[str]:
+    """The Linear layers of an ONNX graph wide enough to split (torch modules are saved by their
+    own code, which keeps their layers)."""
+    if not hasattr(model, "steps"):
+        return []
     untouchable = untouchable_layers(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in untouchable
-             and m.out_features >= WIDE_CLASSES]
-    heads = softmax_outputs(model, names, calib[:2]) if names else {}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in untouchable
+            and m.out_features >= WIDE_CLASSES]
+
+
+def read_rows(model: nn.Module, tallies: Mapping[str, ClassTally]) -> dict[str, list[int]]:
+    """The wide output layers worth splitting, with the classes the calibration data predicts
+    (sorted), by layer name: from each softmax head's tally over the calibration data, which the
+    planner's sensitivity pass gathers (LayerStats.class_tally) or calibration_rows a pass of its own."""
     found = {}
-    for name, (index, logits) in heads.items():
-        tally = _class_tally(model, calib, index, logits)
-        if tally is None:
+    for name in wide_heads(model):
+        tally = tallies.get(name)
+        if tally is None or not tally.sequence:
             continue
-        predicted, mass, frames = tally
-        read = torch.nonzero(predicted).flatten()
-        unread_mass = 1.0 - float(mass[read].sum()) / frames
-        if len(read) <= READ_SHARE * predicted.numel() and unread_mass <= UNREAD_MASS:
+        read = torch.nonzero(tally.predicted).flatten()
+        unread_mass = 1.0 - float(tally.mass[read].sum()) / tally.positions
+        if len(read) <= READ_SHARE * tally.predicted.numel() and unread_mass <= UNREAD_MASS:
             found[name] = [int(c) for c in read]
     return found
 
 
-def _class_tally(model: nn.Module, calib: Tensor, index: int, logits: bool) -> tuple[Tensor, Tensor, int] | None:
-    """Over every position of output `index` on the calibration data (a batch at a time): which
-    classes some position predicts, each class's summed probability, and the positions; None
-    unless the output is a sequence of class scores."""
-    step = calibration_batch()
-    predicted, mass, frames = None, None, 0
-    with torch.no_grad():
-        for start in range(0, calib.shape[0], step):
-            y = model_outputs(run_checked(model, calib[start : start + step]))[index]
-            if y.ndim < 3:
-                return None
-            p = (torch.softmax(y.double(), -1) if logits else y.double()).reshape(-1, y.shape[-1])
-            if predicted is None:
-                predicted = torch.zeros(p.shape[1], dtype=torch.bool)
-                mass = torch.zeros(p.shape[1], dtype=torch.float64)
-            predicted[p.argmax(-1)] = True
-            mass += p.sum(0)
-            frames += p.shape[0]
-    return None if predicted is None else (predicted, mass, frames)
+def calibration_rows(model: nn.Module, calib: Tensor) -> dict[str, list[int]]:
+    """read_rows on `calib`, in a forward pass of its own."""
+    names = wide_heads(model)
+    return read_rows(model, head_pass(model, names, calib).class_tallies()) if names else {}
+
+
+def split_stats(stats: Mapping, rows: Mapping[str, list[int]]) -> dict:
+    """`stats` (LayerStats by name, measured on the model before with_exact_rows) with each split
+    layer's replaced by its two parts' (what the same pass measures on the split model): both read
+    its input; `read` outputs its rows, `rest` every row with those overwritten, so no change there
+    reaches the output (no sensitivity). The head's softmax metric stays with neither."""
+    out = dict(stats)
+    for name, read in rows.items():
+        whole = out.pop(name)
+        index = torch.tensor(read, dtype=torch.int64)
+        rest_sensitivity = whole.sensitivity.clone()
+        rest_sensitivity[index] = 0.0
+        base = dataclasses.replace(whole, output_metric=None, class_tally=None)
+        out[f"{name}.rest"] = dataclasses.replace(base, name=f"{name}.rest", sensitivity=rest_sensitivity)
+        out[f"{name}.read"] = dataclasses.replace(base, name=f"{name}.read", sensitivity=whole.sensitivity[index],
+                                                  output_shape=(*whole.output_shape[:-1], len(read)))
+    return out
 
 
 def with_exact_rows(model: nn.Module, rows: Mapping[str, list[int]]) -> nn.Module:

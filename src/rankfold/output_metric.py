@@ -91,6 +91,16 @@ def psd_roots(g: Tensor, added: float) -> tuple[Tensor, Tensor]:
     return (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec / eigval.sqrt()) @ eigvec.T
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassTally:
+    """What a softmax head's outputs read over the calibration data (rankfold.exact_rows)."""
+
+    predicted: Tensor  # (classes,) bool: the classes some position predicts
+    mass: Tensor  # (classes,) float64: each class's probability summed over the positions
+    positions: int
+    sequence: bool  # whether the output is a sequence of class scores (N, T, classes), not (N, classes)
+
+
 @dataclasses.dataclass
 class _Tally:
     classes: int
@@ -98,12 +108,14 @@ class _Tally:
     total: Tensor = dataclasses.field(init=False)  # sum of p over positions
     predicted: Tensor = dataclasses.field(init=False)  # classes some position predicts
     entries: list[tuple[Tensor, Tensor, Tensor]] = dataclasses.field(default_factory=list)  # sparse (row, class, p)
+    sequence: bool = True
 
     def __post_init__(self) -> None:
         self.total = torch.zeros(self.classes, dtype=torch.float64)
         self.predicted = torch.zeros(self.classes, dtype=torch.bool)
 
     def add(self, y: Tensor) -> None:
+        self.sequence = self.sequence and y.ndim >= 3
         p = y.detach().to(torch.float64).reshape(-1, self.classes)
         self.total += p.sum(0)
         self.predicted[p.argmax(-1)] = True
@@ -143,19 +155,28 @@ class HeadMetrics:
     def result(self) -> dict[str, OutputMetric]:
         return {name: tally.metric() for name, tally in self.tallies.items() if tally.rows}
 
+    def class_tallies(self) -> dict[str, ClassTally]:
+        return {name: ClassTally(t.predicted.clone(), t.total.clone(), t.rows, t.sequence)
+                for name, t in self.tallies.items() if t.rows}
+
 
 def softmax_head_metrics(model: nn.Module, names: Iterable[str], calib: Tensor,
                          batch_size: int | None = None) -> dict[str, OutputMetric]:
     """HeadMetrics over `calib` in a forward pass of its own; {} (and no pass) when there is no head."""
+    return head_pass(model, names, calib, batch_size).result()
+
+
+def head_pass(model: nn.Module, names: Iterable[str], calib: Tensor, batch_size: int | None = None) -> HeadMetrics:
+    """HeadMetrics gathered over `calib` in a forward pass of its own (none where there is no head)."""
     with in_eval_mode(model):
         heads = HeadMetrics(model, names, calib[:1])
         if not heads.heads:
-            return {}
+            return heads
         batch_size = batch_size or calibration_batch()
         with torch.no_grad():
             for start in range(0, calib.shape[0], batch_size):
                 heads.add(model_outputs(model(as_input(calib[start : start + batch_size]))))
-    return heads.result()
+    return heads
 
 
 def ends_pointwise(built: nn.Module, out_channels: int) -> bool:

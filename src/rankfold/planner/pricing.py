@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from rankfold.analyze import COMPRESSIBLE, TABLES, as_input, tied_names, untouchable_layers
 from rankfold.errors import RankfoldError, first_line
-from rankfold.exact_rows import read_rows, with_exact_rows
+from rankfold.exact_rows import read_rows, split_stats, with_exact_rows
 from rankfold.planner.choose import choose_plan
 from rankfold.planner.costs import ChainProfile, LatencyCache, modelled_latency_ms
 from rankfold.planner.latency import WholeNetworkTiming
@@ -71,23 +71,10 @@ def price_model(
     if calib is None and example_input is None:
         raise RankfoldError("planning needs calibration data (calib) or an example_input")
     example = as_input((calib if calib is not None else example_input)[:1])
-    exact_rows = read_rows(model, calib) if calib is not None else {}
-    if exact_rows:  # priced, planned and applied as two layers each (rankfold.exact_rows)
-        model = with_exact_rows(model, exact_rows)
-        for name, rows in exact_rows.items():
-            say(f"{name}: the {len(rows)} of its {model.get_submodule(name).rest.out_features} classes the calibration "
-                "data predicts are held as a layer of their own, the rest as another")
-    was_training = model.training
+    given, was_training = model, model.training
     model.eval()
     try:
-        untouchable = untouchable_layers(model)
-        names = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE) and n not in untouchable]
-        # Embedding tables are quantized, never factorized; a head tied to one is measured with it.
-        tables = [n for n, m in model.named_modules() if isinstance(m, TABLES)] if len(choices) > 1 or \
-            choices[0] < 32 else []
-        heads = tied_heads(model, tables)
-        for name, reason in untouchable.items():
-            say(f"left alone: {name} ({reason})")
+        untouchable, names, tables, heads = _layers_to_price(model, choices)
         if not names:
             raise RankfoldError("the model has no Linear / Conv1d / Conv2d layer to compress")
         if calib is not None:
@@ -95,6 +82,15 @@ def price_model(
                                      progress=say)
         else:
             stats = data_free_stats(model, names, example)
+        exact_rows = read_rows(model, {n: s.class_tally for n, s in stats.items() if s.class_tally is not None})
+        if exact_rows:  # priced, planned and applied as two layers each (rankfold.exact_rows)
+            model, stats = with_exact_rows(model, exact_rows), split_stats(stats, exact_rows)
+            untouchable, names, tables, heads = _layers_to_price(model, choices)
+            for name, rows in exact_rows.items():
+                say(f"{name}: the {len(rows)} of its {model.get_submodule(name).rest.out_features} classes the "
+                    "calibration data predicts are held as a layer of their own, the rest as another")
+        for name, reason in untouchable.items():
+            say(f"left alone: {name} ({reason})")
         activations = activation_profile(model, example)
         cache = LatencyCache() if target.latency == "measured" else None
 
@@ -124,12 +120,24 @@ def price_model(
             say(f"latency: {cache.measured} new shape(s) timed in onnxruntime, cache {cache.path}")
             cache.save()
     finally:
+        given.train(was_training)
         model.train(was_training)
     probe = LossProbe.for_model(model, calib, stats) if calib is not None else None
     layer_names = [n for n in tables if n in options] + compressible
     return Pricing(model, example, target, options, notes, activations, calib is not None,
                    [n for n in tables if n in options] + names, layer_names,
                    onnx_path, say, probe, exact_rows)
+
+
+def _layers_to_price(model: nn.Module, choices) -> tuple[dict[str, str], list[str], list[str], dict[str, str]]:
+    """The layers left alone (with why), the compressible ones, the embedding tables (quantized,
+    never factorized: only where a bit-width below 32 is among `choices`) and the heads tied to them
+    (measured with them)."""
+    untouchable = untouchable_layers(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE) and n not in untouchable]
+    tables = [n for n, m in model.named_modules() if isinstance(m, TABLES)] if len(choices) > 1 or \
+        choices[0] < 32 else []
+    return untouchable, names, tables, tied_heads(model, tables)
 
 
 def tied_heads(model: nn.Module, tables: list[str]) -> dict[str, str]:

@@ -28,7 +28,7 @@ from rankfold.analyze import (
     run_checked,
 )
 from rankfold.gauss_newton import activation_gradients, per_sample_likelihood_loss
-from rankfold.output_metric import HeadMetrics, OutputMetric
+from rankfold.output_metric import ClassTally, HeadMetrics, OutputMetric
 from rankfold.settings import calibration_batch
 
 
@@ -45,6 +45,8 @@ class LayerStats:
     # A k x k convolution's taps: (k*k, k*k) correlation of its input between the kernel's
     # positions, over channels and pixels (the im2col moment ~ input_moment (x) this).
     tap_correlation: Tensor | None = None
+    # Set where the layer's softmax is an output: what the calibration data reads (rankfold.exact_rows).
+    class_tally: ClassTally | None = None
 
 
 def _spread_taps(module: nn.Module) -> bool:
@@ -192,7 +194,7 @@ def layer_statistics(
             shared.clear()
             model.zero_grad(set_to_none=True)
     stats = {}
-    metrics = heads.result()
+    metrics, tallies = heads.result(), heads.class_tallies()
     for name in names:
         if name not in moments:
             continue
@@ -202,5 +204,5 @@ def layer_statistics(
         sens = torch.zeros(out_ch, dtype=torch.float64) if sens is None else sens / total
         correlation = tap_correlation(taps[name], modules[name].kernel_size) if name in taps else None
         stats[name] = LayerStats(name, moments[name] / rows_seen[name], sens, *shapes[name], metrics.get(name),
-                                 correlation)
+                                 correlation, tallies.get(name))
     return stats
