@@ -48,9 +48,9 @@ def wide_heads(model: nn.Module) -> list[str]:
 def read_rows(model: nn.Module, tallies: Mapping[str, ClassTally]) -> dict[str, list[int]]:
     """The wide output layers worth splitting, with the classes the calibration data predicts
     (sorted), by layer name: from each softmax head's tally over the calibration data, which the
-    planner's sensitivity pass gathers (LayerStats.class_tally) or calibration_rows a pass of its own."""
-    found = {}
-    for name in wide_heads(model):
+    planner's sensitivity pass gathers (LayerStats.class_tally), or calibration_rows in a pass of its own."""
+    found: dict[str, list[int]] = {}
+    for name in wide_heads(model) if tallies else []:
         tally = tallies.get(name)
         if tally is None or not tally.sequence:
             continue
