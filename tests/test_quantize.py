@@ -313,6 +313,32 @@ def test_an_int32_bias_scale_is_computed_in_the_file_and_onnxruntime_still_fuses
     assert onnx_size(path).weight_bytes == expected + activation_scales
 
 
+def test_a_dead_filter_keeps_its_bias_in_int8_arithmetic(tmp_path):
+    """A filter whose weights are nearly zero but whose bias is not (a BatchNorm folded into a
+    dead filter: PP-OCRv4's recogniser has dozens) outputs its bias. Its int32 bias code at the
+    scale input x weight would lie far past int32: it was clipped, so the filter output about
+    nothing, and the network's int8-activation file lost its check. The channel's scale is raised
+    until its bias fits; its weights, a rounding error of its output, round to zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight[:3] *= 1e-9  # dead: their outputs are their biases
+            conv.bias[:3] = torch.tensor([0.9, -0.4, 1.5])
+    calib = torch.randn(64, 3, 10, 10)
+    path = tmp_path / "q.onnx"
+    export_quantized(model, {"0": 8, "2": 8, "6": 8}, path, calib=calib, example_input=calib[:2])
+    with torch.no_grad():
+        expected = model(calib).numpy()
+    for optimize in (False, True):  # the reference arithmetic, and the integer kernels
+        got = _run(path, calib.numpy(), optimize=optimize)
+        assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max(), optimize
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+    codes = [v for v in inits.values() if v.dtype == np.int32]
+    assert len(codes) == 3 and all(np.abs(c).max() <= 2**30 for c in codes)  # every bias an int32 code
+
+
 def test_the_planner_takes_one_scale_per_tensor_only_where_per_channel_cannot_meet_the_budget(trained):
     from rankfold.planner.pricing import price_model
 

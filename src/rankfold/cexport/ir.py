@@ -784,7 +784,11 @@ def _conv(node, inp: str, out: str, program: Program, weights, inits) -> Conv:
     if len(node.input) > 2 and node.input[2]:
         b_name = node.input[2]
         real = (weights[b_name][0] * weights[b_name][1]) if b_name in weights else inits[b_name]
-        bias = np.round(np.asarray(real, np.float64) / (x.scale * w_scale)).astype(np.int32)
+        codes = np.round(np.asarray(real, np.float64) / (x.scale * w_scale))
+        if not np.all(np.abs(codes) <= 2**31 - 1):  # astype would wrap them around
+            raise RankfoldError(f"node {node.name!r}: its bias needs codes past int32 at the scales of its input "
+                                f"and weights ({np.abs(codes).max():.3g}); the C back-end adds an int32 bias")
+        bias = codes.astype(np.int32)
     conv = Conv(inp, out, w_int.astype(np.int8), bias, np.zeros(w_int.shape[0], np.int32),
                 np.zeros(w_int.shape[0], np.int32), stride, pads, dilation, groups, name=node.name)
     conv.w_scale = w_scale

@@ -75,6 +75,34 @@ def quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None
     return QuantizedWeight(q.astype(np.int8).reshape(w.shape), scale, bits, group_size)
 
 
+# int32 bias codes stay within this: a kernel adds a whole dot product's products to its bias code.
+BIAS_CODE_LIMIT = 2**30
+
+
+def with_bias_room(weight: np.ndarray, qw: QuantizedWeight, bias: np.ndarray, input_scale: float,
+                   reduce_range: bool = False) -> QuantizedWeight:
+    """`qw` (one scale per output channel) with each channel's scale raised where its bias would
+    need an int32 code past BIAS_CODE_LIMIT at scale input_scale x weight scale; that channel's
+    codes are made again at the raised scale.
+
+    A channel whose weights are nearly zero but whose bias is not (a dead filter once a BatchNorm
+    or an affine block is folded in: PP-OCRv4's recogniser has dozens) would otherwise have its
+    bias clipped to a code that means almost nothing. Its weights are a rounding error of its
+    output, so coarser steps cost nothing that matters."""
+    floor = np.abs(np.asarray(bias, np.float64)) / (np.float64(input_scale) * BIAS_CODE_LIMIT)
+    short = floor > qw.scale
+    if not short.any():
+        return qw
+    # float32 scales rounded up, so that the code of the bias, rounded, still fits
+    scale = qw.scale.copy()
+    scale[short] = np.nextafter(floor[short].astype(np.float32), np.float32(np.inf))
+    qmax = weight_qmax(qw.bits, reduce_range)
+    flat = np.asarray(weight, np.float32).reshape(weight.shape[0], -1)
+    q = qw.q.reshape(flat.shape[0], -1).copy()
+    q[short] = np.clip(np.round(flat[short] / scale[short, None]), -qmax, qmax)
+    return QuantizedWeight(q.reshape(qw.q.shape), scale, qw.bits, None)
+
+
 def fake_quantize_weight(weight: np.ndarray, bits: int, group_size: int | None = None, *,
                          reduce_range: bool = False, per_tensor: bool = False) -> np.ndarray:
     return quantize_weight(weight, bits, group_size, reduce_range=reduce_range, per_tensor=per_tensor).dequantize()

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rankfold.errors import RankfoldError, first_line
 from rankfold.host_memory import format_bytes
-from rankfold.quantize.core import ActivationParams, pack_int4, quantize_weight
+from rankfold.quantize.core import BIAS_CODE_LIMIT, ActivationParams, pack_int4, quantize_weight, with_bias_room
 from rankfold.quantize.observers import OBSERVERS, RangeObserver
 from rankfold.settings import calibration_batch
 
@@ -455,6 +455,11 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     # Grouped scales need DequantizeLinear's block_size (opset 21); per-channel otherwise.
     group = group_size if group_size is not None and bits == 4 and not per_tensor else None
     qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range, per_tensor=per_tensor)
+    int32_bias = index == 1 and len(node.input) > 2 and node.input[2] in inits and input_tensor in activations \
+        and group is None
+    input_scale = np.float64(np.float32(activations[input_tensor].scale)) if int32_bias else None
+    if int32_bias and not per_tensor:
+        qw = with_bias_room(per_channel, qw, numpy_helper.to_array(inits[node.input[2]]), input_scale, reduce_range)
     q = np.moveaxis(qw.q, 0, axis)
     # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.
     if bits == 4:
@@ -480,13 +485,14 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     node.input[index] = f"{base}_dq"
     # int32 bias at scale s_in * s_w[c], so the integer kernels apply. The file computes that scale
     # from the two it holds (a Mul of constants, folded at load): 4 bytes fewer per channel.
-    if index == 1 and len(node.input) > 2 and node.input[2] in inits and input_tensor in activations \
-            and group is None:
-        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-        # float32 product of the float32 scales, as the Mul computes it (exact in float64, then rounded)
-        input_scale = np.float64(np.float32(activations[input_tensor].scale))
-        bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
-        q_bias = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+    bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if int32_bias else None
+    # float32 product of the float32 scales, as the Mul computes it (exact in float64, then rounded)
+    bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32) if int32_bias else None
+    # A code past int32 (one scale for the whole tensor, or a weight shared by calls at other input
+    # scales) would lose the bias: the bias then stays float, and the Conv runs on dequantized weights.
+    fits = int32_bias and np.all(bias_scale > 0) and np.all(np.abs(bias) <= BIAS_CODE_LIMIT * bias_scale.astype(float))
+    if fits:
+        q_bias = np.round(bias / bias_scale).astype(np.int32)
         b = node.input[2]
         if any(i.name == f"{b}_q" for i in new_inits):  # a bias shared by several calls: one code per input scale
             b = f"{b}_{len(new_inits)}"
