@@ -157,7 +157,7 @@ def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
     limit = default_limit() if limit is None else int(limit)
     weights, fixed, per_sample = costs or _run_costs(model, example, 0)
     fixed += reserved
-    batch = min(max_batch, (limit - fixed) // per_sample)
+    batch = _steady(min(max_batch, (limit - fixed) // per_sample))
     if batch < 1:
         raise RankfoldError(
             f"--max-memory {format_bytes(limit)} is too little: this run needs about "
@@ -166,6 +166,15 @@ def plan_memory(model: nn.Module, example: Tensor, limit: int | None = None, *,
             f"{format_bytes(per_sample)} per sample of a batch). Raise --max-memory, or pass fewer samples "
             "with --calib-limit")
     return MemoryPlan(limit, fixed, per_sample, int(batch))
+
+
+def _steady(batch: int) -> int:
+    """The largest power of two not above `batch` (0 stays 0). The batch sets the order in which
+    statistics add up, and float sums in another order differ in their last bits, enough to flip
+    a rounding decision: the memory free at the moment (49 samples in one run, 47 in the next) then
+    changed the written file. On a power-of-two grid the same command gives the same file unless
+    the free memory crosses a doubling."""
+    return 1 << (int(batch).bit_length() - 1) if batch >= 1 else int(batch)
 
 
 def training_memory(student: nn.Module, example: Tensor, batch: int, limit: int | None = None, *,
