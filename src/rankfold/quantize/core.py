@@ -93,9 +93,9 @@ def with_bias_room(weight: np.ndarray, qw: QuantizedWeight, bias: np.ndarray, in
     short = floor > qw.scale
     if not short.any():
         return qw
-    # float32 scales rounded up, so that the code of the bias, rounded, still fits
+    # twice the least scale: the code lands at half the limit, whatever float32 does to the product
     scale = qw.scale.copy()
-    scale[short] = np.nextafter(floor[short].astype(np.float32), np.float32(np.inf))
+    scale[short] = (2 * floor[short]).astype(np.float32)
     qmax = weight_qmax(qw.bits, reduce_range)
     flat = np.asarray(weight, np.float32).reshape(weight.shape[0], -1)
     q = qw.q.reshape(flat.shape[0], -1).copy()
