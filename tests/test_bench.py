@@ -109,13 +109,22 @@ def test_the_smallest_accepted_run_stops_at_the_first_budget_the_check_accepts(m
     tried = []
 
     def fake_run(model, path, work, run, calib, fresh, reference, log, options):
-        tried.append(options[-1])
-        return realworld.Result(model.name, run, ok=options[-1] == "13%", seconds=1.0)
+        budget = options[options.index("--max-weight-bytes") + 1]
+        tried.append((run, budget, options[options.index("--min-agreement") + 1] if "--min-agreement" in options
+                      else None))
+        return realworld.Result(model.name, run, ok=budget == "13%", seconds=1.0)
 
     monkeypatch.setattr(realworld, "compress_run", fake_run)
-    result = realworld.smallest_accepted(realworld.MODELS[0], "m.onnx", "w", "c.npz", None, [], print)
-    assert tried == ["10%", "11%", "12%", "13%"] and result.ok and result.extra["budget"] == "13%"
+    model = realworld.MODELS[0]
+    result = realworld.smallest_accepted(model, "m.onnx", "w", "c.npz", None, [], print)
+    assert tried == [("smallest-accepted", b, None) for b in ("10%", "11%", "12%", "13%")]
+    assert result.ok and result.extra["budget"] == "13%"
     assert "| smallest-accepted (13%) |" in realworld.markdown([result], "cpu")
+    # at the goal: the check is held to the model's own goal on every rung
+    tried.clear()
+    result = realworld.smallest_accepted(model, "m.onnx", "w", "c.npz", None, [], print, at_goal=True)
+    assert tried == [("smallest-at-goal", b, f"{model.goal:g}") for b in ("10%", "11%", "12%", "13%")]
+    assert "| smallest-at-goal (13%) |" in realworld.markdown([result], "cpu")
 
 
 def test_field_rows_keep_the_machine_they_were_measured_on(tmp_path, monkeypatch):
