@@ -457,9 +457,11 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     qw = quantize_weight(per_channel, bits, group, reduce_range=reduce_range, per_tensor=per_tensor)
     int32_bias = index == 1 and len(node.input) > 2 and node.input[2] in inits and input_tensor in activations \
         and group is None
-    input_scale = np.float64(np.float32(activations[input_tensor].scale)) if int32_bias else None
-    if int32_bias and not per_tensor:
-        qw = with_bias_room(per_channel, qw, numpy_helper.to_array(inits[node.input[2]]), input_scale, reduce_range)
+    if int32_bias:
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        input_scale = np.float64(np.float32(activations[input_tensor].scale))
+        if not per_tensor:
+            qw = with_bias_room(per_channel, qw, bias, input_scale, reduce_range)
     q = np.moveaxis(qw.q, 0, axis)
     # Weights are symmetric: the zero point input is left out (it defaults to 0), saving bytes.
     if bits == 4:
@@ -485,13 +487,13 @@ def _quantize_node_weights(node, input_tensor, inits, new_inits, new_nodes, acti
     node.input[index] = f"{base}_dq"
     # int32 bias at scale s_in * s_w[c], so the integer kernels apply. The file computes that scale
     # from the two it holds (a Mul of constants, folded at load): 4 bytes fewer per channel.
-    bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if int32_bias else None
+    if not int32_bias:
+        return
     # float32 product of the float32 scales, as the Mul computes it (exact in float64, then rounded)
-    bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32) if int32_bias else None
-    # A code past int32 (one scale for the whole tensor, or a weight shared by calls at other input
-    # scales) would lose the bias: the bias then stays float, and the Conv runs on dequantized weights.
-    fits = int32_bias and np.all(bias_scale > 0) and np.all(np.abs(bias) <= BIAS_CODE_LIMIT * bias_scale.astype(float))
-    if fits:
+    bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
+    # A code past the limit (possible only with one scale for the whole tensor) would lose the bias:
+    # the bias then stays float, and the Conv runs on dequantized weights.
+    if np.all(bias_scale > 0) and np.all(np.abs(bias) <= BIAS_CODE_LIMIT * bias_scale.astype(np.float64)):
         q_bias = np.round(bias / bias_scale).astype(np.int32)
         b = node.input[2]
         if any(i.name == f"{b}_q" for i in new_inits):  # a bias shared by several calls: one code per input scale
