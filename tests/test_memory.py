@@ -83,6 +83,19 @@ def test_the_batch_lies_on_a_power_of_two_grid_so_a_little_more_free_memory_chan
             for held in (1, 2, 3, 64, 100)] == [1, 2, 2, 64, 64]
 
 
+def test_a_training_step_splits_on_the_same_grid(monkeypatch):
+    """Likewise the micro-batches of a distillation step: budgets that hold 41 to 63 samples of a
+    64-sample step all run micro-batches of 32; one that holds the step runs it whole."""
+    from rankfold import host_memory
+
+    monkeypatch.setattr(host_memory, "_run_costs", lambda *_a: (1000, 10 * 2**20, 2**20))
+    model, example = wide_net(), torch.randn(2, 1, 32, 32)
+    micro = {host_memory.training_memory(model, example, 64, 10 * 2**20 + held * 2**20).batch for held in range(41, 64)}
+    assert micro == {32}
+    assert [host_memory.training_memory(model, example, batch, 10 * 2**20 + held * 2**20).batch
+            for batch, held in ((64, 64), (48, 100), (48, 47), (64, 3))] == [64, 48, 32, 2]
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -195,7 +195,9 @@ def training_memory(student: nn.Module, example: Tensor, batch: int, limit: int 
             f"{format_bytes(fixed + per_sample)} for one sample (the process and data now "
             f"{format_bytes(resident_bytes())}, the models and the optimizer's state, and {format_bytes(per_sample)} "
             "per sample). Raise --max-memory")
-    return MemoryPlan(limit, fixed, per_sample, int(min(batch, micro)))
+    # A whole batch where it fits; else micro-batches on the power-of-two grid: gradients summed in
+    # other pieces differ in their last bits, and the trained weights then followed the free memory.
+    return MemoryPlan(limit, fixed, per_sample, int(batch if micro >= batch else _steady(micro)))
 
 
 def calibration_memory(model: nn.Module, example: Tensor, calib: Tensor | None,
