@@ -266,3 +266,15 @@ def test_a_file_for_another_machine_is_checked_as_that_machine_computes_it(tmp_p
         result.save(tmp_path / "out.onnx", progress=lines.append)
         assert (tmp_path / "out.onnx").exists() and result.check.top1_agreement >= 0.8
         assert any("reference arithmetic, as x86-vnni computes it" in line for line in lines), lines
+
+
+def test_joining_the_runs_of_samples():
+    from rankfold.runtime import join_samples
+
+    a, b = np.zeros((3, 5, 2), np.float32), np.ones((2, 5, 2), np.float32)
+    assert join_samples([a, b], [3, 2]).shape == (5, 5, 2)
+    seq_first = [np.zeros((7, 3, 4)), np.ones((7, 2, 4))]  # (T, N, classes): joined on the sample axis
+    assert join_samples(seq_first, [3, 2]).shape == (7, 5, 4)
+    # One run joins nothing: the activation observer's tensors (108 MB a line in PP-OCRv4's
+    # recogniser) were copied whole for nothing.
+    assert join_samples([a], [3]) is a
