@@ -81,7 +81,7 @@ def likelihood_loss(output: Tensor, generator: torch.Generator, kind: str | None
         # would spend the scores (YOLOv8n at half its parameters: score IoU 0.38).
         spread = channel_spread(output.detach())
         return 0.5 * (((output - (output.detach() + noise * spread)) / spread) ** 2).sum()
-    if output.ndim >= 3 and kind is None:  # a recogniser's softmax frames, each weighed by its margin
+    if output.ndim >= 3 and kind is None:  # softmax frames or cells (a recogniser's, P-Net's), weighed by margin
         weight = frame_weights(output.detach()).unsqueeze(-1).to(output.dtype)
         return 0.5 * (weight * (output - (output.detach() + noise / weight.sqrt())) ** 2).sum()
     return 0.5 * ((output - (output.detach() + noise)) ** 2).sum()
