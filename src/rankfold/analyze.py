@@ -138,23 +138,6 @@ def is_probability(y: Tensor) -> bool:
     return bool(((y.sum(-1) - 1).abs() < 1e-3).all())
 
 
-# Frames whose two likeliest classes lie closer than this are weighed as if this far apart: such a
-# frame is read either way under changes no reader sees (PP-OCRv4's recogniser reads one line in
-# nine otherwise when the line is scaled with another filter), and the plan is not spent on it.
-MARGIN_FLOOR = 0.2
-
-
-def frame_weights(probs: Tensor) -> Tensor:
-    """Per position of a sequence of class probabilities (..., T, classes): 1 / max(margin,
-    MARGIN_FLOOR)^2, margin the gap between the position's two likeliest classes. A line is read
-    alike only if every frame keeps its argmax, and a change flips a frame when it is about as
-    large as the margin: a change is weighed in units of the margin it eats into. The planner's
-    likelihood and its probe weigh the frames of a softmax sequence by it (README, "Frames weighed
-    by their margins")."""
-    top = probs.detach().topk(2, dim=-1).values
-    return (top[..., 0] - top[..., 1]).clamp_min(MARGIN_FLOOR).pow(-2)
-
-
 def as_input(x: Tensor) -> Tensor:
     """Calibration data as a model takes it: float32 for real-valued inputs; integer inputs (token
     ids) keep their dtype."""

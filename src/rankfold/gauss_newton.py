@@ -31,7 +31,6 @@ from rankfold.analyze import (
     as_input,
     channels_last_rows,
     clear_sample_axis,
-    frame_weights,
     is_probability,
     model_outputs,
     run_checked,
@@ -49,8 +48,7 @@ def likelihood_loss(output: Tensor, generator: torch.Generator, kind: str | None
     """-log p(y~ | x) summed over the batch, y~ drawn from the model's own prediction: its
     gradient's second moment is the Fisher information. A 2-D output is a categorical: of its
     probabilities where it holds a softmax's output, else read as class logits. Any other output
-    is the mean of a unit Gaussian, softmax sequences included (each frame's Gaussian narrowed by
-    its margin, analyze.frame_weights): a categorical per CTC frame was
+    is the mean of a unit Gaussian, softmax sequences included: a categorical per CTC frame was
     measured worse for planning (PP-OCRv4 lines read alike 0.586 -> 0.258; with the last Linear
     also priced and factorized under its output metric, 0.695 -> 0.016): its second-order losses
     fall about 20x below the measured ones for that Linear, but not for the layers before it.
@@ -81,9 +79,6 @@ def likelihood_loss(output: Tensor, generator: torch.Generator, kind: str | None
         # would spend the scores (YOLOv8n at half its parameters: score IoU 0.38).
         spread = channel_spread(output.detach())
         return 0.5 * (((output - (output.detach() + noise * spread)) / spread) ** 2).sum()
-    if output.ndim >= 3 and kind is None:  # softmax frames or cells (a recogniser's, P-Net's), weighed by margin
-        weight = frame_weights(output.detach()).unsqueeze(-1).to(output.dtype)
-        return 0.5 * (weight * (output - (output.detach() + noise / weight.sqrt())) ** 2).sum()
     return 0.5 * ((output - (output.detach() + noise)) ** 2).sum()
 
 

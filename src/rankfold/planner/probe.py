@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from rankfold.analyze import (
     GraphCursor,
     as_input,
-    frame_weights,
     in_eval_mode,
     is_ctc_logits,
     is_probability,
@@ -56,11 +55,9 @@ def divergence(reference: Tensor, got: Tensor, kind: str | None = None) -> float
         return 0.5 * float((got - reference).pow(2).sum())
     if reference.ndim == 2 or not is_probability(reference):
         log_p, log_q = torch.log_softmax(reference, -1), torch.log_softmax(got, -1)
-        weight = 1.0
-    else:  # softmax frames, weighed by their margins as the likelihood weighs them
+    else:
         log_p, log_q = reference.clamp_min(1e-30).log(), got.clamp_min(1e-30).log()
-        weight = frame_weights(reference)
-    return float(((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0) * weight).sum())
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
 
 
 class LossProbe:
