@@ -400,3 +400,39 @@ def test_an_accepted_check_says_how_sure_its_figure_is():
                                                          {"top1": 0.99, "sequence": 0.75})])
     text = frames.describe()  # top-1 over positions has no per-sample interval; the lines have one
     assert "top-1 agreement 99.0%, " in text and "sequences read alike 75.0% (95 % interval" in text
+
+
+class _CountingNet(nn.Module):
+    """A small net that counts the samples it has run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 4)
+        self.samples = 0
+
+    def forward(self, x):
+        self.samples += x.shape[0]
+        return self.layer(x)
+
+
+def test_the_original_runs_once_for_checks_on_the_same_samples():
+    torch.manual_seed(0)
+    original, calib = _CountingNet(), torch.randn(40, 6)
+    candidate = nn.Sequential(nn.Linear(6, 4))
+
+    def samples_run(inputs, batch_size):  # beyond the one sample that finds which outputs are logits
+        before = original.samples
+        check = agreement(original, candidate, inputs, batch_size=batch_size)
+        return original.samples - before - 1, check
+
+    run, first = samples_run(calib[24:], 8)
+    assert run == 16
+    # the same samples sliced anew (as each caller slices its held-back ones): the original's outputs are reused
+    run, again = samples_run(calib[24:].clone(), 8)
+    assert run == 0 and again.rel_output_error == first.rel_output_error
+    assert samples_run(calib[24:], 4)[0] == 16  # other batches: computed again
+    assert samples_run(calib[20:36], 4)[0] == 16  # other samples
+    with torch.no_grad():  # the original's weights changed in place: its outputs are computed again
+        original.layer.weight.mul_(2)
+    run, changed = samples_run(calib[20:36], 4)
+    assert run == 16 and changed.rel_output_error != first.rel_output_error
