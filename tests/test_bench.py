@@ -194,3 +194,13 @@ def test_recogniser_lines_fit_unsqueezed_and_are_padded_with_the_normalized_zero
     padding = (x == 0).all(axis=(1, 2))  # (8, 320): the columns right of each line are exactly 0
     assert padding[:, -1].all()
     assert all(padding[i, int(np.argmax(padding[i])):].all() for i in range(8))
+
+
+def test_a_plan_spread_entry_replaces_only_its_own_draws():
+    from bench.plan_spread import replaced, spread
+
+    assert spread([0.8, 0.9, 0.85]) == {"median": 0.85, "low": 0.8, "high": 0.9, "values": [0.8, 0.9, 0.85]}
+    old = [{"model": "a", "budget": "--max-params=50%", "calibration": 512, "median": 0.8},
+           {"model": "a", "budget": "--max-params=50%", "calibration": 1024, "median": 0.85}]
+    new = {"model": "a", "budget": "--max-params=50%", "calibration": 512, "median": 0.9}
+    assert replaced(old, new) == [old[1], new]
