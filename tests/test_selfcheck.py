@@ -432,7 +432,24 @@ def test_the_original_runs_once_for_checks_on_the_same_samples():
     assert run == 0 and again.rel_output_error == first.rel_output_error
     assert samples_run(calib[24:], 4)[0] == 16  # other batches: computed again
     assert samples_run(calib[20:36], 4)[0] == 16  # other samples
+    held = calib[20:36]
+    assert samples_run(held, 4)[0] == 0
+    held[0] += 1  # the samples changed in place: the original runs on them again
+    assert samples_run(held, 4)[0] == 16
     with torch.no_grad():  # the original's weights changed in place: its outputs are computed again
         original.layer.weight.mul_(2)
-    run, changed = samples_run(calib[20:36], 4)
+    run, changed = samples_run(held, 4)
     assert run == 16 and changed.rel_output_error != first.rel_output_error
+
+
+def test_outputs_too_large_to_keep_are_computed_again(monkeypatch):
+    import rankfold.selfcheck as selfcheck
+
+    monkeypatch.setattr(selfcheck, "REMEMBERED_BYTES", 8 * 4 * 4)  # two batches of 4 samples' 4 outputs
+    original, candidate, calib = _CountingNet(), nn.Linear(6, 4), torch.randn(12, 6)
+    for inputs, runs in ((calib[:8], (9, 1)), (calib, (13, 13))):  # the 12 samples' outputs take 192 bytes
+        before = original.samples
+        agreement(original, candidate, inputs, batch_size=4)
+        between = original.samples
+        agreement(original, candidate, inputs, batch_size=4)
+        assert (between - before, original.samples - between) == runs

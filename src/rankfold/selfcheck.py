@@ -319,30 +319,33 @@ def _selected_rows(y: Tensor, y_hat: Tensor) -> bool:
 
 # The original's outputs on the inputs it was last checked on, per original module. A result is
 # checked in up to three forms on the same held-back samples (float; int8 activations; weight-only),
-# and distillation checks its student on them every few steps: the original's pass, a third of each
-# check of PP-OCRv4 rec's 10 % byte plan, then runs once.
+# and distillation checks its student on them every few steps: the original's pass (in torch, most
+# of each check's time where the result runs in onnxruntime: PP-OCRv4 rec) then runs once.
 _REMEMBERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-REMEMBERED_BYTES = 512 * 2**20  # larger outputs are computed again each time
+REMEMBERED_BYTES = 256 * 2**20  # larger outputs are computed again each time
 
 
-def _weights_version(module: nn.Module) -> tuple | None:
-    """Changes whenever a parameter or buffer is written in place or replaced (None: cannot tell)."""
+def _version(tensors) -> tuple | None:
+    """Changes whenever one of `tensors` is written in place or replaced (None: cannot tell)."""
     try:
-        return tuple((t.data_ptr(), t.dtype, t._version) for t in (*module.parameters(), *module.buffers()))
+        return tuple((t.data_ptr(), t.dtype, t._version) for t in tensors)
     except RuntimeError:  # inference tensors keep no version
         return None
 
 
 def _remembered_outputs(original: nn.Module, inputs: Tensor, batch_size: int) -> list[list[Tensor]] | None:
-    """The original's outputs per batch, where they were computed on equal inputs (compared by
-    value, as the held-back samples are sliced anew by each caller) with the same batches and weights."""
+    """The original's outputs per batch, where they were computed on equal inputs with the same
+    batches and weights. The inputs kept are the caller's tensor, not a copy (its version tells a
+    write into it); equal inputs in another tensor (each caller slices its held-back samples anew)
+    are compared by value."""
     kept = _REMEMBERED.get(original)
     if kept is None:
         return None
-    kept_inputs, kept_batch, version, outputs = kept
-    same = (kept_batch == batch_size and version is not None and version == _weights_version(original)
-            and kept_inputs.shape == inputs.shape and kept_inputs.dtype == inputs.dtype
-            and torch.equal(kept_inputs, inputs))
+    kept_inputs, inputs_version, kept_batch, weights, outputs = kept
+    same = (kept_batch == batch_size and weights is not None
+            and weights == _version((*original.parameters(), *original.buffers()))
+            and inputs_version == _version([kept_inputs]) and kept_inputs.shape == inputs.shape
+            and kept_inputs.dtype == inputs.dtype and (kept_inputs is inputs or torch.equal(kept_inputs, inputs)))
     return outputs if same else None
 
 
@@ -352,9 +355,9 @@ def _size(outputs: list[list[Tensor]]) -> int:
 
 def _remember_outputs(original: nn.Module, inputs: Tensor, batch_size: int,
                       outputs: list[list[Tensor]] | None) -> None:
-    version = _weights_version(original)
-    if outputs is not None and version is not None and _size(outputs) + _size([[inputs]]) <= REMEMBERED_BYTES:
-        _REMEMBERED[original] = (inputs.clone(), batch_size, version, outputs)
+    weights, inputs_version = _version((*original.parameters(), *original.buffers())), _version([inputs])
+    if outputs is not None and None not in (weights, inputs_version) and _size(outputs) <= REMEMBERED_BYTES:
+        _REMEMBERED[original] = (inputs, inputs_version, batch_size, weights, outputs)
     else:
         _REMEMBERED.pop(original, None)
 
@@ -369,11 +372,11 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
     tallies: list[_Tally] = []
     batch_size = batch_size or calibration_batch()
     remembered = _remembered_outputs(original, inputs, batch_size)
-    computed: list[list[Tensor]] | None = []
+    computed: list[list[Tensor]] | None = [] if remembered is None else None
     with torch.no_grad():
-        for index, start in enumerate(range(0, inputs.shape[0], batch_size)):
+        for batch_index, start in enumerate(range(0, inputs.shape[0], batch_size)):
             batch = as_input(inputs[start : start + batch_size])
-            ys = remembered[index] if remembered is not None else model_outputs(original.eval()(batch))
+            ys = remembered[batch_index] if remembered is not None else model_outputs(original.eval()(batch))
             if computed is not None:
                 computed.append(ys)
                 if _size(computed) > REMEMBERED_BYTES:  # not kept: held until the end, they would cost memory
@@ -395,7 +398,7 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
                                         f"is {tuple(y.shape)}")
                 tally.add(y, y_hat, batch, int(batch.shape[0]))
-    if remembered is None:
+    if remembered is None:  # what was computed (None: too large to keep) replaces what was kept
         _remember_outputs(original, inputs, batch_size, computed)
     samples = int(inputs.shape[0])
     names = names if len(names) == len(tallies) else [None] * len(tallies)
