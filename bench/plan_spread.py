@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", type=int, default=512, help="fresh inputs (default 512)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rankfold-field"))
     args = parser.parse_args(argv)
+    unknown = set(args.models.split(",")) - {m.name for m in MODELS}
+    if unknown or not args.budget.startswith("--max-") or "=" not in args.budget:
+        parser.error(f"unknown --models {sorted(unknown)}" if unknown else
+                     f"--budget {args.budget!r}: expected an option and its value, e.g. --budget=--max-params=50%")
     budget = args.budget.split("=", 1)
     seeds = [int(s) for s in args.seeds.split(",")]
     saved = json.load(open(OUT)) if os.path.isfile(OUT) else {"entries": []}
