@@ -333,6 +333,10 @@ def _version(tensors) -> tuple | None:
         return None
 
 
+def _weights_version(module: nn.Module) -> tuple | None:
+    return _version((*module.parameters(), *module.buffers()))
+
+
 def _remembered_outputs(original: nn.Module, inputs: Tensor, batch_size: int) -> list[list[Tensor]] | None:
     """The original's outputs per batch, where they were computed on equal inputs with the same
     batches and weights. The inputs kept are the caller's tensor, not a copy (its version tells a
@@ -342,21 +346,21 @@ def _remembered_outputs(original: nn.Module, inputs: Tensor, batch_size: int) ->
     if kept is None:
         return None
     kept_inputs, inputs_version, kept_batch, weights, outputs = kept
-    same = (kept_batch == batch_size and weights is not None
-            and weights == _version((*original.parameters(), *original.buffers()))
+    same = (kept_batch == batch_size and weights is not None and weights == _weights_version(original)
             and inputs_version == _version([kept_inputs]) and kept_inputs.shape == inputs.shape
             and kept_inputs.dtype == inputs.dtype and (kept_inputs is inputs or torch.equal(kept_inputs, inputs)))
     return outputs if same else None
 
 
-def _size(outputs: list[list[Tensor]]) -> int:
-    return sum(y.numel() * y.element_size() for ys in outputs for y in ys if isinstance(y, Tensor))
+def _size(outputs: list[Tensor]) -> int:
+    return sum(y.numel() * y.element_size() for y in outputs if isinstance(y, Tensor))
 
 
 def _remember_outputs(original: nn.Module, inputs: Tensor, batch_size: int,
                       outputs: list[list[Tensor]] | None) -> None:
-    weights, inputs_version = _version((*original.parameters(), *original.buffers())), _version([inputs])
-    if outputs is not None and None not in (weights, inputs_version) and _size(outputs) <= REMEMBERED_BYTES:
+    """Keeps `outputs` (None: too large to keep) in place of what was kept for `original`."""
+    weights, inputs_version = _weights_version(original), _version([inputs])
+    if outputs is not None and None not in (weights, inputs_version):
         _REMEMBERED[original] = (inputs, inputs_version, batch_size, weights, outputs)
     else:
         _REMEMBERED.pop(original, None)
@@ -373,13 +377,15 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
     batch_size = batch_size or calibration_batch()
     remembered = _remembered_outputs(original, inputs, batch_size)
     computed: list[list[Tensor]] | None = [] if remembered is None else None
+    computed_bytes = 0
     with torch.no_grad():
         for batch_index, start in enumerate(range(0, inputs.shape[0], batch_size)):
             batch = as_input(inputs[start : start + batch_size])
             ys = remembered[batch_index] if remembered is not None else model_outputs(original.eval()(batch))
             if computed is not None:
                 computed.append(ys)
-                if _size(computed) > REMEMBERED_BYTES:  # not kept: held until the end, they would cost memory
+                computed_bytes += _size(ys)
+                if computed_bytes > REMEMBERED_BYTES:  # not kept: held until the end, they would cost memory
                     computed = None
             ys_hat = model_outputs(compressed.eval()(batch))
             if len(ys) != len(ys_hat):
@@ -398,7 +404,7 @@ def agreement(original: nn.Module, compressed: nn.Module, inputs: Tensor, *, bat
                     raise RankfoldError(f"self-check: output {index} has shape {tuple(y_hat.shape)}, the original's "
                                         f"is {tuple(y.shape)}")
                 tally.add(y, y_hat, batch, int(batch.shape[0]))
-    if remembered is None:  # what was computed (None: too large to keep) replaces what was kept
+    if remembered is None:
         _remember_outputs(original, inputs, batch_size, computed)
     samples = int(inputs.shape[0])
     names = names if len(names) == len(tallies) else [None] * len(tallies)
