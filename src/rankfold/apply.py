@@ -33,6 +33,7 @@ from rankfold.config import VBMF, AutoConfig, MethodConfig, SkipConfig, check_ke
 from rankfold.decompose import max_tucker2_ranks, sqrt_psd
 from rankfold.errors import RankfoldError
 from rankfold.gauss_newton import output_metrics
+from rankfold.head_bias import HeadShift, refit_head_biases
 from rankfold.host_memory import available_bytes, format_bytes
 from rankfold.layers import LayerSpec, layer_spec
 from rankfold.methods import (
@@ -210,6 +211,8 @@ def compress_with_report(
                 new = factorize(name, module, None, "not reached by the calibration data: data-free")
                 if new is not None:
                     set_submodule(result, name, new)
+        if changed:
+            _note_shifts(report, refit_head_biases(reference, result, calib, say))
     report.layers.extend(_unhandled_layers(result))
     result.train(was_training)
     return result, report
@@ -296,6 +299,14 @@ def _unhandled_layers(model: nn.Module) -> list[LayerRecord]:
             records.append(LayerRecord(name, kind, "none", (), own, own, None,
                                        f"{kind} is not a layer rankfold factorizes: left as it is"))
     return records
+
+
+def _note_shifts(report: CompressionReport, shifts: list[HeadShift]) -> None:
+    """Each head's bias refit, in the record of the layer that holds the bias it moved."""
+    for shift in shifts:
+        for record in report.layers:
+            if record.name in (shift.name, f"{shift.name}.read"):
+                record.note = "; ".join(filter(None, [record.note, shift.note]))
 
 
 REFIT_NOTE = "refit to the inputs the compressed layers before it give"
