@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rankfold.analyze import as_input, in_eval_mode, is_ctc_logits, model_outputs, run_checked
+from rankfold.analyze import as_input, in_eval_mode, model_outputs, run_checked
 from rankfold.layers import ExactRows
-from rankfold.output_metric import ACTIVE_PROBABILITY, MATCH_TOLERANCE
+from rankfold.output_metric import ACTIVE_PROBABILITY, output_read_from
 from rankfold.settings import calibration_batch
 
 # Positions per class shifted at least: fewer and the shift fits the calibration's noise.
@@ -73,21 +73,8 @@ def softmax_heads(model: nn.Module, probe: Tensor) -> dict[str, bool]:
     finally:
         for handle in handles:
             handle.remove()
-    return {name: logits for name, z in seen.items() if (logits := _output_kind(z, outputs)) is not None}
-
-
-def _output_kind(z: Tensor, outputs: list[Tensor]) -> bool | None:
-    """Whether `z` (a layer's output) is an output's logits (True), its softmax's (False), or
-    neither (None)."""
-    for y in outputs:
-        if y.ndim == 0 or y.numel() != z.numel() or y.shape[-1] != z.shape[-1] or y.shape[-1] < 2:
-            continue
-        z64, y64 = z.to(torch.float64).reshape(y.shape), y.to(torch.float64)
-        if float((torch.softmax(z64, -1) - y64).abs().max()) < MATCH_TOLERANCE:
-            return False
-        if y.ndim >= 3 and torch.allclose(z64, y64, rtol=1e-5, atol=1e-6) and is_ctc_logits(y64):
-            return True
-    return None
+    read_from = {name: output_read_from(z, outputs) for name, z in seen.items()}
+    return {name: found[1] for name, found in read_from.items() if found is not None}
 
 
 def refit_head_biases(reference: nn.Module, result: nn.Module, calib: Tensor,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,19 +68,21 @@ def softmax_outputs(model: nn.Module, names: Iterable[str], probe: Tensor) -> di
     that exports no softmax (ddddocr's CNN+LSTM recogniser). A classifier's (N, classes) logits
     keep the plain factorization: the planner already reads them as a categorical."""
     seen, outputs = linear_and_model_outputs(model, probe, names)
-    found = {}
-    for name, z in seen.items():
-        for index, y in enumerate(outputs):
-            if y.ndim == 0 or y.numel() != z.numel() or y.shape[-1] != z.shape[-1] or y.shape[-1] < 2:
-                continue
-            z64, y64 = z.to(torch.float64).reshape(y.shape), y.to(torch.float64)
-            if float((torch.softmax(z64, -1) - y64).abs().max()) < MATCH_TOLERANCE:
-                found[name] = (index, False)
-                break
-            if y.ndim >= 3 and torch.allclose(z64, y64, rtol=1e-5, atol=1e-6) and is_ctc_logits(y64):
-                found[name] = (index, True)
-                break
-    return found
+    return {name: found for name, z in seen.items() if (found := output_read_from(z, outputs)) is not None}
+
+
+def output_read_from(z: Tensor, outputs: Sequence[Tensor]) -> tuple[int, bool] | None:
+    """Which of the network's `outputs` a layer's output `z` gives, and whether as the logits
+    themselves (CTC frames) rather than their softmax over the last axis; None: neither."""
+    for index, y in enumerate(outputs):
+        if y.ndim == 0 or y.numel() != z.numel() or y.shape[-1] != z.shape[-1] or y.shape[-1] < 2:
+            continue
+        z64, y64 = z.to(torch.float64).reshape(y.shape), y.to(torch.float64)
+        if float((torch.softmax(z64, -1) - y64).abs().max()) < MATCH_TOLERANCE:
+            return index, False
+        if y.ndim >= 3 and torch.allclose(z64, y64, rtol=1e-5, atol=1e-6) and is_ctc_logits(y64):
+            return index, True
+    return None
 
 
 def psd_roots(g: Tensor, added: float) -> tuple[Tensor, Tensor]:
