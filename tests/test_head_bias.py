@@ -7,7 +7,9 @@ import copy
 import torch
 from torch import nn
 
+from rankfold import head_bias
 from rankfold.apply import compress_with_report
+from rankfold.frontends.onnx import load_onnx
 from rankfold.head_bias import FitTerms, fit_shift, refit_head_biases, softmax_heads
 from rankfold.layers import ExactRows
 
@@ -102,3 +104,32 @@ def test_apply_refits_the_head_after_the_layers_before_it_changed_and_says_so():
     assert "refit to the original's distribution" in notes["head"]
     assert "refit to the original's distribution" not in notes["mix"]
     assert not torch.equal(compressed.head[-1].bias, model.head.bias)
+
+
+def test_on_an_onnx_graph_the_refit_reads_the_heads_inputs_from_applys_cursors_with_the_same_shift(
+        tmp_path, monkeypatch):
+    path = tmp_path / "recogniser.onnx"
+    torch.onnx.export(_Recogniser().eval(), (torch.randn(2, 20, 16),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    calib = torch.randn(256, 20, 16)
+
+    def refit_note(**patches):
+        for name, value in patches.items():
+            monkeypatch.setattr(head_bias, name, value)
+        compressed, report = compress_with_report(load_onnx(path), method="svd", keep=0.3, calib=calib,
+                                                  min_rank=1)
+        monkeypatch.undo()
+        head = next(r for r in report.layers if "refit to the original's distribution" in r.note)
+        return head.name, head.note, compressed
+
+    def no_network_pass(*_args):
+        raise AssertionError("the refit ran the whole network")
+
+    name, from_cursors, compressed = refit_note(_head_logits=no_network_pass)
+    same_name, from_passes, _ = refit_note(_logit_streams=lambda *a: real_streams(*a[:4], None))
+    assert (name, from_cursors) == (same_name, from_passes)
+    assert not torch.equal(compressed.get_submodule(name)[-1].bias,
+                           load_onnx(path).get_submodule(name).bias)
+
+
+real_streams = head_bias._logit_streams

@@ -212,7 +212,8 @@ def compress_with_report(
                 if new is not None:
                     set_submodule(result, name, new)
         if changed:
-            _note_shifts(report, refit_head_biases(reference, result, calib, say))
+            head_inputs = cursors.head_inputs if isinstance(cursors, _LayerInputs) else None
+            _note_shifts(report, refit_head_biases(reference, result, calib, say, head_inputs))
     report.layers.extend(_unhandled_layers(result))
     result.train(was_training)
     return result, report
@@ -281,6 +282,17 @@ class _LayerInputs:
         if x is None:
             return None
         return moments_of(module, zip(x, x_hat), self.calib.shape[0], same=not changed, positions=self.positions)
+
+    def head_inputs(self, name: str) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Layer `name`'s input in the original network and in the compressed one, batch by batch,
+        where both cursors are not yet past its step (the last layer's, once apply is done); None
+        where they are, where nothing changed (the reference cursor was never made), or where several
+        steps call the layer (a cursor gives the first call's input only)."""
+        if self.reference is None or name in layers_called_by_ops(self.current.model):
+            return None
+        x_hat = self.current.inputs_of(name)
+        x = None if x_hat is None else self.reference.inputs_of(name)
+        return None if x is None else (x, x_hat)
 
 
 # Layers with weights that rankfold does not factorize but that need no mention: they are small

@@ -11,7 +11,8 @@ undoes that part. It is convex in the shift, and only the classes the calibratio
 fresh data. Measured on PP-OCRv4's recogniser at half its parameters, lines read alike on 512 fresh
 lines, five calibration draws: 0.828 / 0.854 / 0.856 / 0.854 / 0.856 -> 0.848 / 0.873 / 0.852 /
 0.855 / 0.855 (refitting the whole read rows instead read 0 to 0.012 fewer, though its KL fell
-further). It costs two forward passes over the calibration data (59 s there; README).
+further). It costs two forward passes over the calibration data (59 s there) unless apply's graph
+cursors hold the head's inputs, as they do where the head is the last layer of an ONNX graph.
 
 A head is a Linear layer (or the ExactRows that holds one) whose softmax over the last axis is an
 output of the network, or whose logits are that output where they read like CTC frames
@@ -77,11 +78,18 @@ def softmax_heads(model: nn.Module, probe: Tensor) -> dict[str, bool]:
     return {name: found[1] for name, found in read_from.items() if found is not None}
 
 
+# The input of a head (by name) in the original network and in the compressed one, batch by batch,
+# where the caller holds them (apply's graph cursors); None where it does not.
+HeadInputs = Callable[[str], "tuple[list[Tensor], list[Tensor]] | None"]
+
+
 def refit_head_biases(reference: nn.Module, result: nn.Module, calib: Tensor,
-                      say: Callable[[str], None] = lambda _msg: None) -> list[HeadShift]:
+                      say: Callable[[str], None] = lambda _msg: None,
+                      head_inputs: HeadInputs | None = None) -> list[HeadShift]:
     """Shift the bias of every softmax head of `result` (found on `reference`, which has the same
     module names) so that its softmax on `calib` comes closest, in KL, to the original's; in place.
-    Heads without a bias to shift, or with too few positions per class read, are left as they are."""
+    Heads without a bias to shift, or with too few positions per class read, are left as they are.
+    `head_inputs` spares the two forward passes over `calib` where it gives a head's inputs."""
     calib = as_input(calib)
     shifts = []
     for name in softmax_heads(reference, calib[:1]):
@@ -89,16 +97,15 @@ def refit_head_biases(reference: nn.Module, result: nn.Module, calib: Tensor,
         if target is None:
             continue
         bias, classes = target
+        original, compressed = _logit_streams(reference, result, name, calib, head_inputs)
         if classes is None:  # the classes read, from the original's logits held whole
-            held = _held_logits(reference, name, calib)
+            held = _held(original)
             if held is None:
                 continue
-            read = _read_classes(torch.cat(held))
-            pairs = zip(held, (_head_logits(result, name, x) for x in _batches(calib)))
+            read, original = _read_classes(torch.cat(held)), iter(held)
         else:
             read = classes
-            pairs = ((_head_logits(reference, name, x), _head_logits(result, name, x)) for x in _batches(calib))
-        terms = FitTerms.gathered(pairs, read)
+        terms = FitTerms.gathered(zip(original, compressed), read)
         if terms.positions < POSITIONS_PER_CLASS * len(read) or terms.positions * len(read) > MAX_HELD:
             continue
         shift, before, after = fit_shift(terms)
@@ -107,6 +114,20 @@ def refit_head_biases(reference: nn.Module, result: nn.Module, calib: Tensor,
         shifts.append(HeadShift(name, len(read), terms.positions, before, after))
         say(f"{name}: {shifts[-1].note}")
     return shifts
+
+
+def _logit_streams(reference: nn.Module, result: nn.Module, name: str, calib: Tensor,
+                   head_inputs: HeadInputs | None) -> tuple[Iterator[Tensor], Iterator[Tensor]]:
+    """The original's and the compressed head's logits batch by batch, computed as they are read:
+    from the head's own inputs where `head_inputs` gives them (the head alone runs), else from a
+    forward pass of each network over `calib`."""
+    inputs = None if head_inputs is None else head_inputs(name)
+    if inputs is None:
+        return ((_head_logits(reference, name, x) for x in _batches(calib)),
+                (_head_logits(result, name, x) for x in _batches(calib)))
+    xs, x_hats = inputs
+    original, compressed = reference.get_submodule(name), result.get_submodule(name)
+    return (_layer_logits(original, x) for x in xs), (_layer_logits(compressed, x) for x in x_hats)
 
 
 def _bias_target(original: nn.Module, compressed: nn.Module) -> tuple[Tensor, Tensor | None] | None:
@@ -144,15 +165,25 @@ def _head_logits(model: nn.Module, name: str, x: Tensor) -> Tensor:
             run_checked(model, x)
     finally:
         handle.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1]).to(torch.float64)
+    return _as_positions(seen[0])
 
 
-def _held_logits(model: nn.Module, name: str, calib: Tensor) -> list[Tensor] | None:
-    """_head_logits batch by batch over `calib`, or None where they hold more than MAX_HELD values."""
+def _layer_logits(layer: nn.Module, x: Tensor) -> Tensor:
+    """The head `layer`'s logits on its input `x`, (positions, classes) float64."""
+    with torch.no_grad(), in_eval_mode(layer):
+        return _as_positions(layer(x))
+
+
+def _as_positions(logits: Tensor) -> Tensor:
+    return logits.detach().reshape(-1, logits.shape[-1]).to(torch.float64)
+
+
+def _held(logits: Iterable[Tensor]) -> list[Tensor] | None:
+    """The batches of `logits` held, or None where they hold more than MAX_HELD values."""
     held, size = [], 0
-    for x in _batches(calib):
-        held.append(_head_logits(model, name, x))
-        size += held[-1].numel()
+    for part in logits:
+        held.append(part)
+        size += part.numel()
         if size > MAX_HELD:
             return None
     return held
