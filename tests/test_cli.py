@@ -46,6 +46,20 @@ def test_eval_json_has_the_contract_keys(small):
     assert code == 0 and f"({samples} samples; 95 % interval {low:.4f}-1.0000)" in out, out
 
 
+def test_eval_of_a_file_exported_at_batch_1_times_it_at_batch_1_only(small, tmp_path):
+    """onnxruntime refuses 32 samples at once to a graph whose batch is fixed at 1: eval runs it
+    sample by sample and says the batch-32 latency was not measured, instead of failing."""
+    path = tmp_path / "b1.onnx"
+    torch.onnx.export(tiny_classifier().eval(), (torch.randn(1, 1, 12, 12),), str(path), dynamo=False,
+                      input_names=["x"])  # no dynamic axes: the batch is 1
+    code, out, err = run_cli("eval", str(path), "--data", str(small / "data.npz"), "--runs", "3")
+    assert code == 0, err
+    assert "accuracy        1.0000" in out and "latency b1 " in out
+    assert "latency b32     not measured: the file's batch is fixed at another size" in out
+    code, out, err = run_cli("eval", str(path), "--data", str(small / "data.npz"), "--json", "--runs", "3")
+    assert code == 0 and json.loads(out)["latency_ms_b32"] is None and json.loads(out)["latency_ms_b1"] > 0
+
+
 def test_compress_writes_a_smaller_model_and_report(small, tmp_path):
     out = tmp_path / "c.onnx"
     report = tmp_path / "r.json"

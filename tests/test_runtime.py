@@ -28,7 +28,7 @@ LAYERS = {
 }
 
 
-def _int8_layer(tmp_path, key):
+def _int8_layer(tmp_path, key, reduce_range: bool | None = None):
     torch.manual_seed(0)
     make, shape = LAYERS[key]
     model = make().eval()
@@ -36,7 +36,8 @@ def _int8_layer(tmp_path, key):
     if key == "stem_conv3x3_1_32":
         calib = calib.abs()  # image-like: every input on the same side of its zero point
     path = tmp_path / f"{key}.onnx"
-    export_quantized(model, {"0" if key != "fc_512_10" else "1": 8}, path, calib=calib, example_input=calib[:1])
+    export_quantized(model, {"0" if key != "fc_512_10" else "1": 8}, path, calib=calib, example_input=calib[:1],
+                     reduce_range=reduce_range)
     return path, calib[:16].numpy()
 
 
@@ -214,7 +215,7 @@ def test_an_int8_file_is_measured_in_what_it_means_where_the_kernels_saturate(tm
     reported beside it. The demo's planned file read 0.8632 here where it means 0.8836."""
     from rankfold.evaluate import evaluate
 
-    path, x = _int8_layer(tmp_path, "fc_512_10")
+    path, x = _int8_layer(tmp_path, "fc_512_10", reduce_range=False)  # 8-bit weights, whatever this CPU
     real = _saturating_cpu(monkeypatch, saturates)
     reference = real(str(path), optimized=False)
     scores = reference.run(None, {reference.get_inputs()[0].name: x})[0]
@@ -227,6 +228,23 @@ def test_an_int8_file_is_measured_in_what_it_means_where_the_kernels_saturate(tm
     else:
         assert result.accuracy < 1.0 and result.accuracy_default_session is None  # the default session, as is
         assert result.latency_note == ""
+
+
+def test_a_file_made_for_saturating_kernels_is_measured_in_the_default_session_and_said_right(
+        tmp_path, monkeypatch):
+    """Its int8 weights lie within +-63 (--target host on x86 without VNNI): the fused kernels
+    compute it exactly there, so the default session measures it and no note calls it wrong."""
+    from rankfold.evaluate import evaluate
+    from rankfold.runtime import optimized_is_faithful
+
+    (tmp_path / "wide").mkdir()
+    path, x = _int8_layer(tmp_path, "fc_512_10", reduce_range=True)
+    wide, _ = _int8_layer(tmp_path / "wide", "fc_512_10", reduce_range=False)
+    _saturating_cpu(monkeypatch, saturates=True)
+    assert optimized_is_faithful(onnx.load(path)) and not optimized_is_faithful(onnx.load(wide))
+    result = evaluate(path, x, np.zeros(len(x), np.int64), measure_latency=False)
+    assert result.accuracy_default_session is None and result.latency_note == ""
+    assert result.arithmetic == "onnxruntime's default session"
 
 
 def test_a_float_file_is_measured_in_the_default_session_on_every_cpu(tmp_path, monkeypatch):

@@ -151,11 +151,13 @@ def _eval_file(args: argparse.Namespace, path: str, x, y) -> None:
             "WRONG on this CPU: plan with --target host, which gives such CPUs 7-bit int8 weights"
         print(f"int8 kernels    {result.int8_kernel_max_units} unit(s) at most from the reference arithmetic, "
               f"layer by layer ({verdict}; {result.cpu})")
-    if result.latency_ms_b1 is not None:
-        print(f"latency b1      {result.latency_ms_b1:.3f} ms   (onnxruntime, 1 thread, median of {args.runs})")
-        print(f"latency b32     {result.latency_ms_b32:.3f} ms")
-        if result.latency_note:
-            print(f"                {result.latency_note}")
+    for batch, ms in ((1, result.latency_ms_b1), (32, result.latency_ms_b32)):
+        if ms is not None:
+            print(f"latency b{batch:<2d}     {ms:.3f} ms   (onnxruntime, 1 thread, median of {args.runs})")
+        elif not args.no_latency:
+            print(f"latency b{batch:<2d}     not measured: the file's batch is fixed at another size")
+    if result.latency_note and (result.latency_ms_b1 is not None or result.latency_ms_b32 is not None):
+        print(f"                {result.latency_note}")
     for r in robust:
         print(f"{r.attack} eps={r.eps:<6g} adversarial top-1 {r.adversarial_accuracy:.4f} "
               f"(clean {r.clean_accuracy:.4f}, {r.samples} samples; {r.twin_agreement:.1%} of them judged alike "

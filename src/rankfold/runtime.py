@@ -196,10 +196,35 @@ def computes_in_int8(model) -> bool:
 
 def optimized_is_faithful(model) -> bool:
     """Whether onnxruntime's default (optimized) session computes what the file means on this CPU:
-    always, unless the graph runs in int8 and this CPU's fused kernels saturate 8-bit weights. Where
-    it is False, rankfold measures a file in onnxruntime's reference arithmetic (each node as
-    written), which is what VNNI and ARM CPUs and rankfold's C compute, and says so."""
-    return int8_kernels().full_range_exact or not computes_in_int8(model)
+    always, unless the graph runs in int8 and this CPU's fused kernels saturate its weights (8-bit
+    ones; a file made for such CPUs keeps its int8 weights within +-REDUCED_INT8_QMAX, which they
+    compute exactly). Where it is False, rankfold measures a file in onnxruntime's reference
+    arithmetic (each node as written), which is what VNNI and ARM CPUs and rankfold's C compute,
+    and says so."""
+    kernels = int8_kernels()
+    if kernels.full_range_exact or not computes_in_int8(model):
+        return True
+    return kernels.reduced_range_exact and qdq_weights_within(model, REDUCED_INT8_QMAX)
+
+
+def qdq_weights_within(model, qmax: int) -> bool:
+    """Whether every weight the integer kernels would multiply is an int8 initializer behind a
+    DequantizeLinear with codes within +-qmax. A graph with integer ops of its own (QLinearConv,
+    ConvInteger, ...), uint8 weights, or weights stored outside the file is not read: False."""
+    from onnx import TensorProto, numpy_helper
+
+    if any(node.op_type in INTEGER_KERNEL_OPS - {"QuantizeLinear"} for node in model.graph.node):
+        return False
+    inits = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        weight = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if weight is None or weight.data_type in (TensorProto.INT32, TensorProto.INT4, TensorProto.UINT4):
+            continue  # an activation's, a bias's (int32) or an int4 weight's (dequantized to float)
+        if weight.data_type != TensorProto.INT8 or weight.data_location == TensorProto.EXTERNAL:
+            return False
+        if np.abs(numpy_helper.to_array(weight).astype(np.int16)).max(initial=0) > qmax:
+            return False
+    return True
 
 
 REFERENCE_ARITHMETIC_NOTE = ("onnxruntime's reference arithmetic (its fused int8 kernels saturate 16-bit pair sums "
