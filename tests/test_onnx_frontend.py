@@ -188,6 +188,25 @@ def _graph(nodes, *, opset=17, inputs=None, inits=()):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def test_a_clip_whose_floor_the_data_computes_keeps_it_a_tensor(tmp_path):
+    """A spectrogram's floor at its own maximum minus some decibels (openWakeWord's mel front end):
+    the bound stays a tensor, so gradients pass without a warning and a traced export computes
+    the floor of the batch it is given, not the example's (it failed at batches 1 and 3)."""
+    path = tmp_path / "floor.onnx"
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    drop = numpy_helper.from_array(np.array(1.0, np.float32), "drop")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("ReduceMax", ["a"], ["m"], keepdims=0),
+             helper.make_node("Sub", ["m", "drop"], ["floor"]), helper.make_node("Clip", ["a", "floor"], ["y"])]
+    onnx.save(_graph(nodes, inits=[weight, drop]), path)
+    model = rankfold.load_onnx(path)
+    x = torch.randn(4, 4, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()
+    assert torch.allclose(model(x[:1]), torch.from_numpy(ort_run(path, x[:1].detach())))
+    rankfold.export_onnx(model.eval(), tmp_path / "again.onnx", example_input=x.detach())  # verified at 4, 1, 3
+
+
 def test_every_unsupported_op_is_named_at_once_with_its_count(tmp_path):
     path = tmp_path / "u.onnx"
     nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Bernoulli", ["a"], ["b"], name="mystery"),

@@ -193,9 +193,13 @@ def _clip(vals, attrs):
     x = vals[0]
     low = vals[1] if len(vals) > 1 and vals[1] is not None else attrs.get("min")
     high = vals[2] if len(vals) > 2 and vals[2] is not None else attrs.get("max")
-    low = float(low) if low is not None else None
-    high = float(high) if high is not None else None
-    return [torch.clamp(x, low, high)]
+    # Bounds the graph computes stay tensors: a spectrogram's floor of its own maximum minus 80 dB
+    # as a Python float cut the gradient, warned, and was baked as one constant into a traced export.
+    return [torch.clamp(x, _clip_bound(low), _clip_bound(high))]
+
+
+def _clip_bound(bound):
+    return bound if bound is None or isinstance(bound, Tensor) else float(bound)
 
 
 @op("Softmax", "LogSoftmax")
