@@ -705,6 +705,26 @@ def test_a_detector_whose_scores_are_lost_is_refused_by_default(anchors_last):
     refuse_if_poor(lost, min_agreement=0.8, rules=(CheckRule("cosine", 0.9),))
 
 
+def test_a_refusal_of_scores_that_never_fire_says_so_and_what_judges_the_decisions():
+    """A wake-word detector on audio without its word (openWakeWord's classifiers: scores below
+    0.05): the relative error is of small scores, and no decision at 0.5 is seen. The refusal says
+    so; where the scores do fire, it does not."""
+    x = torch.randn(32, 6, 300)
+
+    def refusal(shift: float) -> str:
+        quiet, louder = _DetectorHead(), _DetectorHead()
+        quiet.forward = lambda v: _DetectorHead.forward(quiet, v - shift)
+        louder.forward = lambda v: _DetectorHead.forward(louder, v - shift + 0.3)
+        with pytest.raises(RankfoldError) as refused:
+            refuse_if_poor(agreement(quiet, louder, x), min_agreement=0.8)
+        return str(refused.value)
+
+    unfired = refusal(6.0)  # scores below 0.01: the largest input is about 4.5 standard deviations
+    assert "the original's scores there never exceed 0.0" in unfired and "no decision at 0.5 is seen" in unfired
+    assert "--check iou@LEVEL:THRESHOLD" in unfired
+    assert "never exceed" not in refusal(0.0)
+
+
 def test_a_feature_map_without_score_channels_keeps_the_relative_error_alone():
     x = torch.randn(16, 4, 8, 8)
     check = agreement(nn.Identity(), nn.Identity(), x)

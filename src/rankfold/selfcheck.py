@@ -292,6 +292,8 @@ class _Tally:
             metrics[f"iou@{level:g}"] = both / either if either else 1.0
         kind = self.kind or "dense"
         kind = "scores" if kind == "dense" and bool(scores.any()) else kind
+        if kind == "scores":  # the original's highest score: below the IoU's level, no decision is seen
+            metrics["score_peak"] = float(self.high[scores].max())
         classes = kind in CLASS_KINDS
         return OutputAgreement(index, metrics["top1"] if classes else None, rel, kind, name, metrics)
 
@@ -464,6 +466,18 @@ def proportion_interval(fraction: float, samples: int, z: float = 1.96) -> tuple
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _unfired(out: OutputAgreement) -> str:
+    """Where the original's scores never reach the IoU's level on the checked samples (a wake-word
+    detector on audio without its word): the relative error is then of small scores, and no
+    decision the scores make is seen. Said, with what judges the decisions."""
+    peak = out.metrics.get("score_peak")
+    if peak is None or peak >= DEFAULT_IOU_AT:
+        return ""
+    return (f"; the original's scores there never exceed {peak:.2g}, so no decision at {DEFAULT_IOU_AT:g} is seen: "
+            "calibrate on samples where it fires, or judge its decisions at a level its scores reach with "
+            "--check iou@LEVEL:THRESHOLD")
+
+
 def _apart(value: float, limit: float) -> str:
     """`value` with the digits that tell it from `limit` (0.2004 against 0.2 is not "0.2")."""
     for digits in range(3, 8):
@@ -527,8 +541,8 @@ def refuse_if_poor(check: Agreement, min_agreement: float,
                     f"self-check failed: {name} is {_apart(value, max_output_error)} away from the original's "
                     "(relative error"
                     f"{' of its score channels or of the others, the worse,' if out.kind == 'scores' else ''} on "
-                    f"{check.samples} {check.where}; at most {max_output_error:g} allowed); nothing was written. "
-                    "Loosen the budgets, or raise --max-output-error to accept it")
+                    f"{check.samples} {check.where}; at most {max_output_error:g} allowed){_unfired(out)}; nothing "
+                    "was written. Loosen the budgets, or raise --max-output-error to accept it")
             raise RankfoldError(
                 f"self-check failed: {name} has {rule.key} {value:.4g} on {check.samples} {check.where} (required: "
                 f"{rule.describe()}); nothing was written. Loosen the budgets, or relax --check to accept it")
