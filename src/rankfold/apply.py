@@ -139,10 +139,10 @@ def compress_with_report(
             if plain is not None and judge.error_with(result, name, plain.module) < \
                     judge.error_with(result, name, replacement.module):
                 record, replacement = plain_record, plain
-                record.note = "; ".join(filter(None, [record.note, PLAIN_NOTE]))
-        note = "; ".join(filter(None, [vbmf_notes.get(name, ""), note]))
+                record.note = joined_notes(record.note, PLAIN_NOTE)
+        note = joined_notes(vbmf_notes.get(name, ""), note)
         if note:
-            record.note = "; ".join(filter(None, [record.note, note]))
+            record.note = joined_notes(record.note, note)
         report.layers.append(record)
         return None if replacement is None else replacement.module
 
@@ -313,12 +313,17 @@ def _unhandled_layers(model: nn.Module) -> list[LayerRecord]:
     return records
 
 
+def joined_notes(*notes: str) -> str:
+    """A record's notes in one line, the empty ones left out."""
+    return "; ".join(filter(None, notes))
+
+
 def _note_shifts(report: CompressionReport, shifts: list[HeadShift]) -> None:
     """Each head's bias refit, in the record of the layer that holds the bias it moved."""
     for shift in shifts:
         for record in report.layers:
             if record.name in (shift.name, f"{shift.name}.read"):
-                record.note = "; ".join(filter(None, [record.note, shift.note]))
+                record.note = joined_notes(record.note, shift.note)
 
 
 REFIT_NOTE = "refit to the inputs the compressed layers before it give"
@@ -444,7 +449,7 @@ def _compress_layer(
     record.method, record.ranks, record.rel_error, record.note = method.name, tuple(built.module.ranks), err, note
     record.params_after = sum(p.numel() for p in built.module.parameters())
     if metric is not None:
-        record.note = "; ".join(filter(None, [note, metric_note]))
+        record.note = joined_notes(note, metric_note)
     return record, built
 
 

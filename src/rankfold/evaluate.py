@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from rankfold.data import check_input_shape
 from rankfold.errors import RankfoldError
-from rankfold.runtime import REFERENCE_ARITHMETIC_NOTE, as_declared, cpu_summary, optimized_is_faithful
+from rankfold.runtime import REFERENCE_ARITHMETIC_NOTE, as_declared, cpu_summary, fixed_batch_of, optimized_is_faithful
 
 SHAPE_DTYPES = {onnx.TensorProto.INT64}  # initializers of these types are shape constants
 # One sample's shape (every input of matching rank), or each input's by name (inputs packed flat)
@@ -417,11 +417,9 @@ def input_dims(session) -> list:
 
 
 def fixed_batch(proto: onnx.ModelProto) -> int | None:
-    """The batch size the graph's first input fixes (an export at batch 1), or None: open."""
+    """The batch size the graph's inputs fix (an export at batch 1), or None: open."""
     constants = {init.name for init in proto.graph.initializer}
-    first = next(i for i in proto.graph.input if i.name not in constants)
-    dims = first.type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    return fixed_batch_of([i for i in proto.graph.input if i.name not in constants])
 
 
 def class_scores(path: str, x: np.ndarray, *, batch_size: int = 250, threads: int = 0,

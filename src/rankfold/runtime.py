@@ -73,6 +73,17 @@ def timing_sample(declared, shape: tuple[int, ...]) -> np.ndarray:
     return as_declared(declared, np.random.default_rng(1).standard_normal(shape, np.float32))
 
 
+def fixed_batch_of(inputs) -> int | None:
+    """The batch size every input declares as a number (an export at batch 1), else None."""
+    sizes = set()
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value < 1:  # Paddle writes -1
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def run_batched(sess, outputs: list[str] | None, feed_name: str, x: np.ndarray) -> list[np.ndarray]:
     """`sess.run` on all of `x`, in pieces of the batch the graph declares when it fixes one (an
     export at batch 1), else at once."""

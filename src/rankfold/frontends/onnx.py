@@ -31,6 +31,7 @@ from rankfold.frontends.activations import FUSED_SCALE_SHIFT, fused_activations
 from rankfold.frontends.onnx_ops import OPS, STRAIGHT_THROUGH, padded_sizes, same_pads, torch_pad_order
 from rankfold.frontends.packing import Packing, packed_model
 from rankfold.layers import ColumnBlocks
+from rankfold.runtime import fixed_batch_of
 
 MIN_OPSET, MAX_OPSET = 11, 25
 # Older graphs (the ONNX model zoo's classics are opset 3 to 10) are read after onnx's own version
@@ -743,7 +744,7 @@ class _Converter:
                                           "then compressed and quantized again like a float graph")
         graph_inputs = [i for i in self.graph.input if i.name in inputs]
         self.module.dynamic_axes = symbolic_axes(graph_inputs + list(self.graph.output))
-        self.module.fixed_batch = self.module.runs_at_batch = _fixed_batch(graph_inputs)
+        self.module.fixed_batch = self.module.runs_at_batch = fixed_batch_of(graph_inputs)
         # Sizes computed from the input stay open only where the written file computes at other
         # sizes as the model does (checked by the export, which fixes the others)
         self.module.size_reason = _size_dependence(self.graph.node) if self.module.dynamic_axes else None
@@ -1372,17 +1373,6 @@ def decoder_outputs(graph: onnx.GraphProto, fixed: set[str]) -> tuple[str | None
         cache = "present" in value.name.lower() and len(dims) in (3, 4)
         kinds.append("next_token" if logits else "cache" if cache else None)
     return tuple(kinds) if "next_token" in kinds else none
-
-
-def _fixed_batch(inputs) -> int | None:
-    """The batch size every input declares as a number (an export at batch 1), else None."""
-    sizes = set()
-    for value in inputs:
-        dims = value.type.tensor_type.shape.dim
-        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value < 1:  # Paddle writes -1
-            return None
-        sizes.add(dims[0].dim_value)
-    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _size_dependence(nodes) -> str | None:
